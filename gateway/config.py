@@ -1,0 +1,76 @@
+"""Server settings: every `kvgate serve` flag, also readable as ``KVGATE_<NAME>``.
+
+Precedence: command-line flag > environment variable > default.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+ENV_PREFIX = "KVGATE_"
+
+
+@dataclass
+class Settings:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    model: str = "demo"
+    db: str = "sqlite:///./kvgate.db"
+    device: str = "auto"  # auto | cpu | cuda
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    device_cache_bytes: int = 256 * 1024 * 1024
+    host_cache_bytes: int = 512 * 1024 * 1024
+    block_size: int = 16
+    admin_key: str | None = field(default=None, repr=False)
+    # Beyond API.md: operational knobs with defaults a user rarely touches.
+    max_body_bytes: int = 4 * 1024 * 1024
+    max_queue: int = 256  # requests waiting for the engine before 503
+    max_batch_tokens: int = 2048  # token budget of one engine step
+    max_running: int = 64  # sequences decoding at once
+    default_cache_ttl_seconds: int = 300
+    metrics_tenant_labels: bool = True
+    log_level: str = "info"
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None, **overrides: Any) -> Settings:
+        """Defaults, then ``KVGATE_*`` variables, then explicit (non-None) overrides."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = env.get(ENV_PREFIX + f.name.upper())
+            if raw is not None and raw != "":
+                values[f.name] = _coerce(f.name, f.type, raw)
+        for k, v in overrides.items():
+            if v is not None:
+                values[k] = v
+        return cls(**values)
+
+
+def _coerce(name: str, typ: Any, raw: str) -> Any:
+    t = str(typ)
+    try:
+        if t in ("int", "<class 'int'>"):
+            return parse_bytes(raw) if name.endswith("_bytes") else int(raw)
+        if t in ("bool", "<class 'bool'>"):
+            return raw.strip().lower() in ("1", "true", "yes", "on")
+    except ValueError as exc:
+        raise ValueError(f"{ENV_PREFIX}{name.upper()}={raw!r} is not a valid number") from exc
+    return raw
+
+
+_UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1000, "kib": 1024, "m": 1024**2, "mb": 1000**2,
+          "mib": 1024**2, "g": 1024**3, "gb": 1000**3, "gib": 1024**3}
+
+
+def parse_bytes(text: str | int) -> int:
+    """``"512MiB"``, ``"2G"``, ``"1000000"`` → bytes (binary units for bare K/M/G)."""
+    if isinstance(text, int):
+        return text
+    s = text.strip().lower().replace("_", "")
+    num = s.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = s[len(num):].strip()
+    if unit not in _UNITS or not num:
+        raise ValueError(f"not a byte size: {text!r} (use e.g. 1073741824, 512MiB, 2G)")
+    return int(float(num) * _UNITS[unit])
