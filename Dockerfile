@@ -1,0 +1,78 @@
+# syntax=docker/dockerfile:1
+#
+# kvgate server image.
+#   GPU (default):  docker build -t kvgate .
+#   CPU only:       docker build -t kvgate:cpu --build-arg DEVICE=cpu \
+#                       --build-arg TORCH_INDEX_URL=<PyTorch's CPU wheel index> .
+# Without TORCH_INDEX_URL pip installs torch's default Linux wheel, which also runs on
+# CPU but carries the CUDA libraries (several GiB).
+ARG DEVICE=cuda
+ARG CUDA_IMAGE=nvidia/cuda:12.8.1-base-ubuntu24.04
+ARG CPU_IMAGE=python:3.11-slim-bookworm
+
+# CUDA: the node supplies the driver and torch's wheels bring the CUDA runtime, so the
+# small base image (it sets what the NVIDIA container runtime reads) is enough. Triton
+# compiles its launchers at run time: keep a C compiler and the Python headers.
+# Packages follow the base image's release rather than pinned versions.
+FROM ${CUDA_IMAGE} AS base-cuda
+ENV DEBIAN_FRONTEND=noninteractive
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends \
+        ca-certificates gcc libc6-dev python3 python3-dev python3-venv \
+    && rm -rf /var/lib/apt/lists/*
+RUN python3 -m venv /opt/venv
+ENV KVGATE_EXTRAS="[triton]"
+
+FROM ${CPU_IMAGE} AS base-cpu
+RUN python3 -m venv /opt/venv
+ENV KVGATE_EXTRAS=""
+
+# hadolint ignore=DL3006
+FROM base-${DEVICE} AS runtime
+ARG TORCH_INDEX_URL=""
+ARG TORCH_VERSION=2.13.0
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+# torch first, in its own layer: it is most of the image and changes least often.
+RUN if [ -n "$TORCH_INDEX_URL" ]; then \
+        pip install --index-url "$TORCH_INDEX_URL" "torch==${TORCH_VERSION}"; \
+    else \
+        pip install "torch==${TORCH_VERSION}"; \
+    fi
+
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY gateway ./gateway
+COPY cachestore ./cachestore
+COPY kernels ./kernels
+COPY migrations ./migrations
+# The project itself, at the versions its pyproject.toml allows.
+# hadolint ignore=DL3013
+RUN pip install ".${KVGATE_EXTRAS}"
+
+# The Alembic revisions stay beside the source, not in site-packages.
+ENV KVGATE_MIGRATIONS=/app/migrations \
+    HOME=/cache \
+    XDG_CACHE_HOME=/cache \
+    HF_HOME=/cache/huggingface \
+    TRITON_CACHE_DIR=/cache/triton \
+    KVGATE_DB=sqlite:////var/lib/kvgate/kvgate.db
+
+# A fixed non-root uid, matching the chart's runAsUser, owning only the writable paths.
+RUN groupadd --system --gid 10001 kvgate \
+    && useradd --system --uid 10001 --gid kvgate --home-dir /cache --shell /usr/sbin/nologin kvgate \
+    && mkdir -p /cache /var/lib/kvgate /models \
+    && chown kvgate:kvgate /cache /var/lib/kvgate
+USER 10001:10001
+VOLUME ["/var/lib/kvgate"]
+EXPOSE 8000
+
+# kvgate serve drains in-flight requests on SIGTERM; exec form makes it PID 1's signal.
+STOPSIGNAL SIGTERM
+ENTRYPOINT ["kvgate"]
+CMD ["serve", "--host", "0.0.0.0"]
