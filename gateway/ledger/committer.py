@@ -1,0 +1,218 @@
+"""Group commit: many concurrent ``record`` calls, one transaction, each caller answered
+only after COMMIT.
+
+One background task owns the write path. While it commits one batch, new events queue;
+the next batch takes everything queued (up to ``max_batch``). There is no timer: under
+light load a lone event commits at once, under heavy load batches grow by themselves, so
+the wait is never more than one commit's time and the fsync is shared by the batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from .billing import Prices, UsageEvent, cost_micros
+from .errors import LedgerError, NotFound
+from .models import Plan, Tenant, UsageRow
+
+log = logging.getLogger("kvgate.ledger")
+
+OnCommit = Callable[[float, int], None]
+_RETRY_DELAYS_S = (0.05, 0.25, 1.0)  # safe to retry: the insert is idempotent by request id
+
+_Item = tuple[UsageEvent, "asyncio.Future[bool]"]
+
+
+class GroupCommitter:
+    def __init__(self, engine: AsyncEngine, *, max_batch: int = 2000,
+                 on_commit: OnCommit | None = None) -> None:
+        self.engine = engine
+        self.max_batch = max_batch
+        self.on_commit = on_commit
+        self.pending = 0  # events submitted and not yet answered
+        self.commits = 0
+        self.events_committed = 0
+        self._queue: asyncio.Queue[_Item | None] = asyncio.Queue()
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+        dialect = engine.dialect.name
+        self._insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+        self._sqlite = dialect == "sqlite"
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="ledger-commit")
+
+    async def submit(self, event: UsageEvent) -> bool:
+        if self._closed:
+            raise LedgerError("ledger is closed")
+        fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self.pending += 1
+        self._queue.put_nowait((event, fut))
+        # A caller that gives up (client gone) must not un-bill the request: the event
+        # stays queued and commits; shield keeps the future alive for the committer.
+        return await asyncio.shield(fut)
+
+    async def close(self) -> None:
+        """Commit everything already submitted, then stop."""
+        if self._closed:
+            return
+        self._closed = True
+        self._queue.put_nowait(None)
+        if self._task is not None:
+            await self._task
+
+    async def _run(self) -> None:
+        stopping = False
+        while not stopping:
+            item = await self._queue.get()
+            if item is None:
+                break
+            batch = [item]
+            while len(batch) < self.max_batch and not self._queue.empty():
+                nxt = self._queue.get_nowait()
+                if nxt is None:
+                    stopping = True
+                    break
+                batch.append(nxt)
+            try:
+                await self._commit_batch(batch)
+            except Exception as exc:  # never leave a caller waiting forever
+                log.exception("usage batch failed")
+                self._answer(batch, error=LedgerError(f"could not record usage: {exc}"))
+
+    async def _commit_batch(self, batch: list[_Item]) -> None:
+        start = time.perf_counter()
+        for attempt, delay in enumerate((*_RETRY_DELAYS_S, None)):
+            try:
+                results = await self._write([event for event, _ in batch])
+                break
+            except IntegrityError:
+                if len(batch) == 1:
+                    raise
+                # One bad event (say an unknown key id) must not fail its neighbours.
+                for item in batch:
+                    try:
+                        await self._commit_batch([item])
+                    except Exception as exc:
+                        self._answer([item], error=LedgerError(f"could not record usage: {exc}"))
+                return
+            except (DBAPIError, OSError) as exc:
+                if delay is None:
+                    raise
+                log.warning("usage commit failed (attempt %d), retrying: %s", attempt + 1, exc)
+                await asyncio.sleep(delay)
+        seconds = time.perf_counter() - start
+        self.commits += 1
+        self.events_committed += sum(1 for r in results if r is True)
+        self._answer(batch, results=results)
+        if self.on_commit is not None:
+            try:
+                self.on_commit(seconds, len(batch))
+            except Exception:
+                log.exception("on_commit callback failed")
+
+    def _answer(self, batch: list[_Item], *, results: list[Any] | None = None,
+                error: Exception | None = None) -> None:
+        for i, (_, fut) in enumerate(batch):
+            self.pending -= 1
+            if fut.done():
+                continue
+            outcome = error if results is None else results[i]
+            if isinstance(outcome, BaseException):
+                fut.set_exception(outcome)
+            else:
+                fut.set_result(bool(outcome))
+
+    async def _write(self, events: list[UsageEvent], fast: bool = True
+                     ) -> list[bool | Exception]:
+        """One transaction: price lookup, one multi-row idempotent insert, COMMIT.
+
+        Returns per event True (inserted now), False (request id already billed, in the
+        database or earlier in this batch) or an exception for that event alone.
+        """
+        try:
+            async with self.engine.begin() as conn:
+                rows = await conn.execute(
+                    select(Tenant.id, Plan.input_price, Plan.cache_read_price,
+                           Plan.cache_write_5m_price, Plan.cache_write_1h_price,
+                           Plan.output_price)
+                    .join(Plan, Tenant.plan_id == Plan.id)
+                    .where(Tenant.id.in_({e.tenant_id for e in events})))
+                prices = {r[0]: Prices(*r[1:]) for r in rows}
+                values: list[dict[str, Any]] = []
+                first_of: dict[str, int] = {}
+                for i, e in enumerate(events):
+                    if e.tenant_id not in prices or e.request_id in first_of:
+                        continue
+                    first_of[e.request_id] = i
+                    values.append(_row(e, cost_micros(e, prices[e.tenant_id])))
+                inserted: set[str] = set()
+                if values and fast and self._sqlite:
+                    inserted = await self._insert_all_new_sqlite(conn, values)
+                elif values:
+                    stmt = (self._insert(UsageRow.__table__)
+                            .on_conflict_do_nothing(index_elements=["request_id"])
+                            .returning(UsageRow.__table__.c.request_id))
+                    inserted = set((await conn.execute(stmt, values)).scalars().all())
+        except _AlreadyBilled:
+            return await self._write(events, fast=False)
+        out: list[bool | Exception] = []
+        for i, e in enumerate(events):
+            if e.tenant_id not in prices:
+                out.append(NotFound(f"tenant {e.tenant_id} does not exist"))
+            else:
+                out.append(first_of[e.request_id] == i and e.request_id in inserted)
+        return out
+
+    async def _insert_all_new_sqlite(self, conn: AsyncConnection,
+                                     values: list[dict[str, Any]]) -> set[str]:
+        """SQLite fast path: the driver's own executemany (no per-row SQL building), which
+        reports only how many rows went in. All of them: done. Fewer: some request ids were
+        billed before, so roll back and take the RETURNING path that says which."""
+        params = [tuple(_sqlite_param(v[c]) for c in _COLUMNS) for v in values]
+        result = await conn.exec_driver_sql(_SQLITE_INSERT, params)
+        if result.rowcount != len(values):
+            raise _AlreadyBilled
+        return {v["request_id"] for v in values}
+
+
+class _AlreadyBilled(Exception):
+    """Internal: a fast-path batch met a request id already in the ledger."""
+
+
+_COLUMNS = ("request_id", "tenant_id", "key_id", "model", "endpoint", "prompt_tokens",
+            "cached_tokens", "cache_write_5m_tokens", "cache_write_1h_tokens",
+            "completion_tokens", "cost_micros", "status", "started_at", "finished_at",
+            "ttft_ms")
+_SQLITE_INSERT = (f"INSERT INTO usage_events ({', '.join(_COLUMNS)}) "
+                  f"VALUES ({', '.join('?' * len(_COLUMNS))}) "
+                  "ON CONFLICT (request_id) DO NOTHING")
+
+
+def _sqlite_param(value: Any) -> Any:
+    """Times as ``UTCDateTime`` stores them on SQLite: naive UTC text, microseconds."""
+    if isinstance(value, datetime):
+        return value.astimezone(timezone.utc).replace(tzinfo=None).isoformat(
+            sep=" ", timespec="microseconds")
+    return value
+
+
+def _row(e: UsageEvent, cost: int) -> dict[str, Any]:
+    return {
+        "request_id": e.request_id, "tenant_id": e.tenant_id, "key_id": e.key_id,
+        "model": e.model, "endpoint": e.endpoint, "prompt_tokens": e.prompt_tokens,
+        "cached_tokens": e.cached_tokens, "cache_write_5m_tokens": e.cache_write_5m_tokens,
+        "cache_write_1h_tokens": e.cache_write_1h_tokens,
+        "completion_tokens": e.completion_tokens, "cost_micros": cost, "status": e.status,
+        "started_at": e.started_at, "finished_at": e.finished_at, "ttft_ms": e.ttft_ms,
+    }

@@ -1,0 +1,23 @@
+"""Ledger errors, so callers (HTTP handlers, the CLI) can map each to the right answer."""
+
+from __future__ import annotations
+
+
+class LedgerError(Exception):
+    """Base of every error the ledger raises on purpose (HTTP 500/503 when unmapped)."""
+
+
+class NotFound(LedgerError):
+    """The tenant, key or plan named does not exist (HTTP 404)."""
+
+
+class Conflict(LedgerError):
+    """The change clashes with existing data, e.g. a taken tenant name (HTTP 409)."""
+
+
+class InvalidInput(LedgerError, ValueError):
+    """An argument is out of range or unknown (HTTP 400); also a ValueError for plain callers."""
+
+
+class SchemaOutdated(LedgerError):
+    """The database schema is not the one this code expects; the message says what to run."""

@@ -1,0 +1,368 @@
+"""The ledger: one object the gateway opens at start and closes at shutdown."""
+
+from __future__ import annotations
+
+import dataclasses
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import func, select, text, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from . import migrate as migrations
+from .auth import VISIBLE_PREFIX_LEN, KeyCache, Principal, key_hash, new_key
+from .billing import DEFAULT_PLAN, Prices, UsageEvent
+from .committer import GroupCommitter, OnCommit
+from .db import create_engine
+from .errors import Conflict, InvalidInput, LedgerError, NotFound
+from .models import ApiKey, Plan, Tenant, utcnow
+from .reports import usage_report
+
+ROLES = ("tenant", "admin")
+TENANT_STATUSES = ("active", "suspended")  # "deleted" only through delete_tenant
+_LIMIT_FIELDS = ("cache_ttl_seconds", "cache_quota_bytes", "requests_per_minute",
+                 "tokens_per_minute", "max_concurrent")
+DEFAULT_CACHE_TTL_S = 300
+_PRICE_FIELDS = tuple(f.name for f in dataclasses.fields(Prices))
+
+
+class Ledger:
+    def __init__(self, engine: AsyncEngine, on_commit: OnCommit | None = None) -> None:
+        self.engine = engine
+        self.dialect = engine.dialect.name
+        self._committer = GroupCommitter(engine, on_commit=on_commit)
+        self._keys = KeyCache()
+
+    @classmethod
+    async def open(cls, url: str, *, migrate: bool = True,
+                   on_commit: OnCommit | None = None) -> Ledger:
+        """Connect; with ``migrate`` upgrade the schema to head, else refuse an old one.
+
+        ``serve`` on SQLite migrates on start; on PostgreSQL (shared by replicas) it opens
+        with ``migrate=False`` so schema changes stay an operator's ``kvgate migrate``.
+        """
+        engine = create_engine(url)
+        try:
+            if migrate:
+                await migrations.upgrade(engine)
+            else:
+                await migrations.check_schema(engine)
+        except LedgerError:
+            await engine.dispose()
+            raise
+        except Exception as exc:
+            await engine.dispose()
+            raise LedgerError(f"cannot open ledger database: {exc}") from exc
+        ledger = cls(engine, on_commit)
+        ledger._committer.start()
+        return ledger
+
+    async def close(self) -> None:
+        await self._committer.close()
+        await self.engine.dispose()
+
+    async def ping(self) -> None:
+        async with self.engine.connect() as conn:
+            await conn.execute(text("SELECT 1"))
+
+    # -- metrics hooks ----------------------------------------------------------------
+
+    @property
+    def on_commit(self) -> OnCommit | None:
+        """Called as ``on_commit(seconds, n_events)`` after every usage COMMIT."""
+        return self._committer.on_commit
+
+    @on_commit.setter
+    def on_commit(self, fn: OnCommit | None) -> None:
+        self._committer.on_commit = fn
+
+    def queue_depth(self) -> int:
+        """Usage events submitted and not yet committed (the gauge for /metrics)."""
+        return self._committer.pending
+
+    # -- usage ------------------------------------------------------------------------
+
+    async def record(self, event: UsageEvent) -> bool:
+        """Bill one finished request; returns after COMMIT (durable).
+
+        True: billed now. False: this request id was billed before (a retry). The cost
+        is computed from the tenant's plan inside the commit (see ``billing.cost_micros``).
+        """
+        event.validate()
+        return await self._committer.submit(event)
+
+    async def usage_report(self, tenant_id: int | None = None, since: datetime | None = None,
+                           until: datetime | None = None, group_by: str = "day"
+                           ) -> dict[str, Any]:
+        async with self.engine.connect() as conn:
+            return await usage_report(conn, tenant_id, since, until, group_by)
+
+    # -- keys and authentication --------------------------------------------------------
+
+    async def authenticate(self, key: str) -> Principal | None:
+        """The principal of a live key, or None; answers from memory for up to a second."""
+        if not key:
+            return None
+        return await self._keys.get(key_hash(key), self._load_principal)
+
+    async def _load_principal(self, digest: str) -> Principal | None:
+        stmt = (select(ApiKey.id, ApiKey.role, ApiKey.tenant_id, Tenant)
+                .outerjoin(Tenant, ApiKey.tenant_id == Tenant.id)
+                .where(ApiKey.key_sha256 == digest, ApiKey.revoked_at.is_(None)))
+        async with self.engine.connect() as conn:
+            row = (await conn.execute(stmt)).one_or_none()
+        if row is None:
+            return None
+        key_id, role, tenant_id = row[0], row[1], row[2]
+        if tenant_id is None:
+            return Principal(key_id, role, None, None, "active", DEFAULT_CACHE_TTL_S,
+                             None, None, None, None, None)
+        if row.status == "deleted":
+            return None
+        return Principal(key_id, role, tenant_id, row.name, row.status, row.cache_ttl_seconds,
+                         row.cache_quota_bytes, row.requests_per_minute, row.tokens_per_minute,
+                         row.max_concurrent, row.plan_id)
+
+    async def create_key(self, tenant_id: int | None, role: str = "tenant") -> dict[str, Any]:
+        """A new key; the plaintext is in this answer only, the database keeps its hash."""
+        if role not in ROLES:
+            raise InvalidInput(f"role must be one of {ROLES}, got {role!r}")
+        if role == "tenant" and tenant_id is None:
+            raise InvalidInput("a tenant key needs a tenant_id")
+        key = new_key()
+        async with self.engine.begin() as conn:
+            if tenant_id is not None:
+                tenant = await self._tenant_row(conn, tenant_id)
+                if tenant.status == "deleted":
+                    raise Conflict(f"tenant {tenant_id} is deleted")
+            values = {"tenant_id": tenant_id, "role": role, "prefix": key[:VISIBLE_PREFIX_LEN],
+                      "key_sha256": key_hash(key), "created_at": utcnow()}
+            key_id = (await conn.execute(
+                ApiKey.__table__.insert().values(values).returning(ApiKey.id))).scalar_one()
+        self._keys.invalidate(values["key_sha256"])  # forget a cached miss at once
+        return {"id": key_id, "key": key, "prefix": values["prefix"], "tenant_id": tenant_id,
+                "role": role, "created_at": values["created_at"].isoformat()}
+
+    async def revoke_key(self, key_id: int) -> None:
+        async with self.engine.begin() as conn:
+            row = (await conn.execute(select(ApiKey.key_sha256, ApiKey.revoked_at)
+                                      .where(ApiKey.id == key_id))).one_or_none()
+            if row is None:
+                raise NotFound(f"key {key_id} does not exist")
+            if row.revoked_at is None:
+                await conn.execute(update(ApiKey).where(ApiKey.id == key_id)
+                                   .values(revoked_at=utcnow()))
+        self._keys.invalidate(row.key_sha256)
+
+    async def list_keys(self, tenant_id: int | None) -> list[dict[str, Any]]:
+        """Keys of a tenant (``None``: the admin keys); never the key itself."""
+        cond = ApiKey.tenant_id.is_(None) if tenant_id is None else ApiKey.tenant_id == tenant_id
+        async with self.engine.connect() as conn:
+            if tenant_id is not None:
+                await self._tenant_row(conn, tenant_id)
+            rows = await conn.execute(select(ApiKey).where(cond).order_by(ApiKey.id))
+            return [{"id": r.id, "prefix": r.prefix, "tenant_id": r.tenant_id, "role": r.role,
+                     "created_at": r.created_at.isoformat(),
+                     "revoked_at": r.revoked_at.isoformat() if r.revoked_at else None}
+                    for r in rows]
+
+    async def bootstrap_admin(self, admin_key: str | None) -> str | None:
+        """Given a key, make sure it is a live admin key (idempotent) and return None.
+        Given none while no admin key exists, create one and return it to print once."""
+        if admin_key:
+            digest = key_hash(admin_key)
+            async with self.engine.begin() as conn:
+                row = (await conn.execute(select(ApiKey.id, ApiKey.role, ApiKey.revoked_at)
+                                          .where(ApiKey.key_sha256 == digest))).one_or_none()
+                if row is None:
+                    await conn.execute(ApiKey.__table__.insert().values(
+                        tenant_id=None, role="admin", prefix=admin_key[:VISIBLE_PREFIX_LEN],
+                        key_sha256=digest, created_at=utcnow()))
+                elif row.role != "admin" or row.revoked_at is not None:
+                    await conn.execute(update(ApiKey).where(ApiKey.id == row.id)
+                                       .values(role="admin", tenant_id=None, revoked_at=None))
+            self._keys.invalidate(digest)
+            return None
+        async with self.engine.connect() as conn:
+            live = (await conn.execute(select(func.count(ApiKey.id)).where(
+                ApiKey.role == "admin", ApiKey.revoked_at.is_(None)))).scalar_one()
+        if live:
+            return None
+        return (await self.create_key(None, role="admin"))["key"]
+
+    # -- tenants ----------------------------------------------------------------------
+
+    async def create_tenant(self, name: str, plan: str | int | None = None,
+                            cache_ttl_seconds: int | None = None,
+                            cache_quota_bytes: int | None = None,
+                            requests_per_minute: int | None = None,
+                            tokens_per_minute: int | None = None,
+                            max_concurrent: int | None = None) -> dict[str, Any]:
+        name = _check_name(name)
+        limits = {"cache_ttl_seconds": cache_ttl_seconds, "cache_quota_bytes": cache_quota_bytes,
+                  "requests_per_minute": requests_per_minute,
+                  "tokens_per_minute": tokens_per_minute, "max_concurrent": max_concurrent}
+        _check_limits(limits)
+        if limits["cache_ttl_seconds"] is None:
+            limits["cache_ttl_seconds"] = DEFAULT_CACHE_TTL_S
+        async with self.engine.begin() as conn:
+            plan_row = await self._plan_row(conn, DEFAULT_PLAN if plan is None else plan)
+            try:
+                tenant_id = (await conn.execute(Tenant.__table__.insert().values(
+                    name=name, status="active", plan_id=plan_row.id, created_at=utcnow(),
+                    **limits).returning(Tenant.id))).scalar_one()
+            except IntegrityError as exc:
+                raise Conflict(f"a tenant named {name!r} already exists") from exc
+            return _tenant_dict(await self._tenant_row(conn, tenant_id), plan_row.name)
+
+    async def list_tenants(self, include_deleted: bool = False) -> list[dict[str, Any]]:
+        stmt = select(Tenant, Plan.name.label("plan")).join(Plan, Tenant.plan_id == Plan.id)
+        if not include_deleted:
+            stmt = stmt.where(Tenant.status != "deleted")
+        async with self.engine.connect() as conn:
+            rows = await conn.execute(stmt.order_by(Tenant.id))
+            return [_tenant_dict(r, r.plan) for r in rows]
+
+    async def get_tenant(self, tenant_id: int) -> dict[str, Any]:
+        async with self.engine.connect() as conn:
+            return await self._tenant_dict(conn, tenant_id)
+
+    async def find_tenant(self, name_or_id: str | int) -> dict[str, Any]:
+        """By id, or by name (what people type on the command line)."""
+        if isinstance(name_or_id, int) or str(name_or_id).isdigit():
+            return await self.get_tenant(int(name_or_id))
+        async with self.engine.connect() as conn:
+            tid = (await conn.execute(select(Tenant.id).where(Tenant.name == name_or_id))
+                   ).scalar_one_or_none()
+            if tid is None:
+                raise NotFound(f"no tenant named {name_or_id!r}")
+            return await self._tenant_dict(conn, tid)
+
+    async def update_tenant(self, tenant_id: int, **fields: Any) -> dict[str, Any]:
+        allowed = {"name", "plan", "status", *_LIMIT_FIELDS}
+        unknown = set(fields) - allowed
+        if unknown:
+            raise InvalidInput(f"cannot update {sorted(unknown)}; allowed: {sorted(allowed)}")
+        values = {k: v for k, v in fields.items() if k in _LIMIT_FIELDS}
+        _check_limits(values)
+        if values.get("cache_ttl_seconds", 0) is None:
+            values["cache_ttl_seconds"] = DEFAULT_CACHE_TTL_S
+        if "name" in fields:
+            values["name"] = _check_name(fields["name"])
+        if "status" in fields:
+            if fields["status"] not in TENANT_STATUSES:
+                raise InvalidInput(f"status must be one of {TENANT_STATUSES} "
+                                   "(delete a tenant with DELETE)")
+            values["status"] = fields["status"]
+        async with self.engine.begin() as conn:
+            tenant = await self._tenant_row(conn, tenant_id)
+            if tenant.status == "deleted":
+                raise Conflict(f"tenant {tenant_id} is deleted")
+            if "plan" in fields:
+                values["plan_id"] = (await self._plan_row(conn, fields["plan"])).id
+            if values:
+                try:
+                    await conn.execute(update(Tenant).where(Tenant.id == tenant_id)
+                                       .values(values))
+                except IntegrityError as exc:
+                    raise Conflict(f"a tenant named {values.get('name')!r} exists") from exc
+            result = await self._tenant_dict(conn, tenant_id)
+        self._keys.invalidate()  # principals carry tenant limits: refresh them now
+        return result
+
+    async def delete_tenant(self, tenant_id: int) -> None:
+        """Soft delete: usage stays for billing, keys are revoked, the name stays taken."""
+        async with self.engine.begin() as conn:
+            await self._tenant_row(conn, tenant_id)
+            await conn.execute(update(Tenant).where(Tenant.id == tenant_id)
+                               .values(status="deleted"))
+            await conn.execute(update(ApiKey).where(ApiKey.tenant_id == tenant_id,
+                                                    ApiKey.revoked_at.is_(None))
+                               .values(revoked_at=utcnow()))
+        self._keys.invalidate()
+
+    async def _tenant_row(self, conn: AsyncConnection, tenant_id: int) -> Any:
+        row = (await conn.execute(select(Tenant).where(Tenant.id == tenant_id))).one_or_none()
+        if row is None:
+            raise NotFound(f"tenant {tenant_id} does not exist")
+        return row
+
+    async def _tenant_dict(self, conn: AsyncConnection, tenant_id: int) -> dict[str, Any]:
+        row = (await conn.execute(select(Tenant, Plan.name.label("plan"))
+                                  .join(Plan, Tenant.plan_id == Plan.id)
+                                  .where(Tenant.id == tenant_id))).one_or_none()
+        if row is None:
+            raise NotFound(f"tenant {tenant_id} does not exist")
+        return _tenant_dict(row, row.plan)
+
+    # -- plans ------------------------------------------------------------------------
+
+    async def list_plans(self) -> list[dict[str, Any]]:
+        async with self.engine.connect() as conn:
+            return [_plan_dict(r) for r in await conn.execute(select(Plan).order_by(Plan.id))]
+
+    async def create_plan(self, name: str, input: int, cache_read: int | None = None,
+                          cache_write_5m: int | None = None, cache_write_1h: int | None = None,
+                          output: int | None = None) -> dict[str, Any]:
+        """Prices in micro-units per million tokens; omitted ones derive from ``input``."""
+        name = _check_name(name)
+        prices = Prices.derived(input, cache_read, cache_write_5m, cache_write_1h, output)
+        async with self.engine.begin() as conn:
+            try:
+                await conn.execute(Plan.__table__.insert().values(
+                    name=name, created_at=utcnow(),
+                    **{f"{k}_price": v for k, v in dataclasses.asdict(prices).items()}))
+            except IntegrityError as exc:
+                raise Conflict(f"a plan named {name!r} already exists") from exc
+            return _plan_dict(await self._plan_row(conn, name))
+
+    async def update_plan(self, name_or_id: str | int, **prices: int) -> dict[str, Any]:
+        """Change some prices; events already recorded keep the cost they were billed."""
+        unknown = set(prices) - set(_PRICE_FIELDS)
+        if unknown:
+            raise InvalidInput(f"unknown prices {sorted(unknown)}; allowed: {_PRICE_FIELDS}")
+        async with self.engine.begin() as conn:
+            row = await self._plan_row(conn, name_or_id)
+            merged = {k: prices.get(k, getattr(row, f"{k}_price")) for k in _PRICE_FIELDS}
+            Prices(**merged).validate()
+            await conn.execute(update(Plan).where(Plan.id == row.id).values(
+                **{f"{k}_price": v for k, v in merged.items()}))
+            return _plan_dict(await self._plan_row(conn, row.id))
+
+    async def _plan_row(self, conn: AsyncConnection, name_or_id: str | int) -> Any:
+        is_id = isinstance(name_or_id, int) or str(name_or_id).isdigit()
+        cond = Plan.id == int(name_or_id) if is_id else Plan.name == name_or_id
+        row = (await conn.execute(select(Plan).where(cond))).one_or_none()
+        if row is None:
+            raise NotFound(f"plan {name_or_id!r} does not exist")
+        return row
+
+
+def _check_name(name: Any) -> str:
+    if not isinstance(name, str) or not name.strip() or len(name) > 128:
+        raise InvalidInput("name must be a non-empty string of at most 128 characters")
+    return name.strip()
+
+
+def _check_limits(values: dict[str, Any]) -> None:
+    for key, value in values.items():
+        if value is None:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise InvalidInput(f"{key} must be a non-negative integer or null, got {value!r}")
+
+
+def _tenant_dict(row: Any, plan: str) -> dict[str, Any]:
+    return {"id": row.id, "name": row.name, "status": row.status, "plan": plan,
+            "cache_ttl_seconds": row.cache_ttl_seconds,
+            "cache_quota_bytes": row.cache_quota_bytes,
+            "requests_per_minute": row.requests_per_minute,
+            "tokens_per_minute": row.tokens_per_minute, "max_concurrent": row.max_concurrent,
+            "created_at": row.created_at.isoformat()}
+
+
+def _plan_dict(row: Any) -> dict[str, Any]:
+    return {"id": row.id, "name": row.name,
+            **{k: getattr(row, f"{k}_price") for k in _PRICE_FIELDS},
+            "created_at": row.created_at.isoformat()}

@@ -1,0 +1,80 @@
+"""Cost arithmetic: integer micro-units, one upward rounding per event."""
+
+from __future__ import annotations
+
+from fractions import Fraction
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from gateway.ledger import InvalidInput, Prices, cost_micros
+from gateway.ledger.billing import DEFAULT_PRICES
+
+from .conftest import NOW, event
+
+
+def test_default_prices_follow_the_published_multipliers() -> None:
+    p = DEFAULT_PRICES
+    assert (p.input, p.cache_read, p.cache_write_5m, p.cache_write_1h, p.output) == (
+        1_000_000, 100_000, 1_250_000, 2_000_000, 4_000_000)
+
+
+def test_derived_prices_keep_explicit_ones() -> None:
+    p = Prices.derived(3_000_000, output=15_000_000)
+    assert (p.cache_read, p.cache_write_5m, p.cache_write_1h, p.output) == (
+        300_000, 3_750_000, 6_000_000, 15_000_000)
+    with pytest.raises(InvalidInput):
+        Prices.derived(-1)
+
+
+def test_cost_of_each_token_kind() -> None:
+    # 36 uncached, 32 read, 16 + 16 written, 10 output on the default plan:
+    # 36 + 3.2 + 20 + 32 + 40 = 131.2 micro-units, billed 132.
+    e = event(1, prompt=100, cached=32, w5m=16, w1h=16, completion=10)
+    assert e.uncached_tokens == 36
+    assert cost_micros(e, DEFAULT_PRICES) == 132
+
+
+def test_rounding_happens_once_per_event_not_per_kind() -> None:
+    # Each kind alone is 0.1 micro (would round up to 1 each = 5); together 0.5 → 1.
+    prices = Prices(input=100_000, cache_read=100_000, cache_write_5m=100_000,
+                    cache_write_1h=100_000, output=100_000)
+    e = event(1, prompt=4, cached=1, w5m=1, w1h=1, completion=1)
+    assert cost_micros(e, prices) == 1
+    assert cost_micros(event(1, prompt=0, completion=0), prices) == 0
+
+
+@given(prompt=st.integers(0, 10**7), split=st.tuples(*[st.floats(0, 1)] * 3),
+       completion=st.integers(0, 10**6), prices=st.tuples(*[st.integers(0, 10**9)] * 5))
+def test_cost_is_the_exact_amount_rounded_up(prompt: int, split: tuple[float, float, float],
+                                             completion: int,
+                                             prices: tuple[int, ...]) -> None:
+    cached = int(prompt * split[0])
+    w5m = int((prompt - cached) * split[1])
+    w1h = int((prompt - cached - w5m) * split[2])
+    e = event(1, prompt=prompt, cached=cached, w5m=w5m, w1h=w1h, completion=completion)
+    p = Prices(*prices)
+    exact = Fraction(e.uncached_tokens * p.input + cached * p.cache_read
+                     + w5m * p.cache_write_5m + w1h * p.cache_write_1h
+                     + completion * p.output, 1_000_000)
+    cost = cost_micros(e, p)
+    assert isinstance(cost, int)
+    assert exact <= cost < exact + 1
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"prompt": 10, "cached": 8, "w5m": 3}, "exceed prompt_tokens"),
+    ({"prompt": -1}, "non-negative"),
+    ({"status": "weird"}, "status"),
+])
+def test_bad_events_are_rejected(kwargs: dict, message: str) -> None:
+    with pytest.raises(InvalidInput, match=message):
+        event(1, **kwargs).validate()
+
+
+def test_naive_times_are_rejected() -> None:
+    import dataclasses
+    e = dataclasses.replace(event(1), started_at=NOW.replace(tzinfo=None))
+    with pytest.raises(InvalidInput, match="aware"):
+        e.validate()

@@ -1,0 +1,135 @@
+"""Tenants, keys and authentication, including revocation seen by another replica."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from gateway.ledger import Conflict, InvalidInput, Ledger, NotFound
+from gateway.ledger.auth import KeyCache, Principal
+
+from .conftest import event
+
+
+async def test_tenant_crud_and_soft_delete(ledger: Ledger) -> None:
+    t = await ledger.create_tenant("acme", cache_ttl_seconds=600, cache_quota_bytes=1 << 30,
+                                   requests_per_minute=60, max_concurrent=4)
+    assert t["name"] == "acme" and t["plan"] == "default" and t["status"] == "active"
+    assert (t["cache_ttl_seconds"], t["cache_quota_bytes"], t["tokens_per_minute"]) == (
+        600, 1 << 30, None)
+    assert set(t) == {"id", "name", "status", "plan", "cache_ttl_seconds", "cache_quota_bytes",
+                      "requests_per_minute", "tokens_per_minute", "max_concurrent",
+                      "created_at"}
+    with pytest.raises(Conflict):
+        await ledger.create_tenant("acme")
+    with pytest.raises(NotFound):
+        await ledger.create_tenant("other", plan="no-such-plan")
+
+    t2 = await ledger.update_tenant(t["id"], tokens_per_minute=10_000, status="suspended")
+    assert (t2["tokens_per_minute"], t2["status"], t2["max_concurrent"]) == (10_000, "suspended", 4)
+    with pytest.raises(InvalidInput):
+        await ledger.update_tenant(t["id"], colour="red")
+    with pytest.raises(InvalidInput):
+        await ledger.update_tenant(t["id"], max_concurrent=-1)
+    assert await ledger.get_tenant(t["id"]) == t2
+    assert await ledger.find_tenant("acme") == t2
+
+    key = await ledger.create_key(t["id"])
+    await ledger.record(event(t["id"], key["id"]))
+    await ledger.delete_tenant(t["id"])
+    assert (await ledger.get_tenant(t["id"]))["status"] == "deleted"
+    assert await ledger.list_tenants() == []
+    assert [x["id"] for x in await ledger.list_tenants(include_deleted=True)] == [t["id"]]
+    assert await ledger.authenticate(key["key"]) is None
+    assert all(k["revoked_at"] for k in await ledger.list_keys(t["id"]))
+    assert (await ledger.usage_report(tenant_id=t["id"]))["totals"]["requests"] == 1
+    with pytest.raises(NotFound):
+        await ledger.get_tenant(123_456)
+
+
+async def test_keys_authenticate_and_store_only_a_hash(ledger: Ledger) -> None:
+    t = await ledger.create_tenant("acme", requests_per_minute=7)
+    key = await ledger.create_key(t["id"])
+    assert key["key"].startswith(key["prefix"]) and len(key["key"]) > 40
+    p = await ledger.authenticate(key["key"])
+    assert isinstance(p, Principal)
+    assert (p.key_id, p.role, p.tenant_id, p.tenant_name, p.requests_per_minute) == (
+        key["id"], "tenant", t["id"], "acme", 7)
+    assert await ledger.authenticate(key["key"] + "x") is None
+    assert await ledger.authenticate("") is None
+    listed = await ledger.list_keys(t["id"])
+    assert [k["id"] for k in listed] == [key["id"]] and "key" not in listed[0]
+    async with ledger.engine.connect() as conn:
+        stored = [r[0] for r in await conn.exec_driver_sql("SELECT key_sha256 FROM api_keys")]
+    assert key["key"] not in stored and all(len(h) == 64 for h in stored)
+
+
+async def test_revocation_is_immediate_here_and_within_a_second_elsewhere(db_url: str) -> None:
+    here, elsewhere = await Ledger.open(db_url), await Ledger.open(db_url)
+    try:
+        t = await here.create_tenant("acme")
+        key = await here.create_key(t["id"])
+        assert await here.authenticate(key["key"]) is not None
+        assert await elsewhere.authenticate(key["key"]) is not None  # now cached there
+        await here.revoke_key(key["id"])
+        assert await here.authenticate(key["key"]) is None
+        await asyncio.sleep(1.05)  # the cache's whole lifetime
+        assert await elsewhere.authenticate(key["key"]) is None
+        with pytest.raises(NotFound):
+            await here.revoke_key(987_654)
+    finally:
+        await here.close()
+        await elsewhere.close()
+
+
+async def test_key_cache_serves_from_memory_until_its_ttl() -> None:
+    now = [0.0]
+    cache = KeyCache(ttl_s=1.0, clock=lambda: now[0])
+    loads: list[str] = []
+
+    async def load(digest: str) -> Principal | None:
+        loads.append(digest)
+        await asyncio.sleep(0.01)
+        return None
+
+    await asyncio.gather(*(cache.get("h", load) for _ in range(10)))
+    assert loads == ["h"]  # concurrent misses share one query
+    now[0] = 0.99
+    await cache.get("h", load)
+    assert loads == ["h"]
+    now[0] = 1.0
+    await cache.get("h", load)
+    assert loads == ["h", "h"]
+    cache.invalidate("h")
+    await cache.get("h", load)
+    assert len(loads) == 3
+
+
+async def test_bootstrap_admin(ledger: Ledger) -> None:
+    created = await ledger.bootstrap_admin(None)
+    assert created is not None
+    p = await ledger.authenticate(created)
+    assert p is not None and p.is_admin and p.tenant_id is None
+    assert await ledger.bootstrap_admin(None) is None  # one exists: nothing printed again
+
+    assert await ledger.bootstrap_admin("operator-chosen-key") is None
+    assert await ledger.bootstrap_admin("operator-chosen-key") is None  # idempotent
+    p = await ledger.authenticate("operator-chosen-key")
+    assert p is not None and p.role == "admin"
+    assert len(await ledger.list_keys(None)) == 2
+
+
+async def test_plans(ledger: Ledger) -> None:
+    plan = await ledger.create_plan("pro", input=2_000_000, output=6_000_000)
+    assert (plan["cache_read"], plan["cache_write_5m"], plan["cache_write_1h"],
+            plan["output"]) == (200_000, 2_500_000, 4_000_000, 6_000_000)
+    with pytest.raises(Conflict):
+        await ledger.create_plan("pro", input=1)
+    updated = await ledger.update_plan("pro", cache_read=1)
+    assert updated["cache_read"] == 1 and updated["input"] == 2_000_000
+    with pytest.raises(InvalidInput):
+        await ledger.update_plan("pro", discount=5)
+    with pytest.raises(NotFound):
+        await ledger.update_plan("nope", input=1)
+    assert [p["name"] for p in await ledger.list_plans()] == ["default", "pro"]
