@@ -1,0 +1,168 @@
+"""Kernel benchmark (GPU only): paged decode attention and page copies against their bounds.
+
+Decode attention is memory-bound, so it is measured as bytes of KV read per second over
+the device's measured copy bandwidth (bytes read + written per second by a large
+device-to-device copy), and its time beside torch SDPA over contiguous K/V of the same
+size. SDPA gets GQA folded into the query length (``[B, kv_heads, group, D]`` against
+``[B, kv_heads, L, D]``), so it reads every K/V byte once, like the paged kernel.
+Page copies (device → host, host → device, between a device pool and a pinned host pool,
+scattered page ids) are measured against one plain contiguous pinned copy of the same bytes.
+
+Goals (issue 3): decode ≥ 80% of copy bandwidth at long context and no slower than SDPA;
+page copy ≥ 85% of the plain pinned copy. Writes ``bench/results/kernels-<gpu>.json``.
+
+Run: ``python bench/kernels.py``. On a machine without CUDA it says so and exits 0.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+# This file is itself named ``kernels``: put the repository, not bench/, first on the path.
+sys.path[0] = str(ROOT)
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import kernels  # noqa: E402
+from bench.common import print_table, write_result  # noqa: E402
+from kernels import KVLayout  # noqa: E402
+
+DTYPE = torch.bfloat16
+BLOCK_SIZE = 16
+Q_HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128  # a Llama-3-8B layer
+DECODE_SHAPES = [(1, 4096), (8, 4096), (32, 2048), (1, 32768), (4, 32768), (16, 16384)]
+LONG_CONTEXT = 16384  # decode shapes at or past this length count for the bandwidth goal
+# (layers, pages): 2 MiB pages of an 8B model, and 64 KiB pages of a small one.
+COPY_SHAPES = [(32, 512), (1, 4096)]
+
+
+def time_ms(fn: Callable[[], object], stream: torch.cuda.Stream | None = None,
+            warmup: int = 3, iters: int = 20) -> float:
+    """Median milliseconds per call, by CUDA events on ``stream`` (default: current)."""
+    stream = stream or torch.cuda.current_stream()
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record(stream)
+        fn()
+        end.record(stream)
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def device_copy_bandwidth(nbytes: int = 1 << 30) -> float:
+    """Bytes moved (read + written) per second by one large device-to-device copy."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda").random_()
+    dst = torch.empty_like(src)
+    ms = time_ms(lambda: dst.copy_(src))
+    return 2 * nbytes / (ms / 1e3)
+
+
+def bench_decode(batch: int, length: int, copy_bw: float) -> dict:
+    layout = KVLayout(num_layers=2, num_kv_heads=KV_HEADS, head_dim=HEAD_DIM,
+                      block_size=BLOCK_SIZE, dtype=DTYPE)
+    blocks = -(-length // BLOCK_SIZE)
+    pool = layout.allocate_pool(batch * blocks + 1, "cuda")
+    pool.normal_()
+    k_cache, v_cache = layout.layer_kv(pool, 1)  # strided, as the engine reads them
+    tables = torch.randperm(batch * blocks, device="cuda").view(batch, blocks).int()
+    lens = torch.full((batch,), length, dtype=torch.int32, device="cuda")
+    q = torch.randn(batch, Q_HEADS, HEAD_DIM, dtype=DTYPE, device="cuda")
+    scale = HEAD_DIM**-0.5
+    paged_ms = time_ms(lambda: kernels.paged_decode_attention(q, k_cache, v_cache, tables, lens, scale))
+
+    group = Q_HEADS // KV_HEADS
+    k = torch.randn(batch, KV_HEADS, length, HEAD_DIM, dtype=DTYPE, device="cuda")
+    v = torch.randn_like(k)
+    q_folded = q.view(batch, KV_HEADS, group, HEAD_DIM)
+    sdpa_ms = time_ms(lambda: F.scaled_dot_product_attention(q_folded, k, v, scale=scale))
+
+    kv_bytes = 2 * batch * length * KV_HEADS * HEAD_DIM * pool.element_size()
+    bw = kv_bytes / (paged_ms / 1e3)
+    return {
+        "batch": batch, "context": length, "kv_bytes": kv_bytes,
+        "paged_ms": round(paged_ms, 4), "sdpa_contiguous_ms": round(sdpa_ms, 4),
+        "kv_read_gb_s": round(bw / 1e9, 1), "fraction_of_copy_bw": round(bw / copy_bw, 3),
+        "vs_sdpa": round(sdpa_ms / paged_ms, 3),
+    }
+
+
+def bench_copy(num_layers: int, num_pages: int) -> list[dict]:
+    layout = KVLayout(num_layers=num_layers, num_kv_heads=KV_HEADS, head_dim=HEAD_DIM,
+                      block_size=BLOCK_SIZE, dtype=DTYPE)
+    device_pool = layout.allocate_pool(2 * num_pages, "cuda").normal_()
+    host_pool = layout.allocate_pool(2 * num_pages, "cpu", pin_memory=True)
+    assert host_pool.is_pinned()
+    # Scattered ids, as a real pool's free list gives them: few consecutive runs.
+    dev_pages = torch.randperm(2 * num_pages)[:num_pages].tolist()
+    host_pages = torch.randperm(2 * num_pages)[:num_pages].tolist()
+    nbytes = num_pages * layout.page_bytes
+    plain_dev = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    plain_host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    stream = torch.cuda.Stream()
+
+    def plain(dst: torch.Tensor, src: torch.Tensor) -> Callable[[], object]:
+        def run() -> None:
+            with torch.cuda.stream(stream):
+                dst.copy_(src, non_blocking=True)
+        return run
+
+    rows = []
+    for direction, src, dst, src_ids, dst_ids, base in (
+        ("d2h", device_pool, host_pool, dev_pages, host_pages, plain(plain_host, plain_dev)),
+        ("h2d", host_pool, device_pool, host_pages, dev_pages, plain(plain_dev, plain_host)),
+    ):
+        paged_ms = time_ms(lambda s=src, d=dst, a=src_ids, b=dst_ids:
+                           kernels.copy_pages(s, d, a, b, stream=stream), stream=stream)
+        plain_ms = time_ms(base, stream=stream)
+        rows.append({
+            "direction": direction, "page_bytes": layout.page_bytes, "pages": num_pages,
+            "bytes": nbytes, "paged_ms": round(paged_ms, 4), "plain_ms": round(plain_ms, 4),
+            "paged_gb_s": round(nbytes / paged_ms / 1e6, 2),
+            "plain_gb_s": round(nbytes / plain_ms / 1e6, 2),
+            "fraction_of_plain": round(plain_ms / paged_ms, 3),
+        })
+    return rows
+
+
+def main() -> int:
+    if not torch.cuda.is_available():
+        print("bench/kernels.py needs a CUDA GPU (none found): nothing measured.")
+        return 0
+    torch.manual_seed(0)
+    gpu = torch.cuda.get_device_name()
+    copy_bw = device_copy_bandwidth()
+    print(f"{gpu}: device copy bandwidth {copy_bw / 1e9:.0f} GB/s (read + write)")
+
+    decode = [bench_decode(b, n, copy_bw) for b, n in DECODE_SHAPES]
+    print_table(decode, f"paged decode attention, {DTYPE}, {Q_HEADS}/{KV_HEADS} heads, d={HEAD_DIM}")
+    copies = [row for layers, pages in COPY_SHAPES for row in bench_copy(layers, pages)]
+    print_table(copies, "page copy vs plain contiguous pinned copy")
+
+    long = [r for r in decode if r["context"] >= LONG_CONTEXT]
+    goals = {
+        "decode_bw_ge_80pct_at_long_context": all(r["fraction_of_copy_bw"] >= 0.8 for r in long),
+        "decode_not_slower_than_sdpa": all(r["vs_sdpa"] >= 1.0 for r in decode),
+        "page_copy_ge_85pct_of_plain": all(r["fraction_of_plain"] >= 0.85 for r in copies),
+    }
+    print("\ngoals:", ", ".join(f"{k}={'met' if v else 'MISSED'}" for k, v in goals.items()))
+
+    slug = re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-")
+    write_result(f"kernels-{slug}", {
+        "gpu": gpu, "dtype": str(DTYPE), "device_copy_gb_s": round(copy_bw / 1e9, 1),
+        "decode": decode, "page_copy": copies, "goals": goals,
+    })
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

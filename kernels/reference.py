@@ -1,0 +1,173 @@
+"""Torch implementations of the kernels: the CPU path the engine runs, and the test oracle.
+
+They are written for speed on CPU, not for line-by-line resemblance to the Triton kernels:
+each sequence's pages are gathered with one ``index_select`` into contiguous K/V and handed
+to ``scaled_dot_product_attention``, which runs a fused kernel (fp32 accumulation for
+half types). Shapes and semantics are those of ``docs/architecture.md`` (section kernels).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def store_kv(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Write token ``t`` into slot ``slot_mapping[t]``; ``-1`` marks padding to skip.
+
+    ``k_cache`` / ``v_cache`` are usually strided views of the pool, so this writes with
+    ``index_put_`` through the view instead of reshaping (which would copy).
+    """
+    block_size = k_cache.shape[1]
+    slots = slot_mapping.to(device=k_cache.device, dtype=torch.long)
+    keep = slots >= 0
+    if not bool(keep.all()):
+        slots, k, v = slots[keep], k[keep], v[keep]
+    pages = torch.div(slots, block_size, rounding_mode="floor")
+    offsets = slots - pages * block_size
+    k_cache.index_put_((pages, offsets), k.to(k_cache.dtype))
+    v_cache.index_put_((pages, offsets), v.to(v_cache.dtype))
+
+
+def gather_pages(cache: torch.Tensor, pages: torch.Tensor) -> torch.Tensor:
+    """``cache[pages]`` as a new contiguous tensor ``[len(pages), block_size, kv_heads, D]``.
+
+    One layer's block inside a page is contiguous, so the view is flattened to one row per
+    page first: ``index_select`` then copies whole rows, which is many times faster than
+    gathering from the 4-d strided view.
+    """
+    pages = pages.to(device=cache.device, dtype=torch.long)
+    try:
+        rows = cache.view(cache.shape[0], -1)
+    except RuntimeError:  # a view whose blocks are not contiguous: gather it as it is
+        return cache.index_select(0, pages)
+    return rows.index_select(0, pages).view(-1, *cache.shape[1:])
+
+
+def gather_kv(
+    cache: torch.Tensor, block_table: torch.Tensor, length: int
+) -> torch.Tensor:
+    """The first ``length`` tokens of one sequence, contiguous: ``[length, kv_heads, D]``."""
+    block_size = cache.shape[1]
+    num_blocks = -(-length // block_size)
+    return gather_pages(cache, block_table[:num_blocks]).flatten(0, 1)[:length]
+
+
+def _attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mask: torch.Tensor | None,
+    causal: bool,
+) -> torch.Tensor:
+    """SDPA over ``q: [H, M, D]``, ``k, v: [kvh, N, D]``; GQA by head grouping.
+
+    The batch dimension of one is added because 3-d inputs miss the CPU's fused kernel.
+    """
+    return F.scaled_dot_product_attention(
+        q[None], k.to(q.dtype)[None], v.to(q.dtype)[None], attn_mask=mask, is_causal=causal,
+        scale=scale, enable_gqa=q.shape[0] != k.shape[0],
+    )[0]
+
+
+def paged_prefill_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    max_seqlen_q: int | None = None,
+) -> torch.Tensor:
+    """Causal attention of each sequence's new tokens over its cached prefix and themselves.
+
+    Sequences are attended one at a time: a packed batch usually has few prefill sequences,
+    and a padded batch would waste the work of its longest member on every other one.
+    """
+    del max_seqlen_q  # only the Triton path needs it (to size its grid without a sync)
+    out = torch.empty_like(q)
+    cu = cu_seqlens_q.tolist()
+    lens = seq_lens.tolist()
+    for b, total in enumerate(lens):
+        start, end = cu[b], cu[b + 1]
+        q_len = end - start
+        if q_len == 0:
+            continue
+        k = gather_kv(k_cache, block_tables[b], total).transpose(0, 1)
+        v = gather_kv(v_cache, block_tables[b], total).transpose(0, 1)
+        qb = q[start:end].transpose(0, 1)
+        if q_len == total:
+            o = _attend(qb, k, v, scale, None, causal=True)
+        else:
+            # New token j sits at position total - q_len + j and sees keys 0 ..= position.
+            pos = torch.arange(total - q_len, total, device=q.device)
+            mask = torch.arange(total, device=q.device)[None, :] <= pos[:, None]
+            o = _attend(qb, k, v, scale, mask, causal=False)
+        out[start:end] = o.transpose(0, 1)
+    return out
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    max_seq_len: int | None = None,
+) -> torch.Tensor:
+    """One query token per sequence over all of its keys, as one padded batch.
+
+    Decode batches are many short calls, so one gather and one SDPA call for the whole
+    batch beat a Python loop; keys past a sequence's length are masked out. Unused
+    block-table entries may hold anything, so they are replaced by page 0 before the
+    gather. A sequence of length 0 (batch padding) gets a zero output.
+    """
+    del max_seq_len  # only the Triton path needs it (to size its grid without a sync)
+    batch = q.shape[0]
+    out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
+    if batch == 0:
+        return out
+    block_size = k_cache.shape[1]
+    lens = seq_lens.to(device=q.device, dtype=torch.long)
+    max_len = int(lens.max())
+    if max_len == 0:
+        return out
+    num_blocks = -(-max_len // block_size)
+    table = block_tables[:, :num_blocks].to(device=q.device, dtype=torch.long)
+    used = torch.arange(num_blocks, device=q.device)[None, :] * block_size < lens[:, None]
+    pages = torch.where(used, table, 0).flatten()
+    kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
+    shape = (batch, num_blocks * block_size, kv_heads, head_dim)
+    k = gather_pages(k_cache, pages).view(shape)[:, :max_len].transpose(1, 2)
+    v = gather_pages(v_cache, pages).view(shape)[:, :max_len].transpose(1, 2)
+    mask = torch.arange(max_len, device=q.device)[None, :] < lens.clamp(min=1)[:, None]
+    # GQA folded into the query length: each KV head's group of query heads is one
+    # [group, D] query block, so K/V are read once per KV head (several times faster on
+    # CPU than enable_gqa for a single query token).
+    group = q.shape[1] // kv_heads
+    o = F.scaled_dot_product_attention(
+        q.reshape(batch, kv_heads, group, head_dim), k.to(q.dtype), v.to(q.dtype),
+        attn_mask=mask[:, None, None, :], scale=scale,
+    ).reshape(q.shape)
+    live = lens > 0
+    out[live] = o[live]
+    return out
+
+
+def copy_pages(
+    src_pool: torch.Tensor,
+    dst_pool: torch.Tensor,
+    src_pages: torch.Tensor,
+    dst_pages: torch.Tensor,
+) -> None:
+    """Copy whole pages ``src_pool[src_pages[i]] -> dst_pool[dst_pages[i]]`` synchronously."""
+    src = torch.as_tensor(src_pages, dtype=torch.long, device=src_pool.device)
+    dst = torch.as_tensor(dst_pages, dtype=torch.long, device=dst_pool.device)
+    if src.numel() == 0:
+        return
+    dst_pool.index_copy_(0, dst, src_pool.index_select(0, src).to(dst_pool.device))
