@@ -31,6 +31,8 @@ class Settings:
     max_running: int = 64  # sequences decoding at once
     default_cache_ttl_seconds: int = 300
     metrics_tenant_labels: bool = True
+    default_max_tokens: int = 256  # when a request names no max_tokens
+    shutdown_timeout_s: int = 30  # SIGTERM: how long in-flight requests may drain
     log_level: str = "info"
 
     @classmethod

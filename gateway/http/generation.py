@@ -1,0 +1,214 @@
+"""One generation from admission to the ledger row: the part both APIs share.
+
+Billing happens exactly once, from the engine's final ``EngineUsage``: ``stream`` records
+the usage event as soon as the engine finishes, before the handler writes its last bytes;
+if the client goes away (or the handler is cancelled) ``__aexit__`` cancels the engine
+request and bills the tokens produced so far with status ``cancelled``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+from aiohttp import web
+
+from gateway.http.backends import (
+    EngineOverloaded,
+    FinishEvent,
+    GenerateRequest,
+    PromptTooLong,
+    SamplingParams,
+    UsageEvent,
+)
+from gateway.http.errors import ApiError, ClientGone
+from gateway.http.limits import Ticket
+from gateway.http.state import AppState, ctx_of, state_of, tenant_namespace
+
+log = logging.getLogger("kvgate.http")
+
+_CANCEL_DRAIN_S = 5.0
+
+
+@dataclass
+class Usage:
+    """The billed numbers; the response body and the ledger row are both built from this."""
+
+    prompt_tokens: int
+    cached_tokens: int
+    cache_write_5m_tokens: int
+    cache_write_1h_tokens: int
+    completion_tokens: int
+    engine_s: float = 0.0
+
+    @property
+    def cache_write_tokens(self) -> int:
+        return self.cache_write_5m_tokens + self.cache_write_1h_tokens
+
+    @property
+    def uncached_tokens(self) -> int:
+        return self.prompt_tokens - self.cached_tokens - self.cache_write_tokens
+
+    @classmethod
+    def from_engine(cls, u: Any) -> Usage:
+        return cls(u.prompt_tokens, u.cached_tokens, u.cache_write_5m_tokens,
+                   u.cache_write_1h_tokens, u.completion_tokens, u.engine_s)
+
+
+def namespace_of(principal: Any) -> str:
+    return tenant_namespace(principal.tenant_id)
+
+
+class Generation:
+    def __init__(self, request: web.Request, endpoint: str, model: str,
+                 prompt_ids: list[int], sampling: SamplingParams,
+                 ttl_segments: list[tuple[int, float]] | None = None) -> None:
+        self.request = request
+        self.state: AppState = state_of(request)
+        self.principal = ctx_of(request).principal
+        self.endpoint = endpoint
+        self.model = model
+        self.prompt_ids = prompt_ids
+        self.sampling = sampling
+        self.ttl_segments = ttl_segments or []
+        self.request_id: str = ctx_of(request).request_id
+        self.finish_reason: str | None = None
+        self.usage: Usage | None = None
+        self.completion_tokens = 0
+        self.text_parts: list[str] = []
+        self._ticket: Ticket | None = None
+        self._agen: Any = None
+        self._t0 = time.monotonic()
+        self._started_at = datetime.now(timezone.utc)
+        self._ttft_s: float | None = None
+        self._billed = False
+        self._failed = False
+
+    async def __aenter__(self) -> Generation:
+        self._ticket = self.state.limiter.admit(self.principal, len(self.prompt_ids))
+        return self
+
+    async def __aexit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        try:
+            if not self._billed and self._agen is not None:
+                await asyncio.shield(self._bill_cancelled())
+        finally:
+            if self._ticket is not None:
+                self._ticket.release()
+
+    def _engine_request(self) -> GenerateRequest:
+        p = self.principal
+        ttl = p.cache_ttl_seconds or self.state.settings.default_cache_ttl_seconds
+        self.state.apply_quota(p)
+        return GenerateRequest(
+            request_id=self.request_id, namespace=namespace_of(p),
+            prompt_token_ids=self.prompt_ids, sampling=self.sampling,
+            ttl_segments=self.ttl_segments, default_ttl_s=float(ttl))
+
+    async def stream(self) -> AsyncIterator[str]:
+        """Text pieces as the engine makes them; billed before the iterator ends."""
+        engine = self.state.engine
+        self._agen = engine.generate(self._engine_request())
+        try:
+            async for ev in self._agen:
+                if isinstance(ev, FinishEvent):
+                    await self._bill(ev.usage, ev.finish_reason, "ok")
+                    return
+                if self._ttft_s is None:
+                    self._ttft_s = time.monotonic() - self._t0
+                self.completion_tokens += len(ev.token_ids)
+                if ev.text:
+                    self.text_parts.append(ev.text)
+                    yield ev.text
+                transport = self.request.transport
+                if transport is None or transport.is_closing():
+                    raise ClientGone()
+        except PromptTooLong as exc:
+            self._agen = None
+            raise ApiError(400, f"The prompt is too long for this model's context: {exc}",
+                           code="context_length_exceeded", param="messages") from exc
+        except EngineOverloaded as exc:
+            self._agen = None
+            raise ApiError(503, "The engine is at capacity; retry shortly.", code="overloaded",
+                           retry_after=1.0) from exc
+        except (ClientGone, asyncio.CancelledError):
+            raise
+        except Exception:
+            self._failed = True  # billed as "error" with what was done, by __aexit__
+            raise
+        if not self._billed:
+            raise RuntimeError("engine stream ended without a FinishEvent")
+
+    async def run(self) -> str:
+        async for _ in self.stream():
+            pass
+        return "".join(self.text_parts)
+
+    def elapsed_s(self) -> float:
+        return time.monotonic() - self._t0
+
+    async def _bill_cancelled(self) -> None:
+        """Client gone, handler cancelled or engine failed: stop the engine, bill what it did
+        (the engine's own final usage when it reports one after the cancel)."""
+        usage = None
+        if not self._failed:
+            self.state.engine.cancel(self.request_id)
+            try:
+                usage = await asyncio.wait_for(self._drain(), _CANCEL_DRAIN_S)
+            except Exception:
+                log.warning("request %s: engine did not finish after cancel", self.request_id)
+        with contextlib.suppress(Exception):
+            await self._agen.aclose()
+        if usage is None:
+            usage = Usage(len(self.prompt_ids), 0, 0, 0, self.completion_tokens,
+                          self.elapsed_s())
+        status = "error" if self._failed else "cancelled"
+        await self._bill(usage, status, status)
+
+    async def _drain(self) -> Any:
+        async for ev in self._agen:
+            if isinstance(ev, FinishEvent):
+                return ev.usage
+            self.completion_tokens += len(ev.token_ids)
+        return None
+
+    async def _bill(self, engine_usage: Any, finish_reason: str, status: str) -> None:
+        usage = engine_usage if isinstance(engine_usage, Usage) else Usage.from_engine(engine_usage)
+        if finish_reason == "cancelled" and status == "ok":
+            status = "cancelled"
+        self.usage = usage
+        self.finish_reason = finish_reason
+        ctx_of(self.request).engine_s = usage.engine_s
+        p = self.principal
+        event = UsageEvent(
+            request_id=self.request_id, tenant_id=p.tenant_id, key_id=p.key_id,
+            model=self.model, endpoint=self.endpoint, prompt_tokens=usage.prompt_tokens,
+            cached_tokens=usage.cached_tokens, cache_write_5m_tokens=usage.cache_write_5m_tokens,
+            cache_write_1h_tokens=usage.cache_write_1h_tokens,
+            completion_tokens=usage.completion_tokens, status=status,
+            started_at=self._started_at, finished_at=datetime.now(timezone.utc),
+            ttft_ms=None if self._ttft_s is None else round(self._ttft_s * 1000.0))
+        self._billed = True
+        await self.state.ledger.record(event)
+        if self._ticket is not None:
+            self._ticket.add_tokens(usage.completion_tokens)
+        self.state.observe_usage(self, usage, event,
+                                 await self.state.cost_of(event, p.plan_id))
+
+    def cache_outcome(self) -> str:
+        u = self.usage
+        if u is None or u.cached_tokens == 0:
+            return "miss"
+        if u.cached_tokens + self.state.settings.block_size >= u.prompt_tokens:
+            return "hit"
+        return "partial"
+
+    @property
+    def ttft_s(self) -> float | None:
+        return self._ttft_s

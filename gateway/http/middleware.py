@@ -1,0 +1,117 @@
+"""Cross-cutting work for every request: ids, timing, auth, error shaping, body limits."""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from gateway.http.errors import ApiError, ClientGone, error_response, from_http_exception
+from gateway.http.state import CTX, RequestContext, ctx_of, state_of
+
+log = logging.getLogger("kvgate.http")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+_SANE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_PUBLIC = ("/healthz", "/readyz", "/metrics", "/openapi.json")
+
+
+def new_request_id() -> str:
+    return "req_" + uuid.uuid4().hex
+
+
+@web.middleware
+async def context_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Outermost: request id, timing, metrics, and every error in the API's own shape."""
+    rid = new_request_id()
+    client_id = request.headers.get("x-request-id", "")
+    ctx = RequestContext(request_id=rid, t0=time.monotonic(),
+                         public_id=client_id if _SANE_ID.match(client_id) else rid)
+    request[CTX] = ctx
+    state = state_of(request)
+    try:
+        limit = state.settings.max_body_bytes
+        if request.content_length is not None and request.content_length > limit:
+            raise ApiError(413, f"Request body is {request.content_length} bytes; the limit is "
+                           f"{limit}.", code="request_too_large")
+        response = await handler(request)
+    except ApiError as err:
+        response = error_response(request.path, err)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        response = error_response(request.path, from_http_exception(exc))
+    except (ClientGone, ConnectionResetError):
+        log.info("request %s: client went away", rid)
+        response = web.Response(status=499)
+    except Exception:
+        log.exception("request %s %s %s failed", rid, request.method,
+                      request.path)
+        response = error_response(request.path, ApiError(
+            500, f"Internal server error (request id {ctx.public_id}).",
+            code="internal_error"))
+    _observe(request, response.status)
+    return response
+
+
+def _endpoint(request: web.Request) -> str:
+    info = request.match_info.route.resource
+    return info.canonical if info is not None else "unmatched"
+
+
+def _observe(request: web.Request, status: int) -> None:
+    m = state_of(request).metrics
+    endpoint = _endpoint(request)
+    ctx = ctx_of(request)
+    principal = ctx.principal
+    tenant = m.tenant(getattr(principal, "tenant_name", None))
+    m.requests.labels(endpoint, str(status), tenant).inc()
+    if request.path.startswith("/v1/"):
+        total = time.monotonic() - ctx.t0
+        m.overhead.labels(endpoint).observe(max(0.0, total - ctx.engine_s))
+
+
+async def on_response_prepare(request: web.Request, response: web.StreamResponse) -> None:
+    """Headers every response carries, streaming ones included (set before the first byte)."""
+    ctx = request.get(CTX)
+    response.headers["x-request-id"] = ctx.public_id if ctx else new_request_id()
+    if ctx is not None:
+        total_ms = (time.monotonic() - ctx.t0) * 1000.0
+        engine_ms = ctx.engine_s * 1000.0
+        response.headers["server-timing"] = f"engine;dur={engine_ms:.1f}, total;dur={total_ms:.1f}"
+
+
+def _api_key(request: web.Request) -> str | None:
+    auth = request.headers.get("Authorization", "")
+    if auth[:7].lower() == "bearer ":
+        return auth[7:].strip() or None
+    return request.headers.get("x-api-key") or None
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Key → principal. The key alone decides the tenant, and so the cache namespace."""
+    path = request.path
+    if path in _PUBLIC or not (path.startswith("/v1/") or path.startswith("/admin")):
+        return await handler(request)
+    key = _api_key(request)
+    if key is None:
+        raise ApiError(401, "Missing API key: send 'Authorization: Bearer <key>' or 'x-api-key'.",
+                       code="missing_api_key")
+    principal = await state_of(request).ledger.authenticate(key)
+    if principal is None:
+        raise ApiError(401, "Invalid or revoked API key.", code="invalid_api_key")
+    ctx_of(request).principal = principal
+    if path.startswith("/admin"):
+        if principal.role != "admin":
+            raise ApiError(403, "This route needs the admin key.", code="admin_only")
+    elif principal.tenant_id is None:
+        raise ApiError(403, "This key belongs to no tenant; use a tenant key for /v1 routes.",
+                       code="no_tenant")
+    elif principal.tenant_status != "active":
+        raise ApiError(403, f"Tenant is {principal.tenant_status}.", code="tenant_inactive")
+    return await handler(request)

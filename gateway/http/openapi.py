@@ -1,0 +1,190 @@
+"""The OpenAPI 3.1 description of this server's own endpoints (served at /openapi.json)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+_REF = "#/components/schemas/"
+
+
+def _ref(name: str) -> dict:
+    return {"$ref": _REF + name}
+
+
+def _json_body(schema: str) -> dict:
+    return {"required": True, "content": {"application/json": {"schema": _ref(schema)}}}
+
+
+def _responses(ok: str | None, errors: tuple[int, ...], error_schema: str = "OpenAIError",
+               ok_status: str = "200", sse: bool = False) -> dict:
+    out: dict[str, Any] = {}
+    content: dict[str, Any] = {"application/json": {"schema": _ref(ok) if ok else {
+        "type": "object"}}}
+    if sse:
+        content["text/event-stream"] = {"schema": {"type": "string"}}
+    out[ok_status] = {"description": "OK", "content": content}
+    for code in errors:
+        out[str(code)] = {"description": "Error",
+                          "content": {"application/json": {"schema": _ref(error_schema)}}}
+    return out
+
+
+_CLIENT = (400, 401, 403, 404, 413, 415, 429, 503)
+_ADMIN = (400, 401, 403, 404, 409)
+_text_part = {"type": "object", "required": ["type", "text"],
+              "properties": {"type": {"const": "text"}, "text": {"type": "string"}}}
+_cache_control = {"type": "object", "required": ["type"], "properties": {
+    "type": {"const": "ephemeral"}, "ttl": {"enum": ["5m", "1h"]}}}
+_anthropic_block = {"type": "object", "required": ["type", "text"], "properties": {
+    "type": {"const": "text"}, "text": {"type": "string"}, "cache_control": _cache_control}}
+
+SCHEMAS: dict[str, Any] = {
+    "OpenAIError": {"type": "object", "required": ["error"], "properties": {"error": {
+        "type": "object", "required": ["message", "type"], "properties": {
+            "message": {"type": "string"}, "type": {"type": "string"},
+            "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}}}},
+    "AnthropicError": {"type": "object", "required": ["type", "error"], "properties": {
+        "type": {"const": "error"}, "error": {"type": "object", "required": ["type", "message"],
+                                              "properties": {"type": {"type": "string"},
+                                                             "message": {"type": "string"}}}}},
+    "ChatMessage": {"type": "object", "required": ["role", "content"], "properties": {
+        "role": {"enum": ["system", "developer", "user", "assistant"]},
+        "content": {"anyOf": [{"type": "string"}, {"type": "array", "items": _text_part}]}}},
+    "ChatCompletionRequest": {"type": "object", "required": ["model", "messages"], "properties": {
+        "model": {"type": "string"},
+        "messages": {"type": "array", "minItems": 1, "items": _ref("ChatMessage")},
+        "max_tokens": {"type": "integer", "minimum": 1},
+        "max_completion_tokens": {"type": "integer", "minimum": 1},
+        "temperature": {"type": "number", "minimum": 0, "maximum": 2},
+        "top_p": {"type": "number", "minimum": 0, "maximum": 1},
+        "seed": {"type": "integer"},
+        "stop": {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"},
+                                                "maxItems": 4}]},
+        "stream": {"type": "boolean"},
+        "stream_options": {"type": "object", "properties": {
+            "include_usage": {"type": "boolean"}}},
+        "n": {"type": "integer", "const": 1}, "user": {"type": "string"}}},
+    "CompletionRequest": {"type": "object", "required": ["model", "prompt"], "properties": {
+        "model": {"type": "string"},
+        "prompt": {"anyOf": [{"type": "string"},
+                             {"type": "array", "items": {"type": "integer", "minimum": 0}}]},
+        "max_tokens": {"type": "integer", "minimum": 1},
+        "temperature": {"type": "number", "minimum": 0, "maximum": 2},
+        "top_p": {"type": "number", "minimum": 0, "maximum": 1},
+        "seed": {"type": "integer"}, "stream": {"type": "boolean"},
+        "stop": {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]}}},
+    "Usage": {"type": "object", "required": ["prompt_tokens", "completion_tokens",
+                                             "total_tokens", "prompt_tokens_details"],
+              "properties": {"prompt_tokens": {"type": "integer"},
+                             "completion_tokens": {"type": "integer"},
+                             "total_tokens": {"type": "integer"},
+                             "prompt_tokens_details": {"type": "object", "properties": {
+                                 "cached_tokens": {"type": "integer"}}}}},
+    "ChatCompletion": {"type": "object", "required": ["id", "object", "choices", "usage"],
+                       "properties": {"id": {"type": "string"},
+                                      "object": {"const": "chat.completion"},
+                                      "choices": {"type": "array"}, "usage": _ref("Usage")}},
+    "Completion": {"type": "object", "required": ["id", "object", "choices", "usage"],
+                   "properties": {"id": {"type": "string"},
+                                  "object": {"const": "text_completion"},
+                                  "choices": {"type": "array"}, "usage": _ref("Usage")}},
+    "ModelList": {"type": "object", "required": ["object", "data"], "properties": {
+        "object": {"const": "list"}, "data": {"type": "array"}}},
+    "MessagesRequest": {"type": "object", "required": ["model", "max_tokens", "messages"],
+                        "properties": {
+        "model": {"type": "string"}, "max_tokens": {"type": "integer", "minimum": 1},
+        "system": {"anyOf": [{"type": "string"},
+                             {"type": "array", "items": _anthropic_block}]},
+        "messages": {"type": "array", "minItems": 1, "items": {
+            "type": "object", "required": ["role", "content"], "properties": {
+                "role": {"enum": ["user", "assistant"]},
+                "content": {"anyOf": [{"type": "string"},
+                                      {"type": "array", "minItems": 1,
+                                       "items": _anthropic_block}]}}}},
+        "cache_control": _cache_control,
+        "temperature": {"type": "number", "minimum": 0, "maximum": 1},
+        "top_p": {"type": "number", "minimum": 0, "maximum": 1},
+        "top_k": {"type": "integer", "minimum": 0},
+        "stop_sequences": {"type": "array", "items": {"type": "string"}},
+        "stream": {"type": "boolean"}}},
+    "Message": {"type": "object", "required": ["id", "type", "content", "usage"], "properties": {
+        "id": {"type": "string"}, "type": {"const": "message"}, "content": {"type": "array"},
+        "usage": {"type": "object", "required": ["input_tokens", "output_tokens",
+                                                 "cache_read_input_tokens",
+                                                 "cache_creation_input_tokens"]}}},
+    "TenantCreate": {"type": "object", "required": ["name"], "properties": {
+        "name": {"type": "string", "minLength": 1}, "plan": {"type": "string"},
+        "cache_ttl_seconds": {"type": "integer", "minimum": 0},
+        "cache_quota_bytes": {"type": "integer", "minimum": 0},
+        "requests_per_minute": {"type": "integer", "minimum": 0},
+        "tokens_per_minute": {"type": "integer", "minimum": 0},
+        "max_concurrent": {"type": "integer", "minimum": 0}}},
+}
+
+
+def _op(summary: str, responses: dict, body: str | None = None, **extra: Any) -> dict:
+    op = {"summary": summary, "responses": responses, **extra}
+    if body:
+        op["requestBody"] = _json_body(body)
+    return op
+
+
+_ID = [{"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}]
+_PUBLIC = {"security": []}
+
+
+def spec() -> dict:
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "kvgate", "version": "0.1.0",
+                 "description": "Multi-tenant prompt-caching gateway (OpenAI and Anthropic "
+                                "compatible)."},
+        "components": {"schemas": SCHEMAS, "securitySchemes": {
+            "bearer": {"type": "http", "scheme": "bearer"},
+            "apiKey": {"type": "apiKey", "in": "header", "name": "x-api-key"}}},
+        "security": [{"bearer": []}, {"apiKey": []}],
+        "paths": {
+            "/v1/models": {"get": _op("List models", _responses("ModelList", (401, 403)))},
+            "/v1/chat/completions": {"post": _op(
+                "Chat completion", _responses("ChatCompletion", _CLIENT, sse=True),
+                "ChatCompletionRequest")},
+            "/v1/completions": {"post": _op(
+                "Text completion", _responses("Completion", _CLIENT, sse=True),
+                "CompletionRequest")},
+            "/v1/messages": {"post": _op(
+                "Anthropic message", _responses("Message", _CLIENT, "AnthropicError", sse=True),
+                "MessagesRequest")},
+            "/admin/tenants": {
+                "get": _op("List tenants", _responses(None, (401, 403))),
+                "post": _op("Create tenant", _responses(None, _ADMIN, ok_status="201"),
+                            "TenantCreate")},
+            "/admin/tenants/{id}": {
+                "parameters": _ID,
+                "get": _op("Get tenant", _responses(None, _ADMIN)),
+                "patch": _op("Update tenant", _responses(None, _ADMIN)),
+                "delete": _op("Delete tenant", _responses(None, _ADMIN))},
+            "/admin/tenants/{id}/keys": {
+                "parameters": _ID,
+                "get": _op("List keys", _responses(None, _ADMIN)),
+                "post": _op("Create key (shown once)",
+                            _responses(None, _ADMIN, ok_status="201"))},
+            "/admin/keys/{id}": {"parameters": _ID,
+                                 "delete": _op("Revoke key", _responses(None, _ADMIN))},
+            "/admin/usage": {"get": _op("Usage report", _responses(None, _ADMIN), parameters=[
+                {"name": n, "in": "query", "required": False, "schema": {"type": "string"}}
+                for n in ("tenant_id", "since", "until")] + [
+                {"name": "group_by", "in": "query", "required": False,
+                 "schema": {"enum": ["day", "model"]}}])},
+            "/admin/cache/stats": {"get": _op("Cache statistics", _responses(None, _ADMIN))},
+            "/admin/cache": {"delete": _op("Flush a tenant's cache", _responses(None, _ADMIN),
+                                           parameters=[{"name": "tenant_id", "in": "query",
+                                                        "required": True,
+                                                        "schema": {"type": "string"}}])},
+            "/healthz": {"get": _op("Liveness", _responses(None, ()), **_PUBLIC)},
+            "/readyz": {"get": _op("Readiness", _responses(None, (503,)), **_PUBLIC)},
+            "/metrics": {"get": _op("Prometheus metrics", {"200": {
+                "description": "OK", "content": {"text/plain": {"schema": {"type": "string"}}}}},
+                **_PUBLIC)},
+            "/openapi.json": {"get": _op("This document", _responses(None, ()), **_PUBLIC)},
+        },
+    }

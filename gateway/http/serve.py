@@ -1,0 +1,139 @@
+"""``kvgate serve``: run the gateway until SIGTERM/SIGINT, then drain in-flight requests."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+from dataclasses import fields
+from typing import Any
+
+from aiohttp import web
+
+from gateway.config import Settings, parse_bytes
+
+# Flags of API.md first, then the operational knobs; each is also KVGATE_<NAME>.
+_API_FLAGS: dict[str, tuple[Any, str]] = {
+    "host": (str, "address to listen on (127.0.0.1)"),
+    "port": (int, "port to listen on (8000; 0 picks a free one)"),
+    "model": (str, "'demo' (built-in, random weights) or a local model directory"),
+    "db": (str, "ledger URL: sqlite:///./kvgate.db or postgresql+asyncpg://..."),
+    "device": (str, "auto | cpu | cuda"),
+    "dtype": (str, "auto | float32 | bfloat16 | float16"),
+    "device_cache_bytes": (parse_bytes, "GPU KV cache size, e.g. 8GiB"),
+    "host_cache_bytes": (parse_bytes, "CPU KV cache size, e.g. 32GiB"),
+    "block_size": (int, "tokens per KV block (16)"),
+}
+_HIDDEN = {"admin_key"}  # env only: a key on the command line would show in `ps`
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser("serve", help="run the HTTP gateway",
+                              description="Serve the OpenAI/Anthropic-compatible API. Every "
+                              "flag is also read from KVGATE_<NAME> (flag wins); the admin "
+                              "key only from KVGATE_ADMIN_KEY.")
+    for name, (kind, help_text) in _API_FLAGS.items():
+        p.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, default=None,
+                       help=help_text)
+    extra = p.add_argument_group("operational")
+    for f in fields(Settings):
+        if f.name in _API_FLAGS or f.name in _HIDDEN:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in (bool, "bool"):
+            extra.add_argument(flag, dest=f.name, type=_bool, default=None, metavar="0|1")
+        else:
+            kind = parse_bytes if f.name.endswith("_bytes") else _TYPES.get(str(f.type), str)
+            extra.add_argument(flag, dest=f.name, type=kind, default=None,
+                               help=f"default {f.default}")
+    p.set_defaults(func=run)
+
+
+_TYPES = {"int": int, "float": float, "str": str}
+
+
+def _bool(raw: str) -> bool:
+    return raw.strip().lower() in ("1", "true", "yes", "on")
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    overrides = {f.name: getattr(args, f.name, None) for f in fields(Settings)}
+    return Settings.from_env(**overrides)
+
+
+def run(args: argparse.Namespace) -> int:
+    settings = settings_from_args(args)
+    logging.basicConfig(level=settings.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return asyncio.run(serve(settings))
+
+
+async def serve(settings: Settings) -> int:
+    from gateway.http.app import create_app
+    from gateway.http.state import STATE
+
+    app = create_app(settings)
+    runner = web.AppRunner(app, shutdown_timeout=settings.shutdown_timeout_s,
+                           handle_signals=False, access_log=None)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, settings.host, settings.port)
+        await site.start()
+        port = runner.addresses[0][1] if runner.addresses else settings.port
+        print(banner(settings, port, app[STATE].admin_key_created,
+                     app[STATE].engine.model_id), flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        print("kvgate: shutting down, draining in-flight requests "
+              f"(up to {settings.shutdown_timeout_s:g}s)", flush=True)
+    finally:
+        await runner.cleanup()  # stop accepting, wait for handlers, close engine and ledger
+    return 0
+
+
+def banner(settings: Settings, port: int, admin_key: str | None, model_id: str) -> str:
+    url = f"http://{_host_for_url(settings.host)}:{port}"
+    lines = [f"kvgate: serving model '{model_id}' on {url} (ledger: {_safe_db(settings.db)})"]
+    if admin_key:
+        lines.append(f"kvgate: created an admin key; it is shown only now:\n\n    {admin_key}\n")
+        admin = f"ADMIN={admin_key}"
+    elif settings.admin_key:
+        admin = 'ADMIN="$KVGATE_ADMIN_KEY"'
+    else:
+        admin = "ADMIN=<the admin key printed on first start>"
+    auth = '-H "Authorization: Bearer $ADMIN"'
+    lines += [
+        "Try it (create a tenant, give it a key, send a request):",
+        "",
+        f"  {admin}",
+        f"  TENANT=$(curl -s -X POST {url}/admin/tenants {auth} \\",
+        "      -H 'Content-Type: application/json' -d \"{\\\"name\\\": \\\"demo-$RANDOM\\\"}\" \\",
+        "      | python3 -c 'import json,sys; print(json.load(sys.stdin)[\"id\"])')",
+        f"  KEY=$(curl -s -X POST {url}/admin/tenants/$TENANT/keys {auth} \\",
+        "      | python3 -c 'import json,sys; print(json.load(sys.stdin)[\"key\"])')",
+        f"  curl -s {url}/v1/chat/completions -H \"Authorization: Bearer $KEY\" \\",
+        "      -H 'Content-Type: application/json' \\",
+        f"      -d '{{\"model\": \"{model_id}\", \"max_tokens\": 16, "
+        "\"messages\": [{\"role\": \"user\", \"content\": \"Hello\"}]}'",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _host_for_url(host: str) -> str:
+    if host in ("0.0.0.0", "::", ""):
+        return "127.0.0.1"
+    return f"[{host}]" if ":" in host else host
+
+
+def _safe_db(url: str) -> str:
+    """Hide a password in the printed URL."""
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        creds, host = rest.rsplit("@", 1)
+        return f"{scheme}://{creds.split(':', 1)[0]}:***@{host}"
+    return url

@@ -1,0 +1,171 @@
+"""The official openai SDK against the real server: sync, async, streaming, prefix cache."""
+
+from __future__ import annotations
+
+import json
+
+import openai
+import pytest
+
+from tests.http import schemas
+from tests.http.conftest import Admin, ServerThread, Session, Tenant
+
+LONG_SYSTEM = ("You are a terse assistant for the kvgate test suite. " * 6).strip()
+
+needs_spec = pytest.mark.skipif(not schemas.available(),
+                                reason="shared/reference/openai-openapi.yaml not present")
+
+
+def client(server: ServerThread, tenant: Tenant) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=tenant.key, max_retries=0)
+
+
+def chat(model: str, text: str = "hello", **kw: object) -> dict:
+    return {"model": model, "max_tokens": 4,
+            "messages": [{"role": "system", "content": LONG_SYSTEM},
+                         {"role": "user", "content": text}], **kw}
+
+
+def sse_events(resp: object) -> list[str]:
+    """The data payloads of an SSE response, in order."""
+    out = []
+    for line in resp.iter_lines(decode_unicode=True):  # type: ignore[attr-defined]
+        if line.startswith("data: "):
+            out.append(line[len("data: "):])
+    return out
+
+
+@needs_spec
+def test_models_list(server: ServerThread, tenant: Tenant, http: Session, model_id: str) -> None:
+    models = client(server, tenant).models.list()
+    assert [m.id for m in models.data] == [model_id]
+    raw = http.get("/v1/models", headers={"Authorization": f"Bearer {tenant.key}"})
+    schemas.validate("ListModelsResponse", raw.json())
+
+
+@needs_spec
+def test_chat_sync_response_matches_schema(server: ServerThread, tenant: Tenant,
+                                           http: Session, model_id: str) -> None:
+    c = client(server, tenant).chat.completions.create(**chat(model_id))
+    assert c.choices[0].finish_reason in ("stop", "length")
+    assert c.usage is not None and c.usage.completion_tokens <= 4
+    assert c.usage.prompt_tokens_details is not None
+    assert c.usage.prompt_tokens_details.cached_tokens == 0
+    assert c.usage.total_tokens == c.usage.prompt_tokens + c.usage.completion_tokens
+    raw = http.post("/v1/chat/completions", json=chat(model_id, "again"),
+                    headers={"Authorization": f"Bearer {tenant.key}"})
+    assert raw.status_code == 200
+    schemas.validate("CreateChatCompletionResponse", raw.json())
+
+
+async def test_chat_async(server: ServerThread, tenant: Tenant, model_id: str) -> None:
+    async with openai.AsyncOpenAI(base_url=server.url + "/v1", api_key=tenant.key,
+                                  max_retries=0) as ac:
+        c = await ac.chat.completions.create(**chat(model_id, "async"))
+        assert c.object == "chat.completion"
+        assert c.usage is not None and c.usage.prompt_tokens > 0
+        stream = await ac.chat.completions.create(
+            **chat(model_id, "async stream"), stream=True,
+            stream_options={"include_usage": True})
+        chunks = [ch async for ch in stream]
+    assert chunks[-1].usage is not None and chunks[-1].choices == []
+
+
+def test_chat_stream_sdk(server: ServerThread, tenant: Tenant, model_id: str) -> None:
+    stream = client(server, tenant).chat.completions.create(
+        **chat(model_id, "stream", max_tokens=6), stream=True,
+        stream_options={"include_usage": True})
+    chunks = list(stream)
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    finish = [ch.choices[0].finish_reason for ch in chunks if ch.choices]
+    assert finish[-1] in ("stop", "length") and all(f is None for f in finish[:-1])
+    usage = chunks[-1].usage
+    assert usage is not None and usage.completion_tokens <= 6
+    assert usage.prompt_tokens_details is not None
+    assert isinstance(text, str)
+
+
+@needs_spec
+def test_stream_chunks_match_schema(server: ServerThread, tenant: Tenant, http: Session,
+                                    model_id: str) -> None:
+    auth = {"Authorization": f"Bearer {tenant.key}"}
+    for path, body, schema in (
+        ("/v1/chat/completions", chat(model_id, "raw", stream=True,
+                                      stream_options={"include_usage": True}),
+         "CreateChatCompletionStreamResponse"),
+        ("/v1/completions", {"model": model_id, "prompt": "raw completion", "max_tokens": 3,
+                             "stream": True, "stream_options": {"include_usage": True}},
+         "CreateCompletionResponse"),
+    ):
+        with http.post(path, json=body, headers=auth, stream=True) as r:
+            assert r.status_code == 200
+            assert r.headers["content-type"].startswith("text/event-stream")
+            assert "engine;dur=" in r.headers["server-timing"]
+            events = sse_events(r)
+        assert events[-1] == "[DONE]"
+        chunks = [json.loads(e) for e in events[:-1]]
+        for ch in chunks:
+            if schema == "CreateCompletionResponse":
+                ch = _as_completion(ch)
+            schemas.validate(schema, ch)
+        assert chunks[-1]["choices"] == []
+        assert chunks[-1]["usage"]["prompt_tokens_details"]["cached_tokens"] >= 0
+
+
+def _as_completion(chunk: dict) -> dict:
+    """The document has no streaming variant of completions: it reuses the final shape,
+    whose finish_reason and usage are not nullable. Intermediate chunks carry null there
+    (as OpenAI's do), so fill those in before checking everything else."""
+    out = {k: v for k, v in chunk.items() if not (k == "usage" and v is None)}
+    out["choices"] = [{**c, "finish_reason": c["finish_reason"] or "length"}
+                      for c in chunk["choices"]]
+    return out
+
+
+@needs_spec
+def test_completions_sync(server: ServerThread, tenant: Tenant, http: Session,
+                          model_id: str) -> None:
+    c = client(server, tenant).completions.create(model=model_id, prompt="Once upon",
+                                                  max_tokens=3)
+    assert c.object == "text_completion" and c.usage is not None
+    assert c.usage.prompt_tokens == len(b"Once upon")  # demo: byte-level tokens
+    raw = http.post("/v1/completions", json={"model": model_id, "prompt": [1, 2, 3],
+                                             "max_tokens": 2},
+                    headers={"Authorization": f"Bearer {tenant.key}"})
+    assert raw.status_code == 200, raw.text
+    schemas.validate("CreateCompletionResponse", raw.json())
+    assert raw.json()["usage"]["prompt_tokens"] == 3
+
+
+def test_prefix_cache_hits_within_tenant_only(server: ServerThread, admin: Admin,
+                                              model_id: str) -> None:
+    a, b = admin.tenant(), admin.tenant()
+    body = chat(model_id, "same question")
+    first = client(server, a).chat.completions.create(**body)
+    second = client(server, a).chat.completions.create(**body)
+    # Nothing in the request can pick the namespace: try to name tenant a's.
+    other = client(server, b).chat.completions.create(
+        **body, user=f"tenant:{a.id}", extra_body={"namespace": f"tenant:{a.id}"},
+        extra_headers={"x-kvgate-namespace": f"tenant:{a.id}"})
+    assert first.usage and second.usage and other.usage
+    assert first.usage.prompt_tokens_details.cached_tokens == 0  # type: ignore[union-attr]
+    cached = second.usage.prompt_tokens_details.cached_tokens  # type: ignore[union-attr]
+    block = server.settings.block_size
+    # everything but the tail under one block (and the last token, always computed)
+    assert cached >= (second.usage.prompt_tokens - 1) // block * block - block
+    assert cached > 0 and cached % block == 0
+    assert other.usage.prompt_tokens_details.cached_tokens == 0  # type: ignore[union-attr]
+
+
+def test_request_id_and_server_timing(server: ServerThread, tenant: Tenant, http: Session,
+                                      model_id: str) -> None:
+    auth = {"Authorization": f"Bearer {tenant.key}"}
+    r = http.post("/v1/chat/completions", json=chat(model_id),
+                  headers={**auth, "x-request-id": "client-abc.123"})
+    assert r.headers["x-request-id"] == "client-abc.123"
+    timing = dict(part.strip().split(";dur=") for part in r.headers["server-timing"].split(","))
+    assert float(timing["engine"]) > 0 and float(timing["total"]) >= float(timing["engine"])
+    r = http.post("/v1/chat/completions", json=chat(model_id),
+                  headers={**auth, "x-request-id": "bad id with spaces\u00e9"})
+    assert r.headers["x-request-id"].startswith("req_")
+    assert http.get("/healthz").headers["x-request-id"].startswith("req_")

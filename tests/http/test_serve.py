@@ -1,0 +1,101 @@
+"""`kvgate serve` as users run it: flags and KVGATE_* variables, the start banner with a
+working copy-paste example, and a SIGTERM that lets in-flight requests finish."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from gateway.cli import build_parser
+from gateway.http.serve import settings_from_args
+
+ROOT = Path(__file__).parents[2]
+
+
+def test_flags_and_environment(monkeypatch: pytest.MonkeyPatch,
+                               capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("KVGATE_PORT", "9001")
+    monkeypatch.setenv("KVGATE_BLOCK_SIZE", "32")
+    monkeypatch.setenv("KVGATE_HOST_CACHE_BYTES", "1GiB")
+    monkeypatch.setenv("KVGATE_ADMIN_KEY", "from-env")
+    args = build_parser().parse_args(["serve", "--block-size", "8", "--device-cache-bytes",
+                                      "64MiB", "--db", "sqlite:///x.db"])
+    s = settings_from_args(args)
+    assert (s.port, s.block_size, s.device_cache_bytes, s.host_cache_bytes) == (
+        9001, 8, 64 * 1024**2, 1024**3)
+    assert s.db == "sqlite:///x.db" and s.admin_key == "from-env"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--help"])
+    help_text = capsys.readouterr().out
+    for flag in ("--host", "--port", "--model", "--db", "--device", "--dtype",
+                 "--device-cache-bytes", "--host-cache-bytes", "--block-size"):
+        assert flag in help_text
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_serve_banner_and_graceful_sigterm(tmp_path: Path) -> None:
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KVGATE_")}
+    env.update(KVGATE_DEVICE_CACHE_BYTES="8MiB", KVGATE_HOST_CACHE_BYTES="8MiB",
+               KVGATE_LOG_LEVEL="warning", PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gateway.cli", "serve", "--port", str(port), "--device", "cpu",
+         "--db", f"sqlite:///{tmp_path / 'serve.db'}"],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        lines: list[str] = []
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            if line.strip().startswith("curl -s http"):
+                break
+        banner = "".join(lines)
+        url = f"http://127.0.0.1:{port}"
+        assert f"on {url}" in banner
+        admin_key = re.search(r"^\s+(kvg_\S+)\s*$", banner, re.M)
+        assert admin_key, banner
+        assert "/admin/tenants" in banner and "/v1/chat/completions" in banner
+        admin = {"Authorization": f"Bearer {admin_key.group(1)}"}
+        tenant = requests.post(f"{url}/admin/tenants", json={"name": "banner"}, headers=admin,
+                               timeout=30).json()
+        key = requests.post(f"{url}/admin/tenants/{tenant['id']}/keys", headers=admin,
+                            timeout=30).json()["key"]
+
+        result: dict = {}
+
+        def slow_request() -> None:
+            r = requests.post(f"{url}/v1/chat/completions", timeout=120,
+                              headers={"Authorization": f"Bearer {key}"},
+                              json={"model": "demo", "max_tokens": 40,
+                                    "messages": [{"role": "user", "content": "drain me"}]})
+            result["status"] = r.status_code
+            result["body"] = r.json()
+
+        worker = threading.Thread(target=slow_request)
+        worker.start()
+        time.sleep(0.3)  # the request is in flight
+        proc.send_signal(signal.SIGTERM)
+        worker.join(120)
+        assert proc.wait(60) == 0
+        assert result["status"] == 200, json.dumps(result)
+        assert result["body"]["usage"]["completion_tokens"] >= 1
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
