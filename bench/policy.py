@@ -1,0 +1,255 @@
+"""The cache policy against Belady's offline optimum, on a synthetic and two real traces.
+
+Run: ``python bench/policy.py``. Every request is replayed through the real ``CacheStore``
+(a tiny page layout, so pages cost nothing; device tier only, no host tier, because the
+optimum it is compared with has one tier): match, allocate, commit, release at the
+request's arrival time on the store's injected clock, so TTLs expire as they would.
+
+Belady's optimum on the same block sequence evicts the block used farthest in the future
+(or does not keep a block at all when that is better). It obeys the same rules as the
+store: a hit must extend a hit prefix, and a block reused more than its TTL after its
+last use is a miss whatever the policy (expiry restarts on every use, hit or not, in both).
+
+Hit rate = blocks served from the cache / full prompt blocks, over all requests.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import print_table, write_result
+from cachestore import CacheStore
+from cachestore.hashing import block_hashes, root_digest
+from kernels.layout import KVLayout
+
+TRACES = Path(__file__).resolve().parents[2] / "shared" / "traces"
+CAPACITIES = (1000, 4000, 16000)
+DEFAULT_TTL_S = 300.0
+NOTE = (
+    "Goal ratio >= 0.9 is met at the two larger capacities of every trace and missed at "
+    "small ones (synthetic 1000 blocks; Mooncake 1000 and 4000 blocks of 512 tokens). There "
+    "the cache holds only seconds of traffic while most reuse is the next turn of a "
+    "conversation after the user's think time: the optimum keeps exactly the blocks whose "
+    "next turn comes soon and discards the rest, which needs the future; a recency policy "
+    "keeps whatever came last. The reuse segment (SLRU) recovers part of the gap."
+)
+
+
+@dataclass
+class Request:
+    time_s: float
+    namespace: str
+    tokens: np.ndarray  # full blocks only: len % block_size == 0
+    ttl_s: float
+    blocks: list  # one identity per block (chained): what Belady sees
+
+
+@dataclass
+class Trace:
+    name: str
+    block_size: int
+    requests: list[Request]
+
+
+# -- traces ------------------------------------------------------------------------------
+def synthetic_trace(seed: int = 0, duration_s: float = 3600.0, block_size: int = 16) -> Trace:
+    """Several tenants with shared system prompts, growing conversations and one-off documents.
+
+    Tenant popularity and prompt choice are Zipf; arrivals are Poisson, but each tenant is
+    only active in some 10-minute windows, so idle gaps longer than a 5-minute TTL happen.
+    """
+    rng = np.random.default_rng(seed)
+    tenants = 8
+    zipf_t = 1.0 / np.arange(1, tenants + 1) ** 1.1
+    zipf_t /= zipf_t.sum()
+    ttl = {t: (3600.0 if t % 4 == 3 else DEFAULT_TTL_S) for t in range(tenants)}
+    vocab = 128_000
+
+    def text(n: int) -> np.ndarray:
+        return rng.integers(0, vocab, n, dtype=np.int64)
+
+    systems = {t: [text(int(rng.integers(500, 4001))) for _ in range(int(rng.integers(1, 4)))]
+               for t in range(tenants)}
+    conversations: dict[int, list[np.ndarray]] = {t: [] for t in range(tenants)}
+    windows = math.ceil(duration_s / 600)
+    active = rng.random((tenants, windows)) < 0.6
+    requests: list[Request] = []
+    now = 0.0
+    while True:
+        now += float(rng.exponential(1.0 / 0.5))  # 0.5 requests/s in all
+        if now >= duration_s:
+            break
+        t = int(rng.choice(tenants, p=zipf_t))
+        if not active[t, int(now // 600)]:
+            continue
+        convs, kind = conversations[t], rng.random()
+        if kind < 0.6 and convs:
+            ranks = 1.0 / np.arange(1, len(convs) + 1) ** 1.2  # recent conversations are hot
+            i = len(convs) - 1 - int(rng.choice(len(convs), p=ranks / ranks.sum()))
+            prompt = np.concatenate([convs[i], text(int(rng.integers(50, 400))),
+                                     text(int(rng.integers(20, 300)))])
+            convs[i] = prompt
+        elif kind < 0.85:
+            sys_ids = systems[t]
+            ranks = 1.0 / np.arange(1, len(sys_ids) + 1)
+            system = sys_ids[int(rng.choice(len(sys_ids), p=ranks / ranks.sum()))]
+            prompt = np.concatenate([system, text(int(rng.integers(20, 500)))])
+            convs.append(prompt)
+            del convs[:-50]
+        else:  # a one-off document behind a system prompt
+            prompt = np.concatenate([systems[t][0], text(int(rng.integers(1000, 8000)))])
+        full = prompt[: len(prompt) - len(prompt) % block_size]
+        namespace = f"tenant:{t}"
+        keys = block_hashes(root_digest("bench", "", namespace), full, block_size)
+        requests.append(Request(now, namespace, full, ttl[t], keys))
+    return Trace("synthetic", block_size, requests)
+
+
+def mooncake_trace(path: Path) -> Trace:
+    """One tenant; a trace block (512 tokens) is one store block of one 'token', its id.
+
+    The ids are already chained (equal id = equal prefix), so they serve as both the block
+    identity for Belady and the content the store hashes and verifies.
+    """
+    requests = []
+    with path.open() as f:
+        for line in f:
+            r = json.loads(line)
+            ids = r["hash_ids"][: r["input_length"] // 512]
+            if ids:
+                requests.append(Request(r["timestamp"] / 1000.0, "tenant:mooncake",
+                                        np.asarray(ids, dtype=np.int64), DEFAULT_TTL_S, ids))
+    return Trace(path.stem, 1, requests)
+
+
+# -- replays -----------------------------------------------------------------------------
+def replay_store(trace: Trace, capacity: int) -> float:
+    """Hit rate of the real CacheStore policy at ``capacity`` device blocks."""
+    layout = KVLayout(1, 1, 1, trace.block_size, torch.float32)
+    now = [0.0]
+    store = CacheStore(layout, capacity * layout.page_bytes, 0, clock=lambda: now[0],
+                       default_ttl_s=DEFAULT_TTL_S)
+    hits = total = 0
+    for i, r in enumerate(trace.requests):
+        now[0] = r.time_s
+        n = len(r.blocks)
+        total += n
+        seq = store.open(str(i), r.namespace, default_ttl_s=r.ttl_s)
+        m = store.match(seq, r.tokens)
+        if store.allocate(seq, len(r.tokens)):
+            hits += m.num_blocks
+            store.commit(seq, r.tokens)
+        store.release(seq)
+    return hits / total
+
+
+def next_uses(trace: Trace) -> tuple[list, list[float]]:
+    """Per block access (in order): the block and the index of its next useful access.
+
+    A reuse later than the TTL after the previous access can never hit: it counts as no
+    reuse (infinity), so the optimum does not spend room on it.
+    """
+    keys: list = []
+    ttl_of: list[float] = []
+    times: list[float] = []
+    for r in trace.requests:
+        keys.extend((r.namespace, k) for k in r.blocks)
+        times.extend([r.time_s] * len(r.blocks))
+        ttl_of.extend([r.ttl_s] * len(r.blocks))
+    nxt = [math.inf] * len(keys)
+    last: dict = {}
+    for pos in range(len(keys) - 1, -1, -1):
+        later = last.get(keys[pos])
+        if later is not None and times[later] - times[pos] < ttl_of[pos]:
+            nxt[pos] = later
+        last[keys[pos]] = pos
+    return keys, nxt
+
+
+def replay_belady(trace: Trace, capacity: int, keys: list, nxt: list[float]) -> float:
+    cache: dict = {}  # key -> its next useful access
+    heap: list[tuple[float, int, object]] = []  # (-next use, -depth, key), stale entries skipped
+    hits = total = pos = 0
+    for r in trace.requests:
+        n = len(r.blocks)
+        total += n
+        if n > capacity:  # the store cannot run it either
+            for p in range(pos, pos + n):
+                cache.pop(keys[p], None)
+            pos += n
+            continue
+        prefix_hit = True
+        for depth in range(n):
+            key, use = keys[pos], nxt[pos]
+            pos += 1
+            present = key in cache and cache[key] == pos - 1
+            if present and prefix_hit:
+                hits += 1
+            else:
+                prefix_hit = False
+            if present:
+                del cache[key]
+            if use == math.inf:
+                continue  # never useful again: do not keep it
+            while len(cache) >= capacity:
+                far, _, victim = heap[0]
+                if cache.get(victim) != -far:
+                    heapq.heappop(heap)
+                    continue
+                if -far <= use:
+                    break  # everything kept is needed sooner than this block
+                heapq.heappop(heap)
+                del cache[victim]
+            if len(cache) < capacity:
+                cache[key] = use
+                heapq.heappush(heap, (-use, -depth, key))
+    return hits / total
+
+
+def main() -> None:
+    started = time.perf_counter()
+    traces = [synthetic_trace()]
+    for name in ("mooncake-conversation.jsonl", "mooncake-synthetic.jsonl"):
+        path = TRACES / name
+        if path.exists():
+            traces.append(mooncake_trace(path))
+        else:
+            print(f"skipping {name}: not found in {TRACES}")
+    results: dict[str, list[dict]] = {}
+    for trace in traces:
+        keys, nxt = next_uses(trace)
+        rows = []
+        for capacity in CAPACITIES:
+            ours = replay_store(trace, capacity)
+            best = replay_belady(trace, capacity, keys, nxt)
+            rows.append({"capacity_blocks": capacity, "hit_rate": round(ours, 4),
+                         "belady_hit_rate": round(best, 4),
+                         "ratio": round(ours / best, 4) if best else 1.0})
+        results[trace.name] = rows
+        blocks = sum(len(r.blocks) for r in trace.requests)
+        print_table(rows, f"{trace.name}: {len(trace.requests)} requests, {blocks} blocks of "
+                          f"{trace.block_size if trace.block_size > 1 else 512} tokens")
+    synthetic = results.pop("synthetic")
+    write_result("policy", {
+        "policy": "segmented LRU, deepest first, TTL (real CacheStore, device tier only)",
+        "note": NOTE,
+        "hit_rate": "blocks served from cache / full prompt blocks",
+        "capacities": synthetic,
+        "traces": results,
+        "seconds": round(time.perf_counter() - started, 1),
+    })
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,127 @@
+"""What to evict: (segmented) LRU over idle blocks per tier, deepest first; TTL; quotas; pins.
+
+The policy never touches pages; it orders blocks and answers "who goes next". The store
+asks it and does the moving.
+
+- LRU: a block enters its tier's order when it becomes idle (refcount 0) or is demoted.
+  The store adds a released chain deepest block first, so among blocks last used at the
+  same moment the extension goes before its prefix; a hit on a child always touches its
+  parent too, so a prefix never ages faster than its extensions.
+- Segmented: the order is split in two, as in SLRU. Blocks never reused since they were
+  written (one-off documents, fresh conversation tails) are evicted before blocks that
+  were reused (system prompts, conversation prefixes); the reused segment is capped at
+  half the tier, its overflow ages back into the first. On the synthetic trace in
+  ``bench/policy.py`` this lifts the hit rate at the smallest capacity from 0.38 to 0.45
+  (plain LRU = a cap of 0).
+- TTL: a heap of expiry times with lazy invalidation (an entry is stale once the block
+  was dropped, used again or given a new expiry).
+- Quota: bytes a namespace holds in the index, both tiers, any state (pins included). A
+  namespace over quota gives up its own idle blocks, host tier (colder) first.
+- Pins: hashes per namespace; a pinned block is never in an eviction order and does not
+  expire.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections import OrderedDict, defaultdict
+
+from cachestore.block import DEVICE, HOST, Block
+
+
+class EvictionPolicy:
+    def __init__(self, device_pages: int = 0, host_pages: int = 0, protected: float = 0.5) -> None:
+        # Segmented LRU: blocks never reused wait in ``_probation`` and go first; reused ones
+        # (shared system prompts, conversation prefixes) sit in ``_protected``, capped at a
+        # share of the tier so stale favourites age back into probation.
+        self._probation: dict[str, OrderedDict[Block, None]] = {DEVICE: OrderedDict(), HOST: OrderedDict()}
+        self._protected: dict[str, OrderedDict[Block, None]] = {DEVICE: OrderedDict(), HOST: OrderedDict()}
+        self._protected_cap = {DEVICE: int(device_pages * protected), HOST: int(host_pages * protected)}
+        self._ns_lru: dict[str, dict[str, OrderedDict[Block, None]]] = {
+            DEVICE: defaultdict(OrderedDict),
+            HOST: defaultdict(OrderedDict),
+        }
+        self._expiry: list[tuple[float, int, Block]] = []
+        self._tick = itertools.count()
+        self.quotas: dict[str, int] = {}
+        self.pins: dict[str, set[bytes]] = defaultdict(set)
+
+    # -- LRU ---------------------------------------------------------------------------
+    def add(self, block: Block) -> None:
+        """``block`` became evictable on its tier: most recently used from now."""
+        if block.pinned:
+            return
+        tier = block.tier
+        if block.hits:
+            protected = self._protected[tier]
+            protected[block] = None
+            while len(protected) > self._protected_cap[tier]:
+                aged, _ = protected.popitem(last=False)
+                self._probation[tier][aged] = None
+        else:
+            self._probation[tier][block] = None
+        self._ns_lru[tier][block.namespace][block] = None
+
+    def add_released(self, blocks: list[Block]) -> None:
+        """Blocks released together: deepest first, so the prefix is evicted last."""
+        for block in sorted(blocks, key=lambda b: -b.depth):
+            self.add(block)
+
+    def remove(self, block: Block) -> None:
+        """``block`` is in use again, pinned, moved or dropped: no longer a candidate."""
+        tier = block.tier
+        order = self._probation[tier] if block in self._probation[tier] else self._protected[tier]
+        if block in order:
+            del order[block]
+            ns_order = self._ns_lru[block.tier][block.namespace]
+            del ns_order[block]
+            if not ns_order:
+                del self._ns_lru[block.tier][block.namespace]
+
+    def num_evictable(self, tier: str) -> int:
+        return len(self._probation[tier]) + len(self._protected[tier])
+
+    def victim(self, tier: str) -> Block | None:
+        """The next idle block of ``tier`` to go (not removed): LRU of probation, then protected."""
+        for order in (self._probation[tier], self._protected[tier]):
+            if order:
+                return next(iter(order))
+        return None
+
+    def namespace_victim(self, namespace: str) -> Block | None:
+        """The namespace's own coldest block: host tier first, then device."""
+        for tier in (HOST, DEVICE):
+            order = self._ns_lru[tier].get(namespace)
+            if order:
+                return next(iter(order))
+        return None
+
+    # -- TTL ---------------------------------------------------------------------------
+    def schedule_expiry(self, block: Block) -> None:
+        if not block.pinned:
+            heapq.heappush(self._expiry, (block.expires_at, next(self._tick), block))
+
+    def pop_expired(self, now: float) -> list[Block]:
+        """Idle, unpinned blocks whose expiry is due (each once)."""
+        due: list[Block] = []
+        heap = self._expiry
+        while heap and heap[0][0] <= now:
+            expires_at, _, block = heapq.heappop(heap)
+            if is_expired(block, now) and block.expires_at == expires_at:
+                due.append(block)
+        return due
+
+    # -- quota and pins ------------------------------------------------------------------
+    def over_quota(self, namespace: str, held_bytes: int) -> bool:
+        quota = self.quotas.get(namespace)
+        return quota is not None and held_bytes > quota
+
+    def is_pinned(self, namespace: str, block_hash: bytes) -> bool:
+        pins = self.pins.get(namespace)
+        return bool(pins) and block_hash in pins
+
+
+def is_expired(block: Block, now: float) -> bool:
+    """Expired = idle past its expiry; a block in use or pinned never is."""
+    return block.alive and block.ref_count == 0 and not block.pinned and block.expires_at <= now

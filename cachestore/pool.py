@@ -1,0 +1,84 @@
+"""Page pools: the memory of one tier and which of its pages are free.
+
+A pool is bookkeeping only (a tensor and a free list); what a used page holds and when it
+may go is the store's and the policy's business, as in vLLM v1's ``block_pool``.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Sequence
+
+import torch
+
+from kernels.layout import KVLayout
+
+try:  # the fast path (its own CUDA stream); absent until the kernels layer provides it
+    from kernels import copy_pages as _kernel_copy_pages  # type: ignore[attr-defined]
+except ImportError:  # pragma: no cover - depends on the kernels layer's progress
+    _kernel_copy_pages = None
+
+
+class PagePool:
+    """``num_pages`` pages of one tier, laid out by ``KVLayout``; pages are ints."""
+
+    def __init__(
+        self, layout: KVLayout, num_pages: int, device: torch.device | str, pin_memory: bool
+    ) -> None:
+        self.layout = layout
+        self.num_pages = num_pages
+        self.tensor = layout.allocate_pool(num_pages, device=device, pin_memory=pin_memory)
+        self._free: deque[int] = deque(range(num_pages))
+        self._is_free = [True] * num_pages
+
+    @property
+    def page_bytes(self) -> int:
+        return self.layout.page_bytes
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    @property
+    def num_used(self) -> int:
+        return self.num_pages - len(self._free)
+
+    def is_free(self, page: int) -> bool:
+        return self._is_free[page]
+
+    def take(self) -> int:
+        """A free page; the caller made sure one exists (``num_free > 0``)."""
+        page = self._free.popleft()
+        self._is_free[page] = False
+        return page
+
+    def give_back(self, page: int) -> None:
+        if self._is_free[page]:
+            raise RuntimeError(f"page {page} freed twice")
+        self._is_free[page] = True
+        self._free.append(page)
+
+
+def copy_pages(
+    src: torch.Tensor, dst: torch.Tensor, src_pages: Sequence[int], dst_pages: Sequence[int]
+) -> None:
+    """Copy whole pages ``src[src_pages[i]] → dst[dst_pages[i]]``: every tier move goes here.
+
+    With the kernels layer's copy the work runs on its own CUDA stream; the current stream
+    waits on its event, so later reads and overwrites of the pages are ordered after it
+    while the host thread goes on.
+    """
+    if not src_pages:
+        return
+    if len(src_pages) != len(dst_pages):
+        raise ValueError("copy_pages needs as many source as destination pages")
+    if _kernel_copy_pages is not None:
+        event = _kernel_copy_pages(src, dst, list(src_pages), list(dst_pages))
+        if event is not None:
+            torch.cuda.current_stream().wait_event(event)
+        return
+    src_idx = torch.as_tensor(src_pages, dtype=torch.long, device=src.device)
+    dst_idx = torch.as_tensor(dst_pages, dtype=torch.long, device=dst.device)
+    # Only a copy *to* the GPU may be non-blocking: a CPU destination is read right away.
+    moved = src.index_select(0, src_idx).to(dst.device, non_blocking=dst.device.type == "cuda")
+    dst.index_copy_(0, dst_idx, moved)

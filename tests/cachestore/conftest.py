@@ -1,0 +1,53 @@
+"""Tiny stores: pages of a few bytes, so tests exercise the policy, not memory."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cachestore import CacheStore
+from kernels.layout import KVLayout
+
+BLOCK = 4
+
+
+class FakeClock:
+    """The store's clock, moved by hand so TTL tests need no sleeping."""
+
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def layout() -> KVLayout:
+    return KVLayout(num_layers=2, num_kv_heads=1, head_dim=2, block_size=BLOCK, dtype=torch.float32)
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def make_store(layout: KVLayout, clock: FakeClock):
+    def make(device_pages: int = 8, host_pages: int = 8, **kw) -> CacheStore:
+        pb = layout.page_bytes
+        return CacheStore(layout, device_pages * pb, host_pages * pb, clock=clock, **kw)
+
+    return make
+
+
+def run_request(store: CacheStore, seq_id: str, namespace: str, tokens: list[int], **kw):
+    """What the engine does for one prompt: match, allocate, (compute), commit, release."""
+    seq = store.open(seq_id, namespace, **kw)
+    m = store.match(seq, tokens)
+    assert store.allocate(seq, len(tokens))
+    written = store.commit(seq, tokens)
+    store.release(seq)
+    return m, written
