@@ -1,0 +1,49 @@
+"""The engine: a transformers model on paged KV, continuous batching, prefix reuse.
+
+One concept per file:
+
+- ``config.py``     EngineConfig, resolved from the server settings
+- ``demo.py``       the built-in demo model (random weights) and byte-level tokenizer
+- ``loader.py``     ``--model demo|bench|PATH``: offline loading, clear missing-file errors
+- ``tokenizer.py``  tokenizer + chat template + incremental detokenizer
+- ``attention.py``  our paged attention, registered with transformers
+- ``sequence.py``   one request's tokens, progress, pages, and stop handling
+- ``sampling.py``   SamplingParams and the choice of the next token
+- ``scheduler.py``  continuous batching, chunked prefill, admission, preemption
+- ``runner.py``     one step as one packed varlen forward
+- ``engine.py``     the engine thread and the asyncio facade
+"""
+
+from gateway.engine.config import EngineConfig
+from gateway.engine.request import (
+    EngineError,
+    EngineOverloaded,
+    EngineUsage,
+    FinishEvent,
+    GenerateRequest,
+    PromptTooLong,
+    TokenEvent,
+)
+from gateway.engine.sampling import SamplingParams
+
+__all__ = [
+    "Engine",
+    "EngineConfig",
+    "EngineError",
+    "EngineOverloaded",
+    "EngineUsage",
+    "FinishEvent",
+    "GenerateRequest",
+    "PromptTooLong",
+    "SamplingParams",
+    "TokenEvent",
+]
+
+
+def __getattr__(name: str) -> object:
+    # Engine pulls in torch, transformers and the cachestore; request types alone do not.
+    if name == "Engine":
+        from gateway.engine.engine import Engine
+
+        return Engine
+    raise AttributeError(name)

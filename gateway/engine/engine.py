@@ -1,0 +1,315 @@
+"""The engine facade: one thread owns the model and the cache; asyncio talks to it.
+
+The model and the ``CacheStore`` are touched only by the engine thread, so neither needs
+locks. The asyncio side submits through a thread-safe queue and receives events through
+``loop.call_soon_threadsafe`` into one ``asyncio.Queue`` per request; it never waits on
+the model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import torch
+
+from cachestore import CacheStore
+from gateway.engine.config import EngineConfig
+from gateway.engine.loader import LoadedModel, head_dim_of, load_model
+from gateway.engine.request import (
+    EngineOverloaded,
+    ErrorEvent,
+    FinishEvent,
+    GenerateRequest,
+    PromptTooLong,
+    TokenEvent,
+)
+from gateway.engine.runner import ModelRunner
+from gateway.engine.sampling import sample
+from gateway.engine.scheduler import Chunk, Scheduler
+from gateway.engine.sequence import Sequence, append_token
+from kernels.layout import KVLayout
+
+log = logging.getLogger("kvgate.engine")
+
+Event = TokenEvent | FinishEvent | ErrorEvent
+
+
+class Engine:
+    def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None) -> None:
+        self.config = config
+        loaded = loaded or load_model(config)
+        self.model = loaded.model
+        self.tokenizer = loaded.tokenizer
+        self.model_id = loaded.model_id
+        self.model_info = dict(loaded.info)
+        cfg = self.model.config
+        device = next(self.model.parameters()).device
+        self.layout = KVLayout(
+            num_layers=cfg.num_hidden_layers,
+            num_kv_heads=cfg.num_key_value_heads,
+            head_dim=head_dim_of(cfg),
+            block_size=config.block_size,
+            dtype=next(self.model.parameters()).dtype,
+        )
+        self.store = CacheStore(
+            self.layout,
+            config.device_cache_bytes,
+            config.host_cache_bytes,
+            device=str(device),
+            model_id=self.model_id,
+            default_ttl_s=config.default_cache_ttl_seconds,
+        )
+        device_pages = int(self.store.device_pool.shape[0])
+        host_pages = int(self.store.host_pool.shape[0])
+        if device_pages == 0:
+            raise ValueError(
+                f"--device-cache-bytes {config.device_cache_bytes} holds no KV page "
+                f"(one page is {self.layout.page_bytes} bytes)"
+            )
+        context = int(self.model_info["context_length"])
+        self.max_model_len = min(config.max_model_len or context, context)
+        self.model_info["context_length"] = self.max_model_len
+        self.model_info.update(
+            block_size=config.block_size, page_bytes=self.layout.page_bytes,
+            device_pages=device_pages, host_pages=host_pages,
+        )
+        log.info(
+            "KV pool: device %d pages (%d bytes), host %d pages (%d bytes), %d bytes per page of %d tokens",
+            device_pages, device_pages * self.layout.page_bytes, host_pages,
+            host_pages * self.layout.page_bytes, self.layout.page_bytes, config.block_size,
+        )
+        self.scheduler = Scheduler(config, self.store, self.max_model_len)
+        self.runner = ModelRunner(self.model, self.store.device_pool, config.block_size)
+        self._inbox: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
+        self._seqs: dict[str, Sequence] = {}  # engine thread only
+        self._active: set[str] = set()  # asyncio side: request ids with an open stream
+        self._thread: threading.Thread | None = None
+        # submitted - picked up = waiting in the inbox; each counter has one writer thread
+        self._submitted = 0
+        self._picked_up = 0
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="kvgate-engine", daemon=True)
+            self._thread.start()
+
+    async def stop(self) -> None:
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            self._inbox.put(("stop",))
+            await asyncio.get_running_loop().run_in_executor(None, thread.join)
+
+    # -- the asyncio side -------------------------------------------------------------
+
+    def render_chat(self, messages: list[dict[str, Any]]) -> list[int]:
+        return self.tokenizer.apply_chat_template(messages)
+
+    def check(self, request: GenerateRequest) -> None:
+        """Raises ``PromptTooLong`` / ``EngineOverloaded`` before anything is queued."""
+        self.scheduler.check(len(request.prompt_token_ids))
+        if self.queue_depth() >= self.config.max_queue:
+            raise EngineOverloaded(
+                f"{self.queue_depth()} requests are waiting for the engine; retry shortly"
+            )
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[TokenEvent | FinishEvent]:
+        """Token events, then one ``FinishEvent``. Leaving the loop early cancels the request."""
+        if self._thread is None:
+            raise RuntimeError("Engine.start() has not been awaited")
+        if request.request_id in self._active:
+            raise ValueError(f"request id {request.request_id!r} is already generating")
+        self.check(request)
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[Event] = asyncio.Queue()
+        seq = Sequence(request, self.tokenizer)
+
+        def emit(ev: Event) -> None:
+            with contextlib.suppress(RuntimeError):  # a closed loop: nobody is listening
+                loop.call_soon_threadsafe(events.put_nowait, ev)
+
+        seq.emit = emit
+        self._active.add(request.request_id)
+        self._submitted += 1
+        self._inbox.put(("add", seq))
+        finished = False
+        try:
+            while True:
+                ev = await events.get()
+                if isinstance(ev, ErrorEvent):
+                    finished = True
+                    raise ev.error
+                yield ev
+                if isinstance(ev, FinishEvent):
+                    finished = True
+                    return
+        finally:
+            self._active.discard(request.request_id)
+            if not finished:
+                self.cancel(request.request_id)
+
+    def cancel(self, request_id: str) -> None:
+        self._inbox.put(("cancel", request_id))
+
+    async def flush(self, namespace: str) -> int:
+        return int(await self._call(self.store.flush, namespace))
+
+    def set_quota(self, namespace: str, nbytes: int | None) -> None:
+        self._inbox.put(("call", self.store.set_quota, (namespace, nbytes), None))
+
+    async def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Runs ``fn`` on the engine thread (the store's owner) and waits for its result."""
+        if self._thread is None:
+            return fn(*args)
+        fut: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        self._inbox.put(("call", fn, args, fut))
+        return await asyncio.wrap_future(fut)
+
+    def cache_stats(self) -> dict[str, Any]:
+        stats = self.store.stats()
+        return stats.as_dict() if hasattr(stats, "as_dict") else dict(stats)
+
+    def queue_depth(self) -> int:
+        return len(self.scheduler.waiting) + self._submitted - self._picked_up
+
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    # -- the engine thread -------------------------------------------------------------
+
+    def _loop(self) -> None:
+        torch.set_num_threads(self.config.threads())
+        while True:
+            block = not self.scheduler.has_work()
+            try:
+                cmd = self._inbox.get(block=block)
+                while True:
+                    if cmd[0] == "stop":
+                        self._shutdown()
+                        return
+                    self._handle(cmd)
+                    cmd = self._inbox.get_nowait()
+            except queue.Empty:
+                pass
+            if self.scheduler.has_work():
+                try:
+                    self.step()
+                except Exception as exc:  # a bug outside the model run: fail all, keep serving
+                    log.exception("engine step failed outside the model run")
+                    for seq in list(self._seqs.values()):
+                        try:
+                            self._fail(seq, exc)
+                        except Exception:  # its pages could not be released: still tell it
+                            self._seqs.pop(seq.request_id, None)
+                            seq.emit(ErrorEvent(exc))
+
+    def _handle(self, cmd: tuple[Any, ...]) -> None:
+        kind = cmd[0]
+        if kind == "add":
+            seq: Sequence = cmd[1]
+            self._picked_up += 1
+            try:
+                self.scheduler.add(seq)
+            except PromptTooLong as exc:
+                seq.emit(ErrorEvent(exc))
+                return
+            self._seqs[seq.request_id] = seq
+        elif kind == "cancel":
+            seq = self._seqs.get(cmd[1])
+            if seq is not None:
+                self._finish(seq, "cancelled")
+        elif kind == "call":
+            _, fn, args, fut = cmd
+            try:
+                result = fn(*args)
+            except Exception as exc:
+                if fut is None:
+                    log.exception("engine call %s failed", getattr(fn, "__name__", fn))
+                else:
+                    fut.set_exception(exc)
+            else:
+                if fut is not None:
+                    fut.set_result(result)
+
+    def step(self) -> None:
+        """Schedule, run the model once, sample, emit events; errors fail only this batch."""
+        chunks = self.scheduler.schedule()
+        for seq in self.scheduler.aborted:
+            self._report_finish(seq)
+        self.scheduler.aborted.clear()
+        if not chunks:
+            if not self.scheduler.running and self.scheduler.waiting:
+                # Nothing runs and the head still cannot get pages: it never will.
+                seq = self.scheduler.waiting[0]
+                if seq.num_output:  # preempted after it had grown past what the pool can hold
+                    self._finish(seq, "length")
+                else:
+                    self._fail(seq, PromptTooLong("the prompt does not fit in the device KV cache"))
+            return
+        try:
+            logits = self.runner.run(chunks)
+            self._postprocess(chunks, logits)
+        except Exception as exc:
+            log.exception("engine step failed; failing its %d sequences", len(chunks))
+            for c in chunks:
+                if not c.seq.is_finished:
+                    self._fail(c.seq, exc)
+
+    def _postprocess(self, chunks: list[Chunk], logits: torch.Tensor) -> None:
+        row = 0
+        now = time.monotonic()
+        eos = self.tokenizer.eos_token_ids
+        for c in chunks:
+            seq = c.seq
+            seq.num_computed += c.length
+            self.scheduler.commit(seq)
+            if not c.samples:
+                continue
+            token = sample(logits[row], seq.params, seq.generator)
+            row += 1
+            if seq.first_token_at is None:
+                seq.first_token_at = now
+                seq.usage.ttft_s = now - seq.arrival
+            text, reason = append_token(seq, token, eos, self.max_model_len)
+            seq.emit(TokenEvent(text, [token]))
+            if reason is not None:
+                self._finish(seq, reason)
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        self.scheduler.finish(seq, reason)
+        self._report_finish(seq)
+
+    def _report_finish(self, seq: Sequence) -> None:
+        self._seqs.pop(seq.request_id, None)
+        seq.usage.engine_s = time.monotonic() - seq.arrival
+        seq.usage.finish_reason = seq.finish_reason = seq.finish_reason or "stop"
+        seq.emit(FinishEvent(seq.usage, seq.finish_reason))
+
+    def _fail(self, seq: Sequence, exc: BaseException) -> None:
+        self.scheduler.finish(seq, "error")
+        self._seqs.pop(seq.request_id, None)
+        seq.emit(ErrorEvent(exc))
+
+    def _shutdown(self) -> None:
+        """Every stream still open ends with a ``cancelled`` finish, none hangs."""
+        for seq in list(self._seqs.values()):
+            self._finish(seq, "cancelled")
+        while True:
+            try:
+                cmd = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if cmd[0] == "add":
+                cmd[1].finish_reason = "cancelled"
+                self._report_finish(cmd[1])
+            elif cmd[0] == "call" and cmd[3] is not None:
+                cmd[3].set_exception(RuntimeError("the engine has stopped"))

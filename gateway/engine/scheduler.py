@@ -1,0 +1,173 @@
+"""Continuous batching: which tokens of which sequences the next step computes.
+
+Each step has a token budget. Running sequences go first, oldest first, so decodes (one
+token each) are never starved by a long prompt; a prompt longer than what is left of the
+budget is computed in chunks over several steps (chunked prefill). Waiting requests are
+admitted while budget and pages last: their prompt (all but the last token, so at least
+one token is computed and yields logits) is matched in the cache under their namespace,
+and only the rest is scheduled.
+
+When the device pool cannot hold the running set, the newest running sequence is
+preempted: its pages are released (committed blocks stay cached) and it goes back to the
+front of the queue, to be recomputed later, usually mostly from the cache.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+from gateway.engine.config import EngineConfig
+from gateway.engine.request import PromptTooLong
+from gateway.engine.sequence import Sequence, Status
+
+
+@dataclass
+class Chunk:
+    """``length`` tokens of ``seq`` from position ``start``; samples if it ends the sequence."""
+
+    seq: Sequence
+    start: int
+    length: int
+
+    @property
+    def samples(self) -> bool:
+        return self.start + self.length == len(self.seq)
+
+
+class Scheduler:
+    def __init__(self, config: EngineConfig, store: Any, max_model_len: int) -> None:
+        self.config = config
+        self.store = store
+        self.block_size = config.block_size
+        self.max_model_len = max_model_len
+        self.num_device_pages = int(store.device_pool.shape[0])
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+        self.aborted: list[Sequence] = []  # finished by the scheduler itself; the engine reports them
+
+    # -- admission -------------------------------------------------------------------
+
+    def check(self, num_prompt_tokens: int) -> None:
+        """Reject a prompt that can never run, whatever else is going on."""
+        if num_prompt_tokens == 0:
+            raise PromptTooLong("the prompt is empty; send at least one token")
+        if num_prompt_tokens >= self.max_model_len:
+            raise PromptTooLong(
+                f"the prompt has {num_prompt_tokens} tokens; this model's context is "
+                f"{self.max_model_len} tokens, including at least one output token. Shorten the prompt."
+            )
+        pages = -(-(num_prompt_tokens + 1) // self.block_size)
+        if pages > self.num_device_pages:
+            raise PromptTooLong(
+                f"the prompt has {num_prompt_tokens} tokens and needs {pages} KV pages; the device "
+                f"cache holds {self.num_device_pages} pages in all. Shorten the prompt or raise "
+                "--device-cache-bytes."
+            )
+
+    def add(self, seq: Sequence) -> None:
+        self.check(seq.num_prompt_tokens)
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # -- one step ----------------------------------------------------------------------
+
+    def schedule(self) -> list[Chunk]:
+        budget = self.config.max_batch_tokens
+        chunks: list[Chunk] = []
+        for seq in list(self.running):
+            if budget == 0:
+                break
+            if seq.status is not Status.RUNNING:
+                continue  # preempted below by an older sequence of this step
+            n = min(seq.num_uncomputed, budget)
+            if self._grow(seq, seq.num_computed + n):
+                chunks.append(Chunk(seq, seq.num_computed, n))
+                budget -= n
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_running:
+            chunk = self._admit(self.waiting[0], budget)
+            if chunk is None:
+                break
+            self.waiting.popleft()
+            chunks.append(chunk)
+            budget -= chunk.length
+        return chunks
+
+    def _grow(self, seq: Sequence, num_tokens: int) -> bool:
+        """Pages for ``num_tokens``; preempts newer sequences (or ``seq`` itself) to get them."""
+        while not self.store.allocate(seq.handle, num_tokens):
+            victim = self.running[-1]
+            if victim is seq and len(self.running) == 1:
+                # Alone and still too big: it has outgrown the whole pool.
+                self.finish(seq, "length")
+                self.aborted.append(seq)
+                return False
+            self.preempt(victim)
+            if victim is seq:
+                return False
+        return True
+
+    def _admit(self, seq: Sequence, budget: int) -> Chunk | None:
+        req = seq.request
+        seq.admissions += 1
+        handle = self.store.open(
+            f"{seq.request_id}#{seq.admissions}",
+            req.namespace,
+            ttl_segments=list(req.ttl_segments),
+            default_ttl_s=req.default_ttl_s,
+        )
+        match = self.store.match(handle, seq.token_ids[:-1])
+        cached = int(match.num_cached_tokens)
+        n = min(len(seq) - cached, budget)
+        if not self.store.allocate(handle, cached + n):
+            self.store.release(handle)
+            seq.admissions -= 1
+            return None
+        if seq.admissions == 1:
+            seq.usage.cached_tokens = min(cached, seq.num_prompt_tokens)
+        seq.handle = handle
+        seq.num_computed = cached
+        seq.num_committed_blocks = cached // self.block_size
+        seq.status = Status.RUNNING
+        self.running.append(seq)
+        return Chunk(seq, cached, n)
+
+    # -- after the step ------------------------------------------------------------------
+
+    def commit(self, seq: Sequence) -> None:
+        """Index every newly filled block; bill as cache writes only blocks of the prompt
+        filled before any output existed (decode-filled blocks are billed as output)."""
+        full = seq.num_computed // self.block_size
+        if full <= seq.num_committed_blocks:
+            return
+        written = self.store.commit(seq.handle, seq.token_ids[: full * self.block_size])
+        seq.num_committed_blocks = full
+        if seq.num_output == 0 and written:
+            seq.usage.cache_write_5m_tokens += int(written.get("5m", 0))
+            seq.usage.cache_write_1h_tokens += int(written.get("1h", 0))
+
+    def preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.store.release(seq.handle)
+        seq.handle = None
+        seq.num_computed = 0
+        seq.status = Status.WAITING
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """Frees everything the sequence holds, whatever state it is in."""
+        if seq.status is Status.RUNNING:
+            self.running.remove(seq)
+        elif seq.status is Status.WAITING and seq in self.waiting:
+            self.waiting.remove(seq)
+        if seq.handle is not None:
+            self.store.release(seq.handle)
+            seq.handle = None
+        seq.status = Status.FINISHED
+        seq.finish_reason = reason
+        seq.usage.finish_reason = reason

@@ -1,0 +1,115 @@
+"""One request as the scheduler sees it: its tokens, how far its KV is computed, its pages.
+
+``token_ids`` is prompt + output. ``num_computed`` counts the leading tokens whose K/V sit
+in the sequence's pages; the next step computes ``token_ids[num_computed:]`` (or a chunk
+of it). After a preemption ``num_computed`` drops to 0 and the prompt *and* the output so
+far are recomputed (their prefix may hit the cache again).
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from gateway.engine.request import EngineUsage, GenerateRequest
+from gateway.engine.tokenizer import IncrementalDecoder, TextTokenizer
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class Sequence:
+    def __init__(self, request: GenerateRequest, tokenizer: TextTokenizer, arrival: float | None = None):
+        self.request = request
+        self.request_id = request.request_id
+        self.params = request.sampling
+        self.token_ids: list[int] = list(request.prompt_token_ids)
+        self.num_prompt_tokens = len(self.token_ids)
+        self.num_computed = 0
+        self.num_committed_blocks = 0  # full blocks already handed to store.commit
+        self.status = Status.WAITING
+        self.handle: Any = None  # the cachestore's per-sequence state while admitted
+        self.admissions = 0
+        self.generator: torch.Generator | None = self.params.make_generator()
+        self.decoder = IncrementalDecoder(tokenizer)
+        self.emitted_chars = 0  # of decoder.text, already sent to the client
+        self.usage = EngineUsage(prompt_tokens=self.num_prompt_tokens)
+        self.arrival = time.monotonic() if arrival is None else arrival
+        self.first_token_at: float | None = None
+        self.finish_reason: str | None = None
+        self.emit: Callable[[Any], None] = lambda event: None  # set by the engine facade
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def num_uncomputed(self) -> int:
+        return len(self.token_ids) - self.num_computed
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is Status.FINISHED
+
+
+def append_token(seq: Sequence, token_id: int, eos_token_ids: list[int], max_len: int) -> tuple[str, str | None]:
+    """Add a sampled token; returns (text to send now, finish reason or None).
+
+    Stop strings are searched in the detokenized text; text that could still become the
+    start of a stop string is held back, and text from a stop string on is never sent.
+    """
+    params = seq.params
+    decoder = seq.decoder
+    seq.token_ids.append(token_id)
+    seq.usage.completion_tokens += 1
+    reason: str | None = None
+    if (not params.ignore_eos and token_id in eos_token_ids) or token_id in params.stop_token_ids:
+        reason = "stop"
+        decoder.flush()
+    else:
+        decoder.push(token_id)
+        cut = _find_stop(decoder.text, params.stop, seq.emitted_chars)
+        if cut is not None:
+            decoder.text = decoder.text[:cut]
+            reason = "stop"
+        elif seq.num_output >= params.max_tokens or len(seq.token_ids) >= max_len:
+            reason = "length"
+            decoder.flush()
+            cut = _find_stop(decoder.text, params.stop, seq.emitted_chars)
+            if cut is not None:
+                decoder.text = decoder.text[:cut]
+    text = decoder.text
+    if reason is not None:
+        end = len(text)
+    else:
+        hold = max((len(s) for s in params.stop), default=1) - 1
+        end = max(seq.emitted_chars, len(text) - hold)
+    delta = text[seq.emitted_chars : end]
+    seq.emitted_chars = end
+    return delta, reason
+
+
+def _find_stop(text: str, stops: list[str], emitted: int) -> int | None:
+    """Earliest start of a stop string that ends in text not yet sent."""
+    best: int | None = None
+    for s in stops:
+        if not s:
+            continue
+        i = text.find(s, max(0, emitted - len(s) + 1))
+        if i >= 0 and (best is None or i < best):
+            best = i
+    return best

@@ -1,0 +1,113 @@
+"""Sampling choices, seeds, stop strings, stop ids and incremental detokenization."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from gateway.engine import GenerateRequest, SamplingParams
+from gateway.engine.demo import build_tokenizer
+from gateway.engine.sampling import sample
+from gateway.engine.sequence import Sequence, append_token
+from gateway.engine.tokenizer import IncrementalDecoder
+
+from .conftest import collect, greedy, prompt_of
+
+
+def test_greedy_and_top_k_1_take_the_argmax():
+    logits = torch.tensor([0.1, 3.0, 2.9, -1.0])
+    assert sample(logits, SamplingParams(temperature=0), None) == 1
+    assert sample(logits, SamplingParams(temperature=5.0, top_k=1), None) == 1
+
+
+def test_top_k_and_top_p_never_pick_outside_the_kept_set():
+    logits = torch.tensor([5.0, 4.0, 0.0, 0.0, 0.0, 0.0])
+    gen = torch.Generator().manual_seed(0)
+    picks = {sample(logits, SamplingParams(temperature=1.0, top_k=2), gen) for _ in range(200)}
+    assert picks == {0, 1}
+    # p(0) ≈ 0.72: top_p=0.5 keeps token 0 alone, top_p=0.9 keeps 0 and 1
+    assert {sample(logits, SamplingParams(top_p=0.5), gen) for _ in range(100)} == {0}
+    assert {sample(logits, SamplingParams(top_p=0.9), gen) for _ in range(300)} == {0, 1}
+
+
+def test_invalid_params_are_refused():
+    for bad in (dict(max_tokens=0), dict(temperature=-1), dict(top_p=0), dict(top_k=-1)):
+        with pytest.raises(ValueError):
+            SamplingParams(**bad)
+
+
+async def test_seeded_sampling_is_reproducible_alone_or_batched(make_engine):
+    engine = await make_engine()
+    prompt = prompt_of(engine, "roll the dice")
+
+    def req(rid: str, seed: int) -> GenerateRequest:
+        return GenerateRequest(rid, "tenant:a", prompt, SamplingParams(max_tokens=16, temperature=1.0, seed=seed, ignore_eos=True))
+
+    alone, _, _ = await collect(engine, req("a", 7))
+    together = await asyncio.gather(
+        collect(engine, req("b", 7)), collect(engine, req("c", 8)), collect(engine, req("d", 7))
+    )
+    assert together[0][0] == alone
+    assert together[2][0] == alone
+    assert together[1][0] != alone
+
+
+async def test_stop_string_ends_output_before_it(make_engine):
+    engine = await make_engine()
+    prompt = prompt_of(engine, "say something")
+    ids, text, _ = await collect(engine, GenerateRequest("a", "tenant:a", prompt, greedy(30)))
+    full = engine.tokenizer.decode(ids)
+    assert text == full
+    stop = full[10:13]
+    start = full.index(stop)
+    _, text2, fin = await collect(engine, GenerateRequest("b", "tenant:a", prompt, greedy(30, stop=[stop, "never"])))
+    assert fin.finish_reason == "stop"
+    assert text2 == full[:start]
+
+
+async def test_stop_token_id_ends_output(make_engine):
+    engine = await make_engine()
+    prompt = prompt_of(engine, "count")
+    ids, _, _ = await collect(engine, GenerateRequest("a", "tenant:a", prompt, greedy(20)))
+    stop_id = ids[5]
+    first = ids.index(stop_id)
+    ids2, _, fin = await collect(engine, GenerateRequest("b", "tenant:a", prompt, greedy(20, stop_token_ids=[stop_id])))
+    assert fin.finish_reason == "stop"
+    assert ids2 == ids[: first + 1]
+    assert fin.usage.completion_tokens == first + 1
+
+
+def test_eos_stops_unless_ignored():
+    tok = build_tokenizer()
+    eot = tok.eos_token_ids[0]
+    for ignore, expect in ((False, "stop"), (True, None)):
+        seq = Sequence(GenerateRequest("r", "ns", [1, 2], SamplingParams(max_tokens=5, ignore_eos=ignore)), tok)
+        append_token(seq, 65, tok.eos_token_ids, 100)
+        _, reason = append_token(seq, eot, tok.eos_token_ids, 100)
+        assert reason == expect
+        assert seq.decoder.text == "A"  # eos is never text
+        assert seq.usage.completion_tokens == 2
+
+
+def test_stop_string_spanning_tokens_is_held_back_and_cut():
+    tok = build_tokenizer()
+    seq = Sequence(GenerateRequest("r", "ns", [1], SamplingParams(max_tokens=50, stop=["END"])), tok)
+    sent = ""
+    for ch in "abcEN":
+        delta, reason = append_token(seq, ord(ch), tok.eos_token_ids, 100)
+        sent += delta
+        assert reason is None
+    assert sent == "abc"  # "EN" could start the stop string
+    delta, reason = append_token(seq, ord("D"), tok.eos_token_ids, 100)
+    assert reason == "stop" and sent + delta == "abc"
+
+
+def test_incremental_decoder_never_splits_a_character():
+    tok = build_tokenizer()
+    dec = IncrementalDecoder(tok)
+    deltas = [dec.push(b) for b in "é€x".encode()]
+    assert "".join(deltas) == "é€x"
+    assert all("\ufffd" not in d for d in deltas)
+    assert deltas[0] == ""  # first byte of é alone is not text yet
