@@ -16,6 +16,7 @@ import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -276,11 +277,13 @@ class Engine:
                 continue
             token = sample(logits[row], seq.params, seq.generator)
             row += 1
+            prompt_usage = None
             if seq.first_token_at is None:
                 seq.first_token_at = now
                 seq.usage.ttft_s = now - seq.arrival
+                prompt_usage = replace(seq.usage)
             text, reason = append_token(seq, token, eos, self.max_model_len)
-            seq.emit(TokenEvent(text, [token]))
+            seq.emit(TokenEvent(text, [token], prompt_usage))
             if reason is not None:
                 self._finish(seq, reason)
 

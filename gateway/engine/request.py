@@ -53,6 +53,9 @@ class EngineUsage:
 class TokenEvent:
     text: str
     token_ids: list[int]
+    # On the first token only: a copy of the usage so far. Its prompt side (cached and
+    # cache-write tokens) is final by then, so a stream can report it up front.
+    prompt_usage: EngineUsage | None = None
 
 
 @dataclass

@@ -182,16 +182,20 @@ def _message(gen: Generation, content: list) -> dict:
 
 
 async def _stream(request: web.Request, gen: Generation) -> web.StreamResponse:
-    """Anthropic's event sequence. The prefix-match split is known only when the engine
-    finishes, so ``message_start`` carries the full prompt as ``input_tokens`` and
-    ``message_delta`` the final, billed numbers (cumulative, as the SDK expects)."""
+    """Anthropic's event sequence. ``message_start`` is sent after the first token, when
+    the prompt's cache split (read, written, uncached) is final; ``message_delta`` carries
+    the billed numbers (cumulative, as the SDK expects)."""
     pieces = gen.stream()
     piece = await anext(pieces, None)
     ctx_of(request).engine_s = gen.elapsed_s()
     resp = await open_stream(request)
     try:
-        start_usage = {"input_tokens": len(gen.prompt_ids), "output_tokens": 0,
-                       "cache_read_input_tokens": 0, "cache_creation_input_tokens": 0}
+        known = gen.prompt_usage or gen.usage
+        if known is not None:
+            start_usage = {**anthropic_usage(known), "output_tokens": 0}
+        else:  # nothing generated and not finished: cannot happen, but never guess a split
+            start_usage = {"input_tokens": len(gen.prompt_ids), "output_tokens": 0,
+                           "cache_read_input_tokens": 0, "cache_creation_input_tokens": 0}
         await send(resp, {"type": "message_start",
                           "message": {**_message(gen, []), "usage": start_usage}},
                    "message_start")

@@ -80,6 +80,7 @@ class Generation:
         self.request_id: str = ctx_of(request).request_id
         self.finish_reason: str | None = None
         self.usage: Usage | None = None
+        self.prompt_usage: Usage | None = None  # prompt side, known at the first token
         self.completion_tokens = 0
         self.text_parts: list[str] = []
         self._ticket: Ticket | None = None
@@ -122,6 +123,8 @@ class Generation:
                     return
                 if self._ttft_s is None:
                     self._ttft_s = time.monotonic() - self._t0
+                if ev.prompt_usage is not None:
+                    self.prompt_usage = ev.prompt_usage
                 self.completion_tokens += len(ev.token_ids)
                 if ev.text:
                     self.text_parts.append(ev.text)

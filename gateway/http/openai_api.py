@@ -62,9 +62,12 @@ def openai_usage(u: Usage) -> dict:
 
 async def list_models(request: web.Request) -> web.Response:
     state = state_of(request)
-    return web.json_response({"object": "list", "data": [{
-        "id": state.engine.model_id, "object": "model", "created": int(state.started),
-        "owned_by": "kvgate"}]})
+    model = {"id": state.engine.model_id, "object": "model", "created": int(state.started),
+             "owned_by": "kvgate"}
+    info = state.engine.model_info
+    if info.get("note"):  # the demo model says plainly that its text is meaningless
+        model["note"] = info["note"]
+    return web.json_response({"object": "list", "data": [model]})
 
 
 def _content_text(content: Any, param: str, allow_none: bool) -> str:

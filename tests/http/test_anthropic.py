@@ -70,9 +70,15 @@ def test_messages_stream(server: ServerThread, tenant: Tenant, model_id: str) ->
     c = client(server, tenant)
     c.messages.create(**body(model_id, "warm the cache"))
     with c.messages.stream(**body(model_id, "warm the cache")) as stream:
-        text = "".join(stream.text_stream)
+        events = list(stream)
         final = stream.get_final_message()
+    text = "".join(e.delta.text for e in events if e.type == "content_block_delta")
     assert final.content[0].text == text
+    # message_start already carries the real cache split, equal to the billed one.
+    start = next(e for e in events if e.type == "message_start").message.usage
+    assert start.cache_read_input_tokens == final.usage.cache_read_input_tokens
+    assert start.input_tokens == final.usage.input_tokens
+    assert start.cache_creation_input_tokens == final.usage.cache_creation_input_tokens
     assert final.usage.cache_read_input_tokens is not None
     assert final.usage.cache_read_input_tokens > 0
     assert final.usage.output_tokens <= 4

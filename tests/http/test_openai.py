@@ -41,6 +41,7 @@ def test_models_list(server: ServerThread, tenant: Tenant, http: Session, model_
     assert [m.id for m in models.data] == [model_id]
     raw = http.get("/v1/models", headers={"Authorization": f"Bearer {tenant.key}"})
     schemas.validate("ListModelsResponse", raw.json())
+    assert "meaningless" in raw.json()["data"][0]["note"]  # the demo model says so
 
 
 @needs_spec
