@@ -154,6 +154,13 @@ class CacheMachine(RuleBasedStateMachine):
                 assert b.parent.namespace == b.namespace and b in b.parent.children
 
     @invariant()
+    def prefixes_are_never_colder_than_their_extensions(self) -> None:
+        """Deepest first: a parent leaves the device only after its children did."""
+        for b in self.store.index.values():
+            if b.tier == DEVICE and b.parent is not None:
+                assert b.parent.tier == DEVICE, "a parent was demoted before its child"
+
+    @invariant()
     def quotas_hold(self) -> None:
         for ns, pages in self.quota_pages.items():
             held = [b for b in self.store.index.values() if b.namespace == ns]
