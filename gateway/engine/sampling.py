@@ -10,6 +10,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+# Below this, dividing logits by the temperature overflows fp32; sampling is argmax anyway.
+MIN_TEMPERATURE = 1e-5
+
 
 @dataclass
 class SamplingParams:
@@ -27,14 +30,15 @@ class SamplingParams:
             raise ValueError("max_tokens must be at least 1")
         if self.temperature < 0:
             raise ValueError("temperature must be >= 0")
-        if not 0 < self.top_p <= 1:
-            raise ValueError("top_p must be in (0, 1]")
+        if not 0 <= self.top_p <= 1:
+            raise ValueError("top_p must be in [0, 1]")
         if self.top_k < 0:
             raise ValueError("top_k must be >= 0")
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0 or self.top_k == 1
+        # A temperature this small, or a nucleus of zero mass, leaves only the top token.
+        return self.temperature < MIN_TEMPERATURE or self.top_k == 1 or self.top_p == 0
 
     def make_generator(self) -> torch.Generator | None:
         if self.seed is None:
@@ -48,7 +52,8 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     """``logits``: [vocab] fp32 on the CPU. Greedy is argmax; otherwise temperature, top-k, top-p."""
     if params.greedy:
         return int(torch.argmax(logits))
-    scores = logits / params.temperature
+    # Shift so the largest score is 0 before scaling: a small temperature cannot overflow.
+    scores = (logits - logits.max()) / params.temperature
     if params.top_k and params.top_k < scores.numel():
         kth = torch.topk(scores, params.top_k).values[-1]
         scores = scores.masked_fill(scores < kth, float("-inf"))

@@ -198,7 +198,9 @@ class Generation:
             started_at=self._started_at, finished_at=datetime.now(timezone.utc),
             ttft_ms=None if self._ttft_s is None else round(self._ttft_s * 1000.0))
         self._billed = True
+        t0 = time.monotonic()
         await self.state.ledger.record(event)
+        ctx_of(self.request).ledger_s = time.monotonic() - t0
         if self._ticket is not None:
             self._ticket.add_tokens(usage.completion_tokens)
         self.state.observe_usage(self, usage, event,

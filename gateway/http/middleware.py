@@ -82,7 +82,10 @@ async def on_response_prepare(request: web.Request, response: web.StreamResponse
     if ctx is not None:
         total_ms = (time.monotonic() - ctx.t0) * 1000.0
         engine_ms = ctx.engine_s * 1000.0
-        response.headers["server-timing"] = f"engine;dur={engine_ms:.1f}, total;dur={total_ms:.1f}"
+        timing = f"engine;dur={engine_ms:.1f}, total;dur={total_ms:.1f}"
+        if ctx.ledger_s is not None:  # not on streams: their usage commits after the headers
+            timing += f", ledger;dur={ctx.ledger_s * 1000.0:.1f}"
+        response.headers["server-timing"] = timing
 
 
 def _api_key(request: web.Request) -> str | None:

@@ -13,9 +13,12 @@ from gateway.http.generation import Generation, Usage
 from gateway.http.sse import open_stream, send
 from gateway.http.state import ctx_of, state_of
 from gateway.http.validation import (
+    INT64_MAX,
+    INT64_MIN,
     check_model,
     encode,
     field,
+    integer,
     number,
     read_json,
     reject,
@@ -114,7 +117,7 @@ def chat_messages(body: dict) -> list[dict]:
 
 
 def _sampling(body: dict, max_tokens: int) -> SamplingParams:
-    seed = field(body, "seed", int)
+    seed = integer(body, "seed", INT64_MIN, INT64_MAX, None)
     return SamplingParams(
         max_tokens=max_tokens, temperature=number(body, "temperature", 0.0, 2.0, 1.0),
         top_p=number(body, "top_p", 0.0, 1.0, 1.0), seed=seed, stop=stop_list(body, "stop"))

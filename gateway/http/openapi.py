@@ -21,7 +21,12 @@ def _responses(ok: str | None, errors: tuple[int, ...], error_schema: str = "Ope
     content: dict[str, Any] = {"application/json": {"schema": _ref(ok) if ok else {
         "type": "object"}}}
     if sse:
-        content["text/event-stream"] = {"schema": {"type": "string"}}
+        # One server-sent event: `data` is a JSON chunk (OpenAI: or `[DONE]`); Anthropic
+        # streams name each event.
+        content["text/event-stream"] = {"schema": {
+            "type": "object", "required": ["data"], "properties": {
+                "event": {"type": "string"}, "data": {"type": "string"},
+                "id": {"type": "string"}, "retry": {"type": "integer"}}}}
     out[ok_status] = {"description": "OK", "content": content}
     for code in errors:
         out[str(code)] = {"description": "Error",

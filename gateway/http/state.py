@@ -84,6 +84,7 @@ class RequestContext:
     public_id: str  # what x-request-id says (the client's, when it sent a sane one)
     t0: float
     engine_s: float = 0.0
+    ledger_s: float | None = None  # the usage commit, when it happened before the headers
     principal: Any = None
 
 

@@ -51,6 +51,17 @@ def number(body: dict, name: str, lo: float, hi: float, default: float | None) -
     return None if value is None else float(value)
 
 
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
+def integer(body: dict, name: str, lo: int, hi: int, default: int | None) -> int | None:
+    value = field(body, name, int, default=default)
+    if value is not None and not lo <= value <= hi:
+        raise bad_request(f"Field '{name}' must be between {lo} and {hi}.", param=name,
+                          code="invalid_value")
+    return value
+
+
 def stop_list(body: dict, name: str, max_items: int = 4) -> list[str]:
     value = field(body, name, (str, list), default=[])
     if isinstance(value, str):

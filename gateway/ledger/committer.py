@@ -5,14 +5,21 @@ One background task owns the write path. While it commits one batch, new events 
 the next batch takes everything queued (up to ``max_batch``). There is no timer: under
 light load a lone event commits at once, under heavy load batches grow by themselves, so
 the wait is never more than one commit's time and the fsync is shared by the batch.
+
+On a SQLite file the whole transaction (price lookup, inserts, COMMIT) runs as one call
+on a writer thread that owns its own ``sqlite3`` connection: one thread hop per batch
+instead of one per statement through the async driver, which under a busy engine thread
+cost a GIL hand-off each. PostgreSQL goes through SQLAlchemy and asyncpg (no threads).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from typing import Any
 
@@ -21,6 +28,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from . import db
 from .billing import Prices, UsageEvent, cost_micros
 from .errors import LedgerError, NotFound
 from .models import Plan, Tenant, UsageRow
@@ -48,6 +56,8 @@ class GroupCommitter:
         dialect = engine.dialect.name
         self._insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
         self._sqlite = dialect == "sqlite"
+        path = engine.url.database if self._sqlite else None
+        self._writer = _SqliteWriter(path) if path and path != ":memory:" else None
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="ledger-commit")
@@ -70,6 +80,8 @@ class GroupCommitter:
         self._queue.put_nowait(None)
         if self._task is not None:
             await self._task
+        if self._writer is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self._writer.close)
 
     async def _run(self) -> None:
         stopping = False
@@ -106,7 +118,7 @@ class GroupCommitter:
                     except Exception as exc:
                         self._answer([item], error=LedgerError(f"could not record usage: {exc}"))
                 return
-            except (DBAPIError, OSError) as exc:
+            except (DBAPIError, OSError, sqlite3.OperationalError) as exc:
                 if delay is None:
                     raise
                 log.warning("usage commit failed (attempt %d), retrying: %s", attempt + 1, exc)
@@ -135,6 +147,12 @@ class GroupCommitter:
 
     async def _write(self, events: list[UsageEvent], fast: bool = True
                      ) -> list[bool | Exception]:
+        if self._writer is not None:
+            return await self._writer.write(events)
+        return await self._write_sqlalchemy(events, fast)
+
+    async def _write_sqlalchemy(self, events: list[UsageEvent], fast: bool = True
+                                ) -> list[bool | Exception]:
         """One transaction: price lookup, one multi-row idempotent insert, COMMIT.
 
         Returns per event True (inserted now), False (request id already billed, in the
@@ -165,7 +183,7 @@ class GroupCommitter:
                             .returning(UsageRow.__table__.c.request_id))
                     inserted = set((await conn.execute(stmt, values)).scalars().all())
         except _AlreadyBilled:
-            return await self._write(events, fast=False)
+            return await self._write_sqlalchemy(events, fast=False)
         out: list[bool | Exception] = []
         for i, e in enumerate(events):
             if e.tenant_id not in prices:
@@ -186,6 +204,68 @@ class GroupCommitter:
         return {v["request_id"] for v in values}
 
 
+class _SqliteWriter:
+    """The SQLite write path: one thread, one connection, one call per batch."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger-sqlite")
+        self._conn: sqlite3.Connection | None = None
+
+    async def write(self, events: list[UsageEvent]) -> list[bool | Exception]:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, self._write, events)
+
+    def close(self) -> None:
+        def _close() -> None:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+        self._pool.submit(_close).result()
+        self._pool.shutdown(wait=True)
+
+    def _connect(self) -> sqlite3.Connection:
+        if self._conn is None:
+            conn = sqlite3.connect(self.path, isolation_level=None)  # explicit BEGIN/COMMIT
+            for pragma in db.SQLITE_PRAGMAS:
+                conn.execute(pragma)
+            self._conn = conn
+        return self._conn
+
+    def _write(self, events: list[UsageEvent]) -> list[bool | Exception]:
+        """Runs on the writer thread: True (inserted), False (request id billed before, in
+        the ledger or earlier in this batch) or that event's own error, per event."""
+        conn = self._connect()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            tenant_ids = sorted({e.tenant_id for e in events})
+            rows = conn.execute(_SQLITE_PRICES.format(", ".join("?" * len(tenant_ids))),
+                                tenant_ids).fetchall()
+            prices = {r[0]: Prices(*r[1:]) for r in rows}
+            out: list[bool | Exception] = []
+            seen: set[str] = set()
+            for e in events:
+                if e.tenant_id not in prices:
+                    out.append(NotFound(f"tenant {e.tenant_id} does not exist"))
+                    continue
+                if e.request_id in seen:
+                    out.append(False)
+                    continue
+                seen.add(e.request_id)
+                row = _row(e, cost_micros(e, prices[e.tenant_id]))
+                try:  # a failed statement rolls back alone; its neighbours stay
+                    cur = conn.execute(_SQLITE_INSERT, [_sqlite_param(row[c]) for c in _COLUMNS])
+                except sqlite3.IntegrityError as exc:
+                    out.append(LedgerError(f"could not record usage: {exc}"))
+                    continue
+                out.append(cur.rowcount == 1)
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        return out
+
+
 class _AlreadyBilled(Exception):
     """Internal: a fast-path batch met a request id already in the ledger."""
 
@@ -197,6 +277,11 @@ _COLUMNS = ("request_id", "tenant_id", "key_id", "model", "endpoint", "prompt_to
 _SQLITE_INSERT = (f"INSERT INTO usage_events ({', '.join(_COLUMNS)}) "
                   f"VALUES ({', '.join('?' * len(_COLUMNS))}) "
                   "ON CONFLICT (request_id) DO NOTHING")
+
+
+_SQLITE_PRICES = ("SELECT t.id, p.input_price, p.cache_read_price, p.cache_write_5m_price, "
+                  "p.cache_write_1h_price, p.output_price FROM tenants t "
+                  "JOIN plans p ON t.plan_id = p.id WHERE t.id IN ({})")
 
 
 def _sqlite_param(value: Any) -> Any:

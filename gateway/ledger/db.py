@@ -31,14 +31,16 @@ def async_url(url: str) -> str:
     return f"{scheme}://{rest}"
 
 
+# WAL lets readers run beside the one writer; synchronous=FULL fsyncs the WAL at every
+# COMMIT, which is what makes a returned ``record`` survive a power cut.
+SQLITE_PRAGMAS = ("PRAGMA journal_mode=WAL", "PRAGMA synchronous=FULL",
+                  "PRAGMA foreign_keys=ON", "PRAGMA busy_timeout=10000")
+
+
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
-    """WAL lets readers run beside the one writer; synchronous=FULL fsyncs the WAL at
-    every COMMIT, which is what makes a returned ``record`` survive a power cut."""
     cur = dbapi_conn.cursor()
-    cur.execute("PRAGMA journal_mode=WAL")
-    cur.execute("PRAGMA synchronous=FULL")
-    cur.execute("PRAGMA foreign_keys=ON")
-    cur.execute("PRAGMA busy_timeout=10000")
+    for pragma in SQLITE_PRAGMAS:
+        cur.execute(pragma)
     cur.close()
 
 

@@ -32,8 +32,20 @@ def test_top_k_and_top_p_never_pick_outside_the_kept_set():
     assert {sample(logits, SamplingParams(top_p=0.9), gen) for _ in range(300)} == {0, 1}
 
 
+def test_tiny_temperature_and_zero_top_p_are_argmax_not_nan():
+    # Found by the schema fuzzer: logits / 6e-5 overflowed and softmax gave NaN.
+    logits = torch.tensor([1e4, 3e4, -2e4, 2.9e4])
+    gen = torch.Generator().manual_seed(0)
+    for temperature in (6e-5, 1e-6, 1e-30):
+        assert sample(logits, SamplingParams(temperature=temperature), gen) == 1
+    assert sample(logits, SamplingParams(top_p=0), gen) == 1
+    # large logits at an ordinary temperature: shifted, so still a valid distribution
+    assert {sample(logits, SamplingParams(temperature=2e3), gen) for _ in range(50)} <= {1, 3}
+
+
 def test_invalid_params_are_refused():
-    for bad in (dict(max_tokens=0), dict(temperature=-1), dict(top_p=0), dict(top_k=-1)):
+    for bad in (dict(max_tokens=0), dict(temperature=-1), dict(top_p=-0.1), dict(top_p=1.5),
+                dict(top_k=-1)):
         with pytest.raises(ValueError):
             SamplingParams(**bad)
 

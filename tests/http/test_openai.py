@@ -166,7 +166,19 @@ def test_request_id_and_server_timing(server: ServerThread, tenant: Tenant, http
     assert r.headers["x-request-id"] == "client-abc.123"
     timing = dict(part.strip().split(";dur=") for part in r.headers["server-timing"].split(","))
     assert float(timing["engine"]) > 0 and float(timing["total"]) >= float(timing["engine"])
+    assert 0 <= float(timing["ledger"]) <= float(timing["total"]) - float(timing["engine"]) + 0.2
     r = http.post("/v1/chat/completions", json=chat(model_id),
                   headers={**auth, "x-request-id": "bad id with spaces\u00e9"})
     assert r.headers["x-request-id"].startswith("req_")
     assert http.get("/healthz").headers["x-request-id"].startswith("req_")
+
+
+def test_edge_sampling_values_answer_like_greedy(server: ServerThread, tenant: Tenant,
+                                                 model_id: str) -> None:
+    """top_p 0 and a temperature near 0 are valid per the spec: they sample the argmax."""
+    c = client(server, tenant)
+    greedy = c.chat.completions.create(**chat(model_id, "edge", temperature=0))
+    for kw in ({"top_p": 0}, {"temperature": 6e-5}, {"temperature": 1e-300},
+               {"seed": 2**63 - 1, "temperature": 0}, {"seed": -(2**63), "temperature": 0}):
+        got = c.chat.completions.create(**chat(model_id, "edge", **kw))
+        assert got.choices[0].message.content == greedy.choices[0].message.content, kw
