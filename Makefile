@@ -26,10 +26,10 @@ run: $(STAMP)
 	$(BIN)/kvgate serve
 
 lint: $(STAMP)
-	$(BIN)/ruff check gateway cachestore kernels tests bench
+	$(BIN)/ruff check gateway cachestore kernels tests bench migrations
 
 bench: $(STAMP)
-	for b in bench/hashing.py bench/policy.py bench/ledger.py bench/ttft.py bench/kernels.py; do \
+	for b in bench/hashing.py bench/policy.py bench/ledger.py bench/ttft.py bench/load.py bench/kernels.py; do \
 		test -f $$b && $(BIN)/python $$b || exit 1; done
 
 clean:
