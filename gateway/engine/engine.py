@@ -125,23 +125,14 @@ class Engine:
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[TokenEvent | FinishEvent]:
         """Token events, then one ``FinishEvent``. Leaving the loop early cancels the request."""
-        if self._thread is None:
-            raise RuntimeError("Engine.start() has not been awaited")
-        if request.request_id in self._active:
-            raise ValueError(f"request id {request.request_id!r} is already generating")
-        self.check(request)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[Event] = asyncio.Queue()
-        seq = Sequence(request, self.tokenizer)
 
         def emit(ev: Event) -> None:
             with contextlib.suppress(RuntimeError):  # a closed loop: nobody is listening
                 loop.call_soon_threadsafe(events.put_nowait, ev)
 
-        seq.emit = emit
-        self._active.add(request.request_id)
-        self._submitted += 1
-        self._inbox.put(("add", seq))
+        self.submit(request, emit)
         finished = False
         try:
             while True:
@@ -154,12 +145,44 @@ class Engine:
                     finished = True
                     return
         finally:
-            self._active.discard(request.request_id)
+            self.release(request.request_id)
             if not finished:
                 self.cancel(request.request_id)
 
+    def submit(self, request: GenerateRequest, emit: Callable[[Event], None]) -> None:
+        """Queue a request; its events go to ``emit``, called on the engine thread (the
+        last one a ``FinishEvent`` or an ``ErrorEvent``). Raises ``PromptTooLong`` /
+        ``EngineOverloaded`` before anything is queued. The caller that submits must be
+        the one thread that submits (it owns the ``_submitted`` count) and must
+        ``release(request_id)`` when the request's stream closes."""
+        if self._thread is None:
+            raise RuntimeError("Engine.start() has not been awaited")
+        if request.request_id in self._active:
+            raise ValueError(f"request id {request.request_id!r} is already generating")
+        self.check(request)
+        seq = Sequence(request, self.tokenizer)
+        seq.emit = emit
+        self._active.add(request.request_id)
+        self._submitted += 1
+        self._inbox.put(("add", seq))
+
+    def release(self, request_id: str) -> None:
+        self._active.discard(request_id)
+
     def cancel(self, request_id: str) -> None:
         self._inbox.put(("cancel", request_id))
+
+    def call_soon(self, fn: Callable[..., Any], *args: Any) -> concurrent.futures.Future[Any]:
+        """Runs ``fn`` on the engine thread (the store's owner); a future of its result."""
+        fut: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        if self._thread is None:
+            try:
+                fut.set_result(fn(*args))
+            except Exception as exc:
+                fut.set_exception(exc)
+            return fut
+        self._inbox.put(("call", fn, args, fut))
+        return fut
 
     async def flush(self, namespace: str) -> int:
         return int(await self._call(self.store.flush, namespace))
@@ -169,15 +192,16 @@ class Engine:
 
     async def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Runs ``fn`` on the engine thread (the store's owner) and waits for its result."""
-        if self._thread is None:
-            return fn(*args)
-        fut: concurrent.futures.Future[Any] = concurrent.futures.Future()
-        self._inbox.put(("call", fn, args, fut))
-        return await asyncio.wrap_future(fut)
+        return await asyncio.wrap_future(self.call_soon(fn, *args))
 
     def cache_stats(self) -> dict[str, Any]:
+        """The store's figures read from the calling thread: for metrics scrapes, where a
+        figure a step old is fine. ``stats()`` reads them on the engine thread."""
         stats = self.store.stats()
         return stats.as_dict() if hasattr(stats, "as_dict") else dict(stats)
+
+    async def stats(self) -> dict[str, Any]:
+        return dict(await self._call(self.cache_stats))
 
     def queue_depth(self) -> int:
         return len(self.scheduler.waiting) + self._submitted - self._picked_up
@@ -283,7 +307,10 @@ class Engine:
                 seq.usage.ttft_s = now - seq.arrival
                 prompt_usage = replace(seq.usage)
             text, reason = append_token(seq, token, eos, self.max_model_len)
-            seq.emit(TokenEvent(text, [token], prompt_usage))
+            if seq.request.stream:
+                seq.emit(TokenEvent(text, [token], prompt_usage))
+            else:
+                seq.held.append(TokenEvent(text, [token], prompt_usage))
             if reason is not None:
                 self._finish(seq, reason)
 
@@ -295,12 +322,23 @@ class Engine:
         self._seqs.pop(seq.request_id, None)
         seq.usage.engine_s = time.monotonic() - seq.arrival
         seq.usage.finish_reason = seq.finish_reason = seq.finish_reason or "stop"
+        self._release_held(seq)
         seq.emit(FinishEvent(seq.usage, seq.finish_reason))
 
     def _fail(self, seq: Sequence, exc: BaseException) -> None:
         self.scheduler.finish(seq, "error")
         self._seqs.pop(seq.request_id, None)
+        self._release_held(seq)
         seq.emit(ErrorEvent(exc))
+
+    @staticmethod
+    def _release_held(seq: Sequence) -> None:
+        """The held tokens of a request that does not stream, as one event."""
+        if seq.held:
+            held, seq.held = seq.held, []
+            seq.emit(TokenEvent("".join(e.text for e in held),
+                                [t for e in held for t in e.token_ids],
+                                next((e.prompt_usage for e in held if e.prompt_usage), None)))
 
     def _shutdown(self) -> None:
         """Every stream still open ends with a ``cancelled`` finish, none hangs."""

@@ -27,6 +27,9 @@ class GenerateRequest:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     ttl_segments: list[tuple[int, float]] = field(default_factory=list)
     default_ttl_s: float | None = None
+    # False: the caller wants only the whole answer, so the engine sends the tokens as one
+    # TokenEvent just before the finish instead of one event (one wake-up) per token.
+    stream: bool = True
 
 
 @dataclass

@@ -45,6 +45,7 @@ class Sequence:
         self.first_token_at: float | None = None
         self.finish_reason: str | None = None
         self.emit: Callable[[Any], None] = lambda event: None  # set by the engine facade
+        self.held: list[Any] = []  # TokenEvents not yet sent (requests that do not stream)
 
     def __len__(self) -> int:
         return len(self.token_ids)

@@ -171,7 +171,7 @@ async def usage(request: web.Request) -> web.Response:
 async def cache_stats(request: web.Request) -> web.Response:
     """The cachestore snapshot as is, with its namespaces shown as tenants (id and name)."""
     state = state_of(request)
-    stats = dict(state.engine.cache_stats())
+    stats = dict(await state.engine.stats())
     namespaces = stats.pop("namespaces", None) or {}
     try:
         names = {tenant_namespace(t["id"]): (t["id"], t["name"])

@@ -90,6 +90,7 @@ class Generation:
         self._ttft_s: float | None = None
         self._billed = False
         self._failed = False
+        self._streaming = True  # False: run() wants the whole text, not token by token
 
     async def __aenter__(self) -> Generation:
         self._ticket = self.state.limiter.admit(self.principal, len(self.prompt_ids))
@@ -110,7 +111,7 @@ class Generation:
         return GenerateRequest(
             request_id=self.request_id, namespace=namespace_of(p),
             prompt_token_ids=self.prompt_ids, sampling=self.sampling,
-            ttl_segments=self.ttl_segments, default_ttl_s=float(ttl))
+            ttl_segments=self.ttl_segments, default_ttl_s=float(ttl), stream=self._streaming)
 
     async def stream(self) -> AsyncIterator[str]:
         """Text pieces as the engine makes them; billed before the iterator ends."""
@@ -149,6 +150,10 @@ class Generation:
             raise RuntimeError("engine stream ended without a FinishEvent")
 
     async def run(self) -> str:
+        """The whole answer, which the engine sends as one event at the end. A client that
+        leaves meanwhile gets its handler cancelled by the server; ``__aexit__`` then stops
+        the engine and bills what it generated as cancelled."""
+        self._streaming = False
         async for _ in self.stream():
             pass
         return "".join(self.text_parts)

@@ -123,3 +123,18 @@ def test_incremental_decoder_never_splits_a_character():
     assert "".join(deltas) == "é€x"
     assert all("\ufffd" not in d for d in deltas)
     assert deltas[0] == ""  # first byte of é alone is not text yet
+
+
+async def test_a_request_that_does_not_stream_gets_one_token_event(make_engine):
+    """stream=False: the same tokens and text as streaming, delivered as one event (one
+    wake-up of the asyncio side instead of one per token), first-token usage included."""
+    engine = await make_engine()
+    prompt = prompt_of(engine, "say it all at once")
+    streamed = GenerateRequest("s", "tenant:a", prompt, greedy(10))
+    whole = GenerateRequest("w", "tenant:a", prompt, greedy(10), stream=False)
+    ids, text, finish = await collect(engine, streamed)
+    events = [ev async for ev in engine.generate(whole)]
+    assert len(events) == 2
+    assert events[0].token_ids == ids and events[0].text == text
+    assert events[0].prompt_usage is not None
+    assert events[1].usage.completion_tokens == finish.usage.completion_tokens == 10

@@ -93,3 +93,34 @@ async def test_slow_reader_gets_the_whole_stream_and_one_bill(
     assert row["status"] == "ok"
     assert row["completion_tokens"] == usage["completion_tokens"]
     assert row["prompt_tokens"] == usage["prompt_tokens"]
+
+
+async def test_abandoned_plain_request_stops_the_engine_and_bills_partial_output(
+        server: KvgateServer, admin: Admin) -> None:
+    """A non-streamed request hears from the engine only at the end; its client leaving
+    still stops the engine early and bills what was generated."""
+    tenant = admin.tenant("vanish-plain")
+    candidates = [f"Write a very long essay, take {i}." for i in range(6)]
+    runs_long = await asyncio.gather(*(_greedy_runs_long(server.url, tenant.headers, t)
+                                       for t in candidates))
+    text = next((t for t, ok in zip(candidates, runs_long, strict=True) if ok), None)
+    assert text is not None, "no prompt ran to max_tokens"
+    budget = 2000  # far more than the engine makes before the client leaves
+    path, body = request_body("chat", text, budget, temperature=0)
+    before = set(server.ledger_rows(tenant.id))
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1.0)) as s:
+        try:
+            async with s.post(server.url + path, json=body, headers=tenant.headers) as r:
+                await r.read()
+            raise AssertionError(f"the request finished within a second: {r.status}")
+        except asyncio.TimeoutError:
+            pass  # the client gives up and its connection closes
+
+    def new_rows() -> list[dict]:
+        return [r for i, r in server.ledger_rows(tenant.id).items() if i not in before]
+
+    assert await _wait_for(lambda: len(new_rows()) == 1), "the abandoned request was not billed"
+    (row,) = new_rows()
+    assert row["status"] == "cancelled", row
+    assert 0 < row["completion_tokens"] < budget, row
+    assert await _wait_for(lambda: admin.cache_stats()["blocks"]["active"] == 0)
