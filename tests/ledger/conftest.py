@@ -1,63 +1,17 @@
-"""Ledger fixtures: a fresh SQLite file and a fresh PostgreSQL database per test.
-
-PostgreSQL is the real server (``KVGATE_TEST_PG_URL``, default the local ``test``
-database, trust auth); each test gets its own ``CREATE DATABASE`` so migrations start
-from nothing. Only an unreachable server skips, with the reason.
-"""
+"""Ledger fixtures: a fresh SQLite file and a fresh PostgreSQL database per test
+(``pg_url``, from ``tests/pg.py``: the real server; only an unreachable one skips)."""
 
 from __future__ import annotations
 
-import asyncio
 import itertools
-import os
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from datetime import datetime, timezone
 
-import asyncpg
 import pytest
 
 from gateway.ledger import Ledger, UsageEvent
-
-PG_URL = os.environ.get("KVGATE_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
-_pg_error: list[str] = []  # reachability, probed once per session
-
-
-def _pg_reachable() -> str | None:
-    if not _pg_error:
-        async def probe() -> None:
-            conn = await asyncpg.connect(PG_URL, timeout=3)
-            await conn.close()
-        try:
-            asyncio.run(probe())
-            _pg_error.append("")
-        except (OSError, asyncpg.PostgresError, asyncio.TimeoutError) as exc:
-            _pg_error.append(f"PostgreSQL at {PG_URL} unreachable: {exc!r}")
-    return _pg_error[0] or None
-
-
-def _pg_admin(sql: str) -> None:
-    async def run() -> None:
-        conn = await asyncpg.connect(PG_URL, timeout=5)
-        try:
-            await conn.execute(sql)
-        finally:
-            await conn.close()
-    asyncio.run(run())
-
-
-@pytest.fixture
-def pg_url() -> Iterator[str]:
-    reason = _pg_reachable()
-    if reason:
-        pytest.skip(reason)
-    name = f"kvgate_test_{uuid.uuid4().hex[:12]}"
-    _pg_admin(f'CREATE DATABASE "{name}"')
-    base, _, _ = PG_URL.rpartition("/")
-    try:
-        yield f"{base}/{name}".replace("postgresql://", "postgresql+asyncpg://", 1)
-    finally:
-        _pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+from tests.pg import pg_url  # noqa: F401  (a fixture)
 
 
 @pytest.fixture
