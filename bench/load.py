@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import random
 import re
@@ -43,6 +42,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.client import billed_usage, sse_events  # noqa: E402
 from bench.common import print_table, write_result  # noqa: E402
 from bench.load_server import OwnServer, experiment_prelude, ledger_commit_ms, print_profile  # noqa: E402
 
@@ -105,16 +105,6 @@ def timing(headers: Any, name: str) -> float | None:
     return float(m.group(1)) / 1000.0 if m else None
 
 
-def read_usage(kind: str, usage: dict[str, Any]) -> tuple[int, int, int]:
-    """(prompt tokens, cached tokens, completion tokens) from either API's usage."""
-    if kind == "messages":
-        cached = usage.get("cache_read_input_tokens", 0)
-        prompt = usage["input_tokens"] + cached + usage.get("cache_creation_input_tokens", 0)
-        return prompt, cached, usage["output_tokens"]
-    details = usage.get("prompt_tokens_details") or {}
-    return usage["prompt_tokens"], details.get("cached_tokens", 0), usage["completion_tokens"]
-
-
 async def one(session: aiohttp.ClientSession, url: str, key: str, path: str, body: dict,
               kind: str, scenario: str) -> tuple[Sample, str]:
     stream = bool(body.get("stream"))
@@ -143,19 +133,13 @@ async def one(session: aiohttp.ClientSession, url: str, key: str, path: str, bod
         else:
             sample.ttft_s = t_headers
             usage = {}
-            buf = b""
-            async for chunk in resp.content.iter_any():
-                buf += chunk
-                while b"\n\n" in buf:
-                    raw, buf = buf.split(b"\n\n", 1)
-                    for line in raw.decode().splitlines():
-                        if not line.startswith("data:") or line.endswith("[DONE]"):
-                            continue
-                        ev = json.loads(line[5:])
-                        if ev.get("usage") and ev.get("type") in (None, "message_delta"):
-                            usage = ev["usage"]
+            async for ev in sse_events(resp):
+                if (isinstance(ev, dict) and ev.get("usage")
+                        and ev.get("type") in (None, "message_delta")):  # not message_start's
+                    usage = ev["usage"]
         sample.total_s = time.perf_counter() - t0
-        sample.prompt_tokens, sample.cached_tokens, _ = read_usage(kind, usage)
+        billed = billed_usage(kind, usage)
+        sample.prompt_tokens, sample.cached_tokens = billed["prompt_tokens"], billed["cached_tokens"]
         return sample, text
 
 

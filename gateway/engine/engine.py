@@ -125,14 +125,23 @@ class Engine:
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[TokenEvent | FinishEvent]:
         """Token events, then one ``FinishEvent``. Leaving the loop early cancels the request."""
+        if self._thread is None:
+            raise RuntimeError("Engine.start() has not been awaited")
+        if request.request_id in self._active:
+            raise ValueError(f"request id {request.request_id!r} is already generating")
+        self.check(request)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[Event] = asyncio.Queue()
+        seq = Sequence(request, self.tokenizer)
 
         def emit(ev: Event) -> None:
             with contextlib.suppress(RuntimeError):  # a closed loop: nobody is listening
                 loop.call_soon_threadsafe(events.put_nowait, ev)
 
-        self.submit(request, emit)
+        seq.emit = emit
+        self._active.add(request.request_id)
+        self._submitted += 1
+        self._inbox.put(("add", seq))
         finished = False
         try:
             while True:
@@ -145,44 +154,12 @@ class Engine:
                     finished = True
                     return
         finally:
-            self.release(request.request_id)
+            self._active.discard(request.request_id)
             if not finished:
                 self.cancel(request.request_id)
 
-    def submit(self, request: GenerateRequest, emit: Callable[[Event], None]) -> None:
-        """Queue a request; its events go to ``emit``, called on the engine thread (the
-        last one a ``FinishEvent`` or an ``ErrorEvent``). Raises ``PromptTooLong`` /
-        ``EngineOverloaded`` before anything is queued. The caller that submits must be
-        the one thread that submits (it owns the ``_submitted`` count) and must
-        ``release(request_id)`` when the request's stream closes."""
-        if self._thread is None:
-            raise RuntimeError("Engine.start() has not been awaited")
-        if request.request_id in self._active:
-            raise ValueError(f"request id {request.request_id!r} is already generating")
-        self.check(request)
-        seq = Sequence(request, self.tokenizer)
-        seq.emit = emit
-        self._active.add(request.request_id)
-        self._submitted += 1
-        self._inbox.put(("add", seq))
-
-    def release(self, request_id: str) -> None:
-        self._active.discard(request_id)
-
     def cancel(self, request_id: str) -> None:
         self._inbox.put(("cancel", request_id))
-
-    def call_soon(self, fn: Callable[..., Any], *args: Any) -> concurrent.futures.Future[Any]:
-        """Runs ``fn`` on the engine thread (the store's owner); a future of its result."""
-        fut: concurrent.futures.Future[Any] = concurrent.futures.Future()
-        if self._thread is None:
-            try:
-                fut.set_result(fn(*args))
-            except Exception as exc:
-                fut.set_exception(exc)
-            return fut
-        self._inbox.put(("call", fn, args, fut))
-        return fut
 
     async def flush(self, namespace: str) -> int:
         return int(await self._call(self.store.flush, namespace))
@@ -192,7 +169,11 @@ class Engine:
 
     async def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Runs ``fn`` on the engine thread (the store's owner) and waits for its result."""
-        return await asyncio.wrap_future(self.call_soon(fn, *args))
+        if self._thread is None:
+            return fn(*args)
+        fut: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        self._inbox.put(("call", fn, args, fut))
+        return await asyncio.wrap_future(fut)
 
     def cache_stats(self) -> dict[str, Any]:
         """The store's figures read from the calling thread: for metrics scrapes, where a
@@ -336,9 +317,9 @@ class Engine:
         """The held tokens of a request that does not stream, as one event."""
         if seq.held:
             held, seq.held = seq.held, []
+            # the first token is held too, and it carries the prompt usage
             seq.emit(TokenEvent("".join(e.text for e in held),
-                                [t for e in held for t in e.token_ids],
-                                next((e.prompt_usage for e in held if e.prompt_usage), None)))
+                                [t for e in held for t in e.token_ids], held[0].prompt_usage))
 
     def _shutdown(self) -> None:
         """Every stream still open ends with a ``cancelled`` finish, none hangs."""

@@ -26,7 +26,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError, IntegrityError
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from . import db
 from .billing import Prices, UsageEvent, cost_micros
@@ -55,8 +55,7 @@ class GroupCommitter:
         self._closed = False
         dialect = engine.dialect.name
         self._insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-        self._sqlite = dialect == "sqlite"
-        path = engine.url.database if self._sqlite else None
+        path = engine.url.database if dialect == "sqlite" else None
         self._writer = _SqliteWriter(path) if path and path != ":memory:" else None
 
     def start(self) -> None:
@@ -145,63 +144,49 @@ class GroupCommitter:
             else:
                 fut.set_result(bool(outcome))
 
-    async def _write(self, events: list[UsageEvent], fast: bool = True
-                     ) -> list[bool | Exception]:
+    async def _write(self, events: list[UsageEvent]) -> list[bool | Exception]:
         if self._writer is not None:
             return await self._writer.write(events)
-        return await self._write_sqlalchemy(events, fast)
+        return await self._write_sqlalchemy(events)
 
-    async def _write_sqlalchemy(self, events: list[UsageEvent], fast: bool = True
-                                ) -> list[bool | Exception]:
-        """One transaction: price lookup, one multi-row idempotent insert, COMMIT.
-
-        Returns per event True (inserted now), False (request id already billed, in the
-        database or earlier in this batch) or an exception for that event alone.
-        """
-        try:
-            async with self.engine.begin() as conn:
-                rows = await conn.execute(
-                    select(Tenant.id, Plan.input_price, Plan.cache_read_price,
-                           Plan.cache_write_5m_price, Plan.cache_write_1h_price,
-                           Plan.output_price)
-                    .join(Plan, Tenant.plan_id == Plan.id)
-                    .where(Tenant.id.in_({e.tenant_id for e in events})))
-                prices = {r[0]: Prices(*r[1:]) for r in rows}
-                values: list[dict[str, Any]] = []
-                first_of: dict[str, int] = {}
-                for i, e in enumerate(events):
-                    if e.tenant_id not in prices or e.request_id in first_of:
-                        continue
-                    first_of[e.request_id] = i
-                    values.append(_row(e, cost_micros(e, prices[e.tenant_id])))
-                inserted: set[str] = set()
-                if values and fast and self._sqlite:
-                    inserted = await self._insert_all_new_sqlite(conn, values)
-                elif values:
-                    stmt = (self._insert(UsageRow.__table__)
-                            .on_conflict_do_nothing(index_elements=["request_id"])
-                            .returning(UsageRow.__table__.c.request_id))
-                    inserted = set((await conn.execute(stmt, values)).scalars().all())
-        except _AlreadyBilled:
-            return await self._write_sqlalchemy(events, fast=False)
-        out: list[bool | Exception] = []
-        for i, e in enumerate(events):
-            if e.tenant_id not in prices:
-                out.append(NotFound(f"tenant {e.tenant_id} does not exist"))
-            else:
-                out.append(first_of[e.request_id] == i and e.request_id in inserted)
+    async def _write_sqlalchemy(self, events: list[UsageEvent]) -> list[bool | Exception]:
+        """One transaction: price lookup, one multi-row idempotent insert, COMMIT."""
+        async with self.engine.begin() as conn:
+            rows = await conn.execute(
+                select(Tenant.id, Plan.input_price, Plan.cache_read_price,
+                       Plan.cache_write_5m_price, Plan.cache_write_1h_price,
+                       Plan.output_price)
+                .join(Plan, Tenant.plan_id == Plan.id)
+                .where(Tenant.id.in_({e.tenant_id for e in events})))
+            out, todo = _prepare(events, {r[0]: Prices(*r[1:]) for r in rows})
+            if todo:
+                stmt = (self._insert(UsageRow.__table__)
+                        .on_conflict_do_nothing(index_elements=["request_id"])
+                        .returning(UsageRow.__table__.c.request_id))
+                inserted = set((await conn.execute(stmt, [row for _, row in todo]))
+                               .scalars().all())
+                for i, row in todo:
+                    out[i] = row["request_id"] in inserted
         return out
 
-    async def _insert_all_new_sqlite(self, conn: AsyncConnection,
-                                     values: list[dict[str, Any]]) -> set[str]:
-        """SQLite fast path: the driver's own executemany (no per-row SQL building), which
-        reports only how many rows went in. All of them: done. Fewer: some request ids were
-        billed before, so roll back and take the RETURNING path that says which."""
-        params = [tuple(_sqlite_param(v[c]) for c in _COLUMNS) for v in values]
-        result = await conn.exec_driver_sql(_SQLITE_INSERT, params)
-        if result.rowcount != len(values):
-            raise _AlreadyBilled
-        return {v["request_id"] for v in values}
+
+def _prepare(events: list[UsageEvent], prices: dict[int, Prices]
+             ) -> tuple[list[bool | Exception], list[tuple[int, dict[str, Any]]]]:
+    """Per event, the answer so far: True (inserted now) is filled in by the insert; False
+    (request id already billed, in the database or earlier in this batch) or that event's
+    own error stand. And the rows to insert, each with its event's index."""
+    out: list[bool | Exception] = []
+    todo: list[tuple[int, dict[str, Any]]] = []
+    seen: set[str] = set()
+    for i, e in enumerate(events):
+        if e.tenant_id not in prices:
+            out.append(NotFound(f"tenant {e.tenant_id} does not exist"))
+            continue
+        out.append(False)
+        if e.request_id not in seen:
+            seen.add(e.request_id)
+            todo.append((i, _row(e, cost_micros(e, prices[e.tenant_id]))))
+    return out, todo
 
 
 class _SqliteWriter:
@@ -240,34 +225,20 @@ class _SqliteWriter:
             tenant_ids = sorted({e.tenant_id for e in events})
             rows = conn.execute(_SQLITE_PRICES.format(", ".join("?" * len(tenant_ids))),
                                 tenant_ids).fetchall()
-            prices = {r[0]: Prices(*r[1:]) for r in rows}
-            out: list[bool | Exception] = []
-            seen: set[str] = set()
-            for e in events:
-                if e.tenant_id not in prices:
-                    out.append(NotFound(f"tenant {e.tenant_id} does not exist"))
-                    continue
-                if e.request_id in seen:
-                    out.append(False)
-                    continue
-                seen.add(e.request_id)
-                row = _row(e, cost_micros(e, prices[e.tenant_id]))
+            out, todo = _prepare(events, {r[0]: Prices(*r[1:]) for r in rows})
+            for i, row in todo:
                 try:  # a failed statement rolls back alone; its neighbours stay
                     cur = conn.execute(_SQLITE_INSERT, [_sqlite_param(row[c]) for c in _COLUMNS])
                 except sqlite3.IntegrityError as exc:
-                    out.append(LedgerError(f"could not record usage: {exc}"))
+                    out[i] = LedgerError(f"could not record usage: {exc}")
                     continue
-                out.append(cur.rowcount == 1)
+                out[i] = cur.rowcount == 1
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise
         return out
-
-
-class _AlreadyBilled(Exception):
-    """Internal: a fast-path batch met a request id already in the ledger."""
 
 
 _COLUMNS = ("request_id", "tenant_id", "key_id", "model", "endpoint", "prompt_tokens",

@@ -13,13 +13,9 @@ from tests.harness.server import Admin, KvgateServer
 
 @pytest.fixture(scope="session")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KvgateServer]:
-    srv = KvgateServer(tmp_path_factory.mktemp("kvgate-shared"),
-                       device_cache_bytes=32 * 1024 * 1024)
-    srv.start()
-    try:
+    with KvgateServer(tmp_path_factory.mktemp("kvgate-shared"),
+                      device_cache_bytes=32 * 1024 * 1024) as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,6 @@ process, instead of an app object inside the test process.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
@@ -22,6 +21,11 @@ from typing import Any
 
 import aiohttp
 import requests
+
+from bench.client import billed_usage, sse_events
+
+__all__ = ["ADMIN_KEY", "Admin", "KvgateServer", "Outcome", "Tenant", "billed_usage", "request_body",
+           "send", "sse_events"]
 
 ROOT = Path(__file__).resolve().parents[2]
 ADMIN_KEY = "kvg_harness_admin_key_0123456789"
@@ -70,6 +74,12 @@ class KvgateServer:
         self.kill()
         raise RuntimeError("kvgate serve was not ready in time:\n"
                            + log_path.read_text(errors="replace")[-4000:])
+
+    def __enter__(self) -> KvgateServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
     def _ready(self) -> bool:
         try:
@@ -167,18 +177,6 @@ class Outcome:
     text: str = ""
 
 
-def billed_usage(kind: str, usage: dict[str, Any]) -> dict[str, int]:
-    """The client's usage in ledger terms (prompt = every input token)."""
-    if kind.startswith("messages"):
-        cached = usage["cache_read_input_tokens"]
-        write = usage["cache_creation_input_tokens"]
-        return {"prompt_tokens": usage["input_tokens"] + cached + write,
-                "cached_tokens": cached, "completion_tokens": usage["output_tokens"]}
-    return {"prompt_tokens": usage["prompt_tokens"],
-            "cached_tokens": usage["prompt_tokens_details"]["cached_tokens"],
-            "completion_tokens": usage["completion_tokens"]}
-
-
 def request_body(kind: str, text: str, max_tokens: int, **extra: Any) -> tuple[str, dict]:
     """kind: chat | completions | messages, with ``-stream`` for the SSE variant."""
     base, _, mode = kind.partition("-")
@@ -228,16 +226,3 @@ async def send(session: aiohttp.ClientSession, url: str, tenant: Tenant, kind: s
         except aiohttp.ClientError:
             pass  # the connection died; ``complete`` says whether the end marker came first
         return out
-
-
-async def sse_events(resp: aiohttp.ClientResponse) -> Any:
-    """``data:`` payloads of a server-sent event stream, JSON-decoded where they are JSON."""
-    buf = b""
-    async for chunk in resp.content.iter_any():
-        buf += chunk
-        while b"\n\n" in buf:
-            raw, buf = buf.split(b"\n\n", 1)
-            for line in raw.decode().splitlines():
-                if line.startswith("data:"):
-                    payload = line[5:].strip()
-                    yield payload if payload == "[DONE]" else json.loads(payload)

@@ -42,8 +42,7 @@ async def _traffic(url: str, tenant: object, outcomes: list[Outcome], stop: asyn
 
 
 async def test_sigkill_mid_traffic_bills_every_received_response_once(workdir: Path) -> None:
-    srv = KvgateServer(workdir, device_cache_bytes=8 * 1024 * 1024).start()
-    try:
+    with KvgateServer(workdir, device_cache_bytes=8 * 1024 * 1024) as srv:
         tenant = Admin(srv).tenant("crash")
         outcomes: list[Outcome] = []
         stop = asyncio.Event()
@@ -85,5 +84,3 @@ async def test_sigkill_mid_traffic_bills_every_received_response_once(workdir: P
                                 "messages": [{"role": "user", "content": "back again?"}]})
         assert r.status_code == 200
         assert r.headers["x-request-id"] in srv.ledger_rows(tenant.id)
-    finally:
-        srv.stop()

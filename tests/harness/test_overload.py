@@ -42,9 +42,8 @@ async def _watch(url: str, seen: list[dict], stop: asyncio.Event) -> None:
 async def test_four_times_oversubscribed_pool_degrades_politely(workdir: Path) -> None:
     blocks_per_prompt = -(-(PROMPT_CHARS + 16 + MAX_TOKENS) // BLOCK)
     pool_bytes = FITS * blocks_per_prompt * demo_page_bytes()
-    srv = KvgateServer(workdir, device_cache_bytes=pool_bytes,
-                       host_cache_bytes=pool_bytes).start()
-    try:
+    with KvgateServer(workdir, device_cache_bytes=pool_bytes,
+                      host_cache_bytes=pool_bytes) as srv:
         tenants = [Admin(srv).tenant("burst") for _ in range(2)]
         rng = random.Random(7)
         seen: list[dict] = []
@@ -85,5 +84,3 @@ async def test_four_times_oversubscribed_pool_degrades_politely(workdir: Path) -
         r = requests.post(srv.url + "/v1/completions", headers=tenants[0].headers, timeout=60,
                           json={"model": "demo", "max_tokens": 2, "prompt": "still there?"})
         assert r.status_code == 200
-    finally:
-        srv.stop()

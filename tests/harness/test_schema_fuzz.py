@@ -46,13 +46,9 @@ def _operations() -> list[tuple[str, str]]:
 
 @pytest.fixture(scope="module")
 def fuzz_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KvgateServer]:
-    srv = KvgateServer(tmp_path_factory.mktemp("kvgate-fuzz"),
-                       device_cache_bytes=16 * 1024 * 1024, default_max_tokens=4)
-    srv.start()
-    try:
+    with KvgateServer(tmp_path_factory.mktemp("kvgate-fuzz"),
+                      device_cache_bytes=16 * 1024 * 1024, default_max_tokens=4) as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 @pytest.fixture(scope="module")
