@@ -39,6 +39,7 @@ def test_tiny_temperature_and_zero_top_p_are_argmax_not_nan():
     for temperature in (6e-5, 1e-6, 1e-30):
         assert sample(logits, SamplingParams(temperature=temperature), gen) == 1
     assert sample(logits, SamplingParams(top_p=0), gen) == 1
+    assert sample(logits, SamplingParams(top_p=2.2e-313), gen) == 1  # fuzzer: 0 in fp32
     # large logits at an ordinary temperature: shifted, so still a valid distribution
     assert {sample(logits, SamplingParams(temperature=2e3), gen) for _ in range(50)} <= {1, 3}
 
