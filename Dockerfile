@@ -2,10 +2,11 @@
 #
 # kvgate server image.
 #   GPU (default):  docker build -t kvgate .
-#   CPU only:       docker build -t kvgate:cpu --build-arg DEVICE=cpu \
-#                       --build-arg TORCH_INDEX_URL=<PyTorch's CPU wheel index> .
-# Without TORCH_INDEX_URL pip installs torch's default Linux wheel, which also runs on
-# CPU but carries the CUDA libraries (several GiB).
+#   CPU only:       docker build -t kvgate:cpu --build-arg DEVICE=cpu .
+# The CPU build takes torch's CPU wheel from PyTorch's CPU index, an extra index beside
+# the default one; torch's default Linux wheel would run too, but carries the CUDA
+# libraries (several GiB). --build-arg TORCH_INDEX_URL=URL names another extra index for
+# torch (either build); an empty one (TORCH_INDEX_URL=) leaves only the default index.
 ARG DEVICE=cuda
 ARG CUDA_IMAGE=nvidia/cuda:12.8.1-base-ubuntu24.04
 ARG CPU_IMAGE=python:3.11-slim-bookworm
@@ -15,6 +16,7 @@ ARG CPU_IMAGE=python:3.11-slim-bookworm
 # compiles its launchers at run time: keep a C compiler and the Python headers.
 # Packages follow the base image's release rather than pinned versions.
 FROM ${CUDA_IMAGE} AS base-cuda
+ARG TORCH_INDEX_URL=""
 ENV DEBIAN_FRONTEND=noninteractive
 # hadolint ignore=DL3008
 RUN apt-get update \
@@ -22,15 +24,17 @@ RUN apt-get update \
         ca-certificates gcc libc6-dev python3 python3-dev python3-venv \
     && rm -rf /var/lib/apt/lists/*
 RUN python3 -m venv /opt/venv
-ENV KVGATE_EXTRAS="[triton]"
+ENV KVGATE_EXTRAS="[triton]" \
+    TORCH_EXTRA_INDEX_URL="${TORCH_INDEX_URL}"
 
 FROM ${CPU_IMAGE} AS base-cpu
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 RUN python3 -m venv /opt/venv
-ENV KVGATE_EXTRAS=""
+ENV KVGATE_EXTRAS="" \
+    TORCH_EXTRA_INDEX_URL="${TORCH_INDEX_URL}"
 
 # hadolint ignore=DL3006
 FROM base-${DEVICE} AS runtime
-ARG TORCH_INDEX_URL=""
 ARG TORCH_VERSION=2.13.0
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
@@ -39,8 +43,9 @@ ENV PATH=/opt/venv/bin:$PATH \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
 # torch first, in its own layer: it is most of the image and changes least often.
-RUN if [ -n "$TORCH_INDEX_URL" ]; then \
-        pip install --index-url "$TORCH_INDEX_URL" "torch==${TORCH_VERSION}"; \
+# From both indexes pip takes the highest match, 2.13.0+cpu over PyPI's 2.13.0.
+RUN if [ -n "$TORCH_EXTRA_INDEX_URL" ]; then \
+        pip install --extra-index-url "$TORCH_EXTRA_INDEX_URL" "torch==${TORCH_VERSION}"; \
     else \
         pip install "torch==${TORCH_VERSION}"; \
     fi

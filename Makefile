@@ -1,36 +1,74 @@
-# kvgate: `make test` and `make run` work on a fresh clone.
+# kvgate: `make run` and `make test` work on a fresh clone.
+#
+#   make run [ARGS="--port 9000 --model PATH"]   serve (installs what serving needs)
+#   make test [PYTEST_ARGS=tests/ledger]         test (adds the test extras)
+#   make lint | bench | clean
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.kvgate-installed
-TORCH_CPU_VERSION ?= 2.13.0
+PIP := $(BIN)/python -m pip
+ARGS ?=
 PYTEST_ARGS ?=
+LINT_PATHS := gateway cachestore kernels tests bench migrations
 
-.PHONY: test run lint bench clean venv
+# Without a GPU, torch's CPU build comes first so pip does not fetch the CUDA build and its
+# CUDA packages (GBs). PyTorch's CPU index is an *extra* index: a torch wheel pip already
+# finds (find-links, configured indexes or mirror) still counts, and with --retries 0 an
+# index that cannot be reached costs a warning, not minutes of retries.
+TORCH_CPU_VERSION ?= 2.13.0
+TORCH_INDEX_URL ?= https://download.pytorch.org/whl/cpu
 
-venv: $(STAMP)
+# What the venv holds, one stamp per set, each re-made when pyproject.toml changes. The
+# test stamp keeps the name of this Makefile's former single stamp (serving + test
+# extras), so a venv made before the split is used as it is.
+RUN_STAMP := $(VENV)/.kvgate-run
+TEST_STAMP := $(VENV)/.kvgate-installed
 
-$(STAMP): pyproject.toml
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	@# Without a GPU, take the CPU build of torch first so pip does not pull CUDA packages.
-	if ! command -v nvidia-smi >/dev/null 2>&1 && ! $(BIN)/python -c "import torch" 2>/dev/null; then \
-		$(BIN)/python -m pip install -q "torch==$(TORCH_CPU_VERSION)"; fi
-	$(BIN)/python -m pip install -q -e '.[test]'
-	touch $(STAMP)
+.PHONY: run test lint bench clean venv venv-run venv-test
 
-test: $(STAMP)
+run: $(RUN_STAMP)
+	$(BIN)/kvgate serve $(ARGS)
+
+test: $(TEST_STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-run: $(STAMP)
-	$(BIN)/kvgate serve
+# ruff over everything; mypy over the packages (its settings are in pyproject.toml).
+lint: $(TEST_STAMP)
+	$(BIN)/ruff check $(LINT_PATHS)
+	$(BIN)/python -m mypy
 
-lint: $(STAMP)
-	$(BIN)/ruff check gateway cachestore kernels tests bench migrations
+bench: $(TEST_STAMP)
+	for b in hashing policy ledger ttft load kernels; do \
+		test -f bench/$$b.py && $(BIN)/python -m bench.$$b || exit 1; done
 
-bench: $(STAMP)
-	for b in bench/hashing.py bench/policy.py bench/ledger.py bench/ttft.py bench/load.py bench/kernels.py; do \
-		test -f $$b && $(BIN)/python $$b || exit 1; done
+venv: venv-test
+venv-run: $(RUN_STAMP)
+venv-test: $(TEST_STAMP)
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+# Serving only: torch, then the project and its runtime dependencies (no test extras).
+# A venv whose test stamp is current already has all of it: take that stamp's time, so
+# neither set is installed again.
+$(RUN_STAMP): pyproject.toml | $(BIN)/python
+	@if [ -f $(TEST_STAMP) ] && [ $(TEST_STAMP) -nt pyproject.toml ]; then \
+		echo "$(VENV) already has kvgate and its test extras"; touch -r $(TEST_STAMP) $@; exit 0; fi; \
+	set -e; \
+	if ! command -v nvidia-smi >/dev/null 2>&1 && ! $(BIN)/python -c "import torch" 2>/dev/null; then \
+		echo "No GPU found: torch's CPU build first"; \
+		echo "$(PIP) install --retries 0 --extra-index-url $(TORCH_INDEX_URL) torch==$(TORCH_CPU_VERSION)"; \
+		$(PIP) install --retries 0 --extra-index-url "$(TORCH_INDEX_URL)" "torch==$(TORCH_CPU_VERSION)"; \
+	fi; \
+	echo "$(PIP) install -e ."; \
+	$(PIP) install -e .; \
+	touch $@
+
+# The test extras on top: pip installs only what the serving set lacks.
+$(TEST_STAMP): pyproject.toml $(RUN_STAMP)
+	$(PIP) install -e '.[test]'
+	touch $@
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

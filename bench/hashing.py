@@ -1,19 +1,15 @@
 """How long hashing one 128k-token prompt into chained block hashes takes (goal ≤ 2 ms).
 
-Run: ``python bench/hashing.py``. Median of many runs, input as a numpy array (what the
+Run: ``python -m bench.hashing``. Median of many runs, input as a numpy array (what the
 engine holds after tokenising) and as a Python list, block size 16.
 """
 
 from __future__ import annotations
 
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import print_table, write_result
 from cachestore.hashing import block_hashes, root_digest

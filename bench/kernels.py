@@ -11,7 +11,7 @@ scattered page ids) are measured against one plain contiguous pinned copy of the
 Goals (issue 3): decode ≥ 80% of copy bandwidth at long context and no slower than SDPA;
 page copy ≥ 85% of the plain pinned copy. Writes ``bench/results/kernels-<gpu>.json``.
 
-Run: ``python bench/kernels.py``. On a machine without CUDA it says so and exits 0.
+Run: ``python -m bench.kernels``. On a machine without CUDA it says so and exits 0.
 """
 
 from __future__ import annotations
@@ -19,18 +19,13 @@ from __future__ import annotations
 import re
 import sys
 from collections.abc import Callable
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-# This file is itself named ``kernels``: put the repository, not bench/, first on the path.
-sys.path[0] = str(ROOT)
+import torch
+import torch.nn.functional as F
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-import kernels  # noqa: E402
-from bench.common import print_table, write_result  # noqa: E402
-from kernels import KVLayout  # noqa: E402
+import kernels
+from bench.common import print_table, write_result
+from kernels import KVLayout
 
 DTYPE = torch.bfloat16
 BLOCK_SIZE = 16

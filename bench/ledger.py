@@ -4,7 +4,7 @@ Each `record` returns only after its transaction committed (SQLite: WAL, synchro
 so every COMMIT is an fsync). Many concurrent callers share commits; one caller alone
 shows what a commit costs without batching. Also times usage reports over a larger table.
 
-    python bench/ledger.py [--events 20000] [--concurrency 200] [--report-rows 200000]
+Run: ``python -m bench.ledger [--events 20000] [--concurrency 200] [--report-rows 200000]``.
 
 Prints a table and writes bench/results/ledger.json.
 """
@@ -28,6 +28,7 @@ import asyncpg
 
 from gateway.ledger import Ledger, UsageEvent
 from gateway.ledger.models import UsageRow
+from gateway.usage import Usage
 
 RESULTS = Path(__file__).resolve().parent / "results" / "ledger.json"
 START = datetime(2026, 1, 1, tzinfo=timezone.utc)
@@ -36,7 +37,7 @@ START = datetime(2026, 1, 1, tzinfo=timezone.utc)
 def _event(tenant_id: int, n: int, tag: str) -> UsageEvent:
     t = START + timedelta(seconds=n)
     return UsageEvent(f"{tag}-{n}", tenant_id, None, f"model-{n % 3}", "chat.completions",
-                      1000 + n % 500, 512, 256, 0, 100 + n % 50, "ok", t, t, 20)
+                      Usage(1000 + n % 500, 512, {300: 256}, 100 + n % 50), "ok", t, t, 20)
 
 
 async def _throughput(ledger: Ledger, tenant_id: int, events: int, concurrency: int,

@@ -15,8 +15,8 @@ by ``--requests`` and ``--duration``; loopback only.
 
 Goal: overhead p50 ≤ 1 ms and p99 ≤ 5 ms at 64 concurrent clients.
 
-Run: ``python bench/load.py`` (starts its own server on a temporary SQLite ledger), or
-``python bench/load.py --url http://127.0.0.1:8000`` with ``KVGATE_ADMIN_KEY`` set.
+Run: ``python -m bench.load`` (starts its own server on a temporary SQLite ledger), or
+``python -m bench.load --url http://127.0.0.1:8000`` with ``KVGATE_ADMIN_KEY`` set.
 ``--profile`` runs the server it starts under cProfile and prints the event loop's top
 functions. Writes ``bench/results/load.json``.
 """
@@ -28,7 +28,6 @@ import asyncio
 import os
 import random
 import re
-import secrets
 import sys
 import time
 from dataclasses import dataclass
@@ -39,12 +38,9 @@ from urllib.parse import urlparse
 import aiohttp
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from bench.client import billed_usage, sse_events  # noqa: E402
-from bench.common import print_table, write_result  # noqa: E402
-from bench.load_server import OwnServer, experiment_prelude, ledger_commit_ms, print_profile  # noqa: E402
+from bench.common import print_table, write_result
+from bench.load_server import experiment_prelude, ledger_commit_ms, print_profile
+from tests.support import Admin, ProcessServer, aiter_sse, billed_usage, final_usage, request_body
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 KINDS = ("chat", "completions", "messages")
@@ -72,32 +68,6 @@ class Sample:
 
 def words(rng: random.Random, n: int) -> str:
     return " ".join(rng.choice(WORDS) for _ in range(n))
-
-
-def build(kind: str, stream: bool, system: str, turns: list[tuple[str, str]],
-          max_tokens: int) -> tuple[str, dict[str, Any]]:
-    if kind == "completions":
-        text = system + "".join(f"\nQ: {q}\nA: {a}" for q, a in turns)
-        body: dict[str, Any] = {"model": "demo", "prompt": text, "max_tokens": max_tokens}
-        path = "/v1/completions"
-    else:
-        messages: list[dict[str, str]] = []
-        for q, a in turns:
-            messages.append({"role": "user", "content": q})
-            if a:
-                messages.append({"role": "assistant", "content": a})
-        body = {"model": "demo", "messages": messages, "max_tokens": max_tokens}
-        if kind == "chat":
-            body["messages"] = [{"role": "system", "content": system}, *messages]
-            path = "/v1/chat/completions"
-        else:
-            body["system"] = system
-            path = "/v1/messages"
-    if stream:
-        body["stream"] = True
-        if kind != "messages":
-            body["stream_options"] = {"include_usage": True}
-    return path, body
 
 
 def timing(headers: Any, name: str) -> float | None:
@@ -133,10 +103,9 @@ async def one(session: aiohttp.ClientSession, url: str, key: str, path: str, bod
         else:
             sample.ttft_s = t_headers
             usage = {}
-            async for ev in sse_events(resp):
-                if (isinstance(ev, dict) and ev.get("usage")
-                        and ev.get("type") in (None, "message_delta")):  # not message_start's
-                    usage = ev["usage"]
+            async for ev in aiter_sse(resp):
+                if not ev.done and (final := final_usage(ev.payload)) is not None:
+                    usage = dict(final)
         sample.total_s = time.perf_counter() - t0
         billed = billed_usage(kind, usage)
         sample.prompt_tokens, sample.cached_tokens = billed["prompt_tokens"], billed["cached_tokens"]
@@ -154,18 +123,20 @@ async def client(i: int, session: aiohttp.ClientSession, url: str, tenants: list
         scenario = rng.choice(("shared", "conversation", "conversation", "one-off"))
         kind = rng.choice(KINDS)
         stream = rng.random() < 0.5
+        history: list[tuple[str, str]] = []
         if scenario == "one-off":
             system = f"{rng.random():.12f} " + words(rng, 60)
-            convo = [(words(rng, 8), "")]
+            question = words(rng, 8)
         elif scenario == "shared":
             system = tenant["system"]
-            convo = [(words(rng, 8), "")]
+            question = words(rng, 8)
         else:
             system = tenant["system"]
             if len(turns) >= 4:
                 turns = []
-            convo = [*turns, (f"client {i}: " + words(rng, 8), "")]
-        path, body = build(kind, stream, system, convo, args.max_tokens)
+            history, question = turns, f"client {i}: " + words(rng, 8)
+        path, body = request_body(f"{kind}-stream" if stream else kind, question,
+                                  args.max_tokens, system=system, history=history)
         try:
             sample, reply = await one(session, url, tenant["key"], path, body, kind, scenario)
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
@@ -174,24 +145,15 @@ async def client(i: int, session: aiohttp.ClientSession, url: str, tenants: list
             continue
         samples.append(sample)
         if scenario == "conversation" and sample.status == 200:
-            turns = [*convo[:-1], (convo[-1][0], reply or "ok")]
+            turns = [*history, (question, reply or "ok")]
 
 
-async def setup_tenants(session: aiohttp.ClientSession, url: str, admin_key: str,
-                        n: int, rng: random.Random) -> list[dict]:
-    headers = {"Authorization": f"Bearer {admin_key}"}
+def setup_tenants(admin: Admin, n: int, rng: random.Random) -> list[dict]:
     out = []
     for t in range(n):
-        name = f"load-{secrets.token_hex(4)}"
-        async with session.post(url + "/admin/tenants", json={"name": name},
-                                headers=headers) as r:
-            r.raise_for_status()
-            tid = (await r.json())["id"]
-        async with session.post(url + f"/admin/tenants/{tid}/keys", headers=headers) as r:
-            r.raise_for_status()
-            key = (await r.json())["key"]
-        system = f"You are assistant number {t} of tenant {name}. " + words(rng, 90)
-        out.append({"id": tid, "key": key, "system": system})
+        tenant = admin.tenant("load")
+        system = f"You are assistant number {t} of tenant {tenant.name}. " + words(rng, 90)
+        out.append({"id": tenant.id, "key": tenant.key, "system": system})
     return out
 
 
@@ -206,7 +168,8 @@ async def probe_unloaded(session: aiohttp.ClientSession, url: str, tenant: dict,
         stream = n % 2 == 0
         text = f"{rng.random():.12f} " + words(rng, 120)
         for label in ("miss", "hit"):
-            path, body = build("chat", stream, text, [("probe", "")], args.max_tokens)
+            path, body = request_body("chat-stream" if stream else "chat", "probe",
+                                      args.max_tokens, system=text)
             sample, _ = await one(session, url, tenant["key"], path, body, "chat", "probe")
             if sample.status != 200:
                 continue
@@ -290,26 +253,29 @@ def summarize(samples: list[Sample], wall_s: float, args: argparse.Namespace) ->
 
 
 async def main(args: argparse.Namespace) -> int:
-    own: OwnServer | None = None
-    admin_key = args.admin_key or os.environ.get("KVGATE_ADMIN_KEY", "")
+    own: ProcessServer | None = None
     if args.url:
         host = urlparse(args.url).hostname or ""
         if host not in LOOPBACK:
             raise SystemExit(f"--url must be a loopback address (got {host!r})")
+        admin_key = args.admin_key or os.environ.get("KVGATE_ADMIN_KEY", "")
         if not admin_key:
             raise SystemExit("set KVGATE_ADMIN_KEY (or --admin-key) to create tenants")
-        url = args.url.rstrip("/")
+        admin = Admin(args.url.rstrip("/"), admin_key)
     else:
-        admin_key = "kvg_load_" + secrets.token_hex(16)
-        own = OwnServer(args, admin_key)
+        own = ProcessServer(profile=args.profile, prelude=experiment_prelude(args),
+                            device_cache_bytes=args.device_cache_bytes,
+                            host_cache_bytes=args.host_cache_bytes, max_queue=1024)
     try:
         if own is not None:
-            url = await own.ready()
+            await asyncio.to_thread(own.start)
+            admin = own.admin
+        url = admin.url
         rng = random.Random(args.seed)
+        tenants = setup_tenants(admin, args.tenants, rng)
         timeout = aiohttp.ClientTimeout(total=args.duration + 60)
         connector = aiohttp.TCPConnector(limit=args.clients)
         async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
-            tenants = await setup_tenants(session, url, admin_key, args.tenants, rng)
             samples: list[Sample] = []
             budget = [args.requests]
             t0 = time.monotonic()
@@ -320,9 +286,17 @@ async def main(args: argparse.Namespace) -> int:
             ledger_ms = await ledger_commit_ms(session, url)
             unloaded = await probe_unloaded(session, url, tenants[0], args) if args.probes \
                 else {}
+        if own is not None:
+            own.stop()  # before the report: the profile is written as the server exits
+        report(args, samples, wall, ledger_ms, unloaded, own)
     finally:
         if own is not None:
-            own.stop()
+            own.close()
+    return 0
+
+
+def report(args: argparse.Namespace, samples: list[Sample], wall: float,
+           ledger_ms: float | None, unloaded: dict[str, Any], own: ProcessServer | None) -> None:
     result = summarize(samples, wall, args)
     result["ledger_commit_mean_ms"] = ledger_ms
     result.update(unloaded)
@@ -339,11 +313,10 @@ async def main(args: argparse.Namespace) -> int:
     result["notes"] = NOTES
     if not args.no_write:
         write_result("load", result)
-    if own is not None and args.profile:
-        print_profile(own.prof, args.profile_top)
-        if args.profile_out and own.prof.exists():
-            Path(args.profile_out).write_bytes(own.prof.read_bytes())
-    return 0
+    if own is not None and own.profile_path is not None:
+        print_profile(own.profile_path, args.profile_top)
+        if args.profile_out and own.profile_path.exists():
+            Path(args.profile_out).write_bytes(own.profile_path.read_bytes())
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -1,6 +1,6 @@
 """The cache policy against Belady's offline optimum, on a synthetic and two real traces.
 
-Run: ``python bench/policy.py``. Every request is replayed through the real ``CacheStore``
+Run: ``python -m bench.policy``. Every request is replayed through the real ``CacheStore``
 (a tiny page layout, so pages cost nothing; device tier only, no host tier, because the
 optimum it is compared with has one tier): match, allocate, commit, release at the
 request's arrival time on the store's injected clock, so TTLs expire as they would.
@@ -22,15 +22,12 @@ from __future__ import annotations
 import heapq
 import json
 import math
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import print_table, write_result
 from cachestore import CacheStore

@@ -16,7 +16,7 @@ asyncio side (submit → first token event), through the real engine thread.
 Goals on a CPU: speedup = miss / hit_device ≥ 15 on the demo model; hit_device ≤ 1.5 ×
 floor; miss ≤ 1.2 × hf_prefill. Writes ``bench/results/ttft.json`` (``ttft-<gpu>.json`` on CUDA).
 
-Run: ``python bench/ttft.py [--shapes demo,bench] [--reps 3]``.
+Run: ``python -m bench.ttft [--shapes demo,bench] [--reps 3]``.
 """
 
 from __future__ import annotations
@@ -25,21 +25,16 @@ import argparse
 import asyncio
 import re
 import statistics
-import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import torch
 
-import torch  # noqa: E402
-
-from bench.common import print_table, write_result  # noqa: E402
-from gateway.engine import EngineConfig, GenerateRequest, SamplingParams, TokenEvent  # noqa: E402
-from gateway.engine.demo import build_model  # noqa: E402
-from gateway.engine.engine import Engine  # noqa: E402
-from gateway.engine.loader import load_model  # noqa: E402
-from kernels.layout import KVLayout  # noqa: E402
+from bench.common import print_table, write_result
+from gateway.engine import EngineConfig, GenerateRequest, SamplingParams, TokenEvent
+from gateway.engine.demo import build_model
+from gateway.engine.engine import Engine
+from gateway.engine.loader import load_model
+from kernels.layout import KVLayout
 
 PREFIX, SUFFIX, BLOCK = 2048, 32, 16
 
@@ -91,10 +86,10 @@ async def measure(shape: str, reps: int) -> dict[str, float]:
             t, cached = await ttft(engine, f"miss{i}", f"cold:{i}", tokens(1000 + i, PREFIX) + next(suffixes))
             assert cached == 0
             times["miss"].append(t)
-            before = engine.cache_stats()["promotions"]["count"]
+            before = engine.cache_stats().as_dict()["promotions"]["count"]
             t, cached = await ttft(engine, f"hith{i}", "warm", prefix + next(suffixes))
             assert cached == PREFIX, cached
-            assert engine.cache_stats()["promotions"]["count"] - before >= PREFIX // BLOCK - 4
+            assert engine.cache_stats().as_dict()["promotions"]["count"] - before >= PREFIX // BLOCK - 4
             times["hit_host"].append(t)
             t, cached = await ttft(engine, f"hitd{i}", "warm", prefix + next(suffixes))
             assert cached == PREFIX, cached

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Final, Literal
 
-DEVICE = "device"
-HOST = "host"
+Tier = Literal["device", "host"]
+BlockState = Literal["active", "cached", "offloaded"]
 
-
-def ttl_class(ttl_s: float) -> str:
-    """Billing class of a cache write: Anthropic's two prices, 5 minutes and 1 hour."""
-    return "1h" if ttl_s > 300 else "5m"
+DEVICE: Final = "device"
+HOST: Final = "host"
+TIERS: Final[tuple[Tier, Tier]] = (DEVICE, HOST)
 
 
 @dataclass(eq=False)  # identity semantics: blocks live in sets and ordered dicts
@@ -19,6 +19,8 @@ class Block:
 
     ``tokens`` (little-endian u32 bytes) is kept so a hit can be verified; ``parent`` makes
     the chain explicit, so a match checks identity of the whole prefix, not only a hash.
+    ``tier`` and ``page`` change only through the index (``PrefixIndex.move``), which
+    keeps the count of idle device blocks true.
     """
 
     hash: bytes
@@ -26,7 +28,7 @@ class Block:
     namespace: str
     tokens: bytes
     depth: int
-    tier: str
+    tier: Tier
     page: int
     ttl_s: float
     expires_at: float = 0.0
@@ -37,7 +39,7 @@ class Block:
     children: set[Block] = field(default_factory=set)
 
     @property
-    def state(self) -> str:
+    def state(self) -> BlockState:
         if self.tier == HOST:
             return "offloaded"
         return "active" if self.ref_count > 0 else "cached"

@@ -21,9 +21,11 @@ from array import array
 from collections.abc import Callable, Sequence
 
 import numpy as np
+import torch
 import xxhash
 
 HashFn = Callable[[bytes], bytes]
+TokenIds = Sequence[int] | np.ndarray | torch.Tensor
 
 DOMAIN_TAG = b"kvgate/prefix-block/v1"
 DIGEST_BYTES = 16
@@ -42,13 +44,13 @@ def root_digest(model_id: str, adapter_id: str, namespace: str) -> bytes:
     return xxh3_128(b"".join(_field(p) for p in parts))
 
 
-def token_bytes(token_ids: Sequence[int] | np.ndarray) -> bytes:
+def token_bytes(token_ids: TokenIds) -> bytes:
     """Token ids as little-endian u32 bytes, converted in one vectorised step.
 
     Lists go through ``array('I')`` (about 3x faster than numpy on Python ints); arrays and
     tensors through numpy. Ids outside ``[0, 2**32)`` raise instead of wrapping silently.
     """
-    if hasattr(token_ids, "numpy"):  # a torch tensor
+    if isinstance(token_ids, torch.Tensor):
         token_ids = token_ids.detach().cpu().numpy()
     if isinstance(token_ids, np.ndarray):
         if token_ids.size and (token_ids.min() < 0 or token_ids.max() >= 2**32):
@@ -81,7 +83,7 @@ def chain_hashes(
 
 def block_hashes(
     parent: bytes,
-    token_ids: Sequence[int] | np.ndarray,
+    token_ids: TokenIds,
     block_size: int,
     hash_fn: HashFn = xxh3_128,
 ) -> list[bytes]:

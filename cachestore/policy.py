@@ -1,12 +1,13 @@
 """What to evict: segmented LRU with a ghost list over idle blocks per tier, deepest first; TTL; quotas; pins.
 
-The policy never touches pages; it orders blocks and answers "who goes next". The store
-asks it and does the moving.
+The policy never touches pages; it orders blocks and answers "who goes next". The index
+tells it when a block turns idle or active again (``PrefixIndex.ref``/``unref``); the
+store and the tier moves ask it for victims and do the moving.
 
 - LRU: a block enters its tier's order when it becomes idle (refcount 0) or is demoted.
-  The store adds a released chain deepest block first, so among blocks last used at the
-  same moment the extension goes before its prefix; a hit on a child always touches its
-  parent too, so a prefix never ages faster than its extensions.
+  A released chain is added deepest block first (``PrefixIndex.unref``), so among blocks
+  last used at the same moment the extension goes before its prefix; a hit on a child
+  always touches its parent too, so a prefix never ages faster than its extensions.
 - Segmented: the order is split in two, as in SLRU. Blocks never reused since they were
   written (one-off documents, fresh conversation tails) are evicted before blocks that
   were reused (system prompts, conversation prefixes); the reused segment is capped at
@@ -33,7 +34,7 @@ import heapq
 import itertools
 from collections import OrderedDict, defaultdict
 
-from cachestore.block import DEVICE, HOST, Block
+from cachestore.block import DEVICE, HOST, Block, Tier
 
 
 class EvictionPolicy:
@@ -41,10 +42,11 @@ class EvictionPolicy:
         # Segmented LRU: blocks never reused wait in ``_probation`` and go first; reused ones
         # (shared system prompts, conversation prefixes) sit in ``_protected``, capped at a
         # share of the tier so stale favourites age back into probation.
-        self._probation: dict[str, OrderedDict[Block, None]] = {DEVICE: OrderedDict(), HOST: OrderedDict()}
-        self._protected: dict[str, OrderedDict[Block, None]] = {DEVICE: OrderedDict(), HOST: OrderedDict()}
-        self._protected_cap = {DEVICE: int(device_pages * protected), HOST: int(host_pages * protected)}
-        self._ns_lru: dict[str, dict[str, OrderedDict[Block, None]]] = {
+        self._probation: dict[Tier, OrderedDict[Block, None]] = {DEVICE: OrderedDict(), HOST: OrderedDict()}
+        self._protected: dict[Tier, OrderedDict[Block, None]] = {DEVICE: OrderedDict(), HOST: OrderedDict()}
+        self._protected_cap: dict[Tier, int] = {
+            DEVICE: int(device_pages * protected), HOST: int(host_pages * protected)}
+        self._ns_lru: dict[Tier, defaultdict[str, OrderedDict[Block, None]]] = {
             DEVICE: defaultdict(OrderedDict),
             HOST: defaultdict(OrderedDict),
         }
@@ -54,7 +56,7 @@ class EvictionPolicy:
         self._expiry: list[tuple[float, int, Block]] = []
         self._tick = itertools.count()
         self.quotas: dict[str, int] = {}
-        self.pins: dict[str, set[bytes]] = defaultdict(set)
+        self.pins: defaultdict[str, set[bytes]] = defaultdict(set)
 
     # -- LRU ---------------------------------------------------------------------------
     def add(self, block: Block) -> None:
@@ -108,10 +110,10 @@ class EvictionPolicy:
             if not ns_order:
                 del self._ns_lru[block.tier][block.namespace]
 
-    def num_evictable(self, tier: str) -> int:
+    def num_evictable(self, tier: Tier) -> int:
         return len(self._probation[tier]) + len(self._protected[tier])
 
-    def victim(self, tier: str) -> Block | None:
+    def victim(self, tier: Tier) -> Block | None:
         """The next idle block of ``tier`` to go (not removed): LRU of probation, then protected."""
         for order in (self._probation[tier], self._protected[tier]):
             if order:
@@ -148,7 +150,7 @@ class EvictionPolicy:
 
     def is_pinned(self, namespace: str, block_hash: bytes) -> bool:
         pins = self.pins.get(namespace)
-        return bool(pins) and block_hash in pins
+        return pins is not None and block_hash in pins
 
 
 def is_expired(block: Block, now: float) -> bool:

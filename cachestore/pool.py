@@ -1,7 +1,7 @@
 """Page pools: the memory of one tier and which of its pages are free.
 
 A pool is bookkeeping only (a tensor and a free list); what a used page holds and when it
-may go is the store's and the policy's business, as in vLLM v1's ``block_pool``.
+may go is the index's and the policy's business (vLLM v1 keeps the same split).
 """
 
 from __future__ import annotations
@@ -11,12 +11,8 @@ from collections.abc import Sequence
 
 import torch
 
+from kernels import copy_pages as kernel_copy_pages
 from kernels.layout import KVLayout
-
-try:  # the fast path (its own CUDA stream); absent until the kernels layer provides it
-    from kernels import copy_pages as _kernel_copy_pages  # type: ignore[attr-defined]
-except ImportError:  # pragma: no cover - depends on the kernels layer's progress
-    _kernel_copy_pages = None
 
 
 class PagePool:
@@ -64,21 +60,12 @@ def copy_pages(
 ) -> None:
     """Copy whole pages ``src[src_pages[i]] → dst[dst_pages[i]]``: every tier move goes here.
 
-    With the kernels layer's copy the work runs on its own CUDA stream; the current stream
-    waits on its event, so later reads and overwrites of the pages are ordered after it
-    while the host thread goes on.
+    On CUDA the kernels layer's copy runs on its own stream; the current stream waits on
+    its event, so later reads and overwrites of the pages are ordered after the copy while
+    the host thread goes on. Between CPU pools the copy is done when this returns.
     """
     if not src_pages:
         return
-    if len(src_pages) != len(dst_pages):
-        raise ValueError("copy_pages needs as many source as destination pages")
-    if _kernel_copy_pages is not None:
-        event = _kernel_copy_pages(src, dst, list(src_pages), list(dst_pages))
-        if event is not None:
-            torch.cuda.current_stream().wait_event(event)
-        return
-    src_idx = torch.as_tensor(src_pages, dtype=torch.long, device=src.device)
-    dst_idx = torch.as_tensor(dst_pages, dtype=torch.long, device=dst.device)
-    # Only a copy *to* the GPU may be non-blocking: a CPU destination is read right away.
-    moved = src.index_select(0, src_idx).to(dst.device, non_blocking=dst.device.type == "cuda")
-    dst.index_copy_(0, dst_idx, moved)
+    event = kernel_copy_pages(src, dst, src_pages, dst_pages)
+    if event is not None:
+        torch.cuda.current_stream(src.device if src.is_cuda else dst.device).wait_event(event)

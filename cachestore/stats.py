@@ -1,15 +1,17 @@
 """A consistent snapshot of the cache, taken under the store's lock and safe to hand around.
 
-The store keeps running counters; ``CacheStats`` is a frozen copy so readers on other
-threads (the admin endpoint, the metrics scrape) never see a half-updated store.
+The store keeps running counters (``counters.CacheCounters``); ``CacheStats`` is a frozen
+view over a copy of them, so readers on other threads (the admin endpoint, the metrics
+scrape) never see a half-updated store.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
-EVICTION_REASONS = ("lru", "ttl", "quota")
+from cachestore.counters import Evictions, PageMoves
+
+JSON = dict[str, object]
 
 
 @dataclass(frozen=True)
@@ -27,7 +29,7 @@ class TierStats:
     def used_bytes(self) -> int:
         return self.used_pages * self.page_bytes
 
-    def as_dict(self) -> dict[str, Any]:
+    def as_dict(self) -> JSON:
         return {
             "capacity_bytes": self.capacity_bytes,
             "used_bytes": self.used_bytes,
@@ -39,6 +41,13 @@ class TierStats:
 
 @dataclass(frozen=True)
 class NamespaceStats:
+    """One namespace: what it holds and how its prompts were served.
+
+    ``hit_tokens`` are prompt tokens served from the cache, ``miss_tokens`` prompt tokens
+    computed, cache writes included; both as billed (``CacheStore.record_prompt``), so
+    their sum is the namespace's billed prompt tokens.
+    """
+
     cached_bytes: int  # bytes of this namespace's indexed blocks, both tiers (what quota counts)
     hit_tokens: int
     miss_tokens: int
@@ -48,7 +57,7 @@ class NamespaceStats:
         total = self.hit_tokens + self.miss_tokens
         return self.hit_tokens / total if total else 0.0
 
-    def as_dict(self) -> dict[str, Any]:
+    def as_dict(self) -> JSON:
         return {
             "cached_bytes": self.cached_bytes,
             "hit_tokens": self.hit_tokens,
@@ -59,13 +68,20 @@ class NamespaceStats:
 
 @dataclass(frozen=True)
 class CacheStats:
+    """The whole cache at one moment.
+
+    ``hit_tokens`` (prompt tokens served from the cache) and ``miss_tokens`` (prompt tokens
+    computed, cache writes included) are the sums over ``namespaces``: hit + miss is every
+    prompt token billed since the store started.
+    """
+
     device: TierStats
     host: TierStats
     hit_tokens: int
     miss_tokens: int
-    evictions: dict[str, int]
-    promotions: dict[str, int]  # {"count", "bytes"}
-    demotions: dict[str, int]
+    evictions: Evictions
+    promotions: PageMoves
+    demotions: PageMoves
     namespaces: dict[str, NamespaceStats] = field(default_factory=dict)
 
     @property
@@ -78,7 +94,7 @@ class CacheStats:
             "offloaded": self.host.blocks["offloaded"],
         }
 
-    def as_dict(self) -> dict[str, Any]:
+    def as_dict(self) -> JSON:
         """The JSON body of ``GET /admin/cache/stats``."""
         return {
             "device": self.device.as_dict(),
@@ -86,8 +102,8 @@ class CacheStats:
             "blocks": self.blocks,
             "hit_tokens": self.hit_tokens,
             "miss_tokens": self.miss_tokens,
-            "evictions": dict(self.evictions),
-            "promotions": dict(self.promotions),
-            "demotions": dict(self.demotions),
+            "evictions": self.evictions.as_dict(),
+            "promotions": self.promotions.as_dict(),
+            "demotions": self.demotions.as_dict(),
             "namespaces": {ns: s.as_dict() for ns, s in sorted(self.namespaces.items())},
         }

@@ -1,14 +1,17 @@
 """The engine-facing prefix cache: match, allocate, commit, release, flush.
 
+``CacheStore`` is the interface the scheduler sees (vLLM v1's ``KVCacheManager``). The
+work is done by its parts: ``PrefixIndex`` (which blocks exist, their references and
+pages), ``EvictionPolicy`` (who goes next), ``TierMoves`` (demotion and promotion) and
+``CacheCounters`` (what ``stats()`` reports). The store hashes prompts, holds the lock,
+and decides TTLs, quotas and pins.
+
 Life of a page (DESIGN.md, Pages and tiers): ``free`` → ``active`` (held by a running
 sequence; never evicted or moved) → ``cached`` (refcount 0, in the index, evictable) →
 ``offloaded`` (demoted to the host pool) → ``active`` again on a hit (promoted into a
 fresh device page), or dropped.
 
 Choices the specification leaves open:
-- A dropped block takes its descendants with it (they could never be matched again,
-  since a match walks the chain from the root). They are idle too: a sequence holding a
-  block always holds its whole prefix.
 - Evictions count blocks that leave the cache (``lru``, ``ttl``, ``quota``); a device
   eviction that finds room on the host is a demotion, counted there. ``flush`` is an
   operator action, not an eviction.
@@ -19,27 +22,28 @@ Choices the specification leaves open:
   first) is shared, not written: the sequence references the indexed block and keeps its
   own page as a private copy. If the indexed block sits on the host, the sequence's fresh
   device page simply becomes its page (no copy).
+- ``commit`` reports writes by TTL in seconds; which price a TTL gets is billing's call.
+- Hit and miss tokens are counted once per request by ``record_prompt``, from the figures
+  the request is billed with; ``match`` counts nothing (see ``counters``).
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
-import numpy as np
 import torch
 
-from cachestore.block import DEVICE, HOST, Block, CacheSeq, PrefixMatch, ttl_class
-from cachestore.hashing import TOKEN_BYTES, HashFn, chain_hashes, root_digest, token_bytes, xxh3_128
+from cachestore.block import DEVICE, HOST, Block, CacheSeq, PrefixMatch
+from cachestore.counters import CacheCounters, PromptTokens
+from cachestore.hashing import HashFn, TokenIds, chain_hashes, root_digest, token_bytes, xxh3_128
+from cachestore.index import PrefixIndex
 from cachestore.policy import EvictionPolicy, is_expired
 from cachestore.pool import PagePool
-from cachestore.stats import EVICTION_REASONS, CacheStats, NamespaceStats, TierStats
-from cachestore.tiers import promote, reserve_device
+from cachestore.stats import CacheStats, NamespaceStats, TierStats
+from cachestore.tiers import TierMoves
 from kernels.layout import KVLayout
-
-Tokens = Sequence[int] | np.ndarray
 
 
 class CacheStore:
@@ -69,18 +73,13 @@ class CacheStore:
         self.host = PagePool(layout, layout.pages_for_bytes(host_bytes), "cpu", True)
         self.device_pool = self.device.tensor
         self.host_pool = self.host.tensor
-        self.index: dict[bytes, Block] = {}
         self.policy = EvictionPolicy(self.device.num_pages, self.host.num_pages)
+        self.index = PrefixIndex(self.device, self.host, self.policy)
+        self.counters = CacheCounters()
+        self.tiers = TierMoves(self.device, self.host, self.index, self.policy, self.counters)
         self.seqs: dict[str, CacheSeq] = {}  # sequences holding pages
         self._roots: dict[str, bytes] = {}
         self._lock = threading.Lock()
-        self._idle_device = 0  # device blocks with refcount 0 ("cached")
-        self._ns_blocks: dict[str, int] = defaultdict(int)
-        self._ns_hits: dict[str, int] = defaultdict(int)
-        self._ns_misses: dict[str, int] = defaultdict(int)
-        self._evictions = dict.fromkeys(EVICTION_REASONS, 0)
-        self._promotions = [0, 0]  # count, bytes
-        self._demotions = [0, 0]
 
     # -- the engine's interface ---------------------------------------------------------
     def open(
@@ -92,7 +91,7 @@ class CacheStore:
     ) -> CacheSeq:
         return CacheSeq(seq_id, namespace, list(ttl_segments or []), default_ttl_s)
 
-    def match(self, seq: CacheSeq, token_ids: Tokens) -> PrefixMatch:
+    def match(self, seq: CacheSeq, token_ids: TokenIds) -> PrefixMatch:
         """Reference the longest cached prefix of ``token_ids`` and put it on the device."""
         with self._lock:
             if seq.block_table:
@@ -100,35 +99,25 @@ class CacheStore:
             now = self.clock()
             self._expire(now)
             data = token_bytes(token_ids)
-            step = self.block_size * TOKEN_BYTES
             hashes = chain_hashes(self._root(seq.namespace), data, self.block_size, self.hash_fn)
             matched: list[Block] = []
-            parent: Block | None = None
-            for i, h in enumerate(hashes):
-                block = self.index.get(h)
-                if block is None or block.parent is not parent or block.namespace != seq.namespace:
-                    break
-                if block.tokens != data[i * step : (i + 1) * step]:
-                    break  # a hash collision: a miss, never a wrong block
+            for block in self.index.walk(seq.namespace, hashes, data):
                 if is_expired(block, now):
-                    self._drop(block, "ttl")
+                    self.counters.evictions.ttl += len(self.index.drop(block))
                     break
-                self._ref(block)
+                self.index.ref(block)
                 block.hits += 1
-                block.ttl_s = max(block.ttl_s, seq.ttl_for_block(i, self.block_size, self.default_ttl_s))
+                ttl_s = seq.ttl_for_block(len(matched), self.block_size, self.default_ttl_s)
+                block.ttl_s = max(block.ttl_s, ttl_s)
                 matched.append(block)
-                parent = block
-            matched, host_hits = promote(self, matched)
+            matched, host_hits = self.tiers.promote(matched)
             seq.blocks = matched
             seq.block_table = [b.page for b in matched]
             seq.num_committed_blocks = len(matched)
             seq.chain_broken = False
             self.seqs[seq.seq_id] = seq
-            hit = len(matched) * self.block_size
-            miss = len(data) // TOKEN_BYTES - hit
-            self._ns_hits[seq.namespace] += hit
-            self._ns_misses[seq.namespace] += miss
-            return PrefixMatch(hit, len(matched), len(matched) - host_hits, host_hits)
+            n = len(matched)
+            return PrefixMatch(n * self.block_size, n, n - host_hits, host_hits)
 
     def allocate(self, seq: CacheSeq, num_tokens: int) -> bool:
         """Grow the block table to hold ``num_tokens``; False (nothing taken) when no room."""
@@ -137,47 +126,51 @@ class CacheStore:
             if need <= 0:
                 return True
             self._expire(self.clock())
-            if not reserve_device(self, need):
+            if not self.tiers.reserve_device(need):
                 return False
             seq.block_table.extend(self.device.take() for _ in range(need))
             self.seqs[seq.seq_id] = seq
             return True
 
-    def commit(self, seq: CacheSeq, token_ids: Tokens) -> dict[str, int]:
-        """Index the sequence's full blocks not yet committed; → tokens newly written by TTL class."""
-        written = {"5m": 0, "1h": 0}
+    def commit(self, seq: CacheSeq, token_ids: TokenIds) -> dict[float, int]:
+        """Index the sequence's full blocks not yet committed.
+
+        → tokens newly written, keyed by the TTL in seconds of the blocks that hold them
+        (``{300.0: 32, 3600.0: 16}``); empty when nothing was written. Blocks another
+        sequence indexed first are shared, not written.
+        """
         with self._lock:
-            step = self.block_size * TOKEN_BYTES
             data = token_bytes(token_ids)
+            step = self.index.block_bytes
             start = seq.num_committed_blocks
             end = min(len(data) // step, len(seq.block_table))
             if end <= start:
-                return written
+                return {}
             seq.num_committed_blocks = end
             if seq.chain_broken:
-                return written
+                return {}
             now = self.clock()
             self._expire(now)
             parent = seq.blocks[-1] if seq.blocks else None
             parent_hash = parent.hash if parent is not None else self._root(seq.namespace)
-            hashes = chain_hashes(parent_hash, data[start * step : end * step], self.block_size, self.hash_fn)
-            for i, h in enumerate(hashes, start):
-                tokens = data[i * step : (i + 1) * step]
+            hashes = chain_hashes(parent_hash, data[start * step : end * step], self.block_size,
+                                  self.hash_fn)
+            written: dict[float, int] = {}
+            for i, block_hash in enumerate(hashes, start):
+                tokens = self.index.tokens_of(data, i)
                 ttl_s = seq.ttl_for_block(i, self.block_size, self.default_ttl_s)
-                block = self.index.get(h)
-                if block is not None and is_expired(block, now):
-                    self._drop(block, "ttl")
-                    block = None
+                block = self._live(block_hash, now)
                 if block is not None:
-                    if block.parent is not parent or block.tokens != tokens or block.namespace != seq.namespace:
+                    if not self.index.verify(block, parent, seq.namespace, tokens):
                         seq.chain_broken = True  # a collision: this and later blocks stay private
                         break
-                    self._share(block, seq.block_table[i])
-                    block.hits += 1
-                    block.ttl_s = max(block.ttl_s, ttl_s)
+                    self._share(block, seq.block_table[i], ttl_s)
                 elif self._enforce_quota(seq.namespace, extra_blocks=1):
-                    block = self._index_new(h, parent, seq.namespace, tokens, i, seq.block_table[i], ttl_s)
-                    written[ttl_class(ttl_s)] += self.block_size
+                    pinned = (parent is None or parent.pinned) and self.policy.is_pinned(
+                        seq.namespace, block_hash)
+                    block = self.index.insert(block_hash, parent, seq.namespace, tokens,
+                                              seq.block_table[i], ttl_s, pinned)
+                    written[ttl_s] = written.get(ttl_s, 0) + self.block_size
                 else:
                     seq.chain_broken = True
                     break
@@ -188,22 +181,10 @@ class CacheStore:
     def release(self, seq: CacheSeq) -> None:
         """The sequence finished or was preempted: its committed blocks stay cached."""
         with self._lock:
-            now = self.clock()
             for i, page in enumerate(seq.block_table):
                 if i >= len(seq.blocks) or seq.blocks[i].page != page:
                     self.device.give_back(page)  # never indexed, or a private copy
-            idle: list[Block] = []
-            for block in seq.blocks:
-                block.ref_count -= 1
-                if block.ref_count < 0:
-                    raise RuntimeError("refcount below zero: a sequence was released twice")
-                block.expires_at = now + block.ttl_s
-                if block.ref_count == 0:
-                    self._idle_device += 1
-                    idle.append(block)
-                    self.policy.schedule_expiry(block)
-            self.policy.add_released(idle)
-            if idle:
+            if self.index.unref(seq.blocks, now=self.clock()):
                 self._enforce_quota(seq.namespace)
             seq.block_table = []
             seq.blocks = []
@@ -211,17 +192,28 @@ class CacheStore:
             seq.chain_broken = False
             self.seqs.pop(seq.seq_id, None)
 
+    def record_prompt(self, namespace: str, prompt_tokens: int, cached_tokens: int) -> None:
+        """Count one request's prompt as billed: ``cached_tokens`` hit, the rest missed.
+
+        The engine calls it once per request (not per admission), with the prompt tokens
+        and cached tokens it bills, so hit + miss in ``stats()`` adds up to the billed
+        prompt tokens.
+        """
+        with self._lock:
+            self.counters.record_prompt(namespace, prompt_tokens, cached_tokens)
+
     def flush(self, namespace: str) -> int:
         """Drop every idle block of the namespace (pinned ones too; its pins are cleared)."""
         with self._lock:
             self.policy.pins.pop(namespace, None)
-            victims = [b for b in self.index.values() if b.namespace == namespace and b.ref_count == 0]
-            before = sum(1 for b in self.index.values() if b.namespace == namespace)
+            before = self.index.num_blocks(namespace)
+            victims = [b for b in self.index.values()
+                       if b.namespace == namespace and b.ref_count == 0]
             for block in victims:
                 if block.alive:  # not already gone with a dropped parent
                     block.pinned = False
-                    self._drop(block, None)
-            return before - sum(1 for b in self.index.values() if b.namespace == namespace)
+                    self.index.drop(block)
+            return before - self.index.num_blocks(namespace)
 
     def set_quota(self, namespace: str, quota_bytes: int | None) -> None:
         with self._lock:
@@ -231,31 +223,28 @@ class CacheStore:
             self.policy.quotas[namespace] = int(quota_bytes)
             self._enforce_quota(namespace)
 
-    def pin(self, namespace: str, token_ids: Tokens) -> int:
+    def pin(self, namespace: str, token_ids: TokenIds) -> int:
         """Keep this prefix forever (counted in quota); → blocks of it pinned now."""
         with self._lock:
             data = token_bytes(token_ids)
             hashes = chain_hashes(self._root(namespace), data, self.block_size, self.hash_fn)
             self.policy.pins[namespace].update(hashes)
-            step = self.block_size * TOKEN_BYTES
-            parent: Block | None = None
-            for i, h in enumerate(hashes):
-                block = self.index.get(h)
-                if block is None or block.parent is not parent or block.namespace != namespace:
-                    return i
-                if block.tokens != data[i * step : (i + 1) * step]:
-                    return i
+            pinned = 0
+            for block in self.index.walk(namespace, hashes, data):
                 if not block.pinned:
                     self.policy.remove(block)
                     block.pinned = True
-                parent = block
-            return len(hashes)
+                pinned += 1
+            return pinned
 
     def unpin(self, namespace: str) -> None:
         with self._lock:
             self.policy.pins.pop(namespace, None)
             for block in [b for b in self.index.values() if b.namespace == namespace and b.pinned]:
-                self._unpin(block)
+                block.pinned = False
+                if block.ref_count == 0:
+                    self.policy.add(block)
+                    self.policy.schedule_expiry(block)
             self._enforce_quota(namespace)
 
     def sweep(self) -> int:
@@ -265,26 +254,27 @@ class CacheStore:
 
     def stats(self) -> CacheStats:
         with self._lock:
+            counters = self.counters.snapshot()
             pb = self.layout.page_bytes
-            active = self.device.num_used - self._idle_device
+            idle = self.index.num_idle_device
+            active = self.device.num_used - idle
             device = TierStats(self.device.num_pages, self.device.num_used, pb, {
-                "free": self.device.num_free, "active": active, "cached": self._idle_device})
+                "free": self.device.num_free, "active": active, "cached": idle})
             host = TierStats(self.host.num_pages, self.host.num_used, pb, {
                 "free": self.host.num_free, "offloaded": self.host.num_used})
-            names = set(self._ns_blocks) | set(self._ns_hits)
-            namespaces = {
-                ns: NamespaceStats(self._ns_bytes(ns), self._ns_hits[ns], self._ns_misses[ns])
-                for ns in names
-            }
-            return CacheStats(
-                device, host,
-                hit_tokens=sum(self._ns_hits.values()),
-                miss_tokens=sum(self._ns_misses.values()),
-                evictions=dict(self._evictions),
-                promotions={"count": self._promotions[0], "bytes": self._promotions[1]},
-                demotions={"count": self._demotions[0], "bytes": self._demotions[1]},
-                namespaces=namespaces,
-            )
+            names = set(self.index.namespaces()) | set(counters.prompts)
+            cached_bytes = {ns: self._ns_bytes(ns) for ns in names}
+        prompts = {ns: counters.prompts.get(ns, PromptTokens()) for ns in names}
+        return CacheStats(
+            device, host,
+            hit_tokens=sum(p.hit for p in prompts.values()),
+            miss_tokens=sum(p.miss for p in prompts.values()),
+            evictions=counters.evictions,
+            promotions=counters.promotions,
+            demotions=counters.demotions,
+            namespaces={ns: NamespaceStats(cached_bytes[ns], p.hit, p.miss)
+                        for ns, p in prompts.items()},
+        )
 
     # -- bookkeeping ----------------------------------------------------------------------
     def _root(self, namespace: str) -> bytes:
@@ -294,41 +284,23 @@ class CacheStore:
         return root
 
     def _ns_bytes(self, namespace: str) -> int:
-        return self._ns_blocks.get(namespace, 0) * self.layout.page_bytes
+        return self.index.num_blocks(namespace) * self.layout.page_bytes
 
-    def _ref(self, block: Block) -> None:
-        if block.ref_count == 0:
-            self.policy.remove(block)
-            if block.tier == DEVICE:
-                self._idle_device -= 1
-        block.ref_count += 1
-
-    def _unpin(self, block: Block) -> None:
-        if block.pinned:
-            block.pinned = False
-            if block.ref_count == 0:
-                self.policy.add(block)
-                self.policy.schedule_expiry(block)
-
-    def _share(self, block: Block, own_page: int) -> None:
-        if block.tier == HOST:  # adopt the fresh device page instead of promoting
-            self._ref(block)
-            self.host.give_back(block.page)
-            block.tier, block.page = DEVICE, own_page
-        else:
-            self._ref(block)
-
-    def _index_new(
-        self, h: bytes, parent: Block | None, namespace: str, tokens: bytes, depth: int, page: int,
-        ttl_s: float,
-    ) -> Block:
-        block = Block(h, parent, namespace, bytes(tokens), depth, DEVICE, page, ttl_s, ref_count=1)
-        block.pinned = (parent is None or parent.pinned) and self.policy.is_pinned(namespace, h)
-        self.index[h] = block
-        if parent is not None:
-            parent.children.add(block)
-        self._ns_blocks[namespace] += 1
+    def _live(self, block_hash: bytes, now: float) -> Block | None:
+        """The block indexed under ``block_hash`` unless it expired (then it is dropped)."""
+        block = self.index.get(block_hash)
+        if block is not None and is_expired(block, now):
+            self.counters.evictions.ttl += len(self.index.drop(block))
+            return None
         return block
+
+    def _share(self, block: Block, own_page: int, ttl_s: float) -> None:
+        """Reference a block another sequence indexed first; a host one adopts ``own_page``."""
+        self.index.ref(block)
+        if block.tier == HOST:  # the sequence's fresh device page holds the same KV: no copy
+            self.index.move(block, DEVICE, own_page)
+        block.hits += 1
+        block.ttl_s = max(block.ttl_s, ttl_s)
 
     def _enforce_quota(self, namespace: str, extra_blocks: int = 0) -> bool:
         """Drop the namespace's own idle blocks until it (plus ``extra_blocks``) fits its quota.
@@ -340,39 +312,11 @@ class CacheStore:
             victim = self.policy.namespace_victim(namespace)
             if victim is None:
                 return False
-            self._drop(victim, "quota")
+            self.counters.evictions.quota += len(self.index.drop(victim))
         return True
-
-    def _drop(self, block: Block, reason: str | None) -> None:
-        """Remove ``block`` and its descendants from the cache (they are all idle)."""
-        stack = [block]
-        while stack:
-            b = stack.pop()
-            if not b.alive:
-                continue
-            if b.ref_count:
-                raise RuntimeError("an active block cannot be dropped")
-            stack.extend(b.children)
-            b.alive = False
-            b.children = set()
-            self.policy.remove(b)
-            if self.index.get(b.hash) is b:
-                del self.index[b.hash]
-            if b.parent is not None:
-                b.parent.children.discard(b)
-            if b.tier == DEVICE:
-                self._idle_device -= 1
-                self.device.give_back(b.page)
-            else:
-                self.host.give_back(b.page)
-            self._ns_blocks[b.namespace] -= 1
-            if not self._ns_blocks[b.namespace]:
-                del self._ns_blocks[b.namespace]
-            if reason is not None:
-                self._evictions[reason] += 1
 
     def _expire(self, now: float) -> int:
         due = [b for b in self.policy.pop_expired(now) if b.alive]
         for block in due:
-            self._drop(block, "ttl")
+            self.counters.evictions.ttl += len(self.index.drop(block))
         return len(due)

@@ -7,11 +7,10 @@ table of contents.
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 
-# (module, attribute) pairs; each module exposes register(subparsers).
-_COMMAND_MODULES = ("gateway.http.serve", "gateway.ledger.cli")
+from gateway.http import serve
+from gateway.ledger import cli as ledger_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,14 +19,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for mod_name in _COMMAND_MODULES:
-        try:
-            mod = importlib.import_module(mod_name)
-        except ModuleNotFoundError as exc:
-            if exc.name and mod_name.startswith(exc.name):
-                continue  # that layer is not built yet
-            raise
-        mod.register(sub)
+    serve.register(sub)
+    ledger_cli.register(sub)
     return parser
 
 

@@ -68,7 +68,9 @@ def copy_pages(
         raise ValueError(f"copy_pages: {len(src_pages)} source pages but {len(dst_pages)} targets")
     cuda = src_pool.device if src_pool.is_cuda else dst_pool.device if dst_pool.is_cuda else None
     if cuda is None:
-        reference.copy_pages(src_pool, dst_pool, _as_list(src_pages), _as_list(dst_pages))
+        src = torch.as_tensor(src_pages, dtype=torch.long)
+        dst = torch.as_tensor(dst_pages, dtype=torch.long)
+        reference.copy_pages(src_pool, dst_pool, src, dst)
         return None
 
     stream = stream or copy_stream(cuda)

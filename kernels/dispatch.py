@@ -64,9 +64,10 @@ def paged_prefill_attention(
     Triton path a device sync.
     """
     impl = _triton("triton_attention") if use_triton(q) else reference
-    return impl.paged_prefill_attention(
+    out: torch.Tensor = impl.paged_prefill_attention(
         q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, scale, max_seqlen_q=max_seqlen_q
     )
+    return out
 
 
 def paged_decode_attention(
@@ -84,6 +85,7 @@ def paged_decode_attention(
     Triton path size its KV splits to the batch instead of to the block table's width.
     """
     impl = _triton("triton_attention") if use_triton(q) else reference
-    return impl.paged_decode_attention(
+    out: torch.Tensor = impl.paged_decode_attention(
         q, k_cache, v_cache, block_tables, seq_lens, scale, max_seq_len=max_seq_len
     )
+    return out

@@ -240,7 +240,7 @@ def _num_splits(batch: int, kv_heads: int, max_len: int, block_n: int, device: t
     else:
         target = 4  # the interpreter: a few splits, so the reduce path is exercised
     by_work = triton.cdiv(max_len, max(256, block_n))
-    return max(1, min(triton.cdiv(target, max(1, batch * kv_heads)), by_work, 64))
+    return max(1, min(int(triton.cdiv(target, max(1, batch * kv_heads))), int(by_work), 64))
 
 
 def paged_decode_attention(

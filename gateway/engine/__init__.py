@@ -2,7 +2,7 @@
 
 One concept per file:
 
-- ``config.py``     EngineConfig, resolved from the server settings
+- ``config.py``     EngineConfig (the server maps its settings onto it)
 - ``demo.py``       the built-in demo model (random weights) and byte-level tokenizer
 - ``loader.py``     ``--model demo|bench|PATH``: offline loading, clear missing-file errors
 - ``tokenizer.py``  tokenizer + chat template + incremental detokenizer
@@ -11,14 +11,17 @@ One concept per file:
 - ``sampling.py``   SamplingParams and the choice of the next token
 - ``scheduler.py``  continuous batching, chunked prefill, admission, preemption
 - ``runner.py``     one step as one packed varlen forward
+- ``commands.py``   the typed messages the asyncio side sends the engine thread
+- ``request.py``    what crosses into and out of the engine: requests, events, errors
 - ``engine.py``     the engine thread and the asyncio facade
 """
+
+from typing import TYPE_CHECKING
 
 from gateway.engine.config import EngineConfig
 from gateway.engine.request import (
     EngineError,
     EngineOverloaded,
-    EngineUsage,
     FinishEvent,
     GenerateRequest,
     PromptTooLong,
@@ -31,13 +34,16 @@ __all__ = [
     "EngineConfig",
     "EngineError",
     "EngineOverloaded",
-    "EngineUsage",
     "FinishEvent",
     "GenerateRequest",
     "PromptTooLong",
     "SamplingParams",
     "TokenEvent",
 ]
+
+
+if TYPE_CHECKING:
+    from gateway.engine.engine import Engine
 
 
 def __getattr__(name: str) -> object:

@@ -74,10 +74,13 @@ def paged_attention_forward(
             "(no attention context is set)"
         )
     scale = float(scaling if scaling is not None else query.shape[-1] ** -0.5)
-    k_cache, v_cache = KVLayout.layer_kv(ctx.kv_pool, module.layer_idx)
+    layer = getattr(module, "layer_idx", None)  # transformers' attention modules carry it
+    if not isinstance(layer, int):
+        raise RuntimeError(f"{type(module).__name__} has no integer layer_idx")
+    k_cache, v_cache = KVLayout.layer_kv(ctx.kv_pool, layer)
     k = key[0].transpose(0, 1)  # [T, kv_heads, D]
     v = value[0].transpose(0, 1)
-    _kernel("store_kv")(k, v, k_cache, v_cache, ctx.slot_mapping)
+    kernels.store_kv(k, v, k_cache, v_cache, ctx.slot_mapping)
 
     if ctx.is_fresh:
         # No earlier KV: causal attention over the new K/V alone, sequence by sequence
@@ -85,11 +88,11 @@ def paged_attention_forward(
         return _fresh_prefill(query, key, value, ctx.q_lens, scale), None
     q = query[0].transpose(0, 1).contiguous()  # [T, q_heads, D]
     if ctx.is_decode:
-        out = _kernel("paged_decode_attention")(
+        out = kernels.paged_decode_attention(
             q, k_cache, v_cache, ctx.block_tables, ctx.seq_lens, scale
         )
     else:
-        out = _kernel("paged_prefill_attention")(
+        out = kernels.paged_prefill_attention(
             q, k_cache, v_cache, ctx.block_tables, ctx.cu_seqlens_q, ctx.seq_lens, scale,
             max_seqlen_q=ctx.max_seqlen_q,
         )
@@ -113,16 +116,6 @@ def _fresh_prefill(
         start += n
     out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
     return out.transpose(1, 2)  # [1, T, q_heads, D]
-
-
-def _kernel(name: str) -> Any:
-    """The dispatching kernel from ``kernels`` (Triton on CUDA, torch reference elsewhere)."""
-    fn = getattr(kernels, name, None)
-    if fn is None:  # a kernels package that does not re-export yet: its reference is the CPU path
-        from kernels import reference
-
-        fn = getattr(reference, name)
-    return fn
 
 
 def no_dense_mask(*args: Any, **kwargs: Any) -> None:

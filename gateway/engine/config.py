@@ -1,7 +1,9 @@
-"""Engine configuration: the subset of server settings the engine acts on, resolved once.
+"""Engine configuration: what the engine acts on, resolved once.
 
-``device`` and ``dtype`` arrive as the user typed them (``auto``); they are resolved here so
-every other file sees a concrete ``torch.device`` and ``torch.dtype``.
+It knows nothing of the HTTP server's settings (the server maps its own onto it), so the
+engine can be built and tested without the HTTP layer. ``device`` and ``dtype`` arrive as
+the user typed them (``auto``); they are resolved here so every other file sees a concrete
+``torch.device`` and ``torch.dtype``.
 """
 
 from __future__ import annotations
@@ -10,8 +12,6 @@ import os
 from dataclasses import dataclass
 
 import torch
-
-from gateway.config import Settings
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -31,21 +31,6 @@ class EngineConfig:
     max_model_len: int = 0  # 0 = the model's own context length
     num_threads: int = 0  # 0 = every core torch sees
     seed: int = 0  # demo weights
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> EngineConfig:
-        return cls(
-            model=settings.model,
-            device=settings.device,
-            dtype=settings.dtype,
-            device_cache_bytes=settings.device_cache_bytes,
-            host_cache_bytes=settings.host_cache_bytes,
-            block_size=settings.block_size,
-            max_batch_tokens=settings.max_batch_tokens,
-            max_running=settings.max_running,
-            max_queue=settings.max_queue,
-            default_cache_ttl_seconds=float(settings.default_cache_ttl_seconds),
-        )
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.max_batch_tokens <= 0 or self.max_running <= 0:

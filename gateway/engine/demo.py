@@ -7,6 +7,8 @@ processes (or a test and its oracle) build the very same model.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -32,11 +34,21 @@ CHAT_TEMPLATE = (
 
 # name → LlamaConfig overrides. "demo" is small enough for tests and a 2-core CPU;
 # "bench" (~150M parameters) is the named larger shape the TTFT benchmark also runs.
-SHAPES: dict[str, dict[str, int]] = {
-    "demo": dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=4,
-                 num_attention_heads=8, num_key_value_heads=2, head_dim=64),
-    "bench": dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=12,
-                  num_attention_heads=16, num_key_value_heads=4, head_dim=64),
+@dataclass(frozen=True)
+class Shape:
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+
+
+SHAPES = {
+    "demo": Shape(hidden_size=512, intermediate_size=1408, num_hidden_layers=4,
+                  num_attention_heads=8, num_key_value_heads=2, head_dim=64),
+    "bench": Shape(hidden_size=1024, intermediate_size=3072, num_hidden_layers=12,
+                   num_attention_heads=16, num_key_value_heads=4, head_dim=64),
 }
 MAX_POSITIONS = 8192
 
@@ -69,6 +81,7 @@ def demo_config(shape: str = "demo", tokenizer: TextTokenizer | None = None) -> 
         raise ValueError(f"unknown demo shape {shape!r}; known: {', '.join(SHAPES)}")
     tok = tokenizer or build_tokenizer()
     ids = tok.tokenizer
+    dims = SHAPES[shape]
     return LlamaConfig(
         vocab_size=tok.vocab_size,
         max_position_embeddings=MAX_POSITIONS,
@@ -79,7 +92,9 @@ def demo_config(shape: str = "demo", tokenizer: TextTokenizer | None = None) -> 
         eos_token_id=ids.token_to_id(EOT),
         pad_token_id=ids.token_to_id(PAD),
         initializer_range=0.05,  # peaky logits: greedy ties between tokens stay rare
-        **SHAPES[shape],
+        hidden_size=dims.hidden_size, intermediate_size=dims.intermediate_size,
+        num_hidden_layers=dims.num_hidden_layers, num_attention_heads=dims.num_attention_heads,
+        num_key_value_heads=dims.num_key_value_heads, head_dim=dims.head_dim,
     )
 
 
@@ -96,7 +111,9 @@ def build_model(
     with torch.random.fork_rng(devices=list(range(devices))):
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)
-    return model.to(dtype).eval()
+    torch.nn.Module.to(model, dtype)  # in place; a plain model has nothing to guard
+    model.eval()
+    return model
 
 
 def num_parameters(model: torch.nn.Module) -> int:

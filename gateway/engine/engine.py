@@ -15,16 +15,17 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
-from dataclasses import replace
-from typing import Any
+from collections.abc import AsyncGenerator, Callable
+from typing import Any, TypeVar
 
 import torch
 
-from cachestore import CacheStore
+from cachestore import CacheStats, CacheStore
+from gateway.engine.commands import Add, Call, Cancel, Command, Stop
 from gateway.engine.config import EngineConfig
 from gateway.engine.loader import LoadedModel, head_dim_of, load_model
 from gateway.engine.request import (
+    EngineEvent,
     EngineOverloaded,
     ErrorEvent,
     FinishEvent,
@@ -40,7 +41,7 @@ from kernels.layout import KVLayout
 
 log = logging.getLogger("kvgate.engine")
 
-Event = TokenEvent | FinishEvent | ErrorEvent
+T = TypeVar("T")
 
 
 class Engine:
@@ -89,7 +90,7 @@ class Engine:
         )
         self.scheduler = Scheduler(config, self.store, self.max_model_len)
         self.runner = ModelRunner(self.model, self.store.device_pool, config.block_size)
-        self._inbox: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
+        self._inbox: queue.SimpleQueue[Command] = queue.SimpleQueue()
         self._seqs: dict[str, Sequence] = {}  # engine thread only
         self._active: set[str] = set()  # asyncio side: request ids with an open stream
         self._thread: threading.Thread | None = None
@@ -107,7 +108,7 @@ class Engine:
     async def stop(self) -> None:
         thread, self._thread = self._thread, None
         if thread is not None:
-            self._inbox.put(("stop",))
+            self._inbox.put(Stop())
             await asyncio.get_running_loop().run_in_executor(None, thread.join)
 
     # -- the asyncio side -------------------------------------------------------------
@@ -123,7 +124,8 @@ class Engine:
                 f"{self.queue_depth()} requests are waiting for the engine; retry shortly"
             )
 
-    async def generate(self, request: GenerateRequest) -> AsyncIterator[TokenEvent | FinishEvent]:
+    async def generate(self, request: GenerateRequest
+                       ) -> AsyncGenerator[TokenEvent | FinishEvent, None]:
         """Token events, then one ``FinishEvent``. Leaving the loop early cancels the request."""
         if self._thread is None:
             raise RuntimeError("Engine.start() has not been awaited")
@@ -131,17 +133,17 @@ class Engine:
             raise ValueError(f"request id {request.request_id!r} is already generating")
         self.check(request)
         loop = asyncio.get_running_loop()
-        events: asyncio.Queue[Event] = asyncio.Queue()
+        events: asyncio.Queue[EngineEvent] = asyncio.Queue()
         seq = Sequence(request, self.tokenizer)
 
-        def emit(ev: Event) -> None:
+        def emit(ev: EngineEvent) -> None:
             with contextlib.suppress(RuntimeError):  # a closed loop: nobody is listening
                 loop.call_soon_threadsafe(events.put_nowait, ev)
 
         seq.emit = emit
         self._active.add(request.request_id)
         self._submitted += 1
-        self._inbox.put(("add", seq))
+        self._inbox.put(Add(seq))
         finished = False
         try:
             while True:
@@ -159,30 +161,29 @@ class Engine:
                 self.cancel(request.request_id)
 
     def cancel(self, request_id: str) -> None:
-        self._inbox.put(("cancel", request_id))
+        self._inbox.put(Cancel(request_id))
 
     async def flush(self, namespace: str) -> int:
-        return int(await self._call(self.store.flush, namespace))
+        return await self._call(lambda: self.store.flush(namespace))
 
     def set_quota(self, namespace: str, nbytes: int | None) -> None:
-        self._inbox.put(("call", self.store.set_quota, (namespace, nbytes), None))
+        self._inbox.put(Call(lambda: self.store.set_quota(namespace, nbytes)))
 
-    async def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
+    async def _call(self, fn: Callable[[], T]) -> T:
         """Runs ``fn`` on the engine thread (the store's owner) and waits for its result."""
         if self._thread is None:
-            return fn(*args)
-        fut: concurrent.futures.Future[Any] = concurrent.futures.Future()
-        self._inbox.put(("call", fn, args, fut))
+            return fn()
+        fut: concurrent.futures.Future[T] = concurrent.futures.Future()
+        self._inbox.put(Call(fn, fut))
         return await asyncio.wrap_future(fut)
 
-    def cache_stats(self) -> dict[str, Any]:
+    def cache_stats(self) -> CacheStats:
         """The store's figures read from the calling thread: for metrics scrapes, where a
         figure a step old is fine. ``stats()`` reads them on the engine thread."""
-        stats = self.store.stats()
-        return stats.as_dict() if hasattr(stats, "as_dict") else dict(stats)
+        return self.store.stats()
 
-    async def stats(self) -> dict[str, Any]:
-        return dict(await self._call(self.cache_stats))
+    async def stats(self) -> CacheStats:
+        return await self._call(self.store.stats)
 
     def queue_depth(self) -> int:
         return len(self.scheduler.waiting) + self._submitted - self._picked_up
@@ -199,7 +200,7 @@ class Engine:
             try:
                 cmd = self._inbox.get(block=block)
                 while True:
-                    if cmd[0] == "stop":
+                    if isinstance(cmd, Stop):
                         self._shutdown()
                         return
                     self._handle(cmd)
@@ -218,40 +219,37 @@ class Engine:
                             self._seqs.pop(seq.request_id, None)
                             seq.emit(ErrorEvent(exc))
 
-    def _handle(self, cmd: tuple[Any, ...]) -> None:
-        kind = cmd[0]
-        if kind == "add":
-            seq: Sequence = cmd[1]
+    def _handle(self, cmd: Add | Cancel | Call) -> None:
+        if isinstance(cmd, Add):
             self._picked_up += 1
             try:
-                self.scheduler.add(seq)
+                self.scheduler.add(cmd.seq)
             except PromptTooLong as exc:
-                seq.emit(ErrorEvent(exc))
+                cmd.seq.emit(ErrorEvent(exc))
                 return
-            self._seqs[seq.request_id] = seq
-        elif kind == "cancel":
-            seq = self._seqs.get(cmd[1])
+            self._seqs[cmd.seq.request_id] = cmd.seq
+        elif isinstance(cmd, Cancel):
+            seq = self._seqs.get(cmd.request_id)
             if seq is not None:
                 self._finish(seq, "cancelled")
-        elif kind == "call":
-            _, fn, args, fut = cmd
+        else:
             try:
-                result = fn(*args)
-            except Exception as exc:
-                if fut is None:
-                    log.exception("engine call %s failed", getattr(fn, "__name__", fn))
+                result = cmd.fn()
+            except Exception as exc:  # the caller gets it; a fire-and-forget call is logged
+                if cmd.future is None:
+                    log.exception("engine call failed")
                 else:
-                    fut.set_exception(exc)
+                    cmd.future.set_exception(exc)
             else:
-                if fut is not None:
-                    fut.set_result(result)
+                if cmd.future is not None:
+                    cmd.future.set_result(result)
 
     def step(self) -> None:
         """Schedule, run the model once, sample, emit events; errors fail only this batch."""
-        chunks = self.scheduler.schedule()
-        for seq in self.scheduler.aborted:
+        plan = self.scheduler.schedule()
+        for seq in plan.finished:
             self._report_finish(seq)
-        self.scheduler.aborted.clear()
+        chunks = plan.chunks
         if not chunks:
             if not self.scheduler.running and self.scheduler.waiting:
                 # Nothing runs and the head still cannot get pages: it never will.
@@ -285,8 +283,7 @@ class Engine:
             prompt_usage = None
             if seq.first_token_at is None:
                 seq.first_token_at = now
-                seq.usage.ttft_s = now - seq.arrival
-                prompt_usage = replace(seq.usage)
+                prompt_usage = seq.usage()
             text, reason = append_token(seq, token, eos, self.max_model_len)
             if seq.request.stream:
                 seq.emit(TokenEvent(text, [token], prompt_usage))
@@ -301,10 +298,11 @@ class Engine:
 
     def _report_finish(self, seq: Sequence) -> None:
         self._seqs.pop(seq.request_id, None)
-        seq.usage.engine_s = time.monotonic() - seq.arrival
-        seq.usage.finish_reason = seq.finish_reason = seq.finish_reason or "stop"
+        seq.finish_reason = seq.finish_reason or "stop"
         self._release_held(seq)
-        seq.emit(FinishEvent(seq.usage, seq.finish_reason))
+        ttft = None if seq.first_token_at is None else seq.first_token_at - seq.arrival
+        seq.emit(FinishEvent(seq.usage(), seq.finish_reason, ttft_s=ttft,
+                             engine_s=time.monotonic() - seq.arrival))
 
     def _fail(self, seq: Sequence, exc: BaseException) -> None:
         self.scheduler.finish(seq, "error")
@@ -330,8 +328,8 @@ class Engine:
                 cmd = self._inbox.get_nowait()
             except queue.Empty:
                 return
-            if cmd[0] == "add":
-                cmd[1].finish_reason = "cancelled"
-                self._report_finish(cmd[1])
-            elif cmd[0] == "call" and cmd[3] is not None:
-                cmd[3].set_exception(RuntimeError("the engine has stopped"))
+            if isinstance(cmd, Add):
+                cmd.seq.finish_reason = "cancelled"
+                self._report_finish(cmd.seq)
+            elif isinstance(cmd, Call) and cmd.future is not None:
+                cmd.future.set_exception(RuntimeError("the engine has stopped"))

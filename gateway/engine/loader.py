@@ -52,7 +52,8 @@ def load_model(config: EngineConfig) -> LoadedModel:
             tokenizer = demo.build_tokenizer()
             bar.update()
             bar.set_postfix_str("weights (seeded)")
-            model = demo.build_model(config.model, seed=config.seed, dtype=dtype, attn_implementation=impl)
+            model: PreTrainedModel = demo.build_model(
+                config.model, seed=config.seed, dtype=dtype, attn_implementation=impl)
             bar.update()
             model_id, is_demo = config.model, True
         else:
@@ -66,7 +67,8 @@ def load_model(config: EngineConfig) -> LoadedModel:
             bar.update()
             model_id, is_demo = path.resolve().name, False
         bar.set_postfix_str(str(device))
-        model = model.to(device).eval()
+        torch.nn.Module.to(model, device)  # in place; a plain model has nothing to guard
+        model.eval()
         bar.update()
     cfg = model.config
     info = {
@@ -141,10 +143,11 @@ def _read_json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def _token_text(tok: Any) -> str | None:
+def _token_text(tok: object) -> str | None:
+    """A special token from ``tokenizer_config.json``: a string or ``{"content": ...}``."""
     if isinstance(tok, dict):
-        return tok.get("content")
-    return tok
+        tok = tok.get("content")
+    return tok if isinstance(tok, str) else None
 
 
 def save_pretrained(loaded: LoadedModel, path: str | Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from gateway.engine.sampling import SamplingParams
+from gateway.usage import Usage
 
 
 class EngineError(Exception):
@@ -33,38 +34,20 @@ class GenerateRequest:
 
 
 @dataclass
-class EngineUsage:
-    prompt_tokens: int = 0
-    cached_tokens: int = 0
-    cache_write_5m_tokens: int = 0
-    cache_write_1h_tokens: int = 0
-    completion_tokens: int = 0
-    ttft_s: float | None = None
-    engine_s: float = 0.0
-    finish_reason: str | None = None
-
-    @property
-    def cache_write_tokens(self) -> int:
-        return self.cache_write_5m_tokens + self.cache_write_1h_tokens
-
-    @property
-    def uncached_tokens(self) -> int:
-        return self.prompt_tokens - self.cached_tokens - self.cache_write_tokens
-
-
-@dataclass
 class TokenEvent:
     text: str
     token_ids: list[int]
-    # On the first token only: a copy of the usage so far. Its prompt side (cached and
-    # cache-write tokens) is final by then, so a stream can report it up front.
-    prompt_usage: EngineUsage | None = None
+    # On the first token only: the usage so far. Its prompt side (cached and cache-write
+    # tokens) is final by then, so a stream can report it up front.
+    prompt_usage: Usage | None = None
 
 
 @dataclass
 class FinishEvent:
-    usage: EngineUsage
+    usage: Usage
     finish_reason: str  # stop | length | cancelled
+    ttft_s: float | None = None  # arrival to the first sampled token, on the engine's clock
+    engine_s: float = 0.0  # arrival to the finish
 
 
 @dataclass
@@ -72,3 +55,7 @@ class ErrorEvent:
     """Internal: an error raised on the engine thread, re-raised by ``generate()``."""
 
     error: BaseException
+
+
+# What the engine thread sends to one request's listener.
+EngineEvent = TokenEvent | FinishEvent | ErrorEvent

@@ -34,6 +34,7 @@ class ModelRunner:
         sample_rows: list[int] = []
         tables = []
         for c in chunks:
+            assert c.seq.handle is not None, "a scheduled sequence holds its pages"
             table = c.seq.handle.block_table
             end = c.start + c.length
             input_ids.extend(c.seq.token_ids[c.start : end])
@@ -75,4 +76,5 @@ class ModelRunner:
         if not rows:
             return torch.empty(0, self.lm_head.out_features)
         picked = hidden[0, torch.tensor(rows, device=hidden.device)]
-        return self.lm_head(picked).float().cpu()
+        logits: torch.Tensor = self.lm_head(picked)
+        return logits.float().cpu()

@@ -15,9 +15,9 @@ front of the queue, to be recomputed later, usually mostly from the cache.
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
 
+from cachestore import CacheStore
 from gateway.engine.config import EngineConfig
 from gateway.engine.request import PromptTooLong
 from gateway.engine.sequence import Sequence, Status
@@ -36,8 +36,17 @@ class Chunk:
         return self.start + self.length == len(self.seq)
 
 
+@dataclass
+class SchedulerOutput:
+    """One step's plan: the chunks to compute, and the sequences the scheduler finished
+    itself while planning (outgrown the whole pool), which the engine must report."""
+
+    chunks: list[Chunk] = field(default_factory=list)
+    finished: list[Sequence] = field(default_factory=list)
+
+
 class Scheduler:
-    def __init__(self, config: EngineConfig, store: Any, max_model_len: int) -> None:
+    def __init__(self, config: EngineConfig, store: CacheStore, max_model_len: int) -> None:
         self.config = config
         self.store = store
         self.block_size = config.block_size
@@ -46,7 +55,6 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
-        self.aborted: list[Sequence] = []  # finished by the scheduler itself; the engine reports them
 
     # -- admission -------------------------------------------------------------------
 
@@ -76,35 +84,36 @@ class Scheduler:
 
     # -- one step ----------------------------------------------------------------------
 
-    def schedule(self) -> list[Chunk]:
+    def schedule(self) -> SchedulerOutput:
         budget = self.config.max_batch_tokens
-        chunks: list[Chunk] = []
+        out = SchedulerOutput()
         for seq in list(self.running):
             if budget == 0:
                 break
             if seq.status is not Status.RUNNING:
                 continue  # preempted below by an older sequence of this step
             n = min(seq.num_uncomputed, budget)
-            if self._grow(seq, seq.num_computed + n):
-                chunks.append(Chunk(seq, seq.num_computed, n))
+            if self._grow(seq, seq.num_computed + n, out):
+                out.chunks.append(Chunk(seq, seq.num_computed, n))
                 budget -= n
         while self.waiting and budget > 0 and len(self.running) < self.config.max_running:
             chunk = self._admit(self.waiting[0], budget)
             if chunk is None:
                 break
             self.waiting.popleft()
-            chunks.append(chunk)
+            out.chunks.append(chunk)
             budget -= chunk.length
-        return chunks
+        return out
 
-    def _grow(self, seq: Sequence, num_tokens: int) -> bool:
+    def _grow(self, seq: Sequence, num_tokens: int, out: SchedulerOutput) -> bool:
         """Pages for ``num_tokens``; preempts newer sequences (or ``seq`` itself) to get them."""
+        assert seq.handle is not None, "a running sequence holds its cache handle"
         while not self.store.allocate(seq.handle, num_tokens):
             victim = self.running[-1]
             if victim is seq and len(self.running) == 1:
                 # Alone and still too big: it has outgrown the whole pool.
                 self.finish(seq, "length")
-                self.aborted.append(seq)
+                out.finished.append(seq)
                 return False
             self.preempt(victim)
             if victim is seq:
@@ -128,7 +137,8 @@ class Scheduler:
             seq.admissions -= 1
             return None
         if seq.admissions == 1:
-            seq.usage.cached_tokens = min(cached, seq.num_prompt_tokens)
+            seq.cached_tokens = min(cached, seq.num_prompt_tokens)
+            self.store.record_prompt(req.namespace, seq.num_prompt_tokens, seq.cached_tokens)
         seq.handle = handle
         seq.num_computed = cached
         seq.num_committed_blocks = cached // self.block_size
@@ -142,17 +152,19 @@ class Scheduler:
         """Index every newly filled block; bill as cache writes only blocks of the prompt
         filled before any output existed (decode-filled blocks are billed as output)."""
         full = seq.num_computed // self.block_size
-        if full <= seq.num_committed_blocks:
+        if full <= seq.num_committed_blocks or seq.handle is None:
             return
         written = self.store.commit(seq.handle, seq.token_ids[: full * self.block_size])
         seq.num_committed_blocks = full
-        if seq.num_output == 0 and written:
-            seq.usage.cache_write_5m_tokens += int(written.get("5m", 0))
-            seq.usage.cache_write_1h_tokens += int(written.get("1h", 0))
+        if seq.num_output == 0:
+            for ttl_s, tokens in written.items():
+                ttl = round(ttl_s)
+                seq.cache_writes[ttl] = seq.cache_writes.get(ttl, 0) + tokens
 
     def preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
-        self.store.release(seq.handle)
+        if seq.handle is not None:
+            self.store.release(seq.handle)
         seq.handle = None
         seq.num_computed = 0
         seq.status = Status.WAITING
@@ -170,4 +182,3 @@ class Scheduler:
             seq.handle = None
         seq.status = Status.FINISHED
         seq.finish_reason = reason
-        seq.usage.finish_reason = reason

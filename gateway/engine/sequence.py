@@ -11,12 +11,13 @@ from __future__ import annotations
 import enum
 import time
 from collections.abc import Callable
-from typing import Any
 
 import torch
 
-from gateway.engine.request import EngineUsage, GenerateRequest
+from cachestore import CacheSeq
+from gateway.engine.request import EngineEvent, GenerateRequest, TokenEvent
 from gateway.engine.tokenizer import IncrementalDecoder, TextTokenizer
+from gateway.usage import Usage
 
 
 class Status(enum.Enum):
@@ -35,17 +36,25 @@ class Sequence:
         self.num_computed = 0
         self.num_committed_blocks = 0  # full blocks already handed to store.commit
         self.status = Status.WAITING
-        self.handle: Any = None  # the cachestore's per-sequence state while admitted
+        self.handle: CacheSeq | None = None  # the cachestore's state while admitted
         self.admissions = 0
         self.generator: torch.Generator | None = self.params.make_generator()
         self.decoder = IncrementalDecoder(tokenizer)
         self.emitted_chars = 0  # of decoder.text, already sent to the client
-        self.usage = EngineUsage(prompt_tokens=self.num_prompt_tokens)
+        # The prompt's cache split, fixed at the first admission (a recompute after a
+        # preemption is the engine's cost, not the client's).
+        self.cached_tokens = 0
+        self.cache_writes: dict[int, int] = {}  # TTL seconds -> prompt tokens written
         self.arrival = time.monotonic() if arrival is None else arrival
         self.first_token_at: float | None = None
         self.finish_reason: str | None = None
-        self.emit: Callable[[Any], None] = lambda event: None  # set by the engine facade
-        self.held: list[Any] = []  # TokenEvents not yet sent (requests that do not stream)
+        self.emit: Callable[[EngineEvent], None] = lambda event: None  # set by the facade
+        self.held: list[TokenEvent] = []  # not yet sent (requests that do not stream)
+
+    def usage(self) -> Usage:
+        """The usage so far: the prompt's split is final once the first token exists."""
+        return Usage(self.num_prompt_tokens, self.cached_tokens, self.cache_writes,
+                     self.num_output)
 
     def __len__(self) -> int:
         return len(self.token_ids)
@@ -76,7 +85,6 @@ def append_token(seq: Sequence, token_id: int, eos_token_ids: list[int], max_len
     params = seq.params
     decoder = seq.decoder
     seq.token_ids.append(token_id)
-    seq.usage.completion_tokens += 1
     reason: str | None = None
     if (not params.ignore_eos and token_id in eos_token_ids) or token_id in params.stop_token_ids:
         reason = "stop"

@@ -26,8 +26,10 @@ class TextTokenizer:
         self.tokenizer = tokenizer
         self.chat_template = chat_template
         self.bos_token = bos_token
-        eos = [t for t in (eos_tokens or []) if tokenizer.token_to_id(t) is not None]
-        self.eos_token_ids: list[int] = list(dict.fromkeys(tokenizer.token_to_id(t) for t in eos))
+        known = {t: tokenizer.token_to_id(t) for t in eos_tokens or []}
+        eos = [t for t, i in known.items() if i is not None]
+        self.eos_token_ids: list[int] = list(dict.fromkeys(
+            i for i in known.values() if i is not None))
         self.eos_token = eos[0] if eos else None
         self.special_ids: set[int] = {
             i for i, tok in tokenizer.get_added_tokens_decoder().items() if tok.special

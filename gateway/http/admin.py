@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Mapping
 from datetime import date, datetime
 from typing import Any
 
 from aiohttp import web
 
-from gateway.http.backends import Conflict, LedgerError, NotFound
 from gateway.http.errors import ApiError, bad_request
-from gateway.http.state import state_of, tenant_namespace
+from gateway.http.state import state_of
+from gateway.http.tenancy import tenant_namespace
 from gateway.http.validation import read_json
+from gateway.ledger import Conflict, InvalidInput, LedgerError, NotFound
+from gateway.ledger.reports import GROUPS
+from gateway.ledger.timespec import check_range, parse_time
 
-_TENANT_FIELDS = {"name": str, "plan": (str, int), "cache_ttl_seconds": int,
+_TENANT_FIELDS: dict[str, type | tuple[type, ...]] = {
+                  "name": str, "plan": (str, int), "cache_ttl_seconds": int,
                   "cache_quota_bytes": int, "requests_per_minute": int,
                   "tokens_per_minute": int, "max_concurrent": int, "status": str}
 
@@ -23,18 +29,23 @@ def _json(data: Any, status: int = 200) -> web.Response:
                         content_type="application/json")
 
 
-def _default(obj: Any) -> Any:
+def _default(obj: object) -> str:
     if isinstance(obj, (datetime, date)):
         return obj.isoformat()
-    if hasattr(obj, "_asdict"):
-        return obj._asdict()
-    if hasattr(obj, "__dict__"):
-        return {k: v for k, v in vars(obj).items() if not k.startswith("_")}
-    return str(obj)
+    raise TypeError(f"{type(obj).__name__} is not JSON serializable")
 
 
-def _id(raw: str) -> int | str:
-    return int(raw) if raw.isdigit() else raw
+_ID = re.compile(r"[0-9]{1,10}")
+_MAX_ID = 2**31 - 1  # tenant and key ids are 32-bit INTEGER columns on PostgreSQL
+
+
+def _id(raw: str, what: str = "tenant") -> int:
+    """A database id from a path or query: ASCII digits within the id column's range.
+    Anything else names no row, so it is a 404 (never a 500 from the database)."""
+    if not _ID.fullmatch(raw) or int(raw) > _MAX_ID:
+        raise ApiError(404, f"No {what} has the id {raw[:40]!r}; ids are positive integers.",
+                       code="not_found")
+    return int(raw)
 
 
 def _ledger_error(exc: LedgerError) -> ApiError:
@@ -94,9 +105,10 @@ async def update_tenant(request: web.Request) -> web.Response:
         tenant = await state.ledger.update_tenant(tid, **fields)
     except LedgerError as exc:
         raise _ledger_error(exc) from None
-    state.forget_quota(tid)  # re-applied from the key's principal on the next request
     if "cache_quota_bytes" in fields:
-        state.engine.set_quota(tenant_namespace(tid), fields["cache_quota_bytes"])
+        state.quotas.set(tid, fields["cache_quota_bytes"])
+    else:
+        state.quotas.forget(tid)  # re-applied from the key's principal on the next request
     return _json(tenant)
 
 
@@ -108,7 +120,7 @@ async def delete_tenant(request: web.Request) -> web.Response:
     except LedgerError as exc:
         raise _ledger_error(exc) from None
     await state.engine.flush(tenant_namespace(tid))
-    state.forget_quota(tid)
+    state.quotas.forget(tid)
     return _json({"id": tid, "deleted": True})
 
 
@@ -136,7 +148,7 @@ async def list_keys(request: web.Request) -> web.Response:
 
 
 async def revoke_key(request: web.Request) -> web.Response:
-    kid = _id(request.match_info["id"])
+    kid = _id(request.match_info["id"], "key")
     try:
         await state_of(request).ledger.revoke_key(kid)
     except LedgerError as exc:
@@ -144,44 +156,56 @@ async def revoke_key(request: web.Request) -> web.Response:
     return _json({"id": kid, "revoked": True})
 
 
-def _when(raw: str | None, name: str) -> datetime | None:
-    if not raw:
-        return None
+def _when(q: Mapping[str, str]) -> tuple[datetime | None, datetime | None]:
+    """``since``/``until`` by the ledger's one parser (the CLI's too); a bad one is a 400
+    naming the parameter."""
+    ends: dict[str, datetime | None] = {}
+    for name in ("since", "until"):
+        raw = q.get(name)
+        try:
+            ends[name] = parse_time(raw) if raw and raw.strip() else None
+        except InvalidInput as exc:
+            raise bad_request(f"'{name}': {exc}.", param=name) from None
     try:
-        return datetime.fromisoformat(raw.replace("Z", "+00:00"))
-    except ValueError:
-        raise bad_request(f"'{name}' must be an ISO 8601 date or time.", param=name) from None
+        check_range(ends["since"], ends["until"])
+    except InvalidInput as exc:
+        raise bad_request(f"{exc}.", param="until") from None
+    return ends["since"], ends["until"]
 
 
 async def usage(request: web.Request) -> web.Response:
     q = request.query
-    group_by = q.get("group_by", "day")
-    if group_by not in ("day", "model"):
-        raise bad_request("'group_by' must be 'day' or 'model'.", param="group_by")
+    group_by = q.get("group_by") or "day"
+    if group_by not in GROUPS:
+        raise bad_request(f"'group_by' must be one of {', '.join(GROUPS)}; "
+                          f"got {group_by[:40]!r}.", param="group_by")
     tenant = q.get("tenant_id")
+    tenant_id = _id(tenant) if tenant else None
+    since, until = _when(q)
     try:
         report = await state_of(request).ledger.usage_report(
-            tenant_id=_id(tenant) if tenant else None, since=_when(q.get("since"), "since"),
-            until=_when(q.get("until"), "until"), group_by=group_by)
+            tenant_id=tenant_id, since=since, until=until, group_by=group_by)
     except LedgerError as exc:
         raise _ledger_error(exc) from None
     return _json(report)
 
 
 async def cache_stats(request: web.Request) -> web.Response:
-    """The cachestore snapshot as is, with its namespaces shown as tenants (id and name)."""
+    """The cachestore snapshot as is, with its namespaces shown as tenants (id and name).
+    Deleted tenants are named too: their blocks may still be leaving the cache."""
     state = state_of(request)
-    stats = dict(await state.engine.stats())
-    namespaces = stats.pop("namespaces", None) or {}
+    snapshot = await state.engine.stats()
+    stats = snapshot.as_dict()
+    del stats["namespaces"]
     try:
-        names = {tenant_namespace(t["id"]): (t["id"], t["name"])
-                 for t in await state.ledger.list_tenants()}
-    except Exception:
-        names = {}
+        tenants = await state.ledger.list_tenants(include_deleted=True)
+    except LedgerError as exc:
+        raise _ledger_error(exc) from None
+    names = {tenant_namespace(t["id"]): (t["id"], t["name"]) for t in tenants}
     stats["tenants"] = [
         {"namespace": ns, "tenant_id": names.get(ns, (None, None))[0],
-         "tenant_name": names.get(ns, (None, None))[1], **(v if isinstance(v, dict) else {})}
-        for ns, v in namespaces.items()]
+         "tenant_name": names.get(ns, (None, None))[1], **v.as_dict()}
+        for ns, v in sorted(snapshot.namespaces.items())]
     return _json(stats)
 
 

@@ -9,13 +9,13 @@ turn after its content, which the full prompt does not have at that point).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from gateway.http.backends import SamplingParams
+from gateway.engine import SamplingParams
 from gateway.http.errors import ClientGone, bad_request
-from gateway.http.generation import Generation, Usage
+from gateway.http.generation import Generation
 from gateway.http.sse import open_stream, send
 from gateway.http.state import ctx_of, state_of
 from gateway.http.validation import (
@@ -27,6 +27,10 @@ from gateway.http.validation import (
     stop_list,
     token_budget,
 )
+from gateway.usage import Usage
+
+if TYPE_CHECKING:  # the engine pulls in torch; the ledger-only CLI must not
+    from gateway.engine.engine import Engine
 
 TTL_SECONDS = {"5m": 300.0, "1h": 3600.0}
 MAX_BREAKPOINTS = 4
@@ -51,7 +55,7 @@ class Breakpoint:
     ttl_s: float
 
 
-def anthropic_usage(u: Usage) -> dict:
+def anthropic_usage(u: Usage) -> dict[str, Any]:
     return {
         "input_tokens": u.uncached_tokens,
         "output_tokens": u.completion_tokens,
@@ -112,7 +116,7 @@ def parse_conversation(body: dict) -> tuple[list[str], list[list[tuple[str, floa
     return roles, blocks
 
 
-def _render(engine: Any, roles: list[str], blocks: list[list[tuple[str, Any]]],
+def _render(engine: Engine, roles: list[str], blocks: list[list[tuple[str, float | None]]],
             upto: Breakpoint | None = None) -> list[int]:
     msgs = []
     for i, (role, bl) in enumerate(zip(roles, blocks, strict=False)):
@@ -132,7 +136,7 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
-def ttl_segments(engine: Any, roles: list[str], blocks: list[list[tuple[str, float | None]]],
+def ttl_segments(engine: Engine, roles: list[str], blocks: list[list[tuple[str, float | None]]],
                  prompt: list[int], top_level: float | None) -> list[tuple[int, float]]:
     points = [Breakpoint(i, j, ttl) for i, bl in enumerate(blocks)
               for j, (_, ttl) in enumerate(bl) if ttl is not None]

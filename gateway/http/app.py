@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
-from typing import Any
 
 from aiohttp import web
 
 from gateway.config import Settings
+from gateway.engine import Engine, EngineConfig
 from gateway.http import admin, anthropic_api, openai_api
 from gateway.http.errors import ApiError
 from gateway.http.limits import Limiter
@@ -16,6 +16,7 @@ from gateway.http.metrics import Metrics
 from gateway.http.middleware import auth_middleware, context_middleware, on_response_prepare
 from gateway.http.openapi import spec
 from gateway.http.state import STATE, AppState, state_of
+from gateway.ledger import Ledger, LedgerError, migrates_on_start
 
 log = logging.getLogger("kvgate.http")
 
@@ -26,15 +27,11 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     state: AppState = state_of(request)
-    problems = []
-    if state.engine is None:
-        problems.append("model not loaded")
     try:
         await state.ledger.ping()
-    except Exception as exc:
-        problems.append(f"ledger unreachable: {exc}")
-    if problems:
-        raise ApiError(503, "; ".join(problems), code="not_ready", retry_after=1.0)
+    except LedgerError as exc:
+        raise ApiError(503, f"ledger unreachable: {exc}", code="not_ready",
+                       retry_after=1.0) from None
     return web.json_response({"status": "ready", "model": state.engine.model_id})
 
 
@@ -62,7 +59,19 @@ def _routes() -> list[web.RouteDef]:
     ]
 
 
-def create_app(settings: Settings, engine: Any = None, ledger: Any = None) -> web.Application:
+def engine_config(settings: Settings) -> EngineConfig:
+    """The server's settings the engine acts on (the engine never reads ``Settings``)."""
+    return EngineConfig(
+        model=settings.model, device=settings.device, dtype=settings.dtype,
+        device_cache_bytes=settings.device_cache_bytes,
+        host_cache_bytes=settings.host_cache_bytes, block_size=settings.block_size,
+        max_batch_tokens=settings.max_batch_tokens, max_running=settings.max_running,
+        max_queue=settings.max_queue,
+        default_cache_ttl_seconds=float(settings.default_cache_ttl_seconds))
+
+
+def create_app(settings: Settings, engine: Engine | None = None,
+               ledger: Ledger | None = None) -> web.Application:
     """Engine and ledger passed in are used as they are and left open at shutdown (the
     caller owns them); those the app creates itself it also closes."""
     state = AppState(settings=settings, metrics=Metrics(settings.metrics_tenant_labels),
@@ -74,39 +83,24 @@ def create_app(settings: Settings, engine: Any = None, ledger: Any = None) -> we
     app.on_response_prepare.append(on_response_prepare)
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
-        own_ledger = ledger is None
-        own_engine = engine is None
-        if own_ledger:
-            from gateway.http.backends import Ledger
-
-            state.ledger = await Ledger.open(settings.db, migrate=settings.db.startswith("sqlite"))
-        else:
-            state.ledger = ledger
+        own_ledger = ledger or await Ledger.open(settings.db,
+                                                 migrate=migrates_on_start(settings.db))
+        own_engine: Engine | None = None
         try:
-            state.admin_key_created = await state.ledger.bootstrap_admin(settings.admin_key)
-            if own_engine:
-                from gateway.http.backends import Engine, EngineConfig
-
-                state.engine = Engine(EngineConfig.from_settings(settings))
-                await state.engine.start()
-            else:
-                state.engine = engine
-            _hook_ledger_metrics(state)
-            state.metrics.watch(state.engine.cache_stats, state.engine, state.ledger)
+            state.admin_key_created = await own_ledger.bootstrap_admin(settings.admin_key)
+            the_engine = engine
+            if the_engine is None:
+                own_engine = the_engine = Engine(engine_config(settings))
+                await own_engine.start()
+            state.open(the_engine, own_ledger)
+            own_ledger.on_commit = state.metrics.on_ledger_commit
+            state.metrics.watch(state.engine, own_ledger)
             yield
         finally:
-            if own_engine and state.engine is not None:
-                await state.engine.stop()
-            if own_ledger:
-                await state.ledger.close()
+            if own_engine is not None:
+                await own_engine.stop()
+            if ledger is None:
+                await own_ledger.close()
 
     app.cleanup_ctx.append(resources)
     return app
-
-
-def _hook_ledger_metrics(state: AppState) -> None:
-    if hasattr(state.ledger, "on_commit"):
-        try:
-            state.ledger.on_commit = state.metrics.on_ledger_commit
-        except AttributeError:
-            log.debug("ledger does not accept an on_commit callback")

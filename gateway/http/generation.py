@@ -1,68 +1,40 @@
 """One generation from admission to the ledger row: the part both APIs share.
 
-Billing happens exactly once, from the engine's final ``EngineUsage``: ``stream`` records
-the usage event as soon as the engine finishes, before the handler writes its last bytes;
-if the client goes away (or the handler is cancelled) ``__aexit__`` cancels the engine
+Billing happens exactly once, from the engine's final ``Usage``: ``stream`` records the
+usage event as soon as the engine finishes, before the handler writes its last bytes; if
+the client goes away (or the handler is cancelled) ``__aexit__`` cancels the engine
 request and bills the tokens produced so far with status ``cancelled``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from collections.abc import AsyncGenerator, AsyncIterator
+from dataclasses import replace
 from datetime import datetime, timezone
-from typing import Any
+from types import TracebackType
 
 from aiohttp import web
 
-from gateway.http.backends import (
+from gateway.engine import (
     EngineOverloaded,
     FinishEvent,
     GenerateRequest,
     PromptTooLong,
     SamplingParams,
-    UsageEvent,
+    TokenEvent,
 )
 from gateway.http.errors import ApiError, ClientGone
 from gateway.http.limits import Ticket
-from gateway.http.state import AppState, ctx_of, state_of, tenant_namespace
+from gateway.http.state import AppState, ctx_of, principal_of, state_of
+from gateway.ledger import UsageEvent
+from gateway.usage import Usage
 
 log = logging.getLogger("kvgate.http")
 
 _CANCEL_DRAIN_S = 5.0
-
-
-@dataclass
-class Usage:
-    """The billed numbers; the response body and the ledger row are both built from this."""
-
-    prompt_tokens: int
-    cached_tokens: int
-    cache_write_5m_tokens: int
-    cache_write_1h_tokens: int
-    completion_tokens: int
-    engine_s: float = 0.0
-
-    @property
-    def cache_write_tokens(self) -> int:
-        return self.cache_write_5m_tokens + self.cache_write_1h_tokens
-
-    @property
-    def uncached_tokens(self) -> int:
-        return self.prompt_tokens - self.cached_tokens - self.cache_write_tokens
-
-    @classmethod
-    def from_engine(cls, u: Any) -> Usage:
-        return cls(u.prompt_tokens, u.cached_tokens, u.cache_write_5m_tokens,
-                   u.cache_write_1h_tokens, u.completion_tokens, u.engine_s)
-
-
-def namespace_of(principal: Any) -> str:
-    return tenant_namespace(principal.tenant_id)
 
 
 class Generation:
@@ -71,7 +43,7 @@ class Generation:
                  ttl_segments: list[tuple[int, float]] | None = None) -> None:
         self.request = request
         self.state: AppState = state_of(request)
-        self.principal = ctx_of(request).principal
+        self.principal = principal_of(request)
         self.endpoint = endpoint
         self.model = model
         self.prompt_ids = prompt_ids
@@ -79,15 +51,16 @@ class Generation:
         self.ttl_segments = ttl_segments or []
         self.request_id: str = ctx_of(request).request_id
         self.finish_reason: str | None = None
-        self.usage: Usage | None = None
+        self.usage: Usage | None = None  # what was billed
         self.prompt_usage: Usage | None = None  # prompt side, known at the first token
         self.completion_tokens = 0
         self.text_parts: list[str] = []
         self._ticket: Ticket | None = None
-        self._agen: Any = None
+        self._agen: AsyncGenerator[TokenEvent | FinishEvent, None] | None = None
         self._t0 = time.monotonic()
         self._started_at = datetime.now(timezone.utc)
         self._ttft_s: float | None = None
+        self._engine_s: float | None = None
         self._billed = False
         self._failed = False
         self._streaming = True  # False: run() wants the whole text, not token by token
@@ -96,7 +69,8 @@ class Generation:
         self._ticket = self.state.limiter.admit(self.principal, len(self.prompt_ids))
         return self
 
-    async def __aexit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> None:
         try:
             if not self._billed and self._agen is not None:
                 await asyncio.shield(self._bill_cancelled())
@@ -107,19 +81,18 @@ class Generation:
     def _engine_request(self) -> GenerateRequest:
         p = self.principal
         ttl = p.cache_ttl_seconds or self.state.settings.default_cache_ttl_seconds
-        self.state.apply_quota(p)
         return GenerateRequest(
-            request_id=self.request_id, namespace=namespace_of(p),
+            request_id=self.request_id, namespace=self.state.quotas.apply(p),
             prompt_token_ids=self.prompt_ids, sampling=self.sampling,
             ttl_segments=self.ttl_segments, default_ttl_s=float(ttl), stream=self._streaming)
 
     async def stream(self) -> AsyncIterator[str]:
         """Text pieces as the engine makes them; billed before the iterator ends."""
-        engine = self.state.engine
-        self._agen = engine.generate(self._engine_request())
+        self._agen = self.state.engine.generate(self._engine_request())
         try:
             async for ev in self._agen:
                 if isinstance(ev, FinishEvent):
+                    self._engine_s = ev.engine_s
                     await self._bill(ev.usage, ev.finish_reason, "ok")
                     return
                 if self._ttft_s is None:
@@ -169,47 +142,52 @@ class Generation:
             self.state.engine.cancel(self.request_id)
             try:
                 usage = await asyncio.wait_for(self._drain(), _CANCEL_DRAIN_S)
-            except Exception:
+            except asyncio.TimeoutError:
                 log.warning("request %s: engine did not finish after cancel", self.request_id)
-        with contextlib.suppress(Exception):
+            except Exception:  # it failed while stopping: bill from what it reported
+                log.exception("request %s: engine failed after cancel", self.request_id)
+        if self._agen is not None:
             await self._agen.aclose()
-        if usage is None:
-            usage = Usage(len(self.prompt_ids), 0, 0, 0, self.completion_tokens,
-                          self.elapsed_s())
+        if usage is None:  # the prompt's split as the engine reported it at the first token
+            known = self.prompt_usage or Usage(len(self.prompt_ids))
+            usage = replace(known, completion_tokens=self.completion_tokens)
         status = "error" if self._failed else "cancelled"
         await self._bill(usage, status, status)
 
-    async def _drain(self) -> Any:
+    async def _drain(self) -> Usage | None:
+        assert self._agen is not None
         async for ev in self._agen:
             if isinstance(ev, FinishEvent):
+                self._engine_s = ev.engine_s
                 return ev.usage
             self.completion_tokens += len(ev.token_ids)
         return None
 
-    async def _bill(self, engine_usage: Any, finish_reason: str, status: str) -> None:
-        usage = engine_usage if isinstance(engine_usage, Usage) else Usage.from_engine(engine_usage)
+    async def _bill(self, usage: Usage, finish_reason: str, status: str) -> None:
         if finish_reason == "cancelled" and status == "ok":
             status = "cancelled"
         self.usage = usage
         self.finish_reason = finish_reason
-        ctx_of(self.request).engine_s = usage.engine_s
+        ctx = ctx_of(self.request)
+        ctx.engine_s = self._engine_s if self._engine_s is not None else self.elapsed_s()
         p = self.principal
+        assert p.tenant_id is not None  # the auth middleware lets only tenant keys through
         event = UsageEvent(
             request_id=self.request_id, tenant_id=p.tenant_id, key_id=p.key_id,
-            model=self.model, endpoint=self.endpoint, prompt_tokens=usage.prompt_tokens,
-            cached_tokens=usage.cached_tokens, cache_write_5m_tokens=usage.cache_write_5m_tokens,
-            cache_write_1h_tokens=usage.cache_write_1h_tokens,
-            completion_tokens=usage.completion_tokens, status=status,
+            model=self.model, endpoint=self.endpoint, usage=usage, status=status,
             started_at=self._started_at, finished_at=datetime.now(timezone.utc),
             ttft_ms=None if self._ttft_s is None else round(self._ttft_s * 1000.0))
         self._billed = True
         t0 = time.monotonic()
-        await self.state.ledger.record(event)
-        ctx_of(self.request).ledger_s = time.monotonic() - t0
+        billed = await self.state.ledger.record(event)
+        ctx.ledger_s = time.monotonic() - t0
         if self._ticket is not None:
             self._ticket.add_tokens(usage.completion_tokens)
-        self.state.observe_usage(self, usage, event,
-                                 await self.state.cost_of(event, p.plan_id))
+        if billed.new:
+            m = self.state.metrics
+            m.observe_usage(
+                m.tenant(p.tenant_name), self.endpoint, usage, billed.cost_micros, self.cache_outcome(),
+                self._ttft_s, self.elapsed_s())
 
     def cache_outcome(self) -> str:
         u = self.usage
@@ -218,7 +196,3 @@ class Generation:
         if u.cached_tokens + self.state.settings.block_size >= u.prompt_tokens:
             return "hit"
         return "partial"
-
-    @property
-    def ttft_s(self) -> float | None:
-        return self._ttft_s

@@ -20,7 +20,7 @@ WINDOW_S = 60.0
 class _Window:
     """(time, amount) entries of the last minute; sum kept alongside for O(1) checks."""
 
-    entries: deque = field(default_factory=deque)
+    entries: deque[tuple[float, int]] = field(default_factory=deque)
     total: int = 0
 
     def trim(self, now: float) -> None:

@@ -7,12 +7,18 @@ snapshots at scrape time (``_SnapshotCollector``) so they can never drift from
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+from gateway.ledger import Ledger
+from gateway.usage import Usage
+
+if TYPE_CHECKING:  # the engine pulls in torch; the ledger-only CLI must not
+    from gateway.engine.engine import Engine
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 _OVERHEAD_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
@@ -45,78 +51,81 @@ class Metrics:
     def tenant(self, name: str | None) -> str:
         return (name or "none") if self.tenant_labels else "all"
 
-    def watch(self, cache_stats: Callable[[], dict], engine: Any, ledger: Any) -> None:
+    def watch(self, engine: Engine, ledger: Ledger) -> None:
         """Start exporting snapshot figures (called once engine and ledger are open)."""
-        self.registry.register(_SnapshotCollector(cache_stats, engine, ledger))
+        self.registry.register(_SnapshotCollector(engine, ledger))
 
     def on_ledger_commit(self, seconds: float, n_events: int = 0) -> None:
         self.ledger_commit.observe(seconds)
+
+    def observe_usage(self, tenant: str, endpoint: str, usage: Usage, cost_micros: int,
+                      cache_outcome: str, ttft_s: float | None, duration_s: float) -> None:
+        """One billed request: ``tenant`` is its label value (see ``tenant``)."""
+        self.prompt_tokens.labels("uncached", tenant).inc(usage.uncached_tokens)
+        self.prompt_tokens.labels("cached", tenant).inc(usage.cached_tokens)
+        self.prompt_tokens.labels("cache_write", tenant).inc(usage.cache_write_tokens)
+        self.completion_tokens.labels(tenant).inc(usage.completion_tokens)
+        self.cost.labels(tenant).inc(cost_micros)
+        if ttft_s is not None:
+            self.ttft.labels(endpoint, cache_outcome).observe(ttft_s)
+        self.duration.labels(endpoint, cache_outcome).observe(duration_s)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
 
-def _num(x: Any) -> float:
-    return float(x) if isinstance(x, (int, float)) else 0.0
+# The figures read at scrape time: (name, kind, help, labels).
+SNAPSHOT_FAMILIES = (
+    ("kvgate_cache_pages", "gauge", "Cache pages by tier and state.", ("tier", "state")),
+    ("kvgate_cache_bytes", "gauge", "Cache bytes by tier.", ("tier", "kind")),
+    ("kvgate_cache_evictions", "counter", "Cache evictions by reason.", ("reason",)),
+    ("kvgate_cache_promotion_bytes", "counter", "Bytes copied by cache promotions.", ()),
+    ("kvgate_cache_demotion_bytes", "counter", "Bytes copied by cache demotions.", ()),
+    ("kvgate_cache_hit_tokens", "counter", "Prompt tokens served from cache.", ()),
+    ("kvgate_cache_miss_tokens", "counter",
+     "Prompt tokens computed (cache writes included).", ()),
+    ("kvgate_ledger_queue_depth", "gauge", "Usage events awaiting commit.", ()),
+    ("kvgate_engine_queue_depth", "gauge", "Requests waiting for the engine.", ()),
+    ("kvgate_engine_running_requests", "gauge", "Requests the engine runs.", ()),
+)
 
 
-def _tier(stats: dict, tier: str) -> dict:
-    t = stats.get(tier) or stats.get("tiers", {}).get(tier) or {}
-    return t if isinstance(t, dict) else {}
+def snapshot_families() -> dict[str, GaugeMetricFamily | CounterMetricFamily]:
+    """The scrape-time families, empty: what ``describe`` reports and ``collect`` fills."""
+    out: dict[str, GaugeMetricFamily | CounterMetricFamily] = {}
+    for name, kind, help_text, labels in SNAPSHOT_FAMILIES:
+        family = GaugeMetricFamily if kind == "gauge" else CounterMetricFamily
+        out[name] = family(name, help_text, labels=list(labels))
+    return out
 
 
 class _SnapshotCollector(Collector):
-    def __init__(self, cache_stats: Callable[[], dict], engine: Any, ledger: Any) -> None:
-        self._stats = cache_stats
+    """Cache and queue figures read at scrape time from the engine's and ledger's own
+    snapshots (a figure a step old is fine here; nothing is locked for long)."""
+
+    def __init__(self, engine: Engine, ledger: Ledger) -> None:
         self._engine = engine
         self._ledger = ledger
 
-    def describe(self) -> list:
-        return []  # figures appear at scrape time only
+    def describe(self) -> list[Metric]:
+        return list(snapshot_families().values())
 
-    def collect(self) -> Iterator:
-        try:
-            stats = self._stats() or {}
-        except Exception:
-            stats = {}
-        pages = GaugeMetricFamily("kvgate_cache_pages", "Cache pages by tier and state.",
-                                  labels=["tier", "state"])
-        size = GaugeMetricFamily("kvgate_cache_bytes", "Cache bytes by tier.",
-                                 labels=["tier", "kind"])
-        for tier in ("device", "host"):
-            t = _tier(stats, tier)
-            for state, n in (t.get("blocks") or t.get("pages_by_state") or {}).items():
-                pages.add_metric([tier, str(state)], _num(n))
-            size.add_metric([tier, "capacity"], _num(t.get("capacity_bytes")))
-            size.add_metric([tier, "used"], _num(t.get("used_bytes")))
-        yield pages
-        yield size
-        ev = CounterMetricFamily("kvgate_cache_evictions", "Cache evictions by reason.",
-                                 labels=["reason"])
-        evictions = stats.get("evictions") or {}
-        for reason in ("lru", "ttl", "quota"):
-            ev.add_metric([reason], _num(evictions.get(reason)))
-        yield ev
-        for name in ("promotion", "demotion"):
-            moved = stats.get(name + "s") or {}
-            yield CounterMetricFamily(f"kvgate_cache_{name}_bytes",
-                                      f"Bytes copied by cache {name}s.",
-                                      value=_num(moved.get("bytes") if isinstance(moved, dict)
-                                                 else stats.get(f"{name}_bytes")))
-        yield CounterMetricFamily("kvgate_cache_hit_tokens", "Prompt tokens served from cache.",
-                                  value=_num(stats.get("hit_tokens")))
-        yield CounterMetricFamily("kvgate_cache_miss_tokens", "Prompt tokens computed.",
-                                  value=_num(stats.get("miss_tokens")))
-        yield GaugeMetricFamily("kvgate_ledger_queue_depth", "Usage events awaiting commit.",
-                                value=_call(self._ledger, "queue_depth"))
-        yield GaugeMetricFamily("kvgate_engine_queue_depth", "Requests waiting for the engine.",
-                                value=_call(self._engine, "queue_depth"))
-        yield GaugeMetricFamily("kvgate_engine_running_requests", "Requests the engine runs.",
-                                value=_call(self._engine, "num_running"))
-
-
-def _call(obj: Any, name: str) -> float:
-    try:
-        return _num(getattr(obj, name)())
-    except Exception:
-        return 0.0
+    def collect(self) -> Iterator[Metric]:
+        stats = self._engine.cache_stats()
+        f = snapshot_families()
+        for tier_name, tier in (("device", stats.device), ("host", stats.host)):
+            for state, n in tier.blocks.items():
+                f["kvgate_cache_pages"].add_metric([tier_name, state], n)
+            f["kvgate_cache_bytes"].add_metric([tier_name, "capacity"], tier.capacity_bytes)
+            f["kvgate_cache_bytes"].add_metric([tier_name, "used"], tier.used_bytes)
+        for reason, n in stats.evictions.as_dict().items():
+            f["kvgate_cache_evictions"].add_metric([reason], n)
+        for name, value in (("kvgate_cache_promotion_bytes", stats.promotions.bytes),
+                            ("kvgate_cache_demotion_bytes", stats.demotions.bytes),
+                            ("kvgate_cache_hit_tokens", stats.hit_tokens),
+                            ("kvgate_cache_miss_tokens", stats.miss_tokens),
+                            ("kvgate_ledger_queue_depth", self._ledger.queue_depth()),
+                            ("kvgate_engine_queue_depth", self._engine.queue_depth()),
+                            ("kvgate_engine_running_requests", self._engine.num_running())):
+            f[name].add_metric([], value)
+        yield from f.values()

@@ -68,7 +68,7 @@ def _observe(request: web.Request, status: int) -> None:
     endpoint = _endpoint(request)
     ctx = ctx_of(request)
     principal = ctx.principal
-    tenant = m.tenant(getattr(principal, "tenant_name", None))
+    tenant = m.tenant(principal.tenant_name if principal is not None else None)
     m.requests.labels(endpoint, str(status), tenant).inc()
     if request.path.startswith("/v1/"):
         total = time.monotonic() - ctx.t0

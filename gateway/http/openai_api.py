@@ -7,11 +7,11 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway.http.backends import SamplingParams
+from gateway.engine import SamplingParams
 from gateway.http.errors import ClientGone, bad_request
-from gateway.http.generation import Generation, Usage
+from gateway.http.generation import Generation
 from gateway.http.sse import open_stream, send
-from gateway.http.state import ctx_of, state_of
+from gateway.http.state import AppState, ctx_of, state_of
 from gateway.http.validation import (
     INT64_MAX,
     INT64_MIN,
@@ -25,6 +25,7 @@ from gateway.http.validation import (
     stop_list,
     token_budget,
 )
+from gateway.usage import Usage
 
 _UNSUPPORTED = {
     "logprobs": "log probabilities are not returned",
@@ -53,7 +54,7 @@ def _finish(gen: Generation) -> str:
     return _FINISH.get(gen.finish_reason or "stop", "stop")
 
 
-def openai_usage(u: Usage) -> dict:
+def openai_usage(u: Usage) -> dict[str, Any]:
     return {
         "prompt_tokens": u.prompt_tokens,
         "completion_tokens": u.completion_tokens,
@@ -165,7 +166,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             "usage": openai_usage(gen.usage)})
 
 
-def _prompt_ids(state: Any, body: dict) -> list[int]:
+def _prompt_ids(state: AppState, body: dict[str, Any]) -> list[int]:
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]
@@ -211,7 +212,7 @@ async def _stream(request: web.Request, gen: Generation, include_usage: bool,
     """Chunks as the SDK expects; the first engine event arrives before the headers, so
     engine errors (prompt too long, overloaded) still get a proper status code."""
     created = int(time.time())
-    base = {"id": ("chatcmpl-" if chat else "cmpl-") + gen.request_id[4:],
+    base: dict[str, Any] = {"id": ("chatcmpl-" if chat else "cmpl-") + gen.request_id[4:],
             "object": "chat.completion.chunk" if chat else "text_completion",
             "created": created, "model": gen.model}
     if include_usage:

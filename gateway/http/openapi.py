@@ -127,7 +127,8 @@ SCHEMAS: dict[str, Any] = {
 }
 
 
-def _op(summary: str, responses: dict, body: str | None = None, **extra: Any) -> dict:
+def _op(summary: str, responses: dict[str, Any], body: str | None = None,
+        **extra: Any) -> dict[str, Any]:
     op = {"summary": summary, "responses": responses, **extra}
     if body:
         op["requestBody"] = _json_body(body)
@@ -135,7 +136,26 @@ def _op(summary: str, responses: dict, body: str | None = None, **extra: Any) ->
 
 
 _ID = [{"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}]
-_PUBLIC = {"security": []}
+_TIME_FORMS = ("A date (2026-11-30, midnight UTC), a time without a zone (2026-11-30T10:00:00, "
+               "taken as UTC), a time with one (2026-11-30T10:00:00+02:00, encode '+' as "
+               "%2B; or ...Z), or a span back from now: 45s, 30m, 12h, 7d, 2w.")
+_USAGE_PARAMS = [
+    {"name": "tenant_id", "in": "query", "required": False, "schema": {"type": "string"},
+     "description": "Only this tenant's usage (its id)."},
+    {"name": "since", "in": "query", "required": False, "schema": {"type": "string"},
+     "description": "Start of the range, inclusive, on the requests' start time. "
+                    + _TIME_FORMS, "examples": {"date": {"value": "2026-11-30"},
+                                                "span": {"value": "7d"}}},
+    {"name": "until", "in": "query", "required": False, "schema": {"type": "string"},
+     "description": "End of the range, exclusive; same forms as since, and after it.",
+     "examples": {"aware": {"value": "2026-11-30T10:00:00Z"}}},
+    {"name": "group_by", "in": "query", "required": False,
+     "schema": {"enum": ["tenant", "key", "model", "day"], "default": "day"},
+     "description": "One row per tenant (id, name), key (id, prefix, tenant), model or UTC "
+                    "day; rows are also split by the currency of the tenants' plans: every "
+                    "row names its currency, the totals do when all rows share one."},
+]
+_PUBLIC: dict[str, Any] = {"security": []}  # no key needed
 
 
 def spec() -> dict:
@@ -175,11 +195,8 @@ def spec() -> dict:
                             _responses(None, _ADMIN, ok_status="201"))},
             "/admin/keys/{id}": {"parameters": _ID,
                                  "delete": _op("Revoke key", _responses(None, _ADMIN))},
-            "/admin/usage": {"get": _op("Usage report", _responses(None, _ADMIN), parameters=[
-                {"name": n, "in": "query", "required": False, "schema": {"type": "string"}}
-                for n in ("tenant_id", "since", "until")] + [
-                {"name": "group_by", "in": "query", "required": False,
-                 "schema": {"enum": ["day", "model"]}}])},
+            "/admin/usage": {"get": _op("Usage report", _responses(None, _ADMIN),
+                                        parameters=_USAGE_PARAMS)},
             "/admin/cache/stats": {"get": _op("Cache statistics", _responses(None, _ADMIN))},
             "/admin/cache": {"delete": _op("Flush a tenant's cache", _responses(None, _ADMIN),
                                            parameters=[{"name": "tenant_id", "in": "query",

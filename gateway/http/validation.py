@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
 from gateway.http.errors import ApiError, bad_request
+from gateway.http.state import AppState
+
+if TYPE_CHECKING:  # the engine pulls in torch; the ledger-only CLI must not
+    from gateway.engine.engine import Engine
 
 _MISSING = object()
 
@@ -43,23 +47,26 @@ def field(body: dict, name: str, kind: type | tuple[type, ...], *, required: boo
     return value
 
 
-def number(body: dict, name: str, lo: float, hi: float, default: float | None) -> float | None:
+def number(body: dict[str, Any], name: str, lo: float, hi: float, default: float) -> float:
     value = field(body, name, float, default=default)
-    if value is not None and not lo <= value <= hi:
+    if not lo <= value <= hi:
         raise bad_request(f"Field '{name}' must be between {lo} and {hi}.", param=name,
                           code="invalid_value")
-    return None if value is None else float(value)
+    return float(value)
 
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
-def integer(body: dict, name: str, lo: int, hi: int, default: int | None) -> int | None:
+def integer(body: dict[str, Any], name: str, lo: int, hi: int,
+            default: int | None) -> int | None:
     value = field(body, name, int, default=default)
-    if value is not None and not lo <= value <= hi:
+    if value is None:
+        return None
+    if not lo <= value <= hi:
         raise bad_request(f"Field '{name}' must be between {lo} and {hi}.", param=name,
                           code="invalid_value")
-    return value
+    return int(value)
 
 
 def stop_list(body: dict, name: str, max_items: int = 4) -> list[str]:
@@ -81,14 +88,14 @@ def reject(body: dict, names: dict[str, str]) -> None:
                               code="unsupported_parameter")
 
 
-def check_model(state: Any, model: str, param: str = "model") -> None:
+def check_model(state: AppState, model: str, param: str = "model") -> None:
     if model != state.engine.model_id:
         raise ApiError(404, f"The model '{model}' does not exist; this server serves "
                        f"'{state.engine.model_id}' (see /v1/models).", param=param,
                        code="model_not_found")
 
 
-def token_budget(state: Any, prompt_len: int, requested: int | None, param: str) -> int:
+def token_budget(state: AppState, prompt_len: int, requested: int | None, param: str) -> int:
     """Validate max_tokens against the context; the default fills what is left, capped."""
     ctx = int(state.engine.model_info["context_length"])
     if requested is not None and requested < 1:
@@ -107,6 +114,5 @@ def token_budget(state: Any, prompt_len: int, requested: int | None, param: str)
     return requested
 
 
-def encode(engine: Any, text: str) -> list[int]:
-    out = engine.tokenizer.encode(text)
-    return list(getattr(out, "ids", out))
+def encode(engine: Engine, text: str) -> list[int]:
+    return engine.tokenizer.encode(text)

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
+from gateway.usage import InvalidUsage, Usage
+
 from .errors import InvalidInput
 
 STATUSES = ("ok", "cancelled", "error")
@@ -13,48 +15,29 @@ MICROS_PER_MILLION_TOKENS = 1_000_000  # prices are per million tokens
 
 @dataclass(frozen=True)
 class UsageEvent:
-    """One finished request, as the HTTP layer reports it.
-
-    ``prompt_tokens`` counts every input token; ``cached_tokens`` and the two
-    ``cache_write_*`` counts are parts of it, the rest is uncached input.
-    """
+    """One finished request: its ``Usage`` and what the ledger files it under."""
 
     request_id: str
     tenant_id: int
     key_id: int | None
     model: str
     endpoint: str
-    prompt_tokens: int
-    cached_tokens: int
-    cache_write_5m_tokens: int
-    cache_write_1h_tokens: int
-    completion_tokens: int
+    usage: Usage
     status: str
     started_at: datetime
     finished_at: datetime
     ttft_ms: int | None = None
 
-    @property
-    def uncached_tokens(self) -> int:
-        return (self.prompt_tokens - self.cached_tokens - self.cache_write_5m_tokens
-                - self.cache_write_1h_tokens)
-
     def validate(self) -> None:
         """Reject an event before it reaches the batch, so one bad event never fails others."""
-        if not self.request_id or len(self.request_id) > 128:
+        if not isinstance(self.request_id, str) or not 0 < len(self.request_id) <= 128:
             raise InvalidInput("request_id must be 1..128 characters")
-        counts = {"prompt_tokens": self.prompt_tokens, "cached_tokens": self.cached_tokens,
-                  "cache_write_5m_tokens": self.cache_write_5m_tokens,
-                  "cache_write_1h_tokens": self.cache_write_1h_tokens,
-                  "completion_tokens": self.completion_tokens}
-        for name, value in counts.items():
-            if not isinstance(value, int) or value < 0:
-                raise InvalidInput(f"{name} must be a non-negative integer, got {value!r}")
-        if self.uncached_tokens < 0:
-            raise InvalidInput(
-                f"request {self.request_id}: cached + cache-write tokens "
-                f"({self.prompt_tokens - self.uncached_tokens}) exceed prompt_tokens "
-                f"({self.prompt_tokens})")
+        if not isinstance(self.usage, Usage):
+            raise InvalidInput(f"usage must be a Usage record, got {type(self.usage).__name__}")
+        try:
+            self.usage.validate()
+        except InvalidUsage as exc:
+            raise InvalidInput(f"request {self.request_id}: {exc}") from None
         if self.status not in STATUSES:
             raise InvalidInput(f"status must be one of {STATUSES}, got {self.status!r}")
         for name in ("started_at", "finished_at"):
@@ -63,6 +46,17 @@ class UsageEvent:
                 raise InvalidInput(f"{name} must be an aware datetime, got {value!r}")
         if self.ttft_ms is not None and self.ttft_ms < 0:
             raise InvalidInput("ttft_ms must be >= 0")
+
+
+@dataclass(frozen=True)
+class Billed:
+    """The ledger's answer to one ``record``: whether this call billed the request (False:
+    its request id was billed before) and the cost of the event in micro-units of
+    ``currency`` (the tenant's plan's)."""
+
+    new: bool
+    cost_micros: int
+    currency: str
 
 
 @dataclass(frozen=True)
@@ -103,7 +97,7 @@ DEFAULT_PLAN = "default"
 DEFAULT_PRICES = Prices.derived(1_000_000)  # 1 currency unit per million input tokens
 
 
-def cost_micros(event: UsageEvent, prices: Prices) -> int:
+def cost_micros(usage: Usage, prices: Prices) -> int:
     """Cost of one event in integer micro-units.
 
     The exact amount Σ tokens × price_per_million / 10⁶ is summed over the five token
@@ -111,9 +105,9 @@ def cost_micros(event: UsageEvent, prices: Prices) -> int:
     floats, no per-kind rounding, so the ledger never bills less than the exact amount
     and by at most one micro-unit more.
     """
-    total = (event.uncached_tokens * prices.input
-             + event.cached_tokens * prices.cache_read
-             + event.cache_write_5m_tokens * prices.cache_write_5m
-             + event.cache_write_1h_tokens * prices.cache_write_1h
-             + event.completion_tokens * prices.output)
+    total = (usage.uncached_tokens * prices.input
+             + usage.cached_tokens * prices.cache_read
+             + usage.cache_write_5m_tokens * prices.cache_write_5m
+             + usage.cache_write_1h_tokens * prices.cache_write_1h
+             + usage.completion_tokens * prices.output)
     return -(-total // MICROS_PER_MILLION_TOKENS)

@@ -1,23 +1,31 @@
 """``kvgate migrate | tenants | keys | plans | usage``: tables for people, ``--json`` for
-scripts. Every command takes ``--db`` (default: ``KVGATE_DB``, else ``./kvgate.db``)."""
+scripts. Every command takes ``--db`` (default: ``KVGATE_DB``, else ``./kvgate.db``).
+
+Only ``migrate`` (and ``serve``) create a SQLite ledger; the other commands refuse a file
+that is not there, since the default path is relative to the current directory and a new
+empty ledger there would answer every question with zeros."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import json
-import re
+import os
 import sys
-from collections.abc import Awaitable, Callable
-from datetime import datetime, timedelta, timezone
+from collections.abc import Awaitable, Callable, Coroutine
+from datetime import datetime
 from typing import Any
 
-from gateway.config import Settings, parse_bytes
+from sqlalchemy.engine import make_url
+
+from gateway.config import ENV_PREFIX, Settings, parse_bytes
 
 from . import migrate as migrations
-from .db import create_engine, migrates_on_start
-from .errors import LedgerError
-from .ledger import Ledger
+from .db import async_url, create_engine, migrates_on_start
+from .errors import InvalidInput, LedgerError
+from .ledger import DEFAULT_CURRENCY, Ledger
+from .reports import FIELDS, GROUPS
+from .timespec import FORMS, parse_time
 
 Handler = Callable[[Ledger, argparse.Namespace], Awaitable[Any]]
 
@@ -75,33 +83,61 @@ def register(sub: Any) -> None:
         for price in ("input", "cache-read", "cache-write-5m", "cache-write-1h", "output"):
             p.add_argument(f"--{price}", type=int, required=action == "create" and
                            price == "input")
+        if action == "create":
+            p.add_argument("--currency", default=DEFAULT_CURRENCY,
+                           help="ISO 4217 code of the prices, fixed once created (USD)")
         p.set_defaults(func=_runner(_plans_create if action == "create" else _plans_update))
 
     p = sub.add_parser("usage", parents=[db, out], help="usage and cost report")
     p.add_argument("--tenant", help="tenant name or id (default: all)")
-    p.add_argument("--since", type=parse_time, help="ISO date/time (UTC if no zone) or 7d, 24h")
-    p.add_argument("--until", type=parse_time, help="exclusive; same forms as --since")
-    p.add_argument("--group-by", choices=("day", "model"), default="day")
+    p.add_argument("--since", type=_time_arg, help=f"inclusive: {FORMS}")
+    p.add_argument("--until", type=_time_arg, help="exclusive; same forms as --since")
+    p.add_argument("--group-by", choices=GROUPS, default="day",
+                   help="one row per tenant, key, model or day (day)")
     p.set_defaults(func=_runner(_usage))
 
 
-def parse_time(text: str) -> datetime:
-    """``2026-01-31``, ``2026-01-31T12:00:00+02:00`` (no zone: UTC), or ``7d``/``24h``/``30m``
-    meaning that long before now."""
-    m = re.fullmatch(r"(\d+)([dhm])", text.strip())
-    if m:
-        unit = {"d": "days", "h": "hours", "m": "minutes"}[m.group(2)]
-        return datetime.now(timezone.utc) - timedelta(**{unit: int(m.group(1))})
+def _time_arg(text: str) -> datetime:
     try:
-        value = datetime.fromisoformat(text.strip())
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(
-            f"not a time: {text!r} (use 2026-01-31, 2026-01-31T12:00:00Z or 7d)") from exc
-    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+        return parse_time(text)
+    except InvalidInput as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _db_url(args: argparse.Namespace) -> str:
     return args.db or Settings.from_env().db
+
+
+def _db_source(args: argparse.Namespace) -> str:
+    if args.db:
+        return "--db"
+    if os.environ.get(f"{ENV_PREFIX}DB"):
+        return f"${ENV_PREFIX}DB"
+    return "the default"
+
+
+def require_existing_sqlite(url: str, source: str) -> None:
+    """Refuse a SQLite URL whose file is not there, naming the absolute path looked at.
+
+    Opening it would create an empty ledger, and a report from that is all zeros: the
+    usual cause is running from another directory than the one of ``./kvgate.db``.
+    """
+    parsed = make_url(async_url(url))
+    if parsed.get_backend_name() != "sqlite":
+        return
+    path = parsed.database or ""
+    if path.startswith("file:"):  # a SQLite URI filename (uri=true)
+        if "mode=memory" in path:
+            return
+        path = path[len("file:"):].partition("?")[0]
+    if path in ("", ":memory:") or os.path.exists(path):
+        return
+    relative = "" if os.path.isabs(path) else "; a relative path starts at the current directory"
+    raise LedgerError(
+        f"no ledger database at {os.path.abspath(path)} ({url}, from {source}{relative}). "
+        "Run kvgate from the directory that holds the ledger, pass --db "
+        f"sqlite:////absolute/path/kvgate.db, or set {ENV_PREFIX}DB; `kvgate serve` and "
+        "`kvgate migrate` create a new ledger.")
 
 
 def _runner(handler: Handler) -> Callable[[argparse.Namespace], int]:
@@ -110,6 +146,7 @@ def _runner(handler: Handler) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
         async def main() -> Any:
             url = _db_url(args)
+            require_existing_sqlite(url, _db_source(args))
             ledger = await Ledger.open(url, migrate=migrates_on_start(url))
             try:
                 return await handler(ledger, args)
@@ -121,7 +158,7 @@ def _runner(handler: Handler) -> Callable[[argparse.Namespace], int]:
     return run
 
 
-def _guard(main: Callable[[], Awaitable[Any]]) -> int:
+def _guard(main: Callable[[], Coroutine[Any, Any, Any]]) -> int:
     try:
         asyncio.run(main())
     except LedgerError as exc:
@@ -208,8 +245,8 @@ async def _keys_revoke(ledger: Ledger, args: argparse.Namespace) -> None:
     print(f"key {args.key_id} revoked")
 
 
-_PLAN_COLUMNS = ["id", "name", "input", "cache_read", "cache_write_5m", "cache_write_1h",
-                 "output"]
+_PLAN_COLUMNS = ["id", "name", "currency", "input", "cache_read", "cache_write_5m",
+                 "cache_write_1h", "output"]
 
 
 def _prices(args: argparse.Namespace) -> dict[str, int]:
@@ -222,11 +259,17 @@ async def _plans_list(ledger: Ledger, args: argparse.Namespace) -> None:
 
 
 async def _plans_create(ledger: Ledger, args: argparse.Namespace) -> None:
-    _emit(args, await ledger.create_plan(args.name, **_prices(args)), _PLAN_COLUMNS)
+    _emit(args, await ledger.create_plan(args.name, currency=args.currency, **_prices(args)),
+          _PLAN_COLUMNS)
 
 
 async def _plans_update(ledger: Ledger, args: argparse.Namespace) -> None:
     _emit(args, await ledger.update_plan(args.name, **_prices(args)), _PLAN_COLUMNS)
+
+
+_GROUP_COLUMNS = {"tenant": ["tenant_id", "tenant_name"],
+                  "key": ["key_id", "key_prefix", "tenant_id"],
+                  "model": ["model"], "day": ["day"]}
 
 
 async def _usage(ledger: Ledger, args: argparse.Namespace) -> None:
@@ -235,9 +278,23 @@ async def _usage(ledger: Ledger, args: argparse.Namespace) -> None:
     if args.json:
         _emit(args, report)
         return
-    columns = [args.group_by, "requests", "prompt_tokens", "cached_tokens",
-               "cache_write_tokens", "completion_tokens", "cost_micros"]
-    print_table([*report["rows"], {args.group_by: "TOTAL", **report["totals"]}], columns)
+    names = _GROUP_COLUMNS[args.group_by]
+    print_table([*report["rows"], *_total_rows(report, names[0])],
+                [*names, *FIELDS, "currency"])
+
+
+def _total_rows(report: dict[str, Any], label: str) -> list[dict[str, Any]]:
+    """One TOTAL line, or one per currency when the rows are in several (a sum across
+    currencies would mean nothing)."""
+    totals = report["totals"]
+    if len(totals["cost_micros_by_currency"]) <= 1:
+        return [{**totals, label: "TOTAL"}]
+    lines = []
+    for currency in totals["cost_micros_by_currency"]:
+        rows = [r for r in report["rows"] if r["currency"] == currency]
+        lines.append({label: "TOTAL", "currency": currency,
+                      **{f: sum(r[f] for r in rows) for f in FIELDS}})
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:

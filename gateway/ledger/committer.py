@@ -18,18 +18,19 @@ import asyncio
 import logging
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from . import db
-from .billing import Prices, UsageEvent, cost_micros
+from .billing import Billed, Prices, UsageEvent, cost_micros
 from .errors import LedgerError, NotFound
 from .models import Plan, Tenant, UsageRow
 
@@ -38,7 +39,9 @@ log = logging.getLogger("kvgate.ledger")
 OnCommit = Callable[[float, int], None]
 _RETRY_DELAYS_S = (0.05, 0.25, 1.0)  # safe to retry: the insert is idempotent by request id
 
-_Item = tuple[UsageEvent, "asyncio.Future[bool]"]
+_Item = tuple[UsageEvent, "asyncio.Future[Billed]"]
+# Per event of a batch: the answer, or that event's own error.
+_Outcome = Billed | Exception
 
 
 class GroupCommitter:
@@ -61,10 +64,10 @@ class GroupCommitter:
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="ledger-commit")
 
-    async def submit(self, event: UsageEvent) -> bool:
+    async def submit(self, event: UsageEvent) -> Billed:
         if self._closed:
             raise LedgerError("ledger is closed")
-        fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[Billed] = asyncio.get_running_loop().create_future()
         self.pending += 1
         self._queue.put_nowait((event, fut))
         # A caller that gives up (client gone) must not un-bill the request: the event
@@ -124,7 +127,7 @@ class GroupCommitter:
                 await asyncio.sleep(delay)
         seconds = time.perf_counter() - start
         self.commits += 1
-        self.events_committed += sum(1 for r in results if r is True)
+        self.events_committed += sum(1 for r in results if isinstance(r, Billed) and r.new)
         self._answer(batch, results=results)
         if self.on_commit is not None:
             try:
@@ -132,61 +135,80 @@ class GroupCommitter:
             except Exception:
                 log.exception("on_commit callback failed")
 
-    def _answer(self, batch: list[_Item], *, results: list[Any] | None = None,
+    def _answer(self, batch: list[_Item], *, results: list[_Outcome] | None = None,
                 error: Exception | None = None) -> None:
         for i, (_, fut) in enumerate(batch):
             self.pending -= 1
             if fut.done():
                 continue
             outcome = error if results is None else results[i]
-            if isinstance(outcome, BaseException):
-                fut.set_exception(outcome)
+            if isinstance(outcome, Billed):
+                fut.set_result(outcome)
             else:
-                fut.set_result(bool(outcome))
+                fut.set_exception(outcome or LedgerError("no outcome for a usage event"))
 
-    async def _write(self, events: list[UsageEvent]) -> list[bool | Exception]:
+    async def _write(self, events: list[UsageEvent]) -> list[_Outcome]:
         if self._writer is not None:
             return await self._writer.write(events)
         return await self._write_sqlalchemy(events)
 
-    async def _write_sqlalchemy(self, events: list[UsageEvent]) -> list[bool | Exception]:
+    async def _write_sqlalchemy(self, events: list[UsageEvent]) -> list[_Outcome]:
         """One transaction: price lookup, one multi-row idempotent insert, COMMIT."""
         async with self.engine.begin() as conn:
-            rows = await conn.execute(
-                select(Tenant.id, Plan.input_price, Plan.cache_read_price,
-                       Plan.cache_write_5m_price, Plan.cache_write_1h_price,
-                       Plan.output_price)
-                .join(Plan, Tenant.plan_id == Plan.id)
-                .where(Tenant.id.in_({e.tenant_id for e in events})))
-            out, todo = _prepare(events, {r[0]: Prices(*r[1:]) for r in rows})
+            rows = await conn.execute(_PRICES.where(Tenant.id.in_({e.tenant_id for e in events})))
+            out, todo = _prepare(events, {r[0]: _Plan.of(r) for r in rows})
             if todo:
-                stmt = (self._insert(UsageRow.__table__)
+                stmt = (self._insert(UsageRow)
                         .on_conflict_do_nothing(index_elements=["request_id"])
-                        .returning(UsageRow.__table__.c.request_id))
+                        .returning(UsageRow.request_id))
                 inserted = set((await conn.execute(stmt, [row for _, row in todo]))
                                .scalars().all())
                 for i, row in todo:
-                    out[i] = row["request_id"] in inserted
+                    out[i] = _billed(out[i], row["request_id"] in inserted)
         return out
 
 
-def _prepare(events: list[UsageEvent], prices: dict[int, Prices]
-             ) -> tuple[list[bool | Exception], list[tuple[int, dict[str, Any]]]]:
-    """Per event, the answer so far: True (inserted now) is filled in by the insert; False
-    (request id already billed, in the database or earlier in this batch) or that event's
-    own error stand. And the rows to insert, each with its event's index."""
-    out: list[bool | Exception] = []
+# The plan of tenants: prices in ``Prices`` field order, then the currency.
+_PRICES = (select(Tenant.id, Plan.input_price, Plan.cache_read_price, Plan.cache_write_5m_price,
+                  Plan.cache_write_1h_price, Plan.output_price, Plan.currency)
+           .join(Plan, Tenant.plan_id == Plan.id))
+
+
+@dataclass(frozen=True)
+class _Plan:
+    prices: Prices
+    currency: str
+
+    @classmethod
+    def of(cls, row: Sequence[Any]) -> _Plan:
+        """From a ``_PRICES`` row (its tenant id first)."""
+        return cls(Prices(*row[1:6]), row[6])
+
+
+def _prepare(events: list[UsageEvent], plans: dict[int, _Plan]
+             ) -> tuple[list[_Outcome], list[tuple[int, dict[str, Any]]]]:
+    """Per event, the answer so far: ``Billed(new=False)`` (request id already billed, in
+    the database or earlier in this batch) until the insert says it is new, or that
+    event's own error. And the rows to insert, each with its event's index."""
+    out: list[_Outcome] = []
     todo: list[tuple[int, dict[str, Any]]] = []
     seen: set[str] = set()
     for i, e in enumerate(events):
-        if e.tenant_id not in prices:
+        plan = plans.get(e.tenant_id)
+        if plan is None:
             out.append(NotFound(f"tenant {e.tenant_id} does not exist"))
             continue
-        out.append(False)
+        billed = Billed(new=False, cost_micros=cost_micros(e.usage, plan.prices),
+                        currency=plan.currency)
+        out.append(billed)
         if e.request_id not in seen:
             seen.add(e.request_id)
-            todo.append((i, _row(e, cost_micros(e, prices[e.tenant_id]))))
+            todo.append((i, usage_row(e, billed)))
     return out, todo
+
+
+def _billed(outcome: _Outcome, inserted: bool) -> _Outcome:
+    return replace(outcome, new=True) if inserted and isinstance(outcome, Billed) else outcome
 
 
 class _SqliteWriter:
@@ -197,7 +219,7 @@ class _SqliteWriter:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger-sqlite")
         self._conn: sqlite3.Connection | None = None
 
-    async def write(self, events: list[UsageEvent]) -> list[bool | Exception]:
+    async def write(self, events: list[UsageEvent]) -> list[_Outcome]:
         return await asyncio.get_running_loop().run_in_executor(self._pool, self._write, events)
 
     def close(self) -> None:
@@ -216,23 +238,24 @@ class _SqliteWriter:
             self._conn = conn
         return self._conn
 
-    def _write(self, events: list[UsageEvent]) -> list[bool | Exception]:
-        """Runs on the writer thread: True (inserted), False (request id billed before, in
-        the ledger or earlier in this batch) or that event's own error, per event."""
+    def _write(self, events: list[UsageEvent]) -> list[_Outcome]:
+        """Runs on the writer thread: per event, ``Billed`` (``new`` False when the request
+        id was billed before, in the ledger or earlier in this batch) or its own error."""
         conn = self._connect()
         conn.execute("BEGIN IMMEDIATE")
         try:
-            tenant_ids = sorted({e.tenant_id for e in events})
-            rows = conn.execute(_SQLITE_PRICES.format(", ".join("?" * len(tenant_ids))),
-                                tenant_ids).fetchall()
-            out, todo = _prepare(events, {r[0]: Prices(*r[1:]) for r in rows})
+            plans = {}
+            for tenant_id in {e.tenant_id for e in events}:
+                for r in conn.execute(_SQLITE_PRICES.sql, (tenant_id,)):
+                    plans[r[0]] = _Plan.of(r)
+            out, todo = _prepare(events, plans)
             for i, row in todo:
                 try:  # a failed statement rolls back alone; its neighbours stay
-                    cur = conn.execute(_SQLITE_INSERT, [_sqlite_param(row[c]) for c in _COLUMNS])
+                    cur = conn.execute(_SQLITE_INSERT.sql, _SQLITE_INSERT.params(row))
                 except sqlite3.IntegrityError as exc:
                     out[i] = LedgerError(f"could not record usage: {exc}")
                     continue
-                out[i] = cur.rowcount == 1
+                out[i] = _billed(out[i], cur.rowcount == 1)
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:
@@ -241,18 +264,29 @@ class _SqliteWriter:
         return out
 
 
-_COLUMNS = ("request_id", "tenant_id", "key_id", "model", "endpoint", "prompt_tokens",
-            "cached_tokens", "cache_write_5m_tokens", "cache_write_1h_tokens",
-            "completion_tokens", "cost_micros", "status", "started_at", "finished_at",
-            "ttft_ms")
-_SQLITE_INSERT = (f"INSERT INTO usage_events ({', '.join(_COLUMNS)}) "
-                  f"VALUES ({', '.join('?' * len(_COLUMNS))}) "
-                  "ON CONFLICT (request_id) DO NOTHING")
+@dataclass(frozen=True)
+class _SqliteStatement:
+    """A statement SQLAlchemy compiled once for the ``sqlite3`` module: its SQL text and the
+    order of its positional parameters, so the writer thread spells no column itself."""
+
+    sql: str
+    names: tuple[str, ...]
+
+    @classmethod
+    def compile(cls, stmt: Any) -> _SqliteStatement:
+        compiled = stmt.compile(dialect=sqlite.dialect(paramstyle="qmark"))
+        return cls(str(compiled), tuple(compiled.positiontup or ()))
+
+    def params(self, row: dict[str, Any]) -> list[Any]:
+        return [_sqlite_param(row[name]) for name in self.names]
 
 
-_SQLITE_PRICES = ("SELECT t.id, p.input_price, p.cache_read_price, p.cache_write_5m_price, "
-                  "p.cache_write_1h_price, p.output_price FROM tenants t "
-                  "JOIN plans p ON t.plan_id = p.id WHERE t.id IN ({})")
+_INSERT_COLUMNS = tuple(c.name for c in UsageRow.__table__.columns if not c.primary_key)
+_SQLITE_INSERT = _SqliteStatement.compile(
+    sqlite.insert(UsageRow)
+    .values({name: bindparam(name) for name in _INSERT_COLUMNS})
+    .on_conflict_do_nothing(index_elements=["request_id"]))
+_SQLITE_PRICES = _SqliteStatement.compile(_PRICES.where(Tenant.id == bindparam("tenant_id")))
 
 
 def _sqlite_param(value: Any) -> Any:
@@ -263,12 +297,15 @@ def _sqlite_param(value: Any) -> Any:
     return value
 
 
-def _row(e: UsageEvent, cost: int) -> dict[str, Any]:
+def usage_row(e: UsageEvent, billed: Billed) -> dict[str, Any]:
+    """The ``usage_events`` row of one event: the one place the record meets the table."""
+    u = e.usage
     return {
         "request_id": e.request_id, "tenant_id": e.tenant_id, "key_id": e.key_id,
-        "model": e.model, "endpoint": e.endpoint, "prompt_tokens": e.prompt_tokens,
-        "cached_tokens": e.cached_tokens, "cache_write_5m_tokens": e.cache_write_5m_tokens,
-        "cache_write_1h_tokens": e.cache_write_1h_tokens,
-        "completion_tokens": e.completion_tokens, "cost_micros": cost, "status": e.status,
+        "model": e.model, "endpoint": e.endpoint, "prompt_tokens": u.prompt_tokens,
+        "cached_tokens": u.cached_tokens, "cache_write_5m_tokens": u.cache_write_5m_tokens,
+        "cache_write_1h_tokens": u.cache_write_1h_tokens,
+        "completion_tokens": u.completion_tokens, "cost_micros": billed.cost_micros,
+        "currency": billed.currency, "status": e.status,
         "started_at": e.started_at, "finished_at": e.finished_at, "ttft_ms": e.ttft_ms,
     }

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, select, text, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import func, insert, select, text, update
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from . import migrate as migrations
 from .auth import VISIBLE_PREFIX_LEN, KeyCache, Principal, key_hash, new_key
-from .billing import DEFAULT_PLAN, Prices, UsageEvent
+from .billing import DEFAULT_PLAN, Billed, Prices, UsageEvent
 from .committer import GroupCommitter, OnCommit
 from .db import create_engine
 from .errors import Conflict, InvalidInput, LedgerError, NotFound
@@ -24,6 +25,8 @@ TENANT_STATUSES = ("active", "suspended")  # "deleted" only through delete_tenan
 _LIMIT_FIELDS = ("cache_ttl_seconds", "cache_quota_bytes", "requests_per_minute",
                  "tokens_per_minute", "max_concurrent")
 DEFAULT_CACHE_TTL_S = 300
+_MAX_ID = 2**31 - 1  # tenant and key ids are INTEGER columns (32-bit on PostgreSQL)
+DEFAULT_CURRENCY = "USD"  # what revision 0002 gives the plans made before currencies
 _PRICE_FIELDS = tuple(f.name for f in dataclasses.fields(Prices))
 
 
@@ -63,8 +66,12 @@ class Ledger:
         await self.engine.dispose()
 
     async def ping(self) -> None:
-        async with self.engine.connect() as conn:
-            await conn.execute(text("SELECT 1"))
+        """Raises ``LedgerError`` when the database cannot answer a query."""
+        try:
+            async with self.engine.connect() as conn:
+                await conn.execute(text("SELECT 1"))
+        except (SQLAlchemyError, OSError) as exc:
+            raise LedgerError(f"database unreachable: {exc}") from exc
 
     # -- metrics hooks ----------------------------------------------------------------
 
@@ -83,11 +90,12 @@ class Ledger:
 
     # -- usage ------------------------------------------------------------------------
 
-    async def record(self, event: UsageEvent) -> bool:
+    async def record(self, event: UsageEvent) -> Billed:
         """Bill one finished request; returns after COMMIT (durable).
 
-        True: billed now. False: this request id was billed before (a retry). The cost
-        is computed from the tenant's plan inside the commit (see ``billing.cost_micros``).
+        ``Billed.new`` is True when billed now, False when this request id was billed before
+        (a retry). ``Billed.cost_micros`` is the event's cost by the tenant's plan, computed
+        inside the commit (see ``billing.cost_micros``): callers never price usage again.
         """
         event.validate()
         return await self._committer.submit(event)
@@ -95,7 +103,13 @@ class Ledger:
     async def usage_report(self, tenant_id: int | None = None, since: datetime | None = None,
                            until: datetime | None = None, group_by: str = "day"
                            ) -> dict[str, Any]:
+        """Totals and rows per ``group_by`` (see ``reports.GROUPS``); a tenant that does
+        not exist is ``NotFound`` rather than an empty report."""
+        if tenant_id is not None and not 0 < tenant_id <= _MAX_ID:
+            raise NotFound(f"tenant {tenant_id} does not exist")
         async with self.engine.connect() as conn:
+            if tenant_id is not None:
+                await self._tenant_row(conn, tenant_id)
             return await usage_report(conn, tenant_id, since, until, group_by)
 
     # -- keys and authentication --------------------------------------------------------
@@ -136,13 +150,14 @@ class Ledger:
                 tenant = await self._tenant_row(conn, tenant_id)
                 if tenant.status == "deleted":
                     raise Conflict(f"tenant {tenant_id} is deleted")
-            values = {"tenant_id": tenant_id, "role": role, "prefix": key[:VISIBLE_PREFIX_LEN],
-                      "key_sha256": key_hash(key), "created_at": utcnow()}
+            digest, prefix, created = key_hash(key), key[:VISIBLE_PREFIX_LEN], utcnow()
             key_id = (await conn.execute(
-                ApiKey.__table__.insert().values(values).returning(ApiKey.id))).scalar_one()
-        self._keys.invalidate(values["key_sha256"])  # forget a cached miss at once
-        return {"id": key_id, "key": key, "prefix": values["prefix"], "tenant_id": tenant_id,
-                "role": role, "created_at": values["created_at"].isoformat()}
+                insert(ApiKey).values(tenant_id=tenant_id, role=role, prefix=prefix,
+                                      key_sha256=digest, created_at=created)
+                .returning(ApiKey.id))).scalar_one()
+        self._keys.invalidate(digest)  # forget a cached miss at once
+        return {"id": key_id, "key": key, "prefix": prefix, "tenant_id": tenant_id,
+                "role": role, "created_at": created.isoformat()}
 
     async def revoke_key(self, key_id: int) -> None:
         async with self.engine.begin() as conn:
@@ -176,7 +191,7 @@ class Ledger:
                 row = (await conn.execute(select(ApiKey.id, ApiKey.role, ApiKey.revoked_at)
                                           .where(ApiKey.key_sha256 == digest))).one_or_none()
                 if row is None:
-                    await conn.execute(ApiKey.__table__.insert().values(
+                    await conn.execute(insert(ApiKey).values(
                         tenant_id=None, role="admin", prefix=admin_key[:VISIBLE_PREFIX_LEN],
                         key_sha256=digest, created_at=utcnow()))
                 elif row.role != "admin" or row.revoked_at is not None:
@@ -189,7 +204,8 @@ class Ledger:
                 ApiKey.role == "admin", ApiKey.revoked_at.is_(None)))).scalar_one()
         if live:
             return None
-        return (await self.create_key(None, role="admin"))["key"]
+        key: str = (await self.create_key(None, role="admin"))["key"]
+        return key
 
     # -- tenants ----------------------------------------------------------------------
 
@@ -209,7 +225,7 @@ class Ledger:
         async with self.engine.begin() as conn:
             plan_row = await self._plan_row(conn, DEFAULT_PLAN if plan is None else plan)
             try:
-                tenant_id = (await conn.execute(Tenant.__table__.insert().values(
+                tenant_id = (await conn.execute(insert(Tenant).values(
                     name=name, status="active", plan_id=plan_row.id, created_at=utcnow(),
                     **limits).returning(Tenant.id))).scalar_one()
             except IntegrityError as exc:
@@ -304,21 +320,30 @@ class Ledger:
 
     async def create_plan(self, name: str, input: int, cache_read: int | None = None,
                           cache_write_5m: int | None = None, cache_write_1h: int | None = None,
-                          output: int | None = None) -> dict[str, Any]:
-        """Prices in micro-units per million tokens; omitted ones derive from ``input``."""
+                          output: int | None = None, currency: str = DEFAULT_CURRENCY
+                          ) -> dict[str, Any]:
+        """Prices in micro-units of ``currency`` (ISO 4217) per million tokens; omitted
+        prices derive from ``input``."""
         name = _check_name(name)
+        currency = _check_currency(currency)
         prices = Prices.derived(input, cache_read, cache_write_5m, cache_write_1h, output)
         async with self.engine.begin() as conn:
             try:
-                await conn.execute(Plan.__table__.insert().values(
-                    name=name, created_at=utcnow(),
+                await conn.execute(insert(Plan).values(
+                    name=name, currency=currency, created_at=utcnow(),
                     **{f"{k}_price": v for k, v in dataclasses.asdict(prices).items()}))
             except IntegrityError as exc:
                 raise Conflict(f"a plan named {name!r} already exists") from exc
             return _plan_dict(await self._plan_row(conn, name))
 
     async def update_plan(self, name_or_id: str | int, **prices: int) -> dict[str, Any]:
-        """Change some prices; events already recorded keep the cost they were billed."""
+        """Change some prices; events already recorded keep the cost they were billed.
+
+        The currency is not among them: it is fixed when the plan is created, since reports
+        state every past cost of the plan's tenants in it (make a new plan instead)."""
+        if "currency" in prices:
+            raise InvalidInput("a plan's currency is fixed when it is created; create a new "
+                               "plan in the other currency and move tenants to it")
         unknown = set(prices) - set(_PRICE_FIELDS)
         if unknown:
             raise InvalidInput(f"unknown prices {sorted(unknown)}; allowed: {_PRICE_FIELDS}")
@@ -362,7 +387,14 @@ def _tenant_dict(row: Any, plan: str) -> dict[str, Any]:
             "created_at": row.created_at.isoformat()}
 
 
+def _check_currency(code: Any) -> str:
+    """An ISO 4217 code: three letters, kept upper-case (``usd`` is ``USD``)."""
+    if not isinstance(code, str) or not re.fullmatch(r"[A-Za-z]{3}", code.strip()):
+        raise InvalidInput(f"currency must be an ISO 4217 code such as USD or EUR, got {code!r}")
+    return code.strip().upper()
+
+
 def _plan_dict(row: Any) -> dict[str, Any]:
     return {"id": row.id, "name": row.name,
             **{k: getattr(row, f"{k}_price") for k in _PRICE_FIELDS},
-            "created_at": row.created_at.isoformat()}
+            "currency": row.currency, "created_at": row.created_at.isoformat()}

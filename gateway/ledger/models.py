@@ -49,7 +49,8 @@ class Base(DeclarativeBase):
 
 
 class Plan(Base):
-    """Prices in integer micro-units per million tokens (1_000_000 = one currency unit / M)."""
+    """Prices in integer micro-units per million tokens (1_000_000 = one unit of the plan's
+    ``currency``, an ISO 4217 code, per million tokens)."""
 
     __tablename__ = "plans"
 
@@ -60,6 +61,7 @@ class Plan(Base):
     cache_write_5m_price: Mapped[int] = mapped_column(BigInteger)
     cache_write_1h_price: Mapped[int] = mapped_column(BigInteger)
     output_price: Mapped[int] = mapped_column(BigInteger)
+    currency: Mapped[str] = mapped_column(String(3), server_default="USD")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
@@ -114,6 +116,9 @@ class UsageRow(Base):
     cache_write_1h_tokens: Mapped[int] = mapped_column(Integer)
     completion_tokens: Mapped[int] = mapped_column(Integer)
     cost_micros: Mapped[int] = mapped_column(BigInteger)
+    # The plan's currency when the event was billed: moving the tenant to another plan
+    # later never restates what this row cost.
+    currency: Mapped[str] = mapped_column(String(3), server_default="USD")
     status: Mapped[str] = mapped_column(String(16))
     started_at: Mapped[datetime] = mapped_column(UTCDateTime)
     finished_at: Mapped[datetime] = mapped_column(UTCDateTime)

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import pytest
 import torch
 
-from cachestore import CacheStore
+from cachestore import CacheStore, PrefixMatch
 from kernels.layout import KVLayout
 
 BLOCK = 4
+
+MakeStore = Callable[..., CacheStore]  # make_store(device_pages, host_pages, **CacheStore kwargs)
 
 
 class FakeClock:
@@ -35,19 +40,23 @@ def clock() -> FakeClock:
 
 
 @pytest.fixture
-def make_store(layout: KVLayout, clock: FakeClock):
-    def make(device_pages: int = 8, host_pages: int = 8, **kw) -> CacheStore:
+def make_store(layout: KVLayout, clock: FakeClock) -> MakeStore:
+    def make(device_pages: int = 8, host_pages: int = 8, **kw: Any) -> CacheStore:
         pb = layout.page_bytes
         return CacheStore(layout, device_pages * pb, host_pages * pb, clock=clock, **kw)
 
     return make
 
 
-def run_request(store: CacheStore, seq_id: str, namespace: str, tokens: list[int], **kw):
-    """What the engine does for one prompt: match, allocate, (compute), commit, release."""
+def run_request(
+    store: CacheStore, seq_id: str, namespace: str, tokens: list[int], **kw: Any
+) -> tuple[PrefixMatch, dict[float, int]]:
+    """What the engine does for one prompt: match, allocate, (compute), commit, release,
+    and count the prompt once as it is billed."""
     seq = store.open(seq_id, namespace, **kw)
     m = store.match(seq, tokens)
     assert store.allocate(seq, len(tokens))
     written = store.commit(seq, tokens)
     store.release(seq)
+    store.record_prompt(namespace, len(tokens), m.num_cached_tokens)
     return m, written

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from cachestore import CacheSeq, CacheStore
-from cachestore.block import DEVICE, HOST
+from cachestore.block import DEVICE, HOST, Block
 from kernels.layout import KVLayout
 from tests.cachestore.conftest import BLOCK, FakeClock
 
@@ -32,8 +32,17 @@ def stamp(namespace: str, prefix: list[int]) -> float:
     return float(zlib.crc32(repr((namespace, prefix)).encode()) % (1 << 20))
 
 
+def full_hash(data: bytes) -> bytes:
+    return xxhash.xxh3_128_digest(data)
+
+
+def colliding_hash(data: bytes) -> bytes:
+    """Only 16 distinct digests."""
+    return bytes([xxhash.xxh3_128_digest(data)[0] & 0x0F]) * 16
+
+
 class CacheMachine(RuleBasedStateMachine):
-    hash_fn = staticmethod(xxhash.xxh3_128_digest)
+    hash_fn = staticmethod(full_hash)
 
     def __init__(self) -> None:
         super().__init__()
@@ -44,6 +53,7 @@ class CacheMachine(RuleBasedStateMachine):
         self.running: list[tuple[CacheSeq, list[int]]] = []
         self.quota_pages: dict[str, int] = {}
         self.pinned: set[int] = set()  # ids of blocks pinned and not released by flush/unpin
+        self.billed: dict[str, tuple[int, int]] = {}  # namespace -> (prompt tokens, cached)
         self.next_id = 0
 
     # -- rules ---------------------------------------------------------------------------
@@ -57,6 +67,9 @@ class CacheMachine(RuleBasedStateMachine):
         self.next_id += 1
         seq = self.store.open(f"s{self.next_id}", ns, default_ttl_s=ttl)
         m = self.store.match(seq, prompt[:-1])
+        self.store.record_prompt(ns, len(prompt), m.num_cached_tokens)  # the engine bills once
+        total, cached = self.billed.get(ns, (0, 0))
+        self.billed[ns] = (total + len(prompt), cached + m.num_cached_tokens)
         assert m.num_blocks == len(seq.block_table) == len(seq.blocks)
         assert m.num_cached_tokens == m.num_blocks * BLOCK <= len(prompt) - 1
         for i, block in enumerate(seq.blocks):
@@ -78,7 +91,8 @@ class CacheMachine(RuleBasedStateMachine):
     def commit(self, pick: int, upto: int) -> None:
         seq, tokens = self.running[pick % len(self.running)]
         written = self.store.commit(seq, tokens[: max(upto, seq.num_committed_blocks * BLOCK)])
-        assert sum(written.values()) % BLOCK == 0 and min(written.values()) >= 0
+        assert set(written) <= {60.0, 300.0, 3600.0}, "a write keyed by something but its TTL"
+        assert all(n > 0 and n % BLOCK == 0 for n in written.values())
 
     @precondition(lambda self: self.running)
     @rule(pick=st.integers(0, 2))
@@ -97,7 +111,8 @@ class CacheMachine(RuleBasedStateMachine):
     @rule(ns=st.sampled_from(NAMESPACES))
     def flush(self, ns: str) -> None:
         self.store.flush(ns)
-        self.pinned = {i for i in self.pinned if self._pinned_block(i) and self._pinned_block(i).namespace != ns}
+        self.pinned = {i for i in self.pinned
+                       if (b := self._pinned_block(i)) is not None and b.namespace != ns}
 
     @rule(ns=st.sampled_from(NAMESPACES), pages=st.sampled_from([None, 0, 1, 3, 5]))
     def set_quota(self, ns: str, pages: int | None) -> None:
@@ -117,7 +132,7 @@ class CacheMachine(RuleBasedStateMachine):
         self.store.unpin(ns)
         self.pinned = {i for i in self.pinned if self._pinned_block(i) is not None}
 
-    def _pinned_block(self, block_id: int):
+    def _pinned_block(self, block_id: int) -> Block | None:
         return next((b for b in self.store.index.values() if id(b) == block_id and b.pinned), None)
 
     # -- invariants ------------------------------------------------------------------------
@@ -179,13 +194,21 @@ class CacheMachine(RuleBasedStateMachine):
         assert st_.device.blocks["cached"] == idle
         assert sum(st_.device.blocks.values()) == st_.device.capacity_pages
         assert st_.host.blocks["offloaded"] + st_.host.blocks["free"] == st_.host.capacity_pages
-        assert min(st_.evictions.values()) >= 0
+        assert min(st_.evictions.as_dict().values()) >= 0
+
+    @invariant()
+    def hits_and_misses_add_up_to_the_billed_prompts(self) -> None:
+        st_ = self.store.stats()
+        for ns, (total, cached) in self.billed.items():
+            counted = st_.namespaces[ns]
+            assert (counted.hit_tokens, counted.miss_tokens) == (cached, total - cached)
+        assert st_.hit_tokens + st_.miss_tokens == sum(t for t, _ in self.billed.values())
 
 
 class CollidingCacheMachine(CacheMachine):
     """Only 16 distinct hashes: collisions on almost every request."""
 
-    hash_fn = staticmethod(lambda data: bytes([xxhash.xxh3_128_digest(data)[0] & 0x0F]) * 16)
+    hash_fn = staticmethod(colliding_hash)
 
 
 _settings = settings(max_examples=40, stateful_step_count=30, deadline=None, report_multiple_bugs=False,

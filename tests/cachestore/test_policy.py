@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+from cachestore import CacheStore
 from cachestore.block import DEVICE
-from tests.cachestore.conftest import BLOCK, run_request
+from tests.cachestore.conftest import BLOCK, FakeClock, MakeStore, run_request
 from tests.cachestore.test_store import NS, tokens
 
 SYSTEM = tokens(2 * BLOCK)
 
 
-def _evict_system_then_ask_again(store, churn_requests: int) -> None:
+def _evict_system_then_ask_again(store: CacheStore, churn_requests: int) -> None:
     run_request(store, "s1", NS, SYSTEM)  # seen once: probation
     run_request(store, "x", NS, tokens(8 * BLOCK, start=100))  # drops it: a ghost now
     for i in range(churn_requests):  # every drop pushes older ghosts out
@@ -21,7 +22,7 @@ def _evict_system_then_ask_again(store, churn_requests: int) -> None:
     store.release(seq)
 
 
-def test_a_block_asked_for_again_after_its_eviction_counts_as_reused(make_store) -> None:
+def test_a_block_asked_for_again_after_its_eviction_counts_as_reused(make_store: MakeStore) -> None:
     store = make_store(device_pages=8, host_pages=0)
     _evict_system_then_ask_again(store, churn_requests=0)
     # Plain recency would have evicted the system prompt (older than b); its ghost marks it
@@ -30,13 +31,13 @@ def test_a_block_asked_for_again_after_its_eviction_counts_as_reused(make_store)
     assert run_request(store, "b2", NS, tokens(3 * BLOCK, start=500))[0].num_blocks == 0
 
 
-def test_ghosts_are_forgotten_after_as_many_drops_as_the_tiers_hold(make_store) -> None:
+def test_ghosts_are_forgotten_after_as_many_drops_as_the_tiers_hold(make_store: MakeStore) -> None:
     store = make_store(device_pages=8, host_pages=0)  # ghosts: the last 16 dropped hashes
     _evict_system_then_ask_again(store, churn_requests=2)
     assert run_request(store, "s3", NS, SYSTEM)[0].num_blocks == 0
 
 
-def test_a_ghost_child_never_outranks_its_prefix(make_store, clock) -> None:
+def test_a_ghost_child_never_outranks_its_prefix(make_store: MakeStore, clock: FakeClock) -> None:
     """A child counts as reused only if its parent does, so the prefix still goes last."""
     store = make_store(device_pages=8, host_pages=0)  # ghosts: the last 16 dropped hashes
     chain = tokens(3 * BLOCK, start=200)

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
 
-from cachestore import CacheStore
-from tests.cachestore.conftest import BLOCK, FakeClock, run_request
+from cachestore import CacheSeq, CacheStore, PageMoves
+from kernels.layout import KVLayout
+from tests.cachestore.conftest import BLOCK, FakeClock, MakeStore, run_request
 
 NS = "tenant:1"
 
@@ -17,45 +20,45 @@ def tokens(n: int, start: int = 0) -> list[int]:
     return list(range(start, start + n))
 
 
-def fill(store: CacheStore, seq, value_of) -> None:
+def fill(store: CacheStore, seq: CacheSeq, value_of: Callable[[int], float]) -> None:
     """Stand-in for the model writing KV: every page gets recognisable values."""
     for page in seq.block_table:
         store.device_pool[page].fill_(value_of(page))
 
 
-def test_second_request_hits_the_full_blocks_of_the_first(make_store) -> None:
+def test_second_request_hits_the_full_blocks_of_the_first(make_store: MakeStore) -> None:
     store = make_store()
     prompt = tokens(3 * BLOCK + 2)
     m1, w1 = run_request(store, "a", NS, prompt)
-    assert m1.num_cached_tokens == 0 and w1 == {"5m": 3 * BLOCK, "1h": 0}
+    assert m1.num_cached_tokens == 0 and w1 == {300.0: 3 * BLOCK}
     m2, w2 = run_request(store, "b", NS, [*prompt, 99])
     assert (m2.num_cached_tokens, m2.num_blocks, m2.device_hits, m2.host_hits) == (3 * BLOCK, 3, 3, 0)
-    assert w2 == {"5m": 0, "1h": 0}
+    assert w2 == {}
     s = store.stats()
     assert s.hit_tokens == 3 * BLOCK and s.miss_tokens == len(prompt) + len(prompt) + 1 - 3 * BLOCK
 
 
-def test_forced_hash_collision_is_a_miss_never_a_wrong_block(make_store) -> None:
+def test_forced_hash_collision_is_a_miss_never_a_wrong_block(make_store: MakeStore) -> None:
     store = make_store(hash_fn=lambda data: b"\x00" * 16)  # every block collides
     run_request(store, "a", NS, tokens(2 * BLOCK))
     m, w = run_request(store, "b", NS, tokens(2 * BLOCK, start=500))
-    assert m.num_blocks == 0 and w == {"5m": 0, "1h": 0}  # not indexed over the other block
+    assert m.num_blocks == 0 and w == {}  # not indexed over the other block
     m, _ = run_request(store, "c", "tenant:2", tokens(2 * BLOCK))
     assert m.num_blocks == 0  # same tokens, same (forced) hash, other namespace
     m, _ = run_request(store, "d", NS, tokens(2 * BLOCK))
     assert m.num_blocks == 1  # block 1 collides with block 0 and was never indexed
 
 
-def test_namespaces_never_share_blocks(make_store) -> None:
+def test_namespaces_never_share_blocks(make_store: MakeStore) -> None:
     store = make_store()
     run_request(store, "a", "tenant:1", tokens(2 * BLOCK))
     m, w = run_request(store, "b", "tenant:2", tokens(2 * BLOCK))
-    assert m.num_blocks == 0 and w["5m"] == 2 * BLOCK
+    assert m.num_blocks == 0 and w == {300.0: 2 * BLOCK}
     assert store.flush("tenant:1") == 2
     assert run_request(store, "c", "tenant:2", tokens(2 * BLOCK))[0].num_blocks == 2
 
 
-def test_device_eviction_takes_the_deepest_block_first(make_store) -> None:
+def test_device_eviction_takes_the_deepest_block_first(make_store: MakeStore) -> None:
     store = make_store(device_pages=4, host_pages=0)
     run_request(store, "a", NS, tokens(3 * BLOCK))  # blocks 0, 1, 2 cached
     seq = store.open("b", NS)
@@ -64,10 +67,10 @@ def test_device_eviction_takes_the_deepest_block_first(make_store) -> None:
     store.release(seq)
     m, _ = run_request(store, "c", NS, tokens(3 * BLOCK))
     assert m.num_blocks == 2  # the prefix survived, the extension went
-    assert store.stats().evictions["lru"] == 1
+    assert store.stats().evictions.lru == 1
 
 
-def test_allocate_fails_when_only_active_pages_are_left(make_store) -> None:
+def test_allocate_fails_when_only_active_pages_are_left(make_store: MakeStore) -> None:
     store = make_store(device_pages=3, host_pages=4)
     a = store.open("a", NS)
     store.match(a, tokens(2 * BLOCK))
@@ -78,10 +81,10 @@ def test_allocate_fails_when_only_active_pages_are_left(make_store) -> None:
     store.commit(a, tokens(2 * BLOCK))
     store.release(a)  # now cached: evictable
     assert store.allocate(b, 3 * BLOCK)
-    assert store.stats().demotions["count"] == 2
+    assert store.stats().demotions.count == 2
 
 
-def test_demote_then_promote_keeps_page_bytes(make_store) -> None:
+def test_demote_then_promote_keeps_page_bytes(make_store: MakeStore) -> None:
     store = make_store(device_pages=3, host_pages=4)
     prompt = tokens(2 * BLOCK)
     a = store.open("a", NS)
@@ -96,27 +99,29 @@ def test_demote_then_promote_keeps_page_bytes(make_store) -> None:
     assert store.allocate(b, 3 * BLOCK)
     fill(store, b, lambda page: -1.0)
     s = store.stats()
-    assert s.host.blocks["offloaded"] == 2 and s.demotions == {"count": 2, "bytes": 2 * store.layout.page_bytes}
+    assert s.host.blocks["offloaded"] == 2 and s.demotions == PageMoves(2, 2 * store.layout.page_bytes)
     store.release(b)
     c = store.open("c", NS)
     m = store.match(c, [*prompt, 7])
     assert (m.num_blocks, m.device_hits, m.host_hits) == (2, 0, 2)
     for page, want in zip(c.block_table, original, strict=True):
         assert torch.equal(store.device_pool[page], want)
-    assert store.stats().promotions["count"] == 2
+    assert store.stats().promotions.count == 2
 
 
-def test_host_tier_full_drops_its_own_lru(make_store) -> None:
+def test_host_tier_full_drops_its_own_lru(make_store: MakeStore) -> None:
     store = make_store(device_pages=2, host_pages=1)
     run_request(store, "a", NS, tokens(2 * BLOCK))
     run_request(store, "b", NS, tokens(2 * BLOCK, start=100))
     s = store.stats()  # room on the host for one of the two: the prefix keeps it
-    assert s.host.blocks["offloaded"] == 1 and s.evictions["lru"] == 1 and s.demotions["count"] == 1
+    assert s.host.blocks["offloaded"] == 1 and s.evictions.lru == 1 and s.demotions.count == 1
     m, _ = run_request(store, "c", NS, tokens(2 * BLOCK))
     assert (m.num_blocks, m.host_hits) == (1, 1)
 
 
-def test_ttl_expiry_on_device_lazily_and_on_host_by_sweep(make_store, clock: FakeClock) -> None:
+def test_ttl_expiry_on_device_lazily_and_on_host_by_sweep(
+    make_store: MakeStore, clock: FakeClock
+) -> None:
     store = make_store(device_pages=4, host_pages=4)
     run_request(store, "a", NS, tokens(2 * BLOCK))  # default 300 s
     run_request(store, "b", NS, tokens(BLOCK, start=50), default_ttl_s=3600)
@@ -132,25 +137,25 @@ def test_ttl_expiry_on_device_lazily_and_on_host_by_sweep(make_store, clock: Fak
     assert run_request(store, "e", NS, tokens(BLOCK, start=50))[0].num_blocks == 1  # refreshed
     clock.advance(3601)
     m, w = run_request(store, "f", NS, tokens(BLOCK, start=50))  # lazy: found expired on access
-    assert m.num_blocks == 0 and w["5m"] == BLOCK
-    assert store.stats().evictions["ttl"] == 3
+    assert m.num_blocks == 0 and w == {300.0: BLOCK}  # rewritten with the default TTL
+    assert store.stats().evictions.ttl == 3
 
 
-def test_ttl_segments_choose_each_blocks_class(make_store) -> None:
+def test_ttl_segments_choose_each_blocks_ttl(make_store: MakeStore) -> None:
     store = make_store()
     _, w = run_request(store, "a", NS, tokens(3 * BLOCK), ttl_segments=[(2 * BLOCK, 3600.0)])
-    assert w == {"5m": BLOCK, "1h": 2 * BLOCK}
+    assert w == {3600.0: 2 * BLOCK, 300.0: BLOCK}
 
 
-def test_concurrent_commit_shares_and_does_not_write(make_store) -> None:
+def test_concurrent_commit_shares_and_does_not_write(make_store: MakeStore) -> None:
     store = make_store(device_pages=8)
     prompt = tokens(2 * BLOCK)
     a, b = store.open("a", NS), store.open("b", NS)
     for seq in (a, b):
         store.match(seq, prompt)
         store.allocate(seq, len(prompt))
-    assert store.commit(a, prompt) == {"5m": 2 * BLOCK, "1h": 0}
-    assert store.commit(b, prompt) == {"5m": 0, "1h": 0}
+    assert store.commit(a, prompt) == {300.0: 2 * BLOCK}
+    assert store.commit(b, prompt) == {}
     assert len(store.index) == 2 and store.stats().device.blocks["active"] == 4
     store.release(b)  # b's private pages go back, the shared blocks stay held by a
     s = store.stats().device.blocks
@@ -159,31 +164,37 @@ def test_concurrent_commit_shares_and_does_not_write(make_store) -> None:
     assert store.stats().device.blocks == {"free": 6, "active": 0, "cached": 2}
 
 
-def test_quota_makes_a_namespace_evict_its_own_blocks(make_store, layout) -> None:
+def test_quota_makes_a_namespace_evict_its_own_blocks(
+    make_store: MakeStore, layout: KVLayout
+) -> None:
     store = make_store(device_pages=16, host_pages=0)
     store.set_quota(NS, 3 * layout.page_bytes)
     run_request(store, "other", "tenant:2", tokens(2 * BLOCK))
     run_request(store, "a", NS, tokens(2 * BLOCK))
     _, w = run_request(store, "b", NS, tokens(2 * BLOCK, start=100))
-    assert w["5m"] == 2 * BLOCK
+    assert w == {300.0: 2 * BLOCK}
     s = store.stats()
     assert s.namespaces[NS].cached_bytes == 3 * layout.page_bytes
     assert s.namespaces["tenant:2"].cached_bytes == 2 * layout.page_bytes
-    assert s.evictions["quota"] == 1
+    assert s.evictions.quota == 1
     assert run_request(store, "c", NS, tokens(2 * BLOCK, start=100))[0].num_blocks == 2
     store.set_quota(NS, layout.page_bytes)
     assert store.stats().namespaces[NS].cached_bytes == layout.page_bytes
 
 
-def test_quota_full_of_active_blocks_leaves_new_blocks_unindexed(make_store, layout) -> None:
+def test_quota_full_of_active_blocks_leaves_new_blocks_unindexed(
+    make_store: MakeStore, layout: KVLayout
+) -> None:
     store = make_store()
     store.set_quota(NS, layout.page_bytes)
     _, w = run_request(store, "a", NS, tokens(3 * BLOCK))
-    assert w["5m"] == BLOCK and store.stats().namespaces[NS].cached_bytes == layout.page_bytes
+    assert w == {300.0: BLOCK} and store.stats().namespaces[NS].cached_bytes == layout.page_bytes
     assert store.stats().device.blocks["free"] == 7
 
 
-def test_pinned_prefix_is_never_evicted_nor_expired(make_store, clock: FakeClock) -> None:
+def test_pinned_prefix_is_never_evicted_nor_expired(
+    make_store: MakeStore, clock: FakeClock
+) -> None:
     store = make_store(device_pages=4, host_pages=0)
     system = tokens(2 * BLOCK)
     run_request(store, "a", NS, system)
@@ -200,7 +211,7 @@ def test_pinned_prefix_is_never_evicted_nor_expired(make_store, clock: FakeClock
     assert store.sweep() == 2
 
 
-def test_flush_drops_idle_blocks_and_keeps_active_ones(make_store) -> None:
+def test_flush_drops_idle_blocks_and_keeps_active_ones(make_store: MakeStore) -> None:
     store = make_store(device_pages=8, host_pages=2)
     run_request(store, "a", NS, tokens(2 * BLOCK))
     held = store.open("b", NS)
@@ -214,7 +225,7 @@ def test_flush_drops_idle_blocks_and_keeps_active_ones(make_store) -> None:
     assert run_request(store, "d", NS, tokens(2 * BLOCK))[0].num_blocks == 0
 
 
-def test_release_twice_is_refused(make_store) -> None:
+def test_release_twice_is_refused(make_store: MakeStore) -> None:
     store = make_store()
     seq = store.open("a", NS)
     store.match(seq, tokens(BLOCK))
@@ -227,10 +238,10 @@ def test_release_twice_is_refused(make_store) -> None:
         store.release(seq)
 
 
-def test_stats_json_shape(make_store) -> None:
+def test_stats_json_shape(make_store: MakeStore) -> None:
     store = make_store()
     run_request(store, "a", NS, tokens(2 * BLOCK + 1))
-    d = store.stats().as_dict()
+    d: dict[str, Any] = store.stats().as_dict()  # JSON: read like a client would
     assert set(d) >= {"device", "host", "hit_tokens", "miss_tokens", "evictions", "promotions",
                       "demotions", "namespaces"}
     assert set(d["device"]) == {"capacity_bytes", "used_bytes", "capacity_pages", "used_pages", "blocks"}
@@ -240,7 +251,7 @@ def test_stats_json_shape(make_store) -> None:
                                    "miss_tokens": 2 * BLOCK + 1, "hit_rate": 0.0}
 
 
-def test_stats_snapshot_is_consistent_while_the_owner_mutates(make_store) -> None:
+def test_stats_snapshot_is_consistent_while_the_owner_mutates(make_store: MakeStore) -> None:
     store = make_store(device_pages=6, host_pages=3)
     stop = threading.Event()
     bad: list[dict] = []
@@ -262,7 +273,7 @@ def test_stats_snapshot_is_consistent_while_the_owner_mutates(make_store) -> Non
     assert not bad
 
 
-def test_reused_blocks_outlive_a_one_off_scan(make_store) -> None:
+def test_reused_blocks_outlive_a_one_off_scan(make_store: MakeStore) -> None:
     store = make_store(device_pages=8, host_pages=0)  # protected segment: 4 pages
     system = tokens(2 * BLOCK)
     run_request(store, "a1", NS, system)
@@ -273,3 +284,57 @@ def test_reused_blocks_outlive_a_one_off_scan(make_store) -> None:
     store.release(seq)
     assert run_request(store, "d", NS, system)[0].num_blocks == 2
     assert run_request(store, "e", NS, tokens(3 * BLOCK, start=500))[0].num_blocks == 0
+
+
+def test_match_counts_nothing_record_prompt_counts_what_is_billed(make_store: MakeStore) -> None:
+    """The engine matches ``prompt[:-1]``, again after a preemption, and bills once."""
+    store = make_store()
+    probe = store.open("probe", NS)
+    store.match(probe, tokens(3 * BLOCK))
+    store.release(probe)
+    s = store.stats()
+    assert (s.hit_tokens, s.miss_tokens, s.namespaces) == (0, 0, {})
+    prompts = [tokens(2 * BLOCK + 3), tokens(3 * BLOCK), tokens(2 * BLOCK + 3),
+               tokens(BLOCK, start=70)]
+    for i, prompt in enumerate(prompts):
+        seq = store.open(f"r{i}", NS)
+        store.match(seq, prompt[:-1])
+        store.release(seq)  # preempted before it ran
+        seq = store.open(f"r{i}#2", NS)
+        m = store.match(seq, prompt[:-1])
+        assert store.allocate(seq, len(prompt))
+        store.commit(seq, prompt)
+        store.release(seq)
+        store.record_prompt(NS, len(prompt), m.num_cached_tokens)
+    s = store.stats()
+    assert s.hit_tokens + s.miss_tokens == sum(len(p) for p in prompts)
+    assert s.hit_tokens == 2 * BLOCK + 2 * BLOCK  # the 2nd and 3rd prompts reuse 2 blocks
+    ns = s.namespaces[NS]
+    assert (ns.hit_tokens, ns.miss_tokens) == (s.hit_tokens, s.miss_tokens)
+
+
+def test_record_prompt_keeps_namespaces_apart_and_refuses_impossible_counts(
+    make_store: MakeStore
+) -> None:
+    store = make_store()
+    store.record_prompt("tenant:1", 10, 4)
+    store.record_prompt("tenant:2", 7, 0)
+    store.record_prompt("tenant:1", 5, 5)
+    s = store.stats()
+    assert (s.hit_tokens, s.miss_tokens) == (9, 13)
+    assert s.namespaces["tenant:1"].as_dict() == {
+        "cached_bytes": 0, "hit_tokens": 9, "miss_tokens": 6, "hit_rate": 0.6}
+    assert s.namespaces["tenant:2"].hit_rate == 0.0
+    with pytest.raises(ValueError, match="cached_tokens"):
+        store.record_prompt(NS, 3, 4)
+    assert store.stats().hit_tokens == 9
+
+
+def test_stats_snapshot_does_not_change_afterwards(make_store: MakeStore) -> None:
+    store = make_store(device_pages=2, host_pages=1)
+    run_request(store, "a", NS, tokens(2 * BLOCK))
+    before = store.stats()
+    run_request(store, "b", NS, tokens(2 * BLOCK, start=100))
+    assert before.demotions.count == before.evictions.lru == 0
+    assert before.namespaces[NS].miss_tokens == 2 * BLOCK
+    assert store.stats().demotions.count == 1

@@ -13,11 +13,11 @@ from .conftest import collect, greedy, prompt_of
 
 async def _wait_idle(engine) -> dict:
     for _ in range(200):
-        stats = engine.cache_stats()
+        stats = engine.cache_stats().as_dict()
         if stats["blocks"]["active"] == 0 and engine.num_running() == 0:
             return stats
         await asyncio.sleep(0.01)
-    raise AssertionError(f"engine never went idle: {engine.cache_stats()['blocks']}")
+    raise AssertionError(f"engine never went idle: {engine.cache_stats().as_dict()['blocks']}")
 
 
 async def test_client_leaving_cancels_and_frees_pages(make_engine):

@@ -9,7 +9,6 @@ import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
-from gateway.config import Settings
 from gateway.engine import EngineConfig, GenerateRequest
 from gateway.engine.attention import ATTN_IMPLEMENTATION
 from gateway.engine.demo import build_model, build_tokenizer
@@ -37,8 +36,8 @@ def test_demo_tokenizer_is_byte_level_with_specials_and_template():
     assert tok.decode(ids) == "su"  # specials are not text
 
 
-def test_engine_config_from_settings():
-    cfg = EngineConfig.from_settings(Settings(block_size=32, device_cache_bytes=1 << 20, max_batch_tokens=99))
+def test_engine_config_resolves_device_and_dtype():
+    cfg = EngineConfig(block_size=32, device_cache_bytes=1 << 20, max_batch_tokens=99)
     assert (cfg.block_size, cfg.device_cache_bytes, cfg.max_batch_tokens, cfg.model) == (32, 1 << 20, 99, "demo")
     assert cfg.torch_dtype == (torch.bfloat16 if torch.cuda.is_available() else torch.float32)
     with pytest.raises(ValueError):

@@ -71,7 +71,7 @@ async def test_preemption_recomputes_and_matches_oracle(make_engine, oracle, dem
     assert engine.scheduler.num_preemptions > 0
     for p, (ids, _, _) in zip(prompts, results, strict=True):
         assert ids == oracle(p, 40)
-    assert engine.cache_stats()["blocks"]["active"] == 0
+    assert engine.cache_stats().as_dict()["blocks"]["active"] == 0
 
 
 async def test_hit_from_host_tier_matches_oracle(make_engine, oracle):
@@ -82,9 +82,9 @@ async def test_hit_from_host_tier_matches_oracle(make_engine, oracle):
     for i in range(3):  # push the first prompt's blocks out of the device pool
         other = prompt_of(engine, f"other {i} " + TEXT[::-1][:100])
         await collect(engine, GenerateRequest(f"o{i}", "tenant:b", other, greedy(1)))
-    stats = engine.cache_stats()
+    stats = engine.cache_stats().as_dict()
     assert stats["demotions"]["count"] > 0
     again, _, fin = await collect(engine, GenerateRequest("b", "tenant:a", prompt, greedy(6)))
-    assert engine.cache_stats()["promotions"]["count"] > 0
+    assert engine.cache_stats().as_dict()["promotions"]["count"] > 0
     assert fin.usage.cached_tokens > 0
     assert again == first == oracle(prompt, 6)

@@ -101,7 +101,7 @@ def test_eos_stops_unless_ignored():
         _, reason = append_token(seq, eot, tok.eos_token_ids, 100)
         assert reason == expect
         assert seq.decoder.text == "A"  # eos is never text
-        assert seq.usage.completion_tokens == 2
+        assert seq.usage().completion_tokens == 2
 
 
 def test_stop_string_spanning_tokens_is_held_back_and_cut():

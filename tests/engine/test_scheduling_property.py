@@ -45,7 +45,7 @@ def test_any_schedule_gives_the_oracle_output(demo_loaded, oracle, requests, pag
                 collect(engine, GenerateRequest(f"r{i}", "tenant:p", p, greedy(m)))
                 for i, (p, (_, _, m)) in enumerate(zip(prompts, requests, strict=True))
             ))
-            stats = engine.cache_stats()
+            stats = engine.cache_stats().as_dict()
         finally:
             await engine.stop()
         assert stats["blocks"]["active"] == 0

@@ -36,7 +36,7 @@ async def test_prompt_tokens_split_into_cached_written_uncached(make_engine):
     assert u.cache_write_5m_tokens == len(prompt) // BS * BS
     assert u.cache_write_1h_tokens == 0
     assert u.uncached_tokens == len(prompt) % BS
-    assert u.ttft_s is not None and 0 < u.ttft_s <= u.engine_s
+    assert f1.ttft_s is not None and 0 < f1.ttft_s <= f1.engine_s
     _, _, f2 = await collect(engine, GenerateRequest("b", "tenant:a", prompt + [65] * 20, greedy(2)))
     u2 = f2.usage
     assert u2.cached_tokens == len(prompt) // BS * BS
@@ -58,7 +58,7 @@ async def test_decode_filled_blocks_are_cached_but_not_billed_as_writes(make_eng
     prompt = prompt_of(engine, "x" * 20)
     _, _, fin = await collect(engine, GenerateRequest("a", "tenant:a", prompt, greedy(40)))
     assert fin.usage.cache_write_tokens == len(prompt) // BS * BS
-    cached_blocks = engine.cache_stats()["blocks"]["cached"]
+    cached_blocks = engine.cache_stats().as_dict()["blocks"]["cached"]
     assert cached_blocks == (len(prompt) + 40 - 1) // BS
 
 
@@ -72,3 +72,19 @@ async def test_flush_drops_the_namespace_only(make_engine):
     _, _, fb = await collect(engine, GenerateRequest("d", "tenant:b", prompt, greedy(1)))
     assert fa.usage.cached_tokens == 0
     assert fb.usage.cached_tokens > 0
+
+
+async def test_cache_stats_hit_and_miss_add_up_to_the_billed_prompt_tokens(make_engine):
+    """What /admin/cache/stats counts is what the ledger bills: every prompt token is either
+    a hit (cached_tokens) or a miss (the rest, cache writes included), once per request,
+    the always-computed last token and recomputes after a preemption included."""
+    engine = await make_engine()
+    prompt = prompt_of(engine, "hit and miss " * 9)
+    finishes = []
+    for i, extra in enumerate((0, 0, 5, 17)):
+        _, _, fin = await collect(engine, GenerateRequest(f"r{i}", "tenant:s", prompt + [66] * extra,
+                                                          greedy(3)))
+        finishes.append(fin)
+    ns = engine.cache_stats().namespaces["tenant:s"]
+    assert ns.hit_tokens == sum(f.usage.cached_tokens for f in finishes) > 0
+    assert ns.hit_tokens + ns.miss_tokens == sum(f.usage.prompt_tokens for f in finishes)

@@ -8,19 +8,19 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness.server import Admin, KvgateServer
+from tests.support import Admin, MiB, ProcessServer
 
 
 @pytest.fixture(scope="session")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KvgateServer]:
-    with KvgateServer(tmp_path_factory.mktemp("kvgate-shared"),
-                      device_cache_bytes=32 * 1024 * 1024) as srv:
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProcessServer]:
+    with ProcessServer(tmp_path_factory.mktemp("kvgate-shared"),
+                       device_cache_bytes=32 * MiB) as srv:
         yield srv
 
 
 @pytest.fixture(scope="session")
-def admin(server: KvgateServer) -> Admin:
-    return Admin(server)
+def admin(server: ProcessServer) -> Admin:
+    return server.admin
 
 
 @pytest.fixture

@@ -1,30 +1,28 @@
 """Forced hash collisions never serve the wrong tokens' KV.
 
-The server has no switch to weaken its hash (and should not), so this test builds the app
-in-process with ``create_app`` around an engine whose ``CacheStore.hash_fn`` is replaced by
-a deliberately colliding one, serves it on loopback, and compares greedy outputs with a
-second server that hashes normally and never hits (every prompt from a fresh tenant).
+The server has no switch to weaken its hash (and should not), so this test serves the app
+in-process (``ThreadServer``) around an engine whose ``CacheStore.hash_fn`` is replaced by
+a deliberately colliding one, and compares greedy outputs with a second server that hashes
+normally and never hits (every prompt from a fresh tenant).
 """
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import aiohttp
 import pytest
-from aiohttp.test_utils import TestServer
+import requests
 
 from cachestore.hashing import xxh3_128
-from gateway.config import Settings
-from gateway.engine import Engine, EngineConfig
-from gateway.http import create_app
-from tests.harness.server import ADMIN_KEY, Tenant
+from gateway.engine import Engine
+from gateway.http.app import engine_config
+from tests.support import MiB, Tenant, ThreadServer, request_body, server_settings
 
-HEADERS = {"Authorization": f"Bearer {ADMIN_KEY}"}
 BLOCK = 16
 MAX_TOKENS = 6
+HashFn = Callable[[bytes], bytes]
+Serve = Callable[[str, HashFn | None], ThreadServer]
 
 
 def constant_hash(data: bytes) -> bytes:
@@ -38,59 +36,31 @@ def parent_only_hash(data: bytes) -> bytes:
     return xxh3_128(data[:16])
 
 
-class InProcessServer:
-    def __init__(self, server: TestServer) -> None:
-        self.server = server
-        self.session = aiohttp.ClientSession()
-
-    @property
-    def url(self) -> str:
-        return str(self.server.make_url("")).rstrip("/")
-
-    async def tenant(self) -> Tenant:
-        name = f"c-{uuid.uuid4().hex[:8]}"
-        async with self.session.post(self.url + "/admin/tenants", json={"name": name},
-                                     headers=HEADERS) as r:
-            assert r.status in (200, 201), await r.text()
-            tid = (await r.json())["id"]
-        async with self.session.post(self.url + f"/admin/tenants/{tid}/keys",
-                                     headers=HEADERS) as r:
-            assert r.status in (200, 201), await r.text()
-            key = (await r.json())["key"]
-        return Tenant(int(tid), name, key)
-
-    async def complete(self, tenant: Tenant, prompt: str) -> tuple[str, int]:
-        body = {"model": "demo", "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0}
-        async with self.session.post(self.url + "/v1/completions", json=body,
-                                     headers=tenant.headers) as r:
-            assert r.status == 200, await r.text()
-            data = await r.json()
-        return data["choices"][0]["text"], data["usage"]["prompt_tokens_details"]["cached_tokens"]
+def complete(server: ThreadServer, tenant: Tenant, prompt: str) -> tuple[str, int]:
+    path, body = request_body("completions", prompt, MAX_TOKENS, temperature=0)
+    r = requests.post(server.url + path, json=body, headers=tenant.headers, timeout=60)
+    assert r.status_code == 200, r.text
+    data = r.json()
+    return data["choices"][0]["text"], data["usage"]["prompt_tokens_details"]["cached_tokens"]
 
 
 @pytest.fixture
-async def serve(tmp_path: Path) -> AsyncIterator[Callable]:
-    started: list[tuple[Engine, TestServer, InProcessServer]] = []
+def serve(tmp_path: Path) -> Iterator[Serve]:
+    started: list[ThreadServer] = []
 
-    async def start(name: str, hash_fn: Callable[[bytes], bytes] | None) -> InProcessServer:
-        settings = Settings(db=f"sqlite:///{tmp_path / name}.db", admin_key=ADMIN_KEY,
-                            device="cpu", device_cache_bytes=4 * 1024 * 1024,
-                            host_cache_bytes=4 * 1024 * 1024, block_size=BLOCK)
-        engine = Engine(EngineConfig.from_settings(settings))
+    def start(name: str, hash_fn: HashFn | None) -> ThreadServer:
+        settings = server_settings(tmp_path / name, device="cpu", device_cache_bytes=4 * MiB,
+                                   host_cache_bytes=4 * MiB, block_size=BLOCK)
+        engine = Engine(engine_config(settings))
         if hash_fn is not None:
             engine.store.hash_fn = hash_fn
-        await engine.start()
-        server = TestServer(create_app(settings, engine=engine), host="127.0.0.1")
-        await server.start_server()
-        client = InProcessServer(server)
-        started.append((engine, server, client))
-        return client
+        server = ThreadServer(tmp_path / name, settings=settings, engine=engine).start()
+        started.append(server)
+        return server
 
     yield start
-    for engine, server, client in started:
-        await client.session.close()
-        await server.close()
-        await engine.stop()
+    for server in started:
+        server.stop()
 
 
 PROMPTS = {
@@ -103,19 +73,19 @@ PROMPTS = {
 
 @pytest.mark.parametrize("hash_fn", [constant_hash, parent_only_hash],
                          ids=["constant", "parent-only"])
-async def test_colliding_hash_never_serves_wrong_kv(serve: Callable, hash_fn: Callable) -> None:
-    reference = await serve("reference", None)
+def test_colliding_hash_never_serves_wrong_kv(serve: Serve, hash_fn: HashFn) -> None:
+    reference = serve("reference", None)
     expected = {}
     for name, prompt in PROMPTS.items():
-        expected[name], cached = await reference.complete(await reference.tenant(), prompt)
+        expected[name], cached = complete(reference, reference.admin.tenant("c"), prompt)
         assert cached == 0
 
-    colliding = await serve("colliding", hash_fn)
-    tenant = await colliding.tenant()
+    colliding = serve("colliding", hash_fn)
+    tenant = colliding.admin.tenant("c")
     order = ["p1", "p2", "p1_head", "same_len", "p1", "p2"]
     cached_by_name: dict[str, list[int]] = {}
     for name in order:
-        text, cached = await colliding.complete(tenant, PROMPTS[name])
+        text, cached = complete(colliding, tenant, PROMPTS[name])
         assert text == expected[name], f"{name}: output changed under hash collisions"
         cached_by_name.setdefault(name, []).append(cached)
     # Collisions may cost hits, but a verified repeat of the same prompt may still hit; a

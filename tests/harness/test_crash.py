@@ -14,14 +14,14 @@ from pathlib import Path
 import aiohttp
 import requests
 
-from tests.harness.server import Admin, KvgateServer, Outcome, send
+from tests.support import MiB, Outcome, ProcessServer, Tenant, request_body, send
 
 KINDS = ("chat", "chat-stream", "completions", "completions-stream", "messages",
          "messages-stream")
 SYSTEM = "You are the billing desk of a small shop. Answer briefly and politely. " * 3
 
 
-async def _traffic(url: str, tenant: object, outcomes: list[Outcome], stop: asyncio.Event,
+async def _traffic(url: str, tenant: Tenant, outcomes: list[Outcome], stop: asyncio.Event,
                    worker: int, cut: list[int]) -> None:
     rng = random.Random(worker)
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
@@ -31,7 +31,7 @@ async def _traffic(url: str, tenant: object, outcomes: list[Outcome], stop: asyn
             prefix = SYSTEM if n % 2 == 0 else ""
             text = f"{prefix}worker {worker} turn {n}: {rng.random():.6f}"
             try:
-                outcomes.append(await send(session, url, tenant, kind, text,  # type: ignore[arg-type]
+                outcomes.append(await send(session, url, tenant, kind, text,
                                            max_tokens=rng.randint(4, 24)))
             except (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError):
                 if stop.is_set():
@@ -42,8 +42,8 @@ async def _traffic(url: str, tenant: object, outcomes: list[Outcome], stop: asyn
 
 
 async def test_sigkill_mid_traffic_bills_every_received_response_once(workdir: Path) -> None:
-    with KvgateServer(workdir, device_cache_bytes=8 * 1024 * 1024) as srv:
-        tenant = Admin(srv).tenant("crash")
+    with ProcessServer(workdir, device_cache_bytes=8 * MiB) as srv:
+        tenant = srv.admin.tenant("crash")
         outcomes: list[Outcome] = []
         stop = asyncio.Event()
         cut: list[int] = []
@@ -74,13 +74,12 @@ async def test_sigkill_mid_traffic_bills_every_received_response_once(workdir: P
         assert all(r["n"] == 1 for r in rows.values()), "a request was billed twice"
         assert len(rows) <= len(outcomes) + 6, "more rows than requests sent"
 
-        report = Admin(srv).usage(tenant.id)["totals"]
+        report = srv.admin.usage(tenant.id)
         assert report["requests"] == len(rows)
         assert report["prompt_tokens"] == sum(r["prompt_tokens"] for r in rows.values())
         assert report["completion_tokens"] == sum(r["completion_tokens"] for r in rows.values())
 
-        r = requests.post(srv.url + "/v1/chat/completions", headers=tenant.headers, timeout=60,
-                          json={"model": "demo", "max_tokens": 4,
-                                "messages": [{"role": "user", "content": "back again?"}]})
+        path, body = request_body("chat", "back again?", 4)
+        r = requests.post(srv.url + path, json=body, headers=tenant.headers, timeout=60)
         assert r.status_code == 200
         assert r.headers["x-request-id"] in srv.ledger_rows(tenant.id)

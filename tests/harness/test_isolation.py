@@ -15,7 +15,7 @@ import time
 import aiohttp
 from scipy.stats import ks_2samp
 
-from tests.harness.server import Admin, KvgateServer, Tenant, request_body, sse_events
+from tests.support import Admin, ProcessServer, Tenant, aiter_sse, request_body
 
 TRIALS = 14
 PROMPT_CHARS = 700
@@ -30,8 +30,8 @@ async def _ttft(session: aiohttp.ClientSession, url: str, tenant: Tenant,
     async with session.post(url + path, json=body, headers=tenant.headers) as resp:
         ttft = time.perf_counter() - t0
         assert resp.status == 200, await resp.text()
-        usage = [ev["usage"] async for ev in sse_events(resp)
-                 if isinstance(ev, dict) and ev.get("usage")]
+        usage = [ev.payload["usage"] async for ev in aiter_sse(resp)
+                 if not ev.done and ev.payload.get("usage")]
     return ttft, usage[-1]["prompt_tokens_details"]["cached_tokens"]
 
 
@@ -40,7 +40,7 @@ def _prompt(rng: random.Random) -> str:
 
 
 async def test_other_tenant_gets_no_hit_and_no_timing_signal(
-        server: KvgateServer, admin: Admin) -> None:
+        server: ProcessServer, admin: Admin) -> None:
     a, b = admin.tenant("iso-a"), admin.tenant("iso-b")
     rng = random.Random(1234)
     cross: list[float] = []

@@ -13,7 +13,7 @@ import torch
 
 from gateway.engine.demo import SHAPES
 from kernels.layout import KVLayout
-from tests.harness.server import ADMIN_KEY, Admin, KvgateServer, Outcome, send
+from tests.support import Admin, Outcome, ProcessServer, request_body, send
 
 BLOCK = 16
 PROMPT_CHARS = 360  # byte-level tokenizer: about one token per character
@@ -24,31 +24,27 @@ KINDS = ("chat", "chat-stream", "completions", "messages-stream")
 
 def demo_page_bytes() -> int:
     shape = SHAPES["demo"]
-    return KVLayout(num_layers=shape["num_hidden_layers"],
-                    num_kv_heads=shape["num_key_value_heads"], head_dim=shape["head_dim"],
+    return KVLayout(num_layers=shape.num_hidden_layers,
+                    num_kv_heads=shape.num_key_value_heads, head_dim=shape.head_dim,
                     block_size=BLOCK, dtype=torch.float32).page_bytes
 
 
-async def _watch(url: str, seen: list[dict], stop: asyncio.Event) -> None:
-    headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
-    async with aiohttp.ClientSession() as s:
-        while not stop.is_set():
-            async with s.get(url + "/admin/cache/stats", headers=headers) as r:
-                assert r.status == 200
-                seen.append(await r.json())
-            await asyncio.sleep(0.05)
+async def _watch(admin: Admin, seen: list[dict], stop: asyncio.Event) -> None:
+    while not stop.is_set():
+        seen.append(await asyncio.to_thread(admin.cache_stats))
+        await asyncio.sleep(0.05)
 
 
 async def test_four_times_oversubscribed_pool_degrades_politely(workdir: Path) -> None:
     blocks_per_prompt = -(-(PROMPT_CHARS + 16 + MAX_TOKENS) // BLOCK)
     pool_bytes = FITS * blocks_per_prompt * demo_page_bytes()
-    with KvgateServer(workdir, device_cache_bytes=pool_bytes,
-                      host_cache_bytes=pool_bytes) as srv:
-        tenants = [Admin(srv).tenant("burst") for _ in range(2)]
+    with ProcessServer(workdir, device_cache_bytes=pool_bytes,
+                       host_cache_bytes=pool_bytes) as srv:
+        tenants = [srv.admin.tenant("burst") for _ in range(2)]
         rng = random.Random(7)
         seen: list[dict] = []
         stop = asyncio.Event()
-        watcher = asyncio.create_task(_watch(srv.url, seen, stop))
+        watcher = asyncio.create_task(_watch(srv.admin, seen, stop))
 
         async def one(i: int) -> Outcome:
             text = "".join(rng.choice("abcdefghijklmnop ") for _ in range(PROMPT_CHARS))
@@ -81,6 +77,6 @@ async def test_four_times_oversubscribed_pool_degrades_politely(workdir: Path) -
         assert seen[-1]["blocks"]["active"] == 0
 
         assert srv.alive()
-        r = requests.post(srv.url + "/v1/completions", headers=tenants[0].headers, timeout=60,
-                          json={"model": "demo", "max_tokens": 2, "prompt": "still there?"})
+        path, body = request_body("completions", "still there?", 2)
+        r = requests.post(srv.url + path, json=body, headers=tenants[0].headers, timeout=60)
         assert r.status_code == 200

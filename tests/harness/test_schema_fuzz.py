@@ -27,7 +27,7 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from gateway.http.openapi import spec
-from tests.harness.server import ADMIN_KEY, Admin, KvgateServer, Tenant
+from tests.support import ADMIN_KEY, MiB, ProcessServer, Tenant, request_body
 
 EXAMPLES = int(os.environ.get("KVGATE_FUZZ_EXAMPLES", "0"))
 GENERATING = ("/v1/chat/completions", "/v1/completions", "/v1/messages")
@@ -45,26 +45,26 @@ def _operations() -> list[tuple[str, str]]:
 
 
 @pytest.fixture(scope="module")
-def fuzz_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KvgateServer]:
-    with KvgateServer(tmp_path_factory.mktemp("kvgate-fuzz"),
-                      device_cache_bytes=16 * 1024 * 1024, default_max_tokens=4) as srv:
+def fuzz_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProcessServer]:
+    with ProcessServer(tmp_path_factory.mktemp("kvgate-fuzz"),
+                       device_cache_bytes=16 * MiB, default_max_tokens=4) as srv:
         yield srv
 
 
 @pytest.fixture(scope="module")
-def fuzz_schema(fuzz_server: KvgateServer) -> schemathesis.BaseSchema:
+def fuzz_schema(fuzz_server: ProcessServer) -> schemathesis.BaseSchema:
     return schemathesis.openapi.from_url(fuzz_server.url + "/openapi.json")
 
 
 @pytest.fixture(scope="module")
-def fuzz_tenant(fuzz_server: KvgateServer) -> Tenant:
-    return Admin(fuzz_server).tenant("fuzz")
+def fuzz_tenant(fuzz_server: ProcessServer) -> Tenant:
+    return fuzz_server.admin.tenant("fuzz")
 
 
 @pytest.mark.parametrize(("method", "path"), _operations(),
                          ids=[f"{m} {p}" for m, p in _operations()])
 def test_operation_never_5xx_and_matches_spec(
-        fuzz_server: KvgateServer, fuzz_schema: schemathesis.BaseSchema, fuzz_tenant: Tenant,
+        fuzz_server: ProcessServer, fuzz_schema: schemathesis.BaseSchema, fuzz_tenant: Tenant,
         method: str, path: str) -> None:
     (operation,) = [r.ok() for r in fuzz_schema.get_all_operations()
                     if r.ok().path == path and r.ok().method.upper() == method]
@@ -93,11 +93,10 @@ def test_operation_never_5xx_and_matches_spec(
     assert fuzz_server.alive()
 
 
-def test_fuzz_server_still_serves(fuzz_server: KvgateServer) -> None:
-    tenant = Admin(fuzz_server).tenant("after-fuzz")
-    r = requests.post(fuzz_server.url + "/v1/chat/completions", headers=tenant.headers,
-                      timeout=60, json={"model": "demo", "max_tokens": 2,
-                                        "messages": [{"role": "user", "content": "ok?"}]})
+def test_fuzz_server_still_serves(fuzz_server: ProcessServer) -> None:
+    tenant = fuzz_server.admin.tenant("after-fuzz")
+    path, body = request_body("chat", "ok?", 2)
+    r = requests.post(fuzz_server.url + path, json=body, headers=tenant.headers, timeout=60)
     assert r.status_code == 200, r.text
 
 
@@ -105,13 +104,13 @@ def test_fuzz_server_still_serves(fuzz_server: KvgateServer) -> None:
                                               if mp[1].startswith("/admin")],
                          ids=[f"{m} {p}" for m, p in _operations() if p.startswith("/admin")])
 def test_admin_operation_refuses_a_tenant_key(
-        fuzz_server: KvgateServer, fuzz_schema: schemathesis.BaseSchema,
+        fuzz_server: ProcessServer, fuzz_schema: schemathesis.BaseSchema,
         method: str, path: str) -> None:
     """Whatever the body, a tenant key on an admin route is a 403 in the documented shape.
     A fresh tenant: the fuzzed DELETEs before may have removed the shared one."""
     (operation,) = [r.ok() for r in fuzz_schema.get_all_operations()
                     if r.ok().path == path and r.ok().method.upper() == method]
-    headers = Admin(fuzz_server).tenant("refused").headers
+    headers = fuzz_server.admin.tenant("refused").headers
 
     @given(data=st.data())
     @settings(max_examples=5, deadline=None, database=None, derandomize=True,

@@ -8,7 +8,7 @@ import time
 
 import aiohttp
 
-from tests.harness.server import Admin, KvgateServer, request_body, sse_events
+from tests.support import Admin, ProcessServer, aiter_sse, request_body
 
 LONG = 48
 
@@ -31,7 +31,7 @@ async def _abandon(url: str, headers: dict, kind: str, text: str) -> str:
         assert resp.status == 200
         request_id = resp.headers["x-request-id"]
         seen = 0
-        async for _ in sse_events(resp):
+        async for _ in aiter_sse(resp):
             seen += 1
             if seen >= 4:
                 break
@@ -51,7 +51,7 @@ async def _wait_for(predicate, timeout_s: float = 30.0) -> bool:  # type: ignore
 
 
 async def test_abandoned_streams_free_pages_and_bill_partial_output(
-        server: KvgateServer, admin: Admin) -> None:
+        server: ProcessServer, admin: Admin) -> None:
     tenant = admin.tenant("vanish")
     candidates = [f"Tell me a long story, number {i}." for i in range(6)]
     runs_long = await asyncio.gather(*(_greedy_runs_long(server.url, tenant.headers, t)
@@ -76,7 +76,7 @@ async def test_abandoned_streams_free_pages_and_bill_partial_output(
 
 
 async def test_slow_reader_gets_the_whole_stream_and_one_bill(
-        server: KvgateServer, admin: Admin) -> None:
+        server: ProcessServer, admin: Admin) -> None:
     tenant = admin.tenant("slow")
     path, body = request_body("chat-stream", "Read me slowly.", 24)
     async with aiohttp.ClientSession() as session, \
@@ -84,8 +84,8 @@ async def test_slow_reader_gets_the_whole_stream_and_one_bill(
         assert resp.status == 200
         request_id = resp.headers["x-request-id"]
         events = []
-        async for ev in sse_events(resp):
-            events.append(ev)
+        async for ev in aiter_sse(resp):
+            events.append(ev.payload)
             await asyncio.sleep(0.05)
     assert events[-1] == "[DONE]"
     usage = events[-2]["usage"]
@@ -96,7 +96,7 @@ async def test_slow_reader_gets_the_whole_stream_and_one_bill(
 
 
 async def test_abandoned_plain_request_stops_the_engine_and_bills_partial_output(
-        server: KvgateServer, admin: Admin) -> None:
+        server: ProcessServer, admin: Admin) -> None:
     """A non-streamed request hears from the engine only at the end; its client leaving
     still stops the engine early and bills what was generated."""
     tenant = admin.tenant("vanish-plain")

@@ -8,10 +8,7 @@ has not been observed yet).
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import re
-from types import ModuleType
 
 from .chart import REPO
 
@@ -36,36 +33,21 @@ def documented_metrics() -> dict[str, tuple[str, set[str]]]:
     return metrics
 
 
-def _load_metrics_module() -> ModuleType | None:
-    """The module alone when it stands alone: ``gateway.http``'s package import brings
-    the whole server (torch, the model code), which a chart test has no use for."""
-    path = REPO / "gateway" / "http" / "metrics.py"
-    if not path.is_file():
-        return None
-    spec = importlib.util.spec_from_file_location("_kvgate_http_metrics", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    try:
-        spec.loader.exec_module(module)
-    except ImportError:  # it imports its siblings: take the ordinary way
-        return importlib.import_module("gateway.http.metrics")
-    return module
+def registry_metrics() -> dict[str, str]:
+    """{base name: type} from the gateway's registry (``gateway.http.metrics`` imports no
+    torch: a chart test has no use for the model code)."""
+    from gateway.http import metrics
 
-
-def registry_metrics() -> dict[str, str] | None:
-    """{base name: type} from the gateway's registry, or None while that module is absent."""
-    module = _load_metrics_module()
-    if module is None:
-        return None
-    metrics = module.Metrics()
-    if hasattr(metrics, "watch"):  # scrape-time figures register once sources are known
-        metrics.watch(lambda: {}, None, None)
-    return {family.name: family.type for family in metrics.registry.collect()}
+    families = {family.name: family.type for family in metrics.Metrics().registry.collect()}
+    # Scrape-time figures register once engine and ledger are open; their families are
+    # declared without them.
+    families.update({f.name: f.type for f in metrics.snapshot_families().values()})
+    return families
 
 
 def exported_series() -> dict[str, tuple[str, str]]:
     """{series name as PromQL sees it: (base name, type)}."""
-    source = registry_metrics() or {k: v[0] for k, v in documented_metrics().items()}
+    source = registry_metrics()
     series: dict[str, tuple[str, str]] = {}
     for base, kind in source.items():
         for suffix in SUFFIXES.get(kind, ("",)):

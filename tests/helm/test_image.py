@@ -131,3 +131,19 @@ def test_hadolint_finds_nothing() -> None:
     result = subprocess.run([binary, "--no-color", str(DOCKERFILE)], capture_output=True,
                             text=True, timeout=60, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def _stage_arg(stage: str, name: str) -> str:
+    (arg,) = [c for c in _stages()[stage] if c.cmd == "ARG" and c.value[0].startswith(name + "=")]
+    return arg.value[0].partition("=")[2].strip('"')
+
+
+def test_cpu_build_takes_torch_from_pytorchs_cpu_index_by_default() -> None:
+    """A CPU image must not carry torch's CUDA libraries: PyTorch's CPU index is an extra
+    index there by default; the GPU image keeps torch's default (CUDA) wheel."""
+    assert _stage_arg("base-cpu", "TORCH_INDEX_URL") == "https://download.pytorch.org/whl/cpu"
+    assert _stage_arg("base-cuda", "TORCH_INDEX_URL") == ""
+    for device in ("cpu", "cuda"):
+        assert _env(_chain(FINAL, device))["TORCH_EXTRA_INDEX_URL"] == '"${TORCH_INDEX_URL}"'
+    (install,) = [c for c in _stages()[FINAL] if c.cmd == "RUN" and "torch==" in c.value[0]]
+    assert '--extra-index-url "$TORCH_EXTRA_INDEX_URL"' in install.value[0]

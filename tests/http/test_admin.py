@@ -8,7 +8,7 @@ import time
 import anthropic
 import openai
 
-from tests.http.conftest import Admin, ServerThread, Session, Tenant
+from tests.support import Admin, Session, Tenant, ThreadServer
 
 SYSTEM = "Shared instructions long enough to fill a few cache blocks of the prefix cache. " * 2
 
@@ -37,7 +37,7 @@ def test_tenant_crud_and_keys(admin: Admin, http: Session, model_id: str) -> Non
     assert http.post("/v1/chat/completions", json=body, headers=auth).status_code == 401
 
 
-def test_usage_totals_equal_what_clients_saw(server: ServerThread, admin: Admin,
+def test_usage_totals_equal_what_clients_saw(server: ThreadServer, admin: Admin,
                                              model_id: str) -> None:
     t = admin.tenant()
     oa = openai.OpenAI(base_url=server.url + "/v1", api_key=t.key, max_retries=0)
@@ -82,7 +82,7 @@ def test_usage_totals_equal_what_clients_saw(server: ServerThread, admin: Admin,
     assert isinstance(totals["cost_micros"], int)
 
 
-def test_cache_stats_and_flush(server: ServerThread, admin: Admin, tenant: Tenant,
+def test_cache_stats_and_flush(server: ThreadServer, admin: Admin, tenant: Tenant,
                                http: Session, model_id: str) -> None:
     auth = {"Authorization": f"Bearer {tenant.key}"}
     body = {"model": model_id, "max_tokens": 1,
@@ -102,7 +102,7 @@ def test_cache_stats_and_flush(server: ServerThread, admin: Admin, tenant: Tenan
     assert admin.http.delete("/admin/cache").status_code == 400
 
 
-def test_client_disconnect_cancels_and_bills(server: ServerThread, admin: Admin,
+def test_client_disconnect_cancels_and_bills(server: ThreadServer, admin: Admin,
                                              model_id: str) -> None:
     """A streaming client that hangs up mid-way: the engine request is cancelled and the
     ledger bills the tokens produced so far, once."""

@@ -6,14 +6,14 @@ import json
 
 import anthropic
 
-from tests.http.conftest import ServerThread, Session, Tenant
+from tests.support import Session, Tenant, ThreadServer, iter_sse, shapes
 
 SYSTEM = ("Policy text that every request of this tenant repeats, long enough to span "
           "several cache blocks of sixteen tokens. " * 3).strip()
 CONTEXT = "A shared document the user attaches to each question, spanning a few blocks too."
 
 
-def client(server: ServerThread, tenant: Tenant) -> anthropic.Anthropic:
+def client(server: ThreadServer, tenant: Tenant) -> anthropic.Anthropic:
     return anthropic.Anthropic(base_url=server.url, api_key=tenant.key, max_retries=0)
 
 
@@ -29,10 +29,12 @@ def body(model: str, question: str = "What does it say?", **kw: object) -> dict:
     }
 
 
-def test_messages_sync_cache_control(server: ServerThread, tenant: Tenant,
+def test_messages_sync_cache_control(server: ThreadServer, tenant: Tenant,
                                      model_id: str) -> None:
     c = client(server, tenant)
-    first = c.messages.create(**body(model_id))
+    raw = c.messages.with_raw_response.create(**body(model_id))
+    shapes.check_anthropic("Message", raw.http_response.json())
+    first = raw.parse()
     assert first.type == "message" and first.content[0].type == "text"
     assert first.stop_reason in ("end_turn", "max_tokens")
     u = first.usage
@@ -55,7 +57,7 @@ def test_messages_sync_cache_control(server: ServerThread, tenant: Tenant,
     assert v.cache_read_input_tokens > 0
 
 
-def test_top_level_cache_control_and_string_content(server: ServerThread, tenant: Tenant,
+def test_top_level_cache_control_and_string_content(server: ThreadServer, tenant: Tenant,
                                                     model_id: str) -> None:
     req = {"model": model_id, "max_tokens": 2, "system": SYSTEM,
            "cache_control": {"type": "ephemeral", "ttl": "1h"},
@@ -66,7 +68,7 @@ def test_top_level_cache_control_and_string_content(server: ServerThread, tenant
     assert u.cache_creation.ephemeral_5m_input_tokens == 0
 
 
-def test_messages_stream(server: ServerThread, tenant: Tenant, model_id: str) -> None:
+def test_messages_stream(server: ThreadServer, tenant: Tenant, model_id: str) -> None:
     c = client(server, tenant)
     c.messages.create(**body(model_id, "warm the cache"))
     with c.messages.stream(**body(model_id, "warm the cache")) as stream:
@@ -84,19 +86,22 @@ def test_messages_stream(server: ServerThread, tenant: Tenant, model_id: str) ->
     assert final.usage.output_tokens <= 4
 
 
-def test_stream_event_sequence(server: ServerThread, tenant: Tenant, http: Session,
+def test_stream_event_sequence(server: ThreadServer, tenant: Tenant, http: Session,
                                model_id: str) -> None:
     with http.post("/v1/messages", json=body(model_id, stream=True), stream=True,
                    headers={"x-api-key": tenant.key, "anthropic-version": "2023-06-01"}) as r:
         assert r.status_code == 200
-        names = [line[len("event: "):] for line in r.iter_lines(decode_unicode=True)
-                 if line.startswith("event: ")]
+        events = list(iter_sse(r))
+    for e in events:
+        if e.event != "ping":  # not a message event: the SDK skips it
+            shapes.check_anthropic("RawMessageStreamEvent", e.json())
+    names = [e.event for e in events]
     assert names[:3] == ["message_start", "content_block_start", "ping"]
     assert names[-3:] == ["content_block_stop", "message_delta", "message_stop"]
     assert set(names[3:-3]) <= {"content_block_delta"}
 
 
-def test_anthropic_error_shape(server: ServerThread, tenant: Tenant, http: Session,
+def test_anthropic_error_shape(server: ThreadServer, tenant: Tenant, http: Session,
                                model_id: str) -> None:
     r = http.post("/v1/messages", data=b"{not json", headers={
         "x-api-key": tenant.key, "content-type": "application/json"})

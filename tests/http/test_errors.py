@@ -7,12 +7,12 @@ from typing import Any
 
 import pytest
 
-from tests.http.conftest import ADMIN_KEY, Admin, ServerThread, Session, Tenant
+from tests.support import ADMIN_KEY, Admin, Session, Tenant, ThreadServer, request_body
 
 CHAT = "/v1/chat/completions"
 MSGS = "/v1/messages"
-GOOD_CHAT = {"model": "demo", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}
-GOOD_MSG = {"model": "demo", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}
+GOOD_CHAT = request_body("chat", "hi", 2).body
+GOOD_MSG = request_body("messages", "hi", 2).body
 
 
 def chat(**kw: Any) -> dict:
@@ -146,7 +146,7 @@ def test_revoked_key_and_server_still_serves(http: Session, admin: Admin) -> Non
     assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
 
 
-def test_unexpected_exception_is_500_and_logged(server: ServerThread, http: Session,
+def test_unexpected_exception_is_500_and_logged(server: ThreadServer, http: Session,
                                                 victim: Tenant,
                                                 monkeypatch: pytest.MonkeyPatch,
                                                 caplog: pytest.LogCaptureFixture) -> None:
@@ -190,7 +190,7 @@ def test_tokens_per_minute_429(http: Session, admin: Admin) -> None:
     assert r.status_code == 429 and int(r.headers["Retry-After"]) >= 1
 
 
-def test_engine_failure_midway_is_500_and_billed_once(server: ServerThread, http: Session,
+def test_engine_failure_midway_is_500_and_billed_once(server: ThreadServer, http: Session,
                                                       admin: Admin,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     from gateway.engine import TokenEvent

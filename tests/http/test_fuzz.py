@@ -11,7 +11,7 @@ from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import status_code_conformance
 
 from gateway.http.openapi import spec
-from tests.http.conftest import Admin, ServerThread, Tenant
+from tests.support import Admin, Tenant, ThreadServer
 
 CLIENT_PATHS = ("/v1/models", "/v1/chat/completions", "/v1/completions", "/v1/messages")
 
@@ -22,7 +22,7 @@ def fuzz_tenant(admin: Admin) -> Tenant:
 
 
 @pytest.mark.parametrize("path", CLIENT_PATHS)
-def test_client_api_fuzz(server: ServerThread, fuzz_tenant: Tenant, path: str) -> None:
+def test_client_api_fuzz(server: ThreadServer, fuzz_tenant: Tenant, path: str) -> None:
     schema = schemathesis.openapi.from_dict(spec())
     schema.config.update(base_url=server.url)
     (operation,) = [r.ok() for r in schema.get_all_operations() if r.ok().path == path]

@@ -8,7 +8,7 @@ import subprocess
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.http.conftest import Admin, Session, Tenant
+from tests.support import Admin, Session, Tenant
 
 DOCUMENTED = {
     "kvgate_requests", "kvgate_prompt_tokens", "kvgate_completion_tokens",

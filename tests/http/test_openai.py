@@ -2,50 +2,30 @@
 
 from __future__ import annotations
 
-import json
-
 import openai
-import pytest
 
-from tests.http import schemas
-from tests.http.conftest import Admin, ServerThread, Session, Tenant
+from tests.support import Admin, Session, Tenant, ThreadServer, iter_sse, request_body, shapes
 
 LONG_SYSTEM = ("You are a terse assistant for the kvgate test suite. " * 6).strip()
 
-needs_spec = pytest.mark.skipif(not schemas.available(),
-                                reason="shared/reference/openai-openapi.yaml not present")
 
-
-def client(server: ServerThread, tenant: Tenant) -> openai.OpenAI:
+def client(server: ThreadServer, tenant: Tenant) -> openai.OpenAI:
     return openai.OpenAI(base_url=server.url + "/v1", api_key=tenant.key, max_retries=0)
 
 
-def chat(model: str, text: str = "hello", **kw: object) -> dict:
-    return {"model": model, "max_tokens": 4,
-            "messages": [{"role": "system", "content": LONG_SYSTEM},
-                         {"role": "user", "content": text}], **kw}
+def chat(model: str, text: str = "hello", max_tokens: int = 4, **kw: object) -> dict:
+    return request_body("chat", text, max_tokens, system=LONG_SYSTEM, model=model, **kw).body
 
 
-def sse_events(resp: object) -> list[str]:
-    """The data payloads of an SSE response, in order."""
-    out = []
-    for line in resp.iter_lines(decode_unicode=True):  # type: ignore[attr-defined]
-        if line.startswith("data: "):
-            out.append(line[len("data: "):])
-    return out
-
-
-@needs_spec
-def test_models_list(server: ServerThread, tenant: Tenant, http: Session, model_id: str) -> None:
+def test_models_list(server: ThreadServer, tenant: Tenant, http: Session, model_id: str) -> None:
     models = client(server, tenant).models.list()
     assert [m.id for m in models.data] == [model_id]
     raw = http.get("/v1/models", headers={"Authorization": f"Bearer {tenant.key}"})
-    schemas.validate("ListModelsResponse", raw.json())
+    shapes.check_openai("ModelList", raw.json())
     assert "meaningless" in raw.json()["data"][0]["note"]  # the demo model says so
 
 
-@needs_spec
-def test_chat_sync_response_matches_schema(server: ServerThread, tenant: Tenant,
+def test_chat_sync_response_matches_schema(server: ThreadServer, tenant: Tenant,
                                            http: Session, model_id: str) -> None:
     c = client(server, tenant).chat.completions.create(**chat(model_id))
     assert c.choices[0].finish_reason in ("stop", "length")
@@ -56,10 +36,10 @@ def test_chat_sync_response_matches_schema(server: ServerThread, tenant: Tenant,
     raw = http.post("/v1/chat/completions", json=chat(model_id, "again"),
                     headers={"Authorization": f"Bearer {tenant.key}"})
     assert raw.status_code == 200
-    schemas.validate("CreateChatCompletionResponse", raw.json())
+    shapes.check_openai("ChatCompletion", raw.json())
 
 
-async def test_chat_async(server: ServerThread, tenant: Tenant, model_id: str) -> None:
+async def test_chat_async(server: ThreadServer, tenant: Tenant, model_id: str) -> None:
     async with openai.AsyncOpenAI(base_url=server.url + "/v1", api_key=tenant.key,
                                   max_retries=0) as ac:
         c = await ac.chat.completions.create(**chat(model_id, "async"))
@@ -72,7 +52,7 @@ async def test_chat_async(server: ServerThread, tenant: Tenant, model_id: str) -
     assert chunks[-1].usage is not None and chunks[-1].choices == []
 
 
-def test_chat_stream_sdk(server: ServerThread, tenant: Tenant, model_id: str) -> None:
+def test_chat_stream_sdk(server: ThreadServer, tenant: Tenant, model_id: str) -> None:
     stream = client(server, tenant).chat.completions.create(
         **chat(model_id, "stream", max_tokens=6), stream=True,
         stream_options={"include_usage": True})
@@ -86,45 +66,31 @@ def test_chat_stream_sdk(server: ServerThread, tenant: Tenant, model_id: str) ->
     assert isinstance(text, str)
 
 
-@needs_spec
-def test_stream_chunks_match_schema(server: ServerThread, tenant: Tenant, http: Session,
+def test_stream_chunks_match_schema(server: ThreadServer, tenant: Tenant, http: Session,
                                     model_id: str) -> None:
     auth = {"Authorization": f"Bearer {tenant.key}"}
     for path, body, schema in (
         ("/v1/chat/completions", chat(model_id, "raw", stream=True,
                                       stream_options={"include_usage": True}),
-         "CreateChatCompletionStreamResponse"),
+         "ChatCompletionChunk"),
         ("/v1/completions", {"model": model_id, "prompt": "raw completion", "max_tokens": 3,
                              "stream": True, "stream_options": {"include_usage": True}},
-         "CreateCompletionResponse"),
+         "CompletionChunk"),
     ):
         with http.post(path, json=body, headers=auth, stream=True) as r:
             assert r.status_code == 200
             assert r.headers["content-type"].startswith("text/event-stream")
             assert "engine;dur=" in r.headers["server-timing"]
-            events = sse_events(r)
-        assert events[-1] == "[DONE]"
-        chunks = [json.loads(e) for e in events[:-1]]
+            events = list(iter_sse(r))
+        assert events[-1].done
+        chunks = [e.json() for e in events[:-1]]
         for ch in chunks:
-            if schema == "CreateCompletionResponse":
-                ch = _as_completion(ch)
-            schemas.validate(schema, ch)
+            shapes.check_openai(schema, ch)
         assert chunks[-1]["choices"] == []
         assert chunks[-1]["usage"]["prompt_tokens_details"]["cached_tokens"] >= 0
 
 
-def _as_completion(chunk: dict) -> dict:
-    """The document has no streaming variant of completions: it reuses the final shape,
-    whose finish_reason and usage are not nullable. Intermediate chunks carry null there
-    (as OpenAI's do), so fill those in before checking everything else."""
-    out = {k: v for k, v in chunk.items() if not (k == "usage" and v is None)}
-    out["choices"] = [{**c, "finish_reason": c["finish_reason"] or "length"}
-                      for c in chunk["choices"]]
-    return out
-
-
-@needs_spec
-def test_completions_sync(server: ServerThread, tenant: Tenant, http: Session,
+def test_completions_sync(server: ThreadServer, tenant: Tenant, http: Session,
                           model_id: str) -> None:
     c = client(server, tenant).completions.create(model=model_id, prompt="Once upon",
                                                   max_tokens=3)
@@ -134,11 +100,11 @@ def test_completions_sync(server: ServerThread, tenant: Tenant, http: Session,
                                              "max_tokens": 2},
                     headers={"Authorization": f"Bearer {tenant.key}"})
     assert raw.status_code == 200, raw.text
-    schemas.validate("CreateCompletionResponse", raw.json())
+    shapes.check_openai("Completion", raw.json())
     assert raw.json()["usage"]["prompt_tokens"] == 3
 
 
-def test_prefix_cache_hits_within_tenant_only(server: ServerThread, admin: Admin,
+def test_prefix_cache_hits_within_tenant_only(server: ThreadServer, admin: Admin,
                                               model_id: str) -> None:
     a, b = admin.tenant(), admin.tenant()
     body = chat(model_id, "same question")
@@ -158,7 +124,7 @@ def test_prefix_cache_hits_within_tenant_only(server: ServerThread, admin: Admin
     assert other.usage.prompt_tokens_details.cached_tokens == 0  # type: ignore[union-attr]
 
 
-def test_request_id_and_server_timing(server: ServerThread, tenant: Tenant, http: Session,
+def test_request_id_and_server_timing(server: ThreadServer, tenant: Tenant, http: Session,
                                       model_id: str) -> None:
     auth = {"Authorization": f"Bearer {tenant.key}"}
     r = http.post("/v1/chat/completions", json=chat(model_id),
@@ -173,7 +139,7 @@ def test_request_id_and_server_timing(server: ServerThread, tenant: Tenant, http
     assert http.get("/healthz").headers["x-request-id"].startswith("req_")
 
 
-def test_edge_sampling_values_answer_like_greedy(server: ServerThread, tenant: Tenant,
+def test_edge_sampling_values_answer_like_greedy(server: ThreadServer, tenant: Tenant,
                                                  model_id: str) -> None:
     """top_p 0 and a temperature near 0 are valid per the spec: they sample the argmax."""
     c = client(server, tenant)

@@ -7,35 +7,32 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import openai
 import pytest
 
-from gateway.config import Settings
-from tests.http.conftest import ADMIN_KEY, Admin, ServerThread
 from tests.pg import pg_url  # noqa: F401  (a fixture)
+from tests.support import MiB, ThreadServer
+
+FLAGS = {"device": "cpu", "device_cache_bytes": 16 * MiB, "host_cache_bytes": 16 * MiB,
+         "default_max_tokens": 8}
 
 
-def _settings(db: str) -> Settings:
-    return Settings(host="127.0.0.1", port=0, model="demo", db=db, device="cpu",
-                    admin_key=ADMIN_KEY, device_cache_bytes=16 * 1024 * 1024,
-                    host_cache_bytes=16 * 1024 * 1024, default_max_tokens=8)
-
-
-def test_serve_refuses_an_unmigrated_postgres_ledger(pg_url: str) -> None:  # noqa: F811
+def test_serve_refuses_an_unmigrated_postgres_ledger(pg_url: str,  # noqa: F811
+                                                     tmp_path: Path) -> None:
     with pytest.raises(Exception, match="kvgate migrate"):
-        ServerThread(_settings(pg_url)).start()
+        ThreadServer(tmp_path, db=pg_url, **FLAGS).start()
 
 
-def test_two_replicas_bill_once_into_one_postgres_ledger(pg_url: str) -> None:  # noqa: F811
+def test_two_replicas_bill_once_into_one_postgres_ledger(pg_url: str,  # noqa: F811
+                                                         tmp_path: Path) -> None:
     migrate = subprocess.run([sys.executable, "-m", "gateway.cli", "migrate", "--db", pg_url],
                              capture_output=True, text=True, timeout=120)
     assert migrate.returncode == 0, migrate.stderr
-    first = ServerThread(_settings(pg_url)).start()
-    second = ServerThread(_settings(pg_url)).start()
-    try:
-        admin = Admin(first.url)
-        tenant = admin.tenant(name="pg-tenant")
+    with ThreadServer(tmp_path / "first", db=pg_url, **FLAGS) as first, \
+            ThreadServer(tmp_path / "second", db=pg_url, **FLAGS) as second:
+        tenant = first.admin.tenant(name="pg-tenant")
         prompt = [{"role": "system", "content": "You answer for the PostgreSQL test. " * 8},
                   {"role": "user", "content": "hello"}]
         seen = []
@@ -46,13 +43,10 @@ def test_two_replicas_bill_once_into_one_postgres_ledger(pg_url: str) -> None:  
         # each replica has its own cache: the first request on each writes, the repeat hits
         assert [u.prompt_tokens_details.cached_tokens > 0 for u in seen] == [False, False, True]
         for srv in (first, second):
-            totals = Admin(srv.url).usage(tenant.id)
+            totals = srv.admin.usage(tenant.id)
             assert totals["requests"] == 3
             assert totals["prompt_tokens"] == sum(u.prompt_tokens for u in seen)
             assert totals["completion_tokens"] == sum(u.completion_tokens for u in seen)
             assert totals["cached_tokens"] == sum(u.prompt_tokens_details.cached_tokens
                                                   for u in seen)
             assert totals["cost_micros"] > 0 and isinstance(totals["cost_micros"], int)
-    finally:
-        second.stop()
-        first.stop()

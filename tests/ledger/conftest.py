@@ -11,6 +11,7 @@ from datetime import datetime, timezone
 import pytest
 
 from gateway.ledger import Ledger, UsageEvent
+from gateway.usage import Usage
 from tests.pg import pg_url  # noqa: F401  (a fixture)
 
 
@@ -44,6 +45,5 @@ def event(tenant_id: int, key_id: int | None = None, *, request_id: str | None =
     return UsageEvent(
         request_id=request_id or f"req-{next(_ids)}-{uuid.uuid4().hex[:8]}",
         tenant_id=tenant_id, key_id=key_id, model=model, endpoint="chat.completions",
-        prompt_tokens=prompt, cached_tokens=cached, cache_write_5m_tokens=w5m,
-        cache_write_1h_tokens=w1h, completion_tokens=completion, status=status,
+        usage=Usage(prompt, cached, {300: w5m, 3600: w1h}, completion), status=status,
         started_at=started_at, finished_at=started_at, ttft_ms=12)

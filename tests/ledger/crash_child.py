@@ -12,6 +12,7 @@ import sys
 from datetime import datetime, timezone
 
 from gateway.ledger import Ledger, UsageEvent
+from gateway.usage import Usage
 
 
 async def main(url: str, tenant_id: int) -> None:
@@ -23,7 +24,7 @@ async def main(url: str, tenant_id: int) -> None:
         for i in range(1_000_000):
             rid = f"{os.getpid()}-{w}-{i}"
             await ledger.record(UsageEvent(rid, tenant_id, None, "demo", "chat.completions",
-                                           100, 20, 16, 0, 5, "ok", now, now, 3))
+                                           Usage(100, 20, {300: 16}, 5), "ok", now, now, 3))
             sys.stdout.write(rid + "\n")
             sys.stdout.flush()
 

@@ -32,8 +32,8 @@ def test_cost_of_each_token_kind() -> None:
     # 36 uncached, 32 read, 16 + 16 written, 10 output on the default plan:
     # 36 + 3.2 + 20 + 32 + 40 = 131.2 micro-units, billed 132.
     e = event(1, prompt=100, cached=32, w5m=16, w1h=16, completion=10)
-    assert e.uncached_tokens == 36
-    assert cost_micros(e, DEFAULT_PRICES) == 132
+    assert e.usage.uncached_tokens == 36
+    assert cost_micros(e.usage, DEFAULT_PRICES) == 132
 
 
 def test_rounding_happens_once_per_event_not_per_kind() -> None:
@@ -41,8 +41,8 @@ def test_rounding_happens_once_per_event_not_per_kind() -> None:
     prices = Prices(input=100_000, cache_read=100_000, cache_write_5m=100_000,
                     cache_write_1h=100_000, output=100_000)
     e = event(1, prompt=4, cached=1, w5m=1, w1h=1, completion=1)
-    assert cost_micros(e, prices) == 1
-    assert cost_micros(event(1, prompt=0, completion=0), prices) == 0
+    assert cost_micros(e.usage, prices) == 1
+    assert cost_micros(event(1, prompt=0, completion=0).usage, prices) == 0
 
 
 @given(prompt=st.integers(0, 10**7), split=st.tuples(*[st.floats(0, 1)] * 3),
@@ -55,10 +55,10 @@ def test_cost_is_the_exact_amount_rounded_up(prompt: int, split: tuple[float, fl
     w1h = int((prompt - cached - w5m) * split[2])
     e = event(1, prompt=prompt, cached=cached, w5m=w5m, w1h=w1h, completion=completion)
     p = Prices(*prices)
-    exact = Fraction(e.uncached_tokens * p.input + cached * p.cache_read
+    exact = Fraction(e.usage.uncached_tokens * p.input + cached * p.cache_read
                      + w5m * p.cache_write_5m + w1h * p.cache_write_1h
                      + completion * p.output, 1_000_000)
-    cost = cost_micros(e, p)
+    cost = cost_micros(e.usage, p)
     assert isinstance(cost, int)
     assert exact <= cost < exact + 1
 

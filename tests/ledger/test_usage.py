@@ -9,7 +9,7 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import select
 
-from gateway.ledger import Ledger, LedgerError, NotFound, cost_micros
+from gateway.ledger import Billed, Ledger, LedgerError, NotFound, cost_micros
 from gateway.ledger.billing import DEFAULT_PRICES
 from gateway.ledger.models import UsageRow
 
@@ -31,12 +31,12 @@ async def test_10k_events_from_100_tasks_give_exact_totals(ledger: Ledger) -> No
             e = event(tenant, request_id=f"w{w}-{i}", prompt=prompt, cached=prompt // 3,
                       w5m=prompt // 5, completion=completion,
                       started_at=NOW + timedelta(hours=(w * 100 + i) % 72))
-            assert await ledger.record(e) is True
+            assert (await ledger.record(e)).new is True
             day = e.started_at.date().isoformat()
             per_day[day] = per_day.get(day, 0) + 1
             totals = expected[tenant]
             for j, v in enumerate((1, prompt, prompt // 3, completion,
-                                   cost_micros(e, DEFAULT_PRICES))):
+                                   cost_micros(e.usage, DEFAULT_PRICES))):
                 totals[j] += v
 
     await asyncio.gather(*(worker(w) for w in range(100)))
@@ -59,26 +59,26 @@ async def test_10k_events_from_100_tasks_give_exact_totals(ledger: Ledger) -> No
 async def test_same_request_id_bills_once(ledger: Ledger) -> None:
     tid = (await ledger.create_tenant("acme"))["id"]
     first = event(tid, request_id="dup-1", prompt=1000)
-    assert await ledger.record(first) is True
-    assert await ledger.record(first) is False  # a retry
+    assert (await ledger.record(first)).new is True
+    assert (await ledger.record(first)).new is False  # a retry
     # The same id many times in one batch: exactly one caller bills it.
     again = event(tid, request_id="dup-2", prompt=1000)
     results = await asyncio.gather(*(ledger.record(again) for _ in range(20)))
-    assert results.count(True) == 1
+    assert [r.new for r in results].count(True) == 1
     t = (await ledger.usage_report(tenant_id=tid))["totals"]
     assert t["requests"] == 2
-    assert t["cost_micros"] == 2 * cost_micros(first, DEFAULT_PRICES)
+    assert t["cost_micros"] == 2 * cost_micros(first.usage, DEFAULT_PRICES)
 
 
 async def test_idempotency_survives_reopening(db_url: str) -> None:
     led = await Ledger.open(db_url)
     tid = (await led.create_tenant("acme"))["id"]
     e = event(tid, request_id="across-restart")
-    assert await led.record(e) is True
+    assert (await led.record(e)).new is True
     await led.close()
     led = await Ledger.open(db_url)
     try:
-        assert await led.record(e) is False
+        assert (await led.record(e)).new is False
         assert (await led.usage_report())["totals"]["requests"] == 1
     finally:
         await led.close()
@@ -92,7 +92,7 @@ async def test_one_bad_event_does_not_fail_its_batch(ledger: Ledger) -> None:
     results = await asyncio.gather(*(ledger.record(e) for e in good),
                                    ledger.record(unknown_tenant), ledger.record(unknown_key),
                                    return_exceptions=True)
-    assert results[:30] == [True] * 30
+    assert [r.new for r in results[:30]] == [True] * 30
     assert isinstance(results[30], NotFound)
     assert isinstance(results[31], LedgerError)
     assert (await ledger.usage_report())["totals"]["requests"] == 30
@@ -116,7 +116,7 @@ async def test_close_commits_pending_then_refuses(db_url: str) -> None:
     pending = [asyncio.create_task(led.record(event(tid))) for _ in range(50)]
     await asyncio.sleep(0)
     await led.close()
-    assert all(t.result() is True for t in pending)
+    assert all(t.result().new is True for t in pending)
     with pytest.raises(LedgerError, match="closed"):
         await led.record(event(tid))
     led = await Ledger.open(db_url)
@@ -160,16 +160,39 @@ async def test_fast_and_fallback_paths_store_the_same_rows(ledger: Ledger) -> No
     tid = (await ledger.create_tenant("acme"))["id"]
     when = NOW + timedelta(microseconds=123_456)
     first = event(tid, request_id="fast", started_at=when, w1h=7)
-    assert await ledger.record(first) is True
+    assert (await ledger.record(first)).new is True
     second = event(tid, request_id="fallback", started_at=when, w1h=7)
-    assert await asyncio.gather(ledger.record(first), ledger.record(second)) == [False, True]
+    both = await asyncio.gather(ledger.record(first), ledger.record(second))
+    assert [b.new for b in both] == [False, True]
     async with ledger.engine.connect() as conn:
         rows = (await conn.execute(
             select(UsageRow.request_id, UsageRow.started_at, UsageRow.finished_at,
                    UsageRow.cost_micros, UsageRow.cache_write_1h_tokens)
             .order_by(UsageRow.request_id))).all()
-    cost = cost_micros(first, DEFAULT_PRICES)
+    cost = cost_micros(first.usage, DEFAULT_PRICES)
     assert [tuple(r) for r in rows] == [("fallback", when, when, cost, 7),
                                         ("fast", when, when, cost, 7)]
     window = await ledger.usage_report(since=when, until=when + timedelta(microseconds=1))
     assert window["totals"]["requests"] == 2
+
+
+async def test_record_answers_the_billed_cost(ledger: Ledger) -> None:
+    """The HTTP layer reports cost from this answer; it must be what the row holds."""
+    tid = (await ledger.create_tenant("acme"))["id"]
+    e = event(tid, request_id="priced", prompt=500, cached=64, w5m=32, w1h=16, completion=9)
+    billed = await ledger.record(e)
+    async with ledger.engine.connect() as conn:
+        stored = (await conn.execute(select(UsageRow.cost_micros)
+                                     .where(UsageRow.request_id == "priced"))).scalar_one()
+    assert billed.new and billed.cost_micros == stored == cost_micros(e.usage, DEFAULT_PRICES)
+    again = await ledger.record(e)
+    assert not again.new and again.cost_micros == stored
+
+
+def test_the_usage_row_is_the_table() -> None:
+    """The record-to-row mapping names exactly the table's columns (the SQLite fast path
+    is compiled from the same table), so a new column cannot be silently dropped."""
+    from gateway.ledger.committer import usage_row
+
+    columns = {c.name for c in UsageRow.__table__.columns if not c.primary_key}
+    assert set(usage_row(event(1), Billed(True, 1, "USD"))) == columns

@@ -1,0 +1,49 @@
+"""Tenants as the cache sees them: the namespace of a tenant and the quota pushed for it.
+
+The namespace is computed on the server from the authenticated key's tenant only, so a
+client can never name one; this module is the one place that spells it. Quotas live in the
+ledger (tenant rows) and are pushed to the cache when a request or an admin change shows
+a value the cache has not been told yet.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from gateway.ledger import Principal
+
+SetQuota = Callable[[str, "int | None"], None]
+
+
+def tenant_namespace(tenant_id: int) -> str:
+    return f"tenant:{tenant_id}"
+
+
+class QuotaSync:
+    """Remembers the quota last pushed per namespace, so a request pushes only changes."""
+
+    def __init__(self, set_quota: SetQuota) -> None:
+        self._set_quota = set_quota
+        self._pushed: dict[str, int | None] = {}
+
+    def apply(self, principal: Principal) -> str:
+        """The principal's namespace, with its tenant's quota pushed if it changed (keys
+        made by the CLI or another replica carry the current value in their principal)."""
+        if principal.tenant_id is None:
+            raise ValueError("an admin key has no cache namespace")
+        ns = tenant_namespace(principal.tenant_id)
+        self._push(ns, principal.cache_quota_bytes)
+        return ns
+
+    def set(self, tenant_id: int, quota_bytes: int | None) -> None:
+        """An admin change: push it now."""
+        self._push(tenant_namespace(tenant_id), quota_bytes, force=True)
+
+    def forget(self, tenant_id: int) -> None:
+        """The tenant changed or went away: the next request pushes whatever it carries."""
+        self._pushed.pop(tenant_namespace(tenant_id), None)
+
+    def _push(self, ns: str, quota: int | None, force: bool = False) -> None:
+        if force or ns not in self._pushed or self._pushed[ns] != quota:
+            self._set_quota(ns, quota)
+            self._pushed[ns] = quota

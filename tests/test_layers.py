@@ -1,0 +1,141 @@
+"""The layering DESIGN.md draws, checked on the source: dependencies point down only, and no
+module imports one that imports it back (imports under ``TYPE_CHECKING`` and inside
+functions count: a cycle hidden there is still a cycle in the design)."""
+
+from __future__ import annotations
+
+import ast
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("gateway", "cachestore", "kernels")
+
+
+def _modules() -> dict[str, Path]:
+    out = {}
+    for pkg in PACKAGES:
+        for path in (ROOT / pkg).rglob("*.py"):
+            parts = list(path.relative_to(ROOT).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts.pop()
+            out[".".join(parts)] = path
+    return out
+
+
+MODULES = _modules()
+
+
+def _resolve(name: str) -> str | None:
+    """The module of ours an import names (``a.b.c`` may be a function of ``a.b``)."""
+    while name:
+        if name in MODULES:
+            return name
+        name = name.rpartition(".")[0]
+    return None
+
+
+def _imports(module: str) -> Iterator[str]:
+    path = MODULES[module]
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                target = _resolve(alias.name)
+                if target:
+                    yield target
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")
+                anchor = anchor[: len(anchor) - node.level + 1]
+                base = ".".join([*anchor, base] if base else anchor)
+            for alias in node.names:  # ``from pkg import submodule`` imports the submodule
+                target = _resolve(f"{base}.{alias.name}") if f"{base}.{alias.name}" in MODULES \
+                    else _resolve(base)
+                if target:
+                    yield target
+
+
+GRAPH = {m: {t for t in _imports(m) if t != m} for m in MODULES}
+
+
+def _cycles() -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in GRAPH[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in sorted(GRAPH):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_no_import_cycles() -> None:
+    assert _cycles() == []
+
+
+# What each layer may import of ours, besides itself (DESIGN.md: dependencies point down).
+ALLOWED = {
+    "kernels": set(),
+    "cachestore": {"kernels"},
+    "gateway.usage": set(),
+    "gateway.engine": {"cachestore", "kernels", "gateway.usage"},
+    "gateway.ledger": {"gateway.usage", "gateway.config"},  # config: the CLI reads KVGATE_DB
+    "gateway.config": set(),
+}
+
+
+def _layer(module: str) -> str:
+    for layer in sorted(ALLOWED, key=len, reverse=True):
+        if module == layer or module.startswith(layer + "."):
+            return layer
+    return module
+
+
+@pytest.mark.parametrize("layer", sorted(ALLOWED))
+def test_dependencies_point_down(layer: str) -> None:
+    wrong = sorted(
+        f"{m} imports {t}" for m, targets in GRAPH.items() if _layer(m) == layer
+        for t in targets
+        if _layer(t) != layer and not any(t == a or t.startswith(a + ".")
+                                          for a in ALLOWED[layer]))
+    assert wrong == []
+
+
+def test_the_checker_sees_a_cycle() -> None:
+    """The cycle finder itself: a two-module loop is reported (so the test above can fail)."""
+    saved = dict(GRAPH)
+    try:
+        GRAPH["kernels.layout"] = GRAPH["kernels.layout"] | {"kernels.copy"}
+        GRAPH["kernels.copy"] = GRAPH["kernels.copy"] | {"kernels.layout"}
+        assert ["kernels.copy", "kernels.layout"] in _cycles()
+    finally:
+        GRAPH.clear()
+        GRAPH.update(saved)
