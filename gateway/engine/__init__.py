@@ -25,6 +25,7 @@ from gateway.engine.request import (
     FinishEvent,
     GenerateRequest,
     PromptTooLong,
+    SequenceFailed,
     TokenEvent,
 )
 from gateway.engine.sampling import SamplingParams
@@ -38,6 +39,7 @@ __all__ = [
     "GenerateRequest",
     "PromptTooLong",
     "SamplingParams",
+    "SequenceFailed",
     "TokenEvent",
 ]
 

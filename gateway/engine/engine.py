@@ -25,12 +25,14 @@ from gateway.engine.commands import Add, Call, Cancel, Command, Stop
 from gateway.engine.config import EngineConfig
 from gateway.engine.loader import LoadedModel, head_dim_of, load_model
 from gateway.engine.request import (
+    EngineError,
     EngineEvent,
     EngineOverloaded,
     ErrorEvent,
     FinishEvent,
     GenerateRequest,
     PromptTooLong,
+    SequenceFailed,
     TokenEvent,
 )
 from gateway.engine.runner import ModelRunner
@@ -150,7 +152,9 @@ class Engine:
                 ev = await events.get()
                 if isinstance(ev, ErrorEvent):
                     finished = True
-                    raise ev.error
+                    if ev.usage is None:
+                        raise ev.error
+                    raise SequenceFailed(ev.usage) from ev.error
                 yield ev
                 if isinstance(ev, FinishEvent):
                     finished = True
@@ -308,7 +312,9 @@ class Engine:
         self.scheduler.finish(seq, "error")
         self._seqs.pop(seq.request_id, None)
         self._release_held(seq)
-        seq.emit(ErrorEvent(exc))
+        # An error the client is told about (the prompt never fit) is raised as it is; any
+        # other failure carries the usage so far, for the bill.
+        seq.emit(ErrorEvent(exc, None if isinstance(exc, EngineError) else seq.usage()))
 
     @staticmethod
     def _release_held(seq: Sequence) -> None:

@@ -20,6 +20,15 @@ class EngineOverloaded(EngineError):
     """The waiting queue is full; the client should retry later."""
 
 
+class SequenceFailed(Exception):
+    """The engine failed this request (its ``__cause__`` says why); ``usage`` is what it did
+    until then, the prompt's real cache split included, so the request can be billed."""
+
+    def __init__(self, usage: Usage) -> None:
+        super().__init__("the engine failed this request")
+        self.usage = usage
+
+
 @dataclass
 class GenerateRequest:
     request_id: str
@@ -48,6 +57,7 @@ class FinishEvent:
     finish_reason: str  # stop | length | cancelled
     ttft_s: float | None = None  # arrival to the first sampled token, on the engine's clock
     engine_s: float = 0.0  # arrival to the finish
+    stop_sequence: str | None = None  # the stop string that ended the output, if one did
 
 
 @dataclass
@@ -55,6 +65,7 @@ class ErrorEvent:
     """Internal: an error raised on the engine thread, re-raised by ``generate()``."""
 
     error: BaseException
+    usage: Usage | None = None  # what the request did until then (None: never admitted)
 
 
 # What the engine thread sends to one request's listener.

@@ -24,6 +24,7 @@ from gateway.engine import (
     GenerateRequest,
     PromptTooLong,
     SamplingParams,
+    SequenceFailed,
     TokenEvent,
 )
 from gateway.http.errors import ApiError, ClientGone
@@ -63,6 +64,7 @@ class Generation:
         self._engine_s: float | None = None
         self._billed = False
         self._failed = False
+        self._failed_usage: Usage | None = None  # the engine's own account of a failure
         self._streaming = True  # False: run() wants the whole text, not token by token
 
     async def __aenter__(self) -> Generation:
@@ -116,6 +118,10 @@ class Generation:
                            retry_after=1.0) from exc
         except (ClientGone, asyncio.CancelledError):
             raise
+        except SequenceFailed as exc:
+            self._failed = True  # billed as "error" by __aexit__, with the engine's usage
+            self._failed_usage = exc.usage
+            raise
         except Exception:
             self._failed = True  # billed as "error" with what was done, by __aexit__
             raise
@@ -144,10 +150,14 @@ class Generation:
                 usage = await asyncio.wait_for(self._drain(), _CANCEL_DRAIN_S)
             except asyncio.TimeoutError:
                 log.warning("request %s: engine did not finish after cancel", self.request_id)
+            except SequenceFailed as exc:  # it failed while stopping: its own account
+                usage = exc.usage
             except Exception:  # it failed while stopping: bill from what it reported
                 log.exception("request %s: engine failed after cancel", self.request_id)
         if self._agen is not None:
             await self._agen.aclose()
+        if usage is None:
+            usage = self._failed_usage
         if usage is None:  # the prompt's split as the engine reported it at the first token
             known = self.prompt_usage or Usage(len(self.prompt_ids))
             usage = replace(known, completion_tokens=self.completion_tokens)
