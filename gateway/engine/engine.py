@@ -154,7 +154,7 @@ class Engine:
                     finished = True
                     if ev.usage is None:
                         raise ev.error
-                    raise SequenceFailed(ev.usage) from ev.error
+                    raise SequenceFailed(ev.usage, ev.error) from ev.error
                 yield ev
                 if isinstance(ev, FinishEvent):
                     finished = True

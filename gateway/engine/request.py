@@ -24,8 +24,8 @@ class SequenceFailed(Exception):
     """The engine failed this request (its ``__cause__`` says why); ``usage`` is what it did
     until then, the prompt's real cache split included, so the request can be billed."""
 
-    def __init__(self, usage: Usage) -> None:
-        super().__init__("the engine failed this request")
+    def __init__(self, usage: Usage, error: BaseException) -> None:
+        super().__init__(f"the engine failed this request: {error}")
         self.usage = usage
 
 

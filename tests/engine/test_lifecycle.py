@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from gateway.engine import EngineOverloaded, GenerateRequest, PromptTooLong, TokenEvent
+from gateway.engine import EngineOverloaded, GenerateRequest, PromptTooLong, SequenceFailed, TokenEvent
 
 from .conftest import collect, greedy, prompt_of
 
@@ -125,8 +125,10 @@ async def test_a_failing_step_fails_its_requests_and_the_engine_keeps_serving(ma
 
     with monkeypatch.context() as m:
         m.setattr(engine.runner, "run", boom)
-        with pytest.raises(RuntimeError, match="exploded"):
+        with pytest.raises(SequenceFailed, match="exploded") as failed:
             await collect(engine, GenerateRequest("a", "tenant:a", prompt, greedy(3)))
+    assert isinstance(failed.value.__cause__, RuntimeError)
+    assert failed.value.usage.prompt_tokens == len(prompt)  # billable: what it did until then
     await _wait_idle(engine)
     ids, _, fin = await collect(engine, GenerateRequest("b", "tenant:a", prompt, greedy(3)))
     assert len(ids) == 3 and fin.finish_reason == "length"
