@@ -283,7 +283,8 @@ async def main(args: argparse.Namespace) -> int:
                                           t0 + args.duration, samples)
                                    for i in range(args.clients)))
             wall = time.monotonic() - t0
-            ledger_ms = await ledger_commit_ms(session, url)
+            ledger_ms = await ledger_commit_ms(
+                session, url, admin.http.headers["Authorization"].removeprefix("Bearer "))
             unloaded = await probe_unloaded(session, url, tenants[0], args) if args.probes \
                 else {}
         if own is not None:

@@ -31,8 +31,19 @@ class Settings:
     max_running: int = 64  # sequences decoding at once
     default_cache_ttl_seconds: int = 300
     metrics_tenant_labels: bool = True
+    # /metrics only on this port when set (the API port then answers 404 for it).
+    metrics_port: int | None = None
+    # Bearer key /metrics requires wherever it is served (the admin key works too). Unset:
+    # the metrics port is open to whoever reaches it; the API port asks for the admin key.
+    metrics_key: str | None = field(default=None, repr=False)
     default_max_tokens: int = 256  # when a request names no max_tokens
     shutdown_timeout_s: int = 30  # SIGTERM: how long in-flight requests may drain
+    # A connection idle, or still sending its headers or body, this long is closed.
+    read_timeout_s: int = 30
+    # Where usage waits, durable, while the ledger database is away ("": beside a SQLite
+    # ledger as <file>-spool, else ./kvgate-spool); one per replica, on its own volume.
+    spool_dir: str = ""
+    spool_max_events: int = 10_000  # spooled events at which new requests get 503
     log_level: str = "info"
 
     @classmethod
@@ -51,7 +62,7 @@ class Settings:
 
 
 def _coerce(name: str, typ: Any, raw: str) -> Any:
-    t = str(typ)
+    t = str(typ).removesuffix(" | None")
     try:
         if t in ("int", "<class 'int'>"):
             return parse_bytes(raw) if name.endswith("_bytes") else int(raw)

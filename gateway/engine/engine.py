@@ -31,6 +31,7 @@ from gateway.engine.request import (
     ErrorEvent,
     FinishEvent,
     GenerateRequest,
+    InvalidTokens,
     PromptTooLong,
     SequenceFailed,
     TokenEvent,
@@ -90,6 +91,8 @@ class Engine:
             device_pages, device_pages * self.layout.page_bytes, host_pages,
             host_pages * self.layout.page_bytes, self.layout.page_bytes, config.block_size,
         )
+        # Token ids the model can embed (its embedding may have more rows than the tokenizer).
+        self.vocab_size = int(cfg.vocab_size)
         self.scheduler = Scheduler(config, self.store, self.max_model_len)
         self.runner = ModelRunner(self.model, self.store.device_pool, config.block_size)
         self._inbox: queue.SimpleQueue[Command] = queue.SimpleQueue()
@@ -119,12 +122,24 @@ class Engine:
         return self.tokenizer.apply_chat_template(messages)
 
     def check(self, request: GenerateRequest) -> None:
-        """Raises ``PromptTooLong`` / ``EngineOverloaded`` before anything is queued."""
+        """Raises ``PromptTooLong`` / ``InvalidTokens`` / ``EngineOverloaded`` before
+        anything is queued."""
         self.scheduler.check(len(request.prompt_token_ids))
+        self._check_tokens(request.prompt_token_ids)
         if self.queue_depth() >= self.config.max_queue:
             raise EngineOverloaded(
                 f"{self.queue_depth()} requests are waiting for the engine; retry shortly"
             )
+
+    def _check_tokens(self, ids: list[int]) -> None:
+        """Every id an ``int`` the model can embed; else ``InvalidTokens`` names the first."""
+        vocab = self.vocab_size
+        # C-speed checks first (a long prompt is checked on the event loop), then the search
+        if not ids or (set(map(type, ids)) <= {int} and min(ids) >= 0 and max(ids) < vocab):
+            return
+        for position, token in enumerate(ids):
+            if type(token) is not int or not 0 <= token < vocab:
+                raise InvalidTokens(position, token, vocab)
 
     async def generate(self, request: GenerateRequest
                        ) -> AsyncGenerator[TokenEvent | FinishEvent, None]:
@@ -249,10 +264,18 @@ class Engine:
                     cmd.future.set_result(result)
 
     def step(self) -> None:
-        """Schedule, run the model once, sample, emit events; errors fail only this batch."""
+        """Schedule, run the model once, sample, emit events.
+
+        A failure fails only the sequence it belongs to: its admission, its part of the
+        forward (found by retrying the batch in halves), or its own sampling, detokenizing,
+        stop check and events. The step goes on for the others.
+        """
         plan = self.scheduler.schedule()
         for seq in plan.finished:
             self._report_finish(seq)
+        for seq, exc in plan.failed:
+            log.error("request %s failed at admission: %r", seq.request_id, exc)
+            self._fail(seq, exc)
         chunks = plan.chunks
         if not chunks:
             if not self.scheduler.running and self.scheduler.waiting:
@@ -263,38 +286,51 @@ class Engine:
                 else:
                     self._fail(seq, PromptTooLong("the prompt does not fit in the device KV cache"))
             return
+        computed = self._forward(chunks)
+        now = time.monotonic()
+        for chunk, logits in computed:
+            try:
+                self._postprocess(chunk, logits, now)
+            except Exception as exc:
+                log.exception("request %s failed after the model step", chunk.seq.request_id)
+                self._fail(chunk.seq, exc)
+
+    def _forward(self, chunks: list[Chunk]) -> list[tuple[Chunk, torch.Tensor | None]]:
+        """Each chunk with its logits row (None: it does not sample). A failed forward is
+        retried in halves until the chunk that fails is alone; that sequence fails, the
+        others' tokens are recomputed (their K/V slots rewritten with the same values)."""
         try:
             logits = self.runner.run(chunks)
-            self._postprocess(chunks, logits)
         except Exception as exc:
-            log.exception("engine step failed; failing its %d sequences", len(chunks))
-            for c in chunks:
-                if not c.seq.is_finished:
-                    self._fail(c.seq, exc)
+            if len(chunks) == 1:
+                log.exception("request %s failed in the model step", chunks[0].seq.request_id)
+                self._fail(chunks[0].seq, exc)
+                return []
+            log.warning("a model step of %d sequences failed (%r); retrying it in halves",
+                        len(chunks), exc)
+            half = len(chunks) // 2
+            return self._forward(chunks[:half]) + self._forward(chunks[half:])
+        rows = iter(logits)
+        return [(c, next(rows) if c.samples else None) for c in chunks]
 
-    def _postprocess(self, chunks: list[Chunk], logits: torch.Tensor) -> None:
-        row = 0
-        now = time.monotonic()
-        eos = self.tokenizer.eos_token_ids
-        for c in chunks:
-            seq = c.seq
-            seq.num_computed += c.length
-            self.scheduler.commit(seq)
-            if not c.samples:
-                continue
-            token = sample(logits[row], seq.params, seq.generator)
-            row += 1
-            prompt_usage = None
-            if seq.first_token_at is None:
-                seq.first_token_at = now
-                prompt_usage = seq.usage()
-            text, reason = append_token(seq, token, eos, self.max_model_len)
-            if seq.request.stream:
-                seq.emit(TokenEvent(text, [token], prompt_usage))
-            else:
-                seq.held.append(TokenEvent(text, [token], prompt_usage))
-            if reason is not None:
-                self._finish(seq, reason)
+    def _postprocess(self, chunk: Chunk, logits: torch.Tensor | None, now: float) -> None:
+        seq = chunk.seq
+        seq.num_computed += chunk.length
+        self.scheduler.commit(seq)
+        if logits is None:
+            return
+        token = sample(logits, seq.params, seq.generator)
+        prompt_usage = None
+        if seq.first_token_at is None:
+            seq.first_token_at = now
+            prompt_usage = seq.usage()
+        text, reason = append_token(seq, token, self.tokenizer.eos_token_ids, self.max_model_len)
+        if seq.request.stream:
+            seq.emit(TokenEvent(text, [token], prompt_usage))
+        else:
+            seq.held.append(TokenEvent(text, [token], prompt_usage))
+        if reason is not None:
+            self._finish(seq, reason)
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         self.scheduler.finish(seq, reason)
@@ -306,7 +342,8 @@ class Engine:
         self._release_held(seq)
         ttft = None if seq.first_token_at is None else seq.first_token_at - seq.arrival
         seq.emit(FinishEvent(seq.usage(), seq.finish_reason, ttft_s=ttft,
-                             engine_s=time.monotonic() - seq.arrival))
+                             engine_s=time.monotonic() - seq.arrival,
+                             stop_sequence=seq.stop_sequence))
 
     def _fail(self, seq: Sequence, exc: BaseException) -> None:
         self.scheduler.finish(seq, "error")

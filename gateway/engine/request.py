@@ -20,6 +20,19 @@ class EngineOverloaded(EngineError):
     """The waiting queue is full; the client should retry later."""
 
 
+class InvalidTokens(EngineError):
+    """A prompt token id the model does not have (negative, or not below its vocabulary
+    size); the message names the first one and its position."""
+
+    def __init__(self, position: int, token_id: object, vocab_size: int) -> None:
+        super().__init__(
+            f"prompt token {position} is {token_id!r}; token ids must be integers in "
+            f"[0, {vocab_size}) for this model"
+        )
+        self.position = position
+        self.token_id = token_id
+
+
 class SequenceFailed(Exception):
     """The engine failed this request (its ``__cause__`` says why); ``usage`` is what it did
     until then, the prompt's real cache split included, so the request can be billed."""

@@ -38,11 +38,13 @@ class Chunk:
 
 @dataclass
 class SchedulerOutput:
-    """One step's plan: the chunks to compute, and the sequences the scheduler finished
-    itself while planning (outgrown the whole pool), which the engine must report."""
+    """One step's plan: the chunks to compute, the sequences the scheduler finished itself
+    while planning (outgrown the whole pool), and those whose admission raised (taken off
+    the queue, holding nothing), which the engine must report."""
 
     chunks: list[Chunk] = field(default_factory=list)
     finished: list[Sequence] = field(default_factory=list)
+    failed: list[tuple[Sequence, Exception]] = field(default_factory=list)
 
 
 class Scheduler:
@@ -97,7 +99,11 @@ class Scheduler:
                 out.chunks.append(Chunk(seq, seq.num_computed, n))
                 budget -= n
         while self.waiting and budget > 0 and len(self.running) < self.config.max_running:
-            chunk = self._admit(self.waiting[0], budget)
+            try:
+                chunk = self._admit(self.waiting[0], budget)
+            except Exception as exc:  # this request's own (its tokens): it alone fails
+                out.failed.append((self.waiting.popleft(), exc))
+                continue
             if chunk is None:
                 break
             self.waiting.popleft()
@@ -129,12 +135,17 @@ class Scheduler:
             ttl_segments=list(req.ttl_segments),
             default_ttl_s=req.default_ttl_s,
         )
-        match = self.store.match(handle, seq.token_ids[:-1])
-        cached = int(match.num_cached_tokens)
-        n = min(len(seq) - cached, budget)
-        if not self.store.allocate(handle, cached + n):
-            self.store.release(handle)
-            seq.admissions -= 1
+        admitted = False
+        try:
+            match = self.store.match(handle, seq.token_ids[:-1])
+            cached = int(match.num_cached_tokens)
+            n = min(len(seq) - cached, budget)
+            admitted = self.store.allocate(handle, cached + n)
+        finally:
+            if not admitted:  # no room, or it raised: hold nothing
+                self.store.release(handle)
+                seq.admissions -= 1
+        if not admitted:
             return None
         if seq.admissions == 1:
             seq.cached_tokens = min(cached, seq.num_prompt_tokens)

@@ -48,6 +48,7 @@ class Sequence:
         self.arrival = time.monotonic() if arrival is None else arrival
         self.first_token_at: float | None = None
         self.finish_reason: str | None = None
+        self.stop_sequence: str | None = None  # the stop string that ended the output
         self.emit: Callable[[EngineEvent], None] = lambda event: None  # set by the facade
         self.held: list[TokenEvent] = []  # not yet sent (requests that do not stream)
 
@@ -80,7 +81,8 @@ def append_token(seq: Sequence, token_id: int, eos_token_ids: list[int], max_len
     """Add a sampled token; returns (text to send now, finish reason or None).
 
     Stop strings are searched in the detokenized text; text that could still become the
-    start of a stop string is held back, and text from a stop string on is never sent.
+    start of a stop string is held back, and text from a stop string on is never sent. The
+    stop string that ends the output is kept in ``seq.stop_sequence``.
     """
     params = seq.params
     decoder = seq.decoder
@@ -91,16 +93,15 @@ def append_token(seq: Sequence, token_id: int, eos_token_ids: list[int], max_len
         decoder.flush()
     else:
         decoder.push(token_id)
-        cut = _find_stop(decoder.text, params.stop, seq.emitted_chars)
-        if cut is not None:
+        found = _find_stop(decoder.text, params.stop, seq.emitted_chars)
+        if found is None and (seq.num_output >= params.max_tokens or len(seq.token_ids) >= max_len):
+            reason = "length"
+            decoder.flush()  # the held end of the text may complete a stop string
+            found = _find_stop(decoder.text, params.stop, seq.emitted_chars)
+        if found is not None:
+            cut, seq.stop_sequence = found
             decoder.text = decoder.text[:cut]
             reason = "stop"
-        elif seq.num_output >= params.max_tokens or len(seq.token_ids) >= max_len:
-            reason = "length"
-            decoder.flush()
-            cut = _find_stop(decoder.text, params.stop, seq.emitted_chars)
-            if cut is not None:
-                decoder.text = decoder.text[:cut]
     text = decoder.text
     if reason is not None:
         end = len(text)
@@ -112,13 +113,14 @@ def append_token(seq: Sequence, token_id: int, eos_token_ids: list[int], max_len
     return delta, reason
 
 
-def _find_stop(text: str, stops: list[str], emitted: int) -> int | None:
-    """Earliest start of a stop string that ends in text not yet sent."""
-    best: int | None = None
+def _find_stop(text: str, stops: list[str], emitted: int) -> tuple[int, str] | None:
+    """The earliest start of a stop string that ends in text not yet sent, and that string
+    (on a tie, the one listed first)."""
+    best: tuple[int, str] | None = None
     for s in stops:
         if not s:
             continue
         i = text.find(s, max(0, emitted - len(s) + 1))
-        if i >= 0 and (best is None or i < best):
-            best = i
+        if i >= 0 and (best is None or i < best[0]):
+            best = (i, s)
     return best

@@ -2,11 +2,17 @@
 
 The engine never uses transformers' tokenizer classes: ``tokenizer.json`` plus a Jinja chat
 template is all a Llama/Mistral/Qwen2 directory needs, and this keeps tokenizing cheap.
+
+Text a user sent is always plain text: a special token's spelling in it (``<|im_end|>``)
+encodes as ordinary text, never as the control token, so nobody can forge a role or an end
+of turn. Only the chat template puts special tokens into a prompt.
 """
 
 from __future__ import annotations
 
 import json
+import re
+import secrets
 from datetime import datetime
 from typing import Any
 
@@ -31,9 +37,14 @@ class TextTokenizer:
         self.eos_token_ids: list[int] = list(dict.fromkeys(
             i for i in known.values() if i is not None))
         self.eos_token = eos[0] if eos else None
-        self.special_ids: set[int] = {
-            i for i, tok in tokenizer.get_added_tokens_decoder().items() if tok.special
-        }
+        added = tokenizer.get_added_tokens_decoder()
+        self.special_ids: set[int] = {i for i, tok in added.items() if tok.special}
+        # The same tokenizer with special tokens matched as plain text (user text).
+        self._plain = Tokenizer.from_str(tokenizer.to_str())
+        self._plain.encode_special_tokens = True
+        # Spellings of the special tokens, longest first (a regex alternation takes the first).
+        self._specials = sorted({added[i].content for i in self.special_ids}, key=len, reverse=True)
+        self._special_re = re.compile("|".join(map(re.escape, self._specials))) if self._specials else None
         self._template = None
         if chat_template:
             # The same environment transformers renders templates in, so model templates
@@ -50,8 +61,15 @@ class TextTokenizer:
     def vocab_size(self) -> int:
         return self.tokenizer.get_vocab_size(with_added_tokens=True)
 
-    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+    def encode(self, text: str, add_special_tokens: bool = False, allow_special: bool = False) -> list[int]:
+        """``text`` → ids. A special token spelled in ``text`` is plain text unless
+        ``allow_special`` (template text only): a raw completion prompt is the client's
+        text, and token-id prompts are the way to send control tokens. ``add_special_tokens``
+        runs the tokenizer's post-processor (e.g. a BOS)."""
+        tok = self.tokenizer if allow_special else self._plain
+        # encode_batch releases the GIL while it tokenizes (encode does not), so a big prompt
+        # tokenized on a worker thread does not stop the server's event loop.
+        return tok.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
@@ -69,8 +87,39 @@ class TextTokenizer:
         )
 
     def apply_chat_template(self, messages: list[dict[str, Any]]) -> list[int]:
-        """Rendered text → ids; special tokens in the template text become their ids."""
-        return self.encode(self.render_chat(messages), add_special_tokens=False)
+        """Messages → ids: special tokens the template writes become their ids; the same
+        spelling inside the messages' strings stays plain text.
+
+        Each special token spelled in a message string is swapped for a marker no client
+        can guess before rendering, so the template sees the rest of the text as it is
+        (``trim`` and the like behave the same); the rendered text is then encoded with
+        special tokens recognized, and each marker as its token's spelling in plain text.
+        Messages without such spellings give exactly the ids of the whole rendered text.
+        """
+        if self._special_re is None:
+            return self.encode(self.render_chat(messages), allow_special=True)
+        nonce = secrets.token_hex(8)
+        index = {t: i for i, t in enumerate(self._specials)}
+        pattern = self._special_re
+
+        def guard(value: Any) -> Any:
+            if isinstance(value, str):
+                return pattern.sub(lambda m: f"\ue000{nonce}.{index[m.group()]}\ue001", value)
+            if isinstance(value, list):
+                return [guard(v) for v in value]
+            if isinstance(value, dict):
+                return {k: guard(v) for k, v in value.items()}
+            return value
+
+        text = self.render_chat([guard(m) for m in messages])
+        parts = re.split(f"\ue000{nonce}\\.(\\d+)\ue001", text)
+        ids: list[int] = []
+        for i, part in enumerate(parts):
+            if i % 2:  # a special token's spelling from a message: plain text
+                ids += self.encode(self._specials[int(part)])
+            elif part:
+                ids += self.encode(part, allow_special=True)
+        return ids
 
 
 def _text_of(content: Any) -> str:
@@ -98,19 +147,25 @@ def _raise(message: str) -> None:
 
 
 class IncrementalDecoder:
-    """Turns a growing list of ids into text deltas without splitting a UTF-8 character.
+    """Turns a growing list of ids into text deltas whose concatenation is the full decode.
 
-    Byte-level tokens can end mid-character; a decode that ends in U+FFFD is held back until
-    the next token completes it (or the stream ends, when it is flushed as it is). Decoding
-    from ``prefix_offset`` (one token of context) keeps tokenizers that strip a leading space
-    from a lone token honest (the vLLM scheme).
+    Byte-level tokens can end mid-character, and only the trailing incomplete character of
+    a decode can still change (into a character, or a U+FFFD that stays): text is sent up
+    to the last (at most ``HELD_REPLACEMENTS``) trailing U+FFFDs, which wait for the next
+    token (or the flush). Decoding from ``prefix_offset`` (one token of context) keeps
+    tokenizers that strip a leading space from a lone token honest (the vLLM scheme); the
+    window moves on only where the decode ended on a whole character.
     """
+
+    # An incomplete UTF-8 character decodes to one U+FFFD per byte at most (byte fallback).
+    HELD_REPLACEMENTS = 3
 
     def __init__(self, tokenizer: TextTokenizer) -> None:
         self.tokenizer = tokenizer
         self.ids: list[int] = []
         self.prefix_offset = 0
-        self.read_offset = 0  # ids before this are already emitted as text
+        self.read_offset = 0  # the decode of ids[prefix_offset:read_offset] is all sent
+        self.sent = 0  # characters after that decode that were sent too
         self.text = ""
 
     def push(self, token_id: int) -> str:
@@ -124,11 +179,19 @@ class IncrementalDecoder:
         decode = self.tokenizer.decode
         prefix_text = decode(self.ids[self.prefix_offset : self.read_offset])
         new_text = decode(self.ids[self.prefix_offset :])
-        held = len(self.ids) - self.read_offset
-        if len(new_text) <= len(prefix_text) or (new_text.endswith("\ufffd") and not final and held < 4):
+        end = len(new_text)
+        if not final:
+            held = 0
+            while held < self.HELD_REPLACEMENTS and new_text[end - held - 1 : end - held] == "\ufffd":
+                held += 1
+            end -= held
+        start = len(prefix_text) + self.sent
+        if end <= start:
             return ""
-        delta = new_text[len(prefix_text) :]
-        self.prefix_offset = self.read_offset
-        self.read_offset = len(self.ids)
+        delta = new_text[start:end]
         self.text += delta
+        if end == len(new_text):  # nothing held: a whole character ends the decode
+            self.prefix_offset, self.read_offset, self.sent = self.read_offset, len(self.ids), 0
+        else:
+            self.sent = end - len(prefix_text)
         return delta

@@ -58,19 +58,45 @@ def _ledger_error(exc: LedgerError) -> ApiError:
     return ApiError(503, f"Ledger unavailable: {exc}", code="ledger_error", retry_after=1.0)
 
 
+_INT32_MAX, _INT64_MAX = 2**31 - 1, 2**63 - 1
+# The largest value each integer field's column holds on every database (INTEGER is 32-bit
+# on PostgreSQL; SQLite and BIGINT take 64 bits); beyond it the database would refuse.
+_INT_MAX = {"cache_quota_bytes": _INT64_MAX, "plan": _INT32_MAX}
+# Characters no name may hold: C0/C1 controls (PostgreSQL refuses NUL in text outright).
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+
+
 def _tenant_fields(body: dict, allowed: set[str]) -> dict:
+    """Typed and bounded, so nothing reaches the database that it would refuse with an
+    error of its own: integers within their column's range, plan ids as ASCII digits,
+    names without control characters."""
     out = {}
     for name, value in body.items():
         if name not in allowed:
-            raise bad_request(f"Unknown field '{name}'; allowed: {', '.join(sorted(allowed))}.",
-                              param=name)
+            raise bad_request(f"Unknown field '{name[:40]}'; allowed: "
+                              f"{', '.join(sorted(allowed))}.", param=name[:40])
         kind = _TENANT_FIELDS[name]
         if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
             raise bad_request(f"Field '{name}' has the wrong type.", param=name)
-        if isinstance(value, int) and value < 0:
-            raise bad_request(f"Field '{name}' must not be negative.", param=name)
+        if isinstance(value, int):
+            top = _INT_MAX.get(name, _INT32_MAX)
+            if not 0 <= value <= top:
+                raise bad_request(f"Field '{name}' must be between 0 and {top}.", param=name)
+        if isinstance(value, str):
+            value = _text_field(name, value)
         out[name] = value
     return out
+
+
+def _text_field(name: str, value: str) -> str | int:
+    if _CONTROL.search(value):
+        raise bad_request(f"Field '{name}' must not hold control characters.", param=name)
+    if name == "plan" and value.strip().isdigit():  # an id, as the ledger reads digits
+        if not _ID.fullmatch(value.strip()) or int(value) > _INT32_MAX:
+            raise bad_request(f"Field 'plan' looks like a plan id but is not one: ids are "
+                              f"ASCII digits up to {_INT32_MAX}.", param=name)
+        return int(value)
+    return value
 
 
 async def create_tenant(request: web.Request) -> web.Response:
@@ -121,6 +147,7 @@ async def delete_tenant(request: web.Request) -> web.Response:
         raise _ledger_error(exc) from None
     await state.engine.flush(tenant_namespace(tid))
     state.quotas.forget(tid)
+    state.metrics.forget_tenant(tid)
     return _json({"id": tid, "deleted": True})
 
 

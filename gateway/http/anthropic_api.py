@@ -14,15 +14,17 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from gateway.engine import SamplingParams
+from gateway.http.admission import admitted
 from gateway.http.errors import ClientGone, bad_request
 from gateway.http.generation import Generation
 from gateway.http.sse import open_stream, send
-from gateway.http.state import ctx_of, state_of
+from gateway.http.state import AppState, ctx_of, state_of
 from gateway.http.validation import (
     check_model,
     field,
     number,
-    read_json,
+    prepare,
+    read_body,
     reject,
     stop_list,
     token_budget,
@@ -45,6 +47,8 @@ _STOP = {"stop": "end_turn", "length": "max_tokens", "cancelled": "end_turn"}
 
 
 def _stop_reason(gen: Generation) -> str:
+    if gen.stop_sequence is not None:  # one of the request's stop_sequences ended it
+        return "stop_sequence"
     return _STOP.get(gen.finish_reason or "stop", "end_turn")
 
 
@@ -74,7 +78,7 @@ def _ttl(cc: Any, param: str) -> float | None:
         raise bad_request(f"'{param}' must be an object with type 'ephemeral' and an "
                           "optional ttl of '5m' or '1h'.")
     ttl = cc.get("ttl", "5m")
-    if ttl not in TTL_SECONDS:
+    if not isinstance(ttl, str) or ttl not in TTL_SECONDS:
         raise bad_request(f"'{param}.ttl' must be \"5m\" or \"1h\", got {ttl!r}.")
     return TTL_SECONDS[ttl]
 
@@ -149,9 +153,20 @@ def ttl_segments(engine: Engine, roles: list[str], blocks: list[list[tuple[str, 
     return sorted(segments)
 
 
-async def messages(request: web.Request) -> web.StreamResponse:
-    state = state_of(request)
-    body = await read_json(request)
+@dataclass
+class _Prepared:
+    """A request ready for the engine: what ``prepare`` builds from the body."""
+
+    model: str
+    stream: bool
+    prompt: list[int]
+    sampling: SamplingParams
+    segments: list[tuple[int, float]]
+
+
+def _prepare(state: AppState, body: dict) -> _Prepared:
+    """Validation, chat template and tokenizing (breakpoints included); may run on a worker
+    thread (``prepare``)."""
     model = field(body, "model", str, required=True)
     max_tokens = field(body, "max_tokens", int, required=True)
     stream = field(body, "stream", bool, default=False)
@@ -169,6 +184,15 @@ async def messages(request: web.Request) -> web.StreamResponse:
         top_p=number(body, "top_p", 0.0, 1.0, 1.0), top_k=top_k,
         stop=stop_list(body, "stop_sequences", max_items=16))
     segments = ttl_segments(state.engine, roles, blocks, prompt, top_level)
+    return _Prepared(model, stream, prompt, sampling, segments)
+
+
+@admitted
+async def messages(request: web.Request) -> web.StreamResponse:
+    state = state_of(request)
+    p = await prepare(await read_body(request), lambda body: _prepare(state, body))
+    model, stream, prompt, sampling, segments = (p.model, p.stream, p.prompt, p.sampling,
+                                                 p.segments)
     async with Generation(request, "messages", model, prompt, sampling, segments) as gen:
         if stream:
             return await _stream(request, gen)
@@ -176,6 +200,7 @@ async def messages(request: web.Request) -> web.StreamResponse:
         assert gen.usage is not None
         return web.json_response({**_message(gen, [{"type": "text", "text": text}]),
                                   "stop_reason": _stop_reason(gen),
+                                  "stop_sequence": gen.stop_sequence,
                                   "usage": anthropic_usage(gen.usage)})
 
 
@@ -215,7 +240,7 @@ async def _stream(request: web.Request, gen: Generation) -> web.StreamResponse:
         await send(resp, {"type": "content_block_stop", "index": 0}, "content_block_stop")
         await send(resp, {"type": "message_delta",
                           "delta": {"stop_reason": _stop_reason(gen),
-                                    "stop_sequence": None},
+                                    "stop_sequence": gen.stop_sequence},
                           "usage": anthropic_usage(gen.usage)}, "message_delta")
         await send(resp, {"type": "message_stop"}, "message_stop")
         await resp.write_eof()

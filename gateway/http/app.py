@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 import logging
 from collections.abc import AsyncIterator
 
@@ -10,13 +11,15 @@ from aiohttp import web
 from gateway.config import Settings
 from gateway.engine import Engine, EngineConfig
 from gateway.http import admin, anthropic_api, openai_api
-from gateway.http.errors import ApiError
+from gateway.http.errors import ApiError, error_response
 from gateway.http.limits import Limiter
 from gateway.http.metrics import Metrics
 from gateway.http.middleware import auth_middleware, context_middleware, on_response_prepare
 from gateway.http.openapi import spec
 from gateway.http.state import STATE, AppState, state_of
-from gateway.ledger import Ledger, LedgerError, migrates_on_start
+from gateway.http.transport import handler_args
+from gateway.ledger import Ledger, LedgerUnavailable, migrates_on_start
+from gateway.ledger.spool import default_spool_dir
 
 log = logging.getLogger("kvgate.http")
 
@@ -26,19 +29,82 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
+    """Ready while this replica admits requests (``Ledger.refusing``): a ledger database
+    that is away while the usage spool takes its events keeps it ready. Reports the
+    database's state and the spool's depth either way."""
     state: AppState = state_of(request)
-    try:
-        await state.ledger.ping()
-    except LedgerError as exc:
-        raise ApiError(503, f"ledger unreachable: {exc}", code="not_ready",
-                       retry_after=1.0) from None
-    return web.json_response({"status": "ready", "model": state.engine.model_id})
+    health = await state.ledger.health()
+    if health.refusing is not None:
+        raise ApiError(503, f"not admitting requests: {health.refusing} (database "
+                       f"{health.database}, {health.spool_events} usage events spooled)",
+                       code="not_ready", retry_after=5.0)
+    return web.json_response({"status": "ready", "model": state.engine.model_id,
+                              "ledger": {"database": health.database,
+                                         "spool_events": health.spool_events}})
 
 
 async def metrics(request: web.Request) -> web.Response:
-    body = state_of(request).metrics.render()
-    return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; "
-                                                            "charset=utf-8"})
+    """/metrics on the API port: absent when a metrics port is set (served only there)."""
+    state = state_of(request)
+    if state.settings.metrics_port is not None:
+        raise web.HTTPNotFound()
+    return await _metrics(request, state, own_port=False)
+
+
+async def _metrics(request: web.Request, state: AppState, own_port: bool) -> web.Response:
+    """The scrape, for the operator only: it names tenants (by id) and what they spend.
+    With ``metrics_key`` set, that key (or the admin key) is required; without it the
+    metrics port is open (its network reach is the control) and the API port asks for the
+    admin key."""
+    try:
+        allowed = await _may_read_metrics(request, state, own_port)
+    except LedgerUnavailable:  # an admin key not looked up lately, with the database away
+        return error_response(request.path, ApiError(
+            503, "The key cannot be checked now: the ledger database is unavailable; the "
+            "metrics key (KVGATE_METRICS_KEY) works without it.", code="ledger_unavailable",
+            retry_after=5.0))
+    if not allowed:
+        err = ApiError(401, "/metrics needs 'Authorization: Bearer <key>' with the metrics "
+                       "key (KVGATE_METRICS_KEY) or the admin key.", code="metrics_key_required")
+        response = error_response(request.path, err)
+        response.headers["WWW-Authenticate"] = 'Bearer realm="kvgate metrics"'
+        return response
+    return web.Response(body=state.metrics.render(),
+                        headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+
+
+async def _may_read_metrics(request: web.Request, state: AppState, own_port: bool) -> bool:
+    settings = state.settings
+    auth = request.headers.get("Authorization", "")
+    key = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
+    if settings.metrics_key and key and hmac.compare_digest(key.encode(),
+                                                           settings.metrics_key.encode()):
+        return True
+    if not settings.metrics_key and own_port:
+        return True  # the metrics port with no key: open to whoever can reach it
+    if not key:
+        return False
+    principal = await state.ledger.authenticate(key)
+    return principal is not None and principal.role == "admin"
+
+
+async def _metrics_listener(state: AppState) -> web.AppRunner:
+    """``--metrics-port``: /metrics alone on its own listener, for the scraper."""
+    app = web.Application()
+
+    async def scrape(request: web.Request) -> web.Response:
+        return await _metrics(request, state, own_port=True)
+
+    app.add_routes([web.get("/metrics", scrape, allow_head=False)])
+    runner = web.AppRunner(app, handle_signals=False, access_log=None)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, state.settings.host, state.settings.metrics_port).start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    state.metrics.listen_port = runner.addresses[0][1]
+    return runner
 
 
 async def openapi(request: web.Request) -> web.Response:
@@ -77,15 +143,19 @@ def create_app(settings: Settings, engine: Engine | None = None,
     state = AppState(settings=settings, metrics=Metrics(settings.metrics_tenant_labels),
                      limiter=Limiter(settings.max_queue + settings.max_running))
     app = web.Application(middlewares=[context_middleware, auth_middleware],
-                          client_max_size=settings.max_body_bytes)
+                          client_max_size=settings.max_body_bytes,
+                          handler_args=handler_args(settings))
     app[STATE] = state
     app.add_routes(_routes())
     app.on_response_prepare.append(on_response_prepare)
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
-        own_ledger = ledger or await Ledger.open(settings.db,
-                                                 migrate=migrates_on_start(settings.db))
+        own_ledger = ledger or await Ledger.open(
+            settings.db, migrate=migrates_on_start(settings.db),
+            spool_dir=settings.spool_dir or default_spool_dir(settings.db),
+            spool_max_events=settings.spool_max_events)
         own_engine: Engine | None = None
+        metrics_runner: web.AppRunner | None = None
         try:
             state.admin_key_created = await own_ledger.bootstrap_admin(settings.admin_key)
             the_engine = engine
@@ -95,8 +165,12 @@ def create_app(settings: Settings, engine: Engine | None = None,
             state.open(the_engine, own_ledger)
             own_ledger.on_commit = state.metrics.on_ledger_commit
             state.metrics.watch(state.engine, own_ledger)
+            if settings.metrics_port is not None:
+                metrics_runner = await _metrics_listener(state)
             yield
         finally:
+            if metrics_runner is not None:
+                await metrics_runner.cleanup()
             if own_engine is not None:
                 await own_engine.stop()
             if ledger is None:

@@ -75,6 +75,13 @@ def error_body(path: str, err: ApiError) -> dict:
     return {"error": {"message": err.message, "type": kind, "param": err.param, "code": err.code}}
 
 
+def stream_error_event(path: str, err: ApiError) -> tuple[str | None, dict]:
+    """(SSE event name, data) that ends a stream which fails after its first byte: OpenAI
+    streams send ``data: {"error": {...}}``, Anthropic ones ``event: error`` with
+    ``{"type": "error", "error": {...}}``, each the shape of that API's error bodies."""
+    return ("error" if is_anthropic_path(path) else None), error_body(path, err)
+
+
 def error_response(path: str, err: ApiError) -> web.Response:
     headers = {}
     if err.retry_after is not None:

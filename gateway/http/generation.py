@@ -22,11 +22,13 @@ from gateway.engine import (
     EngineOverloaded,
     FinishEvent,
     GenerateRequest,
+    InvalidTokens,
     PromptTooLong,
     SamplingParams,
     SequenceFailed,
     TokenEvent,
 )
+from gateway.http.admission import charge
 from gateway.http.errors import ApiError, ClientGone
 from gateway.http.limits import Ticket
 from gateway.http.state import AppState, ctx_of, principal_of, state_of
@@ -36,6 +38,7 @@ from gateway.usage import Usage
 log = logging.getLogger("kvgate.http")
 
 _CANCEL_DRAIN_S = 5.0
+_CLIENT_POLL_S = 0.05  # how often a generation looks whether its client is still there
 
 
 class Generation:
@@ -52,10 +55,13 @@ class Generation:
         self.ttl_segments = ttl_segments or []
         self.request_id: str = ctx_of(request).request_id
         self.finish_reason: str | None = None
+        self.stop_sequence: str | None = None  # the stop string that ended the output
+        self.client_gone = False  # the client hung up; the engine was told to stop
         self.usage: Usage | None = None  # what was billed
         self.prompt_usage: Usage | None = None  # prompt side, known at the first token
         self.completion_tokens = 0
         self.text_parts: list[str] = []
+        self._watcher: asyncio.Task[None] | None = None
         self._ticket: Ticket | None = None
         self._agen: AsyncGenerator[TokenEvent | FinishEvent, None] | None = None
         self._t0 = time.monotonic()
@@ -68,11 +74,13 @@ class Generation:
         self._streaming = True  # False: run() wants the whole text, not token by token
 
     async def __aenter__(self) -> Generation:
-        self._ticket = self.state.limiter.admit(self.principal, len(self.prompt_ids))
+        self._ticket = charge(self.request, len(self.prompt_ids))
         return self
 
     async def __aexit__(self, exc_type: type[BaseException] | None,
                         exc: BaseException | None, tb: TracebackType | None) -> None:
+        if self._watcher is not None:  # a stream the handler left unfinished
+            self._watcher.cancel()
         try:
             if not self._billed and self._agen is not None:
                 await asyncio.shield(self._bill_cancelled())
@@ -91,10 +99,12 @@ class Generation:
     async def stream(self) -> AsyncIterator[str]:
         """Text pieces as the engine makes them; billed before the iterator ends."""
         self._agen = self.state.engine.generate(self._engine_request())
+        self._watcher = watcher = asyncio.create_task(self._watch_client())
         try:
             async for ev in self._agen:
                 if isinstance(ev, FinishEvent):
                     self._engine_s = ev.engine_s
+                    self.stop_sequence = ev.stop_sequence
                     await self._bill(ev.usage, ev.finish_reason, "ok")
                     return
                 if self._ttft_s is None:
@@ -112,6 +122,10 @@ class Generation:
             self._agen = None
             raise ApiError(400, f"The prompt is too long for this model's context: {exc}",
                            code="context_length_exceeded", param="messages") from exc
+        except InvalidTokens as exc:
+            self._agen = None
+            raise ApiError(400, f"The prompt holds a token id this model does not have: {exc}",
+                           code="invalid_value", param="prompt") from exc
         except EngineOverloaded as exc:
             self._agen = None
             raise ApiError(503, "The engine is at capacity; retry shortly.", code="overloaded",
@@ -125,17 +139,35 @@ class Generation:
         except Exception:
             self._failed = True  # billed as "error" with what was done, by __aexit__
             raise
+        finally:
+            watcher.cancel()
         if not self._billed:
             raise RuntimeError("engine stream ended without a FinishEvent")
 
     async def run(self) -> str:
         """The whole answer, which the engine sends as one event at the end. A client that
-        leaves meanwhile gets its handler cancelled by the server; ``__aexit__`` then stops
-        the engine and bills what it generated as cancelled."""
+        leaves meanwhile stops the engine (``_watch_client``): what it generated until then
+        is billed as cancelled, and no answer is written."""
         self._streaming = False
         async for _ in self.stream():
             pass
+        if self.client_gone:
+            raise ClientGone()
         return "".join(self.text_parts)
+
+    async def _watch_client(self) -> None:
+        """Stops the engine request as soon as the client's connection closes. The server
+        does not cancel handlers when a client hangs up, and a request that is not
+        streamed hears nothing from the engine until the end, so nothing else would notice
+        before all ``max_tokens`` were made. The engine then finishes the request as
+        ``cancelled`` with its own usage (the prompt's cache split included)."""
+        while True:
+            await asyncio.sleep(_CLIENT_POLL_S)
+            transport = self.request.transport
+            if transport is None or transport.is_closing():
+                self.client_gone = True
+                self.state.engine.cancel(self.request_id)
+                return
 
     def elapsed_s(self) -> float:
         return time.monotonic() - self._t0
@@ -196,7 +228,7 @@ class Generation:
         if billed.new:
             m = self.state.metrics
             m.observe_usage(
-                m.tenant(p.tenant_name), self.endpoint, usage, billed.cost_micros, self.cache_outcome(),
+                m.tenant(p.tenant_id), self.endpoint, usage, billed.cost_micros, self.cache_outcome(),
                 self._ttft_s, self.elapsed_s())
 
     def cache_outcome(self) -> str:

@@ -2,6 +2,11 @@
 
 In memory, per process: with several replicas each enforces its share. Limits come from the
 tenant's ledger record (``Principal``); ``None`` means unlimited.
+
+Two steps, so a request costs nothing before it is admitted: ``enter`` (request rate,
+concurrency, the gateway's capacity) runs before the body is read, parsed, rendered or
+tokenized; ``Ticket.charge`` (tokens per minute) once the prompt's length is known.
+Every refusal is a ``Rejected`` that names its reason (the metrics label).
 """
 
 from __future__ import annotations
@@ -50,16 +55,43 @@ class _TenantState:
     running: int = 0
 
 
+class Rejected(ApiError):
+    """A 429 or 503 from admission; ``reason``: requests_per_minute, tokens_per_minute,
+    concurrency or capacity."""
+
+    def __init__(self, status: int, message: str, reason: str, retry_after: float) -> None:
+        super().__init__(status, message, retry_after=retry_after,
+                         code="overloaded" if status == 503 else "rate_limit_exceeded")
+        self.reason = reason
+
+
 class Ticket:
     """Holds one admitted request's concurrency slot; ``release`` is idempotent."""
 
-    def __init__(self, limiter: Limiter, tenant_id: object) -> None:
+    def __init__(self, limiter: Limiter, tenant_id: object,
+                 tokens_per_minute: int | None = None) -> None:
         self._limiter = limiter
         self._tenant_id = tenant_id
+        self._tpm = tokens_per_minute
         self._held = True
 
     def add_tokens(self, n: int) -> None:
         self._limiter._state(self._tenant_id).tokens.add(self._limiter.clock(), n)
+
+    def charge(self, prompt_tokens: int) -> None:
+        """The tokens-per-minute check, once the prompt is tokenized; counts the prompt."""
+        now = self._limiter.clock()
+        window = self._limiter._state(self._tenant_id).tokens
+        window.trim(now)
+        tpm = self._tpm
+        if tpm is not None and window.total + prompt_tokens > tpm:
+            if prompt_tokens > tpm:
+                raise Rejected(429, f"This prompt ({prompt_tokens} tokens) exceeds the "
+                               f"tenant's limit of {tpm} tokens per minute.",
+                               "tokens_per_minute", WINDOW_S)
+            raise Rejected(429, f"Rate limit reached: {tpm} tokens per minute for this tenant.",
+                           "tokens_per_minute", window.retry_after(now, prompt_tokens, tpm))
+        window.add(now, prompt_tokens)
 
     def release(self) -> None:
         if self._held:
@@ -79,36 +111,34 @@ class Limiter:
         return self._tenants.setdefault(tenant_id, _TenantState())
 
     def admit(self, principal: object, prompt_tokens: int) -> Ticket:
-        """Admit or raise 429 (tenant over its limits) / 503 (gateway full), with Retry-After."""
+        """Both steps at once (``enter`` then ``charge``), for callers that know the prompt."""
+        ticket = self.enter(principal)
+        try:
+            ticket.charge(prompt_tokens)
+        except Rejected:
+            ticket.release()
+            raise
+        return ticket
+
+    def enter(self, principal: object) -> Ticket:
+        """Admit or raise ``Rejected``: 429 (tenant over its request rate or concurrency) or
+        503 (gateway full), with Retry-After. Cheap: nothing of the request is read yet."""
         now = self.clock()
         tid = principal.tenant_id  # type: ignore[attr-defined]
         st = self._state(tid)
         st.requests.trim(now)
-        st.tokens.trim(now)
         rpm = principal.requests_per_minute  # type: ignore[attr-defined]
-        tpm = principal.tokens_per_minute  # type: ignore[attr-defined]
         conc = principal.max_concurrent  # type: ignore[attr-defined]
         if rpm is not None and st.requests.total + 1 > rpm:
-            raise ApiError(429, f"Rate limit reached: {rpm} requests per minute for this tenant.",
-                           code="rate_limit_exceeded",
-                           retry_after=st.requests.retry_after(now, 1, rpm))
-        if tpm is not None and st.tokens.total + prompt_tokens > tpm:
-            if prompt_tokens > tpm:
-                raise ApiError(429, f"This prompt ({prompt_tokens} tokens) exceeds the tenant's "
-                               f"limit of {tpm} tokens per minute.", code="rate_limit_exceeded",
-                               retry_after=WINDOW_S)
-            raise ApiError(429, f"Rate limit reached: {tpm} tokens per minute for this tenant.",
-                           code="rate_limit_exceeded",
-                           retry_after=st.tokens.retry_after(now, prompt_tokens, tpm))
+            raise Rejected(429, f"Rate limit reached: {rpm} requests per minute for this "
+                           "tenant.", "requests_per_minute",
+                           st.requests.retry_after(now, 1, rpm))
         if conc is not None and st.running >= conc:
-            raise ApiError(429, f"Too many concurrent requests: this tenant may run {conc} "
-                           "at once.",
-                           code="rate_limit_exceeded", retry_after=1.0)
+            raise Rejected(429, f"Too many concurrent requests: this tenant may run {conc} "
+                           "at once.", "concurrency", 1.0)
         if self.inflight >= self.max_inflight:
-            raise ApiError(503, "The server is at capacity; retry shortly.",
-                           code="overloaded", retry_after=1.0)
+            raise Rejected(503, "The server is at capacity; retry shortly.", "capacity", 1.0)
         st.requests.add(now, 1)
-        st.tokens.add(now, prompt_tokens)
         st.running += 1
         self.inflight += 1
-        return Ticket(self, tid)
+        return Ticket(self, tid, principal.tokens_per_minute)  # type: ignore[attr-defined]

@@ -7,6 +7,7 @@ snapshots at scrape time (``_SnapshotCollector``) so they can never drift from
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -44,12 +45,43 @@ class Metrics:
         self.overhead = Histogram("kvgate_gateway_overhead_seconds",
                                   "Request time not spent in the engine.", ["endpoint"],
                                   buckets=_OVERHEAD_BUCKETS, registry=r)
+        self.admission_rejected = Counter(
+            "kvgate_admission_rejected", "Requests turned away at admission, before any of "
+            "their work, by reason (requests_per_minute, tokens_per_minute, concurrency, "
+            "capacity).", ["reason", "tenant"], registry=r)
+        self._by_tenant = (self.requests, self.prompt_tokens, self.completion_tokens,
+                           self.cost, self.admission_rejected)
+        self._forgotten: set[str] = set()
+        self.listen_port: int | None = None  # the metrics listener's port, once it listens
         self.ledger_commit = Histogram("kvgate_ledger_commit_seconds",
                                        "Latency of one ledger group commit.",
                                        buckets=_OVERHEAD_BUCKETS, registry=r)
 
-    def tenant(self, name: str | None) -> str:
-        return (name or "none") if self.tenant_labels else "all"
+    def tenant(self, tenant_id: int | None) -> str:
+        """The ``tenant`` label value: the tenant's id (digits, so never one of the reserved
+        values), ``none`` for a request no tenant made, ``all`` with tenant labels off.
+        Names are never exported: /metrics must not list who the customers are."""
+        if not self.tenant_labels:
+            return "all"
+        return "none" if tenant_id is None else str(int(tenant_id))
+
+    def forget_tenant(self, tenant_id: int) -> None:
+        """A deleted tenant: drop its series, and ignore what its last in-flight requests
+        would add (ids are never reused, so a deleted id stays deleted)."""
+        label = str(int(tenant_id))
+        self._forgotten.add(label)
+        for metric in self._by_tenant:
+            names = metric._labelnames  # the order ``remove`` takes them in
+            seen = {tuple(s.labels[n] for n in names)
+                    for family in metric.collect() for s in family.samples
+                    if s.labels.get("tenant") == label}
+            for values in seen:
+                with contextlib.suppress(KeyError):
+                    metric.remove(*values)
+
+    def counts(self, tenant: str) -> bool:
+        """False for a deleted tenant's label: its series are gone and stay gone."""
+        return tenant not in self._forgotten
 
     def watch(self, engine: Engine, ledger: Ledger) -> None:
         """Start exporting snapshot figures (called once engine and ledger are open)."""
@@ -61,6 +93,8 @@ class Metrics:
     def observe_usage(self, tenant: str, endpoint: str, usage: Usage, cost_micros: int,
                       cache_outcome: str, ttft_s: float | None, duration_s: float) -> None:
         """One billed request: ``tenant`` is its label value (see ``tenant``)."""
+        if not self.counts(tenant):
+            return
         self.prompt_tokens.labels("uncached", tenant).inc(usage.uncached_tokens)
         self.prompt_tokens.labels("cached", tenant).inc(usage.cached_tokens)
         self.prompt_tokens.labels("cache_write", tenant).inc(usage.cache_write_tokens)
@@ -85,6 +119,8 @@ SNAPSHOT_FAMILIES = (
     ("kvgate_cache_miss_tokens", "counter",
      "Prompt tokens computed (cache writes included).", ()),
     ("kvgate_ledger_queue_depth", "gauge", "Usage events awaiting commit.", ()),
+    ("kvgate_ledger_spool_events", "gauge",
+     "Usage events spooled locally while the ledger database is away.", ()),
     ("kvgate_engine_queue_depth", "gauge", "Requests waiting for the engine.", ()),
     ("kvgate_engine_running_requests", "gauge", "Requests the engine runs.", ()),
 )
@@ -125,6 +161,7 @@ class _SnapshotCollector(Collector):
                             ("kvgate_cache_hit_tokens", stats.hit_tokens),
                             ("kvgate_cache_miss_tokens", stats.miss_tokens),
                             ("kvgate_ledger_queue_depth", self._ledger.queue_depth()),
+                            ("kvgate_ledger_spool_events", self._ledger.spool_depth()),
                             ("kvgate_engine_queue_depth", self._engine.queue_depth()),
                             ("kvgate_engine_running_requests", self._engine.num_running())):
             f[name].add_metric([], value)

@@ -11,13 +11,16 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from gateway.http.errors import ApiError, ClientGone, error_response, from_http_exception
+from gateway.http.sse import OPEN_STREAM, end_stream_with_error
 from gateway.http.state import CTX, RequestContext, ctx_of, state_of
+from gateway.ledger import LedgerUnavailable
 
 log = logging.getLogger("kvgate.http")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _SANE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-_PUBLIC = ("/healthz", "/readyz", "/metrics", "/openapi.json")
+_LEDGER_RETRY_AFTER_S = 5.0  # ledger away or its spool full: what clients are told to wait
+_PUBLIC = ("/healthz", "/readyz", "/openapi.json")  # /metrics checks its own key
 
 
 def new_request_id() -> str:
@@ -40,22 +43,39 @@ async def context_middleware(request: web.Request, handler: Handler) -> web.Stre
                            f"{limit}.", code="request_too_large")
         response = await handler(request)
     except ApiError as err:
-        response = error_response(request.path, err)
+        response, status = await _error_reply(request, err)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        response = error_response(request.path, from_http_exception(exc))
+        response, status = await _error_reply(request, from_http_exception(exc))
     except (ClientGone, ConnectionResetError):
         log.info("request %s: client went away", rid)
-        response = web.Response(status=499)
+        stream = request.get(OPEN_STREAM)
+        if stream is not None:  # the status line is sent; nothing more can be
+            stream.force_close()
+        _observe(request, 499)
+        return stream or web.Response(status=499)
     except Exception:
         log.exception("request %s %s %s failed", rid, request.method,
                       request.path)
-        response = error_response(request.path, ApiError(
+        response, status = await _error_reply(request, ApiError(
             500, f"Internal server error (request id {ctx.public_id}).",
             code="internal_error"))
-    _observe(request, response.status)
+    else:
+        status = response.status
+    _observe(request, status)
     return response
+
+
+async def _error_reply(request: web.Request, err: ApiError) -> tuple[web.StreamResponse, int]:
+    """The error as a response of its own, or, once a stream has sent its first byte, as
+    the stream's last event (then the connection closes): never a second status line.
+    Either way ``kvgate_requests_total`` counts the error's status."""
+    stream = request.get(OPEN_STREAM)
+    if stream is None or not stream.prepared:
+        return error_response(request.path, err), err.status
+    await end_stream_with_error(stream, request.path, err)
+    return stream, err.status
 
 
 def _endpoint(request: web.Request) -> str:
@@ -68,8 +88,9 @@ def _observe(request: web.Request, status: int) -> None:
     endpoint = _endpoint(request)
     ctx = ctx_of(request)
     principal = ctx.principal
-    tenant = m.tenant(principal.tenant_name if principal is not None else None)
-    m.requests.labels(endpoint, str(status), tenant).inc()
+    tenant = m.tenant(principal.tenant_id if principal is not None else None)
+    if m.counts(tenant):
+        m.requests.labels(endpoint, str(status), tenant).inc()
     if request.path.startswith("/v1/"):
         total = time.monotonic() - ctx.t0
         m.overhead.labels(endpoint).observe(max(0.0, total - ctx.engine_s))
@@ -105,7 +126,14 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     if key is None:
         raise ApiError(401, "Missing API key: send 'Authorization: Bearer <key>' or 'x-api-key'.",
                        code="missing_api_key")
-    principal = await state_of(request).ledger.authenticate(key)
+    ledger = state_of(request).ledger
+    try:
+        principal = await ledger.authenticate(key)
+    except LedgerUnavailable as exc:  # keys looked up lately still answer (KeyCache)
+        log.warning("key lookup failed: %s", exc)
+        raise ApiError(503, "The key cannot be checked now: the ledger database is "
+                       "unavailable. Retry shortly.", code="ledger_unavailable",
+                       retry_after=_LEDGER_RETRY_AFTER_S) from None
     if principal is None:
         raise ApiError(401, "Invalid or revoked API key.", code="invalid_api_key")
     ctx_of(request).principal = principal
@@ -117,4 +145,8 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
                        code="no_tenant")
     elif principal.tenant_status != "active":
         raise ApiError(403, f"Tenant is {principal.tenant_status}.", code="tenant_inactive")
+    elif request.method == "POST" and (refusing := ledger.refusing()) is not None:
+        # usage could not be kept (see Ledger.refusing): serve nothing that would be billed
+        raise ApiError(503, f"Not admitting requests: {refusing}. Retry shortly.",
+                       code="ledger_unavailable", retry_after=_LEDGER_RETRY_AFTER_S)
     return await handler(request)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 from aiohttp import web
 
 from gateway.engine import SamplingParams
+from gateway.http.admission import admitted
 from gateway.http.errors import ClientGone, bad_request
 from gateway.http.generation import Generation
 from gateway.http.sse import open_stream, send
@@ -20,7 +21,8 @@ from gateway.http.validation import (
     field,
     integer,
     number,
-    read_json,
+    prepare,
+    read_body,
     reject,
     stop_list,
     token_budget,
@@ -135,9 +137,18 @@ def _common(body: dict) -> tuple[str, bool, bool]:
     return model, stream, include_usage
 
 
-async def chat_completions(request: web.Request) -> web.StreamResponse:
-    state = state_of(request)
-    body = await read_json(request)
+class _Prepared(NamedTuple):
+    """A request ready for the engine: what ``prepare`` builds from the body."""
+
+    model: str
+    stream: bool
+    include_usage: bool
+    prompt: list[int]
+    sampling: SamplingParams
+
+
+def _prepare_chat(state: AppState, body: dict) -> _Prepared:
+    """Validation, chat template and tokenizing; may run on a worker thread (``prepare``)."""
     model, stream, include_usage = _common(body)
     messages = chat_messages(body)
     reject(body, _UNSUPPORTED)
@@ -152,6 +163,14 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         requested, param = field(body, "max_tokens", int), "max_tokens"
     prompt = state.engine.render_chat(messages)
     sampling = _sampling(body, token_budget(state, len(prompt), requested, param))
+    return _Prepared(model, stream, include_usage, prompt, sampling)
+
+
+@admitted
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    state = state_of(request)
+    model, stream, include_usage, prompt, sampling = await prepare(
+        await read_body(request), lambda body: _prepare_chat(state, body))
     async with Generation(request, "chat.completions", model, prompt, sampling) as gen:
         if stream:
             return await _stream(request, gen, include_usage, chat=True)
@@ -173,7 +192,13 @@ def _prompt_ids(state: AppState, body: dict[str, Any]) -> list[int]:
     if isinstance(prompt, str):
         return encode(state.engine, prompt)
     if isinstance(prompt, list) and prompt and all(
-            isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in prompt):
+            isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        vocab = state.engine.tokenizer.vocab_size
+        bad = next((t for t in prompt if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise bad_request(f"'prompt' holds the token id {str(bad)[:40]}; this model's "
+                              f"token ids are 0 to {vocab - 1}.", param="prompt",
+                              code="invalid_value")
         return list(prompt)
     if prompt is None:
         raise bad_request("Missing required field 'prompt'.", param="prompt",
@@ -182,9 +207,8 @@ def _prompt_ids(state: AppState, body: dict[str, Any]) -> list[int]:
                       code="invalid_type")
 
 
-async def completions(request: web.Request) -> web.StreamResponse:
-    state = state_of(request)
-    body = await read_json(request)
+def _prepare_completion(state: AppState, body: dict) -> _Prepared:
+    """Validation and tokenizing; may run on a worker thread (``prepare``)."""
     model, stream, include_usage = _common(body)
     reject(body, _COMPLETION_UNSUPPORTED)
     if field(body, "best_of", int, default=1) != 1:
@@ -193,7 +217,14 @@ async def completions(request: web.Request) -> web.StreamResponse:
     prompt = _prompt_ids(state, body)
     check_model(state, model)
     max_tokens = token_budget(state, len(prompt), field(body, "max_tokens", int), "max_tokens")
-    sampling = _sampling(body, max_tokens)
+    return _Prepared(model, stream, include_usage, prompt, _sampling(body, max_tokens))
+
+
+@admitted
+async def completions(request: web.Request) -> web.StreamResponse:
+    state = state_of(request)
+    model, stream, include_usage, prompt, sampling = await prepare(
+        await read_body(request), lambda body: _prepare_completion(state, body))
     async with Generation(request, "completions", model, prompt, sampling) as gen:
         if stream:
             return await _stream(request, gen, include_usage, chat=False)

@@ -204,9 +204,12 @@ def spec() -> dict:
                                                         "schema": {"type": "string"}}])},
             "/healthz": {"get": _op("Liveness", _responses(None, ()), **_PUBLIC)},
             "/readyz": {"get": _op("Readiness", _responses(None, (503,)), **_PUBLIC)},
-            "/metrics": {"get": _op("Prometheus metrics", {"200": {
-                "description": "OK", "content": {"text/plain": {"schema": {"type": "string"}}}}},
-                **_PUBLIC)},
+            # The metrics key or the admin key (README "Metrics access"); 404 on the API
+            # port when --metrics-port serves it elsewhere.
+            "/metrics": {"get": _op("Prometheus metrics", {
+                **_responses(None, (401, 404, 503)), "200": {
+                    "description": "OK",
+                    "content": {"text/plain": {"schema": {"type": "string"}}}}})},
             "/openapi.json": {"get": _op("This document", _responses(None, ()), **_PUBLIC)},
         },
     }

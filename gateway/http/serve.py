@@ -6,6 +6,8 @@ import argparse
 import asyncio
 import logging
 import signal
+import socket
+import sys
 from dataclasses import fields
 from typing import Any
 
@@ -17,7 +19,7 @@ from gateway.config import Settings, parse_bytes
 _API_FLAGS: dict[str, tuple[Any, str]] = {
     "host": (str, "address to listen on (127.0.0.1)"),
     "port": (int, "port to listen on (8000; 0 picks a free one)"),
-    "model": (str, "'demo' (built-in, random weights) or a local model directory"),
+    "model": (str, "'demo' or 'bench' (built-in, random weights) or a local model directory"),
     "db": (str, "ledger URL: sqlite:///./kvgate.db or postgresql+asyncpg://..."),
     "device": (str, "auto | cpu | cuda"),
     "dtype": (str, "auto | float32 | bfloat16 | float16"),
@@ -25,7 +27,8 @@ _API_FLAGS: dict[str, tuple[Any, str]] = {
     "host_cache_bytes": (parse_bytes, "CPU KV cache size, e.g. 32GiB"),
     "block_size": (int, "tokens per KV block (16)"),
 }
-_HIDDEN = {"admin_key"}  # env only: a key on the command line would show in `ps`
+# env only: a key on the command line would show in `ps`
+_HIDDEN = {"admin_key", "metrics_key"}
 
 
 def register(subparsers: Any) -> None:
@@ -44,7 +47,8 @@ def register(subparsers: Any) -> None:
         if f.type in (bool, "bool"):
             extra.add_argument(flag, dest=f.name, type=_bool, default=None, metavar="0|1")
         else:
-            kind = parse_bytes if f.name.endswith("_bytes") else _TYPES.get(str(f.type), str)
+            kind = parse_bytes if f.name.endswith("_bytes") else _TYPES.get(
+                str(f.type).removesuffix(" | None"), str)
             extra.add_argument(flag, dest=f.name, type=kind, default=None,
                                help=f"default {f.default}")
     p.set_defaults(func=run)
@@ -72,9 +76,16 @@ def run(args: argparse.Namespace) -> int:
 async def serve(settings: Settings) -> int:
     from gateway.http.app import create_app
     from gateway.http.state import STATE
+    from gateway.http.transport import GatewayRunner
 
+    for what, port in (("--port", settings.port), ("--metrics-port", settings.metrics_port)):
+        problem = _cannot_listen(settings.host, port)
+        if problem:  # say so now, not after loading the model
+            print(f"kvgate: cannot listen on {settings.host}:{port} ({what}): {problem}",
+                  file=sys.stderr, flush=True)
+            return 2
     app = create_app(settings)
-    runner = web.AppRunner(app, shutdown_timeout=settings.shutdown_timeout_s,
+    runner = GatewayRunner(app, shutdown_timeout=settings.shutdown_timeout_s,
                            handle_signals=False, access_log=None)
     await runner.setup()
     try:
@@ -83,6 +94,12 @@ async def serve(settings: Settings) -> int:
         port = runner.addresses[0][1] if runner.addresses else settings.port
         print(banner(settings, port, app[STATE].admin_key_created,
                      app[STATE].engine.model_id), flush=True)
+        metrics_port = app[STATE].metrics.listen_port
+        if metrics_port is not None:
+            print(f"kvgate: /metrics on http://{_host_for_url(settings.host)}:{metrics_port}"
+                  "/metrics only" + ("" if settings.metrics_key else
+                                     " (no KVGATE_METRICS_KEY: open to whoever reaches it)"),
+                  flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -93,6 +110,25 @@ async def serve(settings: Settings) -> int:
     finally:
         await runner.cleanup()  # stop accepting, wait for handlers, close engine and ledger
     return 0
+
+
+def _cannot_listen(host: str, port: int | None) -> str | None:
+    """Why ``host:port`` cannot be listened on (e.g. another server holds it), or None."""
+    if not port:
+        return None
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+    except OSError as exc:
+        return str(exc)
+    for family, kind, proto, _, addr in infos:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server does
+            try:
+                probe.bind(addr)
+            except OSError as exc:
+                return exc.strerror or str(exc)
+    return None
 
 
 def banner(settings: Settings, port: int, admin_key: str | None, model_id: str) -> str:

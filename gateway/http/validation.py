@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
-from typing import TYPE_CHECKING, Any
+import re
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from gateway.http.errors import ApiError, bad_request
-from gateway.http.state import AppState
+from gateway.http.state import AppState, state_of
 
 if TYPE_CHECKING:  # the engine pulls in torch; the ledger-only CLI must not
     from gateway.engine.engine import Engine
@@ -16,16 +21,90 @@ if TYPE_CHECKING:  # the engine pulls in torch; the ledger-only CLI must not
 _MISSING = object()
 
 
-async def read_json(request: web.Request) -> dict:
-    """Any Content-Type is read as JSON: `curl -d` sends a form type and users forget -H."""
-    raw = await request.read()
+T = TypeVar("T")
+
+MAX_JSON_DEPTH = 64  # objects and arrays nested in each other; no API body comes close
+OFFLOAD_BYTES = 64 * 1024  # bodies above this are parsed and prepared off the event loop
+# JSON's \ud800 escapes (and UTF-8 encoded surrogates, which json.loads lets through)
+# give strings no codec can encode; a valid pair is already one character after parsing.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+# Request preparation (JSON parse, chat template, tokenizing) of big bodies; the tokenizer
+# releases the GIL, so the event loop keeps answering meanwhile. Bounded: a flood of big
+# prompts queues here, not on the loop.
+_PREPARE = ThreadPoolExecutor(max_workers=4, thread_name_prefix="kvgate-prepare")
+
+
+def parse_json(raw: bytes | str) -> dict:
+    """The body as a JSON object, or a 400: malformed, not an object, nested deeper than
+    ``MAX_JSON_DEPTH``, or holding a lone UTF-16 surrogate (in a key or a value)."""
     try:
         body = json.loads(raw)
+    except RecursionError:
+        raise bad_request(f"The body is nested too deeply (at most {MAX_JSON_DEPTH} levels).",
+                          code="invalid_json") from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise bad_request(f"The body is not valid JSON: {exc}.", code="invalid_json") from None
     if not isinstance(body, dict):
         raise bad_request("The body must be a JSON object.", code="invalid_json")
+    _check_tree(body)
     return body
+
+
+def _check_tree(root: dict) -> None:
+    """Iterative, so depth is checked before Python's own recursion limit is near."""
+    stack: list[tuple[Any, int]] = [(root, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise bad_request(f"The body is nested too deeply (at most {MAX_JSON_DEPTH} "
+                              "levels).", code="invalid_json")
+        items = node.items() if isinstance(node, dict) else enumerate(node)
+        for key, value in items:
+            if isinstance(key, str) and _SURROGATE.search(key):
+                _surrogate()
+            if isinstance(value, str):
+                if _SURROGATE.search(value):
+                    _surrogate()
+            elif isinstance(value, (dict, list)):
+                stack.append((value, depth + 1))
+
+
+def _surrogate() -> None:
+    raise bad_request("The body holds a lone UTF-16 surrogate (e.g. \"\\ud800\"), which is "
+                      "not text; send valid Unicode.", code="invalid_json")
+
+
+async def read_body(request: web.Request) -> bytes:
+    """The raw body (within the app's size limit), read only after admission: a 408 when it
+    does not arrive within the read timeout (the connection is then closed), a 400 when its
+    framing is broken (chunked encoding, a short Content-Length)."""
+    timeout = state_of(request).settings.read_timeout_s
+    try:
+        async with asyncio.timeout(timeout):
+            return await request.read()
+    except TimeoutError:
+        request.protocol.close()  # what is left of the body is never read: not reusable
+        raise ApiError(408, f"The request body did not arrive within {timeout}s.",
+                       code="request_timeout") from None
+    except HttpProcessingError as exc:
+        request.protocol.close()
+        raise bad_request(f"The request body is malformed: {exc.message}.",
+                          code="bad_http_request") from None
+
+
+async def prepare(raw: bytes, build: Callable[[dict], T]) -> T:
+    """Parse ``raw`` and run ``build`` (validation, chat template, tokenizing) on it: inline
+    for small bodies (a thread hop costs more than the work), on a worker thread for big
+    ones so the event loop stays free. ``build`` must only read shared state."""
+    if len(raw) <= OFFLOAD_BYTES:
+        return build(parse_json(raw))
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(_PREPARE, lambda: build(parse_json(raw)))
+
+
+async def read_json(request: web.Request) -> dict:
+    """Any Content-Type is read as JSON: `curl -d` sends a form type and users forget -H."""
+    return await prepare(await read_body(request), lambda body: body)
 
 
 def field(body: dict, name: str, kind: type | tuple[type, ...], *, required: bool = False,

@@ -3,9 +3,17 @@
 from .auth import Principal
 from .billing import Billed, Prices, UsageEvent, cost_micros
 from .db import migrates_on_start
-from .errors import Conflict, InvalidInput, LedgerError, NotFound, SchemaOutdated
-from .ledger import Ledger
+from .errors import (
+    Conflict,
+    InvalidInput,
+    LedgerError,
+    LedgerFileLost,
+    LedgerUnavailable,
+    NotFound,
+    SchemaOutdated,
+)
+from .ledger import Health, Ledger
 
-__all__ = ["Billed", "Conflict", "InvalidInput", "Ledger", "LedgerError", "NotFound", "Prices",
-           "Principal", "SchemaOutdated", "UsageEvent", "cost_micros",
-           "migrates_on_start"]
+__all__ = ["Billed", "Conflict", "Health", "InvalidInput", "Ledger", "LedgerError",
+           "LedgerFileLost", "LedgerUnavailable", "NotFound", "Prices", "Principal",
+           "SchemaOutdated", "UsageEvent", "cost_micros", "migrates_on_start"]

@@ -9,9 +9,14 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+from .errors import LedgerUnavailable
+
 KEY_PREFIX = "kvg_"
 VISIBLE_PREFIX_LEN = 12  # "kvg_" + 8 random characters: tells keys apart, reveals nothing
 AUTH_CACHE_TTL_S = 1.0  # a revoked key stops working within this long on every replica
+# With the database unreachable, a key's last successful lookup (live, or a miss) still
+# answers for this long after it was made; other keys get 503 (``LedgerUnavailable``).
+AUTH_GRACE_S = 300.0
 
 
 @dataclass(frozen=True)
@@ -53,11 +58,20 @@ class KeyCache:
     messaging. The replica that revokes drops the entry at once. Misses are cached too, so
     a client hammering with a bad key costs one query a second; concurrent lookups of one
     stale key share a single query.
+
+    When that query fails because the database is away (``LedgerUnavailable``), the entry
+    answers for up to ``grace_s`` after its last successful lookup, then the lookup fails
+    (HTTP 503). Only a lookup's own result is ever reused: an entry this replica dropped
+    (its key revoked here, or a tenant changed) has nothing to fall back on, so a revoked
+    key never comes back from memory; a revocation made on another replica during an
+    outage reaches this one when the database does, or after ``grace_s``.
     """
 
     def __init__(self, ttl_s: float = AUTH_CACHE_TTL_S, max_entries: int = 100_000,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 grace_s: float = AUTH_GRACE_S) -> None:
         self.ttl_s = ttl_s
+        self.grace_s = grace_s
         self.clock = clock
         self.max_entries = max_entries
         self._entries: dict[str, tuple[Principal | None, float]] = {}
@@ -75,7 +89,14 @@ class KeyCache:
         self._inflight[digest] = fut
         try:
             fetched_at = self.clock()
-            principal = await load(digest)
+            try:
+                principal = await load(digest)
+            except LedgerUnavailable:
+                if hit is None or self.clock() - hit[1] >= self.grace_s \
+                        or self._entries.get(digest) is not hit:
+                    raise
+                fut.set_result(hit[0])
+                return hit[0]
         except BaseException as exc:
             if isinstance(exc, asyncio.CancelledError):
                 fut.cancel()

@@ -52,11 +52,14 @@ class UsageEvent:
 class Billed:
     """The ledger's answer to one ``record``: whether this call billed the request (False:
     its request id was billed before) and the cost of the event in micro-units of
-    ``currency`` (the tenant's plan's)."""
+    ``currency`` (the tenant's plan's). ``spooled``: the database was away, so the event
+    waits, durable, in the local spool and is committed when the database is back; its cost
+    is by the tenant's prices as this process last read them, and replay stores that cost."""
 
     new: bool
     cost_micros: int
     currency: str
+    spooled: bool = False
 
 
 @dataclass(frozen=True)

@@ -21,3 +21,12 @@ class InvalidInput(LedgerError, ValueError):
 
 class SchemaOutdated(LedgerError):
     """The database schema is not the one this code expects; the message says what to run."""
+
+
+class LedgerUnavailable(LedgerError):
+    """The database cannot be reached or written now (HTTP 503 with Retry-After)."""
+
+
+class LedgerFileLost(LedgerUnavailable):
+    """The SQLite file was deleted or replaced under the running server: it stops writing
+    (a file nobody reads bills nobody) until it is restarted on the file meant."""

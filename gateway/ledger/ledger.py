@@ -2,23 +2,43 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import re
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import func, insert, select, text, update
-from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.exc import (
+    DataError,
+    DBAPIError,
+    IntegrityError,
+    ProgrammingError,
+    SQLAlchemyError,
+)
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from . import migrate as migrations
 from .auth import VISIBLE_PREFIX_LEN, KeyCache, Principal, key_hash, new_key
 from .billing import DEFAULT_PLAN, Billed, Prices, UsageEvent
 from .committer import GroupCommitter, OnCommit
-from .db import create_engine
-from .errors import Conflict, InvalidInput, LedgerError, NotFound
+from .db import SqliteFile, create_engine, sqlite_path
+from .errors import (
+    Conflict,
+    InvalidInput,
+    LedgerError,
+    LedgerFileLost,
+    LedgerUnavailable,
+    NotFound,
+)
 from .models import ApiKey, Plan, Tenant, utcnow
 from .reports import usage_report
+from .spool import DEFAULT_MAX_EVENTS, Spool
 
 ROLES = ("tenant", "admin")
 TENANT_STATUSES = ("active", "suspended")  # "deleted" only through delete_tenant
@@ -28,22 +48,48 @@ DEFAULT_CACHE_TTL_S = 300
 _MAX_ID = 2**31 - 1  # tenant and key ids are INTEGER columns (32-bit on PostgreSQL)
 DEFAULT_CURRENCY = "USD"  # what revision 0002 gives the plans made before currencies
 _PRICE_FIELDS = tuple(f.name for f in dataclasses.fields(Prices))
+# Errors that say the database is away (not that a statement is wrong): HTTP 503.
+_DB_DOWN = (DBAPIError, PoolTimeout, OSError, asyncio.TimeoutError)
+_STATEMENT_WRONG = (IntegrityError, DataError, ProgrammingError)
+
+
+@dataclass(frozen=True)
+class Health:
+    """What ``/readyz`` reports. ``refusing``: why this replica admits no new requests
+    (None while it does); ``database``: ``up``, ``down`` (usage goes to the spool) or
+    ``lost`` (its SQLite file was replaced or deleted)."""
+
+    database: str
+    spool_events: int
+    refusing: str | None
+    detail: str | None = None
 
 
 class Ledger:
-    def __init__(self, engine: AsyncEngine, on_commit: OnCommit | None = None) -> None:
+    def __init__(self, engine: AsyncEngine, on_commit: OnCommit | None = None,
+                 spool: Spool | None = None) -> None:
         self.engine = engine
         self.dialect = engine.dialect.name
-        self._committer = GroupCommitter(engine, on_commit=on_commit)
+        path = sqlite_path(str(engine.url))
+        self.sqlite_file = SqliteFile(path) if path is not None else None
+        self.spool = spool
+        self._committer = GroupCommitter(engine, on_commit=on_commit, spool=spool,
+                                         sqlite_file=self.sqlite_file)
         self._keys = KeyCache()
 
     @classmethod
     async def open(cls, url: str, *, migrate: bool = True,
-                   on_commit: OnCommit | None = None) -> Ledger:
+                   on_commit: OnCommit | None = None, spool_dir: str | Path | None = None,
+                   spool_max_events: int = DEFAULT_MAX_EVENTS) -> Ledger:
         """Connect; with ``migrate`` upgrade the schema to head, else refuse an old one.
 
         ``serve`` on SQLite migrates on start; on PostgreSQL (shared by replicas) it opens
         with ``migrate=False`` so schema changes stay an operator's ``kvgate migrate``.
+
+        ``spool_dir``: where usage waits while the database is away (``spool.py``); what
+        an earlier run left there is replayed in the background from now on. Without it,
+        ``record`` fails while the database is away. New requests are refused (see
+        ``health``) once the spool holds ``spool_max_events``.
         """
         engine = create_engine(url)
         try:
@@ -57,21 +103,104 @@ class Ledger:
         except Exception as exc:
             await engine.dispose()
             raise LedgerError(f"cannot open ledger database: {exc}") from exc
-        ledger = cls(engine, on_commit)
+        spool = None
+        if spool_dir is not None:
+            spool = Spool(spool_dir, spool_max_events)
+            try:
+                await spool.open()
+            except OSError as exc:
+                await spool.close()
+                await engine.dispose()
+                raise LedgerError(f"cannot open the usage spool in {spool_dir}: {exc}") from exc
+        ledger = cls(engine, on_commit, spool)
         ledger._committer.start()
         return ledger
+
+    @contextlib.asynccontextmanager
+    async def _connect(self) -> AsyncIterator[AsyncConnection]:
+        """A connection, or ``LedgerUnavailable`` (also when the SQLite file was replaced)."""
+        if self.sqlite_file is not None:
+            self.sqlite_file.check()
+        try:
+            async with self.engine.connect() as conn:
+                yield conn
+        except _STATEMENT_WRONG:
+            raise
+        except _DB_DOWN as exc:
+            raise LedgerUnavailable(f"ledger database unavailable: {exc}") from exc
+
+    @contextlib.asynccontextmanager
+    async def _begin(self) -> AsyncIterator[AsyncConnection]:
+        """A transaction, committed at the end; ``LedgerUnavailable`` as ``_connect``."""
+        if self.sqlite_file is not None:
+            self.sqlite_file.check()
+        try:
+            async with self.engine.begin() as conn:
+                yield conn
+        except _STATEMENT_WRONG:
+            raise
+        except _DB_DOWN as exc:
+            raise LedgerUnavailable(f"ledger database unavailable: {exc}") from exc
 
     async def close(self) -> None:
         await self._committer.close()
         await self.engine.dispose()
 
     async def ping(self) -> None:
-        """Raises ``LedgerError`` when the database cannot answer a query."""
+        """Raises ``LedgerError`` when the database cannot answer a query (or its SQLite
+        file is not the one opened)."""
         try:
-            async with self.engine.connect() as conn:
+            async with self._connect() as conn:
                 await conn.execute(text("SELECT 1"))
         except (SQLAlchemyError, OSError) as exc:
-            raise LedgerError(f"database unreachable: {exc}") from exc
+            raise LedgerUnavailable(f"database unreachable: {exc}") from exc
+
+    def spool_depth(self) -> int:
+        """Usage events waiting in the spool for the database (the gauge for /metrics)."""
+        return self.spool.depth if self.spool is not None else 0
+
+    def refusing(self) -> str | None:
+        """Why new requests must not be admitted now, or None. The rule: refuse once usage
+        could not be kept — the SQLite file was replaced or deleted (checked here, one
+        ``stat``; nothing is billed into a file nobody reads), the spool holds ``max_events`` or more, or the database is
+        away and the spool cannot be written (or there is none). A database that is away
+        while the spool takes usage does not refuse requests: that is what the spool is for.
+        """
+        if self.sqlite_file is not None:
+            try:
+                self.sqlite_file.check()  # one stat per admission: cheap
+            except LedgerFileLost as exc:
+                return str(exc)
+        if self.spool is None:
+            down = self._committer.unavailable
+            return None if down is None else f"ledger database unavailable: {down}"
+        if self.spool.depth >= self.spool.max_events:
+            return (f"the usage spool holds {self.spool.depth} events (limit "
+                    f"{self.spool.max_events}) waiting for the ledger database")
+        if self.spool.error is not None and self._committer.unavailable is not None:
+            return self.spool.error
+        return None
+
+    async def health(self) -> Health:
+        """Readiness: ``refusing`` as above, the database's state (one query) and the
+        spool's depth."""
+        try:
+            await self.ping()
+            database, detail = "up", None
+        except LedgerError as exc:
+            lost = self.sqlite_file is not None and self.sqlite_file.lost is not None
+            database, detail = ("lost" if lost else "down"), str(exc)
+        refusing = self.refusing()
+        if refusing is None and database != "up" and self.spool is None:
+            refusing = detail
+        return Health(database, self.spool_depth(), refusing, detail)
+
+    async def replay_spool(self) -> int:
+        """Commit what the spool holds now (the background task does this by itself);
+        returns how many events were new to the database."""
+        if self.spool is None:
+            return 0
+        return await self._committer.replay()
 
     # -- metrics hooks ----------------------------------------------------------------
 
@@ -96,6 +225,9 @@ class Ledger:
         ``Billed.new`` is True when billed now, False when this request id was billed before
         (a retry). ``Billed.cost_micros`` is the event's cost by the tenant's plan, computed
         inside the commit (see ``billing.cost_micros``): callers never price usage again.
+        With the database away and a spool, it returns once the event is fsync'd there:
+        ``Billed(new=True, spooled=True)`` priced by the tenant's prices as last read (cost
+        0 and currency "" when this process never read them; replay then prices it).
         """
         event.validate()
         return await self._committer.submit(event)
@@ -107,7 +239,7 @@ class Ledger:
         not exist is ``NotFound`` rather than an empty report."""
         if tenant_id is not None and not 0 < tenant_id <= _MAX_ID:
             raise NotFound(f"tenant {tenant_id} does not exist")
-        async with self.engine.connect() as conn:
+        async with self._connect() as conn:
             if tenant_id is not None:
                 await self._tenant_row(conn, tenant_id)
             return await usage_report(conn, tenant_id, since, until, group_by)
@@ -121,10 +253,15 @@ class Ledger:
         return await self._keys.get(key_hash(key), self._load_principal)
 
     async def _load_principal(self, digest: str) -> Principal | None:
-        stmt = (select(ApiKey.id, ApiKey.role, ApiKey.tenant_id, Tenant)
+        """The key's principal, and its tenant's prices remembered for billing while the
+        database is away. ``LedgerUnavailable`` when the database cannot answer."""
+        stmt = (select(ApiKey.id, ApiKey.role, ApiKey.tenant_id, Tenant,
+                       *(getattr(Plan, f"{k}_price") for k in _PRICE_FIELDS),
+                       Plan.currency.label("plan_currency"))
                 .outerjoin(Tenant, ApiKey.tenant_id == Tenant.id)
+                .outerjoin(Plan, Tenant.plan_id == Plan.id)
                 .where(ApiKey.key_sha256 == digest, ApiKey.revoked_at.is_(None)))
-        async with self.engine.connect() as conn:
+        async with self._connect() as conn:
             row = (await conn.execute(stmt)).one_or_none()
         if row is None:
             return None
@@ -134,6 +271,9 @@ class Ledger:
                              None, None, None, None, None)
         if row.status == "deleted":
             return None
+        self._committer.remember_prices(
+            tenant_id, Prices(**{k: getattr(row, f"{k}_price") for k in _PRICE_FIELDS}),
+            row.plan_currency)
         return Principal(key_id, role, tenant_id, row.name, row.status, row.cache_ttl_seconds,
                          row.cache_quota_bytes, row.requests_per_minute, row.tokens_per_minute,
                          row.max_concurrent, row.plan_id)
@@ -145,7 +285,7 @@ class Ledger:
         if role == "tenant" and tenant_id is None:
             raise InvalidInput("a tenant key needs a tenant_id")
         key = new_key()
-        async with self.engine.begin() as conn:
+        async with self._begin() as conn:
             if tenant_id is not None:
                 tenant = await self._tenant_row(conn, tenant_id)
                 if tenant.status == "deleted":
@@ -160,7 +300,7 @@ class Ledger:
                 "role": role, "created_at": created.isoformat()}
 
     async def revoke_key(self, key_id: int) -> None:
-        async with self.engine.begin() as conn:
+        async with self._begin() as conn:
             row = (await conn.execute(select(ApiKey.key_sha256, ApiKey.revoked_at)
                                       .where(ApiKey.id == key_id))).one_or_none()
             if row is None:
@@ -173,7 +313,7 @@ class Ledger:
     async def list_keys(self, tenant_id: int | None) -> list[dict[str, Any]]:
         """Keys of a tenant (``None``: the admin keys); never the key itself."""
         cond = ApiKey.tenant_id.is_(None) if tenant_id is None else ApiKey.tenant_id == tenant_id
-        async with self.engine.connect() as conn:
+        async with self._connect() as conn:
             if tenant_id is not None:
                 await self._tenant_row(conn, tenant_id)
             rows = await conn.execute(select(ApiKey).where(cond).order_by(ApiKey.id))
@@ -187,7 +327,7 @@ class Ledger:
         Given none while no admin key exists, create one and return it to print once."""
         if admin_key:
             digest = key_hash(admin_key)
-            async with self.engine.begin() as conn:
+            async with self._begin() as conn:
                 row = (await conn.execute(select(ApiKey.id, ApiKey.role, ApiKey.revoked_at)
                                           .where(ApiKey.key_sha256 == digest))).one_or_none()
                 if row is None:
@@ -199,7 +339,7 @@ class Ledger:
                                        .values(role="admin", tenant_id=None, revoked_at=None))
             self._keys.invalidate(digest)
             return None
-        async with self.engine.connect() as conn:
+        async with self._connect() as conn:
             live = (await conn.execute(select(func.count(ApiKey.id)).where(
                 ApiKey.role == "admin", ApiKey.revoked_at.is_(None)))).scalar_one()
         if live:
@@ -222,7 +362,7 @@ class Ledger:
         _check_limits(limits)
         if limits["cache_ttl_seconds"] is None:
             limits["cache_ttl_seconds"] = DEFAULT_CACHE_TTL_S
-        async with self.engine.begin() as conn:
+        async with self._begin() as conn:
             plan_row = await self._plan_row(conn, DEFAULT_PLAN if plan is None else plan)
             try:
                 tenant_id = (await conn.execute(insert(Tenant).values(
@@ -236,19 +376,19 @@ class Ledger:
         stmt = select(Tenant, Plan.name.label("plan")).join(Plan, Tenant.plan_id == Plan.id)
         if not include_deleted:
             stmt = stmt.where(Tenant.status != "deleted")
-        async with self.engine.connect() as conn:
+        async with self._connect() as conn:
             rows = await conn.execute(stmt.order_by(Tenant.id))
             return [_tenant_dict(r, r.plan) for r in rows]
 
     async def get_tenant(self, tenant_id: int) -> dict[str, Any]:
-        async with self.engine.connect() as conn:
+        async with self._connect() as conn:
             return await self._tenant_dict(conn, tenant_id)
 
     async def find_tenant(self, name_or_id: str | int) -> dict[str, Any]:
         """By id, or by name (what people type on the command line)."""
         if isinstance(name_or_id, int) or str(name_or_id).isdigit():
             return await self.get_tenant(int(name_or_id))
-        async with self.engine.connect() as conn:
+        async with self._connect() as conn:
             tid = (await conn.execute(select(Tenant.id).where(Tenant.name == name_or_id))
                    ).scalar_one_or_none()
             if tid is None:
@@ -268,10 +408,10 @@ class Ledger:
             values["name"] = _check_name(fields["name"])
         if "status" in fields:
             if fields["status"] not in TENANT_STATUSES:
-                raise InvalidInput(f"status must be one of {TENANT_STATUSES} "
+                raise InvalidInput(f"status must be one of {', '.join(TENANT_STATUSES)} "
                                    "(delete a tenant with DELETE)")
             values["status"] = fields["status"]
-        async with self.engine.begin() as conn:
+        async with self._begin() as conn:
             tenant = await self._tenant_row(conn, tenant_id)
             if tenant.status == "deleted":
                 raise Conflict(f"tenant {tenant_id} is deleted")
@@ -289,7 +429,7 @@ class Ledger:
 
     async def delete_tenant(self, tenant_id: int) -> None:
         """Soft delete: usage stays for billing, keys are revoked, the name stays taken."""
-        async with self.engine.begin() as conn:
+        async with self._begin() as conn:
             await self._tenant_row(conn, tenant_id)
             await conn.execute(update(Tenant).where(Tenant.id == tenant_id)
                                .values(status="deleted"))
@@ -315,7 +455,7 @@ class Ledger:
     # -- plans ------------------------------------------------------------------------
 
     async def list_plans(self) -> list[dict[str, Any]]:
-        async with self.engine.connect() as conn:
+        async with self._connect() as conn:
             return [_plan_dict(r) for r in await conn.execute(select(Plan).order_by(Plan.id))]
 
     async def create_plan(self, name: str, input: int, cache_read: int | None = None,
@@ -327,7 +467,7 @@ class Ledger:
         name = _check_name(name)
         currency = _check_currency(currency)
         prices = Prices.derived(input, cache_read, cache_write_5m, cache_write_1h, output)
-        async with self.engine.begin() as conn:
+        async with self._begin() as conn:
             try:
                 await conn.execute(insert(Plan).values(
                     name=name, currency=currency, created_at=utcnow(),
@@ -347,7 +487,7 @@ class Ledger:
         unknown = set(prices) - set(_PRICE_FIELDS)
         if unknown:
             raise InvalidInput(f"unknown prices {sorted(unknown)}; allowed: {_PRICE_FIELDS}")
-        async with self.engine.begin() as conn:
+        async with self._begin() as conn:
             row = await self._plan_row(conn, name_or_id)
             merged = {k: prices.get(k, getattr(row, f"{k}_price")) for k in _PRICE_FIELDS}
             Prices(**merged).validate()

@@ -4,8 +4,8 @@ indexed time range, each cost with the currency it is in.
 The currency of a cost is the one each usage row was billed in (its tenant's plan's at the
 time), so moving a tenant to a plan in another currency never restates its past costs.
 Rows are split by currency as well as by the group, so no row adds up two currencies. When
-every row shares one currency the totals name it; otherwise the totals' ``currency`` is
-null and ``cost_micros_by_currency`` holds the sums that mean something.
+every row shares one currency the totals name it; otherwise the totals' ``currency`` and
+``cost_micros`` are null and ``cost_micros_by_currency`` holds the sums that mean something.
 """
 
 from __future__ import annotations
@@ -114,5 +114,7 @@ def _totals(rows: list[dict[str, Any]]) -> dict[str, Any]:
     for r in rows:
         by_currency[r["currency"]] = by_currency.get(r["currency"], 0) + r["cost_micros"]
     totals["currency"] = next(iter(by_currency)) if len(by_currency) == 1 else None
+    if len(by_currency) > 1:
+        totals["cost_micros"] = None  # a sum across currencies means nothing
     totals["cost_micros_by_currency"] = dict(sorted(by_currency.items()))
     return totals

@@ -6,12 +6,15 @@ SDPA attention and its own cache: what ``generate()`` returns is the reference o
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
 import torch
 
+from cachestore import CacheStore
+from cachestore.block import DEVICE, HOST
 from gateway.engine import (
     EngineConfig,
     FinishEvent,
@@ -86,3 +89,30 @@ async def collect(engine: Engine, request: GenerateRequest) -> tuple[list[int], 
 def prompt_of(engine_or_tok: Any, text: str) -> list[int]:
     tok = getattr(engine_or_tok, "tokenizer", engine_or_tok)
     return tok.apply_chat_template([{"role": "user", "content": text}])
+
+
+async def wait_idle(engine: Engine) -> None:
+    """Until no sequence runs and no block is referenced (what the engine thread does next)."""
+    for _ in range(500):
+        if engine.num_running() == 0 and engine.cache_stats().as_dict()["blocks"]["active"] == 0:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"engine never went idle: {engine.cache_stats().as_dict()['blocks']}")
+
+
+def assert_store_consistent(store: CacheStore) -> None:
+    """Nothing holds pages any more: every used page is one indexed block's, none leaked,
+    no reference left, the index a forest of live chains, and the stats agree."""
+    assert not store.seqs
+    device = [b.page for b in store.index.values() if b.tier == DEVICE]
+    host = [b.page for b in store.index.values() if b.tier == HOST]
+    for pool, used in ((store.device, device), (store.host, host)):
+        assert len(used) == len(set(used)) == pool.num_used
+        assert not any(pool.is_free(p) for p in used)
+    for h, b in store.index.items():
+        assert b.hash == h and b.alive and b.ref_count == 0
+        if b.parent is not None:
+            assert b.parent.alive and store.index.get(b.parent.hash) is b.parent
+    stats = store.stats()
+    assert stats.device.blocks["active"] == 0
+    assert sum(stats.device.blocks.values()) == stats.device.capacity_pages

@@ -6,7 +6,13 @@ import asyncio
 
 import pytest
 
-from gateway.engine import EngineOverloaded, GenerateRequest, PromptTooLong, SequenceFailed, TokenEvent
+from gateway.engine import (
+    EngineOverloaded,
+    GenerateRequest,
+    PromptTooLong,
+    SequenceFailed,
+    TokenEvent,
+)
 
 from .conftest import collect, greedy, prompt_of
 

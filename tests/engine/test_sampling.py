@@ -75,9 +75,12 @@ async def test_stop_string_ends_output_before_it(make_engine):
     assert text == full
     stop = full[10:13]
     start = full.index(stop)
-    _, text2, fin = await collect(engine, GenerateRequest("b", "tenant:a", prompt, greedy(30, stop=[stop, "never"])))
+    _, text2, fin = await collect(engine, GenerateRequest("b", "tenant:a", prompt, greedy(30, stop=["never", stop])))
     assert fin.finish_reason == "stop"
+    assert fin.stop_sequence == stop  # which one ended it
     assert text2 == full[:start]
+    _, _, fin = await collect(engine, GenerateRequest("c", "tenant:a", prompt, greedy(5, stop=["never"])))
+    assert (fin.finish_reason, fin.stop_sequence) == ("length", None)
 
 
 async def test_stop_token_id_ends_output(make_engine):
@@ -88,6 +91,7 @@ async def test_stop_token_id_ends_output(make_engine):
     first = ids.index(stop_id)
     ids2, _, fin = await collect(engine, GenerateRequest("b", "tenant:a", prompt, greedy(20, stop_token_ids=[stop_id])))
     assert fin.finish_reason == "stop"
+    assert fin.stop_sequence is None  # a stop id, not a stop string
     assert ids2 == ids[: first + 1]
     assert fin.usage.completion_tokens == first + 1
 
@@ -115,6 +119,32 @@ def test_stop_string_spanning_tokens_is_held_back_and_cut():
     assert sent == "abc"  # "EN" could start the stop string
     delta, reason = append_token(seq, ord("D"), tok.eos_token_ids, 100)
     assert reason == "stop" and sent + delta == "abc"
+    assert seq.stop_sequence == "END"
+
+
+@pytest.mark.parametrize(("stops", "hit"), [
+    (["ND", "xyz", "END"], "END"),  # the earliest start wins, wherever it is listed
+    (["EN", "END"], "EN"),  # the shorter one completes first
+    (["cEND", "END"], "cEND"),
+])
+def test_the_stop_string_that_ended_the_output_is_named(stops, hit):
+    tok = build_tokenizer()
+    seq = Sequence(GenerateRequest("r", "ns", [1], SamplingParams(max_tokens=50, stop=stops)), tok)
+    for ch in "abcEND":
+        _, reason = append_token(seq, ord(ch), tok.eos_token_ids, 100)
+        if reason is not None:
+            break
+    assert reason == "stop" and seq.stop_sequence == hit
+    assert seq.decoder.text == "abcEND"[: "abcEND".index(hit)]
+
+
+def test_an_eos_or_the_length_names_no_stop_string():
+    tok = build_tokenizer()
+    for token, max_tokens, reason in ((tok.eos_token_ids[0], 5, "stop"), (65, 1, "length")):
+        seq = Sequence(GenerateRequest("r", "ns", [1], SamplingParams(max_tokens=max_tokens,
+                                                                      stop=["A<"])), tok)
+        assert append_token(seq, token, tok.eos_token_ids, 100)[1] == reason
+        assert seq.stop_sequence is None
 
 
 def test_incremental_decoder_never_splits_a_character():

@@ -16,7 +16,8 @@ async def test_second_turn_hits_first_turn_prompt_and_answer(make_engine):
     )
     answer, _, f1 = await collect(engine, GenerateRequest("t1", "tenant:a", turn1, greedy(37)))
     assert len(answer) == 37
-    turn2 = turn1 + answer + engine.tokenizer.encode("<|eot|><|user|>And then?<|eot|><|assistant|>")
+    turn2 = turn1 + answer + engine.tokenizer.encode(
+        "<|eot|><|user|>And then?<|eot|><|assistant|>", allow_special=True)
     _, _, f2 = await collect(engine, GenerateRequest("t2", "tenant:a", turn2, greedy(3)))
     # Every full block of turn 1's prompt + answer has K/V (all but the last sampled token).
     covered = (len(turn1) + len(answer) - 1) // BS * BS

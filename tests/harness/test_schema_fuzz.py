@@ -28,6 +28,7 @@ from schemathesis.specs.openapi.checks import (
 
 from gateway.http.openapi import spec
 from tests.support import ADMIN_KEY, MiB, ProcessServer, Tenant, request_body
+from tests.support.hostile import dumps, hostile_segment, hostile_value, quote
 
 EXAMPLES = int(os.environ.get("KVGATE_FUZZ_EXAMPLES", "0"))
 GENERATING = ("/v1/chat/completions", "/v1/completions", "/v1/messages")
@@ -122,3 +123,48 @@ def test_admin_operation_refuses_a_tenant_key(
         assert response.status_code == 403, response.text
 
     run()
+
+
+@pytest.mark.parametrize(("method", "path"), _operations(),
+                         ids=[f"{m} {p}" for m, p in _operations()])
+def test_hostile_schema_cases_never_5xx(
+        fuzz_server: ProcessServer, fuzz_schema: schemathesis.BaseSchema, fuzz_tenant: Tenant,
+        method: str, path: str) -> None:
+    """The schema's cases with one hostile value (``tests.support.hostile``: lone
+    surrogates, NULs, Unicode digits, huge integers, deep nesting, containers for strings)
+    put in a body field or as the path id: never a 5xx, always the error shape. Path ids
+    are never plain ASCII digits, so no real tenant or key is deleted."""
+    (operation,) = [r.ok() for r in fuzz_schema.get_all_operations()
+                    if r.ok().path == path and r.ok().method.upper() == method]
+    key = ADMIN_KEY if path.startswith("/admin") else fuzz_tenant.key
+    headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+
+    @given(data=st.data())
+    @settings(max_examples=EXAMPLES or 8, deadline=None, database=None,
+              derandomize=not EXAMPLES, suppress_health_check=list(HealthCheck))
+    def run(data: st.DataObject) -> None:
+        case = data.draw(operation.as_strategy())
+        url = path
+        if "{id}" in url:
+            url = url.replace("{id}", quote(data.draw(hostile_segment)))
+        body = case.body if isinstance(case.body, dict) else None
+        raw = None
+        if method in ("POST", "PATCH"):
+            body = dict(body or {})
+            name = data.draw(st.sampled_from(sorted(body) or ["name"]))
+            body[name] = data.draw(hostile_value)
+            if "max_tokens" in body and isinstance(body["max_tokens"], int):
+                body["max_tokens"] = min(body["max_tokens"], 4)
+            raw = dumps(body)
+        r = requests.request(method, fuzz_server.url + url, data=raw, headers=headers,
+                             timeout=60)
+        assert r.status_code < 500, (method, url, raw and raw[:300], r.text[:500])
+        if r.status_code >= 400:
+            err = r.json()
+            if path.startswith("/v1/messages"):
+                assert err["type"] == "error" and err["error"]["message"], err
+            else:
+                assert set(err["error"]) == {"message", "type", "param", "code"}, err
+
+    run()
+    assert fuzz_server.alive()

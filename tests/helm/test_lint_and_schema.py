@@ -39,6 +39,8 @@ def test_lint_reports_values_that_break_the_schema() -> None:
     ({"podSecurityContext": {"runAsNonRoot": False}}, "/podSecurityContext/runAsNonRoot"),
     ({"service": {"port": 70000}}, "/service/port"),
     ({"serviceMonitor": {"interval": "soon"}}, "/serviceMonitor/interval"),
+    ({"metrics": {"port": "9090"}}, "/metrics/port"),
+    ({"metrics": {"scheme": "http"}}, "/metrics"),
     ({"replicas": 2}, "replicas"),
 ])
 def test_schema_rejects_bad_values_and_names_the_key(values, where) -> None:
@@ -69,7 +71,8 @@ def test_packaged_chart_renders_like_the_source(tmp_path) -> None:
 
 
 def _without_admin_key(obj: dict) -> dict:
-    """Random admin keys differ between two renders; everything else must not."""
+    """Random admin and metrics keys differ between two renders; everything else must not."""
     if obj["kind"] == "Secret":
         obj["data"].pop("admin-key", None)
+        obj["data"].pop("metrics-key", None)
     return obj

@@ -7,14 +7,18 @@ Service it must find.
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 
 import jsonschema
 import promql_parser
 import pytest
+from helm_python import HelmRenderError
 
-from .chart import CHART_DIR, FULLNAME, NAMESPACE, VALUE_SETS, render
+from gateway.config import Settings
+
+from .chart import CHART_DIR, FULLNAME, NAMESPACE, VALUE_SETS, env_of, render
 from .metrics_contract import documented_metrics, exported_series, registry_metrics
 
 DASHBOARD = json.loads((CHART_DIR / "files" / "dashboard.json").read_text())
@@ -49,6 +53,18 @@ SERVICE_MONITOR_SCHEMA = {
                             "interval": {"type": "string", "pattern": "^[0-9]+(ms|s|m|h)$"},
                             "scrapeTimeout": {"type": "string",
                                               "pattern": "^[0-9]+(ms|s|m|h)$"},
+                            "authorization": {
+                                "type": "object", "additionalProperties": False,
+                                "required": ["type", "credentials"],
+                                "properties": {
+                                    "type": {"const": "Bearer"},
+                                    "credentials": {
+                                        "type": "object", "additionalProperties": False,
+                                        "required": ["name", "key"],
+                                        "properties": {"name": {"type": "string"},
+                                                       "key": {"type": "string"}}},
+                                },
+                            },
                         },
                     },
                 },
@@ -104,6 +120,43 @@ def test_service_monitor_scrapes_the_service_metrics_port() -> None:
     assert endpoint["port"] in {p["name"] for p in service["spec"]["ports"]}
     assert endpoint["path"] == "/metrics"
     assert not render().of_kind("ServiceMonitor")
+
+
+def test_service_monitor_scrapes_the_metrics_port_with_the_metrics_key() -> None:
+    """/metrics is served on its own port only (the API port answers 404), behind a key:
+    the ServiceMonitor must use that port and send the key the server reads."""
+    r = render(VALUE_SETS["monitoring"])
+    (endpoint,) = r.one("ServiceMonitor")["spec"]["endpoints"]
+    service_port = {p["name"]: p for p in r.one("Service")["spec"]["ports"]}[endpoint["port"]]
+    container = r.one("Deployment")["spec"]["template"]["spec"]["containers"][0]
+    container_ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    settings = Settings.from_env(r.one("ConfigMap", FULLNAME)["data"])
+    assert container_ports[service_port["targetPort"]] == settings.metrics_port
+    assert settings.metrics_port != settings.port == container_ports["http"]
+    # The bearer key the scraper sends is the very Secret entry the server reads.
+    credentials = endpoint["authorization"]["credentials"]
+    server_key = env_of(container)["KVGATE_METRICS_KEY"]["valueFrom"]["secretKeyRef"]
+    assert (credentials["name"], credentials["key"]) == (server_key["name"], server_key["key"])
+    secret = r.one("Secret", credentials["name"])
+    assert len(base64.b64decode(secret["data"][credentials["key"]])) >= 40
+
+
+def test_metrics_key_from_values_or_an_existing_secret() -> None:
+    given = render({"metrics": {"key": "scrape-me"}}).one("Secret")["data"]["metrics-key"]
+    assert base64.b64decode(given).decode() == "scrape-me"
+    values = {**VALUE_SETS["existing-secret"], **VALUE_SETS["monitoring"]}
+    values["existingSecret"] = {**values["existingSecret"], "metricsKeyKey": "metrics"}
+    r = render(values)
+    (endpoint,) = r.one("ServiceMonitor")["spec"]["endpoints"]
+    assert endpoint["authorization"]["credentials"] == {"name": "kvgate-creds", "key": "metrics"}
+    container = r.one("Deployment")["spec"]["template"]["spec"]["containers"][0]
+    assert env_of(container)["KVGATE_METRICS_KEY"]["valueFrom"]["secretKeyRef"] == {
+        "name": "kvgate-creds", "key": "metrics"}
+
+
+def test_metrics_port_must_differ_from_the_api_port() -> None:
+    with pytest.raises(HelmRenderError, match=r"metrics\.port=8000"):
+        render({"metrics": {"port": 8000}})
 
 
 def test_dashboard_config_map_carries_the_dashboard_for_grafana() -> None:

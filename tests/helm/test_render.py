@@ -160,8 +160,10 @@ def test_every_secret_and_config_reference_resolves(rendered) -> None:
     if existing:
         assert refs["KVGATE_ADMIN_KEY"] == ("kvgate-creds", "admin")
         assert refs["KVGATE_DB"] == ("kvgate-creds", "db-url")
+        assert "KVGATE_METRICS_KEY" not in refs  # no metricsKeyKey: the port alone guards it
     else:
         assert refs["KVGATE_ADMIN_KEY"] == (FULLNAME, "admin-key")
+        assert refs["KVGATE_METRICS_KEY"] == (FULLNAME, "metrics-key")
 
 
 def test_admin_key_is_created_or_taken_from_values() -> None:
@@ -320,3 +322,24 @@ def test_notes_tell_how_to_reach_it_and_get_the_admin_key() -> None:
     assert (f"get secret {FULLNAME} -o jsonpath='{{.data.admin-key}}' | base64 -d") in notes
     notes = render(VALUE_SETS["existing-secret"]).notes
     assert "get secret kvgate-creds -o jsonpath='{.data.admin}'" in notes
+
+
+def test_an_external_database_gets_a_spool_volume_the_server_writes_to() -> None:
+    """Usage that cannot reach PostgreSQL waits in KVGATE_SPOOL_DIR: a mounted, writable
+    volume (the root filesystem is read-only), an emptyDir unless a claim is named."""
+    for claim in ("", "kvgate-spool"):
+        values = copy.deepcopy(VALUE_SETS["postgres-3-replicas"])
+        values["spool"] = {"existingClaim": claim}
+        r = render(values)
+        spool_dir = r.one("ConfigMap", FULLNAME)["data"]["KVGATE_SPOOL_DIR"]
+        pod = r.one("Deployment")["spec"]["template"]["spec"]
+        mounts = {m["mountPath"]: m for m in pod["containers"][0]["volumeMounts"]}
+        assert not mounts[spool_dir].get("readOnly")
+        (volume,) = [v for v in pod["volumes"] if v["name"] == mounts[spool_dir]["name"]]
+        if claim:
+            assert volume["persistentVolumeClaim"] == {"claimName": claim}
+        else:
+            assert volume["emptyDir"] == {}
+    # SQLite keeps its spool beside the file, on the data volume.
+    assert "KVGATE_SPOOL_DIR" not in render(VALUE_SETS["default"]).one(
+        "ConfigMap", FULLNAME)["data"]

@@ -1,4 +1,5 @@
-"""/metrics: parses, names the documented series, and passes promtool when installed."""
+"""/metrics: parses, names the documented series, passes promtool when installed, and is
+the operator's only: a key on the API port, or a port of its own; tenants by id."""
 
 from __future__ import annotations
 
@@ -8,7 +9,10 @@ import subprocess
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support import Admin, Session, Tenant
+from tests.support import ADMIN_KEY, Admin, Session, Tenant, ThreadServer
+from tests.support.server import server_settings
+
+ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 
 DOCUMENTED = {
     "kvgate_requests", "kvgate_prompt_tokens", "kvgate_completion_tokens",
@@ -26,7 +30,7 @@ def scrape(http: Session, tenant: Tenant, model_id: str) -> str:
     auth = {"Authorization": f"Bearer {tenant.key}"}
     body = {"model": model_id, "max_tokens": 2, "messages": [{"role": "user", "content": "m"}]}
     assert http.post("/v1/chat/completions", json=body, headers=auth).status_code == 200
-    r = http.get("/metrics")
+    r = http.get("/metrics", headers=ADMIN)
     assert r.status_code == 200
     assert r.headers["content-type"].startswith("text/plain")
     return r.text
@@ -49,11 +53,11 @@ def test_metrics_parse_and_names(scrape: str, tenant: Tenant) -> None:
     assert all(name.startswith("kvgate_") for name in families)
     assert set(families) >= DOCUMENTED, DOCUMENTED - set(families)
     reqs = [s for s in families["kvgate_requests"].samples
-            if s.labels.get("tenant") == tenant.name and s.name == "kvgate_requests_total"]
+            if s.labels.get("tenant") == str(tenant.id) and s.name == "kvgate_requests_total"]
     assert any(s.labels["endpoint"] == "/v1/chat/completions" and s.labels["status"] == "200"
                and s.value >= 1 for s in reqs)
     kinds = {s.labels["kind"] for s in families["kvgate_prompt_tokens"].samples
-             if s.labels.get("tenant") == tenant.name}
+             if s.labels.get("tenant") == str(tenant.id)}
     assert kinds == {"uncached", "cached", "cache_write"}
     tiers = {s.labels["tier"] for s in families["kvgate_cache_bytes"].samples}
     assert tiers == {"device", "host"}
@@ -83,5 +87,68 @@ def test_promtool_check_metrics(scrape: str) -> None:
 def test_cost_metric_matches_ledger(scrape: str, tenant: Tenant, admin: Admin) -> None:
     families = {f.name: f for f in text_string_to_metric_families(scrape)}
     cost = [s.value for s in families["kvgate_cost_micros"].samples
-            if s.labels.get("tenant") == tenant.name and s.name.endswith("_total")]
+            if s.labels.get("tenant") == str(tenant.id) and s.name.endswith("_total")]
     assert cost == [admin.usage(tenant.id)["cost_micros"]] and cost[0] > 0
+
+
+def _tenant_labels(text: str) -> set[str]:
+    return {s.labels["tenant"] for f in text_string_to_metric_families(text)
+            for s in f.samples if "tenant" in s.labels}
+
+
+def test_metrics_need_the_admin_key_on_the_api_port(http: Session, tenant: Tenant) -> None:
+    """No metrics key and no metrics port: the API port serves /metrics to the admin key
+    only; a tenant's key or no key sees nothing of the other tenants."""
+    for headers in ({}, tenant.headers, {"Authorization": "Bearer not-a-key"}):
+        r = http.get("/metrics", headers=headers)
+        assert r.status_code == 401, (headers, r.text)
+        assert "kvgate_" not in r.text
+        assert r.json()["error"]["code"] == "metrics_key_required"
+        assert r.headers["WWW-Authenticate"].startswith("Bearer")
+    assert http.get("/metrics", headers=ADMIN).status_code == 200
+
+
+def test_tenants_are_labelled_by_id_never_by_name(scrape: str, tenant: Tenant) -> None:
+    labels = _tenant_labels(scrape)
+    assert str(tenant.id) in labels
+    assert tenant.name not in scrape
+    # Ids are digits: no tenant can take a reserved value ("none": no tenant; "all": labels off).
+    assert all(v.isdigit() or v == "none" for v in labels), labels
+
+
+def test_a_deleted_tenant_leaves_no_series(http: Session, admin: Admin, model_id: str) -> None:
+    gone, kept = admin.tenant("gone"), admin.tenant("kept")
+    body = {"model": model_id, "max_tokens": 2, "messages": [{"role": "user", "content": "d"}]}
+    for t in (gone, kept):
+        assert http.post("/v1/chat/completions", json=body, headers=t.headers).status_code == 200
+    assert {str(gone.id), str(kept.id)} <= _tenant_labels(http.get("/metrics",
+                                                                   headers=ADMIN).text)
+    assert admin.http.delete(f"/admin/tenants/{gone.id}").status_code == 200
+    labels = _tenant_labels(http.get("/metrics", headers=ADMIN).text)
+    assert str(gone.id) not in labels
+    assert str(kept.id) in labels
+
+
+def test_a_metrics_port_serves_metrics_there_only(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    settings = server_settings(tmp_path, device="cpu", metrics_port=0, metrics_key="scrape-me")
+    with ThreadServer(tmp_path, settings=settings) as srv:
+        port = srv.state.metrics.listen_port
+        assert port and port != srv.port
+        api, scraper = Session(srv.url), Session(f"http://127.0.0.1:{port}")
+        try:
+            assert api.get("/metrics", headers=ADMIN).status_code == 404
+            assert api.get("/metrics", headers={"Authorization": "Bearer scrape-me"}
+                           ).status_code == 404
+            assert scraper.get("/metrics").status_code == 401
+            assert scraper.get("/metrics", headers={"Authorization": "Bearer wrong"}
+                               ).status_code == 401
+            r = scraper.get("/metrics", headers={"Authorization": "Bearer scrape-me"})
+            assert r.status_code == 200 and "kvgate_cache_bytes" in r.text
+            assert scraper.get("/metrics", headers=ADMIN).status_code == 200
+            assert scraper.get("/v1/models", headers=ADMIN).status_code == 404
+            srv.state.settings.metrics_key = None  # no key: the port alone guards it
+            assert scraper.get("/metrics").status_code == 200
+            assert api.get("/metrics", headers=ADMIN).status_code == 404
+        finally:
+            api.close()
+            scraper.close()

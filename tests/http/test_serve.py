@@ -99,3 +99,20 @@ def test_serve_banner_and_graceful_sigterm(tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_a_taken_port_is_one_clear_line_before_the_model_loads(tmp_path: Path) -> None:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        db = tmp_path / "kvgate.db"
+        proc = subprocess.run(
+            [sys.executable, "-m", "gateway.cli", "serve", "--port", str(port),
+             "--db", f"sqlite:///{db}"],
+            capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == (
+        f"kvgate: cannot listen on 127.0.0.1:{port} (--port): Address already in use")
+    assert "Traceback" not in proc.stdout + proc.stderr
+    assert not db.exists()  # nothing was opened or created

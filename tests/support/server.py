@@ -197,7 +197,9 @@ class ThreadServer(Server):
     async def _serve(self) -> None:
         assert self.app is not None
         self._stop = asyncio.Event()
-        runner = web.AppRunner(self.app, shutdown_timeout=5)
+        from gateway.http.transport import GatewayRunner
+
+        runner = GatewayRunner(self.app, shutdown_timeout=5)
         try:
             if self.engine is not None:
                 await self.engine.start()

@@ -67,6 +67,11 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- if .Values.existingSecret.name }}{{ .Values.existingSecret.adminKeyKey }}{{ else }}admin-key{{ end }}
 {{- end }}
 
+{{/* The Secret key holding the metrics key; "" when there is none (existingSecret without metricsKeyKey). */}}
+{{- define "kvgate.metricsKeyKey" -}}
+{{- if .Values.existingSecret.name }}{{ .Values.existingSecret.metricsKeyKey }}{{ else }}metrics-key{{ end }}
+{{- end }}
+
 {{- define "kvgate.databaseUrlKey" -}}
 {{- if .Values.existingSecret.name }}{{ .Values.existingSecret.databaseUrlKey }}{{ else }}database-url{{ end }}
 {{- end }}
@@ -144,6 +149,9 @@ The database URL comes from the Secret when it is external; SQLite's is in the C
 {{- end }}
 {{- if and (not $external) .Values.autoscaling.enabled }}
 {{- fail "\n\nkvgate: autoscaling.enabled scales past one replica, which needs a shared database, but none is set. Without database.url the ledger is SQLite on a ReadWriteOnce volume that a single pod can open. Set database.url (PostgreSQL) or existingSecret.databaseUrlKey, or disable autoscaling." }}
+{{- end }}
+{{- if eq (int .Values.metrics.port) (int .Values.containerPort) }}
+{{- fail (printf "\n\nkvgate: metrics.port=%d is the API port (containerPort): /metrics needs a port of its own, which the API port never serves. Pick another metrics.port." (int .Values.metrics.port)) }}
 {{- end }}
 {{- if and .Values.existingSecret.name .Values.database.url }}
 {{- fail "\n\nkvgate: database.url is set together with existingSecret.name; the chart creates no Secret then, so the URL would be ignored. Put the URL in your Secret and name its key in existingSecret.databaseUrlKey, or unset existingSecret.name." }}
