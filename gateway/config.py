@@ -45,6 +45,15 @@ class Settings:
     spool_dir: str = ""
     spool_max_events: int = 10_000  # spooled events at which new requests get 503
     log_level: str = "info"
+    # How tool calls are read from the output: hermes | llama3 | mistral | none; "auto"
+    # picks from the chat template (vLLM's flag of the same name).
+    tool_call_parser: str = "auto"
+    # How long a stored Responses API answer (``store``) can be read or continued.
+    response_ttl_seconds: int = 30 * 86400
+    # Names clients may use in ``model`` fields (comma-separated; the first is the one
+    # reported); "" serves the model under its own id. vLLM's flag of the same name.
+    served_model_name: str = ""
+    max_model_len: int = 0  # caps the context (prompt + output); 0 = the model's own
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides: Any) -> Settings:

@@ -9,6 +9,8 @@ One concept per file:
 - ``attention.py``  our paged attention, registered with transformers
 - ``sequence.py``   one request's tokens, progress, pages, and stop handling
 - ``sampling.py``   SamplingParams and the choice of the next token
+- ``structured.py`` StructuredSpec: the JSON schema / regex / grammar an output must match
+- ``grammar.py``    compiles those (llguidance) and masks each step's logits in one op
 - ``scheduler.py``  continuous batching, chunked prefill, admission, preemption
 - ``runner.py``     one step as one packed varlen forward
 - ``commands.py``   the typed messages the asyncio side sends the engine thread
@@ -24,12 +26,14 @@ from gateway.engine.request import (
     EngineOverloaded,
     FinishEvent,
     GenerateRequest,
+    InvalidGrammar,
     InvalidTokens,
     PromptTooLong,
     SequenceFailed,
     TokenEvent,
 )
 from gateway.engine.sampling import SamplingParams
+from gateway.engine.structured import StructuredSpec, json_schema_spec
 
 __all__ = [
     "Engine",
@@ -38,11 +42,14 @@ __all__ = [
     "EngineOverloaded",
     "FinishEvent",
     "GenerateRequest",
+    "InvalidGrammar",
     "InvalidTokens",
     "PromptTooLong",
     "SamplingParams",
     "SequenceFailed",
+    "StructuredSpec",
     "TokenEvent",
+    "json_schema_spec",
 ]
 
 

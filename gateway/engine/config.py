@@ -35,6 +35,8 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.max_batch_tokens <= 0 or self.max_running <= 0:
             raise ValueError("block_size, max_batch_tokens and max_running must be positive")
+        if self.max_model_len < 0:
+            raise ValueError("max_model_len must be positive (0: the model's own context)")
         if self.dtype not in ("auto", *_DTYPES):
             raise ValueError(f"dtype {self.dtype!r}: use auto, float32, bfloat16 or float16")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):

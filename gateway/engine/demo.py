@@ -22,12 +22,46 @@ PAD = "<|pad|>"
 SPECIAL_TOKENS = (BOS, EOT, *ROLE_TOKENS, PAD)
 
 # One role marker per message, the text, then <|eot|>; unknown roles fall back to user.
+# Tools in the Hermes/Qwen form: their JSON in <tools></tools> in the system turn (before
+# the system text, in Anthropic's cache order: tools, system, messages), calls as
+# <tool_call>{"name", "arguments"}</tool_call> in assistant turns, results in
+# <tool_response>. Without tools, the text is the plain form above. ("\n" is written as
+# {{ NL }}: trim_blocks would eat a newline that follows a block tag.)
+_TOOLS_SYSTEM = (
+    "{% set NL = '\n' %}"
+    "{% if tools %}<|system|>"
+    "# Tools{{ NL }}{{ NL }}You may call one or more functions to assist with the user query."
+    "{{ NL }}{{ NL }}You are provided with function signatures within <tools></tools> XML "
+    "tags:{{ NL }}<tools>{% for t in tools %}{{ NL }}{{ t | tojson }}{% endfor %}{{ NL }}"
+    "</tools>{{ NL }}{{ NL }}For each function call, return a json object with function name "
+    "and arguments within <tool_call></tool_call> XML tags:{{ NL }}<tool_call>{{ NL }}"
+    '{"name": <function-name>, "arguments": <args-json-object>}{{ NL }}</tool_call>'
+    "{% if messages and messages[0]['role'] == 'system' %}{{ NL }}{{ NL }}"
+    "{{ messages[0]['content'] }}{% endif %}<|eot|>"
+    "{% endif %}"
+)
+_TOOL_CALLS = (
+    "{% for tc in m['tool_calls'] or [] %}"
+    "{% set f = tc['function'] if tc['function'] is defined else tc %}"
+    "{% if m['content'] or not loop.first %}{{ NL }}{% endif %}"
+    '<tool_call>{{ NL }}{"name": {{ f[\'name\'] | tojson }}, "arguments": '
+    "{% if f['arguments'] is string %}{{ f['arguments'] }}{% else %}{{ f['arguments'] | tojson }}"
+    "{% endif %}}{{ NL }}</tool_call>"
+    "{% endfor %}"
+)
 CHAT_TEMPLATE = (
-    "{{ bos_token }}"
+    "{{ bos_token }}" + _TOOLS_SYSTEM +
     "{% for m in messages %}"
-    "{% if m['role'] in ['system', 'user', 'assistant', 'tool'] %}<|{{ m['role'] }}|>"
+    "{% if tools and loop.first and m['role'] == 'system' %}"
+    "{% elif m['role'] == 'tool' %}<|tool|><tool_response>{{ NL }}{{ m['content'] }}{{ NL }}"
+    "</tool_response><|eot|>"
+    "{% elif m['role'] == 'assistant' and m['tool_calls'] is defined %}"
+    "<|assistant|>{{ m['content'] }}" + _TOOL_CALLS + "<|eot|>"
+    "{% else %}"
+    "{% if m['role'] in ['system', 'user', 'assistant'] %}<|{{ m['role'] }}|>"
     "{% else %}<|user|>{% endif %}"
     "{{ m['content'] }}<|eot|>"
+    "{% endif %}"
     "{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )

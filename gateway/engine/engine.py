@@ -23,6 +23,7 @@ import torch
 from cachestore import CacheStats, CacheStore
 from gateway.engine.commands import Add, Call, Cancel, Command, Stop
 from gateway.engine.config import EngineConfig
+from gateway.engine.grammar import GrammarEngine
 from gateway.engine.loader import LoadedModel, head_dim_of, load_model
 from gateway.engine.request import (
     EngineError,
@@ -37,9 +38,10 @@ from gateway.engine.request import (
     TokenEvent,
 )
 from gateway.engine.runner import ModelRunner
-from gateway.engine.sampling import sample
+from gateway.engine.sampling import sample, token_logprob
 from gateway.engine.scheduler import Chunk, Scheduler
 from gateway.engine.sequence import Sequence, append_token
+from gateway.usage import Usage
 from kernels.layout import KVLayout
 
 log = logging.getLogger("kvgate.engine")
@@ -82,6 +84,7 @@ class Engine:
         context = int(self.model_info["context_length"])
         self.max_model_len = min(config.max_model_len or context, context)
         self.model_info["context_length"] = self.max_model_len
+        self.tokenizer.max_tokens = self.max_model_len  # longer texts are refused untokenized
         self.model_info.update(
             block_size=config.block_size, page_bytes=self.layout.page_bytes,
             device_pages=device_pages, host_pages=host_pages,
@@ -95,8 +98,12 @@ class Engine:
         self.vocab_size = int(cfg.vocab_size)
         self.scheduler = Scheduler(config, self.store, self.max_model_len)
         self.runner = ModelRunner(self.model, self.store.device_pool, config.block_size)
+        # Structured outputs: grammars compiled against this tokenizer, masks per step
+        self.grammars = GrammarEngine(
+            self.tokenizer.tokenizer.to_str(), self.tokenizer.eos_token_ids,
+            max(self.vocab_size, self.tokenizer.vocab_size), threads=config.threads())
         self._inbox: queue.SimpleQueue[Command] = queue.SimpleQueue()
-        self._seqs: dict[str, Sequence] = {}  # engine thread only
+        self._seqs: dict[str, Sequence] = {}  # by seq_id; engine thread only
         self._active: set[str] = set()  # asyncio side: request ids with an open stream
         self._thread: threading.Thread | None = None
         # submitted - picked up = waiting in the inbox; each counter has one writer thread
@@ -118,14 +125,17 @@ class Engine:
 
     # -- the asyncio side -------------------------------------------------------------
 
-    def render_chat(self, messages: list[dict[str, Any]]) -> list[int]:
-        return self.tokenizer.apply_chat_template(messages)
+    def render_chat(self, messages: list[dict[str, Any]],
+                    tools: list[dict[str, Any]] | None = None) -> list[int]:
+        return self.tokenizer.apply_chat_template(messages, tools=tools)
 
     def check(self, request: GenerateRequest) -> None:
         """Raises ``PromptTooLong`` / ``InvalidTokens`` / ``EngineOverloaded`` before
         anything is queued."""
         self.scheduler.check(len(request.prompt_token_ids))
         self._check_tokens(request.prompt_token_ids)
+        if request.sampling.structured is not None:  # InvalidGrammar; cached once compiled
+            self.grammars.compile(request.sampling.structured)
         if self.queue_depth() >= self.config.max_queue:
             raise EngineOverloaded(
                 f"{self.queue_depth()} requests are waiting for the engine; retry shortly"
@@ -162,6 +172,7 @@ class Engine:
         self._submitted += 1
         self._inbox.put(Add(seq))
         finished = False
+        remaining = request.sampling.n  # one FinishEvent per choice
         try:
             while True:
                 ev = await events.get()
@@ -172,8 +183,10 @@ class Engine:
                     raise SequenceFailed(ev.usage, ev.error) from ev.error
                 yield ev
                 if isinstance(ev, FinishEvent):
-                    finished = True
-                    return
+                    remaining -= 1
+                    if remaining == 0:
+                        finished = True
+                        return
         finally:
             self._active.discard(request.request_id)
             if not finished:
@@ -235,7 +248,7 @@ class Engine:
                         try:
                             self._fail(seq, exc)
                         except Exception:  # its pages could not be released: still tell it
-                            self._seqs.pop(seq.request_id, None)
+                            self._seqs.pop(seq.seq_id, None)
                             seq.emit(ErrorEvent(exc))
 
     def _handle(self, cmd: Add | Cancel | Call) -> None:
@@ -246,10 +259,9 @@ class Engine:
             except PromptTooLong as exc:
                 cmd.seq.emit(ErrorEvent(exc))
                 return
-            self._seqs[cmd.seq.request_id] = cmd.seq
-        elif isinstance(cmd, Cancel):
-            seq = self._seqs.get(cmd.request_id)
-            if seq is not None:
+            self._seqs[cmd.seq.seq_id] = cmd.seq
+        elif isinstance(cmd, Cancel):  # every choice of the request
+            for seq in [s for s in self._seqs.values() if s.request_id == cmd.request_id]:
                 self._finish(seq, "cancelled")
         else:
             try:
@@ -287,6 +299,7 @@ class Engine:
                     self._fail(seq, PromptTooLong("the prompt does not fit in the device KV cache"))
             return
         computed = self._forward(chunks)
+        self.grammars.apply(computed)  # structured outputs: masks, one op per logits tensor
         now = time.monotonic()
         for chunk, logits in computed:
             try:
@@ -319,35 +332,71 @@ class Engine:
         self.scheduler.commit(seq)
         if logits is None:
             return
-        token = sample(logits, seq.params, seq.generator)
+        if seq.params.n > 1 and seq.index == 0 and not seq.forked:
+            self._fork(seq, logits, now)
+        self._take(seq, logits, now)
+
+    def _take(self, seq: Sequence, logits: torch.Tensor, now: float) -> None:
+        """Sample the next token from ``logits``, append it, send it, finish if it ends."""
+        params = seq.params
+        token = sample(logits, params, seq.generator, seq.token_ids, seq.num_prompt_tokens)
+        logprobs = None
+        if params.logprobs is not None:
+            logprobs = [token_logprob(logits, token, params.logprobs)]
         prompt_usage = None
         if seq.first_token_at is None:
             seq.first_token_at = now
-            prompt_usage = seq.usage()
-        text, reason = append_token(seq, token, self.tokenizer.eos_token_ids, self.max_model_len)
+            if seq.index == 0:  # the prompt is billed with choice 0 only
+                prompt_usage = seq.usage()
+        complete = self.grammars.accept(seq, token)  # its grammar allows nothing more
+        text, reason = append_token(seq, token, self.tokenizer.eos_token_ids, self.max_model_len,
+                                    complete=complete)
+        event = TokenEvent(text, [token], prompt_usage, seq.index, logprobs)
         if seq.request.stream:
-            seq.emit(TokenEvent(text, [token], prompt_usage))
+            seq.emit(event)
         else:
-            seq.held.append(TokenEvent(text, [token], prompt_usage))
+            seq.held.append(event)
         if reason is not None:
             self._finish(seq, reason)
+
+    def _fork(self, parent: Sequence, logits: torch.Tensor, now: float) -> None:
+        """Choices 1..n-1 of ``parent``'s request, started once its prompt is computed:
+        each samples its first token from the same logits row (with its own seed) and
+        runs on the parent's prompt pages (``Scheduler.fork``): one prefill for all."""
+        parent.forked = True
+        for index in range(1, parent.params.n):
+            child = Sequence(parent.request, self.tokenizer, arrival=parent.arrival, index=index)
+            child.emit = parent.emit
+            self._seqs[child.seq_id] = child
+            try:
+                self._take(child, logits, now)
+                if not child.is_finished:
+                    self.scheduler.fork(parent, child)
+            except Exception as exc:
+                log.exception("choice %d of request %s failed at its fork", index,
+                              parent.request_id)
+                self._fail(child, exc)
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         self.scheduler.finish(seq, reason)
         self._report_finish(seq)
 
     def _report_finish(self, seq: Sequence) -> None:
-        self._seqs.pop(seq.request_id, None)
+        self._seqs.pop(seq.seq_id, None)
         seq.finish_reason = seq.finish_reason or "stop"
         self._release_held(seq)
         ttft = None if seq.first_token_at is None else seq.first_token_at - seq.arrival
-        seq.emit(FinishEvent(seq.usage(), seq.finish_reason, ttft_s=ttft,
-                             engine_s=time.monotonic() - seq.arrival,
-                             stop_sequence=seq.stop_sequence))
+        engine_s = time.monotonic() - seq.arrival
+        seq.emit(FinishEvent(seq.usage(), seq.finish_reason, ttft_s=ttft, engine_s=engine_s,
+                             stop_sequence=seq.stop_sequence, index=seq.index))
+        if seq.index == 0 and not seq.forked:  # ended before its prompt was computed
+            for index in range(1, seq.params.n):
+                seq.emit(FinishEvent(Usage(seq.num_prompt_tokens), seq.finish_reason,
+                                     engine_s=engine_s, index=index))
 
     def _fail(self, seq: Sequence, exc: BaseException) -> None:
         self.scheduler.finish(seq, "error")
-        self._seqs.pop(seq.request_id, None)
+        self._seqs.pop(seq.seq_id, None)
         self._release_held(seq)
         # An error the client is told about (the prompt never fit) is raised as it is; any
         # other failure carries the usage so far, for the bill.
@@ -359,8 +408,12 @@ class Engine:
         if seq.held:
             held, seq.held = seq.held, []
             # the first token is held too, and it carries the prompt usage
+            logprobs = None
+            if seq.params.logprobs is not None:
+                logprobs = [lp for e in held for lp in e.logprobs or []]
             seq.emit(TokenEvent("".join(e.text for e in held),
-                                [t for e in held for t in e.token_ids], held[0].prompt_usage))
+                                [t for e in held for t in e.token_ids], held[0].prompt_usage,
+                                seq.index, logprobs))
 
     def _shutdown(self) -> None:
         """Every stream still open ends with a ``cancelled`` finish, none hangs."""

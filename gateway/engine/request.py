@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from gateway.engine.sampling import SamplingParams
+from gateway.engine.sampling import SamplingParams, TokenLogprob
 from gateway.usage import Usage
 
 
@@ -31,6 +31,10 @@ class InvalidTokens(EngineError):
         )
         self.position = position
         self.token_id = token_id
+
+
+class InvalidGrammar(EngineError):
+    """A structured-output spec (JSON schema, regex, Lark grammar) that does not compile."""
 
 
 class SequenceFailed(Exception):
@@ -62,6 +66,9 @@ class TokenEvent:
     # On the first token only: the usage so far. Its prompt side (cached and cache-write
     # tokens) is final by then, so a stream can report it up front.
     prompt_usage: Usage | None = None
+    index: int = 0  # which of the request's ``n`` choices
+    # With ``SamplingParams.logprobs``: one entry per token of ``token_ids``
+    logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass
@@ -71,6 +78,7 @@ class FinishEvent:
     ttft_s: float | None = None  # arrival to the first sampled token, on the engine's clock
     engine_s: float = 0.0  # arrival to the finish
     stop_sequence: str | None = None  # the stop string that ended the output, if one did
+    index: int = 0  # which of the request's ``n`` choices; a request ends after n finishes
 
 
 @dataclass

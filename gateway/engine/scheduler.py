@@ -18,6 +18,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from cachestore import CacheStore
+from cachestore.pool import copy_pages
 from gateway.engine.config import EngineConfig
 from gateway.engine.request import PromptTooLong
 from gateway.engine.sequence import Sequence, Status
@@ -57,6 +58,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.num_forks = 0  # choices that started on their parent's pages (n > 1)
 
     # -- admission -------------------------------------------------------------------
 
@@ -130,7 +132,7 @@ class Scheduler:
         req = seq.request
         seq.admissions += 1
         handle = self.store.open(
-            f"{seq.request_id}#{seq.admissions}",
+            f"{seq.seq_id}#{seq.admissions}",
             req.namespace,
             ttl_segments=list(req.ttl_segments),
             default_ttl_s=req.default_ttl_s,
@@ -147,7 +149,7 @@ class Scheduler:
                 seq.admissions -= 1
         if not admitted:
             return None
-        if seq.admissions == 1:
+        if seq.admissions == 1 and seq.index == 0:  # the prompt is billed once, with choice 0
             seq.cached_tokens = min(cached, seq.num_prompt_tokens)
             self.store.record_prompt(req.namespace, seq.num_prompt_tokens, seq.cached_tokens)
         seq.handle = handle
@@ -156,6 +158,42 @@ class Scheduler:
         seq.status = Status.RUNNING
         self.running.append(seq)
         return Chunk(seq, cached, n)
+
+    def fork(self, parent: Sequence, child: Sequence) -> None:
+        """Run ``child`` (the prompt and its own first token) on ``parent``'s computed
+        prompt: the full pages are shared through the cache (the parent has committed them),
+        the partial last page is copied, so no prompt token is computed twice. Without room
+        the child waits and is admitted like any request (its prompt then hits the cache)."""
+        assert parent.handle is not None, "a parent forks while it holds its pages"
+        prompt_len = child.num_prompt_tokens
+        if len(self.running) < self.config.max_running:
+            child.admissions += 1
+            req = child.request
+            handle = self.store.open(f"{child.seq_id}#{child.admissions}", req.namespace,
+                                     ttl_segments=list(req.ttl_segments),
+                                     default_ttl_s=req.default_ttl_s)
+            admitted = False
+            try:
+                cached = int(self.store.match(handle, child.token_ids[:prompt_len]).num_cached_tokens)
+                admitted = self.store.allocate(handle, len(child))
+                full = prompt_len // self.block_size
+                if admitted and cached == full * self.block_size < prompt_len:
+                    copy_pages(self.store.device_pool, self.store.device_pool,
+                               [parent.handle.block_table[full]], [handle.block_table[full]])
+                    cached = prompt_len
+            finally:
+                if not admitted:
+                    self.store.release(handle)
+                    child.admissions -= 1
+            if admitted:
+                child.handle = handle
+                child.num_computed = cached
+                child.num_committed_blocks = cached // self.block_size
+                child.status = Status.RUNNING
+                self.running.append(child)
+                self.num_forks += 1
+                return
+        self.waiting.appendleft(child)
 
     # -- after the step ------------------------------------------------------------------
 

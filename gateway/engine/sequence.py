@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -18,6 +19,9 @@ from cachestore import CacheSeq
 from gateway.engine.request import EngineEvent, GenerateRequest, TokenEvent
 from gateway.engine.tokenizer import IncrementalDecoder, TextTokenizer
 from gateway.usage import Usage
+
+if TYPE_CHECKING:
+    import llguidance
 
 
 class Status(enum.Enum):
@@ -27,9 +31,15 @@ class Status(enum.Enum):
 
 
 class Sequence:
-    def __init__(self, request: GenerateRequest, tokenizer: TextTokenizer, arrival: float | None = None):
+    def __init__(self, request: GenerateRequest, tokenizer: TextTokenizer,
+                 arrival: float | None = None, index: int = 0):
         self.request = request
         self.request_id = request.request_id
+        # Choice ``index`` of the request's n; choices after the first are forked from it
+        # once its prompt is computed (``Engine._fork``), so they share its prefill.
+        self.index = index
+        self.seq_id = request.request_id if index == 0 else f"{request.request_id}/{index}"
+        self.forked = False  # choice 0 of n > 1: its followers exist
         self.params = request.sampling
         self.token_ids: list[int] = list(request.prompt_token_ids)
         self.num_prompt_tokens = len(self.token_ids)
@@ -38,7 +48,7 @@ class Sequence:
         self.status = Status.WAITING
         self.handle: CacheSeq | None = None  # the cachestore's state while admitted
         self.admissions = 0
-        self.generator: torch.Generator | None = self.params.make_generator()
+        self.generator: torch.Generator | None = self.params.make_generator(index)
         self.decoder = IncrementalDecoder(tokenizer)
         self.emitted_chars = 0  # of decoder.text, already sent to the client
         # The prompt's cache split, fixed at the first admission (a recompute after a
@@ -51,6 +61,8 @@ class Sequence:
         self.stop_sequence: str | None = None  # the stop string that ended the output
         self.emit: Callable[[EngineEvent], None] = lambda event: None  # set by the facade
         self.held: list[TokenEvent] = []  # not yet sent (requests that do not stream)
+        # Structured outputs: this sequence's grammar state (``GrammarEngine.of`` makes it)
+        self.grammar: llguidance.LLMatcher | None = None
 
     def usage(self) -> Usage:
         """The usage so far: the prompt's split is final once the first token exists."""
@@ -77,8 +89,10 @@ class Sequence:
         return self.status is Status.FINISHED
 
 
-def append_token(seq: Sequence, token_id: int, eos_token_ids: list[int], max_len: int) -> tuple[str, str | None]:
+def append_token(seq: Sequence, token_id: int, eos_token_ids: list[int], max_len: int,
+                 complete: bool = False) -> tuple[str, str | None]:
     """Add a sampled token; returns (text to send now, finish reason or None).
+    ``complete``: the sequence's grammar is complete, nothing may follow (``stop``).
 
     Stop strings are searched in the detokenized text; text that could still become the
     start of a stop string is held back, and text from a stop string on is never sent. The
@@ -94,8 +108,9 @@ def append_token(seq: Sequence, token_id: int, eos_token_ids: list[int], max_len
     else:
         decoder.push(token_id)
         found = _find_stop(decoder.text, params.stop, seq.emitted_chars)
-        if found is None and (seq.num_output >= params.max_tokens or len(seq.token_ids) >= max_len):
-            reason = "length"
+        if found is None and (complete or seq.num_output >= params.max_tokens
+                              or len(seq.token_ids) >= max_len):
+            reason = "stop" if complete else "length"
             decoder.flush()  # the held end of the text may complete a stop string
             found = _find_stop(decoder.text, params.stop, seq.emitted_chars)
         if found is not None:

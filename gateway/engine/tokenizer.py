@@ -20,6 +20,8 @@ import jinja2
 import jinja2.sandbox
 from tokenizers import Tokenizer
 
+from gateway.engine.request import PromptTooLong
+
 
 class TextTokenizer:
     def __init__(
@@ -45,6 +47,8 @@ class TextTokenizer:
         # Spellings of the special tokens, longest first (a regex alternation takes the first).
         self._specials = sorted({added[i].content for i in self.special_ids}, key=len, reverse=True)
         self._special_re = re.compile("|".join(map(re.escape, self._specials))) if self._specials else None
+        self._bytes_per_token = _bytes_per_token_bound(tokenizer)
+        self.max_tokens: int | None = None  # the model's context, set by the engine
         self._template = None
         if chat_template:
             # The same environment transformers renders templates in, so model templates
@@ -66,29 +70,47 @@ class TextTokenizer:
         ``allow_special`` (template text only): a raw completion prompt is the client's
         text, and token-id prompts are the way to send control tokens. ``add_special_tokens``
         runs the tokenizer's post-processor (e.g. a BOS)."""
+        self.check_length(text)
         tok = self.tokenizer if allow_special else self._plain
         # encode_batch releases the GIL while it tokenizes (encode does not), so a big prompt
         # tokenized on a worker thread does not stop the server's event loop.
         return tok.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
 
+    def check_length(self, text: str) -> None:
+        """Refuse, without tokenizing, a text that must be more tokens than the context:
+        every token covers at most ``_bytes_per_token`` bytes, and a text has at least as
+        many bytes as characters, so ``len(text) / _bytes_per_token`` tokens at least. A
+        4 MB prompt then costs a length check, not seconds of tokenizing."""
+        bound = self._bytes_per_token
+        if self.max_tokens is not None and bound is not None \
+                and len(text) > self.max_tokens * bound:
+            raise PromptTooLong(
+                f"the text is {len(text)} characters, at least {len(text) // bound} tokens; "
+                f"this model's context is {self.max_tokens} tokens")
+
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
-    def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
-        """Chat messages → prompt text; list-of-parts content is flattened to its text parts."""
+    def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                    tools: list[dict[str, Any]] | None = None) -> str:
+        """Chat messages → prompt text; list-of-parts content is flattened to its text parts.
+        ``tools`` (OpenAI function tools) reach the template as ``tools``, as transformers
+        passes them; assistant ``tool_calls`` and ``tool`` messages pass through as given."""
         if self._template is None:
             raise ValueError("this model has no chat template; use /v1/completions with a raw prompt")
         flat = [{**m, "content": _text_of(m.get("content"))} for m in messages]
         return self._template.render(
             messages=flat,
+            tools=tools or None,
             add_generation_prompt=add_generation_prompt,
             bos_token=self.bos_token or "",
             eos_token=self.eos_token or "",
         )
 
-    def apply_chat_template(self, messages: list[dict[str, Any]]) -> list[int]:
-        """Messages → ids: special tokens the template writes become their ids; the same
-        spelling inside the messages' strings stays plain text.
+    def apply_chat_template(self, messages: list[dict[str, Any]],
+                            tools: list[dict[str, Any]] | None = None) -> list[int]:
+        """Messages (and tools) → ids: special tokens the template writes become their ids;
+        the same spelling inside the messages' or tools' strings stays plain text.
 
         Each special token spelled in a message string is swapped for a marker no client
         can guess before rendering, so the template sees the rest of the text as it is
@@ -97,7 +119,7 @@ class TextTokenizer:
         Messages without such spellings give exactly the ids of the whole rendered text.
         """
         if self._special_re is None:
-            return self.encode(self.render_chat(messages), allow_special=True)
+            return self.encode(self.render_chat(messages, tools=tools), allow_special=True)
         nonce = secrets.token_hex(8)
         index = {t: i for i, t in enumerate(self._specials)}
         pattern = self._special_re
@@ -107,11 +129,13 @@ class TextTokenizer:
                 return pattern.sub(lambda m: f"\ue000{nonce}.{index[m.group()]}\ue001", value)
             if isinstance(value, list):
                 return [guard(v) for v in value]
-            if isinstance(value, dict):
-                return {k: guard(v) for k, v in value.items()}
+            if isinstance(value, dict):  # keys too: tool schemas' property names
+                return {guard(k): guard(v) for k, v in value.items()}
             return value
 
-        text = self.render_chat([guard(m) for m in messages])
+        text = self.render_chat([guard(m) for m in messages],
+                                tools=guard(tools) if tools else None)
+        self.check_length(text)
         parts = re.split(f"\ue000{nonce}\\.(\\d+)\ue001", text)
         ids: list[int] = []
         for i, part in enumerate(parts):
@@ -120,6 +144,41 @@ class TextTokenizer:
             elif part:
                 ids += self.encode(part, allow_special=True)
         return ids
+
+
+# Normalizers that can shrink a text by at most a factor of 4 in bytes (Unicode
+# composition, one character for another); any other (e.g. one that strips) voids the bound.
+_BOUNDED_NORMALIZERS = {"NFC", "NFD", "NFKC", "NFKD", "Prepend", "Replace", "Lowercase",
+                        "Sequence"}
+
+
+def _bytes_per_token_bound(tokenizer: Tokenizer) -> int | None:
+    """At most how many bytes of (normalized-away) input one token can stand for, or None
+    when no safe bound is known. A token's spelling in the vocabulary has at most 4 bytes
+    per character (byte-level vocabularies spell one byte per character, so this is loose),
+    times 4 again when a normalizer may compose characters."""
+    spec = json.loads(tokenizer.to_str())
+    normalizer = spec.get("normalizer")
+    kinds: set[str] = set()
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            if "type" in node:
+                kinds.add(str(node["type"]))
+                if node["type"] == "Replace" and not node.get("content"):
+                    kinds.add("<deletes>")
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(normalizer)
+    if not kinds <= _BOUNDED_NORMALIZERS:
+        return None
+    vocab = tokenizer.get_vocab(with_added_tokens=True)
+    longest = max((len(t) for t in vocab), default=1)
+    return longest * 4 * (4 if normalizer else 1)
 
 
 def _text_of(content: Any) -> str:

@@ -112,7 +112,10 @@ async def create_tenant(request: web.Request) -> web.Response:
 
 
 async def list_tenants(request: web.Request) -> web.Response:
-    return _json({"object": "list", "data": await state_of(request).ledger.list_tenants()})
+    try:
+        return _json({"object": "list", "data": await state_of(request).ledger.list_tenants()})
+    except LedgerError as exc:
+        raise _ledger_error(exc) from None
 
 
 async def get_tenant(request: web.Request) -> web.Response:

@@ -1,24 +1,27 @@
-"""Anthropic-compatible /v1/messages, with ``cache_control`` breakpoints as TTL segments.
+"""Anthropic-compatible /v1/messages and /v1/messages/count_tokens.
 
-A breakpoint on a block marks every prompt token up to and including that block with the
-breakpoint's TTL class; the token offset is found by rendering the conversation cut after
-that block and taking its common prefix with the full rendering (chat templates close a
-turn after its content, which the full prompt does not have at that point).
+The prompt (tools, system, messages, ``cache_control`` breakpoints as TTL segments) is
+``anthropic_prompt``'s; tool use and the content blocks of the answer are
+``anthropic_tools``'. This module validates the rest and speaks the Messages shapes.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, replace
+from typing import Any
 
 from aiohttp import web
 
 from gateway.engine import SamplingParams
 from gateway.http.admission import admitted
+from gateway.http.anthropic_prompt import Conversation, parse_conversation, ttl_of, ttl_segments
+from gateway.http.anthropic_tools import Blocks, ToolChoice, forced_grammar, parse_tool_choice
 from gateway.http.errors import ClientGone, bad_request
 from gateway.http.generation import Generation
+from gateway.http.openai_tools import server_parser
 from gateway.http.sse import open_stream, send
 from gateway.http.state import AppState, ctx_of, state_of
+from gateway.http.tools import ToolParser
 from gateway.http.validation import (
     check_model,
     field,
@@ -31,14 +34,7 @@ from gateway.http.validation import (
 )
 from gateway.usage import Usage
 
-if TYPE_CHECKING:  # the engine pulls in torch; the ledger-only CLI must not
-    from gateway.engine.engine import Engine
-
-TTL_SECONDS = {"5m": 300.0, "1h": 3600.0}
-MAX_BREAKPOINTS = 4
 _UNSUPPORTED = {
-    "tools": "tool use is not implemented",
-    "tool_choice": "tool use is not implemented",
     "thinking": "extended thinking is not implemented",
     "mcp_servers": "MCP servers are not supported",
     "container": "containers are not supported",
@@ -46,17 +42,12 @@ _UNSUPPORTED = {
 _STOP = {"stop": "end_turn", "length": "max_tokens", "cancelled": "end_turn"}
 
 
-def _stop_reason(gen: Generation) -> str:
+def _stop_reason(gen: Generation, blocks: Blocks) -> str:
+    if blocks.calls:  # the answer calls tools: the client runs them and comes back
+        return "tool_use"
     if gen.stop_sequence is not None:  # one of the request's stop_sequences ended it
         return "stop_sequence"
     return _STOP.get(gen.finish_reason or "stop", "end_turn")
-
-
-@dataclass
-class Breakpoint:
-    message: int  # index into the rendered message list (system first, if any)
-    block: int  # index of the block inside that message
-    ttl_s: float
 
 
 def anthropic_usage(u: Usage) -> dict[str, Any]:
@@ -71,86 +62,23 @@ def anthropic_usage(u: Usage) -> dict[str, Any]:
     }
 
 
-def _ttl(cc: Any, param: str) -> float | None:
-    if cc is None:
-        return None
-    if not isinstance(cc, dict) or cc.get("type") != "ephemeral":
-        raise bad_request(f"'{param}' must be an object with type 'ephemeral' and an "
-                          "optional ttl of '5m' or '1h'.")
-    ttl = cc.get("ttl", "5m")
-    if not isinstance(ttl, str) or ttl not in TTL_SECONDS:
-        raise bad_request(f"'{param}.ttl' must be \"5m\" or \"1h\", got {ttl!r}.")
-    return TTL_SECONDS[ttl]
+@dataclass
+class _Prompt:
+    """What a Messages body renders to; a real request and count_tokens share it."""
+
+    model: str
+    conversation: Conversation
+    choice: ToolChoice | None
+    ids: list[int]
 
 
-def _blocks(content: Any, param: str) -> list[tuple[str, float | None]]:
-    """(text, ttl of a breakpoint on this block) for each block of one message."""
-    if isinstance(content, str):
-        return [(content, None)]
-    if not isinstance(content, list) or not content:
-        raise bad_request(f"'{param}' must be a string or a non-empty list of text blocks.")
-    out = []
-    for j, block in enumerate(content):
-        p = f"{param}[{j}]"
-        if not isinstance(block, dict) or block.get("type") != "text" \
-                or not isinstance(block.get("text"), str):
-            raise bad_request(f"'{p}' must be a text block; images, documents and tool blocks "
-                              "are not supported.")
-        out.append((block["text"], _ttl(block.get("cache_control"), f"{p}.cache_control")))
-    return out
-
-
-def parse_conversation(body: dict) -> tuple[list[str], list[list[tuple[str, float | None]]]]:
-    """Roles and blocks, system first; validates shape and roles."""
-    roles: list[str] = []
-    blocks: list[list[tuple[str, float | None]]] = []
-    system = body.get("system")
-    if system is not None and system != "" and system != []:
-        roles.append("system")
-        blocks.append(_blocks(system, "system"))
-    messages = field(body, "messages", list, required=True)
-    if not messages:
-        raise bad_request("'messages' must hold at least one message.")
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ("user", "assistant"):
-            raise bad_request(f"'messages[{i}]' must be an object with role 'user' or "
-                              "'assistant'.")
-        roles.append(m["role"])
-        blocks.append(_blocks(m.get("content"), f"messages[{i}].content"))
-    return roles, blocks
-
-
-def _render(engine: Engine, roles: list[str], blocks: list[list[tuple[str, float | None]]],
-            upto: Breakpoint | None = None) -> list[int]:
-    msgs = []
-    for i, (role, bl) in enumerate(zip(roles, blocks, strict=False)):
-        if upto is not None and i > upto.message:
-            break
-        kept = bl if upto is None or i < upto.message else bl[: upto.block + 1]
-        msgs.append({"role": role, "content": "".join(t for t, _ in kept)})
-    return list(engine.render_chat(msgs))
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
-def ttl_segments(engine: Engine, roles: list[str], blocks: list[list[tuple[str, float | None]]],
-                 prompt: list[int], top_level: float | None) -> list[tuple[int, float]]:
-    points = [Breakpoint(i, j, ttl) for i, bl in enumerate(blocks)
-              for j, (_, ttl) in enumerate(bl) if ttl is not None]
-    if len(points) + (top_level is not None) > MAX_BREAKPOINTS:
-        raise bad_request(f"At most {MAX_BREAKPOINTS} cache_control breakpoints are allowed.")
-    segments = [(_common_prefix(_render(engine, roles, blocks, p), prompt), p.ttl_s)
-                for p in points]
-    if top_level is not None:
-        segments.append((len(prompt), top_level))
-    return sorted(segments)
+def _prompt(state: AppState, body: dict) -> _Prompt:
+    model = field(body, "model", str, required=True)
+    conv = parse_conversation(body)
+    reject(body, _UNSUPPORTED)
+    choice = parse_tool_choice(body, conv.tools)
+    model = check_model(state, model)
+    return _Prompt(model, conv, choice, conv.render(state.engine))
 
 
 @dataclass
@@ -162,44 +90,62 @@ class _Prepared:
     prompt: list[int]
     sampling: SamplingParams
     segments: list[tuple[int, float]]
+    choice: ToolChoice | None
+    parser: ToolParser | None
 
 
 def _prepare(state: AppState, body: dict) -> _Prepared:
     """Validation, chat template and tokenizing (breakpoints included); may run on a worker
     thread (``prepare``)."""
-    model = field(body, "model", str, required=True)
     max_tokens = field(body, "max_tokens", int, required=True)
     stream = field(body, "stream", bool, default=False)
-    roles, blocks = parse_conversation(body)
-    reject(body, _UNSUPPORTED)
-    top_level = _ttl(body.get("cache_control"), "cache_control")
-    check_model(state, model)
-    prompt = _render(state.engine, roles, blocks)
-    budget = token_budget(state, len(prompt), max_tokens, "max_tokens")
+    p = _prompt(state, body)
+    top_level = ttl_of(body.get("cache_control"), "cache_control")
+    budget = token_budget(state, len(p.ids), max_tokens, "max_tokens")
     top_k = field(body, "top_k", int, default=0)
     if top_k < 0:
         raise bad_request("'top_k' must be >= 0.")
+    parser = server_parser(state) if p.choice is not None else None
     sampling = SamplingParams(
         max_tokens=budget, temperature=number(body, "temperature", 0.0, 1.0, 1.0),
         top_p=number(body, "top_p", 0.0, 1.0, 1.0), top_k=top_k,
         stop=stop_list(body, "stop_sequences", max_items=16))
-    segments = ttl_segments(state.engine, roles, blocks, prompt, top_level)
-    return _Prepared(model, stream, prompt, sampling, segments)
+    structured = forced_grammar(p.choice, p.conversation.tools, parser)
+    if structured is not None:
+        sampling = replace(sampling, structured=structured)
+    segments = ttl_segments(state.engine, p.conversation, p.ids, top_level)
+    return _Prepared(p.model, stream, p.ids, sampling, segments, p.choice, parser)
+
+
+def _count(state: AppState, body: dict) -> int:
+    ttl_of(body.get("cache_control"), "cache_control")
+    return len(_prompt(state, body).ids)
+
+
+async def count_tokens(request: web.Request) -> web.Response:
+    """The prompt's tokens, rendered as the same body would be for /v1/messages: nothing
+    is generated or billed."""
+    state = state_of(request)
+    n = await prepare(await read_body(request), lambda body: _count(state, body))
+    return web.json_response({"input_tokens": n})
 
 
 @admitted
 async def messages(request: web.Request) -> web.StreamResponse:
     state = state_of(request)
     p = await prepare(await read_body(request), lambda body: _prepare(state, body))
-    model, stream, prompt, sampling, segments = (p.model, p.stream, p.prompt, p.sampling,
-                                                 p.segments)
-    async with Generation(request, "messages", model, prompt, sampling, segments) as gen:
-        if stream:
-            return await _stream(request, gen)
+    async with Generation(request, "messages", p.model, p.prompt, p.sampling,
+                          p.segments) as gen:
+        blocks = Blocks(p.parser, p.choice, eager=p.choice is None)
+        if p.stream:
+            return await _stream(request, gen, blocks)
         text = await gen.run()
         assert gen.usage is not None
-        return web.json_response({**_message(gen, [{"type": "text", "text": text}]),
-                                  "stop_reason": _stop_reason(gen),
+        blocks.opening()
+        blocks.feed(text)
+        blocks.finish()
+        return web.json_response({**_message(gen, blocks.content),
+                                  "stop_reason": _stop_reason(gen, blocks),
                                   "stop_sequence": gen.stop_sequence,
                                   "usage": anthropic_usage(gen.usage)})
 
@@ -210,7 +156,7 @@ def _message(gen: Generation, content: list) -> dict:
             "stop_sequence": None}
 
 
-async def _stream(request: web.Request, gen: Generation) -> web.StreamResponse:
+async def _stream(request: web.Request, gen: Generation, blocks: Blocks) -> web.StreamResponse:
     """Anthropic's event sequence. ``message_start`` is sent after the first token, when
     the prompt's cache split (read, written, uncached) is final; ``message_delta`` carries
     the billed numbers (cumulative, as the SDK expects)."""
@@ -228,18 +174,18 @@ async def _stream(request: web.Request, gen: Generation) -> web.StreamResponse:
         await send(resp, {"type": "message_start",
                           "message": {**_message(gen, []), "usage": start_usage}},
                    "message_start")
-        await send(resp, {"type": "content_block_start", "index": 0,
-                          "content_block": {"type": "text", "text": ""}}, "content_block_start")
+        for name, data in blocks.opening():
+            await send(resp, data, name)
         await send(resp, {"type": "ping"}, "ping")
         while piece is not None:
-            await send(resp, {"type": "content_block_delta", "index": 0,
-                              "delta": {"type": "text_delta", "text": piece}},
-                       "content_block_delta")
+            for name, data in blocks.feed(piece):
+                await send(resp, data, name)
             piece = await anext(pieces, None)
         assert gen.usage is not None  # billed before the closing events
-        await send(resp, {"type": "content_block_stop", "index": 0}, "content_block_stop")
+        for name, data in blocks.finish():
+            await send(resp, data, name)
         await send(resp, {"type": "message_delta",
-                          "delta": {"stop_reason": _stop_reason(gen),
+                          "delta": {"stop_reason": _stop_reason(gen, blocks),
                                     "stop_sequence": gen.stop_sequence},
                           "usage": anthropic_usage(gen.usage)}, "message_delta")
         await send(resp, {"type": "message_stop"}, "message_stop")

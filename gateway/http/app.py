@@ -10,13 +10,22 @@ from aiohttp import web
 
 from gateway.config import Settings
 from gateway.engine import Engine, EngineConfig
-from gateway.http import admin, anthropic_api, openai_api
+from gateway.http import (
+    admin,
+    anthropic_api,
+    completions_api,
+    models_api,
+    openai_api,
+    responses_api,
+    tokenize_api,
+)
 from gateway.http.errors import ApiError, error_response
 from gateway.http.limits import Limiter
 from gateway.http.metrics import Metrics
 from gateway.http.middleware import auth_middleware, context_middleware, on_response_prepare
 from gateway.http.openapi import spec
 from gateway.http.state import STATE, AppState, state_of
+from gateway.http.tools import parser_for
 from gateway.http.transport import handler_args
 from gateway.ledger import Ledger, LedgerUnavailable, migrates_on_start
 from gateway.ledger.spool import default_spool_dir
@@ -38,7 +47,7 @@ async def readyz(request: web.Request) -> web.Response:
         raise ApiError(503, f"not admitting requests: {health.refusing} (database "
                        f"{health.database}, {health.spool_events} usage events spooled)",
                        code="not_ready", retry_after=5.0)
-    return web.json_response({"status": "ready", "model": state.engine.model_id,
+    return web.json_response({"status": "ready", "model": models_api.served_names(state)[0],
                               "ledger": {"database": health.database,
                                          "spool_events": health.spool_events}})
 
@@ -77,6 +86,8 @@ async def _may_read_metrics(request: web.Request, state: AppState, own_port: boo
     settings = state.settings
     auth = request.headers.get("Authorization", "")
     key = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
+    if not (key.isascii() and key.isprintable()):
+        return False  # no key we issued (undecodable header bytes arrive as surrogates)
     if settings.metrics_key and key and hmac.compare_digest(key.encode(),
                                                            settings.metrics_key.encode()):
         return True
@@ -114,13 +125,20 @@ async def openapi(request: web.Request) -> web.Response:
 def _routes() -> list[web.RouteDef]:
     return [
         web.get("/healthz", healthz, allow_head=False),
+        web.get("/health", healthz, allow_head=False),  # vLLM's name for it
         web.get("/readyz", readyz, allow_head=False),
         web.get("/metrics", metrics, allow_head=False),
         web.get("/openapi.json", openapi, allow_head=False),
-        web.get("/v1/models", openai_api.list_models, allow_head=False),
+        web.get("/v1/models", models_api.list_models, allow_head=False),
+        # a model id may hold slashes (org/name), as the OpenAI SDK sends it
+        web.get("/v1/models/{model:.+}", models_api.retrieve_model, allow_head=False),
+        web.post("/tokenize", tokenize_api.tokenize),
+        web.post("/detokenize", tokenize_api.detokenize),
         web.post("/v1/chat/completions", openai_api.chat_completions),
-        web.post("/v1/completions", openai_api.completions),
+        web.post("/v1/completions", completions_api.completions),
         web.post("/v1/messages", anthropic_api.messages),
+        web.post("/v1/messages/count_tokens", anthropic_api.count_tokens),
+        *responses_api.routes(),
         *admin.routes(),
     ]
 
@@ -133,13 +151,15 @@ def engine_config(settings: Settings) -> EngineConfig:
         host_cache_bytes=settings.host_cache_bytes, block_size=settings.block_size,
         max_batch_tokens=settings.max_batch_tokens, max_running=settings.max_running,
         max_queue=settings.max_queue,
-        default_cache_ttl_seconds=float(settings.default_cache_ttl_seconds))
+        default_cache_ttl_seconds=float(settings.default_cache_ttl_seconds),
+        max_model_len=settings.max_model_len)
 
 
 def create_app(settings: Settings, engine: Engine | None = None,
                ledger: Ledger | None = None) -> web.Application:
     """Engine and ledger passed in are used as they are and left open at shutdown (the
     caller owns them); those the app creates itself it also closes."""
+    parser_for(None, settings.tool_call_parser)  # an unknown --tool-call-parser fails here
     state = AppState(settings=settings, metrics=Metrics(settings.metrics_tenant_labels),
                      limiter=Limiter(settings.max_queue + settings.max_running))
     app = web.Application(middlewares=[context_middleware, auth_middleware],
@@ -147,6 +167,7 @@ def create_app(settings: Settings, engine: Engine | None = None,
                           handler_args=handler_args(settings))
     app[STATE] = state
     app.add_routes(_routes())
+    responses_api.setup(app)
     app.on_response_prepare.append(on_response_prepare)
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
@@ -157,7 +178,10 @@ def create_app(settings: Settings, engine: Engine | None = None,
         own_engine: Engine | None = None
         metrics_runner: web.AppRunner | None = None
         try:
-            state.admin_key_created = await own_ledger.bootstrap_admin(settings.admin_key)
+            try:
+                state.admin_key_created = await own_ledger.bootstrap_admin(settings.admin_key)
+            except LedgerUnavailable as exc:  # started during an outage: the keys exist
+                log.error("could not check the admin key (ledger unavailable): %s", exc)
             the_engine = engine
             if the_engine is None:
                 own_engine = the_engine = Engine(engine_config(settings))

@@ -22,6 +22,7 @@ from gateway.engine import (
     EngineOverloaded,
     FinishEvent,
     GenerateRequest,
+    InvalidGrammar,
     InvalidTokens,
     PromptTooLong,
     SamplingParams,
@@ -29,6 +30,7 @@ from gateway.engine import (
     TokenEvent,
 )
 from gateway.http.admission import charge
+from gateway.http.choices import Choices, merged
 from gateway.http.errors import ApiError, ClientGone
 from gateway.http.limits import Ticket
 from gateway.http.state import AppState, ctx_of, principal_of, state_of
@@ -44,13 +46,17 @@ _CLIENT_POLL_S = 0.05  # how often a generation looks whether its client is stil
 class Generation:
     def __init__(self, request: web.Request, endpoint: str, model: str,
                  prompt_ids: list[int], sampling: SamplingParams,
-                 ttl_segments: list[tuple[int, float]] | None = None) -> None:
+                 ttl_segments: list[tuple[int, float]] | None = None,
+                 more_prompts: list[list[int]] | None = None) -> None:
         self.request = request
         self.state: AppState = state_of(request)
         self.principal = principal_of(request)
         self.endpoint = endpoint
         self.model = model
         self.prompt_ids = prompt_ids
+        # A completions request's further prompts: each its own engine request, one bill
+        self.more_prompts = more_prompts or []
+        self.choices = Choices(sampling.n, 1 + len(self.more_prompts))
         self.sampling = sampling
         self.ttl_segments = ttl_segments or []
         self.request_id: str = ctx_of(request).request_id
@@ -61,6 +67,7 @@ class Generation:
         self.prompt_usage: Usage | None = None  # prompt side, known at the first token
         self.completion_tokens = 0
         self.text_parts: list[str] = []
+        self.output_ids: list[int] = []  # the tokens sampled, EOS included (stored responses)
         self._watcher: asyncio.Task[None] | None = None
         self._ticket: Ticket | None = None
         self._agen: AsyncGenerator[TokenEvent | FinishEvent, None] | None = None
@@ -72,9 +79,11 @@ class Generation:
         self._failed = False
         self._failed_usage: Usage | None = None  # the engine's own account of a failure
         self._streaming = True  # False: run() wants the whole text, not token by token
+        self._finish_0 = "stop"  # choice 0's finish reason (the request's, when n is 1)
 
     async def __aenter__(self) -> Generation:
-        self._ticket = charge(self.request, len(self.prompt_ids))
+        self._ticket = charge(self.request, len(self.prompt_ids)
+                              + sum(map(len, self.more_prompts)))
         return self
 
     async def __aexit__(self, exc_type: type[BaseException] | None,
@@ -96,25 +105,58 @@ class Generation:
             prompt_token_ids=self.prompt_ids, sampling=self.sampling,
             ttl_segments=self.ttl_segments, default_ttl_s=float(ttl), stream=self._streaming)
 
+    def _engine_ids(self) -> list[str]:
+        return [self.request_id] + [f"{self.request_id}-{k}"
+                                    for k in range(1, 1 + len(self.more_prompts))]
+
+    def _open(self) -> AsyncGenerator[TokenEvent | FinishEvent, None]:
+        engine = self.state.engine
+        first = self._engine_request()
+        if not self.more_prompts:
+            return engine.generate(first)
+        requests = [first] + [replace(first, request_id=rid, prompt_token_ids=ids) for rid, ids
+                              in zip(self._engine_ids()[1:], self.more_prompts, strict=True)]
+        for r in requests:  # every prompt checked before any runs
+            engine.check(r)
+        return merged([engine.generate(r) for r in requests], self.sampling.n)
+
+    def _cancel_engine(self) -> None:
+        for rid in self._engine_ids():
+            self.state.engine.cancel(rid)
+
     async def stream(self) -> AsyncIterator[str]:
-        """Text pieces as the engine makes them; billed before the iterator ends."""
-        self._agen = self.state.engine.generate(self._engine_request())
+        """Text pieces of choice 0 as the engine makes them; billed before the iterator ends."""
+        async for ev in self.events():
+            if ev.text and ev.index == 0:
+                yield ev.text
+
+    async def events(self) -> AsyncIterator[TokenEvent]:
+        """The engine's token events of every choice (``ev.index``), as it makes them;
+        billed, once for all choices, before the iterator ends."""
         self._watcher = watcher = asyncio.create_task(self._watch_client())
         try:
+            self._agen = self._open()
             async for ev in self._agen:
                 if isinstance(ev, FinishEvent):
-                    self._engine_s = ev.engine_s
-                    self.stop_sequence = ev.stop_sequence
-                    await self._bill(ev.usage, ev.finish_reason, "ok")
-                    return
+                    self._engine_s = max(self._engine_s or 0.0, ev.engine_s)
+                    if ev.index == 0:
+                        self.stop_sequence = ev.stop_sequence
+                        self._finish_0 = ev.finish_reason
+                    if self.choices.finish(ev):
+                        await self._bill(self.choices.usage(), self._finish_0, "ok")
+                        return
+                    continue
                 if self._ttft_s is None:
                     self._ttft_s = time.monotonic() - self._t0
-                if ev.prompt_usage is not None:
+                if ev.prompt_usage is not None and ev.index == 0:
                     self.prompt_usage = ev.prompt_usage
                 self.completion_tokens += len(ev.token_ids)
-                if ev.text:
-                    self.text_parts.append(ev.text)
-                    yield ev.text
+                self.choices.add(ev)
+                if ev.index == 0:
+                    self.output_ids += ev.token_ids
+                    if ev.text:
+                        self.text_parts.append(ev.text)
+                yield ev
                 transport = self.request.transport
                 if transport is None or transport.is_closing():
                     raise ClientGone()
@@ -122,6 +164,10 @@ class Generation:
             self._agen = None
             raise ApiError(400, f"The prompt is too long for this model's context: {exc}",
                            code="context_length_exceeded", param="messages") from exc
+        except InvalidGrammar as exc:
+            self._agen = None
+            raise ApiError(400, f"The structured output spec is not valid: {exc}",
+                           code="invalid_value", param="response_format") from exc
         except InvalidTokens as exc:
             self._agen = None
             raise ApiError(400, f"The prompt holds a token id this model does not have: {exc}",
@@ -166,7 +212,7 @@ class Generation:
             transport = self.request.transport
             if transport is None or transport.is_closing():
                 self.client_gone = True
-                self.state.engine.cancel(self.request_id)
+                self._cancel_engine()
                 return
 
     def elapsed_s(self) -> float:
@@ -177,7 +223,7 @@ class Generation:
         (the engine's own final usage when it reports one after the cancel)."""
         usage = None
         if not self._failed:
-            self.state.engine.cancel(self.request_id)
+            self._cancel_engine()
             try:
                 usage = await asyncio.wait_for(self._drain(), _CANCEL_DRAIN_S)
             except asyncio.TimeoutError:
@@ -201,7 +247,9 @@ class Generation:
         async for ev in self._agen:
             if isinstance(ev, FinishEvent):
                 self._engine_s = ev.engine_s
-                return ev.usage
+                if self.choices.finish(ev):
+                    return self.choices.usage()
+                continue
             self.completion_tokens += len(ev.token_ids)
         return None
 

@@ -56,12 +56,14 @@ class _TenantState:
 
 
 class Rejected(ApiError):
-    """A 429 or 503 from admission; ``reason``: requests_per_minute, tokens_per_minute,
-    concurrency or capacity."""
+    """A 429 or 503 from admission (a 400 for a prompt over the tenant's whole
+    tokens-per-minute limit, which no wait would admit); ``reason``: requests_per_minute,
+    tokens_per_minute, concurrency or capacity."""
 
     def __init__(self, status: int, message: str, reason: str, retry_after: float) -> None:
-        super().__init__(status, message, retry_after=retry_after,
-                         code="overloaded" if status == 503 else "rate_limit_exceeded")
+        code = {503: "overloaded", 400: "request_exceeds_limit"}.get(status,
+                                                                     "rate_limit_exceeded")
+        super().__init__(status, message, retry_after=retry_after or None, code=code)
         self.reason = reason
 
 
@@ -85,10 +87,10 @@ class Ticket:
         window.trim(now)
         tpm = self._tpm
         if tpm is not None and window.total + prompt_tokens > tpm:
-            if prompt_tokens > tpm:
-                raise Rejected(429, f"This prompt ({prompt_tokens} tokens) exceeds the "
-                               f"tenant's limit of {tpm} tokens per minute.",
-                               "tokens_per_minute", WINDOW_S)
+            if prompt_tokens > tpm:  # never admissible: a 400, not a 429 to retry forever
+                raise Rejected(400, f"This prompt ({prompt_tokens} tokens) exceeds the "
+                               f"tenant's limit of {tpm} tokens per minute; it can never be "
+                               "admitted.", "tokens_per_minute", 0.0)
             raise Rejected(429, f"Rate limit reached: {tpm} tokens per minute for this tenant.",
                            "tokens_per_minute", window.retry_after(now, prompt_tokens, tpm))
         window.add(now, prompt_tokens)
@@ -133,6 +135,13 @@ class Limiter:
             raise Rejected(429, f"Rate limit reached: {rpm} requests per minute for this "
                            "tenant.", "requests_per_minute",
                            st.requests.retry_after(now, 1, rpm))
+        tpm = principal.tokens_per_minute  # type: ignore[attr-defined]
+        if tpm is not None:
+            st.tokens.trim(now)
+            if st.tokens.total >= tpm:  # spent: any prompt is over, so none is read
+                raise Rejected(429, f"Rate limit reached: {tpm} tokens per minute for this "
+                               "tenant.", "tokens_per_minute",
+                               st.tokens.retry_after(now, 1, tpm))
         if conc is not None and st.running >= conc:
             raise Rejected(429, f"Too many concurrent requests: this tenant may run {conc} "
                            "at once.", "concurrency", 1.0)
@@ -141,4 +150,4 @@ class Limiter:
         st.requests.add(now, 1)
         st.running += 1
         self.inflight += 1
-        return Ticket(self, tid, principal.tokens_per_minute)  # type: ignore[attr-defined]
+        return Ticket(self, tid, tpm)

@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
+from gateway.engine import PromptTooLong
 from gateway.http.errors import ApiError, ClientGone, error_response, from_http_exception
 from gateway.http.sse import OPEN_STREAM, end_stream_with_error
 from gateway.http.state import CTX, RequestContext, ctx_of, state_of
@@ -20,7 +21,8 @@ log = logging.getLogger("kvgate.http")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _SANE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _LEDGER_RETRY_AFTER_S = 5.0  # ledger away or its spool full: what clients are told to wait
-_PUBLIC = ("/healthz", "/readyz", "/openapi.json")  # /metrics checks its own key
+_PUBLIC = ("/healthz", "/health", "/readyz", "/openapi.json")  # /metrics checks its own key
+_TENANT = ("/tokenize", "/detokenize")  # vLLM's paths, outside /v1: tenant keys too
 
 
 def new_request_id() -> str:
@@ -48,6 +50,16 @@ async def context_middleware(request: web.Request, handler: Handler) -> web.Stre
         if exc.status < 400:
             raise
         response, status = await _error_reply(request, from_http_exception(exc))
+    except PromptTooLong as exc:  # refused before tokenizing: it cannot fit the context
+        response, status = await _error_reply(request, ApiError(
+            400, f"The prompt is too long for this model's context: {exc}.",
+            code="context_length_exceeded",
+            param="prompt" if request.path == "/v1/completions" else "messages"))
+    except LedgerUnavailable as exc:  # the database and the spool both failed, or the file
+        log.error("request %s: ledger unavailable: %s", rid, exc)  # was lost: retry later
+        response, status = await _error_reply(request, ApiError(
+            503, "The ledger is unavailable; retry shortly.", code="ledger_unavailable",
+            retry_after=_LEDGER_RETRY_AFTER_S))
     except (ClientGone, ConnectionResetError):
         log.info("request %s: client went away", rid)
         stream = request.get(OPEN_STREAM)
@@ -110,17 +122,25 @@ async def on_response_prepare(request: web.Request, response: web.StreamResponse
 
 
 def _api_key(request: web.Request) -> str | None:
+    """The key sent, or None. Keys are printable ASCII: anything else (a header with bytes
+    that are not UTF-8 arrives with surrogates) is no key we could have issued."""
     auth = request.headers.get("Authorization", "")
     if auth[:7].lower() == "bearer ":
-        return auth[7:].strip() or None
-    return request.headers.get("x-api-key") or None
+        key = auth[7:].strip()
+    else:
+        key = request.headers.get("x-api-key", "")
+    if key and not (key.isascii() and key.isprintable()):
+        raise ApiError(401, "Invalid API key: keys are printable ASCII.",
+                       code="invalid_api_key")
+    return key or None
 
 
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Key → principal. The key alone decides the tenant, and so the cache namespace."""
     path = request.path
-    if path in _PUBLIC or not (path.startswith("/v1/") or path.startswith("/admin")):
+    if path in _PUBLIC or not (path.startswith("/v1/") or path.startswith("/admin")
+                               or path in _TENANT):
         return await handler(request)
     key = _api_key(request)
     if key is None:

@@ -42,6 +42,60 @@ _cache_control = {"type": "object", "required": ["type"], "properties": {
     "type": {"const": "ephemeral"}, "ttl": {"enum": ["5m", "1h"]}}}
 _anthropic_block = {"type": "object", "required": ["type", "text"], "properties": {
     "type": {"const": "text"}, "text": {"type": "string"}, "cache_control": _cache_control}}
+_tool_use_block = {"type": "object", "required": ["type", "id", "name", "input"], "properties": {
+    "type": {"const": "tool_use"}, "id": {"type": "string", "minLength": 1},
+    "name": {"type": "string", "pattern": "^[a-zA-Z0-9_-]{1,128}$"}, "input": {"type": "object"},
+    "cache_control": _cache_control}}
+_tool_result_block = {"type": "object", "required": ["type", "tool_use_id"], "properties": {
+    "type": {"const": "tool_result"}, "tool_use_id": {"type": "string", "minLength": 1},
+    "content": {"anyOf": [{"type": "string"}, {"type": "array", "items": _anthropic_block}]},
+    "is_error": {"type": "boolean"}, "cache_control": _cache_control}}
+_anthropic_tool = {"type": "object", "required": ["name", "input_schema"], "properties": {
+    "name": {"type": "string", "pattern": "^[a-zA-Z0-9_-]{1,128}$"},
+    "description": {"type": "string"}, "cache_control": _cache_control,
+    "input_schema": {"type": "object", "required": ["type"], "properties": {
+        "type": {"const": "object"}, "properties": {"type": "object"},
+        "required": {"type": "array", "items": {"type": "string"}}}}}}
+_anthropic_tool_choice = {"type": "object", "required": ["type"], "properties": {
+    "type": {"enum": ["auto", "any", "tool", "none"]}, "name": {"type": "string"},
+    "disable_parallel_tool_use": {"type": "boolean"}}}
+_anthropic_messages = {"type": "array", "minItems": 1, "items": {
+    "type": "object", "required": ["role", "content"], "properties": {
+        "role": {"enum": ["user", "assistant"]},
+        "content": {"anyOf": [{"type": "string"}, {"type": "array", "minItems": 1, "items": {
+            "anyOf": [_anthropic_block, _tool_use_block, _tool_result_block]}}]}}}}
+_anthropic_system = {"anyOf": [{"type": "string"}, {"type": "array", "items": _anthropic_block}]}
+
+# OpenAI function tools (chat completions)
+_openai_tool = {"type": "object", "required": ["type", "function"], "properties": {
+    "type": {"const": "function"}, "function": {"type": "object", "required": ["name"],
+                                                "properties": {
+        "name": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"},
+        "description": {"type": "string"}, "parameters": {"type": "object"},
+        "strict": {"type": "boolean"}}}}}
+_openai_tool_call = {"type": "object", "required": ["id", "type", "function"], "properties": {
+    "id": {"type": "string"}, "type": {"const": "function"},
+    "function": {"type": "object", "required": ["name", "arguments"], "properties": {
+        "name": {"type": "string"}, "arguments": {"type": "string"}}}}}
+_openai_tool_choice = {"anyOf": [
+    {"enum": ["none", "auto", "required"]},
+    {"type": "object", "required": ["type", "function"], "properties": {
+        "type": {"const": "function"}, "function": {
+            "type": "object", "required": ["name"], "properties": {"name": {"type": "string"}}}}}]}
+
+# Sampling fields both OpenAI routes take (penalties, bias, n, vLLM's extras).
+_SAMPLING: dict[str, Any] = {
+    "n": {"type": "integer", "minimum": 1, "maximum": 16},
+    "presence_penalty": {"type": "number", "minimum": -2, "maximum": 2},
+    "frequency_penalty": {"type": "number", "minimum": -2, "maximum": 2},
+    "repetition_penalty": {"type": "number", "minimum": 0.01, "maximum": 100},
+    "logit_bias": {"type": "object", "additionalProperties": {
+        "type": "number", "minimum": -100, "maximum": 100}},
+    "top_k": {"type": "integer", "minimum": -1},
+    "min_p": {"type": "number", "minimum": 0, "maximum": 1},
+    "ignore_eos": {"type": "boolean"},
+    "stop_token_ids": {"type": "array", "items": {"type": "integer", "minimum": 0}},
+}
 
 SCHEMAS: dict[str, Any] = {
     "OpenAIError": {"type": "object", "required": ["error"], "properties": {"error": {
@@ -52,9 +106,12 @@ SCHEMAS: dict[str, Any] = {
         "type": {"const": "error"}, "error": {"type": "object", "required": ["type", "message"],
                                               "properties": {"type": {"type": "string"},
                                                              "message": {"type": "string"}}}}},
-    "ChatMessage": {"type": "object", "required": ["role", "content"], "properties": {
-        "role": {"enum": ["system", "developer", "user", "assistant"]},
-        "content": {"anyOf": [{"type": "string"}, {"type": "array", "items": _text_part}]}}},
+    "ChatMessage": {"type": "object", "required": ["role"], "properties": {
+        "role": {"enum": ["system", "developer", "user", "assistant", "tool"]},
+        "content": {"anyOf": [{"type": "string"}, {"type": "array", "items": _text_part},
+                              {"type": "null"}]},
+        "tool_calls": {"type": "array", "items": _openai_tool_call},  # assistant
+        "tool_call_id": {"type": "string"}}},  # tool: the call it answers
     "ChatCompletionRequest": {"type": "object", "required": ["model", "messages"], "properties": {
         "model": {"type": "string"},
         "messages": {"type": "array", "minItems": 1, "items": _ref("ChatMessage")},
@@ -68,11 +125,20 @@ SCHEMAS: dict[str, Any] = {
         "stream": {"type": "boolean"},
         "stream_options": {"type": "object", "properties": {
             "include_usage": {"type": "boolean"}}},
-        "n": {"type": "integer", "const": 1}, "user": {"type": "string"}}},
+        "logprobs": {"type": "boolean"},
+        "top_logprobs": {"type": "integer", "minimum": 0, "maximum": 20},
+        "tools": {"type": "array", "items": _openai_tool},
+        "tool_choice": _openai_tool_choice, "parallel_tool_calls": {"type": "boolean"},
+        **_SAMPLING, "user": {"type": "string"}}},
     "CompletionRequest": {"type": "object", "required": ["model", "prompt"], "properties": {
         "model": {"type": "string"},
-        "prompt": {"anyOf": [{"type": "string"},
-                             {"type": "array", "items": {"type": "integer", "minimum": 0}}]},
+        "prompt": {"anyOf": [
+            {"type": "string"}, {"type": "array", "items": {"type": "integer", "minimum": 0}},
+            {"type": "array", "maxItems": 64, "items": {"anyOf": [
+                {"type": "string"},
+                {"type": "array", "items": {"type": "integer", "minimum": 0}}]}}]},
+        "echo": {"type": "boolean"},
+        "logprobs": {"type": "integer", "minimum": 0, "maximum": 20}, **_SAMPLING,
         "max_tokens": {"type": "integer", "minimum": 1},
         "temperature": {"type": "number", "minimum": 0, "maximum": 2},
         "top_p": {"type": "number", "minimum": 0, "maximum": 1},
@@ -84,7 +150,8 @@ SCHEMAS: dict[str, Any] = {
                              "completion_tokens": {"type": "integer"},
                              "total_tokens": {"type": "integer"},
                              "prompt_tokens_details": {"type": "object", "properties": {
-                                 "cached_tokens": {"type": "integer"}}}}},
+                                 "cached_tokens": {"type": "integer"},
+                                 "cache_write_tokens": {"type": "integer"}}}}},
     "ChatCompletion": {"type": "object", "required": ["id", "object", "choices", "usage"],
                        "properties": {"id": {"type": "string"},
                                       "object": {"const": "chat.completion"},
@@ -98,14 +165,9 @@ SCHEMAS: dict[str, Any] = {
     "MessagesRequest": {"type": "object", "required": ["model", "max_tokens", "messages"],
                         "properties": {
         "model": {"type": "string"}, "max_tokens": {"type": "integer", "minimum": 1},
-        "system": {"anyOf": [{"type": "string"},
-                             {"type": "array", "items": _anthropic_block}]},
-        "messages": {"type": "array", "minItems": 1, "items": {
-            "type": "object", "required": ["role", "content"], "properties": {
-                "role": {"enum": ["user", "assistant"]},
-                "content": {"anyOf": [{"type": "string"},
-                                      {"type": "array", "minItems": 1,
-                                       "items": _anthropic_block}]}}}},
+        "system": _anthropic_system, "messages": _anthropic_messages,
+        "tools": {"type": "array", "items": _anthropic_tool},
+        "tool_choice": _anthropic_tool_choice,
         "cache_control": _cache_control,
         "temperature": {"type": "number", "minimum": 0, "maximum": 1},
         "top_p": {"type": "number", "minimum": 0, "maximum": 1},
@@ -117,6 +179,61 @@ SCHEMAS: dict[str, Any] = {
         "usage": {"type": "object", "required": ["input_tokens", "output_tokens",
                                                  "cache_read_input_tokens",
                                                  "cache_creation_input_tokens"]}}},
+    "CountTokensRequest": {"type": "object", "required": ["model", "messages"], "properties": {
+        "model": {"type": "string"}, "system": _anthropic_system,
+        "messages": _anthropic_messages, "tools": {"type": "array", "items": _anthropic_tool},
+        "tool_choice": _anthropic_tool_choice}},
+    "CountTokens": {"type": "object", "required": ["input_tokens"], "properties": {
+        "input_tokens": {"type": "integer", "minimum": 0}}},
+    "Model": {"type": "object", "required": ["id", "object", "created", "owned_by"],
+              "properties": {"id": {"type": "string"}, "object": {"const": "model"},
+                             "created": {"type": "integer"}, "owned_by": {"type": "string"},
+                             "max_model_len": {"type": "integer"}}},
+    "TokenizeRequest": {"type": "object", "properties": {
+        "model": {"type": "string"}, "prompt": {"type": "string"},
+        "add_special_tokens": {"type": "boolean"},
+        "messages": {"type": "array", "minItems": 1, "items": _ref("ChatMessage")},
+        "tools": {"type": "array", "items": {"type": "object"}}}},
+    "Tokenized": {"type": "object", "required": ["count", "max_model_len", "tokens"],
+                  "properties": {"count": {"type": "integer"},
+                                 "max_model_len": {"type": "integer"},
+                                 "tokens": {"type": "array", "items": {"type": "integer"}}}},
+    "DetokenizeRequest": {"type": "object", "required": ["tokens"], "properties": {
+        "model": {"type": "string"},
+        "tokens": {"type": "array", "items": {"type": "integer", "minimum": 0}}}},
+    "Detokenized": {"type": "object", "required": ["prompt"], "properties": {
+        "prompt": {"type": "string"}}},
+    "ResponseCreate": {"type": "object", "required": ["model", "input"], "properties": {
+        "model": {"type": "string"},
+        "input": {"anyOf": [{"type": "string"}, {"type": "array", "minItems": 1, "items": {
+            "type": "object", "required": ["role", "content"], "properties": {
+                "type": {"const": "message"},
+                "role": {"enum": ["system", "developer", "user", "assistant"]},
+                "content": {"anyOf": [{"type": "string"}, {"type": "array", "items": {
+                    "type": "object", "required": ["type", "text"], "properties": {
+                        "type": {"enum": ["input_text", "output_text"]},
+                        "text": {"type": "string"}}}}]}}}}]},
+        "instructions": {"type": "string"},
+        "max_output_tokens": {"type": "integer", "minimum": 1},
+        "temperature": {"type": "number", "minimum": 0, "maximum": 2},
+        "top_p": {"type": "number", "minimum": 0, "maximum": 1},
+        "stream": {"type": "boolean"}, "store": {"type": "boolean"},
+        "previous_response_id": {"type": "string"},
+        "metadata": {"type": "object", "maxProperties": 16,
+                     "additionalProperties": {"type": "string", "maxLength": 512}},
+        "text": {"type": "object", "properties": {"format": {
+            "type": "object", "required": ["type"], "properties": {
+                "type": {"enum": ["text", "json_object", "json_schema"]},
+                "name": {"type": "string"}, "schema": {"type": "object"},
+                "strict": {"type": "boolean"}}}}}}},
+    "Response": {"type": "object", "required": ["id", "object", "status", "output"],
+                 "properties": {"id": {"type": "string"}, "object": {"const": "response"},
+                                "status": {"type": "string"}, "output": {"type": "array"},
+                                "usage": {"type": ["object", "null"]}}},
+    "ResponseDeleted": {"type": "object", "required": ["id", "object", "deleted"],
+                        "properties": {"id": {"type": "string"},
+                                       "object": {"const": "response"},
+                                       "deleted": {"const": True}}},
     "TenantCreate": {"type": "object", "required": ["name"], "properties": {
         "name": {"type": "string", "minLength": 1}, "plan": {"type": "string"},
         "cache_ttl_seconds": {"type": "integer", "minimum": 0},
@@ -170,6 +287,17 @@ def spec() -> dict:
         "security": [{"bearer": []}, {"apiKey": []}],
         "paths": {
             "/v1/models": {"get": _op("List models", _responses("ModelList", (401, 403)))},
+            "/v1/models/{model}": {"parameters": [{
+                "name": "model", "in": "path", "required": True, "schema": {"type": "string"}}],
+                "get": _op("Retrieve a model", _responses("Model", (401, 403, 404)))},
+            "/v1/messages/count_tokens": {"post": _op(
+                "Count a message's input tokens (nothing generated or billed)",
+                _responses("CountTokens", _CLIENT, "AnthropicError"), "CountTokensRequest")},
+            "/tokenize": {"post": _op("Tokenize a prompt or chat messages (not billed)",
+                                      _responses("Tokenized", _CLIENT), "TokenizeRequest")},
+            "/detokenize": {"post": _op("Token ids back to text (not billed)",
+                                        _responses("Detokenized", _CLIENT),
+                                        "DetokenizeRequest")},
             "/v1/chat/completions": {"post": _op(
                 "Chat completion", _responses("ChatCompletion", _CLIENT, sse=True),
                 "ChatCompletionRequest")},
@@ -179,6 +307,15 @@ def spec() -> dict:
             "/v1/messages": {"post": _op(
                 "Anthropic message", _responses("Message", _CLIENT, "AnthropicError", sse=True),
                 "MessagesRequest")},
+            "/v1/responses": {"post": _op(
+                "Create a response (OpenAI Responses API)",
+                _responses("Response", _CLIENT, sse=True), "ResponseCreate")},
+            "/v1/responses/{id}": {
+                "parameters": _ID,
+                "get": _op("Get a stored response", _responses("Response", (400, 401, 403, 404,
+                                                                          503))),
+                "delete": _op("Delete a stored response",
+                              _responses("ResponseDeleted", (401, 403, 404, 503)))},
             "/admin/tenants": {
                 "get": _op("List tenants", _responses(None, (401, 403))),
                 "post": _op("Create tenant", _responses(None, _ADMIN, ok_status="201"),
@@ -203,6 +340,7 @@ def spec() -> dict:
                                                         "required": True,
                                                         "schema": {"type": "string"}}])},
             "/healthz": {"get": _op("Liveness", _responses(None, ()), **_PUBLIC)},
+            "/health": {"get": _op("Liveness (vLLM's path)", _responses(None, ()), **_PUBLIC)},
             "/readyz": {"get": _op("Readiness", _responses(None, (503,)), **_PUBLIC)},
             # The metrics key or the admin key (README "Metrics access"); 404 on the API
             # port when --metrics-port serves it elsewhere.

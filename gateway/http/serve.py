@@ -46,6 +46,9 @@ def register(subparsers: Any) -> None:
         flag = "--" + f.name.replace("_", "-")
         if f.type in (bool, "bool"):
             extra.add_argument(flag, dest=f.name, type=_bool, default=None, metavar="0|1")
+        elif f.name in _LISTS:  # vLLM's form (--served-model-name a b) and ours (a,b)
+            extra.add_argument(flag, dest=f.name, nargs="+", default=None, metavar="NAME",
+                               help=_LISTS[f.name])
         else:
             kind = parse_bytes if f.name.endswith("_bytes") else _TYPES.get(
                 str(f.type).removesuffix(" | None"), str)
@@ -55,6 +58,9 @@ def register(subparsers: Any) -> None:
 
 
 _TYPES = {"int": int, "float": float, "str": str}
+# Settings held as one comma-separated string, given on the command line as one or more words
+_LISTS = {"served_model_name": "names clients may use for the model, the first reported "
+                               "(NAME [ALIAS ...] or NAME,ALIAS)"}
 
 
 def _bool(raw: str) -> bool:
@@ -63,6 +69,10 @@ def _bool(raw: str) -> bool:
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
     overrides = {f.name: getattr(args, f.name, None) for f in fields(Settings)}
+    for name in _LISTS:
+        words = overrides.get(name)
+        if isinstance(words, list):
+            overrides[name] = ",".join(words)
     return Settings.from_env(**overrides)
 
 
@@ -75,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
 
 async def serve(settings: Settings) -> int:
     from gateway.http.app import create_app
+    from gateway.http.models_api import served_names
     from gateway.http.state import STATE
     from gateway.http.transport import GatewayRunner
 
@@ -93,7 +104,7 @@ async def serve(settings: Settings) -> int:
         await site.start()
         port = runner.addresses[0][1] if runner.addresses else settings.port
         print(banner(settings, port, app[STATE].admin_key_created,
-                     app[STATE].engine.model_id), flush=True)
+                     served_names(app[STATE])[0]), flush=True)
         metrics_port = app[STATE].metrics.listen_port
         if metrics_port is not None:
             print(f"kvgate: /metrics on http://{_host_for_url(settings.host)}:{metrics_port}"

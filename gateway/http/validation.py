@@ -13,6 +13,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from gateway.http.errors import ApiError, bad_request
+from gateway.http.models_api import resolve_model, served_names
 from gateway.http.state import AppState, state_of
 
 if TYPE_CHECKING:  # the engine pulls in torch; the ledger-only CLI must not
@@ -167,11 +168,14 @@ def reject(body: dict, names: dict[str, str]) -> None:
                               code="unsupported_parameter")
 
 
-def check_model(state: AppState, model: str, param: str = "model") -> None:
-    if model != state.engine.model_id:
+def check_model(state: AppState, model: str, param: str = "model") -> str:
+    """The name to report for ``model`` (an alias gives the first served name), or a 404."""
+    reported = resolve_model(state, model)
+    if reported is None:
         raise ApiError(404, f"The model '{model}' does not exist; this server serves "
-                       f"'{state.engine.model_id}' (see /v1/models).", param=param,
+                       f"'{served_names(state)[0]}' (see /v1/models).", param=param,
                        code="model_not_found")
+    return reported
 
 
 def token_budget(state: AppState, prompt_len: int, requested: int | None, param: str) -> int:

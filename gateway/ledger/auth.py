@@ -47,7 +47,8 @@ def new_key() -> str:
 def key_hash(key: str) -> str:
     """Keys are 256 random bits, so a plain SHA-256 (no salt, no slow hash) is enough and
     keeps lookup a single indexed equality match."""
-    return hashlib.sha256(key.encode()).hexdigest()
+    # surrogateescape: a header's undecodable bytes hash (and so match nothing), never raise
+    return hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()
 
 
 class KeyCache:

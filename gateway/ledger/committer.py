@@ -81,7 +81,11 @@ class GroupCommitter:
         path = engine.url.database if dialect == "sqlite" else None
         self._writer = _SqliteWriter(path) if path and path != ":memory:" else None
 
-    def start(self) -> None:
+    def start(self, unavailable: BaseException | None = None) -> None:
+        """``unavailable``: the database could not be reached at start; usage is spooled
+        and the replayer probes it until it answers."""
+        if unavailable is not None:
+            self._mark_unavailable(unavailable)
         loop = asyncio.get_running_loop()
         self._task = loop.create_task(self._run(), name="ledger-commit")
         if self.spool is not None:
@@ -161,6 +165,7 @@ class GroupCommitter:
             log.error("usage spool failed too; %d events not recorded: %s", len(batch), exc)
             self._answer(batch, error=LedgerUnavailable(
                 f"could not record usage: database and spool unavailable: {exc}"))
+            self._wake.set()  # the replayer probes the database and says when it is back
             return
         self._answer(batch, results=[r.billed or Billed(True, 0, "", spooled=True)
                                      for r in records])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import logging
 import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -39,6 +40,8 @@ from .errors import (
 from .models import ApiKey, Plan, Tenant, utcnow
 from .reports import usage_report
 from .spool import DEFAULT_MAX_EVENTS, Spool
+
+log = logging.getLogger("kvgate.ledger")
 
 ROLES = ("tenant", "admin")
 TENANT_STATUSES = ("active", "suspended")  # "deleted" only through delete_tenant
@@ -92,6 +95,7 @@ class Ledger:
         ``health``) once the spool holds ``spool_max_events``.
         """
         engine = create_engine(url)
+        unreachable: BaseException | None = None
         try:
             if migrate:
                 await migrations.upgrade(engine)
@@ -100,6 +104,16 @@ class Ledger:
         except LedgerError:
             await engine.dispose()
             raise
+        except _DB_DOWN as exc:
+            if migrate or spool_dir is None:
+                await engine.dispose()
+                raise LedgerError(f"cannot open ledger database: {exc}") from exc
+            # A replica restarting during an outage serves (keys are refused with 503
+            # until the database answers) and spools usage; its schema was checked by
+            # the replicas that started before the outage.
+            unreachable = exc
+            log.error("ledger database unreachable at start; serving, usage spooled in %s "
+                      "until it is back: %s", spool_dir, exc)
         except Exception as exc:
             await engine.dispose()
             raise LedgerError(f"cannot open ledger database: {exc}") from exc
@@ -113,7 +127,7 @@ class Ledger:
                 await engine.dispose()
                 raise LedgerError(f"cannot open the usage spool in {spool_dir}: {exc}") from exc
         ledger = cls(engine, on_commit, spool)
-        ledger._committer.start()
+        ledger._committer.start(unreachable)
         return ledger
 
     @contextlib.asynccontextmanager
@@ -386,8 +400,9 @@ class Ledger:
 
     async def find_tenant(self, name_or_id: str | int) -> dict[str, Any]:
         """By id, or by name (what people type on the command line)."""
-        if isinstance(name_or_id, int) or str(name_or_id).isdigit():
-            return await self.get_tenant(int(name_or_id))
+        tenant_id = _as_id(name_or_id)
+        if tenant_id is not None:
+            return await self.get_tenant(tenant_id)
         async with self._connect() as conn:
             tid = (await conn.execute(select(Tenant.id).where(Tenant.name == name_or_id))
                    ).scalar_one_or_none()
@@ -496,8 +511,8 @@ class Ledger:
             return _plan_dict(await self._plan_row(conn, row.id))
 
     async def _plan_row(self, conn: AsyncConnection, name_or_id: str | int) -> Any:
-        is_id = isinstance(name_or_id, int) or str(name_or_id).isdigit()
-        cond = Plan.id == int(name_or_id) if is_id else Plan.name == name_or_id
+        plan_id = _as_id(name_or_id)
+        cond = Plan.id == plan_id if plan_id is not None else Plan.name == str(name_or_id)
         row = (await conn.execute(select(Plan).where(cond))).one_or_none()
         if row is None:
             raise NotFound(f"plan {name_or_id!r} does not exist")
@@ -538,3 +553,15 @@ def _plan_dict(row: Any) -> dict[str, Any]:
     return {"id": row.id, "name": row.name,
             **{k: getattr(row, f"{k}_price") for k in _PRICE_FIELDS},
             "currency": row.currency, "created_at": row.created_at.isoformat()}
+
+
+
+def _as_id(name_or_id: str | int) -> int | None:
+    """An id, or None for a name: only ASCII digits are an id (``²`` or ``١`` are names,
+    which match nothing); an id past the columns' range is one that does not exist (0)."""
+    if isinstance(name_or_id, int):
+        return name_or_id if 0 <= name_or_id <= _MAX_ID else 0
+    if name_or_id.isascii() and name_or_id.isdigit():
+        value = int(name_or_id)
+        return value if value <= _MAX_ID else 0
+    return None

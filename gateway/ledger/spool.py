@@ -8,7 +8,8 @@ file). Each line is one event::
 
 Appends are written and fsync'd before ``record`` answers. A torn last line (a crash in the
 middle of an append) fails its length or checksum and is cut off when the file is next
-opened; a damaged line elsewhere is skipped and logged, never the lines around it.
+opened; a damaged line elsewhere is skipped and logged with its bytes, never the lines
+around it.
 
 Replay reads the file, commits its events (the insert is idempotent by request id, so an
 event committed before a crash that kept it in the spool is not billed twice), then drops
@@ -107,7 +108,9 @@ def decode(data: bytes, name: str = "spool") -> tuple[list[SpoolRecord], int]:
                 raise ValueError("length or checksum mismatch")
             records.append(SpoolRecord.from_json(json.loads(payload)))
         except Exception as exc:
-            log.error("%s: skipping a damaged line ending at byte %d: %s", name, pos, exc)
+            # Its bytes go to the log, so an operator can still recover the event by hand.
+            log.error("%s: skipping a damaged line ending at byte %d: %s; the line: %r",
+                      name, pos, exc, line[:8192])
     return records, pos
 
 

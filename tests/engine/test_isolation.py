@@ -109,10 +109,10 @@ async def test_a_failure_after_the_forward_fails_only_its_sequence(make_engine, 
     engine = await make_engine()
     real = engine_module.append_token
 
-    def fragile(seq, token, eos, max_len):
+    def fragile(seq, token, eos, max_len, **kw):
         if seq.request_id == "r3" and seq.num_output == 2:
             raise UnicodeError("this sequence's detokenizer broke")
-        return real(seq, token, eos, max_len)
+        return real(seq, token, eos, max_len, **kw)
 
     monkeypatch.setattr(engine_module, "append_token", fragile)
     results, batches = await _run_batched(engine, _requests(3, PROMPTS[3]))

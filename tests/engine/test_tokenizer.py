@@ -124,3 +124,39 @@ def test_incremental_deltas_add_up_to_the_full_decode(pieces, flush_twice):
     if flush_twice:
         deltas.append(dec.flush())  # flushing twice sends nothing more
     assert "".join(deltas) == _DEMO.decode(ids) == dec.text
+
+
+# -- the length bound that refuses a prompt without tokenizing it ----------------------
+
+@settings(max_examples=200, deadline=None)
+@given(text=st.text(min_size=1, max_size=400))
+def test_the_length_bound_never_refuses_a_prompt_that_fits(text: str) -> None:
+    """``check_length`` refuses a text only when it has more tokens than the context:
+    tokens >= characters / bound, for any text (the demo tokenizer is byte-level)."""
+    tok = build_tokenizer()
+    bound = tok._bytes_per_token
+    assert bound is not None
+    assert len(tok.encode(text)) * bound >= len(text)
+    tok.max_tokens = len(tok.encode(text))  # exactly fits: never refused
+    tok.check_length(text)
+
+
+def test_the_length_bound_refuses_past_the_context_and_is_void_for_lossy_normalizers(
+        chatml: TextTokenizer) -> None:
+    from tokenizers import normalizers
+
+    from gateway.engine import PromptTooLong
+
+    tok = build_tokenizer()
+    tok.max_tokens = 100
+    with pytest.raises(PromptTooLong, match="context is 100 tokens"):
+        tok.encode("x" * (100 * tok._bytes_per_token + 1))
+    with pytest.raises(PromptTooLong):
+        tok.apply_chat_template([{"role": "user", "content": "x" * 10**6}])
+    # A normalizer that may delete text (Strip) leaves no safe bound: no early refusal.
+    raw = Tokenizer.from_str(chatml.tokenizer.to_str())
+    raw.normalizer = normalizers.Strip()
+    lossy = TextTokenizer(raw, None)
+    assert lossy._bytes_per_token is None
+    lossy.max_tokens = 1
+    lossy.check_length(" " * 10**5)

@@ -31,7 +31,8 @@ from tests.support import ADMIN_KEY, MiB, ProcessServer, Tenant, request_body
 from tests.support.hostile import dumps, hostile_segment, hostile_value, quote
 
 EXAMPLES = int(os.environ.get("KVGATE_FUZZ_EXAMPLES", "0"))
-GENERATING = ("/v1/chat/completions", "/v1/completions", "/v1/messages")
+GENERATING = ("/v1/chat/completions", "/v1/completions", "/v1/messages",
+              "/v1/messages/count_tokens", "/tokenize", "/detokenize")
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
           response_schema_conformance, response_headers_conformance]
 _ORDER = {"GET": 0, "POST": 1, "PATCH": 2, "DELETE": 3}

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.support import Admin, Session, ThreadServer, request_body
+from tests.support import Admin, MiB, Session, Tenant, ThreadServer, request_body
 
 CHAT = "/v1/chat/completions"
 
@@ -18,12 +19,12 @@ CHAT = "/v1/chat/completions"
 def _spy_render(server: ThreadServer, monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Names of the threads ``render_chat`` ran on, one per call."""
     engine = server.state.engine
-    real: Callable[[list[dict[str, Any]]], list[int]] = engine.render_chat
+    real: Callable[..., list[int]] = engine.render_chat
     threads: list[str] = []
 
-    def spy(messages: list[dict[str, Any]]) -> list[int]:
+    def spy(messages: list[dict[str, Any]], **kw: Any) -> list[int]:
         threads.append(threading.current_thread().name)
-        return real(messages)
+        return real(messages, **kw)
 
     monkeypatch.setattr(engine, "render_chat", spy)
     return threads
@@ -67,12 +68,58 @@ def test_concurrency_limit_is_checked_before_the_body(
     assert _rejected(server, "concurrency", t.id) == 1
 
 
-def test_tokens_per_minute_still_checked_after_tokenizing(
+def test_a_prompt_over_the_whole_token_limit_is_a_400_not_a_429_to_retry(
         server: ThreadServer, http: Session, admin: Admin) -> None:
+    """Checked once tokenized; no wait would ever admit it, so clients must not retry."""
     t = admin.tenant(tokens_per_minute=5)
     r = http.post(CHAT, json=request_body("chat", "hi", 2).body, headers=t.headers)
-    assert r.status_code == 429, r.text
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["code"] == "request_exceeds_limit"
+    assert "Retry-After" not in r.headers
     assert _rejected(server, "tokens_per_minute", t.id) == 1
+
+
+def test_a_spent_token_budget_refuses_before_the_body_is_read(
+        server: ThreadServer, http: Session, admin: Admin,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    t = admin.tenant(tokens_per_minute=60)
+    threads = _spy_render(server, monkeypatch)
+    small = {**request_body("chat", "hi", 30).body, "ignore_eos": True}
+    while True:  # small requests until the minute's tokens are spent (answers count too)
+        r = http.post(CHAT, json=small, headers=t.headers)
+        if r.status_code == 429:
+            break
+        assert r.status_code == 200, r.text
+    rendered = len(threads)
+    big = request_body("chat", "word " * 40_000, 2).body
+    r = http.post(CHAT, json=big, headers=t.headers)
+    assert r.status_code == 429 and int(r.headers["Retry-After"]) >= 1, r.text
+    assert r.json()["error"]["code"] == "rate_limit_exceeded"
+    assert len(threads) == rendered  # the big prompt was never rendered nor tokenized
+
+
+def test_a_prompt_that_cannot_fit_is_refused_without_tokenizing(tmp_path: Path) -> None:
+    """Each token stands for a bounded number of characters, so a text past
+    context x bound is refused from its length alone (the 3.9 MB prompt of the report)."""
+    with ThreadServer(tmp_path, device="cpu", device_cache_bytes=16 * MiB,
+                      host_cache_bytes=16 * MiB, max_body_bytes=8 * MiB) as server, \
+            Session(server.url) as http:
+        _refused_untokenized(server, http, server.admin.tenant())
+
+
+def _refused_untokenized(server: ThreadServer, http: Session, t: Tenant) -> None:
+    tokenizer = server.state.engine.tokenizer
+    assert tokenizer.max_tokens is not None and tokenizer._bytes_per_token is not None
+    huge = "word " * (tokenizer.max_tokens * tokenizer._bytes_per_token // 5 + 1)
+    for path, kind, param in ((CHAT, "chat", "messages"),
+                              ("/v1/completions", "completions", "prompt"),
+                              ("/v1/messages", "messages", None)):
+        r = http.post(path, json=request_body(kind, huge, 2).body, headers=t.headers)
+        assert r.status_code == 400, r.text
+        err = r.json()["error"]
+        assert "context" in err["message"]
+        if param is not None:
+            assert (err["code"], err["param"]) == ("context_length_exceeded", param)
 
 
 def test_big_body_is_prepared_off_the_event_loop(

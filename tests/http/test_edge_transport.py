@@ -144,3 +144,22 @@ def test_bad_chunk_framing_in_the_body_is_a_400(quick: ThreadServer,
         status, body = _json_error(_read_until_closed(s))
     assert 400 <= status < 500
     assert set(body["error"]) == {"message", "type", "param", "code"}
+
+
+@pytest.mark.parametrize("path, header", [
+    ("/v1/models", b"Authorization: Bearer \xff\xfe"),
+    ("/v1/messages", b"x-api-key: k\xe9y"),
+    ("/metrics", b"Authorization: Bearer \xff"),
+])
+def test_a_key_that_is_not_utf8_is_refused_not_a_crash(quick: ThreadServer, path: str,
+                                                        header: bytes) -> None:
+    """Header bytes that are not UTF-8 reach the handler as surrogates; no key we issue
+    has them: 401 in the API's shape, never a 500 (which anyone could cause unkeyed)."""
+    s = _connect(quick)
+    method = b"POST" if path == "/v1/messages" else b"GET"
+    s.sendall(method + b" " + path.encode() + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+              + header + b"\r\nContent-Length: 2\r\n\r\n{}")
+    status, body = _json_error(_read_until_closed(s))
+    s.close()
+    assert status == 401, body
+    assert "error" in body

@@ -56,12 +56,15 @@ CASES: list[tuple[str, str, str, Any, str, int, str | None]] = [
     ("seed-under-int64", "POST", CHAT, chat(seed=-(2**63) - 1), "tenant", 400,
      "invalid_value"),
     ("top-p-range", "POST", CHAT, chat(top_p=1.5), "tenant", 400, "invalid_value"),
-    ("n-two", "POST", CHAT, chat(n=2), "tenant", 400, "unsupported_parameter"),
-    ("logprobs", "POST", CHAT, chat(logprobs=True), "tenant", 400, "unsupported_parameter"),
-    ("tools", "POST", CHAT, chat(tools=[{"type": "function", "function": {"name": "f"}}]),
-     "tenant", 400, "unsupported_parameter"),
-    ("json-mode", "POST", CHAT, chat(response_format={"type": "json_object"}), "tenant", 400,
+    ("n-too-many", "POST", CHAT, chat(n=1000), "tenant", 400, "invalid_value"),
+    ("beam-search", "POST", CHAT, chat(use_beam_search=True), "tenant", 400,
      "unsupported_parameter"),
+    ("tools", "POST", CHAT, chat(tools=[{"type": "code_interpreter"}]),
+     "tenant", 400, "invalid_value"),
+    ("legacy-functions", "POST", CHAT, chat(functions=[{"name": "f"}]),
+     "tenant", 400, "unsupported_parameter"),
+    ("bad-response-format", "POST", CHAT, chat(response_format={"type": "yaml"}), "tenant",
+     400, "invalid_value"),
     ("unknown-model", "POST", CHAT, chat(model="gpt-4o"), "tenant", 404, "model_not_found"),
     ("completion-no-prompt", "POST", "/v1/completions", without(GOOD_CHAT, "messages"),
      "tenant", 400, "missing_field"),
@@ -185,9 +188,19 @@ def test_requests_per_minute_429(http: Session, admin: Admin) -> None:
 
 
 def test_tokens_per_minute_429(http: Session, admin: Admin) -> None:
+    send = _limited(admin, tokens_per_minute=60)
+    replies = [send(http) for _ in range(10)]  # a few fit in the minute, then 429s
+    assert replies[0].status_code == 200
+    r = replies[-1]
+    assert r.status_code == 429 and int(r.headers["Retry-After"]) >= 1
+    assert r.json()["error"]["code"] == "rate_limit_exceeded"
+
+
+def test_a_prompt_over_the_whole_tokens_per_minute_limit_is_400(http: Session,
+                                                                admin: Admin) -> None:
     send = _limited(admin, tokens_per_minute=5)  # the chat template alone is more
     r = send(http)
-    assert r.status_code == 429 and int(r.headers["Retry-After"]) >= 1
+    assert r.status_code == 400 and "Retry-After" not in r.headers  # no wait admits it
 
 
 def test_engine_failure_midway_is_500_and_billed_once(server: ThreadServer, http: Session,

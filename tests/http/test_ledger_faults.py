@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.ledger import Ledger
 from tests.ledger.pgserver import OwnPostgres
-from tests.ledger.test_spool import rows
+from tests.ledger.test_spool import readonly_writer, rows
 from tests.support import ADMIN_KEY, MiB, ThreadServer, iter_sse, request_body
 
 FLAGS = {"device": "cpu", "device_cache_bytes": 16 * MiB, "host_cache_bytes": 16 * MiB,
@@ -117,8 +117,16 @@ def test_postgres_killed_mid_stream_bills_once_live_and_after_restart(tmp_path: 
 
             second, _ = stream_killing(srv, pg, tenant.headers, text)
             assert ledger.spool_depth() == 1
-        pg.start()  # the server stopped with one event spooled; the next one replays it
+        # The server stopped with one event spooled; the next one starts while the
+        # database is still away (a replica rescheduled during the outage) and serves.
         with ThreadServer(tmp_path / "two", **settings) as srv:
+            ready = requests.get(srv.url + "/readyz", timeout=30)
+            assert ready.status_code == 200
+            assert ready.json()["ledger"] == {"database": "down", "spool_events": 1}
+            path, body = request_body("chat", "hello", 4)
+            r = requests.post(srv.url + path, json=body, headers=tenant.headers, timeout=60)
+            assert r.status_code == 503 and r.json()["error"]["code"] == "ledger_unavailable"
+            pg.start()  # the database is back: the spool replays
             until(lambda: srv.state.ledger.spool_depth() == 0, "replayed on start")
             counts = db_rows(pg.url)
             assert (counts.get(first), counts.get(second)) == (1, 1)
@@ -148,5 +156,33 @@ def test_sqlite_file_deleted_under_a_running_server(tmp_path: Path,
             assert r.json()["type"] == "error"  # Anthropic's shape on /v1/messages
             ready = requests.get(srv.url + "/readyz", timeout=30)
             assert ready.status_code == 503 and str(db) in ready.json()["error"]["message"]
+            for admin_path in ("/admin/tenants", f"/admin/tenants/{tenant.id}", "/admin/usage"):
+                r = requests.get(srv.url + admin_path, timeout=30,
+                                 headers={"Authorization": f"Bearer {ADMIN_KEY}"})
+                assert r.status_code == 503 and "Retry-After" in r.headers, (admin_path, r.text)
         assert any(str(db) in rec.getMessage() for rec in caplog.records)
         assert not db.exists()  # nothing recreated it, nothing was billed into it
+
+
+def test_database_and_spool_both_failing_is_503_not_500(tmp_path: Path) -> None:
+    """The SQLite file refuses writes (fault injected: the writer's connection read-only)
+    and the spool directory cannot be made (its parent is a file): the answer cannot be
+    billed, so it is not served: 503 with Retry-After in the API's shape, never a 500."""
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    with ThreadServer(tmp_path, spool_dir=str(blocker / "spool"), **FLAGS) as srv:
+        tenant = srv.admin.tenant()
+        path, body = request_body("chat", "hello", 4)
+        assert requests.post(srv.url + path, json=body, headers=tenant.headers,
+                             timeout=60).status_code == 200
+        srv.on_loop(readonly_writer(srv.state.ledger, True))
+        r = requests.post(srv.url + path, json=body, headers=tenant.headers, timeout=60)
+        assert r.status_code == 503 and int(r.headers["Retry-After"]) >= 1, r.text
+        assert r.json()["error"]["code"] == "ledger_unavailable"
+        srv.on_loop(readonly_writer(srv.state.ledger, False))  # the disk is back
+        for _ in range(300):  # the replayer's next probe notices (a bound, not a timing)
+            if requests.get(srv.url + "/readyz", timeout=30).status_code == 200:
+                break
+            time.sleep(0.1)
+        assert requests.post(srv.url + path, json=body, headers=tenant.headers,
+                             timeout=60).status_code == 200

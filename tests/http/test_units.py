@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from gateway.http.anthropic_api import parse_conversation, ttl_segments
+from gateway.http.anthropic_prompt import parse_conversation, ttl_segments
 from gateway.http.errors import ApiError
 from gateway.http.limits import Limiter
 
@@ -75,9 +75,10 @@ def test_concurrency_and_global_bound() -> None:
 class Template:
     """A chat template that, like real ones, closes each turn after its content."""
 
-    def render_chat(self, messages: list[dict]) -> list[int]:
-        text = "".join(f"[{m['role']}]{m['content']}[/]" for m in messages) + "@assistant"
-        return list(text.encode())
+    def render_chat(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        listed = "".join(f"<{t['function']['name']}>" for t in tools or [])
+        text = listed + "".join(f"[{m['role']}]{m['content']}[/]" for m in messages)
+        return list((text + "@assistant").encode())
 
 
 def test_breakpoints_map_to_token_offsets() -> None:
@@ -86,21 +87,34 @@ def test_breakpoints_map_to_token_offsets() -> None:
             "messages": [{"role": "user", "content": [
                 {"type": "text", "text": "AA", "cache_control": {"type": "ephemeral"}},
                 {"type": "text", "text": "BB"}]}]}
-    roles, blocks = parse_conversation(body)
+    conv = parse_conversation(body)
     engine = Template()
     prompt = engine.render_chat([{"role": "system", "content": "SYS"},
                                  {"role": "user", "content": "AABB"}])
-    segs = ttl_segments(engine, roles, blocks, prompt, None)
+    segs = ttl_segments(engine, conv, prompt, None)  # type: ignore[arg-type]
     # "[system]SYS[/]" is 14 bytes; "[user]AA" ends at 22 (its closing "[/]" is not in the
     # full prompt there, so it does not count).
     assert segs == [(14, 3600.0), (22, 300.0)]
-    assert ttl_segments(engine, roles, blocks, prompt, 300.0)[-1] == (len(prompt), 300.0)
+    assert ttl_segments(engine, conv, prompt, 300.0)[-1] == (len(prompt), 300.0)  # type: ignore[arg-type]
+
+
+def test_tool_breakpoint_covers_the_tools_before_it() -> None:
+    schema = {"type": "object"}
+    body = {"tools": [{"name": "a", "input_schema": schema},
+                      {"name": "bb", "input_schema": schema,
+                       "cache_control": {"type": "ephemeral"}}],
+            "messages": [{"role": "user", "content": "Q"}]}
+    conv = parse_conversation(body)
+    engine = Template()
+    prompt = conv.render(engine)  # type: ignore[arg-type]
+    # "<a><bb>" is 7 bytes: the last tool's breakpoint ends there, not at the prompt's end.
+    assert ttl_segments(engine, conv, prompt, None) == [(7, 300.0)]  # type: ignore[arg-type]
 
 
 def test_too_many_breakpoints() -> None:
     cc = {"type": "ephemeral"}
     body = {"messages": [{"role": "user", "content": [
         {"type": "text", "text": str(i), "cache_control": cc} for i in range(5)]}]}
-    roles, blocks = parse_conversation(body)
+    conv = parse_conversation(body)
     with pytest.raises(ApiError):
-        ttl_segments(Template(), roles, blocks, [1, 2, 3], None)
+        ttl_segments(Template(), conv, [1, 2, 3], None)  # type: ignore[arg-type]

@@ -140,3 +140,19 @@ def test_parse_time() -> None:
     before = datetime.now(timezone.utc)
     week_ago = parse_time("7d")
     assert before - timedelta(days=7) <= week_ago <= datetime.now(timezone.utc) - timedelta(days=7)
+
+
+def test_only_ascii_digits_are_ids(db_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """``²`` passes ``str.isdigit`` and ``١`` is Arabic-Indic one: names that match nothing,
+    never a traceback and never plan or tenant 1; an id past the columns' range is unknown."""
+    db = ["--db", db_url]
+    assert kvgate(capsys, "migrate", *db)[0] == 0
+    assert kvgate(capsys, "plans", "create", "p1", "--input", "5", *db)[0] == 0
+    assert kvgate(capsys, "tenants", "create", "t1", *db)[0] == 0
+    for ref in ("²", "١", "99999999999999999999"):
+        for argv in (("tenants", "create", "x" + str(len(ref)), "--plan", ref),
+                     ("plans", "update", ref, "--output", "5"),
+                     ("usage", "--tenant", ref), ("keys", "create", ref)):
+            rc, _, err = kvgate(capsys, *argv, *db)
+            assert rc == 1 and "Traceback" not in err, (argv, err)
+            assert "does not exist" in err or "no tenant named" in err, (argv, err)

@@ -37,7 +37,7 @@ async def test_existing_plans_become_usd_and_downgrade_drops_the_column(db_url: 
                 " SELECT 'old-co', 'active', id, 300, :now FROM plans WHERE name = 'legacy'"),
                 {"now": now})
 
-        await migrations.upgrade(engine)
+        await migrations.upgrade(engine, "0002")
         assert await migrations.current_revision(engine) == "0002"
         async with engine.connect() as conn:
             rows = (await conn.execute(text(

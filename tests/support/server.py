@@ -29,8 +29,9 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Coroutine
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import requests
 from aiohttp import web
@@ -43,6 +44,8 @@ if TYPE_CHECKING:
 
     from gateway.engine import Engine
     from gateway.http.state import AppState
+
+T = TypeVar("T")
 
 ROOT = Path(__file__).resolve().parents[2]
 MiB = 1024 * 1024
@@ -157,6 +160,13 @@ class ThreadServer(Server):
         if self.app is None:
             raise RuntimeError("the server is not running; start() it first")
         return self.app[STATE]
+
+    def on_loop(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run ``coro`` on the server's own event loop (e.g. a fault injected into its
+        ledger) and return its result."""
+        if self._loop is None:
+            raise RuntimeError("the server is not running; start() it first")
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(60)
 
     def start(self, timeout_s: float = 120.0) -> Self:
         """Raises what the app raised while starting (e.g. an unmigrated ledger)."""

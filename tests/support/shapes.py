@@ -52,8 +52,9 @@ ANTHROPIC: dict[str, Any] = {
 }
 # Fields kvgate sends that the SDK models do not define, as paths with ``[]`` for a list.
 EXTRA_FIELDS = {
-    "Model": {"note"},  # what the served model is (the demo model says its text is noise)
-    "ModelList": {"data[].note"},
+    # what the served model is (the demo model says its text is noise); its context (vLLM)
+    "Model": {"note", "max_model_len"},
+    "ModelList": {"data[].note", "data[].max_model_len"},
     # message_delta repeats message_start's full usage; the SDK's MessageDeltaUsage has
     # no field for the cache-write split or the tier (they are read from message_start)
     "RawMessageStreamEvent": {"usage.cache_creation", "usage.service_tier"},
