@@ -32,6 +32,7 @@ from gateway.engine.request import (
     ErrorEvent,
     FinishEvent,
     GenerateRequest,
+    InvalidGrammar,
     InvalidTokens,
     PromptTooLong,
     SequenceFailed,
@@ -398,9 +399,11 @@ class Engine:
         self.scheduler.finish(seq, "error")
         self._seqs.pop(seq.seq_id, None)
         self._release_held(seq)
-        # An error the client is told about (the prompt never fit) is raised as it is; any
-        # other failure carries the usage so far, for the bill.
-        seq.emit(ErrorEvent(exc, None if isinstance(exc, EngineError) else seq.usage()))
+        # An error the client is told about before any work (the prompt never fit) is
+        # raised as it is; any other failure carries the usage so far, for the bill: a
+        # grammar given up on midway included (the client's spec, but tokens were made).
+        before_work = isinstance(exc, EngineError) and not isinstance(exc, InvalidGrammar)
+        seq.emit(ErrorEvent(exc, None if before_work else seq.usage()))
 
     @staticmethod
     def _release_held(seq: Sequence) -> None:

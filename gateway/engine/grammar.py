@@ -17,6 +17,7 @@ mask only where the grammar accepts.
 from __future__ import annotations
 
 import json
+import re
 import threading
 from collections import OrderedDict
 from typing import TYPE_CHECKING
@@ -81,9 +82,18 @@ class GrammarEngine:
             if hit is not None:
                 self._cache.move_to_end(spec)
                 return hit
+        check_bounds(spec)
         matcher = llg.LLMatcher(self.tokenizer, grammar_text(spec), log_level=0)
         if matcher.is_error():
             raise InvalidGrammar(f"the {spec.kind} does not compile: {matcher.get_error()}")
+        # Some grammars compile and then fail at their first token (too many items to
+        # track): try the first step on a copy, so they are a 400 now, not a failed request.
+        probe = matcher.deep_copy()
+        probe.compute_bitmask()
+        probe.compute_ff_tokens()
+        if probe.is_error():
+            raise InvalidGrammar(f"the {spec.kind} is too complex to follow: "
+                                 f"{probe.get_error()}")
         with self._lock:
             self._cache[spec] = matcher
             while len(self._cache) > CACHE_SIZE:
@@ -143,11 +153,60 @@ class GrammarEngine:
 
     def accept(self, seq: Sequence, token: int) -> bool:
         """Advances the sequence's matcher by the token it sampled; True when its grammar
-        is complete (nothing but EOS may follow); False without a grammar. A token the
-        grammar refuses is an engine bug (the sequence fails)."""
+        is complete (nothing but EOS may follow); False without a grammar. A grammar the
+        engine cannot follow fails its sequence alone, with ``InvalidGrammar``."""
         matcher = self.of(seq)
         if matcher is None:
             return False
         if not matcher.consume_token(token):
-            raise RuntimeError(f"the grammar refused token {token}: {matcher.get_error()}")
+            # The grammar engine gave up on the client's grammar (e.g. one that can never
+            # end tracks too many items): the client's spec, so a 4xx, not a server fault.
+            raise InvalidGrammar(f"the grammar could not be followed past token {token}: "
+                                 f"{matcher.get_error()}")
         return bool(matcher.is_stopped())
+
+
+# Bounds checked before the grammar engine sees a spec: past them its compiler recurses
+# deep enough to crash the process (a chain of 1000 "$ref"s or 3000 Lark rules did), and
+# a spec this large is no real client's.
+MAX_SPEC_CHARS = 64 * 1024
+MAX_NESTING = 64  # brackets, braces and parentheses, outside string literals
+MAX_REFS = 128  # "$ref"s in a JSON schema (chains of definitions)
+MAX_RULES = 512  # Lark rules
+_LARK_RULE = re.compile(r"^[ \t]*[?!]?[A-Za-z_]\w*(?:\.-?\d+)?[ \t]*:", re.MULTILINE)
+
+
+def check_bounds(spec: StructuredSpec) -> None:
+    """``InvalidGrammar`` for a spec past the bounds above, with the bound it broke."""
+    text = spec.spec
+    if len(text) > MAX_SPEC_CHARS:
+        raise InvalidGrammar(f"the {spec.kind} is {len(text)} characters; the limit is "
+                             f"{MAX_SPEC_CHARS}")
+    depth = deepest = 0
+    quote: str | None = None
+    escaped = False
+    for ch in text:
+        if quote is not None:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == quote:
+                quote = None
+        elif ch == '"' or (ch == "'" and spec.kind != "regex"):
+            quote = ch
+        elif ch in "([{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in ")]}":
+            depth -= 1
+    if deepest > MAX_NESTING:
+        raise InvalidGrammar(f"the {spec.kind} nests {deepest} levels deep; the limit is "
+                             f"{MAX_NESTING}")
+    refs = text.count('"$ref"')
+    if refs > MAX_REFS:
+        raise InvalidGrammar(f"the {spec.kind} has {refs} \"$ref\"s; the limit is {MAX_REFS}")
+    if spec.kind == "lark":
+        rules = len(_LARK_RULE.findall(text))
+        if rules > MAX_RULES:
+            raise InvalidGrammar(f"the grammar has {rules} rules; the limit is {MAX_RULES}")

@@ -13,6 +13,7 @@ from typing import Any
 from aiohttp import web
 
 from gateway.engine import SamplingParams
+from gateway.engine.structured import StructuredSpec, json_schema_spec
 from gateway.http.admission import admitted
 from gateway.http.anthropic_prompt import Conversation, parse_conversation, ttl_of, ttl_segments
 from gateway.http.anthropic_tools import Blocks, ToolChoice, forced_grammar, parse_tool_choice
@@ -111,10 +112,37 @@ def _prepare(state: AppState, body: dict) -> _Prepared:
         top_p=number(body, "top_p", 0.0, 1.0, 1.0), top_k=top_k,
         stop=stop_list(body, "stop_sequences", max_items=16))
     structured = forced_grammar(p.choice, p.conversation.tools, parser)
+    output = _output_format(body)
+    if output is not None and structured is not None:
+        raise bad_request("'output_format' and a forced tool_choice cannot both shape the "
+                          "output.", param="output_format")
+    structured = structured or output
     if structured is not None:
         sampling = replace(sampling, structured=structured)
     segments = ttl_segments(state.engine, p.conversation, p.ids, top_level)
     return _Prepared(p.model, stream, p.ids, sampling, segments, p.choice, parser)
+
+
+def _output_format(body: dict) -> StructuredSpec | None:
+    """Anthropic's structured outputs: ``output_format`` (the beta's spelling) or
+    ``output_config.format``, ``{"type": "json_schema", "schema": {...}}``: the answer's
+    text follows the schema (strict, as Anthropic's are)."""
+    fmt, param = body.get("output_format"), "output_format"
+    config = body.get("output_config")
+    if config is not None:
+        if not isinstance(config, dict) or set(config) - {"format"}:
+            raise bad_request("'output_config' may only hold 'format'.", param="output_config")
+        if fmt is not None:
+            raise bad_request("Send 'output_format' or 'output_config.format', not both.",
+                              param="output_config")
+        fmt, param = config.get("format"), "output_config.format"
+    if fmt is None:
+        return None
+    if not isinstance(fmt, dict) or fmt.get("type") != "json_schema" \
+            or not isinstance(fmt.get("schema"), dict) or set(fmt) - {"type", "schema"}:
+        raise bad_request(f"'{param}' must be {{\"type\": \"json_schema\", \"schema\": "
+                          "{...}}.", param=param)
+    return json_schema_spec(fmt["schema"], strict=True)
 
 
 def _count(state: AppState, body: dict) -> int:
@@ -122,6 +150,7 @@ def _count(state: AppState, body: dict) -> int:
     return len(_prompt(state, body).ids)
 
 
+@admitted  # the tenant's request rate and concurrency apply: unbilled, not free
 async def count_tokens(request: web.Request) -> web.Response:
     """The prompt's tokens, rendered as the same body would be for /v1/messages: nothing
     is generated or billed."""

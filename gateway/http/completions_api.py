@@ -88,12 +88,17 @@ def _prepare(state: AppState, body: dict) -> _Prepared:
     prompts = prompts_of(state, body)
     model = check_model(state, model)
     requested = field(body, "max_tokens", int)
-    budget = min(token_budget(state, len(p), requested, "max_tokens") for p in prompts)
+    budget = min(token_budget(state, len(p), requested, "max_tokens", "prompt") for p in prompts)
     sampling = sampling_from(body, budget, chat=False, vocab_size=state.engine.vocab_size)
     if echo and sampling.logprobs is not None:
         raise bad_request("'echo' with 'logprobs' would need the prompt's log probabilities, "
                           "which this server does not compute; send one or the other.",
                           param="echo", code="unsupported_parameter")
+    sequences = len(prompts) * sampling.n
+    if sequences > state.settings.max_running:  # one request must not take every slot
+        raise bad_request(f"{len(prompts)} prompts x n={sampling.n} is {sequences} sequences; "
+                          f"one request may run at most {state.settings.max_running}.",
+                          param="n", code="invalid_value")
     sampling.structured = structured_output(state.engine, body, chat=False)
     return _Prepared(model, stream, include_usage, echo, prompts, sampling)
 

@@ -181,6 +181,9 @@ class Generation:
         except SequenceFailed as exc:
             self._failed = True  # billed as "error" by __aexit__, with the engine's usage
             self._failed_usage = exc.usage
+            if isinstance(exc.__cause__, InvalidGrammar):  # the client's grammar gave out
+                raise ApiError(400, f"The structured output spec could not be followed: "
+                               f"{exc.__cause__}", code="invalid_value") from exc
             raise
         except Exception:
             self._failed = True  # billed as "error" with what was done, by __aexit__

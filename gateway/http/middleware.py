@@ -50,11 +50,15 @@ async def context_middleware(request: web.Request, handler: Handler) -> web.Stre
         if exc.status < 400:
             raise
         response, status = await _error_reply(request, from_http_exception(exc))
+    except RecursionError:  # JSON inside a string field (tool arguments, a schema) nested
+        response, status = await _error_reply(request, ApiError(  # past Python's stack
+            400, "A JSON value in the request is nested too deeply.", code="invalid_json"))
     except PromptTooLong as exc:  # refused before tokenizing: it cannot fit the context
         response, status = await _error_reply(request, ApiError(
             400, f"The prompt is too long for this model's context: {exc}.",
             code="context_length_exceeded",
-            param="prompt" if request.path == "/v1/completions" else "messages"))
+            param={"/v1/completions": "prompt", "/v1/responses": "input"}.get(
+                request.path, "messages")))
     except LedgerUnavailable as exc:  # the database and the spool both failed, or the file
         log.error("request %s: ledger unavailable: %s", rid, exc)  # was lost: retry later
         response, status = await _error_reply(request, ApiError(

@@ -43,6 +43,8 @@ _UNSUPPORTED = {
     "audio": "audio output is not implemented",
     "prediction": "predicted outputs are not implemented",
     "web_search_options": "web search is not implemented",
+    "reasoning_effort": "this server's models do not reason; reasoning effort is not "
+                        "implemented",
 }
 _FINISH = {"stop": "stop", "length": "length", "cancelled": "stop"}
 
@@ -139,6 +141,8 @@ def _prepare_chat(state: AppState, body: dict) -> _Prepared:
     model, stream, include_usage = _common(body)
     messages = chat_messages(body)
     reject(body, _UNSUPPORTED)
+    if body.get("web_search_options") is not None:  # even {} asks for a web search
+        reject({"web_search_options": True}, _UNSUPPORTED)
     structured = structured_output(state.engine, body, chat=True)
     model = check_model(state, model)
     requested = field(body, "max_completion_tokens", int)

@@ -273,8 +273,11 @@ class ToolDeltas:
         return out
 
     def finish_reason(self, reason: str) -> str:
-        return "tool_calls" if self.calls and reason == "stop" else reason
+        return finish_reason(reason, self.calls > 0)
 
 
 def finish_reason(reason: str, has_calls: bool) -> str:
-    return "tool_calls" if has_calls and reason == "stop" else reason
+    """``tool_calls`` when the answer holds a call (the parser hands out only complete,
+    valid ones), even if the token limit came right after it: an agent loop that checks
+    for ``tool_calls`` must not drop a finished call."""
+    return "tool_calls" if has_calls and reason in ("stop", "length") else reason

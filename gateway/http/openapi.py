@@ -206,13 +206,33 @@ SCHEMAS: dict[str, Any] = {
     "ResponseCreate": {"type": "object", "required": ["model", "input"], "properties": {
         "model": {"type": "string"},
         "input": {"anyOf": [{"type": "string"}, {"type": "array", "minItems": 1, "items": {
-            "type": "object", "required": ["role", "content"], "properties": {
-                "type": {"const": "message"},
-                "role": {"enum": ["system", "developer", "user", "assistant"]},
-                "content": {"anyOf": [{"type": "string"}, {"type": "array", "items": {
-                    "type": "object", "required": ["type", "text"], "properties": {
-                        "type": {"enum": ["input_text", "output_text"]},
-                        "text": {"type": "string"}}}}]}}}}]},
+            "anyOf": [{
+                "type": "object", "required": ["role", "content"], "properties": {
+                    "type": {"const": "message"},
+                    "role": {"enum": ["system", "developer", "user", "assistant"]},
+                    "content": {"anyOf": [{"type": "string"}, {"type": "array", "items": {
+                        "type": "object", "required": ["type", "text"], "properties": {
+                            "type": {"enum": ["input_text", "output_text"]},
+                            "text": {"type": "string"}}}}]}}},
+                {"type": "object", "required": ["type", "call_id", "name", "arguments"],
+                 "properties": {"type": {"const": "function_call"},
+                                "call_id": {"type": "string", "minLength": 1, "maxLength": 64},
+                                "name": {"type": "string", "minLength": 1},
+                                "arguments": {"type": "string"}}},
+                {"type": "object", "required": ["type", "call_id", "output"],
+                 "properties": {"type": {"const": "function_call_output"},
+                                "call_id": {"type": "string", "minLength": 1, "maxLength": 64},
+                                "output": {"type": "string"}}}]}}]},
+        "tools": {"type": "array", "items": {
+            "type": "object", "required": ["type", "name"], "properties": {
+                "type": {"const": "function"},
+                "name": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"},
+                "description": {"type": "string"},
+                "parameters": {"type": "object"}, "strict": {"type": "boolean"}}}},
+        "tool_choice": {"anyOf": [{"enum": ["none", "auto", "required"]}, {
+            "type": "object", "required": ["type", "name"], "properties": {
+                "type": {"const": "function"}, "name": {"type": "string"}}}]},
+        "parallel_tool_calls": {"type": "boolean"},
         "instructions": {"type": "string"},
         "max_output_tokens": {"type": "integer", "minimum": 1},
         "temperature": {"type": "number", "minimum": 0, "maximum": 2},

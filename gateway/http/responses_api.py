@@ -7,6 +7,13 @@ back and continued with ``previous_response_id``: the stored conversation plus t
 input, rendered again, whose prefix is exactly what the earlier request computed (see
 ``responses_items``), so the prefix cache serves the whole earlier conversation.
 
+Function tools (``tools`` of type ``function``, ``tool_choice``, ``parallel_tool_calls``)
+are the chat API's (``openai_tools``: the template with tools, forced calls by grammar)
+in the Responses shape: the answer's calls are ``function_call`` output items (``_Output``,
+streamed as ``response.function_call_arguments.delta`` / ``.done``), and
+``function_call`` / ``function_call_output`` input items are the history's calls and
+results (``responses_items``).
+
 Storage is best effort *after* generating: the tokens are billed through the ledger's own
 path (which spools while the database is away), and an answer that could not be stored is
 still returned, as if ``store`` had been false; the failure is logged and the id then reads
@@ -30,8 +37,10 @@ from gateway.http import responses_items as items
 from gateway.http.admission import admitted
 from gateway.http.errors import ApiError, ClientGone, bad_request
 from gateway.http.generation import Generation
+from gateway.http.openai_tools import ToolRequest, forced_sampling, render_prompt, tool_request
 from gateway.http.sse import open_stream, send
 from gateway.http.state import AppState, ctx_of, principal_of, state_of
+from gateway.http.tools import Delta, ToolCallDelta
 from gateway.http.validation import (
     OFFLOAD_BYTES,
     check_model,
@@ -56,9 +65,10 @@ _UNSUPPORTED = {
     "prompt": "prompt templates are not implemented",
     "reasoning": "this model has no reasoning settings",
     "top_logprobs": "log probabilities are not returned on /v1/responses",
-    "max_tool_calls": "function tools are not available on /v1/responses yet",
+    "max_tool_calls": "built-in tools (the calls max_tool_calls counts) are not available",
 }
 _METADATA_KEYS, _METADATA_KEY_CHARS, _METADATA_VALUE_CHARS = 16, 64, 512
+Event = tuple[str, dict[str, Any]]  # (stream event type, its fields)
 
 
 def setup(app: web.Application) -> None:
@@ -134,6 +144,7 @@ class _Prepared(NamedTuple):
     prompt: list[int]
     history: list[items.Turn]  # the conversation before this response's output
     sampling: SamplingParams
+    tools: ToolRequest
     echo: dict[str, Any]  # request settings the response object repeats
 
 
@@ -184,18 +195,66 @@ def _text_format(body: dict, sampling: SamplingParams) -> tuple[dict, SamplingPa
     return {"format": echo}, dataclasses.replace(sampling, **{"structured": spec})
 
 
+def _function_tools(body: dict) -> list[dict[str, Any]]:
+    """``tools`` (the Responses shape: ``{type, name, description, parameters, strict}``)
+    as the chat API's function tools; any other tool type is a 400 naming it."""
+    tools = field(body, "tools", list, default=[])
+    out = []
+    for i, tool in enumerate(tools):
+        param = f"tools[{i}]"
+        if not isinstance(tool, dict):
+            raise bad_request(f"'{param}' must be an object.", param=param, code="invalid_type")
+        kind = tool.get("type")
+        if kind != "function":
+            raise bad_request(f"'{param}.type' is {str(kind)[:40]!r}: this server has no "
+                              "built-in tools; only 'function' tools are supported.",
+                              param=f"{param}.type", code="unsupported_value")
+        out.append({"type": "function", "function": {
+            k: tool[k] for k in ("name", "description", "parameters", "strict")
+            if tool.get(k) is not None}})
+    return out
+
+
+def _tool_choice(raw: Any) -> Any:
+    """``tool_choice`` in the chat API's shape."""
+    if raw is None or raw in ("none", "auto", "required"):
+        return raw
+    kind = raw.get("type") if isinstance(raw, dict) else None
+    if kind == "function" and isinstance(raw.get("name"), str):
+        return {"type": "function", "function": {"name": raw["name"]}}
+    if isinstance(kind, str) and kind != "function":
+        raise bad_request(f"'tool_choice' of type {kind[:40]!r} is not supported: this server "
+                          "has no built-in tools.", param="tool_choice",
+                          code="unsupported_value")
+    raise bad_request("'tool_choice' must be 'none', 'auto', 'required' or "
+                      "{\"type\": \"function\", \"name\": ...}.", param="tool_choice",
+                      code="invalid_value")
+
+
+def _tools(state: AppState, body: dict) -> tuple[ToolRequest, dict[str, Any]]:
+    """The request's function tools (``openai_tools``, whose checks name the chat shape's
+    fields, renamed here), and how the response repeats them."""
+    chat = {"tools": _function_tools(body), "tool_choice": _tool_choice(body.get("tool_choice")),
+            "parallel_tool_calls": body.get("parallel_tool_calls")}
+    try:
+        req = tool_request(state, chat)
+    except ApiError as exc:
+        exc.param = exc.param and exc.param.replace(".function.", ".")
+        exc.message = exc.message.replace(".function.", ".")
+        raise
+    choice = body.get("tool_choice") or "auto"
+    if isinstance(choice, dict):
+        choice = {"type": "function", "name": choice["name"]}
+    echo = {"tools": items.response_tools(req.tools), "tool_choice": choice,
+            "parallel_tool_calls": field(body, "parallel_tool_calls", bool, default=True)}
+    return req, echo
+
+
 def _prepare(state: AppState, body: dict, previous: Stored | None) -> _Prepared:
     """Validation, template and tokenizing; may run on a worker thread."""
     model = check_model(state, field(body, "model", str, required=True))
     reject(body, _UNSUPPORTED)
-    tools = field(body, "tools", list, default=[])
-    if tools:
-        raise bad_request("Function tools are not available on /v1/responses on this server "
-                          "yet.", param="tools", code="unsupported_parameter")
-    choice = body.get("tool_choice")
-    if choice not in (None, "none", "auto"):
-        raise bad_request("'tool_choice' needs tools, which /v1/responses does not take yet.",
-                          param="tool_choice", code="unsupported_parameter")
+    tools, tools_echo = _tools(state, body)
     truncation = field(body, "truncation", str, default="disabled")
     if truncation != "disabled":
         raise bad_request("Only 'truncation': 'disabled' is supported: a conversation that "
@@ -203,23 +262,28 @@ def _prepare(state: AppState, body: dict, previous: Stored | None) -> _Prepared:
                           code="unsupported_parameter")
     stream = field(body, "stream", bool, default=False)
     store = field(body, "store", bool, default=True)
-    field(body, "parallel_tool_calls", bool)
     instructions = field(body, "instructions", str)
     metadata = _metadata(body)
-    new = items.input_turns(body.get("input"))
-    history = [*(previous.conversation if previous else []), *new]
+    earlier = previous.conversation if previous else []
+    history = [*earlier, *items.input_turns(body.get("input"), earlier)]
     system = [{"role": "system", "content": instructions}] if instructions else []
-    prompt = items.render(state.engine.tokenizer, [*system, *history])
+    try:
+        prompt = items.render(state.engine.tokenizer, [*system, *history],
+                              lambda turns: render_prompt(state, turns, tools.tools))
+    except ApiError as exc:  # the template refused the conversation
+        exc.param = "input" if exc.param == "messages" else exc.param
+        raise
     budget = token_budget(state, len(prompt), field(body, "max_output_tokens", int),
-                          "max_output_tokens")
+                          "max_output_tokens", "input")
     temperature = number(body, "temperature", 0.0, 2.0, 1.0)
     top_p = number(body, "top_p", 0.0, 1.0, 1.0)
     sampling = SamplingParams(max_tokens=budget, temperature=temperature, top_p=top_p)
     text, sampling = _text_format(body, sampling)
-    echo = {"instructions": instructions, "metadata": metadata, "temperature": temperature,
+    sampling = forced_sampling(state, tools, sampling)
+    echo = {**tools_echo, "instructions": instructions, "metadata": metadata, "temperature": temperature,
             "top_p": top_p, "max_output_tokens": field(body, "max_output_tokens", int),
             "previous_response_id": previous.id if previous else None, "text": text}
-    return _Prepared(model, stream, store, prompt, history, sampling, echo)
+    return _Prepared(model, stream, store, prompt, history, sampling, tools, echo)
 
 
 @admitted
@@ -239,8 +303,10 @@ async def create(request: web.Request) -> web.StreamResponse:
     async with Generation(request, "responses", prep.model, prep.prompt, prep.sampling) as gen:
         if prep.stream:
             return await reply.stream(gen)
-        text = await gen.run()
-        return web.json_response(await reply.finish(gen, text))
+        output = _Output(prep.tools)
+        output.feed(await gen.run())
+        response, _ = await reply.finish(gen, output)
+        return web.json_response(response)
 
 
 # -- the answer ------------------------------------------------------------------------------
@@ -255,6 +321,84 @@ def responses_usage(u: Usage) -> dict[str, Any]:
             "total_tokens": u.prompt_tokens + u.completion_tokens}
 
 
+class _Output:
+    """The answer's output items as its text arrives, and the stream events that tell
+    them: a ``message`` item for text, a ``function_call`` item per call (``ToolStream``
+    reads them from the text; text after a call opens a new message item). A non-streamed
+    answer runs the same steps and drops the events, so a streamed answer reassembles to
+    exactly the non-streamed one."""
+
+    def __init__(self, tools: ToolRequest) -> None:
+        self.tools = tools
+        self.reader = tools.stream()
+        self.items: list[dict[str, Any]] = []
+        self.text: list[str] | None = None  # the open message item's text (None: none open)
+        self.dropped = False  # parallel_tool_calls false left a call out
+
+    def feed(self, text: str) -> list[Event]:
+        return self._events(self.reader.feed(text))
+
+    def finish(self, status: str) -> list[Event]:
+        """The last events; ``status`` is the last message item's (at least one item)."""
+        events = self._events(self.reader.finish())
+        if not self.items:
+            events += self._open()
+        return events + self._close(status)
+
+    def _events(self, deltas: list[Delta]) -> list[Event]:
+        out: list[Event] = []
+        for d in deltas:
+            if isinstance(d, ToolCallDelta):
+                if self.tools.parallel or d.index == 0:
+                    out += self._close("completed") + self._call(d)
+                else:
+                    self.dropped = True
+                continue
+            if self.text is None:
+                out += self._open()
+            assert self.text is not None
+            self.text.append(d)
+            out.append(("response.output_text.delta", {**self._where(), "delta": d,
+                                                       "logprobs": []}))
+        return out
+
+    def _where(self) -> dict[str, Any]:
+        return {"item_id": self.items[-1]["id"], "output_index": len(self.items) - 1,
+                "content_index": 0}
+
+    def _open(self) -> list[Event]:
+        item = items.message_item(items.new_id("msg"), "", "in_progress")
+        self.items.append(item)
+        self.text = []
+        return [("response.output_item.added", {"output_index": len(self.items) - 1,
+                                                "item": item}),
+                ("response.content_part.added", {**self._where(),
+                                                 "part": items.text_part("")})]
+
+    def _close(self, status: str) -> list[Event]:
+        if self.text is None:
+            return []
+        text, where = "".join(self.text), self._where()
+        self.text = None
+        item = self.items[-1] = items.message_item(where["item_id"], text, status)
+        return [("response.output_text.done", {**where, "text": text, "logprobs": []}),
+                ("response.content_part.done", {**where, "part": items.text_part(text)}),
+                ("response.output_item.done", {"output_index": where["output_index"],
+                                               "item": item})]
+
+    def _call(self, d: ToolCallDelta) -> list[Event]:
+        c, item_id, index = d.call, items.new_id("fc"), len(self.items)
+        item = items.function_call_item(item_id, c.id, c.name, c.arguments, "completed")
+        self.items.append(item)
+        where = {"item_id": item_id, "output_index": index}
+        return [("response.output_item.added", {"output_index": index, "item": {
+                    **item, "arguments": "", "status": "in_progress"}}),
+                ("response.function_call_arguments.delta", {**where, "delta": c.arguments}),
+                ("response.function_call_arguments.done", {**where, "name": c.name,
+                                                           "arguments": c.arguments}),
+                ("response.output_item.done", {"output_index": index, "item": item})]
+
+
 class _Reply:
     """The response object as it grows, and the stored record it becomes."""
 
@@ -262,7 +406,6 @@ class _Reply:
         self.request = request
         self.prep = prep
         self.id = "resp_" + ctx_of(request).request_id[4:]
-        self.item_id = items.new_id("msg")
         self.created = int(time.time())
         self.seq = 0
 
@@ -272,22 +415,24 @@ class _Reply:
             "id": self.id, "object": "response", "created_at": self.created,
             "status": status, "error": error,
             "incomplete_details": {"reason": "max_output_tokens"} if incomplete else None,
-            "model": self.prep.model, "output": output, "parallel_tool_calls": True,
-            "tool_choice": "auto", "tools": [], "truncation": "disabled",
+            "model": self.prep.model, "output": output, "truncation": "disabled",
             **({"usage": responses_usage(usage)} if usage is not None else {}),
             **self.prep.echo}
 
-    async def finish(self, gen: Generation, text: str) -> dict[str, Any]:
-        """The final object, stored first when asked (see the module's docstring)."""
+    async def finish(self, gen: Generation, output: _Output) -> tuple[dict[str, Any],
+                                                                      list[Event]]:
+        """The final object, stored first when asked (see the module's docstring), and the
+        output's last stream events."""
         assert gen.usage is not None
         incomplete = gen.finish_reason == "length"
         status = "incomplete" if incomplete else "completed"
-        item = items.message_item(self.item_id, text, status)
-        response = self.body(status, [item], gen.usage, incomplete)
+        events = output.finish(status)
+        response = self.body(status, output.items, gen.usage, incomplete)
         if self.prep.store:
             state = state_of(self.request)
-            turn = {"role": "assistant", "content": text,
-                    "ids": items.generated_ids(state.engine.tokenizer, gen.output_ids)}
+            turn = items.assistant_turn(output.items)
+            if not output.dropped:  # the sampled ids hold exactly the kept calls
+                turn["ids"] = items.generated_ids(state.engine.tokenizer, gen.output_ids)
             tenant = principal_of(self.request).tenant_id
             assert tenant is not None
             try:
@@ -295,7 +440,7 @@ class _Reply:
                                                  [*self.prep.history, turn])
             except LedgerUnavailable as exc:
                 log.warning("response %s was answered but not stored: %s", self.id, exc)
-        return response
+        return response, events
 
     async def _send(self, resp: web.StreamResponse, kind: str, **data: Any) -> None:
         await send(resp, {"type": kind, "sequence_number": self.seq, **data}, event=kind)
@@ -309,22 +454,16 @@ class _Reply:
         piece = await anext(pieces, None)
         ctx_of(self.request).engine_s = gen.elapsed_s()
         resp = await open_stream(self.request)
-        ids = {"item_id": self.item_id, "output_index": 0, "content_index": 0}
-        parts: list[str] = []
+        output = _Output(self.prep.tools)
         try:
             await self._send(resp, "response.created",
                              response=self.body("in_progress", [], None))
             await self._send(resp, "response.in_progress",
                              response=self.body("in_progress", [], None))
-            await self._send(resp, "response.output_item.added", output_index=0,
-                             item=items.message_item(self.item_id, "", "in_progress"))
-            await self._send(resp, "response.content_part.added", **ids,
-                             part=items.text_part(""))
             try:
                 while piece is not None:
-                    parts.append(piece)
-                    await self._send(resp, "response.output_text.delta", **ids, delta=piece,
-                                     logprobs=[])
+                    for kind, data in output.feed(piece):
+                        await self._send(resp, kind, **data)
                     piece = await anext(pieces, None)
             except (ClientGone, asyncio.CancelledError):
                 raise
@@ -338,13 +477,9 @@ class _Reply:
                 resp.force_close()
                 await resp.write_eof()
                 return resp
-            text = "".join(parts)
-            final = await self.finish(gen, text)
-            item = final["output"][0]
-            await self._send(resp, "response.output_text.done", **ids, text=text, logprobs=[])
-            await self._send(resp, "response.content_part.done", **ids,
-                             part=items.text_part(text))
-            await self._send(resp, "response.output_item.done", output_index=0, item=item)
+            final, events = await self.finish(gen, output)
+            for kind, data in events:
+                await self._send(resp, kind, **data)
             kind = "response.completed" if final["status"] == "completed" \
                 else "response.incomplete"
             await self._send(resp, kind, response=final)

@@ -53,11 +53,13 @@ def register(subparsers: Any) -> None:
             kind = parse_bytes if f.name.endswith("_bytes") else _TYPES.get(
                 str(f.type).removesuffix(" | None"), str)
             extra.add_argument(flag, dest=f.name, type=kind, default=None,
-                               help=f"default {f.default}")
+                               help=_HELP.get(f.name, f"default {f.default}"))
     p.set_defaults(func=run)
 
 
 _TYPES = {"int": int, "float": float, "str": str}
+_HELP = {"tool_call_parser": "how tool calls are read from the output: hermes (qwen), llama3, "
+                             "mistral, none, or auto (from the chat template; the default)"}
 # Settings held as one comma-separated string, given on the command line as one or more words
 _LISTS = {"served_model_name": "names clients may use for the model, the first reported "
                                "(NAME [ALIAS ...] or NAME,ALIAS)"}
@@ -87,8 +89,14 @@ async def serve(settings: Settings) -> int:
     from gateway.http.app import create_app
     from gateway.http.models_api import served_names
     from gateway.http.state import STATE
+    from gateway.http.tools import parser_for
     from gateway.http.transport import GatewayRunner
 
+    try:
+        parser_for(None, settings.tool_call_parser)
+    except ValueError as exc:  # a typo: say so now, not after loading the model
+        print(f"kvgate: --tool-call-parser: {exc}", file=sys.stderr, flush=True)
+        return 2
     for what, port in (("--port", settings.port), ("--metrics-port", settings.metrics_port)):
         problem = _cannot_listen(settings.host, port)
         if problem:  # say so now, not after loading the model

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from gateway.http.admission import admitted
 from gateway.http.errors import bad_request
 from gateway.http.models_api import max_model_len
 from gateway.http.openai_api import chat_messages
@@ -44,6 +45,7 @@ def _tokenize(state: AppState, body: dict) -> dict:
     return {"count": len(tokens), "max_model_len": max_model_len(state), "tokens": tokens}
 
 
+@admitted  # the tenant's request rate and concurrency apply: unbilled, not free
 async def tokenize(request: web.Request) -> web.Response:
     state = state_of(request)
     out = await prepare(await read_body(request), lambda body: _tokenize(state, body))
@@ -64,6 +66,7 @@ def _detokenize(state: AppState, body: dict) -> dict:
     return {"prompt": state.engine.tokenizer.decode(tokens, skip_special_tokens=False)}
 
 
+@admitted  # the tenant's request rate and concurrency apply: unbilled, not free
 async def detokenize(request: web.Request) -> web.Response:
     state = state_of(request)
     out = await prepare(await read_body(request), lambda body: _detokenize(state, body))

@@ -217,6 +217,9 @@ _BY_NAME: dict[str, type[ToolParser]] = {
     "hermes": HermesParser, "llama3": Llama3Parser, "mistral": MistralParser}
 
 
+_ALIASES = {"qwen": "hermes", "qwen2": "hermes", "llama": "llama3"}
+
+
 def parser_for(template_text: str | None, override: str | None = None) -> ToolParser | None:
     """The parser a model's chat template implies, or the one ``override`` names
     (``--tool-call-parser``: hermes | llama3 | mistral | none; auto or None: guess).
@@ -224,9 +227,10 @@ def parser_for(template_text: str | None, override: str | None = None) -> ToolPa
     if override and override != "auto":
         if override == "none":
             return None
+        override = _ALIASES.get(override, override)
         if override not in _BY_NAME:
             raise ValueError(f"unknown tool-call parser {override!r}; "
-                             f"known: {', '.join(PARSERS)}, none, auto")
+                             f"known: {', '.join(PARSERS)} (qwen = hermes), none, auto")
         return _BY_NAME[override]()
     t = template_text or ""
     if "[TOOL_CALLS]" in t:

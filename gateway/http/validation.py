@@ -178,16 +178,18 @@ def check_model(state: AppState, model: str, param: str = "model") -> str:
     return reported
 
 
-def token_budget(state: AppState, prompt_len: int, requested: int | None, param: str) -> int:
-    """Validate max_tokens against the context; the default fills what is left, capped."""
+def token_budget(state: AppState, prompt_len: int, requested: int | None, param: str,
+                 prompt_param: str = "messages") -> int:
+    """Validate max_tokens against the context; the default fills what is left, capped.
+    ``prompt_param``: the field that holds the prompt, named in its errors."""
     ctx = int(state.engine.model_info["context_length"])
     if requested is not None and requested < 1:
         raise bad_request(f"'{param}' must be at least 1.", param=param, code="invalid_value")
     if prompt_len < 1:
-        raise bad_request("The prompt is empty.", param="messages", code="empty_prompt")
+        raise bad_request("The prompt is empty.", param=prompt_param, code="empty_prompt")
     if prompt_len >= ctx:
         raise bad_request(f"The prompt is {prompt_len} tokens; this model's context is {ctx}.",
-                          param="messages", code="context_length_exceeded")
+                          param=prompt_param, code="context_length_exceeded")
     if requested is None:
         return min(state.settings.default_max_tokens, ctx - prompt_len)
     if prompt_len + requested > ctx:

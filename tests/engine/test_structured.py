@@ -172,6 +172,48 @@ async def test_invalid_specs_raise_invalid_grammar(engine: Engine, spec: Structu
         engine.check(request)
 
 
+def _ref_chain(n: int) -> str:
+    defs = {f"d{i}": {"type": "object", "properties": {"x": {"$ref": f"#/$defs/d{i + 1}"}}}
+            for i in range(n)}
+    defs[f"d{n}"] = {"type": "integer"}
+    return json.dumps({"$ref": "#/$defs/d0", "$defs": defs})
+
+
+@pytest.mark.parametrize("spec, bound", [
+    # Past these the grammar engine's compiler crashed the whole process (a segfault):
+    # chains of 1000 "$ref"s and of 3000 Lark rules did. Refused before it sees them.
+    (StructuredSpec("json_schema", _ref_chain(1000)), "characters"),
+    (StructuredSpec("json_schema", _ref_chain(300)), 'ref"s; the limit'),
+    (StructuredSpec("lark", "start: r0\n" + "".join(
+        f'r{i}: "a" r{i + 1}\n' for i in range(600)) + 'r600: "b"\n'), "rules"),
+    (StructuredSpec("regex", "(" * 100 + "a" + ")" * 100), "levels deep"),
+])
+async def test_specs_past_the_bounds_are_refused_before_compiling(
+        engine: Engine, spec: StructuredSpec, bound: str) -> None:
+    request = GenerateRequest("big", "ns", prompt_of(engine, "x"),
+                              SamplingParams(max_tokens=4, structured=spec))
+    with pytest.raises(InvalidGrammar, match=bound):
+        engine.check(request)
+
+
+async def test_a_grammar_the_engine_gives_up_on_fails_its_sequence_alone(
+        engine: Engine) -> None:
+    """``a: "x" a`` never ends: the grammar engine gives up after a while; that
+    sequence fails with ``InvalidGrammar`` as its cause, and the engine keeps serving."""
+    from gateway.engine import SequenceFailed
+
+    spec = StructuredSpec("lark", 'start: a\na: "x" a')
+    request = GenerateRequest("endless", "ns", prompt_of(engine, "x"),
+                              SamplingParams(max_tokens=2000, structured=spec))
+    with pytest.raises(SequenceFailed) as failed:
+        await collect(engine, request)
+    assert isinstance(failed.value.__cause__, InvalidGrammar)
+    assert failed.value.usage.prompt_tokens == len(request.prompt_token_ids)  # billable
+    ids, _, fin = await collect(engine, GenerateRequest(
+        "after", "ns", prompt_of(engine, "y"), SamplingParams(max_tokens=3, ignore_eos=True)))
+    assert len(ids) == 3 and fin.finish_reason == "length"
+
+
 def test_strict_schema_mapping() -> None:
     spec = json_schema_spec({"type": "object", "properties": {
         "a": {"type": "object", "properties": {"b": {"type": "string"}}},

@@ -135,3 +135,30 @@ def test_big_body_is_prepared_off_the_event_loop(
     loop_thread = threads[0]
     assert not loop_thread.startswith("kvgate-prepare")
     assert threads[1].startswith("kvgate-prepare")
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/tokenize", {"model": "demo", "prompt": "hello"}),
+    ("/detokenize", {"model": "demo", "tokens": [104, 105]}),
+    ("/v1/messages/count_tokens",
+     {"model": "demo", "messages": [{"role": "user", "content": "hello"}]}),
+])
+def test_unbilled_endpoints_keep_the_tenants_request_rate(
+        server: ThreadServer, http: Session, admin: Admin, path: str, body: dict) -> None:
+    """Not billed, but tokenizing is work: the tenant's request rate applies."""
+    t = admin.tenant(requests_per_minute=2)
+    body = {**body, "model": server.state.engine.model_id}
+    assert [http.post(path, json=body, headers=t.headers).status_code
+            for _ in range(2)] == [200, 200]
+    r = http.post(path, json=body, headers=t.headers)
+    assert r.status_code == 429 and int(r.headers["Retry-After"]) >= 1
+
+
+def test_one_request_cannot_take_every_running_slot(
+        server: ThreadServer, http: Session, admin: Admin) -> None:
+    t = admin.tenant()
+    body = {"model": server.state.engine.model_id, "prompt": ["a", "b", "c", "d", "e"],
+            "n": 16, "max_tokens": 4}
+    assert server.settings.max_running < 5 * 16
+    r = http.post("/v1/completions", json=body, headers=t.headers)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "n", r.text

@@ -116,3 +116,17 @@ def test_a_taken_port_is_one_clear_line_before_the_model_loads(tmp_path: Path) -
         f"kvgate: cannot listen on 127.0.0.1:{port} (--port): Address already in use")
     assert "Traceback" not in proc.stdout + proc.stderr
     assert not db.exists()  # nothing was opened or created
+
+
+def test_an_unknown_tool_call_parser_is_one_clear_line(tmp_path: Path) -> None:
+    from gateway.http.tools import HermesParser, parser_for
+
+    assert isinstance(parser_for(None, "qwen"), HermesParser)  # the name people guess
+    db = tmp_path / "kvgate.db"
+    proc = subprocess.run(
+        [sys.executable, "-m", "gateway.cli", "serve", "--port", "0", "--db", f"sqlite:///{db}",
+         "--tool-call-parser", "qwen3-coder"],
+        capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("kvgate: --tool-call-parser: unknown tool-call parser")
+    assert "hermes" in proc.stderr and not db.exists()

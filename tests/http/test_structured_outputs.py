@@ -134,3 +134,60 @@ def test_streamed_json_object(server: ThreadServer, tenant: Tenant, model_id: st
         assert isinstance(json.loads(text), dict)
     else:
         assert finish == "length" and text.startswith("{")
+
+
+@pytest.mark.parametrize("spelling", ["output_format", "output_config"])
+def test_anthropic_output_format_follows_the_schema(server: ThreadServer, tenant: Tenant,
+                                                    model_id: str, spelling: str) -> None:
+    """Anthropic's structured outputs (the beta's ``output_format`` and the later
+    ``output_config.format``): the text answer validates against the schema."""
+    import anthropic
+
+    schema = Pet.model_json_schema()
+    fmt = {"type": "json_schema", "schema": schema}
+    extra = {"output_format": fmt} if spelling == "output_format" else \
+        {"output_config": {"format": fmt}}
+    c = anthropic.Anthropic(base_url=server.url, api_key=tenant.key, max_retries=0)
+    msg = c.messages.create(model=model_id, max_tokens=200,
+                            messages=[{"role": "user", "content": "A pet, as JSON."}],
+                            extra_body={**extra, "temperature": 0})
+    assert msg.stop_reason == "end_turn"
+    text = "".join(b.text for b in msg.content if b.type == "text")
+    jsonschema.validate(json.loads(text), schema)
+    bad = c.messages.with_raw_response.create  # a bad spec is a 400 in Anthropic's shape
+    with pytest.raises(anthropic.BadRequestError):
+        bad(model=model_id, max_tokens=8, messages=[{"role": "user", "content": "x"}],
+            extra_body={"output_format": {"type": "yaml"}})
+
+
+@pytest.mark.parametrize("extra", [
+    {"guided_grammar": 'start: a\na: "x" a'},  # never ends: given up on midway
+    {"response_format": {"type": "json_schema", "json_schema": {"name": "r", "schema": {
+        "$ref": "#/$defs/a", "$defs": {"a": {"type": "object", "required": ["x"],
+                                              "properties": {"x": {"$ref": "#/$defs/a"}},
+                                              "additionalProperties": False}}}}}},
+    {"guided_json": "[" * 5000 + "]" * 5000},  # nested past Python's recursion limit
+    {"guided_choice": [f"choice {i}" for i in range(8000)]},  # past the size bound
+])
+def test_hostile_grammars_are_4xx_and_the_server_lives(server: ThreadServer, tenant: Tenant,
+                                                      http: Session, model_id: str,
+                                                      extra: dict) -> None:
+    headers = {"Authorization": f"Bearer {tenant.key}"}
+    r = http.post("/v1/chat/completions", headers=headers,
+                  json={"model": model_id, "messages": MESSAGES, "max_tokens": 3000, **extra})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["type"] == "invalid_request_error"
+    ok = http.post("/v1/chat/completions", headers=headers,
+                   json={"model": model_id, "messages": MESSAGES, "max_tokens": 2})
+    assert ok.status_code == 200
+
+
+def test_tool_arguments_nested_too_deep_are_400(server: ThreadServer, tenant: Tenant,
+                                                http: Session, model_id: str) -> None:
+    call = {"id": "call_1", "type": "function",
+            "function": {"name": "f", "arguments": "[" * 5000 + "]" * 5000}}
+    messages = [*MESSAGES, {"role": "assistant", "content": None, "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "ok"}]
+    r = http.post("/v1/chat/completions", headers={"Authorization": f"Bearer {tenant.key}"},
+                  json={"model": model_id, "messages": messages, "max_tokens": 2})
+    assert r.status_code == 400, r.text

@@ -58,6 +58,9 @@ EXTRA_FIELDS = {
     # message_delta repeats message_start's full usage; the SDK's MessageDeltaUsage has
     # no field for the cache-write split or the tier (they are read from message_start)
     "RawMessageStreamEvent": {"usage.cache_creation", "usage.service_tier"},
+    # response.function_call_arguments.done names the function (OpenAI's document requires
+    # it; the SDK's event model has no field for it)
+    "ResponseStreamEvent": {"name"},
 }
 
 
