@@ -5,7 +5,8 @@ from cachestore.counters import CacheCounters, Evictions, PageMoves, PromptToken
 from cachestore.hashing import block_hashes, root_digest, token_bytes
 from cachestore.index import PrefixIndex
 from cachestore.pool import PagePool, copy_pages
-from cachestore.stats import CacheStats, NamespaceStats, TierStats
+from cachestore.shares import Shares
+from cachestore.stats import CacheStats, NamespaceShare, NamespaceStats, ShareSummary, TierStats
 from cachestore.store import CacheStore
 
 __all__ = [
@@ -15,12 +16,15 @@ __all__ = [
     "CacheStats",
     "CacheStore",
     "Evictions",
+    "NamespaceShare",
     "NamespaceStats",
     "PageMoves",
     "PagePool",
     "PrefixIndex",
     "PrefixMatch",
     "PromptTokens",
+    "ShareSummary",
+    "Shares",
     "TierStats",
     "block_hashes",
     "copy_pages",

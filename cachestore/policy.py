@@ -26,6 +26,8 @@ store and the tier moves ask it for victims and do the moving.
   namespace over quota gives up its own idle blocks, host tier (colder) first.
 - Pins: hashes per namespace; a pinned block is never in an eviction order and does not
   expire.
+- Guaranteed shares (``shares.py``) filter the victims: an allocation may pass ``allowed``,
+  and blocks it refuses (another namespace's, within its share) are skipped, not reordered.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from __future__ import annotations
 import heapq
 import itertools
 from collections import OrderedDict, defaultdict
+from collections.abc import Callable
 
 from cachestore.block import DEVICE, HOST, Block, Tier
 
@@ -113,12 +116,29 @@ class EvictionPolicy:
     def num_evictable(self, tier: Tier) -> int:
         return len(self._probation[tier]) + len(self._protected[tier])
 
-    def victim(self, tier: Tier) -> Block | None:
-        """The next idle block of ``tier`` to go (not removed): LRU of probation, then protected."""
+    def victim(self, tier: Tier, allowed: Callable[[Block], bool] | None = None) -> Block | None:
+        """The next idle block of ``tier`` to go (not removed): LRU of probation, then protected.
+
+        ``allowed`` (guaranteed shares, ``shares.Shares.may_evict``) skips blocks it refuses.
+        """
+        found = self.victims(tier, 1, allowed)
+        return found[0] if found else None
+
+    def victims(
+        self, tier: Tier, n: int, allowed: Callable[[Block], bool] | None = None
+    ) -> list[Block]:
+        """The next ``n`` idle blocks of ``tier`` to go, in order (not removed; fewer if
+        there are not enough that ``allowed`` accepts)."""
+        out: list[Block] = []
+        if n <= 0:
+            return out
         for order in (self._probation[tier], self._protected[tier]):
-            if order:
-                return next(iter(order))
-        return None
+            for block in order:
+                if allowed is None or allowed(block):
+                    out.append(block)
+                    if len(out) == n:
+                        return out
+        return out
 
     def namespace_victim(self, namespace: str) -> Block | None:
         """The namespace's own coldest block: host tier first, then device."""

@@ -26,6 +26,8 @@ class PagePool:
         self.tensor = layout.allocate_pool(num_pages, device=device, pin_memory=pin_memory)
         self._free: deque[int] = deque(range(num_pages))
         self._is_free = [True] * num_pages
+        self._owner: list[str] = [""] * num_pages
+        self.held: dict[str, int] = {}  # namespace -> pages it holds (what shares count)
 
     @property
     def page_bytes(self) -> int:
@@ -42,10 +44,12 @@ class PagePool:
     def is_free(self, page: int) -> bool:
         return self._is_free[page]
 
-    def take(self) -> int:
-        """A free page; the caller made sure one exists (``num_free > 0``)."""
+    def take(self, owner: str = "") -> int:
+        """A free page, held by namespace ``owner``; the caller made sure one exists."""
         page = self._free.popleft()
         self._is_free[page] = False
+        self._owner[page] = owner
+        self.held[owner] = self.held.get(owner, 0) + 1
         return page
 
     def give_back(self, page: int) -> None:
@@ -53,6 +57,10 @@ class PagePool:
             raise RuntimeError(f"page {page} freed twice")
         self._is_free[page] = True
         self._free.append(page)
+        owner = self._owner[page]
+        self.held[owner] -= 1
+        if not self.held[owner]:
+            del self.held[owner]
 
 
 def copy_pages(

@@ -40,6 +40,49 @@ class TierStats:
 
 
 @dataclass(frozen=True)
+class NamespaceShare:
+    """One namespace's guaranteed share (``cachestore.shares``), by tier.
+
+    ``share_bytes`` is what it is guaranteed now (0 while inactive or with shares off),
+    ``used_bytes`` the pages it holds (indexed blocks and, on the device, its running
+    sequences' pages), ``evicted_by_others`` blocks that left the tier for another
+    namespace's allocation since the store started.
+    """
+
+    active: bool
+    share_bytes: dict[str, int]
+    used_bytes: dict[str, int]
+    evicted_by_others: dict[str, int]
+
+    def as_dict(self) -> JSON:
+        return {
+            "active": self.active,
+            "share_bytes": dict(self.share_bytes),
+            "used_bytes": dict(self.used_bytes),
+            "evicted_by_others": dict(self.evicted_by_others),
+        }
+
+
+@dataclass(frozen=True)
+class ShareSummary:
+    """Shares on or off, the activity window, how many namespaces are active (the fair
+    share's divisor) and how many protected blocks went because nothing else could."""
+
+    enabled: bool
+    window_s: float
+    active_namespaces: int
+    fallbacks: int
+
+    def as_dict(self) -> JSON:
+        return {
+            "enabled": self.enabled,
+            "window_s": self.window_s,
+            "active_namespaces": self.active_namespaces,
+            "fallbacks": self.fallbacks,
+        }
+
+
+@dataclass(frozen=True)
 class NamespaceStats:
     """One namespace: what it holds and how its prompts were served.
 
@@ -51,6 +94,7 @@ class NamespaceStats:
     cached_bytes: int  # bytes of this namespace's indexed blocks, both tiers (what quota counts)
     hit_tokens: int
     miss_tokens: int
+    share: NamespaceShare | None = None
 
     @property
     def hit_rate(self) -> float:
@@ -58,12 +102,15 @@ class NamespaceStats:
         return self.hit_tokens / total if total else 0.0
 
     def as_dict(self) -> JSON:
-        return {
+        out: JSON = {
             "cached_bytes": self.cached_bytes,
             "hit_tokens": self.hit_tokens,
             "miss_tokens": self.miss_tokens,
             "hit_rate": self.hit_rate,
         }
+        if self.share is not None:
+            out.update(self.share.as_dict())
+        return out
 
 
 @dataclass(frozen=True)
@@ -83,6 +130,7 @@ class CacheStats:
     promotions: PageMoves
     demotions: PageMoves
     namespaces: dict[str, NamespaceStats] = field(default_factory=dict)
+    shares: ShareSummary | None = None
 
     @property
     def blocks(self) -> dict[str, int]:
@@ -106,4 +154,5 @@ class CacheStats:
             "promotions": self.promotions.as_dict(),
             "demotions": self.demotions.as_dict(),
             "namespaces": {ns: s.as_dict() for ns, s in sorted(self.namespaces.items())},
+            "shares": self.shares.as_dict() if self.shares is not None else None,
         }

@@ -22,6 +22,9 @@ Choices the specification leaves open:
   first) is shared, not written: the sequence references the indexed block and keeps its
   own page as a private copy. If the indexed block sits on the host, the sequence's fresh
   device page simply becomes its page (no copy).
+- Guaranteed shares (``shares.py``): ``match`` and ``allocate`` mark the namespace active;
+  an allocation evicts only its own blocks and those of namespaces over their share, and
+  leaves free what other active namespaces' device shares still lack.
 - ``commit`` reports writes by TTL in seconds; which price a TTL gets is billing's call.
 - Hit and miss tokens are counted once per request by ``record_prompt``, from the figures
   the request is billed with; ``match`` counts nothing (see ``counters``).
@@ -35,13 +38,14 @@ from collections.abc import Callable
 
 import torch
 
-from cachestore.block import DEVICE, HOST, Block, CacheSeq, PrefixMatch
+from cachestore.block import DEVICE, HOST, TIERS, Block, CacheSeq, PrefixMatch, Tier
 from cachestore.counters import CacheCounters, PromptTokens
 from cachestore.hashing import HashFn, TokenIds, chain_hashes, root_digest, token_bytes, xxh3_128
 from cachestore.index import PrefixIndex
 from cachestore.policy import EvictionPolicy, is_expired
 from cachestore.pool import PagePool
-from cachestore.stats import CacheStats, NamespaceStats, TierStats
+from cachestore.shares import Shares
+from cachestore.stats import CacheStats, NamespaceShare, NamespaceStats, ShareSummary, TierStats
 from cachestore.tiers import TierMoves
 from kernels.layout import KVLayout
 
@@ -58,8 +62,14 @@ class CacheStore:
         default_ttl_s: float = 300.0,
         clock: Callable[[], float] = time.monotonic,
         hash_fn: HashFn = xxh3_128,
+        shares: bool = True,
+        share_window_s: float | None = None,
     ) -> None:
-        """``hash_fn`` is replaceable so tests can force collisions; keep the default."""
+        """``hash_fn`` is replaceable so tests can force collisions; keep the default.
+
+        ``shares``: guaranteed shares per namespace (``cachestore.shares``); a namespace is
+        active for ``share_window_s`` after its last request (default: ``default_ttl_s``).
+        """
         if str(device) == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.layout = layout
@@ -76,7 +86,10 @@ class CacheStore:
         self.policy = EvictionPolicy(self.device.num_pages, self.host.num_pages)
         self.index = PrefixIndex(self.device, self.host, self.policy)
         self.counters = CacheCounters()
-        self.tiers = TierMoves(self.device, self.host, self.index, self.policy, self.counters)
+        window_s = self.default_ttl_s if share_window_s is None else float(share_window_s)
+        self.shares = Shares(self.device, self.host, shares, window_s)
+        self.tiers = TierMoves(self.device, self.host, self.index, self.policy, self.counters,
+                               self.shares)
         self.seqs: dict[str, CacheSeq] = {}  # sequences holding pages
         self._roots: dict[str, bytes] = {}
         self._lock = threading.Lock()
@@ -98,6 +111,7 @@ class CacheStore:
                 raise RuntimeError(f"match {seq.seq_id!r} before allocating, or release it first")
             now = self.clock()
             self._expire(now)
+            self.shares.touch(seq.namespace, now)
             data = token_bytes(token_ids)
             hashes = chain_hashes(self._root(seq.namespace), data, self.block_size, self.hash_fn)
             matched: list[Block] = []
@@ -123,12 +137,14 @@ class CacheStore:
         """Grow the block table to hold ``num_tokens``; False (nothing taken) when no room."""
         with self._lock:
             need = -(-num_tokens // self.block_size) - len(seq.block_table)
+            now = self.clock()
+            self.shares.touch(seq.namespace, now)
             if need <= 0:
                 return True
-            self._expire(self.clock())
-            if not self.tiers.reserve_device(need):
+            self._expire(now)
+            if not self.tiers.reserve_device(need, seq.namespace):
                 return False
-            seq.block_table.extend(self.device.take() for _ in range(need))
+            seq.block_table.extend(self.device.take(seq.namespace) for _ in range(need))
             self.seqs[seq.seq_id] = seq
             return True
 
@@ -223,6 +239,12 @@ class CacheStore:
             self.policy.quotas[namespace] = int(quota_bytes)
             self._enforce_quota(namespace)
 
+    def set_share(self, namespace: str, share_bytes: int | None) -> None:
+        """An explicit guaranteed share (bytes, on each tier) instead of the fair share;
+        None goes back to the fair share. It protects only while the namespace is active."""
+        with self._lock:
+            self.shares.set_explicit(namespace, share_bytes)
+
     def pin(self, namespace: str, token_ids: TokenIds) -> int:
         """Keep this prefix forever (counted in quota); → blocks of it pinned now."""
         with self._lock:
@@ -262,8 +284,13 @@ class CacheStore:
                 "free": self.device.num_free, "active": active, "cached": idle})
             host = TierStats(self.host.num_pages, self.host.num_used, pb, {
                 "free": self.host.num_free, "offloaded": self.host.num_used})
-            names = set(self.index.namespaces()) | set(counters.prompts)
+            self.shares.prune(self.clock())
+            names = set(self.index.namespaces()) | set(counters.prompts) | self.shares.namespaces()
             cached_bytes = {ns: self._ns_bytes(ns) for ns in names}
+            fair = {t: self.shares.fair_pages(t) for t in TIERS}
+            share_stats = {ns: self._share_stats(ns, fair) for ns in names}
+            share_summary = ShareSummary(self.shares.enabled, self.shares.window_s,
+                                         len(self.shares.active()), self.shares.fallbacks)
         prompts = {ns: counters.prompts.get(ns, PromptTokens()) for ns in names}
         return CacheStats(
             device, host,
@@ -272,8 +299,9 @@ class CacheStore:
             evictions=counters.evictions,
             promotions=counters.promotions,
             demotions=counters.demotions,
-            namespaces={ns: NamespaceStats(cached_bytes[ns], p.hit, p.miss)
+            namespaces={ns: NamespaceStats(cached_bytes[ns], p.hit, p.miss, share_stats[ns])
                         for ns, p in prompts.items()},
+            shares=share_summary,
         )
 
     # -- bookkeeping ----------------------------------------------------------------------
@@ -282,6 +310,16 @@ class CacheStore:
         if root is None:
             root = self._roots[namespace] = root_digest(self.model_id, self.adapter_id, namespace)
         return root
+
+    def _share_stats(self, namespace: str, fair: dict[Tier, int]) -> NamespaceShare:
+        pb = self.layout.page_bytes
+        sh = self.shares
+        return NamespaceShare(
+            active=sh.is_active(namespace),
+            share_bytes={t: sh.share_pages(namespace, t, fair[t]) * pb for t in TIERS},
+            used_bytes={t: sh.held(namespace, t) * pb for t in TIERS},
+            evicted_by_others={t: sh.evicted_by_others[t].get(namespace, 0) for t in TIERS},
+        )
 
     def _ns_bytes(self, namespace: str) -> int:
         return self.index.num_blocks(namespace) * self.layout.page_bytes

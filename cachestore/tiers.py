@@ -13,50 +13,99 @@ from cachestore.counters import CacheCounters
 from cachestore.index import PrefixIndex
 from cachestore.policy import EvictionPolicy
 from cachestore.pool import PagePool, copy_pages
+from cachestore.shares import Shares
 
 
 class TierMoves:
     def __init__(
         self, device: PagePool, host: PagePool, index: PrefixIndex, policy: EvictionPolicy,
-        counters: CacheCounters,
+        counters: CacheCounters, shares: Shares | None = None,
     ) -> None:
         self.device = device
         self.host = host
         self.index = index
         self.policy = policy
         self.counters = counters
+        self.shares = shares if shares is not None else Shares(device, host, False, 0.0)
 
-    def reserve_device(self, need: int) -> bool:
-        """Make ``need`` device pages free by evicting idle blocks (demoting where possible)."""
+    def reserve_device(self, need: int, namespace: str | None = None) -> bool:
+        """Make ``need`` device pages free for ``namespace`` by evicting idle blocks
+        (demoting where possible); with shares, also the free pages other active
+        namespaces' shares still lack, evicting only what ``namespace`` may evict."""
         short = need - self.device.num_free
-        if short <= 0:
-            return True
         if short > self.policy.num_evictable(DEVICE):
             return False
-        victims = []
-        for _ in range(short):
-            victim = self.policy.victim(DEVICE)
-            assert victim is not None
+        reserve = 0 if namespace is None else self.shares.reserved_for_others(namespace, DEVICE)
+        want = short + reserve
+        victims = self.policy.victims(DEVICE, want, self.shares.may_evict(namespace, DEVICE))
+        for victim in victims:
             self.policy.remove(victim)
-            victims.append(victim)
-        self.demote(victims)
+        # reserved free pages this allocation takes because nothing it may evict is left
+        self.shares.fallbacks += min(reserve, max(0, want - len(victims)))
+        if len(victims) < short:  # every candidate left is protected: plain order
+            forced = self.policy.victims(DEVICE, short - len(victims))
+            for victim in forced:
+                self.policy.remove(victim)
+            self.shares.fallbacks += sum(b.namespace != namespace for b in forced)
+            victims += forced
+        if not victims:
+            return True
+        self.shares.count_evicted(victims, DEVICE, namespace)
+        self.demote(victims, namespace)
         return True
 
-    def demote(self, victims: list[Block]) -> None:
-        """Move victims to the host (making room there by its own LRU), else drop them."""
+    def demote(self, victims: list[Block], namespace: str | None = None) -> None:
+        """Move victims to the host (making room there by its own LRU), else drop them.
+
+        With shares and more than one active namespace, each victim's host page is
+        allocated for the victim's own namespace, as any allocation is (``_demote_shared``).
+        """
+        if namespace is not None and self.shares.enabled and len(self.shares.active()) > 1:
+            self._demote_shared(victims)
+            return
         for _ in range(max(0, len(victims) - self.host.num_free)):
             host_victim = self.policy.victim(HOST)
             if host_victim is None:
                 break
-            self.counters.evictions.lru += len(self.index.drop(host_victim))
+            dropped = self.index.drop(host_victim)
+            self.shares.count_evicted(dropped, HOST, namespace)
+            self.counters.evictions.lru += len(dropped)
         alive = [v for v in victims if v.alive]
         spill = max(0, len(alive) - self.host.num_free)
         for v in alive[:spill]:  # the coldest go (children before parents)
             self.counters.evictions.lru += len(self.index.drop(v))
-        moving = [v for v in alive[spill:] if v.alive]
-        host_pages = [self.host.take() for _ in moving]
-        copy_pages(self.device.tensor, self.host.tensor, [v.page for v in moving], host_pages)
-        for v, host_page in zip(moving, host_pages, strict=True):
+        self._move_to_host([(v, self.host.take(v.namespace)) for v in alive[spill:] if v.alive])
+
+    def _demote_shared(self, victims: list[Block]) -> None:
+        """Victim by victim: room on the host for its namespace, among the host blocks that
+        namespace may evict and the free pages no other share lacks; else it is dropped
+        (never a protected host block: the host tier has no fallback)."""
+        moving: list[tuple[Block, int]] = []
+        for v in victims:
+            owner = v.namespace
+            while v.alive and self.host.num_free <= self.shares.reserved_for_others(owner, HOST):
+                host_victim = self.policy.victim(HOST, self.shares.may_evict(owner, HOST))
+                if host_victim is None:
+                    break
+                dropped = self.index.drop(host_victim)
+                self.shares.count_evicted(dropped, HOST, owner)
+                self.counters.evictions.lru += len(dropped)
+            if not v.alive:  # its parent was on the host and went
+                continue
+            if self.host.num_free > self.shares.reserved_for_others(owner, HOST):
+                moving.append((v, self.host.take(owner)))
+            else:
+                self.counters.evictions.lru += len(self.index.drop(v))
+        for v, page in moving:
+            if not v.alive:  # went with a host ancestor dropped for a later victim
+                self.host.give_back(page)
+        self._move_to_host([(v, page) for v, page in moving if v.alive])
+
+    def _move_to_host(self, moving: list[tuple[Block, int]]) -> None:
+        """Copy the blocks' device pages to the host pages taken for them, in one batch."""
+        copy_pages(self.device.tensor, self.host.tensor, [v.page for v, _ in moving],
+                   [page for _, page in moving])
+        for v, host_page in moving:
             self.index.move(v, HOST, host_page)
             self.policy.add(v)
         self.counters.demotions.add(len(moving), self.device.page_bytes)
@@ -75,8 +124,8 @@ class TierMoves:
             cut = on_host[room]
             self.index.unref(matched[cut:])
             matched, on_host = matched[:cut], on_host[:room]
-        self.reserve_device(len(on_host))
-        device_pages = [self.device.take() for _ in on_host]
+        self.reserve_device(len(on_host), matched[0].namespace)
+        device_pages = [self.device.take(matched[i].namespace) for i in on_host]
         host_pages = [matched[i].page for i in on_host]
         copy_pages(self.host.tensor, self.device.tensor, host_pages, device_pages)
         for i, page in zip(on_host, device_pages, strict=True):

@@ -19,6 +19,7 @@ from gateway.ledger import Ledger
 from gateway.usage import Usage
 
 if TYPE_CHECKING:  # the engine pulls in torch; the ledger-only CLI must not
+    from cachestore.stats import NamespaceStats
     from gateway.engine.engine import Engine
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -85,7 +86,7 @@ class Metrics:
 
     def watch(self, engine: Engine, ledger: Ledger) -> None:
         """Start exporting snapshot figures (called once engine and ledger are open)."""
-        self.registry.register(_SnapshotCollector(engine, ledger))
+        self.registry.register(_SnapshotCollector(engine, ledger, self))
 
     def on_ledger_commit(self, seconds: float, n_events: int = 0) -> None:
         self.ledger_commit.observe(seconds)
@@ -118,6 +119,15 @@ SNAPSHOT_FAMILIES = (
     ("kvgate_cache_hit_tokens", "counter", "Prompt tokens served from cache.", ()),
     ("kvgate_cache_miss_tokens", "counter",
      "Prompt tokens computed (cache writes included).", ()),
+    ("kvgate_cache_share_bytes", "gauge",
+     "A tenant's guaranteed cache share by tier (0 while inactive).", ("tier", "tenant")),
+    ("kvgate_cache_tenant_bytes", "gauge",
+     "Cache bytes a tenant holds by tier (what its share protects).", ("tier", "tenant")),
+    ("kvgate_cache_evicted_by_others", "counter",
+     "A tenant's cache blocks that left a tier for another tenant's allocation.",
+     ("tier", "tenant")),
+    ("kvgate_cache_share_fallbacks", "counter",
+     "Protected cache blocks evicted because no share could absorb the pressure.", ()),
     ("kvgate_ledger_queue_depth", "gauge", "Usage events awaiting commit.", ()),
     ("kvgate_ledger_spool_events", "gauge",
      "Usage events spooled locally while the ledger database is away.", ()),
@@ -139,9 +149,10 @@ class _SnapshotCollector(Collector):
     """Cache and queue figures read at scrape time from the engine's and ledger's own
     snapshots (a figure a step old is fine here; nothing is locked for long)."""
 
-    def __init__(self, engine: Engine, ledger: Ledger) -> None:
+    def __init__(self, engine: Engine, ledger: Ledger, metrics: Metrics | None = None) -> None:
         self._engine = engine
         self._ledger = ledger
+        self._metrics = metrics
 
     def describe(self) -> list[Metric]:
         return list(snapshot_families().values())
@@ -165,4 +176,28 @@ class _SnapshotCollector(Collector):
                             ("kvgate_engine_queue_depth", self._engine.queue_depth()),
                             ("kvgate_engine_running_requests", self._engine.num_running())):
             f[name].add_metric([], value)
+        if stats.shares is not None:
+            f["kvgate_cache_share_fallbacks"].add_metric([], stats.shares.fallbacks)
+        self._collect_shares(stats.namespaces, f)
         yield from f.values()
+
+    def _collect_shares(self, namespaces: dict[str, NamespaceStats],
+                        f: dict[str, GaugeMetricFamily | CounterMetricFamily]) -> None:
+        """Per tenant (``tenant:<id>`` namespaces only), labelled as requests are; with
+        tenant labels off, summed under ``all``."""
+        sums: dict[tuple[str, str, str], int] = {}
+        for ns, n in namespaces.items():
+            prefix, _, tid = ns.partition(":")
+            if n.share is None or prefix != "tenant" or not tid.isdigit():
+                continue
+            label = self._metrics.tenant(int(tid)) if self._metrics is not None else tid
+            if self._metrics is not None and not self._metrics.counts(label):
+                continue
+            for name, by_tier in (("kvgate_cache_share_bytes", n.share.share_bytes),
+                                  ("kvgate_cache_tenant_bytes", n.share.used_bytes),
+                                  ("kvgate_cache_evicted_by_others", n.share.evicted_by_others)):
+                for tier, value in by_tier.items():
+                    key = (name, tier, label)
+                    sums[key] = sums.get(key, 0) + value
+        for (name, tier, label), value in sorted(sums.items()):
+            f[name].add_metric([tier, label], value)

@@ -79,9 +79,10 @@ async def test_hit_from_host_tier_matches_oracle(make_engine, oracle):
     engine = await make_engine(device_cache_bytes=12 * page, host_cache_bytes=64 * page)
     prompt = prompt_of(engine, TEXT[:100])
     first, _, _ = await collect(engine, GenerateRequest("a", "tenant:a", prompt, greedy(6)))
-    for i in range(3):  # push the first prompt's blocks out of the device pool
+    for i in range(3):  # push the first prompt's blocks out of the device pool (the same
+        # tenant: another one's traffic may not, its device share protects them)
         other = prompt_of(engine, f"other {i} " + TEXT[::-1][:100])
-        await collect(engine, GenerateRequest(f"o{i}", "tenant:b", other, greedy(1)))
+        await collect(engine, GenerateRequest(f"o{i}", "tenant:a", other, greedy(1)))
     stats = engine.cache_stats().as_dict()
     assert stats["demotions"]["count"] > 0
     again, _, fin = await collect(engine, GenerateRequest("b", "tenant:a", prompt, greedy(6)))
