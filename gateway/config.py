@@ -54,6 +54,9 @@ class Settings:
     # reported); "" serves the model under its own id. vLLM's flag of the same name.
     served_model_name: str = ""
     max_model_len: int = 0  # caps the context (prompt + output); 0 = the model's own
+    # Guaranteed per-tenant cache shares: close the eviction side channel between tenants,
+    # at a cost in total hit rate when many tenants share a small cache (README).
+    cache_shares: bool = True
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides: Any) -> Settings:

@@ -74,6 +74,7 @@ class Engine:
             device=str(device),
             model_id=self.model_id,
             default_ttl_s=config.default_cache_ttl_seconds,
+            shares=config.cache_shares,
         )
         device_pages = int(self.store.device_pool.shape[0])
         host_pages = int(self.store.host_pool.shape[0])

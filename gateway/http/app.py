@@ -152,7 +152,7 @@ def engine_config(settings: Settings) -> EngineConfig:
         max_batch_tokens=settings.max_batch_tokens, max_running=settings.max_running,
         max_queue=settings.max_queue,
         default_cache_ttl_seconds=float(settings.default_cache_ttl_seconds),
-        max_model_len=settings.max_model_len)
+        max_model_len=settings.max_model_len, cache_shares=settings.cache_shares)
 
 
 def create_app(settings: Settings, engine: Engine | None = None,

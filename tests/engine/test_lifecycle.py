@@ -138,3 +138,14 @@ async def test_a_failing_step_fails_its_requests_and_the_engine_keeps_serving(ma
     await _wait_idle(engine)
     ids, _, fin = await collect(engine, GenerateRequest("b", "tenant:a", prompt, greedy(3)))
     assert len(ids) == 3 and fin.finish_reason == "length"
+
+
+async def test_cache_shares_follow_the_serve_setting(make_engine) -> None:
+    """``--cache-shares 0`` reaches the store (on by default: the side channel is closed)."""
+    from gateway.config import Settings
+    from gateway.http.app import engine_config
+
+    assert engine_config(Settings()).cache_shares is True
+    assert engine_config(Settings(cache_shares=False)).cache_shares is False
+    assert (await make_engine()).store.shares.enabled is True
+    assert (await make_engine(cache_shares=False)).store.shares.enabled is False
