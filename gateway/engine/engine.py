@@ -203,6 +203,9 @@ class Engine:
     def set_quota(self, namespace: str, nbytes: int | None) -> None:
         self._inbox.put(Call(lambda: self.store.set_quota(namespace, nbytes)))
 
+    def set_share(self, namespace: str, nbytes: int | None) -> None:
+        self._inbox.put(Call(lambda: self.store.set_share(namespace, nbytes)))
+
     async def _call(self, fn: Callable[[], T]) -> T:
         """Runs ``fn`` on the engine thread (the store's owner) and waits for its result."""
         if self._thread is None:

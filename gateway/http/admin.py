@@ -20,7 +20,8 @@ from gateway.ledger.timespec import check_range, parse_time
 
 _TENANT_FIELDS: dict[str, type | tuple[type, ...]] = {
                   "name": str, "plan": (str, int), "cache_ttl_seconds": int,
-                  "cache_quota_bytes": int, "requests_per_minute": int,
+                  "cache_quota_bytes": int, "cache_share_bytes": int,
+                  "requests_per_minute": int,
                   "tokens_per_minute": int, "max_concurrent": int, "status": str}
 
 
@@ -61,7 +62,8 @@ def _ledger_error(exc: LedgerError) -> ApiError:
 _INT32_MAX, _INT64_MAX = 2**31 - 1, 2**63 - 1
 # The largest value each integer field's column holds on every database (INTEGER is 32-bit
 # on PostgreSQL; SQLite and BIGINT take 64 bits); beyond it the database would refuse.
-_INT_MAX = {"cache_quota_bytes": _INT64_MAX, "plan": _INT32_MAX}
+_INT_MAX = {"cache_quota_bytes": _INT64_MAX, "cache_share_bytes": _INT64_MAX,
+            "plan": _INT32_MAX}
 # Characters no name may hold: C0/C1 controls (PostgreSQL refuses NUL in text outright).
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
 
@@ -134,8 +136,8 @@ async def update_tenant(request: web.Request) -> web.Response:
         tenant = await state.ledger.update_tenant(tid, **fields)
     except LedgerError as exc:
         raise _ledger_error(exc) from None
-    if "cache_quota_bytes" in fields:
-        state.quotas.set(tid, fields["cache_quota_bytes"])
+    if "cache_quota_bytes" in fields or "cache_share_bytes" in fields:
+        state.quotas.set(tid, tenant["cache_quota_bytes"], tenant["cache_share_bytes"])
     else:
         state.quotas.forget(tid)  # re-applied from the key's principal on the next request
     return _json(tenant)

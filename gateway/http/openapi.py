@@ -258,6 +258,7 @@ SCHEMAS: dict[str, Any] = {
         "name": {"type": "string", "minLength": 1}, "plan": {"type": "string"},
         "cache_ttl_seconds": {"type": "integer", "minimum": 0},
         "cache_quota_bytes": {"type": "integer", "minimum": 0},
+        "cache_share_bytes": {"type": "integer", "minimum": 0},
         "requests_per_minute": {"type": "integer", "minimum": 0},
         "tokens_per_minute": {"type": "integer", "minimum": 0},
         "max_concurrent": {"type": "integer", "minimum": 0}}},

@@ -34,6 +34,7 @@ class Principal:
     tokens_per_minute: int | None
     max_concurrent: int | None
     plan_id: int | None
+    cache_share_bytes: int | None = None  # None: the fair share
 
     @property
     def is_admin(self) -> bool:

@@ -50,6 +50,8 @@ def register(sub: Any) -> None:
     p.add_argument("--plan", default=None, help="price plan name (default: default)")
     p.add_argument("--cache-ttl-seconds", type=int)
     p.add_argument("--cache-quota-bytes", type=parse_bytes, help="e.g. 536870912 or 512MiB")
+    p.add_argument("--cache-share-bytes", type=parse_bytes,
+                   help="guaranteed cache share, e.g. 256MiB (default: the fair share)")
     p.add_argument("--requests-per-minute", type=int)
     p.add_argument("--tokens-per-minute", type=int)
     p.add_argument("--max-concurrent", type=int)
@@ -209,13 +211,15 @@ def print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
 async def _tenants_create(ledger: Ledger, args: argparse.Namespace) -> None:
     tenant = await ledger.create_tenant(
         args.name, plan=args.plan, cache_ttl_seconds=args.cache_ttl_seconds,
-        cache_quota_bytes=args.cache_quota_bytes, requests_per_minute=args.requests_per_minute,
+        cache_quota_bytes=args.cache_quota_bytes, cache_share_bytes=args.cache_share_bytes,
+        requests_per_minute=args.requests_per_minute,
         tokens_per_minute=args.tokens_per_minute, max_concurrent=args.max_concurrent)
     _emit(args, tenant)
 
 
 _TENANT_COLUMNS = ["id", "name", "status", "plan", "cache_ttl_seconds", "cache_quota_bytes",
-                   "requests_per_minute", "tokens_per_minute", "max_concurrent", "created_at"]
+                   "cache_share_bytes", "requests_per_minute", "tokens_per_minute",
+                   "max_concurrent", "created_at"]
 
 
 async def _tenants_list(ledger: Ledger, args: argparse.Namespace) -> None:

@@ -45,8 +45,8 @@ log = logging.getLogger("kvgate.ledger")
 
 ROLES = ("tenant", "admin")
 TENANT_STATUSES = ("active", "suspended")  # "deleted" only through delete_tenant
-_LIMIT_FIELDS = ("cache_ttl_seconds", "cache_quota_bytes", "requests_per_minute",
-                 "tokens_per_minute", "max_concurrent")
+_LIMIT_FIELDS = ("cache_ttl_seconds", "cache_quota_bytes", "cache_share_bytes",
+                 "requests_per_minute", "tokens_per_minute", "max_concurrent")
 DEFAULT_CACHE_TTL_S = 300
 _MAX_ID = 2**31 - 1  # tenant and key ids are INTEGER columns (32-bit on PostgreSQL)
 DEFAULT_CURRENCY = "USD"  # what revision 0002 gives the plans made before currencies
@@ -290,7 +290,7 @@ class Ledger:
             row.plan_currency)
         return Principal(key_id, role, tenant_id, row.name, row.status, row.cache_ttl_seconds,
                          row.cache_quota_bytes, row.requests_per_minute, row.tokens_per_minute,
-                         row.max_concurrent, row.plan_id)
+                         row.max_concurrent, row.plan_id, row.cache_share_bytes)
 
     async def create_key(self, tenant_id: int | None, role: str = "tenant") -> dict[str, Any]:
         """A new key; the plaintext is in this answer only, the database keeps its hash."""
@@ -366,11 +366,13 @@ class Ledger:
     async def create_tenant(self, name: str, plan: str | int | None = None,
                             cache_ttl_seconds: int | None = None,
                             cache_quota_bytes: int | None = None,
+                            cache_share_bytes: int | None = None,
                             requests_per_minute: int | None = None,
                             tokens_per_minute: int | None = None,
                             max_concurrent: int | None = None) -> dict[str, Any]:
         name = _check_name(name)
         limits = {"cache_ttl_seconds": cache_ttl_seconds, "cache_quota_bytes": cache_quota_bytes,
+                  "cache_share_bytes": cache_share_bytes,
                   "requests_per_minute": requests_per_minute,
                   "tokens_per_minute": tokens_per_minute, "max_concurrent": max_concurrent}
         _check_limits(limits)
@@ -537,6 +539,7 @@ def _tenant_dict(row: Any, plan: str) -> dict[str, Any]:
     return {"id": row.id, "name": row.name, "status": row.status, "plan": plan,
             "cache_ttl_seconds": row.cache_ttl_seconds,
             "cache_quota_bytes": row.cache_quota_bytes,
+            "cache_share_bytes": row.cache_share_bytes,
             "requests_per_minute": row.requests_per_minute,
             "tokens_per_minute": row.tokens_per_minute, "max_concurrent": row.max_concurrent,
             "created_at": row.created_at.isoformat()}

@@ -83,6 +83,7 @@ class Tenant(Base):
     plan_id: Mapped[int] = mapped_column(ForeignKey("plans.id"), index=True)
     cache_ttl_seconds: Mapped[int] = mapped_column(Integer, default=300)
     cache_quota_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    cache_share_bytes: Mapped[int | None] = mapped_column(BigInteger)  # None: the fair share
     requests_per_minute: Mapped[int | None] = mapped_column(Integer)
     tokens_per_minute: Mapped[int | None] = mapped_column(Integer)
     max_concurrent: Mapped[int | None] = mapped_column(Integer)

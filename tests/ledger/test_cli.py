@@ -35,9 +35,11 @@ def test_tenant_key_usage_flow(db_url: str, capsys: pytest.CaptureFixture[str]) 
     assert rc == 0 and f"-> {head_revision()}" in out
 
     rc, out, _ = kvgate(capsys, "tenants", "create", "acme", "--cache-quota-bytes", "1MiB",
-                        "--requests-per-minute", "30", "--json", *db)
+                        "--cache-share-bytes", "256KiB", "--requests-per-minute", "30",
+                        "--json", *db)
     tenant = json.loads(out)
     assert rc == 0 and tenant["name"] == "acme" and tenant["cache_quota_bytes"] == 1 << 20
+    assert tenant["cache_share_bytes"] == 256 << 10
     rc, _, err = kvgate(capsys, "tenants", "create", "acme", *db)
     assert rc == 1 and "already exists" in err
 

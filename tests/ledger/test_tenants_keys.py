@@ -19,8 +19,9 @@ async def test_tenant_crud_and_soft_delete(ledger: Ledger) -> None:
     assert (t["cache_ttl_seconds"], t["cache_quota_bytes"], t["tokens_per_minute"]) == (
         600, 1 << 30, None)
     assert set(t) == {"id", "name", "status", "plan", "cache_ttl_seconds", "cache_quota_bytes",
-                      "requests_per_minute", "tokens_per_minute", "max_concurrent",
-                      "created_at"}
+                      "cache_share_bytes", "requests_per_minute", "tokens_per_minute",
+                      "max_concurrent", "created_at"}
+    assert t["cache_share_bytes"] is None  # the fair share
     with pytest.raises(Conflict):
         await ledger.create_tenant("acme")
     with pytest.raises(NotFound):
@@ -28,6 +29,10 @@ async def test_tenant_crud_and_soft_delete(ledger: Ledger) -> None:
 
     t2 = await ledger.update_tenant(t["id"], tokens_per_minute=10_000, status="suspended")
     assert (t2["tokens_per_minute"], t2["status"], t2["max_concurrent"]) == (10_000, "suspended", 4)
+    t2 = await ledger.update_tenant(t["id"], cache_share_bytes=1 << 28)
+    assert t2["cache_share_bytes"] == 1 << 28
+    t2 = await ledger.update_tenant(t["id"], cache_share_bytes=None)  # back to the fair share
+    assert t2["cache_share_bytes"] is None
     with pytest.raises(InvalidInput):
         await ledger.update_tenant(t["id"], colour="red")
     with pytest.raises(InvalidInput):
