@@ -17,7 +17,7 @@ from gateway.http.admission import admitted
 from gateway.http.choices import Choice
 from gateway.http.errors import ClientGone, bad_request
 from gateway.http.generation import Generation
-from gateway.http.openai_api import openai_usage
+from gateway.http.openai_api import common_fields, end_stream, openai_usage
 from gateway.http.sampling_params import completion_logprobs, sampling_from
 from gateway.http.sse import open_stream, send
 from gateway.http.state import AppState, ctx_of, state_of
@@ -80,10 +80,7 @@ def prompts_of(state: AppState, body: dict[str, Any]) -> list[list[int]]:
 
 def _prepare(state: AppState, body: dict) -> _Prepared:
     """Validation and tokenizing; may run on a worker thread (``prepare``)."""
-    model = field(body, "model", str, required=True)
-    stream = field(body, "stream", bool, default=False)
-    options = field(body, "stream_options", dict, default={})
-    include_usage = bool(stream and options.get("include_usage"))
+    model, stream, include_usage = common_fields(body)
     echo = field(body, "echo", bool, default=False)
     prompts = prompts_of(state, body)
     model = check_model(state, model)
@@ -162,14 +159,10 @@ async def _stream(request: web.Request, gen: Generation, include_usage: bool,
                 await send(resp, chunk(ev.index, ev.text, logprobs))
             offsets[ev.index] += len(ev.text)
             ev = await anext(events, None)
-        assert gen.usage is not None  # billed: the ledger row exists before these bytes
         for c in gen.choices.items:
             await send(resp, chunk(c.index, "", None,
                                    _FINISH.get(c.finish_reason or "stop", "stop")))
-        if include_usage:
-            await send(resp, {**base, "choices": [], "usage": openai_usage(gen.usage)})
-        await send(resp, "[DONE]")
-        await resp.write_eof()
+        await end_stream(resp, base, gen, include_usage)
     except ClientGone:
         pass
     return resp

@@ -57,6 +57,16 @@ def _finish_of(choice: Choice) -> str:
     return _FINISH.get(choice.finish_reason or "stop", "stop")
 
 
+async def end_stream(resp: web.StreamResponse, base: dict[str, Any], gen: Generation,
+                     include_usage: bool) -> None:
+    """After the choices' last chunks: the usage chunk when asked for, ``[DONE]``, EOF."""
+    assert gen.usage is not None  # billed: the ledger row exists before these bytes
+    if include_usage:
+        await send(resp, {**base, "choices": [], "usage": openai_usage(gen.usage)})
+    await send(resp, "[DONE]")
+    await resp.write_eof()
+
+
 def openai_usage(u: Usage) -> dict[str, Any]:
     return {
         "prompt_tokens": u.prompt_tokens,
@@ -117,7 +127,9 @@ def chat_messages(body: dict) -> list[dict]:
     return out
 
 
-def _common(body: dict) -> tuple[str, bool, bool]:
+def common_fields(body: dict) -> tuple[str, bool, bool]:
+    """``model``, ``stream`` and whether the stream ends with a usage chunk (chat and
+    completions alike)."""
     model = field(body, "model", str, required=True)
     stream = field(body, "stream", bool, default=False)
     options = field(body, "stream_options", dict, default={})
@@ -138,7 +150,7 @@ class _Prepared(NamedTuple):
 
 def _prepare_chat(state: AppState, body: dict) -> _Prepared:
     """Validation, chat template and tokenizing; may run on a worker thread (``prepare``)."""
-    model, stream, include_usage = _common(body)
+    model, stream, include_usage = common_fields(body)
     messages = chat_messages(body)
     reject(body, _UNSUPPORTED)
     if body.get("web_search_options") is not None:  # even {} asks for a web search
@@ -229,16 +241,12 @@ async def _stream(request: web.Request, gen: Generation, include_usage: bool,
                 await send(resp, chunk(piece, None, i, logprobs))
                 logprobs = None
             ev = await anext(events, None)
-        assert gen.usage is not None  # billed: the ledger row exists before these bytes
         for c in gen.choices.items:
             for delta in deltas[c.index].finish() if chat else []:
                 await send(resp, chunk(delta, None, c.index))
             await send(resp, chunk(None, deltas[c.index].finish_reason(_finish_of(c)),
                                    c.index))
-        if include_usage:
-            await send(resp, {**base, "choices": [], "usage": openai_usage(gen.usage)})
-        await send(resp, "[DONE]")
-        await resp.write_eof()
+        await end_stream(resp, base, gen, include_usage)
     except ClientGone:
         pass
     return resp
