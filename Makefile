@@ -38,7 +38,7 @@ lint: $(TEST_STAMP)
 	$(BIN)/python -m mypy
 
 bench: $(TEST_STAMP)
-	for b in hashing policy ledger ttft load kernels admission structured; do \
+	for b in hashing policy ledger ttft load kernels admission structured shared_tier; do \
 		test -f bench/$$b.py && $(BIN)/python -m bench.$$b || exit 1; done
 
 venv: venv-test

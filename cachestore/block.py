@@ -36,6 +36,7 @@ class Block:
     hits: int = 0  # reuses since indexed: what moves it to the protected segment
     pinned: bool = False
     alive: bool = True
+    shared: bool = False  # handed to the shared tier (written, or fetched from it)
     children: set[Block] = field(default_factory=set)
 
     @property

@@ -24,6 +24,7 @@ from __future__ import annotations
 from collections.abc import ItemsView, Iterator, Sequence, ValuesView
 
 from cachestore.block import DEVICE, HOST, Block, Tier
+from cachestore.events import CacheEvent, CacheEventSink, EventKind
 from cachestore.hashing import TOKEN_BYTES
 from cachestore.policy import EvictionPolicy
 from cachestore.pool import PagePool
@@ -37,6 +38,8 @@ class PrefixIndex:
         self._blocks: dict[bytes, Block] = {}
         self._ns_blocks: dict[str, int] = {}
         self.num_idle_device = 0  # device blocks with refcount 0 ("cached")
+        self.on_event: CacheEventSink | None = None  # stored / removed / moved (events.py)
+        self.event_seq = 0  # the last event's number
 
     # -- reading ---------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -103,6 +106,7 @@ class PrefixIndex:
         if parent is not None:
             parent.children.add(block)
         self._ns_blocks[namespace] = self._ns_blocks.get(namespace, 0) + 1
+        self._emit("stored", block, DEVICE)
         return block
 
     def ref(self, block: Block) -> None:
@@ -140,7 +144,10 @@ class PrefixIndex:
         self._pools[block.tier].give_back(block.page)
         if block.ref_count == 0 and block.tier != tier:
             self.num_idle_device += 1 if tier == DEVICE else -1
+        moved = block.tier != tier
         block.tier, block.page = tier, page
+        if moved:
+            self._emit("moved", block, tier)
 
     def drop(self, block: Block) -> list[Block]:
         """Remove ``block`` and its descendants (all idle), freeing their pages; → those removed."""
@@ -158,6 +165,7 @@ class PrefixIndex:
             self.policy.remove(b)
             if self._blocks.get(b.hash) is b:
                 del self._blocks[b.hash]
+                self._emit("removed", b, b.tier)  # what a router's view holds goes with it
             if b.parent is not None:
                 b.parent.children.discard(b)
             if b.tier == DEVICE:
@@ -168,3 +176,17 @@ class PrefixIndex:
                 del self._ns_blocks[b.namespace]
             dropped.append(b)
         return dropped
+
+    # -- events ------------------------------------------------------------------------------
+    def _emit(self, kind: EventKind, block: Block, tier: Tier) -> None:
+        self.event_seq += 1
+        if self.on_event is not None:
+            self.on_event(CacheEvent(self.event_seq, kind, block.namespace, block.hash, tier))
+
+    def snapshot(self) -> tuple[int, list[CacheEvent]]:
+        """Every indexed block as a ``stored`` event, with the number of the last event
+        emitted before: events after it are what a consumer applies on top (the caller
+        holds the store's lock, so nothing changes in between)."""
+        seq = self.event_seq
+        return seq, [CacheEvent(seq, "stored", b.namespace, b.hash, b.tier)
+                     for b in self._blocks.values()]

@@ -1,25 +1,39 @@
-"""What to evict: segmented LRU with a ghost list over idle blocks per tier, deepest first; TTL; quotas; pins.
+"""What to evict: an adaptive order over idle blocks per tier (LRU, segmented LRU with ghosts,
+or newest-first), TTL, quotas, pins, and holds for queued requests.
 
 The policy never touches pages; it orders blocks and answers "who goes next". The index
 tells it when a block turns idle or active again (``PrefixIndex.ref``/``unref``); the
 store and the tier moves ask it for victims and do the moving.
 
-- LRU: a block enters its tier's order when it becomes idle (refcount 0) or is demoted.
-  A released chain is added deepest block first (``PrefixIndex.unref``), so among blocks
-  last used at the same moment the extension goes before its prefix; a hit on a child
-  always touches its parent too, so a prefix never ages faster than its extensions.
-- Segmented: the order is split in two, as in SLRU. Blocks never reused since they were
-  written (one-off documents, fresh conversation tails) are evicted before blocks that
-  were reused (system prompts, conversation prefixes); the reused segment is capped at
-  three quarters of the tier, its overflow ages back into the first.
-- Ghosts: the hashes of the last dropped blocks (twice as many as both tiers hold pages,
-  as ARC's two ghost lists) are remembered. A block written again while its hash is still a ghost was reused after all,
-  only too late for the cache to see it: it enters the reused segment. Having been asked
-  for twice is the best online sign of a third time; on the Mooncake conversation trace a
-  block's chance of reuse within the TTL rises from 0.18 (first use) to 0.32 (second).
-- ``bench/policy.py`` measures these choices against Belady's optimum; the table of what
-  was tried (LFU-DA, GDSF by depth, ARC-style adaptive cap, scan admission) is in
+- Release groups: a released chain is added deepest block first (``PrefixIndex.unref``)
+  and as one group, so among blocks last used at the same moment the extension goes
+  before its prefix; a hit on a child always touches its parent too, so a prefix never
+  ages faster than its extensions. Every order below keeps that.
+- ``lru``: least recently used first.
+- ``slru`` (segmented): blocks never reused since they were written (one-off documents,
+  fresh conversation tails) go before blocks that were reused (system prompts,
+  conversation prefixes); the reused segment is capped at three quarters of the tier, its
+  overflow ages back into the first. Ghosts: the hashes of the last dropped blocks (twice
+  as many as both tiers hold pages, as ARC's two ghost lists) are remembered; a block
+  written again while its hash is a ghost was reused after all, only too late for the
+  cache to see it, and enters the reused segment (once its parent did).
+- ``newest``: as ``slru``, but fresh blocks idle for more than ``stale_s`` (120 s) go first,
+  oldest first, and then the *newest* fresh groups, before older ones. Follow-up turns come
+  a user's think time after a first turn, often longer than a small cache holds; LRU then
+  flushes every fresh block before its follow-up, while this keeps a stable subset alive
+  long enough to be asked for again. Without a TTL or on a large cache it keeps stale
+  blocks LRU would have used the room for.
+- ``adaptive`` (the default): the order that wins the duel (``duel.py``): a shadow
+  simulation of each order on a fixed sample of block hashes at proportionally scaled
+  capacity, fed every prompt ``match`` sees (``observe``). It starts as ``slru`` (scan
+  resistant from the first request) and switches only on evidence.
+- ``bench/policy.py`` measures these orders against the store-model optimum at capacities
+  not used to choose the parameters; the figures and what was tried are in
   ``bench/results/policy.json``.
+- Holds (``hold``, from ``CacheStore.hold_queued``): the blocks queued requests will match
+  are skipped in every order and offered only after all other candidates, in the same
+  order. They are never refused outright, so a queue cannot wedge the cache, and the
+  shares filter (``allowed``) still applies to them.
 - TTL: a heap of expiry times with lazy invalidation (an entry is stale once the block
   was dropped, used again or given a new expiry).
 - Quota: bytes a namespace holds in the index, both tiers, any state (pins included). A
@@ -35,13 +49,20 @@ from __future__ import annotations
 import heapq
 import itertools
 from collections import OrderedDict, defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from cachestore.block import DEVICE, HOST, Block, Tier
+from cachestore.duel import MODES, STALE_S, Duel
 
 
 class EvictionPolicy:
-    def __init__(self, device_pages: int = 0, host_pages: int = 0, protected: float = 0.75) -> None:
+    def __init__(
+        self, device_pages: int = 0, host_pages: int = 0, protected: float = 0.75,
+        mode: str = "adaptive", stale_s: float = STALE_S,
+    ) -> None:
+        """``mode``: one of ``MODES`` (a fixed order) or ``adaptive`` (the duel's winner)."""
+        if mode != "adaptive" and mode not in MODES:
+            raise ValueError(f"unknown eviction mode {mode!r}")
         # Segmented LRU: blocks never reused wait in ``_probation`` and go first; reused ones
         # (shared system prompts, conversation prefixes) sit in ``_protected``, capped at a
         # share of the tier so stale favourites age back into probation.
@@ -49,6 +70,12 @@ class EvictionPolicy:
         self._protected: dict[Tier, OrderedDict[Block, None]] = {DEVICE: OrderedDict(), HOST: OrderedDict()}
         self._protected_cap: dict[Tier, int] = {
             DEVICE: int(device_pages * protected), HOST: int(host_pages * protected)}
+        # Plain recency over both segments (the ``lru`` order) and each idle block's release
+        # group (blocks released together share one: the ``newest`` order's unit).
+        self._recency: dict[Tier, OrderedDict[Block, None]] = {DEVICE: OrderedDict(), HOST: OrderedDict()}
+        self._group: dict[Block, int] = {}
+        self._since: dict[Block, float] = {}  # when it became idle (store clock)
+        self._groups = itertools.count()
         self._ns_lru: dict[Tier, defaultdict[str, OrderedDict[Block, None]]] = {
             DEVICE: defaultdict(OrderedDict),
             HOST: defaultdict(OrderedDict),
@@ -60,30 +87,54 @@ class EvictionPolicy:
         self._tick = itertools.count()
         self.quotas: dict[str, int] = {}
         self.pins: defaultdict[str, set[bytes]] = defaultdict(set)
+        self.mode = mode
+        self.duel = Duel(device_pages + host_pages, protected, stale_s=stale_s) if mode == "adaptive" else None
+        self.stale_s = stale_s
+        self.now = 0.0  # the store's clock at its last operation (``newest`` ages by it)
+        self.held: set[Block] = set()  # blocks queued requests will match: evicted last
+
+    @property
+    def order(self) -> str:
+        """The eviction order followed now."""
+        return self.duel.choice if self.duel is not None else self.mode
+
+    def observe(self, keys: list[tuple[bytes, float]], now: float) -> None:
+        """A prompt's block hashes and TTLs, as matched: the duel's sample."""
+        if self.duel is not None:
+            self.duel.observe(keys, now)
+
+    def hold(self, blocks: set[Block]) -> None:
+        """The blocks queued requests will match (replaces the previous set)."""
+        self.held = blocks
 
     # -- LRU ---------------------------------------------------------------------------
-    def add(self, block: Block) -> None:
+    def add(self, block: Block, group: int | None = None) -> None:
         """``block`` became evictable on its tier: most recently used from now."""
         if block.pinned:
             return
         self._readmit(block)
         tier = block.tier
+        self._group[block] = next(self._groups) if group is None else group
+        self._since[block] = self.now
         if block.hits:
             protected = self._protected[tier]
             protected[block] = None
             while len(protected) > self._protected_cap[tier]:
                 aged, _ = protected.popitem(last=False)
                 self._probation[tier][aged] = None
+                self._group[aged] = next(self._groups)
         else:
             self._probation[tier][block] = None
+        self._recency[tier][block] = None
         self._ns_lru[tier][block.namespace][block] = None
 
     def add_released(self, blocks: list[Block]) -> None:
-        """Blocks released together: deepest first, so the prefix is evicted last."""
+        """Blocks released together (one group): deepest first, so the prefix is evicted last."""
         for block in sorted(blocks, key=lambda b: b.depth):  # parents decide before children
             self._readmit(block)
+        group = next(self._groups)
         for block in sorted(blocks, key=lambda b: -b.depth):
-            self.add(block)
+            self.add(block, group)
 
     def _readmit(self, block: Block) -> None:
         """A fresh block whose hash is a ghost counts as reused (once its parent does too).
@@ -108,6 +159,9 @@ class EvictionPolicy:
         order = self._probation[tier] if block in self._probation[tier] else self._protected[tier]
         if block in order:
             del order[block]
+            del self._recency[tier][block]
+            del self._group[block]
+            del self._since[block]
             ns_order = self._ns_lru[block.tier][block.namespace]
             del ns_order[block]
             if not ns_order:
@@ -116,29 +170,73 @@ class EvictionPolicy:
     def num_evictable(self, tier: Tier) -> int:
         return len(self._probation[tier]) + len(self._protected[tier])
 
-    def victim(self, tier: Tier, allowed: Callable[[Block], bool] | None = None) -> Block | None:
+    def victim(
+        self, tier: Tier, allowed: Callable[[Block], bool] | None = None, owner: str | None = None,
+    ) -> Block | None:
         """The next idle block of ``tier`` to go (not removed): LRU of probation, then protected.
 
         ``allowed`` (guaranteed shares, ``shares.Shares.may_evict``) skips blocks it refuses.
         """
-        found = self.victims(tier, 1, allowed)
+        found = self.victims(tier, 1, allowed, owner)
         return found[0] if found else None
 
     def victims(
-        self, tier: Tier, n: int, allowed: Callable[[Block], bool] | None = None
+        self, tier: Tier, n: int, allowed: Callable[[Block], bool] | None = None,
+        owner: str | None = None,
     ) -> list[Block]:
         """The next ``n`` idle blocks of ``tier`` to go, in order (not removed; fewer if
-        there are not enough that ``allowed`` accepts)."""
+        there are not enough that ``allowed`` accepts). Held blocks (``hold``) come after
+        all others, in the same order; with a shares filter, only those of ``owner`` (the
+        allocating namespace): a hold never shields a block beyond its namespace's share."""
         out: list[Block] = []
         if n <= 0:
             return out
-        for order in (self._probation[tier], self._protected[tier]):
-            for block in order:
-                if allowed is None or allowed(block):
-                    out.append(block)
-                    if len(out) == n:
-                        return out
+        held: list[Block] = []
+        defer_all = allowed is None or owner is None
+        for block in self._ordered(tier):
+            if block in self.held and (defer_all or block.namespace == owner):
+                held.append(block)
+            elif allowed is None or allowed(block):
+                out.append(block)
+                if len(out) == n:
+                    return out
+        for block in held:
+            if allowed is None or allowed(block):
+                out.append(block)
+                if len(out) == n:
+                    break
         return out
+
+    def _ordered(self, tier: Tier) -> Iterator[Block]:
+        """Idle blocks of ``tier``, first to go first, in the order followed now."""
+        order = self.order
+        if order == "lru":
+            yield from self._recency[tier]
+            return
+        if order == "newest":  # stale ones oldest first, then newest group first
+            probation = self._probation[tier]
+            horizon = self.now - self.stale_s
+            fresh_from = None
+            for block in probation:
+                if self._since[block] > horizon:
+                    fresh_from = block
+                    break
+                yield block
+            run: list[Block] = []
+            group = -1
+            for block in reversed(probation) if fresh_from is not None else ():  # within one group deepest first, as released
+                g = self._group[block]
+                if g != group and run:
+                    yield from reversed(run)
+                    run = []
+                group = g
+                run.append(block)
+                if block is fresh_from:
+                    break
+            yield from reversed(run)
+        else:
+            yield from self._probation[tier]
+        yield from self._protected[tier]
 
     def namespace_victim(self, namespace: str) -> Block | None:
         """The namespace's own coldest block: host tier first, then device."""

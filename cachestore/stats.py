@@ -7,8 +7,11 @@ scrape) never see a half-updated store.
 
 from __future__ import annotations
 
+import heapq
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from cachestore.block import Block
 from cachestore.counters import Evictions, PageMoves
 
 JSON = dict[str, object]
@@ -114,6 +117,31 @@ class NamespaceStats:
 
 
 @dataclass(frozen=True)
+class SharedTierStats:
+    """The shared (Valkey) tier as this replica sees it; blocks unless named bytes.
+
+    ``misses``: fetches that stopped at a block Valkey does not hold; ``rejected``: ones
+    that stopped at an entry that failed verification; ``skipped``: fetches the cost model
+    declined; ``dropped``: blocks not written (queue full, breaker open, write error).
+    """
+
+    available: bool  # the breaker is closed
+    queued_bytes: int
+    hits: int = 0
+    hit_bytes: int = 0
+    misses: int = 0
+    rejected: int = 0
+    skipped: int = 0
+    writes: int = 0
+    write_bytes: int = 0
+    dropped: int = 0
+    errors: int = 0
+
+    def as_dict(self) -> JSON:
+        return dict(self.__dict__)
+
+
+@dataclass(frozen=True)
 class CacheStats:
     """The whole cache at one moment.
 
@@ -131,6 +159,7 @@ class CacheStats:
     demotions: PageMoves
     namespaces: dict[str, NamespaceStats] = field(default_factory=dict)
     shares: ShareSummary | None = None
+    shared: SharedTierStats | None = None  # the Valkey tier, when configured
 
     @property
     def blocks(self) -> dict[str, int]:
@@ -155,4 +184,40 @@ class CacheStats:
             "demotions": self.demotions.as_dict(),
             "namespaces": {ns: s.as_dict() for ns, s in sorted(self.namespaces.items())},
             "shares": self.shares.as_dict() if self.shares is not None else None,
+            "shared": self.shared.as_dict() if self.shared is not None else None,
         }
+
+
+@dataclass(frozen=True)
+class HotPrefix:
+    """One cached prefix of a namespace, never its text: the hash of its last block (which
+    names the whole chain), its length in tokens, the hits on that block, its tier, and
+    how long ago it was last used (0 while a running request holds it)."""
+
+    hash: str
+    tokens: int
+    hits: int
+    tier: str
+    idle_s: float
+
+    def as_dict(self) -> JSON:
+        return {"hash": self.hash, "tokens": self.tokens, "hits": self.hits,
+                "tier": self.tier, "idle_s": round(self.idle_s, 3)}
+
+
+def hottest_prefixes(blocks: Iterable[Block], namespace: str, block_size: int, now: float,
+                     limit: int) -> list[HotPrefix]:
+    """The namespace's ``limit`` prefixes with the most hits, longest first among equals.
+
+    A block whose child has as many hits is left out: every hit on the child was a hit on
+    it too, so the child's longer prefix says more. Last use is the block's last release
+    (its expiry less its TTL, as ``PrefixIndex.unref`` sets it)."""
+    candidates = (
+        b for b in blocks
+        if b.alive and b.namespace == namespace and b.hits > 0
+        and not any(c.alive and c.hits >= b.hits for c in b.children))
+    top = heapq.nlargest(limit, candidates, key=lambda b: (b.hits, b.depth))
+    return [HotPrefix(hash=b.hash.hex(), tokens=(b.depth + 1) * block_size, hits=b.hits,
+                      tier=b.tier,
+                      idle_s=0.0 if b.ref_count > 0 else max(0.0, now - (b.expires_at - b.ttl_s)))
+            for b in top]

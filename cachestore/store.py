@@ -34,18 +34,31 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 
 import torch
 
 from cachestore.block import DEVICE, HOST, TIERS, Block, CacheSeq, PrefixMatch, Tier
 from cachestore.counters import CacheCounters, PromptTokens
+from cachestore.duel import sampled
+from cachestore.events import CacheEvent
 from cachestore.hashing import HashFn, TokenIds, chain_hashes, root_digest, token_bytes, xxh3_128
 from cachestore.index import PrefixIndex
 from cachestore.policy import EvictionPolicy, is_expired
 from cachestore.pool import PagePool
+from cachestore.shared_link import SharedLink
+from cachestore.shared_tier import CostModel, SharedFetch, SharedTier
 from cachestore.shares import Shares
-from cachestore.stats import CacheStats, NamespaceShare, NamespaceStats, ShareSummary, TierStats
+from cachestore.stats import (
+    CacheStats,
+    HotPrefix,
+    NamespaceShare,
+    NamespaceStats,
+    ShareSummary,
+    TierStats,
+    hottest_prefixes,
+)
 from cachestore.tiers import TierMoves
 from kernels.layout import KVLayout
 
@@ -64,11 +77,15 @@ class CacheStore:
         hash_fn: HashFn = xxh3_128,
         shares: bool = True,
         share_window_s: float | None = None,
+        eviction: str = "adaptive",
     ) -> None:
         """``hash_fn`` is replaceable so tests can force collisions; keep the default.
 
         ``shares``: guaranteed shares per namespace (``cachestore.shares``); a namespace is
         active for ``share_window_s`` after its last request (default: ``default_ttl_s``).
+
+        ``eviction``: ``adaptive`` (the default: the order that wins a shadow simulation on
+        sampled blocks, ``cachestore.duel``) or a fixed order (``lru``, ``slru``, ``newest``).
         """
         if str(device) == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -83,7 +100,7 @@ class CacheStore:
         self.host = PagePool(layout, layout.pages_for_bytes(host_bytes), "cpu", True)
         self.device_pool = self.device.tensor
         self.host_pool = self.host.tensor
-        self.policy = EvictionPolicy(self.device.num_pages, self.host.num_pages)
+        self.policy = EvictionPolicy(self.device.num_pages, self.host.num_pages, mode=eviction)
         self.index = PrefixIndex(self.device, self.host, self.policy)
         self.counters = CacheCounters()
         window_s = self.default_ttl_s if share_window_s is None else float(share_window_s)
@@ -92,7 +109,10 @@ class CacheStore:
                                self.shares)
         self.seqs: dict[str, CacheSeq] = {}  # sequences holding pages
         self._roots: dict[str, bytes] = {}
+        self._observed: OrderedDict[str, None] = OrderedDict()  # seq ids the duel has seen
+        self._queued: dict[str, tuple[int, list[bytes]]] = {}  # hold_queued's hashes by key
         self._lock = threading.Lock()
+        self.shared: SharedLink | None = None  # the Valkey tier (``attach_shared``)
 
     # -- the engine's interface ---------------------------------------------------------
     def open(
@@ -114,6 +134,7 @@ class CacheStore:
             self.shares.touch(seq.namespace, now)
             data = token_bytes(token_ids)
             hashes = chain_hashes(self._root(seq.namespace), data, self.block_size, self.hash_fn)
+            self._observe(seq, hashes, now)
             matched: list[Block] = []
             for block in self.index.walk(seq.namespace, hashes, data):
                 if is_expired(block, now):
@@ -172,6 +193,7 @@ class CacheStore:
             hashes = chain_hashes(parent_hash, data[start * step : end * step], self.block_size,
                                   self.hash_fn)
             written: dict[float, int] = {}
+            new_blocks: list[Block] = []
             for i, block_hash in enumerate(hashes, start):
                 tokens = self.index.tokens_of(data, i)
                 ttl_s = seq.ttl_for_block(i, self.block_size, self.default_ttl_s)
@@ -187,11 +209,14 @@ class CacheStore:
                     block = self.index.insert(block_hash, parent, seq.namespace, tokens,
                                               seq.block_table[i], ttl_s, pinned)
                     written[ttl_s] = written.get(ttl_s, 0) + self.block_size
+                    new_blocks.append(block)
                 else:
                     seq.chain_broken = True
                     break
                 seq.blocks.append(block)
                 parent = block
+            if self.shared is not None and new_blocks:
+                self.shared.write_through(new_blocks)
             return written
 
     def release(self, seq: CacheSeq) -> None:
@@ -200,13 +225,67 @@ class CacheStore:
             for i, page in enumerate(seq.block_table):
                 if i >= len(seq.blocks) or seq.blocks[i].page != page:
                     self.device.give_back(page)  # never indexed, or a private copy
-            if self.index.unref(seq.blocks, now=self.clock()):
+            now = self.policy.now = self.clock()
+            if self.index.unref(seq.blocks, now=now):
                 self._enforce_quota(seq.namespace)
             seq.block_table = []
             seq.blocks = []
             seq.num_committed_blocks = 0
             seq.chain_broken = False
             self.seqs.pop(seq.seq_id, None)
+
+    def hold_queued(self, queued: dict[str, tuple[str, TokenIds]]) -> int:
+        """The prompts of queued requests, by a key stable while they wait (their sequence
+        id) → (namespace, token ids); replaces the previous call's. The cached blocks they
+        would match are evicted only after every other candidate (never skipped: shares and
+        running requests still come first). → blocks held."""
+        with self._lock:
+            previous, self._queued = self._queued, {}
+            held: set[Block] = set()
+            for key, (namespace, token_ids) in queued.items():
+                known = previous.get(key)
+                if known is not None and known[0] == len(token_ids):
+                    hashes = known[1]
+                else:
+                    data = token_bytes(token_ids)
+                    hashes = chain_hashes(self._root(namespace), data, self.block_size,
+                                          self.hash_fn)
+                self._queued[key] = (len(token_ids), hashes)
+                parent: Block | None = None
+                for block_hash in hashes:  # the prefix indexed now, by chain identity
+                    block = self.index.get(block_hash)
+                    if block is None or block.parent is not parent or block.namespace != namespace:
+                        break
+                    held.add(block)
+                    parent = block
+            self.policy.hold(held)
+            return len(held)
+
+    # -- the shared tier (``shared_link``) -----------------------------------------------
+    def attach_shared(self, tier: SharedTier, cost: CostModel | None) -> None:
+        """Write blocks through to ``tier`` from now on, and let ``fetch_shared`` read it."""
+        with self._lock:
+            self.shared = SharedLink(self, tier, cost)
+            self.tiers.on_demoted = self.shared.write_through
+
+    def fetch_shared(self, namespace: str, token_ids: TokenIds) -> SharedFetch | None:
+        """Blocks of ``token_ids`` after the local prefix, from the shared tier. Network
+        I/O: call it off the engine thread, then hand the result to ``adopt_shared``."""
+        return None if self.shared is None else self.shared.fetch(namespace, token_ids)
+
+    def adopt_shared(self, seq: CacheSeq, token_ids: TokenIds, fetched: SharedFetch) -> int:
+        """Index fetched blocks that extend the local prefix (before ``match``)."""
+        with self._lock:
+            return 0 if self.shared is None else self.shared.adopt(seq, token_ids, fetched)
+
+    def local_prefix_blocks(self, namespace: str, hashes: list[bytes], data: bytes) -> int:
+        """How many leading blocks of a prompt (its ``hashes`` and token bytes) are indexed."""
+        with self._lock:
+            return sum(1 for _ in self.index.walk(namespace, hashes, data))
+
+    def root_of(self, namespace: str) -> bytes:
+        """The namespace's root digest (the parent of its block 0)."""
+        return self._root(namespace)
 
     def record_prompt(self, namespace: str, prompt_tokens: int, cached_tokens: int) -> None:
         """Count one request's prompt as billed: ``cached_tokens`` hit, the rest missed.
@@ -219,8 +298,11 @@ class CacheStore:
             self.counters.record_prompt(namespace, prompt_tokens, cached_tokens)
 
     def flush(self, namespace: str) -> int:
-        """Drop every idle block of the namespace (pinned ones too; its pins are cleared)."""
+        """Drop every idle block of the namespace (pinned ones too; its pins are cleared),
+        and its entries in the shared tier (queued; ``SharedTier.flush_namespace``)."""
         with self._lock:
+            if self.shared is not None:
+                self.shared.tier.flush_namespace(namespace)
             self.policy.pins.pop(namespace, None)
             before = self.index.num_blocks(namespace)
             victims = [b for b in self.index.values()
@@ -274,6 +356,12 @@ class CacheStore:
         with self._lock:
             return self._expire(self.clock())
 
+    def snapshot(self) -> tuple[int, list[CacheEvent]]:
+        """Every indexed block, and the last cache event's number (``events``): a router
+        that missed events rebuilds its view of this cache from it."""
+        with self._lock:
+            return self.index.snapshot()
+
     def stats(self) -> CacheStats:
         with self._lock:
             counters = self.counters.snapshot()
@@ -302,7 +390,15 @@ class CacheStore:
             namespaces={ns: NamespaceStats(cached_bytes[ns], p.hit, p.miss, share_stats[ns])
                         for ns, p in prompts.items()},
             shares=share_summary,
+            shared=self.shared.tier.stats() if self.shared is not None else None,
         )
+
+    def hottest(self, namespace: str, limit: int = 10) -> list[HotPrefix]:
+        """The namespace's most-hit prefixes (``stats.hottest_prefixes``): hashes, lengths,
+        hits and last use, never token ids. One pass over the index under the lock."""
+        with self._lock:
+            return hottest_prefixes(self.index.values(), namespace, self.block_size,
+                                    self.clock(), limit)
 
     # -- bookkeeping ----------------------------------------------------------------------
     def _root(self, namespace: str) -> bytes:
@@ -310,6 +406,17 @@ class CacheStore:
         if root is None:
             root = self._roots[namespace] = root_digest(self.model_id, self.adapter_id, namespace)
         return root
+
+    def _observe(self, seq: CacheSeq, hashes: list[bytes], now: float) -> None:
+        """Show the duel this prompt once, however often it is matched before it runs."""
+        if self.policy.duel is None or seq.seq_id in self._observed:
+            return
+        self._observed[seq.seq_id] = None
+        if len(self._observed) > 4096:
+            self._observed.popitem(last=False)
+        threshold = self.policy.duel.threshold
+        self.policy.observe([(h, seq.ttl_for_block(i, self.block_size, self.default_ttl_s))
+                             for i, h in enumerate(hashes) if sampled(h, threshold)], now)
 
     def _share_stats(self, namespace: str, fair: dict[Tier, int]) -> NamespaceShare:
         pb = self.layout.page_bytes
@@ -354,6 +461,7 @@ class CacheStore:
         return True
 
     def _expire(self, now: float) -> int:
+        self.policy.now = now
         due = [b for b in self.policy.pop_expired(now) if b.alive]
         for block in due:
             self.counters.evictions.ttl += len(self.index.drop(block))

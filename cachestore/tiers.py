@@ -8,6 +8,8 @@ batched call each; the bookkeeping changes only after the copy is queued.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from cachestore.block import DEVICE, HOST, Block
 from cachestore.counters import CacheCounters
 from cachestore.index import PrefixIndex
@@ -27,6 +29,8 @@ class TierMoves:
         self.policy = policy
         self.counters = counters
         self.shares = shares if shares is not None else Shares(device, host, False, 0.0)
+        # the shared tier's write-back of demoted blocks (``shared_link``); None: no tier
+        self.on_demoted: Callable[[list[Block]], None] | None = None
 
     def reserve_device(self, need: int, namespace: str | None = None) -> bool:
         """Make ``need`` device pages free for ``namespace`` by evicting idle blocks
@@ -37,7 +41,8 @@ class TierMoves:
             return False
         reserve = 0 if namespace is None else self.shares.reserved_for_others(namespace, DEVICE)
         want = short + reserve
-        victims = self.policy.victims(DEVICE, want, self.shares.may_evict(namespace, DEVICE))
+        victims = self.policy.victims(DEVICE, want, self.shares.may_evict(namespace, DEVICE),
+                                      namespace)
         for victim in victims:
             self.policy.remove(victim)
         # reserved free pages this allocation takes because nothing it may evict is left
@@ -84,7 +89,7 @@ class TierMoves:
         for v in victims:
             owner = v.namespace
             while v.alive and self.host.num_free <= self.shares.reserved_for_others(owner, HOST):
-                host_victim = self.policy.victim(HOST, self.shares.may_evict(owner, HOST))
+                host_victim = self.policy.victim(HOST, self.shares.may_evict(owner, HOST), owner)
                 if host_victim is None:
                     break
                 dropped = self.index.drop(host_victim)
@@ -109,6 +114,8 @@ class TierMoves:
             self.index.move(v, HOST, host_page)
             self.policy.add(v)
         self.counters.demotions.add(len(moving), self.device.page_bytes)
+        if self.on_demoted is not None and moving:
+            self.on_demoted([v for v, _ in moving])
 
     def promote(self, matched: list[Block]) -> tuple[list[Block], int]:
         """Copy matched host blocks into device pages; cut the match where room runs out.

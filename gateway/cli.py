@@ -1,4 +1,4 @@
-"""The ``kvgate`` command: serve, migrate, tenants, keys, usage.
+"""The ``kvgate`` command: serve, route, migrate, tenants, keys, usage.
 
 Each layer registers its own subcommands (``register(subparsers)``) so this file stays a
 table of contents.
@@ -11,6 +11,7 @@ import sys
 
 from gateway.http import serve
 from gateway.ledger import cli as ledger_cli
+from gateway.route import cli as route_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -21,6 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     serve.register(sub)
     ledger_cli.register(sub)
+    route_cli.register(sub)
     return parser
 
 

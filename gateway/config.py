@@ -57,6 +57,21 @@ class Settings:
     # Guaranteed per-tenant cache shares: close the eviction side channel between tenants,
     # at a cost in total hit rate when many tenants share a small cache (README).
     cache_shares: bool = True
+    # Scale-out (``kvgate route``): where this replica publishes its cache events
+    # (redis://HOST:PORT[/DB]; "" publishes none) and the id routers know it by ("" =
+    # http://<host>:<port>).
+    events_url: str = ""
+    replica_id: str = ""
+    # The shared KV tier (Valkey/Redis, redis://[:PASSWORD@]HOST:PORT[/DB]; "" = none) and
+    # its knobs: per-call timeout, write-behind queue bound, and the cost model's network
+    # bandwidth (bytes/s) and prefill FLOP/s (0: assumed from the device). docs/architecture.md.
+    shared_tier_url: str = field(default="", repr=False)
+    shared_tier_timeout_ms: int = 50
+    shared_tier_queue_bytes: int = 256 * 1024 * 1024
+    shared_tier_bandwidth_bytes: int = 1_250_000_000
+    shared_tier_compute_flops: int = 0
+    # HMAC key for shared-tier entries (env only): entries written without it never verify.
+    shared_tier_secret: str | None = field(default=None, repr=False)
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides: Any) -> Settings:

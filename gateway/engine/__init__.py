@@ -8,11 +8,13 @@ One concept per file:
 - ``tokenizer.py``  tokenizer + chat template + incremental detokenizer
 - ``attention.py``  our paged attention, registered with transformers
 - ``sequence.py``   one request's tokens, progress, pages, and stop handling
-- ``sampling.py``   SamplingParams and the choice of the next token
+- ``sampling.py``   SamplingParams, and one row through the sampler (tests, tools)
+- ``sampler.py``    the step's batched sampling on the device, the seeded draw stream
 - ``structured.py`` StructuredSpec: the JSON schema / regex / grammar an output must match
 - ``grammar.py``    compiles those (llguidance) and masks each step's logits in one op
 - ``scheduler.py``  continuous batching, chunked prefill, admission, preemption
-- ``runner.py``     one step as one packed varlen forward
+- ``runner.py``     one step as one packed varlen forward; inputs built with array ops
+- ``graphs.py``     CUDA graphs of the decode step (CUDA with Triton only)
 - ``commands.py``   the typed messages the asyncio side sends the engine thread
 - ``request.py``    what crosses into and out of the engine: requests, events, errors
 - ``engine.py``     the engine thread and the asyncio facade

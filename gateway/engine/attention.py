@@ -41,6 +41,9 @@ class AttentionContext:
     max_seqlen_q: int
     is_decode: bool  # every sequence brings exactly one token
     is_fresh: bool  # no sequence has earlier KV: attention needs only the new K/V
+    # the longest KV length, known on the host; None inside a captured graph, where the
+    # decode kernel sizes itself to the block table's width (no value may change at replay)
+    max_seq_len: int | None = None
 
 
 _context: contextvars.ContextVar[AttentionContext | None] = contextvars.ContextVar(
@@ -89,7 +92,8 @@ def paged_attention_forward(
     q = query[0].transpose(0, 1).contiguous()  # [T, q_heads, D]
     if ctx.is_decode:
         out = kernels.paged_decode_attention(
-            q, k_cache, v_cache, ctx.block_tables, ctx.seq_lens, scale
+            q, k_cache, v_cache, ctx.block_tables, ctx.seq_lens, scale,
+            max_seq_len=ctx.max_seq_len,
         )
     else:
         out = kernels.paged_prefill_attention(

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from cachestore.shared_tier import SharedTierConfig
+
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -32,6 +34,8 @@ class EngineConfig:
     cache_shares: bool = True  # guaranteed per-tenant cache shares (cachestore/shares.py)
     num_threads: int = 0  # 0 = every core torch sees
     seed: int = 0  # demo weights
+    cuda_graphs: bool = True  # decode steps replay captured graphs (CUDA with triton only)
+    shared_tier: SharedTierConfig | None = None  # the Valkey tier (cachestore/shared_tier.py)
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.max_batch_tokens <= 0 or self.max_running <= 0:

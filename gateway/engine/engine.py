@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 import torch
 
 from cachestore import CacheStats, CacheStore
+from gateway.engine import sampler
 from gateway.engine.commands import Add, Call, Cancel, Command, Stop
 from gateway.engine.config import EngineConfig
 from gateway.engine.grammar import GrammarEngine
@@ -39,9 +40,10 @@ from gateway.engine.request import (
     TokenEvent,
 )
 from gateway.engine.runner import ModelRunner
-from gateway.engine.sampling import sample, token_logprob
+from gateway.engine.sampler import SampleRow, TokenLogprob
 from gateway.engine.scheduler import Chunk, Scheduler
 from gateway.engine.sequence import Sequence, append_token
+from gateway.engine.shared import SharedTierClient
 from gateway.usage import Usage
 from kernels.layout import KVLayout
 
@@ -76,6 +78,10 @@ class Engine:
             default_ttl_s=config.default_cache_ttl_seconds,
             shares=config.cache_shares,
         )
+        self.shared: SharedTierClient | None = None
+        if config.shared_tier is not None:
+            self.shared = SharedTierClient(config.shared_tier, self.store, self.layout,
+                                           self.model, self.model_id, device)
         device_pages = int(self.store.device_pool.shape[0])
         host_pages = int(self.store.host_pool.shape[0])
         if device_pages == 0:
@@ -99,7 +105,9 @@ class Engine:
         # Token ids the model can embed (its embedding may have more rows than the tokenizer).
         self.vocab_size = int(cfg.vocab_size)
         self.scheduler = Scheduler(config, self.store, self.max_model_len)
-        self.runner = ModelRunner(self.model, self.store.device_pool, config.block_size)
+        self.runner = ModelRunner(self.model, self.store.device_pool, config.block_size,
+                                  self.max_model_len, cuda_graphs=config.cuda_graphs,
+                                  max_graph_batch=config.max_running)
         # Structured outputs: grammars compiled against this tokenizer, masks per step
         self.grammars = GrammarEngine(
             self.tokenizer.tokenizer.to_str(), self.tokenizer.eos_token_ids,
@@ -124,6 +132,8 @@ class Engine:
         if thread is not None:
             self._inbox.put(Stop())
             await asyncio.get_running_loop().run_in_executor(None, thread.join)
+        if self.shared is not None:
+            self.shared.close()
 
     # -- the asyncio side -------------------------------------------------------------
 
@@ -163,6 +173,10 @@ class Engine:
         self.check(request)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[EngineEvent] = asyncio.Queue()
+        if self.shared is not None:  # blocks the shared tier holds: adopted before the Add
+            adopt = await self.shared.prefetch(request)
+            if adopt is not None:
+                self._inbox.put(Call(adopt))
         seq = Sequence(request, self.tokenizer)
 
         def emit(ev: EngineEvent) -> None:
@@ -305,13 +319,15 @@ class Engine:
             return
         computed = self._forward(chunks)
         self.grammars.apply(computed)  # structured outputs: masks, one op per logits tensor
-        now = time.monotonic()
+        takers: list[tuple[Sequence, torch.Tensor, Sequence | None]] = []
         for chunk, logits in computed:
             try:
-                self._postprocess(chunk, logits, now)
+                takers.extend(self._postprocess(chunk, logits))
             except Exception as exc:
                 log.exception("request %s failed after the model step", chunk.seq.request_id)
                 self._fail(chunk.seq, exc)
+        if takers:
+            self._take_all(takers, time.monotonic())
 
     def _forward(self, chunks: list[Chunk]) -> list[tuple[Chunk, torch.Tensor | None]]:
         """Each chunk with its logits row (None: it does not sample). A failed forward is
@@ -331,23 +347,69 @@ class Engine:
         rows = iter(logits)
         return [(c, next(rows) if c.samples else None) for c in chunks]
 
-    def _postprocess(self, chunk: Chunk, logits: torch.Tensor | None, now: float) -> None:
+    def _postprocess(self, chunk: Chunk, logits: torch.Tensor | None
+                     ) -> list[tuple[Sequence, torch.Tensor, Sequence | None]]:
+        """Commits the chunk's blocks; returns who samples from its logits row: the
+        sequence, after the choices forked from it (each with the parent it forks from)."""
         seq = chunk.seq
         seq.num_computed += chunk.length
         self.scheduler.commit(seq)
         if logits is None:
-            return
+            return []
+        takers: list[tuple[Sequence, torch.Tensor, Sequence | None]] = []
         if seq.params.n > 1 and seq.index == 0 and not seq.forked:
-            self._fork(seq, logits, now)
-        self._take(seq, logits, now)
+            takers = [(child, logits, seq) for child in self._fork(seq)]
+        return [*takers, (seq, logits, None)]
 
-    def _take(self, seq: Sequence, logits: torch.Tensor, now: float) -> None:
-        """Sample the next token from ``logits``, append it, send it, finish if it ends."""
-        params = seq.params
-        token = sample(logits, params, seq.generator, seq.token_ids, seq.num_prompt_tokens)
-        logprobs = None
-        if params.logprobs is not None:
-            logprobs = [token_logprob(logits, token, params.logprobs)]
+    def _take_all(self, takers: list[tuple[Sequence, torch.Tensor, Sequence | None]],
+                  now: float) -> None:
+        """Samples every taker's next token in one batched pass over the step's logits,
+        then appends and sends each. A failure there is the sequence's own."""
+        logits = _matrix([row for _, row, _ in takers])
+        rows = [SampleRow(seq.params, seq.token_ids if seq.params.penalised else (),
+                          seq.num_prompt_tokens) for seq, _, _ in takers]
+        for row, u in zip(rows, sampler.uniforms([s.seed for s, _, _ in takers],
+                                                 [s.num_output for s, _, _ in takers]),
+                          strict=True):
+            row.uniform = float(u)
+        try:
+            tokens, logprobs = self._sample(logits, rows, [s for s, _, _ in takers])
+        except Exception:  # find whose parameters break it: sample the rows one by one
+            log.exception("batched sampling failed; sampling the step's rows one by one")
+            tokens, logprobs = [], []
+            for i, (seq, _, _) in enumerate(takers):
+                try:
+                    one, one_lp = self._sample(logits[i : i + 1], rows[i : i + 1], [seq])
+                except Exception as exc:
+                    self._fail(seq, exc)
+                    one, one_lp = [-1], [None]
+                tokens += one
+                logprobs += one_lp
+        for (seq, _, parent), token, logprob in zip(takers, tokens, logprobs, strict=True):
+            if token < 0 or seq.is_finished:
+                continue
+            try:
+                self._take(seq, token, logprob, now)
+                if parent is not None and not seq.is_finished:
+                    self.scheduler.fork(parent, seq)
+            except Exception as exc:
+                log.exception("request %s failed after the model step", seq.request_id)
+                self._fail(seq, exc)
+
+    @staticmethod
+    def _sample(logits: torch.Tensor, rows: list[SampleRow], seqs: list[Sequence]
+                ) -> tuple[list[int], list[TokenLogprob | None]]:
+        ids = sampler.sample(logits, rows)
+        which = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
+        found = sampler.logprobs(logits, which, ids,
+                                 [int(seqs[i].params.logprobs or 0) for i in which])
+        out: list[TokenLogprob | None] = [None] * len(seqs)
+        for i, lp in zip(which, found, strict=True):
+            out[i] = lp
+        return ids.tolist(), out
+
+    def _take(self, seq: Sequence, token: int, logprob: TokenLogprob | None, now: float) -> None:
+        """Append the sampled token, send it, finish if it ends the sequence."""
         prompt_usage = None
         if seq.first_token_at is None:
             seq.first_token_at = now
@@ -356,7 +418,8 @@ class Engine:
         complete = self.grammars.accept(seq, token)  # its grammar allows nothing more
         text, reason = append_token(seq, token, self.tokenizer.eos_token_ids, self.max_model_len,
                                     complete=complete)
-        event = TokenEvent(text, [token], prompt_usage, seq.index, logprobs)
+        event = TokenEvent(text, [token], prompt_usage, seq.index,
+                           None if logprob is None else [logprob])
         if seq.request.stream:
             seq.emit(event)
         else:
@@ -364,23 +427,18 @@ class Engine:
         if reason is not None:
             self._finish(seq, reason)
 
-    def _fork(self, parent: Sequence, logits: torch.Tensor, now: float) -> None:
+    def _fork(self, parent: Sequence) -> list[Sequence]:
         """Choices 1..n-1 of ``parent``'s request, started once its prompt is computed:
         each samples its first token from the same logits row (with its own seed) and
         runs on the parent's prompt pages (``Scheduler.fork``): one prefill for all."""
         parent.forked = True
+        children = []
         for index in range(1, parent.params.n):
             child = Sequence(parent.request, self.tokenizer, arrival=parent.arrival, index=index)
             child.emit = parent.emit
             self._seqs[child.seq_id] = child
-            try:
-                self._take(child, logits, now)
-                if not child.is_finished:
-                    self.scheduler.fork(parent, child)
-            except Exception as exc:
-                log.exception("choice %d of request %s failed at its fork", index,
-                              parent.request_id)
-                self._fail(child, exc)
+            children.append(child)
+        return children
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         self.scheduler.finish(seq, reason)
@@ -436,3 +494,17 @@ class Engine:
                 self._report_finish(cmd.seq)
             elif isinstance(cmd, Call) and cmd.future is not None:
                 cmd.future.set_exception(RuntimeError("the engine has stopped"))
+
+
+def _matrix(rows: list[torch.Tensor]) -> torch.Tensor:
+    """The rows as one ``[n, vocab]`` tensor: a view when they are consecutive rows of one
+    logits tensor (the usual step), a copy otherwise (forked choices, a split forward)."""
+    base = rows[0]._base
+    if base is not None and base.dim() == 2 and all(r._base is base for r in rows):
+        stride = base.stride(0)
+        first = (rows[0].storage_offset() - base.storage_offset()) // stride
+        index = [(r.storage_offset() - base.storage_offset()) // stride for r in rows]
+        if index == list(range(first, first + len(rows))):
+            return base[first : first + len(rows)]
+        return base.index_select(0, torch.tensor(index, device=base.device))
+    return torch.stack(rows)

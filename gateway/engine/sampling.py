@@ -1,7 +1,9 @@
-"""Sampling parameters and the choice of the next token from one row of logits.
+"""Sampling parameters, and the single-row forms of the step's batched sampler.
 
-Each request with a seed owns a ``torch.Generator``, so its tokens do not depend on what
-else shares the batch: the same seed gives the same text whether it ran alone or not.
+The engine samples a whole step at once (``sampler.py``); ``process``, ``sample`` and
+``token_logprob`` here run one row through the same code, for tests and tools. A seeded
+request draws from a stream keyed by its seed and output position, so its tokens do not
+depend on what else shares the batch.
 
 The row goes through the processors in vLLM's order: ``logit_bias``, then the penalties
 (``repetition_penalty`` over prompt and output, HF/vLLM semantics; ``frequency_penalty``
@@ -20,6 +22,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
+
+from gateway.engine import sampler
+from gateway.engine.sampler import SampleRow, TokenLogprob
+
+__all__ = ["MAX_LOGPROBS", "SamplingParams", "TokenLogprob", "process", "sample", "token_logprob"]
 
 if TYPE_CHECKING:
     from gateway.engine.structured import StructuredSpec
@@ -87,80 +94,21 @@ class SamplingParams:
         request with n=3 gives the choices three n=1 requests with those seeds give."""
         return None if self.seed is None else self.seed + index
 
-    def make_generator(self, index: int = 0) -> torch.Generator | None:
-        seed = self.seed_of(index)
-        if seed is None:
-            return None
-        gen = torch.Generator(device="cpu")
-        gen.manual_seed(seed)
-        return gen
-
-
-@dataclass(frozen=True)
-class TokenLogprob:
-    """One sampled token's log probability and the ``k`` most likely alternatives."""
-
-    token_id: int
-    logprob: float
-    top: list[tuple[int, float]] = field(default_factory=list)
-
 
 def process(logits: torch.Tensor, params: SamplingParams, token_ids: Sequence[int] = (),
             num_prompt: int = 0) -> torch.Tensor:
     """``logit_bias`` and the penalties applied to one row (a new tensor when any applies).
     ``token_ids`` is prompt + output so far, the first ``num_prompt`` of them the prompt."""
-    if params.logit_bias:
-        ids = torch.tensor(list(params.logit_bias), dtype=torch.long)
-        bias = torch.tensor(list(params.logit_bias.values()), dtype=logits.dtype)
-        logits = logits.clone()
-        logits.index_add_(0, ids, bias)
-    if params.repetition_penalty != 1.0 and token_ids:
-        seen = torch.tensor(list(token_ids), dtype=torch.long).unique()
-        scores = logits[seen]
-        p = params.repetition_penalty
-        logits = logits.clone()
-        logits[seen] = torch.where(scores > 0, scores / p, scores * p)
-    if (params.presence_penalty or params.frequency_penalty) and len(token_ids) > num_prompt:
-        counts = torch.bincount(torch.tensor(list(token_ids[num_prompt:]), dtype=torch.long),
-                                minlength=logits.numel())[: logits.numel()].to(logits.dtype)
-        logits = (logits - params.frequency_penalty * counts
-                  - params.presence_penalty * (counts > 0).to(logits.dtype))
-    return logits
+    return sampler.process(logits.unsqueeze(0), [SampleRow(params, token_ids, num_prompt)])[0]
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None,
            token_ids: Sequence[int] = (), num_prompt: int = 0) -> int:
-    """``logits``: [vocab] fp32 on the CPU. Bias and penalties, then greedy is argmax;
-    otherwise temperature, min-p, top-k, top-p."""
-    logits = process(logits, params, token_ids, num_prompt)
-    if params.greedy:
-        return int(torch.argmax(logits))
-    # Shift so the largest score is 0 before scaling: a small temperature cannot overflow.
-    scores = (logits - logits.max()) / params.temperature
-    if params.min_p > 0:
-        # p < min_p * p_max  ⇔  score < log(min_p) (the top score is 0 after the shift)
-        scores = scores.masked_fill(scores < torch.log(torch.tensor(params.min_p)),
-                                    float("-inf"))
-    if params.top_k and params.top_k < scores.numel():
-        kth = torch.topk(scores, params.top_k).values[-1]
-        scores = scores.masked_fill(scores < kth, float("-inf"))
-    if params.top_p < 1.0:
-        sorted_scores, order = torch.sort(scores, descending=True)
-        probs = torch.softmax(sorted_scores, dim=-1)
-        # drop a token once the tokens before it already cover top_p
-        drop = (torch.cumsum(probs, dim=-1) - probs) >= params.top_p
-        drop[0] = False  # the top token always stays (a top_p below fp32's range rounds to 0)
-        sorted_scores = sorted_scores.masked_fill(drop, float("-inf"))
-        scores = torch.full_like(scores, float("-inf")).scatter(0, order, sorted_scores)
-    probs = torch.softmax(scores, dim=-1)
-    return int(torch.multinomial(probs, 1, generator=generator))
+    """One row through the batched sampler; its uniform drawn from ``generator``."""
+    u = float(torch.rand((), generator=generator).clamp(min=2.0**-25))
+    return int(sampler.sample(logits.unsqueeze(0), [SampleRow(params, token_ids, num_prompt, u)]))
 
 
 def token_logprob(logits: torch.Tensor, token_id: int, k: int) -> TokenLogprob:
     """The raw model distribution's log probability of ``token_id`` and its top ``k``."""
-    lp = torch.log_softmax(logits.float(), dim=-1)
-    top: list[tuple[int, float]] = []
-    if k:
-        values, ids = torch.topk(lp, min(k, lp.numel()))
-        top = list(zip(ids.tolist(), values.tolist(), strict=True))
-    return TokenLogprob(token_id, float(lp[token_id]), top)
+    return sampler.logprobs(logits.unsqueeze(0), [0], torch.tensor([token_id]), [k])[0]

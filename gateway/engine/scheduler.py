@@ -16,12 +16,15 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from itertools import islice
 
 from cachestore import CacheStore
 from cachestore.pool import copy_pages
 from gateway.engine.config import EngineConfig
 from gateway.engine.request import PromptTooLong
 from gateway.engine.sequence import Sequence, Status
+
+QUEUED_HELD = 8  # waiting requests (from the head) whose cached prefixes are evicted last
 
 
 @dataclass
@@ -111,6 +114,9 @@ class Scheduler:
             self.waiting.popleft()
             out.chunks.append(chunk)
             budget -= chunk.length
+        # the cached prefixes the next admissions will match go last (CacheStore.hold_queued)
+        self.store.hold_queued({s.seq_id: (s.request.namespace, s.token_ids)
+                                for s in islice(self.waiting, QUEUED_HELD)})
         return out
 
     def _grow(self, seq: Sequence, num_tokens: int, out: SchedulerOutput) -> bool:

@@ -9,11 +9,12 @@ far are recomputed (their prefix may hit the cache again).
 from __future__ import annotations
 
 import enum
+import random
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-import torch
+import numpy as np
 
 from cachestore import CacheSeq
 from gateway.engine.request import EngineEvent, GenerateRequest, TokenEvent
@@ -22,6 +23,31 @@ from gateway.usage import Usage
 
 if TYPE_CHECKING:
     import llguidance
+
+
+class PageRow:
+    """A sequence's block table as a growing int32 array, synced from its cache handle by
+    appending the pages added since the last step (a new handle, after a preemption,
+    starts it again). The cache store only ever appends to a handle's table or replaces
+    the whole list; a rewritten last page is caught and the row rebuilt."""
+
+    def __init__(self) -> None:
+        self.array = np.zeros(16, dtype=np.int32)
+        self.size = 0
+        self.source: list[int] | None = None
+
+    def sync(self, table: list[int]) -> np.ndarray:
+        if (table is not self.source or len(table) < self.size
+                or (self.size and table[self.size - 1] != self.array[self.size - 1])):
+            self.source, self.size = table, 0
+        if len(table) > self.size:
+            if len(table) > len(self.array):
+                grown = np.zeros(max(len(table), 2 * len(self.array)), dtype=np.int32)
+                grown[: self.size] = self.array[: self.size]
+                self.array = grown
+            self.array[self.size : len(table)] = table[self.size :]
+            self.size = len(table)
+        return self.array[: self.size]
 
 
 class Status(enum.Enum):
@@ -48,7 +74,12 @@ class Sequence:
         self.status = Status.WAITING
         self.handle: CacheSeq | None = None  # the cachestore's state while admitted
         self.admissions = 0
-        self.generator: torch.Generator | None = self.params.make_generator(index)
+        # The stream this sequence draws from (``sampler.uniforms``): the request's seed
+        # (plus the choice index), or a random one; draw i is the i-th output token's.
+        seed = self.params.seed_of(index)
+        self.seed: int = random.getrandbits(64) if seed is None else seed
+        # The runner's copy of ``handle.block_table`` (appended to, never rebuilt)
+        self.pages = PageRow()
         self.decoder = IncrementalDecoder(tokenizer)
         self.emitted_chars = 0  # of decoder.text, already sent to the client
         # The prompt's cache split, fixed at the first admission (a recompute after a

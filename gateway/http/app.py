@@ -8,12 +8,14 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
+from cachestore.shared_tier import SharedTierConfig
 from gateway.config import Settings
 from gateway.engine import Engine, EngineConfig
 from gateway.http import (
     admin,
     anthropic_api,
     completions_api,
+    console,
     models_api,
     openai_api,
     responses_api,
@@ -29,6 +31,7 @@ from gateway.http.tools import parser_for
 from gateway.http.transport import handler_args
 from gateway.ledger import Ledger, LedgerUnavailable, migrates_on_start
 from gateway.ledger.spool import default_spool_dir
+from gateway.route import replica
 
 log = logging.getLogger("kvgate.http")
 
@@ -140,6 +143,7 @@ def _routes() -> list[web.RouteDef]:
         web.post("/v1/messages/count_tokens", anthropic_api.count_tokens),
         *responses_api.routes(),
         *admin.routes(),
+        *console.routes(),
     ]
 
 
@@ -152,7 +156,19 @@ def engine_config(settings: Settings) -> EngineConfig:
         max_batch_tokens=settings.max_batch_tokens, max_running=settings.max_running,
         max_queue=settings.max_queue,
         default_cache_ttl_seconds=float(settings.default_cache_ttl_seconds),
-        max_model_len=settings.max_model_len, cache_shares=settings.cache_shares)
+        max_model_len=settings.max_model_len, cache_shares=settings.cache_shares,
+        shared_tier=shared_tier_config(settings))
+
+
+def shared_tier_config(settings: Settings) -> SharedTierConfig | None:
+    if not settings.shared_tier_url:
+        return None
+    return SharedTierConfig(
+        url=settings.shared_tier_url, timeout_ms=settings.shared_tier_timeout_ms,
+        queue_bytes=settings.shared_tier_queue_bytes,
+        bandwidth_bytes=settings.shared_tier_bandwidth_bytes,
+        compute_flops=float(settings.shared_tier_compute_flops),
+        secret=settings.shared_tier_secret or "")
 
 
 def create_app(settings: Settings, engine: Engine | None = None,
@@ -201,4 +217,6 @@ def create_app(settings: Settings, engine: Engine | None = None,
                 await own_ledger.close()
 
     app.cleanup_ctx.append(resources)
+    console.setup(app)  # after resources: it samples the engine they open
+    replica.setup(app)  # /admin/load, /admin/cache/snapshot, cache events (kvgate route)
     return app

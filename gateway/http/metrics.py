@@ -19,7 +19,7 @@ from gateway.ledger import Ledger
 from gateway.usage import Usage
 
 if TYPE_CHECKING:  # the engine pulls in torch; the ledger-only CLI must not
-    from cachestore.stats import NamespaceStats
+    from cachestore.stats import NamespaceStats, SharedTierStats
     from gateway.engine.engine import Engine
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -128,6 +128,16 @@ SNAPSHOT_FAMILIES = (
      ("tier", "tenant")),
     ("kvgate_cache_share_fallbacks", "counter",
      "Protected cache blocks evicted because no share could absorb the pressure.", ()),
+    ("kvgate_shared_tier_blocks", "counter",
+     "Shared-tier (Valkey) blocks by outcome: hit, miss, rejected (failed verification), "
+     "written, dropped (not written).", ("kind",)),
+    ("kvgate_shared_tier_bytes", "counter", "Shared-tier page bytes read and written.",
+     ("kind",)),
+    ("kvgate_shared_tier_errors", "counter", "Shared-tier calls that failed or timed out.", ()),
+    ("kvgate_shared_tier_skipped", "counter",
+     "Shared-tier fetches the cost model declined (recomputing was faster).", ()),
+    ("kvgate_shared_tier_up", "gauge", "1 while the shared tier's circuit breaker is closed.",
+     ()),
     ("kvgate_ledger_queue_depth", "gauge", "Usage events awaiting commit.", ()),
     ("kvgate_ledger_spool_events", "gauge",
      "Usage events spooled locally while the ledger database is away.", ()),
@@ -179,7 +189,23 @@ class _SnapshotCollector(Collector):
         if stats.shares is not None:
             f["kvgate_cache_share_fallbacks"].add_metric([], stats.shares.fallbacks)
         self._collect_shares(stats.namespaces, f)
+        self._collect_shared_tier(stats.shared, f)
         yield from f.values()
+
+    @staticmethod
+    def _collect_shared_tier(shared: SharedTierStats | None,
+                             f: dict[str, GaugeMetricFamily | CounterMetricFamily]) -> None:
+        if shared is None:  # no --shared-tier-url: the families stay empty
+            return
+        for kind, n in (("hit", shared.hits), ("miss", shared.misses),
+                        ("rejected", shared.rejected), ("written", shared.writes),
+                        ("dropped", shared.dropped)):
+            f["kvgate_shared_tier_blocks"].add_metric([kind], n)
+        f["kvgate_shared_tier_bytes"].add_metric(["read"], shared.hit_bytes)
+        f["kvgate_shared_tier_bytes"].add_metric(["written"], shared.write_bytes)
+        f["kvgate_shared_tier_errors"].add_metric([], shared.errors)
+        f["kvgate_shared_tier_skipped"].add_metric([], shared.skipped)
+        f["kvgate_shared_tier_up"].add_metric([], int(shared.available))
 
     def _collect_shares(self, namespaces: dict[str, NamespaceStats],
                         f: dict[str, GaugeMetricFamily | CounterMetricFamily]) -> None:

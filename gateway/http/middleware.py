@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from gateway.engine import PromptTooLong
+from gateway.http.console.pages import add_security_headers, is_console_path, is_console_request
 from gateway.http.errors import ApiError, ClientGone, error_response, from_http_exception
 from gateway.http.sse import OPEN_STREAM, end_stream_with_error
 from gateway.http.state import CTX, RequestContext, ctx_of, state_of
@@ -116,6 +117,8 @@ async def on_response_prepare(request: web.Request, response: web.StreamResponse
     """Headers every response carries, streaming ones included (set before the first byte)."""
     ctx = request.get(CTX)
     response.headers["x-request-id"] = ctx.public_id if ctx else new_request_id()
+    if is_console_path(request.path):  # the console's errors too: CSP, no framing, nosniff
+        add_security_headers(response)
     if ctx is not None:
         total_ms = (time.monotonic() - ctx.t0) * 1000.0
         engine_ms = ctx.engine_s * 1000.0
@@ -143,8 +146,8 @@ def _api_key(request: web.Request) -> str | None:
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Key → principal. The key alone decides the tenant, and so the cache namespace."""
     path = request.path
-    if path in _PUBLIC or not (path.startswith("/v1/") or path.startswith("/admin")
-                               or path in _TENANT):
+    if path in _PUBLIC or is_console_request(request) or not (
+            path.startswith("/v1/") or path.startswith("/admin") or path in _TENANT):
         return await handler(request)
     key = _api_key(request)
     if key is None:

@@ -294,6 +294,30 @@ _USAGE_PARAMS = [
                     "row names its currency, the totals do when all rows share one."},
 ]
 _PUBLIC: dict[str, Any] = {"security": []}  # no key needed
+_SERIES_PARAMS = [
+    {"name": "bucket", "in": "query", "required": False,
+     "schema": {"enum": ["hour", "day", "all"], "default": "hour"},
+     "description": "One row per UTC hour or day (with its start), or one over the whole "
+                    "range. A bucketed query without since starts 24 hours (hour) or 30 days "
+                    "(day) back; at most 1000 buckets per answer."},
+    {"name": "group_by", "in": "query", "required": False,
+     "schema": {"enum": ["none", "tenant", "key", "model"], "default": "none"},
+     "description": "Split each bucket by tenant (id, name), key (id, prefix) or model. Rows "
+                    "are also split by currency."},
+    *[p for p in _USAGE_PARAMS if p["name"] != "group_by"],
+    {"name": "key_id", "in": "query", "required": False, "schema": {"type": "string"},
+     "description": "Only this key's usage (its id)."},
+    {"name": "model", "in": "query", "required": False,
+     "schema": {"type": "string", "maxLength": 256}, "description": "Only this model's usage."},
+]
+_PREFIX_PARAMS = [
+    {"name": "tenant_id", "in": "query", "required": True, "schema": {"type": "string"}},
+    {"name": "limit", "in": "query", "required": False,
+     "schema": {"type": "integer", "minimum": 1, "maximum": 100, "default": 10}},
+]
+_HTML = {"200": {"description": "The console page (public: it holds no data; it calls the "
+                                "admin API with the admin key typed into it)",
+                 "content": {"text/html": {"schema": {"type": "string"}}}}}
 
 
 def spec() -> dict:
@@ -356,6 +380,26 @@ def spec() -> dict:
             "/admin/usage": {"get": _op("Usage report", _responses(None, _ADMIN),
                                         parameters=_USAGE_PARAMS)},
             "/admin/cache/stats": {"get": _op("Cache statistics", _responses(None, _ADMIN))},
+            "/admin/load": {"get": _op(
+                "This replica's identity and load for kvgate route: replica id, epoch, model "
+                "id, block size, queue depth, running sequences, free device pages",
+                _responses(None, _ADMIN))},
+            "/admin/cache/snapshot": {"get": _op(
+                "Every cached block (namespace, hash, tier) and the last cache event's "
+                "number, for a router that missed cache events", _responses(None, _ADMIN))},
+            "/admin/usage/series": {"get": _op(
+                "Usage over time: requests, tokens, cost and what the cache saved "
+                "(saved_micros: cached tokens at the input price; net_saved_micros: less the "
+                "cache-read price), per hour or day", _responses(None, _ADMIN),
+                parameters=_SERIES_PARAMS)},
+            "/admin/cache/history": {"get": _op(
+                "This process's cache statistics sampled over time (a bounded ring buffer): "
+                "hit ratio, tier occupancy, evictions, requests and errors, TTFT hit vs miss",
+                _responses(None, (401, 403)))},
+            "/admin/cache/prefixes": {"get": _op(
+                "A tenant's most-hit cached prefixes: hash, length, hits, tier, last use "
+                "(never the text)", _responses(None, _ADMIN), parameters=_PREFIX_PARAMS)},
+            "/admin/ui": {"get": _op("The operator console", _HTML, **_PUBLIC)},
             "/admin/cache": {"delete": _op("Flush a tenant's cache", _responses(None, _ADMIN),
                                            parameters=[{"name": "tenant_id", "in": "query",
                                                         "required": True,

@@ -28,7 +28,7 @@ _API_FLAGS: dict[str, tuple[Any, str]] = {
     "block_size": (int, "tokens per KV block (16)"),
 }
 # env only: a key on the command line would show in `ps`
-_HIDDEN = {"admin_key", "metrics_key"}
+_HIDDEN = {"admin_key", "metrics_key", "shared_tier_secret"}
 
 
 def register(subparsers: Any) -> None:

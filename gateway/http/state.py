@@ -37,6 +37,10 @@ class AppState:
         self._engine, self._ledger = engine, ledger
         self._quotas = QuotaSync(engine.set_quota, engine.set_share)
 
+    def open_ledger(self, ledger: Ledger) -> None:
+        """The ledger alone: ``kvgate route`` authenticates keys and runs no engine."""
+        self._ledger = ledger
+
     @property
     def engine(self) -> Engine:
         if self._engine is None:

@@ -39,6 +39,7 @@ from .errors import (
 )
 from .models import ApiKey, Plan, Tenant, utcnow
 from .reports import usage_report
+from .series import SeriesQuery, usage_series
 from .spool import DEFAULT_MAX_EVENTS, Spool
 
 log = logging.getLogger("kvgate.ledger")
@@ -257,6 +258,16 @@ class Ledger:
             if tenant_id is not None:
                 await self._tenant_row(conn, tenant_id)
             return await usage_report(conn, tenant_id, since, until, group_by)
+
+    async def usage_series(self, query: SeriesQuery) -> dict[str, Any]:
+        """Usage per hour or day (``series``); a filter naming a tenant that does not exist
+        is ``NotFound`` rather than an empty series."""
+        if query.tenant_id is not None and not 0 < query.tenant_id <= _MAX_ID:
+            raise NotFound(f"tenant {query.tenant_id} does not exist")
+        async with self._connect() as conn:
+            if query.tenant_id is not None:
+                await self._tenant_row(conn, query.tenant_id)
+            return await usage_series(conn, query)
 
     # -- keys and authentication --------------------------------------------------------
 

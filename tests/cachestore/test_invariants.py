@@ -43,13 +43,15 @@ def colliding_hash(data: bytes) -> bytes:
 
 class CacheMachine(RuleBasedStateMachine):
     hash_fn = staticmethod(full_hash)
+    eviction = "adaptive"
 
     def __init__(self) -> None:
         super().__init__()
         self.layout = KVLayout(1, 1, 1, BLOCK, torch.float32)
         pb = self.layout.page_bytes
         self.clock = FakeClock()
-        self.store = CacheStore(self.layout, 7 * pb, 4 * pb, clock=self.clock, hash_fn=self.hash_fn)
+        self.store = CacheStore(self.layout, 7 * pb, 4 * pb, clock=self.clock, hash_fn=self.hash_fn,
+                                eviction=self.eviction)
         self.running: list[tuple[CacheSeq, list[int]]] = []
         self.quota_pages: dict[str, int] = {}
         self.pinned: set[int] = set()  # ids of blocks pinned and not released by flush/unpin
@@ -217,3 +219,19 @@ TestCacheInvariants = CacheMachine.TestCase
 TestCacheInvariants.settings = _settings
 TestCacheInvariantsWithCollisions = CollidingCacheMachine.TestCase
 TestCacheInvariantsWithCollisions.settings = _settings
+
+
+class LruCacheMachine(CacheMachine):
+    """The same invariants under each fixed eviction order the adaptive policy may follow."""
+
+    eviction = "lru"
+
+
+class NewestCacheMachine(CacheMachine):
+    eviction = "newest"
+
+
+TestCacheInvariantsLru = LruCacheMachine.TestCase
+TestCacheInvariantsLru.settings = _settings
+TestCacheInvariantsNewest = NewestCacheMachine.TestCase
+TestCacheInvariantsNewest.settings = _settings

@@ -165,6 +165,7 @@ The database URL comes from the Secret when it is external; SQLite's is in the C
 {{- if and (eq .Values.model.source "hostPath") (not .Values.model.hostPath.path) }}
 {{- fail "\n\nkvgate: model.source=hostPath needs model.hostPath.path, the model directory on the node." }}
 {{- end }}
+{{- include "kvgate.validateScaleOut" . }}
 {{- if and .Values.autoscaling.enabled (not .Values.autoscaling.targetCPUUtilizationPercentage) (not .Values.autoscaling.metrics) }}
 {{- fail "\n\nkvgate: autoscaling.enabled needs a metric: set autoscaling.targetCPUUtilizationPercentage or autoscaling.metrics." }}
 {{- end }}

@@ -1,0 +1,526 @@
+"""Scale-out on one machine: three ``kvgate serve`` replicas, two ``kvgate route`` routers,
+a real redis-server (cache events, shared tier) and PostgreSQL (the shared ledger).
+
+Replays a multi-tenant conversation workload shaped after the Mooncake conversation trace
+(input and output lengths sampled from it, scaled down for the demo model on CPU): every
+tenant has its own system prompt, each conversation grows turn by turn (the previous
+prompt, the answer, a new user message), with think-time gaps between turns (compressed).
+
+Scenarios (fresh tenants each, caches flushed between):
+  single-3x      one replica with three times the pages (the ceiling for hit ratio)
+  round-robin    three replicas, requests spread in turn (a Kubernetes Service; baseline)
+  routed         three replicas behind two routers with cache events
+  routed+shared  the same with the shared Valkey/Redis tier (--shared-tier-url)
+  kill-restart   routed; one replica SIGKILLed mid-run and restarted
+
+Reports the cache-hit token ratio, TTFT p50/p99, requests and prompt tokens per replica,
+and the router's own latency (a direct request vs. one through a router). Writes
+bench/results/cluster.json.
+
+    .venv/bin/python -m bench.cluster --trace mooncake-conversation.jsonl  # reported (seed 2)
+    .venv/bin/python -m bench.cluster --trace ... --seed 1  # the set constants were tuned on
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import asyncpg
+
+from bench.common import print_table, write_result
+from gateway.config import Settings
+from tests.support import Admin, ProcessServer
+from tests.support.admin import ADMIN_KEY
+from tests.support.redis_server import RedisServer, free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+PG_URL = os.environ.get("KVGATE_BENCH_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
+PAGE_BYTES = 4 * 2 * 16 * 2 * 64 * 4  # the demo model's KV page (float32, 16 tokens)
+SCALE = 16  # trace token counts / SCALE: prompts the demo model prefills quickly on a CPU
+MAX_TOKENS = 4  # answers kept short: decoding on a CPU is what would dominate otherwise
+CHAT = "/v1/chat/completions"
+
+
+# -- the workload ------------------------------------------------------------------------
+
+@dataclass
+class Conversation:
+    tenant: int
+    system: str
+    turns: list[str]  # user messages
+    start_s: float
+    think_s: list[float]
+
+
+def _lengths(trace: Path, seed: int) -> tuple[list[int], list[int]]:
+    rows = []
+    with trace.open() as f:
+        for i, line in enumerate(f):
+            if i >= 4000:
+                break
+            rows.append(json.loads(line))
+    rng = random.Random(seed)
+    rng.shuffle(rows)
+    return [r["input_length"] for r in rows], [r["output_length"] for r in rows]
+
+
+def _text(rng: random.Random, n: int) -> str:
+    words = ["cache", "prefix", "tenant", "replica", "route", "token", "block", "page",
+             "valkey", "ledger", "stream", "shard", "model", "query", "answer", "turn"]
+    out: list[str] = []
+    size = 0
+    while size < n:
+        w = rng.choice(words)
+        out.append(w)
+        size += len(w) + 1
+    return " ".join(out)[:n]
+
+
+def workload(trace: Path, seed: int, tenants: int, convs: int,
+             turns: int) -> list[Conversation]:
+    inputs, _outputs = _lengths(trace, seed)
+    rng = random.Random(seed)
+    it = iter(inputs * 4)
+    out = []
+    for t in range(tenants):
+        system = f"[tenant {t} system prompt] " + _text(rng, max(160, next(it) // SCALE))
+        for c in range(convs):
+            users = [f"[conversation {c}] " + _text(rng, max(24, next(it) // (SCALE * 6)))
+                     for _ in range(turns)]
+            out.append(Conversation(t, system, users, start_s=rng.uniform(0, 8.0),
+                                    think_s=[rng.expovariate(1 / 0.6) for _ in range(turns)]))
+    return out
+
+
+def working_set_pages(convs: list[Conversation]) -> int:
+    """Pages the whole workload's prefixes take (system prompts shared per tenant)."""
+    systems = {c.tenant: len(c.system) for c in convs}
+    pages = sum(s // 16 for s in systems.values())
+    for c in convs:
+        pages += (sum(len(u) for u in c.turns) + len(c.turns) * (MAX_TOKENS + 12)) // 16
+    return pages
+
+
+# -- processes -----------------------------------------------------------------------------
+
+class RouterProcess:
+    def __init__(self, workdir: Path, db: str, replicas: list[str], events_url: str) -> None:
+        self.port = free_port()
+        self.log_path = workdir / f"router-{self.port}.log"
+        cmd = [sys.executable, "-m", "gateway.cli", "route", "--port", str(self.port),
+               "--db", db, "--events-url", events_url, "--log-level", "warning"]
+        for r in replicas:
+            cmd += ["--replica", r]
+        env = {**os.environ, "KVGATE_ADMIN_KEY": ADMIN_KEY, "PYTHONUNBUFFERED": "1"}
+        with self.log_path.open("wb") as log:
+            self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log,
+                                         stderr=subprocess.STDOUT)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def ready(self, session: aiohttp.ClientSession, replicas: int) -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError("kvgate route exited:\n" + self.log_path.read_text())
+            try:
+                async with session.get(self.url + "/readyz") as r:
+                    if r.status == 200 and len((await r.json())["replicas"]) == replicas:
+                        return
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.2)
+        raise RuntimeError("kvgate route not ready:\n" + self.log_path.read_text())
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:  # a router holds no state worth waiting for
+                self.proc.kill()
+                self.proc.wait(10)
+
+
+async def fresh_database() -> tuple[str, str]:
+    name = f"kvgate_cluster_{uuid.uuid4().hex[:10]}"
+    conn = await asyncpg.connect(PG_URL, timeout=5)
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+    base = PG_URL.rpartition("/")[0]
+    return name, f"{base}/{name}".replace("postgresql://", "postgresql+asyncpg://", 1)
+
+
+async def drop_database(name: str) -> None:
+    conn = await asyncpg.connect(PG_URL, timeout=5)
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await conn.close()
+
+
+def replica_settings(workdir: Path, name: str, db: str, pages: int, events_url: str,
+                     shared_url: str = "") -> Settings:
+    values: dict[str, Any] = dict(
+        host="127.0.0.1", port=free_port(), model="demo", db=db, admin_key=ADMIN_KEY,
+        device_cache_bytes=pages * PAGE_BYTES, host_cache_bytes=PAGE_BYTES,
+        spool_dir=str(workdir / f"spool-{name}"), events_url=events_url,
+        log_level="warning", cache_shares=False, default_cache_ttl_seconds=3600)
+    if shared_url:
+        values["shared_tier_url"] = shared_url
+    return Settings(**values)
+
+
+# -- one scenario ----------------------------------------------------------------------------
+
+@dataclass
+class Outcome:
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    ttft_s: list[float] = field(default_factory=list)
+    answered: int = 0
+    failed: int = 0
+
+
+async def _stream(session: aiohttp.ClientSession, url: str, key: str,
+                  messages: list[dict[str, str]], out: Outcome) -> str | None:
+    body = {"model": "demo", "max_tokens": MAX_TOKENS, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}, "messages": messages}
+    t0 = time.monotonic()
+    text, usage, first = [], None, None
+    try:
+        async with session.post(url + CHAT, json=body,
+                                headers={"Authorization": f"Bearer {key}"}) as r:
+            if r.status != 200:
+                out.failed += 1
+                return None
+            async for raw in r.content:
+                line = raw.strip()
+                if not line.startswith(b"data: ") or line == b"data: [DONE]":
+                    continue
+                ev = json.loads(line[6:])
+                if "error" in ev:
+                    out.failed += 1
+                    return None
+                if ev.get("choices") and ev["choices"][0]["delta"].get("content"):
+                    first = first or time.monotonic()
+                    text.append(ev["choices"][0]["delta"]["content"])
+                if ev.get("usage"):
+                    usage = ev["usage"]
+    except (aiohttp.ClientError, asyncio.TimeoutError):
+        out.failed += 1
+        return None
+    if usage is None:
+        out.failed += 1
+        return None
+    out.answered += 1
+    out.prompt_tokens += usage["prompt_tokens"]
+    out.cached_tokens += usage["prompt_tokens_details"]["cached_tokens"]
+    out.ttft_s.append((first or time.monotonic()) - t0)
+    return "".join(text)
+
+
+async def replay(session: aiohttp.ClientSession, convs: list[Conversation], keys: list[str],
+                 pick: Any) -> Outcome:
+    out = Outcome()
+    counter = iter(range(10**9))
+
+    async def one(c: Conversation) -> None:
+        await asyncio.sleep(c.start_s)
+        messages = [{"role": "system", "content": c.system}]
+        for user, think in zip(c.turns, c.think_s, strict=True):
+            messages.append({"role": "user", "content": user})
+            answer = await _stream(session, pick(next(counter), c), keys[c.tenant], messages,
+                                   out)
+            messages.append({"role": "assistant", "content": answer or ""})
+            await asyncio.sleep(think)
+
+    await asyncio.gather(*(one(c) for c in convs))
+    return out
+
+
+async def replica_counts(session: aiohttp.ClientSession, urls: list[str]) -> list[dict[str, int]]:
+    """Per replica: chat requests answered 200 and prompt tokens seen (hit + miss)."""
+    rows = []
+    auth = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    for url in urls:
+        try:
+            async with session.get(url + "/metrics", headers=auth) as r:
+                text = await r.text()
+            async with session.get(url + "/admin/cache/stats", headers=auth) as r:
+                stats = await r.json()
+        except aiohttp.ClientError:
+            rows.append({"requests": 0, "tokens": 0})
+            continue
+        n = sum(float(m.group(1)) for m in re.finditer(
+            r'kvgate_requests_total\{[^}]*endpoint="/v1/chat/completions"[^}]*status="200"'
+            r'[^}]*\} ([0-9.e+]+)', text))
+        rows.append({"requests": int(n), "tokens": stats["hit_tokens"] + stats["miss_tokens"]})
+    return rows
+
+
+def _pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))] * 1000.0
+
+
+def row_of(name: str, out: Outcome, before: list[dict[str, int]],
+           after: list[dict[str, int]], note: str = "") -> dict[str, Any]:
+    reqs = [a["requests"] - b["requests"] for a, b in zip(after, before, strict=True)]
+    toks = [a["tokens"] - b["tokens"] for a, b in zip(after, before, strict=True)]
+    live = [r for r in reqs if r > 0] or [0]
+    return {"scenario": name, "answered": out.answered, "failed": out.failed,
+            "hit_ratio": round(out.cached_tokens / out.prompt_tokens, 4)
+            if out.prompt_tokens else None,
+            "ttft_p50_ms": _pct(out.ttft_s, 0.5), "ttft_p99_ms": _pct(out.ttft_s, 0.99),
+            "requests_per_replica": reqs, "prompt_tokens_per_replica": toks,
+            "max_min_load": round(max(live) / min(live), 3) if min(live) else None,
+            "note": note}
+
+
+async def router_overhead(session: aiohttp.ClientSession, direct: str, routed: str,
+                          key: str, n: int = 60) -> dict[str, Any]:
+    """One request at a time, alternating direct and through a router to the same replica:
+    ``GET /v1/models`` (auth and the proxy alone) and a one-token chat completion (also
+    rendering, tokenizing and hashing the prompt; the engine's step dominates it)."""
+    chat = {"model": "demo", "max_tokens": 1, "temperature": 0,
+            "messages": [{"role": "user", "content": "ping"}]}
+    auth = {"Authorization": f"Bearer {key}"}
+    out: dict[str, Any] = {}
+    for label, method, path, body in (("models", "GET", "/v1/models", None),
+                                      ("chat", "POST", CHAT, chat)):
+        times: dict[str, list[float]] = {"direct": [], "routed": []}
+        own: list[float] = []
+        for i in range(2 * n + 10):
+            which = "direct" if i % 2 else "routed"
+            t0 = time.perf_counter()
+            async with session.request(method, (direct if which == "direct" else routed)
+                                       + path, json=body, headers=auth) as r:
+                await r.read()
+                timing = r.headers.get("server-timing", "")
+            if i >= 10:  # warm-up left out
+                times[which].append(time.perf_counter() - t0)
+                m = re.search(r"router;dur=([0-9.]+)", timing)
+                if m:
+                    own.append(float(m.group(1)))
+        p50 = {k: statistics.median(v) * 1000.0 for k, v in times.items()}
+        out[label] = {"direct_p50_ms": round(p50["direct"], 3),
+                      "routed_p50_ms": round(p50["routed"], 3),
+                      "added_p50_ms": round(p50["routed"] - p50["direct"], 3),
+                      "router_before_forward_p50_ms":
+                          round(statistics.median(own), 3) if own else None}
+    return out
+
+
+async def billing_check(db_name: str, tenant_ids: list[int]) -> dict[str, int]:
+    conn = await asyncpg.connect(PG_URL.rpartition("/")[0] + "/" + db_name, timeout=5)
+    try:
+        rows = await conn.fetch(
+            "SELECT request_id, status FROM usage_events WHERE tenant_id = ANY($1::int[])",
+            tenant_ids)
+    finally:
+        await conn.close()
+    ids = [r["request_id"] for r in rows]
+    return {"rows": len(rows), "distinct_request_ids": len(set(ids)),
+            "ok_rows": sum(1 for r in rows if r["status"] in ("ok", "completed", "stop"))}
+
+
+# -- the run -----------------------------------------------------------------------------------
+
+@dataclass
+class Fleet:
+    workdir: Path
+    db: str
+    events_url: str
+    pages: int
+    replicas: list[ProcessServer] = field(default_factory=list)
+    routers: list[RouterProcess] = field(default_factory=list)
+
+    def start(self, label: str, n: int, pages: int, shared_url: str = "",
+              routers: int = 0) -> None:
+        self.stop()
+        self.replicas = [ProcessServer(self.workdir / f"{label}-r{i}", settings=replica_settings(
+            self.workdir, f"{label}-r{i}", self.db, pages, self.events_url, shared_url))
+            for i in range(n)]
+        for r in self.replicas:  # their ports are fixed: started together, then waited on
+            r.start()
+        self.routers = [RouterProcess(self.workdir, self.db, [r.url for r in self.replicas],
+                                      self.events_url) for _ in range(routers)]
+
+    def stop(self) -> None:
+        for rt in self.routers:
+            rt.stop()
+        for r in self.replicas:
+            r.stop()
+        self.routers, self.replicas = [], []
+
+
+async def scenario(session: aiohttp.ClientSession, fleet: Fleet, name: str,
+                   convs: list[Conversation], tenants: int, admin: Admin,
+                   mode: str, kill_at_s: float | None = None) -> tuple[dict[str, Any], list[int]]:
+    tenant_rows = [admin.tenant(f"{name}-{t}") for t in range(tenants)]
+    keys = [t.key for t in tenant_rows]
+    urls = [r.url for r in fleet.replicas]
+    before = await replica_counts(session, urls)
+    if mode == "direct":
+        def pick(i: int, c: Conversation) -> str:
+            return urls[i % len(urls)]
+    else:
+        def pick(i: int, c: Conversation) -> str:
+            return fleet.routers[(c.tenant + i) % len(fleet.routers)].url
+    note = ""
+    killer = None
+    if kill_at_s is not None:
+        victim = fleet.replicas[-1]
+
+        async def kill_and_restart() -> None:
+            await asyncio.sleep(kill_at_s)
+            victim.kill()
+            await asyncio.sleep(2.0)
+            await asyncio.get_running_loop().run_in_executor(None, victim.start)
+
+        killer = asyncio.create_task(kill_and_restart())
+        note = f"replica r{len(urls) - 1} SIGKILLed at {kill_at_s:g}s, restarted 2s later"
+    t0 = time.monotonic()
+    out = await replay(session, convs, keys, pick)
+    if killer is not None:
+        await killer
+    after = await replica_counts(session, urls)
+    if kill_at_s is not None:  # the restarted replica's counters began again at zero
+        before[-1] = {"requests": 0, "tokens": 0}
+    row = row_of(name, out, before, after, note)
+    row["wall_s"] = round(time.monotonic() - t0, 1)
+    for t in tenant_rows:  # leave the caches to the next scenario's tenants
+        for url in urls:
+            async with session.delete(url + "/admin/cache", params={"tenant_id": t.id},
+                                      headers={"Authorization": f"Bearer {ADMIN_KEY}"}):
+                pass
+    return row, [t.id for t in tenant_rows]
+
+
+async def main_async(args: argparse.Namespace) -> dict[str, Any]:
+    convs = workload(Path(args.trace), args.seed, args.tenants, args.convs, args.turns)
+    ws = working_set_pages(convs)
+    pages = max(8, int(ws * args.cache_fraction))
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="kvgate-cluster-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    db_name, db = await fresh_database()
+    subprocess.run([sys.executable, "-m", "gateway.cli", "migrate", "--db", db], cwd=ROOT,
+                   check=True, stdout=subprocess.DEVNULL)
+    redis_server = RedisServer().start()
+    fleet = Fleet(workdir, db, redis_server.url, pages)
+    rows: list[dict[str, Any]] = []
+    result: dict[str, Any] = {"seed": args.seed, "tenants": args.tenants,
+                              "conversations": len(convs), "turns": args.turns,
+                              "requests": len(convs) * args.turns,
+                              "working_set_pages": ws, "pages_per_replica": pages,
+                              "max_tokens": MAX_TOKENS, "scale": SCALE}
+    shared = "shared_tier_url" in Settings.__dataclass_fields__
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as session:
+            fleet.start("single", 1, pages * 3)
+            admin = Admin(fleet.replicas[0].url, ADMIN_KEY)
+            rows.append((await scenario(session, fleet, "single-3x", convs, args.tenants,
+                                        admin, "direct"))[0])
+            fleet.start("three", 3, pages, routers=2)
+            for rt in fleet.routers:
+                await rt.ready(session, 3)
+            admin = Admin(fleet.replicas[0].url, ADMIN_KEY)
+            rows.append((await scenario(session, fleet, "round-robin", convs, args.tenants,
+                                        admin, "direct"))[0])
+            rows.append((await scenario(session, fleet, "routed", convs, args.tenants, admin,
+                                        "routed"))[0])
+            # the router's cost alone: one replica behind it, the same replica direct
+            solo = RouterProcess(workdir, db, [fleet.replicas[0].url], fleet.events_url)
+            try:
+                await solo.ready(session, 1)
+                tenant = admin.tenant("overhead")
+                result["router_overhead"] = await router_overhead(
+                    session, fleet.replicas[0].url, solo.url, tenant.key)
+            finally:
+                solo.stop()
+            row, kill_tenants = await scenario(session, fleet, "kill-restart", convs,
+                                               args.tenants, admin, "routed",
+                                               kill_at_s=args.kill_at_s)
+            row["billing"] = await billing_check(db_name, kill_tenants)
+            rows.append(row)
+            if shared:
+                shared_db = redis_server.url.rsplit("/", 1)[0] + "/1"
+                fleet.start("shared", 3, pages, shared_url=shared_db, routers=2)
+                for rt in fleet.routers:
+                    await rt.ready(session, 3)
+                admin = Admin(fleet.replicas[0].url, ADMIN_KEY)
+                rows.append((await scenario(session, fleet, "routed+shared", convs,
+                                            args.tenants, admin, "routed"))[0])
+            else:
+                rows.append({"scenario": "routed+shared", "note": "not run: no "
+                             "--shared-tier-url in this build"})
+    finally:
+        fleet.stop()
+        redis_server.stop()
+        await drop_database(db_name)
+    result["scenarios"] = rows
+    by = {r["scenario"]: r for r in rows}
+    big, routed = by["single-3x"].get("hit_ratio"), by["routed"].get("hit_ratio")
+    result["goals"] = {
+        "routed_vs_single_hit_ratio": round(routed / big, 3) if big and routed else None,
+        "routed_max_min_load": by["routed"].get("max_min_load"),
+        "router_added_p50_ms_models": result["router_overhead"]["models"]["added_p50_ms"],
+        "router_added_p50_ms_chat": result["router_overhead"]["chat"]["added_p50_ms"],
+    }
+    return result
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--trace", default=os.environ.get("KVGATE_TRACE", ""), required=
+                   not os.environ.get("KVGATE_TRACE"),
+                   help="the Mooncake conversation trace (JSON lines; also KVGATE_TRACE)")
+    p.add_argument("--seed", type=int, default=2)
+    p.add_argument("--tenants", type=int, default=12)
+    p.add_argument("--convs", type=int, default=2, help="conversations per tenant")
+    p.add_argument("--turns", type=int, default=4)
+    p.add_argument("--cache-fraction", type=float, default=0.45,
+                   help="one replica's device pages as a fraction of the working set")
+    p.add_argument("--kill-at-s", type=float, default=3.0)
+    p.add_argument("--workdir", default="")
+    p.add_argument("--no-write", action="store_true")
+    args = p.parse_args()
+    result = asyncio.run(main_async(args))
+    table = [{k: v for k, v in r.items() if k not in ("note", "billing")}
+             for r in result["scenarios"]]
+    print_table(table, f"cluster: {result['requests']} requests per scenario, seed "
+                f"{result['seed']}, {result['pages_per_replica']} pages per replica "
+                f"(working set {result['working_set_pages']})")
+    for r in result["scenarios"]:
+        if r.get("note") or r.get("billing"):
+            print(f"  {r['scenario']}: {r.get('note', '')} {r.get('billing', '')}")
+    print("router overhead:", result["router_overhead"])
+    print("goals:", result["goals"])
+    if not args.no_write:
+        write_result("cluster", result)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,215 @@
+"""Which eviction order to follow: a shadow simulation of each candidate on sampled blocks.
+
+Set dueling (as in DIP, SHiP and ARC's adaptivity): a fixed fraction of block hashes (by
+their low bits, so the same blocks every time) is replayed through one small simulated
+cache per candidate order, each at the real capacity scaled by that fraction. Their hits,
+decayed so that the last few thousand sampled accesses count, say which order wins on the
+traffic of now; the real cache follows the winner.
+
+The candidates (``policy.MODES``):
+
+- ``lru``: least recently used first, nothing else.
+- ``slru``: segmented LRU with ghosts: blocks never reused go before reused ones (the reused
+  segment capped at a share of the cache), a block written again while its hash is a
+  recent ghost counts as reused.
+- ``newest``: as ``slru``, but among the never-reused blocks the *newest* go first (the
+  last request's fresh blocks before the one before it). When the cache holds less time
+  than the gap before a follow-up (a user's think time), LRU flushes every fresh block
+  before its follow-up; this keeps an older subset long enough to be asked for again.
+  With a TTL it cannot keep them for ever; without one it would, so it loses on large
+  caches, which is what the duel is for.
+
+The shadows see what ``match`` sees: each prompt's block hashes in order, with their TTLs,
+at the store's clock. They ignore the prefix rule (a sampled block is a hit if it is in
+its shadow, whatever its parent), running requests' pages, shares and quotas: a sample
+judges the orders against each other, it does not predict the real hit rate.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+
+MODES = ("lru", "slru", "newest")
+STALE_S = 120.0  # ``newest``: fresh blocks idle longer than this go first, oldest first
+
+
+def sample_threshold(capacity: int, min_rate: float = 1 / 16, min_blocks: int = 256) -> int:
+    """Hashes whose low 16 bits fall below this are sampled: 1/16 of them, more for small
+    caches so each shadow holds at least ``min_blocks`` (everything below that)."""
+    if capacity <= 0:
+        return 0
+    rate = min(1.0, max(min_rate, min_blocks / capacity))
+    return max(1, round(rate * 65536))
+
+
+def sampled(block_hash: bytes, threshold: int) -> bool:
+    return int.from_bytes(block_hash[-2:], "little") < threshold
+
+
+class ShadowCache:
+    """A bookkeeping-only cache of hashes following one order; counts its hits."""
+
+    def __init__(
+        self, mode: str, capacity: int, protected: float = 0.75, stale_s: float = STALE_S,
+    ) -> None:
+        if mode not in MODES:
+            raise ValueError(f"unknown eviction order {mode!r}")
+        self.mode = mode
+        self.capacity = max(1, capacity)
+        self.protected_cap = int(self.capacity * protected)
+        self.fresh: OrderedDict[bytes, int] = OrderedDict()  # hash -> group, oldest first
+        self.reused: OrderedDict[bytes, None] = OrderedDict()
+        self.expires: dict[bytes, float] = {}  # every key held
+        self.ghosts: OrderedDict[bytes, None] = OrderedDict()
+        self.ghost_cap = 2 * self.capacity
+        self._heap: list[tuple[float, bytes]] = []
+        self._group = 0
+        self.stale_s = stale_s
+        self.used: dict[bytes, float] = {}  # key -> last access
+        self.now = 0.0
+
+    def __len__(self) -> int:
+        return len(self.expires)
+
+    def access(self, keys: Sequence[tuple[bytes, float]], now: float) -> int:
+        """One prompt's sampled hashes with their TTLs, in order: → hits; then they stay."""
+        self._expire(now)
+        self.now = now
+        if len({k for k, _ in keys}) < len(keys):  # a hash repeated (collisions): once
+            first: dict[bytes, float] = {}
+            for k, t in keys:
+                first.setdefault(k, t)
+            keys = list(first.items())
+        hits = 0
+        reused: list[bytes] = []
+        fresh: list[bytes] = []
+        for key, _ in keys:
+            if key in self.expires:
+                hits += 1
+                self._unlink(key)
+                reused.append(key)
+            elif key in self.ghosts and self.mode != "lru":
+                del self.ghosts[key]
+                reused.append(key)
+            else:
+                fresh.append(key)
+        self._make_room(self.capacity - len(keys))
+        self._group += 1
+        for key, ttl_s in keys:
+            exp = now + ttl_s
+            self.expires[key] = exp
+            self.used[key] = now
+            heapq.heappush(self._heap, (exp, key))
+        if self.mode == "lru":
+            for key in reversed(fresh + reused):
+                self.fresh[key] = self._group
+        else:
+            for key in reversed(fresh):
+                self.fresh[key] = self._group
+            for key in reversed(reused):
+                self.reused[key] = None
+            while len(self.reused) > self.protected_cap:
+                aged, _ = self.reused.popitem(last=False)
+                self.fresh[aged] = self._group
+        self._make_room(self.capacity)
+        return hits
+
+    def _victims(self) -> Iterator[bytes]:
+        if self.mode == "newest":
+            horizon = self.now - self.stale_s
+            first = None
+            for key in self.fresh:
+                if self.used[key] > horizon:
+                    first = key
+                    break
+                yield key
+            if first is not None:
+                for key in reversed(self.fresh):
+                    yield key
+                    if key == first:
+                        break
+        else:
+            yield from self.fresh
+        yield from self.reused
+
+    def _make_room(self, limit: int) -> None:
+        over = len(self.expires) - max(0, limit)
+        if over <= 0:
+            return
+        gone = []
+        for key in self._victims():
+            gone.append(key)
+            if len(gone) == over:
+                break
+        for key in gone:
+            self._drop(key)
+
+    def _unlink(self, key: bytes) -> None:
+        self.fresh.pop(key, None)
+        self.reused.pop(key, None)
+
+    def _drop(self, key: bytes) -> None:
+        self._unlink(key)
+        if self.expires.pop(key, None) is None:
+            return
+        del self.used[key]
+        if self.mode != "lru":
+            self.ghosts[key] = None
+            self.ghosts.move_to_end(key)
+            if len(self.ghosts) > self.ghost_cap:
+                self.ghosts.popitem(last=False)
+
+    def _expire(self, now: float) -> None:
+        heap = self._heap
+        while heap and heap[0][0] <= now:
+            exp, key = heapq.heappop(heap)
+            if self.expires.get(key) == exp:
+                self._drop(key)
+        if len(heap) > 4 * self.capacity + 64:  # stale entries of re-accessed keys
+            self._heap = [(e, k) for k, e in self.expires.items()]
+            heapq.heapify(self._heap)
+
+
+class Duel:
+    """Shadows of every candidate order on the sampled hashes; ``choice`` is the winner.
+
+    Scores are hits decayed per sampled access (``window`` accesses weigh about as much as
+    all before them); the choice changes only when another order leads the current one by
+    ``margin`` of the current one's score, so noise does not flip it back and forth, and
+    not before ``warmup`` sampled accesses were seen (the starting order, segmented LRU,
+    is the one that resists a scan of one-off documents from the first request on).
+    """
+
+    def __init__(
+        self, capacity: int, protected: float = 0.75, start: str = "slru",
+        window: int | None = None, margin: float = 0.05, stale_s: float = STALE_S,
+    ) -> None:
+        self.threshold = sample_threshold(capacity)
+        scaled = max(1, round(capacity * self.threshold / 65536))
+        self.shadows = {mode: ShadowCache(mode, scaled, protected, stale_s) for mode in MODES}
+        self.scores = dict.fromkeys(MODES, 0.0)
+        self.choice = start
+        self.window = window if window is not None else max(1024, 16 * scaled)
+        self.margin = margin
+        self.warmup = max(256, 4 * scaled)
+        self.switches = 0
+        self.seen = 0  # sampled accesses so far
+
+    def observe(self, keys: Sequence[tuple[bytes, float]], now: float) -> None:
+        """A prompt's block hashes (with TTLs), in order; only the sampled ones count."""
+        picked = [(h, ttl) for h, ttl in keys if sampled(h, self.threshold)]
+        if not picked:
+            return
+        decay = (1.0 - 1.0 / self.window) ** len(picked)
+        for mode, shadow in self.shadows.items():
+            self.scores[mode] = self.scores[mode] * decay + shadow.access(picked, now)
+        self.seen += len(picked)
+        if self.seen < self.warmup:  # too little evidence yet: keep the starting order
+            return
+        best = max(MODES, key=lambda m: self.scores[m])
+        current = self.scores[self.choice]
+        if best != self.choice and self.scores[best] > current * (1.0 + self.margin) + 0.5:
+            self.choice = best
+            self.switches += 1

@@ -1,0 +1,1 @@
+"""The routing tier (``kvgate route``) and what replicas offer it."""

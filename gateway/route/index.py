@@ -1,0 +1,99 @@
+"""The router's view of every replica's cache, kept exact by cache events.
+
+Per replica: the hashes of its indexed blocks (namespace-scoped, so one set serves every
+tenant) with their tier, the epoch and the last event number applied. A replica's cache
+is prefix-closed (a dropped block takes its descendants with it), so the cached prefix of
+a prompt on a replica is the run of the prompt's block hashes, from the first, that the
+replica holds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from cachestore.block import Tier
+from cachestore.events import CacheEvent
+from gateway.route.events import EventBatch
+
+
+@dataclass
+class ReplicaView:
+    epoch: str = ""
+    seq: int = 0
+    synced: bool = False  # False: events were missed; the view waits for a snapshot
+    blocks: dict[bytes, Tier] = field(default_factory=dict)
+    pending: list[EventBatch] = field(default_factory=list)  # kept while not synced
+
+    def apply(self, events: Iterable[CacheEvent]) -> None:
+        for ev in events:
+            if ev.kind == "removed":
+                self.blocks.pop(ev.block_hash, None)
+            else:
+                self.blocks[ev.block_hash] = ev.tier
+            self.seq = ev.seq
+
+
+_MAX_PENDING = 10_000  # batches kept while a snapshot is awaited
+
+
+class ClusterIndex:
+    def __init__(self) -> None:
+        self.views: dict[str, ReplicaView] = {}
+        self.resyncs = 0  # snapshots loaded (for /metrics and tests)
+        self.gaps = 0  # batches that showed missed events
+
+    def view(self, replica: str) -> ReplicaView:
+        v = self.views.get(replica)
+        if v is None:
+            v = self.views[replica] = ReplicaView()
+        return v
+
+    def apply(self, batch: EventBatch) -> bool:
+        """Apply a batch; False when this view has missed events (a gap or a new epoch)
+        and waits for a snapshot (``load``). Meanwhile batches are kept to be replayed
+        over the snapshot. Batches the view already holds are skipped."""
+        v = self.view(batch.replica)
+        if v.synced and (batch.epoch != v.epoch or batch.first > v.seq + 1):
+            v.synced = False
+            v.pending = []
+            self.gaps += 1
+        if not v.synced:
+            if len(v.pending) < _MAX_PENDING:
+                v.pending.append(batch)
+            return False
+        v.apply(e for e in batch.events if e.seq > v.seq)
+        return True
+
+    def load(self, replica: str, epoch: str, seq: int,
+             blocks: Iterable[tuple[bytes, Tier]]) -> bool:
+        """Replace the view with a snapshot (the blocks as of event ``seq``), then replay the
+        batches kept since the gap. False when those do not continue it (load again)."""
+        v = self.view(replica)
+        v.epoch, v.seq, v.synced = epoch, seq, True
+        v.blocks = dict(blocks)
+        self.resyncs += 1
+        pending, v.pending = v.pending, []
+        for batch in pending:
+            if batch.epoch != epoch or batch.last <= v.seq:
+                continue
+            if batch.first > v.seq + 1:
+                v.synced = False
+                return False
+            v.apply(e for e in batch.events if e.seq > v.seq)
+        return True
+
+    def forget(self, replica: str) -> None:
+        self.views.pop(replica, None)
+
+    def cached_blocks(self, replica: str, hashes: Sequence[bytes]) -> int:
+        """How many of the prompt's leading blocks the replica holds."""
+        v = self.views.get(replica)
+        if v is None:
+            return 0
+        n = 0
+        for h in hashes:
+            if h not in v.blocks:
+                break
+            n += 1
+        return n

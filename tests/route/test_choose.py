@@ -1,0 +1,104 @@
+"""The routing decision and the router's cache view, as pure logic."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from cachestore.events import CacheEvent
+from gateway.route.choose import Candidate, choose, load_bound
+from gateway.route.events import EventBatch, decode_event, encode_event
+from gateway.route.index import ClusterIndex
+
+
+def _hashes(n: int, tag: str = "a") -> list[bytes]:
+    return [f"{tag}{i}".encode().ljust(16, b".") for i in range(n)]
+
+
+def test_longest_cached_prefix_wins_at_equal_load() -> None:
+    cands = [Candidate("http://a", 1, 3), Candidate("http://b", 1, 7),
+             Candidate("http://c", 1, 0)]
+    order = choose(cands, b"k")
+    assert order[0].name == "http://b"
+    assert sorted(c.name for c in order) == ["http://a", "http://b", "http://c"]
+
+
+@given(st.lists(st.tuples(st.integers(0, 50), st.integers(0, 8)), min_size=1, max_size=8))
+def test_choice_is_the_longest_prefix_among_replicas_under_the_bound(
+        rows: list[tuple[int, int]]) -> None:
+    cands = [Candidate(f"http://r{i}", float(load), cached)
+             for i, (cached, load) in enumerate(rows)]
+    first = choose(cands, b"key")[0]
+    bound = load_bound(cands)
+    under = [c for c in cands if c.load <= bound]
+    assert under, "the least loaded replica is always under the bound"
+    assert first.load <= bound
+    assert first.cached_blocks == max(c.cached_blocks for c in under)
+
+
+def test_a_replica_over_the_load_bound_loses_its_hit() -> None:
+    cands = [Candidate("http://a", 20, 9), Candidate("http://b", 0, 0),
+             Candidate("http://c", 1, 2)]
+    assert choose(cands, b"k")[0].name == "http://c"
+
+
+def test_no_hit_follows_the_rendezvous_hash_of_the_first_block() -> None:
+    cands = [Candidate(f"http://r{i}", 0, 0, free_pages=10) for i in range(5)]
+    firsts = {choose(cands, b"first-block-%d" % k)[0].name for k in range(40)}
+    assert len(firsts) > 1  # keys spread over replicas
+    for k in range(40):  # and one key always lands on the same one, in any order given
+        key = b"first-block-%d" % k
+        assert choose(cands, key)[0].name == choose(list(reversed(cands)), key)[0].name
+
+
+def _batch(replica: str, epoch: str, first: int, events: list[tuple[str, bytes]]) -> EventBatch:
+    evs = [CacheEvent(first + i, kind, "tenant:1", h, "device")  # type: ignore[arg-type]
+           for i, (kind, h) in enumerate(events)]
+    return EventBatch(replica, epoch, first, first + len(evs) - 1, evs)
+
+
+def test_events_keep_the_view_exact_and_round_trip_the_wire() -> None:
+    hs = _hashes(4)
+    idx = ClusterIndex()
+    idx.load("r", "e1", 0, [])
+    batch = _batch("r", "e1", 1, [("stored", h) for h in hs])
+    wire = EventBatch.parse({k.encode(): v.encode() for k, v in batch.fields().items()})
+    assert wire == batch
+    assert idx.apply(wire)
+    assert idx.cached_blocks("r", hs) == 4
+    assert idx.apply(_batch("r", "e1", 5, [("removed", hs[2]), ("removed", hs[3])]))
+    assert idx.cached_blocks("r", hs) == 2
+    assert idx.cached_blocks("r", _hashes(4, "b")) == 0
+    ev = CacheEvent(9, "moved", "tenant:2", hs[0], "host")
+    assert decode_event(9, encode_event(ev)) == ev
+
+
+def test_a_gap_waits_for_a_snapshot_then_replays_what_came_after() -> None:
+    hs = _hashes(6)
+    idx = ClusterIndex()
+    idx.load("r", "e1", 0, [])
+    assert idx.apply(_batch("r", "e1", 1, [("stored", hs[0])]))
+    # events 2..3 lost; 4.. arrive
+    assert not idx.apply(_batch("r", "e1", 4, [("stored", hs[3])]))
+    assert not idx.apply(_batch("r", "e1", 5, [("stored", hs[4])]))
+    assert idx.gaps == 1 and not idx.views["r"].synced
+    # the snapshot was taken at event 4: it holds blocks 0..3; event 5 is replayed on top
+    assert idx.load("r", "e1", 4, [(h, "device") for h in hs[:4]])
+    assert idx.views["r"].synced and idx.views["r"].seq == 5
+    assert idx.cached_blocks("r", hs) == 5
+
+
+def test_a_new_epoch_is_a_restart_and_needs_a_snapshot() -> None:
+    hs = _hashes(3)
+    idx = ClusterIndex()
+    idx.load("r", "e1", 0, [(h, "device") for h in hs])
+    assert not idx.apply(_batch("r", "e2", 1, [("stored", hs[0])]))
+    assert idx.load("r", "e2", 0, [])
+    assert idx.cached_blocks("r", hs) == 1  # the new epoch's event, replayed
+
+
+def test_a_new_prefix_goes_to_the_replica_with_the_most_free_pages() -> None:
+    cands = [Candidate(f"http://r{i}", 0, 0, free_pages=10) for i in range(3)]
+    top = choose(cands, b"k")[0].name
+    cands = [Candidate(c.name, 0, 0, free_pages=0 if c.name == top else 10) for c in cands]
+    assert choose(cands, b"k")[0].name != top
