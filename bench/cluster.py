@@ -11,7 +11,11 @@ Scenarios (fresh tenants each, caches flushed between):
   round-robin    three replicas, requests spread in turn (a Kubernetes Service; baseline)
   routed         three replicas behind two routers with cache events
   routed+shared  the same with the shared Valkey/Redis tier (--shared-tier-url)
-  kill-restart   routed; one replica SIGKILLed mid-run and restarted
+  kill-restart   routed; one replica SIGKILLed mid-run and restarted; once it is back, a
+                 second wave of the same tenants' conversations: the restarted replica's
+                 hit ratio over that wave vs. its ratio before the kill (the scenario's
+                 own columns are the first wave; the per-replica counts include both)
+  kill-restart+shared  the same with the shared tier (a restarted replica warms from it)
 
 Reports the cache-hit token ratio, TTFT p50/p99, requests and prompt tokens per replica,
 and the router's own latency (a direct request vs. one through a router). Writes
@@ -278,6 +282,18 @@ async def replica_counts(session: aiohttp.ClientSession, urls: list[str]) -> lis
     return rows
 
 
+async def cache_tokens(session: aiohttp.ClientSession, url: str) -> tuple[int, int]:
+    """A replica's prompt tokens served from its cache and computed, since it started."""
+    async with session.get(url + "/admin/cache/stats",
+                           headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as r:
+        stats = await r.json()
+    return int(stats["hit_tokens"]), int(stats["miss_tokens"])
+
+
+def _ratio(tokens: tuple[int, int]) -> float | None:
+    return round(tokens[0] / sum(tokens), 4) if sum(tokens) else None
+
+
 def _pct(values: list[float], q: float) -> float | None:
     if not values:
         return None
@@ -391,14 +407,17 @@ async def scenario(session: aiohttp.ClientSession, fleet: Fleet, name: str,
             return fleet.routers[(c.tenant + i) % len(fleet.routers)].url
     note = ""
     killer = None
+    victim_stats: dict[str, Any] = {}
     if kill_at_s is not None:
         victim = fleet.replicas[-1]
 
         async def kill_and_restart() -> None:
             await asyncio.sleep(kill_at_s)
+            victim_stats["before"] = await cache_tokens(session, victim.url)
             victim.kill()
             await asyncio.sleep(2.0)
             await asyncio.get_running_loop().run_in_executor(None, victim.start)
+            victim_stats["back_at_s"] = time.monotonic() - t0
 
         killer = asyncio.create_task(kill_and_restart())
         note = f"replica r{len(urls) - 1} SIGKILLed at {kill_at_s:g}s, restarted 2s later"
@@ -406,11 +425,35 @@ async def scenario(session: aiohttp.ClientSession, fleet: Fleet, name: str,
     out = await replay(session, convs, keys, pick)
     if killer is not None:
         await killer
+        for rt in fleet.routers:
+            await rt.ready(session, len(urls))
+        # the run may end before the victim is back: a second wave of the same tenants'
+        # conversations (their system prompts cached elsewhere) is its traffic after restart
+        t_wave = time.monotonic()
+        wave_before = await cache_tokens(session, urls[-1])
+        wave = [Conversation(c.tenant, c.system, ["[second wave] " + u for u in c.turns],
+                             c.start_s, c.think_s) for c in convs]
+        victim_stats["wave"] = await replay(session, wave, keys, pick)
+        victim_stats["wave_s"] = time.monotonic() - t_wave
+        wave_after = await cache_tokens(session, urls[-1])
+        victim_stats["wave_tokens"] = (wave_after[0] - wave_before[0],
+                                       wave_after[1] - wave_before[1])
     after = await replica_counts(session, urls)
     if kill_at_s is not None:  # the restarted replica's counters began again at zero
         before[-1] = {"requests": 0, "tokens": 0}
     row = row_of(name, out, before, after, note)
     row["wall_s"] = round(time.monotonic() - t0, 1)
+    if victim_stats:  # the victim's hit ratio before the kill and over its new life
+        pre, post = victim_stats["before"], victim_stats["wave_tokens"]
+        wave: Outcome = victim_stats["wave"]
+        row["restart"] = {
+            "pre_kill_hit_ratio": _ratio(pre), "pre_kill_prompt_tokens": sum(pre),
+            "restarted_hit_ratio": _ratio(post), "restarted_prompt_tokens": sum(post),
+            "restarted_requests_total": after[-1]["requests"],
+            "second_wave_s": round(victim_stats["wave_s"], 1),
+            "second_wave_fleet_hit_ratio": round(wave.cached_tokens / wave.prompt_tokens, 4)
+            if wave.prompt_tokens else None,
+            "second_wave_answered": wave.answered, "second_wave_failed": wave.failed}
     for t in tenant_rows:  # leave the caches to the next scenario's tenants
         for url in urls:
             async with session.delete(url + "/admin/cache", params={"tenant_id": t.id},
@@ -473,6 +516,11 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                 admin = Admin(fleet.replicas[0].url, ADMIN_KEY)
                 rows.append((await scenario(session, fleet, "routed+shared", convs,
                                             args.tenants, admin, "routed"))[0])
+                row, kill_tenants = await scenario(session, fleet, "kill-restart+shared",
+                                                   convs, args.tenants, admin, "routed",
+                                                   kill_at_s=args.kill_at_s)
+                row["billing"] = await billing_check(db_name, kill_tenants)
+                rows.append(row)
             else:
                 rows.append({"scenario": "routed+shared", "note": "not run: no "
                              "--shared-tier-url in this build"})
@@ -489,6 +537,12 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         "router_added_p50_ms_models": result["router_overhead"]["models"]["added_p50_ms"],
         "router_added_p50_ms_chat": result["router_overhead"]["chat"]["added_p50_ms"],
     }
+    for name in ("kill-restart", "kill-restart+shared"):
+        if "restart" in by.get(name, {}):
+            r = by[name]["restart"]
+            pre, post = r["pre_kill_hit_ratio"], r["restarted_hit_ratio"]
+            result["goals"][f"{name}_restarted_vs_pre_kill_hit_ratio"] = (
+                round(post / pre, 3) if pre and post is not None else None)
     return result
 
 
@@ -508,14 +562,15 @@ def main() -> None:
     p.add_argument("--no-write", action="store_true")
     args = p.parse_args()
     result = asyncio.run(main_async(args))
-    table = [{k: v for k, v in r.items() if k not in ("note", "billing")}
+    table = [{k: v for k, v in r.items() if k not in ("note", "billing", "restart")}
              for r in result["scenarios"]]
     print_table(table, f"cluster: {result['requests']} requests per scenario, seed "
                 f"{result['seed']}, {result['pages_per_replica']} pages per replica "
                 f"(working set {result['working_set_pages']})")
     for r in result["scenarios"]:
         if r.get("note") or r.get("billing"):
-            print(f"  {r['scenario']}: {r.get('note', '')} {r.get('billing', '')}")
+            print(f"  {r['scenario']}: {r.get('note', '')} {r.get('billing', '')} "
+                  f"{r.get('restart', '')}")
     print("router overhead:", result["router_overhead"])
     print("goals:", result["goals"])
     if not args.no_write:

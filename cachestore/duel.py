@@ -28,6 +28,7 @@ judges the orders against each other, it does not predict the real hit rate.
 from __future__ import annotations
 
 import heapq
+import math
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 
@@ -177,14 +178,23 @@ class Duel:
 
     Scores are hits decayed per sampled access (``window`` accesses weigh about as much as
     all before them); the choice changes only when another order leads the current one by
-    ``margin`` of the current one's score, so noise does not flip it back and forth, and
-    not before ``warmup`` sampled accesses were seen (the starting order, segmented LRU,
-    is the one that resists a scan of one-off documents from the first request on).
+    ``margin`` of the current one's score, and the lead is significant: the decayed sum of
+    the per-prompt differences of the two shadows' hits is at least ``z`` of its standard
+    error (estimated from the same differences, a paired test). Not before ``warmup``
+    sampled accesses were seen either (the starting order, segmented LRU, is the one that
+    resists a scan of one-off documents from the first request on).
+
+    Why the test: every switch costs what the old order kept (the older subset ``newest``
+    held, the reused segment ``slru`` built) before the new one pays off, so following
+    noise between orders whose hit rates differ by a few percent is worse than following
+    any one of them. With small shadows (a small cache) the scores' noise is of the order
+    of that difference.
     """
 
     def __init__(
         self, capacity: int, protected: float = 0.75, start: str = "slru",
         window: int | None = None, margin: float = 0.05, stale_s: float = STALE_S,
+        z: float = 2.0,
     ) -> None:
         self.threshold = sample_threshold(capacity)
         scaled = max(1, round(capacity * self.threshold / 65536))
@@ -196,6 +206,12 @@ class Duel:
         self.warmup = max(256, 4 * scaled)
         self.switches = 0
         self.seen = 0  # sampled accesses so far
+        self.z = z
+        # per pair of orders (a, b): decayed sums of (hits of a - hits of b) per prompt and
+        # of its square (decayed twice as fast: the variance of the first sum)
+        self._pairs = [(a, b) for i, a in enumerate(MODES) for b in MODES[i + 1:]]
+        self._diff = {pair: 0.0 for pair in self._pairs}
+        self._diff_sq = {pair: 0.0 for pair in self._pairs}
 
     def observe(self, keys: Sequence[tuple[bytes, float]], now: float) -> None:
         """A prompt's block hashes (with TTLs), in order; only the sampled ones count."""
@@ -203,13 +219,28 @@ class Duel:
         if not picked:
             return
         decay = (1.0 - 1.0 / self.window) ** len(picked)
-        for mode, shadow in self.shadows.items():
-            self.scores[mode] = self.scores[mode] * decay + shadow.access(picked, now)
+        hits = {mode: shadow.access(picked, now) for mode, shadow in self.shadows.items()}
+        for mode in MODES:
+            self.scores[mode] = self.scores[mode] * decay + hits[mode]
+        for pair in self._pairs:
+            d = hits[pair[0]] - hits[pair[1]]
+            self._diff[pair] = self._diff[pair] * decay + d
+            self._diff_sq[pair] = self._diff_sq[pair] * decay * decay + d * d
         self.seen += len(picked)
         if self.seen < self.warmup:  # too little evidence yet: keep the starting order
             return
         best = max(MODES, key=lambda m: self.scores[m])
         current = self.scores[self.choice]
-        if best != self.choice and self.scores[best] > current * (1.0 + self.margin) + 0.5:
+        if (best != self.choice and self.scores[best] > current * (1.0 + self.margin) + 0.5
+                and self.lead(best, self.choice) >= self.z):
             self.choice = best
             self.switches += 1
+
+    def lead(self, a: str, b: str) -> float:
+        """How many standard errors order ``a``'s decayed hits lead ``b``'s by."""
+        if a == b:
+            return 0.0
+        sign = 1.0 if (a, b) in self._diff else -1.0
+        pair = (a, b) if sign > 0 else (b, a)
+        var = self._diff_sq[pair]
+        return sign * self._diff[pair] / math.sqrt(var) if var > 0 else 0.0

@@ -26,7 +26,9 @@ store and the tier moves ask it for victims and do the moving.
 - ``adaptive`` (the default): the order that wins the duel (``duel.py``): a shadow
   simulation of each order on a fixed sample of block hashes at proportionally scaled
   capacity, fed every prompt ``match`` sees (``observe``). It starts as ``slru`` (scan
-  resistant from the first request) and switches only on evidence.
+  resistant from the first request) and switches only on evidence: a lead that is also
+  significant (two standard errors of the paired per-prompt difference), since each
+  switch throws away what the old order kept.
 - ``bench/policy.py`` measures these orders against the store-model optimum at capacities
   not used to choose the parameters; the figures and what was tried are in
   ``bench/results/policy.json``.
@@ -42,17 +44,30 @@ store and the tier moves ask it for victims and do the moving.
   expire.
 - Guaranteed shares (``shares.py``) filter the victims: an allocation may pass ``allowed``,
   and blocks it refuses (another namespace's, within its share) are skipped, not reordered.
+  A shares filter (``shares.EvictFilter``) says how many blocks of each namespace it takes
+  (``budget``), so the victims are found by merging per-namespace sub-orders of the order
+  followed now (each block carries its position in it) over the namespaces with a budget
+  left: a namespace within its share costs nothing to skip, whatever it holds. The work
+  of one allocation is linear in the blocks it takes (plus the allocator's own held
+  blocks and the number of namespaces), not in the protected blocks ahead of them.
+  ``inspected`` counts the blocks looked at, for tests. The ``newest`` order takes part
+  while release groups run in order along the fresh segment (always, as blocks are
+  added), else the plain scan answers (same decisions, more work).
 """
 
 from __future__ import annotations
 
 import heapq
 import itertools
+import math
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Iterator
 
 from cachestore.block import DEVICE, HOST, Block, Tier
 from cachestore.duel import MODES, STALE_S, Duel
+from cachestore.shares import EvictFilter
+
+_Key = tuple[int, int, int]  # a block's place in the order followed now
 
 
 class EvictionPolicy:
@@ -92,6 +107,23 @@ class EvictionPolicy:
         self.stale_s = stale_s
         self.now = 0.0  # the store's clock at its last operation (``newest`` ages by it)
         self.held: set[Block] = set()  # blocks queued requests will match: evicted last
+        # Per-namespace sub-orders of both segments (the recency one is ``_ns_lru``) and
+        # each idle block's position in its segment and in recency (appends only, so a
+        # position orders blocks as the segment does): a shares filter merges them.
+        self._ns_probation: dict[Tier, defaultdict[str, OrderedDict[Block, None]]] = {
+            DEVICE: defaultdict(OrderedDict), HOST: defaultdict(OrderedDict)}
+        self._ns_protected: dict[Tier, defaultdict[str, OrderedDict[Block, None]]] = {
+            DEVICE: defaultdict(OrderedDict), HOST: defaultdict(OrderedDict)}
+        self._stamp: dict[Block, int] = {}
+        self._rstamp: dict[Block, int] = {}
+        self._stamps = itertools.count()
+        # ``newest``: release groups nondecreasing along probation (so a run is a group);
+        # the non-stale probation blocks by position (lazy), for the first fresh one.
+        self._top_group: dict[Tier, int] = {DEVICE: -1, HOST: -1}
+        self._monotone: dict[Tier, bool] = {DEVICE: True, HOST: True}
+        self._fresh_heap: dict[Tier, list[tuple[int, Block]]] = {DEVICE: [], HOST: []}
+        self._horizon = -math.inf  # the latest ``newest`` horizon the heaps were pruned to
+        self.inspected = 0  # blocks looked at while choosing victims (work, for tests)
 
     @property
     def order(self) -> str:
@@ -119,14 +151,44 @@ class EvictionPolicy:
         if block.hits:
             protected = self._protected[tier]
             protected[block] = None
+            self._ns_protected[tier][block.namespace][block] = None
+            self._stamp[block] = next(self._stamps)
             while len(protected) > self._protected_cap[tier]:
                 aged, _ = protected.popitem(last=False)
-                self._probation[tier][aged] = None
+                self._unlink_ns(self._ns_protected[tier], aged)
                 self._group[aged] = next(self._groups)
+                self._to_probation(tier, aged)
         else:
-            self._probation[tier][block] = None
+            self._to_probation(tier, block)
         self._recency[tier][block] = None
         self._ns_lru[tier][block.namespace][block] = None
+        self._rstamp[block] = next(self._stamps)
+
+    def _to_probation(self, tier: Tier, block: Block) -> None:
+        stamp = next(self._stamps)
+        self._probation[tier][block] = None
+        self._ns_probation[tier][block.namespace][block] = None
+        self._stamp[block] = stamp
+        group = self._group[block]
+        if group < self._top_group[tier]:
+            self._monotone[tier] = False
+        self._top_group[tier] = max(group, self._top_group[tier])
+        heap = self._fresh_heap[tier]
+        heapq.heappush(heap, (stamp, block))
+        if len(heap) > 2 * len(self._probation[tier]) + 64:  # entries of blocks gone
+            self._rebuild_fresh(tier)
+
+    def _rebuild_fresh(self, tier: Tier) -> None:
+        self._fresh_heap[tier] = [(self._stamp[b], b) for b in self._probation[tier]
+                                  if self._since[b] > self._horizon]
+        heapq.heapify(self._fresh_heap[tier])
+
+    @staticmethod
+    def _unlink_ns(orders: defaultdict[str, OrderedDict[Block, None]], block: Block) -> None:
+        order = orders[block.namespace]
+        del order[block]
+        if not order:
+            del orders[block.namespace]
 
     def add_released(self, blocks: list[Block]) -> None:
         """Blocks released together (one group): deepest first, so the prefix is evicted last."""
@@ -156,9 +218,18 @@ class EvictionPolicy:
             if len(self._ghosts) > self._ghost_cap:
                 self._ghosts.popitem(last=False)
         tier = block.tier
-        order = self._probation[tier] if block in self._probation[tier] else self._protected[tier]
+        on_probation = block in self._probation[tier]
+        order = self._probation[tier] if on_probation else self._protected[tier]
         if block in order:
             del order[block]
+            self._unlink_ns((self._ns_probation if on_probation else self._ns_protected)[tier],
+                            block)
+            del self._stamp[block]
+            del self._rstamp[block]
+            if not self._probation[tier]:  # an empty order is in order again
+                self._monotone[tier] = True
+                self._top_group[tier] = -1
+                self._fresh_heap[tier] = []
             del self._recency[tier][block]
             del self._group[block]
             del self._since[block]
@@ -191,9 +262,14 @@ class EvictionPolicy:
         out: list[Block] = []
         if n <= 0:
             return out
+        if isinstance(allowed, EvictFilter) and owner is not None and owner == allowed.namespace:
+            found = self._victims_by_budget(tier, n, allowed, owner)
+            if found is not None:
+                return found
         held: list[Block] = []
         defer_all = allowed is None or owner is None
         for block in self._ordered(tier):
+            self.inspected += 1
             if block in self.held and (defer_all or block.namespace == owner):
                 held.append(block)
             elif allowed is None or allowed(block):
@@ -206,6 +282,113 @@ class EvictionPolicy:
                 if len(out) == n:
                     break
         return out
+
+    def _victims_by_budget(
+        self, tier: Tier, n: int, allowed: EvictFilter, owner: str,
+    ) -> list[Block] | None:
+        """``victims`` with a shares filter, by merging the sub-orders of the namespaces it
+        takes blocks from (the same blocks in the same order as the scan; None where the
+        order followed now cannot be split, then the scan answers)."""
+        order = self.order
+        fresh: int | None = None
+        if order == "newest":
+            if not self._monotone[tier]:
+                return None
+            fresh = self._first_fresh(tier, self.now - self.stale_s)
+        heap: list[tuple[_Key, int, Block, Iterator[tuple[_Key, Block]]]] = []
+        left: list[int | None] = []
+        for ns in self._ns_lru[tier]:
+            budget = allowed.budget(ns)
+            if budget == 0:
+                continue
+            stream = self._ns_ordered(tier, ns, order, fresh)
+            first = next(stream, None)
+            if first is not None:
+                heap.append((first[0], len(left), first[1], stream))
+                left.append(budget)
+        heapq.heapify(heap)
+        out: list[Block] = []
+        deferred: list[Block] = []
+        while heap:
+            _, i, block, stream = heap[0]
+            self.inspected += 1
+            if block in self.held and block.namespace == owner:
+                deferred.append(block)
+            elif allowed(block):
+                out.append(block)
+                if len(out) == n:
+                    return out
+                budget = left[i]
+                if budget is not None:
+                    left[i] = budget - 1
+                    if budget == 1:  # this namespace is done for this allocation
+                        heapq.heappop(heap)
+                        continue
+            item = next(stream, None)
+            if item is None:
+                heapq.heappop(heap)
+            else:
+                heapq.heapreplace(heap, (item[0], i, item[1], stream))
+        for block in deferred:  # all the owner's, in order: it may take them all
+            out.append(block)
+            if len(out) == n:
+                break
+        return out
+
+    def _ns_ordered(
+        self, tier: Tier, ns: str, order: str, fresh: int | None,
+    ) -> Iterator[tuple[_Key, Block]]:
+        """The namespace's idle blocks of ``tier`` with their place in ``_ordered(tier)``,
+        first to go first; ``fresh``: the position of the first non-stale probation block
+        (``newest``)."""
+        if order == "lru":
+            for block in self._ns_lru[tier].get(ns, ()):
+                yield (0, self._rstamp[block], 0), block
+            return
+        stamp = self._stamp
+        probation = self._ns_probation[tier].get(ns)
+        if probation and order == "newest" and fresh is not None:
+            for block in probation:  # stale, before the first fresh block: oldest first
+                if stamp[block] >= fresh:
+                    break
+                yield (0, stamp[block], 0), block
+            run: list[Block] = []  # then newest group first (groups run in order)
+            group = -1
+            for block in reversed(probation):
+                if stamp[block] < fresh:
+                    break
+                g = self._group[block]
+                if g != group and run:
+                    for b in reversed(run):
+                        yield (1, -group, stamp[b]), b
+                    run = []
+                group = g
+                run.append(block)
+            for b in reversed(run):
+                yield (1, -group, stamp[b]), b
+        elif probation:
+            for block in probation:
+                yield (0, stamp[block], 0), block
+        for block in self._ns_protected[tier].get(ns, ()):
+            yield (2, stamp[block], 0), block
+
+    def _first_fresh(self, tier: Tier, horizon: float) -> int | None:
+        """Position of the first probation block idle since after ``horizon`` (None: all
+        are stale). Heap entries of stale blocks are dropped for good, so a horizon that
+        goes back (a clock set back) rebuilds the heaps first."""
+        if horizon < self._horizon:
+            self._horizon = horizon
+            for t in (DEVICE, HOST):
+                self._rebuild_fresh(t)
+        self._horizon = horizon
+        heap = self._fresh_heap[tier]
+        probation = self._probation[tier]
+        while heap:
+            stamp, block = heap[0]
+            if block in probation and self._stamp[block] == stamp and self._since[block] > horizon:
+                return stamp
+            heapq.heappop(heap)
+        return None
 
     def _ordered(self, tier: Tier) -> Iterator[Block]:
         """Idle blocks of ``tier``, first to go first, in the order followed now."""

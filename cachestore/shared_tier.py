@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import math
 import queue
 import struct
 import threading
@@ -66,7 +67,7 @@ def parse_epoch(value: object) -> int | None:
 def _ttl_ms(ttl_s: float) -> int:
     """A block's ``PX``: at least 1 ms, at most a year (an infinite or absurd TTL must not
     make Valkey refuse the whole pipeline)."""
-    if not ttl_s == ttl_s:  # NaN
+    if math.isnan(ttl_s):
         return 1
     return int(max(1.0, min(ttl_s * 1000, 365 * 86400 * 1000.0)))
 
@@ -335,7 +336,7 @@ class SharedTier:
         return taken
 
     def room(self) -> int:
-        """Blocks ``put`` would take now (0 while the breaker is open): callers copy only
+        """Blocks ``put`` would take now (0 while the breaker refuses calls): callers copy only
         those pages off the device."""
         if self.breaker.blocked:
             return 0

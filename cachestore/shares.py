@@ -35,8 +35,6 @@ namespace is protected (plain policy order), but usage and ``evicted_by_others``
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from cachestore.block import DEVICE, HOST, TIERS, Block, Tier
 from cachestore.pool import PagePool
 
@@ -109,7 +107,7 @@ class Shares:
         return sum(max(0, self.share_pages(ns, tier, fair) - self.held(ns, tier))
                    for ns in self._last_seen if ns != namespace)
 
-    def may_evict(self, namespace: str | None, tier: Tier) -> Callable[[Block], bool] | None:
+    def may_evict(self, namespace: str | None, tier: Tier) -> EvictFilter | None:
         """A filter for the policy's victims of one allocation by ``namespace`` on ``tier``:
         its own blocks, and blocks of namespaces over their share. Accepting a block counts
         it against its namespace, so one allocation never takes a namespace below its share.
@@ -117,21 +115,7 @@ class Shares:
         """
         if not self.enabled or namespace is None:
             return None
-        taken: dict[str, int] = {}
-        shares: dict[str, int] = {}
-        fair = self.fair_pages(tier)
-
-        def allowed(block: Block) -> bool:
-            ns = block.namespace
-            if ns != namespace:
-                if ns not in shares:
-                    shares[ns] = self.share_pages(ns, tier, fair)
-                if self.held(ns, tier) - taken.get(ns, 0) <= shares[ns]:
-                    return False
-            taken[ns] = taken.get(ns, 0) + 1
-            return True
-
-        return allowed
+        return EvictFilter(self, namespace, tier)
 
     def set_explicit(self, namespace: str, share_bytes: int | None) -> None:
         if share_bytes is None:
@@ -154,3 +138,34 @@ class Shares:
             names.update(ns for ns in self.pools[tier].held if ns)
             names.update(self.evicted_by_others[tier])
         return names
+
+
+class EvictFilter:
+    """One allocation's filter (``Shares.may_evict``): called on a candidate block, it says
+    whether the allocation may take it and, if so, counts it. ``budget`` says the same per
+    namespace ahead of time, so the policy can skip a whole namespace without looking at
+    its blocks (``EvictionPolicy.victims``)."""
+
+    def __init__(self, shares: Shares, namespace: str, tier: Tier) -> None:
+        self.namespace = namespace
+        self.tier = tier
+        self._shares = shares
+        self._fair = shares.fair_pages(tier)
+        self._share: dict[str, int] = {}
+        self._taken: dict[str, int] = {}
+
+    def budget(self, ns: str) -> int | None:
+        """How many more of ``ns``'s blocks this allocation may take (None: any number)."""
+        if ns == self.namespace:
+            return None
+        share = self._share.get(ns)
+        if share is None:
+            share = self._share[ns] = self._shares.share_pages(ns, self.tier, self._fair)
+        return max(0, self._shares.held(ns, self.tier) - self._taken.get(ns, 0) - share)
+
+    def __call__(self, block: Block) -> bool:
+        ns = block.namespace
+        if self.budget(ns) == 0:
+            return False
+        self._taken[ns] = self._taken.get(ns, 0) + 1
+        return True

@@ -136,14 +136,26 @@ class TextTokenizer:
         text = self.render_chat([guard(m) for m in messages],
                                 tools=guard(tools) if tools else None)
         self.check_length(text)
-        parts = re.split(f"\ue000{nonce}\\.(\\d+)\ue001", text)
+        # One compiled pattern for every request (a per-nonce pattern would be compiled per
+        # call); a marker with another nonce is a client's text and stays text.
+        parts = _MARKER.split(text)  # text, (nonce, index, text)*
         ids: list[int] = []
-        for i, part in enumerate(parts):
-            if i % 2:  # a special token's spelling from a message: plain text
-                ids += self.encode(self._specials[int(part)])
-            elif part:
-                ids += self.encode(part, allow_special=True)
+        pending = parts[0]
+        for j in range(1, len(parts), 3):
+            their_nonce, k, after = parts[j], parts[j + 1], parts[j + 2]
+            if their_nonce != nonce:
+                pending += f"\ue000{their_nonce}.{k}\ue001{after}"
+                continue
+            if pending:
+                ids += self.encode(pending, allow_special=True)
+            ids += self.encode(self._specials[int(k)])  # a spelling from a message: text
+            pending = after
+        if pending:
+            ids += self.encode(pending, allow_special=True)
         return ids
+
+
+_MARKER = re.compile("\ue000([0-9a-f]{16})\\.(\\d+)\ue001")
 
 
 # Normalizers that can shrink a text by at most a factor of 4 in bytes (Unicode

@@ -163,6 +163,9 @@ def engine_config(settings: Settings) -> EngineConfig:
 def shared_tier_config(settings: Settings) -> SharedTierConfig | None:
     if not settings.shared_tier_url:
         return None
+    if not settings.shared_tier_secret:
+        log.warning("the shared tier's entries are not signed: set KVGATE_SHARED_TIER_SECRET "
+                    "(the same value on every replica) unless only kvgate can write to it")
     return SharedTierConfig(
         url=settings.shared_tier_url, timeout_ms=settings.shared_tier_timeout_ms,
         queue_bytes=settings.shared_tier_queue_bytes,

@@ -28,6 +28,7 @@ _API_FLAGS: dict[str, tuple[Any, str]] = {
     "block_size": (int, "tokens per KV block (16)"),
 }
 # env only: a key on the command line would show in `ps`
+MIN_ADMIN_KEY_LEN = 20  # a key an operator chose: long enough not to be guessed
 _HIDDEN = {"admin_key", "metrics_key", "shared_tier_secret"}
 
 
@@ -96,6 +97,11 @@ async def serve(settings: Settings) -> int:
         parser_for(None, settings.tool_call_parser)
     except ValueError as exc:  # a typo: say so now, not after loading the model
         print(f"kvgate: --tool-call-parser: {exc}", file=sys.stderr, flush=True)
+        return 2
+    if settings.admin_key and len(settings.admin_key) < MIN_ADMIN_KEY_LEN:
+        print(f"kvgate: KVGATE_ADMIN_KEY is {len(settings.admin_key)} characters; an admin key "
+              f"needs at least {MIN_ADMIN_KEY_LEN} (e.g. `openssl rand -hex 24`), or leave it "
+              "unset and serve creates one", file=sys.stderr, flush=True)
         return 2
     for what, port in (("--port", settings.port), ("--metrics-port", settings.metrics_port)):
         problem = _cannot_listen(settings.host, port)

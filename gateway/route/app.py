@@ -12,23 +12,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass, field
+from typing import Any
 
 import aiohttp
 from aiohttp import web
 from prometheus_client import Counter, Gauge
 
 from gateway.http.app import metrics as metrics_endpoint
-from gateway.http.errors import ApiError
+from gateway.http.errors import ApiError, ClientGone
 from gateway.http.limits import Limiter
 from gateway.http.metrics import Metrics
 from gateway.http.middleware import auth_middleware, context_middleware, new_request_id
 from gateway.http.state import CTX, STATE, AppState, principal_of, state_of
 from gateway.http.tenancy import tenant_namespace
 from gateway.http.transport import handler_args
+from gateway.http.validation import read_body
 from gateway.ledger import Ledger
-from gateway.route.choose import Candidate, choose
+from gateway.route.choose import Candidate, QueueCost, choose
 from gateway.route.events import EventBatch, EventFollower
 from gateway.route.index import ClusterIndex
 from gateway.route.pool import Replica, ReplicaPool
@@ -68,6 +70,7 @@ class Router:
     pool: ReplicaPool | None = None
     session: aiohttp.ClientSession | None = None
     follower: EventFollower | None = None
+    queue_cost: QueueCost = field(default_factory=QueueCost)
     _syncing: dict[str, asyncio.Task[None]] = field(default_factory=dict)
 
     async def plan(self, tenant_id: int, path: str, raw: bytes) -> tuple[list[Replica], bool]:
@@ -84,10 +87,15 @@ class Router:
                                                  model_id, block_size)
             else:
                 hashes = self.renderer.hashes(path, raw, tenant_id, model_id, block_size)
-        candidates = [Candidate(r.url, r.load, self.index.cached_blocks(r.replica_id, hashes),
+        candidates = [Candidate(r.url, r.load,
+                                self.index.cached_blocks(r.replica_id, hashes, expected=True),
                                 r.free_pages) for r in healthy]
         key = hashes[0] if hashes else tenant_namespace(tenant_id).encode()
-        order = choose(candidates, key)
+        order = choose(candidates, key, len(hashes), self.queue_cost.value)
+        first = self.pool.replicas[order[0].name]
+        if hashes:
+            self.queue_cost.observe(len(hashes) - order[0].cached_blocks)
+            self.index.expect(first.replica_id, hashes)
         return [self.pool.replicas[c.name] for c in order], order[0].cached_blocks > 0
 
     async def on_batch(self, batch: EventBatch) -> None:
@@ -152,7 +160,7 @@ async def readyz(request: web.Request) -> web.Response:
 async def route(request: web.Request) -> web.StreamResponse:
     router = request.app[ROUTER]
     assert router.pool is not None and router.session is not None
-    raw = await request.read()
+    raw = await read_body(request)  # the replicas' own limits: size (413) and time (408)
     principal = principal_of(request)
     replicas: list[Replica] = []
     hit = False
@@ -162,8 +170,46 @@ async def route(request: web.Request) -> web.StreamResponse:
         raise ApiError(503, "No replica is available now; retry shortly.",
                        code="no_replica_available", retry_after=1.0)
     router.metrics.routed.labels(replicas[0].url, "prefix" if hit else "affinity").inc()
-    return await forward(request, router.session, replicas, attempt_of(request, raw),
-                         router.pool.mark_down)
+    return await until_client_gone(request, forward(
+        request, router.session, replicas, attempt_of(request, raw), router.pool.mark_down,
+        router.settings.upstream_idle_timeout_s))
+
+
+_CLIENT_POLL_S = 0.05
+
+
+async def until_client_gone(request: web.Request,
+                            work: Coroutine[Any, Any, web.StreamResponse]) -> web.StreamResponse:
+    """Run ``work`` (the forwarding); a client that hangs up cancels it, which closes the
+    connection to the replica, so the replica stops generating and bills what it did
+    once, as it does for a client of its own. (aiohttp does not cancel handlers when a
+    client goes, and an answer not yet started writes nothing that would notice.) A timer
+    looks at the client's connection, not a task: it costs next to nothing per request."""
+    task = asyncio.current_task()
+    assert task is not None
+    loop = asyncio.get_running_loop()
+    gone = False
+    handle: asyncio.TimerHandle | None = None
+
+    def check() -> None:
+        nonlocal handle, gone
+        transport = request.transport
+        if transport is None or transport.is_closing():
+            gone = True
+            task.cancel()
+            return
+        handle = loop.call_later(_CLIENT_POLL_S, check)
+
+    handle = loop.call_later(_CLIENT_POLL_S, check)
+    try:
+        return await work
+    except asyncio.CancelledError:
+        if gone and task.uncancel() == 0:
+            raise ClientGone() from None
+        raise
+    finally:
+        if handle is not None:
+            handle.cancel()
 
 
 async def on_response_prepare(request: web.Request, response: web.StreamResponse) -> None:

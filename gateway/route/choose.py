@@ -1,16 +1,26 @@
 """The routing decision: which replica gets a request, and in what order to try the rest.
 
-- The replica holding the longest cached prefix of the prompt (for this tenant: the hashes
-  are namespace-scoped) wins, unless its load is over the bound.
-- With no hit anywhere, a rendezvous (highest random weight) hash of the prompt's first
-  block (or the tenant, for prompts shorter than a block) orders the replicas, so
-  concurrent first requests of one prefix meet on one replica and write it once: the
-  replica under the bound with the most free device pages takes it, the first in that
-  order among equals (consistent hashing with bounded loads, Mirrokni et al. 2018; free
-  pages first because a new prefix stays where it lands, so that is where new tenants must
-  spread; with every cache full the rendezvous order alone decides).
-- The bound: ``(1 + LOAD_SLACK) * mean load + 1`` requests (running plus queued), so no
-  replica runs far ahead of the others while prefix affinity is kept where it is cheap.
+Each replica is scored by what the request would cost there, in blocks of prefill work:
+
+    cost = (prompt blocks - blocks it holds) + queue_cost * load
+
+- The first term is the prefill it would still have to do: the longer the cached prefix
+  (for this tenant: the hashes are namespace-scoped), the less.
+- The second is the wait behind the requests already running and queued there: ``load``
+  of them, each costing about ``queue_cost`` blocks (the router's running mean of the
+  blocks its requests had to prefill, ``QueueCost``). So a long hit keeps a conversation
+  where it is while that replica is only a little busier; when it is much busier the
+  request spills to another replica, which then warms (from the shared tier where there
+  is one) and takes the next turns; a new prefix, or a freshly restarted empty replica,
+  gets the least loaded.
+- Among equal costs the replica with the most free device pages wins (a new prefix stays
+  where it lands), then a rendezvous (highest random weight) hash of the prompt's first
+  block (or the tenant): the same order for every router. Concurrent first requests of
+  one prefix meet on one replica through the router's provisional index entries
+  (``index.ClusterIndex.expect``), which count as cached until the events confirm them.
+- A hard bound on top: a replica over ``(1 + LOAD_SLACK) * mean load + 1`` requests is
+  not chosen while another is under it (consistent hashing with bounded loads, Mirrokni
+  et al. 2018).
 - Retries (a replica refused or could not be reached) go to the others, least loaded first.
 """
 
@@ -43,19 +53,33 @@ def load_bound(candidates: Sequence[Candidate]) -> float:
     return (1.0 + LOAD_SLACK) * mean + 1.0
 
 
-def choose(candidates: Sequence[Candidate], affinity_key: bytes) -> list[Candidate]:
+class QueueCost:
+    """The blocks a request had to prefill on the replica it was sent to, as a running
+    mean: what one request ahead in a replica's queue costs the next one."""
+
+    def __init__(self, initial: float = 8.0, weight: float = 0.05) -> None:
+        self.value = initial
+        self.weight = weight
+
+    def observe(self, uncached_blocks: int) -> None:
+        self.value += self.weight * (max(1.0, float(uncached_blocks)) - self.value)
+
+
+def cost(c: Candidate, prompt_blocks: int, queue_cost: float) -> float:
+    """Blocks of work the request meets on ``c``: its own prefill left, and the queue's."""
+    return max(0, prompt_blocks - c.cached_blocks) + queue_cost * c.load
+
+
+def choose(candidates: Sequence[Candidate], affinity_key: bytes, prompt_blocks: int = 0,
+           queue_cost: float = 1.0) -> list[Candidate]:
     """All candidates, the one to try first at the head."""
     if not candidates:
         return []
     order = rendezvous(affinity_key, candidates)
     bound = load_bound(candidates)
-    under = [c for c in order if c.load <= bound]
-    if not under:
-        first = min(order, key=lambda c: c.load)
-    elif max(c.cached_blocks for c in under):
-        # max() keeps the first of equals: ties in cached prefix go by the rendezvous order
-        first = max(under, key=lambda c: c.cached_blocks)
-    else:
-        first = max(under, key=lambda c: c.free_pages)
+    under = [c for c in order if c.load <= bound] or [min(order, key=lambda c: c.load)]
+    blocks = max(prompt_blocks, max(c.cached_blocks for c in candidates))
+    # min() keeps the first of equals: ties go by the rendezvous order
+    first = min(under, key=lambda c: (cost(c, blocks, queue_cost), -c.free_pages))
     rest = sorted((c for c in order if c is not first), key=lambda c: c.load)
     return [first, *rest]

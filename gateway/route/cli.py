@@ -37,6 +37,15 @@ def run(args: argparse.Namespace) -> int:
         print("kvgate route: name the replicas (--replica URL, KVGATE_REPLICAS or "
               "--replicas-dns HOST:PORT)", file=sys.stderr, flush=True)
         return 2
+    from gateway.ledger.cli import require_existing_sqlite
+    from gateway.ledger.errors import LedgerError
+
+    try:  # the router checks keys in the replicas' ledger: never create an empty one
+        require_existing_sqlite(settings.db, "--db, KVGATE_DB or the default")
+    except LedgerError as e:
+        print(f"kvgate route: {e} The router reads the replicas' ledger (KVGATE_DB).",
+              file=sys.stderr, flush=True)
+        return 2
     return asyncio.run(route(settings))
 
 

@@ -166,12 +166,17 @@ class EventFollower:
             for _stream, entries in reply or []:
                 for entry_id, fields in entries:
                     self.last_id = entry_id.decode()
-                    try:
-                        batch = EventBatch.parse(fields)
-                    except (KeyError, ValueError, TypeError) as exc:
-                        log.warning("skipping a malformed cache event entry: %r", exc)
+                    try:  # any entry, however malformed (nested past the stack, wrong
+                        batch = EventBatch.parse(fields)  # types), is skipped, never fatal
+                    except Exception as exc:
+                        log.warning("skipping a malformed cache event entry %s: %r",
+                                    self.last_id, exc)
                         continue
-                    await self._on_batch(batch)
+                    try:
+                        await self._on_batch(batch)
+                    except Exception:
+                        log.exception("cache event entry %s could not be applied",
+                                      self.last_id)
 
     async def close(self) -> None:
         await self._redis.aclose()

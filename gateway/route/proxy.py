@@ -32,10 +32,11 @@ from gateway.route.pool import Replica
 
 log = logging.getLogger("kvgate.route")
 
-# Hop-by-hop headers (RFC 9110 7.6.1) and those the router sets itself.
+# Hop-by-hop headers (RFC 9110 7.6.1), those the router sets itself, and ``Expect`` (the
+# router has read the whole body already; a replica must not wait to be asked for it).
 _HOP = frozenset(("connection", "keep-alive", "proxy-authenticate", "proxy-authorization",
                   "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade", "host",
-                  "content-length", "x-request-id"))
+                  "content-length", "x-request-id", "expect"))
 _REFUSED = 503  # a replica's "not now", always before any body
 _RETRY_AFTER_S = 1.0
 
@@ -50,19 +51,29 @@ class Attempt:
     body: bytes
 
 
+def _hop_by_hop(headers: CIMultiDict[str] | CIMultiDictProxy[str]) -> frozenset[str]:
+    """The fixed hop-by-hop headers and those the ``Connection`` header names."""
+    named = {t.strip().lower() for v in headers.getall("Connection", [])
+             for t in v.split(",") if t.strip()}
+    return _HOP | named
+
+
 def attempt_of(request: web.Request, body: bytes) -> Attempt:
+    hop = _hop_by_hop(request.headers)
     headers: CIMultiDict[str] = CIMultiDict(
-        (k, v) for k, v in request.headers.items() if k.lower() not in _HOP)
+        (k, v) for k, v in request.headers.items()
+        if k.lower() not in hop and k.lower() != "x-forwarded-for")
     headers["x-request-id"] = ctx_of(request).public_id
     peer = request.remote or ""
-    prior = request.headers.get("X-Forwarded-For")
+    prior = ", ".join(request.headers.getall("X-Forwarded-For", []))
     headers["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
     return Attempt(request.method, request.path_qs, headers, body)
 
 
 async def forward(request: web.Request, session: aiohttp.ClientSession,
                   replicas: list[Replica], attempt: Attempt,
-                  on_down: Callable[[Replica, str], None]) -> web.StreamResponse:
+                  on_down: Callable[[Replica, str], None],
+                  idle_timeout_s: float = 300.0) -> web.StreamResponse:
     """Try ``replicas`` in order; the first that takes the request answers the client."""
     refused: tuple[int, bytes, CIMultiDict[str]] | None = None
     t_router = time.monotonic() - ctx_of(request).t0
@@ -88,7 +99,7 @@ async def forward(request: web.Request, session: aiohttp.ClientSession,
                     refused = (upstream.status, body, CIMultiDict(upstream.headers))
                     continue
                 replica.sent += 1
-                return await _relay(request, upstream, t_router)
+                return await _relay(request, upstream, t_router, idle_timeout_s)
             finally:
                 upstream.release()
         finally:
@@ -104,13 +115,14 @@ async def forward(request: web.Request, session: aiohttp.ClientSession,
 
 def _copy_headers(src: CIMultiDict[str] | CIMultiDictProxy[str],
                   resp: web.StreamResponse) -> None:
+    hop = _hop_by_hop(src)
     for k, v in src.items():
-        if k.lower() not in _HOP or k.lower() == "x-request-id":
+        if k.lower() not in hop or k.lower() == "x-request-id":
             resp.headers.add(k, v)
 
 
 async def _relay(request: web.Request, upstream: aiohttp.ClientResponse,
-                 t_router: float) -> web.StreamResponse:
+                 t_router: float, idle_timeout_s: float) -> web.StreamResponse:
     resp = web.StreamResponse(status=upstream.status, reason=upstream.reason)
     _copy_headers(upstream.headers, resp)
     timing = upstream.headers.get("server-timing")
@@ -123,11 +135,15 @@ async def _relay(request: web.Request, upstream: aiohttp.ClientResponse,
     await resp.prepare(request)
     tail = b""
     try:
-        async for chunk in upstream.content.iter_any():
+        while True:  # a replica that stops sending mid-answer: cut after the idle timeout
+            async with asyncio.timeout(idle_timeout_s):
+                chunk = await upstream.content.readany()
+            if not chunk:
+                break
             await resp.write(chunk)
             tail = chunk[-2:]
     except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError,
-            asyncio.TimeoutError) as exc:
+            aiohttp.ClientOSError, TimeoutError) as exc:
         log.warning("request %s: the replica's answer broke off: %r",
                     ctx_of(request).public_id, exc)
         upstream.close()

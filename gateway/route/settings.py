@@ -23,6 +23,7 @@ class RouterSettings:
     log_level: str = "info"
     max_body_bytes: int = 4 * 1024 * 1024
     read_timeout_s: int = 30
+    upstream_idle_timeout_s: float = 300.0  # a replica's answer silent this long is cut
 
     def server_settings(self) -> Settings:
         """What the HTTP layer's middlewares read (body limit, timeouts, the ledger)."""
@@ -38,7 +39,7 @@ class RouterSettings:
         for name, kind in (("host", str), ("port", int), ("db", str), ("model", str),
                            ("replicas_dns", str), ("events_url", str), ("admin_key", str),
                            ("log_level", str), ("max_body_bytes", int),
-                           ("read_timeout_s", int)):
+                           ("read_timeout_s", int), ("upstream_idle_timeout_s", float)):
             raw = env.get("KVGATE_" + name.upper(), "")
             if raw:
                 values[name] = kind(raw)
@@ -57,6 +58,8 @@ _FLAGS: dict[str, tuple[Any, str]] = {
     "replicas_dns": (str, "HOST:PORT resolved every few seconds; each address is a replica"),
     "events_url": (str, "redis://HOST:PORT[/DB] the replicas publish cache events to"),
     "log_level": (str, "debug | info | warning | error"),
+    "upstream_idle_timeout_s": (float, "a replica's started answer that sends nothing for "
+                                "this long is ended with an error (300)"),
 }
 
 

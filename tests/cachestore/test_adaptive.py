@@ -4,9 +4,12 @@ and blocks a queued request will match are evicted after everything else."""
 
 from __future__ import annotations
 
+import math
+import random
+
 from cachestore import CacheStore
 from cachestore.block import DEVICE
-from cachestore.duel import ShadowCache
+from cachestore.duel import Duel, ShadowCache
 from tests.cachestore.conftest import BLOCK, FakeClock, MakeStore, run_request
 
 NS = "tenant:a"
@@ -149,3 +152,39 @@ def test_a_hold_does_not_shield_blocks_beyond_their_share(make_store: MakeStore)
     run_request(store, "v2", victim, prompt(3, blocks=3))
     assert run_request(store, "v3", victim, own)[0].num_blocks == 2  # its own blocks stayed
     assert store.shares.held(attacker, DEVICE) < held_before  # the held excess went
+
+
+class _Scripted:
+    """A shadow whose hits per prompt are given."""
+
+    def __init__(self, hits: list[int]) -> None:
+        self.hits = iter(hits)
+
+    def access(self, keys: object, now: float) -> int:
+        return next(self.hits)
+
+
+def _switches(newest: list[int], z: float) -> tuple[int, str]:
+    """The duel fed one sampled block per prompt; segmented LRU hits once per prompt, LRU
+    never, newest-first as given."""
+    duel = Duel(64, z=z)  # a small cache: every hash is sampled
+    n = len(newest)
+    duel.shadows = {"lru": _Scripted([0] * n), "slru": _Scripted([1] * n),  # type: ignore[dict-item]
+                    "newest": _Scripted(newest)}
+    for i in range(n):
+        duel.observe([(i.to_bytes(8, "little"), 300.0)], float(i))
+    return duel.switches, duel.choice
+
+
+def test_the_duel_does_not_follow_noise_but_follows_a_real_lead() -> None:
+    before = after = 0
+    for seed in range(3):  # newest-first as good on average, only much noisier
+        rng = random.Random(seed)
+        noisy = [rng.choice([0, 0, 0, 0, 0, 0, 0, 8]) for _ in range(40000)]
+        before += _switches(noisy, z=-math.inf)[0]  # the margin alone (as before)
+        after += _switches(noisy, z=2.0)[0]
+    assert before >= 30  # the margin alone flips back and forth on noise
+    assert after * 3 <= before
+    rng = random.Random(0)
+    steady = [rng.choice([1, 1, 2]) for _ in range(5000)]  # a third better, every prompt
+    assert _switches(steady, z=2.0) == (1, "newest")

@@ -160,3 +160,15 @@ def test_the_length_bound_refuses_past_the_context_and_is_void_for_lossy_normali
     assert lossy._bytes_per_token is None
     lossy.max_tokens = 1
     lossy.check_length(" " * 10**5)
+
+
+def test_a_client_spelled_marker_stays_text():
+    """The markers that guard special-token spellings carry a per-call nonce; a client
+    writing one (any nonce, next to a real spelling) gets its text back, byte for byte."""
+    tok = build_tokenizer()
+    fake = "\ue0000123456789abcdef.0\ue001"
+    messages = [{"role": "user", "content": f"{fake}<|eot|>{fake}"}]
+    ids = tok.apply_chat_template(messages)
+    assert tok.decode(ids, skip_special_tokens=False) == tok.render_chat(messages)
+    assert _specials(tok, ids) == _specials(tok, tok.apply_chat_template(
+        [{"role": "user", "content": "x"}]))

@@ -130,3 +130,30 @@ def test_an_unknown_tool_call_parser_is_one_clear_line(tmp_path: Path) -> None:
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.startswith("kvgate: --tool-call-parser: unknown tool-call parser")
     assert "hermes" in proc.stderr and not db.exists()
+
+
+def test_a_short_admin_key_is_refused_before_anything_opens(tmp_path: Path) -> None:
+    """``KVGATE_ADMIN_KEY=abc`` would be a live admin key anyone can guess (and ``keys list``
+    would print all of it as its prefix): refused with one line, nothing created."""
+    db = tmp_path / "kvgate.db"
+    proc = subprocess.run(
+        [sys.executable, "-m", "gateway.cli", "serve", "--port", "0", "--db", f"sqlite:///{db}"],
+        capture_output=True, text=True, timeout=120, cwd=ROOT,
+        env={**os.environ, "KVGATE_ADMIN_KEY": "abc"})
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("kvgate: KVGATE_ADMIN_KEY is 3 characters; an admin key needs")
+    assert not db.exists()
+
+
+def test_route_refuses_a_ledger_that_is_not_there(tmp_path: Path) -> None:
+    """The router checks keys in the replicas' ledger: a missing SQLite file (the default
+    ``./kvgate.db`` in another directory) is a clear refusal, never a new empty ledger."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "gateway.cli", "route", "--port", "0",
+         "--replica", "http://127.0.0.1:9"],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+        env={**os.environ, "KVGATE_ADMIN_KEY": "kvg_test_admin_key_0123456789",
+             "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "no ledger database at" in proc.stderr and "KVGATE_DB" in proc.stderr
+    assert not (tmp_path / "kvgate.db").exists()

@@ -6,7 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from cachestore.events import CacheEvent
-from gateway.route.choose import Candidate, choose, load_bound
+from gateway.route.choose import Candidate, QueueCost, choose, cost, load_bound
 from gateway.route.events import EventBatch, decode_event, encode_event
 from gateway.route.index import ClusterIndex
 
@@ -23,17 +23,64 @@ def test_longest_cached_prefix_wins_at_equal_load() -> None:
     assert sorted(c.name for c in order) == ["http://a", "http://b", "http://c"]
 
 
-@given(st.lists(st.tuples(st.integers(0, 50), st.integers(0, 8)), min_size=1, max_size=8))
-def test_choice_is_the_longest_prefix_among_replicas_under_the_bound(
-        rows: list[tuple[int, int]]) -> None:
+@given(st.lists(st.tuples(st.integers(0, 50), st.integers(0, 8)), min_size=1, max_size=8),
+       st.integers(0, 60), st.floats(0.5, 40.0))
+def test_choice_costs_least_among_replicas_under_the_bound(
+        rows: list[tuple[int, int]], prompt_blocks: int, queue_cost: float) -> None:
     cands = [Candidate(f"http://r{i}", float(load), cached)
              for i, (cached, load) in enumerate(rows)]
-    first = choose(cands, b"key")[0]
+    first = choose(cands, b"key", prompt_blocks, queue_cost)[0]
     bound = load_bound(cands)
     under = [c for c in cands if c.load <= bound]
     assert under, "the least loaded replica is always under the bound"
     assert first.load <= bound
-    assert first.cached_blocks == max(c.cached_blocks for c in under)
+    blocks = max(prompt_blocks, *(c.cached_blocks for c in cands))
+    assert cost(first, blocks, queue_cost) == min(cost(c, blocks, queue_cost) for c in under)
+    # at equal load, the longest cached prefix wins
+    level = [c for c in under if c.load == first.load]
+    assert first.cached_blocks == max(c.cached_blocks for c in level)
+
+
+def test_a_long_hit_stays_while_its_replica_is_a_little_busier_and_spills_when_much() -> None:
+    # 40 of 42 blocks cached on a; a request ahead costs about 8 blocks of prefill
+    busy = [Candidate("http://a", 3, 40), Candidate("http://b", 0, 0),
+            Candidate("http://c", 4, 0)]  # (a under the hard bound in both)
+    assert choose(busy, b"k", 42, 8.0)[0].name == "http://a"  # 2 + 24 < 42
+    busier = [Candidate("http://a", 6, 40), Candidate("http://b", 0, 0),
+              Candidate("http://c", 6, 0)]
+    assert choose(busier, b"k", 42, 8.0)[0].name == "http://b"  # 2 + 48 > 42
+
+
+def test_a_new_prefix_goes_to_the_least_loaded_replica_even_an_empty_restarted_one() -> None:
+    cands = [Candidate("http://a", 2, 0, free_pages=0), Candidate("http://b", 3, 0),
+             Candidate("http://fresh", 0, 0, free_pages=100)]
+    assert choose(cands, b"k", 10, 4.0)[0].name == "http://fresh"
+
+
+def test_provisional_entries_keep_concurrent_first_requests_together() -> None:
+    hs = _hashes(5)
+    idx = ClusterIndex()
+    idx.load("a", "e1", 0, [])
+    idx.load("b", "e1", 0, [])
+    assert idx.cached_blocks("a", hs, expected=True) == 0
+    idx.expect("a", hs)
+    assert idx.cached_blocks("a", hs, expected=True) == 5
+    assert idx.cached_blocks("a", hs) == 0  # the exact view is the events' alone
+    assert idx.cached_blocks("b", hs, expected=True) == 0
+    cands = [Candidate("http://a", 1, 5), Candidate("http://b", 0, 0)]
+    assert choose(cands, b"k", 5, 1.0)[0].name == "http://a"
+    idx.load("a", "e2", 0, [])  # a restart: what was expected there is gone
+    assert idx.cached_blocks("a", hs, expected=True) == 0
+
+
+def test_queue_cost_follows_the_prefill_requests_needed() -> None:
+    q = QueueCost(initial=8.0, weight=0.5)
+    for _ in range(20):
+        q.observe(30)
+    assert 29 < q.value <= 30
+    for _ in range(20):
+        q.observe(0)  # a full hit still costs a step: never below one block
+    assert 1 <= q.value < 2
 
 
 def test_a_replica_over_the_load_bound_loses_its_hit() -> None:

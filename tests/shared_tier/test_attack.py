@@ -1,21 +1,30 @@
-"""The shared tier against a Valkey that holds garbage: whatever sits under the tier's keys
-(an epoch that is not a number, a key of another type, truncated values), a replica's
-writes go on for every other namespace and its fetches are misses, never errors."""
+"""The shared tier against a Valkey that holds garbage or hangs: whatever sits under the
+tier's keys (an epoch that is not a number, a key of another type), a replica's writes go
+on for every other namespace and its fetches are misses, never errors; a hung Valkey holds
+no request and no event loop; writes alone close the breaker once Valkey is back."""
 
 from __future__ import annotations
 
-import pytest
+import concurrent.futures
+import os
+import signal
+import time
+from typing import Any
 
+import pytest
+import requests
+
+from cachestore import CacheStore
+from gateway.http.tenancy import tenant_namespace
+from tests.shared_tier import test_replicas, test_store_tier
 from tests.shared_tier.conftest import RedisServer
-from tests.shared_tier.test_store_tier import (  # noqa: F401 (fixtures)
-    PROMPT,
-    Replica,
-    drained,
-    keys,
-    layout,
-    replica,
-    serve,
-)
+from tests.shared_tier.test_replicas import ask, cached, drain, shared_stats
+from tests.shared_tier.test_store_tier import BLOCK, PROMPT, Replica, drained, keys, kv_of, serve
+
+# the fixtures of the tests these attack
+layout = test_store_tier.layout
+replica = test_store_tier.replica
+fleet = test_replicas.fleet
 
 
 @pytest.mark.parametrize("epoch", [b"garbage", b"-5", b"99999999999999999999999", b"1.5"])
@@ -49,3 +58,78 @@ def test_keys_of_another_type_are_misses(replica: Replica, valkey: RedisServer) 
     serve(second, "ns-b", PROMPT)
     drained(second)
     assert serve(replica(), "ns-b", PROMPT) == 3
+
+
+def commit_only(store: CacheStore, namespace: str, tokens: list[int]) -> None:
+    """A request whose blocks are written through without any fetch before them (its
+    prompt a local hit, its new blocks generated output)."""
+    seq = store.open(f"c{time.monotonic_ns()}", namespace)
+    store.match(seq, tokens)
+    assert store.allocate(seq, len(tokens))
+    for i in range(len(tokens) // BLOCK):
+        store.device.tensor[seq.block_table[i]] = kv_of(namespace, i, tokens, store.layout)
+    store.commit(seq, tokens)
+    store.release(seq)
+
+
+def test_writes_alone_close_the_breaker_once_valkey_is_back(replica: Replica,
+                                                            valkey: RedisServer) -> None:
+    store = replica(breaker_cooldown_s=0.2)
+    tier = drained(store)
+    valkey.kill()
+    for i in range(4):
+        commit_only(store, f"ns-{i}", PROMPT)
+        tier.drain()
+    assert not tier.stats().available
+    valkey.start()
+    deadline = time.monotonic() + 10
+    i = 0
+    while not tier.stats().available and time.monotonic() < deadline:
+        i += 1
+        commit_only(store, f"ns-new-{i}", PROMPT)  # never a fetch: only writes can try
+        tier.drain()
+        time.sleep(0.05)
+    assert tier.stats().available
+    commit_only(store, "ns-last", PROMPT)
+    drained(store)
+    assert serve(replica(), "ns-last", PROMPT) == 3
+
+
+def test_through_servers_one_tenants_spoiled_epoch_leaves_the_others_shared(
+        fleet: dict[str, Any], valkey: RedisServer) -> None:
+    one = fleet["replica"]("one")
+    alice, bob = one.admin.tenant("alice"), one.admin.tenant("bob")
+    valkey.client().set(f"kvgate:kv:epoch:{tenant_namespace(alice.id)}", b"not a number")
+    assert cached(ask(one, alice)) == 0  # answered; its blocks are not written
+    ask(one, bob)
+    drain(one)  # the writer is alive and wrote bob's blocks
+    two = fleet["replica"]("two")
+    assert cached(ask(two, alice)) == 0
+    assert cached(ask(two, bob)) > 0
+    rows = one.ledger_rows()
+    assert len(rows) == 4 and all(r["n"] == 1 for r in rows.values())
+
+
+def test_a_hung_valkey_never_holds_a_request_or_the_event_loop(
+        fleet: dict[str, Any], valkey: RedisServer) -> None:
+    one = fleet["replica"]("one")
+    alice, bob = one.admin.tenant("alice"), one.admin.tenant("bob")
+    ask(one, alice)
+    drain(one)
+    two = fleet["replica"]("two")
+    assert valkey.proc is not None
+    os.kill(valkey.proc.pid, signal.SIGSTOP)  # accepts connections, answers nothing
+    try:
+        with concurrent.futures.ThreadPoolExecutor(6) as pool:
+            asked = [pool.submit(ask, two, bob if i % 2 else alice, f"Hung {i}?")
+                     for i in range(6)]
+            health = [requests.get(two.url + "/healthz", timeout=30).status_code
+                      for _ in range(5)]
+            answers = [f.result() for f in asked]
+        assert health == [200] * 5
+        assert all(a.choices[0].message.content is not None for a in answers)
+        assert not shared_stats(two)["available"]
+    finally:
+        os.kill(valkey.proc.pid, signal.SIGCONT)
+    rows = one.ledger_rows()
+    assert len(rows) == 7 and all(r["n"] == 1 for r in rows.values())
