@@ -219,6 +219,14 @@ async def on_response_prepare(request: web.Request, response: web.StreamResponse
         response.headers["x-request-id"] = ctx.public_id if ctx else new_request_id()
 
 
+async def admin_elsewhere(request: web.Request) -> web.Response:
+    """The router keeps no admin state (tenants, keys and usage live in the ledger, caches
+    in the replicas): an admin call, once its key is checked, is told where to go."""
+    raise ApiError(404, "kvgate route does not serve admin routes: send /admin/... (and "
+                   "the console, /admin/ui) to a replica; a cache flush to each replica.",
+                   code="admin_on_replicas")
+
+
 def create_router_app(settings: RouterSettings, ledger: Ledger | None = None) -> web.Application:
     server = settings.server_settings()
     state = AppState(settings=server, metrics=Metrics(server.metrics_tenant_labels),
@@ -237,6 +245,7 @@ def create_router_app(settings: RouterSettings, ledger: Ledger | None = None) ->
         web.get("/metrics", metrics_endpoint, allow_head=False),
         web.post("/tokenize", route), web.post("/detokenize", route),
         web.route("*", "/v1/{tail:.*}", route),
+        web.route("*", "/admin/{tail:.*}", admin_elsewhere),
     ])
     app.on_response_prepare.append(on_response_prepare)
 

@@ -380,6 +380,12 @@ def test_the_admin_key_on_tenant_routes_gets_the_replicas_refusal(fleet: Fleet) 
     # and the router's own /admin routes are not the replicas': nothing is proxied there
     r = requests.get(fleet.router.url + "/admin/tenants", headers=admin, timeout=30)
     assert r.status_code == 404
+    assert r.json()["error"]["code"] == "admin_on_replicas"
+    assert "replica" in r.json()["error"]["message"]
+    # without the admin key the router says no more than a replica would
+    r = requests.get(fleet.router.url + "/admin/tenants", headers=fleet.tenant.headers,
+                     timeout=30)
+    assert r.status_code == 403
 
 
 @pytest.mark.parametrize("forged", ["a" * 5000, "id with spaces", "<script>", "x\tb",
