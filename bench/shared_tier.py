@@ -29,21 +29,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import shutil
-import socket
 import statistics
-import subprocess
-import tempfile
 import time
 
-import redis
 import torch
 
 from bench.common import print_table, write_result
+from bench.ttft import ttft
 from cachestore.shared_tier import SharedTierConfig
-from gateway.engine import EngineConfig, GenerateRequest, SamplingParams, TokenEvent
+from gateway.engine import EngineConfig
 from gateway.engine.engine import Engine
 from gateway.engine.loader import load_model
+from tests.support.redis_server import RedisServer, missing
 
 PREFIX, SUFFIX, BLOCK = 2048, 32, 16
 
@@ -53,43 +50,9 @@ def tokens(seed: int, n: int) -> list[int]:
     return torch.randint(32, 127, (n,), generator=g).tolist()
 
 
-def start_redis(workdir: str) -> tuple[subprocess.Popen[bytes], str]:
-    binary = shutil.which("valkey-server") or shutil.which("redis-server")
-    assert binary is not None
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                             "--appendonly", "no", "--dir", workdir, "--maxmemory", "2gb",
-                             "--maxmemory-policy", "allkeys-lru"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    client = redis.Redis(port=port)
-    for _ in range(200):
-        try:
-            client.ping()
-            break
-        except redis.ConnectionError:
-            time.sleep(0.025)
-    return proc, f"redis://127.0.0.1:{port}/0"
-
-
-async def ttft(engine: Engine, rid: str, namespace: str, prompt: list[int]) -> tuple[float, int]:
-    params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
-    start = time.perf_counter()
-    first = None
-    cached = -1
-    async for ev in engine.generate(GenerateRequest(rid, namespace, prompt, params)):
-        if isinstance(ev, TokenEvent) and first is None:
-            first = time.perf_counter() - start
-        elif not isinstance(ev, TokenEvent):
-            cached = ev.usage.cached_tokens
-    assert first is not None
-    return first, cached
-
-
-async def measure(shape: str, reps: int, url: str, proc: subprocess.Popen[bytes]) -> dict[str, float]:
+async def measure(shape: str, reps: int, server: RedisServer) -> dict[str, float]:
     loaded = load_model(EngineConfig(model=shape))
-    tier = SharedTierConfig(url=url, timeout_ms=500, breaker_cooldown_s=3600)
+    tier = SharedTierConfig(url=server.url, timeout_ms=500, breaker_cooldown_s=3600)
     config = EngineConfig(model=shape, device_cache_bytes=512 << 20, host_cache_bytes=0,
                           shared_tier=tier)
     a, b = Engine(config, loaded=loaded), Engine(config, loaded=loaded)
@@ -122,8 +85,7 @@ async def measure(shape: str, reps: int, url: str, proc: subprocess.Popen[bytes]
             t, cached = await ttft(a, f"dev{i}", "t", prefix + next(suffix))
             assert cached == PREFIX
             times["device"].append(t)
-        proc.kill()
-        proc.wait()
+        server.kill()
         for i in range(3):  # the first calls fail and open the breaker
             await ttft(b, f"open{i}", "t-down", tokens(3000 + i, 64))
         assert not b.shared.tier.stats().available
@@ -156,22 +118,16 @@ def main() -> None:
     parser.add_argument("--shapes", default="demo,bench")
     parser.add_argument("--reps", type=int, default=3)
     args = parser.parse_args()
-    if not (shutil.which("valkey-server") or shutil.which("redis-server")):
-        print("bench.shared_tier skipped: no valkey-server or redis-server on PATH "
-              "(apt-get install redis-server)")
+    if missing():
+        print(f"bench.shared_tier skipped: {missing()}")
         return
     device = "cuda" if torch.cuda.is_available() else "cpu"
     print(f"shared tier, {PREFIX}-token prefix + {SUFFIX}-token suffix, {device}, "
           f"{torch.get_num_threads()} threads, redis-server on loopback")
     results = {}
     for shape in args.shapes.split(","):
-        with tempfile.TemporaryDirectory() as workdir:
-            proc, url = start_redis(workdir)
-            try:
-                results[shape] = asyncio.run(measure(shape, args.reps, url, proc))
-            finally:
-                proc.kill()
-                proc.wait()
+        with RedisServer(maxmemory="2gb") as server:
+            results[shape] = asyncio.run(measure(shape, args.reps, server))
     rows = [{"model": k, **v} for k, v in results.items()]
     print_table(rows, "time to first token (ms) on a replica that never saw the prefix; "
                       "baseline miss, ceiling device")

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import openai
 import pytest
-import redis
 import requests
 
 from cachestore.hashing import block_hashes, root_digest
@@ -176,14 +175,12 @@ def test_lost_events_are_resynchronised_from_snapshots(tmp_path: Path) -> None:
     try:
         assert fleet.chat(SYSTEM + "before the outage").status_code == 200
         # Redis goes away: the replicas' events are dropped, serving goes on
-        server.stop()
+        server.kill()
         during = [SYSTEM + f"during the outage {k}" for k in range(3)]
         for p in during:
             assert fleet.chat(p).status_code == 200
-        server.port = port  # the operator restarts it on its address, empty
-        restarted = RedisServer()
-        restarted.port = port
-        _start_on(restarted)
+        restarted = server.start()  # the operator restarts it on its address, empty
+        assert restarted.port == port
         try:
             after = SYSTEM + "after the outage"
             assert fleet.chat(after).status_code == 200
@@ -220,22 +217,3 @@ class _Stopper:
 
     def close(self) -> None:
         self.router.stop()
-
-
-def _start_on(server: RedisServer) -> None:
-    import subprocess
-
-    server.proc = subprocess.Popen(
-        ["redis-server", "--port", str(server.port), "--bind", "127.0.0.1", "--save", "",
-         "--appendonly", "no", "--dir", str(server.dir)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    client = redis.Redis(port=server.port)
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            client.ping()
-            break
-        except redis.ConnectionError:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
-    client.close()

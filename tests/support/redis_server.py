@@ -16,8 +16,12 @@ from pathlib import Path
 import redis
 
 
+def binary() -> str | None:
+    return shutil.which("redis-server") or shutil.which("valkey-server")
+
+
 def missing() -> str | None:
-    if shutil.which("redis-server") is None:
+    if binary() is None:
         return "redis-server is not installed (the OS package redis-server or valkey)"
     return None
 
@@ -29,8 +33,12 @@ def free_port() -> int:
 
 
 class RedisServer:
-    def __init__(self) -> None:
+    """``maxmemory``: run it as an operator runs Valkey for the shared tier (that bound,
+    ``allkeys-lru``). ``kill()`` then ``start()`` restarts it, empty, on the same port."""
+
+    def __init__(self, maxmemory: str | None = None) -> None:
         self.port = 0
+        self.maxmemory = maxmemory
         self.proc: subprocess.Popen[bytes] | None = None
         self.dir = Path(tempfile.mkdtemp(prefix="kvgate-redis-"))
 
@@ -38,16 +46,20 @@ class RedisServer:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
+    def client(self) -> redis.Redis:
+        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=2)
+
     def start(self) -> RedisServer:
-        reason = missing()
-        if reason:
-            raise RuntimeError(reason)
-        self.port = free_port()
-        self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.dir)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        client = redis.Redis(port=self.port)
+        exe = binary()
+        if exe is None:
+            raise RuntimeError(missing())
+        self.port = self.port or free_port()
+        args = [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                "--appendonly", "no", "--dir", str(self.dir)]
+        if self.maxmemory:
+            args += ["--maxmemory", self.maxmemory, "--maxmemory-policy", "allkeys-lru"]
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        client = self.client()
         deadline = time.monotonic() + 20
         while True:
             try:
@@ -55,10 +67,17 @@ class RedisServer:
                 break
             except redis.ConnectionError:
                 if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("redis-server did not start") from None
-                time.sleep(0.05)
+                    raise RuntimeError(f"redis-server on port {self.port} did not start") from None
+                time.sleep(0.025)
         client.close()
         return self
+
+    def kill(self) -> None:
+        """Gone at once (SIGKILL), as a crashed server; ``start()`` brings it back."""
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
