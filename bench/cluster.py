@@ -47,7 +47,7 @@ import aiohttp
 import asyncpg
 
 from bench.common import print_table, write_result
-from gateway.config import Settings
+from kvgate.gateway.config import Settings
 from tests.support import Admin, ProcessServer
 from tests.support.admin import ADMIN_KEY
 from tests.support.redis_server import RedisServer, free_port
@@ -126,7 +126,7 @@ class RouterProcess:
     def __init__(self, workdir: Path, db: str, replicas: list[str], events_url: str) -> None:
         self.port = free_port()
         self.log_path = workdir / f"router-{self.port}.log"
-        cmd = [sys.executable, "-m", "gateway.cli", "route", "--port", str(self.port),
+        cmd = [sys.executable, "-m", "kvgate.gateway.cli", "route", "--port", str(self.port),
                "--db", db, "--events-url", events_url, "--log-level", "warning"]
         for r in replicas:
             cmd += ["--replica", r]
@@ -230,7 +230,7 @@ async def _stream(session: aiohttp.ClientSession, url: str, key: str,
                     text.append(ev["choices"][0]["delta"]["content"])
                 if ev.get("usage"):
                     usage = ev["usage"]
-    except (aiohttp.ClientError, asyncio.TimeoutError):
+    except (TimeoutError, aiohttp.ClientError):
         out.failed += 1
         return None
     if usage is None:
@@ -469,7 +469,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="kvgate-cluster-"))
     workdir.mkdir(parents=True, exist_ok=True)
     db_name, db = await fresh_database()
-    subprocess.run([sys.executable, "-m", "gateway.cli", "migrate", "--db", db], cwd=ROOT,
+    subprocess.run([sys.executable, "-m", "kvgate.gateway.cli", "migrate", "--db", db], cwd=ROOT,
                    check=True, stdout=subprocess.DEVNULL)
     redis_server = RedisServer().start()
     fleet = Fleet(workdir, db, redis_server.url, pages)
@@ -548,9 +548,10 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--trace", default=os.environ.get("KVGATE_TRACE", ""), required=
-                   not os.environ.get("KVGATE_TRACE"),
-                   help="the Mooncake conversation trace (JSON lines; also KVGATE_TRACE)")
+    p.add_argument("--trace", default=os.environ.get("KVGATE_TRACE") or str(
+                   Path(__file__).resolve().parent / "traces" / "mooncake-conversation.jsonl"),
+                   help="the Mooncake conversation trace (JSON lines; also KVGATE_TRACE; "
+                        "default: bench/traces/)")
     p.add_argument("--seed", type=int, default=2)
     p.add_argument("--tenants", type=int, default=12)
     p.add_argument("--convs", type=int, default=2, help="conversations per tenant")

@@ -26,7 +26,7 @@ import sqlite3
 import statistics
 import tempfile
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +44,7 @@ def seed(db: Path, tenants: int, days: int, per_day: int, rng: random.Random) ->
     con = sqlite3.connect(db)
     try:
         plan_id = con.execute("SELECT id FROM plans WHERE name = 'default'").fetchone()[0]
-        now = datetime.now(timezone.utc).replace(tzinfo=None)
+        now = datetime.now(UTC).replace(tzinfo=None)
         created = (now - timedelta(days=days + 1)).isoformat(" ")
         first = con.execute("SELECT COALESCE(MAX(id), 0) FROM tenants").fetchone()[0] + 1
         con.executemany(

@@ -12,7 +12,7 @@ import time
 import numpy as np
 
 from bench.common import print_table, write_result
-from cachestore.hashing import block_hashes, root_digest
+from kvgate.cachestore.hashing import block_hashes, root_digest
 
 TOKENS = 131072
 BLOCK_SIZE = 16

@@ -23,9 +23,9 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-import kernels
 from bench.common import print_table, write_result
-from kernels import KVLayout
+from kvgate import kernels
+from kvgate.kernels import KVLayout
 
 DTYPE = torch.bfloat16
 BLOCK_SIZE = 16

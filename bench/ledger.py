@@ -20,18 +20,18 @@ import sys
 import tempfile
 import time
 import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 
-from gateway.ledger import Ledger, UsageEvent
-from gateway.ledger.models import UsageRow
-from gateway.usage import Usage
+from kvgate.gateway.ledger import Ledger, UsageEvent
+from kvgate.gateway.ledger.models import UsageRow
+from kvgate.gateway.usage import Usage
 
 RESULTS = Path(__file__).resolve().parent / "results" / "ledger.json"
-START = datetime(2026, 1, 1, tzinfo=timezone.utc)
+START = datetime(2026, 1, 1, tzinfo=UTC)
 
 
 def _event(tenant_id: int, n: int, tag: str) -> UsageEvent:

@@ -139,7 +139,7 @@ async def client(i: int, session: aiohttp.ClientSession, url: str, tenants: list
                                   args.max_tokens, system=system, history=history)
         try:
             sample, reply = await one(session, url, tenant["key"], path, body, kind, scenario)
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, aiohttp.ClientError) as exc:
             samples.append(Sample(kind, stream, scenario, 0))
             print(f"client {i}: {type(exc).__name__}: {exc}", file=sys.stderr)
             continue

@@ -7,7 +7,7 @@ release at the request's arrival time on the store's injected clock, so TTLs exp
 they would. Per trace and capacity it reports:
 
 - ``lru``: the store with plain LRU (``eviction="lru"``), the baseline;
-- ``kvgate``: the store as served (``eviction="adaptive"``: the duel of ``cachestore.duel``);
+- ``kvgate``: the store as served (``eviction="adaptive"``: the duel of ``kvgate.cachestore.duel``);
 - ``optimum``: the store-model optimum, Belady's farthest-next-use under the store's
   rules: a hit must extend a hit prefix, a block reused more than its TTL after its last
   use is a miss whatever the policy, and a running request holds all its blocks, so only
@@ -50,11 +50,11 @@ import numpy as np
 import torch
 
 from bench.common import print_table, write_result
-from cachestore import CacheStore
-from cachestore.hashing import block_hashes, root_digest
-from kernels.layout import KVLayout
+from kvgate.cachestore import CacheStore
+from kvgate.cachestore.hashing import block_hashes, root_digest
+from kvgate.kernels.layout import KVLayout
 
-TRACES = Path(__file__).resolve().parents[2] / "shared" / "traces"
+TRACES = Path(__file__).resolve().parent / "traces"  # the Mooncake traces (Apache-2.0)
 TUNE = (1000, 4000)
 REPORT = (750, 2000, 3000, 8000, 12000)
 DEFAULT_TTL_S = 300.0

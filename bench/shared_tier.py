@@ -36,10 +36,10 @@ import torch
 
 from bench.common import print_table, write_result
 from bench.ttft import ttft
-from cachestore.shared_tier import SharedTierConfig
-from gateway.engine import EngineConfig
-from gateway.engine.engine import Engine
-from gateway.engine.loader import load_model
+from kvgate.cachestore.shared_tier import SharedTierConfig
+from kvgate.gateway.engine import EngineConfig
+from kvgate.gateway.engine.engine import Engine
+from kvgate.gateway.engine.loader import load_model
 from tests.support.redis_server import RedisServer, missing
 
 PREFIX, SUFFIX, BLOCK = 2048, 32, 16

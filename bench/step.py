@@ -39,11 +39,11 @@ from typing import Any
 import torch
 
 from bench.common import RESULTS, print_table, write_result
-from gateway.engine import EngineConfig, GenerateRequest, SamplingParams
-from gateway.engine.commands import Add
-from gateway.engine.engine import Engine
-from gateway.engine.loader import load_model
-from gateway.engine.sequence import Sequence
+from kvgate.gateway.engine import EngineConfig, GenerateRequest, SamplingParams
+from kvgate.gateway.engine.commands import Add
+from kvgate.gateway.engine.engine import Engine
+from kvgate.gateway.engine.loader import load_model
+from kvgate.gateway.engine.sequence import Sequence
 
 BIG_VOCAB = 128 * 1024
 PROMPT = 48

@@ -35,17 +35,17 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from bench.common import print_table, write_result
-from gateway.engine import (
+from kvgate.gateway.engine import (
     EngineConfig,
     GenerateRequest,
     SamplingParams,
     attention,
     json_schema_spec,
 )
-from gateway.engine.demo import SHAPES, _byte_of
-from gateway.engine.engine import Engine
-from gateway.engine.loader import LoadedModel
-from gateway.engine.tokenizer import TextTokenizer
+from kvgate.gateway.engine.demo import SHAPES, _byte_of
+from kvgate.gateway.engine.engine import Engine
+from kvgate.gateway.engine.loader import LoadedModel
+from kvgate.gateway.engine.tokenizer import TextTokenizer
 
 VOCAB = 128_256
 BATCHES = (1, 16, 64)

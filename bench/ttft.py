@@ -30,11 +30,11 @@ import time
 import torch
 
 from bench.common import print_table, write_result
-from gateway.engine import EngineConfig, GenerateRequest, SamplingParams, TokenEvent
-from gateway.engine.demo import build_model
-from gateway.engine.engine import Engine
-from gateway.engine.loader import load_model
-from kernels.layout import KVLayout
+from kvgate.gateway.engine import EngineConfig, GenerateRequest, SamplingParams, TokenEvent
+from kvgate.gateway.engine.demo import build_model
+from kvgate.gateway.engine.engine import Engine
+from kvgate.gateway.engine.loader import load_model
+from kvgate.kernels.layout import KVLayout
 
 PREFIX, SUFFIX, BLOCK = 2048, 32, 16
 

@@ -27,7 +27,7 @@ def _pg_reachable() -> str | None:
         try:
             asyncio.run(probe())
             _pg_error.append("")
-        except (OSError, asyncpg.PostgresError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, OSError, asyncpg.PostgresError) as exc:
             _pg_error.append(f"PostgreSQL at {PG_URL} unreachable: {exc!r}")
     return _pg_error[0] or None
 

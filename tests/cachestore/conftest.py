@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 import torch
 
-from cachestore import CacheStore, PrefixMatch
-from kernels.layout import KVLayout
+from kvgate.cachestore import CacheStore, PrefixMatch
+from kvgate.kernels.layout import KVLayout
 
 BLOCK = 4
 

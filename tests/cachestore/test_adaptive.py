@@ -7,9 +7,9 @@ from __future__ import annotations
 import math
 import random
 
-from cachestore import CacheStore
-from cachestore.block import DEVICE
-from cachestore.duel import Duel, ShadowCache
+from kvgate.cachestore import CacheStore
+from kvgate.cachestore.block import DEVICE
+from kvgate.cachestore.duel import Duel, ShadowCache
 from tests.cachestore.conftest import BLOCK, FakeClock, MakeStore, run_request
 
 NS = "tenant:a"

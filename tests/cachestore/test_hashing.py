@@ -7,7 +7,7 @@ import pytest
 import torch
 import xxhash
 
-from cachestore.hashing import block_hashes, root_digest, token_bytes
+from kvgate.cachestore.hashing import block_hashes, root_digest, token_bytes
 
 ROOT = root_digest("demo", "", "tenant:1")
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from cachestore.block import DEVICE, HOST, Block
-from cachestore.hashing import block_hashes, root_digest, token_bytes
-from cachestore.index import PrefixIndex
-from cachestore.policy import EvictionPolicy
-from cachestore.pool import PagePool
-from kernels.layout import KVLayout
+from kvgate.cachestore.block import DEVICE, HOST, Block
+from kvgate.cachestore.hashing import block_hashes, root_digest, token_bytes
+from kvgate.cachestore.index import PrefixIndex
+from kvgate.cachestore.policy import EvictionPolicy
+from kvgate.cachestore.pool import PagePool
+from kvgate.kernels.layout import KVLayout
 from tests.cachestore.conftest import BLOCK
 
 NS = "tenant:1"

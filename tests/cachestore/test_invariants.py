@@ -16,9 +16,9 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from cachestore import CacheSeq, CacheStore
-from cachestore.block import DEVICE, HOST, Block
-from kernels.layout import KVLayout
+from kvgate.cachestore import CacheSeq, CacheStore
+from kvgate.cachestore.block import DEVICE, HOST, Block
+from kvgate.kernels.layout import KVLayout
 from tests.cachestore.conftest import BLOCK, FakeClock
 
 NAMESPACES = ["tenant:1", "tenant:2"]

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from cachestore import CacheStore
-from cachestore.block import DEVICE
+from kvgate.cachestore import CacheStore
+from kvgate.cachestore.block import DEVICE
 from tests.cachestore.conftest import BLOCK, FakeClock, MakeStore, run_request
 from tests.cachestore.test_store import NS, tokens
 

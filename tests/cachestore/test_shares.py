@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from cachestore import CacheStore
+from kvgate.cachestore import CacheStore
 from tests.cachestore.conftest import BLOCK, FakeClock, MakeStore, run_request
 from tests.cachestore.test_store import tokens
 

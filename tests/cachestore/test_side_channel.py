@@ -19,7 +19,7 @@ import random
 import pytest
 from scipy.stats import ks_2samp
 
-from cachestore import CacheStore
+from kvgate.cachestore import CacheStore
 from tests.cachestore.conftest import BLOCK, MakeStore, run_request
 from tests.cachestore.test_shares import cached_blocks
 

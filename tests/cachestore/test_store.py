@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 import torch
 
-from cachestore import CacheSeq, CacheStore, PageMoves
-from kernels.layout import KVLayout
+from kvgate.cachestore import CacheSeq, CacheStore, PageMoves
+from kvgate.kernels.layout import KVLayout
 from tests.cachestore.conftest import BLOCK, FakeClock, MakeStore, run_request
 
 NS = "tenant:1"

@@ -17,9 +17,9 @@ from contextlib import contextmanager
 
 import pytest
 
-from cachestore import CacheStore
-from cachestore.block import DEVICE, TIERS, Block
-from cachestore.policy import EvictionPolicy
+from kvgate.cachestore import CacheStore
+from kvgate.cachestore.block import DEVICE, TIERS, Block
+from kvgate.cachestore.policy import EvictionPolicy
 from tests.cachestore.conftest import BLOCK, FakeClock, MakeStore, run_request
 from tests.cachestore.test_shares import cached_blocks
 

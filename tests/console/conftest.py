@@ -8,7 +8,7 @@ import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import openai
 import pytest
@@ -82,18 +82,27 @@ def _chromium() -> str | None:
     return None
 
 
+def _cannot_run(reason: str) -> NoReturn:
+    """CI claims to run the browser tests: there a missing browser is a failure."""
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        pytest.fail(f"CI must run the browser tests: {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
-    """The system's Chromium driven by Playwright (no browser download). Skips, saying why,
-    only where no browser can run. Per module: Playwright's sync API holds an event loop on
-    this thread while it runs, which asyncio tests after it must not find."""
+    """The system's Chromium driven by Playwright (no browser download). Outside CI it skips,
+    saying why, only where no browser can run; in CI (``CI=true``, where ``.ci/run``
+    installs Chromium) a browser that cannot run fails the test instead. Per module:
+    Playwright's sync API holds an event loop on this thread while it runs, which asyncio
+    tests after it must not find."""
     try:
         from playwright.sync_api import Error, sync_playwright
     except ImportError:
-        pytest.skip("Playwright is not installed (pip install -e '.[test]')")
+        _cannot_run("Playwright is not installed (pip install -e '.[test]')")
     exe = _chromium()
     if exe is None:
-        pytest.skip("no Chromium found (Debian: apt-get install chromium; or set "
+        _cannot_run("no Chromium found (Debian: apt-get install chromium; or set "
                     "KVGATE_TEST_CHROMIUM to a Chromium or Chrome binary)")
     pw = sync_playwright().start()
     try:
@@ -101,7 +110,7 @@ def browser() -> Iterator[Any]:
         try:
             b = pw.chromium.launch(executable_path=exe, args=args)
         except Error as exc:
-            pytest.skip(f"Chromium at {exe} cannot start here: {exc}")
+            _cannot_run(f"Chromium at {exe} cannot start here: {exc}")
         yield b
         b.close()
     finally:

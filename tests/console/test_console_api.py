@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import requests
 
-from gateway.http.console.pages import CSP
+from kvgate.gateway.http.console.pages import CSP
 from tests.support import Admin, ThreadServer
 
 from .conftest import Workload, chat
@@ -159,7 +159,7 @@ def test_history_keeps_sampling_while_requests_run(server: ThreadServer, admin: 
                                                    model_id: str, workload: Workload) -> None:
     """A sample the sampler took is kept in the ring (called directly: tests never wait on
     the clock)."""
-    from gateway.http.console.history import HISTORY, take_sample
+    from kvgate.gateway.http.console.history import HISTORY, take_sample
 
     history = server.app[HISTORY] if server.app is not None else None
     assert history is not None

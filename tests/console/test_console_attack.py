@@ -6,15 +6,15 @@ shape, the same on SQLite and PostgreSQL, never a 500."""
 from __future__ import annotations
 
 import http.client
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from urllib.parse import urlsplit
 
 import pytest
 import requests
 
-from gateway.http.console.pages import CSP, SECURITY_HEADERS, is_console_request
-from gateway.ledger import InvalidInput, Ledger, NotFound
-from gateway.ledger.series import SeriesQuery
+from kvgate.gateway.http.console.pages import CSP, SECURITY_HEADERS, is_console_request
+from kvgate.gateway.ledger import InvalidInput, Ledger, NotFound
+from kvgate.gateway.ledger.series import SeriesQuery
 from tests.support import Admin, ThreadServer
 
 from .conftest import Workload
@@ -107,7 +107,7 @@ def test_only_the_console_routes_are_public() -> None:
     from aiohttp.test_utils import make_mocked_request
     from aiohttp.web_urldispatcher import UrlDispatcher
 
-    from gateway.http.console import routes
+    from kvgate.gateway.http.console import routes
 
     router = UrlDispatcher()
     router.add_routes(routes())
@@ -200,9 +200,9 @@ async def test_bad_models_are_invalid_input_on_both_databases(ledger: Ledger,
 
 
 @pytest.mark.parametrize("bucket, until", [
-    ("hour", datetime(1, 1, 1, 5, tzinfo=timezone.utc)),
-    ("day", datetime(1, 1, 1, 5, tzinfo=timezone.utc)),
-    ("day", datetime(1, 1, 5, tzinfo=timezone.utc))])
+    ("hour", datetime(1, 1, 1, 5, tzinfo=UTC)),
+    ("day", datetime(1, 1, 1, 5, tzinfo=UTC)),
+    ("day", datetime(1, 1, 5, tzinfo=UTC))])
 async def test_default_spans_before_year_one_are_invalid_input(ledger: Ledger, bucket: str,
                                                                until: datetime) -> None:
     with pytest.raises(InvalidInput):
@@ -211,7 +211,7 @@ async def test_default_spans_before_year_one_are_invalid_input(ledger: Ledger, b
 
 async def test_days_near_year_one_answer(ledger: Ledger) -> None:
     series = await ledger.usage_series(SeriesQuery(
-        "hour", until=datetime(1, 1, 5, tzinfo=timezone.utc)))
+        "hour", until=datetime(1, 1, 5, tzinfo=UTC)))
     assert series["rows"] == []
 
 
@@ -224,10 +224,10 @@ async def test_ids_past_the_column_are_refused_on_both_databases(ledger: Ledger,
 
 async def test_the_widest_range_answers_on_both_databases(ledger: Ledger) -> None:
     series = await ledger.usage_series(SeriesQuery(
-        "all", "tenant", since=datetime(1, 1, 1, tzinfo=timezone.utc),
-        until=datetime(9999, 12, 31, tzinfo=timezone.utc)))
+        "all", "tenant", since=datetime(1, 1, 1, tzinfo=UTC),
+        until=datetime(9999, 12, 31, tzinfo=UTC)))
     assert series["rows"] == [] and series["totals"]["requests"] == 0
-    end = datetime(2026, 3, 1, tzinfo=timezone.utc)
+    end = datetime(2026, 3, 1, tzinfo=UTC)
     hours = await ledger.usage_series(SeriesQuery("hour", since=end - timedelta(hours=1000),
                                                   until=end))
     assert hours["rows"] == []
@@ -244,7 +244,7 @@ async def _three_models(ledger: Ledger) -> None:
 
 async def test_truncated_answers_keep_whole_totals(ledger: Ledger,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    from gateway.ledger import series
+    from kvgate.gateway.ledger import series
 
     await _three_models(ledger)
     monkeypatch.setattr(series, "MAX_ROWS", 2)
@@ -255,7 +255,7 @@ async def test_truncated_answers_keep_whole_totals(ledger: Ledger,
 
 async def test_answers_past_the_held_row_bound_are_refused(
         ledger: Ledger, monkeypatch: pytest.MonkeyPatch) -> None:
-    from gateway.ledger import series
+    from kvgate.gateway.ledger import series
 
     await _three_models(ledger)
     monkeypatch.setattr(series, "MAX_MERGED", 2)
@@ -270,9 +270,9 @@ async def test_answers_past_the_held_row_bound_are_refused(
                                           ("day", timedelta(days=1))])
 def test_the_bucket_bound_counts_partial_buckets(bucket: str, step: timedelta) -> None:
     """At most MAX_BUCKETS rows of buckets, also when the range starts and ends mid-bucket."""
-    from gateway.ledger.series import MAX_BUCKETS
+    from kvgate.gateway.ledger.series import MAX_BUCKETS
 
-    start = datetime(2026, 3, 1, tzinfo=timezone.utc)
+    start = datetime(2026, 3, 1, tzinfo=UTC)
     SeriesQuery(bucket, since=start, until=start + MAX_BUCKETS * step).checked()
     odd = start + timedelta(minutes=30)
     SeriesQuery(bucket, since=odd, until=odd + (MAX_BUCKETS - 1) * step).checked()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.http.console.history import CacheHistory, Sample
+from kvgate.gateway.http.console.history import CacheHistory, Sample
 
 
 def _sample(t: float, hit: int, miss: int, requests: int = 0, errors: int = 0,

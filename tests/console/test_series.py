@@ -4,13 +4,13 @@ fixture runs every test on both)."""
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 
-from gateway.ledger import InvalidInput, Ledger
-from gateway.ledger.series import MAX_BUCKETS, SERIES_FIELDS, SeriesQuery
+from kvgate.gateway.ledger import InvalidInput, Ledger
+from kvgate.gateway.ledger.series import MAX_BUCKETS, SERIES_FIELDS, SeriesQuery
 from tests.ledger.conftest import NOW, event
 
 HOUR, DAY = timedelta(hours=1), timedelta(days=1)
@@ -121,7 +121,7 @@ async def test_bad_queries_are_refused(ledger: Ledger, query: SeriesQuery,
 
 
 def test_bucketed_queries_default_to_a_recent_range() -> None:
-    now = datetime(2026, 3, 14, 12, tzinfo=timezone.utc)
+    now = datetime(2026, 3, 14, 12, tzinfo=UTC)
     assert SeriesQuery("hour").checked(now).since == now - DAY
     assert SeriesQuery("day").checked(now).since == now - 30 * DAY
     assert SeriesQuery("all").checked(now).since is None

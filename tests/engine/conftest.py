@@ -13,18 +13,18 @@ from typing import Any
 import pytest
 import torch
 
-from cachestore import CacheStore
-from cachestore.block import DEVICE, HOST
-from gateway.engine import (
+from kvgate.cachestore import CacheStore
+from kvgate.cachestore.block import DEVICE, HOST
+from kvgate.gateway.engine import (
     EngineConfig,
     FinishEvent,
     GenerateRequest,
     SamplingParams,
     TokenEvent,
 )
-from gateway.engine.demo import build_model
-from gateway.engine.engine import Engine
-from gateway.engine.loader import LoadedModel, load_model
+from kvgate.gateway.engine.demo import build_model
+from kvgate.gateway.engine.engine import Engine
+from kvgate.gateway.engine.loader import LoadedModel, load_model
 
 torch.set_num_threads(2)
 

@@ -8,9 +8,9 @@ import threading
 
 import pytest
 
-from gateway.engine import EngineError, GenerateRequest, InvalidTokens, SequenceFailed
-from gateway.engine import engine as engine_module
-from gateway.engine.commands import Call
+from kvgate.gateway.engine import EngineError, GenerateRequest, InvalidTokens, SequenceFailed
+from kvgate.gateway.engine import engine as engine_module
+from kvgate.gateway.engine.commands import Call
 
 from .conftest import assert_store_consistent, collect, greedy, wait_idle
 

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from gateway.engine import (
+from kvgate.gateway.engine import (
     EngineOverloaded,
     GenerateRequest,
     PromptTooLong,
@@ -142,8 +142,8 @@ async def test_a_failing_step_fails_its_requests_and_the_engine_keeps_serving(ma
 
 async def test_cache_shares_follow_the_serve_setting(make_engine) -> None:
     """``--cache-shares 0`` reaches the store (on by default: the side channel is closed)."""
-    from gateway.config import Settings
-    from gateway.http.app import engine_config
+    from kvgate.gateway.config import Settings
+    from kvgate.gateway.http.app import engine_config
 
     assert engine_config(Settings()).cache_shares is True
     assert engine_config(Settings(cache_shares=False)).cache_shares is False

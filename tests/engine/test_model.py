@@ -9,11 +9,11 @@ import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
-from gateway.engine import EngineConfig, GenerateRequest
-from gateway.engine.attention import ATTN_IMPLEMENTATION
-from gateway.engine.demo import build_model, build_tokenizer
-from gateway.engine.engine import Engine
-from gateway.engine.loader import ModelFilesMissing, load_model, save_pretrained
+from kvgate.gateway.engine import EngineConfig, GenerateRequest
+from kvgate.gateway.engine.attention import ATTN_IMPLEMENTATION
+from kvgate.gateway.engine.demo import build_model, build_tokenizer
+from kvgate.gateway.engine.engine import Engine
+from kvgate.gateway.engine.loader import ModelFilesMissing, load_model, save_pretrained
 
 from .conftest import collect, greedy, prompt_of
 
@@ -100,7 +100,7 @@ def test_saved_tokenizer_config_keeps_the_chat_template(tmp_path, demo_loaded):
 async def test_other_architectures_load_from_a_directory_and_match_oracle(tmp_path, arch):
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from gateway.engine.loader import LoadedModel
+    from kvgate.gateway.engine.loader import LoadedModel
 
     tok = build_tokenizer()
     cfg = AutoConfig.for_model(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from gateway.engine import GenerateRequest
+from kvgate.gateway.engine import GenerateRequest
 
 from .conftest import collect, greedy, prompt_of
 

@@ -9,8 +9,8 @@ import random
 import pytest
 import torch
 
-from gateway.engine.sampler import SampleRow, sample, uniforms
-from gateway.engine.sampling import SamplingParams
+from kvgate.gateway.engine.sampler import SampleRow, sample, uniforms
+from kvgate.gateway.engine.sampling import SamplingParams
 
 
 def test_a_seeded_top_k_row_ignores_how_wide_another_rows_top_k_is() -> None:

@@ -7,11 +7,11 @@ import asyncio
 import pytest
 import torch
 
-from gateway.engine import GenerateRequest, SamplingParams
-from gateway.engine.demo import build_tokenizer
-from gateway.engine.sampling import sample
-from gateway.engine.sequence import Sequence, append_token
-from gateway.engine.tokenizer import IncrementalDecoder
+from kvgate.gateway.engine import GenerateRequest, SamplingParams
+from kvgate.gateway.engine.demo import build_tokenizer
+from kvgate.gateway.engine.sampling import sample
+from kvgate.gateway.engine.sequence import Sequence, append_token
+from kvgate.gateway.engine.tokenizer import IncrementalDecoder
 
 from .conftest import collect, greedy, prompt_of
 

@@ -9,10 +9,10 @@ import asyncio
 
 import torch
 
-from gateway.engine import FinishEvent, GenerateRequest, SamplingParams, TokenEvent
-from gateway.engine.demo import build_model
-from gateway.engine.engine import Engine
-from gateway.engine.sampling import process, sample, token_logprob
+from kvgate.gateway.engine import FinishEvent, GenerateRequest, SamplingParams, TokenEvent
+from kvgate.gateway.engine.demo import build_model
+from kvgate.gateway.engine.engine import Engine
+from kvgate.gateway.engine.sampling import process, sample, token_logprob
 
 from .conftest import collect, greedy, prompt_of, wait_idle
 

@@ -9,8 +9,8 @@ import asyncio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway.engine import EngineConfig, GenerateRequest
-from gateway.engine.engine import Engine
+from kvgate.gateway.engine import EngineConfig, GenerateRequest
+from kvgate.gateway.engine.engine import Engine
 
 from .conftest import collect, greedy
 

@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from cachestore import CacheSeq
-from gateway.engine import GenerateRequest, SamplingParams
-from gateway.engine import sampler as sampler_module
-from gateway.engine.demo import build_tokenizer
-from gateway.engine.runner import ModelRunner
-from gateway.engine.sampler import SampleRow, logprobs, sample, uniforms
-from gateway.engine.scheduler import Chunk
-from gateway.engine.sequence import PageRow, Sequence
+from kvgate.cachestore import CacheSeq
+from kvgate.gateway.engine import GenerateRequest, SamplingParams
+from kvgate.gateway.engine import sampler as sampler_module
+from kvgate.gateway.engine.demo import build_tokenizer
+from kvgate.gateway.engine.runner import ModelRunner
+from kvgate.gateway.engine.sampler import SampleRow, logprobs, sample, uniforms
+from kvgate.gateway.engine.scheduler import Chunk
+from kvgate.gateway.engine.sequence import PageRow, Sequence
 
 from .conftest import collect, greedy, prompt_of
 

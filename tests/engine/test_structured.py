@@ -12,15 +12,15 @@ from typing import Any
 import jsonschema
 import pytest
 
-from gateway.engine import (
+from kvgate.gateway.engine import (
     GenerateRequest,
     InvalidGrammar,
     SamplingParams,
     StructuredSpec,
     json_schema_spec,
 )
-from gateway.engine.engine import Engine
-from gateway.engine.structured import JSON_OBJECT
+from kvgate.gateway.engine.engine import Engine
+from kvgate.gateway.engine.structured import JSON_OBJECT
 from tests.engine.conftest import collect, greedy, prompt_of
 
 # ("time" is left out: jsonschema's checker refuses RFC 3339 offsets such as -12:44)
@@ -200,7 +200,7 @@ async def test_a_grammar_the_engine_gives_up_on_fails_its_sequence_alone(
         engine: Engine) -> None:
     """``a: "x" a`` never ends: the grammar engine gives up after a while; that
     sequence fails with ``InvalidGrammar`` as its cause, and the engine keeps serving."""
-    from gateway.engine import SequenceFailed
+    from kvgate.gateway.engine import SequenceFailed
 
     spec = StructuredSpec("lark", 'start: a\na: "x" a')
     request = GenerateRequest("endless", "ns", prompt_of(engine, "x"),

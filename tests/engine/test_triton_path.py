@@ -19,8 +19,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 SCRIPT = """
 import asyncio, json
-from gateway.engine import EngineConfig, GenerateRequest, SamplingParams, TokenEvent
-from gateway.engine.engine import Engine
+from kvgate.gateway.engine import EngineConfig, GenerateRequest, SamplingParams, TokenEvent
+from kvgate.gateway.engine.engine import Engine
 
 async def main():
     engine = Engine(EngineConfig(device_cache_bytes=4 << 20, host_cache_bytes=0))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from gateway.engine import GenerateRequest
+from kvgate.gateway.engine import GenerateRequest
 
 from .conftest import collect, greedy, prompt_of
 

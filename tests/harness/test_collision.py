@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import requests
 
-from cachestore.hashing import xxh3_128
-from gateway.engine import Engine
-from gateway.http.app import engine_config
+from kvgate.cachestore.hashing import xxh3_128
+from kvgate.gateway.engine import Engine
+from kvgate.gateway.http.app import engine_config
 from tests.support import MiB, Tenant, ThreadServer, request_body, server_settings
 
 BLOCK = 16

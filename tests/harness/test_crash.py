@@ -33,7 +33,7 @@ async def _traffic(url: str, tenant: Tenant, outcomes: list[Outcome], stop: asyn
             try:
                 outcomes.append(await send(session, url, tenant, kind, text,
                                            max_tokens=rng.randint(4, 24)))
-            except (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError):
+            except (TimeoutError, aiohttp.ClientError, ConnectionError):
                 if stop.is_set():
                     cut.append(worker)  # this request was in flight when the server died
                     return

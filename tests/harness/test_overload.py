@@ -11,8 +11,8 @@ import aiohttp
 import requests
 import torch
 
-from gateway.engine.demo import SHAPES
-from kernels.layout import KVLayout
+from kvgate.gateway.engine.demo import SHAPES
+from kvgate.kernels.layout import KVLayout
 from tests.support import Admin, Outcome, ProcessServer, request_body, send
 
 BLOCK = 16

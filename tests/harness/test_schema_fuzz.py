@@ -26,7 +26,7 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from gateway.http.openapi import spec
+from kvgate.gateway.http.openapi import spec
 from tests.support import ADMIN_KEY, MiB, ProcessServer, Tenant, request_body
 from tests.support.hostile import dumps, hostile_segment, hostile_value, quote
 

@@ -1,6 +1,6 @@
 """What the gateway exports on /metrics, as the dashboard may use it.
 
-Names come from the gateway's own registry (``gateway.http.metrics``) when that module
+Names come from the gateway's own registry (``kvgate.gateway.http.metrics``) when that module
 exists; label names come from the metrics table in docs/architecture.md, the contract
 dashboards are written against (the registry cannot list the labels of a series that
 has not been observed yet).
@@ -34,9 +34,9 @@ def documented_metrics() -> dict[str, tuple[str, set[str]]]:
 
 
 def registry_metrics() -> dict[str, str]:
-    """{base name: type} from the gateway's registry (``gateway.http.metrics`` imports no
+    """{base name: type} from the gateway's registry (``kvgate.gateway.http.metrics`` imports no
     torch: a chart test has no use for the model code)."""
-    from gateway.http import metrics
+    from kvgate.gateway.http import metrics
 
     families = {family.name: family.type for family in metrics.Metrics().registry.collect()}
     # Scrape-time figures register once engine and ledger are open; their families are

@@ -93,7 +93,7 @@ def test_runs_kvgate_as_the_non_root_user_the_chart_expects(device) -> None:
     assert entrypoint.json and entrypoint.value == ("kvgate",)
     assert cmd.json and cmd.value == ("serve", "--host", "0.0.0.0")
     (script,) = entry_points(group="console_scripts", name="kvgate")  # what pip installs
-    assert script.value == "gateway.cli:main"
+    assert script.value == "kvgate.gateway.cli:main"
 
 
 def test_image_paths_match_the_chart() -> None:
@@ -107,21 +107,29 @@ def test_image_paths_match_the_chart() -> None:
     assert int(expose) == container["ports"][0]["containerPort"]
 
 
-def test_copied_sources_exist_and_migrations_are_found_in_the_image() -> None:
+def test_copied_sources_exist_and_the_image_installs_from_the_lock() -> None:
     chain = _chain(FINAL, "cpu")
-    workdir = Path(_last(chain, "WORKDIR").value[0])
     ignore = (REPO / ".dockerignore").read_text().split()
-    copied = {}
+    copied = set()
     for c in chain:
         if c.cmd == "COPY":
-            *sources, dest = c.value
+            *sources, _dest = c.value
             for src in sources:
                 assert (REPO / src).exists(), src
                 assert f"!{src}" in ignore or f"!{src}/" in ignore, f"{src} is excluded"
-                copied[src] = workdir / dest
-    migrations = Path(_env(chain)["KVGATE_MIGRATIONS"])
-    assert copied["migrations"] == migrations
-    assert (REPO / "migrations" / "env.py").is_file()
+                copied.add(src)
+    assert {"kvgate", "requirements", "pyproject.toml"} <= copied
+    # The migrations ship inside the package (no KVGATE_MIGRATIONS needed in the image).
+    assert "KVGATE_MIGRATIONS" not in _env(chain)
+    assert (REPO / "kvgate" / "migrations" / "env.py").is_file()
+    (install,) = [c for c in _stages()[FINAL] if c.cmd == "RUN" and "KVGATE_EXTRAS" in c.value[0]]
+    assert '--constraint "$KVGATE_LOCK"' in install.value[0]
+    for device, lock in (("cpu", "requirements/cpu.txt"), ("cuda", "requirements/cuda.txt")):
+        assert _env(_chain(FINAL, device))["KVGATE_LOCK"] == lock
+        assert (REPO / lock).is_file()
+        pinned = dict(line.split("==", 1) for line in (REPO / lock).read_text().splitlines()
+                      if "==" in line and not line.startswith("#"))
+        assert pinned["torch"].split(";")[0].strip() == _stage_arg(FINAL, "TORCH_VERSION")
 
 
 def test_hadolint_finds_nothing() -> None:

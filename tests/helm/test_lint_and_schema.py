@@ -7,7 +7,7 @@ import pytest
 import yaml
 from helm_python import HelmValuesError
 
-from gateway.config import parse_bytes
+from kvgate.gateway.config import parse_bytes
 
 from .chart import CHART_DIR, NAMESPACE, RELEASE, VALUE_SETS, lint, render
 

@@ -16,7 +16,7 @@ import promql_parser
 import pytest
 from helm_python import HelmRenderError
 
-from gateway.config import Settings
+from kvgate.gateway.config import Settings
 
 from .chart import CHART_DIR, FULLNAME, NAMESPACE, VALUE_SETS, env_of, render
 from .metrics_contract import documented_metrics, exported_series, registry_metrics

@@ -9,7 +9,7 @@ import kubernetes_validate
 import pytest
 from helm_python import HelmRenderError
 
-from gateway.config import Settings, parse_bytes
+from kvgate.gateway.config import Settings, parse_bytes
 
 from .chart import (
     FULLNAME,

@@ -11,7 +11,7 @@ import jsonschema
 import pytest
 from helm_python import HelmRenderError
 
-from gateway.config import Settings
+from kvgate.gateway.config import Settings
 
 from .chart import FULLNAME, NAMESPACE, PG_URL, Rendered, env_of, lint, render, validate_kubernetes
 from .metrics_contract import registry_metrics

@@ -4,13 +4,13 @@ forms the ledger's one parser accepts, currencies, and 400s in the OpenAI error 
 from __future__ import annotations
 
 import asyncio
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 
-from gateway.ledger import Ledger
-from gateway.ledger.reports import FIELDS
+from kvgate.gateway.ledger import Ledger
+from kvgate.gateway.ledger.reports import FIELDS
 from tests.support import Admin, Session, Tenant, ThreadServer
 
 
@@ -86,7 +86,7 @@ def test_group_by_key_model_and_day_of_one_tenant(admin: Admin, model_id: str,
 
     by_model = _report(admin, tenant_id=usd.id, group_by="model")
     assert [(r["model"], r["requests"]) for r in by_model["rows"]] == [(model_id, 3)]
-    today = datetime.now(timezone.utc).date().isoformat()
+    today = datetime.now(UTC).date().isoformat()
     by_day = _report(admin, tenant_id=usd.id)  # day is the default
     assert by_day["group_by"] == "day"
     assert [r["day"] for r in by_day["rows"]] in ([today], [])  # [] only across midnight

@@ -191,7 +191,7 @@ def test_admin_ids_and_integers_on_sqlite(server: ThreadServer) -> None:
 
 
 def test_admin_integers_on_postgres(pg_url: str, tmp_path: Path) -> None:  # noqa: F811
-    migrate = subprocess.run([sys.executable, "-m", "gateway.cli", "migrate", "--db", pg_url],
+    migrate = subprocess.run([sys.executable, "-m", "kvgate.gateway.cli", "migrate", "--db", pg_url],
                              capture_output=True, text=True, timeout=120)
     assert migrate.returncode == 0, migrate.stderr
     with ThreadServer(tmp_path, db=pg_url, device="cpu", device_cache_bytes=16 * MiB,

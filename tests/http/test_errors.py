@@ -210,7 +210,7 @@ def test_a_prompt_over_the_whole_tokens_per_minute_limit_is_400(http: Session,
 def test_engine_failure_midway_is_500_and_billed_once(server: ThreadServer, http: Session,
                                                       admin: Admin,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    from gateway.engine import TokenEvent
+    from kvgate.gateway.engine import TokenEvent
 
     async def failing(request: Any) -> Any:
         yield TokenEvent("x", [120])

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import status_code_conformance
 
-from gateway.http.openapi import spec
+from kvgate.gateway.http.openapi import spec
 from tests.support import ADMIN_KEY, Admin, Session, Tenant, ThreadServer, request_body
 from tests.support.hostile import dumps, hostile_segment, hostile_text, hostile_value, quote
 

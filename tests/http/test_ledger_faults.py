@@ -16,7 +16,7 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.ledger import Ledger
+from kvgate.gateway.ledger import Ledger
 from tests.ledger.pgserver import OwnPostgres
 from tests.ledger.test_spool import readonly_writer, rows
 from tests.support import ADMIN_KEY, MiB, ThreadServer, iter_sse, request_body

@@ -27,7 +27,7 @@ def test_serve_refuses_an_unmigrated_postgres_ledger(pg_url: str,  # noqa: F811
 
 def test_two_replicas_bill_once_into_one_postgres_ledger(pg_url: str,  # noqa: F811
                                                          tmp_path: Path) -> None:
-    migrate = subprocess.run([sys.executable, "-m", "gateway.cli", "migrate", "--db", pg_url],
+    migrate = subprocess.run([sys.executable, "-m", "kvgate.gateway.cli", "migrate", "--db", pg_url],
                              capture_output=True, text=True, timeout=120)
     assert migrate.returncode == 0, migrate.stderr
     with ThreadServer(tmp_path / "first", db=pg_url, **FLAGS) as first, \

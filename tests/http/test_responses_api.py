@@ -16,7 +16,7 @@ import openai
 import pydantic
 import pytest
 
-from gateway.http.tools import HermesParser
+from kvgate.gateway.http.tools import HermesParser
 from tests.support import Session, Tenant, ThreadServer, iter_sse, shapes
 from tests.support.scripted import ScriptedModel
 
@@ -204,7 +204,7 @@ def test_get_delete_and_not_stored(server: ThreadServer, tenant: Tenant, http: S
 
 def test_expired_responses_are_gone(server: ThreadServer, tenant: Tenant,
                                     model_id: str) -> None:
-    from gateway.http.responses_api import STORE
+    from kvgate.gateway.http.responses_api import STORE
 
     c = client(server, tenant)
     r = c.responses.create(model=model_id, input="brief", max_output_tokens=2)
@@ -264,7 +264,7 @@ def test_bad_input_is_refused_in_openai_shape(server: ThreadServer, tenant: Tena
     assert len(server.ledger_rows(tenant.id)) == before  # nothing generated, nothing billed
 
 
-@pytest.mark.skipif(importlib.util.find_spec("gateway.engine.structured") is None,
+@pytest.mark.skipif(importlib.util.find_spec("kvgate.gateway.engine.structured") is None,
                     reason="structured outputs (gateway.engine.structured) are not there yet")
 def test_parse_with_a_pydantic_model(server: ThreadServer, tenant: Tenant,
                                      model_id: str) -> None:

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from gateway.cli import build_parser
-from gateway.http.serve import settings_from_args
+from kvgate.gateway.cli import build_parser
+from kvgate.gateway.http.serve import settings_from_args
 
 ROOT = Path(__file__).parents[2]
 
@@ -55,7 +55,7 @@ def test_serve_banner_and_graceful_sigterm(tmp_path: Path) -> None:
     env.update(KVGATE_DEVICE_CACHE_BYTES="8MiB", KVGATE_HOST_CACHE_BYTES="8MiB",
                KVGATE_LOG_LEVEL="warning", PYTHONPATH=str(ROOT))
     proc = subprocess.Popen(
-        [sys.executable, "-m", "gateway.cli", "serve", "--port", str(port), "--device", "cpu",
+        [sys.executable, "-m", "kvgate.gateway.cli", "serve", "--port", str(port), "--device", "cpu",
          "--db", f"sqlite:///{tmp_path / 'serve.db'}"],
         cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
@@ -108,7 +108,7 @@ def test_a_taken_port_is_one_clear_line_before_the_model_loads(tmp_path: Path) -
         port = holder.getsockname()[1]
         db = tmp_path / "kvgate.db"
         proc = subprocess.run(
-            [sys.executable, "-m", "gateway.cli", "serve", "--port", str(port),
+            [sys.executable, "-m", "kvgate.gateway.cli", "serve", "--port", str(port),
              "--db", f"sqlite:///{db}"],
             capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert proc.returncode == 2
@@ -119,12 +119,12 @@ def test_a_taken_port_is_one_clear_line_before_the_model_loads(tmp_path: Path) -
 
 
 def test_an_unknown_tool_call_parser_is_one_clear_line(tmp_path: Path) -> None:
-    from gateway.http.tools import HermesParser, parser_for
+    from kvgate.gateway.http.tools import HermesParser, parser_for
 
     assert isinstance(parser_for(None, "qwen"), HermesParser)  # the name people guess
     db = tmp_path / "kvgate.db"
     proc = subprocess.run(
-        [sys.executable, "-m", "gateway.cli", "serve", "--port", "0", "--db", f"sqlite:///{db}",
+        [sys.executable, "-m", "kvgate.gateway.cli", "serve", "--port", "0", "--db", f"sqlite:///{db}",
          "--tool-call-parser", "qwen3-coder"],
         capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
@@ -137,7 +137,7 @@ def test_a_short_admin_key_is_refused_before_anything_opens(tmp_path: Path) -> N
     would print all of it as its prefix): refused with one line, nothing created."""
     db = tmp_path / "kvgate.db"
     proc = subprocess.run(
-        [sys.executable, "-m", "gateway.cli", "serve", "--port", "0", "--db", f"sqlite:///{db}"],
+        [sys.executable, "-m", "kvgate.gateway.cli", "serve", "--port", "0", "--db", f"sqlite:///{db}"],
         capture_output=True, text=True, timeout=120, cwd=ROOT,
         env={**os.environ, "KVGATE_ADMIN_KEY": "abc"})
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
@@ -149,7 +149,7 @@ def test_route_refuses_a_ledger_that_is_not_there(tmp_path: Path) -> None:
     """The router checks keys in the replicas' ledger: a missing SQLite file (the default
     ``./kvgate.db`` in another directory) is a clear refusal, never a new empty ledger."""
     proc = subprocess.run(
-        [sys.executable, "-m", "gateway.cli", "route", "--port", "0",
+        [sys.executable, "-m", "kvgate.gateway.cli", "route", "--port", "0",
          "--replica", "http://127.0.0.1:9"],
         capture_output=True, text=True, timeout=120, cwd=tmp_path,
         env={**os.environ, "KVGATE_ADMIN_KEY": "kvg_test_admin_key_0123456789",

@@ -11,7 +11,7 @@ import anthropic
 import openai
 import pytest
 
-from gateway.http.serve import register, settings_from_args
+from kvgate.gateway.http.serve import register, settings_from_args
 from tests.http.conftest import HTTP_FLAGS
 from tests.support import Session, Tenant, ThreadServer, iter_sse, shapes
 

@@ -15,9 +15,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tokenizers import Tokenizer
 
-from gateway.engine import demo
-from gateway.engine.tokenizer import IncrementalDecoder, TextTokenizer
-from gateway.http.tools import (
+from kvgate.gateway.engine import demo
+from kvgate.gateway.engine.tokenizer import IncrementalDecoder, TextTokenizer
+from kvgate.gateway.http.tools import (
     HermesParser,
     Llama3Parser,
     MistralParser,

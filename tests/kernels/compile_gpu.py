@@ -18,8 +18,8 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from kernels import triton_attention as ta
-from kernels import triton_store as ts
+from kvgate.kernels import triton_attention as ta
+from kvgate.kernels import triton_store as ts
 
 TARGET = GPUTarget("cuda", 90, 32)
 

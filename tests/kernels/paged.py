@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kernels import KVLayout
+from kvgate.kernels import KVLayout
 
 UNUSED_PAGE = 1 << 20  # far past the pool: reading it would fault or be garbage
 

@@ -11,7 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kernels import reference
+from kvgate.kernels import reference
 from tests.kernels.paged import cu_seqlens, decode_oracle, make_case, prefill_oracle, random_q
 
 
@@ -52,7 +52,7 @@ def test_reference_on_random_batches(batch):
 @given(batch=batches(max_seqs=3, max_len=20))
 def test_triton_on_random_batches(batch):
     pytest.importorskip("triton")
-    ta = importlib.import_module("kernels.triton_attention")
+    ta = importlib.import_module("kvgate.kernels.triton_attention")
     if not torch.cuda.is_available():
         from triton.runtime.interpreter import InterpretedFunction
 

@@ -8,7 +8,7 @@ pages and a block table.
 import pytest
 import torch
 
-from kernels import reference
+from kvgate.kernels import reference
 from tests.kernels.cases import DECODE_CASES, DTYPES, GQA, PREFILL_CASES
 from tests.kernels.paged import (
     ATOL,

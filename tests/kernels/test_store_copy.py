@@ -5,9 +5,9 @@ import importlib
 import pytest
 import torch
 
-import kernels
-from kernels import KVLayout, reference
-from kernels.copy import contiguous_runs
+from kvgate import kernels
+from kvgate.kernels import KVLayout, reference
+from kvgate.kernels.copy import contiguous_runs
 from tests.kernels.cases import DTYPES
 
 
@@ -31,7 +31,7 @@ def _expected_store(pool, layer, k, v, slots, block_size):
 
 def _triton_store():
     pytest.importorskip("triton")
-    return importlib.import_module("kernels.triton_store")
+    return importlib.import_module("kvgate.kernels.triton_store")
 
 
 @pytest.mark.parametrize("impl", ["reference", "triton"])

@@ -10,8 +10,8 @@ import importlib
 import pytest
 import torch
 
-import kernels
-from kernels import reference
+from kvgate import kernels
+from kvgate.kernels import reference
 from tests.kernels.cases import DECODE_CASES, DTYPES, GQA, PREFILL_CASES
 from tests.kernels.paged import (
     ATOL,
@@ -27,7 +27,7 @@ pytest.importorskip("triton")
 
 @pytest.fixture(scope="module")
 def ta():
-    module = importlib.import_module("kernels.triton_attention")
+    module = importlib.import_module("kvgate.kernels.triton_attention")
     if not torch.cuda.is_available():
         from triton.runtime.interpreter import InterpretedFunction
 

@@ -6,12 +6,12 @@ from __future__ import annotations
 import itertools
 import uuid
 from collections.abc import AsyncIterator
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 
-from gateway.ledger import Ledger, UsageEvent
-from gateway.usage import Usage
+from kvgate.gateway.ledger import Ledger, UsageEvent
+from kvgate.gateway.usage import Usage
 from tests.pg import pg_url  # noqa: F401  (a fixture)
 
 
@@ -35,7 +35,7 @@ async def ledger(db_url: str) -> AsyncIterator[Ledger]:
 
 
 _ids = itertools.count()
-NOW = datetime(2026, 3, 14, 12, 0, tzinfo=timezone.utc)
+NOW = datetime(2026, 3, 14, 12, 0, tzinfo=UTC)
 
 
 def event(tenant_id: int, key_id: int | None = None, *, request_id: str | None = None,

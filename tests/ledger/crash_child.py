@@ -9,16 +9,16 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
-from gateway.ledger import Ledger, UsageEvent
-from gateway.usage import Usage
+from kvgate.gateway.ledger import Ledger, UsageEvent
+from kvgate.gateway.usage import Usage
 
 
 async def main(url: str, tenant_id: int) -> None:
     ledger = await Ledger.open(url, migrate=False)
     print("ready", flush=True)
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
 
     async def worker(w: int) -> None:
         for i in range(1_000_000):

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.ledger import InvalidInput, Prices, cost_micros
-from gateway.ledger.billing import DEFAULT_PRICES
+from kvgate.gateway.ledger import InvalidInput, Prices, cost_micros
+from kvgate.gateway.ledger.billing import DEFAULT_PRICES
 
 from .conftest import NOW, event
 

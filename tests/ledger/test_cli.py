@@ -11,14 +11,14 @@ import asyncio
 import json
 import subprocess
 import sys
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from gateway.ledger import Ledger
-from gateway.ledger.cli import main
-from gateway.ledger.migrate import head_revision
-from gateway.ledger.timespec import parse_time
+from kvgate.gateway.ledger import Ledger
+from kvgate.gateway.ledger.cli import main
+from kvgate.gateway.ledger.migrate import head_revision
+from kvgate.gateway.ledger.timespec import parse_time
 
 from .conftest import event
 
@@ -109,7 +109,7 @@ def test_db_defaults_to_kvgate_db(sqlite_url: str, monkeypatch: pytest.MonkeyPat
 
 def test_runs_as_a_process(sqlite_url: str) -> None:
     assert main(["migrate", "--db", sqlite_url]) == 0
-    proc = subprocess.run([sys.executable, "-m", "gateway.ledger.cli", "tenants", "list",
+    proc = subprocess.run([sys.executable, "-m", "kvgate.gateway.ledger.cli", "tenants", "list",
                            "--json", "--db", sqlite_url],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
@@ -120,12 +120,12 @@ def test_kvgate_registers_the_ledger_commands(monkeypatch: pytest.MonkeyPatch) -
     import argparse
     import importlib
 
-    from gateway import cli
+    from kvgate.gateway import cli
 
     real_import = importlib.import_module
 
     def only_ledger(name: str) -> object:  # the other layers are not under test here
-        if name != "gateway.ledger.cli":
+        if name != "kvgate.gateway.ledger.cli":
             raise ModuleNotFoundError(name=name)
         return real_import(name)
 
@@ -136,12 +136,12 @@ def test_kvgate_registers_the_ledger_commands(monkeypatch: pytest.MonkeyPatch) -
 
 
 def test_parse_time() -> None:
-    assert parse_time("2026-03-14") == datetime(2026, 3, 14, tzinfo=timezone.utc)
+    assert parse_time("2026-03-14") == datetime(2026, 3, 14, tzinfo=UTC)
     assert parse_time("2026-03-14T12:00:00+02:00") == datetime(2026, 3, 14, 10,
-                                                                tzinfo=timezone.utc)
-    before = datetime.now(timezone.utc)
+                                                                tzinfo=UTC)
+    before = datetime.now(UTC)
     week_ago = parse_time("7d")
-    assert before - timedelta(days=7) <= week_ago <= datetime.now(timezone.utc) - timedelta(days=7)
+    assert before - timedelta(days=7) <= week_ago <= datetime.now(UTC) - timedelta(days=7)
 
 
 def test_only_ascii_digits_are_ids(db_url: str, capsys: pytest.CaptureFixture[str]) -> None:

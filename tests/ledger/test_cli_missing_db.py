@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.ledger.cli import main
+from kvgate.gateway.ledger.cli import main
 
 COMMANDS = [
     ["usage"], ["usage", "--group-by", "tenant", "--json"], ["tenants", "list"],
@@ -89,7 +89,7 @@ def _clean_env() -> dict[str, str]:
 
 def test_the_kvgate_process_exits_non_zero(tmp_path: Path) -> None:
     """The real entry point (``kvgate``, all layers), as a person runs it."""
-    proc = subprocess.run([sys.executable, "-m", "gateway.cli", "usage"], cwd=tmp_path,
+    proc = subprocess.run([sys.executable, "-m", "kvgate.gateway.cli", "usage"], cwd=tmp_path,
                           env=_clean_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1, proc.stderr
     assert f"kvgate: error: no ledger database at {tmp_path / 'kvgate.db'} " in proc.stderr
@@ -99,7 +99,7 @@ def test_the_kvgate_process_exits_non_zero(tmp_path: Path) -> None:
 def test_serve_creates_the_ledger(tmp_path: Path) -> None:
     """``kvgate serve`` with the default URL creates and migrates ./kvgate.db."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "gateway.cli", "serve", "--port", "0", "--device", "cpu",
+        [sys.executable, "-m", "kvgate.gateway.cli", "serve", "--port", "0", "--device", "cpu",
          "--device-cache-bytes", "8MiB", "--host-cache-bytes", "8MiB"],
         cwd=tmp_path, env=_clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         text=True)
@@ -120,7 +120,7 @@ def test_serve_creates_the_ledger(tmp_path: Path) -> None:
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(60)
-    proc = subprocess.run([sys.executable, "-m", "gateway.ledger.cli", "keys", "list",
+    proc = subprocess.run([sys.executable, "-m", "kvgate.gateway.ledger.cli", "keys", "list",
                            "--json"], cwd=tmp_path, env=_clean_env(), capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr

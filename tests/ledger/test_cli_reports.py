@@ -8,8 +8,8 @@ import json
 
 import pytest
 
-from gateway.ledger import Ledger
-from gateway.ledger.cli import main
+from kvgate.gateway.ledger import Ledger
+from kvgate.gateway.ledger.cli import main
 
 from .conftest import NOW, event
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 from sqlalchemy import func, select
 
-from gateway.ledger import Ledger
-from gateway.ledger.models import UsageRow
+from kvgate.gateway.ledger import Ledger
+from kvgate.gateway.ledger.models import UsageRow
 
 CHILD = Path(__file__).with_name("crash_child.py")
 

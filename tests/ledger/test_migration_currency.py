@@ -4,13 +4,13 @@ match the schema at head (``test_migrations.test_models_match_the_migrations``).
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from sqlalchemy import inspect, text
 
-from gateway.ledger import Ledger
-from gateway.ledger import migrate as migrations
-from gateway.ledger.db import create_engine
+from kvgate.gateway.ledger import Ledger
+from kvgate.gateway.ledger import migrate as migrations
+from kvgate.gateway.ledger.db import create_engine
 
 
 async def _plan_columns(engine) -> set[str]:
@@ -24,7 +24,7 @@ async def test_existing_plans_become_usd_and_downgrade_drops_the_column(db_url: 
     try:
         await migrations.upgrade(engine, "0001")
         assert "currency" not in await _plan_columns(engine)
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         if engine.dialect.name == "sqlite":
             now = now.replace(tzinfo=None)
         async with engine.begin() as conn:  # a plan and a tenant on it, written by 0001
@@ -64,7 +64,7 @@ async def test_a_plan_inserted_without_a_currency_gets_the_default(db_url: str) 
     ledger = await Ledger.open(db_url)
     try:
         async with ledger.engine.begin() as conn:
-            now = datetime.now(timezone.utc)
+            now = datetime.now(UTC)
             if ledger.dialect == "sqlite":
                 now = now.replace(tzinfo=None)
             await conn.execute(text(

@@ -7,10 +7,10 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import inspect
 
-from gateway.ledger import Ledger, SchemaOutdated, migrates_on_start
-from gateway.ledger import migrate as migrations
-from gateway.ledger.db import async_url, create_engine
-from gateway.ledger.models import Base
+from kvgate.gateway.ledger import Ledger, SchemaOutdated, migrates_on_start
+from kvgate.gateway.ledger import migrate as migrations
+from kvgate.gateway.ledger.db import async_url, create_engine
+from kvgate.gateway.ledger.models import Base
 
 TABLES = {"plans", "tenants", "api_keys", "usage_events"}
 

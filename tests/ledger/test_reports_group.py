@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from gateway.ledger import InvalidInput, Ledger, NotFound
-from gateway.ledger.reports import FIELDS
-from gateway.ledger.timespec import parse_time
+from kvgate.gateway.ledger import InvalidInput, Ledger, NotFound
+from kvgate.gateway.ledger.reports import FIELDS
+from kvgate.gateway.ledger.timespec import parse_time
 
 from .conftest import NOW, event
 

@@ -14,17 +14,17 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select
 
-from gateway.ledger import Ledger, LedgerFileLost, LedgerUnavailable, cost_micros
-from gateway.ledger.auth import KeyCache, Principal
-from gateway.ledger.billing import DEFAULT_PRICES
-from gateway.ledger.spool import Spool, SpoolRecord, decode, encode
+from kvgate.gateway.ledger import Ledger, LedgerFileLost, LedgerUnavailable, cost_micros
+from kvgate.gateway.ledger.auth import KeyCache, Principal
+from kvgate.gateway.ledger.billing import DEFAULT_PRICES
+from kvgate.gateway.ledger.spool import Spool, SpoolRecord, decode, encode
 from tests.ledger.conftest import event
 from tests.ledger.pgserver import OwnPostgres
 
 
 async def rows(ledger: Ledger) -> dict[str, int]:
     """request id -> how many usage rows it has."""
-    from gateway.ledger.models import UsageRow
+    from kvgate.gateway.ledger.models import UsageRow
 
     async with ledger.engine.connect() as conn:
         return dict((await conn.execute(select(UsageRow.request_id, func.count())

@@ -6,8 +6,8 @@ import asyncio
 
 import pytest
 
-from gateway.ledger import Conflict, InvalidInput, Ledger, NotFound
-from gateway.ledger.auth import KeyCache, Principal
+from kvgate.gateway.ledger import Conflict, InvalidInput, Ledger, NotFound
+from kvgate.gateway.ledger.auth import KeyCache, Principal
 
 from .conftest import event
 

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
-from gateway.ledger import InvalidInput
-from gateway.ledger.timespec import check_range, parse_time
+from kvgate.gateway.ledger import InvalidInput
+from kvgate.gateway.ledger.timespec import check_range, parse_time
 
-UTC = timezone.utc
+UTC = UTC
 NOW = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
 
 

@@ -9,9 +9,9 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import select
 
-from gateway.ledger import Billed, Ledger, LedgerError, NotFound, cost_micros
-from gateway.ledger.billing import DEFAULT_PRICES
-from gateway.ledger.models import UsageRow
+from kvgate.gateway.ledger import Billed, Ledger, LedgerError, NotFound, cost_micros
+from kvgate.gateway.ledger.billing import DEFAULT_PRICES
+from kvgate.gateway.ledger.models import UsageRow
 
 from .conftest import NOW, event
 
@@ -192,7 +192,7 @@ async def test_record_answers_the_billed_cost(ledger: Ledger) -> None:
 def test_the_usage_row_is_the_table() -> None:
     """The record-to-row mapping names exactly the table's columns (the SQLite fast path
     is compiled from the same table), so a new column cannot be silently dropped."""
-    from gateway.ledger.committer import usage_row
+    from kvgate.gateway.ledger.committer import usage_row
 
     columns = {c.name for c in UsageRow.__table__.columns if not c.primary_key}
     assert set(usage_row(event(1), Billed(True, 1, "USD"))) == columns

@@ -18,7 +18,7 @@ import pytest
 import redis
 import requests
 
-from gateway.route.events import STREAM
+from kvgate.gateway.route.events import STREAM
 from tests.route.conftest import Fleet
 from tests.support.admin import ADMIN_KEY
 from tests.support.router import RouterThread

@@ -5,10 +5,10 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cachestore.events import CacheEvent
-from gateway.route.choose import Candidate, QueueCost, choose, cost, load_bound
-from gateway.route.events import EventBatch, decode_event, encode_event
-from gateway.route.index import ClusterIndex
+from kvgate.cachestore.events import CacheEvent
+from kvgate.gateway.route.choose import Candidate, QueueCost, choose, cost, load_bound
+from kvgate.gateway.route.events import EventBatch, decode_event, encode_event
+from kvgate.gateway.route.index import ClusterIndex
 
 
 def _hashes(n: int, tag: str = "a") -> list[bytes]:

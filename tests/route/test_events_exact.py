@@ -8,11 +8,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cachestore import CacheStore
-from cachestore.events import CacheEvent
-from gateway.route.events import EventBatch
-from gateway.route.index import ClusterIndex
-from kernels.layout import KVLayout
+from kvgate.cachestore import CacheStore
+from kvgate.cachestore.events import CacheEvent
+from kvgate.gateway.route.events import EventBatch
+from kvgate.gateway.route.index import ClusterIndex
+from kvgate.kernels.layout import KVLayout
 
 BLOCK = 4
 LAYOUT = KVLayout(num_layers=2, num_kv_heads=1, head_dim=2, block_size=BLOCK,

@@ -10,8 +10,8 @@ import openai
 import pytest
 import requests
 
-from cachestore.hashing import block_hashes, root_digest
-from gateway.http.tenancy import tenant_namespace
+from kvgate.cachestore.hashing import block_hashes, root_digest
+from kvgate.gateway.http.tenancy import tenant_namespace
 from tests.route.conftest import Fleet, replica_flags, start_fleet
 from tests.support.admin import ADMIN_KEY
 from tests.support.redis_server import RedisServer, missing

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from cachestore.shared_tier import Breaker, CostModel, ModelShape
-from kernels.layout import KVLayout
+from kvgate.cachestore.shared_tier import Breaker, CostModel, ModelShape
+from kvgate.kernels.layout import KVLayout
 
 # Llama-3-8B: 32 layers, 8 KV heads of 128, bf16 -> 2 MiB pages of 16 tokens
 LLAMA_8B = ModelShape(params=7_000_000_000, num_layers=32, num_q_heads=32, head_dim=128)

@@ -11,15 +11,15 @@ from typing import Any
 import pytest
 import torch
 
-from cachestore import CacheStore
-from cachestore.shared_tier import (
+from kvgate.cachestore import CacheStore
+from kvgate.cachestore.shared_tier import (
     CostModel,
     ModelShape,
     SharedRecord,
     SharedTier,
     SharedTierConfig,
 )
-from kernels.layout import KVLayout
+from kvgate.kernels.layout import KVLayout
 from tests.shared_tier.conftest import RedisServer
 
 BLOCK = 4

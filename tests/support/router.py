@@ -8,7 +8,7 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway.route.settings import RouterSettings
+from kvgate.gateway.route.settings import RouterSettings
 
 
 class RouterThread:
@@ -27,7 +27,7 @@ class RouterThread:
 
     @property
     def router(self) -> Any:
-        from gateway.route.app import ROUTER
+        from kvgate.gateway.route.app import ROUTER
 
         assert self.app is not None
         return self.app[ROUTER]
@@ -37,7 +37,7 @@ class RouterThread:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(30)
 
     def start(self) -> RouterThread:
-        from gateway.route.app import create_router_app
+        from kvgate.gateway.route.app import create_router_app
 
         self.app = create_router_app(self.settings)
         self._loop = asyncio.new_event_loop()
@@ -57,7 +57,7 @@ class RouterThread:
             self._loop.close()
 
     async def _serve(self) -> None:
-        from gateway.http.transport import GatewayRunner
+        from kvgate.gateway.http.transport import GatewayRunner
 
         assert self.app is not None
         self._stop = asyncio.Event()

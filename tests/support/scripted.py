@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from gateway.engine import Engine
+from kvgate.gateway.engine import Engine
 from tests.support.admin import Tenant
 
 

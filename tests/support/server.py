@@ -36,14 +36,14 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import requests
 from aiohttp import web
 
-from gateway.config import Settings
+from kvgate.gateway.config import Settings
 from tests.support.admin import ADMIN_KEY, Admin
 
 if TYPE_CHECKING:
-    from typing_extensions import Self
+    from typing import Self
 
-    from gateway.engine import Engine
-    from gateway.http.state import AppState
+    from kvgate.gateway.engine import Engine
+    from kvgate.gateway.http.state import AppState
 
 T = TypeVar("T")
 
@@ -155,7 +155,7 @@ class ThreadServer(Server):
 
     @property
     def state(self) -> AppState:
-        from gateway.http.state import STATE
+        from kvgate.gateway.http.state import STATE
 
         if self.app is None:
             raise RuntimeError("the server is not running; start() it first")
@@ -170,7 +170,7 @@ class ThreadServer(Server):
 
     def start(self, timeout_s: float = 120.0) -> Self:
         """Raises what the app raised while starting (e.g. an unmigrated ledger)."""
-        from gateway.http.app import create_app
+        from kvgate.gateway.http.app import create_app
 
         self.app = create_app(self.settings, engine=self.engine)
         self._ready.clear()
@@ -207,7 +207,7 @@ class ThreadServer(Server):
     async def _serve(self) -> None:
         assert self.app is not None
         self._stop = asyncio.Event()
-        from gateway.http.transport import GatewayRunner
+        from kvgate.gateway.http.transport import GatewayRunner
 
         runner = GatewayRunner(self.app, shutdown_timeout=5)
         try:
@@ -260,7 +260,7 @@ class ProcessServer(Server):
                               "from gateway.cli import main\nsys.exit(main())\n")
             cmd += [str(script)]
         else:
-            cmd += ["-m", "gateway.cli"]
+            cmd += ["-m", "kvgate.gateway.cli"]
         cmd.append("serve")
         for field in dataclasses.fields(Settings):
             value = getattr(self.settings, field.name)

@@ -8,8 +8,8 @@ value outside a ``Literal`` fails. The SDK clients themselves build these models
 so a misspelled optional field would reach a user as a silent ``None``: unknown fields fail
 here too, except the few kvgate adds on purpose (``EXTRA_FIELDS``).
 
-Where present (``../shared/reference/openai-openapi.yaml`` beside the repository): OpenAI's
-published OpenAPI document as well, as JSON Schema. The document is 3 MB of YAML, loaded
+Always, too: OpenAI's published OpenAPI document (``tests/support/reference/``, MIT, with
+its licence), as JSON Schema. The document is 3 MB of YAML, loaded
 once; OpenAPI 3.0's ``nullable: true`` is rewritten as ``anyOf [..., null]`` so a 2020-12
 validator reads it as the document means it.
 """
@@ -32,7 +32,7 @@ from openai.pagination import SyncPage
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
-SPEC_PATH = Path(__file__).resolve().parents[3] / "shared" / "reference" / "openai-openapi.yaml"
+SPEC_PATH = Path(__file__).resolve().parent / "reference" / "openai-openapi.yaml"
 _BASE = "urn:openai-openapi"
 
 # name → (the SDK's type, the schema in OpenAI's document)

@@ -1,0 +1,521 @@
+"""The shared third tier: KV pages in Valkey/Redis, below the device and host tiers.
+
+Every replica writes the blocks it commits (and the ones it demotes, if the commit's copy
+was not taken) to one Valkey; a replica whose own tiers miss fetches the consecutive
+blocks that follow its local prefix before computing the rest. Valkey's ``maxmemory``
+with an LRU policy bounds it; every key carries the block's TTL (``PX``).
+
+- Key: ``<prefix><block hash, hex>``. The hash is chained from the namespace's root
+  (``hashing.root_digest``), so one tenant's prompt never names another tenant's key.
+- Value (``encode``/``decode``): a header, the layout's signature, the parent's hash, the
+  namespace, the block's token ids, the page bytes, and with a secret an HMAC of all of
+  it. A fetch accepts a value only if every field agrees with the prompt being served
+  (the same rule as ``PrefixIndex.verify``): a collision, a corrupt or truncated entry,
+  another model's page or another tenant's entry copied under this key is a miss.
+- Flush: ``flush_namespace`` increments the namespace's epoch (``<prefix>epoch:<ns>``);
+  every entry carries the epoch it was written under and a fetch accepts only the current
+  one, so an operator's flush of a tenant reaches every replica's view of Valkey at once.
+- Nothing here may fail a request. Writes go to a bounded write-behind queue drained by
+  one thread (full: the block is skipped and counted). Fetches run off the engine thread
+  with socket timeouts and a deadline. A ``Breaker`` stops both after repeated errors and
+  lets one call through per cool-down to find out whether Valkey is back.
+- ``CostModel``: a fetch is made only where moving the pages is faster than recomputing
+  them, from the model's shape (bytes per block against prefill FLOPs per block).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import math
+import queue
+import struct
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import redis
+import torch
+
+from kvgate.cachestore.hashing import xxh3_128
+from kvgate.cachestore.stats import SharedTierStats
+from kvgate.kernels.layout import KVLayout
+
+log = logging.getLogger("kvgate.cache.shared")
+
+MAGIC = b"KVS1"
+_HEADER = struct.Struct("<4sIIQ")  # magic, namespace bytes, token bytes, namespace epoch
+DIGEST = 16
+MAC_BYTES = 32
+
+
+def parse_epoch(value: object) -> int | None:
+    """A namespace's epoch as Valkey holds it (absent: 0); None for anything that is not
+    an integer the header can carry (a key someone overwrote): its entries are misses and
+    are not written, never an error that stops the writer."""
+    if value is None:
+        return 0
+    try:
+        epoch = int(value if isinstance(value, (bytes, str)) else b"x")
+    except ValueError:
+        return None
+    return epoch if 0 <= epoch < 1 << 64 else None
+
+
+def _ttl_ms(ttl_s: float) -> int:
+    """A block's ``PX``: at least 1 ms, at most a year (an infinite or absurd TTL must not
+    make Valkey refuse the whole pipeline)."""
+    if math.isnan(ttl_s):
+        return 1
+    return int(max(1.0, min(ttl_s * 1000, 365 * 86400 * 1000.0)))
+
+
+def layout_signature(layout: KVLayout, model_id: str) -> bytes:
+    """What a page's bytes mean: a page of another model, dtype or shape never verifies."""
+    text = f"{model_id}|{layout.page_shape}|{layout.dtype}".encode()
+    return xxh3_128(text)
+
+
+@dataclass(frozen=True)
+class SharedTierConfig:
+    """``kvgate serve --shared-tier-*``; see docs/architecture.md (Shared tier)."""
+
+    url: str
+    timeout_ms: int = 50  # each Valkey call, and the deadline of one fetch
+    queue_bytes: int = 256 * 1024 * 1024  # page bytes waiting to be written, at most
+    max_fetch_blocks: int = 512  # blocks one request may fetch ...
+    max_fetch_bytes: int = 256 * 1024 * 1024  # ... and page bytes (4 fetches run at once)
+    fetch_batch_blocks: int = 16  # blocks per MGET
+    # Cost model inputs: the network's bytes per second (10 Gb/s by default), its round
+    # trip, and the FLOP/s prefill reaches here (0: 2e14 on CUDA, 5e10 on CPU).
+    bandwidth_bytes: int = 1_250_000_000
+    rtt_s: float = 0.0005
+    compute_flops: float = 0.0
+    breaker_failures: int = 3  # consecutive errors that open the breaker
+    breaker_cooldown_s: float = 5.0
+    secret: str = field(default="", repr=False)  # HMAC key for entries ("": none)
+    key_prefix: str = "kvgate:kv:"
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What prefill costs per token: ``2 * params`` for the matmuls plus attention's
+    ``4 * layers * q_heads * head_dim`` per position attended to."""
+
+    params: int  # weights used per token (without the input embedding)
+    num_layers: int
+    num_q_heads: int
+    head_dim: int
+
+
+class CostModel:
+    """Fetch blocks ``[start, start + n)`` from the shared tier only if
+    ``rtt + n * page_bytes / bandwidth < prefill_flops(those positions) / compute_flops``.
+
+    Example (the thresholds are only these two numbers): Llama-3-8B in bf16 on an H200
+    has 2 MiB pages of 16 tokens and about 2.3e11 FLOPs per block; at 2e14 FLOP/s a block
+    takes 1.1 ms to compute and 1.7 ms to move over 10 Gb/s, so it is not fetched (at
+    25 Gb/s it is). The demo model's 64 KiB page takes 0.05 ms to move and ~7 ms to
+    compute on a CPU: always fetched.
+    """
+
+    def __init__(self, layout: KVLayout, shape: ModelShape, bandwidth_bytes: float,
+                 rtt_s: float, compute_flops: float) -> None:
+        self.block_size = layout.block_size
+        self.page_bytes = layout.page_bytes
+        self.shape = shape
+        self.bandwidth = float(bandwidth_bytes)
+        self.rtt_s = float(rtt_s)
+        self.compute_flops = float(compute_flops)
+
+    def compute_s(self, start_block: int, n_blocks: int) -> float:
+        """Seconds to prefill blocks ``[start_block, start_block + n_blocks)``."""
+        first = start_block * self.block_size
+        tokens = n_blocks * self.block_size
+        positions = tokens * first + tokens * (tokens - 1) / 2  # sum of positions attended
+        s = self.shape
+        flops = 2 * s.params * tokens + 4 * s.num_layers * s.num_q_heads * s.head_dim * positions
+        return flops / self.compute_flops
+
+    def fetch_s(self, n_blocks: int) -> float:
+        return self.rtt_s + n_blocks * self.page_bytes / self.bandwidth
+
+    def worth_fetching(self, start_block: int, n_blocks: int) -> bool:
+        return n_blocks > 0 and self.fetch_s(n_blocks) < self.compute_s(start_block, n_blocks)
+
+
+class Breaker:
+    """Closed until ``failures`` errors in a row; then open for ``cooldown_s``, after which
+    one call is let through (half-open): success closes it, failure opens it again."""
+
+    def __init__(self, failures: int, cooldown_s: float,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.failures = max(1, failures)
+        self.cooldown_s = cooldown_s
+        self.clock = clock
+        self._errors = 0
+        self._opened_at: float | None = None
+        self._trial = False
+        self._lock = threading.Lock()
+
+    @property
+    def is_open(self) -> bool:
+        return self._opened_at is not None
+
+    @property
+    def blocked(self) -> bool:
+        """Whether ``allow`` would refuse now (it is open and its trial is not due), without
+        taking the trial: a writer that checks this before queueing still gets to make the
+        trial call once the cool-down is over, so writes alone can close it again."""
+        with self._lock:
+            return self._opened_at is not None and (
+                self._trial or self.clock() - self._opened_at < self.cooldown_s)
+
+    def allow(self) -> bool:
+        with self._lock:
+            if self._opened_at is None:
+                return True
+            if self._trial or self.clock() - self._opened_at < self.cooldown_s:
+                return False
+            self._trial = True
+            return True
+
+    def release(self) -> None:
+        """The call let through learnt nothing about Valkey (it failed before or after the
+        network): the next call after the cool-down is let through instead."""
+        with self._lock:
+            self._trial = False
+
+    def success(self) -> None:
+        with self._lock:
+            self._errors, self._opened_at, self._trial = 0, None, False
+
+    def failure(self) -> None:
+        with self._lock:
+            self._errors += 1
+            self._trial = False
+            if self._opened_at is not None or self._errors >= self.failures:
+                self._opened_at = self.clock()
+
+
+@dataclass(frozen=True)
+class SharedRecord:
+    """One block to write: its identity, its page (a CPU tensor) and its TTL."""
+
+    block_hash: bytes
+    parent_hash: bytes
+    namespace: str
+    tokens: bytes
+    page: torch.Tensor
+    ttl_s: float
+
+
+@dataclass(frozen=True)
+class _Flush:
+    namespace: str
+
+
+@dataclass(frozen=True)
+class FetchedBlock:
+    block_hash: bytes
+    tokens: bytes
+    page: torch.Tensor  # CPU, the pool's page shape and dtype
+
+
+@dataclass
+class SharedFetch:
+    """Blocks fetched for one prompt: positions ``start``, ``start + 1``, ... in order."""
+
+    start: int
+    blocks: list[FetchedBlock]
+
+
+class _Counters:
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.values = dict.fromkeys(
+            ("hits", "hit_bytes", "misses", "rejected", "skipped", "writes", "write_bytes",
+             "dropped", "errors"), 0)
+
+    def add(self, **deltas: int) -> None:
+        with self.lock:
+            for k, v in deltas.items():
+                self.values[k] += v
+
+
+class SharedTier:
+    """The Valkey client of one replica: a write-behind queue and verified fetches."""
+
+    def __init__(self, config: SharedTierConfig, layout: KVLayout, model_id: str,
+                 client: redis.Redis | None = None) -> None:
+        self.config = config
+        self.layout = layout
+        self.signature = layout_signature(layout, model_id)
+        timeout = config.timeout_ms / 1000
+        self.client = client or redis.Redis.from_url(
+            config.url, socket_timeout=timeout, socket_connect_timeout=timeout,
+            retry_on_timeout=False, health_check_interval=0)
+        self.breaker = Breaker(config.breaker_failures, config.breaker_cooldown_s)
+        self.counters = _Counters()
+        self._secret = config.secret.encode()
+        self._queue: queue.Queue[SharedRecord | _Flush | None] = queue.Queue()
+        self._queued_bytes = 0
+        self._pending = 0  # items queued or being written (what ``drain`` waits for)
+        self._queue_lock = threading.Lock()
+        self._writer = threading.Thread(target=self._write_loop, name="kvgate-shared-tier",
+                                        daemon=True)
+        self._writer.start()
+
+    # -- keys and values --------------------------------------------------------------------
+    def key(self, block_hash: bytes) -> str:
+        return self.config.key_prefix + block_hash.hex()
+
+    def epoch_key(self, namespace: str) -> str:
+        return self.config.key_prefix + "epoch:" + namespace
+
+    def encode(self, record: SharedRecord, epoch: int = 0) -> bytes:
+        ns = record.namespace.encode()
+        page = record.page.contiguous().view(torch.uint8).numpy().tobytes()
+        body = b"".join((_HEADER.pack(MAGIC, len(ns), len(record.tokens), epoch), self.signature,
+                         record.parent_hash, ns, record.tokens, page))
+        return body + self._mac(body) if self._secret else body
+
+    def decode(self, value: bytes | None, parent_hash: bytes, namespace: str,
+               tokens: bytes, epoch: int = 0) -> torch.Tensor | None:
+        """The page stored in ``value`` if it is exactly this block; else None (a miss)."""
+        if value is None:
+            return None
+        if self._secret:
+            body, mac = value[:-MAC_BYTES], value[-MAC_BYTES:]
+            if len(value) < MAC_BYTES or not hmac.compare_digest(mac, self._mac(body)):
+                return None
+        else:
+            body = value
+        ns = namespace.encode()
+        head = _HEADER.size + DIGEST + DIGEST
+        if len(body) != head + len(ns) + len(tokens) + self.layout.page_bytes:
+            return None
+        magic, ns_len, tok_len, written_epoch = _HEADER.unpack_from(body)
+        if magic != MAGIC or ns_len != len(ns) or tok_len != len(tokens) or \
+                written_epoch != epoch:
+            return None
+        pos = _HEADER.size
+        if body[pos:pos + DIGEST] != self.signature:
+            return None
+        pos += DIGEST
+        if body[pos:pos + DIGEST] != parent_hash:
+            return None
+        pos += DIGEST
+        if body[pos:pos + ns_len] != ns or body[pos + ns_len:pos + ns_len + tok_len] != tokens:
+            return None
+        raw = bytearray(body[pos + ns_len + tok_len:])
+        page = torch.frombuffer(raw, dtype=torch.uint8).view(self.layout.dtype)
+        return page.reshape(self.layout.page_shape)
+
+    def _mac(self, body: bytes) -> bytes:
+        return hmac.new(self._secret, body, hashlib.sha256).digest()
+
+    # -- writing ------------------------------------------------------------------------------
+    def put(self, records: Sequence[SharedRecord]) -> int:
+        """Queue records for writing, in order, while the queue has room (never blocks).
+        → how many were taken (a prefix of ``records``)."""
+        taken = 0
+        for record in records:
+            nbytes = self.layout.page_bytes
+            with self._queue_lock:
+                if self.breaker.blocked or self._queued_bytes + nbytes > self.config.queue_bytes:
+                    break
+                self._queued_bytes += nbytes
+                self._pending += 1
+            self._queue.put(record)
+            taken += 1
+        if taken < len(records):
+            self.counters.add(dropped=len(records) - taken)
+        return taken
+
+    def room(self) -> int:
+        """Blocks ``put`` would take now (0 while the breaker refuses calls): callers copy only
+        those pages off the device."""
+        if self.breaker.blocked:
+            return 0
+        with self._queue_lock:
+            return max(0, self.config.queue_bytes - self._queued_bytes) // self.layout.page_bytes
+
+    def count_dropped(self, n: int) -> None:
+        self.counters.add(dropped=n)
+
+    def flush_namespace(self, namespace: str) -> None:
+        """Make every entry of ``namespace`` written so far a miss, on every replica (its
+        epoch goes up, after the writes queued before this call). Never blocks."""
+        with self._queue_lock:
+            self._pending += 1
+        self._queue.put(_Flush(namespace))
+
+    def _write_loop(self) -> None:
+        while True:
+            item = self._queue.get()
+            batch: list[SharedRecord] = []
+            while item is not None:
+                if isinstance(item, _Flush):
+                    self._write(batch)
+                    batch = []
+                    self._flush(item.namespace)
+                    self._done(1)
+                else:
+                    batch.append(item)
+                if len(batch) == 64:
+                    break
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+            self._write(batch)
+            if item is None:
+                return
+
+    def _done(self, n: int) -> None:
+        with self._queue_lock:
+            self._pending -= n
+
+    def _flush(self, namespace: str) -> None:
+        try:
+            self.client.incr(self.epoch_key(namespace))
+        except (redis.RedisError, OSError, ValueError) as exc:  # ValueError: not an integer
+            if not isinstance(exc, redis.ResponseError):  # WRONGTYPE: Valkey itself is fine
+                self.breaker.failure()
+            self.counters.add(errors=1)
+            log.error("shared tier flush of %s failed (its entries stay until their TTL): %r",
+                      namespace, exc)
+
+    def _write(self, batch: list[SharedRecord]) -> None:
+        if not batch:
+            return
+        try:
+            self._write_batch(batch)
+        finally:
+            self._done(len(batch))
+
+    def _write_batch(self, batch: list[SharedRecord]) -> None:
+        with self._queue_lock:
+            self._queued_bytes -= len(batch) * self.layout.page_bytes
+        if not self.breaker.allow():
+            self.counters.add(dropped=len(batch))
+            return
+        try:
+            namespaces = sorted({r.namespace for r in batch})
+            current = self.client.mget([self.epoch_key(ns) for ns in namespaces])
+            epochs = {ns: parse_epoch(v) for ns, v in zip(namespaces, current, strict=True)}
+            spoiled = [r for r in batch if epochs[r.namespace] is None]
+            if spoiled:
+                self.counters.add(dropped=len(spoiled))
+                log.error("shared tier: the epoch key of %s is not an integer; its blocks are "
+                          "not written (delete the key to repair it)",
+                          sorted({r.namespace for r in spoiled}))
+            pipe = self.client.pipeline(transaction=False)
+            for r in batch:
+                epoch = epochs[r.namespace]
+                if epoch is None:
+                    continue
+                pipe.set(self.key(r.block_hash), self.encode(r, epoch), px=_ttl_ms(r.ttl_s))
+            pipe.execute()
+        except (redis.RedisError, OSError) as exc:
+            self.breaker.failure()
+            self.counters.add(errors=1, dropped=len(batch))
+            log.warning("shared tier write of %d blocks failed: %r", len(batch), exc)
+            return
+        except Exception:  # not the network's fault: the blocks are lost, the writer lives on
+            self.breaker.release()
+            self.counters.add(errors=1, dropped=len(batch))
+            log.exception("shared tier write of %d blocks failed", len(batch))
+            return
+        self.breaker.success()
+        written = len(batch) - len(spoiled)
+        self.counters.add(writes=written, write_bytes=written * self.layout.page_bytes)
+
+    def drain(self, timeout_s: float = 10.0) -> bool:
+        """Wait until the write-behind queue is empty (tests, shutdown); → whether it is."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            with self._queue_lock:
+                if self._pending == 0:
+                    return True
+            time.sleep(0.005)
+        return False
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._writer.join(timeout=2 * self.config.timeout_ms / 1000 + 1)
+        self.client.close()
+
+    # -- fetching ----------------------------------------------------------------------------
+    def fetch(self, namespace: str, start: int, parent_hash: bytes, hashes: Sequence[bytes],
+              tokens: Sequence[bytes], cost: CostModel | None) -> SharedFetch | None:
+        """Blocks ``start, start + 1, ...`` of a prompt (their ``hashes`` and ``tokens``),
+        as many consecutive ones as Valkey holds and verify. Network I/O: never call it on
+        the engine thread. None when nothing was fetched."""
+        n = min(len(hashes), self.config.max_fetch_blocks,
+                self.config.max_fetch_bytes // self.layout.page_bytes)
+        if n == 0:
+            return None
+        if cost is not None and not cost.worth_fetching(start, n):
+            self.counters.add(skipped=1)
+            return None
+        if not self.breaker.allow():
+            return None
+        out: list[FetchedBlock] = []
+        try:
+            self._read(namespace, parent_hash, hashes[:n], tokens, out)
+        except (redis.RedisError, OSError) as exc:
+            self.breaker.failure()
+            self.counters.add(errors=1)
+            log.warning("shared tier fetch failed: %r", exc)
+        except Exception:  # a value nothing expected: a miss, and the breaker is not stuck
+            self.breaker.release()
+            self.counters.add(errors=1)
+            log.exception("shared tier fetch failed")
+            out = []
+        else:
+            self.breaker.success()
+        if not out:
+            return None
+        self.counters.add(hits=len(out), hit_bytes=len(out) * self.layout.page_bytes)
+        return SharedFetch(start, out)
+
+    def _read(self, namespace: str, parent_hash: bytes, hashes: Sequence[bytes],
+              tokens: Sequence[bytes], out: list[FetchedBlock]) -> None:
+        """MGET batch by batch into ``out`` until a block is missing or fails to verify,
+        or the deadline passes."""
+        deadline = time.monotonic() + self.config.timeout_ms / 1000
+        step = self.config.fetch_batch_blocks
+        epoch = 0
+        for lo in range(0, len(hashes), step):
+            if lo and time.monotonic() > deadline:
+                return
+            batch = range(lo, min(len(hashes), lo + step))
+            keys = [self.key(hashes[i]) for i in batch]
+            if lo == 0:  # the namespace's epoch rides along with the first batch
+                first, *values = self.client.mget([self.epoch_key(namespace), *keys])
+                parsed = parse_epoch(first)
+                if parsed is None:  # overwritten by someone: nothing of it can be trusted
+                    self.counters.add(rejected=1)
+                    return
+                epoch = parsed
+            else:
+                values = self.client.mget(keys)
+            for i, value in zip(batch, values, strict=True):
+                parent = parent_hash if i == 0 else hashes[i - 1]
+                page = self.decode(value if isinstance(value, bytes) else None, parent,
+                                   namespace, tokens[i], epoch)
+                if page is None:
+                    self.counters.add(misses=int(value is None), rejected=int(value is not None))
+                    return
+                out.append(FetchedBlock(hashes[i], tokens[i], page))
+
+    def stats(self) -> SharedTierStats:
+        with self.counters.lock:
+            v = dict(self.counters.values)
+        with self._queue_lock:
+            queued = self._queued_bytes
+        return SharedTierStats(available=not self.breaker.is_open, queued_bytes=queued, **v)

@@ -1,0 +1,475 @@
+"""The engine-facing prefix cache: match, allocate, commit, release, flush.
+
+``CacheStore`` is the interface the scheduler sees (vLLM v1's ``KVCacheManager``). The
+work is done by its parts: ``PrefixIndex`` (which blocks exist, their references and
+pages), ``EvictionPolicy`` (who goes next), ``TierMoves`` (demotion and promotion) and
+``CacheCounters`` (what ``stats()`` reports). The store hashes prompts, holds the lock,
+and decides TTLs, quotas and pins.
+
+Life of a page (docs/architecture.md, cachestore): ``free`` → ``active`` (held by a running
+sequence; never evicted or moved) → ``cached`` (refcount 0, in the index, evictable) →
+``offloaded`` (demoted to the host pool) → ``active`` again on a hit (promoted into a
+fresh device page), or dropped.
+
+Choices the specification leaves open:
+- Evictions count blocks that leave the cache (``lru``, ``ttl``, ``quota``); a device
+  eviction that finds room on the host is a demotion, counted there. ``flush`` is an
+  operator action, not an eviction.
+- Quota counts every indexed block of the namespace on both tiers, whatever its state;
+  a block that would push it over the quota, even after the namespace gave up its idle
+  blocks, is not indexed (its tokens stay uncached; the sequence keeps its page).
+- A block committed while the same block is already indexed (another sequence got there
+  first) is shared, not written: the sequence references the indexed block and keeps its
+  own page as a private copy. If the indexed block sits on the host, the sequence's fresh
+  device page simply becomes its page (no copy).
+- Guaranteed shares (``shares.py``): ``match`` and ``allocate`` mark the namespace active;
+  an allocation evicts only its own blocks and those of namespaces over their share, and
+  leaves free what other active namespaces' device shares still lack.
+- ``commit`` reports writes by TTL in seconds; which price a TTL gets is billing's call.
+- Hit and miss tokens are counted once per request by ``record_prompt``, from the figures
+  the request is billed with; ``match`` counts nothing (see ``counters``).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+
+import torch
+
+from kvgate.cachestore.block import DEVICE, HOST, TIERS, Block, CacheSeq, PrefixMatch, Tier
+from kvgate.cachestore.counters import CacheCounters, PromptTokens
+from kvgate.cachestore.duel import sampled
+from kvgate.cachestore.events import CacheEvent
+from kvgate.cachestore.hashing import (
+    HashFn,
+    TokenIds,
+    chain_hashes,
+    root_digest,
+    token_bytes,
+    xxh3_128,
+)
+from kvgate.cachestore.index import PrefixIndex
+from kvgate.cachestore.policy import EvictionPolicy, is_expired
+from kvgate.cachestore.pool import PagePool
+from kvgate.cachestore.shared_link import SharedLink
+from kvgate.cachestore.shared_tier import CostModel, SharedFetch, SharedTier
+from kvgate.cachestore.shares import Shares
+from kvgate.cachestore.stats import (
+    CacheStats,
+    HotPrefix,
+    NamespaceShare,
+    NamespaceStats,
+    ShareSummary,
+    TierStats,
+    hottest_prefixes,
+)
+from kvgate.cachestore.tiers import TierMoves
+from kvgate.kernels.layout import KVLayout
+
+
+class CacheStore:
+    def __init__(
+        self,
+        layout: KVLayout,
+        device_bytes: int,
+        host_bytes: int,
+        device: torch.device | str = "cpu",
+        model_id: str = "demo",
+        adapter_id: str = "",
+        default_ttl_s: float = 300.0,
+        clock: Callable[[], float] = time.monotonic,
+        hash_fn: HashFn = xxh3_128,
+        shares: bool = True,
+        share_window_s: float | None = None,
+        eviction: str = "adaptive",
+    ) -> None:
+        """``hash_fn`` is replaceable so tests can force collisions; keep the default.
+
+        ``shares``: guaranteed shares per namespace (``kvgate.cachestore.shares``); a namespace is
+        active for ``share_window_s`` after its last request (default: ``default_ttl_s``).
+
+        ``eviction``: ``adaptive`` (the default: the order that wins a shadow simulation on
+        sampled blocks, ``kvgate.cachestore.duel``) or a fixed order (``lru``, ``slru``, ``newest``).
+        """
+        if str(device) == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.layout = layout
+        self.block_size = layout.block_size
+        self.model_id = model_id
+        self.adapter_id = adapter_id
+        self.default_ttl_s = float(default_ttl_s)
+        self.clock = clock
+        self.hash_fn = hash_fn
+        self.device = PagePool(layout, layout.pages_for_bytes(device_bytes), device, False)
+        self.host = PagePool(layout, layout.pages_for_bytes(host_bytes), "cpu", True)
+        self.device_pool = self.device.tensor
+        self.host_pool = self.host.tensor
+        self.policy = EvictionPolicy(self.device.num_pages, self.host.num_pages, mode=eviction)
+        self.index = PrefixIndex(self.device, self.host, self.policy)
+        self.counters = CacheCounters()
+        window_s = self.default_ttl_s if share_window_s is None else float(share_window_s)
+        self.shares = Shares(self.device, self.host, shares, window_s)
+        self.tiers = TierMoves(self.device, self.host, self.index, self.policy, self.counters,
+                               self.shares)
+        self.seqs: dict[str, CacheSeq] = {}  # sequences holding pages
+        self._roots: dict[str, bytes] = {}
+        self._observed: OrderedDict[str, None] = OrderedDict()  # seq ids the duel has seen
+        self._queued: dict[str, tuple[int, list[bytes]]] = {}  # hold_queued's hashes by key
+        self._lock = threading.Lock()
+        self.shared: SharedLink | None = None  # the Valkey tier (``attach_shared``)
+
+    # -- the engine's interface ---------------------------------------------------------
+    def open(
+        self,
+        seq_id: str,
+        namespace: str,
+        ttl_segments: list[tuple[int, float]] | None = None,
+        default_ttl_s: float | None = None,
+    ) -> CacheSeq:
+        return CacheSeq(seq_id, namespace, list(ttl_segments or []), default_ttl_s)
+
+    def match(self, seq: CacheSeq, token_ids: TokenIds) -> PrefixMatch:
+        """Reference the longest cached prefix of ``token_ids`` and put it on the device."""
+        with self._lock:
+            if seq.block_table:
+                raise RuntimeError(f"match {seq.seq_id!r} before allocating, or release it first")
+            now = self.clock()
+            self._expire(now)
+            self.shares.touch(seq.namespace, now)
+            data = token_bytes(token_ids)
+            hashes = chain_hashes(self._root(seq.namespace), data, self.block_size, self.hash_fn)
+            self._observe(seq, hashes, now)
+            matched: list[Block] = []
+            for block in self.index.walk(seq.namespace, hashes, data):
+                if is_expired(block, now):
+                    self.counters.evictions.ttl += len(self.index.drop(block))
+                    break
+                self.index.ref(block)
+                block.hits += 1
+                ttl_s = seq.ttl_for_block(len(matched), self.block_size, self.default_ttl_s)
+                block.ttl_s = max(block.ttl_s, ttl_s)
+                matched.append(block)
+            matched, host_hits = self.tiers.promote(matched)
+            seq.blocks = matched
+            seq.block_table = [b.page for b in matched]
+            seq.num_committed_blocks = len(matched)
+            seq.chain_broken = False
+            self.seqs[seq.seq_id] = seq
+            n = len(matched)
+            return PrefixMatch(n * self.block_size, n, n - host_hits, host_hits)
+
+    def allocate(self, seq: CacheSeq, num_tokens: int) -> bool:
+        """Grow the block table to hold ``num_tokens``; False (nothing taken) when no room."""
+        with self._lock:
+            need = -(-num_tokens // self.block_size) - len(seq.block_table)
+            now = self.clock()
+            self.shares.touch(seq.namespace, now)
+            if need <= 0:
+                return True
+            self._expire(now)
+            if not self.tiers.reserve_device(need, seq.namespace):
+                return False
+            seq.block_table.extend(self.device.take(seq.namespace) for _ in range(need))
+            self.seqs[seq.seq_id] = seq
+            return True
+
+    def commit(self, seq: CacheSeq, token_ids: TokenIds) -> dict[float, int]:
+        """Index the sequence's full blocks not yet committed.
+
+        → tokens newly written, keyed by the TTL in seconds of the blocks that hold them
+        (``{300.0: 32, 3600.0: 16}``); empty when nothing was written. Blocks another
+        sequence indexed first are shared, not written.
+        """
+        with self._lock:
+            data = token_bytes(token_ids)
+            step = self.index.block_bytes
+            start = seq.num_committed_blocks
+            end = min(len(data) // step, len(seq.block_table))
+            if end <= start:
+                return {}
+            seq.num_committed_blocks = end
+            if seq.chain_broken:
+                return {}
+            now = self.clock()
+            self._expire(now)
+            parent = seq.blocks[-1] if seq.blocks else None
+            parent_hash = parent.hash if parent is not None else self._root(seq.namespace)
+            hashes = chain_hashes(parent_hash, data[start * step : end * step], self.block_size,
+                                  self.hash_fn)
+            written: dict[float, int] = {}
+            new_blocks: list[Block] = []
+            for i, block_hash in enumerate(hashes, start):
+                tokens = self.index.tokens_of(data, i)
+                ttl_s = seq.ttl_for_block(i, self.block_size, self.default_ttl_s)
+                block = self._live(block_hash, now)
+                if block is not None:
+                    if not self.index.verify(block, parent, seq.namespace, tokens):
+                        seq.chain_broken = True  # a collision: this and later blocks stay private
+                        break
+                    self._share(block, seq.block_table[i], ttl_s)
+                elif self._enforce_quota(seq.namespace, extra_blocks=1):
+                    pinned = (parent is None or parent.pinned) and self.policy.is_pinned(
+                        seq.namespace, block_hash)
+                    block = self.index.insert(block_hash, parent, seq.namespace, tokens,
+                                              seq.block_table[i], ttl_s, pinned)
+                    written[ttl_s] = written.get(ttl_s, 0) + self.block_size
+                    new_blocks.append(block)
+                else:
+                    seq.chain_broken = True
+                    break
+                seq.blocks.append(block)
+                parent = block
+            if self.shared is not None and new_blocks:
+                self.shared.write_through(new_blocks)
+            return written
+
+    def release(self, seq: CacheSeq) -> None:
+        """The sequence finished or was preempted: its committed blocks stay cached."""
+        with self._lock:
+            for i, page in enumerate(seq.block_table):
+                if i >= len(seq.blocks) or seq.blocks[i].page != page:
+                    self.device.give_back(page)  # never indexed, or a private copy
+            now = self.policy.now = self.clock()
+            if self.index.unref(seq.blocks, now=now):
+                self._enforce_quota(seq.namespace)
+            seq.block_table = []
+            seq.blocks = []
+            seq.num_committed_blocks = 0
+            seq.chain_broken = False
+            self.seqs.pop(seq.seq_id, None)
+
+    def hold_queued(self, queued: dict[str, tuple[str, TokenIds]]) -> int:
+        """The prompts of queued requests, by a key stable while they wait (their sequence
+        id) → (namespace, token ids); replaces the previous call's. The cached blocks they
+        would match are evicted only after every other candidate (never skipped: shares and
+        running requests still come first). → blocks held."""
+        with self._lock:
+            previous, self._queued = self._queued, {}
+            held: set[Block] = set()
+            for key, (namespace, token_ids) in queued.items():
+                known = previous.get(key)
+                if known is not None and known[0] == len(token_ids):
+                    hashes = known[1]
+                else:
+                    data = token_bytes(token_ids)
+                    hashes = chain_hashes(self._root(namespace), data, self.block_size,
+                                          self.hash_fn)
+                self._queued[key] = (len(token_ids), hashes)
+                parent: Block | None = None
+                for block_hash in hashes:  # the prefix indexed now, by chain identity
+                    block = self.index.get(block_hash)
+                    if block is None or block.parent is not parent or block.namespace != namespace:
+                        break
+                    held.add(block)
+                    parent = block
+            self.policy.hold(held)
+            return len(held)
+
+    # -- the shared tier (``shared_link``) -----------------------------------------------
+    def attach_shared(self, tier: SharedTier, cost: CostModel | None) -> None:
+        """Write blocks through to ``tier`` from now on, and let ``fetch_shared`` read it."""
+        with self._lock:
+            self.shared = SharedLink(self, tier, cost)
+            self.tiers.on_demoted = self.shared.write_through
+
+    def fetch_shared(self, namespace: str, token_ids: TokenIds) -> SharedFetch | None:
+        """Blocks of ``token_ids`` after the local prefix, from the shared tier. Network
+        I/O: call it off the engine thread, then hand the result to ``adopt_shared``."""
+        return None if self.shared is None else self.shared.fetch(namespace, token_ids)
+
+    def adopt_shared(self, seq: CacheSeq, token_ids: TokenIds, fetched: SharedFetch) -> int:
+        """Index fetched blocks that extend the local prefix (before ``match``)."""
+        with self._lock:
+            return 0 if self.shared is None else self.shared.adopt(seq, token_ids, fetched)
+
+    def local_prefix_blocks(self, namespace: str, hashes: list[bytes], data: bytes) -> int:
+        """How many leading blocks of a prompt (its ``hashes`` and token bytes) are indexed."""
+        with self._lock:
+            return sum(1 for _ in self.index.walk(namespace, hashes, data))
+
+    def root_of(self, namespace: str) -> bytes:
+        """The namespace's root digest (the parent of its block 0)."""
+        return self._root(namespace)
+
+    def record_prompt(self, namespace: str, prompt_tokens: int, cached_tokens: int) -> None:
+        """Count one request's prompt as billed: ``cached_tokens`` hit, the rest missed.
+
+        The engine calls it once per request (not per admission), with the prompt tokens
+        and cached tokens it bills, so hit + miss in ``stats()`` adds up to the billed
+        prompt tokens.
+        """
+        with self._lock:
+            self.counters.record_prompt(namespace, prompt_tokens, cached_tokens)
+
+    def flush(self, namespace: str) -> int:
+        """Drop every idle block of the namespace (pinned ones too; its pins are cleared),
+        and its entries in the shared tier (queued; ``SharedTier.flush_namespace``)."""
+        with self._lock:
+            if self.shared is not None:
+                self.shared.tier.flush_namespace(namespace)
+            self.policy.pins.pop(namespace, None)
+            before = self.index.num_blocks(namespace)
+            victims = [b for b in self.index.values()
+                       if b.namespace == namespace and b.ref_count == 0]
+            for block in victims:
+                if block.alive:  # not already gone with a dropped parent
+                    block.pinned = False
+                    self.index.drop(block)
+            return before - self.index.num_blocks(namespace)
+
+    def set_quota(self, namespace: str, quota_bytes: int | None) -> None:
+        with self._lock:
+            if quota_bytes is None:
+                self.policy.quotas.pop(namespace, None)
+                return
+            self.policy.quotas[namespace] = int(quota_bytes)
+            self._enforce_quota(namespace)
+
+    def set_share(self, namespace: str, share_bytes: int | None) -> None:
+        """An explicit guaranteed share (bytes, on each tier) instead of the fair share;
+        None goes back to the fair share. It protects only while the namespace is active."""
+        with self._lock:
+            self.shares.set_explicit(namespace, share_bytes)
+
+    def pin(self, namespace: str, token_ids: TokenIds) -> int:
+        """Keep this prefix forever (counted in quota); → blocks of it pinned now."""
+        with self._lock:
+            data = token_bytes(token_ids)
+            hashes = chain_hashes(self._root(namespace), data, self.block_size, self.hash_fn)
+            self.policy.pins[namespace].update(hashes)
+            pinned = 0
+            for block in self.index.walk(namespace, hashes, data):
+                if not block.pinned:
+                    self.policy.remove(block)
+                    block.pinned = True
+                pinned += 1
+            return pinned
+
+    def unpin(self, namespace: str) -> None:
+        with self._lock:
+            self.policy.pins.pop(namespace, None)
+            for block in [b for b in self.index.values() if b.namespace == namespace and b.pinned]:
+                block.pinned = False
+                if block.ref_count == 0:
+                    self.policy.add(block)
+                    self.policy.schedule_expiry(block)
+            self._enforce_quota(namespace)
+
+    def sweep(self) -> int:
+        """Drop every expired block now (also done lazily on access); → blocks dropped."""
+        with self._lock:
+            return self._expire(self.clock())
+
+    def snapshot(self) -> tuple[int, list[CacheEvent]]:
+        """Every indexed block, and the last cache event's number (``events``): a router
+        that missed events rebuilds its view of this cache from it."""
+        with self._lock:
+            return self.index.snapshot()
+
+    def stats(self) -> CacheStats:
+        with self._lock:
+            counters = self.counters.snapshot()
+            pb = self.layout.page_bytes
+            idle = self.index.num_idle_device
+            active = self.device.num_used - idle
+            device = TierStats(self.device.num_pages, self.device.num_used, pb, {
+                "free": self.device.num_free, "active": active, "cached": idle})
+            host = TierStats(self.host.num_pages, self.host.num_used, pb, {
+                "free": self.host.num_free, "offloaded": self.host.num_used})
+            self.shares.prune(self.clock())
+            names = set(self.index.namespaces()) | set(counters.prompts) | self.shares.namespaces()
+            cached_bytes = {ns: self._ns_bytes(ns) for ns in names}
+            fair = {t: self.shares.fair_pages(t) for t in TIERS}
+            share_stats = {ns: self._share_stats(ns, fair) for ns in names}
+            share_summary = ShareSummary(self.shares.enabled, self.shares.window_s,
+                                         len(self.shares.active()), self.shares.fallbacks)
+        prompts = {ns: counters.prompts.get(ns, PromptTokens()) for ns in names}
+        return CacheStats(
+            device, host,
+            hit_tokens=sum(p.hit for p in prompts.values()),
+            miss_tokens=sum(p.miss for p in prompts.values()),
+            evictions=counters.evictions,
+            promotions=counters.promotions,
+            demotions=counters.demotions,
+            namespaces={ns: NamespaceStats(cached_bytes[ns], p.hit, p.miss, share_stats[ns])
+                        for ns, p in prompts.items()},
+            shares=share_summary,
+            shared=self.shared.tier.stats() if self.shared is not None else None,
+        )
+
+    def hottest(self, namespace: str, limit: int = 10) -> list[HotPrefix]:
+        """The namespace's most-hit prefixes (``stats.hottest_prefixes``): hashes, lengths,
+        hits and last use, never token ids. One pass over the index under the lock."""
+        with self._lock:
+            return hottest_prefixes(self.index.values(), namespace, self.block_size,
+                                    self.clock(), limit)
+
+    # -- bookkeeping ----------------------------------------------------------------------
+    def _root(self, namespace: str) -> bytes:
+        root = self._roots.get(namespace)
+        if root is None:
+            root = self._roots[namespace] = root_digest(self.model_id, self.adapter_id, namespace)
+        return root
+
+    def _observe(self, seq: CacheSeq, hashes: list[bytes], now: float) -> None:
+        """Show the duel this prompt once, however often it is matched before it runs."""
+        if self.policy.duel is None or seq.seq_id in self._observed:
+            return
+        self._observed[seq.seq_id] = None
+        if len(self._observed) > 4096:
+            self._observed.popitem(last=False)
+        threshold = self.policy.duel.threshold
+        self.policy.observe([(h, seq.ttl_for_block(i, self.block_size, self.default_ttl_s))
+                             for i, h in enumerate(hashes) if sampled(h, threshold)], now)
+
+    def _share_stats(self, namespace: str, fair: dict[Tier, int]) -> NamespaceShare:
+        pb = self.layout.page_bytes
+        sh = self.shares
+        return NamespaceShare(
+            active=sh.is_active(namespace),
+            share_bytes={t: sh.share_pages(namespace, t, fair[t]) * pb for t in TIERS},
+            used_bytes={t: sh.held(namespace, t) * pb for t in TIERS},
+            evicted_by_others={t: sh.evicted_by_others[t].get(namespace, 0) for t in TIERS},
+        )
+
+    def _ns_bytes(self, namespace: str) -> int:
+        return self.index.num_blocks(namespace) * self.layout.page_bytes
+
+    def _live(self, block_hash: bytes, now: float) -> Block | None:
+        """The block indexed under ``block_hash`` unless it expired (then it is dropped)."""
+        block = self.index.get(block_hash)
+        if block is not None and is_expired(block, now):
+            self.counters.evictions.ttl += len(self.index.drop(block))
+            return None
+        return block
+
+    def _share(self, block: Block, own_page: int, ttl_s: float) -> None:
+        """Reference a block another sequence indexed first; a host one adopts ``own_page``."""
+        self.index.ref(block)
+        if block.tier == HOST:  # the sequence's fresh device page holds the same KV: no copy
+            self.index.move(block, DEVICE, own_page)
+        block.hits += 1
+        block.ttl_s = max(block.ttl_s, ttl_s)
+
+    def _enforce_quota(self, namespace: str, extra_blocks: int = 0) -> bool:
+        """Drop the namespace's own idle blocks until it (plus ``extra_blocks``) fits its quota.
+
+        False when only active or pinned blocks are left and it still does not fit.
+        """
+        extra = extra_blocks * self.layout.page_bytes
+        while self.policy.over_quota(namespace, self._ns_bytes(namespace) + extra):
+            victim = self.policy.namespace_victim(namespace)
+            if victim is None:
+                return False
+            self.counters.evictions.quota += len(self.index.drop(victim))
+        return True
+
+    def _expire(self, now: float) -> int:
+        self.policy.now = now
+        due = [b for b in self.policy.pop_expired(now) if b.alive]
+        for block in due:
+            self.counters.evictions.ttl += len(self.index.drop(block))
+        return len(due)

@@ -1,0 +1,116 @@
+"""Server settings: every `kvgate serve` flag, also readable as ``KVGATE_<NAME>``.
+
+Precedence: command-line flag > environment variable > default.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+ENV_PREFIX = "KVGATE_"
+
+
+@dataclass
+class Settings:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    model: str = "demo"
+    db: str = "sqlite:///./kvgate.db"
+    device: str = "auto"  # auto | cpu | cuda
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    device_cache_bytes: int = 256 * 1024 * 1024
+    host_cache_bytes: int = 512 * 1024 * 1024
+    block_size: int = 16
+    admin_key: str | None = field(default=None, repr=False)
+    # Beyond docs/api.md: operational knobs with defaults a user rarely touches.
+    max_body_bytes: int = 4 * 1024 * 1024
+    max_queue: int = 256  # requests waiting for the engine before 503
+    max_batch_tokens: int = 2048  # token budget of one engine step
+    max_running: int = 64  # sequences decoding at once
+    default_cache_ttl_seconds: int = 300
+    metrics_tenant_labels: bool = True
+    # /metrics only on this port when set (the API port then answers 404 for it).
+    metrics_port: int | None = None
+    # Bearer key /metrics requires wherever it is served (the admin key works too). Unset:
+    # the metrics port is open to whoever reaches it; the API port asks for the admin key.
+    metrics_key: str | None = field(default=None, repr=False)
+    default_max_tokens: int = 256  # when a request names no max_tokens
+    shutdown_timeout_s: int = 30  # SIGTERM: how long in-flight requests may drain
+    # A connection idle, or still sending its headers or body, this long is closed.
+    read_timeout_s: int = 30
+    # Where usage waits, durable, while the ledger database is away ("": beside a SQLite
+    # ledger as <file>-spool, else ./kvgate-spool); one per replica, on its own volume.
+    spool_dir: str = ""
+    spool_max_events: int = 10_000  # spooled events at which new requests get 503
+    log_level: str = "info"
+    # How tool calls are read from the output: hermes | llama3 | mistral | none; "auto"
+    # picks from the chat template (vLLM's flag of the same name).
+    tool_call_parser: str = "auto"
+    # How long a stored Responses API answer (``store``) can be read or continued.
+    response_ttl_seconds: int = 30 * 86400
+    # Names clients may use in ``model`` fields (comma-separated; the first is the one
+    # reported); "" serves the model under its own id. vLLM's flag of the same name.
+    served_model_name: str = ""
+    max_model_len: int = 0  # caps the context (prompt + output); 0 = the model's own
+    # Guaranteed per-tenant cache shares: close the eviction side channel between tenants,
+    # at a cost in total hit rate when many tenants share a small cache (README).
+    cache_shares: bool = True
+    # Scale-out (``kvgate route``): where this replica publishes its cache events
+    # (redis://HOST:PORT[/DB]; "" publishes none) and the id routers know it by ("" =
+    # http://<host>:<port>).
+    events_url: str = ""
+    replica_id: str = ""
+    # The shared KV tier (Valkey/Redis, redis://[:PASSWORD@]HOST:PORT[/DB]; "" = none) and
+    # its knobs: per-call timeout, write-behind queue bound, and the cost model's network
+    # bandwidth (bytes/s) and prefill FLOP/s (0: assumed from the device). docs/architecture.md.
+    shared_tier_url: str = field(default="", repr=False)
+    shared_tier_timeout_ms: int = 50
+    shared_tier_queue_bytes: int = 256 * 1024 * 1024
+    shared_tier_bandwidth_bytes: int = 1_250_000_000
+    shared_tier_compute_flops: int = 0
+    # HMAC key for shared-tier entries (env only): entries written without it never verify.
+    shared_tier_secret: str | None = field(default=None, repr=False)
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None, **overrides: Any) -> Settings:
+        """Defaults, then ``KVGATE_*`` variables, then explicit (non-None) overrides."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = env.get(ENV_PREFIX + f.name.upper())
+            if raw is not None and raw != "":
+                values[f.name] = _coerce(f.name, f.type, raw)
+        for k, v in overrides.items():
+            if v is not None:
+                values[k] = v
+        return cls(**values)
+
+
+def _coerce(name: str, typ: Any, raw: str) -> Any:
+    t = str(typ).removesuffix(" | None")
+    try:
+        if t in ("int", "<class 'int'>"):
+            return parse_bytes(raw) if name.endswith("_bytes") else int(raw)
+        if t in ("bool", "<class 'bool'>"):
+            return raw.strip().lower() in ("1", "true", "yes", "on")
+    except ValueError as exc:
+        raise ValueError(f"{ENV_PREFIX}{name.upper()}={raw!r} is not a valid number") from exc
+    return raw
+
+
+_UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1000, "kib": 1024, "m": 1024**2, "mb": 1000**2,
+          "mib": 1024**2, "g": 1024**3, "gb": 1000**3, "gib": 1024**3}
+
+
+def parse_bytes(text: str | int) -> int:
+    """``"512MiB"``, ``"2G"``, ``"1000000"`` → bytes (binary units for bare K/M/G)."""
+    if isinstance(text, int):
+        return text
+    s = text.strip().lower().replace("_", "")
+    num = s.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = s[len(num):].strip()
+    if unit not in _UNITS or not num:
+        raise ValueError(f"not a byte size: {text!r} (use e.g. 1073741824, 512MiB, 2G)")
+    return int(float(num) * _UNITS[unit])

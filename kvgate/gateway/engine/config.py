@@ -1,0 +1,66 @@
+"""Engine configuration: what the engine acts on, resolved once.
+
+It knows nothing of the HTTP server's settings (the server maps its own onto it), so the
+engine can be built and tested without the HTTP layer. ``device`` and ``dtype`` arrive as
+the user typed them (``auto``); they are resolved here so every other file sees a concrete
+``torch.device`` and ``torch.dtype``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from kvgate.cachestore.shared_tier import SharedTierConfig
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class EngineConfig:
+    model: str = "demo"
+    device: str = "auto"
+    dtype: str = "auto"
+    device_cache_bytes: int = 256 * 1024 * 1024
+    host_cache_bytes: int = 512 * 1024 * 1024
+    block_size: int = 16
+    max_batch_tokens: int = 2048
+    max_running: int = 64
+    max_queue: int = 256
+    default_cache_ttl_seconds: float = 300.0
+    max_model_len: int = 0  # 0 = the model's own context length
+    cache_shares: bool = True  # guaranteed per-tenant cache shares (cachestore/shares.py)
+    num_threads: int = 0  # 0 = every core torch sees
+    seed: int = 0  # demo weights
+    cuda_graphs: bool = True  # decode steps replay captured graphs (CUDA with triton only)
+    shared_tier: SharedTierConfig | None = None  # the Valkey tier (cachestore/shared_tier.py)
+
+    def __post_init__(self) -> None:
+        if self.block_size <= 0 or self.max_batch_tokens <= 0 or self.max_running <= 0:
+            raise ValueError("block_size, max_batch_tokens and max_running must be positive")
+        if self.max_model_len < 0:
+            raise ValueError("max_model_len must be positive (0: the model's own context)")
+        if self.dtype not in ("auto", *_DTYPES):
+            raise ValueError(f"dtype {self.dtype!r}: use auto, float32, bfloat16 or float16")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ValueError(f"device {self.device!r}: use auto, cpu or cuda")
+
+    @property
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise RuntimeError("--device cuda was asked for but torch sees no CUDA device")
+        return torch.device(self.device)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        """``auto``: bf16 on CUDA (tensor cores), fp32 on CPU (bf16 matmuls are slow there)."""
+        if self.dtype == "auto":
+            return torch.bfloat16 if self.torch_device.type == "cuda" else torch.float32
+        return _DTYPES[self.dtype]
+
+    def threads(self) -> int:
+        return self.num_threads or int(os.environ.get("KVGATE_NUM_THREADS", 0)) or torch.get_num_threads()

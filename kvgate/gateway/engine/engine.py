@@ -1,0 +1,510 @@
+"""The engine facade: one thread owns the model and the cache; asyncio talks to it.
+
+The model and the ``CacheStore`` are touched only by the engine thread, so neither needs
+locks. The asyncio side submits through a thread-safe queue and receives events through
+``loop.call_soon_threadsafe`` into one ``asyncio.Queue`` per request; it never waits on
+the model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncGenerator, Callable
+from typing import Any, TypeVar
+
+import torch
+
+from kvgate.cachestore import CacheStats, CacheStore
+from kvgate.gateway.engine import sampler
+from kvgate.gateway.engine.commands import Add, Call, Cancel, Command, Stop
+from kvgate.gateway.engine.config import EngineConfig
+from kvgate.gateway.engine.grammar import GrammarEngine
+from kvgate.gateway.engine.loader import LoadedModel, head_dim_of, load_model
+from kvgate.gateway.engine.request import (
+    EngineError,
+    EngineEvent,
+    EngineOverloaded,
+    ErrorEvent,
+    FinishEvent,
+    GenerateRequest,
+    InvalidGrammar,
+    InvalidTokens,
+    PromptTooLong,
+    SequenceFailed,
+    TokenEvent,
+)
+from kvgate.gateway.engine.runner import ModelRunner
+from kvgate.gateway.engine.sampler import SampleRow, TokenLogprob
+from kvgate.gateway.engine.scheduler import Chunk, Scheduler
+from kvgate.gateway.engine.sequence import Sequence, append_token
+from kvgate.gateway.engine.shared import SharedTierClient
+from kvgate.gateway.usage import Usage
+from kvgate.kernels.layout import KVLayout
+
+log = logging.getLogger("kvgate.engine")
+
+T = TypeVar("T")
+
+
+class Engine:
+    def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None) -> None:
+        self.config = config
+        loaded = loaded or load_model(config)
+        self.model = loaded.model
+        self.tokenizer = loaded.tokenizer
+        self.model_id = loaded.model_id
+        self.model_info = dict(loaded.info)
+        cfg = self.model.config
+        device = next(self.model.parameters()).device
+        self.layout = KVLayout(
+            num_layers=cfg.num_hidden_layers,
+            num_kv_heads=cfg.num_key_value_heads,
+            head_dim=head_dim_of(cfg),
+            block_size=config.block_size,
+            dtype=next(self.model.parameters()).dtype,
+        )
+        self.store = CacheStore(
+            self.layout,
+            config.device_cache_bytes,
+            config.host_cache_bytes,
+            device=str(device),
+            model_id=self.model_id,
+            default_ttl_s=config.default_cache_ttl_seconds,
+            shares=config.cache_shares,
+        )
+        self.shared: SharedTierClient | None = None
+        if config.shared_tier is not None:
+            self.shared = SharedTierClient(config.shared_tier, self.store, self.layout,
+                                           self.model, self.model_id, device)
+        device_pages = int(self.store.device_pool.shape[0])
+        host_pages = int(self.store.host_pool.shape[0])
+        if device_pages == 0:
+            raise ValueError(
+                f"--device-cache-bytes {config.device_cache_bytes} holds no KV page "
+                f"(one page is {self.layout.page_bytes} bytes)"
+            )
+        context = int(self.model_info["context_length"])
+        self.max_model_len = min(config.max_model_len or context, context)
+        self.model_info["context_length"] = self.max_model_len
+        self.tokenizer.max_tokens = self.max_model_len  # longer texts are refused untokenized
+        self.model_info.update(
+            block_size=config.block_size, page_bytes=self.layout.page_bytes,
+            device_pages=device_pages, host_pages=host_pages,
+        )
+        log.info(
+            "KV pool: device %d pages (%d bytes), host %d pages (%d bytes), %d bytes per page of %d tokens",
+            device_pages, device_pages * self.layout.page_bytes, host_pages,
+            host_pages * self.layout.page_bytes, self.layout.page_bytes, config.block_size,
+        )
+        # Token ids the model can embed (its embedding may have more rows than the tokenizer).
+        self.vocab_size = int(cfg.vocab_size)
+        self.scheduler = Scheduler(config, self.store, self.max_model_len)
+        self.runner = ModelRunner(self.model, self.store.device_pool, config.block_size,
+                                  self.max_model_len, cuda_graphs=config.cuda_graphs,
+                                  max_graph_batch=config.max_running)
+        # Structured outputs: grammars compiled against this tokenizer, masks per step
+        self.grammars = GrammarEngine(
+            self.tokenizer.tokenizer.to_str(), self.tokenizer.eos_token_ids,
+            max(self.vocab_size, self.tokenizer.vocab_size), threads=config.threads())
+        self._inbox: queue.SimpleQueue[Command] = queue.SimpleQueue()
+        self._seqs: dict[str, Sequence] = {}  # by seq_id; engine thread only
+        self._active: set[str] = set()  # asyncio side: request ids with an open stream
+        self._thread: threading.Thread | None = None
+        # submitted - picked up = waiting in the inbox; each counter has one writer thread
+        self._submitted = 0
+        self._picked_up = 0
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="kvgate-engine", daemon=True)
+            self._thread.start()
+
+    async def stop(self) -> None:
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            self._inbox.put(Stop())
+            await asyncio.get_running_loop().run_in_executor(None, thread.join)
+        if self.shared is not None:
+            self.shared.close()
+
+    # -- the asyncio side -------------------------------------------------------------
+
+    def render_chat(self, messages: list[dict[str, Any]],
+                    tools: list[dict[str, Any]] | None = None) -> list[int]:
+        return self.tokenizer.apply_chat_template(messages, tools=tools)
+
+    def check(self, request: GenerateRequest) -> None:
+        """Raises ``PromptTooLong`` / ``InvalidTokens`` / ``EngineOverloaded`` before
+        anything is queued."""
+        self.scheduler.check(len(request.prompt_token_ids))
+        self._check_tokens(request.prompt_token_ids)
+        if request.sampling.structured is not None:  # InvalidGrammar; cached once compiled
+            self.grammars.compile(request.sampling.structured)
+        if self.queue_depth() >= self.config.max_queue:
+            raise EngineOverloaded(
+                f"{self.queue_depth()} requests are waiting for the engine; retry shortly"
+            )
+
+    def _check_tokens(self, ids: list[int]) -> None:
+        """Every id an ``int`` the model can embed; else ``InvalidTokens`` names the first."""
+        vocab = self.vocab_size
+        # C-speed checks first (a long prompt is checked on the event loop), then the search
+        if not ids or (set(map(type, ids)) <= {int} and min(ids) >= 0 and max(ids) < vocab):
+            return
+        for position, token in enumerate(ids):
+            if type(token) is not int or not 0 <= token < vocab:
+                raise InvalidTokens(position, token, vocab)
+
+    async def generate(self, request: GenerateRequest
+                       ) -> AsyncGenerator[TokenEvent | FinishEvent, None]:
+        """Token events, then one ``FinishEvent``. Leaving the loop early cancels the request."""
+        if self._thread is None:
+            raise RuntimeError("Engine.start() has not been awaited")
+        if request.request_id in self._active:
+            raise ValueError(f"request id {request.request_id!r} is already generating")
+        self.check(request)
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[EngineEvent] = asyncio.Queue()
+        if self.shared is not None:  # blocks the shared tier holds: adopted before the Add
+            adopt = await self.shared.prefetch(request)
+            if adopt is not None:
+                self._inbox.put(Call(adopt))
+        seq = Sequence(request, self.tokenizer)
+
+        def emit(ev: EngineEvent) -> None:
+            with contextlib.suppress(RuntimeError):  # a closed loop: nobody is listening
+                loop.call_soon_threadsafe(events.put_nowait, ev)
+
+        seq.emit = emit
+        self._active.add(request.request_id)
+        self._submitted += 1
+        self._inbox.put(Add(seq))
+        finished = False
+        remaining = request.sampling.n  # one FinishEvent per choice
+        try:
+            while True:
+                ev = await events.get()
+                if isinstance(ev, ErrorEvent):
+                    finished = True
+                    if ev.usage is None:
+                        raise ev.error
+                    raise SequenceFailed(ev.usage, ev.error) from ev.error
+                yield ev
+                if isinstance(ev, FinishEvent):
+                    remaining -= 1
+                    if remaining == 0:
+                        finished = True
+                        return
+        finally:
+            self._active.discard(request.request_id)
+            if not finished:
+                self.cancel(request.request_id)
+
+    def cancel(self, request_id: str) -> None:
+        self._inbox.put(Cancel(request_id))
+
+    async def flush(self, namespace: str) -> int:
+        return await self._call(lambda: self.store.flush(namespace))
+
+    def set_quota(self, namespace: str, nbytes: int | None) -> None:
+        self._inbox.put(Call(lambda: self.store.set_quota(namespace, nbytes)))
+
+    def set_share(self, namespace: str, nbytes: int | None) -> None:
+        self._inbox.put(Call(lambda: self.store.set_share(namespace, nbytes)))
+
+    async def _call(self, fn: Callable[[], T]) -> T:
+        """Runs ``fn`` on the engine thread (the store's owner) and waits for its result."""
+        if self._thread is None:
+            return fn()
+        fut: concurrent.futures.Future[T] = concurrent.futures.Future()
+        self._inbox.put(Call(fn, fut))
+        return await asyncio.wrap_future(fut)
+
+    def cache_stats(self) -> CacheStats:
+        """The store's figures read from the calling thread: for metrics scrapes, where a
+        figure a step old is fine. ``stats()`` reads them on the engine thread."""
+        return self.store.stats()
+
+    async def stats(self) -> CacheStats:
+        return await self._call(self.store.stats)
+
+    def queue_depth(self) -> int:
+        return len(self.scheduler.waiting) + self._submitted - self._picked_up
+
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    # -- the engine thread -------------------------------------------------------------
+
+    def _loop(self) -> None:
+        torch.set_num_threads(self.config.threads())
+        while True:
+            block = not self.scheduler.has_work()
+            try:
+                cmd = self._inbox.get(block=block)
+                while True:
+                    if isinstance(cmd, Stop):
+                        self._shutdown()
+                        return
+                    self._handle(cmd)
+                    cmd = self._inbox.get_nowait()
+            except queue.Empty:
+                pass
+            if self.scheduler.has_work():
+                try:
+                    self.step()
+                except Exception as exc:  # a bug outside the model run: fail all, keep serving
+                    log.exception("engine step failed outside the model run")
+                    for seq in list(self._seqs.values()):
+                        try:
+                            self._fail(seq, exc)
+                        except Exception:  # its pages could not be released: still tell it
+                            self._seqs.pop(seq.seq_id, None)
+                            seq.emit(ErrorEvent(exc))
+
+    def _handle(self, cmd: Add | Cancel | Call) -> None:
+        if isinstance(cmd, Add):
+            self._picked_up += 1
+            try:
+                self.scheduler.add(cmd.seq)
+            except PromptTooLong as exc:
+                cmd.seq.emit(ErrorEvent(exc))
+                return
+            self._seqs[cmd.seq.seq_id] = cmd.seq
+        elif isinstance(cmd, Cancel):  # every choice of the request
+            for seq in [s for s in self._seqs.values() if s.request_id == cmd.request_id]:
+                self._finish(seq, "cancelled")
+        else:
+            try:
+                result = cmd.fn()
+            except Exception as exc:  # the caller gets it; a fire-and-forget call is logged
+                if cmd.future is None:
+                    log.exception("engine call failed")
+                else:
+                    cmd.future.set_exception(exc)
+            else:
+                if cmd.future is not None:
+                    cmd.future.set_result(result)
+
+    def step(self) -> None:
+        """Schedule, run the model once, sample, emit events.
+
+        A failure fails only the sequence it belongs to: its admission, its part of the
+        forward (found by retrying the batch in halves), or its own sampling, detokenizing,
+        stop check and events. The step goes on for the others.
+        """
+        plan = self.scheduler.schedule()
+        for seq in plan.finished:
+            self._report_finish(seq)
+        for seq, exc in plan.failed:
+            log.error("request %s failed at admission: %r", seq.request_id, exc)
+            self._fail(seq, exc)
+        chunks = plan.chunks
+        if not chunks:
+            if not self.scheduler.running and self.scheduler.waiting:
+                # Nothing runs and the head still cannot get pages: it never will.
+                seq = self.scheduler.waiting[0]
+                if seq.num_output:  # preempted after it had grown past what the pool can hold
+                    self._finish(seq, "length")
+                else:
+                    self._fail(seq, PromptTooLong("the prompt does not fit in the device KV cache"))
+            return
+        computed = self._forward(chunks)
+        self.grammars.apply(computed)  # structured outputs: masks, one op per logits tensor
+        takers: list[tuple[Sequence, torch.Tensor, Sequence | None]] = []
+        for chunk, logits in computed:
+            try:
+                takers.extend(self._postprocess(chunk, logits))
+            except Exception as exc:
+                log.exception("request %s failed after the model step", chunk.seq.request_id)
+                self._fail(chunk.seq, exc)
+        if takers:
+            self._take_all(takers, time.monotonic())
+
+    def _forward(self, chunks: list[Chunk]) -> list[tuple[Chunk, torch.Tensor | None]]:
+        """Each chunk with its logits row (None: it does not sample). A failed forward is
+        retried in halves until the chunk that fails is alone; that sequence fails, the
+        others' tokens are recomputed (their K/V slots rewritten with the same values)."""
+        try:
+            logits = self.runner.run(chunks)
+        except Exception as exc:
+            if len(chunks) == 1:
+                log.exception("request %s failed in the model step", chunks[0].seq.request_id)
+                self._fail(chunks[0].seq, exc)
+                return []
+            log.warning("a model step of %d sequences failed (%r); retrying it in halves",
+                        len(chunks), exc)
+            half = len(chunks) // 2
+            return self._forward(chunks[:half]) + self._forward(chunks[half:])
+        rows = iter(logits)
+        return [(c, next(rows) if c.samples else None) for c in chunks]
+
+    def _postprocess(self, chunk: Chunk, logits: torch.Tensor | None
+                     ) -> list[tuple[Sequence, torch.Tensor, Sequence | None]]:
+        """Commits the chunk's blocks; returns who samples from its logits row: the
+        sequence, after the choices forked from it (each with the parent it forks from)."""
+        seq = chunk.seq
+        seq.num_computed += chunk.length
+        self.scheduler.commit(seq)
+        if logits is None:
+            return []
+        takers: list[tuple[Sequence, torch.Tensor, Sequence | None]] = []
+        if seq.params.n > 1 and seq.index == 0 and not seq.forked:
+            takers = [(child, logits, seq) for child in self._fork(seq)]
+        return [*takers, (seq, logits, None)]
+
+    def _take_all(self, takers: list[tuple[Sequence, torch.Tensor, Sequence | None]],
+                  now: float) -> None:
+        """Samples every taker's next token in one batched pass over the step's logits,
+        then appends and sends each. A failure there is the sequence's own."""
+        logits = _matrix([row for _, row, _ in takers])
+        rows = [SampleRow(seq.params, seq.token_ids if seq.params.penalised else (),
+                          seq.num_prompt_tokens) for seq, _, _ in takers]
+        for row, u in zip(rows, sampler.uniforms([s.seed for s, _, _ in takers],
+                                                 [s.num_output for s, _, _ in takers]),
+                          strict=True):
+            row.uniform = float(u)
+        try:
+            tokens, logprobs = self._sample(logits, rows, [s for s, _, _ in takers])
+        except Exception:  # find whose parameters break it: sample the rows one by one
+            log.exception("batched sampling failed; sampling the step's rows one by one")
+            tokens, logprobs = [], []
+            for i, (seq, _, _) in enumerate(takers):
+                try:
+                    one, one_lp = self._sample(logits[i : i + 1], rows[i : i + 1], [seq])
+                except Exception as exc:
+                    self._fail(seq, exc)
+                    one, one_lp = [-1], [None]
+                tokens += one
+                logprobs += one_lp
+        for (seq, _, parent), token, logprob in zip(takers, tokens, logprobs, strict=True):
+            if token < 0 or seq.is_finished:
+                continue
+            try:
+                self._take(seq, token, logprob, now)
+                if parent is not None and not seq.is_finished:
+                    self.scheduler.fork(parent, seq)
+            except Exception as exc:
+                log.exception("request %s failed after the model step", seq.request_id)
+                self._fail(seq, exc)
+
+    @staticmethod
+    def _sample(logits: torch.Tensor, rows: list[SampleRow], seqs: list[Sequence]
+                ) -> tuple[list[int], list[TokenLogprob | None]]:
+        ids = sampler.sample(logits, rows)
+        which = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
+        found = sampler.logprobs(logits, which, ids,
+                                 [int(seqs[i].params.logprobs or 0) for i in which])
+        out: list[TokenLogprob | None] = [None] * len(seqs)
+        for i, lp in zip(which, found, strict=True):
+            out[i] = lp
+        return ids.tolist(), out
+
+    def _take(self, seq: Sequence, token: int, logprob: TokenLogprob | None, now: float) -> None:
+        """Append the sampled token, send it, finish if it ends the sequence."""
+        prompt_usage = None
+        if seq.first_token_at is None:
+            seq.first_token_at = now
+            if seq.index == 0:  # the prompt is billed with choice 0 only
+                prompt_usage = seq.usage()
+        complete = self.grammars.accept(seq, token)  # its grammar allows nothing more
+        text, reason = append_token(seq, token, self.tokenizer.eos_token_ids, self.max_model_len,
+                                    complete=complete)
+        event = TokenEvent(text, [token], prompt_usage, seq.index,
+                           None if logprob is None else [logprob])
+        if seq.request.stream:
+            seq.emit(event)
+        else:
+            seq.held.append(event)
+        if reason is not None:
+            self._finish(seq, reason)
+
+    def _fork(self, parent: Sequence) -> list[Sequence]:
+        """Choices 1..n-1 of ``parent``'s request, started once its prompt is computed:
+        each samples its first token from the same logits row (with its own seed) and
+        runs on the parent's prompt pages (``Scheduler.fork``): one prefill for all."""
+        parent.forked = True
+        children = []
+        for index in range(1, parent.params.n):
+            child = Sequence(parent.request, self.tokenizer, arrival=parent.arrival, index=index)
+            child.emit = parent.emit
+            self._seqs[child.seq_id] = child
+            children.append(child)
+        return children
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        self.scheduler.finish(seq, reason)
+        self._report_finish(seq)
+
+    def _report_finish(self, seq: Sequence) -> None:
+        self._seqs.pop(seq.seq_id, None)
+        seq.finish_reason = seq.finish_reason or "stop"
+        self._release_held(seq)
+        ttft = None if seq.first_token_at is None else seq.first_token_at - seq.arrival
+        engine_s = time.monotonic() - seq.arrival
+        seq.emit(FinishEvent(seq.usage(), seq.finish_reason, ttft_s=ttft, engine_s=engine_s,
+                             stop_sequence=seq.stop_sequence, index=seq.index))
+        if seq.index == 0 and not seq.forked:  # ended before its prompt was computed
+            for index in range(1, seq.params.n):
+                seq.emit(FinishEvent(Usage(seq.num_prompt_tokens), seq.finish_reason,
+                                     engine_s=engine_s, index=index))
+
+    def _fail(self, seq: Sequence, exc: BaseException) -> None:
+        self.scheduler.finish(seq, "error")
+        self._seqs.pop(seq.seq_id, None)
+        self._release_held(seq)
+        # An error the client is told about before any work (the prompt never fit) is
+        # raised as it is; any other failure carries the usage so far, for the bill: a
+        # grammar given up on midway included (the client's spec, but tokens were made).
+        before_work = isinstance(exc, EngineError) and not isinstance(exc, InvalidGrammar)
+        seq.emit(ErrorEvent(exc, None if before_work else seq.usage()))
+
+    @staticmethod
+    def _release_held(seq: Sequence) -> None:
+        """The held tokens of a request that does not stream, as one event."""
+        if seq.held:
+            held, seq.held = seq.held, []
+            # the first token is held too, and it carries the prompt usage
+            logprobs = None
+            if seq.params.logprobs is not None:
+                logprobs = [lp for e in held for lp in e.logprobs or []]
+            seq.emit(TokenEvent("".join(e.text for e in held),
+                                [t for e in held for t in e.token_ids], held[0].prompt_usage,
+                                seq.index, logprobs))
+
+    def _shutdown(self) -> None:
+        """Every stream still open ends with a ``cancelled`` finish, none hangs."""
+        for seq in list(self._seqs.values()):
+            self._finish(seq, "cancelled")
+        while True:
+            try:
+                cmd = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(cmd, Add):
+                cmd.seq.finish_reason = "cancelled"
+                self._report_finish(cmd.seq)
+            elif isinstance(cmd, Call) and cmd.future is not None:
+                cmd.future.set_exception(RuntimeError("the engine has stopped"))
+
+
+def _matrix(rows: list[torch.Tensor]) -> torch.Tensor:
+    """The rows as one ``[n, vocab]`` tensor: a view when they are consecutive rows of one
+    logits tensor (the usual step), a copy otherwise (forked choices, a split forward)."""
+    base = rows[0]._base
+    if base is not None and base.dim() == 2 and all(r._base is base for r in rows):
+        stride = base.stride(0)
+        first = (rows[0].storage_offset() - base.storage_offset()) // stride
+        index = [(r.storage_offset() - base.storage_offset()) // stride for r in rows]
+        if index == list(range(first, first + len(rows))):
+            return base[first : first + len(rows)]
+        return base.index_select(0, torch.tensor(index, device=base.device))
+    return torch.stack(rows)

@@ -1,0 +1,93 @@
+"""What crosses the boundary between the asyncio side and the engine thread."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from kvgate.gateway.engine.sampling import SamplingParams, TokenLogprob
+from kvgate.gateway.usage import Usage
+
+
+class EngineError(Exception):
+    """Base of the errors a client can be told about."""
+
+
+class PromptTooLong(EngineError):
+    """The prompt (plus room for one output token) can never fit: context length or pool."""
+
+
+class EngineOverloaded(EngineError):
+    """The waiting queue is full; the client should retry later."""
+
+
+class InvalidTokens(EngineError):
+    """A prompt token id the model does not have (negative, or not below its vocabulary
+    size); the message names the first one and its position."""
+
+    def __init__(self, position: int, token_id: object, vocab_size: int) -> None:
+        super().__init__(
+            f"prompt token {position} is {token_id!r}; token ids must be integers in "
+            f"[0, {vocab_size}) for this model"
+        )
+        self.position = position
+        self.token_id = token_id
+
+
+class InvalidGrammar(EngineError):
+    """A structured-output spec (JSON schema, regex, Lark grammar) that does not compile."""
+
+
+class SequenceFailed(Exception):
+    """The engine failed this request (its ``__cause__`` says why); ``usage`` is what it did
+    until then, the prompt's real cache split included, so the request can be billed."""
+
+    def __init__(self, usage: Usage, error: BaseException) -> None:
+        super().__init__(f"the engine failed this request: {error}")
+        self.usage = usage
+
+
+@dataclass
+class GenerateRequest:
+    request_id: str
+    namespace: str
+    prompt_token_ids: list[int]
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    ttl_segments: list[tuple[int, float]] = field(default_factory=list)
+    default_ttl_s: float | None = None
+    # False: the caller wants only the whole answer, so the engine sends the tokens as one
+    # TokenEvent just before the finish instead of one event (one wake-up) per token.
+    stream: bool = True
+
+
+@dataclass
+class TokenEvent:
+    text: str
+    token_ids: list[int]
+    # On the first token only: the usage so far. Its prompt side (cached and cache-write
+    # tokens) is final by then, so a stream can report it up front.
+    prompt_usage: Usage | None = None
+    index: int = 0  # which of the request's ``n`` choices
+    # With ``SamplingParams.logprobs``: one entry per token of ``token_ids``
+    logprobs: list[TokenLogprob] | None = None
+
+
+@dataclass
+class FinishEvent:
+    usage: Usage
+    finish_reason: str  # stop | length | cancelled
+    ttft_s: float | None = None  # arrival to the first sampled token, on the engine's clock
+    engine_s: float = 0.0  # arrival to the finish
+    stop_sequence: str | None = None  # the stop string that ended the output, if one did
+    index: int = 0  # which of the request's ``n`` choices; a request ends after n finishes
+
+
+@dataclass
+class ErrorEvent:
+    """Internal: an error raised on the engine thread, re-raised by ``generate()``."""
+
+    error: BaseException
+    usage: Usage | None = None  # what the request did until then (None: never admitted)
+
+
+# What the engine thread sends to one request's listener.
+EngineEvent = TokenEvent | FinishEvent | ErrorEvent

@@ -1,0 +1,114 @@
+"""Sampling parameters, and the single-row forms of the step's batched sampler.
+
+The engine samples a whole step at once (``sampler.py``); ``process``, ``sample`` and
+``token_logprob`` here run one row through the same code, for tests and tools. A seeded
+request draws from a stream keyed by its seed and output position, so its tokens do not
+depend on what else shares the batch.
+
+The row goes through the processors in vLLM's order: ``logit_bias``, then the penalties
+(``repetition_penalty`` over prompt and output, HF/vLLM semantics; ``frequency_penalty``
+and ``presence_penalty`` over the output, OpenAI semantics), then temperature, ``min_p``,
+``top_k`` and ``top_p``. Greedy decoding is the argmax of the biased and penalised row.
+
+Log probabilities (``logprobs``) are those of the model's own distribution — the
+log-softmax of the raw logits, before bias, penalties, temperature and filters — as vLLM
+returns them by default: they say what the model thought, not how it was steered.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+from kvgate.gateway.engine import sampler
+from kvgate.gateway.engine.sampler import SampleRow, TokenLogprob
+
+__all__ = ["MAX_LOGPROBS", "SamplingParams", "TokenLogprob", "process", "sample", "token_logprob"]
+
+if TYPE_CHECKING:
+    from kvgate.gateway.engine.structured import StructuredSpec
+
+# Below this, dividing logits by the temperature overflows fp32; sampling is argmax anyway.
+MIN_TEMPERATURE = 1e-5
+MAX_LOGPROBS = 20  # alternatives per token, OpenAI's bound for top_logprobs
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    min_p: float = 0.0
+    # None: no log probabilities; k >= 0: the chosen token's plus the k most likely
+    logprobs: int | None = None
+    n: int = 1  # samples of the same prompt, sharing its prefill
+    # Structured outputs: the output must match this JSON schema / regex / grammar
+    structured: StructuredSpec | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 1:
+            raise ValueError("max_tokens must be at least 1")
+        if self.temperature < 0:
+            raise ValueError("temperature must be >= 0")
+        if not 0 <= self.top_p <= 1:
+            raise ValueError("top_p must be in [0, 1]")
+        if self.top_k < 0:
+            raise ValueError("top_k must be >= 0")
+        if not 0 <= self.min_p <= 1:
+            raise ValueError("min_p must be in [0, 1]")
+        if self.repetition_penalty <= 0:
+            raise ValueError("repetition_penalty must be > 0")
+        if not -2 <= self.presence_penalty <= 2 or not -2 <= self.frequency_penalty <= 2:
+            raise ValueError("presence_penalty and frequency_penalty must be in [-2, 2]")
+        if any(not -100 <= b <= 100 for b in self.logit_bias.values()):
+            raise ValueError("logit_bias values must be in [-100, 100]")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}]")
+        if self.n < 1:
+            raise ValueError("n must be at least 1")
+
+    @property
+    def greedy(self) -> bool:
+        # A temperature this small, or a nucleus of zero mass, leaves only the top token.
+        return self.temperature < MIN_TEMPERATURE or self.top_k == 1 or self.top_p == 0
+
+    @property
+    def penalised(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty
+                    or self.repetition_penalty != 1.0)
+
+    def seed_of(self, index: int) -> int | None:
+        """Choice ``index`` of ``n`` samples draws from ``seed + index`` (vLLM's rule), so a
+        request with n=3 gives the choices three n=1 requests with those seeds give."""
+        return None if self.seed is None else self.seed + index
+
+
+def process(logits: torch.Tensor, params: SamplingParams, token_ids: Sequence[int] = (),
+            num_prompt: int = 0) -> torch.Tensor:
+    """``logit_bias`` and the penalties applied to one row (a new tensor when any applies).
+    ``token_ids`` is prompt + output so far, the first ``num_prompt`` of them the prompt."""
+    return sampler.process(logits.unsqueeze(0), [SampleRow(params, token_ids, num_prompt)])[0]
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None,
+           token_ids: Sequence[int] = (), num_prompt: int = 0) -> int:
+    """One row through the batched sampler; its uniform drawn from ``generator``."""
+    u = float(torch.rand((), generator=generator).clamp(min=2.0**-25))
+    return int(sampler.sample(logits.unsqueeze(0), [SampleRow(params, token_ids, num_prompt, u)]))
+
+
+def token_logprob(logits: torch.Tensor, token_id: int, k: int) -> TokenLogprob:
+    """The raw model distribution's log probability of ``token_id`` and its top ``k``."""
+    return sampler.logprobs(logits.unsqueeze(0), [0], torch.tensor([token_id]), [k])[0]

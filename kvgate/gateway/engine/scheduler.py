@@ -1,0 +1,239 @@
+"""Continuous batching: which tokens of which sequences the next step computes.
+
+Each step has a token budget. Running sequences go first, oldest first, so decodes (one
+token each) are never starved by a long prompt; a prompt longer than what is left of the
+budget is computed in chunks over several steps (chunked prefill). Waiting requests are
+admitted while budget and pages last: their prompt (all but the last token, so at least
+one token is computed and yields logits) is matched in the cache under their namespace,
+and only the rest is scheduled.
+
+When the device pool cannot hold the running set, the newest running sequence is
+preempted: its pages are released (committed blocks stay cached) and it goes back to the
+front of the queue, to be recomputed later, usually mostly from the cache.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from itertools import islice
+
+from kvgate.cachestore import CacheStore
+from kvgate.cachestore.pool import copy_pages
+from kvgate.gateway.engine.config import EngineConfig
+from kvgate.gateway.engine.request import PromptTooLong
+from kvgate.gateway.engine.sequence import Sequence, Status
+
+QUEUED_HELD = 8  # waiting requests (from the head) whose cached prefixes are evicted last
+
+
+@dataclass
+class Chunk:
+    """``length`` tokens of ``seq`` from position ``start``; samples if it ends the sequence."""
+
+    seq: Sequence
+    start: int
+    length: int
+
+    @property
+    def samples(self) -> bool:
+        return self.start + self.length == len(self.seq)
+
+
+@dataclass
+class SchedulerOutput:
+    """One step's plan: the chunks to compute, the sequences the scheduler finished itself
+    while planning (outgrown the whole pool), and those whose admission raised (taken off
+    the queue, holding nothing), which the engine must report."""
+
+    chunks: list[Chunk] = field(default_factory=list)
+    finished: list[Sequence] = field(default_factory=list)
+    failed: list[tuple[Sequence, Exception]] = field(default_factory=list)
+
+
+class Scheduler:
+    def __init__(self, config: EngineConfig, store: CacheStore, max_model_len: int) -> None:
+        self.config = config
+        self.store = store
+        self.block_size = config.block_size
+        self.max_model_len = max_model_len
+        self.num_device_pages = int(store.device_pool.shape[0])
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+        self.num_forks = 0  # choices that started on their parent's pages (n > 1)
+
+    # -- admission -------------------------------------------------------------------
+
+    def check(self, num_prompt_tokens: int) -> None:
+        """Reject a prompt that can never run, whatever else is going on."""
+        if num_prompt_tokens == 0:
+            raise PromptTooLong("the prompt is empty; send at least one token")
+        if num_prompt_tokens >= self.max_model_len:
+            raise PromptTooLong(
+                f"the prompt has {num_prompt_tokens} tokens; this model's context is "
+                f"{self.max_model_len} tokens, including at least one output token. Shorten the prompt."
+            )
+        pages = -(-(num_prompt_tokens + 1) // self.block_size)
+        if pages > self.num_device_pages:
+            raise PromptTooLong(
+                f"the prompt has {num_prompt_tokens} tokens and needs {pages} KV pages; the device "
+                f"cache holds {self.num_device_pages} pages in all. Shorten the prompt or raise "
+                "--device-cache-bytes."
+            )
+
+    def add(self, seq: Sequence) -> None:
+        self.check(seq.num_prompt_tokens)
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # -- one step ----------------------------------------------------------------------
+
+    def schedule(self) -> SchedulerOutput:
+        budget = self.config.max_batch_tokens
+        out = SchedulerOutput()
+        for seq in list(self.running):
+            if budget == 0:
+                break
+            if seq.status is not Status.RUNNING:
+                continue  # preempted below by an older sequence of this step
+            n = min(seq.num_uncomputed, budget)
+            if self._grow(seq, seq.num_computed + n, out):
+                out.chunks.append(Chunk(seq, seq.num_computed, n))
+                budget -= n
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_running:
+            try:
+                chunk = self._admit(self.waiting[0], budget)
+            except Exception as exc:  # this request's own (its tokens): it alone fails
+                out.failed.append((self.waiting.popleft(), exc))
+                continue
+            if chunk is None:
+                break
+            self.waiting.popleft()
+            out.chunks.append(chunk)
+            budget -= chunk.length
+        # the cached prefixes the next admissions will match go last (CacheStore.hold_queued)
+        self.store.hold_queued({s.seq_id: (s.request.namespace, s.token_ids)
+                                for s in islice(self.waiting, QUEUED_HELD)})
+        return out
+
+    def _grow(self, seq: Sequence, num_tokens: int, out: SchedulerOutput) -> bool:
+        """Pages for ``num_tokens``; preempts newer sequences (or ``seq`` itself) to get them."""
+        assert seq.handle is not None, "a running sequence holds its cache handle"
+        while not self.store.allocate(seq.handle, num_tokens):
+            victim = self.running[-1]
+            if victim is seq and len(self.running) == 1:
+                # Alone and still too big: it has outgrown the whole pool.
+                self.finish(seq, "length")
+                out.finished.append(seq)
+                return False
+            self.preempt(victim)
+            if victim is seq:
+                return False
+        return True
+
+    def _admit(self, seq: Sequence, budget: int) -> Chunk | None:
+        req = seq.request
+        seq.admissions += 1
+        handle = self.store.open(
+            f"{seq.seq_id}#{seq.admissions}",
+            req.namespace,
+            ttl_segments=list(req.ttl_segments),
+            default_ttl_s=req.default_ttl_s,
+        )
+        admitted = False
+        try:
+            match = self.store.match(handle, seq.token_ids[:-1])
+            cached = int(match.num_cached_tokens)
+            n = min(len(seq) - cached, budget)
+            admitted = self.store.allocate(handle, cached + n)
+        finally:
+            if not admitted:  # no room, or it raised: hold nothing
+                self.store.release(handle)
+                seq.admissions -= 1
+        if not admitted:
+            return None
+        if seq.admissions == 1 and seq.index == 0:  # the prompt is billed once, with choice 0
+            seq.cached_tokens = min(cached, seq.num_prompt_tokens)
+            self.store.record_prompt(req.namespace, seq.num_prompt_tokens, seq.cached_tokens)
+        seq.handle = handle
+        seq.num_computed = cached
+        seq.num_committed_blocks = cached // self.block_size
+        seq.status = Status.RUNNING
+        self.running.append(seq)
+        return Chunk(seq, cached, n)
+
+    def fork(self, parent: Sequence, child: Sequence) -> None:
+        """Run ``child`` (the prompt and its own first token) on ``parent``'s computed
+        prompt: the full pages are shared through the cache (the parent has committed them),
+        the partial last page is copied, so no prompt token is computed twice. Without room
+        the child waits and is admitted like any request (its prompt then hits the cache)."""
+        assert parent.handle is not None, "a parent forks while it holds its pages"
+        prompt_len = child.num_prompt_tokens
+        if len(self.running) < self.config.max_running:
+            child.admissions += 1
+            req = child.request
+            handle = self.store.open(f"{child.seq_id}#{child.admissions}", req.namespace,
+                                     ttl_segments=list(req.ttl_segments),
+                                     default_ttl_s=req.default_ttl_s)
+            admitted = False
+            try:
+                cached = int(self.store.match(handle, child.token_ids[:prompt_len]).num_cached_tokens)
+                admitted = self.store.allocate(handle, len(child))
+                full = prompt_len // self.block_size
+                if admitted and cached == full * self.block_size < prompt_len:
+                    copy_pages(self.store.device_pool, self.store.device_pool,
+                               [parent.handle.block_table[full]], [handle.block_table[full]])
+                    cached = prompt_len
+            finally:
+                if not admitted:
+                    self.store.release(handle)
+                    child.admissions -= 1
+            if admitted:
+                child.handle = handle
+                child.num_computed = cached
+                child.num_committed_blocks = cached // self.block_size
+                child.status = Status.RUNNING
+                self.running.append(child)
+                self.num_forks += 1
+                return
+        self.waiting.appendleft(child)
+
+    # -- after the step ------------------------------------------------------------------
+
+    def commit(self, seq: Sequence) -> None:
+        """Index every newly filled block; bill as cache writes only blocks of the prompt
+        filled before any output existed (decode-filled blocks are billed as output)."""
+        full = seq.num_computed // self.block_size
+        if full <= seq.num_committed_blocks or seq.handle is None:
+            return
+        written = self.store.commit(seq.handle, seq.token_ids[: full * self.block_size])
+        seq.num_committed_blocks = full
+        if seq.num_output == 0:
+            for ttl_s, tokens in written.items():
+                ttl = round(ttl_s)
+                seq.cache_writes[ttl] = seq.cache_writes.get(ttl, 0) + tokens
+
+    def preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        if seq.handle is not None:
+            self.store.release(seq.handle)
+        seq.handle = None
+        seq.num_computed = 0
+        seq.status = Status.WAITING
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """Frees everything the sequence holds, whatever state it is in."""
+        if seq.status is Status.RUNNING:
+            self.running.remove(seq)
+        elif seq.status is Status.WAITING and seq in self.waiting:
+            self.waiting.remove(seq)
+        if seq.handle is not None:
+            self.store.release(seq.handle)
+            seq.handle = None
+        seq.status = Status.FINISHED
+        seq.finish_reason = reason

@@ -1,0 +1,172 @@
+"""One request as the scheduler sees it: its tokens, how far its KV is computed, its pages.
+
+``token_ids`` is prompt + output. ``num_computed`` counts the leading tokens whose K/V sit
+in the sequence's pages; the next step computes ``token_ids[num_computed:]`` (or a chunk
+of it). After a preemption ``num_computed`` drops to 0 and the prompt *and* the output so
+far are recomputed (their prefix may hit the cache again).
+"""
+
+from __future__ import annotations
+
+import enum
+import random
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from kvgate.cachestore import CacheSeq
+from kvgate.gateway.engine.request import EngineEvent, GenerateRequest, TokenEvent
+from kvgate.gateway.engine.tokenizer import IncrementalDecoder, TextTokenizer
+from kvgate.gateway.usage import Usage
+
+if TYPE_CHECKING:
+    import llguidance
+
+
+class PageRow:
+    """A sequence's block table as a growing int32 array, synced from its cache handle by
+    appending the pages added since the last step (a new handle, after a preemption,
+    starts it again). The cache store only ever appends to a handle's table or replaces
+    the whole list; a rewritten last page is caught and the row rebuilt."""
+
+    def __init__(self) -> None:
+        self.array = np.zeros(16, dtype=np.int32)
+        self.size = 0
+        self.source: list[int] | None = None
+
+    def sync(self, table: list[int]) -> np.ndarray:
+        if (table is not self.source or len(table) < self.size
+                or (self.size and table[self.size - 1] != self.array[self.size - 1])):
+            self.source, self.size = table, 0
+        if len(table) > self.size:
+            if len(table) > len(self.array):
+                grown = np.zeros(max(len(table), 2 * len(self.array)), dtype=np.int32)
+                grown[: self.size] = self.array[: self.size]
+                self.array = grown
+            self.array[self.size : len(table)] = table[self.size :]
+            self.size = len(table)
+        return self.array[: self.size]
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class Sequence:
+    def __init__(self, request: GenerateRequest, tokenizer: TextTokenizer,
+                 arrival: float | None = None, index: int = 0):
+        self.request = request
+        self.request_id = request.request_id
+        # Choice ``index`` of the request's n; choices after the first are forked from it
+        # once its prompt is computed (``Engine._fork``), so they share its prefill.
+        self.index = index
+        self.seq_id = request.request_id if index == 0 else f"{request.request_id}/{index}"
+        self.forked = False  # choice 0 of n > 1: its followers exist
+        self.params = request.sampling
+        self.token_ids: list[int] = list(request.prompt_token_ids)
+        self.num_prompt_tokens = len(self.token_ids)
+        self.num_computed = 0
+        self.num_committed_blocks = 0  # full blocks already handed to store.commit
+        self.status = Status.WAITING
+        self.handle: CacheSeq | None = None  # the cachestore's state while admitted
+        self.admissions = 0
+        # The stream this sequence draws from (``sampler.uniforms``): the request's seed
+        # (plus the choice index), or a random one; draw i is the i-th output token's.
+        seed = self.params.seed_of(index)
+        self.seed: int = random.getrandbits(64) if seed is None else seed
+        # The runner's copy of ``handle.block_table`` (appended to, never rebuilt)
+        self.pages = PageRow()
+        self.decoder = IncrementalDecoder(tokenizer)
+        self.emitted_chars = 0  # of decoder.text, already sent to the client
+        # The prompt's cache split, fixed at the first admission (a recompute after a
+        # preemption is the engine's cost, not the client's).
+        self.cached_tokens = 0
+        self.cache_writes: dict[int, int] = {}  # TTL seconds -> prompt tokens written
+        self.arrival = time.monotonic() if arrival is None else arrival
+        self.first_token_at: float | None = None
+        self.finish_reason: str | None = None
+        self.stop_sequence: str | None = None  # the stop string that ended the output
+        self.emit: Callable[[EngineEvent], None] = lambda event: None  # set by the facade
+        self.held: list[TokenEvent] = []  # not yet sent (requests that do not stream)
+        # Structured outputs: this sequence's grammar state (``GrammarEngine.of`` makes it)
+        self.grammar: llguidance.LLMatcher | None = None
+
+    def usage(self) -> Usage:
+        """The usage so far: the prompt's split is final once the first token exists."""
+        return Usage(self.num_prompt_tokens, self.cached_tokens, self.cache_writes,
+                     self.num_output)
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def num_uncomputed(self) -> int:
+        return len(self.token_ids) - self.num_computed
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is Status.FINISHED
+
+
+def append_token(seq: Sequence, token_id: int, eos_token_ids: list[int], max_len: int,
+                 complete: bool = False) -> tuple[str, str | None]:
+    """Add a sampled token; returns (text to send now, finish reason or None).
+    ``complete``: the sequence's grammar is complete, nothing may follow (``stop``).
+
+    Stop strings are searched in the detokenized text; text that could still become the
+    start of a stop string is held back, and text from a stop string on is never sent. The
+    stop string that ends the output is kept in ``seq.stop_sequence``.
+    """
+    params = seq.params
+    decoder = seq.decoder
+    seq.token_ids.append(token_id)
+    reason: str | None = None
+    if (not params.ignore_eos and token_id in eos_token_ids) or token_id in params.stop_token_ids:
+        reason = "stop"
+        decoder.flush()
+    else:
+        decoder.push(token_id)
+        found = _find_stop(decoder.text, params.stop, seq.emitted_chars)
+        if found is None and (complete or seq.num_output >= params.max_tokens
+                              or len(seq.token_ids) >= max_len):
+            reason = "stop" if complete else "length"
+            decoder.flush()  # the held end of the text may complete a stop string
+            found = _find_stop(decoder.text, params.stop, seq.emitted_chars)
+        if found is not None:
+            cut, seq.stop_sequence = found
+            decoder.text = decoder.text[:cut]
+            reason = "stop"
+    text = decoder.text
+    if reason is not None:
+        end = len(text)
+    else:
+        hold = max((len(s) for s in params.stop), default=1) - 1
+        end = max(seq.emitted_chars, len(text) - hold)
+    delta = text[seq.emitted_chars : end]
+    seq.emitted_chars = end
+    return delta, reason
+
+
+def _find_stop(text: str, stops: list[str], emitted: int) -> tuple[int, str] | None:
+    """The earliest start of a stop string that ends in text not yet sent, and that string
+    (on a tie, the one listed first)."""
+    best: tuple[int, str] | None = None
+    for s in stops:
+        if not s:
+            continue
+        i = text.find(s, max(0, emitted - len(s) + 1))
+        if i >= 0 and (best is None or i < best[0]):
+            best = (i, s)
+    return best

@@ -1,0 +1,87 @@
+"""The engine's side of the shared tier: attach it to the store, fetch before admission.
+
+The fetch runs on the asyncio side when a request arrives (a small thread pool of its own,
+so a slow Valkey never holds the default executor), bounded by the tier's timeout. What it
+brought is handed to the engine thread as a call queued just before the request itself:
+the blocks are indexed as cached device blocks (``CacheStore.adopt_shared``), so the
+request's admission matches them like any other hit and bills them as cache reads. The
+fetched pages live only from the fetch to that call, so their memory is bounded by the
+fetch pool's width times ``max_fetch_blocks`` pages. Any error or timeout is a miss: the
+request is computed as if there were no shared tier.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+from collections.abc import Callable
+
+import torch
+from transformers import PreTrainedModel
+
+from kvgate.cachestore import CacheStore
+from kvgate.cachestore.shared_tier import CostModel, ModelShape, SharedTier, SharedTierConfig
+from kvgate.gateway.engine.loader import head_dim_of
+from kvgate.gateway.engine.request import GenerateRequest
+from kvgate.kernels.layout import KVLayout
+
+log = logging.getLogger("kvgate.engine")
+
+CUDA_FLOPS = 2e14  # prefill FLOP/s assumed on a GPU when --shared-tier-compute-flops is 0
+CPU_FLOPS = 5e10
+
+
+def model_shape(model: PreTrainedModel) -> ModelShape:
+    """Weights used per token (the input embedding is a lookup, not a matmul, unless it
+    is tied to the output head) and the attention's shape, from a transformers model."""
+    cfg = model.config
+    total = sum(p.numel() for p in model.parameters())
+    embedding = model.get_input_embeddings().weight.numel()  # type: ignore[operator]
+    tied = bool(getattr(cfg, "tie_word_embeddings", False))
+    return ModelShape(params=total if tied else total - embedding,
+                      num_layers=int(cfg.num_hidden_layers),
+                      num_q_heads=int(cfg.num_attention_heads), head_dim=head_dim_of(cfg))
+
+
+class SharedTierClient:
+    """One replica's shared tier: attached to its store; fetches for its requests."""
+
+    def __init__(self, config: SharedTierConfig, store: CacheStore, layout: KVLayout,
+                 model: PreTrainedModel, model_id: str, device: torch.device) -> None:
+        self.config = config
+        self.store = store
+        self.tier = SharedTier(config, layout, model_id)
+        flops = config.compute_flops or (CUDA_FLOPS if device.type == "cuda" else CPU_FLOPS)
+        self.cost = CostModel(layout, model_shape(model), config.bandwidth_bytes, config.rtt_s,
+                              flops)
+        store.attach_shared(self.tier, self.cost)
+        log.info("shared tier on: a block costs %.3f ms to fetch and %.3f ms to compute "
+                 "(at the prompt's start), so it is fetched when the first is smaller "
+                 "(--shared-tier-bandwidth-bytes, --shared-tier-compute-flops)",
+                 self.cost.fetch_s(1) * 1e3, self.cost.compute_s(0, 1) * 1e3)
+        self._pool = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="kvgate-shared")
+
+    async def prefetch(self, request: GenerateRequest) -> Callable[[], int] | None:
+        """Fetch the prompt's blocks after the local prefix (all but the last token, as
+        the scheduler matches); → the call that adopts them on the engine thread, or None.
+        Never raises; never waits past about twice the timeout."""
+        prompt = request.prompt_token_ids[:-1]
+        loop = asyncio.get_running_loop()
+        future = loop.run_in_executor(self._pool, self.store.fetch_shared, request.namespace,
+                                      prompt)
+        try:
+            fetched = await asyncio.wait_for(future, 2 * self.config.timeout_ms / 1000)
+        except Exception as exc:  # a timeout or a bug here is a miss, never a failed request
+            log.warning("shared tier fetch abandoned: %r", exc)
+            return None
+        if fetched is None:
+            return None
+        # the request's TTLs: adopted blocks expire as the request's own writes would
+        seq = self.store.open(f"shared:{request.request_id}", request.namespace,
+                              list(request.ttl_segments), request.default_ttl_s)
+        return lambda: self.store.adopt_shared(seq, prompt, fetched)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self.tier.close()

@@ -1,0 +1,271 @@
+"""/admin routes (admin key only; enforced by the auth middleware)."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from datetime import date, datetime
+from typing import Any
+
+from aiohttp import web
+
+from kvgate.gateway.http.errors import ApiError, bad_request
+from kvgate.gateway.http.state import state_of
+from kvgate.gateway.http.tenancy import tenant_namespace
+from kvgate.gateway.http.validation import read_json
+from kvgate.gateway.ledger import Conflict, InvalidInput, LedgerError, NotFound
+from kvgate.gateway.ledger.reports import GROUPS
+from kvgate.gateway.ledger.timespec import check_range, parse_time
+
+_TENANT_FIELDS: dict[str, type | tuple[type, ...]] = {
+                  "name": str, "plan": (str, int), "cache_ttl_seconds": int,
+                  "cache_quota_bytes": int, "cache_share_bytes": int,
+                  "requests_per_minute": int,
+                  "tokens_per_minute": int, "max_concurrent": int, "status": str}
+
+
+def _json(data: Any, status: int = 200) -> web.Response:
+    return web.Response(text=json.dumps(data, default=_default), status=status,
+                        content_type="application/json")
+
+
+def _default(obj: object) -> str:
+    if isinstance(obj, (datetime, date)):
+        return obj.isoformat()
+    raise TypeError(f"{type(obj).__name__} is not JSON serializable")
+
+
+_ID = re.compile(r"[0-9]{1,10}")
+_MAX_ID = 2**31 - 1  # tenant and key ids are 32-bit INTEGER columns on PostgreSQL
+
+
+def _id(raw: str, what: str = "tenant") -> int:
+    """A database id from a path or query: ASCII digits within the id column's range.
+    Anything else names no row, so it is a 404 (never a 500 from the database)."""
+    if not _ID.fullmatch(raw) or int(raw) > _MAX_ID:
+        raise ApiError(404, f"No {what} has the id {raw[:40]!r}; ids are positive integers.",
+                       code="not_found")
+    return int(raw)
+
+
+def _ledger_error(exc: LedgerError) -> ApiError:
+    if isinstance(exc, NotFound):
+        return ApiError(404, str(exc) or "Not found.", code="not_found")
+    if isinstance(exc, Conflict):
+        return ApiError(409, str(exc) or "Conflict.", code="conflict")
+    if isinstance(exc, ValueError):  # the ledger's InvalidInput
+        return bad_request(str(exc) or "Invalid request.")
+    return ApiError(503, f"Ledger unavailable: {exc}", code="ledger_error", retry_after=1.0)
+
+
+_INT32_MAX, _INT64_MAX = 2**31 - 1, 2**63 - 1
+# The largest value each integer field's column holds on every database (INTEGER is 32-bit
+# on PostgreSQL; SQLite and BIGINT take 64 bits); beyond it the database would refuse.
+_INT_MAX = {"cache_quota_bytes": _INT64_MAX, "cache_share_bytes": _INT64_MAX,
+            "plan": _INT32_MAX}
+# Characters no name may hold: C0/C1 controls (PostgreSQL refuses NUL in text outright).
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+
+
+def _tenant_fields(body: dict, allowed: set[str]) -> dict:
+    """Typed and bounded, so nothing reaches the database that it would refuse with an
+    error of its own: integers within their column's range, plan ids as ASCII digits,
+    names without control characters."""
+    out = {}
+    for name, value in body.items():
+        if name not in allowed:
+            raise bad_request(f"Unknown field '{name[:40]}'; allowed: "
+                              f"{', '.join(sorted(allowed))}.", param=name[:40])
+        kind = _TENANT_FIELDS[name]
+        if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
+            raise bad_request(f"Field '{name}' has the wrong type.", param=name)
+        if isinstance(value, int):
+            top = _INT_MAX.get(name, _INT32_MAX)
+            if not 0 <= value <= top:
+                raise bad_request(f"Field '{name}' must be between 0 and {top}.", param=name)
+        if isinstance(value, str):
+            value = _text_field(name, value)
+        out[name] = value
+    return out
+
+
+def _text_field(name: str, value: str) -> str | int:
+    if _CONTROL.search(value):
+        raise bad_request(f"Field '{name}' must not hold control characters.", param=name)
+    if name == "plan" and value.strip().isdigit():  # an id, as the ledger reads digits
+        if not _ID.fullmatch(value.strip()) or int(value) > _INT32_MAX:
+            raise bad_request(f"Field 'plan' looks like a plan id but is not one: ids are "
+                              f"ASCII digits up to {_INT32_MAX}.", param=name)
+        return int(value)
+    return value
+
+
+async def create_tenant(request: web.Request) -> web.Response:
+    body = await read_json(request)
+    fields = _tenant_fields(body, set(_TENANT_FIELDS) - {"status"})
+    if not isinstance(fields.get("name"), str) or not fields["name"].strip():
+        raise bad_request("Field 'name' is required.", param="name")
+    try:
+        tenant = await state_of(request).ledger.create_tenant(**fields)
+    except LedgerError as exc:
+        raise _ledger_error(exc) from None
+    return _json(tenant, status=201)
+
+
+async def list_tenants(request: web.Request) -> web.Response:
+    try:
+        return _json({"object": "list", "data": await state_of(request).ledger.list_tenants()})
+    except LedgerError as exc:
+        raise _ledger_error(exc) from None
+
+
+async def get_tenant(request: web.Request) -> web.Response:
+    try:
+        return _json(await state_of(request).ledger.get_tenant(
+            _id(request.match_info["id"])))
+    except LedgerError as exc:
+        raise _ledger_error(exc) from None
+
+
+async def update_tenant(request: web.Request) -> web.Response:
+    state = state_of(request)
+    tid = _id(request.match_info["id"])
+    fields = _tenant_fields(await read_json(request), set(_TENANT_FIELDS))
+    try:
+        tenant = await state.ledger.update_tenant(tid, **fields)
+    except LedgerError as exc:
+        raise _ledger_error(exc) from None
+    if "cache_quota_bytes" in fields or "cache_share_bytes" in fields:
+        state.quotas.set(tid, tenant["cache_quota_bytes"], tenant["cache_share_bytes"])
+    else:
+        state.quotas.forget(tid)  # re-applied from the key's principal on the next request
+    return _json(tenant)
+
+
+async def delete_tenant(request: web.Request) -> web.Response:
+    state = state_of(request)
+    tid = _id(request.match_info["id"])
+    try:
+        await state.ledger.delete_tenant(tid)
+    except LedgerError as exc:
+        raise _ledger_error(exc) from None
+    await state.engine.flush(tenant_namespace(tid))
+    state.quotas.forget(tid)
+    state.metrics.forget_tenant(tid)
+    return _json({"id": tid, "deleted": True})
+
+
+async def create_key(request: web.Request) -> web.Response:
+    tid = _id(request.match_info["id"])
+    role = "tenant"
+    if request.can_read_body:
+        body = await read_json(request)
+        role = body.get("role", "tenant")
+        if role not in ("tenant", "admin"):
+            raise bad_request("Field 'role' must be 'tenant' or 'admin'.", param="role")
+    try:
+        key = await state_of(request).ledger.create_key(tid, role=role)
+    except LedgerError as exc:
+        raise _ledger_error(exc) from None
+    return _json(key, status=201)
+
+
+async def list_keys(request: web.Request) -> web.Response:
+    try:
+        keys = await state_of(request).ledger.list_keys(_id(request.match_info["id"]))
+    except LedgerError as exc:
+        raise _ledger_error(exc) from None
+    return _json({"object": "list", "data": keys})
+
+
+async def revoke_key(request: web.Request) -> web.Response:
+    kid = _id(request.match_info["id"], "key")
+    try:
+        await state_of(request).ledger.revoke_key(kid)
+    except LedgerError as exc:
+        raise _ledger_error(exc) from None
+    return _json({"id": kid, "revoked": True})
+
+
+def _when(q: Mapping[str, str]) -> tuple[datetime | None, datetime | None]:
+    """``since``/``until`` by the ledger's one parser (the CLI's too); a bad one is a 400
+    naming the parameter."""
+    ends: dict[str, datetime | None] = {}
+    for name in ("since", "until"):
+        raw = q.get(name)
+        try:
+            ends[name] = parse_time(raw) if raw and raw.strip() else None
+        except InvalidInput as exc:
+            raise bad_request(f"'{name}': {exc}.", param=name) from None
+    try:
+        check_range(ends["since"], ends["until"])
+    except InvalidInput as exc:
+        raise bad_request(f"{exc}.", param="until") from None
+    return ends["since"], ends["until"]
+
+
+async def usage(request: web.Request) -> web.Response:
+    q = request.query
+    group_by = q.get("group_by") or "day"
+    if group_by not in GROUPS:
+        raise bad_request(f"'group_by' must be one of {', '.join(GROUPS)}; "
+                          f"got {group_by[:40]!r}.", param="group_by")
+    tenant = q.get("tenant_id")
+    tenant_id = _id(tenant) if tenant else None
+    since, until = _when(q)
+    try:
+        report = await state_of(request).ledger.usage_report(
+            tenant_id=tenant_id, since=since, until=until, group_by=group_by)
+    except LedgerError as exc:
+        raise _ledger_error(exc) from None
+    return _json(report)
+
+
+async def cache_stats(request: web.Request) -> web.Response:
+    """The cachestore snapshot as is, with its namespaces shown as tenants (id and name).
+    Deleted tenants are named too: their blocks may still be leaving the cache."""
+    state = state_of(request)
+    snapshot = await state.engine.stats()
+    stats = snapshot.as_dict()
+    del stats["namespaces"]
+    try:
+        tenants = await state.ledger.list_tenants(include_deleted=True)
+    except LedgerError as exc:
+        raise _ledger_error(exc) from None
+    names = {tenant_namespace(t["id"]): (t["id"], t["name"]) for t in tenants}
+    stats["tenants"] = [
+        {"namespace": ns, "tenant_id": names.get(ns, (None, None))[0],
+         "tenant_name": names.get(ns, (None, None))[1], **v.as_dict()}
+        for ns, v in sorted(snapshot.namespaces.items())]
+    return _json(stats)
+
+
+async def flush_cache(request: web.Request) -> web.Response:
+    state = state_of(request)
+    tenant = request.query.get("tenant_id")
+    if not tenant:
+        raise bad_request("Query parameter 'tenant_id' is required.", param="tenant_id")
+    tid = _id(tenant)
+    try:
+        await state.ledger.get_tenant(tid)
+    except LedgerError as exc:
+        raise _ledger_error(exc) from None
+    flushed = await state.engine.flush(tenant_namespace(tid))
+    return _json({"tenant_id": tid, "flushed_blocks": flushed})
+
+
+def routes() -> list[web.RouteDef]:
+    return [
+        web.post("/admin/tenants", create_tenant),
+        web.get("/admin/tenants", list_tenants, allow_head=False),
+        web.get("/admin/tenants/{id}", get_tenant, allow_head=False),
+        web.patch("/admin/tenants/{id}", update_tenant),
+        web.delete("/admin/tenants/{id}", delete_tenant),
+        web.post("/admin/tenants/{id}/keys", create_key),
+        web.get("/admin/tenants/{id}/keys", list_keys, allow_head=False),
+        web.delete("/admin/keys/{id}", revoke_key),
+        web.get("/admin/usage", usage, allow_head=False),
+        web.get("/admin/cache/stats", cache_stats, allow_head=False),
+        web.delete("/admin/cache", flush_cache),
+    ]

@@ -1,0 +1,291 @@
+"""One generation from admission to the ledger row: the part both APIs share.
+
+Billing happens exactly once, from the engine's final ``Usage``: ``stream`` records the
+usage event as soon as the engine finishes, before the handler writes its last bytes; if
+the client goes away (or the handler is cancelled) ``__aexit__`` cancels the engine
+request and bills the tokens produced so far with status ``cancelled``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncGenerator, AsyncIterator
+from dataclasses import replace
+from datetime import UTC, datetime
+from types import TracebackType
+
+from aiohttp import web
+
+from kvgate.gateway.engine import (
+    EngineOverloaded,
+    FinishEvent,
+    GenerateRequest,
+    InvalidGrammar,
+    InvalidTokens,
+    PromptTooLong,
+    SamplingParams,
+    SequenceFailed,
+    TokenEvent,
+)
+from kvgate.gateway.http.admission import charge
+from kvgate.gateway.http.choices import Choices, merged
+from kvgate.gateway.http.errors import ApiError, ClientGone
+from kvgate.gateway.http.limits import Ticket
+from kvgate.gateway.http.state import AppState, ctx_of, principal_of, state_of
+from kvgate.gateway.ledger import UsageEvent
+from kvgate.gateway.usage import Usage
+
+log = logging.getLogger("kvgate.http")
+
+_CANCEL_DRAIN_S = 5.0
+_CLIENT_POLL_S = 0.05  # how often a generation looks whether its client is still there
+
+
+class Generation:
+    def __init__(self, request: web.Request, endpoint: str, model: str,
+                 prompt_ids: list[int], sampling: SamplingParams,
+                 ttl_segments: list[tuple[int, float]] | None = None,
+                 more_prompts: list[list[int]] | None = None) -> None:
+        self.request = request
+        self.state: AppState = state_of(request)
+        self.principal = principal_of(request)
+        self.endpoint = endpoint
+        self.model = model
+        self.prompt_ids = prompt_ids
+        # A completions request's further prompts: each its own engine request, one bill
+        self.more_prompts = more_prompts or []
+        self.choices = Choices(sampling.n, 1 + len(self.more_prompts))
+        self.sampling = sampling
+        self.ttl_segments = ttl_segments or []
+        self.request_id: str = ctx_of(request).request_id
+        self.finish_reason: str | None = None
+        self.stop_sequence: str | None = None  # the stop string that ended the output
+        self.client_gone = False  # the client hung up; the engine was told to stop
+        self.usage: Usage | None = None  # what was billed
+        self.prompt_usage: Usage | None = None  # prompt side, known at the first token
+        self.completion_tokens = 0
+        self.text_parts: list[str] = []
+        self.output_ids: list[int] = []  # the tokens sampled, EOS included (stored responses)
+        self._watcher: asyncio.Task[None] | None = None
+        self._ticket: Ticket | None = None
+        self._agen: AsyncGenerator[TokenEvent | FinishEvent, None] | None = None
+        self._t0 = time.monotonic()
+        self._started_at = datetime.now(UTC)
+        self._ttft_s: float | None = None
+        self._engine_s: float | None = None
+        self._billed = False
+        self._failed = False
+        self._failed_usage: Usage | None = None  # the engine's own account of a failure
+        self._streaming = True  # False: run() wants the whole text, not token by token
+        self._finish_0 = "stop"  # choice 0's finish reason (the request's, when n is 1)
+
+    async def __aenter__(self) -> Generation:
+        self._ticket = charge(self.request, len(self.prompt_ids)
+                              + sum(map(len, self.more_prompts)))
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> None:
+        if self._watcher is not None:  # a stream the handler left unfinished
+            self._watcher.cancel()
+        try:
+            if not self._billed and self._agen is not None:
+                await asyncio.shield(self._bill_cancelled())
+        finally:
+            if self._ticket is not None:
+                self._ticket.release()
+
+    def _engine_request(self) -> GenerateRequest:
+        p = self.principal
+        ttl = p.cache_ttl_seconds or self.state.settings.default_cache_ttl_seconds
+        return GenerateRequest(
+            request_id=self.request_id, namespace=self.state.quotas.apply(p),
+            prompt_token_ids=self.prompt_ids, sampling=self.sampling,
+            ttl_segments=self.ttl_segments, default_ttl_s=float(ttl), stream=self._streaming)
+
+    def _engine_ids(self) -> list[str]:
+        return [self.request_id] + [f"{self.request_id}-{k}"
+                                    for k in range(1, 1 + len(self.more_prompts))]
+
+    def _open(self) -> AsyncGenerator[TokenEvent | FinishEvent, None]:
+        engine = self.state.engine
+        first = self._engine_request()
+        if not self.more_prompts:
+            return engine.generate(first)
+        requests = [first] + [replace(first, request_id=rid, prompt_token_ids=ids) for rid, ids
+                              in zip(self._engine_ids()[1:], self.more_prompts, strict=True)]
+        for r in requests:  # every prompt checked before any runs
+            engine.check(r)
+        return merged([engine.generate(r) for r in requests], self.sampling.n)
+
+    def _cancel_engine(self) -> None:
+        for rid in self._engine_ids():
+            self.state.engine.cancel(rid)
+
+    async def stream(self) -> AsyncIterator[str]:
+        """Text pieces of choice 0 as the engine makes them; billed before the iterator ends."""
+        async for ev in self.events():
+            if ev.text and ev.index == 0:
+                yield ev.text
+
+    async def events(self) -> AsyncIterator[TokenEvent]:
+        """The engine's token events of every choice (``ev.index``), as it makes them;
+        billed, once for all choices, before the iterator ends."""
+        self._watcher = watcher = asyncio.create_task(self._watch_client())
+        try:
+            self._agen = self._open()
+            async for ev in self._agen:
+                if isinstance(ev, FinishEvent):
+                    self._engine_s = max(self._engine_s or 0.0, ev.engine_s)
+                    if ev.index == 0:
+                        self.stop_sequence = ev.stop_sequence
+                        self._finish_0 = ev.finish_reason
+                    if self.choices.finish(ev):
+                        await self._bill(self.choices.usage(), self._finish_0, "ok")
+                        return
+                    continue
+                if self._ttft_s is None:
+                    self._ttft_s = time.monotonic() - self._t0
+                if ev.prompt_usage is not None and ev.index == 0:
+                    self.prompt_usage = ev.prompt_usage
+                self.completion_tokens += len(ev.token_ids)
+                self.choices.add(ev)
+                if ev.index == 0:
+                    self.output_ids += ev.token_ids
+                    if ev.text:
+                        self.text_parts.append(ev.text)
+                yield ev
+                transport = self.request.transport
+                if transport is None or transport.is_closing():
+                    raise ClientGone()
+        except PromptTooLong as exc:
+            self._agen = None
+            raise ApiError(400, f"The prompt is too long for this model's context: {exc}",
+                           code="context_length_exceeded", param="messages") from exc
+        except InvalidGrammar as exc:
+            self._agen = None
+            raise ApiError(400, f"The structured output spec is not valid: {exc}",
+                           code="invalid_value", param="response_format") from exc
+        except InvalidTokens as exc:
+            self._agen = None
+            raise ApiError(400, f"The prompt holds a token id this model does not have: {exc}",
+                           code="invalid_value", param="prompt") from exc
+        except EngineOverloaded as exc:
+            self._agen = None
+            raise ApiError(503, "The engine is at capacity; retry shortly.", code="overloaded",
+                           retry_after=1.0) from exc
+        except (ClientGone, asyncio.CancelledError):
+            raise
+        except SequenceFailed as exc:
+            self._failed = True  # billed as "error" by __aexit__, with the engine's usage
+            self._failed_usage = exc.usage
+            if isinstance(exc.__cause__, InvalidGrammar):  # the client's grammar gave out
+                raise ApiError(400, f"The structured output spec could not be followed: "
+                               f"{exc.__cause__}", code="invalid_value") from exc
+            raise
+        except Exception:
+            self._failed = True  # billed as "error" with what was done, by __aexit__
+            raise
+        finally:
+            watcher.cancel()
+        if not self._billed:
+            raise RuntimeError("engine stream ended without a FinishEvent")
+
+    async def run(self) -> str:
+        """The whole answer, which the engine sends as one event at the end. A client that
+        leaves meanwhile stops the engine (``_watch_client``): what it generated until then
+        is billed as cancelled, and no answer is written."""
+        self._streaming = False
+        async for _ in self.stream():
+            pass
+        if self.client_gone:
+            raise ClientGone()
+        return "".join(self.text_parts)
+
+    async def _watch_client(self) -> None:
+        """Stops the engine request as soon as the client's connection closes. The server
+        does not cancel handlers when a client hangs up, and a request that is not
+        streamed hears nothing from the engine until the end, so nothing else would notice
+        before all ``max_tokens`` were made. The engine then finishes the request as
+        ``cancelled`` with its own usage (the prompt's cache split included)."""
+        while True:
+            await asyncio.sleep(_CLIENT_POLL_S)
+            transport = self.request.transport
+            if transport is None or transport.is_closing():
+                self.client_gone = True
+                self._cancel_engine()
+                return
+
+    def elapsed_s(self) -> float:
+        return time.monotonic() - self._t0
+
+    async def _bill_cancelled(self) -> None:
+        """Client gone, handler cancelled or engine failed: stop the engine, bill what it did
+        (the engine's own final usage when it reports one after the cancel)."""
+        usage = None
+        if not self._failed:
+            self._cancel_engine()
+            try:
+                usage = await asyncio.wait_for(self._drain(), _CANCEL_DRAIN_S)
+            except TimeoutError:
+                log.warning("request %s: engine did not finish after cancel", self.request_id)
+            except SequenceFailed as exc:  # it failed while stopping: its own account
+                usage = exc.usage
+            except Exception:  # it failed while stopping: bill from what it reported
+                log.exception("request %s: engine failed after cancel", self.request_id)
+        if self._agen is not None:
+            await self._agen.aclose()
+        if usage is None:
+            usage = self._failed_usage
+        if usage is None:  # the prompt's split as the engine reported it at the first token
+            known = self.prompt_usage or Usage(len(self.prompt_ids))
+            usage = replace(known, completion_tokens=self.completion_tokens)
+        status = "error" if self._failed else "cancelled"
+        await self._bill(usage, status, status)
+
+    async def _drain(self) -> Usage | None:
+        assert self._agen is not None
+        async for ev in self._agen:
+            if isinstance(ev, FinishEvent):
+                self._engine_s = ev.engine_s
+                if self.choices.finish(ev):
+                    return self.choices.usage()
+                continue
+            self.completion_tokens += len(ev.token_ids)
+        return None
+
+    async def _bill(self, usage: Usage, finish_reason: str, status: str) -> None:
+        if finish_reason == "cancelled" and status == "ok":
+            status = "cancelled"
+        self.usage = usage
+        self.finish_reason = finish_reason
+        ctx = ctx_of(self.request)
+        ctx.engine_s = self._engine_s if self._engine_s is not None else self.elapsed_s()
+        p = self.principal
+        assert p.tenant_id is not None  # the auth middleware lets only tenant keys through
+        event = UsageEvent(
+            request_id=self.request_id, tenant_id=p.tenant_id, key_id=p.key_id,
+            model=self.model, endpoint=self.endpoint, usage=usage, status=status,
+            started_at=self._started_at, finished_at=datetime.now(UTC),
+            ttft_ms=None if self._ttft_s is None else round(self._ttft_s * 1000.0))
+        self._billed = True
+        t0 = time.monotonic()
+        billed = await self.state.ledger.record(event)
+        ctx.ledger_s = time.monotonic() - t0
+        if self._ticket is not None:
+            self._ticket.add_tokens(usage.completion_tokens)
+        if billed.new:
+            m = self.state.metrics
+            m.observe_usage(
+                m.tenant(p.tenant_id), self.endpoint, usage, billed.cost_micros, self.cache_outcome(),
+                self._ttft_s, self.elapsed_s())
+
+    def cache_outcome(self) -> str:
+        u = self.usage
+        if u is None or u.cached_tokens == 0:
+            return "miss"
+        if u.cached_tokens + self.state.settings.block_size >= u.prompt_tokens:
+            return "hit"
+        return "partial"

@@ -1,0 +1,229 @@
+"""Prometheus metrics, one registry per app so tests and several apps never collide.
+
+Counters the gateway drives live here; cache and engine figures are read from their
+snapshots at scrape time (``_SnapshotCollector``) so they can never drift from
+``/admin/cache/stats``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from kvgate.gateway.ledger import Ledger
+from kvgate.gateway.usage import Usage
+
+if TYPE_CHECKING:  # the engine pulls in torch; the ledger-only CLI must not
+    from kvgate.cachestore.stats import NamespaceStats, SharedTierStats
+    from kvgate.gateway.engine.engine import Engine
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+_OVERHEAD_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
+
+
+class Metrics:
+    def __init__(self, tenant_labels: bool = True) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.tenant_labels = tenant_labels
+        r = self.registry
+        self.requests = Counter("kvgate_requests", "HTTP requests served.",
+                                ["endpoint", "status", "tenant"], registry=r)
+        self.prompt_tokens = Counter("kvgate_prompt_tokens", "Billed prompt tokens by kind.",
+                                     ["kind", "tenant"], registry=r)
+        self.completion_tokens = Counter("kvgate_completion_tokens", "Billed completion tokens.",
+                                         ["tenant"], registry=r)
+        self.cost = Counter("kvgate_cost_micros", "Billed cost in micro-units.", ["tenant"],
+                            registry=r)
+        self.ttft = Histogram("kvgate_ttft_seconds", "Time to first token.",
+                              ["endpoint", "cache"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.duration = Histogram("kvgate_request_duration_seconds", "End-to-end latency.",
+                                  ["endpoint", "cache"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.overhead = Histogram("kvgate_gateway_overhead_seconds",
+                                  "Request time not spent in the engine.", ["endpoint"],
+                                  buckets=_OVERHEAD_BUCKETS, registry=r)
+        self.admission_rejected = Counter(
+            "kvgate_admission_rejected", "Requests turned away at admission, before any of "
+            "their work, by reason (requests_per_minute, tokens_per_minute, concurrency, "
+            "capacity).", ["reason", "tenant"], registry=r)
+        self._by_tenant = (self.requests, self.prompt_tokens, self.completion_tokens,
+                           self.cost, self.admission_rejected)
+        self._forgotten: set[str] = set()
+        self.listen_port: int | None = None  # the metrics listener's port, once it listens
+        self.ledger_commit = Histogram("kvgate_ledger_commit_seconds",
+                                       "Latency of one ledger group commit.",
+                                       buckets=_OVERHEAD_BUCKETS, registry=r)
+
+    def tenant(self, tenant_id: int | None) -> str:
+        """The ``tenant`` label value: the tenant's id (digits, so never one of the reserved
+        values), ``none`` for a request no tenant made, ``all`` with tenant labels off.
+        Names are never exported: /metrics must not list who the customers are."""
+        if not self.tenant_labels:
+            return "all"
+        return "none" if tenant_id is None else str(int(tenant_id))
+
+    def forget_tenant(self, tenant_id: int) -> None:
+        """A deleted tenant: drop its series, and ignore what its last in-flight requests
+        would add (ids are never reused, so a deleted id stays deleted)."""
+        label = str(int(tenant_id))
+        self._forgotten.add(label)
+        for metric in self._by_tenant:
+            names = metric._labelnames  # the order ``remove`` takes them in
+            seen = {tuple(s.labels[n] for n in names)
+                    for family in metric.collect() for s in family.samples
+                    if s.labels.get("tenant") == label}
+            for values in seen:
+                with contextlib.suppress(KeyError):
+                    metric.remove(*values)
+
+    def counts(self, tenant: str) -> bool:
+        """False for a deleted tenant's label: its series are gone and stay gone."""
+        return tenant not in self._forgotten
+
+    def watch(self, engine: Engine, ledger: Ledger) -> None:
+        """Start exporting snapshot figures (called once engine and ledger are open)."""
+        self.registry.register(_SnapshotCollector(engine, ledger, self))
+
+    def on_ledger_commit(self, seconds: float, n_events: int = 0) -> None:
+        self.ledger_commit.observe(seconds)
+
+    def observe_usage(self, tenant: str, endpoint: str, usage: Usage, cost_micros: int,
+                      cache_outcome: str, ttft_s: float | None, duration_s: float) -> None:
+        """One billed request: ``tenant`` is its label value (see ``tenant``)."""
+        if not self.counts(tenant):
+            return
+        self.prompt_tokens.labels("uncached", tenant).inc(usage.uncached_tokens)
+        self.prompt_tokens.labels("cached", tenant).inc(usage.cached_tokens)
+        self.prompt_tokens.labels("cache_write", tenant).inc(usage.cache_write_tokens)
+        self.completion_tokens.labels(tenant).inc(usage.completion_tokens)
+        self.cost.labels(tenant).inc(cost_micros)
+        if ttft_s is not None:
+            self.ttft.labels(endpoint, cache_outcome).observe(ttft_s)
+        self.duration.labels(endpoint, cache_outcome).observe(duration_s)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+# The figures read at scrape time: (name, kind, help, labels).
+SNAPSHOT_FAMILIES = (
+    ("kvgate_cache_pages", "gauge", "Cache pages by tier and state.", ("tier", "state")),
+    ("kvgate_cache_bytes", "gauge", "Cache bytes by tier.", ("tier", "kind")),
+    ("kvgate_cache_evictions", "counter", "Cache evictions by reason.", ("reason",)),
+    ("kvgate_cache_promotion_bytes", "counter", "Bytes copied by cache promotions.", ()),
+    ("kvgate_cache_demotion_bytes", "counter", "Bytes copied by cache demotions.", ()),
+    ("kvgate_cache_hit_tokens", "counter", "Prompt tokens served from cache.", ()),
+    ("kvgate_cache_miss_tokens", "counter",
+     "Prompt tokens computed (cache writes included).", ()),
+    ("kvgate_cache_share_bytes", "gauge",
+     "A tenant's guaranteed cache share by tier (0 while inactive).", ("tier", "tenant")),
+    ("kvgate_cache_tenant_bytes", "gauge",
+     "Cache bytes a tenant holds by tier (what its share protects).", ("tier", "tenant")),
+    ("kvgate_cache_evicted_by_others", "counter",
+     "A tenant's cache blocks that left a tier for another tenant's allocation.",
+     ("tier", "tenant")),
+    ("kvgate_cache_share_fallbacks", "counter",
+     "Protected cache blocks evicted because no share could absorb the pressure.", ()),
+    ("kvgate_shared_tier_blocks", "counter",
+     "Shared-tier (Valkey) blocks by outcome: hit, miss, rejected (failed verification), "
+     "written, dropped (not written).", ("kind",)),
+    ("kvgate_shared_tier_bytes", "counter", "Shared-tier page bytes read and written.",
+     ("kind",)),
+    ("kvgate_shared_tier_errors", "counter", "Shared-tier calls that failed or timed out.", ()),
+    ("kvgate_shared_tier_skipped", "counter",
+     "Shared-tier fetches the cost model declined (recomputing was faster).", ()),
+    ("kvgate_shared_tier_up", "gauge", "1 while the shared tier's circuit breaker is closed.",
+     ()),
+    ("kvgate_ledger_queue_depth", "gauge", "Usage events awaiting commit.", ()),
+    ("kvgate_ledger_spool_events", "gauge",
+     "Usage events spooled locally while the ledger database is away.", ()),
+    ("kvgate_engine_queue_depth", "gauge", "Requests waiting for the engine.", ()),
+    ("kvgate_engine_running_requests", "gauge", "Requests the engine runs.", ()),
+)
+
+
+def snapshot_families() -> dict[str, GaugeMetricFamily | CounterMetricFamily]:
+    """The scrape-time families, empty: what ``describe`` reports and ``collect`` fills."""
+    out: dict[str, GaugeMetricFamily | CounterMetricFamily] = {}
+    for name, kind, help_text, labels in SNAPSHOT_FAMILIES:
+        family = GaugeMetricFamily if kind == "gauge" else CounterMetricFamily
+        out[name] = family(name, help_text, labels=list(labels))
+    return out
+
+
+class _SnapshotCollector(Collector):
+    """Cache and queue figures read at scrape time from the engine's and ledger's own
+    snapshots (a figure a step old is fine here; nothing is locked for long)."""
+
+    def __init__(self, engine: Engine, ledger: Ledger, metrics: Metrics | None = None) -> None:
+        self._engine = engine
+        self._ledger = ledger
+        self._metrics = metrics
+
+    def describe(self) -> list[Metric]:
+        return list(snapshot_families().values())
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self._engine.cache_stats()
+        f = snapshot_families()
+        for tier_name, tier in (("device", stats.device), ("host", stats.host)):
+            for state, n in tier.blocks.items():
+                f["kvgate_cache_pages"].add_metric([tier_name, state], n)
+            f["kvgate_cache_bytes"].add_metric([tier_name, "capacity"], tier.capacity_bytes)
+            f["kvgate_cache_bytes"].add_metric([tier_name, "used"], tier.used_bytes)
+        for reason, n in stats.evictions.as_dict().items():
+            f["kvgate_cache_evictions"].add_metric([reason], n)
+        for name, value in (("kvgate_cache_promotion_bytes", stats.promotions.bytes),
+                            ("kvgate_cache_demotion_bytes", stats.demotions.bytes),
+                            ("kvgate_cache_hit_tokens", stats.hit_tokens),
+                            ("kvgate_cache_miss_tokens", stats.miss_tokens),
+                            ("kvgate_ledger_queue_depth", self._ledger.queue_depth()),
+                            ("kvgate_ledger_spool_events", self._ledger.spool_depth()),
+                            ("kvgate_engine_queue_depth", self._engine.queue_depth()),
+                            ("kvgate_engine_running_requests", self._engine.num_running())):
+            f[name].add_metric([], value)
+        if stats.shares is not None:
+            f["kvgate_cache_share_fallbacks"].add_metric([], stats.shares.fallbacks)
+        self._collect_shares(stats.namespaces, f)
+        self._collect_shared_tier(stats.shared, f)
+        yield from f.values()
+
+    @staticmethod
+    def _collect_shared_tier(shared: SharedTierStats | None,
+                             f: dict[str, GaugeMetricFamily | CounterMetricFamily]) -> None:
+        if shared is None:  # no --shared-tier-url: the families stay empty
+            return
+        for kind, n in (("hit", shared.hits), ("miss", shared.misses),
+                        ("rejected", shared.rejected), ("written", shared.writes),
+                        ("dropped", shared.dropped)):
+            f["kvgate_shared_tier_blocks"].add_metric([kind], n)
+        f["kvgate_shared_tier_bytes"].add_metric(["read"], shared.hit_bytes)
+        f["kvgate_shared_tier_bytes"].add_metric(["written"], shared.write_bytes)
+        f["kvgate_shared_tier_errors"].add_metric([], shared.errors)
+        f["kvgate_shared_tier_skipped"].add_metric([], shared.skipped)
+        f["kvgate_shared_tier_up"].add_metric([], int(shared.available))
+
+    def _collect_shares(self, namespaces: dict[str, NamespaceStats],
+                        f: dict[str, GaugeMetricFamily | CounterMetricFamily]) -> None:
+        """Per tenant (``tenant:<id>`` namespaces only), labelled as requests are; with
+        tenant labels off, summed under ``all``."""
+        sums: dict[tuple[str, str, str], int] = {}
+        for ns, n in namespaces.items():
+            prefix, _, tid = ns.partition(":")
+            if n.share is None or prefix != "tenant" or not tid.isdigit():
+                continue
+            label = self._metrics.tenant(int(tid)) if self._metrics is not None else tid
+            if self._metrics is not None and not self._metrics.counts(label):
+                continue
+            for name, by_tier in (("kvgate_cache_share_bytes", n.share.share_bytes),
+                                  ("kvgate_cache_tenant_bytes", n.share.used_bytes),
+                                  ("kvgate_cache_evicted_by_others", n.share.evicted_by_others)):
+                for tier, value in by_tier.items():
+                    key = (name, tier, label)
+                    sums[key] = sums.get(key, 0) + value
+        for (name, tier, label), value in sorted(sums.items()):
+            f[name].add_metric([tier, label], value)

@@ -1,0 +1,252 @@
+"""OpenAI-compatible routes: /v1/chat/completions, /v1/completions (models: models_api)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, NamedTuple
+
+from aiohttp import web
+
+from kvgate.gateway.engine import SamplingParams
+from kvgate.gateway.http.admission import admitted
+from kvgate.gateway.http.choices import Choice
+from kvgate.gateway.http.errors import ClientGone, bad_request
+from kvgate.gateway.http.generation import Generation
+from kvgate.gateway.http.openai_tools import (
+    ToolDeltas,
+    ToolRequest,
+    finish_reason,
+    forced_sampling,
+    history_message,
+    message,
+    render_prompt,
+    tool_request,
+)
+from kvgate.gateway.http.sampling_params import chat_logprobs, sampling_from
+from kvgate.gateway.http.sse import open_stream, send
+from kvgate.gateway.http.state import AppState, ctx_of, state_of
+from kvgate.gateway.http.structured_outputs import structured_output
+from kvgate.gateway.http.tools import parse_all
+from kvgate.gateway.http.validation import (
+    check_model,
+    field,
+    prepare,
+    read_body,
+    reject,
+    token_budget,
+)
+from kvgate.gateway.usage import Usage
+
+_UNSUPPORTED = {
+    "functions": "the legacy 'functions' are not implemented; send 'tools'",
+    "function_call": "the legacy 'function_call' is not implemented; send 'tool_choice'",
+    "audio": "audio output is not implemented",
+    "prediction": "predicted outputs are not implemented",
+    "web_search_options": "web search is not implemented",
+    "reasoning_effort": "this server's models do not reason; reasoning effort is not "
+                        "implemented",
+}
+_FINISH = {"stop": "stop", "length": "length", "cancelled": "stop"}
+
+
+def _finish(gen: Generation) -> str:
+    return _FINISH.get(gen.finish_reason or "stop", "stop")
+
+
+def _finish_of(choice: Choice) -> str:
+    return _FINISH.get(choice.finish_reason or "stop", "stop")
+
+
+async def end_stream(resp: web.StreamResponse, base: dict[str, Any], gen: Generation,
+                     include_usage: bool) -> None:
+    """After the choices' last chunks: the usage chunk when asked for, ``[DONE]``, EOF."""
+    assert gen.usage is not None  # billed: the ledger row exists before these bytes
+    if include_usage:
+        await send(resp, {**base, "choices": [], "usage": openai_usage(gen.usage)})
+    await send(resp, "[DONE]")
+    await resp.write_eof()
+
+
+def openai_usage(u: Usage) -> dict[str, Any]:
+    return {
+        "prompt_tokens": u.prompt_tokens,
+        "completion_tokens": u.completion_tokens,
+        "total_tokens": u.prompt_tokens + u.completion_tokens,
+        # cache_write_tokens (the SDK's field): what the request wrote, billed as writes
+        "prompt_tokens_details": {"cached_tokens": u.cached_tokens,
+                                  "cache_write_tokens": u.cache_write_tokens},
+        "completion_tokens_details": {"reasoning_tokens": 0},
+    }
+
+
+def _content_text(content: Any, param: str, allow_none: bool) -> str:
+    if content is None and allow_none:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") != "text" \
+                    or not isinstance(part.get("text"), str):
+                raise bad_request(f"'{param}' may only hold text parts "
+                                  "({\"type\": \"text\", \"text\": ...}).", param=param,
+                                  code="unsupported_content")
+            parts.append(part["text"])
+        return "".join(parts)
+    raise bad_request(f"'{param}' must be a string or a list of text parts.", param=param,
+                      code="invalid_type")
+
+
+def chat_messages(body: dict) -> list[dict]:
+    messages = field(body, "messages", list, required=True)
+    if not messages:
+        raise bad_request("'messages' must hold at least one message.", param="messages",
+                          code="empty_messages")
+    out = []
+    call_ids: set[str] = set()  # tool calls so far: a tool message must answer one
+    for i, m in enumerate(messages):
+        param = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise bad_request(f"'{param}' must be an object.", param=param, code="invalid_type")
+        role = m.get("role")
+        role = "system" if role == "developer" else role
+        if role not in ("system", "user", "assistant", "tool"):
+            raise bad_request(f"'{param}.role' must be system, developer, user, assistant "
+                              f"or tool (got {role!r}).",
+                              param=f"{param}.role", code="invalid_value")
+        if m.get("function_call"):
+            raise bad_request("The legacy 'function_call' is not supported; send "
+                              "'tool_calls'.", param=param, code="unsupported_parameter")
+        text = _content_text(m.get("content"), f"{param}.content",
+                             allow_none=role == "assistant")
+        if role == "tool" or (role == "assistant" and m.get("tool_calls")):
+            out.append(history_message(m, role, param, call_ids, text))
+        else:
+            out.append({"role": role, "content": text})
+    return out
+
+
+def common_fields(body: dict) -> tuple[str, bool, bool]:
+    """``model``, ``stream`` and whether the stream ends with a usage chunk (chat and
+    completions alike)."""
+    model = field(body, "model", str, required=True)
+    stream = field(body, "stream", bool, default=False)
+    options = field(body, "stream_options", dict, default={})
+    include_usage = bool(stream and options.get("include_usage"))
+    return model, stream, include_usage
+
+
+class _Prepared(NamedTuple):
+    """A request ready for the engine: what ``prepare`` builds from the body."""
+
+    model: str
+    stream: bool
+    include_usage: bool
+    prompt: list[int]
+    sampling: SamplingParams
+    tools: ToolRequest | None = None  # chat only
+
+
+def _prepare_chat(state: AppState, body: dict) -> _Prepared:
+    """Validation, chat template and tokenizing; may run on a worker thread (``prepare``)."""
+    model, stream, include_usage = common_fields(body)
+    messages = chat_messages(body)
+    reject(body, _UNSUPPORTED)
+    if body.get("web_search_options") is not None:  # even {} asks for a web search
+        reject({"web_search_options": True}, _UNSUPPORTED)
+    structured = structured_output(state.engine, body, chat=True)
+    model = check_model(state, model)
+    requested = field(body, "max_completion_tokens", int)
+    param = "max_completion_tokens"
+    if requested is None:
+        requested, param = field(body, "max_tokens", int), "max_tokens"
+    tools = tool_request(state, body)
+    prompt = render_prompt(state, messages, tools.tools)
+    sampling = sampling_from(body, token_budget(state, len(prompt), requested, param),
+                             chat=True, vocab_size=state.engine.vocab_size)
+    sampling.structured = structured
+    return _Prepared(model, stream, include_usage, prompt, forced_sampling(state, tools, sampling), tools)
+
+
+@admitted
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    state = state_of(request)
+    model, stream, include_usage, prompt, sampling, tools = await prepare(
+        await read_body(request), lambda body: _prepare_chat(state, body))
+    assert tools is not None
+    async with Generation(request, "chat.completions", model, prompt, sampling) as gen:
+        if stream:
+            return await _stream(request, gen, include_usage, chat=True, tools=tools)
+        await gen.run()
+        assert gen.usage is not None
+        choices = []
+        for c in gen.choices.items:  # n of them
+            msg, has_calls = message(parse_all(tools.parser, c.text), tools)
+            logprobs = None if sampling.logprobs is None else chat_logprobs(
+                state.engine.tokenizer, c.logprobs)
+            choices.append({"index": c.index, "logprobs": logprobs, "message": msg,
+                            "finish_reason": finish_reason(_finish_of(c), has_calls)})
+        return web.json_response({
+            "id": "chatcmpl-" + gen.request_id[4:], "object": "chat.completion",
+            "created": int(time.time()), "model": model, "choices": choices,
+            "usage": openai_usage(gen.usage)})
+
+
+async def _stream(request: web.Request, gen: Generation, include_usage: bool,
+                  chat: bool, tools: ToolRequest | None = None) -> web.StreamResponse:
+    """Chunks as the SDK expects; the first engine event arrives before the headers, so
+    engine errors (prompt too long, overloaded) still get a proper status code."""
+    created = int(time.time())
+    base: dict[str, Any] = {"id": ("chatcmpl-" if chat else "cmpl-") + gen.request_id[4:],
+            "object": "chat.completion.chunk" if chat else "text_completion",
+            "created": created, "model": gen.model}
+    if include_usage:
+        base["usage"] = None
+
+    # text → content/tool_calls, one per choice (n)
+    deltas = [ToolDeltas(tools or ToolRequest(choice="none")) for _ in gen.choices.items]
+
+    def chunk(piece: str | dict | None, finish: str | None, index: int = 0,
+              logprobs: dict | None = None) -> dict:
+        if chat:
+            delta = {} if piece is None else piece if isinstance(piece, dict) else {
+                "content": piece}
+            choice = {"index": index, "delta": delta, "finish_reason": finish}
+            if logprobs is not None:
+                choice["logprobs"] = logprobs
+        else:
+            choice = {"index": index, "text": piece or "", "logprobs": None,
+                      "finish_reason": finish}
+        return {**base, "choices": [choice]}
+
+    events = gen.events()
+    ev = await anext(events, None)
+    ctx_of(request).engine_s = gen.elapsed_s()
+    resp = await open_stream(request)
+    try:
+        for c in gen.choices.items if chat else []:
+            first = chunk(None, None, c.index)
+            first["choices"][0]["delta"] = {"role": "assistant", "content": ""}
+            await send(resp, first)
+        while ev is not None:
+            i = ev.index
+            logprobs = None  # the event's tokens, sent with its first delta (or alone)
+            if gen.sampling.logprobs is not None and ev.logprobs:
+                logprobs = chat_logprobs(state_of(request).engine.tokenizer, ev.logprobs)
+            pieces: list[str | dict | None] = []
+            if ev.text:
+                pieces = list(deltas[i].feed(ev.text)) if chat else [ev.text]
+            for piece in pieces or ([None] if logprobs is not None else []):
+                await send(resp, chunk(piece, None, i, logprobs))
+                logprobs = None
+            ev = await anext(events, None)
+        for c in gen.choices.items:
+            for delta in deltas[c.index].finish() if chat else []:
+                await send(resp, chunk(delta, None, c.index))
+            await send(resp, chunk(None, deltas[c.index].finish_reason(_finish_of(c)),
+                                   c.index))
+        await end_stream(resp, base, gen, include_usage)
+    except ClientGone:
+        pass
+    return resp

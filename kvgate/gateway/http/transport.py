@@ -1,0 +1,67 @@
+"""The connection layer: read timeouts and header limits, and errors aiohttp answers itself.
+
+- ``handler_args(settings)`` (given to ``web.Application``): a connection that is idle, or
+  still sending its request line and headers, ``read_timeout_s`` after it opened or after
+  its last response is closed (aiohttp's keep-alive timer fires whatever arrived of a
+  request whose headers never completed, so a slowloris is cut off). Header limits are
+  aiohttp's (8190-byte lines and fields, 128 headers), named here so they are deliberate.
+  A body that stalls is the handler's business: ``validation.read_body`` bounds it with
+  the same timeout (408).
+- ``GatewayRunner``: an ``AppRunner`` whose connections answer what aiohttp's HTTP parser
+  refuses (oversized or too many headers, a bad request line, conflicting Content-Length
+  and Transfer-Encoding, bad chunk framing in the headers) in the API's JSON error shape
+  instead of aiohttp's plain text. These requests never reach the app: no route, no
+  middleware, no request id; the OpenAI shape is used, as no path was read.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_request import BaseRequest
+
+from kvgate.gateway.config import Settings
+from kvgate.gateway.http.errors import ApiError, error_body
+
+MAX_LINE_SIZE = 8190  # request line and each header line, bytes
+MAX_FIELD_SIZE = 8190  # one header's value, bytes
+MAX_HEADERS = 128
+
+
+def handler_args(settings: Settings) -> dict[str, Any]:
+    return {"keepalive_timeout": float(settings.read_timeout_s),
+            "max_line_size": MAX_LINE_SIZE, "max_field_size": MAX_FIELD_SIZE,
+            "max_headers": MAX_HEADERS}
+
+
+class _JsonErrors(RequestHandler):
+    def handle_error(self, request: BaseRequest, status: int = 500,
+                     exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        if status >= 500 or request.writer.output_size > 0:
+            return super().handle_error(request, status, exc, message)
+        self.log_debug("refused a malformed request: %s", message or exc)
+        reason = (getattr(exc, "message", None) or message or "Bad request").strip()
+        err = ApiError(status, f"The HTTP request is malformed: {reason[:200]}.",
+                       code="bad_http_request")
+        resp = web.Response(status=status, text=json.dumps(error_body("/", err)),
+                            content_type="application/json")
+        resp.force_close()
+        return resp
+
+
+class _Server(web.Server):
+    def __call__(self) -> RequestHandler:
+        return _JsonErrors(self, loop=self._loop, **self._kwargs)
+
+
+class GatewayRunner(web.AppRunner):
+    """``web.AppRunner`` with JSON errors from the protocol layer (see the module doc)."""
+
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()
+        server.__class__ = _Server
+        return server

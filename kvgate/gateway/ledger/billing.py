@@ -1,0 +1,116 @@
+"""What one request costs: the usage event, a plan's prices and the one rounding rule."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from kvgate.gateway.usage import InvalidUsage, Usage
+
+from .errors import InvalidInput
+
+STATUSES = ("ok", "cancelled", "error")
+MICROS_PER_MILLION_TOKENS = 1_000_000  # prices are per million tokens
+
+
+@dataclass(frozen=True)
+class UsageEvent:
+    """One finished request: its ``Usage`` and what the ledger files it under."""
+
+    request_id: str
+    tenant_id: int
+    key_id: int | None
+    model: str
+    endpoint: str
+    usage: Usage
+    status: str
+    started_at: datetime
+    finished_at: datetime
+    ttft_ms: int | None = None
+
+    def validate(self) -> None:
+        """Reject an event before it reaches the batch, so one bad event never fails others."""
+        if not isinstance(self.request_id, str) or not 0 < len(self.request_id) <= 128:
+            raise InvalidInput("request_id must be 1..128 characters")
+        if not isinstance(self.usage, Usage):
+            raise InvalidInput(f"usage must be a Usage record, got {type(self.usage).__name__}")
+        try:
+            self.usage.validate()
+        except InvalidUsage as exc:
+            raise InvalidInput(f"request {self.request_id}: {exc}") from None
+        if self.status not in STATUSES:
+            raise InvalidInput(f"status must be one of {STATUSES}, got {self.status!r}")
+        for name in ("started_at", "finished_at"):
+            value = getattr(self, name)
+            if not isinstance(value, datetime) or value.tzinfo is None:
+                raise InvalidInput(f"{name} must be an aware datetime, got {value!r}")
+        if self.ttft_ms is not None and self.ttft_ms < 0:
+            raise InvalidInput("ttft_ms must be >= 0")
+
+
+@dataclass(frozen=True)
+class Billed:
+    """The ledger's answer to one ``record``: whether this call billed the request (False:
+    its request id was billed before) and the cost of the event in micro-units of
+    ``currency`` (the tenant's plan's). ``spooled``: the database was away, so the event
+    waits, durable, in the local spool and is committed when the database is back; its cost
+    is by the tenant's prices as this process last read them, and replay stores that cost."""
+
+    new: bool
+    cost_micros: int
+    currency: str
+    spooled: bool = False
+
+
+@dataclass(frozen=True)
+class Prices:
+    """Integer micro-units per million tokens, one per billed token kind."""
+
+    input: int
+    cache_read: int
+    cache_write_5m: int
+    cache_write_1h: int
+    output: int
+
+    @classmethod
+    def derived(cls, input: int, cache_read: int | None = None,
+                cache_write_5m: int | None = None, cache_write_1h: int | None = None,
+                output: int | None = None) -> Prices:
+        """Fill unspecified prices from the input price by the published convention:
+        cache read 0.1×, 5-minute write 1.25×, 1-hour write 2×, output 4× (integer
+        division, so a derived price never exceeds the exact multiple)."""
+        prices = cls(
+            input=input,
+            cache_read=input // 10 if cache_read is None else cache_read,
+            cache_write_5m=input * 5 // 4 if cache_write_5m is None else cache_write_5m,
+            cache_write_1h=input * 2 if cache_write_1h is None else cache_write_1h,
+            output=input * 4 if output is None else output,
+        )
+        prices.validate()
+        return prices
+
+    def validate(self) -> None:
+        for name, value in self.__dict__.items():
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise InvalidInput(f"price {name} must be a non-negative integer "
+                                   f"(micro-units per million tokens), got {value!r}")
+
+
+DEFAULT_PLAN = "default"
+DEFAULT_PRICES = Prices.derived(1_000_000)  # 1 currency unit per million input tokens
+
+
+def cost_micros(usage: Usage, prices: Prices) -> int:
+    """Cost of one event in integer micro-units.
+
+    The exact amount Σ tokens × price_per_million / 10⁶ is summed over the five token
+    kinds in integers first and rounded UP to a whole micro-unit once, per event: no
+    floats, no per-kind rounding, so the ledger never bills less than the exact amount
+    and by at most one micro-unit more.
+    """
+    total = (usage.uncached_tokens * prices.input
+             + usage.cached_tokens * prices.cache_read
+             + usage.cache_write_5m_tokens * prices.cache_write_5m
+             + usage.cache_write_1h_tokens * prices.cache_write_1h
+             + usage.completion_tokens * prices.output)
+    return -(-total // MICROS_PER_MILLION_TOKENS)

@@ -1,0 +1,457 @@
+"""Group commit: many concurrent ``record`` calls, one transaction, each caller answered
+only after COMMIT.
+
+One background task owns the write path. While it commits one batch, new events queue;
+the next batch takes everything queued (up to ``max_batch``). There is no timer: under
+light load a lone event commits at once, under heavy load batches grow by themselves, so
+the wait is never more than one commit's time and the fsync is shared by the batch.
+
+On a SQLite file the whole transaction (price lookup, inserts, COMMIT) runs as one call
+on a writer thread that owns its own ``sqlite3`` connection: one thread hop per batch
+instead of one per statement through the async driver, which under a busy engine thread
+cost a GIL hand-off each. PostgreSQL goes through SQLAlchemy and asyncpg (no threads).
+
+When the database cannot take a batch (unreachable, read-only, its SQLite file replaced),
+the batch goes to the spool (``spool.py``) instead and its callers are answered from it;
+later batches go straight there until a background task has replayed the spool into the
+database. Replay uses the same idempotent insert, so an event is billed exactly once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sqlite3
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import bindparam, select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from . import db
+from .billing import Billed, Prices, UsageEvent, cost_micros
+from .db import SqliteFile
+from .errors import LedgerError, LedgerUnavailable, NotFound
+from .models import Plan, Tenant, UsageRow
+from .spool import Spool, SpoolRecord
+
+log = logging.getLogger("kvgate.ledger")
+
+OnCommit = Callable[[float, int], None]
+_RETRY_DELAYS_S = (0.05, 0.25, 1.0)  # safe to retry: the insert is idempotent by request id
+_REPLAY_DELAYS_S = (0.2, 0.5, 1.0, 2.0, 5.0)  # between replay attempts; the last repeats
+# What says the database cannot take a write now (rather than that one event is wrong).
+_UNAVAILABLE = (DBAPIError, OSError, sqlite3.OperationalError, asyncio.TimeoutError,
+                LedgerUnavailable)
+
+_Item = tuple[UsageEvent, "asyncio.Future[Billed]"]
+# Per event of a batch: the answer, or that event's own error.
+_Outcome = Billed | Exception
+
+
+class GroupCommitter:
+    def __init__(self, engine: AsyncEngine, *, max_batch: int = 2000,
+                 on_commit: OnCommit | None = None, spool: Spool | None = None,
+                 sqlite_file: SqliteFile | None = None) -> None:
+        self.engine = engine
+        self.max_batch = max_batch
+        self.on_commit = on_commit
+        self.spool = spool
+        self.sqlite_file = sqlite_file
+        self.pending = 0  # events submitted and not yet answered
+        self.commits = 0
+        self.events_committed = 0
+        self.replayed = 0  # spooled events committed by replay (new rows)
+        self.unavailable: str | None = None  # why the last write failed, until one succeeds
+        self.plans: dict[int, _Plan] = {}  # tenant id -> the prices last read for it
+        self._queue: asyncio.Queue[_Item | None] = asyncio.Queue()
+        self._task: asyncio.Task[None] | None = None
+        self._replayer: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+        self._closed = False
+        dialect = engine.dialect.name
+        self._insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+        path = engine.url.database if dialect == "sqlite" else None
+        self._writer = _SqliteWriter(path) if path and path != ":memory:" else None
+
+    def start(self, unavailable: BaseException | None = None) -> None:
+        """``unavailable``: the database could not be reached at start; usage is spooled
+        and the replayer probes it until it answers."""
+        if unavailable is not None:
+            self._mark_unavailable(unavailable)
+        loop = asyncio.get_running_loop()
+        self._task = loop.create_task(self._run(), name="ledger-commit")
+        if self.spool is not None:
+            self._replayer = loop.create_task(self._replay_loop(), name="ledger-replay")
+            self._wake.set()  # replay what an earlier run left
+
+    def remember_prices(self, tenant_id: int, prices: Prices, currency: str) -> None:
+        self.plans[tenant_id] = _Plan(prices, currency)
+
+    async def submit(self, event: UsageEvent) -> Billed:
+        if self._closed:
+            raise LedgerError("ledger is closed")
+        fut: asyncio.Future[Billed] = asyncio.get_running_loop().create_future()
+        self.pending += 1
+        self._queue.put_nowait((event, fut))
+        # A caller that gives up (client gone) must not un-bill the request: the event
+        # stays queued and commits; shield keeps the future alive for the committer.
+        return await asyncio.shield(fut)
+
+    async def close(self) -> None:
+        """Commit (or spool) everything already submitted, then stop."""
+        if self._closed:
+            return
+        self._closed = True
+        self._queue.put_nowait(None)
+        if self._task is not None:
+            await self._task
+        if self._replayer is not None:
+            self._replayer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._replayer
+        if self.spool is not None:
+            await self.spool.close()
+        if self._writer is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self._writer.close)
+
+    async def _run(self) -> None:
+        stopping = False
+        while not stopping:
+            item = await self._queue.get()
+            if item is None:
+                break
+            batch = [item]
+            while len(batch) < self.max_batch and not self._queue.empty():
+                nxt = self._queue.get_nowait()
+                if nxt is None:
+                    stopping = True
+                    break
+                batch.append(nxt)
+            try:
+                if self.unavailable is not None and self.spool is not None:
+                    await self._spool_batch(batch)  # the replayer says when it is back
+                    continue
+                await self._commit_batch(batch)
+            except _UNAVAILABLE as exc:
+                self._mark_unavailable(exc)
+                if self.spool is None:
+                    self._answer(batch, error=LedgerUnavailable(f"could not record usage: {exc}"))
+                else:
+                    await self._spool_batch(batch)
+            except Exception as exc:  # never leave a caller waiting forever
+                log.exception("usage batch failed")
+                self._answer(batch, error=LedgerError(f"could not record usage: {exc}"))
+
+    def _mark_unavailable(self, exc: BaseException) -> None:
+        if self.unavailable is None:
+            log.error("ledger database unavailable, spooling usage: %s", exc)
+        self.unavailable = str(exc) or type(exc).__name__
+
+    async def _spool_batch(self, batch: list[_Item]) -> None:
+        """Durable in the spool, then answered with the last known prices."""
+        assert self.spool is not None
+        records = [SpoolRecord(event, self._price(event)) for event, _ in batch]
+        try:
+            await self.spool.append(records)
+        except OSError as exc:
+            log.error("usage spool failed too; %d events not recorded: %s", len(batch), exc)
+            self._answer(batch, error=LedgerUnavailable(
+                f"could not record usage: database and spool unavailable: {exc}"))
+            self._wake.set()  # the replayer probes the database and says when it is back
+            return
+        self._answer(batch, results=[r.billed or Billed(True, 0, "", spooled=True)
+                                     for r in records])
+        self._wake.set()
+
+    def _price(self, event: UsageEvent) -> Billed | None:
+        plan = self.plans.get(event.tenant_id)
+        if plan is None:
+            return None
+        return Billed(new=True, cost_micros=cost_micros(event.usage, plan.prices),
+                      currency=plan.currency, spooled=True)
+
+    async def _replay_loop(self) -> None:
+        assert self.spool is not None
+        failures = 0
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self.spool.depth or self.unavailable is not None:
+                try:
+                    await self.replay()
+                    failures = 0
+                except _UNAVAILABLE as exc:
+                    self._mark_unavailable(exc)
+                    delay = _REPLAY_DELAYS_S[min(failures, len(_REPLAY_DELAYS_S) - 1)]
+                    failures += 1
+                    await asyncio.sleep(delay)
+                except Exception:
+                    log.exception("usage spool replay failed")
+                    await asyncio.sleep(_REPLAY_DELAYS_S[-1])
+
+    async def replay(self) -> int:
+        """Commit what the spool holds, then drop it from the spool; returns the events
+        that were new to the database. With an empty spool, checks the database answers."""
+        assert self.spool is not None
+        records, end = await self.spool.read()
+        if not records:
+            if self.sqlite_file is not None:
+                self.sqlite_file.check()
+            async with self.engine.connect() as conn:
+                await conn.exec_driver_sql("SELECT 1")
+        new = 0
+        for i in range(0, len(records), self.max_batch):
+            chunk = records[i:i + self.max_batch]
+            try:
+                results = await self._write([r.event for r in chunk], [r.billed for r in chunk])
+            except IntegrityError:  # one bad event: alone, each
+                results = []
+                for r in chunk:
+                    try:
+                        results += await self._write([r.event], [r.billed])
+                    except IntegrityError as exc:
+                        results.append(exc)
+            for r, outcome in zip(chunk, results, strict=True):
+                if isinstance(outcome, Billed):
+                    new += outcome.new
+                else:  # it can never commit; keep it out of the way, say so
+                    log.error("spooled usage event %s cannot be recorded, dropped: %s\n%s",
+                              r.event.request_id, outcome, r.to_json())
+        await self.spool.drop(end, len(records))
+        self.replayed += new
+        if self.unavailable is not None:
+            log.warning("ledger database is back; %d spooled usage events committed", new)
+        self.unavailable = None
+        return new
+
+    async def _commit_batch(self, batch: list[_Item]) -> None:
+        start = time.perf_counter()
+        for attempt, delay in enumerate((*_RETRY_DELAYS_S, None)):
+            try:
+                results = await self._write([event for event, _ in batch], None)
+                break
+            except IntegrityError:
+                if len(batch) == 1:
+                    raise
+                # One bad event (say an unknown key id) must not fail its neighbours.
+                for item in batch:
+                    try:
+                        await self._commit_batch([item])
+                    except Exception as exc:
+                        self._answer([item], error=LedgerError(f"could not record usage: {exc}"))
+                return
+            except (DBAPIError, OSError, sqlite3.OperationalError) as exc:
+                if delay is None or (self.spool is not None and attempt > 0):
+                    raise
+                log.warning("usage commit failed (attempt %d), retrying: %s", attempt + 1, exc)
+                await asyncio.sleep(delay)
+        seconds = time.perf_counter() - start
+        self.commits += 1
+        self.events_committed += sum(1 for r in results if isinstance(r, Billed) and r.new)
+        self._answer(batch, results=results)
+        if self.on_commit is not None:
+            try:
+                self.on_commit(seconds, len(batch))
+            except Exception:
+                log.exception("on_commit callback failed")
+
+    def _answer(self, batch: list[_Item], *, results: list[_Outcome] | None = None,
+                error: Exception | None = None) -> None:
+        for i, (_, fut) in enumerate(batch):
+            self.pending -= 1
+            if fut.done():
+                continue
+            outcome = error if results is None else results[i]
+            if isinstance(outcome, Billed):
+                fut.set_result(outcome)
+            else:
+                fut.set_exception(outcome or LedgerError("no outcome for a usage event"))
+
+    async def _write(self, events: list[UsageEvent],
+                     priced: Sequence[Billed | None] | None) -> list[_Outcome]:
+        """``priced``: per event, the cost it was already answered with (spooled), if any."""
+        if self.sqlite_file is not None:
+            self.sqlite_file.check()
+        if self._writer is not None:
+            out, plans = await self._writer.write(events, priced)
+        else:
+            out, plans = await self._write_sqlalchemy(events, priced)
+        self.plans.update(plans)
+        return out
+
+    async def _write_sqlalchemy(self, events: list[UsageEvent],
+                                priced: Sequence[Billed | None] | None
+                                ) -> tuple[list[_Outcome], dict[int, _Plan]]:
+        """One transaction: price lookup, one multi-row idempotent insert, COMMIT."""
+        async with self.engine.begin() as conn:
+            rows = await conn.execute(_PRICES.where(Tenant.id.in_({e.tenant_id for e in events})))
+            plans = {r[0]: _Plan.of(r) for r in rows}
+            out, todo = _prepare(events, plans, priced)
+            if todo:
+                stmt = (self._insert(UsageRow)
+                        .on_conflict_do_nothing(index_elements=["request_id"])
+                        .returning(UsageRow.request_id))
+                inserted = set((await conn.execute(stmt, [row for _, row in todo]))
+                               .scalars().all())
+                for i, row in todo:
+                    out[i] = _billed(out[i], row["request_id"] in inserted)
+        return out, plans
+
+
+# The plan of tenants: prices in ``Prices`` field order, then the currency.
+_PRICES = (select(Tenant.id, Plan.input_price, Plan.cache_read_price, Plan.cache_write_5m_price,
+                  Plan.cache_write_1h_price, Plan.output_price, Plan.currency)
+           .join(Plan, Tenant.plan_id == Plan.id))
+
+
+@dataclass(frozen=True)
+class _Plan:
+    prices: Prices
+    currency: str
+
+    @classmethod
+    def of(cls, row: Sequence[Any]) -> _Plan:
+        """From a ``_PRICES`` row (its tenant id first)."""
+        return cls(Prices(*row[1:6]), row[6])
+
+
+def _prepare(events: list[UsageEvent], plans: dict[int, _Plan],
+             priced: Sequence[Billed | None] | None = None
+             ) -> tuple[list[_Outcome], list[tuple[int, dict[str, Any]]]]:
+    """Per event, the answer so far: ``Billed(new=False)`` (request id already billed, in
+    the database or earlier in this batch) until the insert says it is new, or that
+    event's own error. And the rows to insert, each with its event's index. An event
+    already ``priced`` (answered from the spool) keeps that cost."""
+    out: list[_Outcome] = []
+    todo: list[tuple[int, dict[str, Any]]] = []
+    seen: set[str] = set()
+    for i, e in enumerate(events):
+        plan = plans.get(e.tenant_id)
+        if plan is None:
+            out.append(NotFound(f"tenant {e.tenant_id} does not exist"))
+            continue
+        known = priced[i] if priced is not None else None
+        billed = (Billed(new=False, cost_micros=cost_micros(e.usage, plan.prices),
+                         currency=plan.currency) if known is None
+                  else Billed(new=False, cost_micros=known.cost_micros,
+                              currency=known.currency))
+        out.append(billed)
+        if e.request_id not in seen:
+            seen.add(e.request_id)
+            todo.append((i, usage_row(e, billed)))
+    return out, todo
+
+
+def _billed(outcome: _Outcome, inserted: bool) -> _Outcome:
+    return replace(outcome, new=True) if inserted and isinstance(outcome, Billed) else outcome
+
+
+class _SqliteWriter:
+    """The SQLite write path: one thread, one connection, one call per batch."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger-sqlite")
+        self._conn: sqlite3.Connection | None = None
+
+    async def write(self, events: list[UsageEvent], priced: Sequence[Billed | None] | None
+                    ) -> tuple[list[_Outcome], dict[int, _Plan]]:
+        return await asyncio.get_running_loop().run_in_executor(
+            self._pool, self._write, events, priced)
+
+    def close(self) -> None:
+        def _close() -> None:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+        self._pool.submit(_close).result()
+        self._pool.shutdown(wait=True)
+
+    def _connect(self) -> sqlite3.Connection:
+        if self._conn is None:
+            conn = sqlite3.connect(self.path, isolation_level=None)  # explicit BEGIN/COMMIT
+            for pragma in db.SQLITE_PRAGMAS:
+                conn.execute(pragma)
+            self._conn = conn
+        return self._conn
+
+    def _write(self, events: list[UsageEvent], priced: Sequence[Billed | None] | None
+               ) -> tuple[list[_Outcome], dict[int, _Plan]]:
+        """Runs on the writer thread: per event, ``Billed`` (``new`` False when the request
+        id was billed before, in the ledger or earlier in this batch) or its own error."""
+        conn = self._connect()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            plans = {}
+            for tenant_id in {e.tenant_id for e in events}:
+                for r in conn.execute(_SQLITE_PRICES.sql, (tenant_id,)):
+                    plans[r[0]] = _Plan.of(r)
+            out, todo = _prepare(events, plans, priced)
+            for i, row in todo:
+                try:  # a failed statement rolls back alone; its neighbours stay
+                    cur = conn.execute(_SQLITE_INSERT.sql, _SQLITE_INSERT.params(row))
+                except sqlite3.IntegrityError as exc:
+                    out[i] = LedgerError(f"could not record usage: {exc}")
+                    continue
+                out[i] = _billed(out[i], cur.rowcount == 1)
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        return out, plans
+
+
+@dataclass(frozen=True)
+class _SqliteStatement:
+    """A statement SQLAlchemy compiled once for the ``sqlite3`` module: its SQL text and the
+    order of its positional parameters, so the writer thread spells no column itself."""
+
+    sql: str
+    names: tuple[str, ...]
+
+    @classmethod
+    def compile(cls, stmt: Any) -> _SqliteStatement:
+        compiled = stmt.compile(dialect=sqlite.dialect(paramstyle="qmark"))
+        return cls(str(compiled), tuple(compiled.positiontup or ()))
+
+    def params(self, row: dict[str, Any]) -> list[Any]:
+        return [_sqlite_param(row[name]) for name in self.names]
+
+
+_INSERT_COLUMNS = tuple(c.name for c in UsageRow.__table__.columns if not c.primary_key)
+_SQLITE_INSERT = _SqliteStatement.compile(
+    sqlite.insert(UsageRow)
+    .values({name: bindparam(name) for name in _INSERT_COLUMNS})
+    .on_conflict_do_nothing(index_elements=["request_id"]))
+_SQLITE_PRICES = _SqliteStatement.compile(_PRICES.where(Tenant.id == bindparam("tenant_id")))
+
+
+def _sqlite_param(value: Any) -> Any:
+    """Times as ``UTCDateTime`` stores them on SQLite: naive UTC text, microseconds."""
+    if isinstance(value, datetime):
+        return value.astimezone(UTC).replace(tzinfo=None).isoformat(
+            sep=" ", timespec="microseconds")
+    return value
+
+
+def usage_row(e: UsageEvent, billed: Billed) -> dict[str, Any]:
+    """The ``usage_events`` row of one event: the one place the record meets the table."""
+    u = e.usage
+    return {
+        "request_id": e.request_id, "tenant_id": e.tenant_id, "key_id": e.key_id,
+        "model": e.model, "endpoint": e.endpoint, "prompt_tokens": u.prompt_tokens,
+        "cached_tokens": u.cached_tokens, "cache_write_5m_tokens": u.cache_write_5m_tokens,
+        "cache_write_1h_tokens": u.cache_write_1h_tokens,
+        "completion_tokens": u.completion_tokens, "cost_micros": billed.cost_micros,
+        "currency": billed.currency, "status": e.status,
+        "started_at": e.started_at, "finished_at": e.finished_at, "ttft_ms": e.ttft_ms,
+    }

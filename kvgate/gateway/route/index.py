@@ -1,0 +1,128 @@
+"""The router's view of every replica's cache, kept exact by cache events.
+
+Per replica: the hashes of its indexed blocks (namespace-scoped, so one set serves every
+tenant) with their tier, the epoch and the last event number applied. A replica's cache
+is prefix-closed (a dropped block takes its descendants with it), so the cached prefix of
+a prompt on a replica is the run of the prompt's block hashes, from the first, that the
+replica holds.
+
+Beside the exact view, a router's own provisional entries (``expect``): the blocks of a
+prompt it has just sent to a replica, counted as cached there for ``EXPECT_S`` (until the
+replica's events confirm them, or the entries lapse), so the next request of the same
+prefix, sent before those events arrive, follows it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from kvgate.cachestore.block import Tier
+from kvgate.cachestore.events import CacheEvent
+from kvgate.gateway.route.events import EventBatch
+
+
+@dataclass
+class ReplicaView:
+    epoch: str = ""
+    seq: int = 0
+    synced: bool = False  # False: events were missed; the view waits for a snapshot
+    blocks: dict[bytes, Tier] = field(default_factory=dict)
+    pending: list[EventBatch] = field(default_factory=list)  # kept while not synced
+
+    def apply(self, events: Iterable[CacheEvent]) -> None:
+        for ev in events:
+            if ev.kind == "removed":
+                self.blocks.pop(ev.block_hash, None)
+            else:
+                self.blocks[ev.block_hash] = ev.tier
+            self.seq = ev.seq
+
+
+_MAX_PENDING = 10_000  # batches kept while a snapshot is awaited
+EXPECT_S = 10.0  # how long a provisional entry counts
+_MAX_EXPECTED = 200_000  # provisional entries per replica before the lapsed are dropped
+
+
+class ClusterIndex:
+    def __init__(self) -> None:
+        self.views: dict[str, ReplicaView] = {}
+        self.resyncs = 0  # snapshots loaded (for /metrics and tests)
+        self.gaps = 0  # batches that showed missed events
+        self.expected: dict[str, dict[bytes, float]] = {}  # replica -> hash -> until
+
+    def view(self, replica: str) -> ReplicaView:
+        v = self.views.get(replica)
+        if v is None:
+            v = self.views[replica] = ReplicaView()
+        return v
+
+    def apply(self, batch: EventBatch) -> bool:
+        """Apply a batch; False when this view has missed events (a gap or a new epoch)
+        and waits for a snapshot (``load``). Meanwhile batches are kept to be replayed
+        over the snapshot. Batches the view already holds are skipped."""
+        v = self.view(batch.replica)
+        if v.synced and (batch.epoch != v.epoch or batch.first > v.seq + 1):
+            v.synced = False
+            v.pending = []
+            self.gaps += 1
+        if not v.synced:
+            if len(v.pending) < _MAX_PENDING:
+                v.pending.append(batch)
+            return False
+        v.apply(e for e in batch.events if e.seq > v.seq)
+        return True
+
+    def load(self, replica: str, epoch: str, seq: int,
+             blocks: Iterable[tuple[bytes, Tier]]) -> bool:
+        """Replace the view with a snapshot (the blocks as of event ``seq``), then replay the
+        batches kept since the gap. False when those do not continue it (load again)."""
+        v = self.view(replica)
+        if v.epoch and epoch != v.epoch:  # a restart: what was expected there is gone
+            self.expected.pop(replica, None)
+        v.epoch, v.seq, v.synced = epoch, seq, True
+        v.blocks = dict(blocks)
+        self.resyncs += 1
+        pending, v.pending = v.pending, []
+        for batch in pending:
+            if batch.epoch != epoch or batch.last <= v.seq:
+                continue
+            if batch.first > v.seq + 1:
+                v.synced = False
+                return False
+            v.apply(e for e in batch.events if e.seq > v.seq)
+        return True
+
+    def forget(self, replica: str) -> None:
+        self.views.pop(replica, None)
+        self.expected.pop(replica, None)
+
+    def expect(self, replica: str, hashes: Sequence[bytes]) -> None:
+        """The router sent a prompt with these blocks to ``replica``: count them as cached
+        there for ``EXPECT_S``."""
+        now = time.monotonic()
+        e = self.expected.setdefault(replica, {})
+        if len(e) + len(hashes) > _MAX_EXPECTED:
+            for h in [h for h, until in e.items() if until < now]:
+                del e[h]
+            if len(e) + len(hashes) > _MAX_EXPECTED:
+                e.clear()
+        until = now + EXPECT_S
+        for h in hashes:
+            e[h] = until
+
+    def cached_blocks(self, replica: str, hashes: Sequence[bytes],
+                      expected: bool = False) -> int:
+        """How many of the prompt's leading blocks the replica holds (by its events; with
+        ``expected``, or by this router's provisional entries)."""
+        v = self.views.get(replica)
+        blocks = v.blocks if v is not None else {}
+        e = self.expected.get(replica) if expected else None
+        now = time.monotonic() if e else 0.0
+        n = 0
+        for h in hashes:
+            if h not in blocks and (not e or e.get(h, 0.0) < now):
+                break
+            n += 1
+        return n

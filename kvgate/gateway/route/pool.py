@@ -1,0 +1,135 @@
+"""The replicas a router sends to: who they are, whether they answer, how loaded they are.
+
+Every ``POLL_S`` each replica's ``GET /admin/load`` is asked (with ``POLL_TIMEOUT_S``): it
+is the health check and the load report in one. A replica that fails it, or that a request
+could not reach, leaves the pool at once and comes back on its next good answer, so a dead
+replica is out within a second. With ``--replicas-dns`` the set of replicas is the A
+records of a (headless Service's) name, looked up every ``DNS_EVERY_S``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+
+import aiohttp
+
+log = logging.getLogger("kvgate.route")
+
+POLL_S = 0.25
+POLL_TIMEOUT_S = 0.5
+DNS_EVERY_S = 5.0
+
+
+@dataclass
+class Replica:
+    url: str
+    replica_id: str = ""  # as the replica reports it (its cache events carry it)
+    epoch: str = ""  # changes when the replica restarts
+    healthy: bool = False
+    queue_depth: int = 0
+    running: int = 0
+    free_pages: int = 0
+    device_pages: int = 0
+    model_id: str = ""
+    block_size: int = 0
+    inflight: int = 0  # this router's requests on it now
+    sent: int = 0  # requests this router sent it (started)
+
+    @property
+    def load(self) -> float:
+        """Requests running and queued: the replica's last report, or this router's own
+        count when that is higher (it is fresher)."""
+        return float(max(self.queue_depth + self.running, self.inflight))
+
+
+NewEpoch = Callable[[Replica], Coroutine[None, None, None]]
+
+
+class ReplicaPool:
+    def __init__(self, urls: list[str], admin_key: str, session: aiohttp.ClientSession,
+                 on_new_epoch: NewEpoch, dns: str | None = None) -> None:
+        self.replicas: dict[str, Replica] = {u.rstrip("/"): Replica(u.rstrip("/")) for u in urls}
+        self.admin_key = admin_key
+        self.session = session
+        self.dns = dns
+        self._on_new_epoch = on_new_epoch
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def healthy(self) -> list[Replica]:
+        return [r for r in self.replicas.values() if r.healthy]
+
+    def by_id(self, replica_id: str) -> Replica | None:
+        return next((r for r in self.replicas.values() if r.replica_id == replica_id), None)
+
+    def mark_down(self, replica: Replica, why: str) -> None:
+        if replica.healthy:
+            log.warning("replica %s left the pool: %s", replica.url, why)
+        replica.healthy = False
+
+    async def run(self) -> None:
+        next_dns = 0.0
+        loop = asyncio.get_running_loop()
+        while True:
+            if self.dns and loop.time() >= next_dns:
+                next_dns = loop.time() + DNS_EVERY_S
+                await self._resolve(self.dns)
+            await asyncio.gather(*(self.poll(r) for r in list(self.replicas.values())))
+            await asyncio.sleep(POLL_S)
+
+    async def poll(self, replica: Replica) -> None:
+        try:
+            async with self.session.get(
+                    replica.url + "/admin/load",
+                    headers={"Authorization": f"Bearer {self.admin_key}"},
+                    timeout=aiohttp.ClientTimeout(total=POLL_TIMEOUT_S)) as resp:
+                if resp.status != 200:
+                    self.mark_down(replica, f"/admin/load answered {resp.status}")
+                    return
+                report = await resp.json()
+        except (TimeoutError, aiohttp.ClientError, ValueError) as exc:
+            self.mark_down(replica, f"/admin/load failed: {exc!r}")
+            return
+        replica.queue_depth = int(report.get("queue_depth", 0))
+        replica.running = int(report.get("running", 0))
+        replica.free_pages = int(report.get("free_pages", 0))
+        replica.device_pages = int(report.get("device_pages", 0))
+        replica.model_id = str(report.get("model_id", ""))
+        replica.block_size = int(report.get("block_size", 0))
+        replica.replica_id = str(report.get("replica_id", ""))
+        epoch = str(report.get("epoch", ""))
+        if not replica.healthy:
+            log.info("replica %s is in the pool", replica.url)
+        replica.healthy = True
+        if epoch != replica.epoch:
+            replica.epoch = epoch
+            task = asyncio.create_task(self._on_new_epoch(replica))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _resolve(self, hostport: str) -> None:
+        host, _, port = hostport.rpartition(":")
+        try:
+            infos = await asyncio.get_running_loop().getaddrinfo(
+                host, int(port), type=socket.SOCK_STREAM)
+        except (OSError, ValueError) as exc:
+            log.warning("cannot resolve --replicas-dns %s: %s", hostport, exc)
+            return
+        urls = set()
+        for family, _, _, _, addr in infos:
+            ip = str(addr[0])
+            urls.add(f"http://[{ip}]:{port}" if family == socket.AF_INET6 else
+                     f"http://{ip}:{port}")
+        for url in urls - set(self.replicas):
+            self.replicas[url] = Replica(url)
+        for url in set(self.replicas) - urls:
+            del self.replicas[url]
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=2.0)

@@ -1,0 +1,83 @@
+"""The prompt a replica will run, as the router computes it: the HTTP layer's own parsing
+and rendering (chat messages, tools, Anthropic conversations), the model's tokenizer and
+chat template, and the cache's chained block hashes in the tenant's namespace.
+
+The router never refuses a request for its body: whatever it cannot render (a body the
+replica will reject, a Responses API continuation stored in the ledger) gets no hashes,
+and the replica answers it, errors included, in the API's own shape.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, cast
+
+from kvgate.cachestore.hashing import block_hashes, root_digest
+from kvgate.gateway.engine import demo
+from kvgate.gateway.engine.loader import load_tokenizer
+from kvgate.gateway.engine.tokenizer import TextTokenizer
+from kvgate.gateway.http.anthropic_prompt import parse_conversation
+from kvgate.gateway.http.openai_api import chat_messages
+from kvgate.gateway.http.openai_tools import _tool as checked_tool
+from kvgate.gateway.http.tenancy import tenant_namespace
+
+MAX_ROUTED_BYTES = 4 * 1024 * 1024  # bodies beyond this are routed without rendering
+
+
+def tokenizer_for(model: str) -> TextTokenizer:
+    """The tokenizer ``kvgate serve --model`` loads for the same value."""
+    if model in demo.SHAPES:
+        return demo.build_tokenizer()
+    return load_tokenizer(Path(model).expanduser())
+
+
+class PromptRenderer:
+    """Renders and tokenizes request bodies the way a replica's engine does (it stands in
+    for the engine where the HTTP layer's renderers ask for one)."""
+
+    def __init__(self, tokenizer: TextTokenizer) -> None:
+        self.tokenizer = tokenizer
+
+    def render_chat(self, messages: list[dict[str, Any]],
+                    tools: list[dict[str, Any]] | None = None) -> list[int]:
+        return self.tokenizer.apply_chat_template(messages, tools=tools)
+
+    def token_ids(self, path: str, body: dict[str, Any]) -> list[int] | None:
+        """The prompt's token ids, or None where the router does not render this body."""
+        if path == "/v1/chat/completions":
+            tools = body.get("tools") or None
+            checked = ([checked_tool(t, f"tools[{i}]") for i, t in enumerate(tools)]
+                       if isinstance(tools, list) else None)
+            return self.render_chat(chat_messages(body), tools=checked)
+        if path == "/v1/messages":
+            return parse_conversation(body).render(cast(Any, self))
+        if path == "/v1/completions":
+            prompt = body.get("prompt")
+            if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
+                prompt = prompt[0]  # several prompts: the first one decides
+            if isinstance(prompt, str):
+                return self.tokenizer.encode(prompt)
+            if isinstance(prompt, list) and all(type(t) is int for t in prompt):
+                return list(prompt)
+        return None
+
+    def hashes(self, path: str, raw: bytes, tenant_id: int, model_id: str,
+               block_size: int) -> list[bytes]:
+        """The block hashes a replica's cache gives this request's prompt (empty: none)."""
+        if len(raw) > MAX_ROUTED_BYTES:
+            return []
+        try:
+            body = json.loads(raw)
+            if not isinstance(body, dict):
+                return []
+            ids = self.token_ids(path, body)
+        except Exception:  # any body the replica will judge itself
+            return []
+        if not ids:
+            return []
+        root = root_digest(model_id, "", tenant_namespace(tenant_id))
+        try:
+            return block_hashes(root, ids, block_size)
+        except (ValueError, OverflowError, TypeError):
+            return []

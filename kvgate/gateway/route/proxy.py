@@ -1,0 +1,169 @@
+"""Forwarding one client request to a replica and its answer back, byte for byte.
+
+- The chosen replica first (``choose``), the others in order when it cannot take the
+  request: a connection that could not be made, or a 503 (overloaded, not ready, ledger
+  away) answered before any body — the request never started there, so nothing was billed.
+- Anything else is the answer: status, headers and body pass through as they arrive (SSE
+  events unbuffered). A replica that goes away after the request reached it is never
+  retried (it may have run and billed the request): the client gets a 502, or, when the
+  answer had started, the connection closes as the replica's did. So a stream is never
+  duplicated and a request is billed at most once, by the replica that answered.
+- The router bills nothing; ``x-request-id`` is the router's (or the client's sane one),
+  sent on so the replica answers under the same id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from kvgate.gateway.http.errors import ApiError
+from kvgate.gateway.http.sse import OPEN_STREAM, end_stream_with_error
+from kvgate.gateway.http.state import ctx_of
+from kvgate.gateway.route.pool import Replica
+
+log = logging.getLogger("kvgate.route")
+
+# Hop-by-hop headers (RFC 9110 7.6.1), those the router sets itself, and ``Expect`` (the
+# router has read the whole body already; a replica must not wait to be asked for it).
+_HOP = frozenset(("connection", "keep-alive", "proxy-authenticate", "proxy-authorization",
+                  "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade", "host",
+                  "content-length", "x-request-id", "expect"))
+_REFUSED = 503  # a replica's "not now", always before any body
+_RETRY_AFTER_S = 1.0
+
+
+@dataclass
+class Attempt:
+    """A request as sent on: method, path with query, headers, body."""
+
+    method: str
+    path_qs: str
+    headers: CIMultiDict[str]
+    body: bytes
+
+
+def _hop_by_hop(headers: CIMultiDict[str] | CIMultiDictProxy[str]) -> frozenset[str]:
+    """The fixed hop-by-hop headers and those the ``Connection`` header names."""
+    named = {t.strip().lower() for v in headers.getall("Connection", [])
+             for t in v.split(",") if t.strip()}
+    return _HOP | named
+
+
+def attempt_of(request: web.Request, body: bytes) -> Attempt:
+    hop = _hop_by_hop(request.headers)
+    headers: CIMultiDict[str] = CIMultiDict(
+        (k, v) for k, v in request.headers.items()
+        if k.lower() not in hop and k.lower() != "x-forwarded-for")
+    headers["x-request-id"] = ctx_of(request).public_id
+    peer = request.remote or ""
+    prior = ", ".join(request.headers.getall("X-Forwarded-For", []))
+    headers["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
+    return Attempt(request.method, request.path_qs, headers, body)
+
+
+async def forward(request: web.Request, session: aiohttp.ClientSession,
+                  replicas: list[Replica], attempt: Attempt,
+                  on_down: Callable[[Replica, str], None],
+                  idle_timeout_s: float = 300.0) -> web.StreamResponse:
+    """Try ``replicas`` in order; the first that takes the request answers the client."""
+    refused: tuple[int, bytes, CIMultiDict[str]] | None = None
+    t_router = time.monotonic() - ctx_of(request).t0
+    for i, replica in enumerate(replicas):
+        last = i == len(replicas) - 1
+        replica.inflight += 1
+        try:
+            try:
+                upstream = await session.request(
+                    attempt.method, replica.url + attempt.path_qs, headers=attempt.headers,
+                    data=attempt.body, allow_redirects=False)
+            except (TimeoutError, aiohttp.ClientConnectorError) as exc:
+                on_down(replica, f"cannot connect: {exc!r}")
+                continue  # never reached it: safe to try the next one
+            except aiohttp.ClientError as exc:  # it had the request, then went away
+                on_down(replica, f"went away: {exc!r}")
+                raise ApiError(502, "The replica went away before answering; the request "
+                               "may have run. Retry it if it is safe to.",
+                               code="upstream_failed") from None
+            try:
+                if upstream.status == _REFUSED and not last:
+                    body = await upstream.read()
+                    refused = (upstream.status, body, CIMultiDict(upstream.headers))
+                    continue
+                replica.sent += 1
+                return await _relay(request, upstream, t_router, idle_timeout_s)
+            finally:
+                upstream.release()
+        finally:
+            replica.inflight -= 1
+    if refused is not None:  # every replica said "not now": the last one's answer
+        status, body, headers = refused
+        resp = web.Response(status=status, body=body)
+        _copy_headers(headers, resp)
+        return resp
+    raise ApiError(503, "No replica can take the request now; retry shortly.",
+                   code="no_replica_available", retry_after=_RETRY_AFTER_S)
+
+
+def _copy_headers(src: CIMultiDict[str] | CIMultiDictProxy[str],
+                  resp: web.StreamResponse) -> None:
+    hop = _hop_by_hop(src)
+    for k, v in src.items():
+        if k.lower() not in hop or k.lower() == "x-request-id":
+            resp.headers.add(k, v)
+
+
+async def _relay(request: web.Request, upstream: aiohttp.ClientResponse,
+                 t_router: float, idle_timeout_s: float) -> web.StreamResponse:
+    resp = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+    _copy_headers(upstream.headers, resp)
+    timing = upstream.headers.get("server-timing")
+    own = f"router;dur={t_router * 1000.0:.2f}"
+    resp.headers["server-timing"] = f"{timing}, {own}" if timing else own
+    chunked = upstream.headers.get("Transfer-Encoding", "").lower() == "chunked"
+    if upstream.content_length is not None and not chunked:
+        resp.content_length = upstream.content_length
+    request[OPEN_STREAM] = resp  # a client that hangs up: the middleware closes it
+    await resp.prepare(request)
+    tail = b""
+    try:
+        while True:  # a replica that stops sending mid-answer: cut after the idle timeout
+            async with asyncio.timeout(idle_timeout_s):
+                chunk = await upstream.content.readany()
+            if not chunk:
+                break
+            await resp.write(chunk)
+            tail = chunk[-2:]
+    except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError,
+            aiohttp.ClientOSError, TimeoutError) as exc:
+        log.warning("request %s: the replica's answer broke off: %r",
+                    ctx_of(request).public_id, exc)
+        upstream.close()
+        await _broken(request, resp, tail)
+        return resp
+    await resp.write_eof()
+    return resp
+
+
+async def _broken(request: web.Request, resp: web.StreamResponse, tail: bytes) -> None:
+    """End an answer whose replica went away mid-way as a replica ends a failed stream: an
+    error event in the API's shape, no ``[DONE]``; a plain body is cut (the client sees
+    fewer bytes than announced). Never a second answer."""
+    if resp.content_type != "text/event-stream":
+        if request.transport is not None:
+            request.transport.abort()
+        return
+    if tail and tail != b"\n\n":
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            await resp.write(b"\n\n")  # close the event the replica left half-sent
+    await end_stream_with_error(resp, request.path, ApiError(
+        502, "The replica serving this answer went away; it is incomplete.",
+        code="upstream_failed"))
