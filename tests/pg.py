@@ -15,6 +15,8 @@ from collections.abc import Iterator
 import asyncpg
 import pytest
 
+from tests.support.ci import cannot_run
+
 PG_URL = os.environ.get("KVGATE_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
 _pg_error: list[str] = []  # reachability, probed once per session
 
@@ -46,7 +48,7 @@ def _pg_admin(sql: str) -> None:
 def pg_url() -> Iterator[str]:
     reason = _pg_reachable()
     if reason:
-        pytest.skip(reason)
+        cannot_run(reason)
     name = f"kvgate_test_{uuid.uuid4().hex[:12]}"
     _pg_admin(f'CREATE DATABASE "{name}"')
     base, _, _ = PG_URL.rpartition("/")

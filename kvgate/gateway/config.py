@@ -16,7 +16,7 @@ ENV_PREFIX = "KVGATE_"
 class Settings:
     host: str = "127.0.0.1"
     port: int = 8000
-    model: str = "demo"
+    model: str = "smollm2"
     db: str = "sqlite:///./kvgate.db"
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16

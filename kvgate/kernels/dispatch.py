@@ -23,7 +23,7 @@ def triton_available() -> bool:
 
 
 def _triton(name: str) -> ModuleType:
-    return importlib.import_module(f"kernels.{name}")
+    return importlib.import_module(f"{__package__}.{name}")
 
 
 def use_triton(t: torch.Tensor) -> bool:

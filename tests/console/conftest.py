@@ -8,7 +8,7 @@ import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import openai
 import pytest
@@ -16,6 +16,7 @@ import pytest
 from tests.ledger.conftest import db_url, ledger, sqlite_url  # noqa: F401  (fixtures)
 from tests.pg import pg_url  # noqa: F401  (a fixture)
 from tests.support import Admin, MiB, Tenant, ThreadServer
+from tests.support.ci import cannot_run
 
 SYSTEM = "You answer questions about the kvgate console. " * 12  # several cached blocks
 XSS_NAME = "<img src=x onerror=alert(1)>"
@@ -82,13 +83,6 @@ def _chromium() -> str | None:
     return None
 
 
-def _cannot_run(reason: str) -> NoReturn:
-    """CI claims to run the browser tests: there a missing browser is a failure."""
-    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-        pytest.fail(f"CI must run the browser tests: {reason}", pytrace=False)
-    pytest.skip(reason)
-
-
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
     """The system's Chromium driven by Playwright (no browser download). Outside CI it skips,
@@ -99,10 +93,10 @@ def browser() -> Iterator[Any]:
     try:
         from playwright.sync_api import Error, sync_playwright
     except ImportError:
-        _cannot_run("Playwright is not installed (pip install -e '.[test]')")
+        cannot_run("Playwright is not installed (pip install -e '.[test]')")
     exe = _chromium()
     if exe is None:
-        _cannot_run("no Chromium found (Debian: apt-get install chromium; or set "
+        cannot_run("no Chromium found (Debian: apt-get install chromium; or set "
                     "KVGATE_TEST_CHROMIUM to a Chromium or Chrome binary)")
     pw = sync_playwright().start()
     try:
@@ -110,7 +104,7 @@ def browser() -> Iterator[Any]:
         try:
             b = pw.chromium.launch(executable_path=exe, args=args)
         except Error as exc:
-            _cannot_run(f"Chromium at {exe} cannot start here: {exc}")
+            cannot_run(f"Chromium at {exe} cannot start here: {exc}")
         yield b
         b.close()
     finally:

@@ -260,7 +260,12 @@ def test_model_from_a_volume_is_mounted_read_only() -> None:
     volume = {v["name"]: v for v in pod["volumes"]}["model"]
     assert volume["hostPath"] == {"path": "/srv/models/qwen", "type": "Directory"}
 
-    assert render().one("ConfigMap", FULLNAME)["data"]["KVGATE_MODEL"] == "demo"
+    # Built-in models: smollm2 (the default, a real model in the image) and demo; no volume.
+    for values, model in (({}, "smollm2"), ({"model": {"source": "demo"}}, "demo")):
+        r = render(values)
+        assert r.one("ConfigMap", FULLNAME)["data"]["KVGATE_MODEL"] == model
+        pod = r.one("Deployment")["spec"]["template"]["spec"]
+        assert "model" not in {v["name"] for v in pod["volumes"]}
 
 
 @pytest.mark.parametrize("values, missing", [

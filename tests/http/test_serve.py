@@ -50,6 +50,8 @@ def _free_port() -> int:
 
 
 def test_serve_banner_and_graceful_sigterm(tmp_path: Path) -> None:
+    """``kvgate serve`` with its defaults, as ``make run`` starts it: the real default model
+    (smollm2) answers a real question, and SIGTERM drains a request in flight."""
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("KVGATE_")}
     env.update(KVGATE_DEVICE_CACHE_BYTES="8MiB", KVGATE_HOST_CACHE_BYTES="8MiB",
@@ -77,12 +79,20 @@ def test_serve_banner_and_graceful_sigterm(tmp_path: Path) -> None:
         key = requests.post(f"{url}/admin/tenants/{tenant['id']}/keys", headers=admin,
                             timeout=30).json()["key"]
 
+        assert "serving model 'smollm2'" in banner
+        r = requests.post(f"{url}/v1/chat/completions", timeout=120,
+                          headers={"Authorization": f"Bearer {key}"},
+                          json={"model": "smollm2", "max_tokens": 40, "messages": [
+                              {"role": "user", "content": "What is the capital of France?"}]})
+        assert r.status_code == 200, r.text
+        assert "Paris" in r.json()["choices"][0]["message"]["content"]
+
         result: dict = {}
 
         def slow_request() -> None:
             r = requests.post(f"{url}/v1/chat/completions", timeout=120,
                               headers={"Authorization": f"Bearer {key}"},
-                              json={"model": "demo", "max_tokens": 40,
+                              json={"model": "smollm2", "max_tokens": 40, "ignore_eos": True,
                                     "messages": [{"role": "user", "content": "drain me"}]})
             result["status"] = r.status_code
             result["body"] = r.json()

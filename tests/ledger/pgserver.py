@@ -14,7 +14,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-import pytest
+from tests.support.ci import cannot_run
 
 
 def _bin(name: str) -> str | None:
@@ -26,7 +26,7 @@ class OwnPostgres:
     def __init__(self) -> None:
         initdb, self.pg_ctl = _bin("initdb"), _bin("pg_ctl")
         if initdb is None or self.pg_ctl is None:
-            pytest.skip("no initdb/pg_ctl installed (PostgreSQL server binaries)")
+            cannot_run("no initdb/pg_ctl installed (PostgreSQL server binaries)")
         self.dir = Path(tempfile.mkdtemp(prefix="kvgate-pg-"))  # not under a 0700 parent
         self.prefix: list[str] = []
         if os.geteuid() == 0:

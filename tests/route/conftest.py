@@ -13,6 +13,7 @@ import pytest
 import requests
 
 from tests.support.admin import ADMIN_KEY, Tenant
+from tests.support.ci import cannot_run
 from tests.support.redis_server import RedisServer, missing
 from tests.support.router import RouterThread
 from tests.support.server import MiB, Server, ThreadServer
@@ -22,7 +23,7 @@ from tests.support.server import MiB, Server, ThreadServer
 def redis_url() -> Iterator[str]:
     reason = missing()
     if reason:
-        pytest.skip(reason)
+        cannot_run(reason)
     with RedisServer() as server:
         yield server.url
 

@@ -7,13 +7,13 @@ import time
 from pathlib import Path
 
 import openai
-import pytest
 import requests
 
 from kvgate.cachestore.hashing import block_hashes, root_digest
 from kvgate.gateway.http.tenancy import tenant_namespace
 from tests.route.conftest import Fleet, replica_flags, start_fleet
 from tests.support.admin import ADMIN_KEY
+from tests.support.ci import cannot_run
 from tests.support.redis_server import RedisServer, missing
 from tests.support.router import RouterThread
 from tests.support.server import ProcessServer
@@ -168,7 +168,7 @@ def test_a_stream_cut_by_a_killed_replica_is_never_replayed(tmp_path: Path,
 
 def test_lost_events_are_resynchronised_from_snapshots(tmp_path: Path) -> None:
     if missing():
-        pytest.skip(missing() or "")
+        cannot_run(missing() or "")
     server = RedisServer().start()
     fleet = start_fleet(tmp_path, server.url)
     port = server.port

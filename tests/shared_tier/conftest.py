@@ -11,6 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.support.ci import cannot_run
 from tests.support.redis_server import RedisServer, missing
 
 __all__ = ["RedisServer", "valkey"]
@@ -20,7 +21,7 @@ __all__ = ["RedisServer", "valkey"]
 def valkey() -> Iterator[RedisServer]:
     reason = missing()
     if reason:
-        pytest.skip(reason)
+        cannot_run(reason)
     server = RedisServer(maxmemory="64mb").start()
     try:
         yield server

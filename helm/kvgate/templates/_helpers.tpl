@@ -85,7 +85,7 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 
 {{- define "kvgate.modelPath" -}}
-{{- if eq .Values.model.source "demo" }}demo
+{{- if has .Values.model.source (list "demo" "smollm2") }}{{ .Values.model.source }}
 {{- else if .Values.model.subPath }}{{ printf "%s/%s" (.Values.model.mountPath | trimSuffix "/") (.Values.model.subPath | trimPrefix "/") }}
 {{- else }}{{ .Values.model.mountPath }}
 {{- end }}

@@ -1,4 +1,5 @@
-"""Loads the model the engine serves: the built-in demo, or a local directory.
+"""Loads the model the engine serves: ``smollm2`` (a real instruct model from its wheel),
+a GGUF file, a local model directory, or the built-in random-weight ``demo``/``bench``.
 
 Never touches a model hub: the offline flags are set before transformers reads anything
 and every load passes ``local_files_only=True``, so a missing file is an error that names
@@ -19,7 +20,7 @@ from tokenizers import Tokenizer
 from tqdm import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
-from kvgate.gateway.engine import attention, demo
+from kvgate.gateway.engine import attention, demo, gguf
 from kvgate.gateway.engine.config import EngineConfig
 from kvgate.gateway.engine.tokenizer import TextTokenizer
 
@@ -27,6 +28,9 @@ log = logging.getLogger("kvgate.engine")
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
 DEMO_NOTE = "demo model: random weights, its text is meaningless"
+TOOLS_NOTE = ("the model's chat template has no tools: kvgate writes tools and tool turns in "
+              "the Hermes form (<tools>, <tool_call>, <tool_response>), which the hermes "
+              "tool-call parser reads back")
 
 
 class ModelFilesMissing(FileNotFoundError):
@@ -56,8 +60,14 @@ def load_model(config: EngineConfig) -> LoadedModel:
                 config.model, seed=config.seed, dtype=dtype, attn_implementation=impl)
             bar.update()
             model_id, is_demo = config.model, True
+            sampling_defaults: dict[str, float] = {}
         else:
-            path = Path(config.model).expanduser()
+            if gguf.is_gguf(config.model):  # converted once into a cached model directory
+                path = gguf.resolve(config.model, dtype)
+                model_id = gguf.served_id(config.model)
+            else:
+                path = Path(config.model).expanduser()
+                model_id = path.resolve().name
             check_model_dir(path)
             bar.set_postfix_str("tokenizer")
             tokenizer = load_tokenizer(path)
@@ -65,7 +75,8 @@ def load_model(config: EngineConfig) -> LoadedModel:
             bar.set_postfix_str("weights")
             model = _load_weights(path, dtype, impl)
             bar.update()
-            model_id, is_demo = path.resolve().name, False
+            is_demo = False
+            sampling_defaults = model_sampling_defaults(path)
         bar.set_postfix_str(str(device))
         torch.nn.Module.to(model, device)  # in place; a plain model has nothing to guard
         model.eval()
@@ -85,16 +96,40 @@ def load_model(config: EngineConfig) -> LoadedModel:
         "vocab_size": cfg.vocab_size,
         "device": str(device),
         "dtype": str(dtype).removeprefix("torch."),
+        # What a request that names no temperature/top_p/top_k gets (the model's own
+        # generation_config.json, as vLLM's --generation-config auto does).
+        "sampling_defaults": sampling_defaults,
     }
     if is_demo:
         info["note"] = DEMO_NOTE
         log.warning("serving the %s", DEMO_NOTE)
+    elif tokenizer.chat_template and not tokenizer.template_reads_tools:
+        info["note"] = TOOLS_NOTE
+        log.info(TOOLS_NOTE)
     log.info(
         "model %s (%s): %d layers, hidden %d, %d/%d heads x %d, %.1fM parameters, %s %s",
         model_id, cfg.model_type, info["layers"], info["hidden_size"], info["attention_heads"],
         info["kv_heads"], info["head_dim"], info["parameters"] / 1e6, device, info["dtype"],
     )
     return LoadedModel(model, tokenizer, model_id, info)
+
+
+SAMPLING_FIELDS = {"temperature": (0.0, 2.0), "top_p": (0.0, 1.0), "top_k": (0, 1 << 31)}
+
+
+def model_sampling_defaults(path: Path) -> dict[str, float]:
+    """The model's recommended sampling (``generation_config.json``), where it sets any:
+    ``temperature``, ``top_p`` and ``top_k``, each checked against its range; an explicit
+    ``"do_sample": false`` (what ``generate()`` then does) is greedy, temperature 0."""
+    gen = _read_json(path / "generation_config.json")
+    if gen.get("do_sample") is False:
+        return {"temperature": 0.0}
+    out: dict[str, float] = {}
+    for name, (lo, hi) in SAMPLING_FIELDS.items():
+        value = gen.get(name)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and lo <= value <= hi:
+            out[name] = value
+    return out
 
 
 def head_dim_of(cfg: Any) -> int:
@@ -104,7 +139,8 @@ def head_dim_of(cfg: Any) -> int:
 def check_model_dir(path: Path) -> None:
     if not path.is_dir():
         raise ModelFilesMissing(
-            f"--model {path}: no such directory (use 'demo' or a local model directory)"
+            f"--model {path}: no such directory (use 'smollm2', a .gguf file, a local model "
+            "directory, or 'demo')"
         )
     for name in ("config.json", "tokenizer.json"):
         if not (path / name).is_file():

@@ -17,6 +17,7 @@ from datetime import datetime
 from typing import Any
 
 import jinja2
+import jinja2.meta
 import jinja2.sandbox
 from tokenizers import Tokenizer
 
@@ -50,6 +51,7 @@ class TextTokenizer:
         self._bytes_per_token = _bytes_per_token_bound(tokenizer)
         self.max_tokens: int | None = None  # the model's context, set by the engine
         self._template = None
+        self.template_reads_tools = False
         if chat_template:
             # The same environment transformers renders templates in, so model templates
             # (Llama 3, Qwen2, Mistral) that call its functions render here too.
@@ -60,6 +62,10 @@ class TextTokenizer:
             env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
             env.filters["tojson"] = _tojson
             self._template = env.from_string(chat_template)
+            names = jinja2.meta.find_undeclared_variables(env.parse(chat_template))
+            # Templates without a ``tools`` variable (SmolLM2's, many small models') get the
+            # tools and the conversation's tool turns written in the Hermes form instead.
+            self.template_reads_tools = "tools" in names
 
     @property
     def vocab_size(self) -> int:
@@ -99,6 +105,10 @@ class TextTokenizer:
         if self._template is None:
             raise ValueError("this model has no chat template; use /v1/completions with a raw prompt")
         flat = [{**m, "content": _text_of(m.get("content"))} for m in messages]
+        if not self.template_reads_tools and (tools or any(
+                m.get("role") == "tool" or m.get("tool_calls") for m in flat)):
+            flat = hermes_tool_turns(flat, tools or None)
+            tools = None
         return self._template.render(
             messages=flat,
             tools=tools or None,
@@ -266,3 +276,50 @@ class IncrementalDecoder:
         else:
             self.sent = end - len(prefix_text)
         return delta
+
+
+HERMES_TOOLS = (
+    "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n"
+    "{tools}\n</tools>\n\nFor each function call, return a json object with function name "
+    "and arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n"
+    '{{"name": <function-name>, "arguments": <args-json-object>}}\n</tool_call>')
+
+
+def hermes_tool_turns(messages: list[dict[str, Any]],
+                      tools: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
+    """For a chat template that knows no tools: the tools as a Hermes ``<tools>`` block at
+    the start of the system turn, assistant ``tool_calls`` as ``<tool_call>`` text, and
+    ``tool`` results as ``<tool_response>`` in user turns (consecutive results share one),
+    which is what the Hermes parser reads back and what Qwen-style templates write. Only
+    plain ``role``/``content`` messages reach the template."""
+    out: list[dict[str, Any]] = []
+    if tools:
+        block = HERMES_TOOLS.format(tools="\n".join(_tojson(t) for t in tools))
+        if messages and messages[0].get("role") == "system":
+            system = messages[0].get("content") or ""
+            out.append({"role": "system", "content": block + ("\n\n" + system if system else "")})
+            messages = messages[1:]
+        else:
+            out.append({"role": "system", "content": block})
+    for m in messages:
+        role, content = m.get("role"), m.get("content") or ""
+        if role == "assistant" and m.get("tool_calls"):
+            calls = []
+            for tc in m["tool_calls"]:
+                fn = tc.get("function", tc) if isinstance(tc, dict) else {}
+                args = fn.get("arguments", {})
+                args_json = args if isinstance(args, str) else _tojson(args)
+                calls.append(f'<tool_call>\n{{"name": {_tojson(fn.get("name"))}, '
+                             f'"arguments": {args_json}}}\n</tool_call>')
+            out.append({"role": "assistant", "content": "\n".join(([content] if content else [])
+                                                                  + calls)})
+        elif role == "tool":
+            response = f"<tool_response>\n{content}\n</tool_response>"
+            if out and out[-1].get("_tool_results"):
+                out[-1]["content"] += "\n" + response
+            else:
+                out.append({"role": "user", "content": response, "_tool_results": True})
+        else:
+            out.append({"role": role, "content": content})
+    return [{k: v for k, v in m.items() if k != "_tool_results"} for m in out]

