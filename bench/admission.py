@@ -31,7 +31,7 @@ from typing import Any
 import aiohttp
 import numpy as np
 
-from bench.common import RESULTS, print_table, write_result
+from bench.common import RESULTS, print_table, smoke, write_result
 from tests.support import ProcessServer, request_body
 
 FLOOD_RPM = 30
@@ -132,9 +132,11 @@ async def measure(url: str, flood: dict[str, str], victim: dict[str, str], durat
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--duration", type=float, default=20.0, help="loaded phase, seconds")
-    ap.add_argument("--clients", type=int, default=4, help="flood clients")
-    ap.add_argument("--prompt-mb", type=float, default=3.9, help="flood prompt size, MB")
+    ap.add_argument("--duration", type=float, default=smoke(20.0, 2.0),
+                    help="loaded phase, seconds")
+    ap.add_argument("--clients", type=int, default=smoke(4, 2), help="flood clients")
+    ap.add_argument("--prompt-mb", type=float, default=smoke(3.9, 0.5),
+                    help="flood prompt size, MB")
     ap.add_argument("--label", default="after", help="the run's name in the results file")
     args = ap.parse_args()
 

@@ -46,7 +46,7 @@ from typing import Any
 import aiohttp
 import asyncpg
 
-from bench.common import print_table, write_result
+from bench.common import print_table, smoke, write_result
 from kvgate.gateway.config import Settings
 from tests.support import Admin, ProcessServer
 from tests.support.admin import ADMIN_KEY
@@ -58,6 +58,12 @@ PAGE_BYTES = 4 * 2 * 16 * 2 * 64 * 4  # the demo model's KV page (float32, 16 to
 SCALE = 16  # trace token counts / SCALE: prompts the demo model prefills quickly on a CPU
 MAX_TOKENS = 4  # answers kept short: decoding on a CPU is what would dominate otherwise
 CHAT = "/v1/chat/completions"
+START_SPREAD_S = smoke(8.0, 1.0)  # conversations start at random in this window
+THINK_MEAN_S = smoke(0.6, 0.1)  # mean gap between a conversation's turns (exponential)
+RESTART_AFTER_S = smoke(2.0, 0.5)  # kill-restart: a killed replica is started again after
+ROUTER_OVERHEAD_N = smoke(60, 3)  # requests timed each way (direct, routed) per endpoint
+# Replicas and routers of the scale-out scenarios (each a process that takes seconds to start).
+REPLICAS, ROUTERS = smoke(3, 2), smoke(2, 1)
 
 
 # -- the workload ------------------------------------------------------------------------
@@ -106,8 +112,9 @@ def workload(trace: Path, seed: int, tenants: int, convs: int,
         for c in range(convs):
             users = [f"[conversation {c}] " + _text(rng, max(24, next(it) // (SCALE * 6)))
                      for _ in range(turns)]
-            out.append(Conversation(t, system, users, start_s=rng.uniform(0, 8.0),
-                                    think_s=[rng.expovariate(1 / 0.6) for _ in range(turns)]))
+            out.append(Conversation(t, system, users, start_s=rng.uniform(0, START_SPREAD_S),
+                                    think_s=[rng.expovariate(1 / THINK_MEAN_S)
+                                             for _ in range(turns)]))
     return out
 
 
@@ -316,7 +323,7 @@ def row_of(name: str, out: Outcome, before: list[dict[str, int]],
 
 
 async def router_overhead(session: aiohttp.ClientSession, direct: str, routed: str,
-                          key: str, n: int = 60) -> dict[str, Any]:
+                          key: str, n: int = ROUTER_OVERHEAD_N) -> dict[str, Any]:
     """One request at a time, alternating direct and through a router to the same replica:
     ``GET /v1/models`` (auth and the proxy alone) and a one-token chat completion (also
     rendering, tokenizing and hashing the prompt; the engine's step dominates it)."""
@@ -415,12 +422,13 @@ async def scenario(session: aiohttp.ClientSession, fleet: Fleet, name: str,
             await asyncio.sleep(kill_at_s)
             victim_stats["before"] = await cache_tokens(session, victim.url)
             victim.kill()
-            await asyncio.sleep(2.0)
+            await asyncio.sleep(RESTART_AFTER_S)
             await asyncio.get_running_loop().run_in_executor(None, victim.start)
             victim_stats["back_at_s"] = time.monotonic() - t0
 
         killer = asyncio.create_task(kill_and_restart())
-        note = f"replica r{len(urls) - 1} SIGKILLed at {kill_at_s:g}s, restarted 2s later"
+        note = (f"replica r{len(urls) - 1} SIGKILLed at {kill_at_s:g}s, restarted "
+                f"{RESTART_AFTER_S:g}s later")
     t0 = time.monotonic()
     out = await replay(session, convs, keys, pick)
     if killer is not None:
@@ -482,13 +490,13 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     shared = "shared_tier_url" in Settings.__dataclass_fields__
     try:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as session:
-            fleet.start("single", 1, pages * 3)
+            fleet.start("single", 1, pages * REPLICAS)
             admin = Admin(fleet.replicas[0].url, ADMIN_KEY)
             rows.append((await scenario(session, fleet, "single-3x", convs, args.tenants,
                                         admin, "direct"))[0])
-            fleet.start("three", 3, pages, routers=2)
+            fleet.start("three", REPLICAS, pages, routers=ROUTERS)
             for rt in fleet.routers:
-                await rt.ready(session, 3)
+                await rt.ready(session, REPLICAS)
             admin = Admin(fleet.replicas[0].url, ADMIN_KEY)
             rows.append((await scenario(session, fleet, "round-robin", convs, args.tenants,
                                         admin, "direct"))[0])
@@ -510,9 +518,9 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             rows.append(row)
             if shared:
                 shared_db = redis_server.url.rsplit("/", 1)[0] + "/1"
-                fleet.start("shared", 3, pages, shared_url=shared_db, routers=2)
+                fleet.start("shared", REPLICAS, pages, shared_url=shared_db, routers=ROUTERS)
                 for rt in fleet.routers:
-                    await rt.ready(session, 3)
+                    await rt.ready(session, REPLICAS)
                 admin = Admin(fleet.replicas[0].url, ADMIN_KEY)
                 rows.append((await scenario(session, fleet, "routed+shared", convs,
                                             args.tenants, admin, "routed"))[0])
@@ -553,12 +561,12 @@ def main() -> None:
                    help="the Mooncake conversation trace (JSON lines; also KVGATE_TRACE; "
                         "default: bench/traces/)")
     p.add_argument("--seed", type=int, default=2)
-    p.add_argument("--tenants", type=int, default=12)
-    p.add_argument("--convs", type=int, default=2, help="conversations per tenant")
-    p.add_argument("--turns", type=int, default=4)
-    p.add_argument("--cache-fraction", type=float, default=0.45,
+    p.add_argument("--tenants", type=int, default=smoke(12, 2))
+    p.add_argument("--convs", type=int, default=smoke(2, 1), help="conversations per tenant")
+    p.add_argument("--turns", type=int, default=smoke(4, 2))
+    p.add_argument("--cache-fraction", type=float, default=smoke(0.45, 1.0),
                    help="one replica's device pages as a fraction of the working set")
-    p.add_argument("--kill-at-s", type=float, default=3.0)
+    p.add_argument("--kill-at-s", type=float, default=smoke(3.0, 1.0))
     p.add_argument("--workdir", default="")
     p.add_argument("--no-write", action="store_true")
     args = p.parse_args()

@@ -1,4 +1,8 @@
-"""Shared by the bench scripts: print a table, write ``bench/results/<name>.json``."""
+"""Shared by the bench scripts: print a table, write ``bench/results/<name>.json``.
+
+``KVGATE_BENCH_SMOKE=1`` runs every bench at a tiny size (``smoke(full, tiny)`` picks the
+size), only to show that it still runs: its figures mean nothing and are not written.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +10,17 @@ import json
 import os
 import platform
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 RESULTS = Path(__file__).resolve().parent / "results"
+SMOKE = os.environ.get("KVGATE_BENCH_SMOKE", "") not in ("", "0")
+
+T = TypeVar("T")
+
+
+def smoke(full: T, tiny: T) -> T:
+    """``tiny`` under ``KVGATE_BENCH_SMOKE=1``, else ``full``."""
+    return tiny if SMOKE else full
 
 
 def machine() -> dict[str, Any]:
@@ -38,7 +50,10 @@ def print_table(rows: list[dict[str, Any]], title: str) -> None:
         print("  " + "  ".join(v.rjust(w) for v, w in zip(row, widths, strict=True)))
 
 
-def write_result(name: str, data: dict[str, Any]) -> Path:
+def write_result(name: str, data: dict[str, Any]) -> Path | None:
+    if SMOKE:
+        print(f"\nsmoke run (KVGATE_BENCH_SMOKE=1): figures not written to bench/results/{name}.json")
+        return None
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps({**data, "machine": machine()}, indent=2) + "\n")

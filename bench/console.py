@@ -32,7 +32,7 @@ from typing import Any
 
 import requests
 
-from bench.common import print_table, write_result
+from bench.common import print_table, smoke, write_result
 from tests.support import ADMIN_KEY, MiB, ThreadServer
 
 VIEWS = ("overview", "tenants", "tenant", "actions")
@@ -153,10 +153,10 @@ def run_dataset(browser: Any, tenants: int, days: int, per_day: int, repeat: int
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tenants", type=int, default=1000)
-    parser.add_argument("--days", type=int, default=30)
-    parser.add_argument("--per-day", type=int, default=4)
-    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--tenants", type=int, default=smoke(1000, 20))
+    parser.add_argument("--days", type=int, default=smoke(30, 2))
+    parser.add_argument("--per-day", type=int, default=smoke(4, 2))
+    parser.add_argument("--repeat", type=int, default=smoke(5, 1))
     args = parser.parse_args()
 
     from playwright.sync_api import sync_playwright

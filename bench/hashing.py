@@ -11,12 +11,12 @@ import time
 
 import numpy as np
 
-from bench.common import print_table, write_result
+from bench.common import print_table, smoke, write_result
 from kvgate.cachestore.hashing import block_hashes, root_digest
 
-TOKENS = 131072
+TOKENS = smoke(131072, 4096)
 BLOCK_SIZE = 16
-RUNS = 200
+RUNS = smoke(200, 5)
 
 
 def time_ms(fn, runs: int = RUNS) -> list[float]:

@@ -11,34 +11,59 @@ scattered page ids) are measured against one plain contiguous pinned copy of the
 Goals (issue 3): decode ≥ 80% of copy bandwidth at long context and no slower than SDPA;
 page copy ≥ 85% of the plain pinned copy. Writes ``bench/results/kernels-<gpu>.json``.
 
-Run: ``python -m bench.kernels``. On a machine without CUDA it says so and exits 0.
+Run: ``python -m bench.kernels``. On a machine without CUDA it says so and exits 0; under
+``KVGATE_BENCH_SMOKE=1`` it runs the same code there instead, at tiny shapes on the CPU, the
+attention in Triton's interpreter when triton is installed (the torch reference if not).
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
 import sys
+import time
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
-from bench.common import print_table, write_result
+from bench.common import SMOKE, print_table, smoke, write_result
 from kvgate import kernels
 from kvgate.kernels import KVLayout
+from kvgate.kernels.dispatch import triton_available
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"  # "cpu" only in a smoke run
+if SMOKE and not CUDA and triton_available():
+    # Before the Triton kernels are defined (on first use): the interpreter runs them.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    os.environ.setdefault("KVGATE_FORCE_TRITON", "1")
 
 DTYPE = torch.bfloat16
 BLOCK_SIZE = 16
 Q_HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128  # a Llama-3-8B layer
-DECODE_SHAPES = [(1, 4096), (8, 4096), (32, 2048), (1, 32768), (4, 32768), (16, 16384)]
-LONG_CONTEXT = 16384  # decode shapes at or past this length count for the bandwidth goal
+DECODE_SHAPES = smoke([(1, 4096), (8, 4096), (32, 2048), (1, 32768), (4, 32768), (16, 16384)],
+                      [(1, 64), (2, 40)])
+LONG_CONTEXT = smoke(16384, 64)  # decode shapes at or past this length count for the bandwidth goal
 # (layers, pages): 2 MiB pages of an 8B model, and 64 KiB pages of a small one.
-COPY_SHAPES = [(32, 512), (1, 4096)]
+COPY_SHAPES = smoke([(32, 512), (1, 4096)], [(2, 8), (1, 16)])
+WARMUP, ITERS = smoke(3, 1), smoke(20, 2)
 
 
 def time_ms(fn: Callable[[], object], stream: torch.cuda.Stream | None = None,
-            warmup: int = 3, iters: int = 20) -> float:
-    """Median milliseconds per call, by CUDA events on ``stream`` (default: current)."""
+            warmup: int = WARMUP, iters: int = ITERS) -> float:
+    """Median milliseconds per call, by CUDA events on ``stream`` (default: current); by
+    the wall clock on the CPU (smoke runs only)."""
+    if not CUDA:
+        for _ in range(warmup):
+            fn()
+        times = []
+        for _ in range(iters):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+        return sorted(times)[len(times) // 2]
     stream = stream or torch.cuda.current_stream()
     for _ in range(warmup):
         fn()
@@ -54,9 +79,9 @@ def time_ms(fn: Callable[[], object], stream: torch.cuda.Stream | None = None,
     return sorted(times)[len(times) // 2]
 
 
-def device_copy_bandwidth(nbytes: int = 1 << 30) -> float:
+def device_copy_bandwidth(nbytes: int = smoke(1 << 30, 1 << 20)) -> float:
     """Bytes moved (read + written) per second by one large device-to-device copy."""
-    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda").random_()
+    src = torch.empty(nbytes, dtype=torch.uint8, device=DEVICE).random_()
     dst = torch.empty_like(src)
     ms = time_ms(lambda: dst.copy_(src))
     return 2 * nbytes / (ms / 1e3)
@@ -66,17 +91,17 @@ def bench_decode(batch: int, length: int, copy_bw: float) -> dict:
     layout = KVLayout(num_layers=2, num_kv_heads=KV_HEADS, head_dim=HEAD_DIM,
                       block_size=BLOCK_SIZE, dtype=DTYPE)
     blocks = -(-length // BLOCK_SIZE)
-    pool = layout.allocate_pool(batch * blocks + 1, "cuda")
+    pool = layout.allocate_pool(batch * blocks + 1, DEVICE)
     pool.normal_()
     k_cache, v_cache = layout.layer_kv(pool, 1)  # strided, as the engine reads them
-    tables = torch.randperm(batch * blocks, device="cuda").view(batch, blocks).int()
-    lens = torch.full((batch,), length, dtype=torch.int32, device="cuda")
-    q = torch.randn(batch, Q_HEADS, HEAD_DIM, dtype=DTYPE, device="cuda")
+    tables = torch.randperm(batch * blocks, device=DEVICE).view(batch, blocks).int()
+    lens = torch.full((batch,), length, dtype=torch.int32, device=DEVICE)
+    q = torch.randn(batch, Q_HEADS, HEAD_DIM, dtype=DTYPE, device=DEVICE)
     scale = HEAD_DIM**-0.5
     paged_ms = time_ms(lambda: kernels.paged_decode_attention(q, k_cache, v_cache, tables, lens, scale))
 
     group = Q_HEADS // KV_HEADS
-    k = torch.randn(batch, KV_HEADS, length, HEAD_DIM, dtype=DTYPE, device="cuda")
+    k = torch.randn(batch, KV_HEADS, length, HEAD_DIM, dtype=DTYPE, device=DEVICE)
     v = torch.randn_like(k)
     q_folded = q.view(batch, KV_HEADS, group, HEAD_DIM)
     sdpa_ms = time_ms(lambda: F.scaled_dot_product_attention(q_folded, k, v, scale=scale))
@@ -94,20 +119,20 @@ def bench_decode(batch: int, length: int, copy_bw: float) -> dict:
 def bench_copy(num_layers: int, num_pages: int) -> list[dict]:
     layout = KVLayout(num_layers=num_layers, num_kv_heads=KV_HEADS, head_dim=HEAD_DIM,
                       block_size=BLOCK_SIZE, dtype=DTYPE)
-    device_pool = layout.allocate_pool(2 * num_pages, "cuda").normal_()
+    device_pool = layout.allocate_pool(2 * num_pages, DEVICE).normal_()
     host_pool = layout.allocate_pool(2 * num_pages, "cpu", pin_memory=True)
-    assert host_pool.is_pinned()
+    assert host_pool.is_pinned() or not CUDA
     # Scattered ids, as a real pool's free list gives them: few consecutive runs.
     dev_pages = torch.randperm(2 * num_pages)[:num_pages].tolist()
     host_pages = torch.randperm(2 * num_pages)[:num_pages].tolist()
     nbytes = num_pages * layout.page_bytes
-    plain_dev = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
-    plain_host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-    stream = torch.cuda.Stream()
+    plain_dev = torch.empty(nbytes, dtype=torch.uint8, device=DEVICE)
+    plain_host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=CUDA)
+    stream = torch.cuda.Stream() if CUDA else None
 
     def plain(dst: torch.Tensor, src: torch.Tensor) -> Callable[[], object]:
         def run() -> None:
-            with torch.cuda.stream(stream):
+            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
                 dst.copy_(src, non_blocking=True)
         return run
 
@@ -130,11 +155,16 @@ def bench_copy(num_layers: int, num_pages: int) -> list[dict]:
 
 
 def main() -> int:
-    if not torch.cuda.is_available():
+    if not CUDA and not SMOKE:
         print("bench/kernels.py needs a CUDA GPU (none found): nothing measured.")
         return 0
     torch.manual_seed(0)
-    gpu = torch.cuda.get_device_name()
+    if CUDA:
+        gpu = torch.cuda.get_device_name()
+    else:
+        attention = "Triton interpreter" if os.environ.get("KVGATE_FORCE_TRITON") == "1" \
+            else "torch reference"
+        gpu = f"cpu (smoke run: {attention}, tiny shapes)"
     copy_bw = device_copy_bandwidth()
     print(f"{gpu}: device copy bandwidth {copy_bw / 1e9:.0f} GB/s (read + write)")
 
@@ -151,7 +181,7 @@ def main() -> int:
     }
     print("\ngoals:", ", ".join(f"{k}={'met' if v else 'MISSED'}" for k, v in goals.items()))
 
-    slug = re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-")
+    slug = re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-") if CUDA else "cpu"
     write_result(f"kernels-{slug}", {
         "gpu": gpu, "dtype": str(DTYPE), "device_copy_gb_s": round(copy_bw / 1e9, 1),
         "decode": decode, "page_copy": copies, "goals": goals,

@@ -6,7 +6,7 @@ shows what a commit costs without batching. Also times usage reports over a larg
 
 Run: ``python -m bench.ledger [--events 20000] [--concurrency 200] [--report-rows 200000]``.
 
-Prints a table and writes bench/results/ledger.json.
+Prints a table and writes bench/results/ledger.json (or ``--out``).
 """
 
 from __future__ import annotations
@@ -26,12 +26,14 @@ from typing import Any
 
 import asyncpg
 
-from kvgate.gateway.ledger import Ledger, UsageEvent
+from bench.common import smoke, write_result
+from kvgate.gateway.ledger import Billed, Ledger, UsageEvent
+from kvgate.gateway.ledger.committer import usage_row
 from kvgate.gateway.ledger.models import UsageRow
 from kvgate.gateway.usage import Usage
 
-RESULTS = Path(__file__).resolve().parent / "results" / "ledger.json"
 START = datetime(2026, 1, 1, tzinfo=UTC)
+WARM_EVENTS = smoke(200, 20)  # recorded before the timed runs, not measured
 
 
 def _event(tenant_id: int, n: int, tag: str) -> UsageEvent:
@@ -70,12 +72,8 @@ async def _bulk_fill(ledger: Ledger, tenant_ids: list[int], rows: int) -> None:
         values = []
         for n in range(base, min(base + chunk, rows)):
             e = _event(tenant_ids[n % len(tenant_ids)], n, "fill")
-            values.append({**{k: getattr(e, k) for k in (
-                "request_id", "tenant_id", "key_id", "model", "endpoint", "prompt_tokens",
-                "cached_tokens", "cache_write_5m_tokens", "cache_write_1h_tokens",
-                "completion_tokens", "status", "ttft_ms")},
-                "started_at": START + timedelta(minutes=n), "finished_at": START,
-                "cost_micros": 1})
+            values.append({**usage_row(e, Billed(new=True, cost_micros=1, currency="USD")),
+                           "started_at": START + timedelta(minutes=n), "finished_at": START})
         async with ledger.engine.begin() as conn:
             await conn.execute(table.insert(), values)
 
@@ -97,14 +95,15 @@ async def bench(url: str, args: argparse.Namespace) -> dict[str, Any]:
     ledger = await Ledger.open(url)
     try:
         tenants = [(await ledger.create_tenant(f"bench-{i}"))["id"] for i in range(20)]
-        await _throughput(ledger, tenants[0], 200, args.concurrency, "warm")
+        await _throughput(ledger, tenants[0], WARM_EVENTS, args.concurrency, "warm")
         result = await _throughput(ledger, tenants[0], args.events, args.concurrency, "conc")
         single = await _throughput(ledger, tenants[1], args.single_events, 1, "single")
         result["single_caller_events_per_s"] = single["events_per_s"]
         result["single_caller_commit_ms_p50"] = single["commit_ms_p50"]
         if args.report_rows:
             await _bulk_fill(ledger, tenants, args.report_rows)
-            result["report_rows"] = args.report_rows + args.events + args.single_events + 200
+            result["report_rows"] = (args.report_rows + args.events + args.single_events
+                                    + WARM_EVENTS)
             result.update(await _reports(ledger, tenants[2]))
         return result
     finally:
@@ -159,16 +158,19 @@ def _print(results: dict[str, Any]) -> None:
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--events", type=int, default=20_000)
-    p.add_argument("--concurrency", type=int, default=200)
-    p.add_argument("--single-events", type=int, default=300)
-    p.add_argument("--report-rows", type=int, default=200_000)
+    p.add_argument("--events", type=int, default=smoke(20_000, 200))
+    p.add_argument("--concurrency", type=int, default=smoke(200, 20))
+    p.add_argument("--single-events", type=int, default=smoke(300, 20))
+    p.add_argument("--report-rows", type=int, default=smoke(200_000, 2_000))
     p.add_argument("--pg", default=os.environ.get(
         "KVGATE_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test"))
-    p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--out", type=Path, help="write here instead of bench/results/ledger.json")
     args = p.parse_args()
     res = asyncio.run(main(args))
     _print(res)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(res, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    if args.out is None:
+        write_result("ledger", res)
+    else:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(res, indent=2) + "\n")
+        print(f"wrote {args.out}")

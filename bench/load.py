@@ -38,7 +38,7 @@ from urllib.parse import urlparse
 import aiohttp
 import numpy as np
 
-from bench.common import print_table, write_result
+from bench.common import print_table, smoke, write_result
 from bench.load_server import experiment_prelude, ledger_commit_ms, print_profile
 from tests.support import Admin, ProcessServer, aiter_sse, billed_usage, final_usage, request_body
 
@@ -324,13 +324,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--url", help="a running kvgate on loopback (default: start one)")
     p.add_argument("--admin-key", help="admin key for --url (default: $KVGATE_ADMIN_KEY)")
-    p.add_argument("--clients", type=int, default=64)
-    p.add_argument("--requests", type=int, default=640, help="total requests (bound)")
-    p.add_argument("--duration", type=float, default=120.0, help="seconds (bound)")
-    p.add_argument("--tenants", type=int, default=4)
+    p.add_argument("--clients", type=int, default=smoke(64, 4))
+    p.add_argument("--requests", type=int, default=smoke(640, 16), help="total requests (bound)")
+    p.add_argument("--duration", type=float, default=smoke(120.0, 15.0), help="seconds (bound)")
+    p.add_argument("--tenants", type=int, default=smoke(4, 2))
     p.add_argument("--max-tokens", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--probes", type=int, default=16,
+    p.add_argument("--probes", type=int, default=smoke(16, 2),
                    help="fresh prompts sent twice by one client after the load (0: skip)")
     p.add_argument("--device-cache-bytes", type=int, default=64 * 1024 * 1024)
     p.add_argument("--host-cache-bytes", type=int, default=64 * 1024 * 1024)

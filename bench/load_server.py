@@ -25,7 +25,7 @@ def experiment_prelude(args: argparse.Namespace) -> str:
     if args.switch_interval:
         code += f"import sys; sys.setswitchinterval({args.switch_interval}); "
     if args.sqlite_synchronous:
-        code += ("import gateway.ledger.db as _db; _db.SQLITE_PRAGMAS = tuple("
+        code += ("import kvgate.gateway.ledger.db as _db; _db.SQLITE_PRAGMAS = tuple("
                  "p.replace('synchronous=FULL', "
                  f"'synchronous={args.sqlite_synchronous}') for p in _db.SQLITE_PRAGMAS); ")
     return code

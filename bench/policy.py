@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import heapq
+import itertools
 import json
 import math
 import os
@@ -49,7 +50,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bench.common import print_table, write_result
+from bench.common import print_table, smoke, write_result
 from kvgate.cachestore import CacheStore
 from kvgate.cachestore.hashing import block_hashes, root_digest
 from kvgate.kernels.layout import KVLayout
@@ -60,6 +61,7 @@ REPORT = (750, 2000, 3000, 8000, 12000)
 DEFAULT_TTL_S = 300.0
 HOST_FACTOR = 4
 MOONCAKE = ("mooncake-conversation", "mooncake-synthetic")
+MOONCAKE_REQUESTS = smoke(None, 300)  # a trace's first requests only (None: all of it)
 
 NOTE = (
     "Goal (>= 0.5 of the store-model optimum at every reported capacity on both Mooncake "
@@ -156,7 +158,8 @@ class Trace:
 
 
 # -- traces ------------------------------------------------------------------------------
-def synthetic_trace(seed: int = 0, duration_s: float = 3600.0, block_size: int = 16) -> Trace:
+def synthetic_trace(seed: int = 0, duration_s: float = smoke(3600.0, 120.0),
+                    block_size: int = 16) -> Trace:
     """Several tenants with shared system prompts, growing conversations and one-off documents.
 
     Tenant popularity and prompt choice are Zipf; arrivals are Poisson, but each tenant is
@@ -217,7 +220,7 @@ def mooncake_trace(path: Path) -> Trace:
     """
     requests = []
     with path.open() as f:
-        for line in f:
+        for line in itertools.islice(f, MOONCAKE_REQUESTS):
             r = json.loads(line)
             ids = r["hash_ids"][: r["input_length"] // 512]
             if ids:
@@ -226,7 +229,7 @@ def mooncake_trace(path: Path) -> Trace:
     return Trace(path.stem, 1, requests)
 
 
-def multi_tenant_trace(seconds: float = 1000.0, scan_every_s: float = 1.0,
+def multi_tenant_trace(seconds: float = smoke(1000.0, 60.0), scan_every_s: float = 1.0,
                        scan_blocks: int = 40) -> Trace:
     """Both Mooncake traces' first ``seconds`` as two tenants, interleaved by time, plus a
     tenant scanning one-off documents of ``scan_blocks`` blocks every ``scan_every_s``."""
@@ -497,10 +500,11 @@ def main() -> None:
         if n not in names:
             print(f"skipping {n}: not found in {TRACES}")
     capacities = sorted(REPORT if args.quick else TUNE + REPORT)
+    capacities = smoke(capacities, capacities[:2])
     if not args.quick:
         names = ["synthetic", *names]
     jobs = plan(names, capacities, two_tier=not args.quick)
-    mt_caps = [2000, 8000]
+    mt_caps = smoke([2000, 8000], [2000])
     if not args.quick and len(names) == 3:
         jobs += [("multi-tenant", "adaptive", True, c, 0, s) for c in mt_caps for s in (True, False)]
     jobs.sort(key=lambda j: -(j[3] if j[1] in ("lru", "adaptive") else 0))  # long ones first

@@ -34,7 +34,7 @@ import time
 
 import torch
 
-from bench.common import print_table, write_result
+from bench.common import print_table, smoke, write_result
 from bench.ttft import ttft
 from kvgate.cachestore.shared_tier import SharedTierConfig
 from kvgate.gateway.engine import EngineConfig
@@ -42,7 +42,7 @@ from kvgate.gateway.engine.engine import Engine
 from kvgate.gateway.engine.loader import load_model
 from tests.support.redis_server import RedisServer, missing
 
-PREFIX, SUFFIX, BLOCK = 2048, 32, 16
+PREFIX, SUFFIX, BLOCK = smoke(2048, 256), 32, 16
 
 
 def tokens(seed: int, n: int) -> list[int]:
@@ -115,8 +115,8 @@ async def measure(shape: str, reps: int, server: RedisServer) -> dict[str, float
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shapes", default="demo,bench")
-    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--shapes", default=smoke("demo,bench", "demo"))
+    parser.add_argument("--reps", type=int, default=smoke(3, 1))
     args = parser.parse_args()
     if missing():
         print(f"bench.shared_tier skipped: {missing()}")

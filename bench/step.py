@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-from bench.common import RESULTS, print_table, write_result
+from bench.common import RESULTS, print_table, smoke, write_result
 from kvgate.gateway.engine import EngineConfig, GenerateRequest, SamplingParams
 from kvgate.gateway.engine.commands import Add
 from kvgate.gateway.engine.engine import Engine
@@ -172,11 +172,12 @@ def full_rows(shapes: list[str], batch: int, steps: int, graphs: bool) -> list[d
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--label", default="after", help="key the figures are stored under")
-    parser.add_argument("--steps", type=int, default=8, help="timed decode steps per case")
+    parser.add_argument("--steps", type=int, default=smoke(8, 2),
+                        help="timed decode steps per case")
     parser.add_argument("--parts", default="host,full")
-    parser.add_argument("--batches", default="1,16,64,256")
-    parser.add_argument("--shapes", default="demo,bench")
-    parser.add_argument("--full-batch", type=int, default=64)
+    parser.add_argument("--batches", default=smoke("1,16,64,256", "1,4"))
+    parser.add_argument("--shapes", default=smoke("demo,bench", "demo"))
+    parser.add_argument("--full-batch", type=int, default=smoke(64, 4))
     parser.add_argument("--threads", type=int, default=0,
                         help="torch CPU threads (0: torch's default)")
     parser.add_argument("--eager", action="store_true",

@@ -34,7 +34,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from bench.common import print_table, write_result
+from bench.common import print_table, smoke, write_result
 from kvgate.gateway.engine import (
     EngineConfig,
     GenerateRequest,
@@ -47,9 +47,9 @@ from kvgate.gateway.engine.engine import Engine
 from kvgate.gateway.engine.loader import LoadedModel
 from kvgate.gateway.engine.tokenizer import TextTokenizer
 
-VOCAB = 128_256
-BATCHES = (1, 16, 64)
-DECODE_TOKENS = 12
+VOCAB = smoke(128_256, 8_192)
+BATCHES = smoke((1, 16, 64), (1, 4))
+DECODE_TOKENS = smoke(12, 4)
 EOT = "<|eot|>"
 SCHEMA = {"type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"]}
 

@@ -246,8 +246,6 @@ def test_tools_are_rendered_into_the_prompt(server: ThreadServer, tenant: Tenant
                                                                "function": {"name": "f"}}]}]},
      "messages[1].tool_calls[0]"),
     ({"functions": [{"name": "f"}]}, "functions"),
-    ({"tools": TOOLS, "tool_choice": "required", "response_format": {"type": "json_object"}},
-     "tool_choice"),
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {
         "type": "object", "properties": {"a": {"type": "wat"}}}}}], "tool_choice": "required"},
      "tools"),

@@ -232,7 +232,7 @@ class ThreadServer(Server):
 
 
 class ProcessServer(Server):
-    """``python -m gateway.cli serve`` with every setting as a flag (the admin key in
+    """``python -m kvgate.gateway.cli serve`` with every setting as a flag (the admin key in
     ``KVGATE_ADMIN_KEY``, as an operator passes it). ``profile``: run it under cProfile;
     the statistics are in ``profile_path`` once it stopped cleanly. ``prelude``: Python code
     the process runs before ``kvgate serve``. Its output goes to ``server-<n>.log`` in the
@@ -257,7 +257,7 @@ class ProcessServer(Server):
         if self.prelude:  # a script file, so cProfile can run it too
             script = self.workdir / "serve.py"
             script.write_text(f"import sys\n{self.prelude}\n"
-                              "from gateway.cli import main\nsys.exit(main())\n")
+                              "from kvgate.gateway.cli import main\nsys.exit(main())\n")
             cmd += [str(script)]
         else:
             cmd += ["-m", "kvgate.gateway.cli"]

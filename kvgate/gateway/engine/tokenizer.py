@@ -52,6 +52,7 @@ class TextTokenizer:
         self.max_tokens: int | None = None  # the model's context, set by the engine
         self._template = None
         self.template_reads_tools = False
+        self.template_reads_tool_turns = False
         if chat_template:
             # The same environment transformers renders templates in, so model templates
             # (Llama 3, Qwen2, Mistral) that call its functions render here too.
@@ -66,6 +67,7 @@ class TextTokenizer:
             # Templates without a ``tools`` variable (SmolLM2's, many small models') get the
             # tools and the conversation's tool turns written in the Hermes form instead.
             self.template_reads_tools = "tools" in names
+            self.template_reads_tool_turns = "tool_calls" in chat_template
 
     @property
     def vocab_size(self) -> int:
@@ -105,10 +107,12 @@ class TextTokenizer:
         if self._template is None:
             raise ValueError("this model has no chat template; use /v1/completions with a raw prompt")
         flat = [{**m, "content": _text_of(m.get("content"))} for m in messages]
-        if not self.template_reads_tools and (tools or any(
-                m.get("role") == "tool" or m.get("tool_calls") for m in flat)):
-            flat = hermes_tool_turns(flat, tools or None)
-            tools = None
+        turns = not self.template_reads_tool_turns and any(
+            m.get("role") == "tool" or m.get("tool_calls") for m in flat)
+        if (tools and not self.template_reads_tools) or turns:
+            flat = hermes_tool_turns(flat, None if self.template_reads_tools else tools,
+                                     turns=turns)
+            tools = tools if self.template_reads_tools else None
         return self._template.render(
             messages=flat,
             tools=tools or None,
@@ -286,13 +290,13 @@ HERMES_TOOLS = (
     '{{"name": <function-name>, "arguments": <args-json-object>}}\n</tool_call>')
 
 
-def hermes_tool_turns(messages: list[dict[str, Any]],
-                      tools: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
-    """For a chat template that knows no tools: the tools as a Hermes ``<tools>`` block at
-    the start of the system turn, assistant ``tool_calls`` as ``<tool_call>`` text, and
-    ``tool`` results as ``<tool_response>`` in user turns (consecutive results share one),
-    which is what the Hermes parser reads back and what Qwen-style templates write. Only
-    plain ``role``/``content`` messages reach the template."""
+def hermes_tool_turns(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None,
+                      turns: bool = True) -> list[dict[str, Any]]:
+    """For a chat template that knows no tools: ``tools`` as a Hermes ``<tools>`` block at
+    the start of the system turn and, with ``turns``, assistant ``tool_calls`` as
+    ``<tool_call>`` text and ``tool`` results as ``<tool_response>`` in user turns
+    (consecutive results share one): what the Hermes parser reads back and what Qwen-style
+    templates write. Converted turns reach the template as plain ``role``/``content``."""
     out: list[dict[str, Any]] = []
     if tools:
         block = HERMES_TOOLS.format(tools="\n".join(_tojson(t) for t in tools))
@@ -304,7 +308,9 @@ def hermes_tool_turns(messages: list[dict[str, Any]],
             out.append({"role": "system", "content": block})
     for m in messages:
         role, content = m.get("role"), m.get("content") or ""
-        if role == "assistant" and m.get("tool_calls"):
+        if not turns:
+            out.append(m)
+        elif role == "assistant" and m.get("tool_calls"):
             calls = []
             for tc in m["tool_calls"]:
                 fn = tc.get("function", tc) if isinstance(tc, dict) else {}
@@ -321,5 +327,5 @@ def hermes_tool_turns(messages: list[dict[str, Any]],
             else:
                 out.append({"role": "user", "content": response, "_tool_results": True})
         else:
-            out.append({"role": role, "content": content})
+            out.append(m)
     return [{k: v for k, v in m.items() if k != "_tool_results"} for m in out]

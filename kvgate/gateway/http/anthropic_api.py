@@ -124,12 +124,9 @@ def _prepare(state: AppState, body: dict) -> _Prepared:
         temperature=number(body, "temperature", 0.0, 1.0, min(defaults.get("temperature", 1.0), 1.0)),
         top_p=number(body, "top_p", 0.0, 1.0, defaults.get("top_p", 1.0)), top_k=top_k,
         stop=stop_list(body, "stop_sequences", max_items=16))
-    structured = forced_grammar(p.choice, p.conversation.tools, parser)
-    output = _output_format(body)
-    if output is not None and structured is not None:
-        raise bad_request("'output_format' and a forced tool_choice cannot both shape the "
-                          "output.", param="output_format")
-    structured = structured or output
+    # A forced tool_choice makes the answer the call (the output format applies to later
+    # turns' text); under auto with an output format, either calls or formatted text.
+    structured = forced_grammar(p.choice, p.conversation.tools, parser, _output_format(body))
     if structured is not None:
         sampling = replace(sampling, structured=structured)
     segments = ttl_segments(state.engine, p.conversation, p.ids, top_level)

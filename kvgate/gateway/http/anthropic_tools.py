@@ -24,7 +24,13 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from kvgate.gateway.http.anthropic_prompt import Tool
 from kvgate.gateway.http.errors import bad_request
-from kvgate.gateway.http.tools import ToolCallDelta, ToolParser, ToolStream, forced_call_grammar
+from kvgate.gateway.http.tools import (
+    ToolCallDelta,
+    ToolParser,
+    ToolStream,
+    call_or_answer_grammar,
+    forced_call_grammar,
+)
 
 if TYPE_CHECKING:
     from kvgate.gateway.engine.structured import StructuredSpec
@@ -70,15 +76,21 @@ def parse_tool_choice(body: dict, tools: list[Tool]) -> ToolChoice | None:
     return ToolChoice(kind, name, parallel=not disable)
 
 
-def forced_grammar(choice: ToolChoice | None, tools: list[Tool],
-                   parser: ToolParser | None) -> StructuredSpec | None:
+def forced_grammar(choice: ToolChoice | None, tools: list[Tool], parser: ToolParser | None,
+                   output: StructuredSpec | None = None) -> StructuredSpec | None:
+    """What shapes the answer: a forced call (a named tool is called exactly once), calls
+    or text in the ``output`` format (tool_choice auto), or the format alone."""
     if choice is None or not choice.forced:
-        return None
+        if output is not None and choice is not None and choice.kind == "auto" \
+                and parser is not None and tools:
+            return call_or_answer_grammar([t.function for t in tools], parser,
+                                          choice.parallel, output)
+        return output
     if parser is None:
         raise bad_request("'tool_choice' cannot force a call: this server reads no tool "
                           "calls from this model's output (--tool-call-parser none).")
     return forced_call_grammar([t.function for t in tools], choice.name, parser,
-                               parallel=choice.parallel)
+                               parallel=choice.parallel and choice.name is None)
 
 
 def new_tool_use_id() -> str:

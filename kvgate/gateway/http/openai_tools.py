@@ -23,6 +23,7 @@ from kvgate.gateway.http.tools import (
     ToolCallDelta,
     ToolParser,
     ToolStream,
+    call_or_answer_grammar,
     forced_call_grammar,
     parser_for,
 )
@@ -156,17 +157,27 @@ def _choice(raw: Any, names: list[str]) -> str:
 
 
 def forced_sampling(state: AppState, req: ToolRequest, sampling: SamplingParams) -> SamplingParams:
-    """With tool_choice required or a named function, the output is constrained to calls
-    in the model's form whose arguments follow the function's schema (compiled here: a
-    schema the grammar engine cannot take is a 400 before anything runs)."""
-    if not req.forced or req.parser is None:
+    """The grammar tools put on the output (compiled here: a schema the grammar engine
+    cannot take is a 400 before anything runs), as OpenAI behaves:
+
+    - tool_choice required or a named function: the output is calls in the model's form
+      whose arguments follow the function's schema; a named function is called exactly
+      once. A ``response_format`` shapes content, and a forced turn has none: it applies
+      to the later turns' answers, not to this one.
+    - tool_choice auto with a ``response_format``: either calls or an answer that follows
+      the format (one grammar with both branches), so an agent with tools and an output
+      type can still call its tools.
+    """
+    if req.parser is None or not req.tools or req.choice == "none":
         return sampling
-    if sampling.structured is not None:
-        raise bad_request("'response_format' and a forced tool call ('tool_choice' required "
-                          "or a named function) cannot be combined: the output is the call.",
-                          param="tool_choice", code="invalid_value")
-    name = None if req.choice == "required" else req.choice
-    spec = forced_call_grammar(req.tools, name, req.parser, parallel=req.parallel)
+    if req.forced:
+        name = None if req.choice == "required" else req.choice
+        spec = forced_call_grammar(req.tools, name, req.parser,
+                                   parallel=req.parallel and name is None)
+    elif sampling.structured is not None:
+        spec = call_or_answer_grammar(req.tools, req.parser, req.parallel, sampling.structured)
+    else:
+        return sampling
     try:
         state.engine.grammars.compile(spec)
     except InvalidGrammar as exc:

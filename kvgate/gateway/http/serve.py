@@ -89,7 +89,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def serve(settings: Settings) -> int:
-    from kvgate.gateway.engine.gguf import GGUFError
+    from kvgate.gateway.engine.gguf import GGUFError, is_gguf
+    from kvgate.gateway.engine.gguf import check as check_gguf
     from kvgate.gateway.engine.loader import ModelFilesMissing
     from kvgate.gateway.http.app import create_app
     from kvgate.gateway.http.models_api import served_names
@@ -107,6 +108,12 @@ async def serve(settings: Settings) -> int:
               f"needs at least {MIN_ADMIN_KEY_LEN} (e.g. `openssl rand -hex 24`), or leave it "
               "unset and serve creates one", file=sys.stderr, flush=True)
         return 2
+    if is_gguf(settings.model):
+        try:  # an unreadable or unsupported file, or a missing wheel: say so now
+            check_gguf(settings.model)
+        except GGUFError as exc:
+            print(f"kvgate: {exc}", file=sys.stderr, flush=True)
+            return 2
     for what, port in (("--port", settings.port), ("--metrics-port", settings.metrics_port)):
         problem = _cannot_listen(settings.host, port)
         if problem:  # say so now, not after loading the model

