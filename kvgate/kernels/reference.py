@@ -129,31 +129,39 @@ def paged_decode_attention(
     """
     del max_seq_len  # only the Triton path needs it (to size its grid without a sync)
     batch = q.shape[0]
-    out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
     if batch == 0:
-        return out
+        return torch.zeros(q.shape, dtype=q.dtype, device=q.device)
     block_size = k_cache.shape[1]
     lens = seq_lens.to(device=q.device, dtype=torch.long)
-    max_len = int(lens.max())
+    min_len, max_len = (int(x) for x in torch.aminmax(lens))
     if max_len == 0:
-        return out
+        return torch.zeros(q.shape, dtype=q.dtype, device=q.device)
     num_blocks = -(-max_len // block_size)
     table = block_tables[:, :num_blocks].to(device=q.device, dtype=torch.long)
-    used = torch.arange(num_blocks, device=q.device)[None, :] * block_size < lens[:, None]
-    pages = torch.where(used, table, 0).flatten()
+    if min_len == max_len:  # every sequence as long (batch 1 always): every entry used
+        pages = table.flatten()
+    else:
+        used = torch.arange(num_blocks, device=q.device)[None, :] * block_size < lens[:, None]
+        pages = torch.where(used, table, 0).flatten()
     kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
     shape = (batch, num_blocks * block_size, kv_heads, head_dim)
     k = gather_pages(k_cache, pages).view(shape)[:, :max_len].transpose(1, 2)
     v = gather_pages(v_cache, pages).view(shape)[:, :max_len].transpose(1, 2)
-    mask = torch.arange(max_len, device=q.device)[None, :] < lens.clamp(min=1)[:, None]
+    # No mask when no key is past its sequence's end: SDPA's unmasked path is the fast one.
+    mask = None if min_len == max_len else (
+        torch.arange(max_len, device=q.device)[None, :] < lens.clamp(min=1)[:, None]
+    )[:, None, None, :]
     # GQA folded into the query length: each KV head's group of query heads is one
     # [group, D] query block, so K/V are read once per KV head (several times faster on
     # CPU than enable_gqa for a single query token).
     group = q.shape[1] // kv_heads
     o = F.scaled_dot_product_attention(
         q.reshape(batch, kv_heads, group, head_dim), k.to(q.dtype), v.to(q.dtype),
-        attn_mask=mask[:, None, None, :], scale=scale,
+        attn_mask=mask, scale=scale,
     ).reshape(q.shape)
+    if min_len > 0:
+        return o
+    out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
     live = lens > 0
     out[live] = o[live]
     return out

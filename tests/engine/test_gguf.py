@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
-import sys
 from importlib import metadata
 from pathlib import Path
 
@@ -15,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from kvgate.gateway.cli import main
 from kvgate.gateway.engine import gguf
 from kvgate.gateway.engine.loader import model_sampling_defaults
 
@@ -32,27 +31,34 @@ def _write_gguf(path: Path, arch: str, file_type: int = 1) -> Path:
     return path
 
 
-def _serve(*args: str, cache: Path) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("KVGATE_")}
-    env["KVGATE_MODEL_CACHE"] = str(cache)
-    return subprocess.run([sys.executable, "-m", "kvgate.gateway.cli", "serve", "--port", "0",
-                           "--db", f"sqlite:///{cache / 'ledger.db'}", *args],
-                          capture_output=True, text=True, timeout=300, env=env, check=False)
+def _serve(*args: str, cache: Path, capsys: pytest.CaptureFixture[str],
+           monkeypatch: pytest.MonkeyPatch) -> tuple[int, str]:
+    """``kvgate serve`` as the command line runs it (in this process: a refused start
+    returns before it opens anything), its exit code and what it printed on stderr."""
+    for name in [n for n in os.environ if n.startswith("KVGATE_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("KVGATE_MODEL_CACHE", str(cache))
+    capsys.readouterr()
+    rc = main(["serve", "--port", "0", "--db", f"sqlite:///{cache / 'ledger.db'}", *args])
+    return rc, capsys.readouterr().err
 
 
 @pytest.mark.parametrize("arch, file_type, message", [
     ("gpt2", 1, "GGUF architecture 'gpt2' is not supported (supported: llama, mistral, qwen2)"),
     ("llama", 24, "GGUF quantisation type 24 is not supported"),
 ])
-def test_unsupported_gguf_is_one_clear_line_before_any_work(tmp_path, arch, file_type, message):
+def test_unsupported_gguf_is_one_clear_line_before_any_work(tmp_path, arch, file_type, message,
+                                                            capsys, monkeypatch):
     model = _write_gguf(tmp_path / "m.gguf", arch, file_type)
     with pytest.raises(gguf.GGUFError, match=re.escape(message)):
         gguf.resolve(str(model), torch.float32)
-    done = _serve("--model", str(model), cache=tmp_path)
-    assert done.returncode == 2
-    lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and message in lines[0] and "Traceback" not in done.stderr
+    rc, err = _serve("--model", str(model), cache=tmp_path, capsys=capsys,
+                     monkeypatch=monkeypatch)
+    assert rc == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0]
     assert not any(p.is_dir() for p in tmp_path.iterdir())  # nothing converted
+    assert not (tmp_path / "ledger.db").exists()  # nothing opened
 
 
 def test_not_a_gguf_file_and_a_missing_file(tmp_path):
@@ -98,12 +104,13 @@ def test_a_gguf_path_is_served_like_the_builtin_name(tmp_path):
     ("smollm", "no such directory"),  # a typo of smollm2
     ("README.md", "a file, but neither a .gguf file nor a model directory"),
 ])
-def test_a_wrong_model_is_refused_before_the_ledger_is_created(tmp_path, model, message):
+def test_a_wrong_model_is_refused_before_the_ledger_is_created(tmp_path, model, message,
+                                                              capsys, monkeypatch):
     """The ledger's first start makes an admin key it prints only once: a start that cannot
     serve must not make one nobody sees."""
     if model == "README.md":
         model = str(ROOT / "README.md")
-    done = _serve("--model", model, cache=tmp_path)
-    assert done.returncode == 2
-    assert message in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    rc, err = _serve("--model", model, cache=tmp_path, capsys=capsys, monkeypatch=monkeypatch)
+    assert rc == 2
+    assert message in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "ledger.db").exists()
