@@ -84,6 +84,10 @@ def test_a_gguf_path_is_served_like_the_builtin_name(tmp_path):
     own cache directory, named after the file, and loads like a model directory; a second
     resolve finds the finished conversion instead of converting again."""
     source = gguf.wheel_model_file("smollm2")
+    # Another file's conversion, named alike: never removed by this file's conversion.
+    other = tmp_path / f"{source.stem}-float32-0123456789ab"
+    other.mkdir()
+    (other / gguf.CONVERTED).write_text("/elsewhere/SmolLM2.gguf\n")
     os.environ["KVGATE_MODEL_CACHE"] = str(tmp_path)
     try:
         first = gguf.resolve(str(source), torch.float32)
@@ -92,12 +96,22 @@ def test_a_gguf_path_is_served_like_the_builtin_name(tmp_path):
     finally:
         del os.environ["KVGATE_MODEL_CACHE"]
     assert again == first and (first / gguf.CONVERTED).stat().st_mtime_ns == stamp
+    assert (first / gguf.CONVERTED).read_text().strip() == str(source.resolve())
+    assert (other / gguf.CONVERTED).is_file()
     assert first.parent == tmp_path and first.name.startswith(source.stem)
     for name in ("config.json", "model.safetensors", "tokenizer.json"):
         assert (first / name).is_file()
     assert gguf.served_id(str(source)) == source.stem
     assert model_sampling_defaults(first) == {}  # only built-in names carry a default
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".") and p.is_dir()]
+    # A finished directory whose weights vanished is converted again, not served broken.
+    (first / "model.safetensors").unlink()
+    os.environ["KVGATE_MODEL_CACHE"] = str(tmp_path)
+    try:
+        assert gguf.resolve(str(source), torch.float32) == first
+    finally:
+        del os.environ["KVGATE_MODEL_CACHE"]
+    assert (first / "model.safetensors").stat().st_size > 0
 
 
 @pytest.mark.parametrize("model, message", [

@@ -27,6 +27,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -98,18 +99,23 @@ def inspect(path: Path) -> tuple[str, str]:
 
     try:
         reader = GGUFReader(str(path))
-        arch = str(reader.fields["general.architecture"].contents())
+        arch_value = reader.fields["general.architecture"].contents()
         file_type = reader.fields.get("general.file_type")
-        ftype = int(file_type.contents()) if file_type is not None else 0
-    except (KeyError, ValueError, OSError, IndexError) as exc:
+        ftype_value = file_type.contents() if file_type is not None else 0
+    except (KeyError, ValueError, OSError, IndexError, TypeError, OverflowError) as exc:
         why = str(exc) if isinstance(exc, ValueError) and "magic" in str(exc) else \
             "truncated or corrupt"
         raise GGUFError(f"--model {path}: not a readable GGUF file ({why})") from None
+    arch = arch_value if isinstance(arch_value, str) else repr(arch_value)
     if arch not in ARCHITECTURES:
-        raise GGUFError(f"--model {path}: GGUF architecture {arch!r} is not supported "
+        shown = arch if len(arch) <= 40 else arch[:40] + "…"
+        raise GGUFError(f"--model {path}: GGUF architecture {shown!r} is not supported "
                         f"(supported: {', '.join(ARCHITECTURES)})")
+    # An integer, as llama.cpp writes it: not a string, a float, a bool or an array.
+    ftype = ftype_value if type(ftype_value) is int else None
     if ftype not in FILE_TYPES:
-        raise GGUFError(f"--model {path}: GGUF quantisation type {ftype} is not supported "
+        shown = str(ftype_value)[:40]
+        raise GGUFError(f"--model {path}: GGUF quantisation type {shown} is not supported "
                         f"(supported: {', '.join(sorted(set(FILE_TYPES.values())))})")
     return arch, FILE_TYPES[ftype]
 
@@ -119,8 +125,10 @@ def check(model: str) -> tuple[Path, str, str]:
     whose one line says why it cannot be served: cheap, so ``serve`` checks before it
     opens anything."""
     path = wheel_model_file(model) if model in WHEEL_MODELS else Path(model).expanduser()
-    if not path.is_file():
+    if not path.exists():
         raise GGUFError(f"--model {model}: no such file")
+    if not path.is_file():
+        raise GGUFError(f"--model {model}: not a regular file")
     return (path, *inspect(path))
 
 
@@ -133,21 +141,52 @@ def resolve(model: str, dtype: torch.dtype) -> Path:
                          f"{sorted(sampling.items())}".encode())
     dtype_name = str(dtype).removeprefix("torch.")
     target = cache_root() / f"{path.stem}-{dtype_name}-{key.hexdigest()[:12]}"
-    if (target / CONVERTED).is_file():
+    source = str(path.resolve())
+    if _finished(target):
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with _lock(target.parent / f".{target.name}.lock"):
-        if (target / CONVERTED).is_file():  # another process converted it meanwhile
-            return target
-        log.info("converting %s (%s, %s) to %s once, into %s", path.name, arch, quant,
-                 dtype_name, target)
-        print(f"kvgate: converting {path.name} ({arch}, {quant}) to {dtype_name} once; "
-              f"later starts load {target}", flush=True)
-        _convert(path, target, dtype, sampling)
-        for old in target.parent.glob(glob.escape(f"{path.stem}-{dtype_name}-") + "*"):
-            if old != target and old.is_dir() and (old / CONVERTED).is_file():
-                shutil.rmtree(old, ignore_errors=True)  # an earlier conversion of this file
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with _lock(target.parent / f".{target.name}.lock"):
+            if _finished(target):  # another process converted it meanwhile
+                return target
+            for stale in target.parent.glob(glob.escape(f".{target.name}-") + "*"):
+                shutil.rmtree(stale, ignore_errors=True)  # a conversion killed midway
+            log.info("converting %s (%s, %s) to %s once, into %s", path.name, arch, quant,
+                     dtype_name, target)
+            print(f"kvgate: converting {path.name} ({arch}, {quant}) to {dtype_name} once; "
+                  f"later starts load {target}", flush=True)
+            _convert(path, target, dtype, sampling, source)
+            for old in target.parent.glob(glob.escape(f"{path.stem}-{dtype_name}-") + "*"):
+                # an earlier conversion of this very file (its marker names it) only
+                if old != target and old.is_dir() and _marker(old) == source:
+                    (old / CONVERTED).unlink(missing_ok=True)  # never trusted again
+                    shutil.rmtree(old, ignore_errors=True)
+    except OSError as exc:
+        raise GGUFError(f"--model {model}: cannot write the model cache "
+                        f"{target.parent} ({exc.strerror or exc}); set KVGATE_MODEL_CACHE "
+                        "to a writable folder") from None
     return target
+
+
+def _marker(directory: Path) -> str | None:
+    try:
+        return (directory / CONVERTED).read_text().strip()
+    except OSError:
+        return None
+
+
+def _finished(target: Path) -> bool:
+    """A finished conversion: its marker (written last) and its files. One whose files are
+    gone or empty (a crash, a deletion) is removed, to be converted again."""
+    if _marker(target) is None:
+        return False
+    needed = [target / n for n in ("config.json", "tokenizer.json", "model.safetensors")]
+    if all(p.is_file() and p.stat().st_size > 0 for p in needed):
+        return True
+    log.warning("the converted model in %s is incomplete: converting again", target)
+    (target / CONVERTED).unlink(missing_ok=True)
+    shutil.rmtree(target, ignore_errors=True)
+    return False
 
 
 @contextmanager
@@ -161,29 +200,44 @@ def _lock(path: Path) -> Iterator[None]:
 
 
 def _convert(path: Path, target: Path, dtype: torch.dtype,
-             sampling: dict[str, float | bool]) -> None:
+             sampling: dict[str, float | bool], source: str) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
         try:  # transformers shows the dequantisation's progress bar
             tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-            model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                         dtype=dtype)
-        except (ValueError, KeyError, NotImplementedError, RuntimeError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            loaded: Any = AutoModelForCausalLM.from_pretrained(
+                str(path.parent), gguf_file=path.name, dtype=dtype, output_loading_info=True)
+            model, info = loaded
+        except (KeyboardInterrupt, SystemExit, GeneratorExit, MemoryError):
+            raise
+        except BaseException as exc:  # transformers' and the tokenizer's own panics too
+            text = str(exc).strip()
+            first = text.splitlines()[0][:200] if text else type(exc).__name__
             raise GGUFError(f"--model {path}: transformers cannot read this GGUF file "
                             f"({first})") from None
+        missing = [k for k in info.get("missing_keys", []) if k != "lm_head.weight"
+                   or not getattr(model.config, "tie_word_embeddings", False)]
+        if missing:
+            raise GGUFError(f"--model {path}: the GGUF file lacks {len(missing)} of the "
+                            f"model's weights (e.g. {sorted(missing)[0]}); it would serve "
+                            "random weights")
         # The weights are plain tensors of ``dtype`` now: drop the GGUF quantiser so the
         # directory saves (and loads) as an ordinary safetensors model.
-        model.hf_quantizer = None  # type: ignore[assignment]
+        model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         for name, value in sampling.items():
             setattr(model.generation_config, name, value)
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        (tmp / CONVERTED).write_text(f"{path.name}\n")
+        for file in tmp.iterdir():  # on disk before the marker says the directory is done
+            with file.open("rb") as f:
+                os.fsync(f.fileno())
+            file.chmod(0o644)  # replicas running as another user may share the cache
+        tmp.chmod(0o755)
+        (tmp / CONVERTED).write_text(f"{source}\n")
         if target.exists():  # a stale, unfinished directory
             shutil.rmtree(target)
         tmp.rename(target)

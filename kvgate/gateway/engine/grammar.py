@@ -20,7 +20,7 @@ import json
 import re
 import threading
 from collections import OrderedDict
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import llguidance as llg
 import llguidance.numpy as llg_np
@@ -173,6 +173,9 @@ MAX_SPEC_CHARS = 64 * 1024
 MAX_NESTING = 64  # brackets, braces and parentheses, outside string literals
 MAX_REFS = 128  # "$ref"s in a JSON schema (chains of definitions)
 MAX_RULES = 512  # Lark rules
+# Regular expressions in JSON schemas ("pattern", "patternProperties" keys): the grammar
+# engine's compile time grows faster than linearly with them (600 patternProperties: 43 s).
+MAX_PATTERNS = 32
 _LARK_RULE = re.compile(r"^[ \t]*[?!]?[A-Za-z_]\w*(?:\.-?\d+)?[ \t]*:", re.MULTILINE)
 
 
@@ -210,3 +213,43 @@ def check_bounds(spec: StructuredSpec) -> None:
         rules = len(_LARK_RULE.findall(text))
         if rules > MAX_RULES:
             raise InvalidGrammar(f"the grammar has {rules} rules; the limit is {MAX_RULES}")
+    schemas = _schemas(spec)
+    if any(isinstance(s, dict) and not isinstance(s.get("x-guidance", {}), dict)
+           for s in schemas):
+        raise InvalidGrammar("the schema's 'x-guidance' must be an object of options")
+    patterns = sum(_patterns(schema) for schema in schemas)
+    if patterns > MAX_PATTERNS:
+        raise InvalidGrammar(f"the {spec.kind} has {patterns} regular expressions (pattern, "
+                             f"patternProperties); the limit is {MAX_PATTERNS}")
+
+
+def _schemas(spec: StructuredSpec) -> list[Any]:
+    """The JSON schemas in a spec: the spec itself, or each ``%json {...}`` of a grammar."""
+    if spec.kind == "json_schema":
+        try:
+            return [json.loads(spec.spec)]
+        except ValueError:
+            return []
+    if spec.kind != "lark":
+        return []
+    out, decoder, at = [], json.JSONDecoder(), spec.spec.find("%json")
+    while at >= 0:
+        start = spec.spec.find("{", at)
+        try:
+            value, _ = decoder.raw_decode(spec.spec, start) if start >= 0 else (None, 0)
+            out.append(value)
+        except ValueError:
+            pass
+        at = spec.spec.find("%json", at + 5)
+    return out
+
+
+def _patterns(node: Any) -> int:
+    if isinstance(node, list):
+        return sum(_patterns(v) for v in node)
+    if not isinstance(node, dict):
+        return 0
+    own = (isinstance(node.get("pattern"), str)
+           + (len(node["patternProperties"]) if isinstance(node.get("patternProperties"), dict)
+              else 0))
+    return own + sum(_patterns(v) for v in node.values())

@@ -46,10 +46,10 @@ def json_schema_spec(schema: dict[str, Any], strict: bool) -> StructuredSpec:
     not implement ignored (OpenAI's best effort).
     """
     out = _strict(schema) if strict else dict(schema)
-    if not strict:
-        guidance = dict(out.get("x-guidance") or {})
-        guidance.setdefault("lenient", True)
-        out["x-guidance"] = guidance
+    guidance = out.get("x-guidance")
+    if not strict and (guidance is None or isinstance(guidance, dict)):
+        # (anything else is left as sent: the grammar engine refuses it, a 400)
+        out["x-guidance"] = {"lenient": True, **(guidance or {})}
     return StructuredSpec("json_schema", json.dumps(out, sort_keys=True))
 
 

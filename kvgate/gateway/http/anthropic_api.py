@@ -30,7 +30,7 @@ from kvgate.gateway.http.anthropic_tools import (
 from kvgate.gateway.http.errors import ClientGone, bad_request
 from kvgate.gateway.http.generation import Generation
 from kvgate.gateway.http.openai_tools import server_parser
-from kvgate.gateway.http.sampling_params import model_defaults
+from kvgate.gateway.http.sampling_params import default_temperature, model_defaults
 from kvgate.gateway.http.sse import open_stream, send
 from kvgate.gateway.http.state import AppState, ctx_of, state_of
 from kvgate.gateway.http.tools import ToolParser
@@ -121,7 +121,8 @@ def _prepare(state: AppState, body: dict) -> _Prepared:
     parser = server_parser(state) if p.choice is not None else None
     sampling = SamplingParams(
         max_tokens=budget,
-        temperature=number(body, "temperature", 0.0, 1.0, min(defaults.get("temperature", 1.0), 1.0)),
+        temperature=number(body, "temperature", 0.0, 1.0,
+                           min(default_temperature(body, defaults), 1.0)),
         top_p=number(body, "top_p", 0.0, 1.0, defaults.get("top_p", 1.0)), top_k=top_k,
         stop=stop_list(body, "stop_sequences", max_items=16))
     # A forced tool_choice makes the answer the call (the output format applies to later

@@ -174,7 +174,8 @@ def forced_sampling(state: AppState, req: ToolRequest, sampling: SamplingParams)
         name = None if req.choice == "required" else req.choice
         spec = forced_call_grammar(req.tools, name, req.parser,
                                    parallel=req.parallel and name is None)
-    elif sampling.structured is not None:
+    elif sampling.structured is not None and sampling.structured.kind in ("json_schema",
+                                                                          "json_object"):
         spec = call_or_answer_grammar(req.tools, req.parser, req.parallel, sampling.structured)
     else:
         return sampling

@@ -43,7 +43,7 @@ from kvgate.gateway.http.openai_tools import (
     render_prompt,
     tool_request,
 )
-from kvgate.gateway.http.sampling_params import model_defaults
+from kvgate.gateway.http.sampling_params import default_temperature, model_defaults
 from kvgate.gateway.http.sse import open_stream, send
 from kvgate.gateway.http.state import AppState, ctx_of, principal_of, state_of
 from kvgate.gateway.http.tools import Delta, ToolCallDelta
@@ -282,7 +282,7 @@ def _prepare(state: AppState, body: dict, previous: Stored | None) -> _Prepared:
     budget = token_budget(state, len(prompt), field(body, "max_output_tokens", int),
                           "max_output_tokens", "input")
     defaults = model_defaults(state)
-    temperature = number(body, "temperature", 0.0, 2.0, defaults.get("temperature", 1.0))
+    temperature = number(body, "temperature", 0.0, 2.0, default_temperature(body, defaults))
     top_p = number(body, "top_p", 0.0, 1.0, defaults.get("top_p", 1.0))
     sampling = SamplingParams(max_tokens=budget, temperature=temperature, top_p=top_p,
                               top_k=int(defaults.get("top_k", 0)))

@@ -103,6 +103,16 @@ def model_defaults(state: AppState) -> Mapping[str, float]:
     return defaults if isinstance(defaults, Mapping) else {}
 
 
+def default_temperature(body: dict[str, Any], defaults: Mapping[str, float]) -> float:
+    """The temperature a body that names none gets: the model's default, except that a
+    greedy default gives way to 1.0 when the body asks for ``top_p`` or ``top_k`` (it
+    asks to sample)."""
+    value = float(defaults.get("temperature", 1.0))
+    if value == 0.0 and ("top_p" in body or "top_k" in body):
+        return 1.0
+    return value
+
+
 def sampling_from(body: dict[str, Any], max_tokens: int, *, chat: bool,
                   vocab_size: int, defaults: Mapping[str, float]) -> SamplingParams:
     """Every sampling field of a chat or completions body, validated (400 naming it).
@@ -113,7 +123,7 @@ def sampling_from(body: dict[str, Any], max_tokens: int, *, chat: bool,
         top_k = int(defaults["top_k"])
     return SamplingParams(
         max_tokens=max_tokens,
-        temperature=number(body, "temperature", 0.0, 2.0, defaults.get("temperature", 1.0)),
+        temperature=number(body, "temperature", 0.0, 2.0, default_temperature(body, defaults)),
         top_p=number(body, "top_p", 0.0, 1.0, defaults.get("top_p", 1.0)),
         top_k=0 if top_k is None or top_k == -1 else top_k,  # vLLM: -1 (or 0) = off
         min_p=number(body, "min_p", 0.0, 1.0, 0.0),

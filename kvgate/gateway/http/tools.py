@@ -348,9 +348,16 @@ def forced_call_grammar(tools: list[dict[str, Any]], name: str | None, parser: T
     rules, alts = [], []
     for i, fn in enumerate(functions):
         schema = fn.get("parameters") or {"type": "object", "properties": {}}
+        if not any(k in schema for k in ("properties", "additionalProperties",
+                                          "patternProperties", "anyOf", "oneOf", "allOf",
+                                          "$ref")):
+            # {"type": "object"} alone is how a tool without arguments is often declared
+            # (Anthropic's input_schema); forced open, a small model writes keys until
+            # max_tokens. Free-form arguments say so: "additionalProperties": true.
+            schema = {**schema, "properties": {}, "additionalProperties": False}
         schema = json.loads(json_schema_spec(_closed(schema), bool(fn.get("strict"))).spec)
         # compact JSON: free whitespace would let a model loop on blanks
-        schema["x-guidance"] = {**schema.get("x-guidance", {}), "whitespace_flexible": False}
+        _compact(schema)
         rules.append(f"args_{i}: %json {json.dumps(schema)}")
         alts.append(_call_rule(parser, fn["name"], f"args_{i}"))
     sep = {"hermes": '"\\n"', "llama3": '"; "', "mistral": '", "'}[parser.name]
@@ -372,12 +379,18 @@ def call_or_answer_grammar(tools: list[dict[str, Any]], parser: ToolParser, para
     start, *rules = forced_call_grammar(tools, None, parser, parallel).spec.splitlines()
     schema: dict[str, Any] = (json.loads(answer.spec) if answer.kind == "json_schema"
                               else {"type": "object"})
-    guidance = schema.get("x-guidance")
-    schema["x-guidance"] = {**(guidance if isinstance(guidance, dict) else {}),
-                            "whitespace_flexible": False}
+    _compact(schema)
     return StructuredSpec(kind="lark", spec="\n".join([
         "start: calls | answer", "calls: " + start.removeprefix("start: "), *rules,
         f"answer: %json {json.dumps(schema)}"]) + "\n")
+
+
+def _compact(schema: dict[str, Any]) -> None:
+    """Compact JSON (free whitespace would let a model loop on blanks); an ``x-guidance``
+    that is not an object is left as sent, for the grammar engine to refuse (a 400)."""
+    guidance = schema.get("x-guidance")
+    if guidance is None or isinstance(guidance, dict):
+        schema["x-guidance"] = {**(guidance or {}), "whitespace_flexible": False}
 
 
 def _call_rule(parser: ToolParser, name: str, args_rule: str) -> str:
