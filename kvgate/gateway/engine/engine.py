@@ -116,6 +116,9 @@ class Engine:
         self._seqs: dict[str, Sequence] = {}  # by seq_id; engine thread only
         self._active: set[str] = set()  # asyncio side: request ids with an open stream
         self._thread: threading.Thread | None = None
+        self._engine_ident: int | None = None  # the engine thread's, once it runs
+        self._outbox: dict[asyncio.AbstractEventLoop,
+                           list[tuple[asyncio.Queue[EngineEvent], EngineEvent]]] = {}
         # submitted - picked up = waiting in the inbox; each counter has one writer thread
         self._submitted = 0
         self._picked_up = 0
@@ -180,6 +183,10 @@ class Engine:
         seq = Sequence(request, self.tokenizer)
 
         def emit(ev: EngineEvent) -> None:
+            if threading.get_ident() == self._engine_ident:
+                # one wake-up of the event loop per step, not one per token (_flush)
+                self._outbox.setdefault(loop, []).append((events, ev))
+                return
             with contextlib.suppress(RuntimeError):  # a closed loop: nobody is listening
                 loop.call_soon_threadsafe(events.put_nowait, ev)
 
@@ -244,9 +251,26 @@ class Engine:
 
     # -- the engine thread -------------------------------------------------------------
 
+    def _flush(self) -> None:
+        """Hand this step's events to their event loops: one ``call_soon_threadsafe`` per
+        loop (each wakes the loop through a pipe write; per token, a batch of 16 decoding
+        sequences woke the server 16 times a step, time the model run then lacked)."""
+        outbox, self._outbox = self._outbox, {}
+        for loop, items in outbox.items():
+            with contextlib.suppress(RuntimeError):  # a closed loop: nobody is listening
+                loop.call_soon_threadsafe(_deliver, items)
+
     def _loop(self) -> None:
+        self._engine_ident = threading.get_ident()
+        try:
+            self._run_loop()
+        finally:
+            self._flush()
+
+    def _run_loop(self) -> None:
         torch.set_num_threads(self.config.threads())
         while True:
+            self._flush()
             block = not self.scheduler.has_work()
             try:
                 cmd = self._inbox.get(block=block)
@@ -494,6 +518,11 @@ class Engine:
                 self._report_finish(cmd.seq)
             elif isinstance(cmd, Call) and cmd.future is not None:
                 cmd.future.set_exception(RuntimeError("the engine has stopped"))
+
+
+def _deliver(items: list[tuple[asyncio.Queue[EngineEvent], EngineEvent]]) -> None:
+    for events, ev in items:
+        events.put_nowait(ev)
 
 
 def _matrix(rows: list[torch.Tensor]) -> torch.Tensor:
