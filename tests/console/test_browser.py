@@ -209,6 +209,11 @@ def test_create_tenant_issue_and_revoke_a_key_set_limits_and_flush(
     page.click(f"button[data-revoke='{issued['id']}']")
     console.confirm()
     console.status_says("Revoked key")
+    # The view is drawn again after the revoke; fill the limits form only once it has
+    # been (a form filled before would be replaced, with what was typed into it).
+    page.wait_for_selector(f"button[data-revoke='{issued['id']}']", state="detached",
+                           timeout=30_000)
+    console.wait("tenant")
     refused = requests.get(server.url + "/v1/models", timeout=30,
                            headers={"Authorization": f"Bearer {key}"})
     assert refused.status_code == 401
