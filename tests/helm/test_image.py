@@ -120,13 +120,13 @@ def test_copied_sources_exist_and_the_image_installs_from_the_lock() -> None:
                 assert (REPO / src).exists(), src
                 assert f"!{src}" in ignore or f"!{src}/" in ignore, f"{src} is excluded"
                 copied.add(src)
-    assert {"kvgate", "requirements", "pyproject.toml"} <= copied
+    assert {"kvgate", "requirements.lock", "requirements-cuda.lock", "pyproject.toml"} <= copied
     # The migrations ship inside the package (no KVGATE_MIGRATIONS needed in the image).
     assert "KVGATE_MIGRATIONS" not in _env(chain)
     assert (REPO / "kvgate" / "migrations" / "env.py").is_file()
     (install,) = [c for c in _stages()[FINAL] if c.cmd == "RUN" and "KVGATE_EXTRAS" in c.value[0]]
     assert '--constraint "$KVGATE_LOCK"' in install.value[0]
-    for device, lock in (("cpu", "requirements/cpu.txt"), ("cuda", "requirements/cuda.txt")):
+    for device, lock in (("cpu", "requirements.lock"), ("cuda", "requirements-cuda.lock")):
         assert _env(_chain(FINAL, device))["KVGATE_LOCK"] == lock
         assert (REPO / lock).is_file()
         pinned = dict(line.split("==", 1) for line in (REPO / lock).read_text().splitlines()

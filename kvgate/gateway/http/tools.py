@@ -342,7 +342,16 @@ def forced_call_grammar(tools: list[dict[str, Any]], name: str | None, parser: T
     ``parser``'s form: of the function ``name``, or of any of ``tools`` (tool_choice
     "required"); one call, or several when ``parallel``. Arguments follow each function's
     JSON schema (``%json``)."""
-    from kvgate.gateway.engine.structured import StructuredSpec, json_schema_spec
+    from kvgate.gateway.engine.structured import StructuredSpec
+
+    calls, rules = _calls_rules(tools, name, parser, parallel)
+    return StructuredSpec(kind="lark", spec="\n".join([f"start: {calls}", *rules]) + "\n")
+
+
+def _calls_rules(tools: list[dict[str, Any]], name: str | None, parser: ToolParser,
+                 parallel: bool) -> tuple[str, list[str]]:
+    """The expression of one or more calls in ``parser``'s form, and the rules it uses."""
+    from kvgate.gateway.engine.structured import json_schema_spec
 
     functions = [t["function"] for t in tools if name is None or t["function"]["name"] == name]
     rules, alts = [], []
@@ -361,10 +370,9 @@ def forced_call_grammar(tools: list[dict[str, Any]], name: str | None, parser: T
         rules.append(f"args_{i}: %json {json.dumps(schema)}")
         alts.append(_call_rule(parser, fn["name"], f"args_{i}"))
     sep = {"hermes": '"\\n"', "llama3": '"; "', "mistral": '", "'}[parser.name]
-    call = "call: " + " | ".join(alts)
     many = f"call ({sep} call)*" if parallel else "call"
-    start = f'start: "[" {many} "]"' if parser.name == "mistral" else f"start: {many}"
-    return StructuredSpec(kind="lark", spec="\n".join([start, call, *rules]) + "\n")
+    calls = f'"[" {many} "]"' if parser.name == "mistral" else many
+    return calls, ["call: " + " | ".join(alts), *rules]
 
 
 def call_or_answer_grammar(tools: list[dict[str, Any]], parser: ToolParser, parallel: bool,
@@ -376,12 +384,12 @@ def call_or_answer_grammar(tools: list[dict[str, Any]], parser: ToolParser, para
 
     if answer.kind not in ("json_schema", "json_object"):
         raise ValueError(f"a {answer.kind} answer cannot be combined with tool calls")
-    start, *rules = forced_call_grammar(tools, None, parser, parallel).spec.splitlines()
+    calls, rules = _calls_rules(tools, None, parser, parallel)
     schema: dict[str, Any] = (json.loads(answer.spec) if answer.kind == "json_schema"
                               else {"type": "object"})
     _compact(schema)
     return StructuredSpec(kind="lark", spec="\n".join([
-        "start: calls | answer", "calls: " + start.removeprefix("start: "), *rules,
+        "start: calls | answer", f"calls: {calls}", *rules,
         f"answer: %json {json.dumps(schema)}"]) + "\n")
 
 
