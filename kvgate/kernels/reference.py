@@ -8,6 +8,8 @@ half types). Shapes and semantics are those of ``docs/architecture.md`` (section
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -179,3 +181,136 @@ def copy_pages(
     if src.numel() == 0:
         return
     dst_pool.index_copy_(0, dst, src_pool.index_select(0, src).to(dst_pool.device))
+
+
+@dataclass
+class PoolRows:
+    """One step's addresses in a contiguous pool, computed once and used by every layer.
+
+    The per-layer path above re-derives pages, offsets and masks from the step's tensors in
+    each of the model's layers: a dozen small ops per layer, which at batch 1 on a CPU cost
+    more than the attention itself. Here the step's rows are computed once, for layer 0; a
+    layer's rows are the same numbers in the pool's flat view shifted by the layer
+    (``layer * 2 * block_size`` token rows), so a layer's store is one ``index_copy_`` and
+    its decode gather one ``index_select`` straight into the ``[B, kv_heads, L, D]`` layout
+    SDPA reads fastest. Only for a contiguous pool (the engine's); the Triton path never
+    needs it.
+    """
+
+    store: torch.Tensor  # [2T] token rows of the new tokens' K (first T) then V, layer 0
+    block_size: int
+    kv_heads: int
+    gather: torch.Tensor | None = None  # decode: [2, B, kv_heads, L] head rows, layer 0
+    mask: torch.Tensor | None = None  # decode: [B, 1, 1, L] keys inside each sequence
+    scratch: torch.Tensor | None = None  # decode: where each layer gathers its K/V
+    # prefill over cached keys: per sequence (first, end) of its new tokens in the step,
+    # its [2, kv_heads, kv_len] head rows, and its [q_len, kv_len] mask (None: causal)
+    prefill: list[tuple[int, int, torch.Tensor, torch.Tensor | None]] | None = None
+
+
+def pool_rows(
+    pool: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    block_tables: torch.Tensor | None = None,
+    seq_lens: torch.Tensor | None = None,
+    min_len: int = 0,
+    max_len: int = 0,
+) -> PoolRows:
+    """Rows for one step in ``pool`` (``[pages, layers, 2, block, kv_heads, D]``, contiguous).
+
+    ``slot_mapping`` (no padding: every slot ``>= 0``) gives the store rows. For a decode
+    step, also pass the block tables, the sequence lengths and their bounds as host ints
+    (every length ``>= 1``): that adds the gather rows and, when lengths differ, the mask.
+    """
+    if not pool.is_contiguous():
+        raise ValueError("pool_rows needs a contiguous pool")
+    layers, block_size, kv_heads = pool.shape[1], pool.shape[3], pool.shape[4]
+    page_rows = layers * 2 * block_size  # token rows from one page to the next
+    slots = slot_mapping.to(device=pool.device, dtype=torch.long)
+    tok = torch.div(slots, block_size, rounding_mode="floor") * page_rows + slots % block_size
+    rows = PoolRows(torch.cat([tok, tok + block_size]), block_size, kv_heads)
+    if block_tables is None or seq_lens is None or max_len <= 0:
+        return rows
+    if min_len < 1:
+        raise ValueError("pool_rows: every decoding sequence has at least one key")
+    lens = seq_lens.to(device=pool.device, dtype=torch.long)
+    j = torch.arange(max_len, device=pool.device)
+    table = block_tables[:, : -(-max_len // block_size)].to(device=pool.device, dtype=torch.long)
+    pages = table[:, j // block_size]  # [B, L]
+    if min_len != max_len:  # entries past a sequence's end may hold anything: use page 0
+        inside = j[None, :] < lens[:, None]
+        pages = torch.where(inside, pages, 0)
+        rows.mask = inside[:, None, None, :]
+    tok_rows = pages * page_rows + j % block_size  # [B, L]
+    kv = torch.tensor([0, block_size], device=pool.device)[:, None, None, None]
+    heads = torch.arange(kv_heads, device=pool.device)[None, None, :, None]
+    rows.gather = (tok_rows[None, :, None, :] + kv) * kv_heads + heads  # [2, B, kvh, L]
+    rows.scratch = pool.new_empty(rows.gather.numel(), pool.shape[-1])
+    return rows
+
+
+def add_prefill_rows(rows: PoolRows, pool: torch.Tensor, block_tables: torch.Tensor,
+                     cu_seqlens_q: list[int], seq_lens: list[int]) -> None:
+    """Adds to ``rows`` what a prefill step over cached keys reads: each sequence's key rows
+    and mask, once for all layers (host lists: no device sync)."""
+    layers, block_size, kv_heads = pool.shape[1], pool.shape[3], pool.shape[4]
+    kv = torch.tensor([0, block_size], device=pool.device)[:, None, None]
+    heads = torch.arange(kv_heads, device=pool.device)[None, :, None]
+    rows.prefill = []
+    for b, total in enumerate(seq_lens):
+        start, end = cu_seqlens_q[b], cu_seqlens_q[b + 1]
+        if end == start:
+            continue
+        j = torch.arange(total, device=pool.device)
+        table = block_tables[b, : -(-total // block_size)].to(device=pool.device,
+                                                               dtype=torch.long)
+        tok = table[j // block_size] * (layers * 2 * block_size) + j % block_size
+        mask = None
+        if end - start != total:  # new token i sits at total - q_len + i: keys 0 ..= it
+            first = total - (end - start)
+            mask = j[None, :] <= torch.arange(first, total, device=pool.device)[:, None]
+        rows.prefill.append((start, end, (tok[None, None, :] + kv) * kv_heads + heads, mask))
+
+
+def prefill_attention_rows(
+    q: torch.Tensor, pool: torch.Tensor, layer: int, rows: PoolRows, scale: float
+) -> torch.Tensor:
+    """``paged_prefill_attention`` for one layer with the step's precomputed rows: each
+    sequence's keys gathered straight into the ``[kv_heads, L, D]`` layout SDPA reads."""
+    assert rows.prefill is not None, "add_prefill_rows was not called for this step"
+    head_dim = q.shape[-1]
+    flat = pool.view(-1, head_dim)[layer * 2 * rows.block_size * rows.kv_heads :]
+    out = torch.empty_like(q)
+    for start, end, gather, mask in rows.prefill:
+        kv = flat.index_select(0, gather.flatten()).view(*gather.shape, head_dim)
+        o = F.scaled_dot_product_attention(
+            q[start:end].transpose(0, 1)[None], kv[0][None].to(q.dtype), kv[1][None].to(q.dtype),
+            attn_mask=mask, is_causal=mask is None, scale=scale,
+            enable_gqa=q.shape[1] != rows.kv_heads,
+        )
+        out[start:end] = o[0].transpose(0, 1)
+    return out
+
+
+def store_kv_rows(
+    k: torch.Tensor, v: torch.Tensor, pool: torch.Tensor, layer: int, rows: PoolRows
+) -> None:
+    """``store_kv`` for one layer with the step's precomputed rows: ``k, v: [T, kvh, D]``."""
+    flat = pool.view(-1, rows.kv_heads * pool.shape[-1])[layer * 2 * rows.block_size :]
+    flat.index_copy_(0, rows.store, torch.cat([k, v]).to(pool.dtype).flatten(1))
+
+
+def decode_attention_rows(
+    q: torch.Tensor, pool: torch.Tensor, layer: int, rows: PoolRows, scale: float
+) -> torch.Tensor:
+    """``paged_decode_attention`` for one layer with the step's precomputed rows."""
+    assert rows.gather is not None, "pool_rows was built without the decode tables"
+    batch, q_heads, head_dim = q.shape
+    flat = pool.view(-1, head_dim)[layer * 2 * rows.block_size * rows.kv_heads :]
+    kv = torch.index_select(flat, 0, rows.gather.flatten(), out=rows.scratch)
+    kv = kv.view(*rows.gather.shape, head_dim)
+    out = F.scaled_dot_product_attention(
+        q.view(batch, q_heads, 1, head_dim), kv[0].to(q.dtype), kv[1].to(q.dtype),
+        attn_mask=rows.mask, scale=scale, enable_gqa=q_heads != rows.kv_heads,
+    )
+    return out.view(batch, q_heads, head_dim)

@@ -138,6 +138,61 @@ def test_the_stop_string_that_ended_the_output_is_named(stops, hit):
     assert seq.decoder.text == "abcEND"[: "abcEND".index(hit)]
 
 
+def _write(seq: Sequence, text: str, eos: list[int]) -> tuple[str, str | None]:
+    sent, reason = "", None
+    for ch in text:
+        delta, reason = append_token(seq, ord(ch), eos, 1000)
+        sent += delta
+        if reason is not None:
+            break
+    return sent, reason
+
+
+def test_a_call_repeated_word_for_word_ends_the_output_where_it_begins():
+    """The guard against a small model writing the same tool call until max_tokens: an
+    open call is held back (never sent half), a repeat of an earlier call is never sent."""
+    tok = build_tokenizer()
+    params = SamplingParams(max_tokens=500, repeat_block=("<c>", "</c>"))
+    seq = Sequence(GenerateRequest("r", "ns", [1], params), tok)
+    sent, reason = _write(seq, "hi <c>a(1)</c>\n<c>a(2)", tok.eos_token_ids)
+    assert reason is None and sent == "hi <c>a(1)</c>\n"  # the second call is still open
+    more, reason = _write(seq, "</c>\n<c>a(1)</c>\n<c>a(3)</c>", tok.eos_token_ids)
+    assert reason == "stop"
+    assert sent + more == "hi <c>a(1)</c>\n<c>a(2)</c>\n" == seq.decoder.text
+    # a tail that may begin a call waits too; without the markers nothing changes
+    seq = Sequence(GenerateRequest("r", "ns", [1], params), tok)
+    assert _write(seq, "ok <", tok.eos_token_ids) == ("ok ", None)
+    plain = Sequence(GenerateRequest("r", "ns", [1], SamplingParams(max_tokens=500)), tok)
+    assert _write(plain, "<c>a</c><c>a</c>", tok.eos_token_ids) == ("<c>a</c><c>a</c>", None)
+
+
+def test_a_marker_inside_a_call_is_its_text_not_a_new_call():
+    """Blocks are read as the parser reads them: an opening marker inside a call's
+    arguments neither starts a block of its own nor makes two different calls one."""
+    tok = build_tokenizer()
+    params = SamplingParams(max_tokens=500, repeat_block=("<c>", "</c>"))
+    seq = Sequence(GenerateRequest("r", "ns", [1], params), tok)
+    text = "<c>a<c></c>\n<c>b<c></c>\n"
+    assert _write(seq, text, tok.eos_token_ids) == (text, None)
+    more, reason = _write(seq, "<c>b<c></c>", tok.eos_token_ids)  # now a real repeat
+    assert (more, reason) == ("", "stop") and seq.decoder.text == text
+
+
+@pytest.mark.parametrize(("text", "sent", "reason"), [
+    ("<c>x</c><c>x</c>", "<c>x</c>", "stop"),  # the repeat closes on the last token
+    ("<c>x</c>\n<c>x", "<c>x</c>\n", "stop"),  # cut while repeating: the repeat is dropped
+    ("<c>x</c>\n<c>y", "<c>x</c>\n", "length"),  # cut in a new call: dropped, not text
+    ("<c>x</c> ok <", "<c>x</c> ok ", "length"),  # a tail that may begin a call: dropped
+    ("plain text", "plain text", "length"),
+])
+def test_a_call_the_token_limit_cuts_is_never_sent_as_text(text, sent, reason):
+    tok = build_tokenizer()
+    params = SamplingParams(max_tokens=len(text), repeat_block=("<c>", "</c>"))
+    seq = Sequence(GenerateRequest("r", "ns", [1], params), tok)
+    assert _write(seq, text, tok.eos_token_ids) == (sent, reason)
+    assert seq.decoder.text == sent
+
+
 def test_an_eos_or_the_length_names_no_stop_string():
     tok = build_tokenizer()
     for token, max_tokens, reason in ((tok.eos_token_ids[0], 5, "stop"), (65, 1, "length")):

@@ -112,6 +112,37 @@ def test_forced_tool_call_finishes_inside_the_budget(client: openai.OpenAI, choi
         assert len(calls) == 1
 
 
+@pytest.mark.parametrize("stream", [True])  # the engine cuts the same way unstreamed
+def test_a_forced_call_the_model_repeats_is_answered_once(client: openai.OpenAI, stream: bool):
+    """Under required with parallel calls allowed, SmolLM2 writes its call again and again;
+    the repeat ends the answer, and one the token limit cuts is never sent as text, on
+    chat completions (streamed or not) and on the Responses API alike."""
+    kwargs: dict[str, Any] = dict(
+        model="smollm2", max_tokens=60, tools=[WEATHER], tool_choice="required",
+        messages=ask("What is the weather in Paris right now?"))
+    if stream:
+        content, names, finish = "", [], None
+        for chunk in client.chat.completions.create(stream=True, **kwargs):
+            for choice in chunk.choices:
+                content += choice.delta.content or ""
+                names += [c.function.name for c in choice.delta.tool_calls or []
+                          if c.function and c.function.name]
+                finish = choice.finish_reason or finish
+    else:
+        r = client.chat.completions.create(**kwargs)
+        message = r.choices[0].message
+        content, finish = message.content or "", r.choices[0].finish_reason
+        names = [c.function.name for c in message.tool_calls or []]
+    assert names == ["get_weather"] and finish == "tool_calls"
+    assert "<tool" not in content and "</tool" not in content
+    resp = client.responses.create(
+        model="smollm2", max_output_tokens=60, tool_choice="required",
+        tools=[{"type": "function", **WEATHER["function"]}],
+        input="What is the weather in Paris right now?")
+    assert resp.status == "completed"
+    assert [item.type for item in resp.output] == ["function_call"]
+
+
 def test_tools_with_a_response_format_under_auto_call_or_answer(client: openai.OpenAI):
     """The agents' pattern (tools and an output type): under auto the answer is either a
     call or content that follows the format; forced, the call comes first and the format
@@ -174,3 +205,81 @@ def test_langchain_binds_tools_and_loops(server: ThreadServer, tenant: Tenant):
     assert final.response_metadata["finish_reason"] in ("stop", "tool_calls")
     usage = final.response_metadata["token_usage"]
     assert usage["prompt_tokens_details"]["cached_tokens"] > 0
+
+
+def _agents_model(server: ThreadServer, tenant: Tenant, api: str) -> tuple[Any, Any]:
+    import agents
+
+    client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key=tenant.key, max_retries=0)
+    model = (agents.OpenAIResponsesModel("smollm2", client) if api == "responses"
+             else agents.OpenAIChatCompletionsModel("smollm2", client))
+    agents.set_tracing_disabled(True)
+    return client, model
+
+
+@pytest.mark.parametrize("api", ["responses", "chat_completions"])
+def test_openai_agents_sdk_calls_a_tool(server: ThreadServer, tenant: Tenant, api: str):
+    """The OpenAI Agents SDK's tool loop on both of its model classes: the agent's call
+    comes back whole (no run to max_tokens: a call the model repeats word for word ends
+    the answer), the SDK runs the tool and ends with its result."""
+    import asyncio
+
+    import agents
+
+    calls: list[str] = []
+
+    @agents.function_tool
+    def get_weather(city: str) -> str:
+        """The current weather in a city."""
+        calls.append(city)
+        return f"{city}: -3 C, snow"
+
+    async def run() -> Any:
+        client, model = _agents_model(server, tenant, api)
+        agent = agents.Agent(
+            name="weather", instructions="You report the weather.", tools=[get_weather],
+            model=model, tool_use_behavior="stop_on_first_tool",
+            model_settings=agents.ModelSettings(tool_choice="required", max_tokens=120))
+        try:
+            return await agents.Runner.run(agent, "What is the weather in Oslo?", max_turns=2)
+        finally:
+            await client.close()
+
+    result = asyncio.run(run())
+    assert calls == ["Oslo"]
+    assert result.final_output == "Oslo: -3 C, snow"
+    (turn,) = result.raw_responses
+    assert turn.usage.output_tokens < 80
+
+
+@pytest.mark.parametrize("api", ["responses", "chat_completions"])
+def test_openai_agents_sdk_output_type_over_two_turns(server: ThreadServer, tenant: Tenant,
+                                                       api: str):
+    """An agent with an ``output_type`` answers with a valid instance, and the next turn of
+    the conversation (the SDK's ``to_input_list``) reads the first from the cache."""
+    import asyncio
+
+    import agents
+    from pydantic import BaseModel
+
+    class Capital(BaseModel):
+        country: str
+        capital: str
+
+    async def run() -> tuple[Any, Any]:
+        client, model = _agents_model(server, tenant, api)
+        agent = agents.Agent(name="geo", instructions="You answer geography questions.",
+                             output_type=Capital, model=model,
+                             model_settings=agents.ModelSettings(max_tokens=60))
+        try:
+            first = await agents.Runner.run(agent, "What is the capital of France?")
+            second = await agents.Runner.run(agent, [
+                *first.to_input_list(), {"role": "user", "content": "And the capital of Japan?"}])
+            return first, second
+        finally:
+            await client.close()
+
+    first, second = asyncio.run(run())
+    assert isinstance(first.final_output, Capital) and first.final_output.capital == "Paris"
+    assert isinstance(second.final_output, Capital)
+    assert second.raw_responses[0].usage.input_tokens_details.cached_tokens > 0

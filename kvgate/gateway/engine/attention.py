@@ -26,6 +26,12 @@ from transformers.masking_utils import AttentionMaskInterface
 
 from kvgate import kernels
 from kvgate.kernels.layout import KVLayout
+from kvgate.kernels.reference import (
+    PoolRows,
+    decode_attention_rows,
+    prefill_attention_rows,
+    store_kv_rows,
+)
 
 ATTN_IMPLEMENTATION = "kvgate_paged"
 
@@ -44,6 +50,8 @@ class AttentionContext:
     # the longest KV length, known on the host; None inside a captured graph, where the
     # decode kernel sizes itself to the block table's width (no value may change at replay)
     max_seq_len: int | None = None
+    # the torch path's rows for the whole step, computed once (CPU runs; None under Triton)
+    rows: PoolRows | None = None
 
 
 _context: contextvars.ContextVar[AttentionContext | None] = contextvars.ContextVar(
@@ -83,14 +91,22 @@ def paged_attention_forward(
     k_cache, v_cache = KVLayout.layer_kv(ctx.kv_pool, layer)
     k = key[0].transpose(0, 1)  # [T, kv_heads, D]
     v = value[0].transpose(0, 1)
-    kernels.store_kv(k, v, k_cache, v_cache, ctx.slot_mapping)
+    rows = ctx.rows
+    if rows is not None:
+        store_kv_rows(k, v, ctx.kv_pool, layer, rows)
+    else:
+        kernels.store_kv(k, v, k_cache, v_cache, ctx.slot_mapping)
 
     if ctx.is_fresh:
         # No earlier KV: causal attention over the new K/V alone, sequence by sequence
         # (what vLLM does with flash-attn varlen), with the same fp32-accumulating SDPA.
         return _fresh_prefill(query, key, value, ctx.q_lens, scale), None
     q = query[0].transpose(0, 1).contiguous()  # [T, q_heads, D]
-    if ctx.is_decode:
+    if rows is not None and rows.gather is not None:
+        out = decode_attention_rows(q, ctx.kv_pool, layer, rows, scale)
+    elif rows is not None and rows.prefill is not None:
+        out = prefill_attention_rows(q, ctx.kv_pool, layer, rows, scale)
+    elif ctx.is_decode:
         out = kernels.paged_decode_attention(
             q, k_cache, v_cache, ctx.block_tables, ctx.seq_lens, scale,
             max_seq_len=ctx.max_seq_len,

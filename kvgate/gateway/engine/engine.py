@@ -29,6 +29,7 @@ from kvgate.gateway.engine.loader import LoadedModel, head_dim_of, load_model
 from kvgate.gateway.engine.request import (
     EngineError,
     EngineEvent,
+    EngineMisconfigured,
     EngineOverloaded,
     ErrorEvent,
     FinishEvent,
@@ -85,12 +86,23 @@ class Engine:
         device_pages = int(self.store.device_pool.shape[0])
         host_pages = int(self.store.host_pool.shape[0])
         if device_pages == 0:
-            raise ValueError(
+            raise EngineMisconfigured(
                 f"--device-cache-bytes {config.device_cache_bytes} holds no KV page "
                 f"(one page is {self.layout.page_bytes} bytes)"
             )
         context = int(self.model_info["context_length"])
         self.max_model_len = min(config.max_model_len or context, context)
+        room = device_pages * config.block_size  # tokens one sequence can hold at most
+        if config.max_model_len and self.max_model_len > room:
+            raise EngineMisconfigured(
+                f"--max-model-len {config.max_model_len} does not fit the device KV cache: "
+                f"--device-cache-bytes {config.device_cache_bytes} holds {room} tokens "
+                f"({device_pages} pages of {config.block_size}); raise --device-cache-bytes "
+                "or lower --max-model-len")
+        if self.max_model_len > room:
+            log.warning("the device KV cache holds %d tokens, fewer than the model's context "
+                        "of %d: a sequence that outgrows it ends with finish_reason length",
+                        room, self.max_model_len)
         self.model_info["context_length"] = self.max_model_len
         self.tokenizer.max_tokens = self.max_model_len  # longer texts are refused untokenized
         self.model_info.update(

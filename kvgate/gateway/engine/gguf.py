@@ -20,8 +20,10 @@ import fcntl
 import glob
 import hashlib
 import logging
+import mmap
 import os
 import shutil
+import struct
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -45,7 +47,9 @@ WHEEL_MODELS = {
 # answers "The capital of France is Paris." A request's own temperature still wins.
 RECOMMENDED_SAMPLING: dict[str, dict[str, float | bool]] = {"smollm2": {"do_sample": False}}
 # What the engine serves (its attention path and tool parsers know these families).
-ARCHITECTURES = ("llama", "mistral", "qwen2")
+# llama.cpp writes Mistral models as "llama" (transformers makes them Mistral again by their
+# general.name); gguf-py has no plain "mistral" architecture, so it is not listed.
+ARCHITECTURES = ("llama", "qwen2")
 # GGUF ``general.file_type`` values transformers' reader dequantises (llama.cpp's
 # LLAMA_FTYPE_*): F32, F16, Q4_0, Q4_1, Q8_0, Q5_0, Q5_1, Q2_K … Q6_K, BF16.
 FILE_TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1",
@@ -93,28 +97,86 @@ def cache_root() -> Path:
     return Path(base) / "kvgate" / "models"
 
 
+# GGUF metadata value types (gguf-py's GGUFValueType) and their sizes; 8 string, 9 array
+_SCALAR_BYTES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+
+
+def _check_counts(path: Path) -> None:
+    """Walks the metadata as the file lays it out, checking every length and count against
+    the bytes left: gguf-py materialises what a count claims, so a 158-byte file claiming
+    a 2^40-element array would take all memory before any error. Raises ValueError."""
+    with path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+        size = len(m)
+        if size < 24 or m[:4] != b"GGUF":
+            raise ValueError("bad magic")
+        version, tensors, kvs = struct.unpack_from("<IQQ", m, 4)
+        if version < 2:
+            raise ValueError(f"GGUF version {version}")
+        pos = 24
+
+        def take(n: int) -> int:
+            nonlocal pos
+            if n < 0 or n > size - pos:
+                raise ValueError("a length or count runs past the end of the file")
+            start, pos = pos, pos + n
+            return start
+
+        def u32() -> int:
+            return int(struct.unpack_from("<I", m, take(4))[0])
+
+        def u64() -> int:
+            return int(struct.unpack_from("<Q", m, take(8))[0])
+
+        def value(kind: int, depth: int) -> None:
+            if kind in _SCALAR_BYTES:
+                take(_SCALAR_BYTES[kind])
+            elif kind == 8:
+                take(u64())
+            elif kind == 9 and depth < 3:
+                inner, count = u32(), u64()
+                smallest = _SCALAR_BYTES.get(inner, 8 if inner == 8 else 12)
+                if count > (size - pos) // smallest:
+                    raise ValueError("an array claims more elements than the file holds")
+                if inner in _SCALAR_BYTES:
+                    take(count * smallest)
+                else:
+                    for _ in range(count):
+                        value(inner, depth + 1)
+            else:
+                raise ValueError(f"metadata value type {kind}")
+
+        if kvs > (size - pos) // 12 or tensors > size // 24:
+            raise ValueError("more entries claimed than the file holds")
+        for _ in range(kvs):
+            take(u64())  # the key
+            value(u32(), 0)
+
+
 def inspect(path: Path) -> tuple[str, str]:
     """The file's architecture and quantisation, checked before any conversion work."""
     from gguf import GGUFReader
 
     try:
+        _check_counts(path)
         reader = GGUFReader(str(path))
         arch_value = reader.fields["general.architecture"].contents()
         file_type = reader.fields.get("general.file_type")
         ftype_value = file_type.contents() if file_type is not None else 0
-    except (KeyError, ValueError, OSError, IndexError, TypeError, OverflowError) as exc:
-        why = str(exc) if isinstance(exc, ValueError) and "magic" in str(exc) else \
+    except (KeyError, ValueError, OSError, IndexError, TypeError, OverflowError,
+            struct.error) as exc:
+        why = str(exc) if isinstance(exc, ValueError) and ("magic" in str(exc)
+                                                           or "claim" in str(exc)) else \
             "truncated or corrupt"
         raise GGUFError(f"--model {path}: not a readable GGUF file ({why})") from None
     arch = arch_value if isinstance(arch_value, str) else repr(arch_value)
     if arch not in ARCHITECTURES:
         shown = arch if len(arch) <= 40 else arch[:40] + "…"
         raise GGUFError(f"--model {path}: GGUF architecture {shown!r} is not supported "
-                        f"(supported: {', '.join(ARCHITECTURES)})")
+                        f"(supported: {', '.join(ARCHITECTURES)}; Mistral files are llama)")
     # An integer, as llama.cpp writes it: not a string, a float, a bool or an array.
     ftype = ftype_value if type(ftype_value) is int else None
     if ftype not in FILE_TYPES:
-        shown = str(ftype_value)[:40]
+        shown = (str(ftype_value) if type(ftype_value) is int else repr(ftype_value))[:40]
         raise GGUFError(f"--model {path}: GGUF quantisation type {shown} is not supported "
                         f"(supported: {', '.join(sorted(set(FILE_TYPES.values())))})")
     return arch, FILE_TYPES[ftype]
@@ -157,8 +219,10 @@ def resolve(model: str, dtype: torch.dtype) -> Path:
                   f"later starts load {target}", flush=True)
             _convert(path, target, dtype, sampling, source)
             for old in target.parent.glob(glob.escape(f"{path.stem}-{dtype_name}-") + "*"):
-                # an earlier conversion of this very file (its marker names it) only
-                if old != target and old.is_dir() and _marker(old) == source:
+                # an earlier conversion of this very file (its marker names it), or of a
+                # file that is gone (a removed virtualenv's wheel): never of a file in use
+                marker = _marker(old) if old != target and old.is_dir() else None
+                if marker is not None and (marker == source or not Path(marker).exists()):
                     (old / CONVERTED).unlink(missing_ok=True)  # never trusted again
                     shutil.rmtree(old, ignore_errors=True)
     except OSError as exc:

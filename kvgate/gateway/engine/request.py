@@ -12,6 +12,10 @@ class EngineError(Exception):
     """Base of the errors a client can be told about."""
 
 
+class EngineMisconfigured(EngineError, ValueError):
+    """Settings the engine cannot run with (a KV pool too small for them): one line at start."""
+
+
 class PromptTooLong(EngineError):
     """The prompt (plus room for one output token) can never fit: context length or pool."""
 

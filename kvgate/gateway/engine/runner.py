@@ -23,6 +23,8 @@ from transformers import PreTrainedModel
 from kvgate.gateway.engine.attention import AttentionContext, attention_context
 from kvgate.gateway.engine.graphs import DecodeGraphs, GraphUnavailable
 from kvgate.gateway.engine.scheduler import Chunk
+from kvgate.kernels.dispatch import use_triton
+from kvgate.kernels.reference import add_prefill_rows, pool_rows
 
 
 class StepInputs:
@@ -48,6 +50,9 @@ class ModelRunner:
         self.block_size = block_size
         self.device = kv_pool.device
         self._staging: torch.Tensor | None = None  # pinned, on CUDA only
+        # the torch kernels' path: the step's pool rows once, not per layer (attention.py)
+        self.torch_rows = (not use_triton(kv_pool) and kv_pool.is_contiguous()
+                           and kv_pool.dim() == 6)
         self.graphs: DecodeGraphs | None = None
         if cuda_graphs and self.device.type == "cuda" and max_model_len > 0:
             self.graphs = DecodeGraphs(self, -(-max_model_len // block_size), max_graph_batch)
@@ -96,6 +101,14 @@ class ModelRunner:
             is_fresh=not starts.any(),
             max_seq_len=int(ends.max()),
         )
+        if self.torch_rows:
+            decode = total == batch
+            ctx.rows = pool_rows(
+                self.kv_pool, ctx.slot_mapping, ctx.block_tables if decode else None,
+                ctx.seq_lens if decode else None, int(ends.min()), int(ends.max()))
+            if not decode and not ctx.is_fresh:
+                add_prefill_rows(ctx.rows, self.kv_pool, ctx.block_tables, cu.tolist(),
+                                 ends.tolist())
         return StepInputs(dev[:t], dev[t : 2 * t], ctx,
                           dev[o + 2 * b + 1 : o + 2 * b + 1 + len(rows)], len(rows))
 

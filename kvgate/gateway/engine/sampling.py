@@ -56,6 +56,10 @@ class SamplingParams:
     n: int = 1  # samples of the same prompt, sharing its prefill
     # Structured outputs: the output must match this JSON schema / regex / grammar
     structured: StructuredSpec | None = None
+    # (open, close) markers of a tool call: a call that repeats an earlier one of the same
+    # answer word for word ends the output where it begins (a small model under a calls
+    # grammar otherwise writes the same call until max_tokens)
+    repeat_block: tuple[str, str] | None = None
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:

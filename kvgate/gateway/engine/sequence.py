@@ -127,7 +127,10 @@ def append_token(seq: Sequence, token_id: int, eos_token_ids: list[int], max_len
 
     Stop strings are searched in the detokenized text; text that could still become the
     start of a stop string is held back, and text from a stop string on is never sent. The
-    stop string that ends the output is kept in ``seq.stop_sequence``.
+    stop string that ends the output is kept in ``seq.stop_sequence``. With
+    ``params.repeat_block``, a block still open is held back too, and a block that repeats
+    an earlier one ends the output where it begins (``stop``; it is never sent); a block
+    the token limit cuts is dropped (``stop`` if what it wrote repeats an earlier block).
     """
     params = seq.params
     decoder = seq.decoder
@@ -148,12 +151,30 @@ def append_token(seq: Sequence, token_id: int, eos_token_ids: list[int], max_len
             cut, seq.stop_sequence = found
             decoder.text = decoder.text[:cut]
             reason = "stop"
+        elif params.repeat_block is not None:
+            repeat = _repeated_block(decoder.text, params.repeat_block, seq.emitted_chars)
+            if repeat is not None:
+                decoder.text = decoder.text[:repeat]
+                reason = "stop"
     text = decoder.text
+    if reason == "length" and params.repeat_block is not None:
+        # A call the limit cut is never sent as text: it is dropped, and if what was
+        # written of it repeats an earlier call, the answer ended there (``stop``).
+        cut = max(seq.emitted_chars, _open_block(text, params.repeat_block))
+        if cut < len(text):
+            tail = text[cut:]
+            closed, _ = _blocks(text[:cut], params.repeat_block)
+            if tail.startswith(params.repeat_block[0]) and any(
+                    text[a:b].startswith(tail) for a, b in closed):
+                reason = "stop"
+            decoder.text = text = text[:cut]
     if reason is not None:
         end = len(text)
     else:
         hold = max((len(s) for s in params.stop), default=1) - 1
         end = max(seq.emitted_chars, len(text) - hold)
+        if params.repeat_block is not None:
+            end = max(seq.emitted_chars, min(end, _open_block(text, params.repeat_block)))
     delta = text[seq.emitted_chars : end]
     seq.emitted_chars = end
     return delta, reason
@@ -170,3 +191,45 @@ def _find_stop(text: str, stops: list[str], emitted: int) -> tuple[int, str] | N
         if i >= 0 and (best is None or i < best[0]):
             best = (i, s)
     return best
+
+
+def _blocks(text: str, markers: tuple[str, str]) -> tuple[list[tuple[int, int]], int | None]:
+    """The closed blocks of ``text`` as a tool parser reads them (a block opens at the first
+    opening marker after the previous block, and closes at the first closing marker after
+    that: an opening marker inside a block is the block's text), and where the block still
+    open begins (None: none is)."""
+    opening, closing = markers
+    closed: list[tuple[int, int]] = []
+    i = 0
+    while (start := text.find(opening, i)) >= 0:
+        end = text.find(closing, start + len(opening))
+        if end < 0:
+            return closed, start
+        i = end + len(closing)
+        closed.append((start, i))
+    return closed, None
+
+
+def _repeated_block(text: str, markers: tuple[str, str], emitted: int) -> int | None:
+    """Where the last block begins, when it closed in text not yet sent and an earlier
+    block of ``text`` is the same."""
+    closed, _ = _blocks(text, markers)
+    if not closed or closed[-1][1] <= emitted:
+        return None
+    start, end = closed[-1]
+    last = text[start:end]
+    return start if any(text[a:b] == last for a, b in closed[:-1]) else None
+
+
+def _open_block(text: str, markers: tuple[str, str]) -> int:
+    """How much of ``text`` may be sent: up to a block not yet closed, or to a tail that
+    may begin one."""
+    opening = markers[0]
+    closed, start = _blocks(text, markers)
+    if start is not None:
+        return start
+    tail_from = closed[-1][1] if closed else 0
+    for n in range(min(len(text) - tail_from, len(opening) - 1), 0, -1):
+        if opening.startswith(text[-n:]):
+            return len(text) - n
+    return len(text)

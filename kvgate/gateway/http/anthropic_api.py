@@ -130,6 +130,9 @@ def _prepare(state: AppState, body: dict) -> _Prepared:
     structured = forced_grammar(p.choice, p.conversation.tools, parser, _output_format(body))
     if structured is not None:
         sampling = replace(sampling, structured=structured)
+    if parser is not None and parser.block is not None and p.conversation.tools \
+            and p.choice is not None and p.choice.kind != "none":
+        sampling = replace(sampling, repeat_block=parser.block)  # a repeated call ends it
     segments = ttl_segments(state.engine, p.conversation, p.ids, top_level)
     return _Prepared(p.model, stream, p.ids, sampling, segments, p.choice, parser)
 

@@ -190,20 +190,28 @@ def create_app(settings: Settings, engine: Engine | None = None,
     app.on_response_prepare.append(on_response_prepare)
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
-        own_ledger = ledger or await Ledger.open(
-            settings.db, migrate=migrates_on_start(settings.db),
-            spool_dir=settings.spool_dir or default_spool_dir(settings.db),
-            spool_max_events=settings.spool_max_events)
+        # The model first: a start that cannot serve (a model or KV pool it refuses) must not
+        # create the ledger, whose first start makes an admin key it prints only once.
+        the_engine = engine
         own_engine: Engine | None = None
+        if the_engine is None:
+            own_engine = the_engine = Engine(engine_config(settings))
+        try:
+            own_ledger = ledger or await Ledger.open(
+                settings.db, migrate=migrates_on_start(settings.db),
+                spool_dir=settings.spool_dir or default_spool_dir(settings.db),
+                spool_max_events=settings.spool_max_events)
+        except BaseException:
+            if own_engine is not None:
+                await own_engine.stop()  # not started: closes what it opened (shared tier)
+            raise
         metrics_runner: web.AppRunner | None = None
         try:
             try:
                 state.admin_key_created = await own_ledger.bootstrap_admin(settings.admin_key)
             except LedgerUnavailable as exc:  # started during an outage: the keys exist
                 log.error("could not check the admin key (ledger unavailable): %s", exc)
-            the_engine = engine
-            if the_engine is None:
-                own_engine = the_engine = Engine(engine_config(settings))
+            if own_engine is not None:
                 await own_engine.start()
             state.open(the_engine, own_ledger)
             own_ledger.on_commit = state.metrics.on_ledger_commit

@@ -170,6 +170,8 @@ def forced_sampling(state: AppState, req: ToolRequest, sampling: SamplingParams)
     """
     if req.parser is None or not req.tools or req.choice == "none":
         return sampling
+    if req.parser.block is not None:  # a call repeated word for word ends the answer
+        sampling = replace(sampling, repeat_block=req.parser.block)
     if req.forced:
         name = None if req.choice == "required" else req.choice
         spec = forced_call_grammar(req.tools, name, req.parser,

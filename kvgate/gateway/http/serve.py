@@ -93,8 +93,10 @@ async def serve(settings: Settings) -> int:
     from kvgate.gateway.engine.demo import SHAPES
     from kvgate.gateway.engine.gguf import GGUFError, is_gguf
     from kvgate.gateway.engine.gguf import check as check_gguf
+    from kvgate.gateway.engine.gguf import resolve as resolve_gguf
     from kvgate.gateway.engine.loader import ModelFilesMissing, check_model_dir
-    from kvgate.gateway.http.app import create_app
+    from kvgate.gateway.engine.request import EngineMisconfigured
+    from kvgate.gateway.http.app import create_app, engine_config
     from kvgate.gateway.http.models_api import served_names
     from kvgate.gateway.http.state import STATE
     from kvgate.gateway.http.tools import parser_for
@@ -114,6 +116,8 @@ async def serve(settings: Settings) -> int:
         # ledger is created (its first start makes an admin key it prints only once)
         if is_gguf(settings.model):
             check_gguf(settings.model)
+            # converted now, so a file transformers cannot read is refused here too
+            resolve_gguf(settings.model, engine_config(settings).torch_dtype)
         elif settings.model not in SHAPES:
             check_model_dir(Path(settings.model).expanduser())
     except (GGUFError, ModelFilesMissing) as exc:
@@ -130,7 +134,7 @@ async def serve(settings: Settings) -> int:
                            handle_signals=False, access_log=None)
     try:
         await runner.setup()
-    except (ModelFilesMissing, GGUFError) as exc:  # one line, not a traceback
+    except (ModelFilesMissing, GGUFError, EngineMisconfigured) as exc:  # one line
         print(f"kvgate: {exc}", file=sys.stderr, flush=True)
         await runner.cleanup()
         return 2

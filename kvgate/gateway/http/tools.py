@@ -59,6 +59,9 @@ class ToolParser:
 
     name: ParserName = "hermes"
     markers: tuple[str, ...] = ()
+    # (open, close) around each call, when the form has both: the engine then ends an
+    # answer at a call that repeats an earlier one (``SamplingParams.repeat_block``)
+    block: tuple[str, str] | None = None
 
     def start(self, text: str, at_output_start: bool) -> tuple[int, int] | None:
         """(index, marker length) of the first call start in ``text``, or None."""
@@ -117,6 +120,7 @@ class HermesParser(ToolParser):
     name: ParserName = "hermes"
     markers = ("<tool_call>",)
     END = "</tool_call>"
+    block = ("<tool_call>", "</tool_call>")
 
     def body(self, text: str, final: bool) -> _Body | None:
         end = text.find(self.END)
