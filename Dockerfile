@@ -44,6 +44,14 @@ ENV PATH=/opt/venv/bin:$PATH \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
+# Every pip run below is held to the lock (PIP_CONSTRAINT reaches the isolated environment
+# that builds kvgate's wheel too), pip itself first.
+WORKDIR /app
+COPY requirements.lock requirements-cuda.lock ./
+ENV PIP_CONSTRAINT=/app/${KVGATE_LOCK}
+# hadolint ignore=DL3013
+RUN pip install --upgrade pip
+
 # torch first, in its own layer: it is most of the image and changes least often.
 # From both indexes pip takes the highest match, 2.13.0+cpu over PyPI's 2.13.0.
 RUN if [ -n "$TORCH_EXTRA_INDEX_URL" ]; then \
@@ -52,9 +60,7 @@ RUN if [ -n "$TORCH_EXTRA_INDEX_URL" ]; then \
         pip install "torch==${TORCH_VERSION}"; \
     fi
 
-WORKDIR /app
 COPY pyproject.toml README.md ./
-COPY requirements.lock requirements-cuda.lock ./
 COPY kvgate ./kvgate
 # The project itself (a regular install: the ledger's migrations ship inside the package)
 # with every dependency at the version its lock pins, the same set CI tested.

