@@ -208,6 +208,22 @@ class PoolRows:
     prefill: list[tuple[int, int, torch.Tensor, torch.Tensor | None]] | None = None
 
 
+def _head_rows(pages: torch.Tensor, positions: torch.Tensor, layers: int, block_size: int,
+               kv_heads: int) -> torch.Tensor:
+    """Layer 0's head rows (units of ``D``) of the keys at ``positions`` on ``pages``
+    (``[..., L]`` each): ``[2 (k, v), ..., kv_heads, L]``."""
+    tok = (pages * (layers * 2 * block_size) + positions % block_size).unsqueeze(-2)
+    kv = torch.tensor([0, block_size], device=pages.device).view(2, *[1] * tok.dim())
+    heads = torch.arange(kv_heads, device=pages.device)[:, None]
+    return (tok + kv) * kv_heads + heads
+
+
+def _layer_heads(pool: torch.Tensor, layer: int, rows: PoolRows) -> torch.Tensor:
+    """The pool as rows of ``D`` from ``layer``'s first head row on: layer 0's row
+    numbers address this layer there."""
+    return pool.view(-1, pool.shape[-1])[layer * 2 * rows.block_size * rows.kv_heads :]
+
+
 def pool_rows(
     pool: torch.Tensor,
     slot_mapping: torch.Tensor,
@@ -225,9 +241,9 @@ def pool_rows(
     if not pool.is_contiguous():
         raise ValueError("pool_rows needs a contiguous pool")
     layers, block_size, kv_heads = pool.shape[1], pool.shape[3], pool.shape[4]
-    page_rows = layers * 2 * block_size  # token rows from one page to the next
     slots = slot_mapping.to(device=pool.device, dtype=torch.long)
-    tok = torch.div(slots, block_size, rounding_mode="floor") * page_rows + slots % block_size
+    tok = (torch.div(slots, block_size, rounding_mode="floor") * (layers * 2 * block_size)
+           + slots % block_size)
     rows = PoolRows(torch.cat([tok, tok + block_size]), block_size, kv_heads)
     if block_tables is None or seq_lens is None or max_len <= 0:
         return rows
@@ -241,10 +257,7 @@ def pool_rows(
         inside = j[None, :] < lens[:, None]
         pages = torch.where(inside, pages, 0)
         rows.mask = inside[:, None, None, :]
-    tok_rows = pages * page_rows + j % block_size  # [B, L]
-    kv = torch.tensor([0, block_size], device=pool.device)[:, None, None, None]
-    heads = torch.arange(kv_heads, device=pool.device)[None, None, :, None]
-    rows.gather = (tok_rows[None, :, None, :] + kv) * kv_heads + heads  # [2, B, kvh, L]
+    rows.gather = _head_rows(pages, j, layers, block_size, kv_heads)  # [2, B, kvh, L]
     rows.scratch = pool.new_empty(rows.gather.numel(), pool.shape[-1])
     return rows
 
@@ -254,8 +267,6 @@ def add_prefill_rows(rows: PoolRows, pool: torch.Tensor, block_tables: torch.Ten
     """Adds to ``rows`` what a prefill step over cached keys reads: each sequence's key rows
     and mask, once for all layers (host lists: no device sync)."""
     layers, block_size, kv_heads = pool.shape[1], pool.shape[3], pool.shape[4]
-    kv = torch.tensor([0, block_size], device=pool.device)[:, None, None]
-    heads = torch.arange(kv_heads, device=pool.device)[None, :, None]
     rows.prefill = []
     for b, total in enumerate(seq_lens):
         start, end = cu_seqlens_q[b], cu_seqlens_q[b + 1]
@@ -264,12 +275,12 @@ def add_prefill_rows(rows: PoolRows, pool: torch.Tensor, block_tables: torch.Ten
         j = torch.arange(total, device=pool.device)
         table = block_tables[b, : -(-total // block_size)].to(device=pool.device,
                                                                dtype=torch.long)
-        tok = table[j // block_size] * (layers * 2 * block_size) + j % block_size
+        gather = _head_rows(table[j // block_size], j, layers, block_size, kv_heads)
         mask = None
         if end - start != total:  # new token i sits at total - q_len + i: keys 0 ..= it
             first = total - (end - start)
             mask = j[None, :] <= torch.arange(first, total, device=pool.device)[:, None]
-        rows.prefill.append((start, end, (tok[None, None, :] + kv) * kv_heads + heads, mask))
+        rows.prefill.append((start, end, gather, mask))
 
 
 def prefill_attention_rows(
@@ -279,7 +290,7 @@ def prefill_attention_rows(
     sequence's keys gathered straight into the ``[kv_heads, L, D]`` layout SDPA reads."""
     assert rows.prefill is not None, "add_prefill_rows was not called for this step"
     head_dim = q.shape[-1]
-    flat = pool.view(-1, head_dim)[layer * 2 * rows.block_size * rows.kv_heads :]
+    flat = _layer_heads(pool, layer, rows)
     out = torch.empty_like(q)
     for start, end, gather, mask in rows.prefill:
         kv = flat.index_select(0, gather.flatten()).view(*gather.shape, head_dim)
@@ -306,8 +317,8 @@ def decode_attention_rows(
     """``paged_decode_attention`` for one layer with the step's precomputed rows."""
     assert rows.gather is not None, "pool_rows was built without the decode tables"
     batch, q_heads, head_dim = q.shape
-    flat = pool.view(-1, head_dim)[layer * 2 * rows.block_size * rows.kv_heads :]
-    kv = torch.index_select(flat, 0, rows.gather.flatten(), out=rows.scratch)
+    kv = torch.index_select(_layer_heads(pool, layer, rows), 0, rows.gather.flatten(),
+                            out=rows.scratch)
     kv = kv.view(*rows.gather.shape, head_dim)
     out = F.scaled_dot_product_attention(
         q.view(batch, q_heads, 1, head_dim), kv[0].to(q.dtype), kv[1].to(q.dtype),

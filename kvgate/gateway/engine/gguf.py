@@ -101,14 +101,19 @@ def cache_root() -> Path:
 _SCALAR_BYTES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
 
 
+class _Unreadable(ValueError):
+    """What ``_check_counts`` found wrong; its message is shown as it is."""
+
+
 def _check_counts(path: Path) -> None:
     """Walks the metadata as the file lays it out, checking every length and count against
     the bytes left: gguf-py materialises what a count claims, so a 158-byte file claiming
-    a 2^40-element array would take all memory before any error. Raises ValueError."""
+    a 2^40-element array would take all memory before any error. Raises ValueError
+    (``_Unreadable``, whose message is shown, for a bad magic or an impossible count)."""
     with path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
         size = len(m)
         if size < 24 or m[:4] != b"GGUF":
-            raise ValueError("bad magic")
+            raise _Unreadable("bad magic")
         version, tensors, kvs = struct.unpack_from("<IQQ", m, 4)
         if version < 2:
             raise ValueError(f"GGUF version {version}")
@@ -136,7 +141,7 @@ def _check_counts(path: Path) -> None:
                 inner, count = u32(), u64()
                 smallest = _SCALAR_BYTES.get(inner, 8 if inner == 8 else 12)
                 if count > (size - pos) // smallest:
-                    raise ValueError("an array claims more elements than the file holds")
+                    raise _Unreadable("an array claims more elements than the file holds")
                 if inner in _SCALAR_BYTES:
                     take(count * smallest)
                 else:
@@ -146,7 +151,7 @@ def _check_counts(path: Path) -> None:
                 raise ValueError(f"metadata value type {kind}")
 
         if kvs > (size - pos) // 12 or tensors > size // 24:
-            raise ValueError("more entries claimed than the file holds")
+            raise _Unreadable("more entries claimed than the file holds")
         for _ in range(kvs):
             take(u64())  # the key
             value(u32(), 0)
@@ -164,9 +169,7 @@ def inspect(path: Path) -> tuple[str, str]:
         ftype_value = file_type.contents() if file_type is not None else 0
     except (KeyError, ValueError, OSError, IndexError, TypeError, OverflowError,
             struct.error) as exc:
-        why = str(exc) if isinstance(exc, ValueError) and ("magic" in str(exc)
-                                                           or "claim" in str(exc)) else \
-            "truncated or corrupt"
+        why = str(exc) if isinstance(exc, _Unreadable) else "truncated or corrupt"
         raise GGUFError(f"--model {path}: not a readable GGUF file ({why})") from None
     arch = arch_value if isinstance(arch_value, str) else repr(arch_value)
     if arch not in ARCHITECTURES:
@@ -182,21 +185,27 @@ def inspect(path: Path) -> tuple[str, str]:
     return arch, FILE_TYPES[ftype]
 
 
-def check(model: str) -> tuple[Path, str, str]:
-    """The GGUF file ``--model`` names, its architecture and quantisation, or a GGUFError
-    whose one line says why it cannot be served: cheap, so ``serve`` checks before it
-    opens anything."""
+def _source(model: str) -> Path:
+    """The GGUF file ``--model`` names: the wheel's for a built-in name; a regular file."""
     path = wheel_model_file(model) if model in WHEEL_MODELS else Path(model).expanduser()
     if not path.exists():
         raise GGUFError(f"--model {model}: no such file")
     if not path.is_file():
         raise GGUFError(f"--model {model}: not a regular file")
+    return path
+
+
+def check(model: str) -> tuple[Path, str, str]:
+    """The GGUF file ``--model`` names, its architecture and quantisation, or a GGUFError
+    whose one line says why it cannot be served."""
+    path = _source(model)
     return (path, *inspect(path))
 
 
 def resolve(model: str, dtype: torch.dtype) -> Path:
-    """The model directory for a GGUF ``--model``, converting it on first use."""
-    path, arch, quant = check(model)
+    """The model directory for a GGUF ``--model``, converting it on first use (the file is
+    inspected then; a finished conversion of it is found by its size and time alone)."""
+    path = _source(model)
     sampling = RECOMMENDED_SAMPLING.get(model, {})
     stat = path.stat()
     key = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{dtype}|"
@@ -206,6 +215,7 @@ def resolve(model: str, dtype: torch.dtype) -> Path:
     source = str(path.resolve())
     if _finished(target):
         return target
+    arch, quant = inspect(path)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         with _lock(target.parent / f".{target.name}.lock"):

@@ -151,19 +151,21 @@ def append_token(seq: Sequence, token_id: int, eos_token_ids: list[int], max_len
             cut, seq.stop_sequence = found
             decoder.text = decoder.text[:cut]
             reason = "stop"
-        elif params.repeat_block is not None:
-            repeat = _repeated_block(decoder.text, params.repeat_block, seq.emitted_chars)
+        elif params.repeat_block is not None:  # one walk over the blocks per token
+            closed, open_at = _blocks(decoder.text, params.repeat_block)
+            repeat = _repeated_block(decoder.text, closed, seq.emitted_chars)
             if repeat is not None:
                 decoder.text = decoder.text[:repeat]
                 reason = "stop"
+            else:
+                sendable = _sendable(decoder.text, params.repeat_block[0], closed, open_at)
     text = decoder.text
     if reason == "length" and params.repeat_block is not None:
         # A call the limit cut is never sent as text: it is dropped, and if what was
         # written of it repeats an earlier call, the answer ended there (``stop``).
-        cut = max(seq.emitted_chars, _open_block(text, params.repeat_block))
+        cut = max(seq.emitted_chars, sendable)
         if cut < len(text):
             tail = text[cut:]
-            closed, _ = _blocks(text[:cut], params.repeat_block)
             if tail.startswith(params.repeat_block[0]) and any(
                     text[a:b].startswith(tail) for a, b in closed):
                 reason = "stop"
@@ -174,7 +176,7 @@ def append_token(seq: Sequence, token_id: int, eos_token_ids: list[int], max_len
         hold = max((len(s) for s in params.stop), default=1) - 1
         end = max(seq.emitted_chars, len(text) - hold)
         if params.repeat_block is not None:
-            end = max(seq.emitted_chars, min(end, _open_block(text, params.repeat_block)))
+            end = max(seq.emitted_chars, min(end, sendable))
     delta = text[seq.emitted_chars : end]
     seq.emitted_chars = end
     return delta, reason
@@ -210,10 +212,9 @@ def _blocks(text: str, markers: tuple[str, str]) -> tuple[list[tuple[int, int]],
     return closed, None
 
 
-def _repeated_block(text: str, markers: tuple[str, str], emitted: int) -> int | None:
-    """Where the last block begins, when it closed in text not yet sent and an earlier
-    block of ``text`` is the same."""
-    closed, _ = _blocks(text, markers)
+def _repeated_block(text: str, closed: list[tuple[int, int]], emitted: int) -> int | None:
+    """Where the last closed block begins, when it closed in text not yet sent and an
+    earlier block of ``text`` is the same."""
     if not closed or closed[-1][1] <= emitted:
         return None
     start, end = closed[-1]
@@ -221,13 +222,12 @@ def _repeated_block(text: str, markers: tuple[str, str], emitted: int) -> int | 
     return start if any(text[a:b] == last for a, b in closed[:-1]) else None
 
 
-def _open_block(text: str, markers: tuple[str, str]) -> int:
+def _sendable(text: str, opening: str, closed: list[tuple[int, int]],
+              open_at: int | None) -> int:
     """How much of ``text`` may be sent: up to a block not yet closed, or to a tail that
     may begin one."""
-    opening = markers[0]
-    closed, start = _blocks(text, markers)
-    if start is not None:
-        return start
+    if open_at is not None:
+        return open_at
     tail_from = closed[-1][1] if closed else 0
     for n in range(min(len(text) - tail_from, len(opening) - 1), 0, -1):
         if opening.startswith(text[-n:]):

@@ -33,7 +33,7 @@ from kvgate.gateway.http.openai_tools import server_parser
 from kvgate.gateway.http.sampling_params import default_temperature, model_defaults
 from kvgate.gateway.http.sse import open_stream, send
 from kvgate.gateway.http.state import AppState, ctx_of, state_of
-from kvgate.gateway.http.tools import ToolParser
+from kvgate.gateway.http.tools import ToolParser, repeat_guard
 from kvgate.gateway.http.validation import (
     check_model,
     field,
@@ -130,9 +130,9 @@ def _prepare(state: AppState, body: dict) -> _Prepared:
     structured = forced_grammar(p.choice, p.conversation.tools, parser, _output_format(body))
     if structured is not None:
         sampling = replace(sampling, structured=structured)
-    if parser is not None and parser.block is not None and p.conversation.tools \
-            and p.choice is not None and p.choice.kind != "none":
-        sampling = replace(sampling, repeat_block=parser.block)  # a repeated call ends it
+    if parser is not None and p.conversation.tools and p.choice is not None \
+            and p.choice.kind != "none":
+        sampling = repeat_guard(sampling, parser)
     segments = ttl_segments(state.engine, p.conversation, p.ids, top_level)
     return _Prepared(p.model, stream, p.ids, sampling, segments, p.choice, parser)
 

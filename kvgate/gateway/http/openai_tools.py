@@ -26,6 +26,7 @@ from kvgate.gateway.http.tools import (
     call_or_answer_grammar,
     forced_call_grammar,
     parser_for,
+    repeat_guard,
 )
 
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -170,8 +171,7 @@ def forced_sampling(state: AppState, req: ToolRequest, sampling: SamplingParams)
     """
     if req.parser is None or not req.tools or req.choice == "none":
         return sampling
-    if req.parser.block is not None:  # a call repeated word for word ends the answer
-        sampling = replace(sampling, repeat_block=req.parser.block)
+    sampling = repeat_guard(sampling, req.parser)
     if req.forced:
         name = None if req.choice == "required" else req.choice
         spec = forced_call_grammar(req.tools, name, req.parser,

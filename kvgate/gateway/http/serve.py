@@ -92,7 +92,6 @@ def run(args: argparse.Namespace) -> int:
 async def serve(settings: Settings) -> int:
     from kvgate.gateway.engine.demo import SHAPES
     from kvgate.gateway.engine.gguf import GGUFError, is_gguf
-    from kvgate.gateway.engine.gguf import check as check_gguf
     from kvgate.gateway.engine.gguf import resolve as resolve_gguf
     from kvgate.gateway.engine.loader import ModelFilesMissing, check_model_dir
     from kvgate.gateway.engine.request import EngineMisconfigured
@@ -114,9 +113,8 @@ async def serve(settings: Settings) -> int:
         return 2
     try:  # a typo, an unreadable or unsupported file, a missing wheel: say so before the
         # ledger is created (its first start makes an admin key it prints only once)
-        if is_gguf(settings.model):
-            check_gguf(settings.model)
-            # converted now, so a file transformers cannot read is refused here too
+        if is_gguf(settings.model):  # checked and converted now: a file transformers
+            # cannot read is refused here too
             resolve_gguf(settings.model, engine_config(settings).torch_dtype)
         elif settings.model not in SHAPES:
             check_model_dir(Path(settings.model).expanduser())

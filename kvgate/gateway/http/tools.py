@@ -24,10 +24,11 @@ from __future__ import annotations
 
 import json
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
+    from kvgate.gateway.engine.sampling import SamplingParams
     from kvgate.gateway.engine.structured import StructuredSpec
 
 ParserName = Literal["hermes", "llama3", "mistral"]
@@ -120,7 +121,7 @@ class HermesParser(ToolParser):
     name: ParserName = "hermes"
     markers = ("<tool_call>",)
     END = "</tool_call>"
-    block = ("<tool_call>", "</tool_call>")
+    block = (markers[0], END)
 
     def body(self, text: str, final: bool) -> _Body | None:
         end = text.find(self.END)
@@ -338,6 +339,12 @@ def parse_all(parser: ToolParser | None, text: str) -> ParsedOutput:
     deltas = stream.feed(text) + stream.finish()
     return ParsedOutput("".join(d for d in deltas if isinstance(d, str)),
                         [d.call for d in deltas if isinstance(d, ToolCallDelta)])
+
+
+def repeat_guard(sampling: SamplingParams, parser: ToolParser) -> SamplingParams:
+    """``sampling`` with the parser's call markers as ``repeat_block``, for a request that
+    offers tools: a call repeated word for word ends the answer."""
+    return sampling if parser.block is None else replace(sampling, repeat_block=parser.block)
 
 
 def forced_call_grammar(tools: list[dict[str, Any]], name: str | None, parser: ToolParser,
