@@ -1,17 +1,19 @@
-"""Guaranteed shares: each active namespace keeps a protected part of each tier.
+"""Reserved cache capacity: a namespace with a reservation keeps that part of each tier.
 
-In the spirit of cgroups' ``memory.low``, plus a reservation on the device tier, so that
-one tenant's traffic cannot evict, or learn from evicting, another tenant's blocks:
+By default nothing is reserved: one eviction order runs over all namespaces (the best hit
+rate), with quotas as the only per-namespace bound. A namespace may hold a *reservation*
+(bytes per tier, sold and billed per byte-hour); in the spirit of cgroups' ``memory.low``,
+plus a reservation of free pages on the device tier, one namespace's traffic then cannot
+evict, or learn from evicting, that namespace's blocks within it. ``fair=True`` (opt-in,
+what was once the default) also gives every *active* namespace without a reservation an
+equal part of what is not reserved.
 
 - Active: a namespace that sent a request (``match`` or ``allocate``) within the last
-  ``window_s`` seconds of the store's clock (by default the store's default TTL: a
-  namespace idle longer than that has, unless it asked for longer TTLs, nothing left
-  cached to protect). An inactive namespace has no share: its blocks are evictable by
-  anyone, in plain policy order.
-- Share of a tier, in pages: an explicit share (``set_explicit``, bytes, the same on each tier,
-  capped at the tier) if the namespace has one, else a fair share: the tier's pages not
-  explicitly given to active namespaces, divided by the number of active namespaces
-  without an explicit share.
+  ``window_s`` seconds of the store's clock (by default the store's default TTL).
+- Share of a tier, in pages: the namespace's reservation on that tier (capped at the tier),
+  whether it is active or not (it is paid for); else, with ``fair`` and while active, the
+  tier's pages not reserved, divided by the number of active namespaces without a
+  reservation; else 0.
 - Usage: pages a namespace holds on a tier (``PagePool.held``): its indexed blocks there
   and, on the device, the pages its running sequences hold.
 - Protection: a block whose namespace holds no more than its share is evicted only for that
@@ -19,18 +21,18 @@ one tenant's traffic cannot evict, or learn from evicting, another tenant's bloc
   own blocks and blocks of namespaces over their share. Only when no such block is left
   does it fall back to plain policy order; each block so taken is counted (``fallbacks``),
   as is each reserved free page (below) an allocation takes for want of anything to evict.
-- Reservation (device): a namespace's allocation leaves free the device pages the other
-  active namespaces' shares still lack (share minus usage); it evicts for them instead.
-  Without this a tenant that filled the pool would lose its over-share blocks to the
-  victim's writes and count them: memory.low alone protects the victim's blocks, not the
-  fact that it wrote.
-- Host tier: protection only, no reservation. A demotion that finds no host block it may
-  evict drops the demoted block instead (as when the host is full of active blocks).
+- Free pages (device): an allocation leaves free the device pages the other *active*
+  namespaces' shares still lack (share minus usage); it evicts for them instead. Without
+  this a tenant that filled the pool would lose its over-share blocks to the victim's writes
+  and count them: memory.low alone protects the victim's blocks, not the fact that it wrote.
+  An idle reservation protects what it holds but keeps no free pages from others.
+- Host tier: protection only, no free pages kept. A demotion that finds no host block it
+  may evict drops the demoted block instead (as when the host is full of protected blocks).
 - ``evicted_by_others``: per namespace and tier, blocks that left that tier (demoted or
   dropped) for another namespace's allocation, over share or not.
 
-With one namespace nothing changes: every candidate is its own. With ``enabled=False`` no
-namespace is protected (plain policy order), but usage and ``evicted_by_others`` are kept.
+With no reservation (and ``fair`` off) nothing changes from plain policy order, and the
+filter is never built; usage and ``evicted_by_others`` are kept all the same.
 """
 
 from __future__ import annotations
@@ -40,12 +42,12 @@ from kvgate.cachestore.pool import PagePool
 
 
 class Shares:
-    def __init__(self, device: PagePool, host: PagePool, enabled: bool, window_s: float) -> None:
-        self.enabled = enabled
+    def __init__(self, device: PagePool, host: PagePool, fair: bool, window_s: float) -> None:
+        self.fair = fair
         self.window_s = float(window_s)
         self.pools: dict[Tier, PagePool] = {DEVICE: device, HOST: host}
         self.page_bytes = device.page_bytes
-        self.explicit: dict[str, int] = {}  # namespace -> share in bytes (each tier)
+        self.reserved: dict[str, dict[Tier, int]] = {}  # namespace -> tier -> bytes
         self._last_seen: dict[str, float] = {}  # namespace -> last request, oldest first
         self.evicted_by_others: dict[Tier, dict[str, int]] = {DEVICE: {}, HOST: {}}
         self.fallbacks = 0  # protected blocks evicted / reserved pages taken: nothing else could
@@ -69,6 +71,16 @@ class Shares:
     def active(self) -> list[str]:
         return list(self._last_seen)
 
+    @property
+    def enabled(self) -> bool:
+        """Whether any namespace can be protected now: fair shares, or a reservation."""
+        return self.fair or bool(self.reserved)
+
+    def protecting(self) -> bool:
+        """Whether an allocation must look at whose blocks it takes: a reservation exists,
+        or fair shares with more than one active namespace."""
+        return bool(self.reserved) or (self.fair and len(self._last_seen) > 1)
+
     # -- shares and usage ---------------------------------------------------------------------
     def held(self, namespace: str, tier: Tier) -> int:
         return self.pools[tier].held.get(namespace, 0)
@@ -76,27 +88,31 @@ class Shares:
     def is_active(self, namespace: str) -> bool:
         return namespace in self._last_seen
 
+    def reserved_pages(self, namespace: str, tier: Tier) -> int | None:
+        """The namespace's reservation on ``tier`` in pages (capped at the tier), or None."""
+        own = self.reserved.get(namespace)
+        if own is None or tier not in own:
+            return None
+        return min(self.pools[tier].num_pages, own[tier] // self.page_bytes)
+
     def share_pages(self, namespace: str, tier: Tier, fair: int | None = None) -> int:
-        """The namespace's protected pages of ``tier`` now (0 when inactive or disabled);
-        ``fair`` is ``fair_pages(tier)`` when the caller has it."""
-        if not self.enabled or namespace not in self._last_seen:
+        """The namespace's protected pages of ``tier`` now: its reservation, else its fair
+        share while active (with ``fair`` on), else 0; ``fair`` is ``fair_pages(tier)``
+        when the caller has it."""
+        own = self.reserved_pages(namespace, tier)
+        if own is not None:
+            return own
+        if not self.fair or namespace not in self._last_seen:
             return 0
-        explicit = self.explicit.get(namespace)
-        if explicit is not None:
-            return min(self.pools[tier].num_pages, explicit // self.page_bytes)
         return self.fair_pages(tier) if fair is None else fair
 
     def fair_pages(self, tier: Tier) -> int:
-        """The share of an active namespace without an explicit one."""
+        """The share of an active namespace without a reservation (0 with ``fair`` off)."""
+        if not self.fair:
+            return 0
         capacity = self.pools[tier].num_pages
-        given = 0
-        fair_count = 0
-        for ns in self._last_seen:
-            own = self.explicit.get(ns)
-            if own is None:
-                fair_count += 1
-            else:
-                given += min(capacity, own // self.page_bytes)
+        given = sum(self.reserved_pages(ns, tier) or 0 for ns in self.reserved)
+        fair_count = sum(1 for ns in self._last_seen if self.reserved_pages(ns, tier) is None)
         return max(0, capacity - given) // max(1, fair_count)
 
     def reserved_for_others(self, namespace: str, tier: Tier) -> int:
@@ -111,17 +127,27 @@ class Shares:
         """A filter for the policy's victims of one allocation by ``namespace`` on ``tier``:
         its own blocks, and blocks of namespaces over their share. Accepting a block counts
         it against its namespace, so one allocation never takes a namespace below its share.
-        None (every block may go) when shares are off or the allocation has no namespace.
+        None (every block may go) when nothing is protected or the allocation has no
+        namespace.
         """
         if not self.enabled or namespace is None:
             return None
         return EvictFilter(self, namespace, tier)
 
-    def set_explicit(self, namespace: str, share_bytes: int | None) -> None:
-        if share_bytes is None:
-            self.explicit.pop(namespace, None)
+    def set_reservation(self, namespace: str, device_bytes: int | None,
+                        host_bytes: int | None) -> None:
+        """The namespace's reserved bytes per tier; None on a tier: none there."""
+        given: tuple[tuple[Tier, int | None], ...] = ((DEVICE, device_bytes), (HOST, host_bytes))
+        tiers: dict[Tier, int] = {t: max(0, int(b)) for t, b in given if b is not None}
+        if tiers:
+            self.reserved[namespace] = tiers
         else:
-            self.explicit[namespace] = max(0, int(share_bytes))
+            self.reserved.pop(namespace, None)
+
+    def reservations(self) -> dict[str, dict[Tier, int]]:
+        """Reserved bytes per namespace and tier (capped at the tier), for billing."""
+        return {ns: {t: (self.reserved_pages(ns, t) or 0) * self.page_bytes for t in own}
+                for ns, own in self.reserved.items()}
 
     def count_evicted(self, blocks: list[Block], tier: Tier, namespace: str | None) -> None:
         """``blocks`` left ``tier`` for an allocation by ``namespace``."""
@@ -133,7 +159,7 @@ class Shares:
                 counts[block.namespace] = counts.get(block.namespace, 0) + 1
 
     def namespaces(self) -> set[str]:
-        names = set(self._last_seen)
+        names = set(self._last_seen) | set(self.reserved)
         for tier in TIERS:
             names.update(ns for ns in self.pools[tier].held if ns)
             names.update(self.evicted_by_others[tier])

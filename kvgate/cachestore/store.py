@@ -82,14 +82,15 @@ class CacheStore:
         default_ttl_s: float = 300.0,
         clock: Callable[[], float] = time.monotonic,
         hash_fn: HashFn = xxh3_128,
-        shares: bool = True,
+        shares: bool = False,
         share_window_s: float | None = None,
         eviction: str = "adaptive",
     ) -> None:
         """``hash_fn`` is replaceable so tests can force collisions; keep the default.
 
-        ``shares``: guaranteed shares per namespace (``kvgate.cachestore.shares``); a namespace is
-        active for ``share_window_s`` after its last request (default: ``default_ttl_s``).
+        ``shares``: fair shares for every active namespace (``kvgate.cachestore.shares``; off by
+        default: only reservations protect); a namespace is active for ``share_window_s``
+        after its last request (default: ``default_ttl_s``).
 
         ``eviction``: ``adaptive`` (the default: the order that wins a shadow simulation on
         sampled blocks, ``kvgate.cachestore.duel``) or a fixed order (``lru``, ``slru``, ``newest``).
@@ -328,11 +329,18 @@ class CacheStore:
             self.policy.quotas[namespace] = int(quota_bytes)
             self._enforce_quota(namespace)
 
-    def set_share(self, namespace: str, share_bytes: int | None) -> None:
-        """An explicit guaranteed share (bytes, on each tier) instead of the fair share;
-        None goes back to the fair share. It protects only while the namespace is active."""
+    def set_reservation(self, namespace: str, device_bytes: int | None,
+                        host_bytes: int | None = None) -> None:
+        """Reserved capacity (bytes on each tier; None: none there) that other namespaces'
+        traffic cannot evict (``kvgate.cachestore.shares``)."""
         with self._lock:
-            self.shares.set_explicit(namespace, share_bytes)
+            self.shares.set_reservation(namespace, device_bytes, host_bytes)
+
+    def reservations(self) -> dict[str, dict[str, int]]:
+        """Reserved bytes per namespace and tier, as the tiers can hold them."""
+        with self._lock:
+            return {ns: {str(t): n for t, n in by.items()}
+                    for ns, by in self.shares.reservations().items()}
 
     def pin(self, namespace: str, token_ids: TokenIds) -> int:
         """Keep this prefix forever (counted in quota); → blocks of it pinned now."""

@@ -62,10 +62,10 @@ class TierMoves:
     def demote(self, victims: list[Block], namespace: str | None = None) -> None:
         """Move victims to the host (making room there by its own LRU), else drop them.
 
-        With shares and more than one active namespace, each victim's host page is
+        While any namespace is protected (``Shares.protecting``), each victim's host page is
         allocated for the victim's own namespace, as any allocation is (``_demote_shared``).
         """
-        if namespace is not None and self.shares.enabled and len(self.shares.active()) > 1:
+        if namespace is not None and self.shares.protecting():
             self._demote_shared(victims)
             return
         for _ in range(max(0, len(victims) - self.host.num_free)):

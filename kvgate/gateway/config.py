@@ -54,9 +54,14 @@ class Settings:
     # reported); "" serves the model under its own id. vLLM's flag of the same name.
     served_model_name: str = ""
     max_model_len: int = 0  # caps the context (prompt + output); 0 = the model's own
-    # Guaranteed per-tenant cache shares: close the eviction side channel between tenants,
-    # at a cost in total hit rate when many tenants share a small cache (README).
-    cache_shares: bool = True
+    # Fair cache shares for every active tenant (off: one eviction order over all tenants,
+    # the best hit rate; tenants that need isolation buy a reservation, README "Cache
+    # reservations"). On, it closes the eviction side channel for every tenant at a cost
+    # in total hit rate when many tenants share a small cache.
+    cache_shares: bool = False
+    # How often tenants' cache reservations are read from the ledger, applied and billed
+    # (one usage row per reserved tenant and interval).
+    reservation_bill_interval_s: int = 60
     # Scale-out (``kvgate route``): where this replica publishes its cache events
     # (redis://HOST:PORT[/DB]; "" publishes none) and the id routers know it by ("" =
     # http://<host>:<port>).

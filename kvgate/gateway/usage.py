@@ -5,8 +5,12 @@ it; nobody copies its counts into a class of their own. Derived counts (uncached
 cache writes by billing class) are computed here and nowhere else.
 
 The cache reports how long what it wrote will live (TTL seconds); *classing* those writes
-into the two prices Anthropic publishes ("5m" and "1h") is a billing notion and lives here
-too, in ``ttl_class``.
+into the retention classes a plan prices ("5m" and "1h", Anthropic's; "24h", OpenAI's
+extended retention) is a billing notion and lives here too, in ``ttl_class``.
+
+Besides tokens, one record may carry reserved cache capacity held over time
+(``reserved_byte_seconds``): a tenant's reservation is billed per byte-hour by records of
+its own, one per tenant and billing interval, with no tokens.
 """
 
 from __future__ import annotations
@@ -14,13 +18,18 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-TTL_CLASSES = ("5m", "1h")
+TTL_CLASSES = ("5m", "1h", "24h")
 FIVE_MINUTES_S = 300
+ONE_HOUR_S = 3600
+ONE_DAY_S = 86400
 
 
 def ttl_class(ttl_s: float) -> str:
-    """Billing class of a cache write: anything that lives longer than 5 minutes is "1h"."""
-    return "1h" if ttl_s > FIVE_MINUTES_S else "5m"
+    """Billing class of a cache write: up to 5 minutes is "5m", up to an hour "1h", longer
+    "24h" (a write is priced by the longest retention it was granted)."""
+    if ttl_s <= FIVE_MINUTES_S:
+        return "5m"
+    return "1h" if ttl_s <= ONE_HOUR_S else "24h"
 
 
 class InvalidUsage(ValueError):
@@ -41,6 +50,7 @@ class Usage:
     cached_tokens: int = 0
     cache_writes: Mapping[int, int] = field(default_factory=dict)
     completion_tokens: int = 0
+    reserved_byte_seconds: int = 0
 
     def __post_init__(self) -> None:
         # A copy, without zero entries: a caller's dict must not change the record later,
@@ -61,6 +71,10 @@ class Usage:
         return self._writes_of("1h")
 
     @property
+    def cache_write_24h_tokens(self) -> int:
+        return self._writes_of("24h")
+
+    @property
     def uncached_tokens(self) -> int:
         """Input neither read from nor written to the cache."""
         return self.prompt_tokens - self.cached_tokens - self.cache_write_tokens
@@ -76,6 +90,7 @@ class Usage:
         """Raise ``InvalidUsage`` unless these counts can describe a real request."""
         counts = {"prompt_tokens": self.prompt_tokens, "cached_tokens": self.cached_tokens,
                   "completion_tokens": self.completion_tokens,
+                  "reserved_byte_seconds": self.reserved_byte_seconds,
                   **{f"cache_writes[{k}]": v for k, v in self.cache_writes.items()}}
         for name, value in counts.items():
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
@@ -91,7 +106,9 @@ class Usage:
         """A plain dict (TTL keys as strings) for logs and spools; ``from_json`` reads it."""
         return {"prompt_tokens": self.prompt_tokens, "cached_tokens": self.cached_tokens,
                 "cache_writes": {str(k): v for k, v in sorted(self.cache_writes.items())},
-                "completion_tokens": self.completion_tokens}
+                "completion_tokens": self.completion_tokens,
+                **({"reserved_byte_seconds": self.reserved_byte_seconds}
+                   if self.reserved_byte_seconds else {})}
 
     @classmethod
     def from_json(cls, data: Mapping[str, object]) -> Usage:
@@ -101,7 +118,8 @@ class Usage:
         return cls(prompt_tokens=_int(data, "prompt_tokens"),
                    cached_tokens=_int(data, "cached_tokens"),
                    cache_writes={int(k): v for k, v in writes.items()},
-                   completion_tokens=_int(data, "completion_tokens"))
+                   completion_tokens=_int(data, "completion_tokens"),
+                   reserved_byte_seconds=_int(data, "reserved_byte_seconds"))
 
 
 def _int(data: Mapping[str, object], name: str) -> int:

@@ -42,6 +42,10 @@ def clock() -> FakeClock:
 @pytest.fixture
 def make_store(layout: KVLayout, clock: FakeClock) -> MakeStore:
     def make(device_pages: int = 8, host_pages: int = 8, **kw: Any) -> CacheStore:
+        """Fair shares on unless a test says otherwise: most tests here exercise the
+        protection that fair shares and reservations share; the store's own default (off:
+        only reservations protect) is checked in test_store and test_side_channel."""
+        kw.setdefault("shares", True)
         pb = layout.page_bytes
         return CacheStore(layout, device_pages * pb, host_pages * pb, clock=clock, **kw)
 

@@ -114,9 +114,9 @@ def test_an_idle_namespace_loses_its_protection_after_the_window(
     assert v is not None and v.active  # the probe made it active again
 
 
-def test_an_explicit_share_replaces_the_fair_share(make_store: MakeStore) -> None:
+def test_a_reservation_replaces_the_fair_share(make_store: MakeStore) -> None:
     store = make_store(device_pages=8, host_pages=4)
-    store.set_share(V, 6 * store.layout.page_bytes)
+    store.set_reservation(V, 6 * store.layout.page_bytes, 6 * store.layout.page_bytes)
     secret = tokens(6 * BLOCK, start=7000)
     run_request(store, "v", V, secret)
     for i in range(10):
@@ -128,9 +128,33 @@ def test_an_explicit_share_replaces_the_fair_share(make_store: MakeStore) -> Non
     assert v is not None and a is not None
     assert v.share_bytes == {"device": 6 * pb, "host": 4 * pb}  # capped at the host tier
     assert a.share_bytes == {"device": 2 * pb, "host": 0}
-    store.set_share(V, None)
+    store.set_reservation(V, None, None)
     v = store.stats().namespaces[V].share
     assert v is not None and v.share_bytes == {"device": 4 * pb, "host": 2 * pb}
+
+
+def test_by_default_only_a_reservation_protects_and_it_outlives_activity(
+        make_store: MakeStore, clock: FakeClock) -> None:
+    """The default store (no fair shares): an unreserved tenant's blocks go in plain order;
+    a reserved one keeps what it holds within its reservation even while idle (it pays for
+    it), but keeps no free pages from others while idle."""
+    store = make_store(device_pages=8, host_pages=0, shares=False, share_window_s=10.0)
+    pb = store.layout.page_bytes
+    secret = tokens(3 * BLOCK, start=7000)
+    plain = tokens(3 * BLOCK, start=9000)
+    store.set_reservation(V, 3 * pb, None)  # device only
+    run_request(store, "v", V, secret)
+    run_request(store, "u", "tenant:unreserved", plain)
+    clock.advance(11)  # V is idle now: its reservation still protects what it holds
+    for i in range(6):
+        run_request(store, f"a{i}", A, tokens(4 * BLOCK, start=100 * i))
+    assert cached_blocks(store, V, secret) == 3
+    assert cached_blocks(store, "tenant:unreserved", plain) == 0
+    # idle, V keeps no free pages: A's working set takes every page V does not hold
+    assert store.stats().shares.fallbacks == 0
+    assert store.reservations() == {V: {"device": 3 * pb}}
+    run_request(store, "a-big", A, tokens(5 * BLOCK, start=50_000))
+    assert cached_blocks(store, A, tokens(5 * BLOCK, start=50_000)) == 5
 
 
 def test_stats_report_share_usage_and_evictions_by_tier(make_store: MakeStore) -> None:

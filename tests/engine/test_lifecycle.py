@@ -141,11 +141,12 @@ async def test_a_failing_step_fails_its_requests_and_the_engine_keeps_serving(ma
 
 
 async def test_cache_shares_follow_the_serve_setting(make_engine) -> None:
-    """``--cache-shares 0`` reaches the store (on by default: the side channel is closed)."""
+    """``--cache-shares 1`` reaches the store (off by default: one eviction order over all
+    tenants; reservations are what isolate a tenant)."""
     from kvgate.gateway.config import Settings
     from kvgate.gateway.http.app import engine_config
 
-    assert engine_config(Settings()).cache_shares is True
-    assert engine_config(Settings(cache_shares=False)).cache_shares is False
-    assert (await make_engine()).store.shares.enabled is True
-    assert (await make_engine(cache_shares=False)).store.shares.enabled is False
+    assert engine_config(Settings()).cache_shares is False
+    assert engine_config(Settings(cache_shares=True)).cache_shares is True
+    assert (await make_engine()).store.shares.fair is False
+    assert (await make_engine(cache_shares=True)).store.shares.fair is True

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from kvgate.gateway.ledger import InvalidInput, Prices, cost_micros
 from kvgate.gateway.ledger.billing import DEFAULT_PRICES
+from kvgate.gateway.usage import Usage
 
 from .conftest import NOW, event
 
@@ -34,6 +35,23 @@ def test_cost_of_each_token_kind() -> None:
     e = event(1, prompt=100, cached=32, w5m=16, w1h=16, completion=10)
     assert e.usage.uncached_tokens == 36
     assert cost_micros(e.usage, DEFAULT_PRICES) == 132
+
+
+def test_retention_classes_and_reserved_capacity() -> None:
+    """Writes kept longer than an hour are the 24h class; a reservation row is priced per
+    GiB-hour, in the same single rounding."""
+    p = DEFAULT_PRICES
+    assert (p.cache_write_24h, p.cache_reservation) == (3_000_000, 1_000_000)
+    u = Usage(prompt_tokens=100, cache_writes={300: 16, 1800: 16, 86400: 32})
+    assert (u.cache_write_5m_tokens, u.cache_write_1h_tokens, u.cache_write_24h_tokens) == (
+        16, 16, 32)
+    # 36 uncached + 16 × 1.25 + 16 × 2 + 32 × 3 = 184 micro-units
+    assert cost_micros(u, p) == 184
+    gib_hour = Usage(reserved_byte_seconds=(1 << 30) * 3600)
+    assert cost_micros(gib_hour, p) == 1_000_000  # one GiB-hour at 1 unit
+    one_byte_second = Usage(reserved_byte_seconds=1)
+    assert cost_micros(one_byte_second, p) == 1  # rounded up, never down to free
+    assert Usage.from_json(gib_hour.to_json()) == gib_hour
 
 
 def test_rounding_happens_once_per_event_not_per_kind() -> None:

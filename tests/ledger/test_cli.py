@@ -39,7 +39,9 @@ def test_tenant_key_usage_flow(db_url: str, capsys: pytest.CaptureFixture[str]) 
                         "--json", *db)
     tenant = json.loads(out)
     assert rc == 0 and tenant["name"] == "acme" and tenant["cache_quota_bytes"] == 1 << 20
-    assert tenant["cache_share_bytes"] == 256 << 10
+    # the former --cache-share-bytes: a reservation of that much on both tiers
+    assert tenant["cache_reserved_device_bytes"] == tenant["cache_reserved_host_bytes"] == 256 << 10
+    assert tenant["cache_max_ttl_seconds"] == 86400
     rc, _, err = kvgate(capsys, "tenants", "create", "acme", *db)
     assert rc == 1 and "already exists" in err
 

@@ -12,6 +12,25 @@ from kvgate.gateway.ledger.auth import KeyCache, Principal
 from .conftest import event
 
 
+async def test_reservations_cannot_exceed_the_tier(ledger: Ledger) -> None:
+    """A reservation the tier cannot hold beside the others' is refused, with what is left;
+    a tenant's own reservation counts once; a deleted tenant's frees its room."""
+    cap = {"cache_reserved_device_bytes": 1000, "cache_reserved_host_bytes": 50}
+    other = await ledger.create_tenant("reserved", cache_reserved_device_bytes=600,
+                                       capacity=cap)
+    t = await ledger.create_tenant("acme")
+    with pytest.raises(Conflict, match="400 of 1000 bytes are left"):
+        await ledger.update_tenant(t["id"], cache_reserved_device_bytes=401, capacity=cap)
+    with pytest.raises(Conflict, match="host tier"):
+        await ledger.create_tenant("big-host", cache_reserved_host_bytes=51, capacity=cap)
+    t3 = await ledger.update_tenant(t["id"], cache_reserved_device_bytes=400, capacity=cap)
+    assert t3["cache_reserved_device_bytes"] == 400
+    await ledger.update_tenant(other["id"], cache_reserved_device_bytes=600, capacity=cap)
+    await ledger.delete_tenant(other["id"])
+    t3 = await ledger.update_tenant(t["id"], cache_reserved_device_bytes=1000, capacity=cap)
+    assert t3["cache_reserved_device_bytes"] == 1000
+
+
 async def test_tenant_crud_and_soft_delete(ledger: Ledger) -> None:
     t = await ledger.create_tenant("acme", cache_ttl_seconds=600, cache_quota_bytes=1 << 30,
                                    requests_per_minute=60, max_concurrent=4)
@@ -19,9 +38,11 @@ async def test_tenant_crud_and_soft_delete(ledger: Ledger) -> None:
     assert (t["cache_ttl_seconds"], t["cache_quota_bytes"], t["tokens_per_minute"]) == (
         600, 1 << 30, None)
     assert set(t) == {"id", "name", "status", "plan", "cache_ttl_seconds", "cache_quota_bytes",
-                      "cache_share_bytes", "requests_per_minute", "tokens_per_minute",
+                      "cache_reserved_device_bytes", "cache_reserved_host_bytes",
+                      "cache_max_ttl_seconds", "requests_per_minute", "tokens_per_minute",
                       "max_concurrent", "created_at"}
-    assert t["cache_share_bytes"] is None  # the fair share
+    assert t["cache_reserved_device_bytes"] is None  # no reservation: the default
+    assert t["cache_max_ttl_seconds"] == 86400
     with pytest.raises(Conflict):
         await ledger.create_tenant("acme")
     with pytest.raises(NotFound):
@@ -29,10 +50,15 @@ async def test_tenant_crud_and_soft_delete(ledger: Ledger) -> None:
 
     t2 = await ledger.update_tenant(t["id"], tokens_per_minute=10_000, status="suspended")
     assert (t2["tokens_per_minute"], t2["status"], t2["max_concurrent"]) == (10_000, "suspended", 4)
-    t2 = await ledger.update_tenant(t["id"], cache_share_bytes=1 << 28)
-    assert t2["cache_share_bytes"] == 1 << 28
-    t2 = await ledger.update_tenant(t["id"], cache_share_bytes=None)  # back to the fair share
-    assert t2["cache_share_bytes"] is None
+    t2 = await ledger.update_tenant(t["id"], cache_reserved_device_bytes=1 << 28,
+                                    cache_max_ttl_seconds=3600)
+    assert (t2["cache_reserved_device_bytes"], t2["cache_reserved_host_bytes"],
+            t2["cache_max_ttl_seconds"]) == (1 << 28, None, 3600)
+    t2 = await ledger.update_tenant(t["id"], cache_reserved_device_bytes=None)  # none again
+    assert t2["cache_reserved_device_bytes"] is None
+    t2 = await ledger.update_tenant(t["id"], cache_reserved_device_bytes=None,
+                                    cache_max_ttl_seconds=None)
+    assert t2["cache_max_ttl_seconds"] == 86400
     with pytest.raises(InvalidInput):
         await ledger.update_tenant(t["id"], colour="red")
     with pytest.raises(InvalidInput):

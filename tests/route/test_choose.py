@@ -9,6 +9,7 @@ from kvgate.cachestore.events import CacheEvent
 from kvgate.gateway.route.choose import Candidate, QueueCost, choose, cost, load_bound
 from kvgate.gateway.route.events import EventBatch, decode_event, encode_event
 from kvgate.gateway.route.index import ClusterIndex
+from kvgate.gateway.route.prompt import cache_key_of
 
 
 def _hashes(n: int, tag: str = "a") -> list[bytes]:
@@ -96,6 +97,30 @@ def test_no_hit_follows_the_rendezvous_hash_of_the_first_block() -> None:
     for k in range(40):  # and one key always lands on the same one, in any order given
         key = b"first-block-%d" % k
         assert choose(cands, key)[0].name == choose(list(reversed(cands)), key)[0].name
+
+
+def test_a_client_cache_key_places_new_prefixes_before_free_pages_do() -> None:
+    """Requests that share a prompt_cache_key but no cached prefix meet on one replica,
+    whatever its free pages; without the key the freest replica wins."""
+    cands = [Candidate(f"http://r{i}", 0, 0, free_pages=10 * i) for i in range(5)]
+    assert choose(cands, b"tenant-key")[0].name == "http://r4"  # unkeyed: the freest
+    firsts = {choose(cands, b"key-%d" % k, keyed=True)[0].name for k in range(40)}
+    assert len(firsts) > 1
+    for k in range(40):
+        key = b"key-%d" % k
+        assert choose(cands, key, keyed=True)[0].name == choose(
+            list(reversed(cands)), key, keyed=True)[0].name
+    busy = [Candidate("http://a", 9, 0), Candidate("http://b", 0, 0)]
+    assert all(choose(busy, b"key-%d" % k, keyed=True)[0].name == "http://b"
+               for k in range(20))  # the key never outweighs the queue
+
+
+def test_the_router_reads_the_cache_key_of_either_api() -> None:
+    assert cache_key_of(b'{"prompt_cache_key": "user-7", "messages": []}') == "user-7"
+    assert cache_key_of(b'{"metadata": {"user_id": "u-1"}, "messages": []}') == "u-1"
+    for raw in (b'{"prompt_cache_key": 7}', b'{"prompt_cache_key": ""}', b"[1]", b"{",
+                b'{"metadata": "user_id"}', b'{"messages": []}'):
+        assert cache_key_of(raw) is None, raw
 
 
 def _batch(replica: str, epoch: str, first: int, events: list[tuple[str, bytes]]) -> EventBatch:

@@ -120,8 +120,14 @@ class Server(abc.ABC):
         try:
             sql = ("SELECT request_id, COUNT(*) AS n, MIN(status) AS status, "
                    "MIN(prompt_tokens) AS prompt_tokens, MIN(cached_tokens) AS cached_tokens, "
-                   "MIN(cache_write_5m_tokens + cache_write_1h_tokens) AS cache_write_tokens, "
-                   "MIN(completion_tokens) AS completion_tokens, MIN(cost_micros) AS cost_micros "
+                   "MIN(cache_write_5m_tokens + cache_write_1h_tokens + cache_write_24h_tokens)"
+                   " AS cache_write_tokens, MIN(cache_write_5m_tokens) AS cache_write_5m_tokens, "
+                   "MIN(cache_write_1h_tokens) AS cache_write_1h_tokens, "
+                   "MIN(cache_write_24h_tokens) AS cache_write_24h_tokens, "
+                   "MIN(completion_tokens) AS completion_tokens, MIN(cost_micros) AS cost_micros, "
+                   "MIN(reserved_byte_seconds) AS reserved_byte_seconds, "
+                   "MIN(endpoint) AS endpoint, MIN(cache_key) AS cache_key, "
+                   "MIN(started_at) AS started_at, MIN(finished_at) AS finished_at "
                    "FROM usage_events")
             args: tuple[Any, ...] = ()
             if tenant_id is not None:

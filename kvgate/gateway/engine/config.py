@@ -31,7 +31,7 @@ class EngineConfig:
     max_queue: int = 256
     default_cache_ttl_seconds: float = 300.0
     max_model_len: int = 0  # 0 = the model's own context length
-    cache_shares: bool = True  # guaranteed per-tenant cache shares (cachestore/shares.py)
+    cache_shares: bool = False  # fair shares for every active tenant (cachestore/shares.py)
     num_threads: int = 0  # 0 = every core torch sees
     seed: int = 0  # demo weights
     cuda_graphs: bool = True  # decode steps replay captured graphs (CUDA with triton only)

@@ -236,8 +236,14 @@ class Engine:
     def set_quota(self, namespace: str, nbytes: int | None) -> None:
         self._inbox.put(Call(lambda: self.store.set_quota(namespace, nbytes)))
 
-    def set_share(self, namespace: str, nbytes: int | None) -> None:
-        self._inbox.put(Call(lambda: self.store.set_share(namespace, nbytes)))
+    def set_reservation(self, namespace: str, device_bytes: int | None,
+                        host_bytes: int | None) -> None:
+        self._inbox.put(Call(lambda: self.store.set_reservation(namespace, device_bytes,
+                                                                host_bytes)))
+
+    async def reservations(self) -> dict[str, dict[str, int]]:
+        """Reserved bytes per namespace and tier, as this replica's tiers hold them."""
+        return await self._call(self.store.reservations)
 
     async def _call(self, fn: Callable[[], T]) -> T:
         """Runs ``fn`` on the engine thread (the store's owner) and waits for its result."""
@@ -246,6 +252,12 @@ class Engine:
         fut: concurrent.futures.Future[T] = concurrent.futures.Future()
         self._inbox.put(Call(fn, fut))
         return await asyncio.wrap_future(fut)
+
+    def tier_bytes(self) -> dict[str, int]:
+        """Each tier's capacity in bytes (fixed at start)."""
+        store = self.store
+        return {"device": store.device.num_pages * store.layout.page_bytes,
+                "host": store.host.num_pages * store.layout.page_bytes}
 
     def cache_stats(self) -> CacheStats:
         """The store's figures read from the calling thread: for metrics scrapes, where a

@@ -20,7 +20,9 @@ from kvgate.gateway.ledger.timespec import check_range, parse_time
 
 _TENANT_FIELDS: dict[str, type | tuple[type, ...]] = {
                   "name": str, "plan": (str, int), "cache_ttl_seconds": int,
-                  "cache_quota_bytes": int, "cache_share_bytes": int,
+                  "cache_quota_bytes": int, "cache_reserved_device_bytes": int,
+                  "cache_reserved_host_bytes": int, "cache_max_ttl_seconds": int,
+                  "cache_share_bytes": int,  # the former name: a reservation on both tiers
                   "requests_per_minute": int,
                   "tokens_per_minute": int, "max_concurrent": int, "status": str}
 
@@ -63,7 +65,9 @@ _INT32_MAX, _INT64_MAX = 2**31 - 1, 2**63 - 1
 # The largest value each integer field's column holds on every database (INTEGER is 32-bit
 # on PostgreSQL; SQLite and BIGINT take 64 bits); beyond it the database would refuse.
 _INT_MAX = {"cache_quota_bytes": _INT64_MAX, "cache_share_bytes": _INT64_MAX,
+            "cache_reserved_device_bytes": _INT64_MAX, "cache_reserved_host_bytes": _INT64_MAX,
             "plan": _INT32_MAX}
+_RESERVATIONS = ("cache_reserved_device_bytes", "cache_reserved_host_bytes")
 # Characters no name may hold: C0/C1 controls (PostgreSQL refuses NUL in text outright).
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
 
@@ -87,7 +91,25 @@ def _tenant_fields(body: dict, allowed: set[str]) -> dict:
         if isinstance(value, str):
             value = _text_field(name, value)
         out[name] = value
+    if "cache_share_bytes" in out:  # the former guaranteed share: a reservation on each tier
+        share = out.pop("cache_share_bytes")
+        for name in _RESERVATIONS:
+            out.setdefault(name, share)
     return out
+
+
+def _capacity(request: web.Request) -> dict[str, int]:
+    """What each reservation field may total over all tenants: this replica's tiers."""
+    tiers = state_of(request).engine.tier_bytes()
+    return {"cache_reserved_device_bytes": tiers["device"],
+            "cache_reserved_host_bytes": tiers["host"]}
+
+
+def _push(request: web.Request, tid: int, tenant: dict[str, Any]) -> None:
+    """The tenant's quota and reservation, to this replica's cache now."""
+    state_of(request).quotas.set(tid, tenant["cache_quota_bytes"],
+                                 (tenant["cache_reserved_device_bytes"],
+                                  tenant["cache_reserved_host_bytes"]))
 
 
 def _text_field(name: str, value: str) -> str | int:
@@ -107,9 +129,11 @@ async def create_tenant(request: web.Request) -> web.Response:
     if not isinstance(fields.get("name"), str) or not fields["name"].strip():
         raise bad_request("Field 'name' is required.", param="name")
     try:
-        tenant = await state_of(request).ledger.create_tenant(**fields)
+        tenant = await state_of(request).ledger.create_tenant(**fields,
+                                                               capacity=_capacity(request))
     except LedgerError as exc:
         raise _ledger_error(exc) from None
+    _push(request, tenant["id"], tenant)
     return _json(tenant, status=201)
 
 
@@ -133,11 +157,11 @@ async def update_tenant(request: web.Request) -> web.Response:
     tid = _id(request.match_info["id"])
     fields = _tenant_fields(await read_json(request), set(_TENANT_FIELDS))
     try:
-        tenant = await state.ledger.update_tenant(tid, **fields)
+        tenant = await state.ledger.update_tenant(tid, capacity=_capacity(request), **fields)
     except LedgerError as exc:
         raise _ledger_error(exc) from None
-    if "cache_quota_bytes" in fields or "cache_share_bytes" in fields:
-        state.quotas.set(tid, tenant["cache_quota_bytes"], tenant["cache_share_bytes"])
+    if {"cache_quota_bytes", *_RESERVATIONS} & set(fields):
+        _push(request, tid, tenant)
     else:
         state.quotas.forget(tid)  # re-applied from the key's principal on the next request
     return _json(tenant)
@@ -151,6 +175,7 @@ async def delete_tenant(request: web.Request) -> web.Response:
     except LedgerError as exc:
         raise _ledger_error(exc) from None
     await state.engine.flush(tenant_namespace(tid))
+    state.quotas.set(tid, None)  # no quota, no reservation: nothing is held for it now
     state.quotas.forget(tid)
     state.metrics.forget_tenant(tid)
     return _json({"id": tid, "deleted": True})

@@ -27,6 +27,7 @@ from kvgate.gateway.http.anthropic_tools import (
     forced_grammar,
     parse_tool_choice,
 )
+from kvgate.gateway.http.cache_params import CacheRequest, anthropic_cache_request
 from kvgate.gateway.http.errors import ClientGone, bad_request
 from kvgate.gateway.http.generation import Generation
 from kvgate.gateway.http.openai_tools import server_parser
@@ -104,6 +105,7 @@ class _Prepared:
     segments: list[tuple[int, float]]
     choice: ToolChoice | None
     parser: ToolParser | None
+    cache: CacheRequest
 
 
 def _prepare(state: AppState, body: dict) -> _Prepared:
@@ -134,7 +136,8 @@ def _prepare(state: AppState, body: dict) -> _Prepared:
             and p.choice.kind != "none":
         sampling = repeat_guard(sampling, parser)
     segments = ttl_segments(state.engine, p.conversation, p.ids, top_level)
-    return _Prepared(p.model, stream, p.ids, sampling, segments, p.choice, parser)
+    return _Prepared(p.model, stream, p.ids, sampling, segments, p.choice, parser,
+                     anthropic_cache_request(body))
 
 
 def _output_format(body: dict) -> StructuredSpec | None:
@@ -178,7 +181,7 @@ async def messages(request: web.Request) -> web.StreamResponse:
     state = state_of(request)
     p = await prepare(await read_body(request), lambda body: _prepare(state, body))
     async with Generation(request, "messages", p.model, p.prompt, p.sampling,
-                          p.segments) as gen:
+                          p.segments, cache=p.cache) as gen:
         blocks = Blocks(p.parser, p.choice, eager=p.choice is None)
         if p.stream:
             return await _stream(request, gen, blocks)

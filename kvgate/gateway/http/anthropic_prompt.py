@@ -17,6 +17,7 @@ system, then messages; so does this prefix, in the order the template writes the
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 from dataclasses import dataclass, field
@@ -317,4 +318,15 @@ def ttl_segments(engine: Engine, conv: Conversation, prompt: list[int],
         segments.append((_common_prefix(list(cut), prompt), ttl))
     if top_level is not None:
         segments.append((len(prompt), top_level))
-    return sorted((end, float(ttl)) for end, ttl in segments if ttl is not None)
+    ordered = sorted(((end, float(ttl)) for end, ttl in segments if ttl is not None),
+                     key=lambda seg: (seg[0], -seg[1]))
+    for (_, before), (_, after) in itertools.pairwise(ordered):
+        if after > before:  # Anthropic's rule: longer TTLs come first in the prompt
+            raise bad_request(f"A cache_control breakpoint with ttl '{_ttl_name(after)}' must not "
+                              f"come after one with ttl '{_ttl_name(before)}': longer TTLs "
+                              "come first (tools, then system, then messages).")
+    return ordered
+
+
+def _ttl_name(ttl_s: float) -> str:
+    return next((name for name, s in TTL_SECONDS.items() if s == ttl_s), f"{int(ttl_s)}s")

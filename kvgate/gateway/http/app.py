@@ -26,6 +26,7 @@ from kvgate.gateway.http.limits import Limiter
 from kvgate.gateway.http.metrics import Metrics
 from kvgate.gateway.http.middleware import auth_middleware, context_middleware, on_response_prepare
 from kvgate.gateway.http.openapi import spec
+from kvgate.gateway.http.reservations import ReservationBiller
 from kvgate.gateway.http.state import STATE, AppState, state_of
 from kvgate.gateway.http.tools import parser_for
 from kvgate.gateway.http.transport import handler_args
@@ -206,6 +207,7 @@ def create_app(settings: Settings, engine: Engine | None = None,
                 await own_engine.stop()  # not started: closes what it opened (shared tier)
             raise
         metrics_runner: web.AppRunner | None = None
+        biller: ReservationBiller | None = None
         try:
             try:
                 state.admin_key_created = await own_ledger.bootstrap_admin(settings.admin_key)
@@ -214,12 +216,16 @@ def create_app(settings: Settings, engine: Engine | None = None,
             if own_engine is not None:
                 await own_engine.start()
             state.open(the_engine, own_ledger)
+            biller = ReservationBiller(state, models_api.served_names(state)[0])
+            biller.start()
             own_ledger.on_commit = state.metrics.on_ledger_commit
             state.metrics.watch(state.engine, own_ledger)
             if settings.metrics_port is not None:
                 metrics_runner = await _metrics_listener(state)
             yield
         finally:
+            if biller is not None:
+                await biller.stop()
             if metrics_runner is not None:
                 await metrics_runner.cleanup()
             if own_engine is not None:

@@ -14,6 +14,7 @@ from aiohttp import web
 
 from kvgate.gateway.engine import SamplingParams
 from kvgate.gateway.http.admission import admitted
+from kvgate.gateway.http.cache_params import CacheRequest, openai_cache_request
 from kvgate.gateway.http.choices import Choice
 from kvgate.gateway.http.errors import ClientGone, bad_request
 from kvgate.gateway.http.generation import Generation
@@ -42,6 +43,7 @@ class _Prepared(NamedTuple):
     echo: bool
     prompts: list[list[int]]
     sampling: SamplingParams
+    cache: CacheRequest
 
 
 def _token_ids(state: AppState, ids: list[Any], param: str) -> list[int]:
@@ -105,7 +107,8 @@ def _prepare(state: AppState, body: dict) -> _Prepared:
                           f"one request may run at most {state.settings.max_running}.",
                           param="n", code="invalid_value")
     sampling.structured = structured_output(state.engine, body, chat=False)
-    return _Prepared(model, stream, include_usage, echo, prompts, sampling)
+    return _Prepared(model, stream, include_usage, echo, prompts, sampling,
+                     openai_cache_request(body))
 
 
 @admitted
@@ -114,7 +117,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
     p = await prepare(await read_body(request), lambda body: _prepare(state, body))
     echoed = [state.engine.tokenizer.decode(ids) if p.echo else "" for ids in p.prompts]
     async with Generation(request, "completions", p.model, p.prompts[0], p.sampling,
-                          more_prompts=p.prompts[1:]) as gen:
+                          more_prompts=p.prompts[1:], cache=p.cache) as gen:
         if p.stream:
             return await _stream(request, gen, p.include_usage, echoed)
         await gen.run()

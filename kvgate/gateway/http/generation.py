@@ -30,6 +30,7 @@ from kvgate.gateway.engine import (
     TokenEvent,
 )
 from kvgate.gateway.http.admission import charge
+from kvgate.gateway.http.cache_params import NO_CACHE_REQUEST, CacheRequest, check_retention
 from kvgate.gateway.http.choices import Choices, merged
 from kvgate.gateway.http.errors import ApiError, ClientGone
 from kvgate.gateway.http.limits import Ticket
@@ -47,7 +48,8 @@ class Generation:
     def __init__(self, request: web.Request, endpoint: str, model: str,
                  prompt_ids: list[int], sampling: SamplingParams,
                  ttl_segments: list[tuple[int, float]] | None = None,
-                 more_prompts: list[list[int]] | None = None) -> None:
+                 more_prompts: list[list[int]] | None = None,
+                 cache: CacheRequest = NO_CACHE_REQUEST) -> None:
         self.request = request
         self.state: AppState = state_of(request)
         self.principal = principal_of(request)
@@ -59,6 +61,7 @@ class Generation:
         self.choices = Choices(sampling.n, 1 + len(self.more_prompts))
         self.sampling = sampling
         self.ttl_segments = ttl_segments or []
+        self.cache = cache
         self.request_id: str = ctx_of(request).request_id
         self.finish_reason: str | None = None
         self.stop_sequence: str | None = None  # the stop string that ended the output
@@ -82,6 +85,7 @@ class Generation:
         self._finish_0 = "stop"  # choice 0's finish reason (the request's, when n is 1)
 
     async def __aenter__(self) -> Generation:
+        check_retention(self.cache, self.ttl_segments, self.principal.cache_max_ttl_seconds)
         self._ticket = charge(self.request, len(self.prompt_ids)
                               + sum(map(len, self.more_prompts)))
         return self
@@ -99,7 +103,8 @@ class Generation:
 
     def _engine_request(self) -> GenerateRequest:
         p = self.principal
-        ttl = p.cache_ttl_seconds or self.state.settings.default_cache_ttl_seconds
+        ttl = (self.cache.ttl_s or p.cache_ttl_seconds
+               or self.state.settings.default_cache_ttl_seconds)
         return GenerateRequest(
             request_id=self.request_id, namespace=self.state.quotas.apply(p),
             prompt_token_ids=self.prompt_ids, sampling=self.sampling,
@@ -269,7 +274,8 @@ class Generation:
             request_id=self.request_id, tenant_id=p.tenant_id, key_id=p.key_id,
             model=self.model, endpoint=self.endpoint, usage=usage, status=status,
             started_at=self._started_at, finished_at=datetime.now(UTC),
-            ttft_ms=None if self._ttft_s is None else round(self._ttft_s * 1000.0))
+            ttft_ms=None if self._ttft_s is None else round(self._ttft_s * 1000.0),
+            cache_key=self.cache.key)
         self._billed = True
         t0 = time.monotonic()
         billed = await self.state.ledger.record(event)

@@ -50,8 +50,11 @@ class Metrics:
             "kvgate_admission_rejected", "Requests turned away at admission, before any of "
             "their work, by reason (requests_per_minute, tokens_per_minute, concurrency, "
             "capacity).", ["reason", "tenant"], registry=r)
+        self.reserved = Counter("kvgate_cache_reserved_byte_seconds",
+                                "Billed reserved cache capacity (byte-seconds, all tiers).",
+                                ["tenant"], registry=r)
         self._by_tenant = (self.requests, self.prompt_tokens, self.completion_tokens,
-                           self.cost, self.admission_rejected)
+                           self.cost, self.admission_rejected, self.reserved)
         self._forgotten: set[str] = set()
         self.listen_port: int | None = None  # the metrics listener's port, once it listens
         self.ledger_commit = Histogram("kvgate_ledger_commit_seconds",
@@ -105,6 +108,13 @@ class Metrics:
             self.ttft.labels(endpoint, cache_outcome).observe(ttft_s)
         self.duration.labels(endpoint, cache_outcome).observe(duration_s)
 
+    def observe_reservation(self, tenant: str, byte_seconds: int, cost_micros: int) -> None:
+        """One billed interval of a tenant's cache reservation."""
+        if not self.counts(tenant):
+            return
+        self.reserved.labels(tenant).inc(byte_seconds)
+        self.cost.labels(tenant).inc(cost_micros)
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
@@ -120,7 +130,8 @@ SNAPSHOT_FAMILIES = (
     ("kvgate_cache_miss_tokens", "counter",
      "Prompt tokens computed (cache writes included).", ()),
     ("kvgate_cache_share_bytes", "gauge",
-     "A tenant's guaranteed cache share by tier (0 while inactive).", ("tier", "tenant")),
+     "A tenant's protected cache bytes by tier: its reservation (or, with --cache-shares, "
+     "its fair share while active).", ("tier", "tenant")),
     ("kvgate_cache_tenant_bytes", "gauge",
      "Cache bytes a tenant holds by tier (what its share protects).", ("tier", "tenant")),
     ("kvgate_cache_evicted_by_others", "counter",

@@ -9,6 +9,7 @@ from aiohttp import web
 
 from kvgate.gateway.engine import SamplingParams
 from kvgate.gateway.http.admission import admitted
+from kvgate.gateway.http.cache_params import NO_CACHE_REQUEST, CacheRequest, openai_cache_request
 from kvgate.gateway.http.choices import Choice
 from kvgate.gateway.http.errors import ClientGone, bad_request
 from kvgate.gateway.http.generation import Generation
@@ -146,6 +147,7 @@ class _Prepared(NamedTuple):
     prompt: list[int]
     sampling: SamplingParams
     tools: ToolRequest | None = None  # chat only
+    cache: CacheRequest = NO_CACHE_REQUEST
 
 
 def _prepare_chat(state: AppState, body: dict) -> _Prepared:
@@ -167,16 +169,18 @@ def _prepare_chat(state: AppState, body: dict) -> _Prepared:
                              chat=True, vocab_size=state.engine.vocab_size,
                              defaults=model_defaults(state))
     sampling.structured = structured
-    return _Prepared(model, stream, include_usage, prompt, forced_sampling(state, tools, sampling), tools)
+    return _Prepared(model, stream, include_usage, prompt,
+                     forced_sampling(state, tools, sampling), tools, openai_cache_request(body))
 
 
 @admitted
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     state = state_of(request)
-    model, stream, include_usage, prompt, sampling, tools = await prepare(
+    model, stream, include_usage, prompt, sampling, tools, cache = await prepare(
         await read_body(request), lambda body: _prepare_chat(state, body))
     assert tools is not None
-    async with Generation(request, "chat.completions", model, prompt, sampling) as gen:
+    async with Generation(request, "chat.completions", model, prompt, sampling,
+                          cache=cache) as gen:
         if stream:
             return await _stream(request, gen, include_usage, chat=True, tools=tools)
         await gen.run()

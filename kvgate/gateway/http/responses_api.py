@@ -35,6 +35,7 @@ from aiohttp import web
 from kvgate.gateway.engine import SamplingParams
 from kvgate.gateway.http import responses_items as items
 from kvgate.gateway.http.admission import admitted
+from kvgate.gateway.http.cache_params import CacheRequest, openai_cache_request
 from kvgate.gateway.http.errors import ApiError, ClientGone, bad_request
 from kvgate.gateway.http.generation import Generation
 from kvgate.gateway.http.openai_tools import (
@@ -152,6 +153,7 @@ class _Prepared(NamedTuple):
     sampling: SamplingParams
     tools: ToolRequest
     echo: dict[str, Any]  # request settings the response object repeats
+    cache: CacheRequest
 
 
 def _metadata(body: dict) -> dict[str, str]:
@@ -291,7 +293,8 @@ def _prepare(state: AppState, body: dict, previous: Stored | None) -> _Prepared:
     echo = {**tools_echo, "instructions": instructions, "metadata": metadata, "temperature": temperature,
             "top_p": top_p, "max_output_tokens": field(body, "max_output_tokens", int),
             "previous_response_id": previous.id if previous else None, "text": text}
-    return _Prepared(model, stream, store, prompt, history, sampling, tools, echo)
+    return _Prepared(model, stream, store, prompt, history, sampling, tools, echo,
+                     openai_cache_request(body))
 
 
 @admitted
@@ -308,7 +311,8 @@ async def create(request: web.Request) -> web.StreamResponse:
     else:
         prep = _prepare(state, body, previous)
     reply = _Reply(request, prep)
-    async with Generation(request, "responses", prep.model, prep.prompt, prep.sampling) as gen:
+    async with Generation(request, "responses", prep.model, prep.prompt, prep.sampling,
+                          cache=prep.cache) as gen:
         if prep.stream:
             return await reply.stream(gen)
         output = _Output(prep.tools)

@@ -35,7 +35,7 @@ class AppState:
 
     def open(self, engine: Engine, ledger: Ledger) -> None:
         self._engine, self._ledger = engine, ledger
-        self._quotas = QuotaSync(engine.set_quota, engine.set_share)
+        self._quotas = QuotaSync(engine.set_quota, engine.set_reservation)
 
     def open_ledger(self, ledger: Ledger) -> None:
         """The ledger alone: ``kvgate route`` authenticates keys and runs no engine."""

@@ -34,7 +34,9 @@ class Principal:
     tokens_per_minute: int | None
     max_concurrent: int | None
     plan_id: int | None
-    cache_share_bytes: int | None = None  # None: the fair share
+    cache_reserved_device_bytes: int | None = None  # None: no reservation
+    cache_reserved_host_bytes: int | None = None
+    cache_max_ttl_seconds: int = 86400
 
     @property
     def is_admin(self) -> bool:

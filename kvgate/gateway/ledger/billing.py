@@ -10,7 +10,9 @@ from kvgate.gateway.usage import InvalidUsage, Usage
 from .errors import InvalidInput
 
 STATUSES = ("ok", "cancelled", "error")
+CACHE_KEY_MAX = 128  # characters of a prompt_cache_key kept with the usage row
 MICROS_PER_MILLION_TOKENS = 1_000_000  # prices are per million tokens
+BYTE_SECONDS_PER_GIB_HOUR = (1 << 30) * 3600  # the reservation price is per GiB-hour
 
 
 @dataclass(frozen=True)
@@ -27,6 +29,7 @@ class UsageEvent:
     started_at: datetime
     finished_at: datetime
     ttft_ms: int | None = None
+    cache_key: str | None = None  # prompt_cache_key / metadata.user_id, as the client sent it
 
     def validate(self) -> None:
         """Reject an event before it reaches the batch, so one bad event never fails others."""
@@ -46,6 +49,9 @@ class UsageEvent:
                 raise InvalidInput(f"{name} must be an aware datetime, got {value!r}")
         if self.ttft_ms is not None and self.ttft_ms < 0:
             raise InvalidInput("ttft_ms must be >= 0")
+        if self.cache_key is not None and (not isinstance(self.cache_key, str)
+                                           or len(self.cache_key) > CACHE_KEY_MAX):
+            raise InvalidInput(f"cache_key must be a string of at most {CACHE_KEY_MAX} characters")
 
 
 @dataclass(frozen=True)
@@ -64,27 +70,35 @@ class Billed:
 
 @dataclass(frozen=True)
 class Prices:
-    """Integer micro-units per million tokens, one per billed token kind."""
+    """Integer micro-units per million tokens, one per billed token kind; and
+    ``cache_reservation``, micro-units per GiB-hour of reserved cache capacity (each tier's
+    reserved bytes count)."""
 
     input: int
     cache_read: int
     cache_write_5m: int
     cache_write_1h: int
     output: int
+    cache_write_24h: int = 0
+    cache_reservation: int = 0
 
     @classmethod
     def derived(cls, input: int, cache_read: int | None = None,
                 cache_write_5m: int | None = None, cache_write_1h: int | None = None,
-                output: int | None = None) -> Prices:
+                output: int | None = None, cache_write_24h: int | None = None,
+                cache_reservation: int | None = None) -> Prices:
         """Fill unspecified prices from the input price by the published convention:
         cache read 0.1×, 5-minute write 1.25×, 1-hour write 2×, output 4× (integer
-        division, so a derived price never exceeds the exact multiple)."""
+        division, so a derived price never exceeds the exact multiple); and ours: 24-hour
+        write 3×, a reserved GiB-hour 1× (the input price of a million tokens)."""
         prices = cls(
             input=input,
             cache_read=input // 10 if cache_read is None else cache_read,
             cache_write_5m=input * 5 // 4 if cache_write_5m is None else cache_write_5m,
             cache_write_1h=input * 2 if cache_write_1h is None else cache_write_1h,
             output=input * 4 if output is None else output,
+            cache_write_24h=input * 3 if cache_write_24h is None else cache_write_24h,
+            cache_reservation=input if cache_reservation is None else cache_reservation,
         )
         prices.validate()
         return prices
@@ -103,14 +117,17 @@ DEFAULT_PRICES = Prices.derived(1_000_000)  # 1 currency unit per million input 
 def cost_micros(usage: Usage, prices: Prices) -> int:
     """Cost of one event in integer micro-units.
 
-    The exact amount Σ tokens × price_per_million / 10⁶ is summed over the five token
-    kinds in integers first and rounded UP to a whole micro-unit once, per event: no
-    floats, no per-kind rounding, so the ledger never bills less than the exact amount
-    and by at most one micro-unit more.
+    The exact amount Σ tokens × price_per_million / 10⁶ (+ reserved byte-seconds ×
+    price_per_GiB_hour / (2³⁰ × 3600)) is summed over the kinds in integers first and
+    rounded UP to a whole micro-unit once, per event: no floats, no per-kind rounding, so
+    the ledger never bills less than the exact amount and by at most one micro-unit more.
     """
-    total = (usage.uncached_tokens * prices.input
-             + usage.cached_tokens * prices.cache_read
-             + usage.cache_write_5m_tokens * prices.cache_write_5m
-             + usage.cache_write_1h_tokens * prices.cache_write_1h
-             + usage.completion_tokens * prices.output)
-    return -(-total // MICROS_PER_MILLION_TOKENS)
+    tokens = (usage.uncached_tokens * prices.input
+              + usage.cached_tokens * prices.cache_read
+              + usage.cache_write_5m_tokens * prices.cache_write_5m
+              + usage.cache_write_1h_tokens * prices.cache_write_1h
+              + usage.cache_write_24h_tokens * prices.cache_write_24h
+              + usage.completion_tokens * prices.output)
+    reserved = usage.reserved_byte_seconds * prices.cache_reservation
+    total = tokens * BYTE_SECONDS_PER_GIB_HOUR + reserved * MICROS_PER_MILLION_TOKENS
+    return -(-total // (MICROS_PER_MILLION_TOKENS * BYTE_SECONDS_PER_GIB_HOUR))

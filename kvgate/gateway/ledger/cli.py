@@ -50,8 +50,15 @@ def register(sub: Any) -> None:
     p.add_argument("--plan", default=None, help="price plan name (default: default)")
     p.add_argument("--cache-ttl-seconds", type=int)
     p.add_argument("--cache-quota-bytes", type=parse_bytes, help="e.g. 536870912 or 512MiB")
+    p.add_argument("--cache-reserved-device-bytes", type=parse_bytes,
+                   help="reserved cache on each replica's device tier, e.g. 256MiB, billed "
+                   "per GiB-hour (default: none)")
+    p.add_argument("--cache-reserved-host-bytes", type=parse_bytes,
+                   help="reserved cache on each replica's host tier (default: none)")
     p.add_argument("--cache-share-bytes", type=parse_bytes,
-                   help="guaranteed cache share, e.g. 256MiB (default: the fair share)")
+                   help="the former name: a reservation of this many bytes on both tiers")
+    p.add_argument("--cache-max-ttl-seconds", type=int,
+                   help="longest cache TTL its requests may ask for (default 86400)")
     p.add_argument("--requests-per-minute", type=int)
     p.add_argument("--tokens-per-minute", type=int)
     p.add_argument("--max-concurrent", type=int)
@@ -80,9 +87,11 @@ def register(sub: Any) -> None:
     p.set_defaults(func=_runner(_plans_list))
     for action in ("create", "update"):
         p = psub.add_parser(action, parents=[db, out],
-                            help=f"{action} a plan (micro-units per million tokens)")
+                            help=f"{action} a plan (micro-units per million tokens; "
+                            "--cache-reservation per GiB-hour)")
         p.add_argument("name")
-        for price in ("input", "cache-read", "cache-write-5m", "cache-write-1h", "output"):
+        for price in ("input", "cache-read", "cache-write-5m", "cache-write-1h", "output",
+                      "cache-write-24h", "cache-reservation"):
             p.add_argument(f"--{price}", type=int, required=action == "create" and
                            price == "input")
         if action == "create":
@@ -211,14 +220,23 @@ def print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
 async def _tenants_create(ledger: Ledger, args: argparse.Namespace) -> None:
     tenant = await ledger.create_tenant(
         args.name, plan=args.plan, cache_ttl_seconds=args.cache_ttl_seconds,
-        cache_quota_bytes=args.cache_quota_bytes, cache_share_bytes=args.cache_share_bytes,
+        cache_quota_bytes=args.cache_quota_bytes,
+        cache_reserved_device_bytes=_first(args.cache_reserved_device_bytes,
+                                           args.cache_share_bytes),
+        cache_reserved_host_bytes=_first(args.cache_reserved_host_bytes, args.cache_share_bytes),
+        cache_max_ttl_seconds=args.cache_max_ttl_seconds,
         requests_per_minute=args.requests_per_minute,
         tokens_per_minute=args.tokens_per_minute, max_concurrent=args.max_concurrent)
     _emit(args, tenant)
 
 
+def _first(*values: int | None) -> int | None:
+    return next((v for v in values if v is not None), None)
+
+
 _TENANT_COLUMNS = ["id", "name", "status", "plan", "cache_ttl_seconds", "cache_quota_bytes",
-                   "cache_share_bytes", "requests_per_minute", "tokens_per_minute",
+                   "cache_reserved_device_bytes", "cache_reserved_host_bytes",
+                   "cache_max_ttl_seconds", "requests_per_minute", "tokens_per_minute",
                    "max_concurrent", "created_at"]
 
 
@@ -250,11 +268,12 @@ async def _keys_revoke(ledger: Ledger, args: argparse.Namespace) -> None:
 
 
 _PLAN_COLUMNS = ["id", "name", "currency", "input", "cache_read", "cache_write_5m",
-                 "cache_write_1h", "output"]
+                 "cache_write_1h", "cache_write_24h", "output", "cache_reservation"]
 
 
 def _prices(args: argparse.Namespace) -> dict[str, int]:
-    names = ("input", "cache_read", "cache_write_5m", "cache_write_1h", "output")
+    names = ("input", "cache_read", "cache_write_5m", "cache_write_1h", "output",
+             "cache_write_24h", "cache_reservation")
     return {n: getattr(args, n) for n in names if getattr(args, n) is not None}
 
 

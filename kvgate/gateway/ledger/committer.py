@@ -26,7 +26,7 @@ import sqlite3
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -307,8 +307,8 @@ class GroupCommitter:
 
 
 # The plan of tenants: prices in ``Prices`` field order, then the currency.
-_PRICES = (select(Tenant.id, Plan.input_price, Plan.cache_read_price, Plan.cache_write_5m_price,
-                  Plan.cache_write_1h_price, Plan.output_price, Plan.currency)
+_PRICES = (select(Tenant.id, *(getattr(Plan, f"{f.name}_price") for f in fields(Prices)),
+                  Plan.currency)
            .join(Plan, Tenant.plan_id == Plan.id))
 
 
@@ -320,7 +320,8 @@ class _Plan:
     @classmethod
     def of(cls, row: Sequence[Any]) -> _Plan:
         """From a ``_PRICES`` row (its tenant id first)."""
-        return cls(Prices(*row[1:6]), row[6])
+        n = len(fields(Prices))
+        return cls(Prices(*row[1 : 1 + n]), row[1 + n])
 
 
 def _prepare(events: list[UsageEvent], plans: dict[int, _Plan],
@@ -451,7 +452,9 @@ def usage_row(e: UsageEvent, billed: Billed) -> dict[str, Any]:
         "model": e.model, "endpoint": e.endpoint, "prompt_tokens": u.prompt_tokens,
         "cached_tokens": u.cached_tokens, "cache_write_5m_tokens": u.cache_write_5m_tokens,
         "cache_write_1h_tokens": u.cache_write_1h_tokens,
+        "cache_write_24h_tokens": u.cache_write_24h_tokens,
         "completion_tokens": u.completion_tokens, "cost_micros": billed.cost_micros,
+        "reserved_byte_seconds": u.reserved_byte_seconds, "cache_key": e.cache_key,
         "currency": billed.currency, "status": e.status,
         "started_at": e.started_at, "finished_at": e.finished_at, "ttft_ms": e.ttft_ms,
     }

@@ -46,9 +46,12 @@ log = logging.getLogger("kvgate.ledger")
 
 ROLES = ("tenant", "admin")
 TENANT_STATUSES = ("active", "suspended")  # "deleted" only through delete_tenant
-_LIMIT_FIELDS = ("cache_ttl_seconds", "cache_quota_bytes", "cache_share_bytes",
+_LIMIT_FIELDS = ("cache_ttl_seconds", "cache_quota_bytes", "cache_reserved_device_bytes",
+                 "cache_reserved_host_bytes", "cache_max_ttl_seconds",
                  "requests_per_minute", "tokens_per_minute", "max_concurrent")
+RESERVATION_FIELDS = ("cache_reserved_device_bytes", "cache_reserved_host_bytes")
 DEFAULT_CACHE_TTL_S = 300
+DEFAULT_MAX_TTL_S = 86400  # the longest retention class (24h) by default
 _MAX_ID = 2**31 - 1  # tenant and key ids are INTEGER columns (32-bit on PostgreSQL)
 DEFAULT_CURRENCY = "USD"  # what revision 0002 gives the plans made before currencies
 _PRICE_FIELDS = tuple(f.name for f in dataclasses.fields(Prices))
@@ -301,7 +304,8 @@ class Ledger:
             row.plan_currency)
         return Principal(key_id, role, tenant_id, row.name, row.status, row.cache_ttl_seconds,
                          row.cache_quota_bytes, row.requests_per_minute, row.tokens_per_minute,
-                         row.max_concurrent, row.plan_id, row.cache_share_bytes)
+                         row.max_concurrent, row.plan_id, row.cache_reserved_device_bytes,
+                         row.cache_reserved_host_bytes, row.cache_max_ttl_seconds)
 
     async def create_key(self, tenant_id: int | None, role: str = "tenant") -> dict[str, Any]:
         """A new key; the plaintext is in this answer only, the database keeps its hash."""
@@ -377,20 +381,30 @@ class Ledger:
     async def create_tenant(self, name: str, plan: str | int | None = None,
                             cache_ttl_seconds: int | None = None,
                             cache_quota_bytes: int | None = None,
-                            cache_share_bytes: int | None = None,
+                            cache_reserved_device_bytes: int | None = None,
+                            cache_reserved_host_bytes: int | None = None,
+                            cache_max_ttl_seconds: int | None = None,
                             requests_per_minute: int | None = None,
                             tokens_per_minute: int | None = None,
-                            max_concurrent: int | None = None) -> dict[str, Any]:
+                            max_concurrent: int | None = None,
+                            capacity: dict[str, int] | None = None) -> dict[str, Any]:
+        """``capacity``: bytes each reservation field may total over all tenants (the
+        replica's tiers); a reservation beyond what is left is a ``Conflict``."""
         name = _check_name(name)
         limits = {"cache_ttl_seconds": cache_ttl_seconds, "cache_quota_bytes": cache_quota_bytes,
-                  "cache_share_bytes": cache_share_bytes,
+                  "cache_reserved_device_bytes": cache_reserved_device_bytes,
+                  "cache_reserved_host_bytes": cache_reserved_host_bytes,
+                  "cache_max_ttl_seconds": cache_max_ttl_seconds,
                   "requests_per_minute": requests_per_minute,
                   "tokens_per_minute": tokens_per_minute, "max_concurrent": max_concurrent}
         _check_limits(limits)
         if limits["cache_ttl_seconds"] is None:
             limits["cache_ttl_seconds"] = DEFAULT_CACHE_TTL_S
+        if limits["cache_max_ttl_seconds"] is None:
+            limits["cache_max_ttl_seconds"] = DEFAULT_MAX_TTL_S
         async with self._begin() as conn:
             plan_row = await self._plan_row(conn, DEFAULT_PLAN if plan is None else plan)
+            await _check_reservations(conn, None, limits, capacity)
             try:
                 tenant_id = (await conn.execute(insert(Tenant).values(
                     name=name, status="active", plan_id=plan_row.id, created_at=utcnow(),
@@ -423,7 +437,9 @@ class Ledger:
                 raise NotFound(f"no tenant named {name_or_id!r}")
             return await self._tenant_dict(conn, tid)
 
-    async def update_tenant(self, tenant_id: int, **fields: Any) -> dict[str, Any]:
+    async def update_tenant(self, tenant_id: int, capacity: dict[str, int] | None = None,
+                            **fields: Any) -> dict[str, Any]:
+        """``capacity`` as in ``create_tenant``."""
         allowed = {"name", "plan", "status", *_LIMIT_FIELDS}
         unknown = set(fields) - allowed
         if unknown:
@@ -432,6 +448,8 @@ class Ledger:
         _check_limits(values)
         if values.get("cache_ttl_seconds", 0) is None:
             values["cache_ttl_seconds"] = DEFAULT_CACHE_TTL_S
+        if values.get("cache_max_ttl_seconds", 0) is None:
+            values["cache_max_ttl_seconds"] = DEFAULT_MAX_TTL_S
         if "name" in fields:
             values["name"] = _check_name(fields["name"])
         if "status" in fields:
@@ -445,6 +463,7 @@ class Ledger:
                 raise Conflict(f"tenant {tenant_id} is deleted")
             if "plan" in fields:
                 values["plan_id"] = (await self._plan_row(conn, fields["plan"])).id
+            await _check_reservations(conn, tenant_id, values, capacity)
             if values:
                 try:
                     await conn.execute(update(Tenant).where(Tenant.id == tenant_id)
@@ -488,13 +507,15 @@ class Ledger:
 
     async def create_plan(self, name: str, input: int, cache_read: int | None = None,
                           cache_write_5m: int | None = None, cache_write_1h: int | None = None,
-                          output: int | None = None, currency: str = DEFAULT_CURRENCY
-                          ) -> dict[str, Any]:
-        """Prices in micro-units of ``currency`` (ISO 4217) per million tokens; omitted
-        prices derive from ``input``."""
+                          output: int | None = None, currency: str = DEFAULT_CURRENCY,
+                          cache_write_24h: int | None = None,
+                          cache_reservation: int | None = None) -> dict[str, Any]:
+        """Prices in micro-units of ``currency`` (ISO 4217) per million tokens (the
+        reservation price per GiB-hour); omitted prices derive from ``input``."""
         name = _check_name(name)
         currency = _check_currency(currency)
-        prices = Prices.derived(input, cache_read, cache_write_5m, cache_write_1h, output)
+        prices = Prices.derived(input, cache_read, cache_write_5m, cache_write_1h, output,
+                                cache_write_24h, cache_reservation)
         async with self._begin() as conn:
             try:
                 await conn.execute(insert(Plan).values(
@@ -532,6 +553,27 @@ class Ledger:
         return row
 
 
+async def _check_reservations(conn: AsyncConnection, tenant_id: int | None,
+                              values: dict[str, Any], capacity: dict[str, int] | None) -> None:
+    """Refuse a reservation the tier cannot hold beside the other tenants' (Conflict, with
+    what is left)."""
+    for field in RESERVATION_FIELDS:
+        wanted = values.get(field)
+        if not wanted or capacity is None or field not in capacity:
+            continue
+        column = getattr(Tenant, field)
+        stmt = select(func.coalesce(func.sum(column), 0)).where(Tenant.status != "deleted")
+        if tenant_id is not None:
+            stmt = stmt.where(Tenant.id != tenant_id)
+        others = int((await conn.execute(stmt)).scalar_one())
+        left = max(0, capacity[field] - others)
+        if wanted > left:
+            tier = field.removeprefix("cache_reserved_").removesuffix("_bytes")
+            raise Conflict(f"{field} {wanted} exceeds what the {tier} tier can still reserve: "
+                           f"{left} of {capacity[field]} bytes are left ({others} are reserved "
+                           "by other tenants)")
+
+
 def _check_name(name: Any) -> str:
     if not isinstance(name, str) or not name.strip() or len(name) > 128:
         raise InvalidInput("name must be a non-empty string of at most 128 characters")
@@ -550,7 +592,9 @@ def _tenant_dict(row: Any, plan: str) -> dict[str, Any]:
     return {"id": row.id, "name": row.name, "status": row.status, "plan": plan,
             "cache_ttl_seconds": row.cache_ttl_seconds,
             "cache_quota_bytes": row.cache_quota_bytes,
-            "cache_share_bytes": row.cache_share_bytes,
+            "cache_reserved_device_bytes": row.cache_reserved_device_bytes,
+            "cache_reserved_host_bytes": row.cache_reserved_host_bytes,
+            "cache_max_ttl_seconds": row.cache_max_ttl_seconds,
             "requests_per_minute": row.requests_per_minute,
             "tokens_per_minute": row.tokens_per_minute, "max_concurrent": row.max_concurrent,
             "created_at": row.created_at.isoformat()}

@@ -59,7 +59,8 @@ class Base(DeclarativeBase):
 
 class Plan(Base):
     """Prices in integer micro-units per million tokens (1_000_000 = one unit of the plan's
-    ``currency``, an ISO 4217 code, per million tokens)."""
+    ``currency``, an ISO 4217 code, per million tokens); ``cache_reservation_price`` per
+    GiB-hour of reserved cache capacity."""
 
     __tablename__ = "plans"
 
@@ -70,6 +71,8 @@ class Plan(Base):
     cache_write_5m_price: Mapped[int] = mapped_column(BigInteger)
     cache_write_1h_price: Mapped[int] = mapped_column(BigInteger)
     output_price: Mapped[int] = mapped_column(BigInteger)
+    cache_write_24h_price: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    cache_reservation_price: Mapped[int] = mapped_column(BigInteger, server_default="0")
     currency: Mapped[str] = mapped_column(String(3), server_default="USD")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
@@ -83,7 +86,11 @@ class Tenant(Base):
     plan_id: Mapped[int] = mapped_column(ForeignKey("plans.id"), index=True)
     cache_ttl_seconds: Mapped[int] = mapped_column(Integer, default=300)
     cache_quota_bytes: Mapped[int | None] = mapped_column(BigInteger)
-    cache_share_bytes: Mapped[int | None] = mapped_column(BigInteger)  # None: the fair share
+    # Reserved cache capacity (bytes) on this tier of every replica; None: no reservation.
+    cache_reserved_device_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    cache_reserved_host_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    # The longest cache TTL a request may ask for (prompt_cache_retention, cache_control.ttl)
+    cache_max_ttl_seconds: Mapped[int] = mapped_column(Integer, server_default="86400")
     requests_per_minute: Mapped[int | None] = mapped_column(Integer)
     tokens_per_minute: Mapped[int | None] = mapped_column(Integer)
     max_concurrent: Mapped[int | None] = mapped_column(Integer)
@@ -124,7 +131,12 @@ class UsageRow(Base):
     cached_tokens: Mapped[int] = mapped_column(Integer)
     cache_write_5m_tokens: Mapped[int] = mapped_column(Integer)
     cache_write_1h_tokens: Mapped[int] = mapped_column(Integer)
+    cache_write_24h_tokens: Mapped[int] = mapped_column(Integer, server_default="0")
     completion_tokens: Mapped[int] = mapped_column(Integer)
+    # Reserved capacity held over the row's interval (reservation rows; 0 for requests)
+    reserved_byte_seconds: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    # The request's prompt_cache_key (OpenAI) or metadata.user_id (Anthropic), if it sent one
+    cache_key: Mapped[str | None] = mapped_column(String(128))
     cost_micros: Mapped[int] = mapped_column(BigInteger)
     # The plan's currency when the event was billed: moving the tenant to another plan
     # later never restates what this row cost.

@@ -13,7 +13,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Date, cast, func, literal_column, select
+from sqlalchemy import Date, case, cast, func, literal_column, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql.elements import ColumnElement
 
@@ -22,19 +22,22 @@ from .models import ApiKey, Tenant, UsageRow
 from .timespec import check_range
 
 FIELDS = ("requests", "prompt_tokens", "cached_tokens", "cache_write_tokens",
-          "completion_tokens", "cost_micros")
+          "completion_tokens", "reserved_byte_seconds", "cost_micros")
+RESERVATION_ENDPOINT = "cache.reservation"  # rows that bill reserved capacity, not requests
 GROUPS = ("tenant", "key", "model", "day")
 
 
 def _sums() -> list[Any]:
     u = UsageRow
     return [
-        func.count(u.id).label("requests"),
+        func.count(case((u.endpoint != RESERVATION_ENDPOINT, 1))).label("requests"),
         func.coalesce(func.sum(u.prompt_tokens), 0).label("prompt_tokens"),
         func.coalesce(func.sum(u.cached_tokens), 0).label("cached_tokens"),
-        func.coalesce(func.sum(u.cache_write_5m_tokens + u.cache_write_1h_tokens), 0)
+        func.coalesce(func.sum(u.cache_write_5m_tokens + u.cache_write_1h_tokens
+                               + u.cache_write_24h_tokens), 0)
         .label("cache_write_tokens"),
         func.coalesce(func.sum(u.completion_tokens), 0).label("completion_tokens"),
+        func.coalesce(func.sum(u.reserved_byte_seconds), 0).label("reserved_byte_seconds"),
         func.coalesce(func.sum(u.cost_micros), 0).label("cost_micros"),
     ]
 

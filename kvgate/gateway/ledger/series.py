@@ -24,7 +24,7 @@ from sqlalchemy.sql.elements import ColumnElement
 from .billing import MICROS_PER_MILLION_TOKENS
 from .errors import InvalidInput
 from .models import ApiKey, Plan, Tenant, UsageRow
-from .reports import FIELDS
+from .reports import FIELDS, RESERVATION_ENDPOINT
 from .timespec import check_range
 
 BUCKETS = ("hour", "day", "all")
@@ -135,11 +135,13 @@ def _sums() -> list[Any]:
         return func.coalesce(func.sum(expr), 0)
 
     return [
-        func.count(u.id).label("requests"),
+        func.count(case((u.endpoint != RESERVATION_ENDPOINT, 1))).label("requests"),
         zero_sum(u.prompt_tokens).label("prompt_tokens"),
         zero_sum(u.cached_tokens).label("cached_tokens"),
-        zero_sum(u.cache_write_5m_tokens + u.cache_write_1h_tokens).label("cache_write_tokens"),
+        zero_sum(u.cache_write_5m_tokens + u.cache_write_1h_tokens
+                 + u.cache_write_24h_tokens).label("cache_write_tokens"),
         zero_sum(u.completion_tokens).label("completion_tokens"),
+        zero_sum(u.reserved_byte_seconds).label("reserved_byte_seconds"),
         zero_sum(u.cost_micros).label("cost_micros"),
         zero_sum(case((u.status != "ok", 1), else_=0)).label("errors"),
     ]

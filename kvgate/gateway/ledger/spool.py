@@ -67,7 +67,7 @@ class SpoolRecord:
         return {"request_id": e.request_id, "tenant_id": e.tenant_id, "key_id": e.key_id,
                 "model": e.model, "endpoint": e.endpoint, "usage": e.usage.to_json(),
                 "status": e.status, "started_at": e.started_at.isoformat(),
-                "finished_at": e.finished_at.isoformat(), "ttft_ms": e.ttft_ms,
+                "finished_at": e.finished_at.isoformat(), "ttft_ms": e.ttft_ms, "cache_key": e.cache_key,
                 "cost_micros": None if self.billed is None else self.billed.cost_micros,
                 "currency": None if self.billed is None else self.billed.currency}
 
@@ -77,7 +77,7 @@ class SpoolRecord:
             request_id=d["request_id"], tenant_id=d["tenant_id"], key_id=d["key_id"],
             model=d["model"], endpoint=d["endpoint"], usage=Usage.from_json(d["usage"]),
             status=d["status"], started_at=datetime.fromisoformat(d["started_at"]),
-            finished_at=datetime.fromisoformat(d["finished_at"]), ttft_ms=d["ttft_ms"])
+            finished_at=datetime.fromisoformat(d["finished_at"]), ttft_ms=d["ttft_ms"], cache_key=d.get("cache_key"))
         event.validate()
         billed = None
         if d.get("cost_micros") is not None:

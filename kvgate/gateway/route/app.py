@@ -34,7 +34,7 @@ from kvgate.gateway.route.choose import Candidate, QueueCost, choose
 from kvgate.gateway.route.events import EventBatch, EventFollower
 from kvgate.gateway.route.index import ClusterIndex
 from kvgate.gateway.route.pool import Replica, ReplicaPool
-from kvgate.gateway.route.prompt import PromptRenderer, tokenizer_for
+from kvgate.gateway.route.prompt import PromptRenderer, cache_key_of, tokenizer_for
 from kvgate.gateway.route.proxy import attempt_of, forward
 from kvgate.gateway.route.settings import RouterSettings
 
@@ -91,7 +91,11 @@ class Router:
                                 self.index.cached_blocks(r.replica_id, hashes, expected=True),
                                 r.free_pages) for r in healthy]
         key = hashes[0] if hashes else tenant_namespace(tenant_id).encode()
-        order = choose(candidates, key, len(hashes), self.queue_cost.value)
+        client_key = cache_key_of(raw)
+        keyed = client_key is not None and not any(c.cached_blocks for c in candidates)
+        if client_key is not None and keyed:  # the client's key, within its tenant
+            key = b"key\0" + tenant_namespace(tenant_id).encode() + b"\0" + client_key.encode()
+        order = choose(candidates, key, len(hashes), self.queue_cost.value, keyed=keyed)
         first = self.pool.replicas[order[0].name]
         if hashes:
             self.queue_cost.observe(len(hashes) - order[0].cached_blocks)

@@ -15,7 +15,11 @@ Each replica is scored by what the request would cost there, in blocks of prefil
   gets the least loaded.
 - Among equal costs the replica with the most free device pages wins (a new prefix stays
   where it lands), then a rendezvous (highest random weight) hash of the prompt's first
-  block (or the tenant): the same order for every router. Concurrent first requests of
+  block (or the tenant): the same order for every router. A request whose prompt no
+  replica holds yet and that names a ``prompt_cache_key`` (``metadata.user_id`` on
+  Anthropic's API) is placed by the rendezvous hash of that key within its tenant first,
+  free pages second: requests that share a key but not yet a cached prefix meet on one
+  replica, as OpenAI's routing does with the key. Concurrent first requests of
   one prefix meet on one replica through the router's provisional index entries
   (``index.ClusterIndex.expect``), which count as cached until the events confirm them.
 - A hard bound on top: a replica over ``(1 + LOAD_SLACK) * mean load + 1`` requests is
@@ -71,8 +75,10 @@ def cost(c: Candidate, prompt_blocks: int, queue_cost: float) -> float:
 
 
 def choose(candidates: Sequence[Candidate], affinity_key: bytes, prompt_blocks: int = 0,
-           queue_cost: float = 1.0) -> list[Candidate]:
-    """All candidates, the one to try first at the head."""
+           queue_cost: float = 1.0, keyed: bool = False) -> list[Candidate]:
+    """All candidates, the one to try first at the head. ``keyed``: the affinity key is
+    the client's own (``prompt_cache_key``): among equal costs its rendezvous order decides
+    before free pages do, so the requests that share a key meet on one replica."""
     if not candidates:
         return []
     order = rendezvous(affinity_key, candidates)
@@ -80,6 +86,7 @@ def choose(candidates: Sequence[Candidate], affinity_key: bytes, prompt_blocks: 
     under = [c for c in order if c.load <= bound] or [min(order, key=lambda c: c.load)]
     blocks = max(prompt_blocks, max(c.cached_blocks for c in candidates))
     # min() keeps the first of equals: ties go by the rendezvous order
-    first = min(under, key=lambda c: (cost(c, blocks, queue_cost), -c.free_pages))
+    first = min(under, key=lambda c: (cost(c, blocks, queue_cost),
+                                      0 if keyed else -c.free_pages))
     rest = sorted((c for c in order if c is not first), key=lambda c: c.load)
     return [first, *rest]

@@ -81,3 +81,20 @@ class PromptRenderer:
             return block_hashes(root, ids, block_size)
         except (ValueError, OverflowError, TypeError):
             return []
+
+
+def cache_key_of(raw: bytes) -> str | None:
+    """The request's ``prompt_cache_key`` (OpenAI) or ``metadata.user_id`` (Anthropic), if
+    it names one the replica would accept (``http.cache_params``); None otherwise."""
+    if len(raw) > MAX_ROUTED_BYTES or (b"prompt_cache_key" not in raw and b"user_id" not in raw):
+        return None
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        return None
+    if not isinstance(body, dict):
+        return None
+    key = body.get("prompt_cache_key")
+    if key is None and isinstance(body.get("metadata"), dict):
+        key = body["metadata"].get("user_id")
+    return key if isinstance(key, str) and 0 < len(key) <= 256 else None
