@@ -70,6 +70,7 @@ class RequestContext:
     engine_s: float = 0.0
     ledger_s: float | None = None  # the usage commit, when it happened before the headers
     principal: Principal | None = None
+    receipt_id: str | None = None  # a billed generation's receipt (kvgate-receipt-id)
 
 
 STATE = web.AppKey("kvgate_state", AppState)
