@@ -13,6 +13,7 @@ from kvgate.gateway.http.limits import Limiter
 from kvgate.gateway.http.metrics import Metrics
 from kvgate.gateway.http.tenancy import QuotaSync
 from kvgate.gateway.ledger import Ledger, Principal
+from kvgate.gateway.ledger.receipts import ReceiptKey
 
 if TYPE_CHECKING:  # the engine pulls in torch; the ledger-only CLI must not
     from kvgate.gateway.engine.engine import Engine
@@ -29,6 +30,7 @@ class AppState:
     limiter: Limiter
     started: float = field(default_factory=time.time)
     admin_key_created: str | None = None
+    receipt_key: ReceiptKey | None = None  # signs billing receipts (receipts_api)
     _engine: Engine | None = None
     _ledger: Ledger | None = None
     _quotas: QuotaSync | None = None
