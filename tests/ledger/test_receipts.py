@@ -53,7 +53,7 @@ def tampered(receipt: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
             if path == [] and k == "signature":
                 continue
             if isinstance(v, dict | list) and v:
-                walk(v, path + [k])
+                walk(v, [*path, k])
                 continue
             changed = copy.deepcopy(receipt)
             target = changed
@@ -61,7 +61,7 @@ def tampered(receipt: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
                 target = target[p]
             target[k] = (v + 1 if isinstance(v, int) and not isinstance(v, bool)
                          else "x" if v != "x" else "y")
-            out.append(("/".join(map(str, path + [k])), changed))
+            out.append(("/".join(map(str, [*path, k])), changed))
     walk(receipt, [])
     return out
 
