@@ -18,7 +18,7 @@ from kvgate.gateway.config import Settings
 from kvgate.gateway.http.errors import ApiError
 from kvgate.gateway.http.state import principal_of, state_of
 from kvgate.gateway.ledger import LedgerUnavailable, NotFound
-from kvgate.gateway.ledger.receipts import KEY_FILE_NAME, ReceiptKey
+from kvgate.gateway.ledger.receipts import KEY_FILE_NAME, ReceiptKey, ReceiptKeyUnwritable
 from kvgate.gateway.ledger.spool import default_spool_dir
 
 log = logging.getLogger("kvgate.http")
@@ -38,10 +38,16 @@ def default_key_file(settings: Settings) -> Path:
 
 def load_key(settings: Settings) -> ReceiptKey:
     """``--receipt-key-file``, else the key in the data directory (made on the first start).
-    ``ReceiptKeyError`` when it cannot be read or made."""
+    ``ReceiptKeyError`` when a key file exists but cannot be read."""
     if settings.receipt_key_file:
         return ReceiptKey.load(settings.receipt_key_file)
-    return ReceiptKey.load_or_create(default_key_file(settings))
+    try:
+        return ReceiptKey.load_or_create(default_key_file(settings))
+    except ReceiptKeyUnwritable as exc:  # serve anyway; receipts verify until a restart
+        key = ReceiptKey.generate()
+        log.error("%s; signing receipts with key %s, kept in memory only (set "
+                  "--receipt-key-file to keep one)", exc, key.key_id)
+        return key
 
 
 async def retrieve(request: web.Request) -> web.Response:

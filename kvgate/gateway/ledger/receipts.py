@@ -9,7 +9,9 @@ public key is at ``/.well-known/kvgate-receipt-key``; ``kvgate receipts verify``
 receipt against it.
 
 The signing key is a PEM file (``--receipt-key-file``); without one, a key is generated
-on the first start into the gateway's data directory (mode 0600) and reused afterwards.
+on the first start into the gateway's data directory (mode 0600) and reused afterwards;
+when that directory cannot be written, the process signs with a key of its own that lives
+as long as it does (said in the log), rather than refusing to serve.
 Replicas behind one address must share a key file, or each signs with its own (each
 receipt names its ``key_id``).
 """
@@ -43,6 +45,10 @@ _ID_PREFIX = "rcpt_"
 
 class ReceiptKeyError(Exception):
     """The receipt signing key cannot be read or made (one line, for the operator)."""
+
+
+class ReceiptKeyUnwritable(ReceiptKeyError):
+    """No key file exists and none can be made where it should be."""
 
 
 def new_receipt_id() -> str:
@@ -127,7 +133,7 @@ class ReceiptKey:
         except FileExistsError:
             return cls.load(path)
         except OSError as exc:
-            raise ReceiptKeyError(f"cannot create the receipt key file {path}: "
+            raise ReceiptKeyUnwritable(f"cannot create the receipt key file {path}: "
                                   f"{exc.strerror or exc}") from None
         return key
 
