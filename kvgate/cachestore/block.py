@@ -37,6 +37,8 @@ class Block:
     pinned: bool = False
     alive: bool = True
     shared: bool = False  # handed to the shared tier (written, or fetched from it)
+    fetched: bool = False  # fetched from the shared tier and not yet matched: its first hit
+    # is reported as a shared-tier hit
     children: set[Block] = field(default_factory=set)
 
     @property
@@ -63,6 +65,9 @@ class CacheSeq:
     num_committed_blocks: int = 0
     blocks: list[Block] = field(default_factory=list)
     chain_broken: bool = False  # a block could not be indexed: later ones have no parent
+    # Blocks this sequence wrote to the cache (``CacheStore.commit``), in order: (chain
+    # hash, TTL seconds). Blocks shared with another sequence's are not among them.
+    written: list[tuple[bytes, float]] = field(default_factory=list)
 
     def ttl_for_block(self, index: int, block_size: int, store_default: float) -> float:
         end = (index + 1) * block_size
@@ -78,9 +83,13 @@ class PrefixMatch:
 
     ``device_hits`` were already on the device; ``host_hits`` were promoted (copied into
     fresh device pages) by the match itself, so the engine can use all of them at once.
+    A block fetched from the shared tier for this request is on the device by then; its
+    first match reports it as ``shared``.
     """
 
     num_cached_tokens: int
     num_blocks: int
     device_hits: int
     host_hits: int
+    # Per matched block, in order: (chain hash, where it was found: device, host, shared)
+    blocks: tuple[tuple[bytes, str], ...] = ()

@@ -121,7 +121,7 @@ class SharedLink:
                     seq.namespace, fb.block_hash)
                 block = store.index.insert(fb.block_hash, parent, seq.namespace, fb.tokens, page,
                                            ttl_s, pinned)
-                block.shared = True
+                block.shared = block.fetched = True
                 adopted.append(block)
                 parent = block
         finally:

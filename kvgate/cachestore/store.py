@@ -153,14 +153,18 @@ class CacheStore:
                 ttl_s = seq.ttl_for_block(len(matched), self.block_size, self.default_ttl_s)
                 block.ttl_s = max(block.ttl_s, ttl_s)
                 matched.append(block)
+            found = [(b.hash, "shared" if b.fetched else b.tier) for b in matched]
             matched, host_hits = self.tiers.promote(matched)
+            for block in matched:
+                block.fetched = False
             seq.blocks = matched
             seq.block_table = [b.page for b in matched]
             seq.num_committed_blocks = len(matched)
             seq.chain_broken = False
             self.seqs[seq.seq_id] = seq
             n = len(matched)
-            return PrefixMatch(n * self.block_size, n, n - host_hits, host_hits)
+            return PrefixMatch(n * self.block_size, n, n - host_hits, host_hits,
+                               tuple(found[:n]))
 
     def allocate(self, seq: CacheSeq, num_tokens: int) -> bool:
         """Grow the block table to hold ``num_tokens``; False (nothing taken) when no room."""
@@ -217,6 +221,7 @@ class CacheStore:
                     block = self.index.insert(block_hash, parent, seq.namespace, tokens,
                                               seq.block_table[i], ttl_s, pinned)
                     written[ttl_s] = written.get(ttl_s, 0) + self.block_size
+                    seq.written.append((block_hash, ttl_s))
                     new_blocks.append(block)
                 else:
                     seq.chain_broken = True
@@ -240,6 +245,7 @@ class CacheStore:
             seq.blocks = []
             seq.num_committed_blocks = 0
             seq.chain_broken = False
+            seq.written = []
             self.seqs.pop(seq.seq_id, None)
 
     def hold_queued(self, queued: dict[str, tuple[str, TokenIds]]) -> int:

@@ -1,4 +1,4 @@
-"""The ``kvgate`` command: serve, route, migrate, tenants, keys, usage.
+"""The ``kvgate`` command: serve, route, migrate, tenants, keys, usage, receipts.
 
 Each layer registers its own subcommands (``register(subparsers)``) so this file stays a
 table of contents.
@@ -11,6 +11,7 @@ import sys
 
 from kvgate.gateway.http import serve
 from kvgate.gateway.ledger import cli as ledger_cli
+from kvgate.gateway.ledger import receipts_cli
 from kvgate.gateway.route import cli as route_cli
 
 
@@ -22,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     serve.register(sub)
     ledger_cli.register(sub)
+    receipts_cli.register(sub)
     route_cli.register(sub)
     return parser
 

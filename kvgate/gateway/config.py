@@ -44,6 +44,9 @@ class Settings:
     # ledger as <file>-spool, else ./kvgate-spool); one per replica, on its own volume.
     spool_dir: str = ""
     spool_max_events: int = 10_000  # spooled events at which new requests get 503
+    # PEM file of the Ed25519 key billing receipts are signed with ("": one made on the
+    # first start in the spool directory, mode 0600, and reused). Replicas share one.
+    receipt_key_file: str = ""
     log_level: str = "info"
     # How tool calls are read from the output: hermes | llama3 | mistral | none; "auto"
     # picks from the chat template (vLLM's flag of the same name).

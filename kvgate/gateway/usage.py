@@ -127,3 +127,37 @@ def _int(data: Mapping[str, object], name: str) -> int:
     if not isinstance(value, int):
         raise InvalidUsage(f"{name} must be an integer, got {value!r}")
     return value
+
+
+@dataclass(frozen=True)
+class CacheDetail:
+    """Which cache blocks a request's billed counts stand for, alongside its ``Usage``.
+
+    ``read``: per block read from the cache (``Usage.cached_tokens``), its chain hash and
+    the tier it was found on (``device``, ``host`` or ``shared``). ``written``: per block
+    it wrote (``Usage.cache_writes``), its chain hash and TTL in seconds. Hashes are chain
+    hashes rooted in the tenant's namespace: they name blocks, never their tokens.
+    """
+
+    read: tuple[tuple[bytes, str], ...] = ()
+    written: tuple[tuple[bytes, int], ...] = ()
+
+    def __add__(self, other: CacheDetail) -> CacheDetail:
+        return CacheDetail(self.read + other.read, self.written + other.written)
+
+    def to_json(self) -> dict[str, object]:
+        """Hashes as hex, TTLs with their billing class; ``from_json`` reads it."""
+        return {"read": [{"hash": h.hex(), "tier": tier} for h, tier in self.read],
+                "written": [{"hash": h.hex(), "ttl_s": ttl, "ttl_class": ttl_class(ttl)}
+                            for h, ttl in self.written]}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, object]) -> CacheDetail:
+        read, written = data.get("read") or [], data.get("written") or []
+        if not isinstance(read, list) or not isinstance(written, list):
+            raise InvalidUsage("cache detail read and written must be lists")
+        try:
+            return cls(tuple((bytes.fromhex(b["hash"]), str(b["tier"])) for b in read),
+                       tuple((bytes.fromhex(b["hash"]), int(b["ttl_s"])) for b in written))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise InvalidUsage(f"cache detail is malformed: {exc}") from None

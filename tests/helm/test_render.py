@@ -348,3 +348,22 @@ def test_an_external_database_gets_a_spool_volume_the_server_writes_to() -> None
     # SQLite keeps its spool beside the file, on the data volume.
     assert "KVGATE_SPOOL_DIR" not in render(VALUE_SETS["default"]).one(
         "ConfigMap", FULLNAME)["data"]
+
+
+def test_the_receipt_key_comes_from_a_secret_every_replica_mounts() -> None:
+    r = render({"replicaCount": 3, "database": {"url": PG_URL},
+                "receipts": {"keySecret": "kvgate-receipt-key"}})
+    deployment = r.one("Deployment")
+    validate_kubernetes(deployment)
+    pod = deployment["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["receipt-key"]["secret"]["secretName"] == "kvgate-receipt-key"
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    assert mounts["receipt-key"]["readOnly"] is True
+    path = env_of(container)["KVGATE_RECEIPT_KEY_FILE"]["value"]
+    assert path == mounts["receipt-key"]["mountPath"] + "/receipt-key.pem"
+    default = render({})
+    plain = default.one("Deployment")
+    assert "KVGATE_RECEIPT_KEY_FILE" not in env_of(plain["spec"]["template"]["spec"]
+                                                   ["containers"][0])

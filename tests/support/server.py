@@ -73,6 +73,11 @@ class Server(abc.ABC):
         self.workdir.mkdir(parents=True, exist_ok=True)
         base = settings or server_settings(self.workdir)
         self.settings = dataclasses.replace(base, **flags)
+        if not self.settings.spool_dir and not self.settings.db.startswith("sqlite:///"):
+            # the data directory (spool, receipt key) in the working directory, not the
+            # repository's
+            self.settings = dataclasses.replace(self.settings,
+                                                spool_dir=str(self.workdir / "spool"))
         self.port = 0
         self._admin: Admin | None = None
 

@@ -52,6 +52,10 @@ ANTHROPIC: dict[str, Any] = {
 }
 # Fields kvgate sends that the SDK models do not define, as paths with ``[]`` for a list.
 EXTRA_FIELDS = {
+    # the billing receipt of a whole answer (also in the kvgate-receipt-id header)
+    "ChatCompletion": {"receipt_id"},
+    "Completion": {"receipt_id"},
+    "Message": {"receipt_id"},
     # what the served model is (the demo model says its text is noise); its context (vLLM)
     "Model": {"note", "max_model_len"},
     "ModelList": {"data[].note", "data[].max_model_len"},

@@ -466,7 +466,8 @@ class Engine:
         complete = self.grammars.accept(seq, token)  # its grammar allows nothing more
         text, reason = append_token(seq, token, self.tokenizer.eos_token_ids, self.max_model_len,
                                     complete=complete)
-        event = TokenEvent(text, [token], prompt_usage, seq.index,
+        event = TokenEvent(text, [token], prompt_usage,
+                           None if prompt_usage is None else seq.cache_detail(), seq.index,
                            None if logprob is None else [logprob])
         if seq.request.stream:
             seq.emit(event)
@@ -499,7 +500,8 @@ class Engine:
         ttft = None if seq.first_token_at is None else seq.first_token_at - seq.arrival
         engine_s = time.monotonic() - seq.arrival
         seq.emit(FinishEvent(seq.usage(), seq.finish_reason, ttft_s=ttft, engine_s=engine_s,
-                             stop_sequence=seq.stop_sequence, index=seq.index))
+                             stop_sequence=seq.stop_sequence, index=seq.index,
+                             cache=seq.cache_detail()))
         if seq.index == 0 and not seq.forked:  # ended before its prompt was computed
             for index in range(1, seq.params.n):
                 seq.emit(FinishEvent(Usage(seq.num_prompt_tokens), seq.finish_reason,
@@ -526,7 +528,7 @@ class Engine:
                 logprobs = [lp for e in held for lp in e.logprobs or []]
             seq.emit(TokenEvent("".join(e.text for e in held),
                                 [t for e in held for t in e.token_ids], held[0].prompt_usage,
-                                seq.index, logprobs))
+                                held[0].prompt_cache, seq.index, logprobs))
 
     def _shutdown(self) -> None:
         """Every stream still open ends with a ``cancelled`` finish, none hangs."""

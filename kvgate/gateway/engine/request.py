@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from kvgate.gateway.engine.sampling import SamplingParams, TokenLogprob
-from kvgate.gateway.usage import Usage
+from kvgate.gateway.usage import CacheDetail, Usage
 
 
 class EngineError(Exception):
@@ -70,6 +70,7 @@ class TokenEvent:
     # On the first token only: the usage so far. Its prompt side (cached and cache-write
     # tokens) is final by then, so a stream can report it up front.
     prompt_usage: Usage | None = None
+    prompt_cache: CacheDetail | None = None  # with prompt_usage: the blocks behind it
     index: int = 0  # which of the request's ``n`` choices
     # With ``SamplingParams.logprobs``: one entry per token of ``token_ids``
     logprobs: list[TokenLogprob] | None = None
@@ -83,6 +84,7 @@ class FinishEvent:
     engine_s: float = 0.0  # arrival to the finish
     stop_sequence: str | None = None  # the stop string that ended the output, if one did
     index: int = 0  # which of the request's ``n`` choices; a request ends after n finishes
+    cache: CacheDetail = field(default_factory=CacheDetail)  # the blocks behind ``usage``
 
 
 @dataclass

@@ -157,6 +157,7 @@ class Scheduler:
             return None
         if seq.admissions == 1 and seq.index == 0:  # the prompt is billed once, with choice 0
             seq.cached_tokens = min(cached, seq.num_prompt_tokens)
+            seq.read_blocks = list(match.blocks)
             self.store.record_prompt(req.namespace, seq.num_prompt_tokens, seq.cached_tokens)
         seq.handle = handle
         seq.num_computed = cached
@@ -209,12 +210,15 @@ class Scheduler:
         full = seq.num_computed // self.block_size
         if full <= seq.num_committed_blocks or seq.handle is None:
             return
+        before = len(seq.handle.written)
         written = self.store.commit(seq.handle, seq.token_ids[: full * self.block_size])
         seq.num_committed_blocks = full
         if seq.num_output == 0:
             for ttl_s, tokens in written.items():
                 ttl = round(ttl_s)
                 seq.cache_writes[ttl] = seq.cache_writes.get(ttl, 0) + tokens
+            seq.written_blocks += [(h, round(ttl_s))
+                                   for h, ttl_s in seq.handle.written[before:]]
 
     def preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)

@@ -19,7 +19,7 @@ import numpy as np
 from kvgate.cachestore import CacheSeq
 from kvgate.gateway.engine.request import EngineEvent, GenerateRequest, TokenEvent
 from kvgate.gateway.engine.tokenizer import IncrementalDecoder, TextTokenizer
-from kvgate.gateway.usage import Usage
+from kvgate.gateway.usage import CacheDetail, Usage
 
 if TYPE_CHECKING:
     import llguidance
@@ -86,6 +86,10 @@ class Sequence:
         # preemption is the engine's cost, not the client's).
         self.cached_tokens = 0
         self.cache_writes: dict[int, int] = {}  # TTL seconds -> prompt tokens written
+        # The blocks behind those two counts (``CacheDetail``): read, with their tier;
+        # written, with their TTL in seconds
+        self.read_blocks: list[tuple[bytes, str]] = []
+        self.written_blocks: list[tuple[bytes, int]] = []
         self.arrival = time.monotonic() if arrival is None else arrival
         self.first_token_at: float | None = None
         self.finish_reason: str | None = None
@@ -99,6 +103,10 @@ class Sequence:
         """The usage so far: the prompt's split is final once the first token exists."""
         return Usage(self.num_prompt_tokens, self.cached_tokens, self.cache_writes,
                      self.num_output)
+
+    def cache_detail(self) -> CacheDetail:
+        """The blocks the prompt's billed split stands for (fixed with it)."""
+        return CacheDetail(tuple(self.read_blocks), tuple(self.written_blocks))
 
     def __len__(self) -> int:
         return len(self.token_ids)

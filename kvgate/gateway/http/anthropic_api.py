@@ -193,7 +193,8 @@ async def messages(request: web.Request) -> web.StreamResponse:
         return web.json_response({**_message(gen, blocks.content),
                                   "stop_reason": _stop_reason(gen, blocks),
                                   "stop_sequence": gen.stop_sequence,
-                                  "usage": anthropic_usage(gen.usage)})
+                                  "usage": anthropic_usage(gen.usage),
+                                  "receipt_id": gen.receipt_id})
 
 
 def _message(gen: Generation, content: list) -> dict:

@@ -18,6 +18,7 @@ from kvgate.gateway.http import (
     console,
     models_api,
     openai_api,
+    receipts_api,
     responses_api,
     tokenize_api,
 )
@@ -143,6 +144,7 @@ def _routes() -> list[web.RouteDef]:
         web.post("/v1/messages", anthropic_api.messages),
         web.post("/v1/messages/count_tokens", anthropic_api.count_tokens),
         *responses_api.routes(),
+        *receipts_api.routes(),
         *admin.routes(),
         *console.routes(),
     ]
@@ -186,6 +188,8 @@ def create_app(settings: Settings, engine: Engine | None = None,
                           client_max_size=settings.max_body_bytes,
                           handler_args=handler_args(settings))
     app[STATE] = state
+    # an unreadable key file fails here, before the model loads (serve: one line, exit 2)
+    state.receipt_key = receipts_api.load_key(settings)
     app.add_routes(_routes())
     responses_api.setup(app)
     app.on_response_prepare.append(on_response_prepare)
@@ -219,6 +223,7 @@ def create_app(settings: Settings, engine: Engine | None = None,
             biller = ReservationBiller(state, models_api.served_names(state)[0])
             biller.start()
             own_ledger.on_commit = state.metrics.on_ledger_commit
+            own_ledger.receipt_key = state.receipt_key
             state.metrics.watch(state.engine, own_ledger)
             if settings.metrics_port is not None:
                 metrics_runner = await _metrics_listener(state)

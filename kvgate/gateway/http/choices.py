@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from kvgate.gateway.engine import FinishEvent, TokenEvent
 from kvgate.gateway.engine.sampling import TokenLogprob
-from kvgate.gateway.usage import Usage
+from kvgate.gateway.usage import CacheDetail, Usage
 
 
 @dataclass
@@ -70,6 +70,14 @@ class Choices:
                 for ttl, tokens in ev.usage.cache_writes.items():
                     writes[ttl] = writes.get(ttl, 0) + tokens
         return Usage(prompt, cached, writes, completion)
+
+    def cache(self) -> CacheDetail:
+        """The blocks behind ``usage``'s prompt split: each prompt's first choice's."""
+        detail = CacheDetail()
+        for index in sorted(self._finishes):
+            if index % self.n == 0:
+                detail += self._finishes[index].cache
+        return detail
 
 
 async def merged(streams: list[AsyncGenerator[TokenEvent | FinishEvent, None]], n: int

@@ -126,7 +126,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
             "id": "cmpl-" + gen.request_id[4:], "object": "text_completion",
             "created": int(time.time()), "model": p.model,
             "choices": [_choice(state, gen, c, echoed) for c in gen.choices.items],
-            "usage": openai_usage(gen.usage)})
+            "usage": openai_usage(gen.usage), "receipt_id": gen.receipt_id})
 
 
 def _choice(state: AppState, gen: Generation, c: Choice, echoed: list[str]) -> dict[str, Any]:

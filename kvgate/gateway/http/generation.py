@@ -36,7 +36,8 @@ from kvgate.gateway.http.errors import ApiError, ClientGone
 from kvgate.gateway.http.limits import Ticket
 from kvgate.gateway.http.state import AppState, ctx_of, principal_of, state_of
 from kvgate.gateway.ledger import UsageEvent
-from kvgate.gateway.usage import Usage
+from kvgate.gateway.ledger.receipts import new_receipt_id
+from kvgate.gateway.usage import CacheDetail, Usage
 
 log = logging.getLogger("kvgate.http")
 
@@ -61,13 +62,16 @@ class Generation:
         self.choices = Choices(sampling.n, 1 + len(self.more_prompts))
         self.sampling = sampling
         self.ttl_segments = ttl_segments or []
-        self.cache = cache
+        self.cache_request = cache
         self.request_id: str = ctx_of(request).request_id
         self.finish_reason: str | None = None
         self.stop_sequence: str | None = None  # the stop string that ended the output
         self.client_gone = False  # the client hung up; the engine was told to stop
         self.usage: Usage | None = None  # what was billed
         self.prompt_usage: Usage | None = None  # prompt side, known at the first token
+        self.prompt_cache = CacheDetail()  # the blocks behind prompt_usage
+        # The receipt the ledger signs for this request; named in the response's headers
+        self.receipt_id = ctx_of(request).receipt_id = new_receipt_id()
         self.completion_tokens = 0
         self.text_parts: list[str] = []
         self.output_ids: list[int] = []  # the tokens sampled, EOS included (stored responses)
@@ -85,7 +89,7 @@ class Generation:
         self._finish_0 = "stop"  # choice 0's finish reason (the request's, when n is 1)
 
     async def __aenter__(self) -> Generation:
-        check_retention(self.cache, self.ttl_segments, self.principal.cache_max_ttl_seconds)
+        check_retention(self.cache_request, self.ttl_segments, self.principal.cache_max_ttl_seconds)
         self._ticket = charge(self.request, len(self.prompt_ids)
                               + sum(map(len, self.more_prompts)))
         return self
@@ -103,7 +107,7 @@ class Generation:
 
     def _engine_request(self) -> GenerateRequest:
         p = self.principal
-        ttl = (self.cache.ttl_s or p.cache_ttl_seconds
+        ttl = (self.cache_request.ttl_s or p.cache_ttl_seconds
                or self.state.settings.default_cache_ttl_seconds)
         return GenerateRequest(
             request_id=self.request_id, namespace=self.state.quotas.apply(p),
@@ -148,13 +152,15 @@ class Generation:
                         self.stop_sequence = ev.stop_sequence
                         self._finish_0 = ev.finish_reason
                     if self.choices.finish(ev):
-                        await self._bill(self.choices.usage(), self._finish_0, "ok")
+                        await self._bill(self.choices.usage(), self._finish_0, "ok",
+                                         self.choices.cache())
                         return
                     continue
                 if self._ttft_s is None:
                     self._ttft_s = time.monotonic() - self._t0
                 if ev.prompt_usage is not None and ev.index == 0:
                     self.prompt_usage = ev.prompt_usage
+                    self.prompt_cache = ev.prompt_cache or CacheDetail()
                 self.completion_tokens += len(ev.token_ids)
                 self.choices.add(ev)
                 if ev.index == 0:
@@ -230,10 +236,13 @@ class Generation:
         """Client gone, handler cancelled or engine failed: stop the engine, bill what it did
         (the engine's own final usage when it reports one after the cancel)."""
         usage = None
+        cache = self.prompt_cache
         if not self._failed:
             self._cancel_engine()
             try:
                 usage = await asyncio.wait_for(self._drain(), _CANCEL_DRAIN_S)
+                if usage is not None:
+                    cache = self.choices.cache()
             except TimeoutError:
                 log.warning("request %s: engine did not finish after cancel", self.request_id)
             except SequenceFailed as exc:  # it failed while stopping: its own account
@@ -248,7 +257,7 @@ class Generation:
             known = self.prompt_usage or Usage(len(self.prompt_ids))
             usage = replace(known, completion_tokens=self.completion_tokens)
         status = "error" if self._failed else "cancelled"
-        await self._bill(usage, status, status)
+        await self._bill(usage, status, status, cache)
 
     async def _drain(self) -> Usage | None:
         assert self._agen is not None
@@ -261,7 +270,8 @@ class Generation:
             self.completion_tokens += len(ev.token_ids)
         return None
 
-    async def _bill(self, usage: Usage, finish_reason: str, status: str) -> None:
+    async def _bill(self, usage: Usage, finish_reason: str, status: str,
+                    cache: CacheDetail) -> None:
         if finish_reason == "cancelled" and status == "ok":
             status = "cancelled"
         self.usage = usage
@@ -275,7 +285,7 @@ class Generation:
             model=self.model, endpoint=self.endpoint, usage=usage, status=status,
             started_at=self._started_at, finished_at=datetime.now(UTC),
             ttft_ms=None if self._ttft_s is None else round(self._ttft_s * 1000.0),
-            cache_key=self.cache.key)
+            receipt_id=self.receipt_id, cache=cache, cache_key=self.cache_request.key)
         self._billed = True
         t0 = time.monotonic()
         billed = await self.state.ledger.record(event)

@@ -27,7 +27,8 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _SANE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _LEDGER_RETRY_AFTER_S = 5.0  # ledger away or its spool full: what clients are told to wait
 _PUBLIC = ("/healthz", "/health", "/readyz", "/openapi.json")  # /metrics checks its own key
-_TENANT = ("/tokenize", "/detokenize")  # vLLM's paths, outside /v1: tenant keys too
+_TENANT = ("/tokenize", "/detokenize")
+RECEIPT_HEADER = "kvgate-receipt-id"  # vLLM's paths, outside /v1: tenant keys too
 
 
 def new_request_id() -> str:
@@ -130,6 +131,8 @@ async def on_response_prepare(request: web.Request, response: web.StreamResponse
         if ctx.ledger_s is not None:  # not on streams: their usage commits after the headers
             timing += f", ledger;dur={ctx.ledger_s * 1000.0:.1f}"
         response.headers["server-timing"] = timing
+        if ctx.receipt_id is not None and response.status < 400:
+            response.headers[RECEIPT_HEADER] = ctx.receipt_id
 
 
 def _api_key(request: web.Request) -> str | None:

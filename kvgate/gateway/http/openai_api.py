@@ -195,7 +195,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         return web.json_response({
             "id": "chatcmpl-" + gen.request_id[4:], "object": "chat.completion",
             "created": int(time.time()), "model": model, "choices": choices,
-            "usage": openai_usage(gen.usage)})
+            "usage": openai_usage(gen.usage), "receipt_id": gen.receipt_id})
 
 
 async def _stream(request: web.Request, gen: Generation, include_usage: bool,

@@ -250,6 +250,48 @@ SCHEMAS: dict[str, Any] = {
                  "properties": {"id": {"type": "string"}, "object": {"const": "response"},
                                 "status": {"type": "string"}, "output": {"type": "array"},
                                 "usage": {"type": ["object", "null"]}}},
+    "Receipt": {
+        "type": "object", "description": "A billed request's signed receipt. The signature "
+        "(Ed25519, base64url) covers every other field, serialised with sorted keys, no "
+        "whitespace, UTF-8; verify it with the key at /.well-known/kvgate-receipt-key or "
+        "`kvgate receipts verify`.",
+        "required": ["object", "version", "id", "request_id", "tenant_id", "model",
+                     "endpoint", "status", "started_at", "finished_at", "tokens", "plan",
+                     "currency", "cost_micros", "blocks", "key_id", "signature_alg",
+                     "signature"],
+        "properties": {
+            "object": {"const": "receipt"}, "version": {"const": 1},
+            "id": {"type": "string"}, "request_id": {"type": "string"},
+            "tenant_id": {"type": "integer"}, "model": {"type": "string"},
+            "endpoint": {"type": "string"},
+            "status": {"enum": ["ok", "cancelled", "error"]},
+            "started_at": {"type": "string"}, "finished_at": {"type": "string"},
+            "tokens": {"type": "object", "properties": {
+                k: {"type": "integer", "minimum": 0} for k in (
+                    "prompt", "cached", "cache_write_5m", "cache_write_1h", "uncached",
+                    "completion")}},
+            "plan": {"type": "object", "properties": {
+                "id": {"type": ["integer", "null"]}, "name": {"type": ["string", "null"]},
+                "prices": {"type": "object", "description": "Micro-units per million "
+                           "tokens: input, cache_read, cache_write_5m, cache_write_1h, "
+                           "output"}}},
+            "currency": {"type": "string"},
+            "cost_micros": {"type": "integer", "minimum": 0},
+            "blocks": {"type": "object", "properties": {
+                "read": {"type": "array", "items": {"type": "object", "properties": {
+                    "hash": {"type": "string"},
+                    "tier": {"enum": ["device", "host", "shared"]}}}},
+                "written": {"type": "array", "items": {"type": "object", "properties": {
+                    "hash": {"type": "string"}, "ttl_s": {"type": "integer"},
+                    "ttl_class": {"enum": ["5m", "1h"]}}}}}},
+            "key_id": {"type": "string"}, "signature_alg": {"const": "Ed25519"},
+            "signature": {"type": "string"}}},
+    "ReceiptKey": {"type": "object",
+                   "required": ["key_id", "algorithm", "public_key_pem", "jwk"],
+                   "properties": {"key_id": {"type": "string"},
+                                  "algorithm": {"const": "Ed25519"},
+                                  "public_key_pem": {"type": "string"},
+                                  "jwk": {"type": "object"}}},
     "ResponseDeleted": {"type": "object", "required": ["id", "object", "deleted"],
                         "properties": {"id": {"type": "string"},
                                        "object": {"const": "response"},
@@ -361,6 +403,16 @@ def spec() -> dict:
                                                                           503))),
                 "delete": _op("Delete a stored response",
                               _responses("ResponseDeleted", (401, 403, 404, 503)))},
+            "/v1/receipts/{id}": {
+                "parameters": [{"name": "id", "in": "path", "required": True,
+                                "schema": {"type": "string"}}],
+                "get": _op("Get one of the tenant's billing receipts (its id is in the "
+                           "kvgate-receipt-id header of every billed answer); another "
+                           "tenant's receipt is 404, like one that does not exist",
+                           _responses("Receipt", (401, 403, 404, 503)))},
+            "/.well-known/kvgate-receipt-key": {"get": _op(
+                "The public key receipts are signed with (PEM and JWK, with its key id)",
+                _responses("ReceiptKey", (404,)), **_PUBLIC)},
             "/admin/tenants": {
                 "get": _op("List tenants", _responses(None, (401, 403))),
                 "post": _op("Create tenant", _responses(None, _ADMIN, ok_status="201"),

@@ -100,6 +100,7 @@ async def serve(settings: Settings) -> int:
     from kvgate.gateway.http.state import STATE
     from kvgate.gateway.http.tools import parser_for
     from kvgate.gateway.http.transport import GatewayRunner
+    from kvgate.gateway.ledger.receipts import ReceiptKeyError
 
     try:
         parser_for(None, settings.tool_call_parser)
@@ -127,7 +128,11 @@ async def serve(settings: Settings) -> int:
             print(f"kvgate: cannot listen on {settings.host}:{port} ({what}): {problem}",
                   file=sys.stderr, flush=True)
             return 2
-    app = create_app(settings)
+    try:
+        app = create_app(settings)
+    except ReceiptKeyError as exc:
+        print(f"kvgate: --receipt-key-file: {exc}", file=sys.stderr, flush=True)
+        return 2
     runner = GatewayRunner(app, shutdown_timeout=settings.shutdown_timeout_s,
                            handle_signals=False, access_log=None)
     try:

@@ -13,6 +13,7 @@ from kvgate.gateway.http.limits import Limiter
 from kvgate.gateway.http.metrics import Metrics
 from kvgate.gateway.http.tenancy import QuotaSync
 from kvgate.gateway.ledger import Ledger, Principal
+from kvgate.gateway.ledger.receipts import ReceiptKey
 
 if TYPE_CHECKING:  # the engine pulls in torch; the ledger-only CLI must not
     from kvgate.gateway.engine.engine import Engine
@@ -29,6 +30,7 @@ class AppState:
     limiter: Limiter
     started: float = field(default_factory=time.time)
     admin_key_created: str | None = None
+    receipt_key: ReceiptKey | None = None  # signs billing receipts (receipts_api)
     _engine: Engine | None = None
     _ledger: Ledger | None = None
     _quotas: QuotaSync | None = None
@@ -70,6 +72,7 @@ class RequestContext:
     engine_s: float = 0.0
     ledger_s: float | None = None  # the usage commit, when it happened before the headers
     principal: Principal | None = None
+    receipt_id: str | None = None  # a billed generation's receipt (kvgate-receipt-id)
 
 
 STATE = web.AppKey("kvgate_state", AppState)

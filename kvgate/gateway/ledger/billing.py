@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 
-from kvgate.gateway.usage import InvalidUsage, Usage
+from kvgate.gateway.usage import CacheDetail, InvalidUsage, Usage
 
 from .errors import InvalidInput
 
@@ -29,6 +29,9 @@ class UsageEvent:
     started_at: datetime
     finished_at: datetime
     ttft_ms: int | None = None
+    # The signed receipt the ledger stores with the row (``receipts``); None: no receipt
+    receipt_id: str | None = None
+    cache: CacheDetail = field(default_factory=CacheDetail)  # the blocks behind ``usage``
     cache_key: str | None = None  # prompt_cache_key / metadata.user_id, as the client sent it
 
     def validate(self) -> None:
@@ -49,6 +52,9 @@ class UsageEvent:
                 raise InvalidInput(f"{name} must be an aware datetime, got {value!r}")
         if self.ttft_ms is not None and self.ttft_ms < 0:
             raise InvalidInput("ttft_ms must be >= 0")
+        if self.receipt_id is not None and (not isinstance(self.receipt_id, str)
+                                            or not 0 < len(self.receipt_id) <= 64):
+            raise InvalidInput("receipt_id must be 1..64 characters")
         if self.cache_key is not None and (not isinstance(self.cache_key, str)
                                            or len(self.cache_key) > CACHE_KEY_MAX):
             raise InvalidInput(f"cache_key must be a string of at most {CACHE_KEY_MAX} characters")
@@ -108,6 +114,16 @@ class Prices:
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise InvalidInput(f"price {name} must be a non-negative integer "
                                    f"(micro-units per million tokens), got {value!r}")
+
+
+@dataclass(frozen=True)
+class PlanPrices:
+    """The plan a tenant was billed by: its id and name, prices and currency."""
+
+    prices: Prices
+    currency: str
+    plan_id: int | None = None
+    name: str | None = None
 
 
 DEFAULT_PLAN = "default"

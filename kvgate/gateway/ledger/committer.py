@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import sqlite3
 import time
@@ -36,10 +37,12 @@ from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from . import db
-from .billing import Billed, Prices, UsageEvent, cost_micros
+from .billing import Billed, PlanPrices, Prices, UsageEvent, cost_micros
 from .db import SqliteFile
 from .errors import LedgerError, LedgerUnavailable, NotFound
-from .models import Plan, Tenant, UsageRow
+from .models import Plan, ReceiptRow, Tenant, UsageRow, utcnow
+from .receipts import ReceiptKey
+from .receipts import payload as receipt_payload
 from .spool import Spool, SpoolRecord
 
 log = logging.getLogger("kvgate.ledger")
@@ -70,7 +73,9 @@ class GroupCommitter:
         self.events_committed = 0
         self.replayed = 0  # spooled events committed by replay (new rows)
         self.unavailable: str | None = None  # why the last write failed, until one succeeds
-        self.plans: dict[int, _Plan] = {}  # tenant id -> the prices last read for it
+        self.plans: dict[int, PlanPrices] = {}  # tenant id -> the prices last read for it
+        # Signs the receipt stored with each event that names one (None: none stored)
+        self.receipt_key: ReceiptKey | None = None
         self._queue: asyncio.Queue[_Item | None] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
         self._replayer: asyncio.Task[None] | None = None
@@ -92,8 +97,8 @@ class GroupCommitter:
             self._replayer = loop.create_task(self._replay_loop(), name="ledger-replay")
             self._wake.set()  # replay what an earlier run left
 
-    def remember_prices(self, tenant_id: int, prices: Prices, currency: str) -> None:
-        self.plans[tenant_id] = _Plan(prices, currency)
+    def remember_prices(self, tenant_id: int, plan: PlanPrices) -> None:
+        self.plans[tenant_id] = plan
 
     async def submit(self, event: UsageEvent) -> Billed:
         if self._closed:
@@ -158,7 +163,8 @@ class GroupCommitter:
     async def _spool_batch(self, batch: list[_Item]) -> None:
         """Durable in the spool, then answered with the last known prices."""
         assert self.spool is not None
-        records = [SpoolRecord(event, self._price(event)) for event, _ in batch]
+        records = [SpoolRecord(event, self._price(event), self.plans.get(event.tenant_id))
+                   for event, _ in batch]
         try:
             await self.spool.append(records)
         except OSError as exc:
@@ -211,12 +217,13 @@ class GroupCommitter:
         for i in range(0, len(records), self.max_batch):
             chunk = records[i:i + self.max_batch]
             try:
-                results = await self._write([r.event for r in chunk], [r.billed for r in chunk])
+                results = await self._write([r.event for r in chunk], [r.billed for r in chunk],
+                                            [r.plan for r in chunk])
             except IntegrityError:  # one bad event: alone, each
                 results = []
                 for r in chunk:
                     try:
-                        results += await self._write([r.event], [r.billed])
+                        results += await self._write([r.event], [r.billed], [r.plan])
                     except IntegrityError as exc:
                         results.append(exc)
             for r, outcome in zip(chunk, results, strict=True):
@@ -276,79 +283,111 @@ class GroupCommitter:
                 fut.set_exception(outcome or LedgerError("no outcome for a usage event"))
 
     async def _write(self, events: list[UsageEvent],
-                     priced: Sequence[Billed | None] | None) -> list[_Outcome]:
-        """``priced``: per event, the cost it was already answered with (spooled), if any."""
+                     priced: Sequence[Billed | None] | None,
+                     priced_plans: Sequence[PlanPrices | None] | None = None
+                     ) -> list[_Outcome]:
+        """``priced``: per event, the cost it was already answered with (spooled), if any,
+        and ``priced_plans`` the plan that cost was computed by."""
         if self.sqlite_file is not None:
             self.sqlite_file.check()
+        known = _Known(priced, priced_plans, self.receipt_key)
         if self._writer is not None:
-            out, plans = await self._writer.write(events, priced)
+            out, plans = await self._writer.write(events, known)
         else:
-            out, plans = await self._write_sqlalchemy(events, priced)
+            out, plans = await self._write_sqlalchemy(events, known)
         self.plans.update(plans)
         return out
 
-    async def _write_sqlalchemy(self, events: list[UsageEvent],
-                                priced: Sequence[Billed | None] | None
-                                ) -> tuple[list[_Outcome], dict[int, _Plan]]:
-        """One transaction: price lookup, one multi-row idempotent insert, COMMIT."""
+    async def _write_sqlalchemy(self, events: list[UsageEvent], known: _Known
+                                ) -> tuple[list[_Outcome], dict[int, PlanPrices]]:
+        """One transaction: price lookup, one multi-row idempotent insert of the usage
+        rows, one of the receipts of the rows inserted, COMMIT."""
         async with self.engine.begin() as conn:
             rows = await conn.execute(_PRICES.where(Tenant.id.in_({e.tenant_id for e in events})))
-            plans = {r[0]: _Plan.of(r) for r in rows}
-            out, todo = _prepare(events, plans, priced)
+            plans = {r[0]: _plan_of(r) for r in rows}
+            out, todo = _prepare(events, plans, known)
             if todo:
                 stmt = (self._insert(UsageRow)
                         .on_conflict_do_nothing(index_elements=["request_id"])
                         .returning(UsageRow.request_id))
-                inserted = set((await conn.execute(stmt, [row for _, row in todo]))
+                inserted = set((await conn.execute(stmt, [row for _, row, _ in todo]))
                                .scalars().all())
-                for i, row in todo:
+                receipts = [r for _, row, r in todo
+                            if r is not None and row["request_id"] in inserted]
+                if receipts:
+                    await conn.execute(self._insert(ReceiptRow)
+                                       .on_conflict_do_nothing(index_elements=["id"]), receipts)
+                for i, row, _ in todo:
                     out[i] = _billed(out[i], row["request_id"] in inserted)
         return out, plans
 
 
-# The plan of tenants: prices in ``Prices`` field order, then the currency.
+# The plan of tenants: prices in ``Prices`` field order, the currency, the plan's id and name.
 _PRICES = (select(Tenant.id, *(getattr(Plan, f"{f.name}_price") for f in fields(Prices)),
-                  Plan.currency)
+                  Plan.currency, Plan.id, Plan.name)
            .join(Plan, Tenant.plan_id == Plan.id))
 
 
+def _plan_of(row: Sequence[Any]) -> PlanPrices:
+    """From a ``_PRICES`` row (its tenant id first)."""
+    n = len(fields(Prices))
+    return PlanPrices(Prices(*row[1 : 1 + n]), *row[1 + n : 4 + n])
+
+
 @dataclass(frozen=True)
-class _Plan:
-    prices: Prices
-    currency: str
+class _Known:
+    """What a write knows besides its events: per event, the cost it was answered with
+    from the spool and the plan behind that cost (if any), and the receipt key."""
 
-    @classmethod
-    def of(cls, row: Sequence[Any]) -> _Plan:
-        """From a ``_PRICES`` row (its tenant id first)."""
-        n = len(fields(Prices))
-        return cls(Prices(*row[1 : 1 + n]), row[1 + n])
+    priced: Sequence[Billed | None] | None = None
+    plans: Sequence[PlanPrices | None] | None = None
+    receipt_key: ReceiptKey | None = None
 
 
-def _prepare(events: list[UsageEvent], plans: dict[int, _Plan],
-             priced: Sequence[Billed | None] | None = None
-             ) -> tuple[list[_Outcome], list[tuple[int, dict[str, Any]]]]:
+# Per event to insert: its index, its usage row, its receipt row (None: no receipt)
+_Todo = tuple[int, dict[str, Any], dict[str, Any] | None]
+
+
+def _prepare(events: list[UsageEvent], plans: dict[int, PlanPrices],
+             known: _Known | None = None) -> tuple[list[_Outcome], list[_Todo]]:
     """Per event, the answer so far: ``Billed(new=False)`` (request id already billed, in
     the database or earlier in this batch) until the insert says it is new, or that
-    event's own error. And the rows to insert, each with its event's index. An event
-    already ``priced`` (answered from the spool) keeps that cost."""
+    event's own error. And the rows to insert, each with its event's index: the usage row
+    and the signed receipt, both from the one event and the one plan. An event already
+    ``priced`` (answered from the spool) keeps that cost, and its receipt that plan."""
+    known = known or _Known()
     out: list[_Outcome] = []
-    todo: list[tuple[int, dict[str, Any]]] = []
+    todo: list[_Todo] = []
     seen: set[str] = set()
     for i, e in enumerate(events):
         plan = plans.get(e.tenant_id)
         if plan is None:
             out.append(NotFound(f"tenant {e.tenant_id} does not exist"))
             continue
-        known = priced[i] if priced is not None else None
-        billed = (Billed(new=False, cost_micros=cost_micros(e.usage, plan.prices),
-                         currency=plan.currency) if known is None
-                  else Billed(new=False, cost_micros=known.cost_micros,
-                              currency=known.currency))
+        spooled = known.priced[i] if known.priced is not None else None
+        if spooled is None:
+            billed = Billed(new=False, cost_micros=cost_micros(e.usage, plan.prices),
+                            currency=plan.currency)
+        else:
+            billed = Billed(new=False, cost_micros=spooled.cost_micros,
+                            currency=spooled.currency)
+            spooled_plan = known.plans[i] if known.plans is not None else None
+            plan = spooled_plan or plan
         out.append(billed)
         if e.request_id not in seen:
             seen.add(e.request_id)
-            todo.append((i, usage_row(e, billed)))
+            todo.append((i, usage_row(e, billed), _receipt_row(e, billed, plan, known)))
     return out, todo
+
+
+def _receipt_row(e: UsageEvent, billed: Billed, plan: PlanPrices, known: _Known
+                 ) -> dict[str, Any] | None:
+    if e.receipt_id is None or known.receipt_key is None:
+        return None
+    signed = known.receipt_key.sign(receipt_payload(e, billed, plan))
+    return {"id": e.receipt_id, "request_id": e.request_id, "tenant_id": e.tenant_id,
+            "body": json.dumps(signed, sort_keys=True, separators=(",", ":")),
+            "created_at": utcnow()}
 
 
 def _billed(outcome: _Outcome, inserted: bool) -> _Outcome:
@@ -363,10 +402,10 @@ class _SqliteWriter:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger-sqlite")
         self._conn: sqlite3.Connection | None = None
 
-    async def write(self, events: list[UsageEvent], priced: Sequence[Billed | None] | None
-                    ) -> tuple[list[_Outcome], dict[int, _Plan]]:
+    async def write(self, events: list[UsageEvent], known: _Known
+                    ) -> tuple[list[_Outcome], dict[int, PlanPrices]]:
         return await asyncio.get_running_loop().run_in_executor(
-            self._pool, self._write, events, priced)
+            self._pool, self._write, events, known)
 
     def close(self) -> None:
         def _close() -> None:
@@ -384,8 +423,8 @@ class _SqliteWriter:
             self._conn = conn
         return self._conn
 
-    def _write(self, events: list[UsageEvent], priced: Sequence[Billed | None] | None
-               ) -> tuple[list[_Outcome], dict[int, _Plan]]:
+    def _write(self, events: list[UsageEvent], known: _Known
+               ) -> tuple[list[_Outcome], dict[int, PlanPrices]]:
         """Runs on the writer thread: per event, ``Billed`` (``new`` False when the request
         id was billed before, in the ledger or earlier in this batch) or its own error."""
         conn = self._connect()
@@ -394,14 +433,16 @@ class _SqliteWriter:
             plans = {}
             for tenant_id in {e.tenant_id for e in events}:
                 for r in conn.execute(_SQLITE_PRICES.sql, (tenant_id,)):
-                    plans[r[0]] = _Plan.of(r)
-            out, todo = _prepare(events, plans, priced)
-            for i, row in todo:
+                    plans[r[0]] = _plan_of(r)
+            out, todo = _prepare(events, plans, known)
+            for i, row, receipt in todo:
                 try:  # a failed statement rolls back alone; its neighbours stay
                     cur = conn.execute(_SQLITE_INSERT.sql, _SQLITE_INSERT.params(row))
                 except sqlite3.IntegrityError as exc:
                     out[i] = LedgerError(f"could not record usage: {exc}")
                     continue
+                if cur.rowcount == 1 and receipt is not None:
+                    conn.execute(_SQLITE_RECEIPT.sql, _SQLITE_RECEIPT.params(receipt))
                 out[i] = _billed(out[i], cur.rowcount == 1)
             conn.execute("COMMIT")
         except BaseException:
@@ -433,6 +474,10 @@ _SQLITE_INSERT = _SqliteStatement.compile(
     sqlite.insert(UsageRow)
     .values({name: bindparam(name) for name in _INSERT_COLUMNS})
     .on_conflict_do_nothing(index_elements=["request_id"]))
+_SQLITE_RECEIPT = _SqliteStatement.compile(
+    sqlite.insert(ReceiptRow)
+    .values({c.name: bindparam(c.name) for c in ReceiptRow.__table__.columns})
+    .on_conflict_do_nothing(index_elements=["id"]))
 _SQLITE_PRICES = _SqliteStatement.compile(_PRICES.where(Tenant.id == bindparam("tenant_id")))
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import logging
 import re
 from collections.abc import AsyncIterator
@@ -26,7 +27,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from . import migrate as migrations
 from .auth import VISIBLE_PREFIX_LEN, KeyCache, Principal, key_hash, new_key
-from .billing import DEFAULT_PLAN, Billed, Prices, UsageEvent
+from .billing import DEFAULT_PLAN, Billed, PlanPrices, Prices, UsageEvent
 from .committer import GroupCommitter, OnCommit
 from .db import SqliteFile, create_engine, sqlite_path
 from .errors import (
@@ -37,7 +38,8 @@ from .errors import (
     LedgerUnavailable,
     NotFound,
 )
-from .models import ApiKey, Plan, Tenant, utcnow
+from .models import ApiKey, Plan, ReceiptRow, Tenant, utcnow
+from .receipts import ReceiptKey
 from .reports import usage_report
 from .series import SeriesQuery, usage_series
 from .spool import DEFAULT_MAX_EVENTS, Spool
@@ -231,6 +233,16 @@ class Ledger:
     def on_commit(self, fn: OnCommit | None) -> None:
         self._committer.on_commit = fn
 
+    @property
+    def receipt_key(self) -> ReceiptKey | None:
+        """Signs the receipt stored with each usage event that names one; None: the
+        events' receipts are not stored."""
+        return self._committer.receipt_key
+
+    @receipt_key.setter
+    def receipt_key(self, key: ReceiptKey | None) -> None:
+        self._committer.receipt_key = key
+
     def queue_depth(self) -> int:
         """Usage events submitted and not yet committed (the gauge for /metrics)."""
         return self._committer.pending
@@ -249,6 +261,21 @@ class Ledger:
         """
         event.validate()
         return await self._committer.submit(event)
+
+    async def receipt(self, receipt_id: str, tenant_id: int) -> dict[str, Any]:
+        """The signed receipt ``receipt_id`` of tenant ``tenant_id``. ``NotFound`` alike
+        when it does not exist, is another tenant's, or waits in the spool (it is stored
+        when the spool is replayed)."""
+        if not isinstance(receipt_id, str) or not 0 < len(receipt_id) <= 64:
+            raise NotFound("no such receipt")
+        async with self._connect() as conn:
+            body = (await conn.execute(select(ReceiptRow.body).where(
+                ReceiptRow.id == receipt_id, ReceiptRow.tenant_id == tenant_id))
+                ).scalar_one_or_none()
+        if body is None:
+            raise NotFound("no such receipt")
+        receipt: dict[str, Any] = json.loads(body)
+        return receipt
 
     async def usage_report(self, tenant_id: int | None = None, since: datetime | None = None,
                            until: datetime | None = None, group_by: str = "day"
@@ -285,7 +312,7 @@ class Ledger:
         database is away. ``LedgerUnavailable`` when the database cannot answer."""
         stmt = (select(ApiKey.id, ApiKey.role, ApiKey.tenant_id, Tenant,
                        *(getattr(Plan, f"{k}_price") for k in _PRICE_FIELDS),
-                       Plan.currency.label("plan_currency"))
+                       Plan.currency.label("plan_currency"), Plan.name.label("plan_name"))
                 .outerjoin(Tenant, ApiKey.tenant_id == Tenant.id)
                 .outerjoin(Plan, Tenant.plan_id == Plan.id)
                 .where(ApiKey.key_sha256 == digest, ApiKey.revoked_at.is_(None)))
@@ -299,9 +326,9 @@ class Ledger:
                              None, None, None, None, None)
         if row.status == "deleted":
             return None
-        self._committer.remember_prices(
-            tenant_id, Prices(**{k: getattr(row, f"{k}_price") for k in _PRICE_FIELDS}),
-            row.plan_currency)
+        self._committer.remember_prices(tenant_id, PlanPrices(
+            Prices(**{k: getattr(row, f"{k}_price") for k in _PRICE_FIELDS}),
+            row.plan_currency, row.plan_id, row.plan_name))
         return Principal(key_id, role, tenant_id, row.name, row.status, row.cache_ttl_seconds,
                          row.cache_quota_bytes, row.requests_per_minute, row.tokens_per_minute,
                          row.max_concurrent, row.plan_id, row.cache_reserved_device_bytes,

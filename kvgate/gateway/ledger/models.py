@@ -161,3 +161,17 @@ class StoredResponse(Base):
     conversation: Mapped[str] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class ReceiptRow(Base):
+    """The signed receipt of one billed request (``receipts``): written in the transaction
+    that writes its usage row, from the same event; readable by its tenant only. ``body``
+    is the receipt's JSON as served, signature included."""
+
+    __tablename__ = "receipts"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    request_id: Mapped[str] = mapped_column(String(128), unique=True)
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id"), index=True)
+    body: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

@@ -30,14 +30,14 @@ import logging
 import os
 import zlib
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from kvgate.gateway.usage import Usage
+from kvgate.gateway.usage import CacheDetail, Usage
 
-from .billing import Billed, UsageEvent
+from .billing import Billed, PlanPrices, Prices, UsageEvent
 from .db import sqlite_path
 
 log = logging.getLogger("kvgate.ledger")
@@ -57,10 +57,12 @@ def default_spool_dir(url: str) -> Path:
 @dataclass(frozen=True)
 class SpoolRecord:
     """A spooled event and, when the tenant's prices were known, the cost it was answered
-    with (replay stores that cost; without one, replay prices it at commit)."""
+    with and the plan it was priced by (replay stores that cost, and the receipt states
+    that plan; without one, replay prices it at commit)."""
 
     event: UsageEvent
     billed: Billed | None
+    plan: PlanPrices | None = None
 
     def to_json(self) -> dict[str, Any]:
         e = self.event
@@ -69,7 +71,11 @@ class SpoolRecord:
                 "status": e.status, "started_at": e.started_at.isoformat(),
                 "finished_at": e.finished_at.isoformat(), "ttft_ms": e.ttft_ms, "cache_key": e.cache_key,
                 "cost_micros": None if self.billed is None else self.billed.cost_micros,
-                "currency": None if self.billed is None else self.billed.currency}
+                "currency": None if self.billed is None else self.billed.currency,
+                "receipt_id": e.receipt_id, "cache": e.cache.to_json(),
+                "plan": None if self.plan is None else {
+                    "id": self.plan.plan_id, "name": self.plan.name,
+                    "currency": self.plan.currency, "prices": asdict(self.plan.prices)}}
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> SpoolRecord:
@@ -77,13 +83,19 @@ class SpoolRecord:
             request_id=d["request_id"], tenant_id=d["tenant_id"], key_id=d["key_id"],
             model=d["model"], endpoint=d["endpoint"], usage=Usage.from_json(d["usage"]),
             status=d["status"], started_at=datetime.fromisoformat(d["started_at"]),
-            finished_at=datetime.fromisoformat(d["finished_at"]), ttft_ms=d["ttft_ms"], cache_key=d.get("cache_key"))
+            finished_at=datetime.fromisoformat(d["finished_at"]), ttft_ms=d["ttft_ms"],
+            receipt_id=d.get("receipt_id"), cache=CacheDetail.from_json(d.get("cache") or {}),
+            cache_key=d.get("cache_key"))
         event.validate()
         billed = None
         if d.get("cost_micros") is not None:
             billed = Billed(new=True, cost_micros=int(d["cost_micros"]),
                             currency=str(d["currency"]), spooled=True)
-        return cls(event, billed)
+        plan = None
+        if billed is not None and isinstance(d.get("plan"), dict):
+            p = d["plan"]
+            plan = PlanPrices(Prices(**p["prices"]), str(p["currency"]), p["id"], p["name"])
+        return cls(event, billed, plan)
 
 
 def encode(record: SpoolRecord) -> bytes:
