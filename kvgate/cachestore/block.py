@@ -63,6 +63,10 @@ class CacheSeq:
     num_committed_blocks: int = 0
     blocks: list[Block] = field(default_factory=list)
     chain_broken: bool = False  # a block could not be indexed: later ones have no parent
+    # Hashes of the blocks it computes and has not committed yet, from block
+    # ``computing_from`` on (``CacheStore.announce``): what waiting requests may wait for.
+    computing: list[bytes] = field(default_factory=list)
+    computing_from: int = 0
 
     def ttl_for_block(self, index: int, block_size: int, store_default: float) -> float:
         end = (index + 1) * block_size
