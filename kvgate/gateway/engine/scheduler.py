@@ -113,7 +113,7 @@ class Scheduler:
             if self._grow(seq, seq.num_computed + n, out):
                 out.chunks.append(Chunk(seq, seq.num_computed, n))
                 budget -= n
-        i = 0  # requests before it in the queue wait for blocks being computed
+        i = 0  # the first queued request not found waiting (single-flight) this step
         while i < len(self.waiting) and budget > 0 and len(self.running) < self.config.max_running:
             seq = self.waiting[i]
             try:
