@@ -221,3 +221,30 @@ async def test_the_wait_is_bounded(make_engine) -> None:
     await wait_idle(engine)
     assert_store_consistent(engine.store)
     assert not engine.store._computing
+
+
+async def test_a_preempted_leader_releases_its_followers_and_leads_again(make_engine) -> None:
+    p = prompt()
+    expected = await lone(make_engine, p)
+    engine = await make_engine(max_batch_tokens=2048)
+
+    def preempt_after_the_step(seq: Sequence) -> None:
+        engine._inbox.put(Call(lambda: engine.scheduler.preempt(seq)))
+
+    hold_commits(engine, "lead", then=preempt_after_the_step)
+    results = await run_together(engine, [
+        GenerateRequest("lead", "tenant:a", p, greedy(OUT)),
+        GenerateRequest("f1", "tenant:a", p, greedy(OUT)),
+        GenerateRequest("f2", "tenant:a", p, greedy(OUT)),
+    ])
+    assert engine.scheduler.num_preemptions == 1
+    (ids0, _, lead), (ids1, _, f1), (ids2, _, f2) = results
+    # Back at the head of the queue, the leader is admitted again and announces its blocks
+    # again; the followers wait for it and read them.
+    assert lead.usage.cached_tokens == 0
+    assert f1.usage.cached_tokens == f2.usage.cached_tokens == SHARED
+    assert ids0 == ids1 == ids2 == expected
+    assert single_flight(engine) == {"waited": 2, "timed_out": 0, "saved_tokens": 2 * SHARED}
+    await wait_idle(engine)
+    assert_store_consistent(engine.store)
+    assert not engine.store._computing
