@@ -68,6 +68,10 @@ class CacheSeq:
     # Blocks this sequence wrote to the cache (``CacheStore.commit``), in order: (chain
     # hash, TTL seconds). Blocks shared with another sequence's are not among them.
     written: list[tuple[bytes, float]] = field(default_factory=list)
+    # Hashes of the blocks it computes and has not committed yet, from block
+    # ``computing_from`` on (``CacheStore.announce``): what waiting requests may wait for.
+    computing: list[bytes] = field(default_factory=list)
+    computing_from: int = 0
 
     def ttl_for_block(self, index: int, block_size: int, store_default: float) -> float:
         end = (index + 1) * block_size

@@ -54,11 +54,26 @@ class PromptTokens:
 
 
 @dataclass
+class SingleFlight:
+    """Requests that waited for another running request of their namespace to compute the
+    prompt blocks they were about to compute (``Scheduler``, one prefill per prefix)."""
+
+    waited: int = 0  # requests that waited at least one step
+    timed_out: int = 0  # of those, waits that reached the bound (they computed the rest)
+    saved_tokens: int = 0  # prompt tokens they read from the cache thanks to the wait
+
+    def as_dict(self) -> dict[str, int]:
+        return {"waited": self.waited, "timed_out": self.timed_out,
+                "saved_tokens": self.saved_tokens}
+
+
+@dataclass
 class CacheCounters:
     evictions: Evictions = field(default_factory=Evictions)
     promotions: PageMoves = field(default_factory=PageMoves)
     demotions: PageMoves = field(default_factory=PageMoves)
     prompts: dict[str, PromptTokens] = field(default_factory=dict)
+    single_flight: SingleFlight = field(default_factory=SingleFlight)
 
     def record_prompt(self, namespace: str, prompt_tokens: int, cached_tokens: int) -> None:
         if not 0 <= cached_tokens <= prompt_tokens:
@@ -77,4 +92,5 @@ class CacheCounters:
             replace(self.promotions),
             replace(self.demotions),
             {ns: replace(tokens) for ns, tokens in self.prompts.items()},
+            replace(self.single_flight),
         )

@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from kvgate.cachestore.block import Block
-from kvgate.cachestore.counters import Evictions, PageMoves
+from kvgate.cachestore.counters import Evictions, PageMoves, SingleFlight
 
 JSON = dict[str, object]
 
@@ -160,6 +160,7 @@ class CacheStats:
     namespaces: dict[str, NamespaceStats] = field(default_factory=dict)
     shares: ShareSummary | None = None
     shared: SharedTierStats | None = None  # the Valkey tier, when configured
+    single_flight: SingleFlight = field(default_factory=SingleFlight)
 
     @property
     def blocks(self) -> dict[str, int]:
@@ -185,6 +186,7 @@ class CacheStats:
             "namespaces": {ns: s.as_dict() for ns, s in sorted(self.namespaces.items())},
             "shares": self.shares.as_dict() if self.shares is not None else None,
             "shared": self.shared.as_dict() if self.shared is not None else None,
+            "single_flight": self.single_flight.as_dict(),
         }
 
 

@@ -28,6 +28,12 @@ Choices the specification leaves open:
 - ``commit`` reports writes by TTL in seconds; which price a TTL gets is billing's call.
 - Hit and miss tokens are counted once per request by ``record_prompt``, from the figures
   the request is billed with; ``match`` counts nothing (see ``counters``).
+- Blocks being computed (one prefill per prefix): ``announce`` records, for a sequence
+  just admitted, the hashes of the blocks it is about to compute; ``commit`` and
+  ``release`` take them off again. ``in_flight`` tells a queued prompt whether its first
+  uncached block is one of them, computed by a running sequence of its own namespace (the
+  hashes chain from the namespace's root, and the namespace is compared too, so a prompt
+  never waits on another namespace's work).
 """
 
 from __future__ import annotations
@@ -119,6 +125,7 @@ class CacheStore:
         self._roots: dict[str, bytes] = {}
         self._observed: OrderedDict[str, None] = OrderedDict()  # seq ids the duel has seen
         self._queued: dict[str, tuple[int, list[bytes]]] = {}  # hold_queued's hashes by key
+        self._computing: dict[bytes, CacheSeq] = {}  # announced block hash -> who computes it
         self._lock = threading.Lock()
         self.shared: SharedLink | None = None  # the Valkey tier (``attach_shared``)
 
@@ -196,6 +203,7 @@ class CacheStore:
             if end <= start:
                 return {}
             seq.num_committed_blocks = end
+            self._computed(seq, end)
             if seq.chain_broken:
                 return {}
             now = self.clock()
@@ -241,12 +249,86 @@ class CacheStore:
             now = self.policy.now = self.clock()
             if self.index.unref(seq.blocks, now=now):
                 self._enforce_quota(seq.namespace)
+            self._computed(seq, seq.computing_from + len(seq.computing))
+            seq.computing_from = 0
             seq.block_table = []
             seq.blocks = []
             seq.num_committed_blocks = 0
             seq.chain_broken = False
             seq.written = []
             self.seqs.pop(seq.seq_id, None)
+
+    # -- blocks being computed (one prefill per prefix) -----------------------------------
+    def block_hashes(self, namespace: str, token_ids: TokenIds) -> list[bytes]:
+        """The chain hashes of every full block of ``token_ids`` in ``namespace``."""
+        return chain_hashes(self._root(namespace), token_bytes(token_ids), self.block_size,
+                            self.hash_fn)
+
+    def announce(self, seq: CacheSeq, hashes: list[bytes]) -> int:
+        """``seq`` (just matched and allocated) computes the blocks ``hashes`` names after
+        its matched prefix (``hashes``: ``block_hashes`` of its tokens): queued prompts
+        that need them next may wait for its commits. A block another running sequence
+        announced first stays that one's. → blocks announced."""
+        with self._lock:
+            self._computed(seq, seq.computing_from + len(seq.computing))
+            start = seq.num_committed_blocks
+            seq.computing_from, seq.computing = start, hashes[start:]
+            claimed = 0
+            for block_hash in seq.computing:
+                if self._computing.setdefault(block_hash, seq) is seq:
+                    claimed += 1
+            return claimed
+
+    def in_flight(self, namespace: str, hashes: list[bytes], num_blocks: int, start: int = 0
+                  ) -> tuple[int, str] | None:
+        """The first of the leading ``num_blocks`` blocks of a queued prompt (``hashes``,
+        from ``block_hashes``) that is not cached, and the id of the running sequence of
+        ``namespace`` computing it now; None when it is cached or nobody computes it.
+
+        ``start``: where the previous answer for this prompt was (the blocks before it
+        were cached then; not checked again, so a long wait costs one walk, not one per
+        step). A block before it evicted since is simply computed after the wait."""
+        with self._lock:
+            if not self._computing:
+                return None
+            now = self.clock()
+            parent = self.index.get(hashes[start - 1]) if 0 < start <= num_blocks else None
+            if parent is None or parent.namespace != namespace:
+                parent, start = None, 0
+            for i in range(start, num_blocks):
+                block_hash = hashes[i]
+                block = self.index.get(block_hash)
+                if (block is not None and block.parent is parent and block.namespace == namespace
+                        and not is_expired(block, now)):
+                    parent = block
+                    continue
+                seq = self._computing.get(block_hash)
+                if seq is None or seq.namespace != namespace:
+                    return None
+                return i, seq.seq_id
+            return None
+
+    def record_wait(self, *, waited: bool = False, timed_out: bool = False,
+                    saved_tokens: int = 0) -> None:
+        """Count a request that started waiting, a wait that reached its bound, and the
+        prompt tokens a request read from the cache because it waited (``stats()``)."""
+        with self._lock:
+            counters = self.counters.single_flight
+            counters.waited += int(waited)
+            counters.timed_out += int(timed_out)
+            counters.saved_tokens += saved_tokens
+
+    def _computed(self, seq: CacheSeq, end: int) -> None:
+        """``seq``'s announced blocks before block ``end`` are done (committed, or never
+        will be): nobody waits for them any more."""
+        done = end - seq.computing_from
+        if done <= 0:
+            return
+        for block_hash in seq.computing[:done]:
+            if self._computing.get(block_hash) is seq:
+                del self._computing[block_hash]
+        seq.computing = seq.computing[done:]
+        seq.computing_from = end
 
     def hold_queued(self, queued: dict[str, tuple[str, TokenIds]]) -> int:
         """The prompts of queued requests, by a key stable while they wait (their sequence
@@ -412,6 +494,7 @@ class CacheStore:
                         for ns, p in prompts.items()},
             shares=share_summary,
             shared=self.shared.tier.stats() if self.shared is not None else None,
+            single_flight=counters.single_flight,
         )
 
     def hottest(self, namespace: str, limit: int = 10) -> list[HotPrefix]:

@@ -29,6 +29,9 @@ class Settings:
     max_queue: int = 256  # requests waiting for the engine before 503
     max_batch_tokens: int = 2048  # token budget of one engine step
     max_running: int = 64  # sequences decoding at once
+    # One prefill per prefix: steps a request may wait for the same tenant's identical
+    # prompt blocks another request is computing (then it computes them); 0 = never wait.
+    single_flight_wait_steps: int = 256
     default_cache_ttl_seconds: int = 300
     metrics_tenant_labels: bool = True
     # /metrics only on this port when set (the API port then answers 404 for it).

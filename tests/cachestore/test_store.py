@@ -346,3 +346,51 @@ def test_stats_snapshot_does_not_change_afterwards(make_store: MakeStore) -> Non
     assert before.demotions.count == before.evictions.lru == 0
     assert before.namespaces[NS].miss_tokens == 2 * BLOCK
     assert store.stats().demotions.count == 1
+
+
+def test_blocks_being_computed_are_found_until_committed_or_released(
+        make_store: MakeStore) -> None:
+    """One prefill per prefix: what ``announce`` records is found by ``in_flight`` for the
+    same namespace only, moves on as blocks are committed, and is gone on release."""
+    store = make_store()
+    prompt = tokens(4 * BLOCK + 3)
+    hashes = store.block_hashes(NS, prompt)
+    assert len(hashes) == 4
+    assert store.in_flight(NS, hashes, 4) is None  # nobody computes anything
+    lead = store.open("lead", NS)
+    store.match(lead, prompt[:-1])
+    assert store.allocate(lead, len(prompt))
+    assert store.announce(lead, hashes) == 4
+    assert store.in_flight(NS, hashes, 4) == (0, "lead")
+    assert store.in_flight(NS, hashes, 0) is None  # a prompt with no full block to match
+    # the same tokens in another namespace chain from another root: never found
+    other = store.block_hashes("tenant:2", prompt)
+    assert not set(other) & set(hashes)
+    assert store.in_flight("tenant:2", other, 4) is None
+    assert store.in_flight("tenant:2", hashes, 4) is None  # nor under a borrowed hash
+    store.commit(lead, prompt[: 2 * BLOCK])
+    assert store.in_flight(NS, hashes, 4) == (2, "lead")
+    assert store.in_flight(NS, hashes, 4, start=2) == (2, "lead")
+    assert store.in_flight(NS, hashes, 2) is None  # its two blocks are cached now
+    # a second sequence announcing the same blocks leaves them the first one's
+    late = store.open("late", NS)
+    store.match(late, prompt[:-1])
+    assert store.allocate(late, len(prompt))
+    assert store.announce(late, hashes) == 0
+    store.release(late)
+    assert store.in_flight(NS, hashes, 4) == (2, "lead")
+    store.release(lead)  # preempted, cancelled or finished: nobody waits any more
+    assert store.in_flight(NS, hashes, 4) is None
+    assert not store._computing and not lead.computing
+
+
+def test_single_flight_counters_reach_the_stats(make_store: MakeStore) -> None:
+    store = make_store()
+    assert store.stats().as_dict()["single_flight"] == {"waited": 0, "timed_out": 0,
+                                                        "saved_tokens": 0}
+    store.record_wait(waited=True)
+    store.record_wait(waited=True)
+    store.record_wait(timed_out=True)
+    store.record_wait(saved_tokens=3 * BLOCK)
+    assert store.stats().as_dict()["single_flight"] == {"waited": 2, "timed_out": 1,
+                                                        "saved_tokens": 3 * BLOCK}

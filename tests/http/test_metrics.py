@@ -22,7 +22,8 @@ DOCUMENTED = {
     "kvgate_cache_evictions", "kvgate_cache_promotion_bytes", "kvgate_cache_demotion_bytes",
     "kvgate_cache_hit_tokens", "kvgate_cache_miss_tokens", "kvgate_ledger_commit_seconds",
     "kvgate_ledger_queue_depth", "kvgate_engine_queue_depth",
-    "kvgate_engine_running_requests", "kvgate_cost_micros",
+    "kvgate_engine_running_requests", "kvgate_cost_micros", "kvgate_single_flight_requests",
+    "kvgate_single_flight_saved_tokens",
 }
 
 

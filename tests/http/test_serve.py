@@ -43,6 +43,19 @@ def test_flags_and_environment(monkeypatch: pytest.MonkeyPatch,
         assert flag in help_text
 
 
+def test_single_flight_wait_steps_reaches_the_engine(monkeypatch: pytest.MonkeyPatch) -> None:
+    from kvgate.gateway.engine import EngineConfig
+    from kvgate.gateway.http.app import engine_config
+
+    s = settings_from_args(build_parser().parse_args(["serve", "--single-flight-wait-steps", "3"]))
+    assert engine_config(s).single_flight_wait_steps == 3
+    monkeypatch.setenv("KVGATE_SINGLE_FLIGHT_WAIT_STEPS", "0")  # off
+    s = settings_from_args(build_parser().parse_args(["serve"]))
+    assert engine_config(s).single_flight_wait_steps == 0
+    with pytest.raises(ValueError, match="single_flight_wait_steps"):
+        EngineConfig(single_flight_wait_steps=-1)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

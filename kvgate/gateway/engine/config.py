@@ -35,11 +35,17 @@ class EngineConfig:
     num_threads: int = 0  # 0 = every core torch sees
     seed: int = 0  # demo weights
     cuda_graphs: bool = True  # decode steps replay captured graphs (CUDA with triton only)
+    # One prefill per prefix: a queued request whose next prompt blocks a running request
+    # of its namespace is computing waits for them, at most this many steps (then it
+    # computes them itself); 0 turns the waiting off (``Scheduler._waits``).
+    single_flight_wait_steps: int = 256
     shared_tier: SharedTierConfig | None = None  # the Valkey tier (cachestore/shared_tier.py)
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.max_batch_tokens <= 0 or self.max_running <= 0:
             raise ValueError("block_size, max_batch_tokens and max_running must be positive")
+        if self.single_flight_wait_steps < 0:
+            raise ValueError("single_flight_wait_steps must be 0 (off) or positive")
         if self.max_model_len < 0:
             raise ValueError("max_model_len must be positive (0: the model's own context)")
         if self.dtype not in ("auto", *_DTYPES):

@@ -10,6 +10,16 @@ and only the rest is scheduled.
 When the device pool cannot hold the running set, the newest running sequence is
 preempted: its pages are released (committed blocks stay cached) and it goes back to the
 front of the queue, to be recomputed later, usually mostly from the cache.
+
+One prefill per prefix: an admitted sequence announces the blocks it is about to compute
+(``CacheStore.announce``). A queued request whose first uncached block is one of them,
+announced by a running sequence of its own namespace, waits (``_waits``): it keeps its
+place while requests behind it that do not wait are admitted, and once the blocks are
+committed it is admitted and reads them from the cache (billed as cached tokens, as any
+later hit). Only running sequences announce, so a request never waits on a waiting one,
+and what it waits for is released as soon as the leader commits, is preempted or ends.
+The wait is bounded (``EngineConfig.single_flight_wait_steps``): past it the request
+computes the rest itself.
 """
 
 from __future__ import annotations
@@ -103,15 +113,21 @@ class Scheduler:
             if self._grow(seq, seq.num_computed + n, out):
                 out.chunks.append(Chunk(seq, seq.num_computed, n))
                 budget -= n
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_running:
+        i = 0  # the first queued request not found waiting (single-flight) this step
+        while i < len(self.waiting) and budget > 0 and len(self.running) < self.config.max_running:
+            seq = self.waiting[i]
             try:
-                chunk = self._admit(self.waiting[0], budget)
+                if self._waits(seq):
+                    i += 1
+                    continue
+                chunk = self._admit(seq, budget)
             except Exception as exc:  # this request's own (its tokens): it alone fails
-                out.failed.append((self.waiting.popleft(), exc))
+                del self.waiting[i]
+                out.failed.append((seq, exc))
                 continue
             if chunk is None:
                 break
-            self.waiting.popleft()
+            del self.waiting[i]
             out.chunks.append(chunk)
             budget -= chunk.length
         # the cached prefixes the next admissions will match go last (CacheStore.hold_queued)
@@ -134,6 +150,36 @@ class Scheduler:
                 return False
         return True
 
+    def _hashes(self, seq: Sequence) -> list[bytes]:
+        """The chain hashes of the sequence's full blocks, made once per length."""
+        if seq.hashed_len != len(seq.token_ids):
+            seq.block_hashes = self.store.block_hashes(seq.request.namespace, seq.token_ids)
+            seq.hashed_len = len(seq.token_ids)
+        return seq.block_hashes
+
+    def _waits(self, seq: Sequence) -> bool:
+        """Whether ``seq`` waits this step: the first block of its prompt not cached yet
+        (of those it would match: ``token_ids[:-1]``) is being computed by a running
+        sequence of its namespace, and it has waited fewer steps than the bound."""
+        limit = self.config.single_flight_wait_steps
+        if limit == 0 or seq.waited_steps > limit:
+            return False
+        found = self.store.in_flight(seq.request.namespace, self._hashes(seq),
+                                     (len(seq) - 1) // self.block_size,
+                                     seq.wait_from_block or 0)
+        if found is None:
+            return False
+        if seq.waited_steps == limit:  # the bound: computes the rest itself from now on
+            seq.waited_steps += 1
+            self.store.record_wait(timed_out=True)
+            return False
+        if seq.wait_from_block is None:
+            seq.wait_from_block = found[0]
+        if seq.waited_steps == 0:
+            self.store.record_wait(waited=True)
+        seq.waited_steps += 1
+        return True
+
     def _admit(self, seq: Sequence, budget: int) -> Chunk | None:
         req = seq.request
         seq.admissions += 1
@@ -148,13 +194,22 @@ class Scheduler:
             match = self.store.match(handle, seq.token_ids[:-1])
             cached = int(match.num_cached_tokens)
             n = min(len(seq) - cached, budget)
-            admitted = self.store.allocate(handle, cached + n)
+            hashes = self._hashes(seq) if self.config.single_flight_wait_steps else None
+            room = self.store.allocate(handle, cached + n)
+            if room and hashes is not None:  # what queued requests may wait for
+                self.store.announce(handle, hashes)
+            admitted = room
         finally:
             if not admitted:  # no room, or it raised: hold nothing
                 self.store.release(handle)
                 seq.admissions -= 1
         if not admitted:
             return None
+        if seq.wait_from_block is not None:  # it waited: the blocks read instead of computed
+            saved = cached - seq.wait_from_block * self.block_size
+            seq.wait_from_block = None
+            if saved > 0:
+                self.store.record_wait(saved_tokens=saved)
         if seq.admissions == 1 and seq.index == 0:  # the prompt is billed once, with choice 0
             seq.cached_tokens = min(cached, seq.num_prompt_tokens)
             seq.read_blocks = list(match.blocks)

@@ -74,6 +74,13 @@ class Sequence:
         self.status = Status.WAITING
         self.handle: CacheSeq | None = None  # the cachestore's state while admitted
         self.admissions = 0
+        # One prefill per prefix (``Scheduler._waits``): the chain hashes of ``token_ids``'
+        # full blocks (for ``len(token_ids)`` tokens), the steps spent waiting for another
+        # sequence's blocks, and the first block it waited for (None: not waiting now).
+        self.block_hashes: list[bytes] = []
+        self.hashed_len = -1
+        self.waited_steps = 0
+        self.wait_from_block: int | None = None
         # The stream this sequence draws from (``sampler.uniforms``): the request's seed
         # (plus the choice index), or a random one; draw i is the i-th output token's.
         seed = self.params.seed_of(index)

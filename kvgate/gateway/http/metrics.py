@@ -139,6 +139,11 @@ SNAPSHOT_FAMILIES = (
      ("tier", "tenant")),
     ("kvgate_cache_share_fallbacks", "counter",
      "Protected cache blocks evicted because no share could absorb the pressure.", ()),
+    ("kvgate_single_flight_requests", "counter",
+     "Requests that waited for the same tenant's prompt blocks another request was "
+     "computing (waited), and waits that reached the bound (timed_out).", ("outcome",)),
+    ("kvgate_single_flight_saved_tokens", "counter",
+     "Prompt tokens read from the cache instead of computed thanks to such waits.", ()),
     ("kvgate_shared_tier_blocks", "counter",
      "Shared-tier (Valkey) blocks by outcome: hit, miss, rejected (failed verification), "
      "written, dropped (not written).", ("kind",)),
@@ -199,6 +204,10 @@ class _SnapshotCollector(Collector):
             f[name].add_metric([], value)
         if stats.shares is not None:
             f["kvgate_cache_share_fallbacks"].add_metric([], stats.shares.fallbacks)
+        waits = stats.single_flight
+        f["kvgate_single_flight_requests"].add_metric(["waited"], waits.waited)
+        f["kvgate_single_flight_requests"].add_metric(["timed_out"], waits.timed_out)
+        f["kvgate_single_flight_saved_tokens"].add_metric([], waits.saved_tokens)
         self._collect_shares(stats.namespaces, f)
         self._collect_shared_tier(stats.shared, f)
         yield from f.values()

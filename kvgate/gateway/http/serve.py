@@ -63,7 +63,10 @@ def register(subparsers: Any) -> None:
 
 _TYPES = {"int": int, "float": float, "str": str}
 _HELP = {"tool_call_parser": "how tool calls are read from the output: hermes (qwen), llama3, "
-                             "mistral, none, or auto (from the chat template; the default)"}
+                             "mistral, none, or auto (from the chat template; the default)",
+         "single_flight_wait_steps": "engine steps a request may wait for the same tenant's "
+                                     "prompt blocks another request is computing, instead of "
+                                     "computing them too (256; 0: never wait)"}
 # Settings held as one comma-separated string, given on the command line as one or more words
 _LISTS = {"served_model_name": "names clients may use for the model, the first reported "
                                "(NAME [ALIAS ...] or NAME,ALIAS)"}
