@@ -29,7 +29,6 @@ from sqlalchemy.sql.elements import ColumnElement
 from .billing import MICROS_PER_MILLION_TOKENS
 from .errors import InvalidInput
 from .models import ApiKey, Plan, Tenant, UsageRow
-from .reports import FIELDS
 from .timespec import check_range
 
 BUCKETS = ("hour", "day", "all")
@@ -41,8 +40,10 @@ DEFAULT_SPAN = {"hour": timedelta(hours=24), "day": timedelta(days=30)}
 _STEP = {"hour": timedelta(hours=1), "day": timedelta(days=1)}
 # The token kinds of the bill (``billing.cost_micros``): uncached input, cache read
 # (``cached_tokens``), cache writes by TTL class, output (``completion_tokens``);
-# ``cache_write_tokens`` is the two write classes together, as in usage reports.
-_SUMMED = (*FIELDS, "cache_write_5m_tokens", "cache_write_1h_tokens", "errors")
+# ``cache_write_tokens`` is the two write classes together, as in usage reports (added up
+# here, not summed again in SQL). ``_SUMMED``: the sums the database answers.
+_SUMMED = ("requests", "prompt_tokens", "cached_tokens", "cache_write_5m_tokens",
+           "cache_write_1h_tokens", "completion_tokens", "cost_micros", "errors")
 SERIES_FIELDS = ("requests", "prompt_tokens", "uncached_input_tokens", "cached_tokens",
                  "cache_write_tokens", "cache_write_5m_tokens", "cache_write_1h_tokens",
                  "completion_tokens", "cost_micros", "errors", "saved_micros",
@@ -150,7 +151,6 @@ def _sums() -> list[Any]:
         func.count(u.id).label("requests"),
         zero_sum(u.prompt_tokens).label("prompt_tokens"),
         zero_sum(u.cached_tokens).label("cached_tokens"),
-        zero_sum(u.cache_write_5m_tokens + u.cache_write_1h_tokens).label("cache_write_tokens"),
         zero_sum(u.cache_write_5m_tokens).label("cache_write_5m_tokens"),
         zero_sum(u.cache_write_1h_tokens).label("cache_write_1h_tokens"),
         zero_sum(u.completion_tokens).label("completion_tokens"),
@@ -252,6 +252,7 @@ def _merge(merged: dict[tuple[Any, ...], dict[str, Any]], names: list[str], r: A
 def _row(row: dict[str, Any]) -> dict[str, Any]:
     if "start" in row:
         row["start"] = _start(row["start"])
+    row["cache_write_tokens"] = row["cache_write_5m_tokens"] + row["cache_write_1h_tokens"]
     row["uncached_input_tokens"] = _uncached(row)
     saved, read = row.pop("saved_scaled"), row.pop("read_scaled")
     row["saved_micros"] = saved // MICROS_PER_MILLION_TOKENS  # rounded down: never overstated
@@ -274,7 +275,8 @@ def _ordered(row: dict[str, Any], names: list[str]) -> dict[str, Any]:
 
 
 def _totals(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    totals: dict[str, Any] = {name: sum(r[name] for r in rows) for name in _SUMMED}
+    totals: dict[str, Any] = {name: sum(r[name] for r in rows)
+                              for name in (*_SUMMED, "cache_write_tokens")}
     totals["uncached_input_tokens"] = _uncached(totals)
     money: dict[str, dict[str, int]] = {"cost_micros": {}, "saved_micros": {},
                                         "net_saved_micros": {}}
