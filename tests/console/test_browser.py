@@ -18,6 +18,10 @@ from tests.support import ADMIN_KEY, Admin, ThreadServer
 
 from .conftest import XSS_NAME, Workload, chat
 
+# The token columns, named and split as the bill prices them, and their API fields.
+BILLED = ["Uncached input", "Cache read", "Cache write (5m)", "Cache write (1h)", "Output"]
+BILLED_FIELDS = ("uncached_input_tokens", "cached_tokens", "cache_write_5m_tokens",
+                 "cache_write_1h_tokens", "completion_tokens")
 AXE = (Path(__file__).parent / "vendor" / "axe.min.js").read_text(encoding="utf-8")
 VIEWS = ("overview", "tenants", "tenant", "actions")
 # Chromium logs every non-2xx fetch as a console error; a refused key is one on purpose.
@@ -138,6 +142,16 @@ def test_sign_in_and_every_page_shows_what_the_api_returns(
                for i in range(1, 4)}
     assert set(evicted) <= set(stats["evictions"])
     assert page.locator("td[data-col=tier]").all_inner_texts()[:2] == ["device", "host"]
+    bands = _api(admin, "/admin/cache/history")["totals"]["ttft_by_prompt_length"]
+    for band in bands:  # time to first token: hit beside miss within each prompt length
+        row = f"tr[data-band='{band['prompt_tokens_from']}']"
+        assert console.cell(row, "band") == band["label"]
+        for side in ("hit", "miss"):
+            assert _int(console.cell(row, f"{side}_requests")) == band[side]["requests"]
+            want = band[side]["ttft_ms"]
+            assert console.cell(row, f"{side}_ttft_ms") == (
+                "–" if want is None else f"{want:.1f} ms")
+    assert sum(b["hit"]["requests"] for b in bands) >= 3  # the workload's hits are in it
     page.screenshot(path=str(shots / "overview.png"), full_page=True)
 
     console.show("tenants")
@@ -145,19 +159,28 @@ def test_sign_in_and_every_page_shows_what_the_api_returns(
                                               since="30d")["rows"]}
     series_rows = {r["tenant_id"]: r for r in _api(
         admin, "/admin/usage/series", bucket="all", group_by="tenant", since="30d")["rows"]}
+    headers = page.locator("#view table thead th").all_inner_texts()
+    assert headers[2:9] == ["Requests", *BILLED, "Cost"]  # named as the bill names them
     for tenant in (workload.busy, workload.quiet):
         row = f"tr[data-tenant-id='{tenant.id}']"
-        want = usage[tenant.id]
+        want, kinds = usage[tenant.id], series_rows[tenant.id]
         assert console.cell(row, "name") == tenant.name
         assert _int(console.cell(row, "requests")) == want["requests"]
         assert _int(console.cell(row, "cached_tokens")) == want["cached_tokens"]
-        assert _int(console.cell(row, "cache_write_tokens")) == want["cache_write_tokens"]
-        assert _int(console.cell(row, "uncached_tokens")) == (
+        assert _int(console.cell(row, "uncached_input_tokens")) == (
             want["prompt_tokens"] - want["cached_tokens"] - want["cache_write_tokens"])
+        assert _int(console.cell(row, "cache_write_5m_tokens")) == kinds["cache_write_5m_tokens"]
+        assert _int(console.cell(row, "cache_write_1h_tokens")) == kinds["cache_write_1h_tokens"]
+        assert kinds["cache_write_5m_tokens"] + kinds["cache_write_1h_tokens"] == (
+            want["cache_write_tokens"])
+        assert _int(console.cell(row, "completion_tokens")) == want["completion_tokens"]
         assert _micros(console.cell(row, "cost")) == {want["currency"]: want["cost_micros"]}
         assert _micros(console.cell(row, "saved")) == {
             want["currency"]: series_rows[tenant.id]["saved_micros"]}
-    assert _int(console.cell(f"tr[data-tenant-id='{workload.busy.id}']", "requests")) == 4
+    busy_row = f"tr[data-tenant-id='{workload.busy.id}']"
+    assert _int(console.cell(busy_row, "requests")) == 4
+    # the first request wrote the shared prompt to the cache (default TTL: the 5m class)
+    assert _int(console.cell(busy_row, "cache_write_5m_tokens")) > 0
     page.screenshot(path=str(shots / "tenants.png"), full_page=True)
 
     console.show("tenant", workload.busy.id)
@@ -166,11 +189,60 @@ def test_sign_in_and_every_page_shows_what_the_api_returns(
     assert hits == [p["hits"] for p in hot["prefixes"]] and hits
     keys = _api(admin, f"/admin/tenants/{workload.busy.id}/keys")["data"]
     assert page.locator("tr[data-key-id]").count() == len(keys)
+    by_key = _api(admin, "/admin/usage/series", bucket="all", group_by="key", since="30d",
+                  tenant_id=workload.busy.id)["rows"]
+    by_key_table = page.locator("table", has=page.locator("caption", has_text="Usage by key"))
+    assert by_key_table.locator("thead th").all_inner_texts()[1:8] == [
+        "Requests", *BILLED, "Cost"]
+    for r in by_key:
+        row = f"tr[data-usage-key='{r['key_id']}']"
+        for field in ("requests", *BILLED_FIELDS):
+            assert _int(console.cell(row, field)) == r[field], field
     page.screenshot(path=str(shots / "tenant.png"), full_page=True)
 
     console.show("actions")
     page.screenshot(path=str(shots / "actions.png"), full_page=True)
     assert console.unexpected_errors() == [] and console.dialogs == []
+
+
+def _vertices(path: str) -> list[tuple[float, float]]:
+    return [(float(x), float(y)) for x, y in re.findall(r"(-?[\d.]+),(-?[\d.]+)", path)]
+
+
+def test_the_hit_ratio_area_is_filled_down_to_zero(
+        console: Console, server: ThreadServer, admin: Admin, model_id: str,
+        workload: Workload, shots: Path) -> None:
+    """The area under this process's hit ratio closes along the 0 % line, not back to its
+    first point, and the line itself is not filled (a filled polyline closes on the
+    diagonal from its last point to its first)."""
+    from kvgate.gateway.http.console.history import HISTORY, take_sample
+
+    assert server.app is not None
+    history = server.app[HISTORY]
+    # two intervals with traffic: up to a sample taken now, and from it to the page's own
+    history.record(take_sample(server.state.engine.cache_stats(), server.state.metrics))
+    chat(server, admin.tenant("charted"), model_id, 2)  # a tenant of its own: no counts move
+    page = console.open().page
+    console.sign_in()
+    console.wait("overview")
+    figure = page.locator("figure[data-chart='hit-ratio-live']")
+    figure.screenshot(path=str(shots / "hit-ratio-live.png"))
+    line = _vertices(figure.locator("polyline").get_attribute("points") or "")
+    area = _vertices(figure.locator("path.area").get_attribute("d") or "")
+    assert len(line) >= 2
+    axis = figure.locator("line.axis").all()
+    zero = [float(a.get_attribute("y1") or "nan") for a in axis
+            if a.get_attribute("y1") == a.get_attribute("y2")]
+    assert len(zero) == 1  # the x axis: where 0 % is drawn
+    labels = figure.locator("text").all()
+    (zero_label,) = [t for t in labels if t.text_content() == "0.0%"]
+    assert float(zero_label.get_attribute("y") or "nan") - 4 == zero[0]
+    assert area[:-2] == line  # along the line, then down and back along 0 %
+    assert area[-2:] == [(line[-1][0], zero[0]), (line[0][0], zero[0])]
+    assert (figure.locator("path.area").get_attribute("d") or "").rstrip().endswith("Z")
+    fill = figure.locator("polyline").evaluate("n => getComputedStyle(n).fill")
+    assert fill == "none"
+    assert console.unexpected_errors() == []
 
 
 def test_create_tenant_issue_and_revoke_a_key_set_limits_and_flush(

@@ -11,6 +11,7 @@ import pytest
 import requests
 
 from kvgate.gateway.http.console.pages import CSP
+from kvgate.gateway.usage import Usage
 from tests.support import Admin, ThreadServer
 
 from .conftest import Workload, chat
@@ -53,6 +54,33 @@ def test_history_ends_with_a_sample_taken_now(admin: Admin, workload: Workload) 
     last = history["points"][-1]
     assert last["tiers"]["device"]["capacity_bytes"] == stats["device"]["capacity_bytes"]
     assert sum(p["hit_tokens"] for p in history["points"]) == stats["hit_tokens"]
+
+
+def test_ttft_compares_hits_and_misses_of_like_prompt_lengths(
+        server: ThreadServer, admin: Admin, workload: Workload) -> None:
+    """Known requests as the HTTP layer records them: a long prompt that hit (1,146 ms) and
+    a short one that missed (519 ms) land in different bands, and where a band holds both,
+    its hit is the faster. The bands above 1k hold only these (the workload's prompts are
+    short)."""
+    metrics = server.state.metrics
+    for usage, outcome, ttft_s in [(Usage(20_000, 19_968, {}, 1), "hit", 1.146),
+                                   (Usage(1_500, 0, {300: 1_488}, 1), "miss", 0.519),
+                                   (Usage(24_000, 0, {300: 23_984}, 1), "miss", 3.2)]:
+        metrics.observe_usage(metrics.tenant(workload.quiet.id), "chat.completions", usage,
+                              0, outcome, ttft_s, ttft_s)
+    bands = {b["prompt_tokens_from"]: b
+             for b in _get(admin, "/admin/cache/history")["totals"]["ttft_by_prompt_length"]}
+    assert list(bands) == [0, 1000, 4000, 16000]
+    assert bands[1000]["label"] == "1k–4k" and bands[16000]["prompt_tokens_below"] is None
+    assert bands[1000]["hit"]["requests"] == 0  # the short miss has no hit beside it
+    assert bands[1000]["miss"] == {"requests": 1, "ttft_ms": 519.0, "mean_prompt_tokens": 1500,
+                                   "mean_computed_tokens": 1500}
+    long_ = bands[16000]
+    assert long_["hit"] == {"requests": 1, "ttft_ms": 1146.0, "mean_prompt_tokens": 20_000,
+                            "mean_computed_tokens": 32}
+    assert long_["miss"]["requests"] == 1 and long_["miss"]["mean_prompt_tokens"] == 24_000
+    assert long_["hit"]["ttft_ms"] < long_["miss"]["ttft_ms"]
+    assert bands[4000]["hit"]["requests"] == bands[4000]["miss"]["requests"] == 0
 
 
 def test_hottest_prefixes_show_hashes_never_text(admin: Admin, workload: Workload) -> None:

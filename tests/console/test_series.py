@@ -91,6 +91,30 @@ async def test_split_by_tenant_key_and_model_over_the_range(ledger: Ledger) -> N
     assert _pick(one_key["rows"], "requests", "cached_tokens") == [(1, 250)]
 
 
+async def test_tokens_come_in_the_kinds_the_bill_prices(ledger: Ledger) -> None:
+    """Uncached input, cache read, cache write by TTL class and output, each summed on its
+    own, priced as ``cost_micros`` prices them (default plan: input 1 micro-unit a token,
+    cache read 0.1, 5m write 1.25, 1h write 2, output 4)."""
+    a = await ledger.create_tenant("writer")
+    for prompt, cached, w5m, w1h, completion in [(1000, 0, 800, 0, 10),
+                                                 (1000, 800, 0, 128, 10),
+                                                 (500, 0, 0, 0, 5)]:
+        await ledger.record(event(a["id"], prompt=prompt, cached=cached, w5m=w5m, w1h=w1h,
+                                  completion=completion))
+    series = await ledger.usage_series(SeriesQuery("all", "tenant", tenant_id=a["id"]))
+    (row,) = series["rows"]
+    kinds = ("prompt_tokens", "uncached_input_tokens", "cached_tokens",
+             "cache_write_5m_tokens", "cache_write_1h_tokens", "cache_write_tokens",
+             "completion_tokens")
+    assert _pick([row], *kinds) == [(2500, 772, 800, 800, 128, 928, 25)]
+    assert row["uncached_input_tokens"] + row["cached_tokens"] + row["cache_write_tokens"] \
+        == row["prompt_tokens"]
+    # per event, rounded up: 200+1000+40 = 1240; 72+80+256+40 = 448; 500+20 = 520
+    assert row["cost_micros"] == 1240 + 448 + 520
+    totals = series["totals"]
+    assert tuple(totals[k] for k in kinds) == (2500, 772, 800, 800, 128, 928, 25)
+
+
 async def test_a_plan_in_another_currency_saves_nothing_it_cannot_price(ledger: Ledger) -> None:
     s = await _seed(ledger)
     await ledger.update_tenant(s["a"]["id"], plan="euro")  # past rows stay USD

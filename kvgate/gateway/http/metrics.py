@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -24,6 +25,49 @@ if TYPE_CHECKING:  # the engine pulls in torch; the ledger-only CLI must not
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 _OVERHEAD_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
+# Prompt lengths (tokens) where the bands of ``TtftByLength`` start, after the first (0):
+# under 1k, 1k to 4k, 4k to 16k, 16k and more.
+PROMPT_BANDS = (1_000, 4_000, 16_000)
+
+
+def prompt_band(prompt_tokens: int) -> int:
+    """The index of the band a prompt of this length falls in."""
+    return sum(prompt_tokens >= start for start in PROMPT_BANDS)
+
+
+@dataclass(frozen=True)
+class TtftTally:
+    """Requests with a first token, their summed time to it, and their summed prompt
+    tokens and tokens computed (not read from cache; cache writes are computed)."""
+
+    requests: int = 0
+    ttft_s: float = 0.0
+    prompt_tokens: int = 0
+    computed_tokens: int = 0
+
+    def plus(self, other: TtftTally) -> TtftTally:
+        return TtftTally(self.requests + other.requests, self.ttft_s + other.ttft_s,
+                         self.prompt_tokens + other.prompt_tokens,
+                         self.computed_tokens + other.computed_tokens)
+
+
+class TtftByLength:
+    """Time to first token by prompt-length band and cache outcome, since the process
+    started. A hit on a long prompt can take longer than a miss on a short one, so the
+    console compares hits and misses within a band, never across all lengths. Kept for
+    the console only: the exported histogram keeps its labels."""
+
+    def __init__(self) -> None:
+        self._tally: dict[tuple[int, str], TtftTally] = {}
+
+    def add(self, usage: Usage, cache_outcome: str, ttft_s: float) -> None:
+        key = (prompt_band(usage.prompt_tokens), cache_outcome)
+        self._tally[key] = self._tally.get(key, TtftTally()).plus(TtftTally(
+            1, ttft_s, usage.prompt_tokens, usage.prompt_tokens - usage.cached_tokens))
+
+    def snapshot(self) -> dict[tuple[int, str], TtftTally]:
+        """(band, cache outcome) → tally, as it is now (the tallies are immutable)."""
+        return dict(self._tally)
 
 
 class Metrics:
@@ -41,6 +85,7 @@ class Metrics:
                             registry=r)
         self.ttft = Histogram("kvgate_ttft_seconds", "Time to first token.",
                               ["endpoint", "cache"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.ttft_by_length = TtftByLength()
         self.duration = Histogram("kvgate_request_duration_seconds", "End-to-end latency.",
                                   ["endpoint", "cache"], buckets=_LATENCY_BUCKETS, registry=r)
         self.overhead = Histogram("kvgate_gateway_overhead_seconds",
@@ -106,6 +151,7 @@ class Metrics:
         self.cost.labels(tenant).inc(cost_micros)
         if ttft_s is not None:
             self.ttft.labels(endpoint, cache_outcome).observe(ttft_s)
+            self.ttft_by_length.add(usage, cache_outcome, ttft_s)
         self.duration.labels(endpoint, cache_outcome).observe(duration_s)
 
     def observe_reservation(self, tenant: str, byte_seconds: int, cost_micros: int) -> None:

@@ -440,13 +440,16 @@ def spec() -> dict:
                 "Every cached block (namespace, hash, tier) and the last cache event's "
                 "number, for a router that missed cache events", _responses(None, _ADMIN))},
             "/admin/usage/series": {"get": _op(
-                "Usage over time: requests, tokens, cost and what the cache saved "
-                "(saved_micros: cached tokens at the input price; net_saved_micros: less the "
-                "cache-read price), per hour or day", _responses(None, _ADMIN),
+                "Usage over time: requests, tokens by billed kind (uncached_input_tokens, "
+                "cached_tokens, cache_write_5m_tokens, cache_write_1h_tokens, "
+                "completion_tokens), cost and what the cache saved (saved_micros: cached "
+                "tokens at the input price; net_saved_micros: less the cache-read price), per "
+                "hour or day", _responses(None, _ADMIN),
                 parameters=_SERIES_PARAMS)},
             "/admin/cache/history": {"get": _op(
                 "This process's cache statistics sampled over time (a bounded ring buffer): "
-                "hit ratio, tier occupancy, evictions, requests and errors, TTFT hit vs miss",
+                "hit ratio, tier occupancy, evictions, requests and errors, TTFT hit vs miss "
+                "(totals.ttft_by_prompt_length: per prompt-length band)",
                 _responses(None, (401, 403)))},
             "/admin/cache/prefixes": {"get": _op(
                 "A tenant's most-hit cached prefixes: hash, length, hits, tier, last use "

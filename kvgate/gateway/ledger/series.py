@@ -2,6 +2,12 @@
 whole range), optionally split by tenant, key or model, in one SQL GROUP BY that runs the
 same on SQLite and PostgreSQL. What the operator console draws.
 
+Tokens come in the kinds the bill prices (``billing.cost_micros``): ``uncached_input_tokens``,
+``cached_tokens`` (cache reads), ``cache_write_5m_tokens``, ``cache_write_1h_tokens`` and
+``cache_write_24h_tokens`` (``cache_write_tokens`` is all three), ``completion_tokens``
+(output); the input kinds add up to ``prompt_tokens``. Reserved cache capacity is billed
+in rows of its own (``reserved_byte_seconds``; they count as no request).
+
 Each row also says what the cache saved: ``saved_micros`` is what its cached tokens would
 have cost at the input price (uncached), ``net_saved_micros`` that less what they did cost
 at the cache-read price. Usage rows keep no prices, so both are priced by the tenant's plan
@@ -24,7 +30,7 @@ from sqlalchemy.sql.elements import ColumnElement
 from .billing import MICROS_PER_MILLION_TOKENS
 from .errors import InvalidInput
 from .models import ApiKey, Plan, Tenant, UsageRow
-from .reports import FIELDS, RESERVATION_ENDPOINT
+from .reports import RESERVATION_ENDPOINT
 from .timespec import check_range
 
 BUCKETS = ("hour", "day", "all")
@@ -34,7 +40,17 @@ MAX_ROWS = 10_000  # rows of one answer; more sets ``truncated``
 MAX_MERGED = 100_000  # rows held while answering; more is refused (InvalidInput)
 DEFAULT_SPAN = {"hour": timedelta(hours=24), "day": timedelta(days=30)}
 _STEP = {"hour": timedelta(hours=1), "day": timedelta(days=1)}
-SERIES_FIELDS = (*FIELDS, "errors", "saved_micros", "net_saved_micros")
+# The token kinds of the bill (``billing.cost_micros``): uncached input, cache read
+# (``cached_tokens``), cache writes by TTL class, output (``completion_tokens``);
+# ``cache_write_tokens`` is the write classes together, as in usage reports (added up
+# here, not summed again in SQL). ``_SUMMED``: the sums the database answers.
+_SUMMED = ("requests", "prompt_tokens", "cached_tokens", "cache_write_5m_tokens",
+           "cache_write_1h_tokens", "cache_write_24h_tokens", "completion_tokens",
+           "reserved_byte_seconds", "cost_micros", "errors")
+SERIES_FIELDS = ("requests", "prompt_tokens", "uncached_input_tokens", "cached_tokens",
+                 "cache_write_tokens", "cache_write_5m_tokens", "cache_write_1h_tokens",
+                 "cache_write_24h_tokens", "completion_tokens", "reserved_byte_seconds",
+                 "cost_micros", "errors", "saved_micros", "net_saved_micros")
 MAX_MODEL_LEN = 256  # the usage table's model column
 MAX_ID = 2**31 - 1  # tenant and key ids: INTEGER columns (32-bit on PostgreSQL)
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
@@ -138,8 +154,9 @@ def _sums() -> list[Any]:
         func.count(case((u.endpoint != RESERVATION_ENDPOINT, 1))).label("requests"),
         zero_sum(u.prompt_tokens).label("prompt_tokens"),
         zero_sum(u.cached_tokens).label("cached_tokens"),
-        zero_sum(u.cache_write_5m_tokens + u.cache_write_1h_tokens
-                 + u.cache_write_24h_tokens).label("cache_write_tokens"),
+        zero_sum(u.cache_write_5m_tokens).label("cache_write_5m_tokens"),
+        zero_sum(u.cache_write_1h_tokens).label("cache_write_1h_tokens"),
+        zero_sum(u.cache_write_24h_tokens).label("cache_write_24h_tokens"),
         zero_sum(u.completion_tokens).label("completion_tokens"),
         zero_sum(u.reserved_byte_seconds).label("reserved_byte_seconds"),
         zero_sum(u.cost_micros).label("cost_micros"),
@@ -228,8 +245,8 @@ def _merge(merged: dict[tuple[Any, ...], dict[str, Any]], names: list[str], r: A
                                f"coarser bucket")
         row = merged[ident] = {n: getattr(r, n) for n in names}
         row["currency"] = r.currency
-        row.update(dict.fromkeys((*FIELDS, "errors", "saved_scaled", "read_scaled"), 0))
-    for name in (*FIELDS, "errors"):
+        row.update(dict.fromkeys((*_SUMMED, "saved_scaled", "read_scaled"), 0))
+    for name in _SUMMED:
         # PostgreSQL returns SUM(bigint) as numeric; they are exact integers either way
         row[name] += int(getattr(r, name))
     cached = int(r.cached_tokens)
@@ -240,10 +257,19 @@ def _merge(merged: dict[tuple[Any, ...], dict[str, Any]], names: list[str], r: A
 def _row(row: dict[str, Any]) -> dict[str, Any]:
     if "start" in row:
         row["start"] = _start(row["start"])
+    row["cache_write_tokens"] = (row["cache_write_5m_tokens"] + row["cache_write_1h_tokens"]
+                                 + row["cache_write_24h_tokens"])
+    row["uncached_input_tokens"] = _uncached(row)
     saved, read = row.pop("saved_scaled"), row.pop("read_scaled")
     row["saved_micros"] = saved // MICROS_PER_MILLION_TOKENS  # rounded down: never overstated
     row["net_saved_micros"] = max(0, saved - read) // MICROS_PER_MILLION_TOKENS
     return row
+
+
+def _uncached(row: dict[str, Any]) -> int:
+    """Prompt tokens billed at the input price: neither read from nor written to the cache
+    (``Usage.uncached_tokens``, summed)."""
+    return int(row["prompt_tokens"] - row["cached_tokens"] - row["cache_write_tokens"])
 
 
 def _ordered(row: dict[str, Any], names: list[str]) -> dict[str, Any]:
@@ -256,7 +282,8 @@ def _ordered(row: dict[str, Any], names: list[str]) -> dict[str, Any]:
 
 def _totals(rows: list[dict[str, Any]]) -> dict[str, Any]:
     totals: dict[str, Any] = {name: sum(r[name] for r in rows)
-                              for name in (*FIELDS, "errors")}
+                              for name in (*_SUMMED, "cache_write_tokens")}
+    totals["uncached_input_tokens"] = _uncached(totals)
     money: dict[str, dict[str, int]] = {"cost_micros": {}, "saved_micros": {},
                                         "net_saved_micros": {}}
     for r in rows:

@@ -2,7 +2,8 @@
 seconds, so the console can draw the last hour without Prometheus.
 
 A ``Sample`` holds running totals (hit and miss tokens, evictions by reason, HTTP requests
-and errors, TTFT sums and counts by cache outcome) and gauges (tier occupancy). The
+and errors, TTFT sums and counts by cache outcome, the same by prompt-length band) and gauges
+(tier occupancy). The
 series the console draws are differences between neighbouring samples, worked out by
 ``points``. The buffer is bounded (``capacity`` samples), so memory never grows with
 uptime; a restarted process starts a new history (the ledger keeps the billed past).
@@ -22,7 +23,7 @@ from datetime import UTC, datetime
 from aiohttp import web
 
 from kvgate.cachestore.stats import CacheStats
-from kvgate.gateway.http.metrics import Metrics
+from kvgate.gateway.http.metrics import PROMPT_BANDS, Metrics, TtftTally
 from kvgate.gateway.http.state import STATE, NotOpen, state_of
 
 log = logging.getLogger("kvgate.console")
@@ -43,6 +44,8 @@ class Sample:
     errors: int  # HTTP responses with status >= 400
     ttft_sum_s: dict[str, float] = field(default_factory=dict)  # cache outcome -> seconds
     ttft_count: dict[str, int] = field(default_factory=dict)
+    # (prompt-length band, cache outcome) -> tally (``metrics.TtftByLength``)
+    ttft_by_length: dict[tuple[int, str], TtftTally] = field(default_factory=dict)
 
 
 def take_sample(stats: CacheStats, metrics: Metrics, now: float | None = None) -> Sample:
@@ -70,7 +73,8 @@ def take_sample(stats: CacheStats, metrics: Metrics, now: float | None = None) -
         evictions={k: int(v) for k, v in stats.evictions.as_dict().items()},
         tiers={name: {"used_bytes": tier.used_bytes, "capacity_bytes": tier.capacity_bytes}
                for name, tier in (("device", stats.device), ("host", stats.host))},
-        requests=requests, errors=errors, ttft_sum_s=ttft_sum, ttft_count=ttft_count)
+        requests=requests, errors=errors, ttft_sum_s=ttft_sum, ttft_count=ttft_count,
+        ttft_by_length=metrics.ttft_by_length.snapshot())
 
 
 def _mean_ms(total_s: float, count: int) -> float | None:
@@ -81,6 +85,38 @@ def _hit_ttft(sample: Sample) -> tuple[float, int]:
     """Hits and partial hits together: a request that read any of its prompt from cache."""
     return (sample.ttft_sum_s.get("hit", 0.0) + sample.ttft_sum_s.get("partial", 0.0),
             sample.ttft_count.get("hit", 0) + sample.ttft_count.get("partial", 0))
+
+
+def _band_label(start: int, end: int | None) -> str:
+    def k(n: int) -> str:
+        return f"{n // 1000}k" if n % 1000 == 0 else f"{n:,}"
+    if not start:
+        return f"under {k(end or 0)}"
+    return f"{k(start)} and more" if end is None else f"{k(start)}–{k(end)}"
+
+
+def _ttft_cell(t: TtftTally) -> dict[str, object]:
+    n = t.requests
+    return {"requests": n, "ttft_ms": _mean_ms(t.ttft_s, n),
+            "mean_prompt_tokens": round(t.prompt_tokens / n) if n else None,
+            "mean_computed_tokens": round(t.computed_tokens / n) if n else None}
+
+
+def ttft_by_length(sample: Sample) -> list[dict[str, object]]:
+    """Mean time to first token of hits (any of the prompt read from cache: hits and
+    partial hits) and of misses, per prompt-length band, each with the mean prompt length
+    and tokens computed behind it: like compared with like."""
+    starts = (0, *PROMPT_BANDS)
+    rows: list[dict[str, object]] = []
+    for band, start in enumerate(starts):
+        end = starts[band + 1] if band + 1 < len(starts) else None
+        tally = sample.ttft_by_length
+        hit = tally.get((band, "hit"), TtftTally()).plus(
+            tally.get((band, "partial"), TtftTally()))
+        rows.append({"label": _band_label(start, end), "prompt_tokens_from": start,
+                     "prompt_tokens_below": end, "hit": _ttft_cell(hit),
+                     "miss": _ttft_cell(tally.get((band, "miss"), TtftTally()))})
+    return rows
 
 
 def _point(prev: Sample | None, cur: Sample) -> dict[str, object]:
@@ -129,7 +165,8 @@ class CacheHistory:
 
     @staticmethod
     def totals(now: Sample) -> dict[str, object]:
-        """Since the process started: hit ratio, requests, errors, TTFT hit vs miss."""
+        """Since the process started: hit ratio, requests, errors, TTFT hit vs miss (over
+        every prompt length, and by prompt-length band: what the console shows)."""
         hs, hc = _hit_ttft(now)
         total = now.hit_tokens + now.miss_tokens
         return {"hit_tokens": now.hit_tokens, "miss_tokens": now.miss_tokens,
@@ -139,7 +176,8 @@ class CacheHistory:
                 "ttft_hit_ms": _mean_ms(hs, hc),
                 "ttft_miss_ms": _mean_ms(now.ttft_sum_s.get("miss", 0.0),
                                          now.ttft_count.get("miss", 0)),
-                "ttft_hit_count": hc, "ttft_miss_count": now.ttft_count.get("miss", 0)}
+                "ttft_hit_count": hc, "ttft_miss_count": now.ttft_count.get("miss", 0),
+                "ttft_by_prompt_length": ttft_by_length(now)}
 
 
 HISTORY = web.AppKey("kvgate_cache_history", CacheHistory)

@@ -142,7 +142,7 @@
 
   // ---- charts (hand-drawn SVG) -----------------------------------------------------------
   function chart(title, labels, series, opts) {
-    const o = Object.assign({ kind: "line", max: null, fmt: fmtInt, height: 180 }, opts || {});
+    const o = Object.assign({ kind: "line", max: null, fmt: fmtInt, height: 180, area: false, id: null }, opts || {});
     const W = 640, H = o.height, L = 56, R = 10, T = 10, B = 24;
     const values = series.flatMap((s) => s.values.filter((v) => v !== null));
     const top = o.max !== null ? o.max : Math.max(1, ...values);
@@ -173,17 +173,25 @@
         });
       } else {
         const pts = [];
-        s.values.forEach((v, i) => { if (v !== null) pts.push(x(i).toFixed(1) + "," + y(v).toFixed(1)); });
+        s.values.forEach((v, i) => { if (v !== null) pts.push([x(i), y(v)]); });
         if (pts.length === 1) {
-          const [px, py] = pts[0].split(",");
-          g.appendChild(svg("circle", { cx: px, cy: py, r: 3, class: "s" + k }));
+          g.appendChild(svg("circle", { cx: pts[0][0].toFixed(1), cy: pts[0][1].toFixed(1), r: 3, class: "s" + k }));
         } else if (pts.length) {
-          g.appendChild(svg("polyline", { points: pts.join(" "), class: "s" + k }));
+          if (o.area) g.appendChild(svg("path", { d: areaPath(pts, y(0)), class: "area s" + k }));
+          g.appendChild(svg("polyline", { points: pts.map(xy).join(" "), class: "s" + k }));
         }
       }
     });
     const legend = el("ul", { class: "legend" }, series.map((s, k) => el("li", { class: "k" + k, text: s.name })));
-    return el("figure", {}, el("figcaption", { text: title }), g, legend);
+    return el("figure", { "data-chart": o.id }, el("figcaption", { text: title }), g, legend);
+  }
+  const xy = (p) => p[0].toFixed(1) + "," + p[1].toFixed(1);
+  // The area under a line: along its points, then straight down to the zero line and back
+  // along it to below the first point. (A filled polyline closes from its last point to its
+  // first: a diagonal, not the axis.)
+  function areaPath(pts, base) {
+    const first = pts[0], last = pts[pts.length - 1];
+    return "M" + pts.map(xy).join(" L") + " L" + xy([last[0], base]) + " L" + xy([first[0], base]) + " Z";
   }
   const hourLabel = (iso) => iso.slice(11, 16);
   const dayLabel = (iso) => iso.slice(5, 10);
@@ -239,14 +247,14 @@
     const labels = keys.map(hourLabel);
     const ratioChart = chart("Cache-hit token ratio by hour (ledger)", labels,
       [{ name: "cached / prompt tokens", values: keys.map((k) => (hours.get(k).prompt ? hours.get(k).cached / hours.get(k).prompt : null)) }],
-      { max: 1, fmt: fmtPct });
+      { max: 1, fmt: fmtPct, area: true, id: "hit-ratio-hourly" });
     const reqChart = chart("Requests and failures by hour (ledger)", labels,
       [{ name: "requests", values: keys.map((k) => hours.get(k).requests) },
        { name: "failed or cancelled", values: keys.map((k) => hours.get(k).errors) }], { kind: "bar" });
     const pts = history.points;
     const liveLabels = pts.map((p) => p.t.slice(11, 19));
     const liveChart = chart("Cache-hit token ratio, this process (sampled every " + history.interval_s + " s)", liveLabels,
-      [{ name: "hit ratio", values: pts.map((p) => p.hit_ratio) }], { max: 1, fmt: fmtPct });
+      [{ name: "hit ratio", values: pts.map((p) => p.hit_ratio) }], { max: 1, fmt: fmtPct, area: true, id: "hit-ratio-live" });
     const liveReq = chart("HTTP requests and errors, this process", liveLabels,
       [{ name: "requests", values: pts.map((p) => p.requests) }, { name: "errors (4xx, 5xx)", values: pts.map((p) => p.errors) }],
       { kind: "bar" });
@@ -261,15 +269,23 @@
     const evictions = table("Evictions by reason (since start)", [
       ["Reason", (r) => r[0], { cls: "text", col: "reason" }], ["Blocks", (r) => fmtInt(r[1]), { col: "blocks" }],
     ], Object.entries(stats.evictions || {}));
-    const ht = history.totals;
-    const ttft = table("Time to first token, hit vs miss (this process)", [
-      ["Prompt", (r) => r[0], { cls: "text" }], ["Mean TTFT", (r) => fmtMs(r[1]), { col: "ttft_ms" }],
-      ["Requests", (r) => fmtInt(r[2]), { col: "count" }],
-    ], [["read from cache", ht.ttft_hit_ms, ht.ttft_hit_count], ["computed (miss)", ht.ttft_miss_ms, ht.ttft_miss_count]]);
+    // hits and misses side by side within a band of prompt lengths: over every length a
+    // hit on a long prompt looks slower than a miss on a short one
+    const ttft = table("Mean time to first token by prompt length, hit vs miss (this process)", [
+      ["Prompt tokens", (r) => r.label, { cls: "text", col: "band" }],
+      ["Hits", (r) => fmtInt(r.hit.requests), { col: "hit_requests" }],
+      ["Hit TTFT", (r) => fmtMs(r.hit.ttft_ms), { col: "hit_ttft_ms" }],
+      ["Hit prompt (mean tokens)", (r) => fmtInt(r.hit.mean_prompt_tokens), { col: "hit_prompt_tokens" }],
+      ["Misses", (r) => fmtInt(r.miss.requests), { col: "miss_requests" }],
+      ["Miss TTFT", (r) => fmtMs(r.miss.ttft_ms), { col: "miss_ttft_ms" }],
+      ["Miss prompt (mean tokens)", (r) => fmtInt(r.miss.mean_prompt_tokens), { col: "miss_prompt_tokens" }],
+    ], history.totals.ttft_by_prompt_length, { rowAttrs: (r) => ({ "data-band": r.prompt_tokens_from }) });
+    const ttftNote = el("p", { class: "note", text: "A hit read part of its prompt from the cache; a miss computed all of it. " +
+      "Compare within a row: a long prompt takes longer to its first token than a short one, hit or not." });
     return [heading("Overview"), cards,
       el("h2", { text: "Over the last 24 hours" }), el("div", { class: "grid2" }, ratioChart, reqChart),
       el("h2", { text: "This process" }), el("div", { class: "grid2" }, liveChart, liveReq),
-      el("div", { class: "grid2" }, occupancy, evictions), ttft];
+      el("div", { class: "grid2" }, occupancy, evictions), ttft, ttftNote];
   }
   function card(label, value, key) {
     return el("div", { class: "card" }, el("dt", { text: label }), el("dd", { "data-kpi": key, text: value }));
@@ -279,6 +295,22 @@
     return svg("svg", { viewBox: "0 0 100 10", width: 120, height: 12, role: "img", "aria-label": name + " " + fmtPct(f) + " full" },
       svg("rect", { x: 0, y: 0, width: 100, height: 10, class: "bar-bg" }),
       svg("rect", { x: 0, y: 0, width: (100 * f).toFixed(1), height: 10, class: "bar" }));
+  }
+
+  // Token columns named and split as the bill prices them (the ledger's cost_micros):
+  // [header, the usage series' field]. Uncached input, cache read and the two cache-write
+  // classes add up to the prompt.
+  const BILLED_TOKENS = [["Uncached input", "uncached_input_tokens"], ["Cache read", "cached_tokens"],
+    ["Cache write (5m)", "cache_write_5m_tokens"], ["Cache write (1h)", "cache_write_1h_tokens"],
+    ["Output", "completion_tokens"]];
+  const TOKENS_NOTE = "Tokens by the kinds the bill prices: uncached input + cache read + cache write (5m) + cache write (1h) = the prompt; output is the answer.";
+  function billedColumns(usageOf) {
+    return BILLED_TOKENS.map(([header, field]) => [header, (r) => fmtInt(usageOf(r)[field]), { col: field }]);
+  }
+  function noUsage() {
+    const u = { requests: 0, cost: {}, saved: {} };
+    for (const [, field] of BILLED_TOKENS) u[field] = 0;
+    return u;
   }
 
   const RANGES = [["24h", "24 hours"], ["7d", "7 days"], ["30d", "30 days"]];
@@ -304,15 +336,15 @@
     if (token !== renderToken) return null;
     const use = new Map();
     for (const r of usage.rows) {
-      const u = use.get(r.tenant_id) || { requests: 0, prompt_tokens: 0, cached_tokens: 0, cache_write_tokens: 0, cost: {}, saved: {} };
-      u.requests += r.requests; u.prompt_tokens += r.prompt_tokens; u.cached_tokens += r.cached_tokens;
-      u.cache_write_tokens += r.cache_write_tokens;
+      const u = use.get(r.tenant_id) || noUsage();
+      u.requests += r.requests;
+      for (const [, field] of BILLED_TOKENS) u[field] += r[field];
       u.cost[r.currency] = (u.cost[r.currency] || 0) + r.cost_micros;
       u.saved[r.currency] = (u.saved[r.currency] || 0) + r.saved_micros;
       use.set(r.tenant_id, u);
     }
     const cache = byTenantStats(stats);
-    const rows = list.data.map((t) => ({ t, u: use.get(t.id) || { requests: 0, prompt_tokens: 0, cached_tokens: 0, cache_write_tokens: 0, cost: {}, saved: {} }, c: cache.get(t.id) }));
+    const rows = list.data.map((t) => ({ t, u: use.get(t.id) || noUsage(), c: cache.get(t.id) }));
     rows.sort((a, b) => b.u.requests - a.u.requests || a.t.id - b.t.id);
     const select = el("select", { id: "range", on: { change: (e) => { tenantRange = e.target.value; route(); } } },
       RANGES.map(([v, label]) => el("option", { value: v, selected: v === tenantRange, text: label })));
@@ -335,7 +367,7 @@
       el("div", { class: "toolbar" },
         el("div", {}, el("label", { for: "range", text: "Usage over the last" }), select),
         el("div", {}, el("label", { for: "filter", text: "Filter by name or id" }), filterInput)),
-      el("p", { class: "note", text: "Saved by the cache: what the cached tokens would have cost uncached, at the tenant's current input price. " +
+      el("p", { class: "note", text: TOKENS_NOTE + " Saved by the cache: what the cache reads would have cost as uncached input, at the tenant's current input price. " +
         "Share and usage per tier are this replica's cache." }),
       tableBox];
   }
@@ -346,9 +378,7 @@
       ["Tenant", (r) => el("a", { href: "#tenant/" + r.t.id, text: r.t.name }), { cls: "text name", col: "name" }],
       ["Id", (r) => String(r.t.id), { col: "id" }],
       ["Requests", (r) => fmtInt(r.u.requests), { col: "requests" }],
-      ["Uncached tokens", (r) => fmtInt(r.u.prompt_tokens - r.u.cached_tokens - r.u.cache_write_tokens), { col: "uncached_tokens" }],
-      ["Cached tokens", (r) => fmtInt(r.u.cached_tokens), { col: "cached_tokens" }],
-      ["Cache-write tokens", (r) => fmtInt(r.u.cache_write_tokens), { col: "cache_write_tokens" }],
+      ...billedColumns((r) => r.u),
       ["Cost", (r) => fmtMoneyBy(r.u.cost), { col: "cost" }],
       ["Saved by cache", (r) => fmtMoneyBy(r.u.saved), { col: "saved" }],
       ["Share (device)", (r) => (r.t.cache_share_bytes === null ? "fair" : fmtBytes(r.t.cache_share_bytes)), { col: "share" }],
@@ -374,8 +404,9 @@
     const sumBy = (field) => days.map((d) => daily.rows.filter((r) => r.start === d).reduce((a, r) => a + r[field], 0));
     const moneyChart = chart("Cost and saved by the cache, by day (micro-units)", days.map(dayLabel),
       [{ name: "cost", values: sumBy("cost_micros") }, { name: "saved by the cache", values: sumBy("saved_micros") }], { kind: "bar" });
-    const tokenChart = chart("Prompt tokens by day", days.map(dayLabel),
-      [{ name: "cached", values: sumBy("cached_tokens") }, { name: "all prompt tokens", values: sumBy("prompt_tokens") }]);
+    const tokenChart = chart("Prompt tokens by day and billed kind", days.map(dayLabel),
+      [{ name: "uncached input", values: sumBy("uncached_input_tokens") }, { name: "cache read", values: sumBy("cached_tokens") },
+       { name: "cache write (5m and 1h)", values: sumBy("cache_write_tokens") }]);
     const c = byTenantStats(stats).get(t.id);
     const tiers = table("Cache share and usage by tier (this replica)", [
       ["Tier", (r) => r, { cls: "text" }],
@@ -396,12 +427,12 @@
     ], hot.prefixes);
     const keyUsage = table("Usage by key (30 days)", [
       ["Key", (r) => (r.key_id === null ? "(none)" : r.key_prefix + "… (#" + r.key_id + ")"), { cls: "text", col: "key" }],
-      ["Requests", (r) => fmtInt(r.requests), { col: "requests" }], ["Cached tokens", (r) => fmtInt(r.cached_tokens), { col: "cached_tokens" }],
+      ["Requests", (r) => fmtInt(r.requests), { col: "requests" }], ...billedColumns((r) => r),
       ["Cost", (r) => fmtMoney(r.cost_micros, r.currency), { col: "cost" }], ["Saved", (r) => fmtMoney(r.saved_micros, r.currency), { col: "saved" }],
-    ], byKey.rows);
+    ], byKey.rows, { rowAttrs: (r) => ({ "data-usage-key": r.key_id === null ? "none" : r.key_id }) });
     const modelUsage = table("Usage by model (30 days)", [
       ["Model", (r) => r.model, { cls: "text", col: "model" }],
-      ["Requests", (r) => fmtInt(r.requests), { col: "requests" }], ["Cached tokens", (r) => fmtInt(r.cached_tokens), { col: "cached_tokens" }],
+      ["Requests", (r) => fmtInt(r.requests), { col: "requests" }], ...billedColumns((r) => r),
       ["Cost", (r) => fmtMoney(r.cost_micros, r.currency), { col: "cost" }], ["Saved", (r) => fmtMoney(r.saved_micros, r.currency), { col: "saved" }],
     ], byModel.rows);
     const keyOut = el("div", { id: "key-output", role: "status" });
@@ -420,7 +451,7 @@
     return [el("p", {}, el("a", { href: "#tenants", text: "← All tenants" })),
       heading("Tenant: " + t.name), settings,
       el("h2", { text: "Usage" }), el("div", { class: "grid2" }, moneyChart, tokenChart),
-      el("div", { class: "grid2" }, keyUsage, modelUsage),
+      el("p", { class: "note", text: TOKENS_NOTE }), keyUsage, modelUsage,
       el("h2", { text: "Cache" }), tiers, hotTable,
       el("h2", { text: "Keys" }), actions, keyOut, keyTable,
       el("h2", { text: "Limits" }), limitsForm(t)];
