@@ -298,17 +298,22 @@
   }
 
   // Token columns named and split as the bill prices them (the ledger's cost_micros):
-  // [header, the usage series' field]. Uncached input, cache read and the two cache-write
-  // classes add up to the prompt.
+  // [header, the usage series' field]. Uncached input, cache read and the three cache-write
+  // classes add up to the prompt; reserved cache capacity is billed per GiB-hour.
   const BILLED_TOKENS = [["Uncached input", "uncached_input_tokens"], ["Cache read", "cached_tokens"],
     ["Cache write (5m)", "cache_write_5m_tokens"], ["Cache write (1h)", "cache_write_1h_tokens"],
-    ["Output", "completion_tokens"]];
-  const TOKENS_NOTE = "Tokens by the kinds the bill prices: uncached input + cache read + cache write (5m) + cache write (1h) = the prompt; output is the answer.";
+    ["Cache write (24h)", "cache_write_24h_tokens"], ["Output", "completion_tokens"]];
+  const TOKENS_NOTE = "Tokens by the kinds the bill prices: uncached input + cache read + cache write (5m, 1h, 24h) = the prompt; output is the answer. Reserved cache is billed per GiB-hour.";
+  const GIB_SECONDS_PER_HOUR = 1073741824 * 3600;
+  function fmtGibHours(byteSeconds) {
+    return ((byteSeconds || 0) / GIB_SECONDS_PER_HOUR).toFixed(3);
+  }
   function billedColumns(usageOf) {
-    return BILLED_TOKENS.map(([header, field]) => [header, (r) => fmtInt(usageOf(r)[field]), { col: field }]);
+    return [...BILLED_TOKENS.map(([header, field]) => [header, (r) => fmtInt(usageOf(r)[field]), { col: field }]),
+      ["Reserved (GiB·h)", (r) => fmtGibHours(usageOf(r).reserved_byte_seconds), { col: "reserved_byte_seconds" }]];
   }
   function noUsage() {
-    const u = { requests: 0, cost: {}, saved: {} };
+    const u = { requests: 0, cost: {}, saved: {}, reserved_byte_seconds: 0 };
     for (const [, field] of BILLED_TOKENS) u[field] = 0;
     return u;
   }
@@ -339,6 +344,7 @@
       const u = use.get(r.tenant_id) || noUsage();
       u.requests += r.requests;
       for (const [, field] of BILLED_TOKENS) u[field] += r[field];
+      u.reserved_byte_seconds += r.reserved_byte_seconds || 0;
       u.cost[r.currency] = (u.cost[r.currency] || 0) + r.cost_micros;
       u.saved[r.currency] = (u.saved[r.currency] || 0) + r.saved_micros;
       use.set(r.tenant_id, u);
@@ -368,7 +374,7 @@
         el("div", {}, el("label", { for: "range", text: "Usage over the last" }), select),
         el("div", {}, el("label", { for: "filter", text: "Filter by name or id" }), filterInput)),
       el("p", { class: "note", text: TOKENS_NOTE + " Saved by the cache: what the cache reads would have cost as uncached input, at the tenant's current input price. " +
-        "Share and usage per tier are this replica's cache." }),
+        "Reservations are capacity of each replica's tiers that other tenants cannot evict, billed per GiB-hour; usage per tier is this replica's cache." }),
       tableBox];
   }
   function tenantTable(rows, total) {
@@ -381,7 +387,8 @@
       ...billedColumns((r) => r.u),
       ["Cost", (r) => fmtMoneyBy(r.u.cost), { col: "cost" }],
       ["Saved by cache", (r) => fmtMoneyBy(r.u.saved), { col: "saved" }],
-      ["Share (device)", (r) => (r.t.cache_share_bytes === null ? "fair" : fmtBytes(r.t.cache_share_bytes)), { col: "share" }],
+      ["Reserved (device)", (r) => (r.t.cache_reserved_device_bytes === null ? "none" : fmtBytes(r.t.cache_reserved_device_bytes)), { col: "reserved_device" }],
+      ["Reserved (host)", (r) => (r.t.cache_reserved_host_bytes === null ? "none" : fmtBytes(r.t.cache_reserved_host_bytes)), { col: "reserved_host" }],
       ["Quota", (r) => (r.t.cache_quota_bytes === null ? "none" : fmtBytes(r.t.cache_quota_bytes)), { col: "quota" }],
       ["Device used", (r) => fmtBytes(tierBytes(r.c, "used_bytes", "device")), { col: "device_used" }],
       ["Host used", (r) => fmtBytes(tierBytes(r.c, "used_bytes", "host")), { col: "host_used" }],
@@ -406,11 +413,11 @@
       [{ name: "cost", values: sumBy("cost_micros") }, { name: "saved by the cache", values: sumBy("saved_micros") }], { kind: "bar" });
     const tokenChart = chart("Prompt tokens by day and billed kind", days.map(dayLabel),
       [{ name: "uncached input", values: sumBy("uncached_input_tokens") }, { name: "cache read", values: sumBy("cached_tokens") },
-       { name: "cache write (5m and 1h)", values: sumBy("cache_write_tokens") }]);
+       { name: "cache write (5m, 1h and 24h)", values: sumBy("cache_write_tokens") }]);
     const c = byTenantStats(stats).get(t.id);
-    const tiers = table("Cache share and usage by tier (this replica)", [
+    const tiers = table("Cache reservation and usage by tier (this replica)", [
       ["Tier", (r) => r, { cls: "text" }],
-      ["Guaranteed share", (r) => fmtBytes(tierBytes(c, "share_bytes", r)), { col: "share_bytes" }],
+      ["Protected (reservation)", (r) => fmtBytes(tierBytes(c, "share_bytes", r)), { col: "share_bytes" }],
       ["Used", (r) => fmtBytes(tierBytes(c, "used_bytes", r)), { col: "used_bytes" }],
       ["Evicted by others", (r) => fmtInt(tierBytes(c, "evicted_by_others", r)), { col: "evicted_by_others" }],
     ], ["device", "host"]);
@@ -418,7 +425,9 @@
       card("Status", t.status, "status"), card("Plan", String(t.plan), "plan"),
       card("Cache TTL", fmtInt(t.cache_ttl_seconds) + " s", "ttl"),
       card("Quota", t.cache_quota_bytes === null ? "none" : fmtBytes(t.cache_quota_bytes), "quota"),
-      card("Share", t.cache_share_bytes === null ? "fair share" : fmtBytes(t.cache_share_bytes), "share"),
+      card("Reserved", t.cache_reserved_device_bytes === null && t.cache_reserved_host_bytes === null ? "none"
+        : "device " + fmtBytes(t.cache_reserved_device_bytes || 0) + ", host " + fmtBytes(t.cache_reserved_host_bytes || 0), "reserved"),
+      card("Longest TTL asked", fmtInt(t.cache_max_ttl_seconds) + " s", "max_ttl"),
       card("Hit rate (since start)", c ? fmtPct(c.hit_rate) : "–", "hit_rate"));
     const hotTable = table("Hottest prefixes (never the text)", [
       ["Hash", (r) => el("span", { class: "mono", title: r.hash, text: r.hash.slice(0, 16) + "…" }), { cls: "text", col: "hash" }],
@@ -459,7 +468,10 @@
 
   const LIMITS = [
     ["cache_ttl_seconds", "Cache TTL (seconds)"], ["cache_quota_bytes", "Cache quota (bytes, empty: none)"],
-    ["cache_share_bytes", "Cache share (bytes, empty: fair share)"], ["requests_per_minute", "Requests per minute (empty: no limit)"],
+    ["cache_reserved_device_bytes", "Reserved device cache (bytes, billed per GiB-hour; empty: none)"],
+    ["cache_reserved_host_bytes", "Reserved host cache (bytes, billed per GiB-hour; empty: none)"],
+    ["cache_max_ttl_seconds", "Longest cache TTL a request may ask (seconds)"],
+    ["requests_per_minute", "Requests per minute (empty: no limit)"],
     ["tokens_per_minute", "Tokens per minute (empty: no limit)"], ["max_concurrent", "Concurrent requests (empty: no limit)"],
   ];
   function limitsForm(t) {
@@ -523,7 +535,8 @@
     const fields = [["name", "Name", "text"], ["plan", "Price plan (name or id; empty: default)", "text"],
       ["cache_ttl_seconds", "Cache TTL (seconds; empty: default)", "num"],
       ["cache_quota_bytes", "Cache quota (bytes; empty: none)", "num"],
-      ["cache_share_bytes", "Cache share (bytes; empty: fair share)", "num"]];
+      ["cache_reserved_device_bytes", "Reserved device cache (bytes; empty: none)", "num"],
+      ["cache_reserved_host_bytes", "Reserved host cache (bytes; empty: none)", "num"]];
     const form = el("form", { class: "row-form", id: "create-tenant" },
       fields.map(([name, label, kind]) => el("div", {}, el("label", { for: "new-" + name, text: label }),
         el("input", { id: "new-" + name, name, required: name === "name", autocomplete: "off",
@@ -554,7 +567,7 @@
     jump.addEventListener("change", () => { if (jump.value) location.hash = "#tenant/" + jump.value; });
     return [heading("Actions"), el("h2", { text: "Create a tenant" }), form, result,
       el("h2", { text: "Keys, limits and cache of a tenant" }),
-      el("p", { class: "note", text: "Issue or revoke keys, set limits, TTL, quota and share, or flush the cache on the tenant's page. Every action asks first." }),
+      el("p", { class: "note", text: "Issue or revoke keys, set limits, TTL, quota and reservation, or flush the cache on the tenant's page. Every action asks first." }),
       el("label", { for: "jump", text: "Go to tenant" }), jump];
   }
 
