@@ -81,11 +81,11 @@ def test_a_retention_beyond_the_tenants_maximum_or_unknown_is_refused(
         client.messages.create(model=model_id, max_tokens=1, messages=[{"role": "user", "content": [
             {"type": "text", "text": LONG, "cache_control": {"type": "ephemeral", "ttl": "1h"}}]}])
         low = admin.tenant(cache_max_ttl_seconds=300)
-    with _anthropic(server, low) as client:
-        with pytest.raises(anthropic.BadRequestError, match="longer than this tenant"):
-            client.messages.create(model=model_id, max_tokens=1, messages=[
-                {"role": "user", "content": [{"type": "text", "text": LONG, "cache_control": {
-                    "type": "ephemeral", "ttl": "1h"}}]}])
+    with _anthropic(server, low) as client, pytest.raises(anthropic.BadRequestError,
+                                                          match="longer than this tenant"):
+        client.messages.create(model=model_id, max_tokens=1, messages=[
+            {"role": "user", "content": [{"type": "text", "text": LONG, "cache_control": {
+                "type": "ephemeral", "ttl": "1h"}}]}])
     assert server.ledger_rows(low.id) == {}  # refused before any work: nothing billed
 
 

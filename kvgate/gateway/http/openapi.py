@@ -97,6 +97,18 @@ _SAMPLING: dict[str, Any] = {
     "stop_token_ids": {"type": "array", "items": {"type": "integer", "minimum": 0}},
 }
 
+# What a request asks of the prompt cache (``http/cache_params.py``), OpenAI's spelling
+_CACHE_REQUEST: dict[str, Any] = {
+    "prompt_cache_retention": {"enum": ["in_memory", "24h", None], "description":
+                               "How long its cache writes are kept (and billed): the "
+                               "tenant's TTL, or 24 hours (the 24h write class)."},
+    "prompt_cache_options": {"type": "object", "additionalProperties": False, "properties": {
+        "ttl": {"enum": ["30m"]}, "mode": {"enum": ["implicit"]}}},
+    "prompt_cache_key": {"type": ["string", "null"], "minLength": 1, "maxLength": 64,
+                         "description": "Kept with the bill; the router's affinity key. "
+                         "Never shared across tenants."},
+}
+
 SCHEMAS: dict[str, Any] = {
     "OpenAIError": {"type": "object", "required": ["error"], "properties": {"error": {
         "type": "object", "required": ["message", "type"], "properties": {
@@ -129,7 +141,7 @@ SCHEMAS: dict[str, Any] = {
         "top_logprobs": {"type": "integer", "minimum": 0, "maximum": 20},
         "tools": {"type": "array", "items": _openai_tool},
         "tool_choice": _openai_tool_choice, "parallel_tool_calls": {"type": "boolean"},
-        **_SAMPLING, "user": {"type": "string"}}},
+        **_SAMPLING, **_CACHE_REQUEST, "user": {"type": "string"}}},
     "CompletionRequest": {"type": "object", "required": ["model", "prompt"], "properties": {
         "model": {"type": "string"},
         "prompt": {"anyOf": [
@@ -139,6 +151,7 @@ SCHEMAS: dict[str, Any] = {
                 {"type": "array", "items": {"type": "integer", "minimum": 0}}]}}]},
         "echo": {"type": "boolean"},
         "logprobs": {"type": "integer", "minimum": 0, "maximum": 20}, **_SAMPLING,
+        **_CACHE_REQUEST,
         "max_tokens": {"type": "integer", "minimum": 1},
         "temperature": {"type": "number", "minimum": 0, "maximum": 2},
         "top_p": {"type": "number", "minimum": 0, "maximum": 1},
@@ -173,6 +186,9 @@ SCHEMAS: dict[str, Any] = {
         "top_p": {"type": "number", "minimum": 0, "maximum": 1},
         "top_k": {"type": "integer", "minimum": 0},
         "stop_sequences": {"type": "array", "items": {"type": "string"}},
+        "metadata": {"type": "object", "additionalProperties": False, "properties": {
+            "user_id": {"type": ["string", "null"], "maxLength": 256,
+                        "description": "Kept with the bill; the router's affinity key."}}},
         "stream": {"type": "boolean"}}},
     "Message": {"type": "object", "required": ["id", "type", "content", "usage"], "properties": {
         "id": {"type": "string"}, "type": {"const": "message"}, "content": {"type": "array"},
@@ -204,7 +220,7 @@ SCHEMAS: dict[str, Any] = {
     "Detokenized": {"type": "object", "required": ["prompt"], "properties": {
         "prompt": {"type": "string"}}},
     "ResponseCreate": {"type": "object", "required": ["model", "input"], "properties": {
-        "model": {"type": "string"},
+        "model": {"type": "string"}, **_CACHE_REQUEST,
         "input": {"anyOf": [{"type": "string"}, {"type": "array", "minItems": 1, "items": {
             "anyOf": [{
                 "type": "object", "required": ["role", "content"], "properties": {
@@ -300,7 +316,14 @@ SCHEMAS: dict[str, Any] = {
         "name": {"type": "string", "minLength": 1}, "plan": {"type": "string"},
         "cache_ttl_seconds": {"type": "integer", "minimum": 0},
         "cache_quota_bytes": {"type": "integer", "minimum": 0},
-        "cache_share_bytes": {"type": "integer", "minimum": 0},
+        "cache_reserved_device_bytes": {"type": ["integer", "null"], "minimum": 0,
+                                        "description": "Reserved device cache on each "
+                                        "replica, billed per GiB-hour; 409 past the tier."},
+        "cache_reserved_host_bytes": {"type": ["integer", "null"], "minimum": 0},
+        "cache_max_ttl_seconds": {"type": "integer", "minimum": 0,
+                                  "description": "The longest cache TTL a request may ask."},
+        "cache_share_bytes": {"type": ["integer", "null"], "minimum": 0, "deprecated": True,
+                              "description": "The former field: a reservation on both tiers."},
         "requests_per_minute": {"type": "integer", "minimum": 0},
         "tokens_per_minute": {"type": "integer", "minimum": 0},
         "max_concurrent": {"type": "integer", "minimum": 0}}},
