@@ -195,7 +195,7 @@ def replica_settings(workdir: Path, name: str, db: str, pages: int, events_url: 
         host="127.0.0.1", port=free_port(), model="demo", db=db, admin_key=ADMIN_KEY,
         device_cache_bytes=pages * PAGE_BYTES, host_cache_bytes=PAGE_BYTES,
         spool_dir=str(workdir / f"spool-{name}"), events_url=events_url,
-        log_level="warning", cache_shares=False, default_cache_ttl_seconds=3600)
+        log_level="warning", default_cache_ttl_seconds=3600)
     if shared_url:
         values["shared_tier_url"] = shared_url
     return Settings(**values)

@@ -83,8 +83,7 @@ async def measure(loaded: LoadedModel, shape: str, prefix_len: int, n: int, budg
     config = EngineConfig(model=shape, device_cache_bytes=device_bytes,
                           host_cache_bytes=device_bytes // 4, max_batch_tokens=budget,
                           max_running=max(16, n), single_flight_wait_steps=wait_steps,
-                          max_model_len=prefix_len + SUFFIX + 16,
-                          cache_shares=False)
+                          max_model_len=prefix_len + SUFFIX + 16)
     engine = Engine(config, loaded=loaded)
     computed = count_prompt_tokens(engine)
     lone: list[float] = []

@@ -79,11 +79,11 @@ async def measure(shape: str, reps: int, prefix_len: int) -> dict[str, float]:
     head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
     layout = KVLayout(cfg.num_hidden_layers, cfg.num_key_value_heads, head_dim, BLOCK, torch.float32)
     pages = -(-(PREFIX + SUFFIX + 1) // BLOCK) + 2
-    # No cache shares: the one-off cold tenants would count as active and protect their
-    # blocks, so the warm tenant's prefix (what is measured here) would be evicted instead.
+    # The serving default: one eviction order over all tenants (no fair shares, which would
+    # protect the one-off cold tenants' blocks and evict the warm prefix measured here).
     config = EngineConfig(
         model=shape, device_cache_bytes=pages * layout.page_bytes,
-        host_cache_bytes=4 * pages * layout.page_bytes, cache_shares=False,
+        host_cache_bytes=4 * pages * layout.page_bytes,
     )
     engine = Engine(config, loaded=loaded)
     hf = reference_model(shape)  # the plain path, same weights
