@@ -200,6 +200,13 @@ def test_sign_in_and_every_page_shows_what_the_api_returns(
         row = f"tr[data-usage-key='{r['key_id']}']"
         for field in ("requests", *BILLED_FIELDS):
             assert _int(console.cell(row, field)) == r[field], field
+    # the tenant's latest signed receipts, as the admin API lists them
+    receipts = _api(admin, "/admin/receipts", tenant_id=workload.busy.id, limit=10)["data"]
+    assert receipts and page.locator("tr[data-receipt-id]").count() == len(receipts)
+    first = f"tr[data-receipt-id='{receipts[0]['id']}']"
+    assert console.cell(first, "request") == receipts[0]["request_id"]
+    assert _micros(console.cell(first, "cost")) == {receipts[0]["currency"]:
+                                                    receipts[0]["cost_micros"]}
     page.screenshot(path=str(shots / "tenant.png"), full_page=True)
 
     console.show("actions")

@@ -142,6 +142,19 @@ def test_another_tenant_and_an_unknown_id_get_the_same_404(server: ThreadServer,
     assert [a.json()["error"]["code"] for a in answers] == ["receipt_not_found"] * 2
     assert requests.get(f"{server.url}/v1/receipts/{receipt_id}", timeout=30
                         ).status_code == 401
+    # listing: each tenant sees its own receipts only; the admin lists any tenant's
+    mine = requests.get(f"{server.url}/v1/receipts", headers=tenant.headers, timeout=30).json()
+    assert receipt_id in [r["id"] for r in mine["data"]]
+    theirs = requests.get(f"{server.url}/v1/receipts", headers=other.headers, timeout=30)
+    assert theirs.status_code == 200 and theirs.json()["data"] == []
+    listed = admin.http.get("/admin/receipts", params={"tenant_id": tenant.id}).json()["data"]
+    assert listed == mine["data"]
+    for bad in ("0", "201", "x", "-1"):
+        r = requests.get(f"{server.url}/v1/receipts", params={"limit": bad},
+                         headers=tenant.headers, timeout=30)
+        assert r.status_code == 400, (bad, r.text)
+    assert requests.get(f"{server.url}/admin/receipts", params={"tenant_id": tenant.id},
+                        headers=tenant.headers, timeout=30).status_code == 403
 
 
 def test_the_cli_verifies_and_refuses_a_changed_receipt(server: ThreadServer,

@@ -330,6 +330,10 @@ SCHEMAS: dict[str, Any] = {
 }
 
 
+_RECEIPT_LIMIT = {"name": "limit", "in": "query", "required": False,
+                  "schema": {"type": "integer", "minimum": 1, "maximum": 200, "default": 20}}
+
+
 def _op(summary: str, responses: dict[str, Any], body: str | None = None,
         **extra: Any) -> dict[str, Any]:
     op = {"summary": summary, "responses": responses, **extra}
@@ -426,6 +430,15 @@ def spec() -> dict:
                                                                           503))),
                 "delete": _op("Delete a stored response",
                               _responses("ResponseDeleted", (401, 403, 404, 503)))},
+            "/v1/receipts": {"get": _op(
+                "The tenant's latest billing receipts, newest first (summaries: id, request "
+                "id, time, endpoint, status, tokens, cost)", _responses(None, (400, 401, 503)),
+                parameters=[_RECEIPT_LIMIT])},
+            "/admin/receipts": {"get": _op(
+                "One tenant's latest billing receipts (summaries), for the console",
+                _responses(None, _ADMIN), parameters=[
+                    {"name": "tenant_id", "in": "query", "required": True,
+                     "schema": {"type": "string"}}, _RECEIPT_LIMIT])},
             "/v1/receipts/{id}": {
                 "parameters": [{"name": "id", "in": "path", "required": True,
                                 "schema": {"type": "string"}}],

@@ -15,7 +15,7 @@ from pathlib import Path
 from aiohttp import web
 
 from kvgate.gateway.config import Settings
-from kvgate.gateway.http.errors import ApiError
+from kvgate.gateway.http.errors import ApiError, bad_request
 from kvgate.gateway.http.state import principal_of, state_of
 from kvgate.gateway.ledger import LedgerUnavailable, NotFound
 from kvgate.gateway.ledger.receipts import KEY_FILE_NAME, ReceiptKey, ReceiptKeyUnwritable
@@ -27,8 +27,42 @@ KEY_PATH = "/.well-known/kvgate-receipt-key"
 
 
 def routes() -> list[web.RouteDef]:
-    return [web.get("/v1/receipts/{id}", retrieve, allow_head=False),
+    return [web.get("/v1/receipts", list_own, allow_head=False),
+            web.get("/v1/receipts/{id}", retrieve, allow_head=False),
+            web.get("/admin/receipts", list_any, allow_head=False),
             web.get(KEY_PATH, public_key, allow_head=False)]
+
+
+def _limit(request: web.Request) -> int:
+    raw = request.query.get("limit", "20")
+    if not raw.isascii() or not raw.isdigit() or not 1 <= int(raw) <= 200:
+        raise bad_request("'limit' must be an integer from 1 to 200.", param="limit")
+    return int(raw)
+
+
+async def _listed(request: web.Request, tenant_id: int) -> web.Response:
+    try:
+        data = await state_of(request).ledger.receipts(tenant_id, _limit(request))
+    except LedgerUnavailable as exc:
+        log.warning("receipts: %s", exc)
+        raise ApiError(503, "Receipts cannot be read now: the database is unavailable. "
+                       "Retry shortly.", code="ledger_unavailable", retry_after=5.0) from None
+    return web.json_response({"object": "list", "data": data})
+
+
+async def list_own(request: web.Request) -> web.Response:
+    """``GET /v1/receipts?limit=``: the calling tenant's latest receipts, newest first."""
+    tenant = principal_of(request).tenant_id
+    assert tenant is not None  # the auth middleware lets only tenant keys through
+    return await _listed(request, tenant)
+
+
+async def list_any(request: web.Request) -> web.Response:
+    """``GET /admin/receipts?tenant_id=&limit=`` (admin key): one tenant's latest receipts."""
+    raw = request.query.get("tenant_id", "")
+    if not raw.isascii() or not raw.isdigit() or not 0 < int(raw) < 2**31:
+        raise bad_request("'tenant_id' must be a tenant id.", param="tenant_id")
+    return await _listed(request, int(raw))
 
 
 def default_key_file(settings: Settings) -> Path:

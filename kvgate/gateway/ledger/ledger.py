@@ -277,6 +277,22 @@ class Ledger:
         receipt: dict[str, Any] = json.loads(body)
         return receipt
 
+    async def receipts(self, tenant_id: int, limit: int = 20) -> list[dict[str, Any]]:
+        """The tenant's latest receipts, newest first, as summaries: id, request id, time,
+        endpoint, status, token counts, cost and currency (the whole receipt: ``receipt``)."""
+        limit = max(1, min(int(limit), 200))
+        async with self._connect() as conn:
+            rows = (await conn.execute(
+                select(ReceiptRow.body).where(ReceiptRow.tenant_id == tenant_id)
+                .order_by(ReceiptRow.created_at.desc(), ReceiptRow.id).limit(limit))).all()
+        out = []
+        for (body,) in rows:
+            r = json.loads(body)
+            out.append({k: r.get(k) for k in ("id", "request_id", "finished_at", "endpoint",
+                                              "status", "tokens", "cost_micros", "currency",
+                                              "prompt_cache_key")})
+        return out
+
     async def usage_report(self, tenant_id: int | None = None, since: datetime | None = None,
                            until: datetime | None = None, group_by: str = "day"
                            ) -> dict[str, Any]:

@@ -397,7 +397,7 @@
 
   async function tenantView(token, id) {
     const q = "tenant_id=" + encodeURIComponent(id);
-    const [t, keys, daily, byKey, byModel, hot, stats] = await Promise.all([
+    const [t, keys, daily, byKey, byModel, hot, stats, receipts] = await Promise.all([
       get("/admin/tenants/" + encodeURIComponent(id)),
       get("/admin/tenants/" + encodeURIComponent(id) + "/keys"),
       get("/admin/usage/series?bucket=day&since=30d&" + q),
@@ -405,6 +405,7 @@
       get("/admin/usage/series?bucket=all&group_by=model&since=30d&" + q),
       get("/admin/cache/prefixes?limit=10&" + q),
       get("/admin/cache/stats"),
+      get("/admin/receipts?limit=10&" + q),
     ]);
     if (token !== renderToken) return null;
     const days = [...new Set(daily.rows.map((r) => r.start))].sort();
@@ -444,6 +445,15 @@
       ["Requests", (r) => fmtInt(r.requests), { col: "requests" }], ...billedColumns((r) => r),
       ["Cost", (r) => fmtMoney(r.cost_micros, r.currency), { col: "cost" }], ["Saved", (r) => fmtMoney(r.saved_micros, r.currency), { col: "saved" }],
     ], byModel.rows);
+    const receiptTable = table("Latest receipts (signed bills; the tenant reads them at /v1/receipts/{id})", [
+      ["Receipt", (r) => el("span", { class: "mono", title: r.id, text: r.id.slice(0, 14) + "…" }), { cls: "text", col: "receipt" }],
+      ["Request", (r) => el("span", { class: "mono", text: r.request_id }), { cls: "text", col: "request" }],
+      ["Finished", (r) => String(r.finished_at).slice(0, 19).replace("T", " ") + " UTC", { col: "finished" }],
+      ["Endpoint", (r) => r.endpoint, { col: "endpoint" }],
+      ["Prompt", (r) => fmtInt(r.tokens.prompt), { col: "prompt" }], ["Cache read", (r) => fmtInt(r.tokens.cached), { col: "cached" }],
+      ["Output", (r) => fmtInt(r.tokens.completion), { col: "completion" }],
+      ["Cost", (r) => fmtMoney(r.cost_micros, r.currency), { col: "cost" }],
+    ], receipts.data, { rowAttrs: (r) => ({ "data-receipt-id": r.id }) });
     const keyOut = el("div", { id: "key-output", role: "status" });
     const keyTable = table("Keys", [
       ["Prefix", (r) => el("span", { class: "mono", text: r.prefix + "…" }), { cls: "text", col: "prefix" }],
@@ -460,7 +470,7 @@
     return [el("p", {}, el("a", { href: "#tenants", text: "← All tenants" })),
       heading("Tenant: " + t.name), settings,
       el("h2", { text: "Usage" }), el("div", { class: "grid2" }, moneyChart, tokenChart),
-      el("p", { class: "note", text: TOKENS_NOTE }), keyUsage, modelUsage,
+      el("p", { class: "note", text: TOKENS_NOTE }), keyUsage, modelUsage, receiptTable,
       el("h2", { text: "Cache" }), tiers, hotTable,
       el("h2", { text: "Keys" }), actions, keyOut, keyTable,
       el("h2", { text: "Limits" }), limitsForm(t)];
