@@ -330,6 +330,14 @@ class Ledger:
             await conn.execute(update(c).where(c.id == cache_id).values(deleted_at=now))
             return _cache_dict(row)
 
+    async def live_cache_ids(self, cache_ids: list[str]) -> set[str]:
+        """Those of ``cache_ids`` neither deleted nor expired."""
+        c = ExplicitCacheRow
+        async with self._connect() as conn:
+            rows = await conn.execute(select(c.id).where(
+                c.id.in_(cache_ids), c.deleted_at.is_(None), c.expires_at > utcnow()))
+            return {r.id for r in rows}
+
     async def caches_held(self, since: datetime, until: datetime) -> list[dict[str, Any]]:
         """Every tenant's caches that were live at some time in ``[since, until)``, with
         their deletion time (what storage is billed from)."""
