@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, defaultdict
 from collections.abc import Callable
 
 import torch
@@ -126,6 +126,8 @@ class CacheStore:
         self._observed: OrderedDict[str, None] = OrderedDict()  # seq ids the duel has seen
         self._queued: dict[str, tuple[int, list[bytes]]] = {}  # hold_queued's hashes by key
         self._computing: dict[bytes, CacheSeq] = {}  # announced block hash -> who computes it
+        # pins by namespace and key (``pin(..., key=)``); "" holds the namespace-wide pins
+        self._pin_keys: defaultdict[str, dict[str, set[bytes]]] = defaultdict(dict)
         self._lock = threading.Lock()
         self.shared: SharedLink | None = None  # the Valkey tier (``attach_shared``)
 
@@ -400,6 +402,7 @@ class CacheStore:
             if self.shared is not None:
                 self.shared.tier.flush_namespace(namespace)
             self.policy.pins.pop(namespace, None)
+            self._pin_keys.pop(namespace, None)
             before = self.index.num_blocks(namespace)
             victims = [b for b in self.index.values()
                        if b.namespace == namespace and b.ref_count == 0]
@@ -430,11 +433,16 @@ class CacheStore:
             return {ns: {str(t): n for t, n in by.items()}
                     for ns, by in self.shares.reservations().items()}
 
-    def pin(self, namespace: str, token_ids: TokenIds) -> int:
-        """Keep this prefix forever (counted in quota); → blocks of it pinned now."""
+    def pin(self, namespace: str, token_ids: TokenIds, key: str = "") -> int:
+        """Keep this prefix until unpinned (counted in quota); → blocks of it pinned now.
+
+        Blocks not indexed yet are pinned when a sequence commits them. ``key`` names the
+        pin so ``unpin(namespace, key)`` takes off that one alone (an explicit cache's);
+        a block several keys pin stays pinned until the last of them goes."""
         with self._lock:
             data = token_bytes(token_ids)
             hashes = chain_hashes(self._root(namespace), data, self.block_size, self.hash_fn)
+            self._pin_keys[namespace].setdefault(key, set()).update(hashes)
             self.policy.pins[namespace].update(hashes)
             pinned = 0
             for block in self.index.walk(namespace, hashes, data):
@@ -444,15 +452,37 @@ class CacheStore:
                 pinned += 1
             return pinned
 
-    def unpin(self, namespace: str) -> None:
+    def unpin(self, namespace: str, key: str | None = None) -> None:
+        """Take off every pin of the namespace (``key`` None) or the one pin ``key``."""
         with self._lock:
-            self.policy.pins.pop(namespace, None)
-            for block in [b for b in self.index.values() if b.namespace == namespace and b.pinned]:
+            keys = self._pin_keys.get(namespace, {})
+            if key is None:
+                self._pin_keys.pop(namespace, None)
+                self.policy.pins.pop(namespace, None)
+                blocks = [b for b in self.index.values() if b.namespace == namespace and b.pinned]
+            else:
+                gone = keys.pop(key, None)
+                if gone is None:
+                    return
+                gone -= set().union(*keys.values())  # still held by another pin
+                if keys:
+                    self.policy.pins[namespace] -= gone
+                else:
+                    self._pin_keys.pop(namespace, None)
+                    self.policy.pins.pop(namespace, None)
+                blocks = [b for b in map(self.index.get, gone)
+                          if b is not None and b.namespace == namespace and b.pinned]
+            for block in blocks:
                 block.pinned = False
-                if block.ref_count == 0:
+                if block.ref_count == 0 and block.alive:
                     self.policy.add(block)
                     self.policy.schedule_expiry(block)
             self._enforce_quota(namespace)
+
+    def pinned_blocks(self, namespace: str) -> int:
+        """Blocks of the namespace pinned now."""
+        with self._lock:
+            return sum(1 for b in self.index.values() if b.namespace == namespace and b.pinned)
 
     def sweep(self) -> int:
         """Drop every expired block now (also done lazily on access); → blocks dropped."""

@@ -68,6 +68,10 @@ class Settings:
     # How often tenants' cache reservations are read from the ledger, applied and billed
     # (one usage row per reserved tenant and interval).
     reservation_bill_interval_s: int = 60
+    # Explicit caches (/v1/caches) of a tenant with neither a device reservation nor a
+    # quota may pin at most this percentage of the device tier together. Their storage is
+    # billed, and expired ones unpinned, every reservation_bill_interval_s.
+    explicit_cache_device_percent: int = 25
     # Scale-out (``kvgate route``): where this replica publishes its cache events
     # (redis://HOST:PORT[/DB]; "" publishes none) and the id routers know it by ("" =
     # http://<host>:<port>).

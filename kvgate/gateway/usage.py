@@ -10,7 +10,8 @@ extended retention) is a billing notion and lives here too, in ``ttl_class``.
 
 Besides tokens, one record may carry reserved cache capacity held over time
 (``reserved_byte_seconds``): a tenant's reservation is billed per byte-hour by records of
-its own, one per tenant and billing interval, with no tokens.
+its own, one per tenant and billing interval, with no tokens; an explicit cache's pinned
+tokens held over time (``stored_token_seconds``) likewise, one record per cache and interval.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ class Usage:
     cache_writes: Mapping[int, int] = field(default_factory=dict)
     completion_tokens: int = 0
     reserved_byte_seconds: int = 0
+    stored_token_seconds: int = 0
 
     def __post_init__(self) -> None:
         # A copy, without zero entries: a caller's dict must not change the record later,
@@ -91,6 +93,7 @@ class Usage:
         counts = {"prompt_tokens": self.prompt_tokens, "cached_tokens": self.cached_tokens,
                   "completion_tokens": self.completion_tokens,
                   "reserved_byte_seconds": self.reserved_byte_seconds,
+                  "stored_token_seconds": self.stored_token_seconds,
                   **{f"cache_writes[{k}]": v for k, v in self.cache_writes.items()}}
         for name, value in counts.items():
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
@@ -108,7 +111,9 @@ class Usage:
                 "cache_writes": {str(k): v for k, v in sorted(self.cache_writes.items())},
                 "completion_tokens": self.completion_tokens,
                 **({"reserved_byte_seconds": self.reserved_byte_seconds}
-                   if self.reserved_byte_seconds else {})}
+                   if self.reserved_byte_seconds else {}),
+                **({"stored_token_seconds": self.stored_token_seconds}
+                   if self.stored_token_seconds else {})}
 
     @classmethod
     def from_json(cls, data: Mapping[str, object]) -> Usage:
@@ -119,7 +124,8 @@ class Usage:
                    cached_tokens=_int(data, "cached_tokens"),
                    cache_writes={int(k): v for k, v in writes.items()},
                    completion_tokens=_int(data, "completion_tokens"),
-                   reserved_byte_seconds=_int(data, "reserved_byte_seconds"))
+                   reserved_byte_seconds=_int(data, "reserved_byte_seconds"),
+                   stored_token_seconds=_int(data, "stored_token_seconds"))
 
 
 def _int(data: Mapping[str, object], name: str) -> int:

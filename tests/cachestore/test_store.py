@@ -211,6 +211,30 @@ def test_pinned_prefix_is_never_evicted_nor_expired(
     assert store.sweep() == 2
 
 
+def test_keyed_pins_come_off_one_at_a_time(make_store: MakeStore, clock: FakeClock) -> None:
+    """Two explicit caches share a first block: deleting one keeps the shared block and
+    the other's pinned; a pin registered before its blocks exist pins them as written."""
+    store = make_store(device_pages=8, host_pages=0)
+    a = tokens(2 * BLOCK)
+    b = [*tokens(BLOCK), *tokens(BLOCK, start=500)]
+    assert store.pin(NS, a, "cache_a") == 0  # nothing cached yet
+    run_request(store, "x", NS, a)
+    assert store.pinned_blocks(NS) == 2  # pinned as they were written
+    run_request(store, "y", NS, b)
+    assert store.pin(NS, b, "cache_b") == 2
+    assert store.pinned_blocks(NS) == 3
+    store.unpin(NS, "cache_a")
+    assert store.pinned_blocks(NS) == 2  # the first block is cache_b's too
+    store.unpin(NS, "cache_a")  # twice: nothing more
+    store.unpin("tenant:2", "cache_b")  # another namespace's key: nothing
+    assert store.pinned_blocks(NS) == 2
+    clock.advance(301)
+    assert store.sweep() == 1  # a's second block, unpinned, expires
+    store.unpin(NS, "cache_b")
+    assert store.pinned_blocks(NS) == 0
+    assert store.sweep() == 2
+
+
 def test_flush_drops_idle_blocks_and_keeps_active_ones(make_store: MakeStore) -> None:
     store = make_store(device_pages=8, host_pages=2)
     run_request(store, "a", NS, tokens(2 * BLOCK))

@@ -96,3 +96,14 @@ def test_naive_times_are_rejected() -> None:
     e = dataclasses.replace(event(1), started_at=NOW.replace(tzinfo=None))
     with pytest.raises(InvalidInput, match="aware"):
         e.validate()
+
+
+def test_stored_token_seconds_are_priced_per_million_token_hours() -> None:
+    prices = Prices.derived(1_000_000)
+    assert prices.cache_storage == 1_000_000
+    # a million tokens for an hour at the storage price, and one token-second rounded up
+    assert cost_micros(Usage(stored_token_seconds=3600 * 10**6), prices) == 1_000_000
+    assert cost_micros(Usage(stored_token_seconds=1), prices) == 1
+    both = Usage(prompt_tokens=10, stored_token_seconds=3600 * 2048)
+    assert cost_micros(both, prices) == 10 + 2048
+    assert Usage.from_json(both.to_json()) == both

@@ -60,14 +60,14 @@ def test_group_by_tenant_names_tenants_and_currencies(
     assert rc == 0
     header, *rows = _table(out)
     assert header == ["TENANT_ID", "TENANT_NAME", "REQUESTS", "PROMPT_TOKENS", "CACHED_TOKENS",
-                      "CACHE_WRITE_TOKENS", "COMPLETION_TOKENS", "RESERVED_BYTE_SECONDS", "COST_MICROS",
-                      "CURRENCY"]
+                      "CACHE_WRITE_TOKENS", "COMPLETION_TOKENS", "RESERVED_BYTE_SECONDS",
+                      "STORED_TOKEN_SECONDS", "COST_MICROS", "CURRENCY"]
     assert rows == [
-        [str(seeded["acme"]), "acme", "3", "3000", "0", "0", "0", "0", "3000", "USD"],
-        [str(seeded["zeit"]), "zeit", "1", "1000", "0", "0", "0", "0", "2000", "EUR"],
+        [str(seeded["acme"]), "acme", "3", "3000", "0", "0", "0", "0", "0", "3000", "USD"],
+        [str(seeded["zeit"]), "zeit", "1", "1000", "0", "0", "0", "0", "0", "2000", "EUR"],
         # two currencies: one TOTAL line each, never a sum across them
-        ["TOTAL", "-", "1", "1000", "0", "0", "0", "0", "2000", "EUR"],
-        ["TOTAL", "-", "3", "3000", "0", "0", "0", "0", "3000", "USD"]]
+        ["TOTAL", "-", "1", "1000", "0", "0", "0", "0", "0", "2000", "EUR"],
+        ["TOTAL", "-", "3", "3000", "0", "0", "0", "0", "0", "3000", "USD"]]
 
     rc, out, _ = kvgate(capsys, "usage", "--group-by", "tenant", "--json", "--db", db_url)
     report = json.loads(out)
@@ -96,8 +96,8 @@ def test_group_by_key_model_and_day(db_url: str, seeded: dict[str, int],
 
     rc, out, _ = kvgate(capsys, "usage", "--tenant", "zeit", "--since", "2026-03-14T00:00Z",
                         "--until", "2026-03-15", "--db", db_url)
-    assert _table(out)[1:] == [["2026-03-14", "1", "1000", "0", "0", "0", "0", "2000", "EUR"],
-                               ["TOTAL", "1", "1000", "0", "0", "0", "0", "2000", "EUR"]]
+    assert _table(out)[1:] == [["2026-03-14", "1", "1000", "0", "0", "0", "0", "0", "2000", "EUR"],
+                               ["TOTAL", "1", "1000", "0", "0", "0", "0", "0", "2000", "EUR"]]
 
 
 def test_bad_times_and_groups_are_clear_errors(
@@ -126,3 +126,6 @@ def test_plans_show_their_currency(db_url: str, seeded: dict[str, int],
     rc, out, _ = kvgate(capsys, "plans", "update", "euro", "--output", "1", "--json",
                         "--db", db_url)
     assert rc == 0 and json.loads(out)["currency"] == "EUR"
+    rc, out, _ = kvgate(capsys, "plans", "update", "euro", "--cache-storage", "7", "--json",
+                        "--db", db_url)
+    assert rc == 0 and json.loads(out)["cache_storage"] == 7

@@ -131,6 +131,7 @@ class Server(abc.ABC):
                    "MIN(cache_write_24h_tokens) AS cache_write_24h_tokens, "
                    "MIN(completion_tokens) AS completion_tokens, MIN(cost_micros) AS cost_micros, "
                    "MIN(reserved_byte_seconds) AS reserved_byte_seconds, "
+                   "MIN(stored_token_seconds) AS stored_token_seconds, "
                    "MIN(endpoint) AS endpoint, MIN(cache_key) AS cache_key, "
                    "MIN(started_at) AS started_at, MIN(finished_at) AS finished_at "
                    "FROM usage_events")

@@ -241,6 +241,17 @@ class Engine:
         self._inbox.put(Call(lambda: self.store.set_reservation(namespace, device_bytes,
                                                                 host_bytes)))
 
+    async def pin(self, namespace: str, token_ids: list[int], key: str) -> int:
+        """Pin this prefix under ``key`` (blocks not cached yet are pinned as they are
+        written); → blocks of it pinned now."""
+        return await self._call(lambda: self.store.pin(namespace, token_ids, key))
+
+    async def unpin(self, namespace: str, key: str) -> None:
+        await self._call(lambda: self.store.unpin(namespace, key))
+
+    async def pinned_blocks(self, namespace: str) -> int:
+        return await self._call(lambda: self.store.pinned_blocks(namespace))
+
     async def reservations(self) -> dict[str, dict[str, int]]:
         """Reserved bytes per namespace and tier, as this replica's tiers hold them."""
         return await self._call(self.store.reservations)

@@ -28,6 +28,7 @@ from kvgate.gateway.http.anthropic_tools import (
     parse_tool_choice,
 )
 from kvgate.gateway.http.cache_params import CacheRequest, anthropic_cache_request
+from kvgate.gateway.http.cached_content import named_cache, pin_named
 from kvgate.gateway.http.errors import ClientGone, bad_request
 from kvgate.gateway.http.generation import Generation
 from kvgate.gateway.http.openai_tools import server_parser
@@ -179,7 +180,9 @@ async def count_tokens(request: web.Request) -> web.Response:
 @admitted
 async def messages(request: web.Request) -> web.StreamResponse:
     state = state_of(request)
-    p = await prepare(await read_body(request), lambda body: _prepare(state, body))
+    body, named = await named_cache(request, await read_body(request), "anthropic")
+    p = await prepare(body, lambda body: _prepare(state, body))
+    await pin_named(request, named, p.prompt)
     async with Generation(request, "messages", p.model, p.prompt, p.sampling,
                           p.segments, cache=p.cache) as gen:
         blocks = Blocks(p.parser, p.choice, eager=p.choice is None)

@@ -14,6 +14,7 @@ from kvgate.gateway.engine import Engine, EngineConfig
 from kvgate.gateway.http import (
     admin,
     anthropic_api,
+    caches_api,
     completions_api,
     console,
     models_api,
@@ -27,7 +28,7 @@ from kvgate.gateway.http.limits import Limiter
 from kvgate.gateway.http.metrics import Metrics
 from kvgate.gateway.http.middleware import auth_middleware, context_middleware, on_response_prepare
 from kvgate.gateway.http.openapi import spec
-from kvgate.gateway.http.reservations import ReservationBiller
+from kvgate.gateway.http.reservations import CacheStorageBiller, ReservationBiller
 from kvgate.gateway.http.state import STATE, AppState, state_of
 from kvgate.gateway.http.tools import parser_for
 from kvgate.gateway.http.transport import handler_args
@@ -145,6 +146,7 @@ def _routes() -> list[web.RouteDef]:
         web.post("/v1/messages/count_tokens", anthropic_api.count_tokens),
         *responses_api.routes(),
         *receipts_api.routes(),
+        *caches_api.routes(),
         *admin.routes(),
         *console.routes(),
     ]
@@ -213,6 +215,7 @@ def create_app(settings: Settings, engine: Engine | None = None,
             raise
         metrics_runner: web.AppRunner | None = None
         biller: ReservationBiller | None = None
+        storage: CacheStorageBiller | None = None
         try:
             try:
                 state.admin_key_created = await own_ledger.bootstrap_admin(settings.admin_key)
@@ -223,6 +226,8 @@ def create_app(settings: Settings, engine: Engine | None = None,
             state.open(the_engine, own_ledger)
             biller = ReservationBiller(state, models_api.served_names(state)[0])
             biller.start()
+            storage = CacheStorageBiller(state)
+            storage.start()
             own_ledger.on_commit = state.metrics.on_ledger_commit
             own_ledger.receipt_key = state.receipt_key
             state.metrics.watch(state.engine, own_ledger)
@@ -232,6 +237,8 @@ def create_app(settings: Settings, engine: Engine | None = None,
         finally:
             if biller is not None:
                 await biller.stop()
+            if storage is not None:
+                await storage.stop()
             if metrics_runner is not None:
                 await metrics_runner.cleanup()
             if own_engine is not None:

@@ -10,6 +10,7 @@ from aiohttp import web
 from kvgate.gateway.engine import SamplingParams
 from kvgate.gateway.http.admission import admitted
 from kvgate.gateway.http.cache_params import NO_CACHE_REQUEST, CacheRequest, openai_cache_request
+from kvgate.gateway.http.cached_content import named_cache, pin_named
 from kvgate.gateway.http.choices import Choice
 from kvgate.gateway.http.errors import ClientGone, bad_request
 from kvgate.gateway.http.generation import Generation
@@ -176,9 +177,11 @@ def _prepare_chat(state: AppState, body: dict) -> _Prepared:
 @admitted
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     state = state_of(request)
+    body, named = await named_cache(request, await read_body(request), "openai")
     model, stream, include_usage, prompt, sampling, tools, cache = await prepare(
-        await read_body(request), lambda body: _prepare_chat(state, body))
+        body, lambda body: _prepare_chat(state, body))
     assert tools is not None
+    await pin_named(request, named, prompt)
     async with Generation(request, "chat.completions", model, prompt, sampling,
                           cache=cache) as gen:
         if stream:

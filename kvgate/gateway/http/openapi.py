@@ -141,6 +141,9 @@ SCHEMAS: dict[str, Any] = {
         "top_logprobs": {"type": "integer", "minimum": 0, "maximum": 20},
         "tools": {"type": "array", "items": _openai_tool},
         "tool_choice": _openai_tool_choice, "parallel_tool_calls": {"type": "boolean"},
+        "cached_content": {"type": "string", "pattern": "^cache_",
+                           "description": "An explicit cache (POST /v1/caches) whose messages "
+                           "(and tools) go first in the prompt"},
         **_SAMPLING, **_CACHE_REQUEST, "user": {"type": "string"}}},
     "CompletionRequest": {"type": "object", "required": ["model", "prompt"], "properties": {
         "model": {"type": "string"},
@@ -182,6 +185,9 @@ SCHEMAS: dict[str, Any] = {
         "tools": {"type": "array", "items": _anthropic_tool},
         "tool_choice": _anthropic_tool_choice,
         "cache_control": _cache_control,
+        "cached_content": {"type": "string", "pattern": "^cache_",
+                           "description": "An explicit cache (POST /v1/caches) whose messages "
+                           "(system and tools) go first in the prompt"},
         "temperature": {"type": "number", "minimum": 0, "maximum": 1},
         "top_p": {"type": "number", "minimum": 0, "maximum": 1},
         "top_k": {"type": "integer", "minimum": 0},
@@ -312,6 +318,36 @@ SCHEMAS: dict[str, Any] = {
                         "properties": {"id": {"type": "string"},
                                        "object": {"const": "response"},
                                        "deleted": {"const": True}}},
+    "CacheCreate": {
+        "type": "object", "description": "A prompt prefix in either API's shape: OpenAI "
+        "(messages, tools) or Anthropic (system, messages, tools). A missing TTL is the "
+        "tenant's default; at most the tenant's cache_max_ttl_seconds.",
+        "required": ["messages"], "properties": {
+            "messages": {"type": "array", "minItems": 1},
+            "system": _anthropic_system, "tools": {"type": "array"},
+            "ttl": {"type": "string", "pattern": "^[0-9]{1,9}s$", "examples": ["3600s"]},
+            "ttl_seconds": {"type": "integer", "minimum": 1},
+            "display_name": {"type": "string", "maxLength": 128},
+            "model": {"type": "string"}}},
+    "CacheUpdate": {"type": "object", "description": "A new TTL, counted from now.",
+                    "properties": {"ttl": {"type": "string", "pattern": "^[0-9]{1,9}s$"},
+                                   "ttl_seconds": {"type": "integer", "minimum": 1}}},
+    "Cache": {"type": "object", "required": ["id", "object", "model", "tokens", "created_at",
+                                             "expires_at", "ttl_seconds"],
+              "properties": {
+                  "id": {"type": "string"}, "object": {"const": "cache"},
+                  "display_name": {"type": ["string", "null"]}, "model": {"type": "string"},
+                  "tokens": {"type": "integer"}, "created_at": {"type": "integer"},
+                  "expires_at": {"type": "integer"},
+                  "ttl_seconds": {"type": "integer", "description": "Seconds left"},
+                  "usage": {"type": "object", "description": "POST only: the prefill's "
+                            "usage, billed as a request (endpoint caches)"}}},
+    "CacheList": {"type": "object", "required": ["object", "data"], "properties": {
+        "object": {"const": "list"}, "data": {"type": "array", "items": _ref("Cache")}}},
+    "CacheDeleted": {"type": "object", "required": ["id", "object", "deleted"],
+                     "properties": {"id": {"type": "string"},
+                                    "object": {"const": "cache.deleted"},
+                                    "deleted": {"const": True}}},
     "TenantCreate": {"type": "object", "required": ["name"], "properties": {
         "name": {"type": "string", "minLength": 1}, "plan": {"type": "string"},
         "cache_ttl_seconds": {"type": "integer", "minimum": 0},
@@ -446,6 +482,21 @@ def spec() -> dict:
                            "kvgate-receipt-id header of every billed answer); another "
                            "tenant's receipt is 404, like one that does not exist",
                            _responses("Receipt", (401, 403, 404, 503)))},
+            "/v1/caches": {
+                "post": _op("Create an explicit cache: the prefix is computed once (billed "
+                            "as a request) and pinned until it expires or is deleted; its "
+                            "storage is billed per token-hour. 409 past the tenant's budget",
+                            _responses("Cache", (*_CLIENT, 409)), "CacheCreate"),
+                "get": _op("List the tenant's live caches",
+                           _responses("CacheList", (401, 403, 503)))},
+            "/v1/caches/{id}": {
+                "parameters": _ID,
+                "get": _op("Get one of the tenant's caches (another tenant's is 404)",
+                           _responses("Cache", (401, 403, 404, 503))),
+                "patch": _op("Give a cache a new TTL", _responses(
+                    "Cache", (400, 401, 403, 404, 503)), "CacheUpdate"),
+                "delete": _op("Delete a cache (its blocks are unpinned)",
+                              _responses("CacheDeleted", (401, 403, 404, 503)))},
             "/.well-known/kvgate-receipt-key": {"get": _op(
                 "The public key receipts are signed with (PEM and JWK, with its key id)",
                 _responses("ReceiptKey", (404,)), **_PUBLIC)},

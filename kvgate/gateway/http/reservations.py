@@ -1,4 +1,5 @@
-"""Cache reservations: applied to this replica's tiers and billed per byte-hour.
+"""Cache reservations: applied to this replica's tiers and billed per byte-hour; explicit
+caches' storage billed per token-hour (``CacheStorageBiller``, at the end).
 
 A tenant's reservation (``cache_reserved_device_bytes`` / ``cache_reserved_host_bytes``) is
 capacity of each tier of each replica that other tenants' traffic cannot evict
@@ -27,13 +28,13 @@ import contextlib
 import logging
 import time
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from kvgate.gateway.http.state import AppState
 from kvgate.gateway.http.tenancy import tenant_namespace
 from kvgate.gateway.ledger import LedgerError
 from kvgate.gateway.ledger.billing import UsageEvent
-from kvgate.gateway.ledger.reports import RESERVATION_ENDPOINT
+from kvgate.gateway.ledger.reports import RESERVATION_ENDPOINT, STORAGE_ENDPOINT
 from kvgate.gateway.usage import Usage
 
 log = logging.getLogger("kvgate.reservations")
@@ -120,3 +121,94 @@ class ReservationBiller:
                 self.state.metrics.observe_reservation(
                     self.state.metrics.tenant(tenant_id), byte_seconds, billed.cost_micros)
         return recorded
+
+
+class CacheStorageBiller:
+    """Explicit caches (``caches_api``): storage billed per token-hour, expired ones unpinned.
+
+    Time is cut into intervals of ``reservation_bill_interval_s`` aligned on the epoch, the
+    same on every replica. Once an interval has ended, each cache that was live during it
+    is billed the tokens it holds × the milliseconds of the interval it was live (from its
+    creation to its expiry or deletion) / 1000, rounded down: one usage row per cache and
+    interval, endpoint ``cache.storage``, whose request id names the cache and the
+    interval's start. Every replica bills the same rows under the same ids, so a cache is
+    billed once whichever replicas run; a replica that starts bills the interval before
+    too, so a restart within an interval loses nothing. The last interval of a gateway that
+    stops for good, and never starts again, is not billed.
+
+    The same tick unpins, on this replica, the caches whose time is up or which another
+    replica deleted.
+    """
+
+    CATCH_UP = 2  # intervals billed at start: the current one's predecessor and the one before
+
+    def __init__(self, state: AppState) -> None:
+        self.state = state
+        self.interval = max(1, int(state.settings.reservation_bill_interval_s))
+        self._billed_until: int | None = None  # epoch seconds: intervals before are billed
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._loop())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                await self.bill()
+                await self.sweep()
+            except LedgerError as exc:
+                log.warning("explicit caches not billed from the ledger: %s", exc)
+            except Exception:
+                log.exception("explicit cache storage billing failed")
+            now = time.time()
+            await asyncio.sleep(self.interval - now % self.interval + 0.05)
+
+    async def bill(self) -> int:
+        """Bill every ended interval not billed yet; → rows recorded."""
+        end = int(time.time()) // self.interval * self.interval
+        start = (end - self.CATCH_UP * self.interval if self._billed_until is None
+                 else self._billed_until)
+        recorded = 0
+        for t0 in range(start, end, self.interval):
+            recorded += await self._bill_interval(t0, t0 + self.interval)
+            self._billed_until = t0 + self.interval
+        return recorded
+
+    async def _bill_interval(self, t0: int, t1: int) -> int:
+        since, until = datetime.fromtimestamp(t0, UTC), datetime.fromtimestamp(t1, UTC)
+        recorded = 0
+        for cache in await self.state.ledger.caches_held(since, until):
+            gone = cache["expires_at"]
+            if cache["deleted_at"] is not None:
+                gone = min(gone, cache["deleted_at"])
+            begin, finish = max(since, cache["created_at"]), min(until, gone)
+            held_ms = (finish - begin) // timedelta(milliseconds=1)
+            token_seconds = cache["tokens"] * held_ms // 1000
+            if token_seconds <= 0:
+                continue
+            event = UsageEvent(
+                request_id=f"storage-{cache['id']}-{t0}", tenant_id=cache["tenant_id"],
+                key_id=None, model=cache["model"], endpoint=STORAGE_ENDPOINT,
+                usage=Usage(stored_token_seconds=token_seconds), status="ok",
+                started_at=begin, finished_at=finish)
+            if (await self.state.ledger.record(event)).new:
+                recorded += 1
+        return recorded
+
+    async def sweep(self) -> int:
+        """Unpin the caches pinned here that expired or were deleted; → caches unpinned."""
+        pinned = dict(self.state.explicit_caches)
+        if not pinned:
+            return 0
+        live = await self.state.ledger.live_cache_ids(list(pinned))
+        gone = [cid for cid in pinned if cid not in live]
+        for cid in gone:
+            self.state.explicit_caches.pop(cid, None)
+            await self.state.engine.unpin(pinned[cid], cid)
+        return len(gone)

@@ -66,7 +66,10 @@ _HELP = {"tool_call_parser": "how tool calls are read from the output: hermes (q
                              "mistral, none, or auto (from the chat template; the default)",
          "single_flight_wait_steps": "engine steps a request may wait for the same tenant's "
                                      "prompt blocks another request is computing, instead of "
-                                     "computing them too (256; 0: never wait)"}
+                                     "computing them too (256; 0: never wait)",
+         "explicit_cache_device_percent": "the share of the device tier, in percent, the "
+                                          "explicit caches of a tenant with neither a device "
+                                          "reservation nor a quota may pin together (25)"}
 # Settings held as one comma-separated string, given on the command line as one or more words
 _LISTS = {"served_model_name": "names clients may use for the model, the first reported "
                                "(NAME [ALIAS ...] or NAME,ALIAS)"}

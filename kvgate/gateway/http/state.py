@@ -31,6 +31,8 @@ class AppState:
     started: float = field(default_factory=time.time)
     admin_key_created: str | None = None
     receipt_key: ReceiptKey | None = None  # signs billing receipts (receipts_api)
+    # Explicit caches pinned on this replica: cache id -> namespace (caches_api)
+    explicit_caches: dict[str, str] = field(default_factory=dict)
     _engine: Engine | None = None
     _ledger: Ledger | None = None
     _quotas: QuotaSync | None = None

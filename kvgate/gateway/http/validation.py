@@ -93,13 +93,18 @@ async def read_body(request: web.Request) -> bytes:
                           code="bad_http_request") from None
 
 
-async def prepare(raw: bytes, build: Callable[[dict], T]) -> T:
+async def prepare(raw: bytes | dict, build: Callable[[dict], T]) -> T:
     """Parse ``raw`` and run ``build`` (validation, chat template, tokenizing) on it: inline
     for small bodies (a thread hop costs more than the work), on a worker thread for big
-    ones so the event loop stays free. ``build`` must only read shared state."""
+    ones so the event loop stays free. ``build`` must only read shared state. A body parsed
+    already (one that names an explicit cache, its prefix put in) is built on a worker
+    thread."""
+    loop = asyncio.get_running_loop()
+    if isinstance(raw, dict):
+        body = raw
+        return await loop.run_in_executor(_PREPARE, lambda: build(body))
     if len(raw) <= OFFLOAD_BYTES:
         return build(parse_json(raw))
-    loop = asyncio.get_running_loop()
     return await loop.run_in_executor(_PREPARE, lambda: build(parse_json(raw)))
 
 

@@ -4,6 +4,7 @@ from .auth import Principal
 from .billing import Billed, Prices, UsageEvent, cost_micros
 from .db import migrates_on_start
 from .errors import (
+    CacheBudgetExceeded,
     Conflict,
     InvalidInput,
     LedgerError,
@@ -14,6 +15,6 @@ from .errors import (
 )
 from .ledger import Health, Ledger
 
-__all__ = ["Billed", "Conflict", "Health", "InvalidInput", "Ledger", "LedgerError",
+__all__ = ["Billed", "CacheBudgetExceeded", "Conflict", "Health", "InvalidInput", "Ledger", "LedgerError",
            "LedgerFileLost", "LedgerUnavailable", "NotFound", "Prices", "Principal",
            "SchemaOutdated", "UsageEvent", "cost_micros", "migrates_on_start"]

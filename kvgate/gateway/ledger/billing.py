@@ -13,6 +13,7 @@ STATUSES = ("ok", "cancelled", "error")
 CACHE_KEY_MAX = 128  # characters of a prompt_cache_key kept with the usage row
 MICROS_PER_MILLION_TOKENS = 1_000_000  # prices are per million tokens
 BYTE_SECONDS_PER_GIB_HOUR = (1 << 30) * 3600  # the reservation price is per GiB-hour
+SECONDS_PER_HOUR = 3600  # the explicit cache storage price is per million token-hours
 
 
 @dataclass(frozen=True)
@@ -78,7 +79,8 @@ class Billed:
 class Prices:
     """Integer micro-units per million tokens, one per billed token kind; and
     ``cache_reservation``, micro-units per GiB-hour of reserved cache capacity (each tier's
-    reserved bytes count)."""
+    reserved bytes count); ``cache_storage``, micro-units per million token-hours of an
+    explicit cache's pinned tokens."""
 
     input: int
     cache_read: int
@@ -87,16 +89,19 @@ class Prices:
     output: int
     cache_write_24h: int = 0
     cache_reservation: int = 0
+    cache_storage: int = 0
 
     @classmethod
     def derived(cls, input: int, cache_read: int | None = None,
                 cache_write_5m: int | None = None, cache_write_1h: int | None = None,
                 output: int | None = None, cache_write_24h: int | None = None,
-                cache_reservation: int | None = None) -> Prices:
+                cache_reservation: int | None = None,
+                cache_storage: int | None = None) -> Prices:
         """Fill unspecified prices from the input price by the published convention:
         cache read 0.1×, 5-minute write 1.25×, 1-hour write 2×, output 4× (integer
         division, so a derived price never exceeds the exact multiple); and ours: 24-hour
-        write 3×, a reserved GiB-hour 1× (the input price of a million tokens)."""
+        write 3×, a reserved GiB-hour 1× (the input price of a million tokens), a million
+        token-hours of explicit cache storage 1×."""
         prices = cls(
             input=input,
             cache_read=input // 10 if cache_read is None else cache_read,
@@ -105,6 +110,7 @@ class Prices:
             output=input * 4 if output is None else output,
             cache_write_24h=input * 3 if cache_write_24h is None else cache_write_24h,
             cache_reservation=input if cache_reservation is None else cache_reservation,
+            cache_storage=input if cache_storage is None else cache_storage,
         )
         prices.validate()
         return prices
@@ -134,7 +140,8 @@ def cost_micros(usage: Usage, prices: Prices) -> int:
     """Cost of one event in integer micro-units.
 
     The exact amount Σ tokens × price_per_million / 10⁶ (+ reserved byte-seconds ×
-    price_per_GiB_hour / (2³⁰ × 3600)) is summed over the kinds in integers first and
+    price_per_GiB_hour / (2³⁰ × 3600) + stored token-seconds × price_per_million_token_hours
+    / (10⁶ × 3600)) is summed over the kinds in integers first and
     rounded UP to a whole micro-unit once, per event: no floats, no per-kind rounding, so
     the ledger never bills less than the exact amount and by at most one micro-unit more.
     """
@@ -145,5 +152,8 @@ def cost_micros(usage: Usage, prices: Prices) -> int:
               + usage.cache_write_24h_tokens * prices.cache_write_24h
               + usage.completion_tokens * prices.output)
     reserved = usage.reserved_byte_seconds * prices.cache_reservation
-    total = tokens * BYTE_SECONDS_PER_GIB_HOUR + reserved * MICROS_PER_MILLION_TOKENS
+    stored = usage.stored_token_seconds * prices.cache_storage
+    # over the common denominator 10⁶ × 2³⁰ × 3600
+    total = (tokens * BYTE_SECONDS_PER_GIB_HOUR + reserved * MICROS_PER_MILLION_TOKENS
+             + stored * (BYTE_SECONDS_PER_GIB_HOUR // SECONDS_PER_HOUR))
     return -(-total // (MICROS_PER_MILLION_TOKENS * BYTE_SECONDS_PER_GIB_HOUR))

@@ -88,10 +88,11 @@ def register(sub: Any) -> None:
     for action in ("create", "update"):
         p = psub.add_parser(action, parents=[db, out],
                             help=f"{action} a plan (micro-units per million tokens; "
-                            "--cache-reservation per GiB-hour)")
+                            "--cache-reservation per GiB-hour, --cache-storage per "
+                            "million token-hours)")
         p.add_argument("name")
         for price in ("input", "cache-read", "cache-write-5m", "cache-write-1h", "output",
-                      "cache-write-24h", "cache-reservation"):
+                      "cache-write-24h", "cache-reservation", "cache-storage"):
             p.add_argument(f"--{price}", type=int, required=action == "create" and
                            price == "input")
         if action == "create":
@@ -268,12 +269,13 @@ async def _keys_revoke(ledger: Ledger, args: argparse.Namespace) -> None:
 
 
 _PLAN_COLUMNS = ["id", "name", "currency", "input", "cache_read", "cache_write_5m",
-                 "cache_write_1h", "cache_write_24h", "output", "cache_reservation"]
+                 "cache_write_1h", "cache_write_24h", "output", "cache_reservation",
+                 "cache_storage"]
 
 
 def _prices(args: argparse.Namespace) -> dict[str, int]:
     names = ("input", "cache_read", "cache_write_5m", "cache_write_1h", "output",
-             "cache_write_24h", "cache_reservation")
+             "cache_write_24h", "cache_reservation", "cache_storage")
     return {n: getattr(args, n) for n in names if getattr(args, n) is not None}
 
 

@@ -499,7 +499,8 @@ def usage_row(e: UsageEvent, billed: Billed) -> dict[str, Any]:
         "cache_write_1h_tokens": u.cache_write_1h_tokens,
         "cache_write_24h_tokens": u.cache_write_24h_tokens,
         "completion_tokens": u.completion_tokens, "cost_micros": billed.cost_micros,
-        "reserved_byte_seconds": u.reserved_byte_seconds, "cache_key": e.cache_key,
+        "reserved_byte_seconds": u.reserved_byte_seconds,
+        "stored_token_seconds": u.stored_token_seconds, "cache_key": e.cache_key,
         "currency": billed.currency, "status": e.status,
         "started_at": e.started_at, "finished_at": e.finished_at, "ttft_ms": e.ttft_ms,
     }

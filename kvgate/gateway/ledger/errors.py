@@ -15,6 +15,15 @@ class Conflict(LedgerError):
     """The change clashes with existing data, e.g. a taken tenant name (HTTP 409)."""
 
 
+class CacheBudgetExceeded(Conflict):
+    """A new explicit cache would take the tenant's live caches past their bound."""
+
+    def __init__(self, tokens: int, left: int, budget: int) -> None:
+        super().__init__(f"this cache is {tokens} tokens; the tenant's explicit caches may "
+                         f"hold {budget} tokens and {left} are left")
+        self.tokens, self.left, self.budget = tokens, left, budget
+
+
 class InvalidInput(LedgerError, ValueError):
     """An argument is out of range or unknown (HTTP 400); also a ValueError for plain callers."""
 

@@ -31,6 +31,7 @@ from .billing import DEFAULT_PLAN, Billed, PlanPrices, Prices, UsageEvent
 from .committer import GroupCommitter, OnCommit
 from .db import SqliteFile, create_engine, sqlite_path
 from .errors import (
+    CacheBudgetExceeded,
     Conflict,
     InvalidInput,
     LedgerError,
@@ -38,7 +39,7 @@ from .errors import (
     LedgerUnavailable,
     NotFound,
 )
-from .models import ApiKey, Plan, ReceiptRow, Tenant, utcnow
+from .models import ApiKey, ExplicitCacheRow, Plan, ReceiptRow, Tenant, utcnow
 from .receipts import ReceiptKey
 from .reports import usage_report
 from .series import SeriesQuery, usage_series
@@ -292,6 +293,76 @@ class Ledger:
                                               "status", "tokens", "cost_micros", "currency",
                                               "prompt_cache_key")})
         return out
+
+    # -- explicit caches (``/v1/caches``) --------------------------------------------
+
+    async def create_cache(self, cache_id: str, tenant_id: int, *, display_name: str | None,
+                           model: str, prefix: str, tokens: int, expires_at: datetime,
+                           max_tokens: int | None) -> dict[str, Any]:
+        """Store a new explicit cache. ``max_tokens``: the most tokens the tenant's live
+        caches may hold together, this one included (None: no bound); over it,
+        ``CacheBudgetExceeded`` says how many are left. The sum and the insert share one
+        transaction."""
+        now = utcnow()
+        async with self._begin() as conn:
+            if max_tokens is not None:
+                held = await _live_cache_tokens(conn, tenant_id, now)
+                if held + tokens > max_tokens:
+                    raise CacheBudgetExceeded(tokens, max(0, max_tokens - held), max_tokens)
+            await conn.execute(insert(ExplicitCacheRow).values(
+                id=cache_id, tenant_id=tenant_id, display_name=display_name, model=model,
+                prefix=prefix, tokens=tokens, created_at=now, expires_at=expires_at))
+            return _cache_dict(await _cache_row(conn, cache_id, tenant_id, now))
+
+    async def get_cache(self, cache_id: str, tenant_id: int) -> dict[str, Any]:
+        """Tenant ``tenant_id``'s live cache ``cache_id``; ``NotFound`` alike when there is
+        none, it is another tenant's, deleted or expired."""
+        async with self._connect() as conn:
+            return _cache_dict(await _cache_row(conn, cache_id, tenant_id, utcnow()))
+
+    async def list_caches(self, tenant_id: int) -> list[dict[str, Any]]:
+        """The tenant's live caches, oldest first."""
+        c = ExplicitCacheRow
+        async with self._connect() as conn:
+            rows = await conn.execute(select(c).where(
+                c.tenant_id == tenant_id, c.deleted_at.is_(None), c.expires_at > utcnow())
+                .order_by(c.created_at, c.id))
+            return [_cache_dict(r) for r in rows]
+
+    async def update_cache(self, cache_id: str, tenant_id: int,
+                           expires_at: datetime) -> dict[str, Any]:
+        c = ExplicitCacheRow
+        async with self._begin() as conn:
+            now = utcnow()
+            await _cache_row(conn, cache_id, tenant_id, now)
+            await conn.execute(update(c).where(c.id == cache_id).values(expires_at=expires_at))
+            return _cache_dict(await _cache_row(conn, cache_id, tenant_id, now))
+
+    async def delete_cache(self, cache_id: str, tenant_id: int) -> dict[str, Any]:
+        c = ExplicitCacheRow
+        async with self._begin() as conn:
+            now = utcnow()
+            row = await _cache_row(conn, cache_id, tenant_id, now)
+            await conn.execute(update(c).where(c.id == cache_id).values(deleted_at=now))
+            return _cache_dict(row)
+
+    async def live_cache_ids(self, cache_ids: list[str]) -> set[str]:
+        """Those of ``cache_ids`` neither deleted nor expired."""
+        c = ExplicitCacheRow
+        async with self._connect() as conn:
+            rows = await conn.execute(select(c.id).where(
+                c.id.in_(cache_ids), c.deleted_at.is_(None), c.expires_at > utcnow()))
+            return {r.id for r in rows}
+
+    async def caches_held(self, since: datetime, until: datetime) -> list[dict[str, Any]]:
+        """Every tenant's caches that were live at some time in ``[since, until)``, with
+        their deletion time (what storage is billed from)."""
+        c = ExplicitCacheRow
+        async with self._connect() as conn:
+            rows = await conn.execute(select(c).where(
+                c.created_at < until, c.expires_at > since,
+                (c.deleted_at.is_(None)) | (c.deleted_at > since)).order_by(c.id))
+            return [_cache_dict(r) for r in rows]
 
     async def usage_report(self, tenant_id: int | None = None, since: datetime | None = None,
                            until: datetime | None = None, group_by: str = "day"
@@ -552,13 +623,15 @@ class Ledger:
                           cache_write_5m: int | None = None, cache_write_1h: int | None = None,
                           output: int | None = None, currency: str = DEFAULT_CURRENCY,
                           cache_write_24h: int | None = None,
-                          cache_reservation: int | None = None) -> dict[str, Any]:
+                          cache_reservation: int | None = None,
+                          cache_storage: int | None = None) -> dict[str, Any]:
         """Prices in micro-units of ``currency`` (ISO 4217) per million tokens (the
-        reservation price per GiB-hour); omitted prices derive from ``input``."""
+        reservation price per GiB-hour, the storage price per million token-hours);
+        omitted prices derive from ``input``."""
         name = _check_name(name)
         currency = _check_currency(currency)
         prices = Prices.derived(input, cache_read, cache_write_5m, cache_write_1h, output,
-                                cache_write_24h, cache_reservation)
+                                cache_write_24h, cache_reservation, cache_storage)
         async with self._begin() as conn:
             try:
                 await conn.execute(insert(Plan).values(
@@ -615,6 +688,33 @@ async def _check_reservations(conn: AsyncConnection, tenant_id: int | None,
             raise Conflict(f"{field} {wanted} exceeds what the {tier} tier can still reserve: "
                            f"{left} of {capacity[field]} bytes are left ({others} are reserved "
                            "by other tenants)")
+
+
+async def _live_cache_tokens(conn: AsyncConnection, tenant_id: int, now: datetime) -> int:
+    c = ExplicitCacheRow
+    held = (await conn.execute(select(func.coalesce(func.sum(c.tokens), 0)).where(
+        c.tenant_id == tenant_id, c.deleted_at.is_(None), c.expires_at > now))).scalar_one()
+    return int(held)
+
+
+async def _cache_row(conn: AsyncConnection, cache_id: str, tenant_id: int,
+                     now: datetime) -> Any:
+    c = ExplicitCacheRow
+    if not isinstance(cache_id, str) or not 0 < len(cache_id) <= 64:
+        raise NotFound("no such cache")
+    row = (await conn.execute(select(c).where(
+        c.id == cache_id, c.tenant_id == tenant_id, c.deleted_at.is_(None),
+        c.expires_at > now))).one_or_none()
+    if row is None:
+        raise NotFound("no such cache")
+    return row
+
+
+def _cache_dict(row: Any) -> dict[str, Any]:
+    return {"id": row.id, "tenant_id": row.tenant_id, "display_name": row.display_name,
+            "model": row.model, "prefix": json.loads(row.prefix), "tokens": row.tokens,
+            "created_at": row.created_at, "expires_at": row.expires_at,
+            "deleted_at": row.deleted_at}
 
 
 def _check_name(name: Any) -> str:

@@ -73,6 +73,8 @@ class Plan(Base):
     output_price: Mapped[int] = mapped_column(BigInteger)
     cache_write_24h_price: Mapped[int] = mapped_column(BigInteger, server_default="0")
     cache_reservation_price: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    # Per million token-hours of an explicit cache's pinned tokens
+    cache_storage_price: Mapped[int] = mapped_column(BigInteger, server_default="0")
     currency: Mapped[str] = mapped_column(String(3), server_default="USD")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
@@ -135,6 +137,8 @@ class UsageRow(Base):
     completion_tokens: Mapped[int] = mapped_column(Integer)
     # Reserved capacity held over the row's interval (reservation rows; 0 for requests)
     reserved_byte_seconds: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    # An explicit cache's tokens held over the row's interval (storage rows; 0 for requests)
+    stored_token_seconds: Mapped[int] = mapped_column(BigInteger, server_default="0")
     # The request's prompt_cache_key (OpenAI) or metadata.user_id (Anthropic), if it sent one
     cache_key: Mapped[str | None] = mapped_column(String(128))
     cost_micros: Mapped[int] = mapped_column(BigInteger)
@@ -175,3 +179,23 @@ class ReceiptRow(Base):
     tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id"), index=True)
     body: Mapped[str] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class ExplicitCacheRow(Base):
+    """An explicit cache (``/v1/caches``): a prompt prefix a tenant asked to keep, pinned
+    on every replica that uses it until ``expires_at`` or deletion. ``prefix`` is the
+    template's messages and tools (JSON text) the prefix renders from; ``tokens`` how many
+    tokens that rendering is. Readable by its tenant only."""
+
+    __tablename__ = "explicit_caches"
+    __table_args__ = (Index("ix_explicit_caches_tenant", "tenant_id", "deleted_at"),)
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id"))
+    display_name: Mapped[str | None] = mapped_column(String(128))
+    model: Mapped[str] = mapped_column(String(256))
+    prefix: Mapped[str] = mapped_column(Text)
+    tokens: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime)

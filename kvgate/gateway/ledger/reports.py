@@ -22,15 +22,17 @@ from .models import ApiKey, Tenant, UsageRow
 from .timespec import check_range
 
 FIELDS = ("requests", "prompt_tokens", "cached_tokens", "cache_write_tokens",
-          "completion_tokens", "reserved_byte_seconds", "cost_micros")
+          "completion_tokens", "reserved_byte_seconds", "stored_token_seconds", "cost_micros")
 RESERVATION_ENDPOINT = "cache.reservation"  # rows that bill reserved capacity, not requests
+STORAGE_ENDPOINT = "cache.storage"  # rows that bill explicit caches' storage, not requests
+NOT_REQUESTS = (RESERVATION_ENDPOINT, STORAGE_ENDPOINT)
 GROUPS = ("tenant", "key", "model", "day")
 
 
 def _sums() -> list[Any]:
     u = UsageRow
     return [
-        func.count(case((u.endpoint != RESERVATION_ENDPOINT, 1))).label("requests"),
+        func.count(case((u.endpoint.notin_(NOT_REQUESTS), 1))).label("requests"),
         func.coalesce(func.sum(u.prompt_tokens), 0).label("prompt_tokens"),
         func.coalesce(func.sum(u.cached_tokens), 0).label("cached_tokens"),
         func.coalesce(func.sum(u.cache_write_5m_tokens + u.cache_write_1h_tokens
@@ -38,6 +40,7 @@ def _sums() -> list[Any]:
         .label("cache_write_tokens"),
         func.coalesce(func.sum(u.completion_tokens), 0).label("completion_tokens"),
         func.coalesce(func.sum(u.reserved_byte_seconds), 0).label("reserved_byte_seconds"),
+        func.coalesce(func.sum(u.stored_token_seconds), 0).label("stored_token_seconds"),
         func.coalesce(func.sum(u.cost_micros), 0).label("cost_micros"),
     ]
 

@@ -6,7 +6,8 @@ Tokens come in the kinds the bill prices (``billing.cost_micros``): ``uncached_i
 ``cached_tokens`` (cache reads), ``cache_write_5m_tokens``, ``cache_write_1h_tokens`` and
 ``cache_write_24h_tokens`` (``cache_write_tokens`` is all three), ``completion_tokens``
 (output); the input kinds add up to ``prompt_tokens``. Reserved cache capacity is billed
-in rows of its own (``reserved_byte_seconds``; they count as no request).
+in rows of its own (``reserved_byte_seconds``; they count as no request), and so is explicit
+caches' storage (``stored_token_seconds``).
 
 Each row also says what the cache saved: ``saved_micros`` is what its cached tokens would
 have cost at the input price (uncached), ``net_saved_micros`` that less what they did cost
@@ -30,7 +31,7 @@ from sqlalchemy.sql.elements import ColumnElement
 from .billing import MICROS_PER_MILLION_TOKENS
 from .errors import InvalidInput
 from .models import ApiKey, Plan, Tenant, UsageRow
-from .reports import RESERVATION_ENDPOINT
+from .reports import NOT_REQUESTS
 from .timespec import check_range
 
 BUCKETS = ("hour", "day", "all")
@@ -46,11 +47,11 @@ _STEP = {"hour": timedelta(hours=1), "day": timedelta(days=1)}
 # here, not summed again in SQL). ``_SUMMED``: the sums the database answers.
 _SUMMED = ("requests", "prompt_tokens", "cached_tokens", "cache_write_5m_tokens",
            "cache_write_1h_tokens", "cache_write_24h_tokens", "completion_tokens",
-           "reserved_byte_seconds", "cost_micros", "errors")
+           "reserved_byte_seconds", "stored_token_seconds", "cost_micros", "errors")
 SERIES_FIELDS = ("requests", "prompt_tokens", "uncached_input_tokens", "cached_tokens",
                  "cache_write_tokens", "cache_write_5m_tokens", "cache_write_1h_tokens",
                  "cache_write_24h_tokens", "completion_tokens", "reserved_byte_seconds",
-                 "cost_micros", "errors", "saved_micros", "net_saved_micros")
+                 "stored_token_seconds", "cost_micros", "errors", "saved_micros", "net_saved_micros")
 MAX_MODEL_LEN = 256  # the usage table's model column
 MAX_ID = 2**31 - 1  # tenant and key ids: INTEGER columns (32-bit on PostgreSQL)
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
@@ -151,7 +152,7 @@ def _sums() -> list[Any]:
         return func.coalesce(func.sum(expr), 0)
 
     return [
-        func.count(case((u.endpoint != RESERVATION_ENDPOINT, 1))).label("requests"),
+        func.count(case((u.endpoint.notin_(NOT_REQUESTS), 1))).label("requests"),
         zero_sum(u.prompt_tokens).label("prompt_tokens"),
         zero_sum(u.cached_tokens).label("cached_tokens"),
         zero_sum(u.cache_write_5m_tokens).label("cache_write_5m_tokens"),
@@ -159,6 +160,7 @@ def _sums() -> list[Any]:
         zero_sum(u.cache_write_24h_tokens).label("cache_write_24h_tokens"),
         zero_sum(u.completion_tokens).label("completion_tokens"),
         zero_sum(u.reserved_byte_seconds).label("reserved_byte_seconds"),
+        zero_sum(u.stored_token_seconds).label("stored_token_seconds"),
         zero_sum(u.cost_micros).label("cost_micros"),
         zero_sum(case((u.status != "ok", 1), else_=0)).label("errors"),
     ]
