@@ -110,7 +110,8 @@ async def interleaved(shape: str, batches: list[int], http_batches: list[int], n
                       reps: int) -> dict[str, dict[int, list[float]]]:
     """Every repetition measures hf, the engine and HTTP one after another for each batch
     size, so a drift of the machine's speed (a shared host's neighbours) hits all three
-    alike; ratios are taken within a repetition."""
+    alike; odd repetitions run them in reverse order (ABBA), so going first or last favours
+    neither side; ratios are taken within a repetition."""
     from tests.support import ProcessServer
 
     hf = reference_model(shape)
@@ -134,12 +135,21 @@ async def interleaved(shape: str, batches: list[int], http_batches: list[int], n
             for r in range(reps):
                 for b in batches:
                     batch = prompts(b, vocab)
-                    rates["hf"].setdefault(b, []).append(hf_tokens_per_s(hf, batch, new))
-                    rates["engine"].setdefault(b, []).append(
-                        await engine_tokens_per_s(engine, batch, new, f"b{b}r{r}"))
-                    if b in http_batches:
-                        rates["http"].setdefault(b, []).append(http_tokens_per_s(
-                            server.url, key, shape, batch, loaded.tokenizer, new))
+
+                    async def side(name: str, b: int = b, batch: list[list[int]] = batch,
+                                   r: int = r) -> None:
+                        if name == "hf":
+                            rate = hf_tokens_per_s(hf, batch, new)
+                        elif name == "engine":
+                            rate = await engine_tokens_per_s(engine, batch, new, f"b{b}r{r}")
+                        else:
+                            rate = http_tokens_per_s(server.url, key, shape, batch,
+                                                     loaded.tokenizer, new)
+                        rates[name].setdefault(b, []).append(rate)
+
+                    order = ["hf", "engine"] + (["http"] if b in http_batches else [])
+                    for name in order if r % 2 == 0 else reversed(order):  # ABBA
+                        await side(name)
         finally:
             await engine.stop()
     return rates
@@ -151,7 +161,7 @@ def main() -> None:
     parser.add_argument("--batches", default=smoke("1,16,64", "1,4"))
     parser.add_argument("--http-batches", default=smoke("1,16", "1"))
     parser.add_argument("--new", type=int, default=smoke(128, 8))
-    parser.add_argument("--reps", type=int, default=smoke(3, 1))
+    parser.add_argument("--reps", type=int, default=smoke(4, 1))
     args = parser.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     http_batches = [int(b) for b in args.http_batches.split(",") if b]

@@ -20,7 +20,7 @@ from .conftest import XSS_NAME, Workload, chat
 
 # The token columns, named and split as the bill prices them, and their API fields.
 BILLED = ["Uncached input", "Cache read", "Cache write (5m)", "Cache write (1h)",
-          "Cache write (24h)", "Output", "Reserved (GiB·h)"]
+          "Cache write (24h)", "Output", "Reserved (GiB·h)", "Stored (M token·h)"]
 BILLED_FIELDS = ("uncached_input_tokens", "cached_tokens", "cache_write_5m_tokens",
                  "cache_write_1h_tokens", "cache_write_24h_tokens", "completion_tokens")
 AXE = (Path(__file__).parent / "vendor" / "axe.min.js").read_text(encoding="utf-8")
@@ -161,7 +161,7 @@ def test_sign_in_and_every_page_shows_what_the_api_returns(
     series_rows = {r["tenant_id"]: r for r in _api(
         admin, "/admin/usage/series", bucket="all", group_by="tenant", since="30d")["rows"]}
     headers = page.locator("#view table thead th").all_inner_texts()
-    assert headers[2:11] == ["Requests", *BILLED, "Cost"]  # named as the bill names them
+    assert headers[2:12] == ["Requests", *BILLED, "Cost"]  # named as the bill names them
     for tenant in (workload.busy, workload.quiet):
         row = f"tr[data-tenant-id='{tenant.id}']"
         want, kinds = usage[tenant.id], series_rows[tenant.id]
@@ -194,7 +194,7 @@ def test_sign_in_and_every_page_shows_what_the_api_returns(
     by_key = _api(admin, "/admin/usage/series", bucket="all", group_by="key", since="30d",
                   tenant_id=workload.busy.id)["rows"]
     by_key_table = page.locator("table", has=page.locator("caption", has_text="Usage by key"))
-    assert by_key_table.locator("thead th").all_inner_texts()[1:10] == [
+    assert by_key_table.locator("thead th").all_inner_texts()[1:11] == [
         "Requests", *BILLED, "Cost"]
     for r in by_key:
         row = f"tr[data-usage-key='{r['key_id']}']"

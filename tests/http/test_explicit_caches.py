@@ -138,6 +138,11 @@ def test_list_get_patch_delete_and_unpinned_after_delete(server: ThreadServer) -
         assert listed["object"] == "list"
         assert [c["id"] for c in listed["data"]] == [a["id"], b["id"]]
         assert b["ttl_seconds"] == 300  # the tenant's default TTL
+        # the operator sees the same list (never the text); a tenant key may not ask
+        admin_view = server.admin.http.get("/admin/caches", params={"tenant_id": tenant.id})
+        assert [c["id"] for c in admin_view.json()["data"]] == [a["id"], b["id"]]
+        assert all("prefix" not in c and "messages" not in c for c in admin_view.json()["data"])
+        assert http.get("/admin/caches", params={"tenant_id": tenant.id}).status_code == 403
         got = http.get(f"/v1/caches/{a['id']}").json()
         assert {k: got[k] for k in ("id", "tokens", "expires_at")} == {
             k: a[k] for k in ("id", "tokens", "expires_at")}

@@ -71,7 +71,8 @@ def routes() -> list[web.RouteDef]:
             web.get("/v1/caches", list_caches, allow_head=False),
             web.get("/v1/caches/{id}", retrieve, allow_head=False),
             web.patch("/v1/caches/{id}", update),
-            web.delete("/v1/caches/{id}", delete)]
+            web.delete("/v1/caches/{id}", delete),
+            web.get("/admin/caches", admin_list, allow_head=False)]
 
 
 def new_cache_id() -> str:
@@ -311,6 +312,20 @@ async def list_caches(request: web.Request) -> web.Response:
     assert p.tenant_id is not None
     try:
         rows = await state.ledger.list_caches(p.tenant_id)
+    except LedgerUnavailable:
+        raise unavailable() from None
+    now = datetime.now(UTC)
+    return web.json_response({"object": "list", "data": [cache_object(r, now) for r in rows]})
+
+
+async def admin_list(request: web.Request) -> web.Response:
+    """``GET /admin/caches?tenant_id=`` (admin key): a tenant's live explicit caches, as the
+    tenant lists them (never their text), for the console."""
+    raw = request.query.get("tenant_id", "")
+    if not raw.isascii() or not raw.isdigit() or not 0 < int(raw) < 2**31:
+        raise bad_request("'tenant_id' must be a tenant id.", param="tenant_id")
+    try:
+        rows = await state_of(request).ledger.list_caches(int(raw))
     except LedgerUnavailable:
         raise unavailable() from None
     now = datetime.now(UTC)

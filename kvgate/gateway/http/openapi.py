@@ -470,6 +470,11 @@ def spec() -> dict:
                 "The tenant's latest billing receipts, newest first (summaries: id, request "
                 "id, time, endpoint, status, tokens, cost)", _responses(None, (400, 401, 503)),
                 parameters=[_RECEIPT_LIMIT])},
+            "/admin/caches": {"get": _op(
+                "One tenant's live explicit caches (id, name, tokens, expiry; never the "
+                "text), for the console", _responses(None, _ADMIN), parameters=[
+                    {"name": "tenant_id", "in": "query", "required": True,
+                     "schema": {"type": "string"}}])},
             "/admin/receipts": {"get": _op(
                 "One tenant's latest billing receipts (summaries), for the console",
                 _responses(None, _ADMIN), parameters=[

@@ -303,17 +303,18 @@
   const BILLED_TOKENS = [["Uncached input", "uncached_input_tokens"], ["Cache read", "cached_tokens"],
     ["Cache write (5m)", "cache_write_5m_tokens"], ["Cache write (1h)", "cache_write_1h_tokens"],
     ["Cache write (24h)", "cache_write_24h_tokens"], ["Output", "completion_tokens"]];
-  const TOKENS_NOTE = "Tokens by the kinds the bill prices: uncached input + cache read + cache write (5m, 1h, 24h) = the prompt; output is the answer. Reserved cache is billed per GiB-hour.";
+  const TOKENS_NOTE = "Tokens by the kinds the bill prices: uncached input + cache read + cache write (5m, 1h, 24h) = the prompt; output is the answer. Reserved cache is billed per GiB-hour, explicit caches' storage per million token-hours.";
   const GIB_SECONDS_PER_HOUR = 1073741824 * 3600;
   function fmtGibHours(byteSeconds) {
     return ((byteSeconds || 0) / GIB_SECONDS_PER_HOUR).toFixed(3);
   }
   function billedColumns(usageOf) {
     return [...BILLED_TOKENS.map(([header, field]) => [header, (r) => fmtInt(usageOf(r)[field]), { col: field }]),
-      ["Reserved (GiB·h)", (r) => fmtGibHours(usageOf(r).reserved_byte_seconds), { col: "reserved_byte_seconds" }]];
+      ["Reserved (GiB·h)", (r) => fmtGibHours(usageOf(r).reserved_byte_seconds), { col: "reserved_byte_seconds" }],
+      ["Stored (M token·h)", (r) => ((usageOf(r).stored_token_seconds || 0) / 3.6e9).toFixed(3), { col: "stored_token_seconds" }]];
   }
   function noUsage() {
-    const u = { requests: 0, cost: {}, saved: {}, reserved_byte_seconds: 0 };
+    const u = { requests: 0, cost: {}, saved: {}, reserved_byte_seconds: 0, stored_token_seconds: 0 };
     for (const [, field] of BILLED_TOKENS) u[field] = 0;
     return u;
   }
@@ -345,6 +346,7 @@
       u.requests += r.requests;
       for (const [, field] of BILLED_TOKENS) u[field] += r[field];
       u.reserved_byte_seconds += r.reserved_byte_seconds || 0;
+      u.stored_token_seconds += r.stored_token_seconds || 0;
       u.cost[r.currency] = (u.cost[r.currency] || 0) + r.cost_micros;
       u.saved[r.currency] = (u.saved[r.currency] || 0) + r.saved_micros;
       use.set(r.tenant_id, u);
@@ -397,7 +399,7 @@
 
   async function tenantView(token, id) {
     const q = "tenant_id=" + encodeURIComponent(id);
-    const [t, keys, daily, byKey, byModel, hot, stats, receipts] = await Promise.all([
+    const [t, keys, daily, byKey, byModel, hot, stats, receipts, caches] = await Promise.all([
       get("/admin/tenants/" + encodeURIComponent(id)),
       get("/admin/tenants/" + encodeURIComponent(id) + "/keys"),
       get("/admin/usage/series?bucket=day&since=30d&" + q),
@@ -406,6 +408,7 @@
       get("/admin/cache/prefixes?limit=10&" + q),
       get("/admin/cache/stats"),
       get("/admin/receipts?limit=10&" + q),
+      get("/admin/caches?" + q),
     ]);
     if (token !== renderToken) return null;
     const days = [...new Set(daily.rows.map((r) => r.start))].sort();
@@ -454,6 +457,12 @@
       ["Output", (r) => fmtInt(r.tokens.completion), { col: "completion" }],
       ["Cost", (r) => fmtMoney(r.cost_micros, r.currency), { col: "cost" }],
     ], receipts.data, { rowAttrs: (r) => ({ "data-receipt-id": r.id }) });
+    const cacheTable = table("Explicit caches (pinned prefixes, storage billed per token-hour; never the text)", [
+      ["Cache", (r) => el("span", { class: "mono", title: r.id, text: r.id.slice(0, 14) + "…" }), { cls: "text", col: "cache" }],
+      ["Name", (r) => r.display_name || "", { cls: "text", col: "display_name" }],
+      ["Tokens", (r) => fmtInt(r.tokens), { col: "tokens" }],
+      ["Expires", (r) => new Date(r.expires_at * 1000).toISOString().slice(0, 19).replace("T", " ") + " UTC", { col: "expires" }],
+    ], caches.data, { rowAttrs: (r) => ({ "data-cache-id": r.id }) });
     const keyOut = el("div", { id: "key-output", role: "status" });
     const keyTable = table("Keys", [
       ["Prefix", (r) => el("span", { class: "mono", text: r.prefix + "…" }), { cls: "text", col: "prefix" }],
@@ -471,7 +480,7 @@
       heading("Tenant: " + t.name), settings,
       el("h2", { text: "Usage" }), el("div", { class: "grid2" }, moneyChart, tokenChart),
       el("p", { class: "note", text: TOKENS_NOTE }), keyUsage, modelUsage, receiptTable,
-      el("h2", { text: "Cache" }), tiers, hotTable,
+      el("h2", { text: "Cache" }), tiers, cacheTable, hotTable,
       el("h2", { text: "Keys" }), actions, keyOut, keyTable,
       el("h2", { text: "Limits" }), limitsForm(t)];
   }
