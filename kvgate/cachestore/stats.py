@@ -46,7 +46,8 @@ class TierStats:
 class NamespaceShare:
     """One namespace's guaranteed share (``kvgate.cachestore.shares``), by tier.
 
-    ``share_bytes`` is what it is guaranteed now (0 while inactive or with shares off),
+    ``share_bytes`` is what is protected now (its reservation; else, with fair shares, its
+    fair share while active; else 0), ``reserved_bytes`` its reservation (0: none),
     ``used_bytes`` the pages it holds (indexed blocks and, on the device, its running
     sequences' pages), ``evicted_by_others`` blocks that left the tier for another
     namespace's allocation since the store started.
@@ -56,6 +57,7 @@ class NamespaceShare:
     share_bytes: dict[str, int]
     used_bytes: dict[str, int]
     evicted_by_others: dict[str, int]
+    reserved_bytes: dict[str, int] = field(default_factory=dict)
 
     def as_dict(self) -> JSON:
         return {
@@ -63,6 +65,7 @@ class NamespaceShare:
             "share_bytes": dict(self.share_bytes),
             "used_bytes": dict(self.used_bytes),
             "evicted_by_others": dict(self.evicted_by_others),
+            "reserved_bytes": dict(self.reserved_bytes),
         }
 
 

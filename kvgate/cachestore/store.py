@@ -560,6 +560,7 @@ class CacheStore:
             share_bytes={t: sh.share_pages(namespace, t, fair[t]) * pb for t in TIERS},
             used_bytes={t: sh.held(namespace, t) * pb for t in TIERS},
             evicted_by_others={t: sh.evicted_by_others[t].get(namespace, 0) for t in TIERS},
+            reserved_bytes={t: (sh.reserved_pages(namespace, t) or 0) * pb for t in TIERS},
         )
 
     def _ns_bytes(self, namespace: str) -> int:

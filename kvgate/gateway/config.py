@@ -72,6 +72,9 @@ class Settings:
     # quota may pin at most this percentage of the device tier together. Their storage is
     # billed, and expired ones unpinned, every reservation_bill_interval_s.
     explicit_cache_device_percent: int = 25
+    # ... and every tenant's together (pinned pages are never evicted; the rest of the
+    # device tier stays for running requests and the shared order)
+    explicit_cache_total_percent: int = 50
     # Scale-out (``kvgate route``): where this replica publishes its cache events
     # (redis://HOST:PORT[/DB]; "" publishes none) and the id routers know it by ("" =
     # http://<host>:<port>).

@@ -57,6 +57,7 @@ def test_a_reservation_reaches_the_store_before_any_request(server: ThreadServer
     pb = device["capacity_bytes"] // device["capacity_pages"]
     tenant = server.admin.tenant(cache_reserved_device_bytes=2 * pb)
     assert _mine(server, tenant.id)["share_bytes"] == {"device": 2 * pb, "host": 0}
+    assert _mine(server, tenant.id)["reserved_bytes"] == {"device": 2 * pb, "host": 0}
     path = f"/admin/tenants/{tenant.id}"
     http = server.admin.http
     for bad in (-1, 2**63, True, "1MiB", 1.5):

@@ -73,7 +73,11 @@ def test_a_retention_beyond_the_tenants_maximum_or_unknown_is_refused(
         for bad in ({"prompt_cache_retention": "forever"}, {"prompt_cache_retention": 86400},
                     {"prompt_cache_options": {"ttl": "1h"}},
                     {"prompt_cache_options": {"mode": "explicit"}},
-                    {"prompt_cache_key": "k" * 65}, {"prompt_cache_key": 7}):
+                    {"prompt_cache_key": "k" * 65}, {"prompt_cache_key": 7},
+                    # kept in the ledger and shown in receipts: printable text only (a NUL
+                    # would be refused by PostgreSQL at commit, after the answer)
+                    {"prompt_cache_key": "a\x00b"}, {"prompt_cache_key": "a\u202eb"},
+                    {"prompt_cache_key": "line\nbreak"}, {"prompt_cache_key": "\x1b[31m"}):
             with pytest.raises(openai.BadRequestError):
                 client.completions.create(model=model_id, max_tokens=1, prompt="hi",
                                           extra_body=bad)
@@ -86,6 +90,10 @@ def test_a_retention_beyond_the_tenants_maximum_or_unknown_is_refused(
         client.messages.create(model=model_id, max_tokens=1, messages=[
             {"role": "user", "content": [{"type": "text", "text": LONG, "cache_control": {
                 "type": "ephemeral", "ttl": "1h"}}]}])
+    with _anthropic(server, low) as client, pytest.raises(anthropic.BadRequestError,
+                                                          match="printable"):
+        client.messages.create(model=model_id, max_tokens=1, metadata={"user_id": "u\x00"},
+                               messages=[{"role": "user", "content": "hi"}])
     assert server.ledger_rows(low.id) == {}  # refused before any work: nothing billed
 
 

@@ -133,6 +133,15 @@ def test_changing_any_field_breaks_the_signature() -> None:
     assert load_public_key(KEY.public_pem()) is not None
     import json
     assert verify(receipt, load_public_key(json.dumps({"jwk": KEY.jwk()}))) is None
+    # one spelling of the signature only: the standard alphabet, padding, or other spare
+    # bits in its last character do not verify
+    sig = receipt["signature"]
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+    spare = alphabet[alphabet.index(sig[-1]) + 1]  # same bytes: only unused bits differ
+    for other in (sig.replace("-", "+").replace("_", "/"), sig + "=", sig[:-1] + spare,
+                  " " + sig):
+        if other != sig:
+            assert verify({**receipt, "signature": other}, KEY.public) is not None, other
 
 
 async def test_a_spooled_receipt_is_stored_when_the_spool_replays(tmp_path: Path) -> None:

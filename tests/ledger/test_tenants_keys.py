@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -29,6 +30,39 @@ async def test_reservations_cannot_exceed_the_tier(ledger: Ledger) -> None:
     await ledger.delete_tenant(other["id"])
     t3 = await ledger.update_tenant(t["id"], cache_reserved_device_bytes=1000, capacity=cap)
     assert t3["cache_reserved_device_bytes"] == 1000
+
+
+async def test_concurrent_claims_never_overcommit(ledger: Ledger) -> None:
+    """Reservations and explicit-cache budgets are checked and claimed one transaction at a
+    time across the ledger: six concurrent claims of 300 bytes (tokens) on 1,000 leave at
+    most 1,000 claimed."""
+    cap = {"cache_reserved_device_bytes": 1000}
+    tenants = [(await ledger.create_tenant(f"claim-{i}"))["id"] for i in range(6)]
+    results = await asyncio.gather(*(
+        ledger.update_tenant(t, capacity=cap, cache_reserved_device_bytes=300)
+        for t in tenants), return_exceptions=True)
+    won = [r for r in results if isinstance(r, dict)]
+    assert len(won) == 3 and all(isinstance(r, Conflict) for r in results if r not in won)
+    future = datetime.now(UTC) + timedelta(hours=1)
+    caches = await asyncio.gather(*(
+        ledger.create_cache(f"cache_c{i}", tenants[i % 2], display_name=None, model="m",
+                            prefix="{}", tokens=300, expires_at=future, max_tokens=1000,
+                            max_total_tokens=1000)
+        for i in range(6)), return_exceptions=True)
+    assert sum(isinstance(c, dict) for c in caches) == 3  # the total bound, across tenants
+    # a deleted tenant's caches go with it (their storage is billed no further)
+    await ledger.delete_tenant(tenants[0])
+    assert await ledger.list_caches(tenants[0]) == []
+
+
+async def test_the_default_ttl_is_one_a_request_may_ask_for(ledger: Ledger) -> None:
+    with pytest.raises(InvalidInput, match="must not exceed"):
+        await ledger.create_tenant("long", cache_ttl_seconds=86400, cache_max_ttl_seconds=60)
+    t = await ledger.create_tenant("short", cache_ttl_seconds=60)
+    with pytest.raises(InvalidInput, match="must not exceed"):
+        await ledger.update_tenant(t["id"], cache_max_ttl_seconds=30)
+    with pytest.raises(InvalidInput, match="1 PiB"):
+        await ledger.update_tenant(t["id"], cache_reserved_device_bytes=1 << 62)
 
 
 async def test_tenant_crud_and_soft_delete(ledger: Ledger) -> None:

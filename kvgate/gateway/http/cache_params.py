@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kvgate.gateway.http.errors import bad_request
-from kvgate.gateway.ledger.billing import CACHE_KEY_MAX
+from kvgate.gateway.ledger.billing import CACHE_KEY_MAX, printable_key
 from kvgate.gateway.usage import ONE_DAY_S
 
 RETENTION = {"in_memory": None, "24h": float(ONE_DAY_S)}  # None: the tenant's default TTL
@@ -65,9 +65,9 @@ def openai_cache_request(body: dict[str, Any]) -> CacheRequest:
             ttl_s, asked = OPTIONS_TTL[ttl], f"prompt_cache_options.ttl {ttl!r}"
     key = body.get("prompt_cache_key")
     if key is not None and (not isinstance(key, str) or not key
-                            or len(key) > OPENAI_KEY_MAX):
+                            or len(key) > OPENAI_KEY_MAX or not printable_key(key)):
         raise bad_request(f"'prompt_cache_key' must be a string of 1 to {OPENAI_KEY_MAX} "
-                          "characters (or null).", param="prompt_cache_key")
+                          "printable characters (or null).", param="prompt_cache_key")
     return CacheRequest(ttl_s, key, asked)
 
 
@@ -81,9 +81,9 @@ def anthropic_cache_request(body: dict[str, Any]) -> CacheRequest:
     user = metadata.get("user_id")
     if user is None:
         return NO_CACHE_REQUEST
-    if not isinstance(user, str) or len(user) > CACHE_KEY_MAX:
+    if not isinstance(user, str) or len(user) > CACHE_KEY_MAX or not printable_key(user):
         raise bad_request(f"'metadata.user_id' must be a string of at most {CACHE_KEY_MAX} "
-                          "characters.")
+                          "printable characters.")
     return CacheRequest(key=user or None)
 
 

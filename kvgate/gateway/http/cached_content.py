@@ -23,10 +23,11 @@ ID_PREFIX = "cache_"
 CACHE_ID = re.compile(r"cache_[A-Za-z0-9_-]{1,58}")
 
 
-def not_found(cache_id: str) -> ApiError:
+def not_found(cache_id: str, param: str | None = "cached_content") -> ApiError:
+    """``param``: the body field that named it (None: the path did)."""
     shown = cache_id[:80] if cache_id.isprintable() else repr(cache_id[:80])
     return ApiError(404, f"No cache with id '{shown}' (it never existed, expired or was "
-                    "deleted).", code="cache_not_found", param="cached_content")
+                    "deleted).", code="cache_not_found", param=param)
 
 
 def unavailable() -> ApiError:
@@ -40,13 +41,14 @@ def tenant_of(request: web.Request) -> Principal:
     return p
 
 
-async def cache_row(state: AppState, cache_id: str, tenant_id: int) -> dict[str, Any]:
+async def cache_row(state: AppState, cache_id: str, tenant_id: int,
+                    param: str | None = "cached_content") -> dict[str, Any]:
     if not CACHE_ID.fullmatch(cache_id):
-        raise not_found(cache_id)
+        raise not_found(cache_id, param)
     try:
         return await state.ledger.get_cache(cache_id, tenant_id)
     except NotFound:
-        raise not_found(cache_id) from None
+        raise not_found(cache_id, param) from None
     except LedgerUnavailable:
         raise unavailable() from None
 

@@ -227,7 +227,17 @@ def budget_tokens(state: AppState, p: Principal) -> int:
     else:
         percent = max(0, min(100, state.settings.explicit_cache_device_percent))
         nbytes = engine.tier_bytes()["device"] * percent // 100
-    return nbytes * engine.store.block_size // page_bytes
+    return min(nbytes * engine.store.block_size // page_bytes, total_budget_tokens(state))
+
+
+def total_budget_tokens(state: AppState) -> int:
+    """The most tokens every tenant's live caches may hold together (each replica pins
+    those named there): ``explicit_cache_total_percent`` of the device tier, so pinned
+    prefixes never take the pages running requests need."""
+    engine = state.engine
+    percent = max(0, min(100, state.settings.explicit_cache_total_percent))
+    nbytes = engine.tier_bytes()["device"] * percent // 100
+    return nbytes * engine.store.block_size // engine.store.layout.page_bytes
 
 
 # -- answers -----------------------------------------------------------------------------------
@@ -275,7 +285,8 @@ async def create(request: web.Request) -> web.StreamResponse:
             row = await state.ledger.create_cache(
                 cache_id, p.tenant_id, display_name=name, model=prefix.model,
                 prefix=json.dumps(prefix.stored, separators=(",", ":")),
-                tokens=len(prefix.ids), expires_at=expires, max_tokens=budget)
+                tokens=len(prefix.ids), expires_at=expires, max_tokens=budget,
+                max_total_tokens=total_budget_tokens(state))
         except BaseException as exc:
             await state.engine.unpin(ns, cache_id)
             if isinstance(exc, CacheBudgetExceeded):
@@ -337,7 +348,7 @@ async def retrieve(request: web.Request) -> web.Response:
     p = tenant_of(request)
     assert p.tenant_id is not None
     return web.json_response(cache_object(await cache_row(state, request.match_info["id"],
-                                                     p.tenant_id)))
+                                                     p.tenant_id, param=None)))
 
 
 async def update(request: web.Request) -> web.Response:
@@ -353,12 +364,12 @@ async def update(request: web.Request) -> web.Response:
     if asked is None:
         raise bad_request("Send 'ttl' or 'ttl_seconds'.", param="ttl", code="missing_field")
     ttl_s = _ttl_for(state, p, asked)
-    await cache_row(state, cache_id, p.tenant_id)
+    await cache_row(state, cache_id, p.tenant_id, param=None)
     try:
         row = await state.ledger.update_cache(cache_id, p.tenant_id,
                                               datetime.now(UTC) + timedelta(seconds=ttl_s))
     except NotFound:
-        raise not_found(cache_id) from None
+        raise not_found(cache_id, None) from None
     except LedgerUnavailable:
         raise unavailable() from None
     return web.json_response(cache_object(row))
@@ -369,11 +380,11 @@ async def delete(request: web.Request) -> web.Response:
     p = tenant_of(request)
     assert p.tenant_id is not None
     cache_id = request.match_info["id"]
-    await cache_row(state, cache_id, p.tenant_id)
+    await cache_row(state, cache_id, p.tenant_id, param=None)
     try:
         await state.ledger.delete_cache(cache_id, p.tenant_id)
     except NotFound:
-        raise not_found(cache_id) from None
+        raise not_found(cache_id, None) from None
     except LedgerUnavailable:
         raise unavailable() from None
     state.explicit_caches.pop(cache_id, None)

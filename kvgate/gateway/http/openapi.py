@@ -193,7 +193,7 @@ SCHEMAS: dict[str, Any] = {
         "top_k": {"type": "integer", "minimum": 0},
         "stop_sequences": {"type": "array", "items": {"type": "string"}},
         "metadata": {"type": "object", "additionalProperties": False, "properties": {
-            "user_id": {"type": ["string", "null"], "maxLength": 256,
+            "user_id": {"type": ["string", "null"], "maxLength": 128,
                         "description": "Kept with the bill; the router's affinity key."}}},
         "stream": {"type": "boolean"}}},
     "Message": {"type": "object", "required": ["id", "type", "content", "usage"], "properties": {

@@ -80,11 +80,19 @@ class ReservationBiller:
     async def sync(self) -> None:
         """The ledger's reservations, to this replica's cache."""
         listed = set()
+        totals = {"device": 0, "host": 0}
         for tenant in await self.state.ledger.list_tenants():
             listed.add(tenant["id"])
             reservation = (tenant["cache_reserved_device_bytes"],
                            tenant["cache_reserved_host_bytes"])
             self.state.quotas.reserve(tenant["id"], reservation)
+            totals["device"] += reservation[0] or 0
+            totals["host"] += reservation[1] or 0
+        for tier, capacity in self.state.engine.tier_bytes().items():
+            if totals[tier] > capacity:  # set where no replica could check (the CLI)
+                log.warning("the %s tier is over-reserved: tenants reserve %d bytes of its %d; "
+                            "lower their cache_reserved_%s_bytes (each reservation is held "
+                            "as far as the tier goes)", tier, totals[tier], capacity, tier)
         for tenant_id in set(await self._reserved()) - listed:  # deleted on another replica
             self.state.quotas.reserve(tenant_id, (None, None))
         self._held = await self._reserved()

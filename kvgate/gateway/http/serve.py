@@ -69,7 +69,9 @@ _HELP = {"tool_call_parser": "how tool calls are read from the output: hermes (q
                                      "computing them too (256; 0: never wait)",
          "explicit_cache_device_percent": "the share of the device tier, in percent, the "
                                           "explicit caches of a tenant with neither a device "
-                                          "reservation nor a quota may pin together (25)"}
+                                          "reservation nor a quota may pin together (25)",
+         "explicit_cache_total_percent": "the share of the device tier, in percent, every "
+                                         "tenant's explicit caches may pin together (50)"}
 # Settings held as one comma-separated string, given on the command line as one or more words
 _LISTS = {"served_model_name": "names clients may use for the model, the first reported "
                                "(NAME [ALIAS ...] or NAME,ALIAS)"}

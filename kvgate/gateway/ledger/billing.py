@@ -11,6 +11,12 @@ from .errors import InvalidInput
 
 STATUSES = ("ok", "cancelled", "error")
 CACHE_KEY_MAX = 128  # characters of a prompt_cache_key kept with the usage row
+
+
+def printable_key(text: str) -> bool:
+    """No control or format characters (NUL, escapes, line breaks, bidirectional
+    overrides) and no lone surrogates: what a database stores and a terminal shows as is."""
+    return text.isprintable() and not any(0xD800 <= ord(c) <= 0xDFFF for c in text)
 MICROS_PER_MILLION_TOKENS = 1_000_000  # prices are per million tokens
 BYTE_SECONDS_PER_GIB_HOUR = (1 << 30) * 3600  # the reservation price is per GiB-hour
 SECONDS_PER_HOUR = 3600  # the explicit cache storage price is per million token-hours
@@ -57,8 +63,10 @@ class UsageEvent:
                                             or not 0 < len(self.receipt_id) <= 64):
             raise InvalidInput("receipt_id must be 1..64 characters")
         if self.cache_key is not None and (not isinstance(self.cache_key, str)
-                                           or len(self.cache_key) > CACHE_KEY_MAX):
-            raise InvalidInput(f"cache_key must be a string of at most {CACHE_KEY_MAX} characters")
+                                           or len(self.cache_key) > CACHE_KEY_MAX
+                                           or not printable_key(self.cache_key)):
+            raise InvalidInput(f"cache_key must be a string of at most {CACHE_KEY_MAX} "
+                               "printable characters")
 
 
 @dataclass(frozen=True)

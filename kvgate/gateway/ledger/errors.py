@@ -18,10 +18,12 @@ class Conflict(LedgerError):
 class CacheBudgetExceeded(Conflict):
     """A new explicit cache would take the tenant's live caches past their bound."""
 
-    def __init__(self, tokens: int, left: int, budget: int) -> None:
-        super().__init__(f"this cache is {tokens} tokens; the tenant's explicit caches may "
-                         f"hold {budget} tokens and {left} are left")
-        self.tokens, self.left, self.budget = tokens, left, budget
+    def __init__(self, tokens: int, left: int, budget: int, everyone: bool = False) -> None:
+        whose = "all tenants' explicit caches together" if everyone else (
+            "the tenant's explicit caches")
+        super().__init__(f"this cache is {tokens} tokens; {whose} may hold {budget} tokens "
+                         f"and {left} are left")
+        self.tokens, self.left, self.budget, self.everyone = tokens, left, budget, everyone
 
 
 class InvalidInput(LedgerError, ValueError):

@@ -53,6 +53,7 @@ _LIMIT_FIELDS = ("cache_ttl_seconds", "cache_quota_bytes", "cache_reserved_devic
                  "cache_reserved_host_bytes", "cache_max_ttl_seconds",
                  "requests_per_minute", "tokens_per_minute", "max_concurrent")
 RESERVATION_FIELDS = ("cache_reserved_device_bytes", "cache_reserved_host_bytes")
+MAX_RESERVATION = 1 << 50
 DEFAULT_CACHE_TTL_S = 300
 DEFAULT_MAX_TTL_S = 86400  # the longest retention class (24h) by default
 _MAX_ID = 2**31 - 1  # tenant and key ids are INTEGER columns (32-bit on PostgreSQL)
@@ -86,6 +87,7 @@ class Ledger:
         self._committer = GroupCommitter(engine, on_commit=on_commit, spool=spool,
                                          sqlite_file=self.sqlite_file)
         self._keys = KeyCache()
+        self._capacity = asyncio.Lock()  # capacity checks of this process, one at a time
 
     @classmethod
     async def open(cls, url: str, *, migrate: bool = True,
@@ -298,17 +300,27 @@ class Ledger:
 
     async def create_cache(self, cache_id: str, tenant_id: int, *, display_name: str | None,
                            model: str, prefix: str, tokens: int, expires_at: datetime,
-                           max_tokens: int | None) -> dict[str, Any]:
+                           max_tokens: int | None,
+                           max_total_tokens: int | None = None) -> dict[str, Any]:
         """Store a new explicit cache. ``max_tokens``: the most tokens the tenant's live
-        caches may hold together, this one included (None: no bound); over it,
-        ``CacheBudgetExceeded`` says how many are left. The sum and the insert share one
-        transaction."""
+        caches may hold together, this one included (None: no bound); ``max_total_tokens``
+        the same over every tenant's; over either, ``CacheBudgetExceeded`` says how many
+        are left. The sums and the insert share one transaction, serialised with every
+        other capacity check on the ledger (``_exclusive``)."""
         now = utcnow()
-        async with self._begin() as conn:
+        bounded = {k: v for k, v in (("tenant", max_tokens), ("all", max_total_tokens))
+                   if v is not None}
+        async with self._capacity_lock(bounded, bounded), self._begin() as conn:
+            await _exclusive(conn, bounded, bounded)  # first: before anything is read
             if max_tokens is not None:
                 held = await _live_cache_tokens(conn, tenant_id, now)
                 if held + tokens > max_tokens:
                     raise CacheBudgetExceeded(tokens, max(0, max_tokens - held), max_tokens)
+            if max_total_tokens is not None:
+                held = await _live_cache_tokens(conn, None, now)
+                if held + tokens > max_total_tokens:
+                    raise CacheBudgetExceeded(tokens, max(0, max_total_tokens - held),
+                                              max_total_tokens, everyone=True)
             await conn.execute(insert(ExplicitCacheRow).values(
                 id=cache_id, tenant_id=tenant_id, display_name=display_name, model=model,
                 prefix=prefix, tokens=tokens, created_at=now, expires_at=expires_at))
@@ -516,7 +528,9 @@ class Ledger:
             limits["cache_ttl_seconds"] = DEFAULT_CACHE_TTL_S
         if limits["cache_max_ttl_seconds"] is None:
             limits["cache_max_ttl_seconds"] = DEFAULT_MAX_TTL_S
-        async with self._begin() as conn:
+        _check_ttls(limits["cache_ttl_seconds"] or 0, limits["cache_max_ttl_seconds"] or 0)
+        async with self._capacity_lock(limits, capacity), self._begin() as conn:
+            await _exclusive(conn, limits, capacity)  # first: before anything is read
             plan_row = await self._plan_row(conn, DEFAULT_PLAN if plan is None else plan)
             await _check_reservations(conn, None, limits, capacity)
             try:
@@ -571,10 +585,13 @@ class Ledger:
                 raise InvalidInput(f"status must be one of {', '.join(TENANT_STATUSES)} "
                                    "(delete a tenant with DELETE)")
             values["status"] = fields["status"]
-        async with self._begin() as conn:
+        async with self._capacity_lock(values, capacity), self._begin() as conn:
+            await _exclusive(conn, values, capacity)  # first: before anything is read
             tenant = await self._tenant_row(conn, tenant_id)
             if tenant.status == "deleted":
                 raise Conflict(f"tenant {tenant_id} is deleted")
+            _check_ttls(values.get("cache_ttl_seconds", tenant.cache_ttl_seconds),
+                        values.get("cache_max_ttl_seconds", tenant.cache_max_ttl_seconds))
             if "plan" in fields:
                 values["plan_id"] = (await self._plan_row(conn, fields["plan"])).id
             await _check_reservations(conn, tenant_id, values, capacity)
@@ -589,15 +606,28 @@ class Ledger:
         return result
 
     async def delete_tenant(self, tenant_id: int) -> None:
-        """Soft delete: usage stays for billing, keys are revoked, the name stays taken."""
+        """Soft delete: usage stays for billing, keys are revoked, the name stays taken, its
+        explicit caches are deleted (their storage is billed no further)."""
         async with self._begin() as conn:
             await self._tenant_row(conn, tenant_id)
+            now = utcnow()
             await conn.execute(update(Tenant).where(Tenant.id == tenant_id)
                                .values(status="deleted"))
             await conn.execute(update(ApiKey).where(ApiKey.tenant_id == tenant_id,
                                                     ApiKey.revoked_at.is_(None))
-                               .values(revoked_at=utcnow()))
+                               .values(revoked_at=now))
+            await conn.execute(update(ExplicitCacheRow).where(
+                ExplicitCacheRow.tenant_id == tenant_id, ExplicitCacheRow.deleted_at.is_(None))
+                .values(deleted_at=now))
         self._keys.invalidate()
+
+    def _capacity_lock(self, values: dict[str, Any], capacity: dict[str, Any] | None
+                       ) -> contextlib.AbstractAsyncContextManager[Any]:
+        """This process's checks of shared capacity (reservations, explicit caches' budget),
+        one at a time (``_exclusive`` orders them across processes)."""
+        if not _bounded(values, capacity):
+            return contextlib.nullcontext()
+        return self._capacity
 
     async def _tenant_row(self, conn: AsyncConnection, tenant_id: int) -> Any:
         row = (await conn.execute(select(Tenant).where(Tenant.id == tenant_id))).one_or_none()
@@ -669,6 +699,30 @@ class Ledger:
         return row
 
 
+def _bounded(values: dict[str, Any], capacity: dict[str, Any] | None) -> bool:
+    """Whether a write claims capacity that a bound checks: a reservation (or a cache
+    budget) set to a number, with a capacity to check it against."""
+    return bool(capacity) and any(values.get(k) is not None for k in capacity or {})
+
+
+async def _exclusive(conn: AsyncConnection, values: dict[str, Any],
+                     capacity: dict[str, Any] | None) -> None:
+    """Serialise the transactions that check a capacity and then claim it, across every
+    process on the ledger: two concurrent claims must not both read the old total. On
+    PostgreSQL a transaction-scoped advisory lock; on SQLite the write lock, taken by a
+    write that changes nothing, as the transaction's first statement (so no snapshot it
+    reads is older than the last claim's commit)."""
+    if not _bounded(values, capacity):
+        return
+    if conn.dialect.name == "postgresql":
+        await conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _CAPACITY_LOCK})
+    else:
+        await conn.execute(text("UPDATE tenants SET id = id WHERE 0 = 1"))
+
+
+_CAPACITY_LOCK = 0x6B766761  # the advisory lock id of capacity checks ("kvga")
+
+
 async def _check_reservations(conn: AsyncConnection, tenant_id: int | None,
                               values: dict[str, Any], capacity: dict[str, int] | None) -> None:
     """Refuse a reservation the tier cannot hold beside the other tenants' (Conflict, with
@@ -690,11 +744,15 @@ async def _check_reservations(conn: AsyncConnection, tenant_id: int | None,
                            "by other tenants)")
 
 
-async def _live_cache_tokens(conn: AsyncConnection, tenant_id: int, now: datetime) -> int:
+async def _live_cache_tokens(conn: AsyncConnection, tenant_id: int | None,
+                             now: datetime) -> int:
+    """Tokens of the live explicit caches of a tenant (None: of every tenant)."""
     c = ExplicitCacheRow
-    held = (await conn.execute(select(func.coalesce(func.sum(c.tokens), 0)).where(
-        c.tenant_id == tenant_id, c.deleted_at.is_(None), c.expires_at > now))).scalar_one()
-    return int(held)
+    stmt = select(func.coalesce(func.sum(c.tokens), 0)).where(
+        c.deleted_at.is_(None), c.expires_at > now)
+    if tenant_id is not None:
+        stmt = stmt.where(c.tenant_id == tenant_id)
+    return int((await conn.execute(stmt)).scalar_one())
 
 
 async def _cache_row(conn: AsyncConnection, cache_id: str, tenant_id: int,
@@ -729,6 +787,14 @@ def _check_limits(values: dict[str, Any]) -> None:
             continue
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise InvalidInput(f"{key} must be a non-negative integer or null, got {value!r}")
+        if key in RESERVATION_FIELDS and value > MAX_RESERVATION:  # sums must stay exact
+            raise InvalidInput(f"{key} must be at most {MAX_RESERVATION} bytes (1 PiB)")
+
+
+def _check_ttls(ttl: int, top: int) -> None:
+    if ttl > top:
+        raise InvalidInput(f"cache_ttl_seconds ({ttl}) must not exceed cache_max_ttl_seconds "
+                           f"({top}): the default TTL is one a request may ask for")
 
 
 def _tenant_dict(row: Any, plan: str) -> dict[str, Any]:

@@ -22,6 +22,7 @@ import base64
 import hashlib
 import json
 import os
+import re
 import secrets
 from dataclasses import asdict
 from datetime import UTC, datetime
@@ -73,7 +74,15 @@ def _b64url(data: bytes) -> str:
 
 
 def _unb64url(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    """Strict: only the one encoding ``_b64url`` writes of these bytes is accepted (no
+    standard-alphabet characters, padding, whitespace or non-zero spare bits), so a
+    signature has exactly one spelling."""
+    if not isinstance(text, str) or not re.fullmatch(r"[A-Za-z0-9_-]*", text):
+        raise ValueError("not unpadded base64url")
+    data = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    if _b64url(data) != text:
+        raise ValueError("not the canonical base64url of its bytes")
+    return data
 
 
 class ReceiptKey:

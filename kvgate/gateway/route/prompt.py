@@ -97,4 +97,4 @@ def cache_key_of(raw: bytes) -> str | None:
     key = body.get("prompt_cache_key")
     if key is None and isinstance(body.get("metadata"), dict):
         key = body["metadata"].get("user_id")
-    return key if isinstance(key, str) and 0 < len(key) <= 256 else None
+    return key if isinstance(key, str) and 0 < len(key) <= 256 and key.isprintable() else None
