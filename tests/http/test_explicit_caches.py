@@ -101,6 +101,24 @@ def test_a_named_cache_is_read_and_another_tenant_gets_404(server: ThreadServer)
     assert _pinned(server, owner) == full // _block(server)
 
 
+def test_the_responses_api_names_it_too(server: ThreadServer) -> None:
+    owner, other = server.admin.tenant(), server.admin.tenant()
+    cache = _create(server, owner)
+    full = cache["tokens"] // _block(server) * _block(server)
+    client = _oai(server, owner)
+    r = client.responses.create(model=cache["model"], max_output_tokens=1, input="Hi?",
+                                extra_body={"cached_content": cache["id"]})
+    assert r.usage is not None and r.usage.input_tokens_details.cached_tokens >= full
+    for extra in ({"instructions": "Be brief."}, {"previous_response_id": r.id}):
+        with pytest.raises(openai.BadRequestError):
+            client.responses.create(model=cache["model"], max_output_tokens=1, input="Hi?",
+                                    extra_body={"cached_content": cache["id"]}, **extra)
+    with pytest.raises(openai.NotFoundError):
+        _oai(server, other).responses.create(model=cache["model"], max_output_tokens=1,
+                                             input="Hi?",
+                                             extra_body={"cached_content": cache["id"]})
+
+
 def test_the_anthropic_shape_and_messages_naming_it(server: ThreadServer) -> None:
     tenant = server.admin.tenant()
     cache = _create(server, tenant, system=SYSTEM, messages=[

@@ -78,7 +78,50 @@ async def named_cache(request: web.Request, raw: bytes, api: str
     p = tenant_of(request)
     assert p.tenant_id is not None
     row = await cache_row(state_of(request), cache_id, p.tenant_id)
+    if api == "responses":
+        return merged_responses(row["prefix"], body), Named(cache_id, row["tokens"])
     return merged(row["prefix"], body, api), Named(cache_id, row["tokens"])
+
+
+def merged_responses(stored: dict[str, Any], body: dict[str, Any]) -> dict[str, Any]:
+    """A Responses API body with the cache's turns first in ``input`` (as message items)
+    and its tools as the request's. Nothing may come before them: ``instructions`` and
+    ``previous_response_id`` are refused beside ``cached_content`` (400)."""
+    for key in ("instructions", "previous_response_id"):
+        if body.get(key) not in (None, ""):
+            raise bad_request(f"A request that names a cache may not set '{key}': it would "
+                              "come before the cache's messages. Put it in the cache, or "
+                              "continue from this response's id instead.", param=key,
+                              code="invalid_value")
+    prefix = stored if stored["api"] == "openai" else _converted(stored, "openai")
+    turns = []
+    for m in prefix["messages"]:
+        text = _text(m.get("content"))
+        if text is None or m.get("tool_calls") or m.get("role") == "tool":
+            raise bad_request("The cache named holds tool calls or results, which the "
+                              "Responses API cannot take as leading input; name it from "
+                              "/v1/chat/completions.", param="cached_content",
+                              code="invalid_value")
+        turns.append({"type": "message", "role": m["role"], "content": text})
+    own = body.get("input")
+    if isinstance(own, str):
+        own = [{"type": "message", "role": "user", "content": own}]
+    if not isinstance(own, list):
+        raise bad_request("Missing required field 'input'.", param="input",
+                          code="missing_field")
+    out = {**body, "input": [*turns, *own]}
+    tools = [{"type": "function", "name": t["function"]["name"],
+              **({"description": t["function"]["description"]}
+                 if "description" in t["function"] else {}),
+              "parameters": t["function"].get("parameters") or {"type": "object"}}
+             for t in prefix.get("tools") or []]
+    if tools:
+        if body.get("tools") not in (None, []):
+            raise bad_request("This request names a cache that sets 'tools'; a request that "
+                              "names a cache may not set 'tools' too.", param="tools",
+                              code="invalid_value")
+        out["tools"] = tools
+    return out
 
 
 def merged(stored: dict[str, Any], body: dict[str, Any], api: str) -> dict[str, Any]:

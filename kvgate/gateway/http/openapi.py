@@ -227,6 +227,9 @@ SCHEMAS: dict[str, Any] = {
         "prompt": {"type": "string"}}},
     "ResponseCreate": {"type": "object", "required": ["model", "input"], "properties": {
         "model": {"type": "string"}, **_CACHE_REQUEST,
+        "cached_content": {"type": "string", "pattern": "^cache_",
+                           "description": "An explicit cache (POST /v1/caches) whose turns "
+                           "(and tools) go first in the input"},
         "input": {"anyOf": [{"type": "string"}, {"type": "array", "minItems": 1, "items": {
             "anyOf": [{
                 "type": "object", "required": ["role", "content"], "properties": {

@@ -36,6 +36,7 @@ from kvgate.gateway.engine import SamplingParams
 from kvgate.gateway.http import responses_items as items
 from kvgate.gateway.http.admission import admitted
 from kvgate.gateway.http.cache_params import CacheRequest, openai_cache_request
+from kvgate.gateway.http.cached_content import named_cache, pin_named
 from kvgate.gateway.http.errors import ApiError, ClientGone, bad_request
 from kvgate.gateway.http.generation import Generation
 from kvgate.gateway.http.openai_tools import (
@@ -301,7 +302,8 @@ def _prepare(state: AppState, body: dict, previous: Stored | None) -> _Prepared:
 async def create(request: web.Request) -> web.StreamResponse:
     state = state_of(request)
     raw = await read_body(request)
-    body = await prepare(raw, lambda parsed: parsed)
+    parsed, named = await named_cache(request, raw, "responses")
+    body = await prepare(parsed, lambda parsed: parsed)
     previous = None
     prev_id = field(body, "previous_response_id", str)
     if prev_id is not None:
@@ -310,6 +312,7 @@ async def create(request: web.Request) -> web.StreamResponse:
         prep = await asyncio.to_thread(_prepare, state, body, previous)
     else:
         prep = _prepare(state, body, previous)
+    await pin_named(request, named, prep.prompt)
     reply = _Reply(request, prep)
     async with Generation(request, "responses", prep.model, prep.prompt, prep.sampling,
                           cache=prep.cache) as gen:
