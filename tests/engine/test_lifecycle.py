@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import threading
 
 import pytest
 
@@ -150,3 +152,29 @@ async def test_cache_shares_follow_the_serve_setting(make_engine) -> None:
     assert engine_config(Settings(cache_shares=True)).cache_shares is True
     assert (await make_engine()).store.shares.fair is False
     assert (await make_engine(cache_shares=True)).store.shares.fair is True
+
+
+async def test_a_caller_that_gives_up_on_an_engine_call_leaves_the_engine_running(make_engine):
+    """A task awaiting an engine call (stats, pins, reservations) is cancelled while the
+    call waits on the engine thread: the call is dropped, and the engine keeps serving
+    (setting a result on the cancelled future used to kill the engine thread)."""
+    engine = await make_engine()
+    started = threading.Event()
+    release = threading.Event()
+
+    def slow() -> int:
+        started.set()
+        release.wait(5)
+        return 1
+
+    first = asyncio.create_task(engine._call(slow))  # occupies the engine thread
+    await asyncio.to_thread(started.wait, 5)
+    given_up = asyncio.create_task(engine._call(lambda: 2))  # queued behind it
+    await asyncio.sleep(0.05)
+    given_up.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await given_up  # cancelled: its future too, before the engine thread reaches it
+    release.set()
+    assert await first == 1
+    assert await asyncio.wait_for(engine._call(lambda: 3), 10) == 3  # the thread is alive
+    assert engine._thread is not None and engine._thread.is_alive()

@@ -342,6 +342,11 @@ class Engine:
             for seq in [s for s in self._seqs.values() if s.request_id == cmd.request_id]:
                 self._finish(seq, "cancelled")
         else:
+            # A caller that gave up (its task was cancelled) cancelled the future: the call
+            # is not run, and nothing is set on it (that would raise here, on the engine
+            # thread). Once running, the future can no longer be cancelled.
+            if cmd.future is not None and not cmd.future.set_running_or_notify_cancel():
+                return
             try:
                 result = cmd.fn()
             except Exception as exc:  # the caller gets it; a fire-and-forget call is logged
@@ -553,7 +558,8 @@ class Engine:
             if isinstance(cmd, Add):
                 cmd.seq.finish_reason = "cancelled"
                 self._report_finish(cmd.seq)
-            elif isinstance(cmd, Call) and cmd.future is not None:
+            elif (isinstance(cmd, Call) and cmd.future is not None
+                  and cmd.future.set_running_or_notify_cancel()):
                 cmd.future.set_exception(RuntimeError("the engine has stopped"))
 
 
