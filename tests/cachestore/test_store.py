@@ -276,7 +276,8 @@ def test_stats_json_shape(make_store: MakeStore) -> None:
         "cached_bytes": 2 * pb, "hit_tokens": 0, "miss_tokens": 2 * BLOCK + 1, "hit_rate": 0.0,
         "active": True, "share_bytes": {"device": 8 * pb, "host": 8 * pb},
         "used_bytes": {"device": 2 * pb, "host": 0},
-        "evicted_by_others": {"device": 0, "host": 0}}
+        "evicted_by_others": {"device": 0, "host": 0},
+        "reserved_bytes": {"device": 0, "host": 0}}  # fair shares here, no reservation
     assert d["shares"] == {"enabled": True, "window_s": 300.0, "active_namespaces": 1,
                            "fallbacks": 0}
 
