@@ -24,13 +24,13 @@ import argparse
 import asyncio
 import re
 import statistics
-import time
 from typing import Any
 
 import torch
 
 from bench.common import print_table, smoke, write_result
-from kvgate.gateway.engine import EngineConfig, GenerateRequest, SamplingParams, TokenEvent
+from bench.ttft import ttft
+from kvgate.gateway.engine import EngineConfig
 from kvgate.gateway.engine.engine import Engine
 from kvgate.gateway.engine.loader import LoadedModel, load_model
 from kvgate.gateway.engine.scheduler import Chunk
@@ -56,21 +56,6 @@ def count_prompt_tokens(engine: Engine) -> list[int]:
 
     engine.runner.run = counting  # type: ignore[method-assign]
     return computed
-
-
-async def ttft(engine: Engine, rid: str, namespace: str, prompt: list[int]) -> tuple[float, int]:
-    """Seconds from submit to the first token event, and the cached tokens reported."""
-    params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
-    start = time.perf_counter()
-    first = None
-    cached = -1
-    async for ev in engine.generate(GenerateRequest(rid, namespace, prompt, params)):
-        if isinstance(ev, TokenEvent) and first is None:
-            first = time.perf_counter() - start
-        elif not isinstance(ev, TokenEvent):
-            cached = ev.usage.cached_tokens
-    assert first is not None
-    return first, cached
 
 
 async def measure(loaded: LoadedModel, shape: str, prefix_len: int, n: int, budget: int,
