@@ -42,15 +42,13 @@ log = logging.getLogger("kvgate.reservations")
 ENDPOINT = RESERVATION_ENDPOINT
 
 
-class ReservationBiller:
-    def __init__(self, state: AppState, model: str) -> None:
-        self.state = state
-        self.model = model
-        self.run_id = uuid.uuid4().hex[:12]  # this process: request ids never collide
-        self._held: dict[int, int] = {}  # tenant id -> bytes held on this replica's tiers
-        self._since = time.monotonic()
-        self._since_wall = datetime.now(UTC)
-        self._task: asyncio.Task[None] | None = None
+class _Periodic:
+    """A biller's loop as a task of the running event loop: ``start``, then ``stop``."""
+
+    _task: asyncio.Task[None] | None = None
+
+    async def _loop(self) -> None:
+        raise NotImplementedError
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._loop())
@@ -60,6 +58,19 @@ class ReservationBiller:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+
+
+class ReservationBiller(_Periodic):
+    def __init__(self, state: AppState, model: str) -> None:
+        self.state = state
+        self.model = model
+        self.run_id = uuid.uuid4().hex[:12]  # this process: request ids never collide
+        self._held: dict[int, int] = {}  # tenant id -> bytes held on this replica's tiers
+        self._since = time.monotonic()
+        self._since_wall = datetime.now(UTC)
+
+    async def stop(self) -> None:
+        await super().stop()
         with contextlib.suppress(Exception):  # the last partial interval, if it can be
             await self.bill()
 
@@ -131,7 +142,7 @@ class ReservationBiller:
         return recorded
 
 
-class CacheStorageBiller:
+class CacheStorageBiller(_Periodic):
     """Explicit caches (``caches_api``): storage billed per token-hour, expired ones unpinned.
 
     Time is cut into intervals of ``reservation_bill_interval_s`` aligned on the epoch, the
@@ -154,16 +165,6 @@ class CacheStorageBiller:
         self.state = state
         self.interval = max(1, int(state.settings.reservation_bill_interval_s))
         self._billed_until: int | None = None  # epoch seconds: intervals before are billed
-        self._task: asyncio.Task[None] | None = None
-
-    def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._loop())
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
 
     async def _loop(self) -> None:
         while True:
