@@ -61,6 +61,16 @@ class GenerateRequest:
     # False: the caller wants only the whole answer, so the engine sends the tokens as one
     # TokenEvent just before the finish instead of one event (one wake-up) per token.
     stream: bool = True
+    # Fair scheduling (``engine/fairness.py``): the account whose virtual token counter
+    # this request advances ("" = its namespace), that account's weight (its plan's
+    # ``scheduling_weight``: a weight-2 tenant gets twice the tokens of a weight-1 one
+    # while both are backlogged), the request's priority class (lower runs first, as
+    # vLLM's ``priority``; the HTTP layer bounds it by the tenant's ``min_priority``) and
+    # the most sequences the account may have running at once (0: no cap of its own).
+    tenant: str = ""
+    weight: float = 1.0
+    priority: int = 0
+    max_running: int = 0
 
 
 @dataclass
