@@ -32,6 +32,12 @@ class Settings:
     # One prefill per prefix: steps a request may wait for the same tenant's identical
     # prompt blocks another request is computing (then it computes them); 0 = never wait.
     single_flight_wait_steps: int = 256
+    # Tenant-fair scheduling: the engine serves the tenant that has had the least service
+    # (weighted tokens over its plan's scheduling_weight) first; 0 = first come, first served.
+    fair_scheduling: bool = True
+    # A stream whose client leaves this many tokens unread is parked (no engine slot, no
+    # KV pages) until it reads half of them; 0 = never parked.
+    max_unread_tokens: int = 256
     default_cache_ttl_seconds: int = 300
     metrics_tenant_labels: bool = True
     # /metrics only on this port when set (the API port then answers 404 for it).

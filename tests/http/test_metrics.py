@@ -23,7 +23,8 @@ DOCUMENTED = {
     "kvgate_cache_hit_tokens", "kvgate_cache_miss_tokens", "kvgate_ledger_commit_seconds",
     "kvgate_ledger_queue_depth", "kvgate_engine_queue_depth",
     "kvgate_engine_running_requests", "kvgate_cost_micros", "kvgate_single_flight_requests",
-    "kvgate_single_flight_saved_tokens",
+    "kvgate_single_flight_saved_tokens", "kvgate_engine_parked_sequences",
+    "kvgate_engine_preemptions", "kvgate_engine_tenant_service",
 }
 
 
@@ -66,6 +67,9 @@ def test_metrics_parse_and_names(scrape: str, tenant: Tenant) -> None:
     cap = [s.value for s in families["kvgate_cache_bytes"].samples
            if s.labels == {"tier": "device", "kind": "capacity"}]
     assert cap and cap[0] > 0
+    service = [s for s in families["kvgate_engine_tenant_service"].samples
+               if s.labels.get("tenant") == str(tenant.id)]
+    assert service and service[0].value > 0  # the fair scheduler's account of its tokens
 
 
 def test_health_ready_openapi(http: Session) -> None:

@@ -39,11 +39,18 @@ class EngineConfig:
     # of its namespace is computing waits for them, at most this many steps (then it
     # computes them itself); 0 turns the waiting off (``Scheduler._waits``).
     single_flight_wait_steps: int = 256
+    # Tenant-fair scheduling (``engine/fairness.py``); False: first come, first served
+    fair_scheduling: bool = True
+    # A streaming request whose client leaves this many token events unread is parked
+    # (no slot, no pages) until it reads half of them; 0: never parked
+    max_unread_tokens: int = 256
     shared_tier: SharedTierConfig | None = None  # the Valkey tier (cachestore/shared_tier.py)
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.max_batch_tokens <= 0 or self.max_running <= 0:
             raise ValueError("block_size, max_batch_tokens and max_running must be positive")
+        if self.max_unread_tokens < 0:
+            raise ValueError("max_unread_tokens must be 0 (never park) or positive")
         if self.single_flight_wait_steps < 0:
             raise ValueError("single_flight_wait_steps must be 0 (off) or positive")
         if self.max_model_len < 0:

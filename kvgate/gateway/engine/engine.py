@@ -203,6 +203,7 @@ class Engine:
                 loop.call_soon_threadsafe(events.put_nowait, ev)
 
         seq.emit = emit
+        flow = seq.flow
         self._active.add(request.request_id)
         self._submitted += 1
         self._inbox.put(Add(seq))
@@ -211,6 +212,8 @@ class Engine:
         try:
             while True:
                 ev = await events.get()
+                if isinstance(ev, TokenEvent):
+                    flow.consumed += 1  # read: the engine may resume a parked sequence
                 if isinstance(ev, ErrorEvent):
                     finished = True
                     if ev.usage is None:
@@ -284,6 +287,15 @@ class Engine:
     def num_running(self) -> int:
         return len(self.scheduler.running)
 
+    def scheduling(self) -> dict[str, Any]:
+        """The scheduler's figures, read from the calling thread (a step old at most):
+        every account's counter and service, preemptions, parked sequences."""
+        s = self.scheduler
+        return {"fair": s.fairness.fair, "running": len(s.running), "waiting": len(s.waiting),
+                "parked": len(s.parked), "preemptions": s.num_preemptions,
+                "fairness_preemptions": s.fairness.preemptions, "parks": s.num_parked,
+                "accounts": s.fairness.snapshot()}
+
     # -- the engine thread -------------------------------------------------------------
 
     def _flush(self) -> None:
@@ -308,7 +320,9 @@ class Engine:
             self._flush()
             block = not self.scheduler.has_work()
             try:
-                cmd = self._inbox.get(block=block)
+                # parked sequences resume when their clients read: look again shortly
+                cmd = self._inbox.get(block=block,
+                                      timeout=0.02 if block and self.scheduler.parked else None)
                 while True:
                     if isinstance(cmd, Stop):
                         self._shutdown()
@@ -317,7 +331,7 @@ class Engine:
                     cmd = self._inbox.get_nowait()
             except queue.Empty:
                 pass
-            if self.scheduler.has_work():
+            if self.scheduler.has_work() or self.scheduler.parked:
                 try:
                     self.step()
                 except Exception as exc:  # a bug outside the model run: fail all, keep serving
@@ -375,7 +389,7 @@ class Engine:
         if not chunks:
             if not self.scheduler.running and self.scheduler.waiting:
                 # Nothing runs and the head still cannot get pages: it never will.
-                seq = self.scheduler.waiting[0]
+                seq = self.scheduler.head()
                 if seq.num_output:  # preempted after it had grown past what the pool can hold
                     self._finish(seq, "length")
                 else:
@@ -486,6 +500,7 @@ class Engine:
                            None if prompt_usage is None else seq.cache_detail(), seq.index,
                            None if logprob is None else [logprob])
         if seq.request.stream:
+            seq.flow.emitted += 1
             seq.emit(event)
         else:
             seq.held.append(event)
@@ -501,6 +516,7 @@ class Engine:
         for index in range(1, parent.params.n):
             child = Sequence(parent.request, self.tokenizer, arrival=parent.arrival, index=index)
             child.emit = parent.emit
+            child.flow = parent.flow
             self._seqs[child.seq_id] = child
             children.append(child)
         return children

@@ -24,13 +24,14 @@ computes the rest itself.
 
 from __future__ import annotations
 
+import heapq
 from collections import deque
 from dataclasses import dataclass, field
-from itertools import islice
 
 from kvgate.cachestore import CacheStore
 from kvgate.cachestore.pool import copy_pages
 from kvgate.gateway.engine.config import EngineConfig
+from kvgate.gateway.engine.fairness import Fairness
 from kvgate.gateway.engine.request import PromptTooLong
 from kvgate.gateway.engine.sequence import Sequence, Status
 
@@ -60,6 +61,22 @@ class SchedulerOutput:
     finished: list[Sequence] = field(default_factory=list)
     failed: list[tuple[Sequence, Exception]] = field(default_factory=list)
 
+    num_tokens: int = 0
+
+    def add(self, chunk: Chunk) -> None:
+        self.chunks.append(chunk)
+        self.num_tokens += chunk.length
+
+    def has(self, seq: Sequence) -> bool:
+        return any(c.seq is seq for c in self.chunks)
+
+    def drop(self, seq: Sequence) -> None:
+        """A sequence preempted after it was given a chunk this step loses it."""
+        kept = [c for c in self.chunks if c.seq is not seq]
+        if len(kept) != len(self.chunks):
+            self.chunks = kept
+            self.num_tokens = sum(c.length for c in kept)
+
 
 class Scheduler:
     def __init__(self, config: EngineConfig, store: CacheStore, max_model_len: int) -> None:
@@ -70,8 +87,12 @@ class Scheduler:
         self.num_device_pages = int(store.device_pool.shape[0])
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.parked: list[Sequence] = []  # their clients stopped reading (``_park``)
+        self.fairness = Fairness(config.fair_scheduling)
         self.num_preemptions = 0
         self.num_forks = 0  # choices that started on their parent's pages (n > 1)
+        self.num_parked = 0  # times a sequence was parked
+        self._arrivals = 0
 
     # -- admission -------------------------------------------------------------------
 
@@ -94,58 +115,159 @@ class Scheduler:
 
     def add(self, seq: Sequence) -> None:
         self.check(seq.num_prompt_tokens)
+        self._arrive(seq)
         self.waiting.append(seq)
+
+    def _arrive(self, seq: Sequence) -> None:
+        self._arrivals += 1
+        seq.order = self._arrivals
+        seq.arrived = True
+        self.fairness.arrive(seq)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def head(self) -> Sequence:
+        """The waiting sequence that runs next (the smallest key)."""
+        return min(self.waiting, key=self.fairness.key)
+
     # -- one step ----------------------------------------------------------------------
 
     def schedule(self) -> SchedulerOutput:
-        budget = self.config.max_batch_tokens
+        """One step's chunks. Running sequences with one token to compute (decodes) go
+        first, best key first, so they never starve; then prompts still being computed and
+        waiting requests compete for the rest of the token budget in key order
+        (``fairness.py``): a newcomer of an account that has had little service is
+        admitted, and its prompt computed, before the chunks of a heavier account's long
+        prompts."""
+        limit = self.config.max_batch_tokens
         out = SchedulerOutput()
-        for seq in list(self.running):
-            if budget == 0:
+        self._park_and_resume()
+        key = self.fairness.key
+        for seq in sorted((s for s in self.running if s.num_uncomputed <= 1), key=key):
+            if out.num_tokens >= limit:
                 break
             if seq.status is not Status.RUNNING:
-                continue  # preempted below by an older sequence of this step
-            n = min(seq.num_uncomputed, budget)
-            if self._grow(seq, seq.num_computed + n, out):
-                out.chunks.append(Chunk(seq, seq.num_computed, n))
-                budget -= n
-        i = 0  # the first queued request not found waiting (single-flight) this step
-        while i < len(self.waiting) and budget > 0 and len(self.running) < self.config.max_running:
-            seq = self.waiting[i]
+                continue  # preempted below by a better sequence of this step
+            if self._grow(seq, seq.num_computed + 1, out):
+                out.add(Chunk(seq, seq.num_computed, 1))
+                self._charge(seq, 1)
+        # The rest in key order. Counters only grow as work is charged, so a popped entry
+        # whose key went stale is pushed back with its new key (it can only have worsened).
+        entries = [s for s in self.running if s.num_uncomputed > 1] + list(self.waiting)
+        heap = [(key(s), i, s) for i, s in enumerate(entries)]
+        heapq.heapify(heap)
+        admitting = True  # until the best waiting request cannot get pages
+        while heap and (budget := limit - out.num_tokens) > 0:
+            k, i, seq = heapq.heappop(heap)
+            now = key(seq)
+            if now != k:
+                heapq.heappush(heap, (now, i, seq))
+                continue
+            if seq.status is Status.RUNNING:
+                if out.has(seq):  # preempted and admitted again this step
+                    continue
+                n = min(seq.num_uncomputed, budget)
+                if self._grow(seq, seq.num_computed + n, out):
+                    out.add(Chunk(seq, seq.num_computed, n))
+                    self._charge(seq, n)
+                continue
+            if not admitting or seq.status is not Status.WAITING:
+                continue
+            cap = seq.request.max_running
+            if cap and self.fairness.account(seq).running >= cap:
+                continue  # its account runs all it may; the others go on
             try:
                 if self._waits(seq):
-                    i += 1
                     continue
-                chunk = self._admit(seq, budget)
+                if (len(self.running) >= self.config.max_running
+                        and not self._displace(seq, out)):
+                    admitting = False
+                    continue
+                chunk = self._admit(seq, limit - out.num_tokens)
+                while chunk is None and self._displace(seq, out):
+                    chunk = self._admit(seq, limit - out.num_tokens)
             except Exception as exc:  # this request's own (its tokens): it alone fails
-                del self.waiting[i]
+                self.waiting.remove(seq)
                 out.failed.append((seq, exc))
                 continue
             if chunk is None:
-                break
-            del self.waiting[i]
-            out.chunks.append(chunk)
-            budget -= chunk.length
+                admitting = False  # the best request waits for pages; nobody jumps it
+                continue
+            self.waiting.remove(seq)
+            out.add(chunk)
+            self._charge(seq, chunk.length)
         # the cached prefixes the next admissions will match go last (CacheStore.hold_queued)
         self.store.hold_queued({s.seq_id: (s.request.namespace, s.token_ids)
-                                for s in islice(self.waiting, QUEUED_HELD)})
+                                for s in heapq.nsmallest(QUEUED_HELD, self.waiting, key=key)})
         return out
+
+    def _charge(self, seq: Sequence, n: int) -> None:
+        """The account pays for ``n`` tokens computed this step (a decode, or a chunk)."""
+        if n == 1 and seq.num_output:
+            self.fairness.charge(seq, decode=1)
+        else:
+            self.fairness.charge(seq, prefill=n)
+
+    def _displace(self, cand: Sequence, out: SchedulerOutput) -> bool:
+        """Preempts the worst running sequence for ``cand`` if the fairness rules let it
+        (``Fairness.may_displace``); whether one was."""
+        if not self.running:
+            return False
+        victim = max(self.running, key=self.fairness.key)
+        if not self.fairness.may_displace(cand, victim):
+            return False
+        self.preempt(victim)
+        out.drop(victim)
+        self.fairness.preemptions += 1
+        return True
+
+    def _park_and_resume(self) -> None:
+        """A streaming request whose client has left ``max_unread_tokens`` token events
+        unread is parked: its running sequences give up their slot and pages (full blocks
+        stay cached) until the client has read half of them; then they queue again and
+        resume mostly from the cache. The gateway's write timeout ends the ones that never
+        read again."""
+        limit = self.config.max_unread_tokens
+        if not limit:
+            return
+        for seq in [s for s in self.running if s.request.stream and s.flow.unread >= limit]:
+            self._stop_running(seq)
+            seq.status = Status.PARKED
+            self.parked.append(seq)
+            self.num_parked += 1
+        for seq in [s for s in self.parked if s.flow.unread <= limit // 2]:
+            self.parked.remove(seq)
+            seq.status = Status.WAITING
+            self.waiting.append(seq)
+
+    def _stop_running(self, seq: Sequence) -> None:
+        """Takes ``seq`` off the running list and frees its pages (its blocks stay cached);
+        it computes its tokens again (mostly from the cache) when it next runs."""
+        self.running.remove(seq)
+        self.fairness.account(seq).running -= 1
+        if seq.handle is not None:
+            self.store.release(seq.handle)
+        seq.handle = None
+        seq.num_computed = 0
+
+    def _start_running(self, seq: Sequence) -> None:
+        seq.status = Status.RUNNING
+        self.running.append(seq)
+        self.fairness.account(seq).running += 1
 
     def _grow(self, seq: Sequence, num_tokens: int, out: SchedulerOutput) -> bool:
         """Pages for ``num_tokens``; preempts newer sequences (or ``seq`` itself) to get them."""
         assert seq.handle is not None, "a running sequence holds its cache handle"
         while not self.store.allocate(seq.handle, num_tokens):
-            victim = self.running[-1]
+            victim = max(self.running, key=self.fairness.key)
             if victim is seq and len(self.running) == 1:
                 # Alone and still too big: it has outgrown the whole pool.
                 self.finish(seq, "length")
                 out.finished.append(seq)
                 return False
             self.preempt(victim)
+            out.drop(victim)
             if victim is seq:
                 return False
         return True
@@ -214,11 +336,12 @@ class Scheduler:
             seq.cached_tokens = min(cached, seq.num_prompt_tokens)
             seq.read_blocks = list(match.blocks)
             self.store.record_prompt(req.namespace, seq.num_prompt_tokens, seq.cached_tokens)
+        if seq.admissions == 1:
+            self.fairness.charge(seq, cached=cached)
         seq.handle = handle
         seq.num_computed = cached
         seq.num_committed_blocks = cached // self.block_size
-        seq.status = Status.RUNNING
-        self.running.append(seq)
+        self._start_running(seq)
         return Chunk(seq, cached, n)
 
     def fork(self, parent: Sequence, child: Sequence) -> None:
@@ -228,6 +351,8 @@ class Scheduler:
         the child waits and is admitted like any request (its prompt then hits the cache)."""
         assert parent.handle is not None, "a parent forks while it holds its pages"
         prompt_len = child.num_prompt_tokens
+        self._arrive(child)
+        child.order = parent.order
         if len(self.running) < self.config.max_running:
             child.admissions += 1
             req = child.request
@@ -251,8 +376,7 @@ class Scheduler:
                 child.handle = handle
                 child.num_computed = cached
                 child.num_committed_blocks = cached // self.block_size
-                child.status = Status.RUNNING
-                self.running.append(child)
+                self._start_running(child)
                 self.num_forks += 1
                 return
         self.waiting.appendleft(child)
@@ -276,11 +400,7 @@ class Scheduler:
                                    for h, ttl_s in seq.handle.written[before:]]
 
     def preempt(self, seq: Sequence) -> None:
-        self.running.remove(seq)
-        if seq.handle is not None:
-            self.store.release(seq.handle)
-        seq.handle = None
-        seq.num_computed = 0
+        self._stop_running(seq)
         seq.status = Status.WAITING
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
@@ -288,11 +408,16 @@ class Scheduler:
     def finish(self, seq: Sequence, reason: str) -> None:
         """Frees everything the sequence holds, whatever state it is in."""
         if seq.status is Status.RUNNING:
-            self.running.remove(seq)
+            self._stop_running(seq)
         elif seq.status is Status.WAITING and seq in self.waiting:
             self.waiting.remove(seq)
+        elif seq.status is Status.PARKED and seq in self.parked:
+            self.parked.remove(seq)
         if seq.handle is not None:
             self.store.release(seq.handle)
             seq.handle = None
+        if seq.arrived:
+            seq.arrived = False
+            self.fairness.leave(seq)
         seq.status = Status.FINISHED
         seq.finish_reason = reason

@@ -53,7 +53,24 @@ class PageRow:
 class Status(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
+    PARKED = "parked"  # its client is not reading: holds no slot and no pages
     FINISHED = "finished"
+
+
+class Flow:
+    """A request's token events sent by the engine thread and taken by its reader (the
+    asyncio side): their difference is what the client has not read yet. Each counter has
+    one writer."""
+
+    __slots__ = ("consumed", "emitted")
+
+    def __init__(self) -> None:
+        self.emitted = 0
+        self.consumed = 0
+
+    @property
+    def unread(self) -> int:
+        return self.emitted - self.consumed
 
 
 class Sequence:
@@ -73,6 +90,11 @@ class Sequence:
         self.num_committed_blocks = 0  # full blocks already handed to store.commit
         self.status = Status.WAITING
         self.handle: CacheSeq | None = None  # the cachestore's state while admitted
+        # Fair scheduling: the arrival rank (kept through preemptions, so a preempted
+        # sequence goes before its account's later ones) and whether the account counts it
+        self.order = 0
+        self.arrived = False
+        self.flow = Flow()  # shared by the request's choices
         self.admissions = 0
         # One prefill per prefix (``Scheduler._waits``): the chain hashes of ``token_ids``'
         # full blocks (for ``len(token_ids)`` tokens), the steps spent waiting for another

@@ -161,6 +161,7 @@ def engine_config(settings: Settings) -> EngineConfig:
         max_batch_tokens=settings.max_batch_tokens, max_running=settings.max_running,
         max_queue=settings.max_queue,
         single_flight_wait_steps=settings.single_flight_wait_steps,
+        fair_scheduling=settings.fair_scheduling, max_unread_tokens=settings.max_unread_tokens,
         default_cache_ttl_seconds=float(settings.default_cache_ttl_seconds),
         max_model_len=settings.max_model_len, cache_shares=settings.cache_shares,
         shared_tier=shared_tier_config(settings))

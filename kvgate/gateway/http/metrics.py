@@ -205,6 +205,14 @@ SNAPSHOT_FAMILIES = (
      "Usage events spooled locally while the ledger database is away.", ()),
     ("kvgate_engine_queue_depth", "gauge", "Requests waiting for the engine.", ()),
     ("kvgate_engine_running_requests", "gauge", "Requests the engine runs.", ()),
+    ("kvgate_engine_parked_sequences", "gauge",
+     "Sequences parked because their client stopped reading (no slot, no pages).", ()),
+    ("kvgate_engine_preemptions", "counter",
+     "Running sequences preempted: for pages, or to give another tenant a slot (fairness).",
+     ("reason",)),
+    ("kvgate_engine_tenant_service", "counter",
+     "Weighted tokens the engine served a tenant with work (prefill 1, decode 2, cached "
+     "0.1 per token): what fair scheduling equalises over scheduling weights.", ("tenant",)),
 )
 
 
@@ -256,7 +264,26 @@ class _SnapshotCollector(Collector):
         f["kvgate_single_flight_saved_tokens"].add_metric([], waits.saved_tokens)
         self._collect_shares(stats.namespaces, f)
         self._collect_shared_tier(stats.shared, f)
+        self._collect_scheduling(f)
         yield from f.values()
+
+    def _collect_scheduling(self, f: dict[str, GaugeMetricFamily | CounterMetricFamily]) -> None:
+        sched = self._engine.scheduling()
+        f["kvgate_engine_parked_sequences"].add_metric([], sched["parked"])
+        fair = sched["fairness_preemptions"]
+        f["kvgate_engine_preemptions"].add_metric(["pages"], sched["preemptions"] - fair)
+        f["kvgate_engine_preemptions"].add_metric(["fairness"], fair)
+        sums: dict[str, float] = {}
+        for name, acct in sched["accounts"].items():
+            tid = name.removeprefix("tenant:")  # an account is a tenant id, or its namespace
+            if not tid.isdigit():
+                continue
+            label = self._metrics.tenant(int(tid)) if self._metrics is not None else tid
+            if self._metrics is not None and not self._metrics.counts(label):
+                continue
+            sums[label] = sums.get(label, 0.0) + acct["served_tokens"]
+        for label, value in sorted(sums.items()):
+            f["kvgate_engine_tenant_service"].add_metric([label], value)
 
     @staticmethod
     def _collect_shared_tier(shared: SharedTierStats | None,

@@ -67,6 +67,9 @@ _HELP = {"tool_call_parser": "how tool calls are read from the output: hermes (q
          "single_flight_wait_steps": "engine steps a request may wait for the same tenant's "
                                      "prompt blocks another request is computing, instead of "
                                      "computing them too (256; 0: never wait)",
+         "max_unread_tokens": "a stream whose client leaves this many tokens unread is parked "
+                              "(no engine slot, no KV pages) until it reads half of them "
+                              "(256; 0: never)",
          "explicit_cache_device_percent": "the share of the device tier, in percent, the "
                                           "explicit caches of a tenant with neither a device "
                                           "reservation nor a quota may pin together (25)",

@@ -1,0 +1,222 @@
+"""Tenant-fair scheduling: who runs next, step by step, on the demo model.
+
+The engine is driven by hand here (``_handle`` then ``step``, no thread), so every
+assertion is about steps and order, never about time.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from kvgate.gateway.engine import EngineConfig, FinishEvent, GenerateRequest, TokenEvent
+from kvgate.gateway.engine.commands import Add, Cancel
+from kvgate.gateway.engine.engine import Engine
+from kvgate.gateway.engine.fairness import DECODE, PREFILL
+from kvgate.gateway.engine.sequence import Sequence, Status
+
+from .conftest import assert_store_consistent, greedy
+
+
+class Client:
+    """One request as its listener sees it: the events, and whether it reads them."""
+
+    def __init__(self, engine: Engine, rid: str, tenant: str, prompt: list[int],
+                 max_tokens: int, reads: bool = True, **fields: Any) -> None:
+        req = GenerateRequest(rid, f"ns:{tenant}", prompt, greedy(max_tokens), tenant=tenant,
+                              **fields)
+        self.seq = Sequence(req, engine.tokenizer)
+        self.events: list[Any] = []
+        self.reads = reads
+        self.seq.emit = self._emit
+        engine._handle(Add(self.seq))
+
+    def _emit(self, ev: Any) -> None:
+        self.events.append(ev)
+        if isinstance(ev, TokenEvent) and self.reads:
+            self.seq.flow.consumed += 1
+
+    def read_all(self) -> None:
+        self.reads = True
+        self.seq.flow.consumed = self.seq.flow.emitted
+
+    @property
+    def tokens(self) -> list[int]:
+        return [t for ev in self.events if isinstance(ev, TokenEvent) for t in ev.token_ids]
+
+    @property
+    def started(self) -> bool:
+        return any(isinstance(ev, TokenEvent) for ev in self.events)
+
+    @property
+    def done(self) -> bool:
+        return any(isinstance(ev, FinishEvent) for ev in self.events)
+
+
+def make(demo_loaded: Any, **overrides: Any) -> Engine:
+    cfg: dict[str, Any] = dict(device_cache_bytes=16 << 20, host_cache_bytes=16 << 20,
+                               max_batch_tokens=64, max_running=4)
+    cfg.update(overrides)
+    return Engine(EngineConfig(**cfg), loaded=demo_loaded)
+
+
+def prompt(i: int, n: int) -> list[int]:
+    return [(11 * i + 3 * j) % 200 + 32 for j in range(n)]
+
+
+def steps_until(engine: Engine, done: Any, limit: int = 400) -> int:
+    for n in range(1, limit + 1):
+        engine.step()
+        if done():
+            return n
+    raise AssertionError(f"not done after {limit} steps")
+
+
+def run_out(engine: Engine) -> None:
+    for _ in range(2000):
+        if not (engine.scheduler.has_work() or engine.scheduler.parked):
+            return
+        engine.step()
+    raise AssertionError("the engine never ran out of work")
+
+
+def flood_then_victim(engine: Engine) -> tuple[list[Client], Client, int]:
+    flood = [Client(engine, f"f{i}", "flood", prompt(i, 96), 24) for i in range(12)]
+    steps_until(engine, lambda: len(engine.scheduler.running) == engine.config.max_running)
+    victim = Client(engine, "v", "victim", prompt(99, 8), 2)
+    return flood, victim, steps_until(engine, lambda: victim.started)
+
+
+@pytest.mark.parametrize("fair", [True, False])
+def test_a_newcomer_runs_past_a_flood_only_when_fair(demo_loaded, fair):
+    engine = make(demo_loaded, fair_scheduling=fair)
+    flood, victim, steps = flood_then_victim(engine)
+    if fair:
+        # Every slot was the flood's: one is taken back, and the victim's prompt goes
+        # before the flood's chunks, so its first token comes with the next step.
+        assert steps == 1
+        assert engine.scheduler.fairness.preemptions == 1
+    else:  # first come, first served: behind all twelve
+        assert steps > 24
+        assert sum(c.done for c in flood) >= 8
+    run_out(engine)
+    assert all(c.done for c in flood) and victim.done
+    assert_store_consistent(engine.store)
+
+
+def test_two_backlogged_tenants_share_slots_and_stay_within_the_bound(demo_loaded):
+    engine = make(demo_loaded)
+    a = [Client(engine, f"a{i}", "a", prompt(i, 40), 16) for i in range(10)]
+    b = [Client(engine, f"b{i}", "b", prompt(50 + i, 40), 16) for i in range(10)]
+    fairness = engine.scheduler.fairness
+    cfg = engine.config
+    bound = 2 * max(cfg.max_batch_tokens * PREFILL, cfg.max_running * DECODE)
+    slots = {"a": 0, "b": 0}
+    for _ in range(40):
+        engine.step()
+        acct_a, acct_b = fairness.accounts["a"], fairness.accounts["b"]
+        slots["a"] += acct_a.running
+        slots["b"] += acct_b.running
+        assert abs(acct_a.counter - acct_b.counter) <= bound
+    assert abs(slots["a"] - slots["b"]) <= 0.2 * max(slots.values())
+    run_out(engine)
+    assert all(c.done for c in a + b)
+
+
+def test_weights_split_the_service(demo_loaded):
+    """Weight 3 against weight 1, both backlogged: the heavier gets about three times the
+    tokens while both wait (within the bound's slack)."""
+    engine = make(demo_loaded)
+    heavy = [Client(engine, f"h{i}", "heavy", prompt(i, 24), 12, weight=3.0) for i in range(16)]
+    light = [Client(engine, f"l{i}", "light", prompt(40 + i, 24), 12) for i in range(16)]
+    fairness = engine.scheduler.fairness
+    for _ in range(60):
+        engine.step()
+    served_h = fairness.accounts["heavy"].served
+    served_l = fairness.accounts["light"].served
+    assert 2.0 < served_h / served_l < 4.5
+    run_out(engine)
+    assert all(c.done for c in heavy + light)
+
+
+def test_an_idle_tenant_banks_no_credit(demo_loaded):
+    engine = make(demo_loaded)
+    busy = [Client(engine, f"b{i}", "busy", prompt(i, 48), 40) for i in range(6)]
+    for _ in range(10):
+        engine.step()
+    floor = engine.scheduler.fairness.accounts["busy"].counter
+    assert floor > 0 and engine.scheduler.fairness.accounts["busy"].active
+    late = Client(engine, "late", "late", prompt(70, 8), 2)
+    assert engine.scheduler.fairness.accounts["late"].counter == floor
+    run_out(engine)
+    assert late.done and all(c.done for c in busy)
+
+
+def test_priority_goes_first_and_takes_a_slot(demo_loaded):
+    engine = make(demo_loaded, max_running=2)
+    low = [Client(engine, f"n{i}", "t", prompt(i, 32), 20) for i in range(4)]
+    engine.step()
+    urgent = Client(engine, "u", "other", prompt(80, 8), 2, priority=-5)
+    engine.step()
+    assert urgent.started  # a slot taken from a priority-0 sequence at once
+    late = Client(engine, "late0", "t", prompt(90, 8), 2)
+    urgent2 = Client(engine, "u2", "t", prompt(91, 8), 2, priority=-1)
+    steps_until(engine, lambda: urgent2.started or late.started)
+    assert urgent2.started and not late.started  # within a tenant, priority before arrival
+    run_out(engine)
+    assert all(c.done for c in low) and urgent.done and late.done
+
+
+def test_a_tenant_cap_on_running_sequences(demo_loaded):
+    engine = make(demo_loaded, max_running=8)
+    capped = [Client(engine, f"c{i}", "capped", prompt(i, 16), 10, max_running=2)
+              for i in range(6)]
+    other = [Client(engine, f"o{i}", "other", prompt(30 + i, 16), 10) for i in range(3)]
+    for _ in range(60):
+        engine.step()
+        assert engine.scheduler.fairness.accounts["capped"].running <= 2
+    run_out(engine)
+    assert all(c.done for c in capped + other)
+
+
+def test_a_client_that_stops_reading_is_parked_and_resumes_with_the_same_tokens(
+        demo_loaded, oracle):
+    engine = make(demo_loaded, max_unread_tokens=6)
+    p = prompt(5, 20)
+    stalled = Client(engine, "s", "t", p, 30, reads=False)
+    other = Client(engine, "o", "u", prompt(6, 20), 30)
+    steps_until(engine, lambda: stalled.seq.status is Status.PARKED)
+    assert stalled.seq.handle is None and stalled.seq not in engine.scheduler.running
+    assert engine.scheduler.num_parked == 1
+    for _ in range(10):  # it makes nothing while parked; the other goes on
+        engine.step()
+    assert len(stalled.tokens) == 6
+    steps_until(engine, lambda: other.done)
+    stalled.read_all()
+    run_out(engine)
+    assert stalled.done and stalled.tokens == oracle(p, 30)
+    assert_store_consistent(engine.store)
+
+
+def test_a_parked_request_can_be_cancelled(demo_loaded):
+    engine = make(demo_loaded, max_unread_tokens=4)
+    stalled = Client(engine, "s", "t", prompt(1, 20), 30, reads=False)
+    steps_until(engine, lambda: stalled.seq.status is Status.PARKED)
+    engine._handle(Cancel("s"))
+    fin = [ev for ev in stalled.events if isinstance(ev, FinishEvent)]
+    assert fin and fin[0].finish_reason == "cancelled" and fin[0].usage.completion_tokens == 4
+    assert not engine.scheduler.parked and not engine.scheduler.fairness.accounts["t"].active
+    assert_store_consistent(engine.store)
+
+
+def test_requests_that_do_not_stream_are_never_parked(demo_loaded):
+    engine = make(demo_loaded, max_unread_tokens=2)
+    req = GenerateRequest("w", "ns:t", prompt(2, 12), greedy(12), tenant="t", stream=False)
+    seq = Sequence(req, engine.tokenizer)
+    events: list[Any] = []
+    seq.emit = events.append
+    engine._handle(Add(seq))
+    run_out(engine)
+    assert engine.scheduler.num_parked == 0
+    assert isinstance(events[-1], FinishEvent) and events[-1].usage.completion_tokens == 12
