@@ -35,6 +35,9 @@ class Settings:
     # Tenant-fair scheduling: the engine serves the tenant that has had the least service
     # (weighted tokens over its plan's scheduling_weight) first; 0 = first come, first served.
     fair_scheduling: bool = True
+    # With two or more tenants busy, an engine step computes at most this many tokens, so a
+    # newcomer's first token does not wait behind another tenant's long prefill; 0 = off.
+    contended_batch_tokens: int = 512
     # A stream whose client leaves this many tokens unread is parked (no engine slot, no
     # KV pages) until it reads half of them; 0 = never parked.
     max_unread_tokens: int = 256

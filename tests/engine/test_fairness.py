@@ -220,3 +220,24 @@ def test_requests_that_do_not_stream_are_never_parked(demo_loaded):
     run_out(engine)
     assert engine.scheduler.num_parked == 0
     assert isinstance(events[-1], FinishEvent) and events[-1].usage.completion_tokens == 12
+
+
+def test_steps_are_short_while_tenants_compete(demo_loaded):
+    engine = make(demo_loaded, max_batch_tokens=256, contended_batch_tokens=48, max_running=8)
+    sizes: list[tuple[int, int]] = []
+    plan = engine.scheduler.schedule
+
+    def recorded() -> Any:
+        out = plan()
+        sizes.append((engine.scheduler.fairness.busy, out.num_tokens))
+        return out
+
+    engine.scheduler.schedule = recorded  # type: ignore[method-assign]
+    alone = [Client(engine, f"a{i}", "a", prompt(i, 200), 4) for i in range(2)]
+    engine.step()
+    assert sizes[-1] == (1, 256)  # alone: the whole budget
+    other = [Client(engine, f"b{i}", "b", prompt(20 + i, 200), 4) for i in range(2)]
+    run_out(engine)
+    contended = [n for busy, n in sizes if busy > 1]
+    assert contended and max(contended) <= 48
+    assert all(c.done for c in alone + other)

@@ -41,6 +41,10 @@ class EngineConfig:
     single_flight_wait_steps: int = 256
     # Tenant-fair scheduling (``engine/fairness.py``); False: first come, first served
     fair_scheduling: bool = True
+    # With two or more tenants busy, a step computes at most this many tokens (decodes,
+    # then at least a quarter of it for prompts): a newcomer's first token does not wait
+    # behind another tenant's long prefill step; 0 = max_batch_tokens always
+    contended_batch_tokens: int = 512
     # A streaming request whose client leaves this many token events unread is parked
     # (no slot, no pages) until it reads half of them; 0: never parked
     max_unread_tokens: int = 256
@@ -49,6 +53,8 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.max_batch_tokens <= 0 or self.max_running <= 0:
             raise ValueError("block_size, max_batch_tokens and max_running must be positive")
+        if self.contended_batch_tokens < 0:
+            raise ValueError("contended_batch_tokens must be 0 (off) or positive")
         if self.max_unread_tokens < 0:
             raise ValueError("max_unread_tokens must be 0 (never park) or positive")
         if self.single_flight_wait_steps < 0:

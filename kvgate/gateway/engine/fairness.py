@@ -34,6 +34,11 @@ request belongs to an account that holds at least two fewer running sequences th
 worst running one's account (or is of a better priority class), that worst sequence is
 preempted (its full blocks stay cached, so it resumes mostly from the cache). The
 two-sequence margin means a preemption never reverses the one before it: no thrashing.
+Short steps while tenants compete: a request's first token waits for the step in progress
+and then its own. With two or more accounts busy, a step computes at most
+``EngineConfig.contended_batch_tokens`` tokens (decodes first, then at least a quarter of
+that for prompts), so neither step is a long prefill of another tenant's.
+
 ``EngineConfig.fair_scheduling = False`` restores first come, first served (the baseline
 ``bench.fairness`` compares against); priorities are honoured in both modes.
 """
@@ -66,6 +71,7 @@ class Fairness:
         self.fair = fair
         self.accounts: dict[str, Account] = {}
         self.preemptions = 0  # running sequences preempted to give another account a slot
+        self.busy = 0  # accounts with work (waiting, running or parked)
 
     def account(self, seq: Sequence) -> Account:
         req = seq.request
@@ -83,6 +89,7 @@ class Fairness:
             floor = min((a.counter for a in self.accounts.values() if a.active), default=None)
             if floor is not None and floor > acct.counter:
                 acct.counter = floor
+            self.busy += 1
         acct.active += 1
 
     def leave(self, seq: Sequence) -> None:
@@ -90,6 +97,7 @@ class Fairness:
         acct.active -= 1
         if acct.active <= 0:
             acct.active = 0
+            self.busy -= 1
             if len(self.accounts) > 1024:  # forget idle accounts; their lift restores them
                 self.accounts.pop(acct.name, None)
 

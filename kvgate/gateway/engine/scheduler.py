@@ -141,6 +141,9 @@ class Scheduler:
         admitted, and its prompt computed, before the chunks of a heavier account's long
         prompts."""
         limit = self.config.max_batch_tokens
+        contended = self.config.contended_batch_tokens
+        if contended and self.fairness.fair and self.fairness.busy > 1:
+            limit = min(limit, contended)  # short steps while tenants compete (fairness.py)
         out = SchedulerOutput()
         self._park_and_resume()
         key = self.fairness.key
@@ -152,6 +155,8 @@ class Scheduler:
             if self._grow(seq, seq.num_computed + 1, out):
                 out.add(Chunk(seq, seq.num_computed, 1))
                 self._charge(seq, 1)
+        if limit < self.config.max_batch_tokens:  # prompts get a quarter of it at least
+            limit = max(limit, out.num_tokens + limit // 4)
         # The rest in key order. Counters only grow as work is charged, so a popped entry
         # whose key went stale is pushed back with its new key (it can only have worsened).
         entries = [s for s in self.running if s.num_uncomputed > 1] + list(self.waiting)

@@ -162,6 +162,7 @@ def engine_config(settings: Settings) -> EngineConfig:
         max_queue=settings.max_queue,
         single_flight_wait_steps=settings.single_flight_wait_steps,
         fair_scheduling=settings.fair_scheduling, max_unread_tokens=settings.max_unread_tokens,
+        contended_batch_tokens=settings.contended_batch_tokens,
         default_cache_ttl_seconds=float(settings.default_cache_ttl_seconds),
         max_model_len=settings.max_model_len, cache_shares=settings.cache_shares,
         shared_tier=shared_tier_config(settings))
