@@ -241,3 +241,21 @@ def test_steps_are_short_while_tenants_compete(demo_loaded):
     contended = [n for busy, n in sizes if busy > 1]
     assert contended and max(contended) <= 48
     assert all(c.done for c in alone + other)
+
+
+def test_the_slot_comes_from_the_tenant_that_holds_most(demo_loaded):
+    """The account with the largest counter holds one slot, a lighter one holds three: a
+    newcomer takes its slot from the one holding three."""
+    engine = make(demo_loaded, max_running=4)
+    fairness = engine.scheduler.fairness
+    many = [Client(engine, f"m{i}", "many", prompt(10 + i, 16), 40) for i in range(3)]
+    steps_until(engine, lambda: all(c.started for c in many))
+    heavy = Client(engine, "h", "heavy", prompt(1, 160), 40)
+    steps_until(engine, lambda: heavy.started)
+    assert fairness.accounts["heavy"].counter > fairness.accounts["many"].counter
+    newcomer = Client(engine, "n", "new", prompt(50, 8), 2)
+    engine.step()
+    assert newcomer.started
+    assert fairness.accounts["heavy"].running == 1 and fairness.accounts["many"].running == 2
+    run_out(engine)
+    assert heavy.done and newcomer.done and all(c.done for c in many)

@@ -215,13 +215,13 @@ class Scheduler:
             self.fairness.charge(seq, prefill=n)
 
     def _displace(self, cand: Sequence, out: SchedulerOutput) -> bool:
-        """Preempts the worst running sequence for ``cand`` if the fairness rules let it
-        (``Fairness.may_displace``); whether one was."""
-        if not self.running:
+        """Preempts, of the running sequences the fairness rules let ``cand`` displace
+        (``Fairness.may_displace``), the one with the worst key; whether one was."""
+        fair = self.fairness
+        victims = [r for r in self.running if fair.may_displace(cand, r)]
+        if not victims:
             return False
-        victim = max(self.running, key=self.fairness.key)
-        if not self.fairness.may_displace(cand, victim):
-            return False
+        victim = max(victims, key=fair.key)
         self.preempt(victim)
         out.drop(victim)
         self.fairness.preemptions += 1
