@@ -131,6 +131,8 @@ class TierMoves:
             cut = on_host[room]
             self.index.unref(matched[cut:])
             matched, on_host = matched[:cut], on_host[:room]
+            if not on_host:  # no device room at all: the match ends before the host blocks
+                return matched, 0
         self.reserve_device(len(on_host), matched[0].namespace)
         device_pages = [self.device.take(matched[i].namespace) for i in on_host]
         host_pages = [matched[i].page for i in on_host]

@@ -109,6 +109,26 @@ def test_demote_then_promote_keeps_page_bytes(make_store: MakeStore) -> None:
     assert store.stats().promotions.count == 2
 
 
+def test_a_host_hit_with_no_device_room_is_a_miss_not_a_crash(make_store: MakeStore) -> None:
+    """Every device page held by running sequences: a prefix cached on the host cannot be
+    promoted, so the match stops before it (it was an IndexError in the engine step)."""
+    store = make_store(device_pages=2, host_pages=4)
+    run_request(store, "a", NS, tokens(2 * BLOCK))
+    holder = store.open("h", NS)
+    store.match(holder, tokens(1, start=900))
+    assert store.allocate(holder, 2 * BLOCK)  # both device pages, the blocks go to the host
+    assert store.stats().host.blocks["offloaded"] == 2
+    c = store.open("c", NS)
+    m = store.match(c, [*tokens(2 * BLOCK), 7])
+    assert (m.num_blocks, m.host_hits) == (0, 0) and c.block_table == []
+    store.release(c)
+    store.release(holder)
+    d = store.open("d", NS)
+    m = store.match(d, [*tokens(2 * BLOCK), 7])
+    assert (m.num_blocks, m.host_hits) == (2, 2)  # still cached, promoted once there is room
+    store.release(d)
+
+
 def test_host_tier_full_drops_its_own_lru(make_store: MakeStore) -> None:
     store = make_store(device_pages=2, host_pages=1)
     run_request(store, "a", NS, tokens(2 * BLOCK))
