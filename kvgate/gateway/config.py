@@ -56,6 +56,11 @@ class Settings:
     # ledger as <file>-spool, else ./kvgate-spool); one per replica, on its own volume.
     spool_dir: str = ""
     spool_max_events: int = 10_000  # spooled events at which new requests get 503
+    # A running request's usage so far is journalled in the spool directory at least this
+    # often, and whenever it has made checkpoint_tokens more output tokens: a crash then
+    # bills, at the next start, what was delivered up to the last checkpoint.
+    checkpoint_interval_s: float = 1.0
+    checkpoint_tokens: int = 64
     # PEM file of the Ed25519 key billing receipts are signed with ("": one made on the
     # first start in the spool directory, mode 0600, and reused). Replicas share one.
     receipt_key_file: str = ""

@@ -33,6 +33,7 @@ from kvgate.gateway.http.state import STATE, AppState, state_of
 from kvgate.gateway.http.tools import parser_for
 from kvgate.gateway.http.transport import handler_args
 from kvgate.gateway.ledger import Ledger, LedgerUnavailable, migrates_on_start
+from kvgate.gateway.ledger.checkpoints import Checkpoints
 from kvgate.gateway.ledger.spool import default_spool_dir
 from kvgate.gateway.route import replica
 
@@ -152,6 +153,25 @@ def _routes() -> list[web.RouteDef]:
     ]
 
 
+async def _checkpoints(settings: Settings, ledger: Ledger) -> Checkpoints:
+    """The usage journal of running requests; first bills, as ``interrupted``, what the
+    journals of stopped processes left unfinished (``ledger/checkpoints.py``)."""
+    checkpoints = Checkpoints(settings.spool_dir or default_spool_dir(settings.db),
+                              settings.checkpoint_interval_s, settings.checkpoint_tokens)
+    recovered = await checkpoints.recover()
+    failed = 0
+    for event in recovered:
+        try:
+            await ledger.record(event)
+        except Exception:
+            failed += 1
+            log.exception("could not bill interrupted request %s; it is retried at the "
+                          "next start", event.request_id)
+    if not failed:
+        checkpoints.forget_recovered()
+    return checkpoints
+
+
 def engine_config(settings: Settings) -> EngineConfig:
     """The server's settings the engine acts on (the engine never reads ``Settings``)."""
     return EngineConfig(
@@ -216,6 +236,7 @@ def create_app(settings: Settings, engine: Engine | None = None,
                 await own_engine.stop()  # not started: closes what it opened (shared tier)
             raise
         metrics_runner: web.AppRunner | None = None
+        checkpoints: Checkpoints | None = None
         biller: ReservationBiller | None = None
         storage: CacheStorageBiller | None = None
         try:
@@ -226,6 +247,9 @@ def create_app(settings: Settings, engine: Engine | None = None,
             if own_engine is not None:
                 await own_engine.start()
             state.open(the_engine, own_ledger)
+            if ledger is None or settings.spool_dir:
+                checkpoints = await _checkpoints(settings, own_ledger)
+                state.checkpoints = checkpoints
             biller = ReservationBiller(state, models_api.served_names(state)[0])
             biller.start()
             storage = CacheStorageBiller(state)
@@ -245,6 +269,8 @@ def create_app(settings: Settings, engine: Engine | None = None,
                 await metrics_runner.cleanup()
             if own_engine is not None:
                 await own_engine.stop()
+            if checkpoints is not None:
+                await checkpoints.close()
             if ledger is None:
                 await own_ledger.close()
 

@@ -161,7 +161,11 @@ class Generation:
                 if ev.prompt_usage is not None and ev.index == 0:
                     self.prompt_usage = ev.prompt_usage
                     self.prompt_cache = ev.prompt_cache or CacheDetail()
+                    if self.state.checkpoints is not None:  # journalled against a crash
+                        self.state.checkpoints.track(self.request_id, self._checkpoint)
                 self.completion_tokens += len(ev.token_ids)
+                if self.state.checkpoints is not None:
+                    self.state.checkpoints.advanced(self.request_id, self.completion_tokens)
                 self.choices.add(ev)
                 if ev.index == 0:
                     self.output_ids += ev.token_ids
@@ -259,6 +263,23 @@ class Generation:
         status = "error" if self._failed else "cancelled"
         await self._bill(usage, status, status, cache)
 
+    def _checkpoint(self) -> UsageEvent | None:
+        """The usage delivered so far, as a crash would bill it (``ledger/checkpoints.py``)."""
+        if self._billed or self.prompt_usage is None:
+            return None
+        usage = replace(self.prompt_usage, completion_tokens=self.completion_tokens)
+        return self._event(usage, "interrupted", self.prompt_cache)
+
+    def _event(self, usage: Usage, status: str, cache: CacheDetail) -> UsageEvent:
+        p = self.principal
+        assert p.tenant_id is not None  # the auth middleware lets only tenant keys through
+        return UsageEvent(
+            request_id=self.request_id, tenant_id=p.tenant_id, key_id=p.key_id,
+            model=self.model, endpoint=self.endpoint, usage=usage, status=status,
+            started_at=self._started_at, finished_at=datetime.now(UTC),
+            ttft_ms=None if self._ttft_s is None else round(self._ttft_s * 1000.0),
+            receipt_id=self.receipt_id, cache=cache, cache_key=self.cache_request.key)
+
     async def _drain(self) -> Usage | None:
         assert self._agen is not None
         async for ev in self._agen:
@@ -279,16 +300,18 @@ class Generation:
         ctx = ctx_of(self.request)
         ctx.engine_s = self._engine_s if self._engine_s is not None else self.elapsed_s()
         p = self.principal
-        assert p.tenant_id is not None  # the auth middleware lets only tenant keys through
-        event = UsageEvent(
-            request_id=self.request_id, tenant_id=p.tenant_id, key_id=p.key_id,
-            model=self.model, endpoint=self.endpoint, usage=usage, status=status,
-            started_at=self._started_at, finished_at=datetime.now(UTC),
-            ttft_ms=None if self._ttft_s is None else round(self._ttft_s * 1000.0),
-            receipt_id=self.receipt_id, cache=cache, cache_key=self.cache_request.key)
+        event = self._event(usage, status, cache)
         self._billed = True
         t0 = time.monotonic()
-        billed = await self.state.ledger.record(event)
+        checkpoints = self.state.checkpoints
+        try:
+            billed = await self.state.ledger.record(event)
+        except BaseException:
+            if checkpoints is not None:  # billed from its checkpoint at the next start
+                checkpoints.finish(self.request_id, billed=False)
+            raise
+        if checkpoints is not None:
+            checkpoints.finish(self.request_id)
         ctx.ledger_s = time.monotonic() - t0
         if self._ticket is not None:
             self._ticket.add_tokens(usage.completion_tokens)

@@ -289,7 +289,7 @@ SCHEMAS: dict[str, Any] = {
             "id": {"type": "string"}, "request_id": {"type": "string"},
             "tenant_id": {"type": "integer"}, "model": {"type": "string"},
             "endpoint": {"type": "string"},
-            "status": {"enum": ["ok", "cancelled", "error"]},
+            "status": {"enum": ["ok", "cancelled", "error", "interrupted"]},
             "started_at": {"type": "string"}, "finished_at": {"type": "string"},
             "tokens": {"type": "object", "properties": {
                 k: {"type": "integer", "minimum": 0} for k in (

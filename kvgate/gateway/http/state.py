@@ -13,6 +13,7 @@ from kvgate.gateway.http.limits import Limiter
 from kvgate.gateway.http.metrics import Metrics
 from kvgate.gateway.http.tenancy import QuotaSync
 from kvgate.gateway.ledger import Ledger, Principal
+from kvgate.gateway.ledger.checkpoints import Checkpoints
 from kvgate.gateway.ledger.receipts import ReceiptKey
 
 if TYPE_CHECKING:  # the engine pulls in torch; the ledger-only CLI must not
@@ -33,6 +34,8 @@ class AppState:
     receipt_key: ReceiptKey | None = None  # signs billing receipts (receipts_api)
     # Explicit caches pinned on this replica: cache id -> namespace (caches_api)
     explicit_caches: dict[str, str] = field(default_factory=dict)
+    # Running requests' usage so far, journalled against a crash (ledger/checkpoints.py)
+    checkpoints: Checkpoints | None = None
     _engine: Engine | None = None
     _ledger: Ledger | None = None
     _quotas: QuotaSync | None = None

@@ -9,7 +9,7 @@ from kvgate.gateway.usage import CacheDetail, InvalidUsage, Usage
 
 from .errors import InvalidInput
 
-STATUSES = ("ok", "cancelled", "error")
+STATUSES = ("ok", "cancelled", "error", "interrupted")  # interrupted: a crash (checkpoints.py)
 CACHE_KEY_MAX = 128  # characters of a prompt_cache_key kept with the usage row
 
 

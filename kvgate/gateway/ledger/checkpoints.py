@@ -1,0 +1,258 @@
+"""Usage checkpoints: what a running request has delivered so far, durable, so a crash
+cannot leave delivered output unbilled.
+
+A request is billed when it finishes or is cancelled. A process killed before that (kill -9,
+an OOM, a power cut) would bill nothing for output its client already received. So every
+running request's usage so far is written to a journal: at least every ``interval_s``
+(1 s) and whenever one request has made ``every_tokens`` (64) output tokens since its last
+checkpoint, all changed requests in one appended, fsync'd write (a line per request and
+flush, not per token). A request that is billed appends a ``done`` line (not fsync'd: if
+it is lost, the restart's row is a duplicate the ledger drops, see below).
+
+The journal is one file per process, ``checkpoints-<pid>-<n>.journal`` in the spool
+directory, held with an exclusive ``flock``. On start, the journals of processes that are
+gone (their lock is free) are read: each request with a checkpoint and no ``done`` is
+billed from its last checkpoint with status ``interrupted``, then the file is removed.
+The ledger's insert is idempotent by request id, so a request whose final row made it to
+the database (or the spool) before the crash keeps that row and the interrupted one is
+dropped: a request is billed once, never the sum of two rows. What is lost is bounded:
+the output made after the last checkpoint (under a second, or 64 tokens, per stream).
+
+Lines use the spool's framing (``<crc32> <length> <json>``): a torn last line fails its
+checksum and is ignored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import itertools
+import json
+import logging
+import os
+import time
+import zlib
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from .billing import UsageEvent
+from .spool import SpoolRecord
+
+log = logging.getLogger("kvgate.ledger")
+
+_PATTERN = "checkpoints-*.journal"
+_COMPACT_BYTES = 1 << 20  # rewrite the journal with only live requests past this size
+_MIN_GAP_S = 0.05  # flushes woken by token counts come at most this often
+_names = itertools.count()
+
+Snapshot = Callable[[], UsageEvent | None]  # the request's usage so far (None: nothing yet)
+
+
+def _line(payload: dict[str, Any]) -> bytes:
+    data = json.dumps(payload, separators=(",", ":"), sort_keys=True).encode()
+    return b"%08x %d " % (zlib.crc32(data), len(data)) + data + b"\n"
+
+
+def read_journal(data: bytes) -> dict[str, UsageEvent]:
+    """The last checkpoint of every request the journal leaves unfinished."""
+    open_: dict[str, UsageEvent] = {}
+    for raw in data.split(b"\n"):
+        try:
+            crc, length, payload = raw.split(b" ", 2)
+            if int(length) != len(payload) or int(crc, 16) != zlib.crc32(payload):
+                continue  # a torn or damaged line: skipped
+            d = json.loads(payload)
+            if d.get("done"):
+                open_.pop(str(d["request_id"]), None)
+            else:
+                ev = SpoolRecord.from_json(d).event
+                open_[ev.request_id] = ev
+        except Exception:  # one bad line never hides the others
+            continue
+    return open_
+
+
+class Checkpoints:
+    def __init__(self, directory: str | Path, interval_s: float = 1.0,
+                 every_tokens: int = 64) -> None:
+        self.directory = Path(directory)
+        self.interval_s = interval_s
+        self.every_tokens = every_tokens
+        self.flushes = 0
+        self.errors = 0
+        self._tracked: dict[str, Snapshot] = {}
+        self._written: dict[str, int] = {}  # request id -> output tokens checkpointed
+        self._latest: dict[str, bytes] = {}  # request id -> its last checkpoint line
+        # Requests whose bill failed: billed from their line at the next start, so a
+        # compaction keeps it and a clean stop keeps the file
+        self._unbilled: dict[str, bytes] = {}
+        self._done: list[bytes] = []
+        self._fd: int | None = None
+        self._path: Path | None = None
+        self._size = 0
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoints")
+        self._adopted: list[Path] = []
+
+    # -- start and stop -------------------------------------------------------------------
+
+    async def recover(self) -> list[UsageEvent]:
+        """Requests that journals of dead processes leave unfinished, as ``interrupted``
+        events to bill (then ``forget_recovered``); starts the flush loop."""
+        loop = asyncio.get_running_loop()
+        events = await loop.run_in_executor(self._pool, self._adopt)
+        self._task = asyncio.create_task(self._run())
+        return events
+
+    def _adopt(self) -> list[UsageEvent]:
+        out: list[UsageEvent] = []
+        if not self.directory.is_dir():
+            return out
+        for path in sorted(self.directory.glob(_PATTERN)):
+            try:
+                fd = os.open(path, os.O_RDWR)
+            except OSError:
+                continue
+            try:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError:
+                    continue  # a live process's journal
+                with open(path, "rb") as f:
+                    found = read_journal(f.read())
+            finally:
+                os.close(fd)
+            for ev in found.values():
+                out.append(replace(ev, status="interrupted"))
+            self._adopted.append(path)
+        if out:
+            log.warning("billing %d requests a stopped process left unfinished, as interrupted "
+                        "(from their last usage checkpoints)", len(out))
+        return out
+
+    def forget_recovered(self) -> None:
+        """The recovered requests are billed: their journals go."""
+        for path in self._adopted:
+            with contextlib.suppress(OSError):
+                path.unlink()
+        self._adopted = []
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        await asyncio.get_running_loop().run_in_executor(self._pool, self._close_file)
+        self._pool.shutdown(wait=True)
+
+    def _close_file(self) -> None:
+        if self._fd is None:
+            return
+        os.close(self._fd)
+        self._fd = None
+        if not self._tracked and not self._unbilled and self._path is not None:
+            # nothing left to recover
+            with contextlib.suppress(OSError):
+                self._path.unlink()
+
+    # -- the request side (event loop, cheap) ----------------------------------------------
+
+    def track(self, request_id: str, snapshot: Snapshot) -> None:
+        self._tracked[request_id] = snapshot
+
+    def advanced(self, request_id: str, completion_tokens: int) -> None:
+        """A request has made ``completion_tokens`` in all: a flush is due once it is
+        ``every_tokens`` past its last checkpoint."""
+        if completion_tokens - self._written.get(request_id, 0) >= self.every_tokens:
+            self._wake.set()
+
+    def finish(self, request_id: str, billed: bool = True) -> None:
+        """The request is billed (``billed``), or will be from its checkpoint at the next
+        start (its bill failed): either way it is no longer tracked."""
+        self._tracked.pop(request_id, None)
+        line = self._latest.pop(request_id, None)
+        if self._written.pop(request_id, None) is not None and billed:
+            self._done.append(_line({"done": True, "request_id": request_id}))
+        elif not billed and line is not None:
+            self._unbilled[request_id] = line
+
+    # -- flushing ----------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.interval_s)
+            self._wake.clear()
+            try:
+                await self.flush()
+            except Exception:
+                self.errors += 1
+                log.exception("usage checkpoint write failed; retrying")
+            await asyncio.sleep(_MIN_GAP_S)
+
+    async def flush(self) -> int:
+        """Writes every request whose usage moved since its last checkpoint; how many."""
+        lines: list[bytes] = []
+        marks: dict[str, int] = {}
+        now = datetime.now(UTC)
+        for rid, snapshot in list(self._tracked.items()):
+            ev = snapshot()
+            if ev is None or ev.usage.completion_tokens == self._written.get(rid, -1):
+                continue
+            line = _line(SpoolRecord(replace(ev, finished_at=now), None).to_json())
+            lines.append(line)
+            marks[rid] = ev.usage.completion_tokens
+            self._latest[rid] = line
+        done, self._done = self._done, []
+        if not lines and not done:
+            return 0
+        compact = self._size > _COMPACT_BYTES
+        live = [*self._latest.values(), *self._unbilled.values()] if compact else []
+        try:
+            await asyncio.get_running_loop().run_in_executor(
+                self._pool, self._write, b"".join(done + lines), compact, b"".join(live))
+        except BaseException:
+            self._done = done + self._done
+            raise
+        self._written.update(marks)
+        self.flushes += 1
+        return len(lines)
+
+    def _write(self, data: bytes, compact: bool, live: bytes) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        if compact and self._path is not None and self._fd is not None:
+            tmp = self._path.with_suffix(".tmp")
+            with open(tmp, "wb") as f:
+                f.write(live)
+                f.flush()
+                os.fsync(f.fileno())
+            fd = os.open(tmp, os.O_RDWR | os.O_APPEND)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            os.replace(tmp, self._path)
+            os.close(self._fd)
+            self._fd, self._size = fd, len(live)
+            return
+        if self._fd is None:
+            path = self.directory / f"checkpoints-{os.getpid()}-{next(_names)}-{int(time.time())}.journal"
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            self._fd, self._path, self._size = fd, path, 0
+        start = self._size
+        try:
+            view = memoryview(data)
+            while view:
+                n = os.write(self._fd, view)
+                view = view[n:]
+            os.fsync(self._fd)
+        except OSError:
+            with contextlib.suppress(OSError):  # no torn line for the next append to join
+                os.ftruncate(self._fd, start)
+            raise
+        self._size = start + len(data)

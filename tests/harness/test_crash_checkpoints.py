@@ -1,0 +1,81 @@
+"""SIGKILL in the middle of streams: what the clients received is billed after the restart,
+from the last usage checkpoint (at most a second or 64 tokens short), and never twice."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+from pathlib import Path
+
+import aiohttp
+
+from tests.support import MiB, ProcessServer, Tenant
+
+STREAMS = 24
+EVERY = 64  # --checkpoint-tokens (the default)
+
+
+async def _stream(url: str, tenant: Tenant, i: int, got: dict[str, int],
+                  ids: dict[int, str], finished: set[str]) -> None:
+    body = {"model": "demo", "max_tokens": random.Random(i).choice([40, 300, 600]),
+            "stream": True, "ignore_eos": True,
+            "messages": [{"role": "user", "content": f"stream {i}: tell a long story"}]}
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as session:
+        try:
+            async with session.post(url + "/v1/chat/completions", json=body,
+                                    headers=tenant.headers) as r:
+                assert r.status == 200
+                rid = r.headers["x-request-id"]
+                ids[i] = rid
+                got[rid] = 0
+                async for line in r.content:
+                    if line.startswith(b"data: {"):
+                        data = json.loads(line[6:])
+                        assert "choices" in data, data
+                        delta = data["choices"]
+                        if delta and delta[0]["delta"].get("content"):
+                            got[rid] += 1  # at least one token per content chunk
+                    elif line.startswith(b"data: [DONE]"):
+                        finished.add(rid)
+        except (aiohttp.ClientError, ConnectionError, TimeoutError):
+            pass  # the kill
+
+
+async def test_sigkill_mid_stream_bills_what_was_delivered_once(workdir: Path) -> None:
+    with ProcessServer(workdir, device_cache_bytes=16 * MiB, max_running=32) as srv:
+        tenant = srv.admin.tenant("ckpt")
+        got: dict[str, int] = {}
+        ids: dict[int, str] = {}
+        finished: set[str] = set()
+        tasks = [asyncio.create_task(_stream(srv.url, tenant, i, got, ids, finished))
+                 for i in range(STREAMS)]
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 90
+        # kill once some streams are done, some deep in and some barely started
+        while loop.time() < deadline and not (
+                len(finished) >= 2 and sum(n > 3 * EVERY for n in got.values()) >= 3):
+            await asyncio.sleep(0.02)
+        await asyncio.to_thread(srv.kill)
+        await asyncio.gather(*tasks)
+        cut = {rid: n for rid, n in got.items() if rid not in finished}
+        assert finished and cut, "the kill should cut some streams and follow others' ends"
+        assert any(n > 2 * EVERY for n in cut.values())
+
+        srv.start()  # the same ledger and spool directory: the journal is adopted
+        rows = srv.ledger_rows(tenant.id)
+        assert all(r["n"] == 1 for r in rows.values()), "a request was billed twice"
+        for rid in finished:
+            assert rows[rid]["status"] == "ok"
+            assert rows[rid]["completion_tokens"] >= got[rid]
+        unbilled = 0
+        for rid, n in cut.items():
+            billed = rows[rid]["completion_tokens"] if rid in rows else 0
+            if rid in rows:
+                assert rows[rid]["status"] == "interrupted"
+            assert billed >= n - EVERY, f"{rid}: {n} tokens received, {billed} billed"
+            unbilled += max(0, n - billed)
+        assert unbilled <= EVERY * len(cut)
+        srv.kill()  # a second restart bills nothing again
+        srv.start()
+        assert srv.ledger_rows(tenant.id) == rows
