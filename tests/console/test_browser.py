@@ -191,6 +191,14 @@ def test_sign_in_and_every_page_shows_what_the_api_returns(
     assert hits == [p["hits"] for p in hot["prefixes"]] and hits
     keys = _api(admin, f"/admin/tenants/{workload.busy.id}/keys")["data"]
     assert page.locator("tr[data-key-id]").count() == len(keys)
+    spend = _api(admin, f"/admin/tenants/{workload.busy.id}/budget")
+    for period in ("daily", "monthly"):  # spend this UTC day and month, no budget set
+        shown = page.inner_text(f"[data-kpi='budget_{period}']")
+        assert _micros(shown.split(" (no budget)")[0]) == {
+            spend["currency"]: spend[period]["spent_micros"]}
+        assert spend[period]["resets_at"].replace("T", " ").replace("Z", " UTC") in shown
+    assert console.cell(f"tr[data-key-id='{workload.busy.key_id}']", "budget_daily").startswith(
+        "0.")
     by_key = _api(admin, "/admin/usage/series", bucket="all", group_by="key", since="30d",
                   tenant_id=workload.busy.id)["rows"]
     by_key_table = page.locator("table", has=page.locator("caption", has_text="Usage by key"))
@@ -301,11 +309,18 @@ def test_create_tenant_issue_and_revoke_a_key_set_limits_and_flush(
 
     page.fill("#limit-requests_per_minute", "600")
     page.fill("#limit-cache_quota_bytes", "1048576")
+    page.fill("#limit-budget_daily_micros", "5000000")
     page.click("#limits-form button[type=submit]")
     console.confirm()
     console.status_says("Saved limits")
     after = _api(admin, f"/admin/tenants/{created['id']}")
     assert (after["requests_per_minute"], after["cache_quota_bytes"]) == (600, 1048576)
+    assert after["budget_daily_micros"] == 5_000_000
+    console.wait("tenant")
+    page.locator("[data-kpi='budget_daily']").filter(has_text="of 5.000000 USD").wait_for(
+        timeout=30_000)
+    assert page.inner_text("[data-kpi='budget_daily']").startswith("0.000000 USD of ")
+    assert "(no budget)" in page.inner_text("[data-kpi='budget_monthly']")
 
     chat(server, workload.quiet, model_id, 2)  # something cached to flush
     assert _api(admin, "/admin/cache/prefixes", tenant_id=workload.quiet.id)["prefixes"]

@@ -15,6 +15,7 @@ from kvgate.gateway.http.state import state_of
 from kvgate.gateway.http.tenancy import tenant_namespace
 from kvgate.gateway.http.validation import read_json
 from kvgate.gateway.ledger import Conflict, InvalidInput, LedgerError, NotFound
+from kvgate.gateway.ledger.budgets import MAX_BUDGET
 from kvgate.gateway.ledger.reports import GROUPS
 from kvgate.gateway.ledger.timespec import check_range, parse_time
 
@@ -24,7 +25,9 @@ _TENANT_FIELDS: dict[str, type | tuple[type, ...]] = {
                   "cache_reserved_host_bytes": int, "cache_max_ttl_seconds": int,
                   "cache_share_bytes": int,  # the former name: a reservation on both tiers
                   "requests_per_minute": int,
-                  "tokens_per_minute": int, "max_concurrent": int, "status": str}
+                  "tokens_per_minute": int, "max_concurrent": int, "status": str,
+                  "budget_daily_micros": int, "budget_monthly_micros": int}
+_BUDGETS = ("budget_daily_micros", "budget_monthly_micros")  # tenants' and keys' own
 
 
 def _json(data: Any, status: int = 200) -> web.Response:
@@ -66,7 +69,7 @@ _INT32_MAX, _INT64_MAX = 2**31 - 1, 2**63 - 1
 # on PostgreSQL; SQLite and BIGINT take 64 bits); beyond it the database would refuse.
 _INT_MAX = {"cache_quota_bytes": _INT64_MAX, "cache_share_bytes": _INT64_MAX,
             "cache_reserved_device_bytes": _INT64_MAX, "cache_reserved_host_bytes": _INT64_MAX,
-            "plan": _INT32_MAX}
+            "plan": _INT32_MAX, **dict.fromkeys(_BUDGETS, MAX_BUDGET)}
 _RESERVATIONS = ("cache_reserved_device_bytes", "cache_reserved_host_bytes")
 # Characters no name may hold: C0/C1 controls (PostgreSQL refuses NUL in text outright).
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
@@ -164,6 +167,8 @@ async def update_tenant(request: web.Request) -> web.Response:
         _push(request, tid, tenant)
     else:
         state.quotas.forget(tid)  # re-applied from the key's principal on the next request
+    if set(_BUDGETS) & set(fields):
+        state.budgets.budgets_changed(tid, *(tenant[b] for b in _BUDGETS))
     return _json(tenant)
 
 
@@ -177,6 +182,7 @@ async def delete_tenant(request: web.Request) -> web.Response:
     await state.engine.flush(tenant_namespace(tid))
     state.quotas.set(tid, None)  # no quota, no reservation: nothing is held for it now
     state.quotas.forget(tid)
+    state.budgets.budgets_changed(tid, None, None)
     state.metrics.forget_tenant(tid)
     return _json({"id": tid, "deleted": True})
 
@@ -184,13 +190,15 @@ async def delete_tenant(request: web.Request) -> web.Response:
 async def create_key(request: web.Request) -> web.Response:
     tid = _id(request.match_info["id"])
     role = "tenant"
+    budgets: dict[str, Any] = {}
     if request.can_read_body:
         body = await read_json(request)
-        role = body.get("role", "tenant")
+        role = body.pop("role", "tenant")
         if role not in ("tenant", "admin"):
             raise bad_request("Field 'role' must be 'tenant' or 'admin'.", param="role")
+        budgets = _tenant_fields(body, set(_BUDGETS))
     try:
-        key = await state_of(request).ledger.create_key(tid, role=role)
+        key = await state_of(request).ledger.create_key(tid, role=role, **budgets)
     except LedgerError as exc:
         raise _ledger_error(exc) from None
     return _json(key, status=201)
@@ -202,6 +210,26 @@ async def list_keys(request: web.Request) -> web.Response:
     except LedgerError as exc:
         raise _ledger_error(exc) from None
     return _json({"object": "list", "data": keys})
+
+
+async def update_key(request: web.Request) -> web.Response:
+    """``PATCH /admin/keys/{id}``: the key's own budgets (null clears one)."""
+    kid = _id(request.match_info["id"], "key")
+    budgets = _tenant_fields(await read_json(request), set(_BUDGETS))
+    try:
+        return _json(await state_of(request).ledger.update_key(kid, **budgets))
+    except LedgerError as exc:
+        raise _ledger_error(exc) from None
+
+
+async def tenant_budget(request: web.Request) -> web.Response:
+    """``GET /admin/tenants/{id}/budget``: budgets and spend this UTC day and month, the
+    tenant's and each key's (``Ledger.budget_status``)."""
+    try:
+        return _json(await state_of(request).ledger.budget_status(
+            _id(request.match_info["id"])))
+    except LedgerError as exc:
+        raise _ledger_error(exc) from None
 
 
 async def revoke_key(request: web.Request) -> web.Response:
@@ -289,6 +317,8 @@ def routes() -> list[web.RouteDef]:
         web.delete("/admin/tenants/{id}", delete_tenant),
         web.post("/admin/tenants/{id}/keys", create_key),
         web.get("/admin/tenants/{id}/keys", list_keys, allow_head=False),
+        web.get("/admin/tenants/{id}/budget", tenant_budget, allow_head=False),
+        web.patch("/admin/keys/{id}", update_key),
         web.delete("/admin/keys/{id}", revoke_key),
         web.get("/admin/usage", usage, allow_head=False),
         web.get("/admin/cache/stats", cache_stats, allow_head=False),

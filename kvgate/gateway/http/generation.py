@@ -30,12 +30,14 @@ from kvgate.gateway.engine import (
     TokenEvent,
 )
 from kvgate.gateway.http.admission import charge
+from kvgate.gateway.http.budgets import reserve as reserve_budget
 from kvgate.gateway.http.cache_params import NO_CACHE_REQUEST, CacheRequest, check_retention
 from kvgate.gateway.http.choices import Choices, merged
 from kvgate.gateway.http.errors import ApiError, ClientGone
 from kvgate.gateway.http.limits import Ticket
 from kvgate.gateway.http.state import AppState, ctx_of, principal_of, state_of
 from kvgate.gateway.ledger import UsageEvent
+from kvgate.gateway.ledger.budgets import NO_HOLD
 from kvgate.gateway.ledger.receipts import new_receipt_id
 from kvgate.gateway.usage import CacheDetail, Usage
 
@@ -77,6 +79,7 @@ class Generation:
         self.output_ids: list[int] = []  # the tokens sampled, EOS included (stored responses)
         self._watcher: asyncio.Task[None] | None = None
         self._ticket: Ticket | None = None
+        self._budget = NO_HOLD  # this request's worst case, held against spend budgets
         self._agen: AsyncGenerator[TokenEvent | FinishEvent, None] | None = None
         self._t0 = time.monotonic()
         self._started_at = datetime.now(UTC)
@@ -90,8 +93,13 @@ class Generation:
 
     async def __aenter__(self) -> Generation:
         check_retention(self.cache_request, self.ttl_segments, self.principal.cache_max_ttl_seconds)
-        self._ticket = charge(self.request, len(self.prompt_ids)
-                              + sum(map(len, self.more_prompts)))
+        self._budget = await reserve_budget(self)
+        try:
+            self._ticket = charge(self.request, len(self.prompt_ids)
+                                  + sum(map(len, self.more_prompts)))
+        except BaseException:
+            self._budget.release()
+            raise
         return self
 
     async def __aexit__(self, exc_type: type[BaseException] | None,
@@ -102,6 +110,7 @@ class Generation:
             if not self._billed and self._agen is not None:
                 await asyncio.shield(self._bill_cancelled())
         finally:
+            self._budget.release()  # settled already when billed
             if self._ticket is not None:
                 self._ticket.release()
 
@@ -312,6 +321,7 @@ class Generation:
             raise
         if checkpoints is not None:
             checkpoints.finish(self.request_id)
+        self._budget.settle(billed)
         ctx.ledger_s = time.monotonic() - t0
         if self._ticket is not None:
             self._ticket.add_tokens(usage.completion_tokens)

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -94,12 +94,17 @@ class Metrics:
         self.admission_rejected = Counter(
             "kvgate_admission_rejected", "Requests turned away at admission, before any of "
             "their work, by reason (requests_per_minute, tokens_per_minute, concurrency, "
-            "capacity).", ["reason", "tenant"], registry=r)
+            "capacity, budget).", ["reason", "tenant"], registry=r)
+        self.budget_remaining = Gauge(
+            "kvgate_budget_remaining_micros", "What is left of a tenant's spend budget this "
+            "UTC day or month (period: daily, monthly), less the requests in flight, as this "
+            "replica last saw it; negative once past it.", ["tenant", "period"], registry=r)
         self.reserved = Counter("kvgate_cache_reserved_byte_seconds",
                                 "Billed reserved cache capacity (byte-seconds, all tiers).",
                                 ["tenant"], registry=r)
         self._by_tenant = (self.requests, self.prompt_tokens, self.completion_tokens,
-                           self.cost, self.admission_rejected, self.reserved)
+                           self.cost, self.admission_rejected, self.reserved,
+                           self.budget_remaining)
         self._forgotten: set[str] = set()
         self.listen_port: int | None = None  # the metrics listener's port, once it listens
         self.ledger_commit = Histogram("kvgate_ledger_commit_seconds",
@@ -153,6 +158,18 @@ class Metrics:
             self.ttft.labels(endpoint, cache_outcome).observe(ttft_s)
             self.ttft_by_length.add(usage, cache_outcome, ttft_s)
         self.duration.labels(endpoint, cache_outcome).observe(duration_s)
+
+    def observe_budget(self, tenant_id: int, period: str, remaining_micros: int | None) -> None:
+        """A tenant's budget figure changed; None: it has no such budget now. Tenants are
+        not summed: no series without tenant labels."""
+        tenant = self.tenant(tenant_id)
+        if not self.tenant_labels or not self.counts(tenant):
+            return
+        if remaining_micros is None:
+            with contextlib.suppress(KeyError):
+                self.budget_remaining.remove(tenant, period)
+        else:
+            self.budget_remaining.labels(tenant, period).set(remaining_micros)
 
     def observe_reservation(self, tenant: str, byte_seconds: int, cost_micros: int) -> None:
         """One billed interval of a tenant's cache reservation."""

@@ -365,7 +365,12 @@ SCHEMAS: dict[str, Any] = {
                               "description": "The former field: a reservation on both tiers."},
         "requests_per_minute": {"type": "integer", "minimum": 0},
         "tokens_per_minute": {"type": "integer", "minimum": 0},
-        "max_concurrent": {"type": "integer", "minimum": 0}}},
+        "max_concurrent": {"type": "integer", "minimum": 0},
+        "budget_daily_micros": {"type": ["integer", "null"], "minimum": 0,
+                                "description": "Spend budget per UTC day in micro-units of "
+                                "the plan's currency; past it, 429 budget_exceeded."},
+        "budget_monthly_micros": {"type": ["integer", "null"], "minimum": 0,
+                                  "description": "Spend budget per UTC month."}}},
 }
 
 
@@ -522,7 +527,15 @@ def spec() -> dict:
                 "get": _op("List keys", _responses(None, _ADMIN)),
                 "post": _op("Create key (shown once)",
                             _responses(None, _ADMIN, ok_status="201"))},
+            "/admin/tenants/{id}/budget": {
+                "parameters": _ID,
+                "get": _op("Spend budgets and spend this UTC day and month (micro-units of "
+                           "the plan's currency), the tenant's and each key's",
+                           _responses(None, _ADMIN))},
             "/admin/keys/{id}": {"parameters": _ID,
+                                 "patch": _op("Set a key's own spend budgets "
+                                              "(budget_daily_micros, budget_monthly_micros; "
+                                              "null clears one)", _responses(None, _ADMIN)),
                                  "delete": _op("Revoke key", _responses(None, _ADMIN))},
             "/admin/usage": {"get": _op("Usage report", _responses(None, _ADMIN),
                                         parameters=_USAGE_PARAMS)},

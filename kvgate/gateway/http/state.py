@@ -13,6 +13,7 @@ from kvgate.gateway.http.limits import Limiter
 from kvgate.gateway.http.metrics import Metrics
 from kvgate.gateway.http.tenancy import QuotaSync
 from kvgate.gateway.ledger import Ledger, Principal
+from kvgate.gateway.ledger.budgets import Budgets
 from kvgate.gateway.ledger.checkpoints import Checkpoints
 from kvgate.gateway.ledger.receipts import ReceiptKey
 
@@ -39,6 +40,7 @@ class AppState:
     _engine: Engine | None = None
     _ledger: Ledger | None = None
     _quotas: QuotaSync | None = None
+    _budgets: Budgets | None = None
 
     def open(self, engine: Engine, ledger: Ledger) -> None:
         self._engine, self._ledger = engine, ledger
@@ -59,6 +61,14 @@ class AppState:
         if self._ledger is None:
             raise NotOpen("the ledger is not open")
         return self._ledger
+
+    @property
+    def budgets(self) -> Budgets:
+        """Spend budgets on this replica (``budgets.py``), made on first use."""
+        if self._budgets is None:
+            self._budgets = Budgets(self.ledger)
+            self._budgets.observer = self.metrics.observe_budget
+        return self._budgets
 
     @property
     def quotas(self) -> QuotaSync:

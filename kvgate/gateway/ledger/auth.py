@@ -37,10 +37,23 @@ class Principal:
     cache_reserved_device_bytes: int | None = None  # None: no reservation
     cache_reserved_host_bytes: int | None = None
     cache_max_ttl_seconds: int = 86400
+    # Spend budgets in micro-units of the plan's currency per UTC day / month (None: none):
+    # the tenant's, and this key's own (``budgets.py``)
+    budget_daily_micros: int | None = None
+    budget_monthly_micros: int | None = None
+    key_budget_daily_micros: int | None = None
+    key_budget_monthly_micros: int | None = None
 
     @property
     def is_admin(self) -> bool:
         return self.role == "admin"
+
+    @property
+    def has_budget(self) -> bool:
+        """Whether any spend budget applies to this key's requests."""
+        return any(b is not None for b in (
+            self.budget_daily_micros, self.budget_monthly_micros,
+            self.key_budget_daily_micros, self.key_budget_monthly_micros))
 
 
 def new_key() -> str:

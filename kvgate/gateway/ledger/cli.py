@@ -21,6 +21,7 @@ from sqlalchemy.engine import make_url
 from kvgate.gateway.config import ENV_PREFIX, Settings, parse_bytes
 
 from . import migrate as migrations
+from .budgets import MAX_BUDGET, PERIODS
 from .db import async_url, create_engine, migrates_on_start
 from .errors import InvalidInput, LedgerError
 from .ledger import DEFAULT_CURRENCY, Ledger
@@ -62,7 +63,13 @@ def register(sub: Any) -> None:
     p.add_argument("--requests-per-minute", type=int)
     p.add_argument("--tokens-per-minute", type=int)
     p.add_argument("--max-concurrent", type=int)
+    _budget_args(p)
     p.set_defaults(func=_runner(_tenants_create))
+    p = tsub.add_parser("update", parents=[db, out],
+                        help="change a tenant's spend budgets (the admin API changes the rest)")
+    p.add_argument("tenant", help="tenant name or id")
+    _budget_args(p, clear=True)
+    p.set_defaults(func=_runner(_tenants_update))
     p = tsub.add_parser("list", parents=[db, out], help="list tenants")
     p.add_argument("--all", action="store_true", help="include deleted tenants")
     p.set_defaults(func=_runner(_tenants_list))
@@ -73,7 +80,13 @@ def register(sub: Any) -> None:
                         help="create a key (printed once; only its hash is kept)")
     p.add_argument("tenant", nargs="?", help="tenant name or id")
     p.add_argument("--admin", action="store_true", help="an admin key (no tenant)")
+    _budget_args(p)
     p.set_defaults(func=_runner(_keys_create))
+    p = ksub.add_parser("update", parents=[db, out],
+                        help="change a key's own spend budgets (besides its tenant's)")
+    p.add_argument("key_id", type=int)
+    _budget_args(p, clear=True)
+    p.set_defaults(func=_runner(_keys_update))
     p = ksub.add_parser("list", parents=[db, out], help="list a tenant's keys")
     p.add_argument("tenant", nargs="?", help="tenant name or id (omit: admin keys)")
     p.set_defaults(func=_runner(_keys_list))
@@ -107,6 +120,32 @@ def register(sub: Any) -> None:
     p.add_argument("--group-by", choices=GROUPS, default="day",
                    help="one row per tenant, key, model or day (day)")
     p.set_defaults(func=_runner(_usage))
+
+
+_CLEAR = -1  # ``--budget-daily none``: clear the budget
+
+
+def _budget_args(p: argparse.ArgumentParser, clear: bool = False) -> None:
+    hint = "; 'none' clears it" if clear else " (default: none)"
+    for period, span in (("daily", "day"), ("monthly", "month")):
+        p.add_argument(f"--budget-{period}", type=_budget_arg, metavar="MICROS",
+                       help=f"spend budget per UTC {span} in micro-units of the plan's "
+                       f"currency{hint}")
+
+
+def _budget_arg(text: str) -> int:
+    if text.strip().lower() == "none":
+        return _CLEAR
+    if not (text.isascii() and text.strip().isdigit()) or int(text) > MAX_BUDGET:
+        raise argparse.ArgumentTypeError(
+            f"a whole number of micro-units from 0 to {MAX_BUDGET}, or none; got {text!r}")
+    return int(text)
+
+
+def _budgets(args: argparse.Namespace) -> dict[str, Any]:
+    """The budget flags given (a cleared one as None)."""
+    return {f"budget_{p}_micros": None if v == _CLEAR else v
+            for p in ("daily", "monthly") if (v := getattr(args, f"budget_{p}")) is not None}
 
 
 def _time_arg(text: str) -> datetime:
@@ -227,8 +266,17 @@ async def _tenants_create(ledger: Ledger, args: argparse.Namespace) -> None:
         cache_reserved_host_bytes=_first(args.cache_reserved_host_bytes, args.cache_share_bytes),
         cache_max_ttl_seconds=args.cache_max_ttl_seconds,
         requests_per_minute=args.requests_per_minute,
-        tokens_per_minute=args.tokens_per_minute, max_concurrent=args.max_concurrent)
+        tokens_per_minute=args.tokens_per_minute, max_concurrent=args.max_concurrent,
+        **_budgets(args))
     _emit(args, tenant)
+
+
+async def _tenants_update(ledger: Ledger, args: argparse.Namespace) -> None:
+    fields = _budgets(args)
+    if not fields:
+        raise LedgerError("nothing to change: pass --budget-daily and/or --budget-monthly")
+    tenant = await ledger.find_tenant(args.tenant)
+    _emit(args, await ledger.update_tenant(tenant["id"], **fields), _TENANT_COLUMNS)
 
 
 def _first(*values: int | None) -> int | None:
@@ -238,7 +286,8 @@ def _first(*values: int | None) -> int | None:
 _TENANT_COLUMNS = ["id", "name", "status", "plan", "cache_ttl_seconds", "cache_quota_bytes",
                    "cache_reserved_device_bytes", "cache_reserved_host_bytes",
                    "cache_max_ttl_seconds", "requests_per_minute", "tokens_per_minute",
-                   "max_concurrent", "created_at"]
+                   "max_concurrent", "budget_daily_micros", "budget_monthly_micros",
+                   "created_at"]
 
 
 async def _tenants_list(ledger: Ledger, args: argparse.Namespace) -> None:
@@ -249,7 +298,8 @@ async def _keys_create(ledger: Ledger, args: argparse.Namespace) -> None:
     if args.admin == bool(args.tenant):
         raise LedgerError("name a tenant, or pass --admin for an admin key (not both)")
     tenant_id = None if args.admin else (await ledger.find_tenant(args.tenant))["id"]
-    key = await ledger.create_key(tenant_id, role="admin" if args.admin else "tenant")
+    key = await ledger.create_key(tenant_id, role="admin" if args.admin else "tenant",
+                                  **_budgets(args))
     if args.json:
         _emit(args, key)
     else:
@@ -260,7 +310,18 @@ async def _keys_create(ledger: Ledger, args: argparse.Namespace) -> None:
 async def _keys_list(ledger: Ledger, args: argparse.Namespace) -> None:
     tenant_id = (await ledger.find_tenant(args.tenant))["id"] if args.tenant else None
     keys = await ledger.list_keys(tenant_id)
-    _emit(args, keys, ["id", "prefix", "role", "tenant_id", "created_at", "revoked_at"])
+    _emit(args, keys, _KEY_COLUMNS)
+
+
+_KEY_COLUMNS = ["id", "prefix", "role", "tenant_id", "budget_daily_micros",
+                "budget_monthly_micros", "created_at", "revoked_at"]
+
+
+async def _keys_update(ledger: Ledger, args: argparse.Namespace) -> None:
+    fields = _budgets(args)
+    if not fields:
+        raise LedgerError("nothing to change: pass --budget-daily and/or --budget-monthly")
+    _emit(args, await ledger.update_key(args.key_id, **fields), _KEY_COLUMNS)
 
 
 async def _keys_revoke(ledger: Ledger, args: argparse.Namespace) -> None:
@@ -300,12 +361,25 @@ _GROUP_COLUMNS = {"tenant": ["tenant_id", "tenant_name"],
 async def _usage(ledger: Ledger, args: argparse.Namespace) -> None:
     tenant_id = (await ledger.find_tenant(args.tenant))["id"] if args.tenant else None
     report = await ledger.usage_report(tenant_id, args.since, args.until, args.group_by)
+    budget = await ledger.budget_status(tenant_id) if tenant_id is not None else None
     if args.json:
-        _emit(args, report)
+        _emit(args, report if budget is None else {**report, "budget": budget})
         return
     names = _GROUP_COLUMNS[args.group_by]
     print_table([*report["rows"], *_total_rows(report, names[0])],
                 [*names, *FIELDS, "currency"])
+    budgeted = budget is not None and any(
+        b[p]["budget_micros"] is not None for b in (budget, *budget["keys"]) for p in PERIODS)
+    if budget is not None and budgeted:  # (the table above stays the whole output otherwise)
+        print(f"\nBudgets and spend (micro-{budget['currency']}; this UTC day and month):")
+        rows = [{"budget": f"tenant {p}", "limit": budget[p]["budget_micros"],
+                 "spent": budget[p]["spent_micros"], "remaining": budget[p]["remaining_micros"],
+                 "resets_at": budget[p]["resets_at"]} for p in PERIODS]
+        rows += [{"budget": f"key {k['id']} {p}", "limit": k[p]["budget_micros"],
+                  "spent": k[p]["spent_micros"], "remaining": k[p]["remaining_micros"],
+                  "resets_at": budget[p]["resets_at"]}
+                 for k in budget["keys"] for p in PERIODS if k[p]["budget_micros"] is not None]
+        print_table(rows, ["budget", "limit", "spent", "remaining", "resets_at"])
 
 
 def _total_rows(report: dict[str, Any], label: str) -> list[dict[str, Any]]:

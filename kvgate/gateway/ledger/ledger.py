@@ -14,7 +14,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, insert, select, text, update
+from sqlalchemy import case, func, insert, select, text, update
 from sqlalchemy.exc import (
     DataError,
     DBAPIError,
@@ -28,6 +28,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from . import migrate as migrations
 from .auth import VISIBLE_PREFIX_LEN, KeyCache, Principal, key_hash, new_key
 from .billing import DEFAULT_PLAN, Billed, PlanPrices, Prices, UsageEvent
+from .budgets import MAX_BUDGET, PERIODS, iso_z, period_end, period_start
 from .committer import GroupCommitter, OnCommit
 from .db import SqliteFile, create_engine, sqlite_path
 from .errors import (
@@ -39,7 +40,7 @@ from .errors import (
     LedgerUnavailable,
     NotFound,
 )
-from .models import ApiKey, ExplicitCacheRow, Plan, ReceiptRow, Tenant, utcnow
+from .models import ApiKey, ExplicitCacheRow, Plan, ReceiptRow, Tenant, UsageRow, utcnow
 from .receipts import ReceiptKey
 from .reports import usage_report
 from .series import SeriesQuery, usage_series
@@ -51,7 +52,9 @@ ROLES = ("tenant", "admin")
 TENANT_STATUSES = ("active", "suspended")  # "deleted" only through delete_tenant
 _LIMIT_FIELDS = ("cache_ttl_seconds", "cache_quota_bytes", "cache_reserved_device_bytes",
                  "cache_reserved_host_bytes", "cache_max_ttl_seconds",
-                 "requests_per_minute", "tokens_per_minute", "max_concurrent")
+                 "requests_per_minute", "tokens_per_minute", "max_concurrent",
+                 "budget_daily_micros", "budget_monthly_micros")
+BUDGET_FIELDS = ("budget_daily_micros", "budget_monthly_micros")  # tenants' and keys'
 RESERVATION_FIELDS = ("cache_reserved_device_bytes", "cache_reserved_host_bytes")
 MAX_RESERVATION = 1 << 50
 DEFAULT_CACHE_TTL_S = 300
@@ -398,6 +401,54 @@ class Ledger:
                 await self._tenant_row(conn, query.tenant_id)
             return await usage_series(conn, query)
 
+    # -- spend budgets (``budgets.py``) ------------------------------------------------
+
+    def plan_prices(self, tenant_id: int) -> PlanPrices | None:
+        """The tenant's plan as last read with one of its keys (None: not read yet)."""
+        return self._committer.plans.get(tenant_id)
+
+    async def budget_spend(self, tenant_id: int, currency: str, now: datetime
+                           ) -> dict[int | None, tuple[int, int]]:
+        """What the tenant was billed in ``currency`` this UTC day and this UTC month (of
+        ``now``), per key (None: rows of no key, such as reservation and storage
+        charges): one aggregate query."""
+        async with self._connect() as conn:
+            return await _budget_spend(conn, tenant_id, currency, now)
+
+    async def budget_status(self, tenant_id: int, now: datetime | None = None
+                            ) -> dict[str, Any]:
+        """The tenant's budgets and what it, and each of its keys, spent this UTC day and
+        month in its plan's currency, as the ledger holds it (requests in flight, and
+        usage waiting in a replica's spool, are not in it yet)."""
+        if not 0 < tenant_id <= _MAX_ID:
+            raise NotFound(f"tenant {tenant_id} does not exist")
+        now = now or utcnow()
+        async with self._connect() as conn:
+            row = (await conn.execute(select(Tenant, Plan.currency.label("plan_currency"))
+                                      .join(Plan, Tenant.plan_id == Plan.id)
+                                      .where(Tenant.id == tenant_id))).one_or_none()
+            if row is None:
+                raise NotFound(f"tenant {tenant_id} does not exist")
+            keys = (await conn.execute(select(ApiKey).where(ApiKey.tenant_id == tenant_id)
+                                       .order_by(ApiKey.id))).all()
+            spend = await _budget_spend(conn, tenant_id, row.plan_currency, now)
+
+        def periods(budgets: tuple[int | None, int | None], spent: tuple[int, int]
+                    ) -> dict[str, Any]:
+            return {p: {"budget_micros": b, "spent_micros": s,
+                        "remaining_micros": None if b is None else max(0, b - s)}
+                    for p, b, s in zip(PERIODS, budgets, spent, strict=True)}
+
+        total = (sum(d for d, _ in spend.values()), sum(m for _, m in spend.values()))
+        out = periods((row.budget_daily_micros, row.budget_monthly_micros), total)
+        for p in PERIODS:
+            out[p].update(start=iso_z(period_start(p, now)), resets_at=iso_z(period_end(p, now)))
+        return {"tenant_id": tenant_id, "currency": row.plan_currency, **out,
+                "keys": [{"id": k.id, "prefix": k.prefix, "revoked": k.revoked_at is not None,
+                          **periods((k.budget_daily_micros, k.budget_monthly_micros),
+                                    spend.get(k.id, (0, 0)))}
+                         for k in keys if k.revoked_at is None or k.id in spend]}
+
     # -- keys and authentication --------------------------------------------------------
 
     async def authenticate(self, key: str) -> Principal | None:
@@ -410,6 +461,8 @@ class Ledger:
         """The key's principal, and its tenant's prices remembered for billing while the
         database is away. ``LedgerUnavailable`` when the database cannot answer."""
         stmt = (select(ApiKey.id, ApiKey.role, ApiKey.tenant_id, Tenant,
+                       ApiKey.budget_daily_micros.label("key_budget_daily_micros"),
+                       ApiKey.budget_monthly_micros.label("key_budget_monthly_micros"),
                        *(getattr(Plan, f"{k}_price") for k in _PRICE_FIELDS),
                        Plan.currency.label("plan_currency"), Plan.name.label("plan_name"))
                 .outerjoin(Tenant, ApiKey.tenant_id == Tenant.id)
@@ -431,14 +484,21 @@ class Ledger:
         return Principal(key_id, role, tenant_id, row.name, row.status, row.cache_ttl_seconds,
                          row.cache_quota_bytes, row.requests_per_minute, row.tokens_per_minute,
                          row.max_concurrent, row.plan_id, row.cache_reserved_device_bytes,
-                         row.cache_reserved_host_bytes, row.cache_max_ttl_seconds)
+                         row.cache_reserved_host_bytes, row.cache_max_ttl_seconds,
+                         budget_daily_micros=row.budget_daily_micros,
+                         budget_monthly_micros=row.budget_monthly_micros,
+                         key_budget_daily_micros=row.key_budget_daily_micros,
+                         key_budget_monthly_micros=row.key_budget_monthly_micros)
 
-    async def create_key(self, tenant_id: int | None, role: str = "tenant") -> dict[str, Any]:
-        """A new key; the plaintext is in this answer only, the database keeps its hash."""
+    async def create_key(self, tenant_id: int | None, role: str = "tenant",
+                         **budgets: int | None) -> dict[str, Any]:
+        """A new key; the plaintext is in this answer only, the database keeps its hash.
+        ``budgets``: the key's own ``budget_daily_micros`` / ``budget_monthly_micros``."""
         if role not in ROLES:
             raise InvalidInput(f"role must be one of {ROLES}, got {role!r}")
         if role == "tenant" and tenant_id is None:
             raise InvalidInput("a tenant key needs a tenant_id")
+        _check_key_budgets(budgets, role)
         key = new_key()
         async with self._begin() as conn:
             if tenant_id is not None:
@@ -448,11 +508,28 @@ class Ledger:
             digest, prefix, created = key_hash(key), key[:VISIBLE_PREFIX_LEN], utcnow()
             key_id = (await conn.execute(
                 insert(ApiKey).values(tenant_id=tenant_id, role=role, prefix=prefix,
-                                      key_sha256=digest, created_at=created)
+                                      key_sha256=digest, created_at=created, **budgets)
                 .returning(ApiKey.id))).scalar_one()
         self._keys.invalidate(digest)  # forget a cached miss at once
         return {"id": key_id, "key": key, "prefix": prefix, "tenant_id": tenant_id,
-                "role": role, "created_at": created.isoformat()}
+                "role": role, "created_at": created.isoformat(),
+                **{f: budgets.get(f) for f in BUDGET_FIELDS}}
+
+    async def update_key(self, key_id: int, **budgets: int | None) -> dict[str, Any]:
+        """Set a key's own budgets (``budget_daily_micros``, ``budget_monthly_micros``;
+        None clears one). A revoked key's cannot change."""
+        async with self._begin() as conn:
+            row = (await conn.execute(select(ApiKey).where(ApiKey.id == key_id))).one_or_none()
+            if row is None:
+                raise NotFound(f"key {key_id} does not exist")
+            if row.revoked_at is not None:
+                raise Conflict(f"key {key_id} is revoked")
+            _check_key_budgets(budgets, row.role)
+            if budgets:
+                await conn.execute(update(ApiKey).where(ApiKey.id == key_id).values(budgets))
+            row = (await conn.execute(select(ApiKey).where(ApiKey.id == key_id))).one()
+        self._keys.invalidate(row.key_sha256)
+        return _key_dict(row)
 
     async def revoke_key(self, key_id: int) -> None:
         async with self._begin() as conn:
@@ -472,10 +549,7 @@ class Ledger:
             if tenant_id is not None:
                 await self._tenant_row(conn, tenant_id)
             rows = await conn.execute(select(ApiKey).where(cond).order_by(ApiKey.id))
-            return [{"id": r.id, "prefix": r.prefix, "tenant_id": r.tenant_id, "role": r.role,
-                     "created_at": r.created_at.isoformat(),
-                     "revoked_at": r.revoked_at.isoformat() if r.revoked_at else None}
-                    for r in rows]
+            return [_key_dict(r) for r in rows]
 
     async def bootstrap_admin(self, admin_key: str | None) -> str | None:
         """Given a key, make sure it is a live admin key (idempotent) and return None.
@@ -513,7 +587,9 @@ class Ledger:
                             requests_per_minute: int | None = None,
                             tokens_per_minute: int | None = None,
                             max_concurrent: int | None = None,
-                            capacity: dict[str, int] | None = None) -> dict[str, Any]:
+                            capacity: dict[str, int] | None = None,
+                            budget_daily_micros: int | None = None,
+                            budget_monthly_micros: int | None = None) -> dict[str, Any]:
         """``capacity``: bytes each reservation field may total over all tenants (the
         replica's tiers); a reservation beyond what is left is a ``Conflict``."""
         name = _check_name(name)
@@ -522,7 +598,9 @@ class Ledger:
                   "cache_reserved_host_bytes": cache_reserved_host_bytes,
                   "cache_max_ttl_seconds": cache_max_ttl_seconds,
                   "requests_per_minute": requests_per_minute,
-                  "tokens_per_minute": tokens_per_minute, "max_concurrent": max_concurrent}
+                  "tokens_per_minute": tokens_per_minute, "max_concurrent": max_concurrent,
+                  "budget_daily_micros": budget_daily_micros,
+                  "budget_monthly_micros": budget_monthly_micros}
         _check_limits(limits)
         if limits["cache_ttl_seconds"] is None:
             limits["cache_ttl_seconds"] = DEFAULT_CACHE_TTL_S
@@ -744,6 +822,21 @@ async def _check_reservations(conn: AsyncConnection, tenant_id: int | None,
                            "by other tenants)")
 
 
+async def _budget_spend(conn: AsyncConnection, tenant_id: int, currency: str,
+                        now: datetime) -> dict[int | None, tuple[int, int]]:
+    """Per key: (this UTC day's, this UTC month's) billed micro-units in ``currency``."""
+    u = UsageRow
+    today = (u.started_at >= period_start("daily", now)) & (
+        u.started_at < period_end("daily", now))
+    rows = await conn.execute(
+        select(u.key_id, func.sum(case((today, u.cost_micros), else_=0)),
+               func.sum(u.cost_micros))
+        .where(u.tenant_id == tenant_id, u.started_at >= period_start("monthly", now),
+               u.started_at < period_end("monthly", now), u.currency == currency)
+        .group_by(u.key_id))
+    return {key_id: (int(d or 0), int(m or 0)) for key_id, d, m in rows}
+
+
 async def _live_cache_tokens(conn: AsyncConnection, tenant_id: int | None,
                              now: datetime) -> int:
     """Tokens of the live explicit caches of a tenant (None: of every tenant)."""
@@ -789,6 +882,26 @@ def _check_limits(values: dict[str, Any]) -> None:
             raise InvalidInput(f"{key} must be a non-negative integer or null, got {value!r}")
         if key in RESERVATION_FIELDS and value > MAX_RESERVATION:  # sums must stay exact
             raise InvalidInput(f"{key} must be at most {MAX_RESERVATION} bytes (1 PiB)")
+        if key in BUDGET_FIELDS and value > MAX_BUDGET:
+            raise InvalidInput(f"{key} must be at most {MAX_BUDGET} micro-units")
+
+
+def _check_key_budgets(budgets: dict[str, Any], role: str) -> None:
+    unknown = set(budgets) - set(BUDGET_FIELDS)
+    if unknown:
+        raise InvalidInput(f"cannot set {sorted(unknown)} on a key; allowed: "
+                           f"{sorted(BUDGET_FIELDS)}")
+    _check_limits(budgets)
+    if role != "tenant" and any(v is not None for v in budgets.values()):
+        raise InvalidInput("only tenant keys have budgets (admin keys spend nothing)")
+
+
+def _key_dict(r: Any) -> dict[str, Any]:
+    return {"id": r.id, "prefix": r.prefix, "tenant_id": r.tenant_id, "role": r.role,
+            "created_at": r.created_at.isoformat(),
+            "revoked_at": r.revoked_at.isoformat() if r.revoked_at else None,
+            "budget_daily_micros": r.budget_daily_micros,
+            "budget_monthly_micros": r.budget_monthly_micros}
 
 
 def _check_ttls(ttl: int, top: int) -> None:
@@ -806,6 +919,8 @@ def _tenant_dict(row: Any, plan: str) -> dict[str, Any]:
             "cache_max_ttl_seconds": row.cache_max_ttl_seconds,
             "requests_per_minute": row.requests_per_minute,
             "tokens_per_minute": row.tokens_per_minute, "max_concurrent": row.max_concurrent,
+            "budget_daily_micros": row.budget_daily_micros,
+            "budget_monthly_micros": row.budget_monthly_micros,
             "created_at": row.created_at.isoformat()}
 
 

@@ -96,6 +96,9 @@ class Tenant(Base):
     requests_per_minute: Mapped[int | None] = mapped_column(Integer)
     tokens_per_minute: Mapped[int | None] = mapped_column(Integer)
     max_concurrent: Mapped[int | None] = mapped_column(Integer)
+    # Spend budgets (micro-units of the plan's currency per UTC day / month); None: none
+    budget_daily_micros: Mapped[int | None] = mapped_column(BigInteger)
+    budget_monthly_micros: Mapped[int | None] = mapped_column(BigInteger)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
@@ -111,6 +114,9 @@ class ApiKey(Base):
     key_sha256: Mapped[str] = mapped_column(String(64), unique=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # This key's own spend budgets, besides its tenant's (as ``Tenant``); None: none
+    budget_daily_micros: Mapped[int | None] = mapped_column(BigInteger)
+    budget_monthly_micros: Mapped[int | None] = mapped_column(BigInteger)
 
 
 class UsageRow(Base):

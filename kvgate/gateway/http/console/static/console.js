@@ -399,7 +399,7 @@
 
   async function tenantView(token, id) {
     const q = "tenant_id=" + encodeURIComponent(id);
-    const [t, keys, daily, byKey, byModel, hot, stats, receipts, caches] = await Promise.all([
+    const [t, keys, daily, byKey, byModel, hot, stats, receipts, caches, budget] = await Promise.all([
       get("/admin/tenants/" + encodeURIComponent(id)),
       get("/admin/tenants/" + encodeURIComponent(id) + "/keys"),
       get("/admin/usage/series?bucket=day&since=30d&" + q),
@@ -409,6 +409,7 @@
       get("/admin/cache/stats"),
       get("/admin/receipts?limit=10&" + q),
       get("/admin/caches?" + q),
+      get("/admin/tenants/" + encodeURIComponent(id) + "/budget"),
     ]);
     if (token !== renderToken) return null;
     const days = [...new Set(daily.rows.map((r) => r.start))].sort();
@@ -432,7 +433,10 @@
       card("Reserved", t.cache_reserved_device_bytes === null && t.cache_reserved_host_bytes === null ? "none"
         : "device " + fmtBytes(t.cache_reserved_device_bytes || 0) + ", host " + fmtBytes(t.cache_reserved_host_bytes || 0), "reserved"),
       card("Longest TTL asked", fmtInt(t.cache_max_ttl_seconds) + " s", "max_ttl"),
-      card("Hit rate (since start)", c ? fmtPct(c.hit_rate) : "–", "hit_rate"));
+      card("Hit rate (since start)", c ? fmtPct(c.hit_rate) : "–", "hit_rate"),
+      ...["daily", "monthly"].map((p) => card((p === "daily" ? "Spent today" : "Spent this month") + " (UTC)",
+        budgetText(budget[p], budget.currency) + ", resets " + budget[p].resets_at.replace("T", " ").replace("Z", " UTC"), "budget_" + p)));
+    const keyBudget = new Map(budget.keys.map((k) => [k.id, k]));
     const hotTable = table("Hottest prefixes (never the text)", [
       ["Hash", (r) => el("span", { class: "mono", title: r.hash, text: r.hash.slice(0, 16) + "…" }), { cls: "text", col: "hash" }],
       ["Tokens", (r) => fmtInt(r.tokens), { col: "tokens" }], ["Hits", (r) => fmtInt(r.hits), { col: "hits" }],
@@ -469,6 +473,8 @@
       ["Id", (r) => String(r.id), { col: "id" }], ["Role", (r) => r.role, { col: "role" }],
       ["Created", (r) => String(r.created_at).slice(0, 19).replace("T", " "), { col: "created" }],
       ["State", (r) => (r.revoked_at ? "revoked" : "active"), { col: "state" }],
+      ...["daily", "monthly"].map((p) => [p === "daily" ? "Today (UTC)" : "This month",
+        (r) => (keyBudget.has(r.id) ? budgetText(keyBudget.get(r.id)[p], budget.currency) : "–"), { col: "budget_" + p }]),
       ["", (r) => (r.revoked_at ? "" : el("button", { type: "button", class: "danger", "data-revoke": r.id,
         "aria-label": "Revoke key " + r.prefix + "…", text: "Revoke",
         on: { click: () => revokeKey(t, r) } })), { cls: "text" }],
@@ -485,6 +491,11 @@
       el("h2", { text: "Limits" }), limitsForm(t)];
   }
 
+  function budgetText(b, currency) {
+    const spent = fmtMoney(b.spent_micros, currency);
+    return b.budget_micros === null ? spent + " (no budget)" : spent + " of " + fmtMoney(b.budget_micros, currency);
+  }
+
   const LIMITS = [
     ["cache_ttl_seconds", "Cache TTL (seconds)"], ["cache_quota_bytes", "Cache quota (bytes, empty: none)"],
     ["cache_reserved_device_bytes", "Reserved device cache (bytes, billed per GiB-hour; empty: none)"],
@@ -492,6 +503,8 @@
     ["cache_max_ttl_seconds", "Longest cache TTL a request may ask (seconds)"],
     ["requests_per_minute", "Requests per minute (empty: no limit)"],
     ["tokens_per_minute", "Tokens per minute (empty: no limit)"], ["max_concurrent", "Concurrent requests (empty: no limit)"],
+    ["budget_daily_micros", "Spend budget per UTC day (micro-units of the plan's currency; empty: none)"],
+    ["budget_monthly_micros", "Spend budget per UTC month (micro-units; empty: none)"],
   ];
   function limitsForm(t) {
     const inputs = LIMITS.map(([name, label]) => {
