@@ -150,17 +150,22 @@ def test_a_stream_cut_by_a_killed_replica_is_never_replayed(tmp_path: Path,
         with requests.post(router.url + "/v1/chat/completions", headers=tenant.headers,
                            stream=True, timeout=60,
                            json={"model": "demo", "max_tokens": 400, "stream": True,
+                                 "ignore_eos": True,
                                  "messages": [{"role": "user", "content": "long"}]}) as r:
             assert r.status_code == 200
             lines = r.iter_lines()
-            seen = [next(lines) for _ in range(4)]
+            seen = [next(lines) for _ in range(150)]
             replica.kill()
             seen += list(lines)  # what the router still sends: the end, once
         roles = [ln for ln in seen if b'"role"' in ln]
         assert len(roles) == 1 and not any(b"[DONE]" in ln for ln in seen)
         last = [ln for ln in seen if ln.strip()][-1]
         assert b"upstream_failed" in last  # an error event ends it: not complete
-        assert not any(row["n"] > 1 for row in replica.ledger_rows().values())
+        delivered = sum(b'"content"' in ln for ln in seen)
+        replica.start()  # its usage journal: what the stream delivered is billed, once
+        (row,) = replica.ledger_rows(tenant.id).values()  # its one request, billed once
+        assert row["n"] == 1 and row["status"] == "interrupted"
+        assert row["completion_tokens"] >= delivered - 64
     finally:
         router.stop()
         replica.close()
