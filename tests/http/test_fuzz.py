@@ -61,7 +61,8 @@ AIMED = ("model", "messages", "prompt", "system", "stop", "stop_sequences", "max
          "max_completion_tokens", "seed", "n", "temperature", "top_p", "top_k",
          "cache_control", "stream", "stream_options", "response_format", "name", "plan",
          "status", "role", "requests_per_minute", "tokens_per_minute", "max_concurrent",
-         "cache_ttl_seconds", "cache_quota_bytes")
+         "cache_ttl_seconds", "cache_quota_bytes", "priority", "min_priority",
+         "max_running_sequences")
 NESTED = ("content", "text-part", "ttl", "role", "block-type")
 
 

@@ -37,6 +37,11 @@ class Principal:
     cache_reserved_device_bytes: int | None = None  # None: no reservation
     cache_reserved_host_bytes: int | None = None
     cache_max_ttl_seconds: int = 86400
+    # Scheduling: the lowest request priority the tenant may ask for (lower runs first),
+    # its cap on running sequences (None: none) and its plan's scheduling weight
+    min_priority: int = 0
+    max_running_sequences: int | None = None
+    scheduling_weight: int = 1
 
     @property
     def is_admin(self) -> bool:
