@@ -85,7 +85,8 @@ def test_unused_output_is_refunded_so_small_answers_leave_room(server: ThreadSer
     """Each request is debited its prompt and 200 output tokens; one that ends at its first
     token gives the rest back, so the tenant can send again at once, many times over."""
     eos = server.state.engine.tokenizer.eos_token_ids[0]
-    body = {"model": model_id, "messages": [{"role": "user", "content": "short please"}],
+    body: dict[str, Any] = {
+            "model": model_id, "messages": [{"role": "user", "content": "short please"}],
             "max_tokens": 200, "temperature": 0, "logit_bias": {str(eos): 100}}
     prompt = _prompt_tokens(server, body)
     t = server.admin.tenant("refund", tokens_per_minute=2 * prompt + 300)
@@ -104,8 +105,8 @@ def test_a_request_without_max_tokens_is_cut_to_what_the_minute_has_left(
         server: ThreadServer, model_id: str) -> None:
     """The default bound (here 8 tokens) is lowered to what is left, finish_reason
     length, rather than refused; a request that names its bound is refused instead."""
-    body = {"model": model_id, "messages": [{"role": "user", "content": "go on"}],
-            "ignore_eos": True}
+    body: dict[str, Any] = {"model": model_id, "ignore_eos": True,
+                            "messages": [{"role": "user", "content": "go on"}]}
     prompt = _prompt_tokens(server, body)
     t = server.admin.tenant("rest", tokens_per_minute=prompt + 3)
     client = openai.OpenAI(base_url=server.url + "/v1", api_key=t.key, max_retries=0)

@@ -171,7 +171,8 @@ def test_a_client_that_stops_reading_is_cut_by_the_router_and_billed_once(
         sock = slow_client.stalled_request(router.port, CHAT,
                                            slow_client.big_stream_body("demo", 1000),
                                            fleet.tenant.headers)
-        fleet.wait(lambda: set(_billed(fleet)) - before, "the request's bill", timeout_s=120)
+        fleet.wait(lambda: bool(set(_billed(fleet)) - before), "the request's bill",
+                   timeout_s=120)
         fleet.wait(lambda: _idle(fleet), "the replicas to stop generating", timeout_s=60)
         counted = router.app[STATE].metrics.registry.get_sample_value(  # type: ignore[index]
             "kvgate_requests_total", {"endpoint": "/v1/{tail}", "status": "408",

@@ -94,7 +94,7 @@ class Metrics:
         self.admission_rejected = Counter(
             "kvgate_admission_rejected", "Requests turned away at admission, before any of "
             "their work, by reason (requests_per_minute, tokens_per_minute, concurrency, "
-            "capacity).", ["reason", "tenant"], registry=r)
+            "capacity, open_requests).", ["reason", "tenant"], registry=r)
         self.reserved = Counter("kvgate_cache_reserved_byte_seconds",
                                 "Billed reserved cache capacity (byte-seconds, all tiers).",
                                 ["tenant"], registry=r)
