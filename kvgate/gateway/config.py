@@ -52,6 +52,9 @@ class Settings:
     shutdown_timeout_s: int = 30  # SIGTERM: how long in-flight requests may drain
     # A connection idle, or still sending its headers or body, this long is closed.
     read_timeout_s: int = 30
+    # Seconds a streamed answer waits for its client to accept bytes (a write that does
+    # not complete) before it is cancelled and billed for what was produced; 0: no limit.
+    write_timeout: float = 30.0
     # Where usage waits, durable, while the ledger database is away ("": beside a SQLite
     # ledger as <file>-spool, else ./kvgate-spool); one per replica, on its own volume.
     spool_dir: str = ""
@@ -127,6 +130,8 @@ def _coerce(name: str, typ: Any, raw: str) -> Any:
             return parse_bytes(raw) if name.endswith("_bytes") else int(raw)
         if t in ("bool", "<class 'bool'>"):
             return raw.strip().lower() in ("1", "true", "yes", "on")
+        if t in ("float", "<class 'float'>"):
+            return float(raw)
     except ValueError as exc:
         raise ValueError(f"{ENV_PREFIX}{name.upper()}={raw!r} is not a valid number") from exc
     return raw

@@ -82,14 +82,16 @@ def test_a_prompt_over_the_whole_token_limit_is_a_400_not_a_429_to_retry(
 def test_a_spent_token_budget_refuses_before_the_body_is_read(
         server: ThreadServer, http: Session, admin: Admin,
         monkeypatch: pytest.MonkeyPatch) -> None:
-    t = admin.tenant(tokens_per_minute=60)
+    t = admin.tenant(tokens_per_minute=200)
     threads = _spy_render(server, monkeypatch)
     small = {**request_body("chat", "hi", 30).body, "ignore_eos": True}
-    while True:  # small requests until the minute's tokens are spent (answers count too)
-        r = http.post(CHAT, json=small, headers=t.headers)
-        if r.status_code == 429:
-            break
-        assert r.status_code == 200, r.text
+    r = http.post(CHAT, json=small, headers=t.headers)
+    assert r.status_code == 200, r.text
+    prompt = r.json()["usage"]["prompt_tokens"]  # then one that spends the minute's rest
+    rest = {**small, "max_tokens": 200 - (prompt + 30) - prompt}
+    r = http.post(CHAT, json=rest, headers=t.headers)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == rest[
+        "max_tokens"], r.text
     rendered = len(threads)
     big = request_body("chat", "word " * 40_000, 2).body
     r = http.post(CHAT, json=big, headers=t.headers)

@@ -62,7 +62,7 @@ AIMED = ("model", "messages", "prompt", "system", "stop", "stop_sequences", "max
          "cache_control", "stream", "stream_options", "response_format", "name", "plan",
          "status", "role", "requests_per_minute", "tokens_per_minute", "max_concurrent",
          "cache_ttl_seconds", "cache_quota_bytes", "budget_daily_micros",
-         "budget_monthly_micros")
+         "budget_monthly_micros", "priority", "min_priority", "max_running_sequences")
 NESTED = ("content", "text-part", "ttl", "role", "block-type")
 
 

@@ -43,8 +43,9 @@ def test_tokens_window_counts_completion_too() -> None:
     clock = Clock()
     lim = Limiter(100, clock)
     p = principal(tpm=100)
-    t = lim.admit(p, 40)
-    t.add_tokens(50)
+    t = lim.enter(p)
+    assert t.charge(40, 50) == 50
+    t.settle(50)
     t.release()
     with pytest.raises(ApiError) as e:
         lim.admit(p, 20)
@@ -69,7 +70,96 @@ def test_concurrency_and_global_bound() -> None:
     a.release()  # idempotent
     assert lim.inflight == 1
     b.release()
-    assert lim.inflight == 0
+    assert lim.inflight == 0 and lim.pending == 0
+
+
+def test_the_worst_case_is_debited_and_the_unused_part_refunded() -> None:
+    """Concurrent requests cannot overshoot: each holds its prompt and its most output
+    until it is billed, then gives back what it did not produce."""
+    clock = Clock()
+    lim = Limiter(100, clock)
+    p = principal(tpm=500)
+    held = []
+    for _ in range(12):  # 12 at once, 10 prompt + 100 output each: 4 fit, 8 are refused
+        t = lim.enter(p)
+        try:
+            t.charge(10, 100)
+        except ApiError as e:
+            assert e.status == 429 and e.retry_after is not None
+            t.release()
+            continue
+        held.append(t)
+    assert len(held) == 4
+    for t in held:  # each made 5 tokens: 95 each back
+        t.settle(5)
+        t.release()
+    assert lim._state(1).tokens.total == 4 * 15
+    t = lim.enter(p)
+    assert t.charge(10, 100) == 100  # fits again at once, no wait
+    t.release()  # released unbilled: its output debit comes back, its prompt stays
+    assert lim._state(1).tokens.total == 4 * 15 + 10
+    clock.now += 61
+    t = lim.enter(p)
+    t.charge(10, 100)
+    clock.now += 61  # billed after its entry left the window: nothing to refund
+    t.settle(3)
+    assert lim._state(1).tokens.total == 0
+
+
+def test_a_request_that_can_never_fit_is_a_400_naming_its_bound() -> None:
+    lim = Limiter(100, Clock())
+    t = lim.enter(principal(tpm=100))
+    with pytest.raises(ApiError) as e:
+        t.charge(10, 50, outputs=2, param="max_completion_tokens")  # 110 > 100
+    assert e.value.status == 400 and e.value.param == "max_completion_tokens"
+    assert e.value.retry_after is None
+
+
+def test_a_default_bound_is_cut_to_what_the_minute_has_left() -> None:
+    """A request that named no max_tokens gets the window's rest (at least one token per
+    output) instead of a 429; below that it waits like any other."""
+    lim = Limiter(100, Clock())
+    p = principal(tpm=100)
+    first = lim.enter(p)
+    assert first.charge(20, 76, flexible=True) == 76  # fits as asked
+    t = lim.enter(p)
+    with pytest.raises(ApiError) as e:  # 4 left: nothing for even one token after its prompt
+        t.charge(4, 256, flexible=True)
+    assert e.value.status == 429
+    t.release()
+    first.settle(26)  # 50 back
+    t = lim.enter(p)
+    assert t.charge(10, 256, outputs=4, flexible=True) == 11  # 100 - 46 - 10 = 44 for 4
+    with pytest.raises(ApiError) as e:  # its prompt alone can never fit: a 400
+        lim.enter(principal(tid=2, tpm=100)).charge(101, 1, flexible=True)
+    assert e.value.status == 400
+
+
+def test_capacity_counts_the_engine_not_open_handlers() -> None:
+    """Requests handed to the engine count as the engine counts them (a stalled stream
+    the engine parked counts nothing); open handlers have a ceiling of their own."""
+    lim = Limiter(2, Clock(), max_open=4)
+    engine_load = [0]
+    lim.occupancy = lambda: engine_load[0]
+    tickets = [lim.enter(principal(tid=i)) for i in range(2)]
+    with pytest.raises(ApiError) as e:  # two not yet submitted: full
+        lim.enter(principal(tid=9))
+    assert e.value.status == 503 and e.value.reason == "capacity"  # type: ignore[attr-defined]
+    for t in tickets:
+        t.submitted()  # the engine has them; then they stall and it parks them
+    tickets += [lim.enter(principal(tid=i)) for i in (2, 3)]
+    engine_load[0] = 1
+    with pytest.raises(ApiError):
+        lim.enter(principal(tid=9))  # 2 pending + 1 in the engine
+    for t in tickets[2:]:
+        t.submitted()
+    engine_load[0] = 0
+    with pytest.raises(ApiError) as e:  # 4 handlers open: the ceiling
+        lim.enter(principal(tid=9))
+    assert e.value.reason == "open_requests"  # type: ignore[attr-defined]
+    tickets[0].release()
+    lim.enter(principal(tid=9)).release()
+    assert lim.pending == 0
 
 
 class Template:

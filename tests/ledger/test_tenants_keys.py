@@ -75,6 +75,7 @@ async def test_tenant_crud_and_soft_delete(ledger: Ledger) -> None:
                       "cache_reserved_device_bytes", "cache_reserved_host_bytes",
                       "cache_max_ttl_seconds", "requests_per_minute", "tokens_per_minute",
                       "max_concurrent", "budget_daily_micros", "budget_monthly_micros",
+                      "min_priority", "max_running_sequences",
                       "created_at"}
     assert t["cache_reserved_device_bytes"] is None  # no reservation: the default
     assert t["cache_max_ttl_seconds"] == 86400

@@ -18,8 +18,10 @@ import pytest
 import redis
 import requests
 
+from kvgate.gateway.http.state import STATE
 from kvgate.gateway.route.events import STREAM
 from tests.route.conftest import Fleet
+from tests.support import slow_client
 from tests.support.admin import ADMIN_KEY
 from tests.support.router import RouterThread
 
@@ -154,6 +156,36 @@ def test_a_client_that_hangs_up_stops_the_replica_and_is_billed_once(
     assert row["status"] == "cancelled", row
     assert row["completion_tokens"] < budget
     fleet.wait(lambda: _idle(fleet), "the replicas to stop generating")
+
+
+def test_a_client_that_stops_reading_is_cut_by_the_router_and_billed_once(
+        fleet: Fleet, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The router's own write timeout: the answer is cut, the replica connection closed, so
+    the replica stops and bills what it produced once, as cancelled."""
+    slow_client.small_send_buffers(monkeypatch)
+    router = _router_to(fleet, [r.url for r in fleet.replicas], write_timeout=1.0)
+    before = set(_billed(fleet))
+    sock = None
+    try:
+        _wait_healthy(router, len(fleet.replicas))
+        sock = slow_client.stalled_request(router.port, CHAT,
+                                           slow_client.big_stream_body("demo", 1000),
+                                           fleet.tenant.headers)
+        fleet.wait(lambda: bool(set(_billed(fleet)) - before), "the request's bill",
+                   timeout_s=120)
+        fleet.wait(lambda: _idle(fleet), "the replicas to stop generating", timeout_s=60)
+        counted = router.app[STATE].metrics.registry.get_sample_value(  # type: ignore[index]
+            "kvgate_requests_total", {"endpoint": "/v1/{tail}", "status": "408",
+                                      "tenant": str(fleet.tenant.id)})
+    finally:
+        if sock is not None:
+            sock.close()
+        router.stop()
+    (row,) = [r for i, r in _billed(fleet).items() if i not in before]
+    assert row["n"] == 1 and row["status"] == "cancelled", row
+    assert row["completion_tokens"] < 1000
+    assert counted == 1
+    assert fleet.chat("still serving").status_code == 200
 
 
 # -- replicas that misbehave ---------------------------------------------------------------

@@ -26,7 +26,8 @@ _TENANT_FIELDS: dict[str, type | tuple[type, ...]] = {
                   "cache_share_bytes": int,  # the former name: a reservation on both tiers
                   "requests_per_minute": int,
                   "tokens_per_minute": int, "max_concurrent": int, "status": str,
-                  "budget_daily_micros": int, "budget_monthly_micros": int}
+                  "budget_daily_micros": int, "budget_monthly_micros": int,
+                  "min_priority": int, "max_running_sequences": int}
 _BUDGETS = ("budget_daily_micros", "budget_monthly_micros")  # tenants' and keys' own
 
 
@@ -70,6 +71,9 @@ _INT32_MAX, _INT64_MAX = 2**31 - 1, 2**63 - 1
 _INT_MAX = {"cache_quota_bytes": _INT64_MAX, "cache_share_bytes": _INT64_MAX,
             "cache_reserved_device_bytes": _INT64_MAX, "cache_reserved_host_bytes": _INT64_MAX,
             "plan": _INT32_MAX, **dict.fromkeys(_BUDGETS, MAX_BUDGET)}
+# Integer fields whose range is not 0 to the column's largest value (null resets both: the
+# default priority floor 0, no running cap)
+_INT_RANGE = {"min_priority": (-1000, 1000), "max_running_sequences": (1, _INT32_MAX)}
 _RESERVATIONS = ("cache_reserved_device_bytes", "cache_reserved_host_bytes")
 # Characters no name may hold: C0/C1 controls (PostgreSQL refuses NUL in text outright).
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
@@ -88,9 +92,10 @@ def _tenant_fields(body: dict, allowed: set[str]) -> dict:
         if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
             raise bad_request(f"Field '{name}' has the wrong type.", param=name)
         if isinstance(value, int):
-            top = _INT_MAX.get(name, _INT32_MAX)
-            if not 0 <= value <= top:
-                raise bad_request(f"Field '{name}' must be between 0 and {top}.", param=name)
+            low, top = _INT_RANGE.get(name, (0, _INT_MAX.get(name, _INT32_MAX)))
+            if not low <= value <= top:
+                raise bad_request(f"Field '{name}' must be between {low} and {top}.",
+                                  param=name)
         if isinstance(value, str):
             value = _text_field(name, value)
         out[name] = value

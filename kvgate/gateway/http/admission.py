@@ -4,7 +4,7 @@
 (``Limiter.enter``) before the handler runs, so a tenant over its limits is turned away
 without the gateway reading, parsing, rendering or tokenizing its prompt; the slot is held
 until the handler returns. ``charge`` adds the token-based check once the prompt is
-tokenized. Every refusal is counted in ``kvgate_admission_rejected_total``.
+tokenized (prompt plus most output, settled at the bill: ``limits``). Every refusal is counted in ``kvgate_admission_rejected_total``.
 """
 
 from __future__ import annotations
@@ -38,18 +38,27 @@ def admitted(handler: Handler) -> Handler:
     return admit_first
 
 
-def charge(request: web.Request, prompt_tokens: int) -> Ticket:
-    """The request's ticket, charged with its prompt (tokens-per-minute check); a request
-    not admitted by ``@admitted`` is admitted here in one step."""
+def charge(request: web.Request, prompt_tokens: int, max_output: int = 0, outputs: int = 1,
+           max_tokens_param: str | None = "max_tokens") -> tuple[Ticket, int]:
+    """The request's ticket, charged with its prompt and its most output (the
+    tokens-per-minute check, ``Ticket.charge``), and the output bound each of its
+    ``outputs`` may use; a request not admitted by ``@admitted`` is admitted here.
+    ``max_tokens_param``: the field that set ``max_output``, None when the request named
+    none (its output is then cut to what the tenant's minute has left, not refused)."""
     ticket: Ticket | None = request.get(TICKET)
+    created = ticket is None
     try:
         if ticket is None:
-            return state_of(request).limiter.admit(principal_of(request), prompt_tokens)
-        ticket.charge(prompt_tokens)
+            ticket = state_of(request).limiter.enter(principal_of(request))
+        granted = ticket.charge(prompt_tokens, max_output, outputs,
+                                flexible=max_tokens_param is None,
+                                param=max_tokens_param or "max_tokens")
     except Rejected as exc:
+        if created and ticket is not None:
+            ticket.release()
         _count(request, exc)
         raise
-    return ticket
+    return ticket, granted
 
 
 def _count(request: web.Request, exc: Rejected) -> None:

@@ -33,6 +33,7 @@ from kvgate.gateway.http.errors import ClientGone, bad_request
 from kvgate.gateway.http.generation import Generation
 from kvgate.gateway.http.openai_tools import server_parser
 from kvgate.gateway.http.sampling_params import default_temperature, model_defaults
+from kvgate.gateway.http.scheduling import priority_of
 from kvgate.gateway.http.sse import open_stream, send
 from kvgate.gateway.http.state import AppState, ctx_of, state_of
 from kvgate.gateway.http.tools import ToolParser, repeat_guard
@@ -107,6 +108,7 @@ class _Prepared:
     choice: ToolChoice | None
     parser: ToolParser | None
     cache: CacheRequest
+    priority: int = 0
 
 
 def _prepare(state: AppState, body: dict) -> _Prepared:
@@ -138,7 +140,7 @@ def _prepare(state: AppState, body: dict) -> _Prepared:
         sampling = repeat_guard(sampling, parser)
     segments = ttl_segments(state.engine, p.conversation, p.ids, top_level)
     return _Prepared(p.model, stream, p.ids, sampling, segments, p.choice, parser,
-                     anthropic_cache_request(body))
+                     anthropic_cache_request(body), priority_of(body))
 
 
 def _output_format(body: dict) -> StructuredSpec | None:
@@ -184,7 +186,7 @@ async def messages(request: web.Request) -> web.StreamResponse:
     p = await prepare(body, lambda body: _prepare(state, body))
     await pin_named(request, named, p.prompt)
     async with Generation(request, "messages", p.model, p.prompt, p.sampling,
-                          p.segments, cache=p.cache) as gen:
+                          p.segments, cache=p.cache, priority=p.priority) as gen:
         blocks = Blocks(p.parser, p.choice, eager=p.choice is None)
         if p.stream:
             return await _stream(request, gen, blocks)

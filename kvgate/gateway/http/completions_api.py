@@ -20,6 +20,7 @@ from kvgate.gateway.http.errors import ClientGone, bad_request
 from kvgate.gateway.http.generation import Generation
 from kvgate.gateway.http.openai_api import common_fields, end_stream, openai_usage
 from kvgate.gateway.http.sampling_params import completion_logprobs, model_defaults, sampling_from
+from kvgate.gateway.http.scheduling import priority_of
 from kvgate.gateway.http.sse import open_stream, send
 from kvgate.gateway.http.state import AppState, ctx_of, state_of
 from kvgate.gateway.http.structured_outputs import structured_output
@@ -44,6 +45,8 @@ class _Prepared(NamedTuple):
     prompts: list[list[int]]
     sampling: SamplingParams
     cache: CacheRequest
+    priority: int = 0
+    max_tokens_given: bool = True
 
 
 def _token_ids(state: AppState, ids: list[Any], param: str) -> list[int]:
@@ -108,7 +111,7 @@ def _prepare(state: AppState, body: dict) -> _Prepared:
                           param="n", code="invalid_value")
     sampling.structured = structured_output(state.engine, body, chat=False)
     return _Prepared(model, stream, include_usage, echo, prompts, sampling,
-                     openai_cache_request(body))
+                     openai_cache_request(body), priority_of(body), requested is not None)
 
 
 @admitted
@@ -117,7 +120,9 @@ async def completions(request: web.Request) -> web.StreamResponse:
     p = await prepare(await read_body(request), lambda body: _prepare(state, body))
     echoed = [state.engine.tokenizer.decode(ids) if p.echo else "" for ids in p.prompts]
     async with Generation(request, "completions", p.model, p.prompts[0], p.sampling,
-                          more_prompts=p.prompts[1:], cache=p.cache) as gen:
+                          more_prompts=p.prompts[1:], cache=p.cache, priority=p.priority,
+                          max_tokens_param="max_tokens" if p.max_tokens_given else None
+                          ) as gen:
         if p.stream:
             return await _stream(request, gen, p.include_usage, echoed)
         await gen.run()

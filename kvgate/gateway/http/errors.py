@@ -53,8 +53,10 @@ class ApiError(Exception):
         self.retry_after = retry_after
 
 
-class ClientGone(Exception):
-    """The client closed the connection; nothing more can be sent."""
+class ClientGone(ConnectionError):
+    """The client closed the connection, or accepted no bytes for the write timeout
+    (``transport.BoundedResponse``); nothing more can be sent. A ``ConnectionError``, so
+    aiohttp's own last write of a response treats it as the hang-up it is."""
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> ApiError:

@@ -3,7 +3,11 @@
 Billing happens exactly once, from the engine's final ``Usage``: ``stream`` records the
 usage event as soon as the engine finishes, before the handler writes its last bytes; if
 the client goes away (or the handler is cancelled) ``__aexit__`` cancels the engine
-request and bills the tokens produced so far with status ``cancelled``.
+request and bills the tokens produced so far with status ``cancelled``. A stream whose
+client stops reading is such a client once ``--write-timeout`` passes (``transport``).
+
+Admission's token debit (``limits``) is taken in ``__aenter__`` from the prompt and the
+request's most output, and settled with the billed completion tokens.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from kvgate.gateway.http.cache_params import NO_CACHE_REQUEST, CacheRequest, che
 from kvgate.gateway.http.choices import Choices, merged
 from kvgate.gateway.http.errors import ApiError, ClientGone
 from kvgate.gateway.http.limits import Ticket
+from kvgate.gateway.http.scheduling import check_priority, engine_terms
 from kvgate.gateway.http.state import AppState, ctx_of, principal_of, state_of
 from kvgate.gateway.ledger import UsageEvent
 from kvgate.gateway.ledger.budgets import NO_HOLD
@@ -52,7 +57,11 @@ class Generation:
                  prompt_ids: list[int], sampling: SamplingParams,
                  ttl_segments: list[tuple[int, float]] | None = None,
                  more_prompts: list[list[int]] | None = None,
-                 cache: CacheRequest = NO_CACHE_REQUEST) -> None:
+                 cache: CacheRequest = NO_CACHE_REQUEST, priority: int = 0,
+                 max_tokens_param: str | None = "max_tokens") -> None:
+        """``priority``: the request's (``scheduling.priority_of``); ``max_tokens_param``:
+        the field that set ``sampling.max_tokens``, None when the request named none (the
+        default bound may then be lowered to what the tenant's token rate has left)."""
         self.request = request
         self.state: AppState = state_of(request)
         self.principal = principal_of(request)
@@ -65,6 +74,8 @@ class Generation:
         self.sampling = sampling
         self.ttl_segments = ttl_segments or []
         self.cache_request = cache
+        self.priority = priority
+        self.max_tokens_param = max_tokens_param
         self.request_id: str = ctx_of(request).request_id
         self.finish_reason: str | None = None
         self.stop_sequence: str | None = None  # the stop string that ended the output
@@ -93,12 +104,15 @@ class Generation:
 
     async def __aenter__(self) -> Generation:
         check_retention(self.cache_request, self.ttl_segments, self.principal.cache_max_ttl_seconds)
-        self._budget = await reserve_budget(self)
-        try:
-            self._ticket = charge(self.request, len(self.prompt_ids)
-                                  + sum(map(len, self.more_prompts)))
+        check_priority(self.principal, self.priority)
+        self._ticket, self.sampling.max_tokens = charge(
+            self.request, len(self.prompt_ids) + sum(map(len, self.more_prompts)),
+            self.sampling.max_tokens, self.sampling.n * (1 + len(self.more_prompts)),
+            self.max_tokens_param)
+        try:  # its worst case as admitted (charge may have lowered max_tokens)
+            self._budget = await reserve_budget(self)
         except BaseException:
-            self._budget.release()
+            self._ticket.release()
             raise
         return self
 
@@ -121,7 +135,8 @@ class Generation:
         return GenerateRequest(
             request_id=self.request_id, namespace=self.state.quotas.apply(p),
             prompt_token_ids=self.prompt_ids, sampling=self.sampling,
-            ttl_segments=self.ttl_segments, default_ttl_s=float(ttl), stream=self._streaming)
+            ttl_segments=self.ttl_segments, default_ttl_s=float(ttl), stream=self._streaming,
+            priority=self.priority, **engine_terms(p))
 
     def _engine_ids(self) -> list[str]:
         return [self.request_id] + [f"{self.request_id}-{k}"
@@ -130,6 +145,8 @@ class Generation:
     def _open(self) -> AsyncGenerator[TokenEvent | FinishEvent, None]:
         engine = self.state.engine
         first = self._engine_request()
+        if self._ticket is not None:  # the engine's occupancy counts it from now on
+            self._ticket.submitted()
         if not self.more_prompts:
             return engine.generate(first)
         requests = [first] + [replace(first, request_id=rid, prompt_token_ids=ids) for rid, ids
@@ -183,6 +200,7 @@ class Generation:
                 yield ev
                 transport = self.request.transport
                 if transport is None or transport.is_closing():
+                    self._gone()
                     raise ClientGone()
         except PromptTooLong as exc:
             self._agen = None
@@ -238,9 +256,15 @@ class Generation:
             await asyncio.sleep(_CLIENT_POLL_S)
             transport = self.request.transport
             if transport is None or transport.is_closing():
-                self.client_gone = True
+                self._gone()
                 self._cancel_engine()
                 return
+
+    def _gone(self) -> None:
+        self.client_gone = True
+        ctx = ctx_of(self.request)
+        if ctx.gone is None:
+            ctx.gone = "hangup"
 
     def elapsed_s(self) -> float:
         return time.monotonic() - self._t0
@@ -311,6 +335,9 @@ class Generation:
         p = self.principal
         event = self._event(usage, status, cache)
         self._billed = True
+        ctx.completion_tokens = usage.completion_tokens
+        if self._ticket is not None:  # the unused part of the output debit goes back
+            self._ticket.settle(usage.completion_tokens)
         t0 = time.monotonic()
         checkpoints = self.state.checkpoints
         try:
@@ -323,8 +350,6 @@ class Generation:
             checkpoints.finish(self.request_id)
         self._budget.settle(billed)
         ctx.ledger_s = time.monotonic() - t0
-        if self._ticket is not None:
-            self._ticket.add_tokens(usage.completion_tokens)
         if billed.new:
             m = self.state.metrics
             m.observe_usage(

@@ -94,7 +94,7 @@ class Metrics:
         self.admission_rejected = Counter(
             "kvgate_admission_rejected", "Requests turned away at admission, before any of "
             "their work, by reason (requests_per_minute, tokens_per_minute, concurrency, "
-            "capacity, budget).", ["reason", "tenant"], registry=r)
+            "capacity, open_requests, budget).", ["reason", "tenant"], registry=r)
         self.budget_remaining = Gauge(
             "kvgate_budget_remaining_micros", "What is left of a tenant's spend budget this "
             "UTC day or month (period: daily, monthly), less the requests in flight, as this "

@@ -71,22 +71,47 @@ async def context_middleware(request: web.Request, handler: Handler) -> web.Stre
             503, "The ledger is unavailable; retry shortly.", code="ledger_unavailable",
             retry_after=_LEDGER_RETRY_AFTER_S))
     except (ClientGone, ConnectionResetError):
-        log.info("request %s: client went away", rid)
+        if ctx.gone is None:
+            ctx.gone = "hangup"
         stream = request.get(OPEN_STREAM)
         if stream is not None:  # the status line is sent; nothing more can be
             stream.force_close()
-        _observe(request, 499)
-        return stream or web.Response(status=499)
+        response, status = stream or web.Response(status=499), _gone(request)
+        _observe(request, status)
+        return response
     except Exception:
         log.exception("request %s %s %s failed", rid, request.method,
                       request.path)
         response, status = await _error_reply(request, ApiError(
             500, f"Internal server error (request id {ctx.public_id}).",
             code="internal_error"))
-    else:
-        status = response.status
+    else:  # a stream whose client left: its handler ended it quietly
+        status = response.status if ctx.gone is None else _gone(request)
     _observe(request, status)
     return response
+
+
+# The status a request whose client left is counted under in kvgate_requests_total (its
+# answer's status line, if sent, said 200): nginx's 499 for a hang-up, 408 for a client
+# that stopped reading (the write timeout: the server gave up on it).
+GONE_STATUS = {"hangup": 499, "write_timeout": 408}
+
+
+def _gone(request: web.Request) -> int:
+    """One INFO line for a client that left (not an error of the server's) and its status."""
+    ctx = ctx_of(request)
+    why = ctx.gone or "hangup"
+    p = ctx.principal
+    tokens = "no" if ctx.completion_tokens is None else str(ctx.completion_tokens)
+    if why == "write_timeout":
+        timeout = state_of(request).settings.write_timeout
+        log.info("request %s (tenant %s): the client accepted no bytes for %gs, answer cut "
+                 "(%s tokens produced)", ctx.request_id, p.tenant_id if p else None, timeout,
+                 tokens)
+    else:
+        log.info("request %s (tenant %s): the client hung up (%s tokens produced)",
+                 ctx.request_id, p.tenant_id if p else None, tokens)
+    return GONE_STATUS.get(why, 499)
 
 
 async def _error_reply(request: web.Request, err: ApiError) -> tuple[web.StreamResponse, int]:

@@ -25,6 +25,7 @@ from kvgate.gateway.http.openai_tools import (
     tool_request,
 )
 from kvgate.gateway.http.sampling_params import chat_logprobs, model_defaults, sampling_from
+from kvgate.gateway.http.scheduling import priority_of
 from kvgate.gateway.http.sse import open_stream, send
 from kvgate.gateway.http.state import AppState, ctx_of, state_of
 from kvgate.gateway.http.structured_outputs import structured_output
@@ -149,6 +150,8 @@ class _Prepared(NamedTuple):
     sampling: SamplingParams
     tools: ToolRequest | None = None  # chat only
     cache: CacheRequest = NO_CACHE_REQUEST
+    priority: int = 0
+    max_tokens_param: str | None = "max_tokens"  # None: the request named no bound
 
 
 def _prepare_chat(state: AppState, body: dict) -> _Prepared:
@@ -171,21 +174,23 @@ def _prepare_chat(state: AppState, body: dict) -> _Prepared:
                              defaults=model_defaults(state))
     sampling.structured = structured
     return _Prepared(model, stream, include_usage, prompt,
-                     forced_sampling(state, tools, sampling), tools, openai_cache_request(body))
+                     forced_sampling(state, tools, sampling), tools, openai_cache_request(body),
+                     priority_of(body), param if requested is not None else None)
 
 
 @admitted
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     state = state_of(request)
     body, named = await named_cache(request, await read_body(request), "openai")
-    model, stream, include_usage, prompt, sampling, tools, cache = await prepare(
-        body, lambda body: _prepare_chat(state, body))
+    p = await prepare(body, lambda body: _prepare_chat(state, body))
+    model, sampling, tools = p.model, p.sampling, p.tools
     assert tools is not None
-    await pin_named(request, named, prompt)
-    async with Generation(request, "chat.completions", model, prompt, sampling,
-                          cache=cache) as gen:
-        if stream:
-            return await _stream(request, gen, include_usage, chat=True, tools=tools)
+    await pin_named(request, named, p.prompt)
+    async with Generation(request, "chat.completions", model, p.prompt, sampling,
+                          cache=p.cache, priority=p.priority,
+                          max_tokens_param=p.max_tokens_param) as gen:
+        if p.stream:
+            return await _stream(request, gen, p.include_usage, chat=True, tools=tools)
         await gen.run()
         assert gen.usage is not None
         choices = []

@@ -109,6 +109,12 @@ _CACHE_REQUEST: dict[str, Any] = {
                          "Never shared across tenants."},
 }
 
+# vLLM's request priority (``http/scheduling.py``), on every generating route
+_PRIORITY: dict[str, Any] = {"priority": {
+    "type": "integer", "minimum": -1000, "maximum": 1000, "default": 0,
+    "description": "Lower runs first under contention; below the tenant's min_priority "
+                   "(0 unless the operator set it) is a 400."}}
+
 SCHEMAS: dict[str, Any] = {
     "OpenAIError": {"type": "object", "required": ["error"], "properties": {"error": {
         "type": "object", "required": ["message", "type"], "properties": {
@@ -144,7 +150,7 @@ SCHEMAS: dict[str, Any] = {
         "cached_content": {"type": "string", "pattern": "^cache_",
                            "description": "An explicit cache (POST /v1/caches) whose messages "
                            "(and tools) go first in the prompt"},
-        **_SAMPLING, **_CACHE_REQUEST, "user": {"type": "string"}}},
+        **_SAMPLING, **_CACHE_REQUEST, **_PRIORITY, "user": {"type": "string"}}},
     "CompletionRequest": {"type": "object", "required": ["model", "prompt"], "properties": {
         "model": {"type": "string"},
         "prompt": {"anyOf": [
@@ -154,7 +160,7 @@ SCHEMAS: dict[str, Any] = {
                 {"type": "array", "items": {"type": "integer", "minimum": 0}}]}}]},
         "echo": {"type": "boolean"},
         "logprobs": {"type": "integer", "minimum": 0, "maximum": 20}, **_SAMPLING,
-        **_CACHE_REQUEST,
+        **_CACHE_REQUEST, **_PRIORITY,
         "max_tokens": {"type": "integer", "minimum": 1},
         "temperature": {"type": "number", "minimum": 0, "maximum": 2},
         "top_p": {"type": "number", "minimum": 0, "maximum": 1},
@@ -195,7 +201,7 @@ SCHEMAS: dict[str, Any] = {
         "metadata": {"type": "object", "additionalProperties": False, "properties": {
             "user_id": {"type": ["string", "null"], "maxLength": 128,
                         "description": "Kept with the bill; the router's affinity key."}}},
-        "stream": {"type": "boolean"}}},
+        **_PRIORITY, "stream": {"type": "boolean"}}},
     "Message": {"type": "object", "required": ["id", "type", "content", "usage"], "properties": {
         "id": {"type": "string"}, "type": {"const": "message"}, "content": {"type": "array"},
         "usage": {"type": "object", "required": ["input_tokens", "output_tokens",
@@ -261,7 +267,7 @@ SCHEMAS: dict[str, Any] = {
         "instructions": {"type": "string"},
         "max_output_tokens": {"type": "integer", "minimum": 1},
         "temperature": {"type": "number", "minimum": 0, "maximum": 2},
-        "top_p": {"type": "number", "minimum": 0, "maximum": 1},
+        "top_p": {"type": "number", "minimum": 0, "maximum": 1}, **_PRIORITY,
         "stream": {"type": "boolean"}, "store": {"type": "boolean"},
         "previous_response_id": {"type": "string"},
         "metadata": {"type": "object", "maxProperties": 16,
@@ -370,7 +376,13 @@ SCHEMAS: dict[str, Any] = {
                                 "description": "Spend budget per UTC day in micro-units of "
                                 "the plan's currency; past it, 429 budget_exceeded."},
         "budget_monthly_micros": {"type": ["integer", "null"], "minimum": 0,
-                                  "description": "Spend budget per UTC month."}}},
+                                  "description": "Spend budget per UTC month."},
+        "min_priority": {"type": ["integer", "null"], "minimum": -1000, "maximum": 1000,
+                         "description": "The lowest request priority its requests may ask "
+                         "for (lower runs first); default 0."},
+        "max_running_sequences": {"type": ["integer", "null"], "minimum": 1,
+                                  "description": "How many of its sequences may run at "
+                                  "once; null: no cap of its own."}}},
 }
 
 

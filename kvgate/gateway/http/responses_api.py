@@ -46,6 +46,7 @@ from kvgate.gateway.http.openai_tools import (
     tool_request,
 )
 from kvgate.gateway.http.sampling_params import default_temperature, model_defaults
+from kvgate.gateway.http.scheduling import priority_of
 from kvgate.gateway.http.sse import open_stream, send
 from kvgate.gateway.http.state import AppState, ctx_of, principal_of, state_of
 from kvgate.gateway.http.tools import Delta, ToolCallDelta
@@ -155,6 +156,8 @@ class _Prepared(NamedTuple):
     tools: ToolRequest
     echo: dict[str, Any]  # request settings the response object repeats
     cache: CacheRequest
+    priority: int = 0
+    max_tokens_given: bool = True
 
 
 def _metadata(body: dict) -> dict[str, str]:
@@ -282,8 +285,8 @@ def _prepare(state: AppState, body: dict, previous: Stored | None) -> _Prepared:
     except ApiError as exc:  # the template refused the conversation
         exc.param = "input" if exc.param == "messages" else exc.param
         raise
-    budget = token_budget(state, len(prompt), field(body, "max_output_tokens", int),
-                          "max_output_tokens", "input")
+    requested = field(body, "max_output_tokens", int)
+    budget = token_budget(state, len(prompt), requested, "max_output_tokens", "input")
     defaults = model_defaults(state)
     temperature = number(body, "temperature", 0.0, 2.0, default_temperature(body, defaults))
     top_p = number(body, "top_p", 0.0, 1.0, defaults.get("top_p", 1.0))
@@ -295,7 +298,7 @@ def _prepare(state: AppState, body: dict, previous: Stored | None) -> _Prepared:
             "top_p": top_p, "max_output_tokens": field(body, "max_output_tokens", int),
             "previous_response_id": previous.id if previous else None, "text": text}
     return _Prepared(model, stream, store, prompt, history, sampling, tools, echo,
-                     openai_cache_request(body))
+                     openai_cache_request(body), priority_of(body), requested is not None)
 
 
 @admitted
@@ -315,7 +318,9 @@ async def create(request: web.Request) -> web.StreamResponse:
     await pin_named(request, named, prep.prompt)
     reply = _Reply(request, prep)
     async with Generation(request, "responses", prep.model, prep.prompt, prep.sampling,
-                          cache=prep.cache) as gen:
+                          cache=prep.cache, priority=prep.priority,
+                          max_tokens_param="max_output_tokens" if prep.max_tokens_given
+                          else None) as gen:
         if prep.stream:
             return await reply.stream(gen)
         output = _Output(prep.tools)

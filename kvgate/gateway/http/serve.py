@@ -62,7 +62,10 @@ def register(subparsers: Any) -> None:
 
 
 _TYPES = {"int": int, "float": float, "str": str}
-_HELP = {"tool_call_parser": "how tool calls are read from the output: hermes (qwen), llama3, "
+_HELP = {"write_timeout": "seconds a streamed answer may wait for its client to accept "
+                          "bytes; then it is cancelled and billed for what was produced "
+                          "(30; 0: no limit)",
+         "tool_call_parser": "how tool calls are read from the output: hermes (qwen), llama3, "
                              "mistral, none, or auto (from the chat template; the default)",
          "single_flight_wait_steps": "engine steps a request may wait for the same tenant's "
                                      "prompt blocks another request is computing, instead of "

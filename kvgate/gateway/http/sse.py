@@ -1,4 +1,5 @@
-"""Server-sent events: the framing both SDKs parse."""
+"""Server-sent events: the framing both SDKs parse. Every event goes out through
+``send`` on a ``transport.BoundedResponse``, whose writes the write timeout bounds."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import json
 from aiohttp import web
 
 from kvgate.gateway.http.errors import ApiError, ClientGone, stream_error_event
+from kvgate.gateway.http.transport import BoundedResponse
 
 # The request's event stream, once its headers are sent: from then on an error can only
 # be told as an event (``end_stream_with_error``), never as a response of its own.
@@ -15,19 +17,23 @@ OPEN_STREAM = web.RequestKey("kvgate_open_stream", web.StreamResponse)
 
 
 async def open_stream(request: web.Request) -> web.StreamResponse:
-    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
-                                       "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    resp = BoundedResponse(request, headers={"Content-Type": "text/event-stream",
+                                             "Cache-Control": "no-cache",
+                                             "X-Accel-Buffering": "no"})
     await resp.prepare(request)
     request[OPEN_STREAM] = resp
     return resp
 
 
 async def send(resp: web.StreamResponse, data: dict | str, event: str | None = None) -> None:
+    """One event; ``ClientGone`` when the client hung up or stopped reading."""
     payload = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
     frame = (f"event: {event}\n" if event else "") + f"data: {payload}\n\n"
     try:
         await resp.write(frame.encode())
-    except (ConnectionResetError, RuntimeError) as exc:
+    except (ConnectionError, RuntimeError) as exc:  # ClientGone is a ConnectionError
+        if isinstance(exc, ClientGone):
+            raise
         raise ClientGone() from exc
 
 

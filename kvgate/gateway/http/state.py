@@ -45,6 +45,8 @@ class AppState:
     def open(self, engine: Engine, ledger: Ledger) -> None:
         self._engine, self._ledger = engine, ledger
         self._quotas = QuotaSync(engine.set_quota, engine.set_reservation)
+        # the gateway's capacity counts what waits for or runs in the engine (limits.py)
+        self.limiter.occupancy = lambda: engine.queue_depth() + engine.num_running()
 
     def open_ledger(self, ledger: Ledger) -> None:
         """The ledger alone: ``kvgate route`` authenticates keys and runs no engine."""
@@ -88,6 +90,10 @@ class RequestContext:
     ledger_s: float | None = None  # the usage commit, when it happened before the headers
     principal: Principal | None = None
     receipt_id: str | None = None  # a billed generation's receipt (kvgate-receipt-id)
+    # Why the client is gone, when it is: "hangup" (it closed the connection) or
+    # "write_timeout" (it accepted no bytes for --write-timeout); counted 499 / 408.
+    gone: str | None = None
+    completion_tokens: int | None = None  # what a generation produced, once billed
 
 
 STATE = web.AppKey("kvgate_state", AppState)

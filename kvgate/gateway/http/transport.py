@@ -12,11 +12,19 @@
   and Transfer-Encoding, bad chunk framing in the headers) in the API's JSON error shape
   instead of aiohttp's plain text. These requests never reach the app: no route, no
   middleware, no request id; the OpenAI shape is used, as no path was read.
+- ``BoundedResponse``: the one kind of response that streams (SSE answers, the router's
+  relay). Each write (and the final one) must be accepted by the client within
+  ``--write-timeout``; a client that stops reading holds the handler (and its engine
+  request) no longer than that. A write that times out, or finds the connection gone,
+  raises ``ClientGone`` and marks the request (``RequestContext.gone``) for the metrics
+  and the log line the middleware writes.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import math
 from typing import Any
 
 from aiohttp import web
@@ -24,7 +32,8 @@ from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
 from kvgate.gateway.config import Settings
-from kvgate.gateway.http.errors import ApiError, error_body
+from kvgate.gateway.http.errors import ApiError, ClientGone, error_body
+from kvgate.gateway.http.state import CTX, state_of
 
 MAX_LINE_SIZE = 8190  # request line and each header line, bytes
 MAX_FIELD_SIZE = 8190  # one header's value, bytes
@@ -65,3 +74,47 @@ class GatewayRunner(web.AppRunner):
         server = await super()._make_server()
         server.__class__ = _Server
         return server
+
+
+class BoundedResponse(web.StreamResponse):
+    """A streamed response whose writes are bounded by the write timeout (module doc)."""
+
+    def __init__(self, request: web.Request, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._request = request
+        timeout = float(state_of(request).settings.write_timeout)
+        self.write_timeout: float | None = timeout if math.isfinite(timeout) \
+            and timeout > 0 else None
+
+    async def write(self, data: Any) -> None:
+        try:
+            async with asyncio.timeout(self.write_timeout):
+                await super().write(data)
+        except TimeoutError:
+            raise self._stalled() from None
+        except (ConnectionError, RuntimeError) as exc:  # closed, or closing under us
+            raise self._gone() from exc
+
+    async def write_eof(self, data: bytes = b"") -> None:
+        try:
+            async with asyncio.timeout(self.write_timeout):
+                await super().write_eof(data)
+        except TimeoutError:
+            raise self._stalled() from None
+        except (ConnectionError, RuntimeError) as exc:
+            raise self._gone() from exc
+
+    def _gone(self, why: str = "hangup") -> ClientGone:
+        ctx = self._request.get(CTX)
+        if ctx is not None and ctx.gone is None:
+            ctx.gone = why
+        return ClientGone()
+
+    def _stalled(self) -> ClientGone:
+        """The client accepted nothing for the write timeout: the connection is dropped (its
+        socket holds a half-written answer; nothing more can follow on it)."""
+        self.force_close()
+        transport = self._request.transport
+        if transport is not None:
+            transport.abort()
+        return self._gone("write_timeout")

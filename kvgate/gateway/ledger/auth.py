@@ -43,6 +43,11 @@ class Principal:
     budget_monthly_micros: int | None = None
     key_budget_daily_micros: int | None = None
     key_budget_monthly_micros: int | None = None
+    # Scheduling: the lowest request priority the tenant may ask for (lower runs first),
+    # its cap on running sequences (None: none) and its plan's scheduling weight
+    min_priority: int = 0
+    max_running_sequences: int | None = None
+    scheduling_weight: int = 1
 
     @property
     def is_admin(self) -> bool:

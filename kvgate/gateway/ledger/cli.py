@@ -64,6 +64,11 @@ def register(sub: Any) -> None:
     p.add_argument("--tokens-per-minute", type=int)
     p.add_argument("--max-concurrent", type=int)
     _budget_args(p)
+    p.add_argument("--min-priority", type=int,
+                   help="lowest request priority its requests may ask for, -1000 to 1000 "
+                   "(lower runs first; default 0: none ahead of the default class)")
+    p.add_argument("--max-running-sequences", type=int,
+                   help="how many of its sequences may run at once (default: no cap)")
     p.set_defaults(func=_runner(_tenants_create))
     p = tsub.add_parser("update", parents=[db, out],
                         help="change a tenant's spend budgets (the admin API changes the rest)")
@@ -108,6 +113,9 @@ def register(sub: Any) -> None:
                       "cache-write-24h", "cache-reservation", "cache-storage"):
             p.add_argument(f"--{price}", type=int, required=action == "create" and
                            price == "input")
+        p.add_argument("--scheduling-weight", type=int,
+                       help="its tenants' share of the engine under contention, relative "
+                       "to weight 1 (1 to 1000; default 1)")
         if action == "create":
             p.add_argument("--currency", default=DEFAULT_CURRENCY,
                            help="ISO 4217 code of the prices, fixed once created (USD)")
@@ -267,6 +275,7 @@ async def _tenants_create(ledger: Ledger, args: argparse.Namespace) -> None:
         cache_max_ttl_seconds=args.cache_max_ttl_seconds,
         requests_per_minute=args.requests_per_minute,
         tokens_per_minute=args.tokens_per_minute, max_concurrent=args.max_concurrent,
+        min_priority=args.min_priority, max_running_sequences=args.max_running_sequences,
         **_budgets(args))
     _emit(args, tenant)
 
@@ -287,7 +296,7 @@ _TENANT_COLUMNS = ["id", "name", "status", "plan", "cache_ttl_seconds", "cache_q
                    "cache_reserved_device_bytes", "cache_reserved_host_bytes",
                    "cache_max_ttl_seconds", "requests_per_minute", "tokens_per_minute",
                    "max_concurrent", "budget_daily_micros", "budget_monthly_micros",
-                   "created_at"]
+                   "min_priority", "max_running_sequences", "created_at"]
 
 
 async def _tenants_list(ledger: Ledger, args: argparse.Namespace) -> None:
@@ -331,7 +340,7 @@ async def _keys_revoke(ledger: Ledger, args: argparse.Namespace) -> None:
 
 _PLAN_COLUMNS = ["id", "name", "currency", "input", "cache_read", "cache_write_5m",
                  "cache_write_1h", "cache_write_24h", "output", "cache_reservation",
-                 "cache_storage"]
+                 "cache_storage", "scheduling_weight"]
 
 
 def _prices(args: argparse.Namespace) -> dict[str, int]:
@@ -345,12 +354,14 @@ async def _plans_list(ledger: Ledger, args: argparse.Namespace) -> None:
 
 
 async def _plans_create(ledger: Ledger, args: argparse.Namespace) -> None:
-    _emit(args, await ledger.create_plan(args.name, currency=args.currency, **_prices(args)),
-          _PLAN_COLUMNS)
+    _emit(args, await ledger.create_plan(args.name, currency=args.currency,
+                                         scheduling_weight=args.scheduling_weight,
+                                         **_prices(args)), _PLAN_COLUMNS)
 
 
 async def _plans_update(ledger: Ledger, args: argparse.Namespace) -> None:
-    _emit(args, await ledger.update_plan(args.name, **_prices(args)), _PLAN_COLUMNS)
+    _emit(args, await ledger.update_plan(args.name, scheduling_weight=args.scheduling_weight,
+                                         **_prices(args)), _PLAN_COLUMNS)
 
 
 _GROUP_COLUMNS = {"tenant": ["tenant_id", "tenant_name"],

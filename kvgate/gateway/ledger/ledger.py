@@ -53,8 +53,12 @@ TENANT_STATUSES = ("active", "suspended")  # "deleted" only through delete_tenan
 _LIMIT_FIELDS = ("cache_ttl_seconds", "cache_quota_bytes", "cache_reserved_device_bytes",
                  "cache_reserved_host_bytes", "cache_max_ttl_seconds",
                  "requests_per_minute", "tokens_per_minute", "max_concurrent",
-                 "budget_daily_micros", "budget_monthly_micros")
+                 "budget_daily_micros", "budget_monthly_micros",
+                 "min_priority", "max_running_sequences")
 BUDGET_FIELDS = ("budget_daily_micros", "budget_monthly_micros")  # tenants' and keys'
+# Request priorities (lower runs first, as vLLM's), and so a tenant's min_priority
+PRIORITY_RANGE = (-1000, 1000)
+SCHEDULING_WEIGHT_RANGE = (1, 1000)  # a plan's share of the engine relative to weight 1
 RESERVATION_FIELDS = ("cache_reserved_device_bytes", "cache_reserved_host_bytes")
 MAX_RESERVATION = 1 << 50
 DEFAULT_CACHE_TTL_S = 300
@@ -464,7 +468,8 @@ class Ledger:
                        ApiKey.budget_daily_micros.label("key_budget_daily_micros"),
                        ApiKey.budget_monthly_micros.label("key_budget_monthly_micros"),
                        *(getattr(Plan, f"{k}_price") for k in _PRICE_FIELDS),
-                       Plan.currency.label("plan_currency"), Plan.name.label("plan_name"))
+                       Plan.currency.label("plan_currency"), Plan.name.label("plan_name"),
+                       Plan.scheduling_weight.label("plan_scheduling_weight"))
                 .outerjoin(Tenant, ApiKey.tenant_id == Tenant.id)
                 .outerjoin(Plan, Tenant.plan_id == Plan.id)
                 .where(ApiKey.key_sha256 == digest, ApiKey.revoked_at.is_(None)))
@@ -488,7 +493,10 @@ class Ledger:
                          budget_daily_micros=row.budget_daily_micros,
                          budget_monthly_micros=row.budget_monthly_micros,
                          key_budget_daily_micros=row.key_budget_daily_micros,
-                         key_budget_monthly_micros=row.key_budget_monthly_micros)
+                         key_budget_monthly_micros=row.key_budget_monthly_micros,
+                         min_priority=row.min_priority,
+                         max_running_sequences=row.max_running_sequences,
+                         scheduling_weight=row.plan_scheduling_weight)
 
     async def create_key(self, tenant_id: int | None, role: str = "tenant",
                          **budgets: int | None) -> dict[str, Any]:
@@ -587,6 +595,8 @@ class Ledger:
                             requests_per_minute: int | None = None,
                             tokens_per_minute: int | None = None,
                             max_concurrent: int | None = None,
+                            min_priority: int | None = None,
+                            max_running_sequences: int | None = None,
                             capacity: dict[str, int] | None = None,
                             budget_daily_micros: int | None = None,
                             budget_monthly_micros: int | None = None) -> dict[str, Any]:
@@ -600,8 +610,12 @@ class Ledger:
                   "requests_per_minute": requests_per_minute,
                   "tokens_per_minute": tokens_per_minute, "max_concurrent": max_concurrent,
                   "budget_daily_micros": budget_daily_micros,
-                  "budget_monthly_micros": budget_monthly_micros}
+                  "budget_monthly_micros": budget_monthly_micros,
+                  "min_priority": min_priority,
+                  "max_running_sequences": max_running_sequences}
         _check_limits(limits)
+        if limits["min_priority"] is None:
+            limits["min_priority"] = 0
         if limits["cache_ttl_seconds"] is None:
             limits["cache_ttl_seconds"] = DEFAULT_CACHE_TTL_S
         if limits["cache_max_ttl_seconds"] is None:
@@ -652,6 +666,8 @@ class Ledger:
             raise InvalidInput(f"cannot update {sorted(unknown)}; allowed: {sorted(allowed)}")
         values = {k: v for k, v in fields.items() if k in _LIMIT_FIELDS}
         _check_limits(values)
+        if values.get("min_priority", 0) is None:
+            values["min_priority"] = 0
         if values.get("cache_ttl_seconds", 0) is None:
             values["cache_ttl_seconds"] = DEFAULT_CACHE_TTL_S
         if values.get("cache_max_ttl_seconds", 0) is None:
@@ -732,25 +748,31 @@ class Ledger:
                           output: int | None = None, currency: str = DEFAULT_CURRENCY,
                           cache_write_24h: int | None = None,
                           cache_reservation: int | None = None,
-                          cache_storage: int | None = None) -> dict[str, Any]:
+                          cache_storage: int | None = None,
+                          scheduling_weight: int | None = None) -> dict[str, Any]:
         """Prices in micro-units of ``currency`` (ISO 4217) per million tokens (the
         reservation price per GiB-hour, the storage price per million token-hours);
-        omitted prices derive from ``input``."""
+        omitted prices derive from ``input``. ``scheduling_weight``: the plan's tenants'
+        share of the engine relative to weight 1 (1 to 1000, default 1)."""
         name = _check_name(name)
         currency = _check_currency(currency)
+        weight = 1 if scheduling_weight is None else _check_range(
+            "scheduling_weight", scheduling_weight, *SCHEDULING_WEIGHT_RANGE)
         prices = Prices.derived(input, cache_read, cache_write_5m, cache_write_1h, output,
                                 cache_write_24h, cache_reservation, cache_storage)
         async with self._begin() as conn:
             try:
                 await conn.execute(insert(Plan).values(
-                    name=name, currency=currency, created_at=utcnow(),
+                    name=name, currency=currency, created_at=utcnow(), scheduling_weight=weight,
                     **{f"{k}_price": v for k, v in dataclasses.asdict(prices).items()}))
             except IntegrityError as exc:
                 raise Conflict(f"a plan named {name!r} already exists") from exc
             return _plan_dict(await self._plan_row(conn, name))
 
-    async def update_plan(self, name_or_id: str | int, **prices: int) -> dict[str, Any]:
-        """Change some prices; events already recorded keep the cost they were billed.
+    async def update_plan(self, name_or_id: str | int, scheduling_weight: int | None = None,
+                          **prices: int) -> dict[str, Any]:
+        """Change some prices (and the scheduling weight); events already recorded keep the
+        cost they were billed.
 
         The currency is not among them: it is fixed when the plan is created, since reports
         state every past cost of the plan's tenants in it (make a new plan instead)."""
@@ -760,13 +782,18 @@ class Ledger:
         unknown = set(prices) - set(_PRICE_FIELDS)
         if unknown:
             raise InvalidInput(f"unknown prices {sorted(unknown)}; allowed: {_PRICE_FIELDS}")
+        weight = {} if scheduling_weight is None else {"scheduling_weight": _check_range(
+            "scheduling_weight", scheduling_weight, *SCHEDULING_WEIGHT_RANGE)}
         async with self._begin() as conn:
             row = await self._plan_row(conn, name_or_id)
             merged = {k: prices.get(k, getattr(row, f"{k}_price")) for k in _PRICE_FIELDS}
             Prices(**merged).validate()
             await conn.execute(update(Plan).where(Plan.id == row.id).values(
-                **{f"{k}_price": v for k, v in merged.items()}))
-            return _plan_dict(await self._plan_row(conn, row.id))
+                **{f"{k}_price": v for k, v in merged.items()}, **weight))
+            result = _plan_dict(await self._plan_row(conn, row.id))
+        if weight:
+            self._keys.invalidate()  # principals carry the plan's weight: refresh them now
+        return result
 
     async def _plan_row(self, conn: AsyncConnection, name_or_id: str | int) -> Any:
         plan_id = _as_id(name_or_id)
@@ -878,6 +905,12 @@ def _check_limits(values: dict[str, Any]) -> None:
     for key, value in values.items():
         if value is None:
             continue
+        if key == "min_priority":
+            _check_range(key, value, *PRIORITY_RANGE)
+            continue
+        if key == "max_running_sequences":  # 0 would run nothing: null is "no cap"
+            _check_range(key, value, 1, _MAX_ID, "or null (no cap)")
+            continue
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise InvalidInput(f"{key} must be a non-negative integer or null, got {value!r}")
         if key in RESERVATION_FIELDS and value > MAX_RESERVATION:  # sums must stay exact
@@ -904,6 +937,13 @@ def _key_dict(r: Any) -> dict[str, Any]:
             "budget_monthly_micros": r.budget_monthly_micros}
 
 
+def _check_range(key: str, value: Any, lo: int, hi: int, extra: str = "") -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+        raise InvalidInput(f"{key} must be an integer from {lo} to {hi}{' ' + extra if extra else ''}"
+                           f", got {value!r}")
+    return value
+
+
 def _check_ttls(ttl: int, top: int) -> None:
     if ttl > top:
         raise InvalidInput(f"cache_ttl_seconds ({ttl}) must not exceed cache_max_ttl_seconds "
@@ -921,6 +961,8 @@ def _tenant_dict(row: Any, plan: str) -> dict[str, Any]:
             "tokens_per_minute": row.tokens_per_minute, "max_concurrent": row.max_concurrent,
             "budget_daily_micros": row.budget_daily_micros,
             "budget_monthly_micros": row.budget_monthly_micros,
+            "min_priority": row.min_priority,
+            "max_running_sequences": row.max_running_sequences,
             "created_at": row.created_at.isoformat()}
 
 
@@ -934,7 +976,8 @@ def _check_currency(code: Any) -> str:
 def _plan_dict(row: Any) -> dict[str, Any]:
     return {"id": row.id, "name": row.name,
             **{k: getattr(row, f"{k}_price") for k in _PRICE_FIELDS},
-            "currency": row.currency, "created_at": row.created_at.isoformat()}
+            "currency": row.currency, "scheduling_weight": row.scheduling_weight,
+            "created_at": row.created_at.isoformat()}
 
 
 

@@ -8,6 +8,7 @@ from typing import Any
 
 from sqlalchemy import (
     BigInteger,
+    CheckConstraint,
     DateTime,
     ForeignKey,
     Index,
@@ -76,6 +77,10 @@ class Plan(Base):
     # Per million token-hours of an explicit cache's pinned tokens
     cache_storage_price: Mapped[int] = mapped_column(BigInteger, server_default="0")
     currency: Mapped[str] = mapped_column(String(3), server_default="USD")
+    # The plan's tenants' share of the engine under contention, relative to weight 1
+    scheduling_weight: Mapped[int] = mapped_column(
+        Integer, CheckConstraint("scheduling_weight >= 1 AND scheduling_weight <= 1000",
+                                 name="ck_plans_scheduling_weight"), server_default="1")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
@@ -99,6 +104,14 @@ class Tenant(Base):
     # Spend budgets (micro-units of the plan's currency per UTC day / month); None: none
     budget_daily_micros: Mapped[int | None] = mapped_column(BigInteger)
     budget_monthly_micros: Mapped[int | None] = mapped_column(BigInteger)
+    # The lowest request priority its requests may ask for (lower runs first; 0: none
+    # ahead of the default class) and its cap on running sequences (None: none)
+    min_priority: Mapped[int] = mapped_column(
+        Integer, CheckConstraint("min_priority >= -1000 AND min_priority <= 1000",
+                                 name="ck_tenants_min_priority"), server_default="0")
+    max_running_sequences: Mapped[int | None] = mapped_column(
+        Integer, CheckConstraint("max_running_sequences >= 1",
+                                 name="ck_tenants_max_running_sequences"))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 

@@ -8,6 +8,8 @@
   retried (it may have run and billed the request): the client gets a 502, or, when the
   answer had started, the connection closes as the replica's did. So a stream is never
   duplicated and a request is billed at most once, by the replica that answered.
+- A client that stops reading is cut after ``--write-timeout`` (``BoundedResponse``),
+  which closes the replica connection: the replica stops and bills what it produced.
 - The router bills nothing; ``x-request-id`` is the router's (or the client's sane one),
   sent on so the replica answers under the same id.
 """
@@ -28,6 +30,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from kvgate.gateway.http.errors import ApiError
 from kvgate.gateway.http.sse import OPEN_STREAM, end_stream_with_error
 from kvgate.gateway.http.state import ctx_of
+from kvgate.gateway.http.transport import BoundedResponse
 from kvgate.gateway.route.pool import Replica
 
 log = logging.getLogger("kvgate.route")
@@ -123,7 +126,7 @@ def _copy_headers(src: CIMultiDict[str] | CIMultiDictProxy[str],
 
 async def _relay(request: web.Request, upstream: aiohttp.ClientResponse,
                  t_router: float, idle_timeout_s: float) -> web.StreamResponse:
-    resp = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+    resp = BoundedResponse(request, status=upstream.status, reason=upstream.reason)
     _copy_headers(upstream.headers, resp)
     timing = upstream.headers.get("server-timing")
     own = f"router;dur={t_router * 1000.0:.2f}"

@@ -24,12 +24,14 @@ class RouterSettings:
     max_body_bytes: int = 4 * 1024 * 1024
     read_timeout_s: int = 30
     upstream_idle_timeout_s: float = 300.0  # a replica's answer silent this long is cut
+    write_timeout: float = 30.0  # a client that accepts no bytes this long is cut
 
     def server_settings(self) -> Settings:
         """What the HTTP layer's middlewares read (body limit, timeouts, the ledger)."""
         return Settings(host=self.host, port=self.port, db=self.db, model=self.model,
                         admin_key=self.admin_key, log_level=self.log_level,
-                        max_body_bytes=self.max_body_bytes, read_timeout_s=self.read_timeout_s)
+                        max_body_bytes=self.max_body_bytes, read_timeout_s=self.read_timeout_s,
+                        write_timeout=self.write_timeout)
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides: Any) -> RouterSettings:
@@ -39,7 +41,8 @@ class RouterSettings:
         for name, kind in (("host", str), ("port", int), ("db", str), ("model", str),
                            ("replicas_dns", str), ("events_url", str), ("admin_key", str),
                            ("log_level", str), ("max_body_bytes", int),
-                           ("read_timeout_s", int), ("upstream_idle_timeout_s", float)):
+                           ("read_timeout_s", int), ("upstream_idle_timeout_s", float),
+                           ("write_timeout", float)):
             raw = env.get("KVGATE_" + name.upper(), "")
             if raw:
                 values[name] = kind(raw)
@@ -60,6 +63,8 @@ _FLAGS: dict[str, tuple[Any, str]] = {
     "log_level": (str, "debug | info | warning | error"),
     "upstream_idle_timeout_s": (float, "a replica's started answer that sends nothing for "
                                 "this long is ended with an error (300)"),
+    "write_timeout": (float, "seconds a client may take to accept bytes of an answer; then "
+                      "the answer is cut and the replica stops (30; 0: no limit)"),
 }
 
 
