@@ -13,7 +13,8 @@ directory) with tenants made through the admin API, all on loopback:
   victim's share costs it.
 - **stalled**: the flood tenant opens 12 streaming requests (large ``max_tokens``) whose
   clients never read a byte (``--max-queue 4 --max-running 8``, the configuration that
-  kept every other tenant at 503 for 40 s); the victim's statuses and TTFT meanwhile.
+  kept every other tenant at 503 for 40 s); the victim's statuses and TTFT meanwhile. The
+  two scenarios below run on the same server.
 - **tpm**: a tenant limited to 500 tokens per minute sends 12 concurrent completions of
   ``max_tokens`` 400: the tokens it is served in the window (goal ≤ 500 + one request).
 - **budget**: a tenant with a 1,000 µ daily budget sends requests until it is refused: its
@@ -217,7 +218,7 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="kvgate-fairness-") as tmp:
         if "flood" in only:
-            for mode, flags in MODES.items():
+            for mode, flags in smoke(MODES, {"fair": {}}).items():
                 with ProcessServer(Path(tmp) / mode, model="demo", **flags) as server:
                     f = server.admin.tenant("flood")
                     v = server.admin.tenant("victim")
@@ -231,22 +232,22 @@ def main() -> None:
                              "x_p50": r["ratio"]["p50_ms"], "x_p99": r["ratio"]["p99_ms"],
                              "victim_503": r["flooded"]["statuses"].get("503", 0),
                              "flood_tok_s": r["flood_tokens_per_s"]})
-        if "stalled" in only:
-            with ProcessServer(Path(tmp) / "stalled", model="demo", max_queue=4,
+        if only & {"stalled", "tpm", "budget"}:
+            with ProcessServer(Path(tmp) / "limits", model="demo", max_queue=4,
                                max_running=8) as server:
-                f = server.admin.tenant("stall")
-                v = server.admin.tenant("victim")
-                r = asyncio.run(stalled(server.url, server.port, f.key, v.headers, args.alone,
-                                        args.duration / 2))
-            result["stalled"] = r
-            rows.append({"scenario": "12 stalled readers", "alone_p50": r["alone"]["p50_ms"],
-                         "alone_p99": r["alone"]["p99_ms"],
-                         "loaded_p50": r["with_stalled_readers"]["p50_ms"],
-                         "loaded_p99": r["with_stalled_readers"]["p99_ms"],
-                         "x_p50": r["ratio"]["p50_ms"], "x_p99": r["ratio"]["p99_ms"],
-                         "victim_503": r["victim_503"]})
-        if "tpm" in only or "budget" in only:
-            with ProcessServer(Path(tmp) / "limits", model="demo") as server:
+                if "stalled" in only:
+                    f = server.admin.tenant("stall")
+                    v = server.admin.tenant("victim")
+                    r = asyncio.run(stalled(server.url, server.port, f.key, v.headers,
+                                            args.alone, args.duration / 2))
+                    result["stalled"] = r
+                    rows.append({"scenario": "12 stalled readers",
+                                 "alone_p50": r["alone"]["p50_ms"],
+                                 "alone_p99": r["alone"]["p99_ms"],
+                                 "loaded_p50": r["with_stalled_readers"]["p50_ms"],
+                                 "loaded_p99": r["with_stalled_readers"]["p99_ms"],
+                                 "x_p50": r["ratio"]["p50_ms"], "x_p99": r["ratio"]["p99_ms"],
+                                 "victim_503": r["victim_503"]})
                 if "tpm" in only:
                     t = server.admin.tenant("tpm", tokens_per_minute=500)
                     result["tpm"] = asyncio.run(tpm(server.url, t.headers, 500))
