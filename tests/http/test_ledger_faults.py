@@ -164,10 +164,13 @@ def test_sqlite_file_deleted_under_a_running_server(tmp_path: Path,
         assert not db.exists()  # nothing recreated it, nothing was billed into it
 
 
-def test_database_and_spool_both_failing_is_503_not_500(tmp_path: Path) -> None:
+def test_database_and_spool_both_failing_holds_the_answer_and_refuses_new(
+        tmp_path: Path) -> None:
     """The SQLite file refuses writes (fault injected: the writer's connection read-only)
-    and the spool directory cannot be made (its parent is a file): the answer cannot be
-    billed, so it is not served: 503 with Retry-After in the API's shape, never a 500."""
+    and the spool directory cannot be made (its parent is a file). The stream running then
+    was answered: it ends normally and its usage is held in memory, billed once when the
+    database is back. New requests cannot be billed, so they are not served: 503 with
+    Retry-After in the API's shape, never a 500."""
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("")
     with ThreadServer(tmp_path, spool_dir=str(blocker / "spool"), **FLAGS) as srv:
@@ -176,6 +179,13 @@ def test_database_and_spool_both_failing_is_503_not_500(tmp_path: Path) -> None:
         assert requests.post(srv.url + path, json=body, headers=tenant.headers,
                              timeout=60).status_code == 200
         srv.on_loop(readonly_writer(srv.state.ledger, True))
+        stream_path, stream_body = request_body("chat-stream", "hello", 4)
+        with requests.post(srv.url + stream_path, json=stream_body, headers=tenant.headers,
+                           stream=True, timeout=60) as r:
+            assert r.status_code == 200, r.text
+            assert any(ev.done for ev in iter_sse(r)), "the stream did not finish"
+            held = r.headers["x-request-id"]
+        assert len(srv.state.ledger._committer.held) == 1
         r = requests.post(srv.url + path, json=body, headers=tenant.headers, timeout=60)
         assert r.status_code == 503 and int(r.headers["Retry-After"]) >= 1, r.text
         assert r.json()["error"]["code"] == "ledger_unavailable"
@@ -186,3 +196,4 @@ def test_database_and_spool_both_failing_is_503_not_500(tmp_path: Path) -> None:
             time.sleep(0.1)
         assert requests.post(srv.url + path, json=body, headers=tenant.headers,
                              timeout=60).status_code == 200
+        assert srv.on_loop(rows(srv.state.ledger)).get(held) == 1

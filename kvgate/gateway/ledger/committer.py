@@ -15,6 +15,17 @@ When the database cannot take a batch (unreachable, read-only, its SQLite file r
 the batch goes to the spool (``spool.py``) instead and its callers are answered from it;
 later batches go straight there until a background task has replayed the spool into the
 database. Replay uses the same idempotent insert, so an event is billed exactly once.
+
+When the spool cannot take a batch either (a full or failing disk), its events were
+answered already (the request ran; a stream's tokens were sent): they are held in memory
+(``held``, at most ``max_held``), answered as spooled, and go on into the spool or the
+database, whichever takes them first (both by request id, so never twice). While usage
+is held or the spool fails with the database away, ``Ledger.refusing`` turns new
+requests away. A third task re-tests the spool every ``retest_s`` (and at once when a
+refused request asks, ``kick_retest``): the first probe that succeeds moves what is held
+into the spool, and admission resumes, the database still away or not. What is held is
+lost only if the process dies before the disk or the database is back; each held event
+is logged with its bytes.
 """
 
 from __future__ import annotations
@@ -25,7 +36,8 @@ import json
 import logging
 import sqlite3
 import time
-from collections.abc import Callable, Sequence
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields, replace
 from datetime import UTC, datetime
@@ -50,6 +62,9 @@ log = logging.getLogger("kvgate.ledger")
 OnCommit = Callable[[float, int], None]
 _RETRY_DELAYS_S = (0.05, 0.25, 1.0)  # safe to retry: the insert is idempotent by request id
 _REPLAY_DELAYS_S = (0.2, 0.5, 1.0, 2.0, 5.0)  # between replay attempts; the last repeats
+RETEST_S = 2.0  # a failing spool is probed this often (admission resumes within that)
+_KICK_GAP_S = 0.25  # a refused request re-tests the spool at most this often
+DEFAULT_MAX_HELD = 10_000  # answered events held in memory while the spool fails
 # What says the database cannot take a write now (rather than that one event is wrong).
 _UNAVAILABLE = (DBAPIError, OSError, sqlite3.OperationalError, asyncio.TimeoutError,
                 LedgerUnavailable)
@@ -57,6 +72,11 @@ _UNAVAILABLE = (DBAPIError, OSError, sqlite3.OperationalError, asyncio.TimeoutEr
 _Item = tuple[UsageEvent, "asyncio.Future[Billed]"]
 # Per event of a batch: the answer, or that event's own error.
 _Outcome = Billed | Exception
+
+
+class SpoolTrouble(LedgerError):
+    """Replay committed what it could but the spool file could not be read or cut: the
+    database is fine; replay is retried (what is committed twice is billed once)."""
 
 
 class GroupCommitter:
@@ -76,10 +96,20 @@ class GroupCommitter:
         self.plans: dict[int, PlanPrices] = {}  # tenant id -> the prices last read for it
         # Signs the receipt stored with each event that names one (None: none stored)
         self.receipt_key: ReceiptKey | None = None
+        # Answered events neither the spool nor the database took yet (oldest first)
+        self.held: deque[SpoolRecord] = deque()
+        self.max_held = DEFAULT_MAX_HELD
+        self.retest_s = RETEST_S
+        # The timer of the spool's re-test (a test drives its own clock through it)
+        self.sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
         self._queue: asyncio.Queue[_Item | None] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
         self._replayer: asyncio.Task[None] | None = None
+        self._retester: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
+        self._kick = asyncio.Event()  # the spool failed, or a refused request asks
+        self._last_retest = 0.0
+        self._spool_lock = asyncio.Lock()  # one append of what is held at a time
         self._closed = False
         dialect = engine.dialect.name
         self._insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
@@ -95,6 +125,7 @@ class GroupCommitter:
         self._task = loop.create_task(self._run(), name="ledger-commit")
         if self.spool is not None:
             self._replayer = loop.create_task(self._replay_loop(), name="ledger-replay")
+            self._retester = loop.create_task(self._retest_loop(), name="ledger-spool-retest")
             self._wake.set()  # replay what an earlier run left
 
     def remember_prices(self, tenant_id: int, plan: PlanPrices) -> None:
@@ -118,11 +149,13 @@ class GroupCommitter:
         self._queue.put_nowait(None)
         if self._task is not None:
             await self._task
-        if self._replayer is not None:
-            self._replayer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._replayer
+        for task in (self._replayer, self._retester):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self.spool is not None:
+            await self._flush_held()
             await self.spool.close()
         if self._writer is not None:
             await asyncio.get_running_loop().run_in_executor(None, self._writer.close)
@@ -161,21 +194,121 @@ class GroupCommitter:
         self.unavailable = str(exc) or type(exc).__name__
 
     async def _spool_batch(self, batch: list[_Item]) -> None:
-        """Durable in the spool, then answered with the last known prices."""
+        """Durable in the spool (after what is held), then answered with the last known
+        prices; when the spool fails, held in memory and answered alike."""
         assert self.spool is not None
         records = [SpoolRecord(event, self._price(event), self.plans.get(event.tenant_id))
                    for event, _ in batch]
-        try:
-            await self.spool.append(records)
-        except OSError as exc:
-            log.error("usage spool failed too; %d events not recorded: %s", len(batch), exc)
-            self._answer(batch, error=LedgerUnavailable(
-                f"could not record usage: database and spool unavailable: {exc}"))
-            self._wake.set()  # the replayer probes the database and says when it is back
-            return
-        self._answer(batch, results=[r.billed or Billed(True, 0, "", spooled=True)
-                                     for r in records])
+        async with self._spool_lock:
+            held = list(self.held)
+            try:
+                await self.spool.append(held + records)
+            except OSError as exc:
+                self._hold(batch, records, exc)
+                return
+            self._release(held)
+        if held:
+            log.warning("usage spool writable again; %d held events spooled", len(held))
+        self._answer(batch, results=[_answer_of(r) for r in records])
         self._wake.set()
+
+    def _hold(self, batch: list[_Item], records: list[SpoolRecord], exc: OSError) -> None:
+        """The spool failed with the database away: keep what fits in ``held`` (answered
+        as spooled), refuse the rest as before (``LedgerUnavailable``); both logged with
+        the events' bytes."""
+        room = max(0, self.max_held - len(self.held))
+        if not self.held:
+            log.error("usage spool failed with the database away; answered usage is held "
+                      "in memory (at most %d events) until the spool or the database takes "
+                      "it, and new requests are refused: %s", self.max_held, exc)
+        for r in records[:room]:
+            log.warning("usage event held in memory: %s", _line(r))
+            self.held.append(r)
+        for r in records[room:]:
+            log.error("usage event not recorded (database and spool unavailable, %d events "
+                      "held already): %s", len(self.held), _line(r))
+        self._answer(batch[:room], results=[_answer_of(r) for r in records[:room]])
+        self._answer(batch[room:], error=LedgerUnavailable(
+            f"could not record usage: database and spool unavailable: {exc}"))
+        self._wake.set()  # the replayer probes the database and commits what is held
+        self._kick.set()  # the re-test timer starts
+
+    def _release(self, done: list[SpoolRecord]) -> None:
+        """``done`` (a snapshot of ``held``) is in the spool or the database now."""
+        if done:
+            gone = {id(r) for r in done}
+            self.held = deque(r for r in self.held if id(r) not in gone)
+
+    def kick_retest(self) -> None:
+        """A request was refused because the spool fails: re-test it now (or, when one
+        ran less than ``_KICK_GAP_S`` ago, that much after it), not at the timer's turn."""
+        self._kick.set()
+
+    def spool_failing(self) -> bool:
+        """The spool's last append or probe failed, or answered usage is held."""
+        return self.spool is not None and (not self.spool.healthy or bool(self.held))
+
+    async def retest_spool(self) -> bool:
+        """Probe the spool, then move what is held into it; True once it takes writes and
+        nothing is held."""
+        if self.spool is None:
+            return True
+        self._last_retest = time.monotonic()
+        async with self._spool_lock:
+            held = list(self.held)
+            try:
+                await self.spool.probe()
+                if held:
+                    await self.spool.append(held)
+            except OSError as exc:
+                log.info("usage spool still failing: %s", exc)
+                return False
+            self._release(held)
+        log.warning("usage spool writable again; %d held events spooled", len(held))
+        self._wake.set()
+        return not self.spool_failing()
+
+    async def _retest_loop(self) -> None:
+        """While the spool fails: ``retest_spool`` every ``retest_s``, or sooner when
+        kicked; idle (waiting for a failure's kick) while it works."""
+        while True:
+            if not self.spool_failing():
+                await self._kick.wait()
+                self._kick.clear()
+                continue
+            timer = asyncio.ensure_future(self.sleep(self.retest_s))
+            kicked = asyncio.ensure_future(self._kick.wait())
+            try:
+                await asyncio.wait((timer, kicked), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                timer.cancel()
+                kicked.cancel()
+            if self._kick.is_set():  # asked by requests: not more often than every gap
+                self._kick.clear()
+                gap = self._last_retest + _KICK_GAP_S - time.monotonic()
+                if gap > 0:
+                    await asyncio.sleep(gap)
+            if self.spool_failing():
+                try:
+                    await self.retest_spool()
+                except Exception:
+                    log.exception("usage spool re-test failed")
+
+    async def _flush_held(self) -> None:
+        """At close: what is held goes to the spool (or the database), else to the log."""
+        held = list(self.held)
+        if not held:
+            return
+        assert self.spool is not None
+        try:
+            await self.spool.append(held)
+        except OSError as exc:
+            try:
+                await self._commit_records(held)
+            except Exception:
+                for r in held:
+                    log.error("usage event lost at shutdown (spool: %s): %s", exc, _line(r))
+        self._release(held)
 
     def _price(self, event: UsageEvent) -> Billed | None:
         plan = self.plans.get(event.tenant_id)
@@ -190,10 +323,14 @@ class GroupCommitter:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            while self.spool.depth or self.unavailable is not None:
+            while self.spool.depth or self.unavailable is not None or self.held:
                 try:
                     await self.replay()
                     failures = 0
+                except SpoolTrouble as exc:
+                    log.warning("%s; replay retried", exc)
+                    await asyncio.sleep(_REPLAY_DELAYS_S[min(failures, len(_REPLAY_DELAYS_S) - 1)])
+                    failures += 1
                 except _UNAVAILABLE as exc:
                     self._mark_unavailable(exc)
                     delay = _REPLAY_DELAYS_S[min(failures, len(_REPLAY_DELAYS_S) - 1)]
@@ -204,15 +341,45 @@ class GroupCommitter:
                     await asyncio.sleep(_REPLAY_DELAYS_S[-1])
 
     async def replay(self) -> int:
-        """Commit what the spool holds, then drop it from the spool; returns the events
-        that were new to the database. With an empty spool, checks the database answers."""
+        """Commit what the spool holds and what is held in memory, then drop it from the
+        spool; returns the events that were new to the database. With nothing to commit,
+        checks the database answers. ``SpoolTrouble`` when the spool file could not be read
+        or cut (the database is up)."""
         assert self.spool is not None
-        records, end = await self.spool.read()
-        if not records:
-            if self.sqlite_file is not None:
-                self.sqlite_file.check()
-            async with self.engine.connect() as conn:
-                await conn.exec_driver_sql("SELECT 1")
+        trouble: OSError | None = None
+        try:
+            records, end = await self.spool.read()
+        except OSError as exc:
+            records, end, trouble = [], 0, exc
+        held = list(self.held)
+        if not records and not held:
+            await self.probe_database()
+        new = await self._commit_records(records) + await self._commit_records(held)
+        self._release(held)
+        if records and trouble is None:
+            try:
+                await self.spool.drop(end, len(records))
+            except OSError as exc:
+                trouble = exc
+        self.replayed += new
+        if self.unavailable is not None:
+            log.warning("ledger database is back; %d spooled usage events committed", new)
+        self.unavailable = None
+        if trouble is not None:
+            raise SpoolTrouble(f"usage spool in {self.spool.directory}: {trouble}") from trouble
+        return new
+
+    async def probe_database(self) -> None:
+        """Raises (one of ``_UNAVAILABLE``) unless the database answers a query."""
+        if self.sqlite_file is not None:
+            self.sqlite_file.check()
+        async with self.engine.connect() as conn:
+            await conn.exec_driver_sql("SELECT 1")
+
+    async def _commit_records(self, records: list[SpoolRecord]) -> int:
+        """Spooled (or held) events into the database, at the cost they were answered
+        with; → how many were new. An event the database refuses for itself (never for
+        an outage) is logged with its bytes and dropped."""
         new = 0
         for i in range(0, len(records), self.max_batch):
             chunk = records[i:i + self.max_batch]
@@ -232,11 +399,6 @@ class GroupCommitter:
                 else:  # it can never commit; keep it out of the way, say so
                     log.error("spooled usage event %s cannot be recorded, dropped: %s\n%s",
                               r.event.request_id, outcome, r.to_json())
-        await self.spool.drop(end, len(records))
-        self.replayed += new
-        if self.unavailable is not None:
-            log.warning("ledger database is back; %d spooled usage events committed", new)
-        self.unavailable = None
         return new
 
     async def _commit_batch(self, batch: list[_Item]) -> None:
@@ -487,6 +649,16 @@ def _sqlite_param(value: Any) -> Any:
         return value.astimezone(UTC).replace(tzinfo=None).isoformat(
             sep=" ", timespec="microseconds")
     return value
+
+
+def _answer_of(record: SpoolRecord) -> Billed:
+    """What a caller whose event is spooled (or held) is answered."""
+    return record.billed or Billed(True, 0, "", spooled=True)
+
+
+def _line(record: SpoolRecord) -> str:
+    """An event as the log shows it: its spool record, to recover by hand."""
+    return json.dumps(record.to_json(), separators=(",", ":"), sort_keys=True)
 
 
 def usage_row(e: UsageEvent, billed: Billed) -> dict[str, Any]:

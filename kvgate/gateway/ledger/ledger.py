@@ -193,8 +193,11 @@ class Ledger:
         """Why new requests must not be admitted now, or None. The rule: refuse once usage
         could not be kept — the SQLite file was replaced or deleted (checked here, one
         ``stat``; nothing is billed into a file nobody reads), the spool holds ``max_events`` or more, or the database is
-        away and the spool cannot be written (or there is none). A database that is away
-        while the spool takes usage does not refuse requests: that is what the spool is for.
+        away and the spool cannot be written (or there is none) or answered usage waits in
+        memory for it. A database that is away while the spool takes usage does not refuse
+        requests: that is what the spool is for. A failing spool is re-tested every
+        ``RETEST_S`` and whenever this refuses for it, so a disk that has room again is in
+        use again within that, the database still away or not.
         """
         if self.sqlite_file is not None:
             try:
@@ -207,8 +210,13 @@ class Ledger:
         if self.spool.depth >= self.spool.max_events:
             return (f"the usage spool holds {self.spool.depth} events (limit "
                     f"{self.spool.max_events}) waiting for the ledger database")
-        if self.spool.error is not None and self._committer.unavailable is not None:
-            return self.spool.error
+        if self._committer.unavailable is not None:
+            held = len(self._committer.held)
+            if self.spool.error is not None or held:
+                # Re-tested every ``RETEST_S`` (committer.py) and now, at this request's
+                # asking: admission resumes once the spool takes writes again.
+                self._committer.kick_retest()
+                return self.spool.error or f"{held} usage events wait for the usage spool"
         return None
 
     async def health(self) -> Health:
