@@ -157,3 +157,24 @@ async def test_a_failed_write_leaves_no_torn_line(tmp_path, monkeypatch):
         os.close(fd)
     cp.finish("w")
     await cp.close()
+
+
+async def test_a_bill_held_in_memory_is_journalled_whole_with_its_status(tmp_path):
+    """The spool's disk failed: the ledger holds the final event in memory only. The
+    journal writes that event, so a crash now bills it at the next start, as it was."""
+    cp = Checkpoints(tmp_path, interval_s=3600)
+    await cp.recover()
+    r = Running("h")
+    cp.track("h", r)
+    r.tokens = 5
+    await cp.flush()
+    final = event("h", 9)
+    final = UsageEvent(**{**final.__dict__, "status": "ok"})
+    cp.finish("h", billed=False, final=final)
+    await cp.flush()
+    os.close(cp._fd)  # the crash
+    cp._fd = None
+    nxt = Checkpoints(tmp_path)
+    (got,) = await nxt.recover()
+    assert (got.status, got.usage.completion_tokens) == ("ok", 9)
+    await nxt.close()

@@ -346,8 +346,9 @@ class Generation:
             if checkpoints is not None:  # billed from its checkpoint at the next start
                 checkpoints.finish(self.request_id, billed=False)
             raise
-        if checkpoints is not None:
-            checkpoints.finish(self.request_id)
+        if checkpoints is not None:  # held in memory only: the journal keeps it durable
+            checkpoints.finish(self.request_id, billed=not billed.held,
+                               final=event if billed.held else None)
         self._budget.settle(billed)
         ctx.ledger_s = time.monotonic() - t0
         if billed.new:

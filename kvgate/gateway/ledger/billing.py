@@ -81,6 +81,9 @@ class Billed:
     cost_micros: int
     currency: str
     spooled: bool = False
+    # Spooled but in memory only: the spool's disk failed (committer ``held``); lost if the
+    # process dies before the disk or the database is back, so the caller keeps it too
+    held: bool = False
 
 
 @dataclass(frozen=True)

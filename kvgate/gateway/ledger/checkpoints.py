@@ -128,8 +128,7 @@ class Checkpoints:
                     found = read_journal(f.read())
             finally:
                 os.close(fd)
-            for ev in found.values():
-                out.append(replace(ev, status="interrupted"))
+            out.extend(found.values())  # checkpoints say interrupted; a final line its own
             self._adopted.append(path)
         if out:
             log.warning("billing %d requests a stopped process left unfinished, as interrupted "
@@ -173,14 +172,24 @@ class Checkpoints:
         if completion_tokens - self._written.get(request_id, 0) >= self.every_tokens:
             self._wake.set()
 
-    def finish(self, request_id: str, billed: bool = True) -> None:
-        """The request is billed (``billed``), or will be from its checkpoint at the next
-        start (its bill failed): either way it is no longer tracked."""
+    def finish(self, request_id: str, billed: bool = True,
+               final: UsageEvent | None = None) -> None:
+        """The request is billed durably (``billed``), or is not: its bill failed, or
+        lives in memory only (the spool's disk failed). Then ``final``, its whole usage,
+        replaces its checkpoint (written with the next flush), and the next start bills
+        that, with its own status. Either way it is no longer tracked."""
         self._tracked.pop(request_id, None)
         line = self._latest.pop(request_id, None)
-        if self._written.pop(request_id, None) is not None and billed:
-            self._done.append(_line({"done": True, "request_id": request_id}))
-        elif not billed and line is not None:
+        if billed:
+            if self._written.pop(request_id, None) is not None:
+                self._done.append(_line({"done": True, "request_id": request_id}))
+            return
+        self._written.pop(request_id, None)
+        if final is not None:
+            line = _line(SpoolRecord(final, None).to_json())
+            self._done.append(line)
+            self._wake.set()
+        if line is not None:
             self._unbilled[request_id] = line
 
     # -- flushing ----------------------------------------------------------------------------
@@ -198,7 +207,8 @@ class Checkpoints:
             await asyncio.sleep(_MIN_GAP_S)
 
     async def flush(self) -> int:
-        """Writes every request whose usage moved since its last checkpoint; how many."""
+        """Writes every request whose usage moved since its last checkpoint, and the lines
+        ``finish`` queued; how many checkpoints."""
         lines: list[bytes] = []
         marks: dict[str, int] = {}
         now = datetime.now(UTC)

@@ -227,7 +227,8 @@ class GroupCommitter:
         for r in records[room:]:
             log.error("usage event not recorded (database and spool unavailable, %d events "
                       "held already): %s", len(self.held), _line(r))
-        self._answer(batch[:room], results=[_answer_of(r) for r in records[:room]])
+        self._answer(batch[:room], results=[replace(_answer_of(r), held=True)
+                                             for r in records[:room]])
         self._answer(batch[room:], error=LedgerUnavailable(
             f"could not record usage: database and spool unavailable: {exc}"))
         self._wake.set()  # the replayer probes the database and commits what is held
