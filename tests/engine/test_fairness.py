@@ -259,3 +259,28 @@ def test_the_slot_comes_from_the_tenant_that_holds_most(demo_loaded):
     assert fairness.accounts["heavy"].running == 1 and fairness.accounts["many"].running == 2
     run_out(engine)
     assert heavy.done and newcomer.done and all(c.done for c in many)
+
+
+def test_a_light_newcomer_gets_a_step_of_its_own_never_two_in_a_row(demo_loaded):
+    engine = make(demo_loaded, max_running=8, max_batch_tokens=256)
+    plans: list[list[str]] = []
+    plan = engine.scheduler.schedule
+
+    def recorded() -> Any:
+        out = plan()
+        plans.append([c.seq.request_id for c in out.chunks])
+        return out
+
+    engine.scheduler.schedule = recorded  # type: ignore[method-assign]
+    flood = [Client(engine, f"f{i}", "flood", prompt(i, 64), 30) for i in range(6)]
+    steps_until(engine, lambda: all(c.started for c in flood))
+    first = Client(engine, "v1", "v1", prompt(40, 8), 2)
+    second = Client(engine, "v2", "v2", prompt(41, 8), 2)
+    engine.step()
+    assert plans[-1] == ["v1", "v2"]  # both newcomers, nothing else in that step
+    assert first.started and second.started
+    late = Client(engine, "v3", "v3", prompt(42, 8), 2)
+    engine.step()  # not a second one in a row: the flood decodes, the newcomer joins them
+    assert "v3" in plans[-1] and any(r.startswith("f") for r in plans[-1])
+    run_out(engine)
+    assert all(c.done for c in [*flood, first, second, late])

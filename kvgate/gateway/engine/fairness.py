@@ -37,7 +37,11 @@ two-sequence margin means a preemption never reverses the one before it: no thra
 Short steps while tenants compete: a request's first token waits for the step in progress
 and then its own. With two or more accounts busy, a step computes at most
 ``EngineConfig.contended_batch_tokens`` tokens (decodes first, then at least a quarter of
-that for prompts), so neither step is a long prefill of another tenant's.
+that for prompts), so the step in progress is not a long prefill of another tenant's. And
+a newcomer of a light account (nothing running, a counter and priority class no worse
+than any running account's) is admitted in a step of its own, without the others' decodes
+and chunks: its first token costs its own prefill, not the batch's. Never two such steps
+in a row, so running sequences lose at most every other step to newcomers.
 
 ``EngineConfig.fair_scheduling = False`` restores first come, first served (the baseline
 ``bench.fairness`` compares against); priorities are honoured in both modes.
@@ -121,7 +125,9 @@ class Fairness:
         if not self.fair:
             return False
         a, b = self.account(cand), self.account(victim)
-        return a is not b and b.running >= a.running + 2 and self.key(victim) > self.key(cand)
+        # counters alone (a tie goes to the one holding fewer slots, not to arrival order)
+        return (a is not b and b.running >= a.running + 2
+                and self.key(victim)[:2] >= self.key(cand)[:2])
 
     def snapshot(self) -> dict[str, dict[str, float]]:
         return {a.name: {"counter": round(a.counter, 1), "weight": a.weight,

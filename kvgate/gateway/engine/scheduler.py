@@ -92,6 +92,7 @@ class Scheduler:
         self.num_preemptions = 0
         self.num_forks = 0  # choices that started on their parent's pages (n > 1)
         self.num_parked = 0  # times a sequence was parked
+        self._newcomer_step = False  # the last step was light newcomers' alone
         self._arrivals = 0
 
     # -- admission -------------------------------------------------------------------
@@ -141,25 +142,24 @@ class Scheduler:
         admitted, and its prompt computed, before the chunks of a heavier account's long
         prompts."""
         limit = self.config.max_batch_tokens
-        contended = self.config.contended_batch_tokens
-        if contended and self.fairness.fair and self.fairness.busy > 1:
-            limit = min(limit, contended)  # short steps while tenants compete (fairness.py)
+        contended = (self.config.contended_batch_tokens and self.fairness.fair
+                     and self.fairness.busy > 1)
+        if contended:  # short steps while tenants compete (fairness.py)
+            limit = min(limit, self.config.contended_batch_tokens)
         out = SchedulerOutput()
         self._park_and_resume()
         key = self.fairness.key
-        for seq in sorted((s for s in self.running if s.num_uncomputed <= 1), key=key):
-            if out.num_tokens >= limit:
-                break
-            if seq.status is not Status.RUNNING:
-                continue  # preempted below by a better sequence of this step
-            if self._grow(seq, seq.num_computed + 1, out):
-                out.add(Chunk(seq, seq.num_computed, 1))
-                self._charge(seq, 1)
-        if limit < self.config.max_batch_tokens:  # prompts get a quarter of it at least
-            limit = max(limit, out.num_tokens + limit // 4)
+        light = self._light_newcomers() if contended else []
+        self._newcomer_step = bool(light)
+        if light:  # their first tokens in a step of their own (fairness.py)
+            entries: list[Sequence] = light
+        else:
+            self._decodes(out, limit)
+            if limit < self.config.max_batch_tokens:  # prompts get a quarter of it at least
+                limit = max(limit, out.num_tokens + limit // 4)
+            entries = [s for s in self.running if s.num_uncomputed > 1] + list(self.waiting)
         # The rest in key order. Counters only grow as work is charged, so a popped entry
         # whose key went stale is pushed back with its new key (it can only have worsened).
-        entries = [s for s in self.running if s.num_uncomputed > 1] + list(self.waiting)
         heap = [(key(s), i, s) for i, s in enumerate(entries)]
         heapq.heapify(heap)
         admitting = True  # until the best waiting request cannot get pages
@@ -206,6 +206,32 @@ class Scheduler:
         self.store.hold_queued({s.seq_id: (s.request.namespace, s.token_ids)
                                 for s in heapq.nsmallest(QUEUED_HELD, self.waiting, key=key)})
         return out
+
+    def _decodes(self, out: SchedulerOutput, limit: int) -> None:
+        """A token each for the running sequences that decode, best key first."""
+        for seq in sorted((s for s in self.running if s.num_uncomputed <= 1),
+                          key=self.fairness.key):
+            if out.num_tokens >= limit:
+                break
+            if seq.status is not Status.RUNNING:
+                continue  # preempted below by a better sequence of this step
+            if self._grow(seq, seq.num_computed + 1, out):
+                out.add(Chunk(seq, seq.num_computed, 1))
+                self._charge(seq, 1)
+
+    def _light_newcomers(self) -> list[Sequence]:
+        """Waiting requests that get a step of their own: each is new (never admitted), of
+        an account with nothing running, in a priority class no worse and with a counter no
+        larger than every running account's. Never two such steps in a row, so the
+        running sequences lose at most every other step to them."""
+        if self._newcomer_step or not self.running:
+            return []
+        fair = self.fairness
+        busy = [fair.key(s) for s in self.running]
+        floor = min(busy)[:2]
+        return [s for s in self.waiting
+                if s.admissions == 0 and fair.account(s).running == 0
+                and fair.key(s)[:2] <= floor]
 
     def _charge(self, seq: Sequence, n: int) -> None:
         """The account pays for ``n`` tokens computed this step (a decode, or a chunk)."""
