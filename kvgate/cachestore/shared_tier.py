@@ -62,7 +62,9 @@ MAGIC = b"KVS1"
 _HEADER = struct.Struct("<4sIIQ")  # magic, namespace bytes, token bytes, namespace epoch
 DIGEST = 16
 MAC_BYTES = 32
-_EPOCH = re.compile(rb"([1-9][0-9]{0,18})(?:\.([0-9a-f]{64}))?")
+# at most 18 digits: below 1e18, so a new epoch (one more) always fits the header's 63 bits,
+# however high a value someone wrote (without a secret) pushed a replica's memory
+_EPOCH = re.compile(rb"([1-9][0-9]{0,17})(?:\.([0-9a-f]{64}))?")
 _MAX_EPOCH = (1 << 63) - 1
 _SEEN_NAMESPACES = 100_000  # namespaces whose highest epoch a replica remembers
 
@@ -304,8 +306,6 @@ class SharedTier:
         if m is None:
             return None
         epoch = int(m.group(1))
-        if epoch > _MAX_EPOCH:
-            return None
         if self._secret:
             mac = m.group(2)
             if mac is None or not hmac.compare_digest(bytes.fromhex(mac.decode()),

@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 import redis
+import requests
 
 from kvgate.cachestore.events import CacheEvent
 from kvgate.gateway.http.state import STATE
@@ -275,6 +276,31 @@ def test_signed_events_the_replica_never_made_are_found_and_undone(fleet: Fleet)
     assert index.cached_blocks(fleet.replicas[other].settings.replica_id, hashes) == 0
     assert _metric(fleet.router, "kvgate_router_reconcile_differences_total") >= 2 * len(hashes)
     assert _cached_tokens(fleet, content) >= (len(hashes) - 1) * 16
+
+
+def test_events_lost_with_no_later_batch_are_found_from_the_replicas_own_number(
+        fleet: Fleet) -> None:
+    """The last batches lost (Redis dropped them, or the stream cannot be written) and the
+    replica idle afterwards: no later batch shows a gap, but the replica's load report
+    does."""
+    _holder(fleet, SYSTEM + "before the loss")
+    index = fleet.replicas[0].state.engine.store.index
+    sink = index.on_event
+    index.on_event = None  # its events from now on go nowhere
+    try:
+        direct = requests.post(fleet.replicas[0].url + "/v1/chat/completions",
+                               headers=fleet.tenant.headers, timeout=60,
+                               json={"model": "demo", "max_tokens": 4, "messages": [
+                                   {"role": "user", "content": SYSTEM + "lost events"}]})
+        assert direct.status_code == 200
+        fleet.wait(lambda: _metric(fleet.router, "kvgate_router_view_behind_total") >= 1,
+                   "the view found behind its replica")
+        _settled(fleet)
+    finally:
+        index.on_event = sink
+    after, hashes = _holder(fleet, SYSTEM + "after the loss")
+    assert fleet.router.router.index.cached_blocks(
+        fleet.replicas[after].settings.replica_id, hashes) == len(hashes)
 
 
 # -- reconciliation --------------------------------------------------------------------------

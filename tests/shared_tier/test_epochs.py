@@ -10,11 +10,13 @@ import pytest
 
 from kvgate.cachestore.shared_tier import SharedTier, SharedTierConfig
 from kvgate.kernels.layout import KVLayout
+from tests.shared_tier import test_store_tier
 from tests.shared_tier.conftest import RedisServer
 from tests.shared_tier.test_store_tier import PROMPT, Replica, drained, serve
 
 # the fixtures these tests use
-from tests.shared_tier.test_store_tier import layout, replica  # noqa: F401
+layout = test_store_tier.layout
+replica = test_store_tier.replica
 
 EPOCH_KEY = "kvgate:kv:epoch:ns-a"
 OTHER = [t + 500 for t in PROMPT]  # other prompts of the same tenant (other keys)
@@ -97,7 +99,7 @@ def test_an_epoch_forged_without_the_secret_is_refused(replica: Replica,
         assert drained(fresh).stats().rejected == 1
 
 
-def test_an_epoch_value_is_bound_to_its_namespace_and_secret(layout: KVLayout,  # noqa: F811
+def test_an_epoch_value_is_bound_to_its_namespace_and_secret(layout: KVLayout,
                                                               valkey: RedisServer) -> None:
     tiers = [SharedTier(SharedTierConfig(url=valkey.url, secret=s), layout, "demo")
              for s in ("k1", "k1", "k2", "")]

@@ -49,6 +49,7 @@ log = logging.getLogger("kvgate.route")
 _SNAPSHOT_TIMEOUT_S = 10.0
 _CATCH_UP_S = 0.05  # reconciliation waits for the events before a snapshot this often ...
 _CATCH_UP_TRIES = 40  # ... and this many times, the view frozen meanwhile
+LAG_S = 5.0  # a view this long behind what its replica had made has lost events
 _INLINE_RENDER_BYTES = 32 * 1024  # bodies up to this are rendered on the event loop
 
 
@@ -70,6 +71,7 @@ class RouterMetrics:
     healthy: Gauge
     rejected: Counter
     view_ahead: Counter
+    view_behind: Counter
     reconciles: Counter
     differences: Counter
 
@@ -87,6 +89,9 @@ class RouterMetrics:
             Counter("kvgate_router_view_ahead", "Replica views found ahead of the replica's "
                     "own last event (fed events it never made); each is reconciled",
                     registry=r),
+            Counter("kvgate_router_view_behind", "Replica views still behind events their "
+                    "replica had made several seconds before (events lost); each is "
+                    "reconciled", registry=r),
             Counter("kvgate_router_reconciles", "Replica views compared with a fresh "
                     "snapshot and replaced by it", registry=r),
             Counter("kvgate_router_reconcile_differences", "Blocks that differed between a "
@@ -108,6 +113,7 @@ class Router:
     follower: EventFollower | None = None
     queue_cost: QueueCost = field(default_factory=QueueCost)
     _syncing: dict[str, asyncio.Task[None]] = field(default_factory=dict)
+    _behind: dict[str, tuple[int, float]] = field(default_factory=dict)  # id -> (target, since)
     compared: int = 0  # views compared with a snapshot (tests read these)
     differences: int = 0  # blocks found different by those comparisons
 
@@ -165,6 +171,28 @@ class Router:
             replica = self.pool.by_id(exc.replica)
             if replica is not None:
                 self.start_resync(replica, compare=True)
+
+    def on_polled(self, replica: Replica) -> None:
+        """A view behind what its replica had made ``LAG_S`` ago has lost events that no
+        later batch showed (the last batches lost, the stream unwritable): it is rebuilt
+        from the replica's snapshot. (A view ahead is ``on_view_ahead``'s.)"""
+        v = self.index.views.get(replica.replica_id)
+        target = replica.event_seq
+        if (self.follower is None or v is None or not v.synced or target is None
+                or v.epoch != replica.epoch or v.seq >= target):
+            self._behind.pop(replica.replica_id, None)
+            return
+        now = asyncio.get_running_loop().time()
+        since = self._behind.get(replica.replica_id)
+        if since is None or v.seq >= since[0]:  # caught up with the last target: a new one
+            self._behind[replica.replica_id] = (target, now)
+        elif now - since[1] >= LAG_S:
+            self._behind.pop(replica.replica_id, None)
+            self.metrics.view_behind.inc()
+            log.warning("replica %s: this router's view is at event %d; the replica had made "
+                        "%d more than %.0f s ago and they never arrived: reloading it from "
+                        "the replica's snapshot", replica.url, v.seq, since[0], LAG_S)
+            self.start_resync(replica, compare=True)
 
     def view_of(self, replica_id: str) -> tuple[str, int] | None:
         v = self.index.views.get(replica_id)
@@ -395,7 +423,8 @@ def create_router_app(settings: RouterSettings, ledger: Ledger | None = None) ->
         router.session = session
         pool = router.pool = ReplicaPool(settings.replicas, settings.admin_key or "", session,
                                          router.on_new_epoch, settings.replicas_dns or None,
-                                         router.view_of, router.on_view_ahead)
+                                         router.view_of, router.on_view_ahead,
+                                         router.on_polled)
         tasks: list[asyncio.Task[None]] = []
         if settings.events_url:
             router.follower = EventFollower(settings.events_url, router.on_batch, events_key,

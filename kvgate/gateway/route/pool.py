@@ -9,7 +9,9 @@ records of a (headless Service's) name, looked up every ``DNS_EVERY_S``.
 The load report also carries the replica's last cache event number. A router's view of a
 replica can never legitimately be ahead of it: the view's number, taken just before the
 poll is sent, is at most what the replica had made then, which is at most what it reports.
-A view found ahead (``on_view_ahead``) was fed events the replica never made.
+A view found ahead (``on_view_ahead``) was fed events the replica never made. After each
+good poll ``on_polled`` lets the router check the other way: a view that stays behind
+what the replica had made (events lost with no later batch to show the gap).
 """
 
 from __future__ import annotations
@@ -55,12 +57,14 @@ class Replica:
 NewEpoch = Callable[[Replica], Coroutine[None, None, None]]
 ViewOf = Callable[[str], tuple[str, int] | None]  # replica id -> (epoch, event number)
 ViewAhead = Callable[[Replica, int], None]  # the replica, the view's number found ahead
+Polled = Callable[[Replica], None]
 
 
 class ReplicaPool:
     def __init__(self, urls: list[str], admin_key: str, session: aiohttp.ClientSession,
                  on_new_epoch: NewEpoch, dns: str | None = None,
-                 view_of: ViewOf | None = None, on_view_ahead: ViewAhead | None = None) -> None:
+                 view_of: ViewOf | None = None, on_view_ahead: ViewAhead | None = None,
+                 on_polled: Polled | None = None) -> None:
         self.replicas: dict[str, Replica] = {u.rstrip("/"): Replica(u.rstrip("/")) for u in urls}
         self.admin_key = admin_key
         self.session = session
@@ -68,6 +72,7 @@ class ReplicaPool:
         self._on_new_epoch = on_new_epoch
         self._view_of = view_of
         self._on_view_ahead = on_view_ahead
+        self._on_polled = on_polled
         self._tasks: set[asyncio.Task[None]] = set()
 
     def healthy(self) -> list[Replica]:
@@ -103,15 +108,19 @@ class ReplicaPool:
                     self.mark_down(replica, f"/admin/load answered {resp.status}")
                     return
                 report = await resp.json()
-        except (TimeoutError, aiohttp.ClientError, ValueError) as exc:
+            if not isinstance(report, dict):
+                raise ValueError("not a JSON object")
+            queue_depth, running = int(report.get("queue_depth", 0)), int(report.get("running", 0))
+            free_pages = int(report.get("free_pages", 0))
+            device_pages = int(report.get("device_pages", 0))
+            block_size = int(report.get("block_size", 0))
+        except (TimeoutError, aiohttp.ClientError, ValueError, TypeError) as exc:
             self.mark_down(replica, f"/admin/load failed: {exc!r}")
             return
-        replica.queue_depth = int(report.get("queue_depth", 0))
-        replica.running = int(report.get("running", 0))
-        replica.free_pages = int(report.get("free_pages", 0))
-        replica.device_pages = int(report.get("device_pages", 0))
+        replica.queue_depth, replica.running = queue_depth, running
+        replica.free_pages, replica.device_pages = free_pages, device_pages
         replica.model_id = str(report.get("model_id", ""))
-        replica.block_size = int(report.get("block_size", 0))
+        replica.block_size = block_size
         replica_id = str(report.get("replica_id", ""))
         epoch = str(report.get("epoch", ""))
         try:
@@ -132,6 +141,8 @@ class ReplicaPool:
             task = asyncio.create_task(self._on_new_epoch(replica))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+        if self._on_polled is not None:
+            self._on_polled(replica)
 
     async def _resolve(self, hostport: str) -> None:
         host, _, port = hostport.rpartition(":")
