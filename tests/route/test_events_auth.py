@@ -432,3 +432,42 @@ def test_events_without_a_secret_refuse_to_start_unless_the_operator_opts_out(
         assert "KVGATE_EVENTS_SECRET" in done.stderr and "--events-unsigned" in done.stderr
         assert not (tmp_path / "cli.db").exists()  # refused before anything was made
 
+
+
+# -- a replica's load report -------------------------------------------------------------------
+
+@pytest.mark.parametrize("report", [[1, 2], "text", {"queue_depth": "many"},
+                                    {"block_size": None}, {"event_seq": "x", "epoch": "e"}])
+async def test_a_load_report_of_the_wrong_shape_never_ends_the_poll_loop(report: Any) -> None:
+    import aiohttp
+    from aiohttp import web
+
+    from kvgate.gateway.route.pool import ReplicaPool
+
+    async def load(request: web.Request) -> web.Response:
+        return web.json_response(report)
+
+    app = web.Application()
+    app.router.add_get("/admin/load", load)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    epochs: list[str] = []
+
+    async def new_epoch(replica: Any) -> None:
+        epochs.append(replica.epoch)
+
+    try:
+        async with aiohttp.ClientSession() as session:
+            pool = ReplicaPool([f"http://127.0.0.1:{port}"], ADMIN_KEY, session, new_epoch)
+            (replica,) = pool.replicas.values()
+            await pool.poll(replica)  # never raises
+            if isinstance(report, dict) and "event_seq" in report:
+                assert replica.healthy and replica.event_seq is None  # an older replica
+            else:
+                assert not replica.healthy
+            await pool.close()
+    finally:
+        await runner.cleanup()

@@ -92,7 +92,7 @@ class RouterMetrics:
             Counter("kvgate_router_view_behind", "Replica views still behind events their "
                     "replica had made several seconds before (events lost); each is "
                     "reconciled", registry=r),
-            Counter("kvgate_router_reconciles", "Replica views compared with a fresh "
+            Counter("kvgate_router_reconciles", "Replica views checked against a fresh "
                     "snapshot and replaced by it", registry=r),
             Counter("kvgate_router_reconcile_differences", "Blocks that differed between a "
                     "replica's view and its snapshot (missing, extra, or on another tier)",
@@ -273,6 +273,9 @@ class Router:
         """Compare the frozen view with the snapshot once the events up to it have
         arrived (the replica publishes what it made a few milliseconds later)."""
         self.metrics.reconciles.inc()
+        v = self.index.views.get(replica.replica_id)
+        if v is None or v.epoch != epoch:
+            return  # the replica restarted: a new view, nothing to compare it with
         for _ in range(_CATCH_UP_TRIES):
             found = self.index.compare(replica.replica_id, epoch, seq, blocks)
             if found is not None:
