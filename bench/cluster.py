@@ -49,7 +49,7 @@ import asyncpg
 from bench.common import print_table, smoke, write_result
 from kvgate.gateway.config import Settings
 from tests.support import Admin, ProcessServer
-from tests.support.admin import ADMIN_KEY
+from tests.support.admin import ADMIN_KEY, EVENTS_SECRET
 from tests.support.redis_server import RedisServer, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -137,7 +137,8 @@ class RouterProcess:
                "--db", db, "--events-url", events_url, "--log-level", "warning"]
         for r in replicas:
             cmd += ["--replica", r]
-        env = {**os.environ, "KVGATE_ADMIN_KEY": ADMIN_KEY, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "KVGATE_ADMIN_KEY": ADMIN_KEY, "KVGATE_EVENTS_SECRET": EVENTS_SECRET,
+               "PYTHONUNBUFFERED": "1"}
         with self.log_path.open("wb") as log:
             self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log,
                                          stderr=subprocess.STDOUT)
@@ -195,6 +196,7 @@ def replica_settings(workdir: Path, name: str, db: str, pages: int, events_url: 
         host="127.0.0.1", port=free_port(), model="demo", db=db, admin_key=ADMIN_KEY,
         device_cache_bytes=pages * PAGE_BYTES, host_cache_bytes=PAGE_BYTES,
         spool_dir=str(workdir / f"spool-{name}"), events_url=events_url,
+        events_secret=EVENTS_SECRET,
         log_level="warning", default_cache_ttl_seconds=3600)
     if shared_url:
         values["shared_tier_url"] = shared_url

@@ -12,9 +12,20 @@ with an LRU policy bounds it; every key carries the block's TTL (``PX``).
   it. A fetch accepts a value only if every field agrees with the prompt being served
   (the same rule as ``PrefixIndex.verify``): a collision, a corrupt or truncated entry,
   another model's page or another tenant's entry copied under this key is a miss.
-- Flush: ``flush_namespace`` increments the namespace's epoch (``<prefix>epoch:<ns>``);
+- Flush: ``flush_namespace`` gives the namespace a new epoch (``<prefix>epoch:<ns>``);
   every entry carries the epoch it was written under and a fetch accepts only the current
   one, so an operator's flush of a tenant reaches every replica's view of Valkey at once.
+- Epochs (``epoch_value``/``parse_epoch``) are numbers that only grow: a new one is the
+  time in microseconds, or one more than any this replica has seen for the namespace,
+  whichever is larger. With a secret the value carries an HMAC of the namespace and the
+  number. Nothing an attacker (or Valkey's own eviction) can do to the key revives
+  flushed entries: a deleted key is no epoch (every entry a miss, the next write makes a
+  new one), a forged or garbled value does not verify (misses, and the next write
+  replaces it), and an older value played back is refused by every replica that has seen
+  a newer one (it remembers the highest per namespace; its next write replaces it). The
+  one thing not caught: a replica that never saw the newer epoch (started after the
+  flush, before the namespace was used again) shown an older, validly signed value by
+  someone who recorded it from Valkey, i.e. who could already read the entries' pages.
 - Nothing here may fail a request. Writes go to a bounded write-behind queue drained by
   one thread (full: the block is skipped and counted). Fetches run off the engine thread
   with socket timeouts and a deadline. A ``Breaker`` stops both after repeated errors and
@@ -30,9 +41,11 @@ import hmac
 import logging
 import math
 import queue
+import re
 import struct
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -49,19 +62,11 @@ MAGIC = b"KVS1"
 _HEADER = struct.Struct("<4sIIQ")  # magic, namespace bytes, token bytes, namespace epoch
 DIGEST = 16
 MAC_BYTES = 32
-
-
-def parse_epoch(value: object) -> int | None:
-    """A namespace's epoch as Valkey holds it (absent: 0); None for anything that is not
-    an integer the header can carry (a key someone overwrote): its entries are misses and
-    are not written, never an error that stops the writer."""
-    if value is None:
-        return 0
-    try:
-        epoch = int(value if isinstance(value, (bytes, str)) else b"x")
-    except ValueError:
-        return None
-    return epoch if 0 <= epoch < 1 << 64 else None
+# at most 18 digits: below 1e18, so a new epoch (one more) always fits the header's 63 bits,
+# however high a value someone wrote (without a secret) pushed a replica's memory
+_EPOCH = re.compile(rb"([1-9][0-9]{0,17})(?:\.([0-9a-f]{64}))?")
+_MAX_EPOCH = (1 << 63) - 1
+_SEEN_NAMESPACES = 100_000  # namespaces whose highest epoch a replica remembers
 
 
 def _ttl_ms(ttl_s: float) -> int:
@@ -260,6 +265,10 @@ class SharedTier:
         self.breaker = Breaker(config.breaker_failures, config.breaker_cooldown_s)
         self.counters = _Counters()
         self._secret = config.secret.encode()
+        self._epoch_secret = hmac.new(self._secret, b"kvgate shared tier epoch v1",
+                                      hashlib.sha256).digest() if self._secret else b""
+        self._seen: OrderedDict[str, int] = OrderedDict()  # namespace -> highest epoch seen
+        self._seen_lock = threading.Lock()
         self._queue: queue.Queue[SharedRecord | _Flush | None] = queue.Queue()
         self._queued_bytes = 0
         self._pending = 0  # items queued or being written (what ``drain`` waits for)
@@ -274,6 +283,59 @@ class SharedTier:
 
     def epoch_key(self, namespace: str) -> str:
         return self.config.key_prefix + "epoch:" + namespace
+
+    def epoch_value(self, namespace: str, epoch: int) -> bytes:
+        """What the epoch key holds: the number, and with a secret its HMAC (bound to the
+        namespace: one namespace's value copied to another's key does not verify)."""
+        if not self._secret:
+            return b"%d" % epoch
+        return b"%d.%s" % (epoch, self._epoch_mac(namespace, epoch).hex().encode())
+
+    def _epoch_mac(self, namespace: str, epoch: int) -> bytes:
+        return hmac.new(self._epoch_secret, b"%s\0%d" % (namespace.encode(), epoch),
+                        hashlib.sha256).digest()
+
+    def parse_epoch(self, namespace: str, value: object) -> int | None:
+        """The namespace's epoch as Valkey holds it: 0 when there is none (no entry is
+        current), None when it cannot be trusted (not a value ``epoch_value`` makes, a MAC
+        that does not verify, or lower than one this replica has seen: played back). Never
+        an error: its entries are misses, and the next write replaces it."""
+        if value is None:
+            return 0
+        m = _EPOCH.fullmatch(value) if isinstance(value, bytes) else None
+        if m is None:
+            return None
+        epoch = int(m.group(1))
+        if self._secret:
+            mac = m.group(2)
+            if mac is None or not hmac.compare_digest(bytes.fromhex(mac.decode()),
+                                                      self._epoch_mac(namespace, epoch)):
+                return None
+        with self._seen_lock:
+            seen = self._seen.get(namespace, 0)
+            if epoch < seen:
+                return None
+            self._remember(namespace, epoch)
+        return epoch
+
+    def _remember(self, namespace: str, epoch: int) -> None:
+        """(under ``_seen_lock``)"""
+        if epoch > self._seen.get(namespace, 0):
+            self._seen[namespace] = epoch
+        self._seen.move_to_end(namespace)
+        while len(self._seen) > _SEEN_NAMESPACES:
+            self._seen.popitem(last=False)
+
+    def _new_epoch(self, namespace: str, current: int | None, remember: bool = True) -> int:
+        """Higher than the current one and any this replica has seen, and than the last
+        flush anywhere (microseconds since 1970). ``remember``: this replica will set it
+        (not merely offer it with ``SET NX``, which another replica's offer may beat)."""
+        with self._seen_lock:
+            epoch = min(_MAX_EPOCH, max(time.time_ns() // 1000, (current or 0) + 1,
+                                        self._seen.get(namespace, 0) + 1))
+            if remember:
+                self._remember(namespace, epoch)
+        return epoch
 
     def encode(self, record: SharedRecord, epoch: int = 0) -> bytes:
         ns = record.namespace.encode()
@@ -380,14 +442,54 @@ class SharedTier:
             self._pending -= n
 
     def _flush(self, namespace: str) -> None:
+        key = self.epoch_key(namespace)
         try:
-            self.client.incr(self.epoch_key(namespace))
-        except (redis.RedisError, OSError, ValueError) as exc:  # ValueError: not an integer
-            if not isinstance(exc, redis.ResponseError):  # WRONGTYPE: Valkey itself is fine
+            (raw,) = self.client.mget([key])  # MGET: a key of another type reads as none
+            epoch = self._new_epoch(namespace, self.parse_epoch(namespace, raw))
+            self.client.set(key, self.epoch_value(namespace, epoch))
+        except (redis.RedisError, OSError) as exc:
+            if not isinstance(exc, redis.ResponseError):
                 self.breaker.failure()
             self.counters.add(errors=1)
             log.error("shared tier flush of %s failed (its entries stay until their TTL): %r",
                       namespace, exc)
+
+    def _epochs_for_writing(self, namespaces: list[str]) -> dict[str, int]:
+        """Each namespace's current epoch; made where there is none (``SET NX``: the first
+        writer's wins) and replaced where it cannot be trusted."""
+        keys = [self.epoch_key(ns) for ns in namespaces]
+        epochs: dict[str, int] = {}
+        missing: list[str] = []
+        spoiled: list[str] = []
+        for ns, raw in zip(namespaces, self.client.mget(keys), strict=True):
+            epoch = self.parse_epoch(ns, raw)
+            if epoch:
+                epochs[ns] = epoch
+            else:
+                (missing if epoch == 0 else spoiled).append(ns)
+        if missing:
+            pipe = self.client.pipeline(transaction=False)
+            for ns in missing:
+                offer = self._new_epoch(ns, None, remember=False)
+                pipe.set(self.epoch_key(ns), self.epoch_value(ns, offer), nx=True)
+            pipe.mget([self.epoch_key(ns) for ns in missing])
+            for ns, raw in zip(missing, pipe.execute()[-1], strict=True):
+                epoch = self.parse_epoch(ns, raw)
+                if epoch:
+                    epochs[ns] = epoch
+                else:  # of another type, or replaced in between
+                    spoiled.append(ns)
+        if spoiled:
+            log.error("shared tier: the epoch key of %s was not one kvgate wrote (overwritten, "
+                      "played back, or written with another KVGATE_SHARED_TIER_SECRET); "
+                      "replaced by a new epoch, so none of the namespace's entries so far "
+                      "are used", sorted(spoiled))
+            pipe = self.client.pipeline(transaction=False)
+            for ns in spoiled:
+                epochs[ns] = self._new_epoch(ns, None)
+                pipe.set(self.epoch_key(ns), self.epoch_value(ns, epochs[ns]))
+            pipe.execute()
+        return epochs
 
     def _write(self, batch: list[SharedRecord]) -> None:
         if not batch:
@@ -404,21 +506,11 @@ class SharedTier:
             self.counters.add(dropped=len(batch))
             return
         try:
-            namespaces = sorted({r.namespace for r in batch})
-            current = self.client.mget([self.epoch_key(ns) for ns in namespaces])
-            epochs = {ns: parse_epoch(v) for ns, v in zip(namespaces, current, strict=True)}
-            spoiled = [r for r in batch if epochs[r.namespace] is None]
-            if spoiled:
-                self.counters.add(dropped=len(spoiled))
-                log.error("shared tier: the epoch key of %s is not an integer; its blocks are "
-                          "not written (delete the key to repair it)",
-                          sorted({r.namespace for r in spoiled}))
+            epochs = self._epochs_for_writing(sorted({r.namespace for r in batch}))
             pipe = self.client.pipeline(transaction=False)
             for r in batch:
-                epoch = epochs[r.namespace]
-                if epoch is None:
-                    continue
-                pipe.set(self.key(r.block_hash), self.encode(r, epoch), px=_ttl_ms(r.ttl_s))
+                pipe.set(self.key(r.block_hash), self.encode(r, epochs[r.namespace]),
+                         px=_ttl_ms(r.ttl_s))
             pipe.execute()
         except (redis.RedisError, OSError) as exc:
             self.breaker.failure()
@@ -431,8 +523,7 @@ class SharedTier:
             log.exception("shared tier write of %d blocks failed", len(batch))
             return
         self.breaker.success()
-        written = len(batch) - len(spoiled)
-        self.counters.add(writes=written, write_bytes=written * self.layout.page_bytes)
+        self.counters.add(writes=len(batch), write_bytes=len(batch) * self.layout.page_bytes)
 
     def drain(self, timeout_s: float = 10.0) -> bool:
         """Wait until the write-behind queue is empty (tests, shutdown); → whether it is."""
@@ -497,9 +588,12 @@ class SharedTier:
             keys = [self.key(hashes[i]) for i in batch]
             if lo == 0:  # the namespace's epoch rides along with the first batch
                 first, *values = self.client.mget([self.epoch_key(namespace), *keys])
-                parsed = parse_epoch(first)
-                if parsed is None:  # overwritten by someone: nothing of it can be trusted
+                parsed = self.parse_epoch(namespace, first)
+                if parsed is None:  # not one kvgate wrote: nothing of it can be trusted
                     self.counters.add(rejected=1)
+                    return
+                if parsed == 0:  # no epoch (never written, or the key was evicted)
+                    self.counters.add(misses=1)
                     return
                 epoch = parsed
             else:

@@ -97,6 +97,12 @@ class Settings:
     # http://<host>:<port>).
     events_url: str = ""
     replica_id: str = ""
+    # HMAC key the cache events are signed with (env only, KVGATE_EVENTS_SECRET; the same
+    # value on every replica and router). Unset: the shared tier's secret. With neither,
+    # a replica with --events-url refuses to start unless events_unsigned is set (then
+    # anyone who can write to the stream can steer the routers; docs/architecture.md).
+    events_secret: str | None = field(default=None, repr=False)
+    events_unsigned: bool = False
     # The shared KV tier (Valkey/Redis, redis://[:PASSWORD@]HOST:PORT[/DB]; "" = none) and
     # its knobs: per-call timeout, write-behind queue bound, and the cost model's network
     # bandwidth (bytes/s) and prefill FLOP/s (0: assumed from the device). docs/architecture.md.

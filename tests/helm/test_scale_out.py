@@ -237,12 +237,63 @@ def test_keda_scales_the_engines_on_an_exported_queue_depth() -> None:
     ({"existingSecret": {"name": "creds"}, "valkey": {"url": VALKEY_URL}}, "valkeyUrlKey"),
     ({**SCALED, "router": {"enabled": True, "autoscaling": {
         "enabled": True, "targetCPUUtilizationPercentage": None}}}, "needs a metric"),
+    ({**SCALED, "database": {"url": ""}, "existingSecret": {
+        "name": "creds", "databaseUrlKey": "db", "valkeyUrlKey": "valkey"}},
+     "existingSecret.eventsSecretKey"),
+    ({**SCALED, "database": {"url": ""}, "valkey": {"deploy": True},
+      "router": {"enabled": True, "eventsSecret": "x"},
+      "existingSecret": {"name": "creds", "databaseUrlKey": "db",
+                         "eventsSecretKey": "events"}}, "router.eventsSecret"),
 ])
 def test_contradictory_scale_out_values_fail_and_say_what_to_set(values: dict[str, Any],
                                                                  message: str) -> None:
     with pytest.raises(HelmRenderError) as err:
         render(values)
     assert message in str(err.value)
+
+
+def test_engines_and_routers_sign_and_check_cache_events_with_one_secret() -> None:
+    """Unsigned events are refused by kvgate, so the chart always provides the key: the
+    one given, else one it generates (kept across upgrades from the live Secret)."""
+    for name, values, secret, key in [
+        ("generated", TOPOLOGIES["scaled-chart-valkey"], FULLNAME, "events-secret"),
+        ("given", {**TOPOLOGIES["scaled-external-valkey"],
+                   "router": {"enabled": True, "eventsSecret": "ev-key"}},
+         FULLNAME, "events-secret"),
+        ("existing, the shared tier's", TOPOLOGIES["existing-secret"], "creds", "mac"),
+        ("existing, its own", {**TOPOLOGIES["existing-secret"], "existingSecret": {
+            **TOPOLOGIES["existing-secret"]["existingSecret"], "eventsSecretKey": "ev"}},
+         "creds", "ev"),
+    ]:
+        r = render(values)
+        refs = []
+        for component in ("server", "router"):
+            (c,) = _deployment(r, component)["spec"]["template"]["spec"]["containers"]
+            env = env_of(c)
+            assert "KVGATE_EVENTS_URL" in env, (name, component)
+            refs.append(env["KVGATE_EVENTS_SECRET"]["valueFrom"]["secretKeyRef"])
+        assert refs[0] == refs[1] == {"name": secret, "key": key}, name
+        if secret == FULLNAME:
+            data = r.one("Secret", FULLNAME)["data"]
+            value = base64.b64decode(data["events-secret"]).decode()
+            assert value == "ev-key" if name == "given" else len(value) >= 40
+    # no router, no events: no key
+    r = render(TOPOLOGIES["single-shared-tier"])
+    env = env_of(_deployment(r, "server")["spec"]["template"]["spec"]["containers"][0])
+    assert "KVGATE_EVENTS_SECRET" not in env
+    assert "events-secret" not in r.one("Secret", FULLNAME)["data"]
+
+
+def test_router_settings_the_chart_passes_are_ones_kvgate_route_reads() -> None:
+    from kvgate.gateway.route.settings import RouterSettings
+
+    r = render({**TOPOLOGIES["scaled-chart-valkey"],
+                "router": {"enabled": True, "reconcileIntervalSeconds": 60}})
+    (c,) = _deployment(r, "router")["spec"]["template"]["spec"]["containers"]
+    plain = {e["name"]: e["value"] for e in c["env"] if "value" in e}
+    assert plain["KVGATE_RECONCILE_INTERVAL_S"] == "60"
+    settings = RouterSettings.from_env({**plain, "KVGATE_EVENTS_SECRET": "s"})
+    assert settings.reconcile_interval_s == 60.0 and settings.events_secret == "s"
 
 
 def test_schema_rejects_a_valkey_url_that_is_not_redis() -> None:

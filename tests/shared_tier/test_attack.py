@@ -1,7 +1,7 @@
 """The shared tier against a Valkey that holds garbage or hangs: whatever sits under the
-tier's keys (an epoch that is not a number, a key of another type), a replica's writes go
-on for every other namespace and its fetches are misses, never errors; a hung Valkey holds
-no request and no event loop; writes alone close the breaker once Valkey is back."""
+tier's keys (an epoch that is not one kvgate wrote, a key of another type), a replica's
+fetches are misses, never errors, and its next write replaces the epoch; a hung Valkey
+holds no request and no event loop; writes alone close the breaker once Valkey is back."""
 
 from __future__ import annotations
 
@@ -27,19 +27,24 @@ replica = test_store_tier.replica
 fleet = test_replicas.fleet
 
 
-@pytest.mark.parametrize("epoch", [b"garbage", b"-5", b"99999999999999999999999", b"1.5"])
-def test_a_garbage_epoch_never_stops_the_writer(replica: Replica, valkey: RedisServer,
-                                                epoch: bytes) -> None:
-    valkey.client().set("kvgate:kv:epoch:ns-bad", epoch)
+@pytest.mark.parametrize("epoch", [b"garbage", b"-5", b"9" * 19, b"1.5",
+                                   b"0", b"7 ", b"+7"])
+def test_a_garbage_epoch_is_replaced_and_never_stops_the_writer(
+        replica: Replica, valkey: RedisServer, epoch: bytes) -> None:
+    client = valkey.client()
+    client.set("kvgate:kv:epoch:ns-bad", epoch)
     store = replica()
-    assert serve(store, "ns-bad", PROMPT) == 0  # its writes fail: never the request
-    assert store.fetch_shared("ns-bad", PROMPT) is None
-    tier = drained(store)  # the writer thread is still there to drain the queue
+    assert store.fetch_shared("ns-bad", PROMPT) is None  # nothing under it is trusted
+    tier = drained(store)
+    assert tier.stats().rejected == 1
+    assert serve(store, "ns-bad", PROMPT) == 0  # computed; written under a new epoch
+    drained(store)
+    assert client.get("kvgate:kv:epoch:ns-bad") != epoch
     serve(store, "ns-good", PROMPT)
     drained(store)
-    assert tier.stats().writes == 3 and len(keys(valkey)) == 3 + 1  # ns-good's + the epoch
+    assert tier.stats().writes == 6 and len(keys(valkey)) == 6
     assert serve(replica(), "ns-good", PROMPT) == 3
-    assert serve(replica(), "ns-bad", PROMPT) == 0
+    assert serve(replica(), "ns-bad", PROMPT) == 3
 
 
 def test_keys_of_another_type_are_misses(replica: Replica, valkey: RedisServer) -> None:
@@ -50,11 +55,13 @@ def test_keys_of_another_type_are_misses(replica: Replica, valkey: RedisServer) 
     data_keys = [k for k in keys(valkey) if b"epoch" not in k]
     client.delete(data_keys[0])
     client.hset(data_keys[0], "x", "y")  # a hash where a page should be
+    client.delete("kvgate:kv:epoch:ns-a")
     client.rpush("kvgate:kv:epoch:ns-a", "z")  # a list where the epoch should be
     second = replica()
     assert serve(second, "ns-a", PROMPT) < 3  # ``serve`` checks every block it was given
-    second.flush("ns-a")  # INCR on a list fails: logged, counted, never raised
+    second.flush("ns-a")  # the list is replaced by an epoch: never raised
     drained(second)
+    assert serve(replica(), "ns-a", PROMPT) == 0  # flushed
     serve(second, "ns-b", PROMPT)
     drained(second)
     assert serve(replica(), "ns-b", PROMPT) == 3
@@ -95,16 +102,16 @@ def test_writes_alone_close_the_breaker_once_valkey_is_back(replica: Replica,
     assert serve(replica(), "ns-last", PROMPT) == 3
 
 
-def test_through_servers_one_tenants_spoiled_epoch_leaves_the_others_shared(
+def test_through_servers_a_spoiled_epoch_is_replaced_and_shared_again(
         fleet: dict[str, Any], valkey: RedisServer) -> None:
     one = fleet["replica"]("one")
     alice, bob = one.admin.tenant("alice"), one.admin.tenant("bob")
     valkey.client().set(f"kvgate:kv:epoch:{tenant_namespace(alice.id)}", b"not a number")
-    assert cached(ask(one, alice)) == 0  # answered; its blocks are not written
+    assert cached(ask(one, alice)) == 0  # answered; written under a new epoch
     ask(one, bob)
-    drain(one)  # the writer is alive and wrote bob's blocks
+    drain(one)  # the writer is alive and wrote both tenants' blocks
     two = fleet["replica"]("two")
-    assert cached(ask(two, alice)) == 0
+    assert cached(ask(two, alice)) > 0
     assert cached(ask(two, bob)) > 0
     rows = one.ledger_rows()
     assert len(rows) == 4 and all(r["n"] == 1 for r in rows.values())

@@ -88,7 +88,13 @@ def drained(store: CacheStore) -> SharedTier:
 
 
 def keys(valkey: RedisServer) -> list[bytes]:
-    return sorted(valkey.client().keys("kvgate:kv:*"))
+    """The entries' keys (not the namespaces' epoch keys)."""
+    return sorted(k for k in valkey.client().keys("kvgate:kv:*")
+                  if not k.startswith(b"kvgate:kv:epoch:"))
+
+
+def epoch_keys(valkey: RedisServer) -> list[bytes]:
+    return sorted(valkey.client().keys("kvgate:kv:epoch:*"))
 
 
 def test_commit_writes_blocks_through_with_token_ids_and_ttl(replica: Replica,

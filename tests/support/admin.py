@@ -13,6 +13,8 @@ from typing import Any
 import requests
 
 ADMIN_KEY = "kvg_test_admin_key_0123456789"
+# The cache events secret of test replicas and routers (KVGATE_EVENTS_SECRET)
+EVENTS_SECRET = "kvg-test-events-secret-0123456789"
 
 
 class Session(requests.Session):

@@ -37,7 +37,7 @@ import requests
 from aiohttp import web
 
 from kvgate.gateway.config import Settings
-from tests.support.admin import ADMIN_KEY, Admin
+from tests.support.admin import ADMIN_KEY, EVENTS_SECRET, Admin
 
 if TYPE_CHECKING:
     from typing import Self
@@ -59,6 +59,7 @@ def server_settings(workdir: Path, **flags: Any) -> Settings:
         "host": "127.0.0.1", "port": 0, "model": "demo",
         "db": f"sqlite:///{workdir / 'ledger.db'}", "admin_key": ADMIN_KEY,
         "device_cache_bytes": 16 * MiB, "host_cache_bytes": 4 * MiB, "log_level": "warning",
+        "events_secret": EVENTS_SECRET,  # signs cache events when a test sets events_url
     }
     return Settings(**{**values, **flags})
 
@@ -243,6 +244,9 @@ class ThreadServer(Server):
             await self.engine.stop()
 
 
+_ENV_ONLY = ("admin_key", "metrics_key", "shared_tier_secret", "events_secret")
+
+
 class ProcessServer(Server):
     """``python -m kvgate.gateway.cli serve`` with every setting as a flag (the admin key in
     ``KVGATE_ADMIN_KEY``, as an operator passes it). ``profile``: run it under cProfile;
@@ -276,7 +280,7 @@ class ProcessServer(Server):
         cmd.append("serve")
         for field in dataclasses.fields(Settings):
             value = getattr(self.settings, field.name)
-            if field.name == "admin_key" or value is None:
+            if field.name in _ENV_ONLY or value is None:
                 continue
             if isinstance(value, bool):
                 value = int(value)
@@ -288,8 +292,10 @@ class ProcessServer(Server):
         exits or is not ready in time."""
         self.starts += 1
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        if self.settings.admin_key:
-            env["KVGATE_ADMIN_KEY"] = self.settings.admin_key
+        for name in _ENV_ONLY:  # secrets: environment only, as an operator passes them
+            value = getattr(self.settings, name)
+            if value:
+                env["KVGATE_" + name.upper()] = value
         with self.log_path.open("wb") as log:
             self.proc = subprocess.Popen(self.command(), cwd=ROOT, env=env, stdout=log,
                                          stderr=subprocess.STDOUT)

@@ -41,6 +41,26 @@ app.kubernetes.io/component: valkey
 {{- end }}
 {{- end }}
 
+{{/* The Secret key holding the cache events' HMAC key; empty when no events flow (no router or no Valkey). */}}
+{{- define "kvgate.eventsSecretKey" -}}
+{{- if and .Values.router.enabled (include "kvgate.valkey" .) }}
+{{- if .Values.existingSecret.name }}{{ .Values.existingSecret.eventsSecretKey | default .Values.existingSecret.sharedTierSecretKey }}
+{{- else }}events-secret{{ end }}
+{{- end }}
+{{- end }}
+
+{{/* KVGATE_EVENTS_SECRET, for engines and routers alike. */}}
+{{- define "kvgate.eventsSecretEnv" -}}
+{{- $key := include "kvgate.eventsSecretKey" . }}
+{{- if $key }}
+- name: KVGATE_EVENTS_SECRET
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "kvgate.secretName" . }}
+      key: {{ $key }}
+{{- end }}
+{{- end }}
+
 {{/* The engine container's scale-out environment. */}}
 {{- define "kvgate.scaleOutEnv" -}}
 {{- if .Values.router.enabled }}
@@ -53,6 +73,7 @@ app.kubernetes.io/component: valkey
   value: {{ printf "http://$(POD_IP):%d" (int .Values.containerPort) | quote }}
 {{- if include "kvgate.valkey" . }}
 {{ include "kvgate.valkeyUrlEnv" (dict "root" . "name" "KVGATE_EVENTS_URL") }}
+{{ include "kvgate.eventsSecretEnv" . }}
 {{- end }}
 {{- end }}
 {{- if .Values.sharedTier.enabled }}
@@ -90,6 +111,12 @@ app.kubernetes.io/component: valkey
 {{- end }}
 {{- if and .Values.existingSecret.name .Values.valkey.url }}
 {{- fail "\n\nkvgate: valkey.url is set together with existingSecret.name; the chart creates no Secret then, so the URL would be ignored. Put it in your Secret and name its key in existingSecret.valkeyUrlKey." }}
+{{- end }}
+{{- if and .Values.existingSecret.name .Values.router.eventsSecret }}
+{{- fail "\n\nkvgate: router.eventsSecret is set together with existingSecret.name; put it in your Secret and name its key in existingSecret.eventsSecretKey." }}
+{{- end }}
+{{- if and .Values.router.enabled (include "kvgate.valkey" .) .Values.existingSecret.name (not .Values.existingSecret.eventsSecretKey) (not .Values.existingSecret.sharedTierSecretKey) }}
+{{- fail "\n\nkvgate: router.enabled with a Valkey sends cache events, which are signed: name the key of your Secret that holds their HMAC key in existingSecret.eventsSecretKey (or existingSecret.sharedTierSecretKey to use the shared tier's)." }}
 {{- end }}
 {{- if and .Values.existingSecret.name .Values.sharedTier.secret }}
 {{- fail "\n\nkvgate: sharedTier.secret is set together with existingSecret.name; put it in your Secret and name its key in existingSecret.sharedTierSecretKey." }}

@@ -32,7 +32,7 @@ _API_FLAGS: dict[str, tuple[Any, str]] = {
 }
 # env only: a key on the command line would show in `ps`
 MIN_ADMIN_KEY_LEN = 20  # a key an operator chose: long enough not to be guessed
-_HIDDEN = {"admin_key", "metrics_key", "shared_tier_secret"}
+_HIDDEN = {"admin_key", "metrics_key", "shared_tier_secret", "events_secret"}
 
 
 def register(subparsers: Any) -> None:
@@ -77,7 +77,10 @@ _HELP = {"write_timeout": "seconds a streamed answer may wait for its client to 
                                           "explicit caches of a tenant with neither a device "
                                           "reservation nor a quota may pin together (25)",
          "explicit_cache_total_percent": "the share of the device tier, in percent, every "
-                                         "tenant's explicit caches may pin together (50)"}
+                                         "tenant's explicit caches may pin together (50)",
+         "events_unsigned": "with --events-url and no KVGATE_EVENTS_SECRET (or "
+                            "KVGATE_SHARED_TIER_SECRET): publish cache events unsigned "
+                            "instead of refusing to start (0)"}
 # Settings held as one comma-separated string, given on the command line as one or more words
 _LISTS = {"served_model_name": "names clients may use for the model, the first reported "
                                "(NAME [ALIAS ...] or NAME,ALIAS)"}
@@ -115,6 +118,7 @@ async def serve(settings: Settings) -> int:
     from kvgate.gateway.http.tools import parser_for
     from kvgate.gateway.http.transport import GatewayRunner
     from kvgate.gateway.ledger.receipts import ReceiptKeyError
+    from kvgate.gateway.route.events import EventsMisconfigured
 
     try:
         parser_for(None, settings.tool_call_parser)
@@ -146,6 +150,9 @@ async def serve(settings: Settings) -> int:
         app = create_app(settings)
     except ReceiptKeyError as exc:
         print(f"kvgate: --receipt-key-file: {exc}", file=sys.stderr, flush=True)
+        return 2
+    except EventsMisconfigured as exc:
+        print(f"kvgate: {exc}", file=sys.stderr, flush=True)
         return 2
     runner = GatewayRunner(app, shutdown_timeout=settings.shutdown_timeout_s,
                            handle_signals=False, access_log=None)

@@ -20,6 +20,7 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import Counter, Gauge
 
+from kvgate.cachestore.block import DEVICE, HOST, Tier
 from kvgate.gateway.http.app import metrics as metrics_endpoint
 from kvgate.gateway.http.errors import ApiError, ClientGone
 from kvgate.gateway.http.limits import Limiter
@@ -31,7 +32,12 @@ from kvgate.gateway.http.transport import handler_args
 from kvgate.gateway.http.validation import read_body
 from kvgate.gateway.ledger import Ledger
 from kvgate.gateway.route.choose import Candidate, QueueCost, choose
-from kvgate.gateway.route.events import EventBatch, EventFollower
+from kvgate.gateway.route.events import (
+    EventBatch,
+    EventFollower,
+    Rejected,
+    key_for,
+)
 from kvgate.gateway.route.index import ClusterIndex
 from kvgate.gateway.route.pool import Replica, ReplicaPool
 from kvgate.gateway.route.prompt import PromptRenderer, cache_key_of, tokenizer_for
@@ -41,7 +47,21 @@ from kvgate.gateway.route.settings import RouterSettings
 log = logging.getLogger("kvgate.route")
 
 _SNAPSHOT_TIMEOUT_S = 10.0
+_CATCH_UP_S = 0.05  # reconciliation waits for the events before a snapshot this often ...
+_CATCH_UP_TRIES = 40  # ... and this many times, the view frozen meanwhile
+LAG_S = 5.0  # a view this long behind what its replica had made has lost events
 _INLINE_RENDER_BYTES = 32 * 1024  # bodies up to this are rendered on the event loop
+
+
+# Why a cache event entry was refused (kvgate_router_events_rejected_total{reason}):
+REJECT_REASONS = (
+    "unsigned",  # no MAC, and the router has a key
+    "bad_signature",  # a MAC that does not verify (forged, altered, another secret)
+    "malformed",  # not a batch at all
+    "impossible_range",  # signed, but a range no publisher sends (too long, miscounted)
+    "unknown_replica",  # names no replica in this router's pool
+    "other_epoch",  # not the epoch the replica reports now (a replay of an older run)
+)
 
 
 @dataclass
@@ -49,16 +69,37 @@ class RouterMetrics:
     routed: Counter
     resyncs: Counter
     healthy: Gauge
+    rejected: Counter
+    view_ahead: Counter
+    view_behind: Counter
+    reconciles: Counter
+    differences: Counter
 
     @classmethod
     def on(cls, metrics: Metrics) -> RouterMetrics:
         r = metrics.registry
-        return cls(
+        m = cls(
             Counter("kvgate_router_requests", "Requests routed, by replica and by whether "
                     "a cached prefix decided it", ["replica", "decision"], registry=r),
             Counter("kvgate_router_resyncs", "Replica cache views rebuilt from a snapshot",
                     registry=r),
-            Gauge("kvgate_router_replicas_healthy", "Replicas in the pool", registry=r))
+            Gauge("kvgate_router_replicas_healthy", "Replicas in the pool", registry=r),
+            Counter("kvgate_router_events_rejected", "Cache event entries refused, by reason",
+                    ["reason"], registry=r),
+            Counter("kvgate_router_view_ahead", "Replica views found ahead of the replica's "
+                    "own last event (fed events it never made); each is reconciled",
+                    registry=r),
+            Counter("kvgate_router_view_behind", "Replica views still behind events their "
+                    "replica had made several seconds before (events lost); each is "
+                    "reconciled", registry=r),
+            Counter("kvgate_router_reconciles", "Replica views checked against a fresh "
+                    "snapshot and replaced by it", registry=r),
+            Counter("kvgate_router_reconcile_differences", "Blocks that differed between a "
+                    "replica's view and its snapshot (missing, extra, or on another tier)",
+                    registry=r))
+        for reason in REJECT_REASONS:
+            m.rejected.labels(reason)
+        return m
 
 
 @dataclass
@@ -72,6 +113,9 @@ class Router:
     follower: EventFollower | None = None
     queue_cost: QueueCost = field(default_factory=QueueCost)
     _syncing: dict[str, asyncio.Task[None]] = field(default_factory=dict)
+    _behind: dict[str, tuple[int, float]] = field(default_factory=dict)  # id -> (target, since)
+    compared: int = 0  # views compared with a snapshot (tests read these)
+    differences: int = 0  # blocks found different by those comparisons
 
     async def plan(self, tenant_id: int, path: str, raw: bytes) -> tuple[list[Replica], bool]:
         """Replicas to try, in order, and whether a cached prefix chose the first."""
@@ -103,44 +147,159 @@ class Router:
         return [self.pool.replicas[c.name] for c in order], order[0].cached_blocks > 0
 
     async def on_batch(self, batch: EventBatch) -> None:
-        if not self.index.apply(batch) and self.pool is not None:
-            replica = self.pool.by_id(batch.replica)
+        """A checked batch (``events.verify``): applied to its replica's view if it names a
+        replica of the pool in its current epoch; a gap starts a resync."""
+        if self.pool is None:
+            return
+        replica = self.pool.by_id(batch.replica)
+        if replica is None:
+            self.on_reject(Rejected("unknown_replica", batch.replica))
+            return
+        if replica.epoch and batch.epoch != replica.epoch:
+            # an older run's batch (replayed), or a new run's before the poll saw it: the
+            # new run's view starts from a snapshot taken after this batch anyway
+            self.on_reject(Rejected("other_epoch", batch.replica))
+            return
+        if not self.index.apply(batch):
+            self.start_resync(replica)
+
+    def on_reject(self, exc: Rejected) -> None:
+        self.metrics.rejected.labels(exc.reason).inc()
+        if exc.reason == "impossible_range" and exc.replica and self.pool is not None:
+            # signed with our key, yet no publisher sends it: what that replica's view
+            # should hold is unknown, so it is rebuilt from the replica itself
+            replica = self.pool.by_id(exc.replica)
             if replica is not None:
-                self.start_resync(replica)
+                self.start_resync(replica, compare=True)
+
+    def on_polled(self, replica: Replica) -> None:
+        """A view behind what its replica had made ``LAG_S`` ago has lost events that no
+        later batch showed (the last batches lost, the stream unwritable): it is rebuilt
+        from the replica's snapshot. (A view ahead is ``on_view_ahead``'s.)"""
+        v = self.index.views.get(replica.replica_id)
+        target = replica.event_seq
+        if (self.follower is None or v is None or not v.synced or target is None
+                or v.epoch != replica.epoch or v.seq >= target):
+            self._behind.pop(replica.replica_id, None)
+            return
+        now = asyncio.get_running_loop().time()
+        since = self._behind.get(replica.replica_id)
+        if since is None or v.seq >= since[0]:  # caught up with the last target: a new one
+            self._behind[replica.replica_id] = (target, now)
+        elif now - since[1] >= LAG_S:
+            self._behind.pop(replica.replica_id, None)
+            self.metrics.view_behind.inc()
+            log.warning("replica %s: this router's view is at event %d; the replica had made "
+                        "%d more than %.0f s ago and they never arrived: reloading it from "
+                        "the replica's snapshot", replica.url, v.seq, since[0], LAG_S)
+            self.start_resync(replica, compare=True)
+
+    def view_of(self, replica_id: str) -> tuple[str, int] | None:
+        v = self.index.views.get(replica_id)
+        return (v.epoch, v.seq) if v is not None and v.epoch else None
+
+    def on_view_ahead(self, replica: Replica, view_seq: int) -> None:
+        """The view claims more events than the replica has made: it was fed forged ones.
+        It is compared with a fresh snapshot and replaced by it."""
+        self.metrics.view_ahead.inc()
+        log.warning("replica %s: this router's view is at event %d, past the replica's own "
+                    "last event %s: it was fed events the replica never made; reloading it "
+                    "from the replica's snapshot", replica.url, view_seq, replica.event_seq)
+        self.start_resync(replica, compare=True)
 
     async def on_new_epoch(self, replica: Replica) -> None:
         """A replica seen for the first time or restarted: its view starts from a snapshot."""
         if self.follower is not None:
             self.start_resync(replica)
 
-    def start_resync(self, replica: Replica) -> None:
-        if replica.replica_id in self._syncing:
-            return
-        task = self._syncing[replica.replica_id] = asyncio.create_task(self._resync(replica))
+    def start_resync(self, replica: Replica, compare: bool = False) -> asyncio.Task[None]:
+        """Rebuild ``replica``'s view from its snapshot (one at a time per replica). With
+        ``compare`` (reconciliation), the view is frozen first and the differences between
+        it and the snapshot are counted. → the task doing it (or the one already doing it)."""
+        running = self._syncing.get(replica.replica_id)
+        if running is not None:
+            return running
+        compare = compare and self.index.freeze(replica.replica_id)
+        task = self._syncing[replica.replica_id] = asyncio.create_task(
+            self._resync(replica, compare))
         task.add_done_callback(lambda _: self._syncing.pop(replica.replica_id, None))
+        return task
 
-    async def _resync(self, replica: Replica) -> None:
+    async def reconcile(self, replica: Replica) -> None:
+        """Compare ``replica``'s view with a fresh snapshot and replace it (once done)."""
+        if self.follower is not None and replica.replica_id:
+            await self.start_resync(replica, compare=True)
+
+    async def reconcile_all(self) -> None:
+        assert self.pool is not None
+        for replica in self.pool.healthy():  # one after the other: one snapshot at a time
+            v = self.index.views.get(replica.replica_id)
+            if v is not None and v.synced:
+                await self.reconcile(replica)
+
+    async def _resync(self, replica: Replica, compare: bool = False) -> None:
         assert self.session is not None
         for _ in range(5):
-            try:
+            try:  # over the replica's admin-authenticated path: the truth, not the stream
                 async with self.session.get(
                         replica.url + "/admin/cache/snapshot",
                         headers={"Authorization": f"Bearer {self.settings.admin_key}"},
                         timeout=aiohttp.ClientTimeout(total=_SNAPSHOT_TIMEOUT_S)) as resp:
                     resp.raise_for_status()
                     snap = await resp.json()
-                blocks = [(bytes.fromhex(h), "device" if t == "d" else "host")
-                          for _ns, h, t in snap["blocks"]]
-                done = self.index.load(str(snap["replica_id"]), str(snap["epoch"]),
-                                       int(snap["seq"]), blocks)  # type: ignore[arg-type]
+                if str(snap["replica_id"]) != replica.replica_id:
+                    log.warning("replica %s: its snapshot is of %r, not %r; not loaded",
+                                replica.url, snap["replica_id"], replica.replica_id)
+                    return
+                blocks: dict[bytes, Tier] = {
+                    bytes.fromhex(h): DEVICE if t == "d" else HOST
+                    for _ns, h, t in snap["blocks"]}
+                epoch, seq = str(snap["epoch"]), int(snap["seq"])
+                if compare:
+                    await self._count_differences(replica, epoch, seq, blocks)
+                    compare = False
+                done = self.index.load(replica.replica_id, epoch, seq, blocks.items())
                 self.metrics.resyncs.inc()
                 log.info("replica %s: cache view loaded from its snapshot (%d blocks, "
-                         "event %d)", replica.url, len(blocks), snap["seq"])
+                         "event %d)", replica.url, len(blocks), seq)
                 if done:
                     return
-            except (TimeoutError, aiohttp.ClientError, KeyError, ValueError) as exc:
+            except (TimeoutError, aiohttp.ClientError, KeyError, ValueError, TypeError) as exc:
                 log.warning("replica %s: snapshot failed: %r", replica.url, exc)
                 await asyncio.sleep(0.5)
+
+    async def _count_differences(self, replica: Replica, epoch: str, seq: int,
+                                 blocks: dict[bytes, Tier]) -> None:
+        """Compare the frozen view with the snapshot once the events up to it have
+        arrived (the replica publishes what it made a few milliseconds later)."""
+        self.metrics.reconciles.inc()
+        v = self.index.views.get(replica.replica_id)
+        if v is None or v.epoch != epoch:
+            return  # the replica restarted: a new view, nothing to compare it with
+        for _ in range(_CATCH_UP_TRIES):
+            found = self.index.compare(replica.replica_id, epoch, seq, blocks)
+            if found is not None:
+                break
+            await asyncio.sleep(_CATCH_UP_S)
+        else:  # another epoch, or events this router never had: nothing to compare
+            log.info("replica %s: view not compared with its snapshot (event %d): the events "
+                     "before it did not all arrive", replica.url, seq)
+            return
+        self.compared += 1
+        self.differences += found
+        self.metrics.differences.inc(found)
+        if found:
+            log.warning("replica %s: %d blocks of this router's view differed from the "
+                        "replica's snapshot (event %d); the view is replaced by it",
+                        replica.url, found, seq)
+
+    async def reconcile_every(self, interval_s: float) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                await self.reconcile_all()
+            except Exception:  # never the end of reconciliation
+                log.exception("reconciling the replicas' views failed")
 
 
 ROUTER = web.AppKey("kvgate_router", Router)
@@ -232,6 +391,10 @@ async def admin_elsewhere(request: web.Request) -> web.Response:
 
 
 def create_router_app(settings: RouterSettings, ledger: Ledger | None = None) -> web.Application:
+    """Raises ``EventsMisconfigured`` for cache events with neither a secret nor the
+    opt-out (``--events-unsigned``)."""
+    events_key = key_for(settings.events_url, settings.events_secret, None,
+                         settings.events_unsigned, "kvgate route")
     server = settings.server_settings()
     state = AppState(settings=server, metrics=Metrics(server.metrics_tenant_labels),
                      limiter=Limiter(1))
@@ -262,13 +425,20 @@ def create_router_app(settings: RouterSettings, ledger: Ledger | None = None) ->
             connector=aiohttp.TCPConnector(limit=0))
         router.session = session
         pool = router.pool = ReplicaPool(settings.replicas, settings.admin_key or "", session,
-                                         router.on_new_epoch, settings.replicas_dns or None)
+                                         router.on_new_epoch, settings.replicas_dns or None,
+                                         router.view_of, router.on_view_ahead,
+                                         router.on_polled)
         tasks: list[asyncio.Task[None]] = []
         if settings.events_url:
-            router.follower = EventFollower(settings.events_url, router.on_batch)
+            router.follower = EventFollower(settings.events_url, router.on_batch, events_key,
+                                            router.on_reject)
             with contextlib.suppress(Exception):
                 await router.follower.start_position()  # before any snapshot is taken
             tasks.append(asyncio.create_task(router.follower.run(), name="kvgate-events"))
+            if settings.reconcile_interval_s > 0:
+                tasks.append(asyncio.create_task(
+                    router.reconcile_every(settings.reconcile_interval_s),
+                    name="kvgate-reconcile"))
 
         async def gauge() -> None:
             while True:

@@ -20,7 +20,8 @@ def register(subparsers: Any) -> None:
         description="The routing tier: same client API as serve, sends each request to the "
         "replica holding the tenant's longest cached prefix, weighed against load. Every "
         "flag is also KVGATE_<NAME>; the admin key (needed to poll the replicas) only from "
-        "KVGATE_ADMIN_KEY.")
+        "KVGATE_ADMIN_KEY, the cache events secret only from KVGATE_EVENTS_SECRET (or "
+        "KVGATE_SHARED_TIER_SECRET).")
     add_flags(p)
     p.set_defaults(func=run)
 
@@ -39,6 +40,14 @@ def run(args: argparse.Namespace) -> int:
         return 2
     from kvgate.gateway.ledger.cli import require_existing_sqlite
     from kvgate.gateway.ledger.errors import LedgerError
+    from kvgate.gateway.route.events import EventsMisconfigured, key_for
+
+    try:  # before the tokenizer loads: a missing secret is said at once
+        key_for(settings.events_url, settings.events_secret, None, settings.events_unsigned,
+                "kvgate route")
+    except EventsMisconfigured as e:
+        print(f"kvgate route: {e}", file=sys.stderr, flush=True)
+        return 2
 
     try:  # the router checks keys in the replicas' ledger: never create an empty one
         require_existing_sqlite(settings.db, "--db, KVGATE_DB or the default")
@@ -47,6 +56,12 @@ def run(args: argparse.Namespace) -> int:
               file=sys.stderr, flush=True)
         return 2
     return asyncio.run(route(settings))
+
+
+def _events_mode(settings: RouterSettings) -> str:
+    if not settings.events_url:
+        return "off"
+    return "signed" if settings.events_secret else "UNSIGNED"
 
 
 async def route(settings: RouterSettings) -> int:
@@ -61,7 +76,7 @@ async def route(settings: RouterSettings) -> int:
         port = runner.addresses[0][1] if runner.addresses else settings.port
         print(f"kvgate: routing on http://{settings.host}:{port} to "
               f"{settings.replicas_dns or ', '.join(settings.replicas)}"
-              f" (cache events: {'on' if settings.events_url else 'off'})", flush=True)
+              f" (cache events: {_events_mode(settings)})", flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -6,6 +6,13 @@ is prefix-closed (a dropped block takes its descendants with it), so the cached 
 a prompt on a replica is the run of the prompt's block hashes, from the first, that the
 replica holds.
 
+A view is only ever advanced by batches the router has checked (``events.verify``: signed,
+a range a publisher could send) and replaced by snapshots it fetched itself over the
+replicas' admin-authenticated HTTP path. ``freeze`` and ``compare`` let the router check
+a view against a fresh snapshot (reconciliation): the view as of the snapshot's event
+number is the frozen view plus the batches kept since, so in a healthy deployment the
+comparison finds nothing, and anything it finds was lost or forged.
+
 Beside the exact view, a router's own provisional entries (``expect``): the blocks of a
 prompt it has just sent to a replica, counted as cached there for ``EXPECT_S`` (until the
 replica's events confirm them, or the entries lapse), so the next request of the same
@@ -93,6 +100,52 @@ class ClusterIndex:
                 return False
             v.apply(e for e in batch.events if e.seq > v.seq)
         return True
+
+    def freeze(self, replica: str) -> bool:
+        """Stop advancing ``replica``'s view (it still answers lookups) and keep the batches
+        that arrive, until the snapshot about to be fetched is ``load``-ed: ``compare`` can
+        then tell the view as of the snapshot. False when there is no view to compare."""
+        v = self.views.get(replica)
+        if v is None or not v.epoch:
+            return False
+        if v.synced:
+            v.synced = False
+            v.pending = []
+        return True
+
+    def compare(self, replica: str, epoch: str, seq: int,
+                blocks: dict[bytes, Tier]) -> int | None:
+        """How many blocks differ between a snapshot (``blocks`` as of event ``seq``) and
+        this router's view as of the same event: held by one and not the other, or on
+        another tier. None when they cannot be compared (another epoch, or events between
+        the view and the snapshot that this router never had). A view *ahead* of the
+        snapshot was fed events its replica never made: it is compared as it stands."""
+        v = self.views.get(replica)
+        if v is None or v.epoch != epoch:
+            return None
+        expected = dict(v.blocks)
+        at = v.seq
+        for batch in v.pending:
+            if at >= seq:
+                break
+            if batch.epoch != epoch or batch.last <= at:
+                continue
+            if batch.first > at + 1:
+                return None
+            for ev in batch.events:
+                if ev.seq <= at:
+                    continue
+                if ev.seq > seq:
+                    break
+                if ev.kind == "removed":
+                    expected.pop(ev.block_hash, None)
+                else:
+                    expected[ev.block_hash] = ev.tier
+                at = ev.seq
+        if at < seq:
+            return None
+        return (sum(1 for h, tier in expected.items() if blocks.get(h) != tier)
+                + sum(1 for h in blocks if h not in expected))
 
     def forget(self, replica: str) -> None:
         self.views.pop(replica, None)

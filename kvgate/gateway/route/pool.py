@@ -5,6 +5,13 @@ is the health check and the load report in one. A replica that fails it, or that
 could not reach, leaves the pool at once and comes back on its next good answer, so a dead
 replica is out within a second. With ``--replicas-dns`` the set of replicas is the A
 records of a (headless Service's) name, looked up every ``DNS_EVERY_S``.
+
+The load report also carries the replica's last cache event number. A router's view of a
+replica can never legitimately be ahead of it: the view's number, taken just before the
+poll is sent, is at most what the replica had made then, which is at most what it reports.
+A view found ahead (``on_view_ahead``) was fed events the replica never made. After each
+good poll ``on_polled`` lets the router check the other way: a view that stays behind
+what the replica had made (events lost with no later batch to show the gap).
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ class Replica:
     device_pages: int = 0
     model_id: str = ""
     block_size: int = 0
+    event_seq: int | None = None  # its last cache event's number, as last reported
     inflight: int = 0  # this router's requests on it now
     sent: int = 0  # requests this router sent it (started)
 
@@ -47,16 +55,24 @@ class Replica:
 
 
 NewEpoch = Callable[[Replica], Coroutine[None, None, None]]
+ViewOf = Callable[[str], tuple[str, int] | None]  # replica id -> (epoch, event number)
+ViewAhead = Callable[[Replica, int], None]  # the replica, the view's number found ahead
+Polled = Callable[[Replica], None]
 
 
 class ReplicaPool:
     def __init__(self, urls: list[str], admin_key: str, session: aiohttp.ClientSession,
-                 on_new_epoch: NewEpoch, dns: str | None = None) -> None:
+                 on_new_epoch: NewEpoch, dns: str | None = None,
+                 view_of: ViewOf | None = None, on_view_ahead: ViewAhead | None = None,
+                 on_polled: Polled | None = None) -> None:
         self.replicas: dict[str, Replica] = {u.rstrip("/"): Replica(u.rstrip("/")) for u in urls}
         self.admin_key = admin_key
         self.session = session
         self.dns = dns
         self._on_new_epoch = on_new_epoch
+        self._view_of = view_of
+        self._on_view_ahead = on_view_ahead
+        self._on_polled = on_polled
         self._tasks: set[asyncio.Task[None]] = set()
 
     def healthy(self) -> list[Replica]:
@@ -81,6 +97,8 @@ class ReplicaPool:
             await asyncio.sleep(POLL_S)
 
     async def poll(self, replica: Replica) -> None:
+        view = (self._view_of(replica.replica_id)
+                if self._view_of is not None and replica.replica_id else None)
         try:
             async with self.session.get(
                     replica.url + "/admin/load",
@@ -90,17 +108,31 @@ class ReplicaPool:
                     self.mark_down(replica, f"/admin/load answered {resp.status}")
                     return
                 report = await resp.json()
-        except (TimeoutError, aiohttp.ClientError, ValueError) as exc:
+            if not isinstance(report, dict):
+                raise ValueError("not a JSON object")
+            queue_depth, running = int(report.get("queue_depth", 0)), int(report.get("running", 0))
+            free_pages = int(report.get("free_pages", 0))
+            device_pages = int(report.get("device_pages", 0))
+            block_size = int(report.get("block_size", 0))
+        except (TimeoutError, aiohttp.ClientError, ValueError, TypeError) as exc:
             self.mark_down(replica, f"/admin/load failed: {exc!r}")
             return
-        replica.queue_depth = int(report.get("queue_depth", 0))
-        replica.running = int(report.get("running", 0))
-        replica.free_pages = int(report.get("free_pages", 0))
-        replica.device_pages = int(report.get("device_pages", 0))
+        replica.queue_depth, replica.running = queue_depth, running
+        replica.free_pages, replica.device_pages = free_pages, device_pages
         replica.model_id = str(report.get("model_id", ""))
-        replica.block_size = int(report.get("block_size", 0))
-        replica.replica_id = str(report.get("replica_id", ""))
+        replica.block_size = block_size
+        replica_id = str(report.get("replica_id", ""))
         epoch = str(report.get("epoch", ""))
+        try:
+            event_seq: int | None = int(report["event_seq"])
+        except (KeyError, TypeError, ValueError):
+            event_seq = None  # a replica of an older version
+        replica.event_seq = event_seq
+        if (view is not None and self._on_view_ahead is not None and event_seq is not None
+                and replica_id == replica.replica_id and view[0] == epoch
+                and view[1] > event_seq):
+            self._on_view_ahead(replica, view[1])
+        replica.replica_id = replica_id
         if not replica.healthy:
             log.info("replica %s is in the pool", replica.url)
         replica.healthy = True
@@ -109,6 +141,8 @@ class ReplicaPool:
             task = asyncio.create_task(self._on_new_epoch(replica))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+        if self._on_polled is not None:
+            self._on_polled(replica)
 
     async def _resolve(self, hostport: str) -> None:
         host, _, port = hostport.rpartition(":")

@@ -1,10 +1,13 @@
 """What a ``kvgate serve`` replica offers the routing tier (admin key only):
 
-- ``GET /admin/load``: its identity (replica id, epoch, model id, block size) and its load
-  (queue depth, running sequences, free device pages); routers poll it as the health check.
+- ``GET /admin/load``: its identity (replica id, epoch, model id, block size), its load
+  (queue depth, running sequences, free device pages) and the number of its last cache
+  event (``event_seq``); routers poll it as the health check, and a router whose view of
+  this replica claims more events than that was fed events it never made (it resyncs).
 - ``GET /admin/cache/snapshot``: every indexed block (namespace-scoped hash and tier) and
   the number of the last cache event before it, for a router that missed events.
-- With ``--events-url``, the cache events publisher (``events.EventPublisher``).
+- With ``--events-url``, the cache events publisher (``events.EventPublisher``), its
+  batches signed with the deployment's events secret (``events.key_for``).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from kvgate.gateway.http.state import STATE, state_of
-from kvgate.gateway.route.events import EventPublisher, new_epoch
+from kvgate.gateway.route.events import EventPublisher, key_for, new_epoch
 
 EPOCH = web.AppKey("kvgate_replica_epoch", str)
 
@@ -47,6 +50,7 @@ async def load(request: web.Request) -> web.Response:
         "free_pages": store.device.num_free,
         "device_pages": store.device.num_pages,
         "events": bool(state.settings.events_url),
+        "event_seq": store.index.event_seq,  # an int read: no lock needed
     })
 
 
@@ -70,8 +74,11 @@ def routes() -> list[web.RouteDef]:
 
 
 def setup(app: web.Application) -> None:
-    """Mount the routes; after the engine is open, publish its cache events if asked."""
+    """Mount the routes; after the engine is open, publish its cache events if asked.
+    Raises ``EventsMisconfigured`` for events with neither a secret nor the opt-out."""
     settings = app[STATE].settings
+    key = key_for(settings.events_url, settings.events_secret, settings.shared_tier_secret,
+                  settings.events_unsigned, "kvgate serve")
     settings.replica_id = replica_id_of(settings.host, settings.port, settings.replica_id)
     app[EPOCH] = new_epoch()
     app.add_routes(routes())
@@ -80,7 +87,7 @@ def setup(app: web.Application) -> None:
         if not settings.events_url:
             yield
             return
-        publisher = EventPublisher(settings.events_url, settings.replica_id, app[EPOCH])
+        publisher = EventPublisher(settings.events_url, settings.replica_id, app[EPOCH], key)
         index = app[STATE].engine.store.index
         index.on_event = publisher.record
         task = asyncio.create_task(publisher.run(), name="kvgate-cache-events")

@@ -19,6 +19,14 @@ class RouterSettings:
     replicas: list[str] = field(default_factory=list)  # base URLs of `kvgate serve` replicas
     replicas_dns: str = ""  # HOST:PORT whose A records are the replicas (headless Service)
     events_url: str = ""  # redis://HOST:PORT[/DB] the replicas publish cache events to
+    # The key the replicas sign cache events with (env only: KVGATE_EVENTS_SECRET, else
+    # KVGATE_SHARED_TIER_SECRET); unsigned, mis-signed batches are refused. With neither,
+    # --events-url refuses to start unless events_unsigned is set.
+    events_secret: str | None = field(default=None, repr=False)
+    events_unsigned: bool = False
+    # Every this many seconds each replica's view is compared with a fresh snapshot and
+    # replaced by it (differences counted in kvgate_router_reconcile_differences); 0: never.
+    reconcile_interval_s: float = 300.0
     admin_key: str | None = field(default=None, repr=False)  # env only: polls the replicas
     log_level: str = "info"
     max_body_bytes: int = 4 * 1024 * 1024
@@ -40,17 +48,25 @@ class RouterSettings:
         values: dict[str, Any] = {}
         for name, kind in (("host", str), ("port", int), ("db", str), ("model", str),
                            ("replicas_dns", str), ("events_url", str), ("admin_key", str),
+                           ("events_secret", str), ("events_unsigned", _bool),
+                           ("reconcile_interval_s", float),
                            ("log_level", str), ("max_body_bytes", int),
                            ("read_timeout_s", int), ("upstream_idle_timeout_s", float),
                            ("write_timeout", float)):
             raw = env.get("KVGATE_" + name.upper(), "")
             if raw:
                 values[name] = kind(raw)
+        if "events_secret" not in values and env.get("KVGATE_SHARED_TIER_SECRET"):
+            values["events_secret"] = env["KVGATE_SHARED_TIER_SECRET"]  # one secret for both
         raw = env.get("KVGATE_REPLICAS", "")
         if raw:
             values["replicas"] = [u.strip() for u in raw.split(",") if u.strip()]
         values.update({k: v for k, v in overrides.items() if v is not None and v != []})
         return replace(s, **values)
+
+
+def _bool(raw: str) -> bool:
+    return raw.strip().lower() in ("1", "true", "yes", "on")
 
 
 _FLAGS: dict[str, tuple[Any, str]] = {
@@ -59,7 +75,12 @@ _FLAGS: dict[str, tuple[Any, str]] = {
     "db": (str, "the replicas' ledger URL (postgresql+asyncpg://... when several)"),
     "model": (str, "the replicas' --model (its tokenizer and chat template are loaded)"),
     "replicas_dns": (str, "HOST:PORT resolved every few seconds; each address is a replica"),
-    "events_url": (str, "redis://HOST:PORT[/DB] the replicas publish cache events to"),
+    "events_url": (str, "redis://HOST:PORT[/DB] the replicas publish cache events to "
+                   "(signed with KVGATE_EVENTS_SECRET, else KVGATE_SHARED_TIER_SECRET)"),
+    "events_unsigned": (_bool, "0|1: with --events-url and no secret, accept unsigned cache "
+                        "events instead of refusing to start (0)"),
+    "reconcile_interval_s": (float, "seconds between comparisons of each replica's view "
+                             "with a fresh snapshot of its cache (300; 0: never)"),
     "log_level": (str, "debug | info | warning | error"),
     "upstream_idle_timeout_s": (float, "a replica's started answer that sends nothing for "
                                 "this long is ended with an error (300)"),
