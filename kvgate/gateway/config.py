@@ -55,6 +55,10 @@ class Settings:
     # Seconds a streamed answer waits for its client to accept bytes (a write that does
     # not complete) before it is cancelled and billed for what was produced; 0: no limit.
     write_timeout: float = 30.0
+    # The kernel send buffer of a streamed answer's connection (0: the kernel's own, which on
+    # a fast link grows to megabytes). Small, a client that stops reading is noticed within a
+    # few hundred tokens: its writes block, the engine parks it, the write timeout cuts it.
+    stream_send_buffer_bytes: int = 16384
     # Where usage waits, durable, while the ledger database is away ("": beside a SQLite
     # ledger as <file>-spool, else ./kvgate-spool); one per replica, on its own volume.
     spool_dir: str = ""

@@ -9,10 +9,12 @@ import random
 from pathlib import Path
 
 import aiohttp
+import requests
 
 from tests.support import MiB, ProcessServer, Tenant
 
 STREAMS = 200
+RECEIPTS: dict[str, str] = {}  # request id -> the receipt id its client was given
 EVERY = 64  # --checkpoint-tokens (the default)
 
 
@@ -29,6 +31,7 @@ async def _stream(session: aiohttp.ClientSession, url: str, tenant: Tenant, i: i
             assert r.status == 200
             rid = r.headers["x-request-id"]
             ids[i] = rid
+            RECEIPTS[rid] = r.headers["kvgate-receipt-id"]
             got[rid] = 0
             async for line in r.content:
                 if line.startswith(b"data: {"):
@@ -80,6 +83,11 @@ async def test_sigkill_mid_stream_bills_what_was_delivered_once(workdir: Path) -
             assert billed >= n - EVERY, f"{rid}: {n} tokens received, {billed} billed"
             unbilled += max(0, n - billed)
         assert unbilled <= EVERY * len(cut)
+        rid, n = max(cut.items(), key=lambda kv: kv[1])  # the signed receipt exists too
+        receipt = requests.get(f"{srv.url}/v1/receipts/{RECEIPTS[rid]}", headers=tenant.headers,
+                               timeout=30)
+        assert receipt.status_code == 200, receipt.text
+        assert rid in receipt.text and "interrupted" in receipt.text
         srv.kill()  # a second restart bills nothing again
         srv.start()
         assert srv.ledger_rows(tenant.id) == rows

@@ -100,7 +100,9 @@ def test_the_request_that_would_cross_a_daily_budget_is_a_429_in_both_shapes(
     assert ok >= 1
     spent = check_never_crossed(server, t, exc)
     assert gauge(server, t.id, "daily") == 1000 - spent  # nothing in flight now
-    an = anthropic.Anthropic(base_url=server.url, api_key=t.key, max_retries=0)
+    # The SDK's own retries left on: it obeys x-should-retry: false instead of waiting
+    # out a Retry-After that is hours away
+    an = anthropic.Anthropic(base_url=server.url, api_key=t.key, max_retries=2)
     with pytest.raises(anthropic.RateLimitError) as refused:
         an.messages.create(model="demo", max_tokens=100, messages=[  # type: ignore[list-item]
             {"role": "user", "content": "hello"}])
@@ -109,8 +111,25 @@ def test_the_request_that_would_cross_a_daily_budget_is_a_429_in_both_shapes(
     assert body["error"]["type"] == "rate_limit_error"
     assert any(r in body["error"]["message"] for r in next_resets())
     assert int(refused.value.response.headers["Retry-After"]) >= 1
+    assert refused.value.response.headers["x-should-retry"] == "false"
     assert rejected(server, t.id) == 2
     assert budget(admin, t.id)["daily"]["spent_micros"] == spent  # refusals cost nothing
+
+
+def test_a_request_that_names_no_bound_is_cut_to_what_the_budget_leaves(
+        server: ThreadServer, admin: Admin) -> None:
+    """No max_tokens: not refused while some output fits; its bound is lowered to what the
+    budget holds (as a token rate limit cuts it), and it ends with ``length``."""
+    whole = worst_case(server, lambda key: oai(server, key).chat.completions.create(
+        model="demo", messages=MESSAGES, extra_body={"ignore_eos": True}))  # type: ignore[arg-type]
+    t = admin.tenant(budget_daily_micros=whole // 2)
+    r = oai(server, t.key).chat.completions.create(
+        model="demo", messages=MESSAGES, extra_body={"ignore_eos": True})  # type: ignore[arg-type]
+    assert r.choices[0].finish_reason == "length"
+    assert r.usage is not None and r.usage.completion_tokens >= 1
+    assert budget(admin, t.id)["daily"]["spent_micros"] <= whole // 2
+    with pytest.raises(openai.BadRequestError):  # a stated bound is refused, never cut
+        chat(server, t.key, max_tokens=server.settings.default_max_tokens)
 
 
 def test_every_generating_path_is_gated(server: ThreadServer, admin: Admin) -> None:

@@ -356,6 +356,37 @@ def test_clients_that_stop_reading_do_not_keep_others_out(slow: ThreadServer) ->
     assert all(r["n"] == 1 and r["status"] == "cancelled" for r in rows.values()), rows
 
 
+def test_stalled_streams_are_parked_with_the_shipped_buffers(slow: ThreadServer) -> None:
+    """No test-only socket patch: plain text streams of up to 5,000 tokens whose clients
+    never read fill the server's small stream buffers within a few hundred tokens, the
+    engine parks them (no slot, no pages), and another tenant is served."""
+    slow.state.settings.write_timeout = 120.0
+    flood, victim = slow.admin.tenant("parks"), slow.admin.tenant("served")
+    engine = slow.state.engine
+    capacity = slow.settings.max_running + 1  # every slot, and one waiting for a slot
+    body = {"model": engine.model_id, "max_tokens": 5000, "stream": True, "ignore_eos": True,
+            "messages": [{"role": "user", "content": "write me a book"}]}
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(capacity):
+            socks.append(slow_client.stalled_request(slow.port, CHAT, body, flood.headers))
+            _in_engine(slow, len(socks))
+        for _ in range(2400):
+            if len(engine.scheduler.parked) == capacity:
+                break
+            time.sleep(0.05)
+        assert len(engine.scheduler.parked) == capacity, engine.scheduling()
+        assert engine.num_running() == 0 and engine.queue_depth() == 0
+        assert _chat(slow, victim) == 200
+    finally:
+        for s in socks:
+            s.close()
+        slow.state.settings.write_timeout = 1.0
+    rows = _rows(slow, flood, capacity)
+    assert all(r["n"] == 1 and r["status"] == "cancelled" for r in rows.values()), rows
+    assert all(r["completion_tokens"] < 2000 for r in rows.values()), rows
+
+
 def test_write_timeout_flag_and_environment(monkeypatch: pytest.MonkeyPatch,
                                             tmp_path: Path) -> None:
     from kvgate.gateway.cli import build_parser

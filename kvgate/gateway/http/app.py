@@ -247,15 +247,15 @@ def create_app(settings: Settings, engine: Engine | None = None,
             if own_engine is not None:
                 await own_engine.start()
             state.open(the_engine, own_ledger)
-            if ledger is None or settings.spool_dir:
-                checkpoints = await _checkpoints(settings, own_ledger)
-                state.checkpoints = checkpoints
             biller = ReservationBiller(state, models_api.served_names(state)[0])
             biller.start()
             storage = CacheStorageBiller(state)
             storage.start()
             own_ledger.on_commit = state.metrics.on_ledger_commit
             own_ledger.receipt_key = state.receipt_key
+            if ledger is None or settings.spool_dir:  # after the receipt key: rows get theirs
+                checkpoints = await _checkpoints(settings, own_ledger)
+                state.checkpoints = checkpoints
             state.metrics.watch(state.engine, own_ledger)
             if settings.metrics_port is not None:
                 metrics_runner = await _metrics_listener(state)

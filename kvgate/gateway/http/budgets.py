@@ -37,6 +37,7 @@ class Generation(Protocol):
     sampling: SamplingParams
     cache_request: CacheRequest
     ttl_segments: list[tuple[int, float]]
+    max_tokens_param: str | None  # None: the request named no output bound
 
 
 def worst_cases(gen: Generation) -> list[Usage]:
@@ -63,9 +64,40 @@ async def reserve(gen: Generation) -> Hold:
     try:
         return await state.budgets.reserve(p, worst_cases(gen))
     except BudgetExceeded as exc:
+        if gen.max_tokens_param is None and (hold := await _fit(gen)) is not None:
+            return hold
         m = state.metrics
         m.admission_rejected.labels("budget", m.tenant(p.tenant_id)).inc()
         if exc.never:
-            raise ApiError(400, str(exc), code="request_exceeds_budget") from None
-        raise ApiError(429, str(exc), code="budget_exceeded",
+            raise ApiError(400, str(exc), code="request_exceeds_budget", retry=False) from None
+        raise ApiError(429, str(exc), code="budget_exceeded", retry=False,
                        retry_after=exc.retry_after_s) from None
+
+
+async def _fit(gen: Generation) -> Hold | None:
+    """A request that named no output bound is not refused while some output fits: its
+    bound is lowered to the most whose worst case the budgets still hold (as a
+    tokens-per-minute limit cuts it), and it ends with ``length`` there. None: not even
+    one token fits."""
+    budgets, p, sampling = gen.state.budgets, gen.principal, gen.sampling
+    lo, hi, best = 1, sampling.max_tokens - 1, None
+    wanted = sampling.max_tokens
+    try:
+        while lo <= hi:  # the largest bound that fits, each try held and let go
+            sampling.max_tokens = mid = (lo + hi) // 2
+            try:
+                hold = await budgets.reserve(p, worst_cases(gen))
+            except BudgetExceeded:
+                hi = mid - 1
+                continue
+            hold.release()
+            best, lo = mid, mid + 1
+        if best is None:
+            return None
+        sampling.max_tokens = best
+        return await budgets.reserve(p, worst_cases(gen))
+    except BudgetExceeded:  # spent meanwhile by another request
+        return None
+    finally:
+        if best is None:
+            sampling.max_tokens = wanted

@@ -44,13 +44,17 @@ class ApiError(Exception):
     """A failure the client should see, with the HTTP status that says whose fault it is."""
 
     def __init__(self, status: int, message: str, *, code: str | None = None,
-                 param: str | None = None, retry_after: float | None = None) -> None:
+                 param: str | None = None, retry_after: float | None = None,
+                 retry: bool | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.code = code
         self.param = param
         self.retry_after = retry_after
+        # False: ``x-should-retry: false``, which both official SDKs obey: a spent budget's
+        # Retry-After is hours away, and an SDK that waits it out hangs its caller
+        self.retry = retry
 
 
 class ClientGone(ConnectionError):
@@ -88,6 +92,8 @@ def error_response(path: str, err: ApiError) -> web.Response:
     headers = {}
     if err.retry_after is not None:
         headers["Retry-After"] = str(max(1, math.ceil(err.retry_after)))
+    if err.retry is not None:
+        headers["x-should-retry"] = "true" if err.retry else "false"
     return web.Response(status=err.status, text=json.dumps(error_body(path, err)),
                         content_type="application/json", headers=headers)
 

@@ -23,8 +23,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
+import socket
 from typing import Any
 
 from aiohttp import web
@@ -76,6 +78,21 @@ class GatewayRunner(web.AppRunner):
         return server
 
 
+def _small_buffers(request: web.BaseRequest, nbytes: int) -> None:
+    """Caps the connection's kernel send buffer and the transport's own at ``nbytes``, so a
+    client that stops reading blocks the writes after that much, not after the megabytes a
+    loopback or fast link's autotuned buffer holds."""
+    transport = request.transport
+    if not nbytes or transport is None:
+        return
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, nbytes)
+    with contextlib.suppress(AttributeError, ValueError):
+        transport.set_write_buffer_limits(high=nbytes)
+
+
 class BoundedResponse(web.StreamResponse):
     """A streamed response whose writes are bounded by the write timeout (module doc)."""
 
@@ -85,6 +102,12 @@ class BoundedResponse(web.StreamResponse):
         timeout = float(state_of(request).settings.write_timeout)
         self.write_timeout: float | None = timeout if math.isfinite(timeout) \
             and timeout > 0 else None
+
+    async def prepare(self, request: web.BaseRequest) -> Any:
+        if not self.prepared:
+            _small_buffers(request, getattr(state_of(self._request).settings,
+                                            "stream_send_buffer_bytes", 0))
+        return await super().prepare(request)
 
     async def write(self, data: Any) -> None:
         try:

@@ -105,7 +105,8 @@ class BudgetExceeded(Exception):
         head = f"{whose} {period} budget is {budget} micro-{currency}"
         if self.never:
             message = (f"This request may cost up to {cost} micro-{currency}, more than "
-                       f"{head}; lower max_tokens (or n, or the prompt) to fit it.")
+                       f"{whose} whole {period} budget of {budget}; lower max_tokens (or "
+                       "n, or the prompt) to fit it.")
         else:
             held = f" and {reserved} are held by requests in flight" if reserved else ""
             message = (f"Budget exceeded: {head}; {spent} are spent{held}, and this "
