@@ -98,6 +98,11 @@ class Usage:
         for name, value in counts.items():
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise InvalidUsage(f"{name} must be a non-negative integer, got {value!r}")
+            # token counts are 32-bit columns in the ledger (byte/token-seconds 64-bit): a
+            # larger one is refused here, not by the database as if it were down
+            top = (1 << 63) - 1 if name.endswith("_seconds") else (1 << 31) - 1
+            if value > top:
+                raise InvalidUsage(f"{name} is {value}, more than any request can have")
         if any(ttl <= 0 for ttl in self.cache_writes):
             raise InvalidUsage("cache write TTLs must be positive seconds")
         if self.uncached_tokens < 0:

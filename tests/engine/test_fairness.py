@@ -284,3 +284,54 @@ def test_a_light_newcomer_gets_a_step_of_its_own_never_two_in_a_row(demo_loaded)
     assert "v3" in plans[-1] and any(r.startswith("f") for r in plans[-1])
     run_out(engine)
     assert all(c.done for c in [*flood, first, second, late])
+
+
+@pytest.mark.parametrize("held", ["parked", "low_priority"])
+def test_credit_cannot_be_banked_behind_work_that_does_not_run(demo_loaded, held):
+    """A tenant keeps one request that does not run (a parked stream, or one of a far
+    worse priority class) while another is served for a long time; its flood afterwards
+    gets no more than the bound's slack ahead, and the other keeps being served."""
+    engine = make(demo_loaded, max_running=4, max_batch_tokens=64, max_unread_tokens=4)
+    fairness = engine.scheduler.fairness
+    if held == "parked":
+        Client(engine, "hold", "attacker", prompt(0, 8), 400, reads=False)
+    else:
+        Client(engine, "hold", "attacker", prompt(0, 8), 400, priority=1000)
+    victim: list[Client] = []
+    for step in range(300):  # the victim alone, its four slots always busy
+        victim = [c for c in victim if not c.done]
+        while len(victim) < 5:
+            victim.append(Client(engine, f"v{step}-{len(victim)}", "victim",
+                                 prompt(step, 16), 12))
+        engine.step()
+    flood = [Client(engine, f"a{i}", "attacker", prompt(100 + i, 16), 40) for i in range(8)]
+    for _ in range(5):
+        engine.step()
+    slack = max(64, 2 * 4 * 2)
+    assert fairness.accounts["attacker"].counter >= fairness.accounts["victim"].counter - slack - 64
+    before = fairness.accounts["victim"].served
+    for step in range(100):
+        victim = [c for c in victim if not c.done]
+        while len(victim) < 5:
+            victim.append(Client(engine, f"w{step}-{len(victim)}", "victim", prompt(step, 16), 12))
+        engine.step()
+    assert fairness.accounts["victim"].served - before > 100  # still served beside the flood
+    del flood
+
+
+def test_the_running_cap_holds_for_n_choices(demo_loaded):
+    engine = make(demo_loaded, max_running=16)
+    req = GenerateRequest("n8", "ns:c", prompt(3, 16), greedy(20, n=8), tenant="c",
+                          max_running=2)
+    seq = Sequence(req, engine.tokenizer)
+    events: list[Any] = []
+    seq.emit = events.append
+    engine._handle(Add(seq))
+    peak = 0
+    for _ in range(400):
+        if not engine.scheduler.has_work():
+            break
+        engine.step()
+        peak = max(peak, engine.scheduler.fairness.accounts["c"].running)
+    assert peak == 2
+    assert sum(isinstance(ev, FinishEvent) for ev in events) == 8

@@ -178,3 +178,27 @@ async def test_a_bill_held_in_memory_is_journalled_whole_with_its_status(tmp_pat
     (got,) = await nxt.recover()
     assert (got.status, got.usage.completion_tokens) == ("ok", 9)
     await nxt.close()
+
+
+async def test_journals_have_names_no_other_process_holds_and_stay_private(tmp_path, monkeypatch):
+    """Replicas on one volume may all be pid 1 and start in the same second: each journal
+    still has its own name; a compacted one keeps mode 0600."""
+    monkeypatch.setattr("kvgate.gateway.ledger.checkpoints._COMPACT_BYTES", 1500)
+    a, b = Checkpoints(tmp_path, interval_s=3600), Checkpoints(tmp_path, interval_s=3600)
+    await a.recover()
+    await b.recover()
+    ra, rb = Running("a"), Running("b")
+    a.track("a", ra)
+    b.track("b", rb)
+    for n in range(1, 30):
+        ra.tokens = rb.tokens = n
+        await a.flush()
+        await b.flush()
+    paths = journals(tmp_path)
+    assert len(paths) == 2
+    assert all(p.stat().st_mode & 0o777 == 0o600 for p in paths)
+    assert {next(iter(read_journal(p.read_bytes()))) for p in paths} == {"a", "b"}
+    a.finish("a")
+    b.finish("b")
+    await a.close()
+    await b.close()

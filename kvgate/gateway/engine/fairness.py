@@ -15,7 +15,9 @@ Lower ``priority`` values run first (vLLM's convention); within a priority class
 account that has had least service goes first; within an account, requests run in
 arrival order. An account that was idle (nothing waiting, running or parked) is lifted on
 its return to the smallest counter among the accounts active at that moment, so idle time
-is not banked as credit to be spent in a burst later (the VTC rule).
+is not banked as credit to be spent in a burst later (the VTC rule). Nor behind work that
+does not run: an account given new work is lifted to at most U (below) behind the least
+served account running at that moment.
 
 The bound (as in "Fairness in Serving Large Language Models", Sheng et al., OSDI'24): take
 two accounts f and g of one priority class, both backlogged (something waiting) over an
@@ -95,6 +97,18 @@ class Fairness:
                 acct.counter = floor
             self.busy += 1
         acct.active += 1
+
+    def admitted(self, seq: Sequence, slack: float) -> None:
+        """``seq`` is given work: its account may be at most ``slack`` behind the least
+        served account being served now. Credit cannot be banked behind work that does
+        not run (a request of a far worse priority class, a parked stream): the arrival
+        lift alone would not see such an account as idle."""
+        acct = self.account(seq)
+        others = [a for a in list(self.accounts.values()) if a is not acct and a.active]
+        floor = min((a.counter for a in others if a.running),  # served now, else waiting
+                    default=min((a.counter for a in others), default=None))
+        if floor is not None and acct.counter < floor - slack:
+            acct.counter = floor - slack
 
     def leave(self, seq: Sequence) -> None:
         acct = self.account(seq)

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from kvgate.cachestore import CacheStore
 from kvgate.cachestore.pool import copy_pages
 from kvgate.gateway.engine.config import EngineConfig
-from kvgate.gateway.engine.fairness import Fairness
+from kvgate.gateway.engine.fairness import DECODE, PREFILL, Fairness
 from kvgate.gateway.engine.request import PromptTooLong
 from kvgate.gateway.engine.sequence import Sequence, Status
 
@@ -93,6 +93,8 @@ class Scheduler:
         self.num_forks = 0  # choices that started on their parent's pages (n > 1)
         self.num_parked = 0  # times a sequence was parked
         self._newcomer_step = False  # the last step was light newcomers' alone
+        # The bound's U (fairness.py): what one decision can charge an account
+        self._slack = max(config.max_batch_tokens * PREFILL, config.max_running * DECODE)
         self._arrivals = 0
 
     # -- admission -------------------------------------------------------------------
@@ -367,6 +369,7 @@ class Scheduler:
             seq.cached_tokens = min(cached, seq.num_prompt_tokens)
             seq.read_blocks = list(match.blocks)
             self.store.record_prompt(req.namespace, seq.num_prompt_tokens, seq.cached_tokens)
+        self.fairness.admitted(seq, self._slack)
         if seq.admissions == 1:
             self.fairness.charge(seq, cached=cached)
         seq.handle = handle
@@ -384,7 +387,9 @@ class Scheduler:
         prompt_len = child.num_prompt_tokens
         self._arrive(child)
         child.order = parent.order
-        if len(self.running) < self.config.max_running:
+        cap = child.request.max_running
+        capped = bool(cap) and self.fairness.account(child).running >= cap
+        if len(self.running) < self.config.max_running and not capped:
             child.admissions += 1
             req = child.request
             handle = self.store.open(f"{child.seq_id}#{child.admissions}", req.namespace,

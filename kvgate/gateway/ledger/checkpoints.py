@@ -9,7 +9,7 @@ checkpoint, all changed requests in one appended, fsync'd write (a line per requ
 flush, not per token). A request that is billed appends a ``done`` line (not fsync'd: if
 it is lost, the restart's row is a duplicate the ledger drops, see below).
 
-The journal is one file per process, ``checkpoints-<pid>-<n>.journal`` in the spool
+The journal is one file per process, ``checkpoints-<host>-<pid>-<n>-<random>.journal`` in the spool
 directory, held with an exclusive ``flock``. On start, the journals of processes that are
 gone (their lock is free) are read: each request with a checkpoint and no ``done`` is
 billed from its last checkpoint with status ``interrupted``, then the file is removed.
@@ -31,7 +31,8 @@ import itertools
 import json
 import logging
 import os
-import time
+import secrets
+import socket
 import zlib
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -124,6 +125,11 @@ class Checkpoints:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except OSError:
                     continue  # a live process's journal
+                try:  # still the file the name holds (not one a compaction replaced)?
+                    if os.fstat(fd).st_ino != os.stat(path).st_ino:
+                        continue
+                except OSError:
+                    continue
                 with open(path, "rb") as f:
                     found = read_journal(f.read())
             finally:
@@ -195,15 +201,25 @@ class Checkpoints:
     # -- flushing ----------------------------------------------------------------------------
 
     async def _run(self) -> None:
+        failing = 0  # flushes failed in a row: logged once, then retried ever more slowly
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.interval_s)
             self._wake.clear()
             try:
                 await self.flush()
-            except Exception:
+            except Exception as exc:
                 self.errors += 1
-                log.exception("usage checkpoint write failed; retrying")
+                failing += 1
+                if failing == 1:
+                    log.error("usage checkpoints cannot be written in %s (%s): a crash now "
+                              "would leave running requests unbilled; retrying", self.directory,
+                              exc)
+                await asyncio.sleep(min(30.0, self.interval_s * 2 ** min(failing, 5)))
+                continue
+            if failing:
+                log.warning("usage checkpoints written again after %d failed tries", failing)
+                failing = 0
             await asyncio.sleep(_MIN_GAP_S)
 
     async def flush(self) -> int:
@@ -239,20 +255,31 @@ class Checkpoints:
         self.directory.mkdir(parents=True, exist_ok=True)
         if compact and self._path is not None and self._fd is not None:
             tmp = self._path.with_suffix(".tmp")
-            with open(tmp, "wb") as f:
-                f.write(live)
-                f.flush()
-                os.fsync(f.fileno())
-            fd = os.open(tmp, os.O_RDWR | os.O_APPEND)
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                view = memoryview(live)
+                while view:
+                    view = view[os.write(fd, view):]
+                os.fsync(fd)
+            except BaseException:
+                os.close(fd)
+                raise
             os.replace(tmp, self._path)
             os.close(self._fd)
             self._fd, self._size = fd, len(live)
             return
         if self._fd is None:
-            path = self.directory / f"checkpoints-{os.getpid()}-{next(_names)}-{int(time.time())}.journal"
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            # A name no other process can hold: replicas sharing a volume may all be pid 1
+            name = (f"checkpoints-{socket.gethostname()[:40]}-{os.getpid()}-{next(_names)}-"
+                    f"{secrets.token_hex(6)}.journal")
+            path = self.directory / name.replace("/", "_")
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)
+                raise
             self._fd, self._path, self._size = fd, path, 0
         start = self._size
         try:
