@@ -227,7 +227,7 @@ async def test_a_worst_case_over_the_whole_budget_is_never_admitted(ledger: Ledg
     budgets = Clock().budgets(ledger)
     with pytest.raises(BudgetExceeded) as refused:
         await budgets.reserve(await principal(ledger, t["id"]), [COST_140])
-    assert refused.value.never and "more than this tenant's daily budget" in str(refused.value)
+    assert refused.value.never and "more than this tenant's whole daily budget of" in str(refused.value)
     with pytest.raises(BudgetExceeded) as refused:  # a budget of 0: spent, it resets
         await budgets.reserve(await principal(ledger, zero["id"]), [COST_140])
     assert not refused.value.never
