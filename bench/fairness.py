@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import socket
 import tempfile
 import time
 from collections import Counter
@@ -41,6 +40,7 @@ import numpy as np
 
 from bench.common import print_table, smoke, write_result
 from tests.support import ProcessServer
+from tests.support.slow_client import stalled_request
 
 VICTIM_TEXT = "How are you today?"
 # The flood runs under each: the default; fair order without short contended steps; FCFS
@@ -134,23 +134,12 @@ def _ratio(loaded: dict[str, Any], alone: dict[str, Any]) -> dict[str, float | N
             for q in ("p50_ms", "p99_ms")}
 
 
-def _stalled_stream(port: int, key: str) -> socket.socket:
-    """A streaming request whose client never reads: a tiny receive buffer, nothing read."""
-    s = socket.socket()
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    s.connect(("127.0.0.1", port))
-    body = json.dumps(_chat("Tell me a very long story. " * 4, 4000, True)).encode()
-    s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
-              b"Authorization: Bearer " + key.encode() + b"\r\n"
-              b"Content-Type: application/json\r\nContent-Length: "
-              + str(len(body)).encode() + b"\r\n\r\n" + body)
-    return s
-
-
 async def stalled(url: str, port: int, flood_key: str, victim_h: dict[str, str],
                   alone_s: float, duration: float) -> dict[str, Any]:
     alone = await _victim(url, victim_h, time.perf_counter() + alone_s)
-    socks = [_stalled_stream(port, flood_key) for _ in range(12)]
+    body = _chat("Tell me a very long story. " * 4, 4000, True)
+    socks = [stalled_request(port, "/v1/chat/completions", body,
+                             {"Authorization": f"Bearer {flood_key}"}) for _ in range(12)]
     try:
         await asyncio.sleep(2.0)
         loaded = await _victim(url, victim_h, time.perf_counter() + duration)
