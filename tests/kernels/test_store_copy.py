@@ -21,7 +21,7 @@ def _pool(layout: KVLayout, pages: int, seed: int, device) -> torch.Tensor:
 def _expected_store(pool, layer, k, v, slots, block_size):
     """Token by token, in plain indexing: what store_kv must leave in the pool."""
     want = pool.clone()
-    k_cache, v_cache = KVLayout.layer_kv(want, layer)
+    k_cache, v_cache = want[:, layer, 0], want[:, layer, 1]
     for t, slot in enumerate(slots.tolist()):
         if slot >= 0:
             k_cache[slot // block_size, slot % block_size] = k[t]

@@ -25,7 +25,6 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
 from kvgate import kernels
-from kvgate.kernels.layout import KVLayout
 from kvgate.kernels.reference import (
     PoolRows,
     decode_attention_rows,
@@ -88,7 +87,7 @@ def paged_attention_forward(
     layer = getattr(module, "layer_idx", None)  # transformers' attention modules carry it
     if not isinstance(layer, int):
         raise RuntimeError(f"{type(module).__name__} has no integer layer_idx")
-    k_cache, v_cache = KVLayout.layer_kv(ctx.kv_pool, layer)
+    k_cache, v_cache = ctx.kv_pool[:, layer, 0], ctx.kv_pool[:, layer, 1]
     k = key[0].transpose(0, 1)  # [T, kv_heads, D]
     v = value[0].transpose(0, 1)
     rows = ctx.rows
