@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 
 from kvgate.kernels import copy_pages as kernel_copy_pages
-from kvgate.kernels.layout import KVLayout
+from kvgate.kernels.layout import KVLayout, convert_pages
 
 
 class PagePool:
@@ -61,6 +61,27 @@ class PagePool:
         self.held[owner] -= 1
         if not self.held[owner]:
             del self.held[owner]
+
+
+def move_pages(
+    src: PagePool, dst: PagePool, src_pages: Sequence[int], dst_pages: Sequence[int]
+) -> None:
+    """Copy whole pages between two tiers' pools; when their layouts differ (a host tier
+    of another KV dtype, ``--offload-kv-dtype``), each page is converted on the way.
+
+    A conversion is done on the faster side (on the GPU when either pool is there) and
+    is synchronous; pages of one layout go through ``copy_pages``.
+    """
+    if src.layout == dst.layout:
+        copy_pages(src.tensor, dst.tensor, src_pages, dst_pages)
+        return
+    if not src_pages:
+        return
+    rows = src.tensor.index_select(0, torch.tensor(list(src_pages), device=src.tensor.device))
+    if dst.tensor.is_cuda and not rows.is_cuda:
+        rows = rows.to(dst.tensor.device)
+    rows = convert_pages(src.layout, dst.layout, rows).to(dst.tensor.device)
+    dst.tensor.index_copy_(0, torch.tensor(list(dst_pages), device=dst.tensor.device), rows)
 
 
 def copy_pages(

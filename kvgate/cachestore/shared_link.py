@@ -26,6 +26,7 @@ from kvgate.cachestore.policy import EvictionPolicy, is_expired
 from kvgate.cachestore.pool import PagePool
 from kvgate.cachestore.shared_tier import CostModel, SharedFetch, SharedRecord, SharedTier
 from kvgate.cachestore.tiers import TierMoves
+from kvgate.kernels.layout import convert_pages
 
 
 class LinkedStore(Protocol):
@@ -70,9 +71,11 @@ class SharedLink:
                 # a demotion's copy into these host pages runs on its own stream, which the
                 # current stream waits on: the host may read them only once it is done
                 torch.cuda.current_stream(store.device.tensor.device).synchronize()
-            if group:
+            if group:  # the tier holds pages of the host's layout (``--offload-kv-dtype``)
                 index = torch.tensor([b.page for b in group], device=pool.tensor.device)
-                pages.extend(pool.tensor.index_select(0, index).to("cpu").unbind(0))
+                rows = convert_pages(pool.layout, store.host.layout,
+                                     pool.tensor.index_select(0, index))
+                pages.extend(rows.to("cpu").unbind(0))
         ordered = [b for t in (DEVICE, HOST) for b in blocks if b.tier == t]
         records = [
             SharedRecord(b.hash, b.parent.hash if b.parent is not None else store.root_of(b.namespace),
@@ -115,7 +118,8 @@ class SharedLink:
                 if not store.tiers.reserve_device(1, seq.namespace):
                     break
                 page = store.device.take(seq.namespace)
-                store.device.tensor[page].copy_(fb.page)
+                store.device.tensor[page].copy_(
+                    convert_pages(store.host.layout, store.device.layout, fb.page[None])[0])
                 ttl_s = seq.ttl_for_block(pos, store.block_size, store.default_ttl_s)
                 pinned = (parent is None or parent.pinned) and store.policy.is_pinned(
                     seq.namespace, fb.block_hash)

@@ -79,7 +79,7 @@ def _ttl_ms(ttl_s: float) -> int:
 
 def layout_signature(layout: KVLayout, model_id: str) -> bytes:
     """What a page's bytes mean: a page of another model, dtype or shape never verifies."""
-    text = f"{model_id}|{layout.page_shape}|{layout.dtype}".encode()
+    text = f"{model_id}|{layout.signature()}".encode()
     return xxh3_128(text)
 
 
@@ -372,9 +372,7 @@ class SharedTier:
         pos += DIGEST
         if body[pos:pos + ns_len] != ns or body[pos + ns_len:pos + ns_len + tok_len] != tokens:
             return None
-        raw = bytearray(body[pos + ns_len + tok_len:])
-        page = torch.frombuffer(raw, dtype=torch.uint8).view(self.layout.dtype)
-        return page.reshape(self.layout.page_shape)
+        return self.layout.page_from_bytes(body[pos + ns_len + tok_len:])
 
     def _mac(self, body: bytes) -> bytes:
         return hmac.new(self._secret, body, hashlib.sha256).digest()

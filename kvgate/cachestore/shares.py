@@ -46,7 +46,6 @@ class Shares:
         self.fair = fair
         self.window_s = float(window_s)
         self.pools: dict[Tier, PagePool] = {DEVICE: device, HOST: host}
-        self.page_bytes = device.page_bytes
         self.reserved: dict[str, dict[Tier, int]] = {}  # namespace -> tier -> bytes
         self._last_seen: dict[str, float] = {}  # namespace -> last request, oldest first
         self.evicted_by_others: dict[Tier, dict[str, int]] = {DEVICE: {}, HOST: {}}
@@ -93,7 +92,7 @@ class Shares:
         own = self.reserved.get(namespace)
         if own is None or tier not in own:
             return None
-        return min(self.pools[tier].num_pages, own[tier] // self.page_bytes)
+        return min(self.pools[tier].num_pages, own[tier] // self.pools[tier].page_bytes)
 
     def share_pages(self, namespace: str, tier: Tier, fair: int | None = None) -> int:
         """The namespace's protected pages of ``tier`` now: its reservation, else its fair
@@ -146,7 +145,7 @@ class Shares:
 
     def reservations(self) -> dict[str, dict[Tier, int]]:
         """Reserved bytes per namespace and tier (capped at the tier), for billing."""
-        return {ns: {t: (self.reserved_pages(ns, t) or 0) * self.page_bytes for t in own}
+        return {ns: {t: (self.reserved_pages(ns, t) or 0) * self.pools[t].page_bytes for t in own}
                 for ns, own in self.reserved.items()}
 
     def count_evicted(self, blocks: list[Block], tier: Tier, namespace: str | None) -> None:

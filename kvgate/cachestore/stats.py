@@ -23,6 +23,7 @@ class TierStats:
     used_pages: int
     page_bytes: int
     blocks: dict[str, int]  # state -> pages (device: free/active/cached, host: free/offloaded)
+    kv_dtype: str = ""  # what the tier's pages store K/V as: float32, bfloat16, fp8, int8...
 
     @property
     def capacity_bytes(self) -> int:
@@ -38,6 +39,8 @@ class TierStats:
             "used_bytes": self.used_bytes,
             "capacity_pages": self.capacity_pages,
             "used_pages": self.used_pages,
+            "page_bytes": self.page_bytes,
+            "kv_dtype": self.kv_dtype,
             "blocks": dict(self.blocks),
         }
 

@@ -73,7 +73,7 @@ from kvgate.cachestore.stats import (
     hottest_prefixes,
 )
 from kvgate.cachestore.tiers import TierMoves
-from kvgate.kernels.layout import KVLayout
+from kvgate.kernels.layout import KVLayout, dtype_name
 
 
 class CacheStore:
@@ -91,6 +91,7 @@ class CacheStore:
         shares: bool = False,
         share_window_s: float | None = None,
         eviction: str = "adaptive",
+        host_layout: KVLayout | None = None,
     ) -> None:
         """``hash_fn`` is replaceable so tests can force collisions; keep the default.
 
@@ -100,6 +101,10 @@ class CacheStore:
 
         ``eviction``: ``adaptive`` (the default: the order that wins a shadow simulation on
         sampled blocks, ``kvgate.cachestore.duel``) or a fixed order (``lru``, ``slru``, ``newest``).
+
+        ``host_layout``: the host tier's pages when they differ from the device's (another KV
+        dtype, ``--offload-kv-dtype``); pages are converted as they move between the tiers.
+        Quotas count a block at the device page's size on either tier.
         """
         if str(device) == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -111,7 +116,9 @@ class CacheStore:
         self.clock = clock
         self.hash_fn = hash_fn
         self.device = PagePool(layout, layout.pages_for_bytes(device_bytes), device, False)
-        self.host = PagePool(layout, layout.pages_for_bytes(host_bytes), "cpu", True)
+        self.host_layout = host_layout or layout
+        self.host = PagePool(self.host_layout, self.host_layout.pages_for_bytes(host_bytes), "cpu",
+                             True)
         self.device_pool = self.device.tensor
         self.host_pool = self.host.tensor
         self.policy = EvictionPolicy(self.device.num_pages, self.host.num_pages, mode=eviction)
@@ -502,9 +509,11 @@ class CacheStore:
             idle = self.index.num_idle_device
             active = self.device.num_used - idle
             device = TierStats(self.device.num_pages, self.device.num_used, pb, {
-                "free": self.device.num_free, "active": active, "cached": idle})
-            host = TierStats(self.host.num_pages, self.host.num_used, pb, {
-                "free": self.host.num_free, "offloaded": self.host.num_used})
+                "free": self.device.num_free, "active": active, "cached": idle},
+                dtype_name(self.layout.dtype))
+            host = TierStats(self.host.num_pages, self.host.num_used, self.host.page_bytes, {
+                "free": self.host.num_free, "offloaded": self.host.num_used},
+                dtype_name(self.host_layout.dtype))
             self.shares.prune(self.clock())
             names = set(self.index.namespaces()) | set(counters.prompts) | self.shares.namespaces()
             cached_bytes = {ns: self._ns_bytes(ns) for ns in names}
@@ -553,14 +562,14 @@ class CacheStore:
                              for i, h in enumerate(hashes) if sampled(h, threshold)], now)
 
     def _share_stats(self, namespace: str, fair: dict[Tier, int]) -> NamespaceShare:
-        pb = self.layout.page_bytes
+        pb = {DEVICE: self.device.page_bytes, HOST: self.host.page_bytes}
         sh = self.shares
         return NamespaceShare(
             active=sh.is_active(namespace),
-            share_bytes={t: sh.share_pages(namespace, t, fair[t]) * pb for t in TIERS},
-            used_bytes={t: sh.held(namespace, t) * pb for t in TIERS},
+            share_bytes={t: sh.share_pages(namespace, t, fair[t]) * pb[t] for t in TIERS},
+            used_bytes={t: sh.held(namespace, t) * pb[t] for t in TIERS},
             evicted_by_others={t: sh.evicted_by_others[t].get(namespace, 0) for t in TIERS},
-            reserved_bytes={t: (sh.reserved_pages(namespace, t) or 0) * pb for t in TIERS},
+            reserved_bytes={t: (sh.reserved_pages(namespace, t) or 0) * pb[t] for t in TIERS},
         )
 
     def _ns_bytes(self, namespace: str) -> int:

@@ -2,7 +2,7 @@
 
 ``TierMoves`` is handed everything it works with: the two pools, the index (which block
 lives where; ``PrefixIndex.move`` and ``drop``), the policy (who goes next) and the
-counters it adds to. Both directions move whole pages through ``pool.copy_pages`` in one
+counters it adds to. Both directions move whole pages through ``pool.move_pages`` in one
 batched call each; the bookkeeping changes only after the copy is queued.
 """
 
@@ -14,7 +14,7 @@ from kvgate.cachestore.block import DEVICE, HOST, Block
 from kvgate.cachestore.counters import CacheCounters
 from kvgate.cachestore.index import PrefixIndex
 from kvgate.cachestore.policy import EvictionPolicy
-from kvgate.cachestore.pool import PagePool, copy_pages
+from kvgate.cachestore.pool import PagePool, move_pages
 from kvgate.cachestore.shares import Shares
 
 
@@ -108,12 +108,12 @@ class TierMoves:
 
     def _move_to_host(self, moving: list[tuple[Block, int]]) -> None:
         """Copy the blocks' device pages to the host pages taken for them, in one batch."""
-        copy_pages(self.device.tensor, self.host.tensor, [v.page for v, _ in moving],
+        move_pages(self.device, self.host, [v.page for v, _ in moving],
                    [page for _, page in moving])
         for v, host_page in moving:
             self.index.move(v, HOST, host_page)
             self.policy.add(v)
-        self.counters.demotions.add(len(moving), self.device.page_bytes)
+        self.counters.demotions.add(len(moving), self.host.page_bytes)
         if self.on_demoted is not None and moving:
             self.on_demoted([v for v, _ in moving])
 
@@ -136,8 +136,8 @@ class TierMoves:
         self.reserve_device(len(on_host), matched[0].namespace)
         device_pages = [self.device.take(matched[i].namespace) for i in on_host]
         host_pages = [matched[i].page for i in on_host]
-        copy_pages(self.host.tensor, self.device.tensor, host_pages, device_pages)
+        move_pages(self.host, self.device, host_pages, device_pages)
         for i, page in zip(on_host, device_pages, strict=True):
             self.index.move(matched[i], DEVICE, page)
-        self.counters.promotions.add(len(on_host), self.device.page_bytes)
+        self.counters.promotions.add(len(on_host), self.host.page_bytes)
         return matched, len(on_host)

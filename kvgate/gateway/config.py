@@ -23,6 +23,8 @@ class Settings:
     device_cache_bytes: int = 256 * 1024 * 1024
     host_cache_bytes: int = 512 * 1024 * 1024
     block_size: int = 16
+    kv_dtype: str = "auto"  # auto (the model's dtype) | fp8 | int8: the KV pages' values
+    offload_kv_dtype: str = "auto"  # auto (as the device's pages) | fp8 | int8: host tier
     admin_key: str | None = field(default=None, repr=False)
     # Beyond docs/api.md: operational knobs with defaults a user rarely touches.
     max_body_bytes: int = 4 * 1024 * 1024

@@ -146,6 +146,11 @@ class KVLayout:
         return f"{self.page_shape}|{self.dtype}"
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """``fp8``, ``int8``, ``bfloat16``...: how flags and stats name a KV dtype."""
+    return "fp8" if dtype == FP8 else str(dtype).removeprefix("torch.")
+
+
 def quantize(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``x / scale`` in ``dtype`` (fp8 e4m3 or int8), clamped to its range; ``scale``
     broadcasts against ``x`` and a zero scale stores zeros."""
@@ -165,3 +170,28 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torc
 def scale_for(amax: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The scale that maps an absolute maximum ``amax`` onto the dtype's largest value."""
     return amax.float() / QMAX[dtype]
+
+
+def convert_pages(src: KVLayout, dst: KVLayout, pages: torch.Tensor) -> torch.Tensor:
+    """Pages of layout ``src`` (``[n, *src.storage_page_shape]``) as pages of ``dst``, on the
+    same device: values are dequantized to fp32 and requantized, each block and head with
+    the scale its own values need. The two layouts must hold the same tokens and heads."""
+    if src.page_shape != dst.page_shape:
+        raise ValueError(f"pages of shape {src.page_shape} cannot become {dst.page_shape}")
+    if src == dst:
+        return pages
+    values = src.values(pages).float()
+    scales = src.scales(pages)
+    if scales is not None:  # [n, L, 2, H] → broadcast over block and head_dim
+        values = values * scales[:, :, :, None, :, None]
+    out = dst.allocate_pool(pages.shape[0], pages.device)
+    if not dst.quantized:
+        out.copy_(values.to(dst.dtype))
+        return out
+    amax = values.abs().amax(dim=(3, 5))  # [n, L, 2, H]
+    scale = scale_for(amax, dst.dtype)
+    dst_scales = dst.scales(out)
+    assert dst_scales is not None
+    dst_scales.copy_(scale)
+    dst.values(out).copy_(quantize(values, scale[:, :, :, None, :, None], dst.dtype))
+    return out

@@ -288,7 +288,8 @@ def test_stats_json_shape(make_store: MakeStore) -> None:
     d: dict[str, Any] = store.stats().as_dict()  # JSON: read like a client would
     assert set(d) >= {"device", "host", "hit_tokens", "miss_tokens", "evictions", "promotions",
                       "demotions", "namespaces"}
-    assert set(d["device"]) == {"capacity_bytes", "used_bytes", "capacity_pages", "used_pages", "blocks"}
+    assert set(d["device"]) == {"capacity_bytes", "used_bytes", "capacity_pages", "used_pages",
+                                "page_bytes", "kv_dtype", "blocks"}
     assert set(d["evictions"]) == {"lru", "ttl", "quota"}
     assert set(d["promotions"]) == set(d["demotions"]) == {"count", "bytes"}
     pb = store.layout.page_bytes

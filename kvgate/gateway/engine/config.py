@@ -8,14 +8,19 @@ the user typed them (``auto``); they are resolved here so every other file sees 
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 
 import torch
 
 from kvgate.cachestore.shared_tier import SharedTierConfig
+from kvgate.kernels.layout import FP8
+
+log = logging.getLogger("kvgate.engine")
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_KV_DTYPES = ("auto", "fp8", "int8")
 
 
 @dataclass
@@ -26,6 +31,8 @@ class EngineConfig:
     device_cache_bytes: int = 256 * 1024 * 1024
     host_cache_bytes: int = 512 * 1024 * 1024
     block_size: int = 16
+    kv_dtype: str = "auto"  # auto (the model's dtype) | fp8 | int8 (``kv_dtypes``)
+    offload_kv_dtype: str = "auto"  # the host tier's: auto (as the device's) | fp8 | int8
     max_batch_tokens: int = 2048
     max_running: int = 64
     max_queue: int = 256
@@ -63,6 +70,9 @@ class EngineConfig:
             raise ValueError("max_model_len must be positive (0: the model's own context)")
         if self.dtype not in ("auto", *_DTYPES):
             raise ValueError(f"dtype {self.dtype!r}: use auto, float32, bfloat16 or float16")
+        for name in ("kv_dtype", "offload_kv_dtype"):
+            if getattr(self, name) not in _KV_DTYPES:
+                raise ValueError(f"{name} {getattr(self, name)!r}: use auto, fp8 or int8")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"device {self.device!r}: use auto, cpu or cuda")
 
@@ -83,3 +93,23 @@ class EngineConfig:
 
     def threads(self) -> int:
         return self.num_threads or int(os.environ.get("KVGATE_NUM_THREADS", 0)) or torch.get_num_threads()
+
+    def kv_dtypes(self, model_dtype: torch.dtype) -> tuple[torch.dtype, torch.dtype]:
+        """The dtypes of the device tier's and the host tier's K/V values. ``fp8`` is e4m3
+        where the device computes with it (the CPU, CUDA 8.9+), int8 elsewhere."""
+        def resolve(name: str, auto: torch.dtype) -> torch.dtype:
+            if name == "auto":
+                return auto
+            if name == "fp8" and not fp8_supported(self.torch_device):
+                log.warning("--kv-dtype fp8: %s has no fp8; its KV pages are int8",
+                            self.torch_device)
+                return torch.int8
+            return FP8 if name == "fp8" else torch.int8
+        device = resolve(self.kv_dtype, model_dtype)
+        return device, resolve(self.offload_kv_dtype, device)
+
+
+def fp8_supported(device: torch.device) -> bool:
+    if device.type != "cuda":
+        return True
+    return torch.cuda.get_device_capability(device) >= (8, 9)

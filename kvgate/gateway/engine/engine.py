@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import dataclasses
 import logging
 import queue
 import threading
@@ -46,7 +47,7 @@ from kvgate.gateway.engine.scheduler import Chunk, Scheduler
 from kvgate.gateway.engine.sequence import Sequence, append_token
 from kvgate.gateway.engine.shared import SharedTierClient
 from kvgate.gateway.usage import Usage
-from kvgate.kernels.layout import KVLayout
+from kvgate.kernels.layout import KVLayout, dtype_name
 
 log = logging.getLogger("kvgate.engine")
 
@@ -63,13 +64,15 @@ class Engine:
         self.model_info = dict(loaded.info)
         cfg = self.model.config
         device = next(self.model.parameters()).device
+        kv_dtype, offload_dtype = config.kv_dtypes(next(self.model.parameters()).dtype)
         self.layout = KVLayout(
             num_layers=cfg.num_hidden_layers,
             num_kv_heads=cfg.num_key_value_heads,
             head_dim=head_dim_of(cfg),
             block_size=config.block_size,
-            dtype=next(self.model.parameters()).dtype,
+            dtype=kv_dtype,
         )
+        host_layout = dataclasses.replace(self.layout, dtype=offload_dtype)
         self.store = CacheStore(
             self.layout,
             config.device_cache_bytes,
@@ -78,10 +81,11 @@ class Engine:
             model_id=self.model_id,
             default_ttl_s=config.default_cache_ttl_seconds,
             shares=config.cache_shares,
+            host_layout=host_layout,
         )
         self.shared: SharedTierClient | None = None
         if config.shared_tier is not None:
-            self.shared = SharedTierClient(config.shared_tier, self.store, self.layout,
+            self.shared = SharedTierClient(config.shared_tier, self.store, host_layout,
                                            self.model, self.model_id, device)
         device_pages = int(self.store.device_pool.shape[0])
         host_pages = int(self.store.host_pool.shape[0])
@@ -108,11 +112,14 @@ class Engine:
         self.model_info.update(
             block_size=config.block_size, page_bytes=self.layout.page_bytes,
             device_pages=device_pages, host_pages=host_pages,
+            kv_dtype=dtype_name(kv_dtype), offload_kv_dtype=dtype_name(offload_dtype),
+            host_page_bytes=host_layout.page_bytes,
         )
         log.info(
-            "KV pool: device %d pages (%d bytes), host %d pages (%d bytes), %d bytes per page of %d tokens",
-            device_pages, device_pages * self.layout.page_bytes, host_pages,
-            host_pages * self.layout.page_bytes, self.layout.page_bytes, config.block_size,
+            "KV pool: device %d pages of %d bytes (%s), host %d pages of %d bytes (%s), "
+            "%d tokens per page",
+            device_pages, self.layout.page_bytes, dtype_name(kv_dtype), host_pages,
+            host_layout.page_bytes, dtype_name(offload_dtype), config.block_size,
         )
         # Token ids the model can embed (its embedding may have more rows than the tokenizer).
         self.vocab_size = int(cfg.vocab_size)
@@ -270,8 +277,8 @@ class Engine:
     def tier_bytes(self) -> dict[str, int]:
         """Each tier's capacity in bytes (fixed at start)."""
         store = self.store
-        return {"device": store.device.num_pages * store.layout.page_bytes,
-                "host": store.host.num_pages * store.layout.page_bytes}
+        return {"device": store.device.num_pages * store.device.page_bytes,
+                "host": store.host.num_pages * store.host.page_bytes}
 
     def cache_stats(self) -> CacheStats:
         """The store's figures read from the calling thread: for metrics scrapes, where a

@@ -178,6 +178,7 @@ def engine_config(settings: Settings) -> EngineConfig:
         model=settings.model, device=settings.device, dtype=settings.dtype,
         device_cache_bytes=settings.device_cache_bytes,
         host_cache_bytes=settings.host_cache_bytes, block_size=settings.block_size,
+        kv_dtype=settings.kv_dtype, offload_kv_dtype=settings.offload_kv_dtype,
         max_batch_tokens=settings.max_batch_tokens, max_running=settings.max_running,
         max_queue=settings.max_queue,
         single_flight_wait_steps=settings.single_flight_wait_steps,

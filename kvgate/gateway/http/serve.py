@@ -29,6 +29,11 @@ _API_FLAGS: dict[str, tuple[Any, str]] = {
     "device_cache_bytes": (parse_bytes, "KV cache on the model's device (256MiB), e.g. 8GiB"),
     "host_cache_bytes": (parse_bytes, "KV cache in CPU memory behind it (512MiB), e.g. 32GiB"),
     "block_size": (int, "tokens per KV block (16)"),
+    "kv_dtype": (str, "auto | fp8 | int8: K/V in the device cache as the model computes them "
+                      "(auto) or quantized with per-block, per-head scales (fp8 e4m3 needs "
+                      "a GPU of compute capability 8.9+ or the CPU; elsewhere fp8 is int8)"),
+    "offload_kv_dtype": (str, "auto | fp8 | int8: K/V in the host tier (and the shared tier): "
+                              "as the device cache (auto) or quantized on the way out"),
 }
 # env only: a key on the command line would show in `ps`
 MIN_ADMIN_KEY_LEN = 20  # a key an operator chose: long enough not to be guessed
