@@ -83,8 +83,8 @@ def serve(store: CacheStore, namespace: str, tokens: list[int]) -> int:
 
 def drained(store: CacheStore) -> SharedTier:
     assert store.shared is not None
-    assert store.shared.tier.drain()
-    return store.shared.tier
+    assert store.shared.tiers[0].drain()
+    return store.shared.tiers[0]
 
 
 def keys(valkey: RedisServer) -> list[bytes]:
@@ -209,7 +209,7 @@ def test_valkey_down_serving_goes_on_and_the_breaker_recovers(replica: Replica,
                                                                valkey: RedisServer) -> None:
     store = replica(breaker_cooldown_s=0.2)
     assert store.shared is not None
-    tier = store.shared.tier
+    tier = store.shared.tiers[0]
     valkey.kill()
     for i in range(4):  # commits and fetches never raise; errors open the breaker
         assert serve(store, f"ns-{i}", PROMPT) == 0
@@ -242,7 +242,7 @@ def test_a_full_queue_drops_and_demotion_writes_the_block_later(
     store = replica(device_pages=4, host_pages=8, queue_bytes=0)
     serve(store, "ns-a", PROMPT)
     assert store.shared is not None
-    assert store.shared.tier.stats().dropped == 3 and keys(valkey) == []
+    assert store.shared.tiers[0].stats().dropped == 3 and keys(valkey) == []
     tier = SharedTier(SharedTierConfig(url=valkey.url), layout, "demo")
     try:
         store.attach_shared(tier, None)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kvgate.cachestore.disk_tier import DiskTierConfig
 from kvgate.cachestore.shared_tier import SharedTierConfig
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -49,6 +50,7 @@ class EngineConfig:
     # (no slot, no pages) until it reads half of them; 0: never parked
     max_unread_tokens: int = 256
     shared_tier: SharedTierConfig | None = None  # the Valkey tier (cachestore/shared_tier.py)
+    disk_tier: DiskTierConfig | None = None  # the local disk tier (cachestore/disk_tier.py)
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.max_batch_tokens <= 0 or self.max_running <= 0:
