@@ -75,6 +75,13 @@ _MAX_TTL_S = 365 * 86400.0
 _NAME_LEN = 2 * DIGEST  # a block hash in hex
 
 
+def record_size(layout: KVLayout, namespace: str, token_bytes: int) -> int:
+    """Bytes one block takes on disk: its page and about 100 bytes with the namespace and
+    tokens (what ``--disk-cache-bytes`` counts)."""
+    return _HEAD.size + HEADER.size + 2 * DIGEST + len(namespace.encode()) + token_bytes + \
+        layout.page_bytes + DIGEST + _TAIL.size
+
+
 def _ttl(ttl_s: float) -> float:
     """A TTL a record can hold: NaN is 0 (expired), at most a year."""
     return min(max(0.0, ttl_s), _MAX_TTL_S) if ttl_s == ttl_s else 0.0
@@ -182,6 +189,7 @@ class DiskTier:
         self._queued_bytes = 0
         self._pending = 0
         self._queue_lock = threading.Lock()
+        self._idle = threading.Condition(self._queue_lock)  # notified when nothing is pending
         self._stop = threading.Event()
         self._bucket = _Bucket(config.write_bytes_per_s, self._stop)
         self._lock_fd = self._open_dir()
@@ -423,6 +431,8 @@ class DiskTier:
             finally:
                 with self._queue_lock:
                     self._pending -= 1
+                    if self._pending == 0:
+                        self._idle.notify_all()
 
     def _write(self, item: _Put) -> None:
         record = item.record
@@ -543,13 +553,8 @@ class DiskTier:
 
     def drain(self, timeout_s: float = 10.0) -> bool:
         """Wait until the write-behind queue is empty (tests, shutdown); → whether it is."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            with self._queue_lock:
-                if self._pending == 0:
-                    return True
-            time.sleep(0.005)
-        return False
+        with self._idle:
+            return self._idle.wait_for(lambda: self._pending == 0, timeout_s)
 
     def close(self, drain_s: float = 2.0) -> None:
         """Let the writers finish the queue for up to ``drain_s`` (a restart finds those
@@ -566,6 +571,10 @@ class DiskTier:
                     item.run()  # a flush's epoch is saved even at shutdown
             elif isinstance(item, _Put):
                 self.counters.add(dropped=1)
+            if item is not None:
+                with self._queue_lock:
+                    self._pending -= 1
+                    self._queued_bytes -= item.nbytes if isinstance(item, _Put) else 0
         for _ in self._writers:
             self._queue.put(None)
         for t in self._writers:

@@ -213,10 +213,10 @@ def test_capacity_evicts_the_least_recently_used(replica: Replica, layout: KVLay
     store, tier = replica(capacity_bytes=4 * record_bytes, writers=1)  # in queue order
     first = list(range(1, 13))  # 3 blocks
     second = list(range(50, 62))
-    serve(store, "t", first + [0])
+    serve(store, "t", [*first, 0])
     assert tier.drain()
     assert store.fetch_shared("other", first) is None  # (another namespace: nothing)
-    serve(store, "t", second + [0])
+    serve(store, "t", [*second, 0])
     assert tier.drain()
     s = tier.stats()
     assert s.files == 4 and s.used_bytes <= 4 * record_bytes and s.evicted == 2
@@ -224,9 +224,9 @@ def test_capacity_evicts_the_least_recently_used(replica: Replica, layout: KVLay
     tier.close()
     fresh, _ = replica(capacity_bytes=4 * record_bytes)
     # the first prompt lost its last two blocks (children go before their parents)
-    kept = fresh.fetch_shared("t", first + [0])
+    kept = fresh.fetch_shared("t", [*first, 0])
     assert kept is not None and len(kept.blocks) == 1
-    fetched = fresh.fetch_shared("t", second + [0])
+    fetched = fresh.fetch_shared("t", [*second, 0])
     assert fetched is not None and len(fetched.blocks) == 3
 
 
@@ -444,3 +444,12 @@ def test_demoted_blocks_not_taken_are_offered_again(replica: Replica, layout: KV
     serve(store, "t", other)  # evicts the first prompt's blocks to the host: offered again
     assert tier.drain()
     assert tier.stats().writes >= 3
+
+
+def test_record_size_is_what_a_block_takes(replica: Replica, layout: KVLayout) -> None:
+    from kvgate.cachestore.disk_tier import record_size
+
+    store, tier = replica()
+    written(store, tier)
+    assert all(f.stat().st_size == record_size(layout, "t", 4 * BLOCK) for f in files(tier))
+    assert tier.stats().used_bytes == 3 * record_size(layout, "t", 4 * BLOCK)
