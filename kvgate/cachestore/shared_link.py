@@ -22,6 +22,7 @@ absent. Each has its own cost model (reading from it must beat recomputing).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
@@ -35,6 +36,8 @@ from kvgate.cachestore.pool import PagePool
 from kvgate.cachestore.record import FetchedBlock, SharedFetch, SharedRecord
 from kvgate.cachestore.shared_tier import CostModel
 from kvgate.cachestore.tiers import TierMoves
+
+log = logging.getLogger("kvgate.cache")
 
 
 class RemoteTier(Protocol):
@@ -216,7 +219,11 @@ class SharedLink:
             if at >= len(hashes):
                 break
             parent = hashes[at - 1] if at else root
-            got = tier.fetch(namespace, at, parent, hashes[at:], tokens[len(blocks):], cost)
+            try:
+                got = tier.fetch(namespace, at, parent, hashes[at:], tokens[len(blocks):], cost)
+            except Exception:  # a bug in one tier is a miss there; the next is still asked
+                log.exception("fetch from the %s tier failed", tier.name)
+                continue
             if got is None:
                 continue
             blocks.extend(got.blocks)
