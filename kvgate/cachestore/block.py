@@ -36,9 +36,10 @@ class Block:
     hits: int = 0  # reuses since indexed: what moves it to the protected segment
     pinned: bool = False
     alive: bool = True
-    shared: bool = False  # handed to the shared tier (written, or fetched from it)
-    fetched: bool = False  # fetched from the shared tier and not yet matched: its first hit
-    # is reported as a shared-tier hit
+    handed: int = 0  # bit i: handed to the store's tier i below the host (written, or read
+    # from it or a tier above it; ``shared_link``)
+    fetched: str = ""  # the tier it was fetched from ("disk", "shared") while not yet
+    # matched: its first hit is reported as a hit there
     children: set[Block] = field(default_factory=set)
 
     @property
@@ -87,13 +88,13 @@ class PrefixMatch:
 
     ``device_hits`` were already on the device; ``host_hits`` were promoted (copied into
     fresh device pages) by the match itself, so the engine can use all of them at once.
-    A block fetched from the shared tier for this request is on the device by then; its
-    first match reports it as ``shared``.
+    A block fetched from a tier below the host for this request is on the device by then;
+    its first match reports that tier (``disk`` or ``shared``).
     """
 
     num_cached_tokens: int
     num_blocks: int
     device_hits: int
     host_hits: int
-    # Per matched block, in order: (chain hash, where it was found: device, host, shared)
+    # Per matched block, in order: (chain hash, where it was found: device, host, disk, shared)
     blocks: tuple[tuple[bytes, str], ...] = ()

@@ -1,21 +1,30 @@
-"""How the store uses the shared tier: what it writes, what it fetches, what it adopts.
+"""How the store uses the tiers below the host: what it writes, fetches and adopts.
 
-- Write-through: blocks the store indexes (``commit``) are copied off their pages and
-  queued for Valkey; blocks demoted to the host that were never taken (queue full) are
-  queued again from their host pages. Both run on the engine thread under the store's
-  lock and only copy and enqueue; ``SharedTier``'s thread does the network I/O.
+The link holds an ordered list of such tiers (``RemoteTier``): the local disk
+(``disk_tier.DiskTier``) first, then Valkey (``shared_tier.SharedTier``); either may be
+absent. Each has its own cost model (reading from it must beat recomputing).
+
+- Write-through: blocks the store indexes (``commit``) are copied off their pages once and
+  queued for every tier; blocks demoted to the host that a tier never took (queue full)
+  are queued again from their host pages. Both run on the engine thread under the store's
+  lock and only copy and enqueue; the tiers' own threads do the I/O. ``Block.handed``
+  records which tiers took a block (bit ``i`` for tier ``i``).
 - Fetch (``fetch``): off the engine thread. It hashes the prompt, counts the prefix this
-  replica already holds (under the lock, briefly), and asks Valkey for the blocks after it.
+  replica already holds (under the lock, briefly), and asks the first tier for the blocks
+  after it, then the next tier for the blocks after what the first returned, and so on.
 - Adopt (``adopt``): on the engine thread, just before the request's ``match``: the
   fetched blocks that still follow the local prefix are copied into device pages and
   indexed as cached blocks. The ``match`` then finds them like any device hit, so they are
-  billed as cache reads and never as writes, by the same code as every other hit.
+  billed as cache reads and never as writes, by the same code as every other hit. A block
+  read from a tier is marked handed to that tier and every tier after it (not written
+  back there); a block Valkey gave is written to the disk when it is demoted.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Protocol
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 import torch
 
@@ -24,9 +33,28 @@ from kvgate.cachestore.hashing import HashFn, TokenIds, chain_hashes, token_byte
 from kvgate.cachestore.index import PrefixIndex
 from kvgate.cachestore.policy import EvictionPolicy, is_expired
 from kvgate.cachestore.pool import PagePool
-from kvgate.cachestore.shared_tier import CostModel, SharedFetch, SharedRecord, SharedTier
+from kvgate.cachestore.record import FetchedBlock, SharedFetch, SharedRecord
+from kvgate.cachestore.shared_tier import CostModel
 from kvgate.cachestore.tiers import TierMoves
 from kvgate.kernels.layout import convert_pages
+
+log = logging.getLogger("kvgate.cache")
+
+
+class RemoteTier(Protocol):
+    """A tier below the host that ``SharedLink`` writes through to and fetches from."""
+
+    name: str  # how a block found there is reported: "disk", "shared"
+
+    def room(self) -> int: ...
+    def put(self, records: Sequence[SharedRecord]) -> int: ...
+    def count_dropped(self, n: int) -> None: ...
+    def flush_namespace(self, namespace: str) -> None: ...
+    def fetch(self, namespace: str, start: int, parent_hash: bytes, hashes: Sequence[bytes],
+              tokens: Sequence[bytes], cost: CostModel | None) -> SharedFetch | None: ...
+    def stats(self) -> Any: ...
+    def drain(self, timeout_s: float = 10.0) -> bool: ...
+    def close(self) -> None: ...
 
 
 class LinkedStore(Protocol):
@@ -48,23 +76,65 @@ class LinkedStore(Protocol):
 
 
 class SharedLink:
-    def __init__(self, store: LinkedStore, tier: SharedTier, cost: CostModel | None) -> None:
+    def __init__(self, store: LinkedStore, tiers: Sequence[tuple[RemoteTier, CostModel | None]]
+                 = ()) -> None:
         self.store = store
-        self.tier = tier
-        self.cost = cost
+        self.tiers: list[RemoteTier] = [t for t, _ in tiers]
+        self.costs: list[CostModel | None] = [c for _, c in tiers]
+
+    def add(self, tier: RemoteTier, cost: CostModel | None) -> None:
+        """Append a tier: fetched from after those already linked, written like them."""
+        if len(self.tiers) >= 8:
+            raise ValueError("at most 8 tiers below the host")
+        self.tiers.append(tier)
+        self.costs.append(cost)
+
+    def named(self, name: str) -> RemoteTier | None:
+        return next((t for t in self.tiers if t.name == name), None)
+
+    @property
+    def cost(self) -> CostModel | None:
+        """The first tier's cost model (one tier: its only one)."""
+        return self.costs[0] if self.costs else None
+
+    @cost.setter
+    def cost(self, value: CostModel | None) -> None:
+        self.costs[0] = value
 
     # -- engine thread, under the store's lock ---------------------------------------------
     def write_through(self, blocks: list[Block]) -> None:
-        """Queue the blocks not yet handed over; each page is copied to the CPU first."""
-        blocks = [b for b in blocks if not b.shared and b.alive]
-        room = self.tier.room()
-        if len(blocks) > room:  # not even copied: offered again if demoted
-            self.tier.count_dropped(len(blocks) - room)
-            blocks = blocks[:room]
-        if not blocks:
+        """Queue, for each tier, the blocks not yet handed to it (as many as it has room
+        for); each page is copied to the CPU once, whatever the number of tiers."""
+        blocks = [b for b in blocks if b.alive]
+        wanted: list[list[Block]] = []
+        for bit, tier in enumerate(self.tiers):
+            todo = [b for b in blocks if not b.handed >> bit & 1]
+            room = tier.room()
+            if len(todo) > room:  # not even copied: offered again if demoted
+                tier.count_dropped(len(todo) - room)
+                todo = todo[:room]
+            wanted.append(todo)
+        needed = {id(b): b for todo in wanted for b in todo}
+        if not needed:
             return
+        pages = self._copy(list(needed.values()))
         store = self.store
-        pages: list[torch.Tensor] = []
+        for bit, (tier, todo) in enumerate(zip(self.tiers, wanted, strict=True)):
+            if not todo:
+                continue
+            records = [
+                SharedRecord(b.hash, b.parent.hash if b.parent is not None
+                             else store.root_of(b.namespace), b.namespace, b.tokens,
+                             pages[id(b)], b.ttl_s)
+                for b in todo]
+            taken = tier.put(records)
+            for b in todo[:taken]:
+                b.handed |= 1 << bit
+
+    def _copy(self, blocks: list[Block]) -> dict[int, torch.Tensor]:
+        """The blocks' pages on the CPU, by ``id(block)`` (one ``index_select`` per tier)."""
+        store = self.store
+        pages: dict[int, torch.Tensor] = {}
         for tier_name, pool in ((DEVICE, store.device), (HOST, store.host)):
             group = [b for b in blocks if b.tier == tier_name]
             if group and tier_name == HOST and store.device.tensor.is_cuda:
@@ -75,15 +145,9 @@ class SharedLink:
                 index = torch.tensor([b.page for b in group], device=pool.tensor.device)
                 rows = convert_pages(pool.layout, store.host.layout,
                                      pool.tensor.index_select(0, index))
-                pages.extend(rows.to("cpu").unbind(0))
-        ordered = [b for t in (DEVICE, HOST) for b in blocks if b.tier == t]
-        records = [
-            SharedRecord(b.hash, b.parent.hash if b.parent is not None else store.root_of(b.namespace),
-                         b.namespace, b.tokens, page, b.ttl_s)
-            for b, page in zip(ordered, pages, strict=True)]
-        taken = self.tier.put(records)
-        for b in ordered[:taken]:
-            b.shared = True
+                copied = rows.to("cpu").unbind(0)
+                pages.update(zip(map(id, group), copied, strict=True))
+        return pages
 
     def adopt(self, seq: CacheSeq, token_ids: TokenIds, fetched: SharedFetch) -> int:
         """Index the fetched blocks that extend the prompt's local prefix; → blocks adopted."""
@@ -99,20 +163,22 @@ class SharedLink:
         skip = len(local) - fetched.start
         if skip < 0:  # the local prefix shrank since the fetch: the blocks would not chain
             return 0
-        wanted = []
-        for pos, fb in enumerate(fetched.blocks[skip:], len(local)):
+        wanted: list[tuple[int, FetchedBlock, str]] = []
+        for i, fb in enumerate(fetched.blocks[skip:], skip):
+            pos = fetched.start + i
             if pos >= len(hashes) or fb.block_hash != hashes[pos] or \
                     fb.tokens != store.index.tokens_of(data, pos) or fb.block_hash in store.index:
                 break
-            wanted.append((pos, fb))
+            wanted.append((pos, fb, fetched.source(i)))
         if not wanted:
             return 0
+        names = [t.name for t in self.tiers]
         for block in local:  # hold the prefix: making room must not evict it
             store.index.ref(block)
         adopted: list[Block] = []
         try:
             parent = local[-1] if local else None
-            for pos, fb in wanted:
+            for pos, fb, source in wanted:
                 if not store._enforce_quota(seq.namespace, extra_blocks=1):
                     break
                 if not store.tiers.reserve_device(1, seq.namespace):
@@ -125,7 +191,10 @@ class SharedLink:
                     seq.namespace, fb.block_hash)
                 block = store.index.insert(fb.block_hash, parent, seq.namespace, fb.tokens, page,
                                            ttl_s, pinned)
-                block.shared = block.fetched = True
+                # not written back to where it came from, nor to the tiers after it
+                first = names.index(source) if source in names else 0
+                block.handed = ((1 << len(names)) - 1) & ~((1 << first) - 1)
+                block.fetched = source
                 adopted.append(block)
                 parent = block
         finally:
@@ -135,7 +204,8 @@ class SharedLink:
 
     # -- any thread but the engine's ---------------------------------------------------------
     def fetch(self, namespace: str, token_ids: TokenIds) -> SharedFetch | None:
-        """The blocks after this replica's local prefix of ``token_ids``, from Valkey."""
+        """The blocks after this replica's local prefix of ``token_ids``: from the first
+        tier, then what it lacked from the next, and so on."""
         store = self.store
         data = token_bytes(token_ids)
         root = store.root_of(namespace)
@@ -145,6 +215,21 @@ class SharedLink:
         start = store.local_prefix_blocks(namespace, hashes, data)
         if start >= len(hashes):
             return None
-        parent = hashes[start - 1] if start else root
         tokens = [store.index.tokens_of(data, i) for i in range(start, len(hashes))]
-        return self.tier.fetch(namespace, start, parent, hashes[start:], tokens, self.cost)
+        blocks: list[FetchedBlock] = []
+        sources: list[str] = []
+        for tier, cost in zip(self.tiers, self.costs, strict=True):
+            at = start + len(blocks)
+            if at >= len(hashes):
+                break
+            parent = hashes[at - 1] if at else root
+            try:
+                got = tier.fetch(namespace, at, parent, hashes[at:], tokens[len(blocks):], cost)
+            except Exception:  # a bug in one tier is a miss there; the next is still asked
+                log.exception("fetch from the %s tier failed", tier.name)
+                continue
+            if got is None:
+                continue
+            blocks.extend(got.blocks)
+            sources.extend(got.source(i) for i in range(len(got.blocks)))
+        return SharedFetch(start, blocks, sources) if blocks else None

@@ -42,7 +42,6 @@ import logging
 import math
 import queue
 import re
-import struct
 import threading
 import time
 from collections import OrderedDict
@@ -52,16 +51,21 @@ from dataclasses import dataclass, field
 import redis
 import torch
 
-from kvgate.cachestore.hashing import xxh3_128
+from kvgate.cachestore.record import (
+    FetchedBlock,
+    RecordCodec,
+    SharedFetch,
+    SharedRecord,
+    layout_signature,
+)
 from kvgate.cachestore.stats import SharedTierStats
 from kvgate.kernels.layout import KVLayout
 
 log = logging.getLogger("kvgate.cache.shared")
 
-MAGIC = b"KVS1"
-_HEADER = struct.Struct("<4sIIQ")  # magic, namespace bytes, token bytes, namespace epoch
-DIGEST = 16
-MAC_BYTES = 32
+__all__ = ["Breaker", "CostModel", "FetchedBlock", "ModelShape", "SharedFetch", "SharedRecord",
+           "SharedTier", "SharedTierConfig", "layout_signature"]
+
 # at most 18 digits: below 1e18, so a new epoch (one more) always fits the header's 63 bits,
 # however high a value someone wrote (without a secret) pushed a replica's memory
 _EPOCH = re.compile(rb"([1-9][0-9]{0,17})(?:\.([0-9a-f]{64}))?")
@@ -75,12 +79,6 @@ def _ttl_ms(ttl_s: float) -> int:
     if math.isnan(ttl_s):
         return 1
     return int(max(1.0, min(ttl_s * 1000, 365 * 86400 * 1000.0)))
-
-
-def layout_signature(layout: KVLayout, model_id: str) -> bytes:
-    """What a page's bytes mean: a page of another model, dtype or shape never verifies."""
-    text = f"{model_id}|{layout.signature()}".encode()
-    return xxh3_128(text)
 
 
 @dataclass(frozen=True)
@@ -206,35 +204,8 @@ class Breaker:
 
 
 @dataclass(frozen=True)
-class SharedRecord:
-    """One block to write: its identity, its page (a CPU tensor) and its TTL."""
-
-    block_hash: bytes
-    parent_hash: bytes
-    namespace: str
-    tokens: bytes
-    page: torch.Tensor
-    ttl_s: float
-
-
-@dataclass(frozen=True)
 class _Flush:
     namespace: str
-
-
-@dataclass(frozen=True)
-class FetchedBlock:
-    block_hash: bytes
-    tokens: bytes
-    page: torch.Tensor  # CPU, the pool's page shape and dtype
-
-
-@dataclass
-class SharedFetch:
-    """Blocks fetched for one prompt: positions ``start``, ``start + 1``, ... in order."""
-
-    start: int
-    blocks: list[FetchedBlock]
 
 
 class _Counters:
@@ -253,11 +224,14 @@ class _Counters:
 class SharedTier:
     """The Valkey client of one replica: a write-behind queue and verified fetches."""
 
+    name = "shared"  # how a block found here is reported (``PrefixMatch.blocks``)
+
     def __init__(self, config: SharedTierConfig, layout: KVLayout, model_id: str,
                  client: redis.Redis | None = None) -> None:
         self.config = config
         self.layout = layout
-        self.signature = layout_signature(layout, model_id)
+        self.codec = RecordCodec(layout, model_id, config.secret.encode())
+        self.signature = self.codec.signature
         timeout = config.timeout_ms / 1000
         self.client = client or redis.Redis.from_url(
             config.url, socket_timeout=timeout, socket_connect_timeout=timeout,
@@ -338,44 +312,12 @@ class SharedTier:
         return epoch
 
     def encode(self, record: SharedRecord, epoch: int = 0) -> bytes:
-        ns = record.namespace.encode()
-        page = record.page.contiguous().view(torch.uint8).numpy().tobytes()
-        body = b"".join((_HEADER.pack(MAGIC, len(ns), len(record.tokens), epoch), self.signature,
-                         record.parent_hash, ns, record.tokens, page))
-        return body + self._mac(body) if self._secret else body
+        return self.codec.encode(record, epoch)
 
     def decode(self, value: bytes | None, parent_hash: bytes, namespace: str,
                tokens: bytes, epoch: int = 0) -> torch.Tensor | None:
         """The page stored in ``value`` if it is exactly this block; else None (a miss)."""
-        if value is None:
-            return None
-        if self._secret:
-            body, mac = value[:-MAC_BYTES], value[-MAC_BYTES:]
-            if len(value) < MAC_BYTES or not hmac.compare_digest(mac, self._mac(body)):
-                return None
-        else:
-            body = value
-        ns = namespace.encode()
-        head = _HEADER.size + DIGEST + DIGEST
-        if len(body) != head + len(ns) + len(tokens) + self.layout.page_bytes:
-            return None
-        magic, ns_len, tok_len, written_epoch = _HEADER.unpack_from(body)
-        if magic != MAGIC or ns_len != len(ns) or tok_len != len(tokens) or \
-                written_epoch != epoch:
-            return None
-        pos = _HEADER.size
-        if body[pos:pos + DIGEST] != self.signature:
-            return None
-        pos += DIGEST
-        if body[pos:pos + DIGEST] != parent_hash:
-            return None
-        pos += DIGEST
-        if body[pos:pos + ns_len] != ns or body[pos + ns_len:pos + ns_len + tok_len] != tokens:
-            return None
-        return self.layout.page_from_bytes(body[pos + ns_len + tok_len:])
-
-    def _mac(self, body: bytes) -> bytes:
-        return hmac.new(self._secret, body, hashlib.sha256).digest()
+        return self.codec.decode(value, parent_hash, namespace, tokens, epoch)
 
     # -- writing ------------------------------------------------------------------------------
     def put(self, records: Sequence[SharedRecord]) -> int:

@@ -148,6 +148,38 @@ class SharedTierStats:
 
 
 @dataclass(frozen=True)
+class DiskTierStats:
+    """The local disk tier; blocks unless named bytes.
+
+    ``misses``: fetches that stopped at a block the disk does not hold (or whose TTL had
+    passed: also ``expired``); ``rejected``: at a record that failed verification (corrupt,
+    truncated, another layout, another tenant; its file is deleted); ``dropped``: blocks not
+    written (queue full, write error, too large); ``evicted``: records deleted to keep
+    ``capacity_bytes``; ``errors``: reads and writes the file system refused (a miss each).
+    """
+
+    available: bool  # the last file operation succeeded
+    capacity_bytes: int
+    used_bytes: int
+    files: int
+    queued_bytes: int
+    hits: int = 0
+    hit_bytes: int = 0
+    misses: int = 0
+    rejected: int = 0
+    expired: int = 0
+    skipped: int = 0
+    writes: int = 0
+    write_bytes: int = 0
+    dropped: int = 0
+    evicted: int = 0
+    errors: int = 0
+
+    def as_dict(self) -> JSON:
+        return dict(self.__dict__)
+
+
+@dataclass(frozen=True)
 class CacheStats:
     """The whole cache at one moment.
 
@@ -166,6 +198,7 @@ class CacheStats:
     namespaces: dict[str, NamespaceStats] = field(default_factory=dict)
     shares: ShareSummary | None = None
     shared: SharedTierStats | None = None  # the Valkey tier, when configured
+    disk: DiskTierStats | None = None  # the local disk tier, when configured
     single_flight: SingleFlight = field(default_factory=SingleFlight)
 
     @property
@@ -192,6 +225,7 @@ class CacheStats:
             "namespaces": {ns: s.as_dict() for ns, s in sorted(self.namespaces.items())},
             "shares": self.shares.as_dict() if self.shares is not None else None,
             "shared": self.shared.as_dict() if self.shared is not None else None,
+            "disk": self.disk.as_dict() if self.disk is not None else None,
             "single_flight": self.single_flight.as_dict(),
         }
 

@@ -42,6 +42,7 @@ import threading
 import time
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -60,8 +61,9 @@ from kvgate.cachestore.hashing import (
 from kvgate.cachestore.index import PrefixIndex
 from kvgate.cachestore.policy import EvictionPolicy, is_expired
 from kvgate.cachestore.pool import PagePool
-from kvgate.cachestore.shared_link import SharedLink
-from kvgate.cachestore.shared_tier import CostModel, SharedFetch, SharedTier
+from kvgate.cachestore.record import SharedFetch
+from kvgate.cachestore.shared_link import RemoteTier, SharedLink
+from kvgate.cachestore.shared_tier import CostModel
 from kvgate.cachestore.shares import Shares
 from kvgate.cachestore.stats import (
     CacheStats,
@@ -136,7 +138,8 @@ class CacheStore:
         # pins by namespace and key (``pin(..., key=)``); "" holds the namespace-wide pins
         self._pin_keys: defaultdict[str, dict[str, set[bytes]]] = defaultdict(dict)
         self._lock = threading.Lock()
-        self.shared: SharedLink | None = None  # the Valkey tier (``attach_shared``)
+        # the tiers below the host, disk then Valkey (``attach_tier``); None: none
+        self.shared: SharedLink | None = None
 
     # -- the engine's interface ---------------------------------------------------------
     def open(
@@ -169,10 +172,10 @@ class CacheStore:
                 ttl_s = seq.ttl_for_block(len(matched), self.block_size, self.default_ttl_s)
                 block.ttl_s = max(block.ttl_s, ttl_s)
                 matched.append(block)
-            found = [(b.hash, "shared" if b.fetched else b.tier) for b in matched]
+            found = [(b.hash, b.fetched or b.tier) for b in matched]
             matched, host_hits = self.tiers.promote(matched)
             for block in matched:
-                block.fetched = False
+                block.fetched = ""
             seq.blocks = matched
             seq.block_table = [b.page for b in matched]
             seq.num_committed_blocks = len(matched)
@@ -366,16 +369,22 @@ class CacheStore:
             self.policy.hold(held)
             return len(held)
 
-    # -- the shared tier (``shared_link``) -----------------------------------------------
-    def attach_shared(self, tier: SharedTier, cost: CostModel | None) -> None:
-        """Write blocks through to ``tier`` from now on, and let ``fetch_shared`` read it."""
+    # -- the tiers below the host (``shared_link``) ----------------------------------------
+    def attach_tier(self, tier: RemoteTier, cost: CostModel | None) -> None:
+        """Write blocks through to ``tier`` from now on, and let ``fetch_shared`` read it,
+        after the tiers attached before it (attach the disk tier before Valkey)."""
         with self._lock:
-            self.shared = SharedLink(self, tier, cost)
-            self.tiers.on_demoted = self.shared.write_through
+            if self.shared is None:
+                self.shared = SharedLink(self)
+                self.tiers.on_demoted = self.shared.write_through
+            self.shared.add(tier, cost)
+
+    attach_shared = attach_tier
 
     def fetch_shared(self, namespace: str, token_ids: TokenIds) -> SharedFetch | None:
-        """Blocks of ``token_ids`` after the local prefix, from the shared tier. Network
-        I/O: call it off the engine thread, then hand the result to ``adopt_shared``."""
+        """Blocks of ``token_ids`` after the local prefix, from the tiers below the host.
+        File and network I/O: call it off the engine thread, then hand the result to
+        ``adopt_shared``."""
         return None if self.shared is None else self.shared.fetch(namespace, token_ids)
 
     def adopt_shared(self, seq: CacheSeq, token_ids: TokenIds, fetched: SharedFetch) -> int:
@@ -404,10 +413,11 @@ class CacheStore:
 
     def flush(self, namespace: str) -> int:
         """Drop every idle block of the namespace (pinned ones too; its pins are cleared),
-        and its entries in the shared tier (queued; ``SharedTier.flush_namespace``)."""
+        and its entries in the tiers below the host (``flush_namespace``: new epochs)."""
         with self._lock:
             if self.shared is not None:
-                self.shared.tier.flush_namespace(namespace)
+                for tier in self.shared.tiers:
+                    tier.flush_namespace(namespace)
             self.policy.pins.pop(namespace, None)
             self._pin_keys.pop(namespace, None)
             before = self.index.num_blocks(namespace)
@@ -532,7 +542,8 @@ class CacheStore:
             namespaces={ns: NamespaceStats(cached_bytes[ns], p.hit, p.miss, share_stats[ns])
                         for ns, p in prompts.items()},
             shares=share_summary,
-            shared=self.shared.tier.stats() if self.shared is not None else None,
+            shared=self._tier_stats("shared"),
+            disk=self._tier_stats("disk"),
             single_flight=counters.single_flight,
         )
 
@@ -544,6 +555,10 @@ class CacheStore:
                                     self.clock(), limit)
 
     # -- bookkeeping ----------------------------------------------------------------------
+    def _tier_stats(self, name: str) -> Any:
+        tier = self.shared.named(name) if self.shared is not None else None
+        return tier.stats() if tier is not None else None
+
     def _root(self, namespace: str) -> bytes:
         root = self._roots.get(namespace)
         if root is None:

@@ -119,6 +119,14 @@ class Settings:
     shared_tier_compute_flops: int = 0
     # HMAC key for shared-tier entries (env only): entries written without it never verify.
     shared_tier_secret: str | None = field(default=None, repr=False)
+    # The local disk tier below the host tier (docs/architecture.md, "Disk tier"): a
+    # directory of this replica's own ("" = none; kept across restarts), the bytes of
+    # records it may hold, the bytes per second its writers may write, and the read
+    # bandwidth the cost model assumes (a block is read only where that beats computing it).
+    disk_cache_dir: str = ""
+    disk_cache_bytes: int = 16 * 1024**3
+    disk_cache_write_bandwidth_bytes: int = 256 * 1024**2
+    disk_cache_read_bandwidth_bytes: int = 2_000_000_000
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides: Any) -> Settings:

@@ -145,7 +145,7 @@ class CacheDetail:
     """Which cache blocks a request's billed counts stand for, alongside its ``Usage``.
 
     ``read``: per block read from the cache (``Usage.cached_tokens``), its chain hash and
-    the tier it was found on (``device``, ``host`` or ``shared``). ``written``: per block
+    the tier it was found on (``device``, ``host``, ``disk`` or ``shared``). ``written``: per block
     it wrote (``Usage.cache_writes``), its chain hash and TTL in seconds. Hashes are chain
     hashes rooted in the tenant's namespace: they name blocks, never their tokens.
     """

@@ -367,3 +367,24 @@ def test_the_receipt_key_comes_from_a_secret_every_replica_mounts() -> None:
     plain = default.one("Deployment")
     assert "KVGATE_RECEIPT_KEY_FILE" not in env_of(plain["spec"]["template"]["spec"]
                                                    ["containers"][0])
+
+
+def test_the_disk_tier_gets_its_own_volume_and_settings() -> None:
+    r = render({"diskCache": {"enabled": True, "bytes": "2GiB", "sizeLimit": "3Gi"}})
+    data = r.one("ConfigMap", FULLNAME)["data"]
+    settings = Settings.from_env(data)
+    assert settings.disk_cache_dir == "/var/lib/kvgate-kv"
+    assert settings.disk_cache_bytes == 2 * 1024**3
+    assert settings.disk_cache_write_bandwidth_bytes == 256 * 1024**2
+    pod = r.one("Deployment")["spec"]["template"]["spec"]
+    assert {v["name"]: v for v in pod["volumes"]}["disk-cache"] == {
+        "name": "disk-cache", "emptyDir": {"sizeLimit": "3Gi"}}
+    mounts = {m["name"]: m for m in pod["containers"][0]["volumeMounts"]}
+    assert mounts["disk-cache"]["mountPath"] == "/var/lib/kvgate-kv"
+    for obj in r.objects:
+        validate_kubernetes(obj)
+    # off by default: no volume, no setting (the server then has no disk tier)
+    r = render({})
+    assert "KVGATE_DISK_CACHE_DIR" not in r.one("ConfigMap", FULLNAME)["data"]
+    pod = r.one("Deployment")["spec"]["template"]["spec"]
+    assert "disk-cache" not in {v["name"] for v in pod["volumes"]}

@@ -24,7 +24,7 @@ def test_a_shared_tier_hit_answers_like_the_miss(tmp_path: Path, valkey: RedisSe
         for server in (one, None):
             if server is None:
                 shared = one.state.engine.shared
-                assert shared is not None and shared.tier.drain()
+                assert shared is not None and shared.drain()
                 server = ThreadServer(tmp_path / "two", **flags).start()
             try:
                 client = openai.OpenAI(base_url=server.url + "/v1", api_key=tenant.key,

@@ -48,7 +48,7 @@ def cached(response: Any) -> int:
 
 def drain(server: ThreadServer) -> None:
     shared = server.state.engine.shared
-    assert shared is not None and shared.tier.drain()
+    assert shared is not None and shared.drain()
 
 
 def shared_stats(server: ThreadServer) -> dict[str, Any]:

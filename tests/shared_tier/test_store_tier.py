@@ -83,8 +83,8 @@ def serve(store: CacheStore, namespace: str, tokens: list[int]) -> int:
 
 def drained(store: CacheStore) -> SharedTier:
     assert store.shared is not None
-    assert store.shared.tier.drain()
-    return store.shared.tier
+    assert store.shared.tiers[0].drain()
+    return store.shared.tiers[0]
 
 
 def keys(valkey: RedisServer) -> list[bytes]:
@@ -209,7 +209,7 @@ def test_valkey_down_serving_goes_on_and_the_breaker_recovers(replica: Replica,
                                                                valkey: RedisServer) -> None:
     store = replica(breaker_cooldown_s=0.2)
     assert store.shared is not None
-    tier = store.shared.tier
+    tier = store.shared.tiers[0]
     valkey.kill()
     for i in range(4):  # commits and fetches never raise; errors open the breaker
         assert serve(store, f"ns-{i}", PROMPT) == 0
@@ -242,7 +242,7 @@ def test_a_full_queue_drops_and_demotion_writes_the_block_later(
     store = replica(device_pages=4, host_pages=8, queue_bytes=0)
     serve(store, "ns-a", PROMPT)
     assert store.shared is not None
-    assert store.shared.tier.stats().dropped == 3 and keys(valkey) == []
+    assert store.shared.tiers[0].stats().dropped == 3 and keys(valkey) == []
     tier = SharedTier(SharedTierConfig(url=valkey.url), layout, "demo")
     try:
         store.attach_shared(tier, None)
@@ -299,3 +299,55 @@ def test_a_flush_on_one_replica_empties_the_namespace_for_every_replica(replica:
     serve(third, "ns-a", PROMPT)  # computed again after the flush: shared again
     drained(third)
     assert serve(replica(), "ns-a", PROMPT) == 3
+
+
+def test_disk_first_then_valkey_for_what_the_disk_lacks(layout: KVLayout, valkey: RedisServer,
+                                                         tmp_path: Any) -> None:
+    """Two tiers below the host: a restarted replica reads the blocks its disk holds, asks
+    Valkey only for those after them, and writes what Valkey gave to its disk."""
+    from kvgate.cachestore.disk_tier import DiskTier, DiskTierConfig
+
+    pb = layout.page_bytes
+    made: list[Any] = []
+
+    def make() -> CacheStore:
+        store = CacheStore(layout, 16 * pb, 0)
+        disk = DiskTier(DiskTierConfig(path=str(tmp_path / "disk"), capacity_bytes=1 << 20),
+                        layout, "demo")
+        shared = SharedTier(SharedTierConfig(url=valkey.url, timeout_ms=200), layout, "demo")
+        made.extend((disk, shared))
+        store.attach_tier(disk, None)
+        store.attach_tier(shared, None)
+        return store
+
+    try:
+        first = make()
+        assert serve(first, "t", PROMPT) == 0
+        disk, shared = first.shared.tiers  # type: ignore[union-attr]
+        assert disk.drain() and shared.drain()
+        # the disk loses the last block (another replica had written all three to Valkey)
+        path = next((tmp_path / "disk" / "kv").rglob(
+            first.block_hashes("t", PROMPT)[2].hex()))
+        path.unlink()
+        disk.close()
+        shared.close()
+        second = make()
+        fetched = second.fetch_shared("t", PROMPT)
+        assert fetched is not None and fetched.sources == ["disk", "disk", "shared"]
+        seq = second.open("s", "t")
+        assert second.adopt_shared(seq, PROMPT, fetched) == 3
+        match = second.match(seq, PROMPT)
+        assert [tier for _, tier in match.blocks] == ["disk", "disk", "shared"]
+        second.release(seq)
+        disk2, shared2 = second.shared.tiers  # type: ignore[union-attr]
+        assert disk2.stats().hits == 2 and shared2.stats().hits == 1
+        # demoted later, the block Valkey gave goes to the disk, and nothing back to Valkey
+        writes = shared2.stats().writes
+        blocks = [second.index.get(h) for h in second.block_hashes("t", PROMPT)]
+        second.shared.write_through([b for b in blocks if b is not None])  # type: ignore[union-attr]
+        assert disk2.drain() and shared2.drain()
+        assert disk2.stats().writes == 1 and shared2.stats().writes == writes
+        assert path.exists()
+    finally:
+        for tier in made:
+            tier.close()

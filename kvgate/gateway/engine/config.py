@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kvgate.cachestore.disk_tier import DiskTierConfig
 from kvgate.cachestore.shared_tier import SharedTierConfig
 from kvgate.kernels.layout import FP8
 
@@ -56,6 +57,7 @@ class EngineConfig:
     # (no slot, no pages) until it reads half of them; 0: never parked
     max_unread_tokens: int = 256
     shared_tier: SharedTierConfig | None = None  # the Valkey tier (cachestore/shared_tier.py)
+    disk_tier: DiskTierConfig | None = None  # the local disk tier (cachestore/disk_tier.py)
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.max_batch_tokens <= 0 or self.max_running <= 0:

@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 import torch
 
 from kvgate.cachestore import CacheStats, CacheStore
+from kvgate.cachestore.disk_tier import DiskTierUnavailable
 from kvgate.gateway.engine import sampler
 from kvgate.gateway.engine.commands import Add, Call, Cancel, Command, Stop
 from kvgate.gateway.engine.config import EngineConfig
@@ -83,10 +84,6 @@ class Engine:
             shares=config.cache_shares,
             host_layout=host_layout,
         )
-        self.shared: SharedTierClient | None = None
-        if config.shared_tier is not None:
-            self.shared = SharedTierClient(config.shared_tier, self.store, host_layout,
-                                           self.model, self.model_id, device)
         device_pages = int(self.store.device_pool.shape[0])
         host_pages = int(self.store.host_pool.shape[0])
         if device_pages == 0:
@@ -107,6 +104,15 @@ class Engine:
             log.warning("the device KV cache holds %d tokens, fewer than the model's context "
                         "of %d: a sequence that outgrows it ends with finish_reason length",
                         room, self.max_model_len)
+        # the tiers below the host: the local disk, then the shared Valkey tier
+        self.shared: SharedTierClient | None = None
+        if config.shared_tier is not None or config.disk_tier is not None:
+            try:
+                self.shared = SharedTierClient(config.shared_tier, self.store, host_layout,
+                                               self.model, self.model_id, device,
+                                               disk=config.disk_tier)
+            except DiskTierUnavailable as exc:
+                raise EngineMisconfigured(str(exc)) from exc
         self.model_info["context_length"] = self.max_model_len
         self.tokenizer.max_tokens = self.max_model_len  # longer texts are refused untokenized
         self.model_info.update(

@@ -1,13 +1,15 @@
-"""The engine's side of the shared tier: attach it to the store, fetch before admission.
+"""The engine's side of the tiers below the host (the local disk, then the shared Valkey
+tier): attach them to the store, fetch before admission.
 
 The fetch runs on the asyncio side when a request arrives (a small thread pool of its own,
-so a slow Valkey never holds the default executor), bounded by the tier's timeout. What it
+so a slow disk or Valkey never holds the default executor), bounded by the tiers' timeouts
+(the disk's deadline, then twice Valkey's). What it
 brought is handed to the engine thread as a call queued just before the request itself:
 the blocks are indexed as cached device blocks (``CacheStore.adopt_shared``), so the
 request's admission matches them like any other hit and bills them as cache reads. The
 fetched pages live only from the fetch to that call, so their memory is bounded by the
 fetch pool's width times ``max_fetch_blocks`` pages. Any error or timeout is a miss: the
-request is computed as if there were no shared tier.
+request is computed as if there were no such tier.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import torch
 from transformers import PreTrainedModel
 
 from kvgate.cachestore import CacheStore
+from kvgate.cachestore.disk_tier import DiskTier, DiskTierConfig
 from kvgate.cachestore.shared_tier import CostModel, ModelShape, SharedTier, SharedTierConfig
 from kvgate.gateway.engine.loader import head_dim_of
 from kvgate.gateway.engine.request import GenerateRequest
@@ -45,35 +48,59 @@ def model_shape(model: PreTrainedModel) -> ModelShape:
 
 
 class SharedTierClient:
-    """One replica's shared tier: attached to its store; fetches for its requests."""
+    """One replica's tiers below the host: attached to its store; fetches for its requests.
+    ``disk`` (first) and ``tier`` (Valkey) are each None when not configured."""
 
-    def __init__(self, config: SharedTierConfig, store: CacheStore, layout: KVLayout,
-                 model: PreTrainedModel, model_id: str, device: torch.device) -> None:
+    def __init__(self, config: SharedTierConfig | None, store: CacheStore, layout: KVLayout,
+                 model: PreTrainedModel, model_id: str, device: torch.device,
+                 disk: DiskTierConfig | None = None, compute_flops: float = 0.0) -> None:
         self.config = config
         self.store = store
-        self.tier = SharedTier(config, layout, model_id)
-        flops = config.compute_flops or (CUDA_FLOPS if device.type == "cuda" else CPU_FLOPS)
-        self.cost = CostModel(layout, model_shape(model), config.bandwidth_bytes, config.rtt_s,
-                              flops)
-        store.attach_shared(self.tier, self.cost)
-        log.info("shared tier on: a block costs %.3f ms to fetch and %.3f ms to compute "
-                 "(at the prompt's start), so it is fetched when the first is smaller "
-                 "(--shared-tier-bandwidth-bytes, --shared-tier-compute-flops)",
-                 self.cost.fetch_s(1) * 1e3, self.cost.compute_s(0, 1) * 1e3)
+        shape = model_shape(model)
+        flops = compute_flops or (config.compute_flops if config is not None else 0.0) or \
+            (CUDA_FLOPS if device.type == "cuda" else CPU_FLOPS)
+        self.disk: DiskTier | None = None
+        self.tier: SharedTier | None = None
+        self.deadline_s = 0.0
+        if disk is not None:
+            self.disk = DiskTier(disk, layout, model_id)  # DiskTierUnavailable: refuse to start
+            disk_cost = CostModel(layout, shape, disk.read_bytes_per_s, disk.read_latency_s,
+                                  flops)
+            store.attach_tier(self.disk, disk_cost)
+            self.deadline_s += 2 * disk.timeout_ms / 1000
+            log.info("disk tier on (%s, %d bytes): a block costs %.3f ms to read and %.3f ms "
+                     "to compute (at the prompt's start), so it is read when the first is "
+                     "smaller (--disk-cache-read-bytes-per-s, --shared-tier-compute-flops)",
+                     disk.path, disk.capacity_bytes, disk_cost.fetch_s(1) * 1e3,
+                     disk_cost.compute_s(0, 1) * 1e3)
+        if config is not None:
+            try:
+                self.tier = SharedTier(config, layout, model_id)
+            except BaseException:
+                if self.disk is not None:
+                    self.disk.close()
+                raise
+            self.cost = CostModel(layout, shape, config.bandwidth_bytes, config.rtt_s, flops)
+            store.attach_tier(self.tier, self.cost)
+            self.deadline_s += 2 * config.timeout_ms / 1000
+            log.info("shared tier on: a block costs %.3f ms to fetch and %.3f ms to compute "
+                     "(at the prompt's start), so it is fetched when the first is smaller "
+                     "(--shared-tier-bandwidth-bytes, --shared-tier-compute-flops)",
+                     self.cost.fetch_s(1) * 1e3, self.cost.compute_s(0, 1) * 1e3)
         self._pool = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="kvgate-shared")
 
     async def prefetch(self, request: GenerateRequest) -> Callable[[], int] | None:
         """Fetch the prompt's blocks after the local prefix (all but the last token, as
         the scheduler matches); → the call that adopts them on the engine thread, or None.
-        Never raises; never waits past about twice the timeout."""
+        Never raises; never waits past the tiers' deadlines."""
         prompt = request.prompt_token_ids[:-1]
         loop = asyncio.get_running_loop()
         future = loop.run_in_executor(self._pool, self.store.fetch_shared, request.namespace,
                                       prompt)
         try:
-            fetched = await asyncio.wait_for(future, 2 * self.config.timeout_ms / 1000)
+            fetched = await asyncio.wait_for(future, self.deadline_s)
         except Exception as exc:  # a timeout or a bug here is a miss, never a failed request
-            log.warning("shared tier fetch abandoned: %r", exc)
+            log.warning("fetch from the tiers below the host abandoned: %r", exc)
             return None
         if fetched is None:
             return None
@@ -82,6 +109,13 @@ class SharedTierClient:
                               list(request.ttl_segments), request.default_ttl_s)
         return lambda: self.store.adopt_shared(seq, prompt, fetched)
 
+    def drain(self, timeout_s: float = 10.0) -> bool:
+        """Wait until every tier's write-behind queue is empty (tests, benchmarks)."""
+        return all(t.drain(timeout_s) for t in (self.disk, self.tier) if t is not None)
+
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
-        self.tier.close()
+        if self.tier is not None:
+            self.tier.close()
+        if self.disk is not None:
+            self.disk.close()

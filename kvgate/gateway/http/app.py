@@ -8,9 +8,11 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
+from kvgate.cachestore.disk_tier import DiskTierConfig
 from kvgate.cachestore.shared_tier import SharedTierConfig
 from kvgate.gateway.config import Settings
 from kvgate.gateway.engine import Engine, EngineConfig
+from kvgate.gateway.engine.request import EngineMisconfigured
 from kvgate.gateway.http import (
     admin,
     anthropic_api,
@@ -186,7 +188,22 @@ def engine_config(settings: Settings) -> EngineConfig:
         contended_batch_tokens=settings.contended_batch_tokens,
         default_cache_ttl_seconds=float(settings.default_cache_ttl_seconds),
         max_model_len=settings.max_model_len, cache_shares=settings.cache_shares,
-        shared_tier=shared_tier_config(settings))
+        shared_tier=shared_tier_config(settings), disk_tier=disk_tier_config(settings))
+
+
+def disk_tier_config(settings: Settings) -> DiskTierConfig | None:
+    if not settings.disk_cache_dir:
+        return None
+    for name in ("disk_cache_bytes", "disk_cache_write_bandwidth_bytes",
+                 "disk_cache_read_bandwidth_bytes"):
+        if getattr(settings, name) <= 0:
+            raise EngineMisconfigured(f"--{name.replace('_', '-')} must be positive with "
+                                      "--disk-cache-dir (leave --disk-cache-dir unset for no "
+                                      "disk tier)")
+    return DiskTierConfig(
+        path=settings.disk_cache_dir, capacity_bytes=settings.disk_cache_bytes,
+        write_bytes_per_s=settings.disk_cache_write_bandwidth_bytes,
+        read_bytes_per_s=settings.disk_cache_read_bandwidth_bytes)
 
 
 def shared_tier_config(settings: Settings) -> SharedTierConfig | None:

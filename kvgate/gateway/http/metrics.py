@@ -20,7 +20,7 @@ from kvgate.gateway.ledger import Ledger
 from kvgate.gateway.usage import Usage
 
 if TYPE_CHECKING:  # the engine pulls in torch; the ledger-only CLI must not
-    from kvgate.cachestore.stats import NamespaceStats, SharedTierStats
+    from kvgate.cachestore.stats import DiskTierStats, NamespaceStats, SharedTierStats
     from kvgate.gateway.engine.engine import Engine
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -217,6 +217,20 @@ SNAPSHOT_FAMILIES = (
      "Shared-tier fetches the cost model declined (recomputing was faster).", ()),
     ("kvgate_shared_tier_up", "gauge", "1 while the shared tier's circuit breaker is closed.",
      ()),
+    ("kvgate_disk_tier_blocks", "counter",
+     "Disk-tier blocks by outcome: hit, miss, rejected (failed verification), expired, "
+     "written, dropped (not written), evicted (deleted for capacity).", ("kind",)),
+    ("kvgate_disk_tier_bytes", "counter", "Disk-tier page bytes read and written.",
+     ("kind",)),
+    ("kvgate_disk_tier_errors", "counter",
+     "Disk-tier reads and writes the file system refused (each a miss or a dropped write).",
+     ()),
+    ("kvgate_disk_tier_skipped", "counter",
+     "Disk-tier reads the cost model declined (recomputing was faster).", ()),
+    ("kvgate_disk_tier_used_bytes", "gauge",
+     "Bytes of records in the disk tier, and its capacity.", ("kind",)),
+    ("kvgate_disk_tier_up", "gauge", "1 while the disk tier's last file operation succeeded.",
+     ()),
     ("kvgate_ledger_queue_depth", "gauge", "Usage events awaiting commit.", ()),
     ("kvgate_ledger_spool_events", "gauge",
      "Usage events spooled locally while the ledger database is away.", ()),
@@ -281,6 +295,7 @@ class _SnapshotCollector(Collector):
         f["kvgate_single_flight_saved_tokens"].add_metric([], waits.saved_tokens)
         self._collect_shares(stats.namespaces, f)
         self._collect_shared_tier(stats.shared, f)
+        self._collect_disk_tier(stats.disk, f)
         self._collect_scheduling(f)
         yield from f.values()
 
@@ -316,6 +331,23 @@ class _SnapshotCollector(Collector):
         f["kvgate_shared_tier_errors"].add_metric([], shared.errors)
         f["kvgate_shared_tier_skipped"].add_metric([], shared.skipped)
         f["kvgate_shared_tier_up"].add_metric([], int(shared.available))
+
+    @staticmethod
+    def _collect_disk_tier(disk: DiskTierStats | None,
+                           f: dict[str, GaugeMetricFamily | CounterMetricFamily]) -> None:
+        if disk is None:  # no --disk-cache-dir: the families stay empty
+            return
+        for kind, n in (("hit", disk.hits), ("miss", disk.misses), ("rejected", disk.rejected),
+                        ("expired", disk.expired), ("written", disk.writes),
+                        ("dropped", disk.dropped), ("evicted", disk.evicted)):
+            f["kvgate_disk_tier_blocks"].add_metric([kind], n)
+        f["kvgate_disk_tier_bytes"].add_metric(["read"], disk.hit_bytes)
+        f["kvgate_disk_tier_bytes"].add_metric(["written"], disk.write_bytes)
+        f["kvgate_disk_tier_errors"].add_metric([], disk.errors)
+        f["kvgate_disk_tier_skipped"].add_metric([], disk.skipped)
+        f["kvgate_disk_tier_used_bytes"].add_metric(["used"], disk.used_bytes)
+        f["kvgate_disk_tier_used_bytes"].add_metric(["capacity"], disk.capacity_bytes)
+        f["kvgate_disk_tier_up"].add_metric([], int(disk.available))
 
     def _collect_shares(self, namespaces: dict[str, NamespaceStats],
                         f: dict[str, GaugeMetricFamily | CounterMetricFamily]) -> None:

@@ -311,7 +311,7 @@ SCHEMAS: dict[str, Any] = {
             "blocks": {"type": "object", "properties": {
                 "read": {"type": "array", "items": {"type": "object", "properties": {
                     "hash": {"type": "string"},
-                    "tier": {"enum": ["device", "host", "shared"]}}}},
+                    "tier": {"enum": ["device", "host", "disk", "shared"]}}}},
                 "written": {"type": "array", "items": {"type": "object", "properties": {
                     "hash": {"type": "string"}, "ttl_s": {"type": "integer"},
                     "ttl_class": {"enum": ["5m", "1h"]}}}}}},

@@ -1,0 +1,737 @@
+"""The local disk tier: KV pages in files below the host tier, kept across restarts.
+
+It plugs into the same path as the shared tier (``shared_link.SharedLink``): blocks are
+written through when committed and again when demoted if they were not taken, fetched off
+the engine thread before admission for the blocks after the local prefix (only where
+reading beats recomputing, ``CostModel``), and adopted on the engine thread. Disk comes
+first; the shared tier is asked for what the disk lacks.
+
+Layout of ``--disk-cache-dir`` (mode 0700; every file 0600):
+
+- ``lock``: held (``flock``) by the one process that uses the directory; a second replica
+  pointed at it refuses to start (``DiskTierUnavailable``).
+- ``kv/<2 hex>/<block hash, 32 hex>``: one record per block. A record is the shared tier's
+  (``record.RecordCodec``: layout signature, parent hash, namespace, tokens, the
+  namespace's epoch, the page), wrapped: ``KVD1``, the block's TTL, the record's length,
+  the record, an xxh3-128 digest of all that, then the expiry (wall-clock seconds) and a
+  CRC of it with the digest. The expiry is the one field rewritten in place: a hit moves it
+  to ``now + TTL``, as a hit on a cached block does.
+- ``tmp/``: records being written (renamed into ``kv/`` when complete; emptied on start).
+- ``epochs``: each flushed namespace's epoch (JSON). ``flush_namespace`` raises it and
+  deletes the namespace's files; a record of another epoch never verifies, so nothing
+  written before a flush (a write in flight, a file whose deletion failed) is read after it.
+
+On start the index is rebuilt by reading each record's head and expiry (two small reads
+per file): expired records, those of a past epoch and unreadable ones are deleted, the
+rest indexed oldest (last written or hit) first. A restarted replica is warm without Valkey.
+
+Writes go to a queue bounded in bytes, drained by ``writers`` threads whose bytes per
+second are bounded together (a token bucket); a full queue drops the block (counted), the
+engine never waits. ``capacity_bytes`` is kept by deleting the least recently used
+records. Every file-system error (ENOSPC, EIO, a file deleted, truncated or corrupted under
+it, permission denied, the directory gone) is a miss or a dropped write and a count in
+``errors``; a record that does not verify is a miss (``rejected``) and is deleted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import logging
+import os
+import queue
+import struct
+import threading
+import time
+import zlib
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from kvgate.cachestore.hashing import xxh3_128
+from kvgate.cachestore.record import (
+    DIGEST,
+    HEADER,
+    FetchedBlock,
+    RecordCodec,
+    SharedFetch,
+    SharedRecord,
+)
+from kvgate.cachestore.shared_tier import CostModel
+from kvgate.cachestore.stats import DiskTierStats
+from kvgate.kernels.layout import KVLayout
+
+log = logging.getLogger("kvgate.cache.disk")
+
+DISK_MAGIC = b"KVD1"
+_HEAD = struct.Struct("<4sdI")  # magic, TTL seconds, record length
+_TAIL = struct.Struct("<dI")  # expiry (time.time()), crc32 of the expiry and the digest
+_MAX_TTL_S = 365 * 86400.0
+_NAME_LEN = 2 * DIGEST  # a block hash in hex
+
+
+def record_size(layout: KVLayout, namespace: str, token_bytes: int) -> int:
+    """Bytes one block takes on disk: its page and about 100 bytes with the namespace and
+    tokens (what ``--disk-cache-bytes`` counts)."""
+    return _HEAD.size + HEADER.size + 2 * DIGEST + len(namespace.encode()) + token_bytes + \
+        layout.page_bytes + DIGEST + _TAIL.size
+
+
+def _ttl(ttl_s: float) -> float:
+    """A TTL a record can hold: NaN is 0 (expired), at most a year."""
+    return min(max(0.0, ttl_s), _MAX_TTL_S) if ttl_s == ttl_s else 0.0
+
+
+class DiskTierUnavailable(RuntimeError):
+    """The directory cannot be used (not creatable, not writable, or another process's)."""
+
+
+@dataclass(frozen=True)
+class DiskTierConfig:
+    """``kvgate serve --disk-cache-*``; see docs/architecture.md (Disk tier)."""
+
+    path: str
+    capacity_bytes: int
+    write_bytes_per_s: int = 256 * 1024 * 1024  # all writers together
+    queue_bytes: int = 64 * 1024 * 1024  # page bytes waiting to be written, at most
+    writers: int = 2
+    # the cost model's read bandwidth and latency (a local NVMe by default)
+    read_bytes_per_s: int = 2_000_000_000
+    read_latency_s: float = 0.0002
+    timeout_ms: int = 1000  # a fetch stops reading further blocks after this
+    max_fetch_blocks: int = 1024
+    max_fetch_bytes: int = 512 * 1024 * 1024
+
+
+@dataclass
+class _Entry:
+    size: int
+    expires_at: float  # wall clock
+    ttl_s: float
+    namespace: str
+    epoch: int
+
+
+@dataclass
+class _Put:
+    record: SharedRecord
+    epoch: int
+    nbytes: int
+
+
+@dataclass
+class _Task:
+    run: Callable[[], None]
+
+
+@dataclass
+class _Counters:
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    values: dict[str, int] = field(default_factory=lambda: dict.fromkeys(
+        ("hits", "hit_bytes", "misses", "rejected", "expired", "skipped", "writes",
+         "write_bytes", "dropped", "evicted", "errors"), 0))
+
+    def add(self, **deltas: int) -> None:
+        with self.lock:
+            for k, v in deltas.items():
+                self.values[k] += v
+
+
+class _Bucket:
+    """Bytes per second for all writers together: a write takes its bytes first and
+    sleeps off any debt (``stop`` wakes the sleepers at shutdown)."""
+
+    def __init__(self, rate: float, stop: threading.Event) -> None:
+        self.rate = max(1.0, float(rate))
+        self.burst = self.rate / 10
+        self.tokens = self.burst
+        self.last = time.monotonic()
+        self.lock = threading.Lock()
+        self.stop = stop
+
+    def take(self, n: int) -> None:
+        with self.lock:
+            now = time.monotonic()
+            self.tokens = min(self.burst, self.tokens + (now - self.last) * self.rate)
+            self.last = now
+            self.tokens -= n
+            wait = -self.tokens / self.rate if self.tokens < 0 else 0.0
+        if wait > 0:
+            self.stop.wait(wait)
+
+
+class DiskTier:
+    """One replica's cache directory: write-behind, verified reads, an index in memory."""
+
+    name = "disk"  # how a block found here is reported (``PrefixMatch.blocks``)
+
+    def __init__(self, config: DiskTierConfig, layout: KVLayout, model_id: str,
+                 wall_clock: Callable[[], float] = time.time) -> None:
+        """``wall_clock``: what expiries are measured against (seconds since 1970, as they
+        are stored; replaceable so tests need no sleeping)."""
+        self.config = config
+        self.wall = wall_clock
+        self.layout = layout
+        self.codec = RecordCodec(layout, model_id)
+        self.root = Path(config.path)
+        self.counters = _Counters()
+        self._lock = threading.Lock()  # index, epochs, used bytes
+        self._index: OrderedDict[bytes, _Entry] = OrderedDict()  # least recently used first
+        self._used = 0  # bytes of indexed records and of writes under way
+        self._epochs: dict[str, int] = {}
+        self._healthy = True
+        self._queue: queue.Queue[_Put | _Task | None] = queue.Queue()
+        self._queued_bytes = 0
+        self._pending = 0
+        self._queue_lock = threading.Lock()
+        self._idle = threading.Condition(self._queue_lock)  # notified when nothing is pending
+        self._stop = threading.Event()
+        self._bucket = _Bucket(config.write_bytes_per_s, self._stop)
+        self._lock_fd = self._open_dir()
+        try:
+            self._load_epochs()
+            try:
+                self._scan()
+            except OSError as exc:
+                raise DiskTierUnavailable(f"--disk-cache-dir {self.root}: cannot read it "
+                                          f"({exc.strerror or exc})") from exc
+        except BaseException:
+            os.close(self._lock_fd)
+            raise
+        self._writers = [threading.Thread(target=self._write_loop, name=f"kvgate-disk-tier-{i}",
+                                          daemon=True) for i in range(max(1, config.writers))]
+        for t in self._writers:
+            t.start()
+
+    # -- the directory ------------------------------------------------------------------------
+    def _open_dir(self) -> int:
+        try:
+            self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.chmod(self.root, 0o700)
+            for sub in ("kv", "tmp"):
+                (self.root / sub).mkdir(mode=0o700, exist_ok=True)
+            fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise DiskTierUnavailable(
+                f"--disk-cache-dir {self.root}: cannot use it ({exc.strerror or exc})") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise DiskTierUnavailable(
+                f"--disk-cache-dir {self.root} is in use by another kvgate process (pid "
+                f"{holder}): give each replica its own directory") from exc
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        return fd
+
+    def _path(self, block_hash: bytes) -> Path:
+        name = block_hash.hex()
+        return self.root / "kv" / name[:2] / name
+
+    def _load_epochs(self) -> None:
+        path = self.root / "epochs"
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise DiskTierUnavailable(f"--disk-cache-dir {self.root}: cannot read "
+                                      f"{path.name} ({exc.strerror or exc})") from exc
+        try:
+            data = json.loads(raw)
+            if not isinstance(data, dict) or not all(
+                    isinstance(k, str) and type(v) is int and v >= 0 for k, v in data.items()):
+                raise ValueError("not an object of namespace -> epoch")
+        except ValueError as exc:
+            # which namespaces were flushed is unknown: nothing on disk can be trusted
+            log.error("disk tier: %s is unreadable (%s); every record is deleted", path, exc)
+            self._epochs = {}
+            self._wipe()
+            return
+        self._epochs = dict(data)
+
+    def _save_epochs(self) -> None:
+        """(under ``_lock``) Write the epochs file: a temporary file, fsync'd, renamed."""
+        tmp = self.root / "tmp" / "epochs"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, json.dumps(self._epochs).encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, self.root / "epochs")
+
+    def _wipe(self) -> None:
+        for sub in (self.root / "kv").iterdir():
+            if sub.is_dir() and not sub.is_symlink():
+                for f in sub.iterdir():
+                    with contextlib.suppress(OSError):
+                        f.unlink()
+
+    def _scan(self) -> None:
+        """Index every record in ``kv/`` (see the module's docstring)."""
+        started = time.monotonic()
+        for f in (self.root / "tmp").iterdir():  # writes a crash left unfinished
+            with contextlib.suppress(OSError):
+                f.unlink()
+        now = self.wall()
+        found: list[tuple[float, bytes, _Entry]] = []
+        deleted = 0
+        for sub in (self.root / "kv").iterdir():
+            if not sub.is_dir() or sub.is_symlink() or len(sub.name) != 2:
+                continue
+            for f in sub.iterdir():
+                try:
+                    block_hash = bytes.fromhex(f.name)
+                except ValueError:
+                    continue  # not a name this tier gives: not ours to delete
+                if len(f.name) != _NAME_LEN or f.name[:2] != sub.name:
+                    continue
+                entry, mtime = self._read_head(f)
+                if entry is None or entry.expires_at <= now or \
+                        self._epochs.get(entry.namespace, 0) != entry.epoch:
+                    with contextlib.suppress(OSError):
+                        f.unlink()
+                    deleted += 1
+                    continue
+                found.append((mtime, block_hash, entry))
+        found.sort(key=lambda t: t[0])
+        for _, block_hash, entry in found:
+            self._index[block_hash] = entry
+            self._used += entry.size
+        victims = self._evict_for(0)
+        self._unlink(victims)
+        log.info("disk tier %s: %d records (%d bytes) indexed, %d deleted (expired, flushed "
+                 "or unreadable), %d evicted over --disk-cache-bytes, in %.1f s", self.root,
+                 len(self._index), self._used, deleted, len(victims),
+                 time.monotonic() - started)
+
+    def _read_head(self, path: Path) -> tuple[_Entry | None, float]:
+        """A record's entry from its first bytes and its tail; (None, 0) if it is not one."""
+        try:
+            with open(path, "rb") as f:
+                st = os.fstat(f.fileno())
+                head = f.read(_HEAD.size + HEADER.size + 2 * DIGEST)
+                if len(head) < _HEAD.size + HEADER.size + 2 * DIGEST:
+                    return None, 0.0
+                magic, ttl_s, body_len = _HEAD.unpack_from(head)
+                ns_len = HEADER.unpack_from(head, _HEAD.size)[1]
+                if magic != DISK_MAGIC or st.st_size != _HEAD.size + body_len + DIGEST + \
+                        _TAIL.size or ns_len > body_len:
+                    return None, 0.0
+                head += f.read(ns_len)
+                f.seek(st.st_size - DIGEST - _TAIL.size)
+                tail = f.read(DIGEST + _TAIL.size)
+        except OSError:
+            return None, 0.0
+        rec = RecordCodec.head(head[_HEAD.size:])
+        expires_at = self._expiry(tail)
+        if rec is None or expires_at is None:
+            return None, 0.0
+        return _Entry(int(st.st_size), expires_at, ttl_s, rec.namespace, rec.epoch), st.st_mtime
+
+    @staticmethod
+    def _expiry(tail: bytes) -> float | None:
+        if len(tail) != DIGEST + _TAIL.size:
+            return None
+        expires_at, crc = _TAIL.unpack_from(tail, DIGEST)
+        if crc != zlib.crc32(tail[:DIGEST + 8]):
+            return None
+        return float(expires_at)
+
+    @staticmethod
+    def _tail(digest: bytes, expires_at: float) -> bytes:
+        exp = struct.pack("<d", expires_at)
+        return exp + struct.pack("<I", zlib.crc32(digest + exp))
+
+    # -- writing ------------------------------------------------------------------------------
+    def file_bytes(self, record: SharedRecord, epoch: int, now: float) -> bytes:
+        """What ``record`` is stored as (see the module's docstring)."""
+        body = self.codec.encode(record, epoch)
+        ttl_s = _ttl(record.ttl_s)
+        head = _HEAD.pack(DISK_MAGIC, ttl_s, len(body)) + body
+        digest = xxh3_128(head)
+        return head + digest + self._tail(digest, now + ttl_s)
+
+    def put(self, records: Sequence[SharedRecord]) -> int:
+        """Queue records for writing, in order, while the queue has room (never blocks).
+        → how many were taken (a prefix of ``records``)."""
+        nbytes = self.layout.page_bytes
+        with self._queue_lock:
+            taken = min(len(records), max(0, self.config.queue_bytes - self._queued_bytes)
+                        // nbytes)
+            self._queued_bytes += taken * nbytes
+            self._pending += taken
+        with self._lock:
+            epochs = [self._epochs.get(r.namespace, 0) for r in records[:taken]]
+        # children first: a parent is then more recently used than its children, so the
+        # least recently used order evicts a prefix from its end, never its first block
+        for record, epoch in reversed(list(zip(records[:taken], epochs, strict=True))):
+            self._queue.put(_Put(record, epoch, nbytes))
+        if taken < len(records):
+            self.counters.add(dropped=len(records) - taken)
+        return taken
+
+    def room(self) -> int:
+        """Blocks ``put`` would take now."""
+        with self._queue_lock:
+            return max(0, self.config.queue_bytes - self._queued_bytes) // self.layout.page_bytes
+
+    def count_dropped(self, n: int) -> None:
+        self.counters.add(dropped=n)
+
+    def flush_namespace(self, namespace: str) -> None:
+        """Make every record of ``namespace`` a miss at once (a new epoch, in memory now);
+        the epoch is saved and the files deleted by a writer thread. Never blocks."""
+        with self._lock:
+            self._epochs[namespace] = max(self._epochs.get(namespace, 0) + 1,
+                                          time.time_ns() // 1000)
+            gone = [h for h, e in self._index.items() if e.namespace == namespace]
+            for h in gone:
+                self._used -= self._index.pop(h).size
+        with self._queue_lock:
+            self._pending += 1
+        self._queue.put(_Task(lambda: self._finish_flush(namespace, gone)))
+
+    def _finish_flush(self, namespace: str, gone: list[bytes]) -> None:
+        try:
+            with self._lock:
+                self._save_epochs()
+        except OSError as exc:
+            self._error("saving the epoch of a flushed namespace (until it is saved, a "
+                        "restart could read records of %s written before the flush)",
+                        exc, namespace)
+        with self._lock:  # not those written again since, under the new epoch
+            gone = [h for h in gone if h not in self._index]
+        self._unlink(gone)
+
+    def _write_loop(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            try:
+                if isinstance(item, _Task):
+                    item.run()
+                else:
+                    with self._queue_lock:
+                        self._queued_bytes -= item.nbytes
+                    self._write(item)
+            except Exception:  # a bug here loses the block, never the writer
+                self.counters.add(errors=1, dropped=1)
+                log.exception("disk tier write failed")
+            finally:
+                with self._queue_lock:
+                    self._pending -= 1
+                    if self._pending == 0:
+                        self._idle.notify_all()
+
+    def _write(self, item: _Put) -> None:
+        record = item.record
+        with self._lock:
+            if self._epochs.get(record.namespace, 0) != item.epoch:  # flushed since
+                self.counters.add(dropped=1)
+                return
+        now = self.wall()
+        data = self.file_bytes(record, item.epoch, now)
+        size = len(data)
+        if size > self.config.capacity_bytes:
+            self.counters.add(dropped=1)
+            return
+        self._bucket.take(size)
+        if self._stop.is_set():
+            self.counters.add(dropped=1)
+            return
+        with self._lock:
+            old = self._index.pop(record.block_hash, None)
+            if old is not None:
+                self._used -= old.size
+            victims = self._evict_for(size)
+            self._used += size  # reserved while it is written
+        self._unlink(victims)
+        path = self._path(record.block_hash)
+        tmp = self.root / "tmp" / f"{record.block_hash.hex()}.{threading.get_ident()}"
+        try:
+            self._write_file(tmp, data)
+            try:
+                os.replace(tmp, path)
+            except FileNotFoundError:
+                self._make_dir(path.parent)
+                os.replace(tmp, path)
+        except OSError as exc:
+            with self._lock:
+                self._used -= size
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            self.counters.add(dropped=1)
+            self._error("writing a block", exc)
+            return
+        with self._lock:
+            if self._epochs.get(record.namespace, 0) != item.epoch:  # flushed meanwhile
+                self._used -= size
+                stale = True
+            else:
+                ttl_s = _ttl(record.ttl_s)
+                self._index[record.block_hash] = _Entry(size, now + ttl_s, ttl_s,
+                                                        record.namespace, item.epoch)
+                stale = False
+        if stale:
+            self._unlink([record.block_hash])
+            self.counters.add(dropped=1)
+            return
+        self._healthy = True
+        self.counters.add(writes=1, write_bytes=self.layout.page_bytes)
+
+    def _write_file(self, tmp: Path, data: bytes) -> None:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0)
+        try:
+            fd = os.open(tmp, flags, 0o600)
+        except FileNotFoundError:
+            self._make_dir(tmp.parent)
+            fd = os.open(tmp, flags, 0o600)
+        try:
+            view = memoryview(data)
+            while view:
+                n = os.write(fd, view)
+                if n <= 0:
+                    raise OSError(errno.EIO, "short write")
+                view = view[n:]
+        finally:
+            os.close(fd)
+
+    def _make_dir(self, path: Path) -> None:
+        """Make a subdirectory deleted under the tier again, only while the root exists (a
+        vanished root stays gone: writes fail and count until an operator restores it)."""
+        if not self.root.is_dir():
+            raise FileNotFoundError(errno.ENOENT, "the disk cache directory is gone",
+                                    str(self.root))
+        path.mkdir(mode=0o700, parents=False, exist_ok=True)
+
+    def _evict_for(self, size: int) -> list[bytes]:
+        """(under ``_lock``) Take least recently used records out of the index until
+        ``size`` more bytes fit; → their hashes, to be unlinked outside the lock."""
+        victims: list[bytes] = []
+        while self._index and self._used + size > self.config.capacity_bytes:
+            block_hash, entry = self._index.popitem(last=False)
+            self._used -= entry.size
+            victims.append(block_hash)
+        if victims:
+            self.counters.add(evicted=len(victims))
+        return victims
+
+    def _unlink(self, hashes: list[bytes]) -> None:
+        for block_hash in hashes:
+            try:
+                self._path(block_hash).unlink()
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                self._error("deleting a record", exc)
+
+    def _forget(self, block_hash: bytes, entry: _Entry) -> None:
+        """Take a record that cannot be read out of the index and off the disk."""
+        with self._lock:
+            if self._index.get(block_hash) is entry:
+                del self._index[block_hash]
+                self._used -= entry.size
+        self._unlink([block_hash])
+
+    def _error(self, what: str, exc: OSError, *args: object) -> None:
+        self.counters.add(errors=1)
+        if self._healthy:  # logged once per run of failures, not once per block
+            log.warning("disk tier: " + what + " failed: %r (a miss; counted in "
+                        "kvgate_disk_tier_errors_total)", *args, exc)
+        self._healthy = False
+
+    def drain(self, timeout_s: float = 10.0) -> bool:
+        """Wait until the write-behind queue is empty (tests, shutdown); → whether it is."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._pending == 0, timeout_s)
+
+    def close(self, drain_s: float = 2.0) -> None:
+        """Let the writers finish the queue for up to ``drain_s`` (a restart finds those
+        blocks), then stop them (what is left is dropped) and release the directory."""
+        self.drain(drain_s)
+        self._stop.set()
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(item, _Task):
+                with contextlib.suppress(Exception):
+                    item.run()  # a flush's epoch is saved even at shutdown
+            elif isinstance(item, _Put):
+                self.counters.add(dropped=1)
+            if item is not None:
+                with self._queue_lock:
+                    self._pending -= 1
+                    self._queued_bytes -= item.nbytes if isinstance(item, _Put) else 0
+        for _ in self._writers:
+            self._queue.put(None)
+        for t in self._writers:
+            t.join(timeout=5)
+        if self._lock_fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self._lock_fd)
+            self._lock_fd = -1
+
+    # -- fetching ----------------------------------------------------------------------------
+    def fetch(self, namespace: str, start: int, parent_hash: bytes, hashes: Sequence[bytes],
+              tokens: Sequence[bytes], cost: CostModel | None) -> SharedFetch | None:
+        """Blocks ``start, start + 1, ...`` of a prompt, as many consecutive ones as the
+        disk holds and verify. File I/O: never call it on the engine thread."""
+        n = min(len(hashes), self.config.max_fetch_blocks,
+                self.config.max_fetch_bytes // self.layout.page_bytes)
+        if n == 0:
+            return None
+        if cost is not None and not cost.worth_fetching(start, n):
+            self.counters.add(skipped=1)
+            return None
+        deadline = time.monotonic() + self.config.timeout_ms / 1000
+        with self._lock:
+            epoch = self._epochs.get(namespace, 0)
+        out: list[FetchedBlock] = []
+        try:
+            self._read_chain(namespace, parent_hash, hashes[:n], tokens, epoch, deadline, out)
+        finally:
+            with self._lock:  # children less recently used than their parents
+                for fb in reversed(out):
+                    if fb.block_hash in self._index:
+                        self._index.move_to_end(fb.block_hash)
+        if not out:
+            return None
+        self.counters.add(hits=len(out), hit_bytes=len(out) * self.layout.page_bytes)
+        return SharedFetch(start, out, [self.name] * len(out))
+
+    def _read_chain(self, namespace: str, parent_hash: bytes, hashes: Sequence[bytes],
+                    tokens: Sequence[bytes], epoch: int, deadline: float,
+                    out: list[FetchedBlock]) -> None:
+        for i in range(len(hashes)):
+            if i and time.monotonic() > deadline:
+                break
+            page = self._read(namespace, parent_hash if i == 0 else hashes[i - 1], hashes[i],
+                              tokens[i], epoch)
+            if page is None:
+                break
+            out.append(FetchedBlock(hashes[i], tokens[i], page))
+
+    def _read(self, namespace: str, parent_hash: bytes, block_hash: bytes, tokens: bytes,
+              epoch: int) -> torch.Tensor | None:
+        """One block's page if the disk holds it and it verifies; else None (counted)."""
+        now = self.wall()
+        with self._lock:
+            entry = self._index.get(block_hash)
+        if entry is None:
+            self.counters.add(misses=1)
+            return None
+        if entry.expires_at <= now:
+            self._forget(block_hash, entry)
+            self.counters.add(misses=1, expired=1)
+            return None
+        path = self._path(block_hash)
+        try:
+            fd = self._open_record(path)
+        except FileNotFoundError as exc:
+            with self._lock:
+                ours = self._index.get(block_hash) is entry
+            if ours:  # deleted under the tier (not by its own eviction)
+                self._forget(block_hash, entry)
+                self._error("reading a block", exc)
+            self.counters.add(misses=1)
+            return None
+        except OSError as exc:
+            self._forget(block_hash, entry)
+            self._error("reading a block", exc)
+            self.counters.add(misses=1)
+            return None
+        try:
+            try:
+                data = self._read_all(fd, entry.size + 1)
+            except OSError as exc:
+                self._forget(block_hash, entry)
+                self._error("reading a block", exc)
+                self.counters.add(misses=1)
+                return None
+            page = self._verify(data, parent_hash, namespace, tokens, epoch)
+            if page is None:
+                self._forget(block_hash, entry)
+                self.counters.add(rejected=1)
+                return None
+            expires_at = self._expiry(data[-(DIGEST + _TAIL.size):])
+            if expires_at is None or expires_at <= now:
+                self._forget(block_hash, entry)
+                self.counters.add(misses=1, expired=1)
+                return None
+            self._touch(fd, data, entry, now)
+            return page
+        finally:
+            os.close(fd)
+
+    @staticmethod
+    def _open_record(path: Path) -> int:
+        """Open for reading and, where allowed, for refreshing the expiry in place (the same
+        file that was read, even if a writer replaces it meanwhile)."""
+        nofollow = getattr(os, "O_NOFOLLOW", 0)
+        try:
+            return os.open(path, os.O_RDWR | nofollow)
+        except OSError as exc:
+            if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                raise
+            return os.open(path, os.O_RDONLY | nofollow)
+
+    @staticmethod
+    def _read_all(fd: int, limit: int) -> bytes:
+        parts: list[bytes] = []
+        left = limit
+        while left > 0:
+            chunk = os.read(fd, left)
+            if not chunk:
+                break
+            parts.append(chunk)
+            left -= len(chunk)
+        return b"".join(parts)
+
+    def _verify(self, data: bytes, parent_hash: bytes, namespace: str, tokens: bytes,
+                epoch: int) -> torch.Tensor | None:
+        if len(data) < _HEAD.size + DIGEST + _TAIL.size:
+            return None
+        magic, _, body_len = _HEAD.unpack_from(data)
+        end = _HEAD.size + body_len
+        if magic != DISK_MAGIC or len(data) != end + DIGEST + _TAIL.size or \
+                xxh3_128(data[:end]) != data[end:end + DIGEST]:
+            return None
+        return self.codec.decode(data[_HEAD.size:end], parent_hash, namespace, tokens, epoch)
+
+    def _touch(self, fd: int, data: bytes, entry: _Entry, now: float) -> None:
+        """A hit: the record expires ``TTL`` from now (in the index and in its file)."""
+        expires_at = now + entry.ttl_s
+        if expires_at - entry.expires_at < min(1.0, entry.ttl_s / 10):
+            return  # hit again within a moment: not worth a write
+        digest = data[-(DIGEST + _TAIL.size):-_TAIL.size]
+        try:
+            os.pwrite(fd, self._tail(digest, expires_at), len(data) - _TAIL.size)
+        except OSError as exc:
+            self._error("refreshing a block's expiry", exc)
+            return
+        entry.expires_at = expires_at
+
+    # -- stats ----------------------------------------------------------------------------------
+    def stats(self) -> DiskTierStats:
+        with self.counters.lock:
+            v = dict(self.counters.values)
+        with self._queue_lock:
+            queued = self._queued_bytes
+        with self._lock:
+            used, files = self._used, len(self._index)
+        return DiskTierStats(available=self._healthy and self.root.is_dir(),
+                             capacity_bytes=self.config.capacity_bytes, used_bytes=used,
+                             files=files, queued_bytes=queued, **v)
