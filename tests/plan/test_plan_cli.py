@@ -200,6 +200,13 @@ BAD_TRACES = {
     "other.jsonl": ('{"hello": 1}\n', "neither a Mooncake trace"),
     "receipt.jsonl": ('{"object": "receipt", "tokens": {"prompt": 32}, "blocks": {}, '
                       '"started_at": "yesterday"}\n', "started_at must be an ISO 8601 time"),
+    "receipt-huge.jsonl": ('{"object": "receipt", "tokens": {"prompt": 4294967296}, "blocks": '
+                           '{}, "started_at": "2026-01-01T00:00:00+00:00"}\n',
+                           "a prompt of 4294967296 tokens is more than 1048576 blocks of 16"),
+    "receipt-blocks.jsonl": ('{"object": "receipt", "tokens": {"prompt": 20}, "blocks": '
+                             '{"read": [{"hash": "aa"}], "written": [{"hash": "bb", '
+                             '"ttl_s": 300}]}, "started_at": "2026-01-01T00:00:00+00:00"}\n',
+                             "names 2 blocks, more than its 20 prompt tokens hold"),
 }
 
 

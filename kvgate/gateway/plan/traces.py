@@ -29,6 +29,7 @@ from kvgate.cachestore.replay import Request, Trace, TraceError, mooncake_trace
 
 FORMATS = ("auto", "mooncake", "receipts")
 MAX_IDS = 2**32  # the store hashes ids as u32 tokens
+MAX_PROMPT_BLOCKS = 1 << 20  # a longer prompt is no model's: refused, not replayed
 
 
 def read_trace(path: Path, fmt: str, block_size: int, ttl_s: float,
@@ -109,6 +110,9 @@ def _receipt(where: str, line: str, block_size: int, ttl_s: float, ids: dict[str
     read = _hashes(where, blocks, "read")
     written = _hashes(where, blocks, "written")
     full = prompt // block_size
+    if full > MAX_PROMPT_BLOCKS:
+        raise TraceError(f"{where}: a prompt of {prompt} tokens is more than "
+                         f"{MAX_PROMPT_BLOCKS} blocks of {block_size}")
     known = [h for h, _ in read + written]
     if len(known) > full:
         raise TraceError(f"{where}: the receipt names {len(known)} blocks, more than its "
