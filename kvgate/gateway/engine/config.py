@@ -49,6 +49,9 @@ class EngineConfig:
     # (no slot, no pages) until it reads half of them; 0: never parked
     max_unread_tokens: int = 256
     shared_tier: SharedTierConfig | None = None  # the Valkey tier (cachestore/shared_tier.py)
+    # K/V as the device pool stores them: auto (the model's dtype), fp8 (e4m3) or int8,
+    # both with a scale per block and KV head (kernels/layout.py)
+    kv_dtype: str = "auto"
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.max_batch_tokens <= 0 or self.max_running <= 0:
@@ -63,6 +66,8 @@ class EngineConfig:
             raise ValueError("max_model_len must be positive (0: the model's own context)")
         if self.dtype not in ("auto", *_DTYPES):
             raise ValueError(f"dtype {self.dtype!r}: use auto, float32, bfloat16 or float16")
+        if self.kv_dtype not in ("auto", "fp8", "int8"):
+            raise ValueError(f"kv_dtype {self.kv_dtype!r}: use auto, fp8 or int8")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"device {self.device!r}: use auto, cpu or cuda")
 

@@ -46,9 +46,11 @@ from kvgate.gateway.engine.scheduler import Chunk, Scheduler
 from kvgate.gateway.engine.sequence import Sequence, append_token
 from kvgate.gateway.engine.shared import SharedTierClient
 from kvgate.gateway.usage import Usage
-from kvgate.kernels.layout import KVLayout
+from kvgate.kernels.layout import FP8, KVLayout
 
 log = logging.getLogger("kvgate.engine")
+# EngineConfig.kv_dtype → what the device pool's K/V are stored as ("auto": the model's)
+KV_DTYPES = {"fp8": FP8, "int8": torch.int8}
 
 T = TypeVar("T")
 
@@ -68,7 +70,7 @@ class Engine:
             num_kv_heads=cfg.num_key_value_heads,
             head_dim=head_dim_of(cfg),
             block_size=config.block_size,
-            dtype=next(self.model.parameters()).dtype,
+            dtype=KV_DTYPES.get(config.kv_dtype, next(self.model.parameters()).dtype),
         )
         self.store = CacheStore(
             self.layout,
@@ -117,7 +119,7 @@ class Engine:
         # Token ids the model can embed (its embedding may have more rows than the tokenizer).
         self.vocab_size = int(cfg.vocab_size)
         self.scheduler = Scheduler(config, self.store, self.max_model_len)
-        self.runner = ModelRunner(self.model, self.store.device_pool, config.block_size,
+        self.runner = ModelRunner(self.model, self.store.device_pool, self.layout,
                                   self.max_model_len, cuda_graphs=config.cuda_graphs,
                                   max_graph_batch=config.max_running)
         # Structured outputs: grammars compiled against this tokenizer, masks per step
