@@ -3,13 +3,16 @@
 Decode attention is memory-bound, so it is measured as bytes of KV read per second over
 the device's measured copy bandwidth (bytes read + written per second by a large
 device-to-device copy), and its time beside torch SDPA over contiguous K/V of the same
-size. SDPA gets GQA folded into the query length (``[B, kv_heads, group, D]`` against
+size, for 16-bit pages and for quantized ones (fp8 e4m3, int8: 1 byte a value plus a
+scale per page and head), whose reading is the point of quantizing (about half the bytes
+of a 16-bit page). SDPA gets GQA folded into the query length (``[B, kv_heads, group, D]`` against
 ``[B, kv_heads, L, D]``), so it reads every K/V byte once, like the paged kernel.
 Page copies (device → host, host → device, between a device pool and a pinned host pool,
 scattered page ids) are measured against one plain contiguous pinned copy of the same bytes.
 
 Goals (issue 3): decode ≥ 80% of copy bandwidth at long context and no slower than SDPA;
-page copy ≥ 85% of the plain pinned copy. Writes ``bench/results/kernels-<gpu>.json``.
+page copy ≥ 85% of the plain pinned copy. Issue 27: quantized decode no slower than the
+16-bit kernel at long context (it reads half the bytes). Writes ``bench/results/kernels-<gpu>.json``.
 
 Run: ``python -m bench.kernels``. On a machine without CUDA it says so and exits 0; under
 ``KVGATE_BENCH_SMOKE=1`` it runs the same code there instead, at tiny shapes on the CPU, the
@@ -32,6 +35,7 @@ from bench.common import SMOKE, print_table, smoke, write_result
 from kvgate import kernels
 from kvgate.kernels import KVLayout
 from kvgate.kernels.dispatch import triton_available
+from kvgate.kernels.layout import FP8, quantize
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"  # "cpu" only in a smoke run
@@ -87,18 +91,27 @@ def device_copy_bandwidth(nbytes: int = smoke(1 << 30, 1 << 20)) -> float:
     return 2 * nbytes / (ms / 1e3)
 
 
-def bench_decode(batch: int, length: int, copy_bw: float) -> dict:
+KV_DTYPES = {"bf16": DTYPE, "fp8": FP8, "int8": torch.int8}
+
+
+def bench_decode(batch: int, length: int, copy_bw: float, kv_dtype: str = "bf16") -> dict:
     layout = KVLayout(num_layers=2, num_kv_heads=KV_HEADS, head_dim=HEAD_DIM,
-                      block_size=BLOCK_SIZE, dtype=DTYPE)
+                      block_size=BLOCK_SIZE, dtype=KV_DTYPES[kv_dtype])
     blocks = -(-length // BLOCK_SIZE)
     pool = layout.allocate_pool(batch * blocks + 1, DEVICE)
-    pool.normal_()
+    values = layout.values(pool)
+    values.copy_(quantize(torch.randn(values.shape, device=DEVICE), torch.ones((), device=DEVICE),
+                          layout.dtype) if layout.quantized else torch.randn_like(values))
+    if layout.quantized:
+        layout.scales(pool).fill_(1.0 / 64)
     k_cache, v_cache = layout.layer_kv(pool, 1)  # strided, as the engine reads them
+    k_scale, v_scale = layout.layer_scales(pool, 1)
     tables = torch.randperm(batch * blocks, device=DEVICE).view(batch, blocks).int()
     lens = torch.full((batch,), length, dtype=torch.int32, device=DEVICE)
     q = torch.randn(batch, Q_HEADS, HEAD_DIM, dtype=DTYPE, device=DEVICE)
     scale = HEAD_DIM**-0.5
-    paged_ms = time_ms(lambda: kernels.paged_decode_attention(q, k_cache, v_cache, tables, lens, scale))
+    paged_ms = time_ms(lambda: kernels.paged_decode_attention(
+        q, k_cache, v_cache, tables, lens, scale, k_scale=k_scale, v_scale=v_scale))
 
     group = Q_HEADS // KV_HEADS
     k = torch.randn(batch, KV_HEADS, length, HEAD_DIM, dtype=DTYPE, device=DEVICE)
@@ -106,10 +119,13 @@ def bench_decode(batch: int, length: int, copy_bw: float) -> dict:
     q_folded = q.view(batch, KV_HEADS, group, HEAD_DIM)
     sdpa_ms = time_ms(lambda: F.scaled_dot_product_attention(q_folded, k, v, scale=scale))
 
-    kv_bytes = 2 * batch * length * KV_HEADS * HEAD_DIM * pool.element_size()
+    # values read, and a quantized page's scales (one fp32 per page, head and K or V)
+    kv_bytes = 2 * batch * length * KV_HEADS * HEAD_DIM * values.element_size()
+    if layout.quantized:
+        kv_bytes += 2 * batch * blocks * KV_HEADS * 4
     bw = kv_bytes / (paged_ms / 1e3)
     return {
-        "batch": batch, "context": length, "kv_bytes": kv_bytes,
+        "kv_dtype": kv_dtype, "batch": batch, "context": length, "kv_bytes": kv_bytes,
         "paged_ms": round(paged_ms, 4), "sdpa_contiguous_ms": round(sdpa_ms, 4),
         "kv_read_gb_s": round(bw / 1e9, 1), "fraction_of_copy_bw": round(bw / copy_bw, 3),
         "vs_sdpa": round(sdpa_ms / paged_ms, 3),
@@ -170,21 +186,32 @@ def main() -> int:
 
     decode = [bench_decode(b, n, copy_bw) for b, n in DECODE_SHAPES]
     print_table(decode, f"paged decode attention, {DTYPE}, {Q_HEADS}/{KV_HEADS} heads, d={HEAD_DIM}")
+    quantized = []
+    for kv_dtype in ("fp8", "int8"):
+        for row, base in zip((bench_decode(b, n, copy_bw, kv_dtype) for b, n in DECODE_SHAPES),
+                             decode, strict=True):
+            row["vs_16bit"] = round(base["paged_ms"] / row["paged_ms"], 3)
+            quantized.append(row)
+    print_table(quantized, f"paged decode attention on quantized pages (q {DTYPE}); "
+                           "vs_16bit: the 16-bit kernel's time / this one's")
     copies = [row for layers, pages in COPY_SHAPES for row in bench_copy(layers, pages)]
     print_table(copies, "page copy vs plain contiguous pinned copy")
 
     long = [r for r in decode if r["context"] >= LONG_CONTEXT]
+    long_quantized = [r for r in quantized if r["context"] >= LONG_CONTEXT]
     goals = {
         "decode_bw_ge_80pct_at_long_context": all(r["fraction_of_copy_bw"] >= 0.8 for r in long),
         "decode_not_slower_than_sdpa": all(r["vs_sdpa"] >= 1.0 for r in decode),
         "page_copy_ge_85pct_of_plain": all(r["fraction_of_plain"] >= 0.85 for r in copies),
+        "quantized_decode_not_slower_than_16bit_at_long_context": all(
+            r["vs_16bit"] >= 1.0 for r in long_quantized),
     }
     print("\ngoals:", ", ".join(f"{k}={'met' if v else 'MISSED'}" for k, v in goals.items()))
 
     slug = re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-") if CUDA else "cpu"
     write_result(f"kernels-{slug}", {
         "gpu": gpu, "dtype": str(DTYPE), "device_copy_gb_s": round(copy_bw / 1e9, 1),
-        "decode": decode, "page_copy": copies, "goals": goals,
+        "decode": decode, "decode_quantized": quantized, "page_copy": copies, "goals": goals,
     })
     return 0
 

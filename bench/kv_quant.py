@@ -56,6 +56,9 @@ from kvgate.gateway.engine.request import TokenEvent
 from kvgate.kernels.layout import FP8, convert_pages
 
 NEW_TOKENS = 32
+# what pages can hold: the quantized dtypes, and 16-bit ones for scale (--method pages)
+DTYPES = {"fp8": FP8, "int8": torch.int8, "bfloat16": torch.bfloat16,
+          "float16": torch.float16}
 
 
 def corpus() -> str:
@@ -141,8 +144,7 @@ async def method_pages(model: str, loaded: Any, prompt_ids: list[list[int]], dty
     """One engine in full precision; each prompt's pages quantized in place per dtype."""
     engine, logprobs = make_engine("auto", model, loaded, max_tokens)
     layout = engine.layout
-    quantized = {d: dataclasses.replace(layout, dtype=FP8 if d == "fp8" else torch.int8)
-                 for d in dtypes}
+    quantized = {d: dataclasses.replace(layout, dtype=DTYPES[d]) for d in dtypes}
     await engine.start()
     runs: list[Run] = []
     t0 = time.perf_counter()

@@ -195,3 +195,23 @@ def convert_pages(src: KVLayout, dst: KVLayout, pages: torch.Tensor) -> torch.Te
     dst_scales.copy_(scale)
     dst.values(out).copy_(quantize(values, scale[:, :, :, None, :, None], dst.dtype))
     return out
+
+
+def grown_scale(old: torch.Tensor, need: torch.Tensor) -> torch.Tensor:
+    """The scale of a block holding values at scale ``old`` once tokens needing scale
+    ``need`` join it (elementwise; ``old == 0``: the block holds nothing yet).
+
+    An empty block takes ``need`` exactly (a block filled by one prefill is quantized at
+    its own amax). A block whose scale covers ``need`` keeps it. Otherwise the scale grows
+    by the least power of two that covers ``need``, and the block's values are
+    re-quantized by that power of two: exact for fp8 (an exponent shift; subnormals
+    aside), at most half a step of the new scale for int8. Successive scales of a block
+    at least double, so the rounding errors of one value's re-quantizations sum to less
+    than the final scale: an int8 value is within one final step of what was stored,
+    and the final scale is below twice the block's amax / 127.
+    """
+    ratio = need / old
+    mant, exp = torch.frexp(ratio)
+    pow2 = torch.ldexp(torch.ones_like(ratio), (exp - (mant == 0.5).int()).clamp(max=126))
+    grown = torch.where(need > old, old * pow2, old)
+    return torch.where(old > 0, grown, need)

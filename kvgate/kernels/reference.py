@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from kvgate.kernels.layout import dequantize, grown_scale, quantize, scale_for
+
 
 def store_kv(
     k: torch.Tensor,
@@ -20,11 +22,14 @@ def store_kv(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> None:
     """Write token ``t`` into slot ``slot_mapping[t]``; ``-1`` marks padding to skip.
 
     ``k_cache`` / ``v_cache`` are usually strided views of the pool, so this writes with
-    ``index_put_`` through the view instead of reshaping (which would copy).
+    ``index_put_`` through the view instead of reshaping (which would copy). Quantized
+    caches come with their scale views ``[num_pages, kv_heads]`` (``store_quantized``).
     """
     block_size = k_cache.shape[1]
     slots = slot_mapping.to(device=k_cache.device, dtype=torch.long)
@@ -33,12 +38,49 @@ def store_kv(
         slots, k, v = slots[keep], k[keep], v[keep]
     pages = torch.div(slots, block_size, rounding_mode="floor")
     offsets = slots - pages * block_size
+    if k_scale is not None and v_scale is not None:
+        if slots.numel():
+            store_quantized(k, v, k_cache, v_cache, k_scale, v_scale, pages, offsets)
+        return
     k_cache.index_put_((pages, offsets), k.to(k_cache.dtype))
     v_cache.index_put_((pages, offsets), v.to(v_cache.dtype))
 
 
-def gather_pages(cache: torch.Tensor, pages: torch.Tensor) -> torch.Tensor:
-    """``cache[pages]`` as a new contiguous tensor ``[len(pages), block_size, kv_heads, D]``.
+def store_quantized(
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+    k_scale: torch.Tensor, v_scale: torch.Tensor, pages: torch.Tensor, offsets: torch.Tensor,
+) -> None:
+    """New tokens into quantized pages, each page's scales grown to cover them.
+
+    Per (page, KV head), K and V apart: the new tokens' amax gives the scale they need; a
+    page whose slot 0 is written starts over from scale 0 (pages are reused), and
+    ``layout.grown_scale`` gives the page's new scale, by which its existing values are
+    re-quantized before the new tokens are written. Every page touched is rewritten whole
+    (a block per head), which on a CPU costs less than finding the ones that grew.
+    """
+    used, inverse = torch.unique(pages, return_inverse=True)
+    reset = torch.zeros(used.shape[0], dtype=torch.bool, device=pages.device)
+    reset.index_fill_(0, inverse[offsets == 0], True)
+    for x, cache, scales in ((k, k_cache, k_scale), (v, v_cache, v_scale)):
+        dtype = cache.dtype
+        amax = x.abs().amax(-1).float()  # [T, kv_heads]
+        need = amax.new_zeros(used.shape[0], amax.shape[1]).scatter_reduce_(
+            0, inverse[:, None].expand_as(amax), amax, "amax")
+        old = torch.where(reset[:, None], 0.0, scales.index_select(0, used))
+        new = grown_scale(old, scale_for(need, dtype))
+        # new / old: a power of two, or inf / nan for an empty page (its values become 0)
+        block = quantize(cache.index_select(0, used), (new / old)[:, None, :, None], dtype)
+        block[inverse, offsets] = quantize(x, new[inverse][:, :, None], dtype)
+        cache[used] = block
+        scales[used] = new
+
+
+def gather_pages(
+    cache: torch.Tensor, pages: torch.Tensor, scales: torch.Tensor | None = None,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """``cache[pages]`` as a new contiguous tensor ``[len(pages), block_size, kv_heads, D]``;
+    a quantized cache's values are dequantized with its ``scales`` into ``dtype``.
 
     One layer's block inside a page is contiguous, so the view is flattened to one row per
     page first: ``index_select`` then copies whole rows, which is many times faster than
@@ -47,18 +89,24 @@ def gather_pages(cache: torch.Tensor, pages: torch.Tensor) -> torch.Tensor:
     pages = pages.to(device=cache.device, dtype=torch.long)
     try:
         rows = cache.view(cache.shape[0], -1)
+        out = rows.index_select(0, pages).view(-1, *cache.shape[1:])
     except RuntimeError:  # a view whose blocks are not contiguous: gather it as it is
-        return cache.index_select(0, pages)
-    return rows.index_select(0, pages).view(-1, *cache.shape[1:])
+        out = cache.index_select(0, pages)
+    if scales is None:
+        return out
+    return dequantize(out, scales.index_select(0, pages)[:, None, :, None],
+                      dtype or torch.float32)
 
 
 def gather_kv(
-    cache: torch.Tensor, block_table: torch.Tensor, length: int
+    cache: torch.Tensor, block_table: torch.Tensor, length: int,
+    scales: torch.Tensor | None = None, dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """The first ``length`` tokens of one sequence, contiguous: ``[length, kv_heads, D]``."""
+    """The first ``length`` tokens of one sequence, contiguous: ``[length, kv_heads, D]``
+    (dequantized into ``dtype`` when ``scales`` are given)."""
     block_size = cache.shape[1]
     num_blocks = -(-length // block_size)
-    return gather_pages(cache, block_table[:num_blocks]).flatten(0, 1)[:length]
+    return gather_pages(cache, block_table[:num_blocks], scales, dtype).flatten(0, 1)[:length]
 
 
 def _attend(
@@ -84,6 +132,8 @@ def paged_prefill_attention(
     seq_lens: torch.Tensor,
     scale: float,
     max_seqlen_q: int | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention of each sequence's new tokens over its cached prefix and themselves.
 
@@ -99,8 +149,8 @@ def paged_prefill_attention(
         q_len = end - start
         if q_len == 0:
             continue
-        k = gather_kv(k_cache, block_tables[b], total).transpose(0, 1)
-        v = gather_kv(v_cache, block_tables[b], total).transpose(0, 1)
+        k = gather_kv(k_cache, block_tables[b], total, k_scale, q.dtype).transpose(0, 1)
+        v = gather_kv(v_cache, block_tables[b], total, v_scale, q.dtype).transpose(0, 1)
         qb = q[start:end].transpose(0, 1)
         if q_len == total:
             o = _attend(qb, k, v, scale, None, causal=True)
@@ -121,6 +171,8 @@ def paged_decode_attention(
     seq_lens: torch.Tensor,
     scale: float,
     max_seq_len: int | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One query token per sequence over all of its keys, as one padded batch.
 
@@ -147,8 +199,8 @@ def paged_decode_attention(
         pages = torch.where(used, table, 0).flatten()
     kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
     shape = (batch, num_blocks * block_size, kv_heads, head_dim)
-    k = gather_pages(k_cache, pages).view(shape)[:, :max_len].transpose(1, 2)
-    v = gather_pages(v_cache, pages).view(shape)[:, :max_len].transpose(1, 2)
+    k = gather_pages(k_cache, pages, k_scale, q.dtype).view(shape)[:, :max_len].transpose(1, 2)
+    v = gather_pages(v_cache, pages, v_scale, q.dtype).view(shape)[:, :max_len].transpose(1, 2)
     # No mask when no key is past its sequence's end: SDPA's unmasked path is the fast one.
     mask = None if min_len == max_len else (
         torch.arange(max_len, device=q.device)[None, :] < lens.clamp(min=1)[:, None]

@@ -9,6 +9,11 @@ tile may span several pages and the page size need not match the tile. Softmax i
 ``TRITON_INTERPRET=1``, whose bf16 arithmetic is wrong, and for fp32 inputs (TF32x3 on a
 GPU: fp32 accuracy, no plain-TF32 rounding); on a GPU, fp16/bf16 run their dots on tensor
 cores with an fp32 accumulator.
+
+Quantized pages (``QUANT``: fp8 e4m3 or int8 values, an fp32 scale per page and KV head)
+are read as they are stored and converted to the dot's dtype (exact for both: e4m3 and
+int8 values fit bf16/fp16); the scales are applied where they cost least: K's to the
+scores' columns, V's to the probabilities' columns before the second dot.
 """
 
 from __future__ import annotations
@@ -55,14 +60,48 @@ def _load_kv_tile(cache_ptr, table_row_ptr, n, n_mask, kv_head, d, d_mask,
 
 
 @triton.jit
+def _tile_scale(scale_ptr, table_row_ptr, n, n_mask, kv_head, stride_p, stride_h,
+                BLOCK_SIZE: tl.constexpr):
+    """The scale of each key's page (for ``kv_head``): ``[BLOCK_N]``, 0 where masked."""
+    page = tl.load(table_row_ptr + n // BLOCK_SIZE, mask=n_mask, other=0).to(tl.int64)
+    return tl.load(scale_ptr + page * stride_p + kv_head * stride_h, mask=n_mask, other=0.0)
+
+
+@triton.jit
+def _attend_tile(q, k, v, m, denom, acc, keep, scale_log2, k_scale_ptr, v_scale_ptr,
+                 table_row, n, n_mask, kv_head, stride_ksp, stride_ksh, stride_vsp,
+                 stride_vsh, BLOCK_SIZE: tl.constexpr, QUANT: tl.constexpr,
+                 UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """One K/V tile into the online softmax: ``keep`` masks scores, (m, denom, acc) carry."""
+    if QUANT:
+        k = k.to(q.dtype)
+        v = v.to(q.dtype)
+    s = _tile_scores(q, k, scale_log2, UPCAST, PRECISION)
+    if QUANT:
+        s = s * _tile_scale(k_scale_ptr, table_row, n, n_mask, kv_head, stride_ksp,
+                            stride_ksh, BLOCK_SIZE)[None, :]
+    s = tl.where(keep, s, float("-inf"))
+    m_new = tl.maximum(m, tl.max(s, 1))
+    alpha = tl.exp2(m - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    denom = denom * alpha + tl.sum(p, 1)
+    if QUANT:
+        p = p * _tile_scale(v_scale_ptr, table_row, n, n_mask, kv_head, stride_vsp,
+                            stride_vsh, BLOCK_SIZE)[None, :]
+    acc = _tile_update(acc * alpha[:, None], p, v, UPCAST, PRECISION)
+    return m_new, denom, acc
+
+
+@triton.jit
 def _decode_kernel(
-    q_ptr, k_ptr, v_ptr, table_ptr, lens_ptr, out_ptr, part_acc_ptr, part_ml_ptr,
-    scale_log2, partition,
+    q_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, table_ptr, lens_ptr, out_ptr,
+    part_acc_ptr, part_ml_ptr, scale_log2, partition,
     stride_qb, stride_qh, stride_ob, stride_oh,
     stride_kp, stride_ko, stride_kh, stride_vp, stride_vo, stride_vh, stride_tb,
+    stride_ksp, stride_ksh, stride_vsp, stride_vsh,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     NUM_SPLITS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_D: tl.constexpr, QUANT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """One (sequence, KV head, split): every query head of the GQA group shares each K/V load."""
     b = tl.program_id(0)
@@ -93,14 +132,10 @@ def _decode_kernel(
                           stride_kp, stride_ko, stride_kh, BLOCK_SIZE)
         v = _load_kv_tile(v_ptr, table_row, n, n_mask, kv_head, d, d_mask,
                           stride_vp, stride_vo, stride_vh, BLOCK_SIZE)
-        s = _tile_scores(q, k, scale_log2, UPCAST, PRECISION)
-        s = tl.where(n_mask[None, :], s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, 1))
-        alpha = tl.exp2(m - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        denom = denom * alpha + tl.sum(p, 1)
-        acc = _tile_update(acc * alpha[:, None], p, v, UPCAST, PRECISION)
-        m = m_new
+        m, denom, acc = _attend_tile(
+            q, k, v, m, denom, acc, n_mask[None, :], scale_log2, k_scale_ptr, v_scale_ptr,
+            table_row, n, n_mask, kv_head, stride_ksp, stride_ksh, stride_vsp, stride_vsh,
+            BLOCK_SIZE, QUANT, UPCAST, PRECISION)
 
     out_mask = g_mask[:, None] & d_mask[None, :]
     if NUM_SPLITS == 1:
@@ -143,12 +178,14 @@ def _decode_reduce_kernel(
 
 @triton.jit
 def _prefill_kernel(
-    q_ptr, k_ptr, v_ptr, table_ptr, cu_ptr, lens_ptr, out_ptr, scale_log2,
+    q_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, table_ptr, cu_ptr, lens_ptr, out_ptr,
+    scale_log2,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_kp, stride_ko, stride_kh, stride_vp, stride_vo, stride_vh, stride_tb,
+    stride_ksp, stride_ksh, stride_vsp, stride_vsh,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     TOKENS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_D: tl.constexpr, QUANT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """``TOKENS`` new tokens of one sequence × the ``GROUP`` query heads of one KV head.
 
@@ -190,14 +227,10 @@ def _prefill_kernel(
                           stride_kp, stride_ko, stride_kh, BLOCK_SIZE)
         v = _load_kv_tile(v_ptr, table_row, n, n_mask, kv_head, d, d_mask,
                           stride_vp, stride_vo, stride_vh, BLOCK_SIZE)
-        s = _tile_scores(q, k, scale_log2, UPCAST, PRECISION)
-        s = tl.where(n_mask[None, :] & (n[None, :] <= pos[:, None]), s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, 1))
-        alpha = tl.exp2(m - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        denom = denom * alpha + tl.sum(p, 1)
-        acc = _tile_update(acc * alpha[:, None], p, v, UPCAST, PRECISION)
-        m = m_new
+        m, denom, acc = _attend_tile(
+            q, k, v, m, denom, acc, n_mask[None, :] & (n[None, :] <= pos[:, None]),
+            scale_log2, k_scale_ptr, v_scale_ptr, table_row, n, n_mask, kv_head,
+            stride_ksp, stride_ksh, stride_vsp, stride_vsh, BLOCK_SIZE, QUANT, UPCAST, PRECISION)
 
     out = acc / denom[:, None]
     tl.store(out_ptr + tokens[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
@@ -228,6 +261,22 @@ def _check(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> int
     return q.shape[-2] // k_cache.shape[2]
 
 
+def _scales(k_scale: torch.Tensor | None, v_scale: torch.Tensor | None,
+            unused: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The scale views of a quantized cache (``[num_pages, kv_heads]`` fp32, strided), or
+    a stand-in pointer the kernel never reads."""
+    if (k_scale is None) != (v_scale is None):
+        raise ValueError("paged attention: give both k_scale and v_scale, or neither")
+    return (k_scale, v_scale) if k_scale is not None and v_scale is not None else (unused, unused)
+
+
+def _scale_strides(k_scale: torch.Tensor | None, v_scale: torch.Tensor | None
+                   ) -> tuple[int, int, int, int]:
+    if k_scale is None or v_scale is None:
+        return (0, 0, 0, 0)
+    return (k_scale.stride(0), k_scale.stride(1), v_scale.stride(0), v_scale.stride(1))
+
+
 @functools.cache
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
@@ -252,6 +301,8 @@ def paged_decode_attention(
     scale: float,
     max_seq_len: int | None = None,
     num_splits: int | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``max_seq_len`` bounds the lengths (default: the block table's width, so no sync)."""
     group = _check(q, k_cache, v_cache)
@@ -277,12 +328,12 @@ def paged_decode_attention(
         part_acc = part_ml = out  # unused
     block_d = max(16, triton.next_power_of_2(head_dim))
     _decode_kernel[(batch, kv_heads, splits)](
-        q, k_cache, v_cache, table, lens, out, part_acc, part_ml,
-        scale * LOG2E, partition,
+        q, k_cache, v_cache, *_scales(k_scale, v_scale, out), table, lens, out, part_acc,
+        part_ml, scale * LOG2E, partition,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), table.stride(0),
-        GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size, NUM_SPLITS=splits,
+        *_scale_strides(k_scale, v_scale), QUANT=k_scale is not None, GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size, NUM_SPLITS=splits,
         BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, BLOCK_D=block_d,
         **_precision(q.dtype), num_warps=4, num_stages=1,
     )
@@ -304,6 +355,8 @@ def paged_prefill_attention(
     seq_lens: torch.Tensor,
     scale: float,
     max_seqlen_q: int | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``max_seqlen_q`` sizes the grid; without it, it is read from ``cu_seqlens_q`` (a sync)."""
     group = _check(q, k_cache, v_cache)
@@ -324,11 +377,12 @@ def paged_prefill_attention(
     tokens = block_m // group
     grid = (triton.cdiv(max(1, max_seqlen_q), tokens), batch, k_cache.shape[2])
     _prefill_kernel[grid](
-        q, k_cache, v_cache, table, cu, lens, out, scale * LOG2E,
+        q, k_cache, v_cache, *_scales(k_scale, v_scale, out), table, cu, lens, out,
+        scale * LOG2E,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), table.stride(0),
-        GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=k_cache.shape[1], TOKENS=tokens,
+        *_scale_strides(k_scale, v_scale), QUANT=k_scale is not None, GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=k_cache.shape[1], TOKENS=tokens,
         BLOCK_M=block_m, BLOCK_N=_block_n(head_dim),
         BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
         **_precision(q.dtype), num_warps=4 if head_dim <= 64 else 8, num_stages=1,

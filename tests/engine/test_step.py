@@ -17,6 +17,7 @@ from kvgate.gateway.engine.runner import ModelRunner
 from kvgate.gateway.engine.sampler import SampleRow, logprobs, sample, uniforms
 from kvgate.gateway.engine.scheduler import Chunk
 from kvgate.gateway.engine.sequence import PageRow, Sequence
+from kvgate.kernels import KVLayout
 
 from .conftest import collect, greedy, prompt_of
 
@@ -146,7 +147,7 @@ def test_step_inputs_match_a_plain_per_token_construction(demo_loaded) -> None:
     the per-token loop they replace, for a mix of decodes and prefill chunks."""
     bs = 4
     pool = torch.zeros(64, 1)
-    runner = ModelRunner(demo_loaded.model, pool, bs)
+    runner = ModelRunner(demo_loaded.model, pool, KVLayout(1, 1, 1, bs, torch.float32))
     tok = build_tokenizer()
     g = torch.Generator().manual_seed(0)
     chunks = []
@@ -200,14 +201,16 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(),
 
 
 @cuda
-async def test_graph_decode_equals_eager_decode(make_engine):
+@pytest.mark.parametrize("kv_dtype", ["auto", "fp8", "int8"])
+async def test_graph_decode_equals_eager_decode(make_engine, kv_dtype):
     """The captured decode step gives the eager step's greedy tokens, batch padding and
-    all, and captures only the padded sizes it met."""
+    all, and captures only the padded sizes it met; on quantized pages too (the store
+    grows scales without a host sync)."""
     pytest.importorskip("triton", reason="the graph path runs the Triton kernels")
     prompts = [f"graph {i}: " + "abc" * i for i in range(5)]
     outputs = {}
     for graphs in (False, True):
-        engine = await make_engine(device="cuda", cuda_graphs=graphs)
+        engine = await make_engine(device="cuda", cuda_graphs=graphs, kv_dtype=kv_dtype)
         reqs = [GenerateRequest(f"g{graphs}{i}", "tenant:g", prompt_of(engine, p), greedy(12))
                 for i, p in enumerate(prompts)]
         outputs[graphs] = [r[0] for r in await asyncio.gather(*(collect(engine, r) for r in reqs))]

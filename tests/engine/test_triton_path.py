@@ -13,6 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from kvgate.gateway.engine import GenerateRequest
+
+from .conftest import collect, greedy
+
 pytest.importorskip("triton")
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -23,7 +27,7 @@ from kvgate.gateway.engine import EngineConfig, GenerateRequest, SamplingParams,
 from kvgate.gateway.engine.engine import Engine
 
 async def main():
-    engine = Engine(EngineConfig(device_cache_bytes=4 << 20, host_cache_bytes=0))
+    engine = Engine(EngineConfig(device_cache_bytes=4 << 20, host_cache_bytes=0, kv_dtype=KV_DTYPE))
     await engine.start()
     prompt = engine.render_chat([{"role": "user", "content": "hello there, friend"}])
     runs = []
@@ -43,14 +47,32 @@ asyncio.run(main())
 """
 
 
-def test_triton_kernels_through_the_engine_match_oracle(oracle):
+def _run(kv_dtype: str) -> dict:
     env = {**os.environ, "KVGATE_FORCE_TRITON": "1", "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    script = SCRIPT.replace("KV_DTYPE", repr(kv_dtype))
     proc = subprocess.run(
-        [sys.executable, "-c", SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out: dict = json.loads(proc.stdout.strip().splitlines()[-1])
+    return out
+
+
+def test_triton_kernels_through_the_engine_match_oracle(oracle):
+    out = _run("auto")
     want = oracle(out["prompt"], 3)
     miss, hit = out["runs"]
     assert miss == {"ids": want, "cached": 0}
     assert hit == {"ids": want, "cached": (len(out["prompt"]) - 1) // 16 * 16}
+
+
+async def test_triton_kernels_on_fp8_pages_match_the_torch_path(make_engine):
+    """Quantized pages through the Triton store and attention: the same tokens as the
+    torch path on the same pages (the stores write the same bytes), and the hit cached."""
+    out = _run("fp8")
+    engine = await make_engine(kv_dtype="fp8", device_cache_bytes=4 << 20, host_cache_bytes=0)
+    for rid, run in zip(("miss", "hit"), out["runs"], strict=True):
+        req = GenerateRequest(rid, "t", out["prompt"], greedy(3))
+        ids, _, fin = await collect(engine, req)
+        assert run == {"ids": ids, "cached": fin.usage.cached_tokens}
+    assert out["runs"][1]["cached"] == (len(out["prompt"]) - 1) // 16 * 16

@@ -25,6 +25,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
 from kvgate import kernels
+from kvgate.kernels.layout import KVLayout
 from kvgate.kernels.reference import (
     PoolRows,
     decode_attention_rows,
@@ -37,7 +38,8 @@ ATTN_IMPLEMENTATION = "kvgate_paged"
 
 @dataclass
 class AttentionContext:
-    kv_pool: torch.Tensor  # the device pool, [pages, layers, 2, block, kv_heads, D]
+    kv_pool: torch.Tensor  # the device pool, as ``layout`` stores it
+    layout: KVLayout  # how to read it: per-layer K/V views, and scales when quantized
     slot_mapping: torch.Tensor  # [T] int64: where each new token's K/V goes
     block_tables: torch.Tensor  # [B, max_blocks] int32
     cu_seqlens_q: torch.Tensor  # [B+1] int32
@@ -87,18 +89,20 @@ def paged_attention_forward(
     layer = getattr(module, "layer_idx", None)  # transformers' attention modules carry it
     if not isinstance(layer, int):
         raise RuntimeError(f"{type(module).__name__} has no integer layer_idx")
-    k_cache, v_cache = ctx.kv_pool[:, layer, 0], ctx.kv_pool[:, layer, 1]
+    k_cache, v_cache = ctx.layout.layer_kv(ctx.kv_pool, layer)
+    k_scale, v_scale = ctx.layout.layer_scales(ctx.kv_pool, layer)  # None unless quantized
     k = key[0].transpose(0, 1)  # [T, kv_heads, D]
     v = value[0].transpose(0, 1)
     rows = ctx.rows
     if rows is not None:
         store_kv_rows(k, v, ctx.kv_pool, layer, rows)
     else:
-        kernels.store_kv(k, v, k_cache, v_cache, ctx.slot_mapping)
+        kernels.store_kv(k, v, k_cache, v_cache, ctx.slot_mapping, k_scale, v_scale)
 
     if ctx.is_fresh:
         # No earlier KV: causal attention over the new K/V alone, sequence by sequence
         # (what vLLM does with flash-attn varlen), with the same fp32-accumulating SDPA.
+        # On quantized pages too: only later reads see the stored (dequantized) K/V.
         return _fresh_prefill(query, key, value, ctx.q_lens, scale), None
     q = query[0].transpose(0, 1).contiguous()  # [T, q_heads, D]
     if rows is not None and rows.gather is not None:
@@ -108,12 +112,12 @@ def paged_attention_forward(
     elif ctx.is_decode:
         out = kernels.paged_decode_attention(
             q, k_cache, v_cache, ctx.block_tables, ctx.seq_lens, scale,
-            max_seq_len=ctx.max_seq_len,
+            max_seq_len=ctx.max_seq_len, k_scale=k_scale, v_scale=v_scale,
         )
     else:
         out = kernels.paged_prefill_attention(
             q, k_cache, v_cache, ctx.block_tables, ctx.cu_seqlens_q, ctx.seq_lens, scale,
-            max_seqlen_q=ctx.max_seqlen_q,
+            max_seqlen_q=ctx.max_seqlen_q, k_scale=k_scale, v_scale=v_scale,
         )
     return out.unsqueeze(0), None  # [1, T, q_heads, D]
 

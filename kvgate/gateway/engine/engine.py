@@ -130,7 +130,7 @@ class Engine:
         # Token ids the model can embed (its embedding may have more rows than the tokenizer).
         self.vocab_size = int(cfg.vocab_size)
         self.scheduler = Scheduler(config, self.store, self.max_model_len)
-        self.runner = ModelRunner(self.model, self.store.device_pool, config.block_size,
+        self.runner = ModelRunner(self.model, self.store.device_pool, self.layout,
                                   self.max_model_len, cuda_graphs=config.cuda_graphs,
                                   max_graph_batch=config.max_running)
         # Structured outputs: grammars compiled against this tokenizer, masks per step

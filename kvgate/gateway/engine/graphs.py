@@ -31,6 +31,7 @@ class ModelRunner(Protocol):
     decoder: Any
     lm_head: Any
     kv_pool: Any
+    layout: Any
 
 
 class StepInputs(Protocol):
@@ -98,7 +99,8 @@ class DecodeGraphs:
 
     def _forward(self, size: int) -> torch.Tensor:
         ctx = AttentionContext(
-            kv_pool=self.runner.kv_pool, slot_mapping=self.slots[:size],
+            kv_pool=self.runner.kv_pool, layout=self.runner.layout,
+            slot_mapping=self.slots[:size],
             block_tables=self.tables[:size], cu_seqlens_q=self.cu[: size + 1],
             seq_lens=self.seq_lens[:size], q_lens=[1] * size, max_seqlen_q=1,
             is_decode=True, is_fresh=False, max_seq_len=None,

@@ -24,6 +24,7 @@ from kvgate.gateway.engine.attention import AttentionContext, attention_context
 from kvgate.gateway.engine.graphs import DecodeGraphs, GraphUnavailable
 from kvgate.gateway.engine.scheduler import Chunk
 from kvgate.kernels.dispatch import use_triton
+from kvgate.kernels.layout import KVLayout
 from kvgate.kernels.reference import add_prefill_rows, pool_rows
 
 
@@ -40,22 +41,24 @@ class StepInputs:
 
 
 class ModelRunner:
-    def __init__(self, model: PreTrainedModel, kv_pool: torch.Tensor, block_size: int,
+    def __init__(self, model: PreTrainedModel, kv_pool: torch.Tensor, layout: KVLayout,
                  max_model_len: int = 0, cuda_graphs: bool = True, max_graph_batch: int = 256
                  ) -> None:
         self.model = model
         self.decoder = model.base_model  # the transformer without lm_head
         self.lm_head = model.get_output_embeddings()
         self.kv_pool = kv_pool
-        self.block_size = block_size
+        self.layout = layout
+        self.block_size = layout.block_size
         self.device = kv_pool.device
         self._staging: torch.Tensor | None = None  # pinned, on CUDA only
-        # the torch kernels' path: the step's pool rows once, not per layer (attention.py)
-        self.torch_rows = (not use_triton(kv_pool) and kv_pool.is_contiguous()
-                           and kv_pool.dim() == 6)
+        # the torch kernels' path: the step's pool rows once, not per layer (attention.py);
+        # quantized pools take the per-layer functions (docs/architecture.md, kernels)
+        self.torch_rows = (not use_triton(kv_pool) and not layout.quantized
+                           and kv_pool.is_contiguous() and kv_pool.dim() == 6)
         self.graphs: DecodeGraphs | None = None
         if cuda_graphs and self.device.type == "cuda" and max_model_len > 0:
-            self.graphs = DecodeGraphs(self, -(-max_model_len // block_size), max_graph_batch)
+            self.graphs = DecodeGraphs(self, -(-max_model_len // self.block_size), max_graph_batch)
 
     def prepare(self, chunks: list[Chunk]) -> StepInputs:
         bs = self.block_size
@@ -91,6 +94,7 @@ class ModelRunner:
         o = 3 * t
         ctx = AttentionContext(
             kv_pool=self.kv_pool,
+            layout=self.layout,
             slot_mapping=dev[2 * t : o],
             block_tables=dev[o + 2 * b + 1 + len(rows) :].view(b, width).to(torch.int32),
             cu_seqlens_q=dev[o : o + b + 1].to(torch.int32),
