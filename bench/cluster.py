@@ -39,6 +39,7 @@ import sys
 import tempfile
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -381,24 +382,35 @@ class Fleet:
     pages: int
     replicas: list[ProcessServer] = field(default_factory=list)
     routers: list[RouterProcess] = field(default_factory=list)
+    solo: RouterProcess | None = None  # a router in front of the first replica alone
 
     def start(self, label: str, n: int, pages: int, shared_url: str = "",
-              routers: int = 0) -> None:
+              routers: int = 0, solo: bool = False) -> None:
+        """Every process is launched at once (each takes seconds to import and load its
+        model): the replicas' ports are fixed in their settings, so the routers start beside
+        them and poll them until they answer. Returns once the replicas are ready; await
+        each router's ``ready``."""
         self.stop()
         self.replicas = [ProcessServer(self.workdir / f"{label}-r{i}", settings=replica_settings(
             self.workdir, f"{label}-r{i}", self.db, pages, self.events_url, shared_url))
             for i in range(n)]
-        for r in self.replicas:  # their ports are fixed: started together, then waited on
-            r.start()
-        self.routers = [RouterProcess(self.workdir, self.db, [r.url for r in self.replicas],
-                                      self.events_url) for _ in range(routers)]
+        urls = [f"http://127.0.0.1:{r.settings.port}" for r in self.replicas]
+        self.routers = [RouterProcess(self.workdir, self.db, urls, self.events_url)
+                        for _ in range(routers)]
+        if solo:
+            self.solo = RouterProcess(self.workdir, self.db, urls[:1], self.events_url)
+        with ThreadPoolExecutor(n) as pool:
+            list(pool.map(ProcessServer.start, self.replicas))
 
     def stop(self) -> None:
-        for rt in self.routers:
-            rt.stop()
-        for r in self.replicas:
-            r.stop()
-        self.routers, self.replicas = [], []
+        """SIGTERM to every process, waited on together."""
+        procs: list[RouterProcess | ProcessServer] = [*self.routers, *self.replicas]
+        if self.solo is not None:
+            procs.append(self.solo)
+        if procs:
+            with ThreadPoolExecutor(len(procs)) as pool:
+                list(pool.map(lambda p: p.stop(), procs))
+        self.routers, self.replicas, self.solo = [], [], None
 
 
 async def scenario(session: aiohttp.ClientSession, fleet: Fleet, name: str,
@@ -496,23 +508,23 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             admin = Admin(fleet.replicas[0].url, ADMIN_KEY)
             rows.append((await scenario(session, fleet, "single-3x", convs, args.tenants,
                                         admin, "direct"))[0])
-            fleet.start("three", REPLICAS, pages, routers=ROUTERS)
+            # and the router's cost alone (measured after the routed scenario): one replica
+            # behind a router of its own, the same replica direct
+            fleet.start("three", REPLICAS, pages, routers=ROUTERS, solo=True)
+            assert fleet.solo is not None
             for rt in fleet.routers:
                 await rt.ready(session, REPLICAS)
+            await fleet.solo.ready(session, 1)
             admin = Admin(fleet.replicas[0].url, ADMIN_KEY)
             rows.append((await scenario(session, fleet, "round-robin", convs, args.tenants,
                                         admin, "direct"))[0])
             rows.append((await scenario(session, fleet, "routed", convs, args.tenants, admin,
                                         "routed"))[0])
-            # the router's cost alone: one replica behind it, the same replica direct
-            solo = RouterProcess(workdir, db, [fleet.replicas[0].url], fleet.events_url)
-            try:
-                await solo.ready(session, 1)
-                tenant = admin.tenant("overhead")
-                result["router_overhead"] = await router_overhead(
-                    session, fleet.replicas[0].url, solo.url, tenant.key)
-            finally:
-                solo.stop()
+            tenant = admin.tenant("overhead")
+            result["router_overhead"] = await router_overhead(
+                session, fleet.replicas[0].url, fleet.solo.url, tenant.key)
+            fleet.solo.stop()
+            fleet.solo = None
             row, kill_tenants = await scenario(session, fleet, "kill-restart", convs,
                                                args.tenants, admin, "routed",
                                                kill_at_s=args.kill_at_s)

@@ -47,6 +47,9 @@ VICTIM_TEXT = "How are you today?"
 MODES: dict[str, dict[str, Any]] = {
     "fair": {}, "fair, long steps": {"contended_batch_tokens": 0},
     "fifo": {"fair_scheduling": False}}
+# tpm: the tenant's tokens per minute and each of its 12 requests' max_tokens (a smoke run
+# scales both down: one request served, the rest refused, a tenth of the decoding)
+TPM_LIMIT, TPM_MAX_TOKENS = smoke(500, 100), smoke(400, 40)
 FLOOD_TEXT = ("The ledger bills every tenant for uncached, cached and written tokens. " * 22)[:1500]
 
 
@@ -151,7 +154,7 @@ async def stalled(url: str, port: int, flood_key: str, victim_h: dict[str, str],
 
 
 async def tpm(url: str, headers: dict[str, str], limit: int) -> dict[str, Any]:
-    body = {"model": "demo", "prompt": "Count to one hundred:", "max_tokens": 400,
+    body = {"model": "demo", "prompt": "Count to one hundred:", "max_tokens": TPM_MAX_TOKENS,
             "ignore_eos": True}
     statuses: Counter[int] = Counter()
     served = [0]
@@ -238,8 +241,8 @@ def main() -> None:
                                  "x_p50": r["ratio"]["p50_ms"], "x_p99": r["ratio"]["p99_ms"],
                                  "victim_503": r["victim_503"]})
                 if "tpm" in only:
-                    t = server.admin.tenant("tpm", tokens_per_minute=500)
-                    result["tpm"] = asyncio.run(tpm(server.url, t.headers, 500))
+                    t = server.admin.tenant("tpm", tokens_per_minute=TPM_LIMIT)
+                    result["tpm"] = asyncio.run(tpm(server.url, t.headers, TPM_LIMIT))
                 if "budget" in only:
                     b = server.admin.tenant("budget", budget_daily_micros=1000)
                     result["budget"] = asyncio.run(budget(server.url, b.headers, server.admin,
