@@ -49,7 +49,7 @@ lint: $(TEST_STAMP)
 	$(BIN)/python -m mypy
 
 bench: $(TEST_STAMP)
-	for b in hashing policy ledger ttft decode load kernels admission structured shared_tier single_flight reservations fairness; do \
+	for b in hashing policy ledger ttft decode load kernels admission structured shared_tier single_flight reservations fairness kv_quant disk_tier; do \
 		test -f bench/$$b.py && $(BIN)/python -m bench.$$b || exit 1; done
 
 venv: venv-test
