@@ -208,10 +208,15 @@ def grown_scale(old: torch.Tensor, need: torch.Tensor) -> torch.Tensor:
     aside), at most half a step of the new scale for int8. Successive scales of a block
     at least double, so the rounding errors of one value's re-quantizations sum to less
     than the final scale: an int8 value is within one final step of what was stored,
-    and the final scale is below twice the block's amax / 127.
+    and the final scale is below twice the block's amax / 127. A growth no power of two up
+    to 2**126 covers takes ``need`` itself (what the block held is then below the new
+    dtype's resolution).
     """
     ratio = need / old
     mant, exp = torch.frexp(ratio)
     pow2 = torch.ldexp(torch.ones_like(ratio), (exp - (mant == 0.5).int()).clamp(max=126))
     grown = torch.where(need > old, old * pow2, old)
+    # a growth past 2**126 (or a ratio that overflowed): the old values are negligible
+    # beside the new ones, and the block starts over at the scale they need
+    grown = torch.where(grown < need, need, grown)
     return torch.where(old > 0, grown, need)

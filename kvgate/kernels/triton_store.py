@@ -92,6 +92,7 @@ def _store_head(src_ptr, cache_ptr, scale_ptr, tok, o, o_mask, d, d_mask, reset,
     bits = tl.math.div_rn(need, tl.where(has_old, old, 1.0)).to(tl.int32, bitcast=True)
     k = tl.minimum(((bits >> 23) & 0xFF) - 127 + ((bits & 0x7FFFFF) != 0).to(tl.int32), 126)
     grown = tl.where(need > old, old * ((k + 127) << 23).to(tl.float32, bitcast=True), old)
+    grown = tl.where(grown < need, need, grown)  # past 2**126 or overflowed: start over
     new = tl.where(has_old, grown, need)
     ptrs = cache_ptr + o[:, None] * stride_co + d[None, :]
     # Rows already there are read only when the scale changed: by a power of two, or

@@ -100,6 +100,29 @@ def test_grown_scale_rule():
     assert torch.equal(grown, torch.exp2(torch.log2(grown).round()))  # powers of two
     assert bool((new[5:] >= need[5:]).all()) and bool((new[5:] / 2 < need[5:]).all())
 
+    # a growth no power of two up to 2**126 covers (or an overflowing ratio) starts over
+    huge = grown_scale(torch.tensor([1e-30, 1e-40, 1e-38]), torch.tensor([1e10, 1.0, 3.0]))
+    assert huge.tolist() == pytest.approx([1e10, 1.0, 3.0])
+
+
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+@pytest.mark.parametrize("dtype", QDTYPES)
+def test_a_block_of_tiny_values_then_huge_ones_covers_the_huge_ones(impl, dtype):
+    """A block whose first token is ~1e-35 and whose next is ~1e3: the scale must cover
+    the second (no power-of-two growth within 2**126 does), so nothing is clamped."""
+    layout = KVLayout(num_layers=1, num_kv_heads=1, head_dim=8, block_size=4, dtype=dtype)
+    pool = layout.allocate_pool(2)
+    store = _store(impl)
+    k_cache, v_cache = layout.layer_kv(pool, 0)
+    k_scale, v_scale = layout.layer_scales(pool, 0)
+    tiny = torch.full((1, 1, 8), 1e-35)
+    store(tiny, tiny, k_cache, v_cache, torch.tensor([4]), k_scale, v_scale)
+    big = torch.linspace(-1e3, 1e3, 8).reshape(1, 1, 8)
+    store(big, big, k_cache, v_cache, torch.tensor([5]), k_scale, v_scale)
+    got = dequantize(k_cache[1, 1], k_scale[1][:, None], torch.float32)
+    assert torch.allclose(got, big[0], rtol=0.07, atol=1e3 / QMAX[dtype])
+    assert bool(torch.isfinite(layout.values(pool).float()).all())
+
 
 # ---------------------------------------------------------------- store_kv
 

@@ -20,6 +20,7 @@ import logging
 from collections.abc import Callable
 
 import torch
+import xxhash
 from transformers import PreTrainedModel
 
 from kvgate.cachestore import CacheStore
@@ -47,6 +48,20 @@ def model_shape(model: PreTrainedModel) -> ModelShape:
                       num_q_heads=int(cfg.num_attention_heads), head_dim=head_dim_of(cfg))
 
 
+def weights_fingerprint(model: torch.nn.Module, sample: int = 4096) -> str:
+    """A digest of a model's weights: every tensor's name, shape and dtype, and ``sample``
+    values taken at an even stride through it (a fine-tune or another checkpoint changes
+    them all; reading every byte of a large model would slow the start for nothing)."""
+    digest = xxhash.xxh3_128()
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            flat = tensor.detach().reshape(-1)
+            picked = flat[::max(1, flat.numel() // sample)][:sample]
+            digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|".encode())
+            digest.update(picked.float().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
 class SharedTierClient:
     """One replica's tiers below the host: attached to its store; fetches for its requests.
     ``disk`` (first) and ``tier`` (Valkey) are each None when not configured."""
@@ -62,6 +77,10 @@ class SharedTierClient:
         self.disk: DiskTier | None = None
         self.tier: SharedTier | None = None
         self.deadline_s = 0.0
+        # what the tiers' records are signed with: the name and the weights themselves, so
+        # other weights served under the same name (a checkpoint replaced in place, two
+        # fine-tunes in directories of one name) never read each other's pages
+        model_id = f"{model_id}@{weights_fingerprint(model)}"
         if disk is not None:
             self.disk = DiskTier(disk, layout, model_id)  # DiskTierUnavailable: refuse to start
             disk_cost = CostModel(layout, shape, disk.read_bytes_per_s, disk.read_latency_s,
@@ -70,7 +89,7 @@ class SharedTierClient:
             self.deadline_s += 2 * disk.timeout_ms / 1000
             log.info("disk tier on (%s, %d bytes): a block costs %.3f ms to read and %.3f ms "
                      "to compute (at the prompt's start), so it is read when the first is "
-                     "smaller (--disk-cache-read-bytes-per-s, --shared-tier-compute-flops)",
+                     "smaller (--disk-cache-read-bandwidth-bytes, --shared-tier-compute-flops)",
                      disk.path, disk.capacity_bytes, disk_cost.fetch_s(1) * 1e3,
                      disk_cost.compute_s(0, 1) * 1e3)
         if config is not None:
