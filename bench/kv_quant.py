@@ -72,9 +72,10 @@ def prompts(tokenizer: Any, n: int, lo: int, hi: int, seed: int = 0) -> list[lis
     """``n`` chat prompts of ``lo``..``hi`` tokens, each a different window of the corpus."""
     ids = tokenizer.encode(corpus())
     rng = random.Random(seed)
+    lengths = [lo + (hi - lo) * i // max(1, n - 1) for i in range(n)]
+    rng.shuffle(lengths)  # any first part of a run covers the whole range
     out = []
-    for i in range(n):
-        length = lo + (hi - lo) * i // max(1, n - 1)
+    for length in lengths:
         start = rng.randrange(0, max(1, len(ids) - length))
         text = tokenizer.decode(ids[start:start + length])
         messages = [{"role": "user", "content": "Summarise this text.\n\n" + text}]
