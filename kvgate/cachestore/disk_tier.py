@@ -6,8 +6,13 @@ the engine thread before admission for the blocks after the local prefix (only w
 reading beats recomputing, ``CostModel``), and adopted on the engine thread. Disk comes
 first; the shared tier is asked for what the disk lacks.
 
-Layout of ``--disk-cache-dir`` (mode 0700; every file 0600):
+Layout of ``--disk-cache-dir`` (made 0700 when kvgate makes it or marks it; files 0600):
 
+- ``kvgate-disk-tier`` (``MARKER``): the format. kvgate uses a directory it made or an
+  empty one, which it marks first; it refuses any other (``DiskTierUnavailable``): what it
+  deletes there is then only ever its own. Nothing in the directory is opened through a
+  link (``O_NOFOLLOW``; ``kv/`` or ``tmp/`` a link: refused), nor waited on (a FIFO named
+  as a record is skipped); the configured path itself may be a link.
 - ``lock``: held (``flock``) by the one process that uses the directory; a second replica
   pointed at it refuses to start (``DiskTierUnavailable``).
 - ``kv/<2 hex>/<block hash, 32 hex>``: one record per block. A record is the shared tier's
@@ -16,21 +21,28 @@ Layout of ``--disk-cache-dir`` (mode 0700; every file 0600):
   the record, an xxh3-128 digest of all that, then the expiry (wall-clock seconds) and a
   CRC of it with the digest. The expiry is the one field rewritten in place: a hit moves it
   to ``now + TTL``, as a hit on a cached block does.
-- ``tmp/``: records being written (renamed into ``kv/`` when complete; emptied on start).
-- ``epochs``: each flushed namespace's epoch (JSON). ``flush_namespace`` raises it and
-  deletes the namespace's files; a record of another epoch never verifies, so nothing
-  written before a flush (a write in flight, a file whose deletion failed) is read after it.
+- ``tmp/``: records being written (renamed into ``kv/`` when complete; deleted on start).
+- ``epochs``: each flushed namespace's epoch (JSON). ``flush_namespace`` raises it, saves
+  it (fsync'd) before returning, and has the namespace's files deleted; a record of another
+  epoch never verifies, so nothing written before a flush (a write in flight, a file whose
+  deletion failed) is read after it, even after a crash.
+- ``wipe``: left by a flush whose epoch could not be saved (its files are then deleted at
+  once): the next start deletes every record.
 
 On start the index is rebuilt by reading each record's head and expiry (two small reads
 per file): expired records, those of a past epoch and unreadable ones are deleted, the
-rest indexed oldest (last written or hit) first. A restarted replica is warm without Valkey.
+rest indexed oldest (last written or hit) first. A restarted replica is warm without
+Valkey.
 
 Writes go to a queue bounded in bytes, drained by ``writers`` threads whose bytes per
 second are bounded together (a token bucket); a full queue drops the block (counted), the
-engine never waits. ``capacity_bytes`` is kept by deleting the least recently used
-records. Every file-system error (ENOSPC, EIO, a file deleted, truncated or corrupted under
-it, permission denied, the directory gone) is a miss or a dropped write and a count in
-``errors``; a record that does not verify is a miss (``rejected``) and is deleted.
+engine never waits. A prompt's blocks are written first block first, so a write cut short
+leaves a prefix a fetch can use. ``capacity_bytes`` is kept by deleting the least recently
+used leaves (records no indexed record names as its parent): a chain is evicted from its
+end, never from its first block (which a fetch starts at). Every file-system error
+(ENOSPC, EIO, a file deleted, truncated or corrupted under it, permission denied, the
+directory gone) is a miss or a dropped write and a count in ``errors``; a record that does
+not verify is a miss (``rejected``) and is deleted.
 """
 
 from __future__ import annotations
@@ -38,16 +50,18 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import heapq
 import json
 import logging
 import os
 import queue
+import re
+import stat
 import struct
 import threading
 import time
 import zlib
-from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -72,7 +86,14 @@ DISK_MAGIC = b"KVD1"
 _HEAD = struct.Struct("<4sdI")  # magic, TTL seconds, record length
 _TAIL = struct.Struct("<dI")  # expiry (time.time()), crc32 of the expiry and the digest
 _MAX_TTL_S = 365 * 86400.0
-_NAME_LEN = 2 * DIGEST  # a block hash in hex
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+_NAME = re.compile(f"[0-9a-f]{{{2 * DIGEST}}}")  # a record: its block hash in hex
+_SUB = re.compile("[0-9a-f]{2}")  # kv/'s subdirectories: a hash's first byte
+_TMP = re.compile(f"(?:[0-9a-f]{{{2 * DIGEST}}}\\.[0-9]+|epochs)")  # what tmp/ holds
+MARKER = "kvgate-disk-tier"  # in a directory kvgate uses; its text is the format
+MARKER_TEXT = b"kvgate disk tier 1\n"
+WIPE = "wipe"  # left by a flush whose epoch could not be saved: the next start deletes all
 
 
 def record_size(layout: KVLayout, namespace: str, token_bytes: int) -> int:
@@ -115,6 +136,11 @@ class _Entry:
     ttl_s: float
     namespace: str
     epoch: int
+    parent: bytes  # the parent block's hash (its record's): chains are evicted from the end
+    stamp: int = 0  # when it was last written or read (``DiskTier._clock``)
+
+
+_NOT_A_FILE = _Entry(0, 0.0, 0.0, "", -1, b"")  # a name in kv/ that is not a regular file
 
 
 @dataclass
@@ -181,9 +207,16 @@ class DiskTier:
         self.root = Path(config.path)
         self.counters = _Counters()
         self._lock = threading.Lock()  # index, epochs, used bytes
-        self._index: OrderedDict[bytes, _Entry] = OrderedDict()  # least recently used first
+        self._index: dict[bytes, _Entry] = {}
+        # eviction takes the least recently used leaf: a record no indexed record names as
+        # its parent (a chain goes from its end; a fetch starts at the first block)
+        self._children: dict[bytes, int] = {}  # parent hash -> indexed records naming it
+        self._leaves: list[tuple[int, bytes]] = []  # heap of (stamp, hash); stale ones skipped
+        self._clock = 0
         self._used = 0  # bytes of indexed records and of writes under way
         self._epochs: dict[str, int] = {}
+        self._epochs_lock = threading.Lock()  # raising and saving them, one flush at a time
+        self._epochs_unsaved = False  # a flush's epoch could not be saved (WIPE is left)
         self._healthy = True
         self._queue: queue.Queue[_Put | _Task | None] = queue.Queue()
         self._queued_bytes = 0
@@ -194,8 +227,8 @@ class DiskTier:
         self._bucket = _Bucket(config.write_bytes_per_s, self._stop)
         self._lock_fd = self._open_dir()
         try:
-            self._load_epochs()
             try:
+                self._load_epochs()
                 self._scan()
             except OSError as exc:
                 raise DiskTierUnavailable(f"--disk-cache-dir {self.root}: cannot read it "
@@ -210,38 +243,129 @@ class DiskTier:
 
     # -- the directory ------------------------------------------------------------------------
     def _open_dir(self) -> int:
+        """Take the directory (see the module's docstring: kvgate uses one it made, or an
+        empty one it then marks; it refuses any other) and its lock; → the lock's fd."""
+        created = False
         try:
-            self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
-            os.chmod(self.root, 0o700)
-            for sub in ("kv", "tmp"):
-                (self.root / sub).mkdir(mode=0o700, exist_ok=True)
-            fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+            self.root.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.mkdir(self.root, 0o700)
+                created = True
+            except FileExistsError:
+                pass
+            # the configured path may be a link the operator made; nothing below it may be
+            dfd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | _CLOEXEC |
+                          (_NOFOLLOW if created else 0))
         except OSError as exc:
             raise DiskTierUnavailable(
                 f"--disk-cache-dir {self.root}: cannot use it ({exc.strerror or exc})") from exc
         try:
+            if self._claim(dfd) or created:  # a directory it made or was given empty
+                try:
+                    os.fchmod(dfd, 0o700)
+                except OSError as exc:  # (not its owner): its files are private anyway
+                    log.warning("disk tier: cannot make %s private (%s)", self.root, exc)
+            for sub in ("kv", "tmp"):
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(sub, 0o700, dir_fd=dfd)
+                if not stat.S_ISDIR(os.stat(sub, dir_fd=dfd, follow_symlinks=False).st_mode):
+                    raise DiskTierUnavailable(
+                        f"--disk-cache-dir {self.root}: {sub}/ is not a directory (a link or "
+                        "a file): kvgate does not follow links in its cache directory")
+            fd = os.open("lock", os.O_RDWR | os.O_CREAT | _NOFOLLOW | _CLOEXEC | os.O_NONBLOCK,
+                         0o600, dir_fd=dfd)
+        except OSError as exc:
+            raise DiskTierUnavailable(
+                f"--disk-cache-dir {self.root}: cannot use it ({exc.strerror or exc})") from exc
+        finally:
+            os.close(dfd)
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise DiskTierUnavailable(f"--disk-cache-dir {self.root}: lock is not a file")
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            holder = b""
+            with contextlib.suppress(OSError):
+                holder = os.pread(fd, 32, 0)
             os.close(fd)
             raise DiskTierUnavailable(
                 f"--disk-cache-dir {self.root} is in use by another kvgate process (pid "
-                f"{holder}): give each replica its own directory") from exc
+                f"{holder.decode(errors='replace').strip() or '?'}): give each replica its "
+                "own directory") from exc
+        except BaseException:
+            os.close(fd)
+            raise
         with contextlib.suppress(OSError):
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         return fd
 
+    def _claim(self, dfd: int) -> bool:
+        """Check the directory's marker, or mark an empty directory as this tier's (→ True);
+        refuse any other directory (``DiskTierUnavailable``). ``lost+found`` (the root of a
+        volume) counts as empty: kvgate never touches it."""
+        try:
+            fd = os.open(MARKER, os.O_RDONLY | _NOFOLLOW | _CLOEXEC | os.O_NONBLOCK,
+                         dir_fd=dfd)
+        except FileNotFoundError:
+            fd = -1
+        if fd >= 0:
+            try:
+                ok = stat.S_ISREG(os.fstat(fd).st_mode) and os.read(fd, 64) == MARKER_TEXT
+            finally:
+                os.close(fd)
+            if not ok:
+                raise DiskTierUnavailable(
+                    f"--disk-cache-dir {self.root}: its {MARKER} file is not this version's "
+                    f"({MARKER_TEXT.decode().strip()!r}): delete the directory or point "
+                    "--disk-cache-dir at a new one")
+            return False
+        if set(os.listdir(dfd)) - {"lost+found"}:
+            raise DiskTierUnavailable(
+                f"--disk-cache-dir {self.root} is not empty and holds no {MARKER} file: "
+                "kvgate uses only a directory it made or an empty one (its files there would "
+                "be deleted); point --disk-cache-dir at a new or empty directory")
+        try:
+            fd = os.open(MARKER, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC,
+                         0o600, dir_fd=dfd)
+        except FileExistsError as exc:  # another process marked it meanwhile
+            raise DiskTierUnavailable(
+                f"--disk-cache-dir {self.root} is in use by another kvgate process: give "
+                "each replica its own directory") from exc
+        try:
+            os.write(fd, MARKER_TEXT)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.fsync(dfd)
+        return True
+
     def _path(self, block_hash: bytes) -> Path:
         name = block_hash.hex()
         return self.root / "kv" / name[:2] / name
 
+    def _open_small(self, name: str) -> int | None:
+        """Open a file at the root for reading (never through a link, never blocking on a
+        FIFO); None if there is none. ``OSError`` if it is not a regular file."""
+        try:
+            fd = os.open(self.root / name, os.O_RDONLY | _NOFOLLOW | _CLOEXEC | os.O_NONBLOCK)
+        except FileNotFoundError:
+            return None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise OSError(errno.EINVAL, "not a regular file")
+        return fd
+
     def _load_epochs(self) -> None:
         path = self.root / "epochs"
         try:
-            raw = path.read_bytes()
-        except FileNotFoundError:
-            return
+            fd = self._open_small("epochs")
+            if fd is None:
+                return
+            try:
+                raw = self._read_all(fd, 64 * 1024 * 1024)
+            finally:
+                os.close(fd)
         except OSError as exc:
             raise DiskTierUnavailable(f"--disk-cache-dir {self.root}: cannot read "
                                       f"{path.name} ({exc.strerror or exc})") from exc
@@ -258,54 +382,99 @@ class DiskTier:
             return
         self._epochs = dict(data)
 
-    def _save_epochs(self) -> None:
-        """(under ``_lock``) Write the epochs file: a temporary file, fsync'd, renamed."""
+    def _save_epochs(self, epochs: dict[str, int]) -> None:
+        """(under ``_epochs_lock``) Write the epochs file durably: a temporary file,
+        fsync'd, renamed, the directory fsync'd."""
         tmp = self.root / "tmp" / "epochs"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | _NOFOLLOW | _CLOEXEC |
+                     os.O_NONBLOCK, 0o600)
         try:
-            os.write(fd, json.dumps(self._epochs).encode())
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise OSError(errno.EINVAL, "not a regular file", str(tmp))
+            data = memoryview(json.dumps(epochs).encode())
+            while data:
+                data = data[os.write(fd, data):]
             os.fsync(fd)
         finally:
             os.close(fd)
         os.replace(tmp, self.root / "epochs")
+        self._fsync_root()
+
+    def _fsync_root(self) -> None:
+        dfd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | _CLOEXEC)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+    def _record_files(self) -> Iterator[tuple[Path, bytes]]:
+        """Every regular file in ``kv/`` named as this tier names records (``kv/ab/ab…``,
+        lower-case hex), with its block hash; nothing else there is touched. A link named
+        as one of ``kv/``'s subdirectories is removed (only the link)."""
+        kv = self.root / "kv"
+        if not stat.S_ISDIR(os.lstat(kv).st_mode):
+            raise OSError(errno.ENOTDIR, "kv/ is not a directory", str(kv))
+        with os.scandir(kv) as subs:
+            subdirs = []
+            for sub in subs:
+                if not _SUB.fullmatch(sub.name):
+                    continue
+                if sub.is_symlink():
+                    log.warning("disk tier: %s is a link; removed (not followed)", sub.path)
+                    with contextlib.suppress(OSError):
+                        os.unlink(sub.path)
+                elif sub.is_dir(follow_symlinks=False):
+                    subdirs.append(sub.path)
+        for sub_path in subdirs:
+            prefix = os.path.basename(sub_path)
+            try:
+                with os.scandir(sub_path) as found:
+                    names = [(f.name, f.is_file(follow_symlinks=False)) for f in found]
+            except OSError:
+                continue
+            for name, regular in names:
+                if regular and _NAME.fullmatch(name) and name[:2] == prefix:
+                    yield Path(sub_path) / name, bytes.fromhex(name)
 
     def _wipe(self) -> None:
-        for sub in (self.root / "kv").iterdir():
-            if sub.is_dir() and not sub.is_symlink():
-                for f in sub.iterdir():
-                    with contextlib.suppress(OSError):
-                        f.unlink()
+        """Delete every record (only files named as records; never through a link)."""
+        for path, _ in list(self._record_files()):
+            with contextlib.suppress(OSError):
+                path.unlink()
 
     def _scan(self) -> None:
         """Index every record in ``kv/`` (see the module's docstring)."""
         started = time.monotonic()
-        for f in (self.root / "tmp").iterdir():  # writes a crash left unfinished
+        with os.scandir(self.root / "tmp") as leftovers:  # writes a crash left unfinished
+            unfinished = [e.path for e in leftovers
+                          if _TMP.fullmatch(e.name) and e.is_file(follow_symlinks=False)]
+        for name in unfinished:
             with contextlib.suppress(OSError):
-                f.unlink()
+                os.unlink(name)
+        if os.path.lexists(self.root / WIPE):  # a flush whose epoch could not be saved
+            log.warning("disk tier %s: a flush was not saved before the last stop; every "
+                        "record is deleted", self.root)
+            self._wipe()
+            with contextlib.suppress(OSError):  # else the next start deletes them again
+                os.unlink(self.root / WIPE)
+                self._fsync_root()
         now = self.wall()
         found: list[tuple[float, bytes, _Entry]] = []
         deleted = 0
-        for sub in (self.root / "kv").iterdir():
-            if not sub.is_dir() or sub.is_symlink() or len(sub.name) != 2:
+        for f, block_hash in self._record_files():
+            entry, mtime = self._read_head(f)
+            if entry is _NOT_A_FILE:
+                continue  # replaced by something else meanwhile: not ours to delete
+            if entry is None or entry.expires_at <= now or \
+                    self._epochs.get(entry.namespace, 0) != entry.epoch:
+                with contextlib.suppress(OSError):
+                    f.unlink()
+                deleted += 1
                 continue
-            for f in sub.iterdir():
-                try:
-                    block_hash = bytes.fromhex(f.name)
-                except ValueError:
-                    continue  # not a name this tier gives: not ours to delete
-                if len(f.name) != _NAME_LEN or f.name[:2] != sub.name:
-                    continue
-                entry, mtime = self._read_head(f)
-                if entry is None or entry.expires_at <= now or \
-                        self._epochs.get(entry.namespace, 0) != entry.epoch:
-                    with contextlib.suppress(OSError):
-                        f.unlink()
-                    deleted += 1
-                    continue
-                found.append((mtime, block_hash, entry))
+            found.append((mtime, block_hash, entry))
         found.sort(key=lambda t: t[0])
         for _, block_hash, entry in found:
-            self._index[block_hash] = entry
+            self._link(block_hash, entry)
             self._used += entry.size
         victims = self._evict_for(0)
         self._unlink(victims)
@@ -315,28 +484,39 @@ class DiskTier:
                  time.monotonic() - started)
 
     def _read_head(self, path: Path) -> tuple[_Entry | None, float]:
-        """A record's entry from its first bytes and its tail; (None, 0) if it is not one."""
+        """A record's entry from its first bytes and its tail; (None, 0) if it is not one,
+        (``_NOT_A_FILE``, 0) if ``path`` is not a regular file (a link, a FIFO, ...)."""
         try:
-            with open(path, "rb") as f:
-                st = os.fstat(f.fileno())
-                head = f.read(_HEAD.size + HEADER.size + 2 * DIGEST)
-                if len(head) < _HEAD.size + HEADER.size + 2 * DIGEST:
-                    return None, 0.0
-                magic, ttl_s, body_len = _HEAD.unpack_from(head)
-                ns_len = HEADER.unpack_from(head, _HEAD.size)[1]
-                if magic != DISK_MAGIC or st.st_size != _HEAD.size + body_len + DIGEST + \
-                        _TAIL.size or ns_len > body_len:
-                    return None, 0.0
-                head += f.read(ns_len)
-                f.seek(st.st_size - DIGEST - _TAIL.size)
-                tail = f.read(DIGEST + _TAIL.size)
+            fd = os.open(path, os.O_RDONLY | _NOFOLLOW | _CLOEXEC | os.O_NONBLOCK)
+        except OSError as exc:
+            return (_NOT_A_FILE if exc.errno == errno.ELOOP else None), 0.0
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                return _NOT_A_FILE, 0.0
+            want = _HEAD.size + HEADER.size + 2 * DIGEST
+            head = os.pread(fd, want, 0)
+            if len(head) < want:
+                return None, 0.0
+            magic, ttl_s, body_len = _HEAD.unpack_from(head)
+            ns_len = HEADER.unpack_from(head, _HEAD.size)[1]
+            if magic != DISK_MAGIC or st.st_size != _HEAD.size + body_len + DIGEST + \
+                    _TAIL.size or ns_len > body_len:
+                return None, 0.0
+            head += os.pread(fd, ns_len, want)
+            tail = os.pread(fd, DIGEST + _TAIL.size, st.st_size - DIGEST - _TAIL.size)
         except OSError:
             return None, 0.0
+        finally:
+            os.close(fd)
         rec = RecordCodec.head(head[_HEAD.size:])
         expires_at = self._expiry(tail)
         if rec is None or expires_at is None:
             return None, 0.0
-        return _Entry(int(st.st_size), expires_at, ttl_s, rec.namespace, rec.epoch), st.st_mtime
+        # the record's body: header, layout signature, parent hash, namespace, ...
+        parent = head[_HEAD.size + HEADER.size + DIGEST:_HEAD.size + HEADER.size + 2 * DIGEST]
+        return _Entry(int(st.st_size), expires_at, ttl_s, rec.namespace, rec.epoch,
+                      parent), st.st_mtime
 
     @staticmethod
     def _expiry(tail: bytes) -> float | None:
@@ -372,9 +552,9 @@ class DiskTier:
             self._pending += taken
         with self._lock:
             epochs = [self._epochs.get(r.namespace, 0) for r in records[:taken]]
-        # children first: a parent is then more recently used than its children, so the
-        # least recently used order evicts a prefix from its end, never its first block
-        for record, epoch in reversed(list(zip(records[:taken], epochs, strict=True))):
+        # parents first: a write cut short (a stop, a crash) leaves a prefix of the chain,
+        # which a fetch can use (it starts at the first block); eviction takes leaves only
+        for record, epoch in zip(records[:taken], epochs, strict=True):
             self._queue.put(_Put(record, epoch, nbytes))
         if taken < len(records):
             self.counters.add(dropped=len(records) - taken)
@@ -389,26 +569,56 @@ class DiskTier:
         self.counters.add(dropped=n)
 
     def flush_namespace(self, namespace: str) -> None:
-        """Make every record of ``namespace`` a miss at once (a new epoch, in memory now);
-        the epoch is saved and the files deleted by a writer thread. Never blocks."""
-        with self._lock:
-            self._epochs[namespace] = max(self._epochs.get(namespace, 0) + 1,
-                                          time.time_ns() // 1000)
-            gone = [h for h, e in self._index.items() if e.namespace == namespace]
-            for h in gone:
-                self._used -= self._index.pop(h).size
+        """Make every record of ``namespace`` a miss at once (a new epoch, in memory now)
+        and after a restart (the epoch is saved before this returns: a write of a few bytes
+        and two fsyncs); a writer thread deletes the files. If the epoch cannot be saved,
+        the files are deleted now and the directory marked to be emptied at the next start
+        (``WIPE``): flushed records are never read again, whatever happens next."""
+        with self._epochs_lock:  # saved in the order they were raised
+            with self._lock:
+                self._epochs[namespace] = max(self._epochs.get(namespace, 0) + 1,
+                                              time.time_ns() // 1000)
+                epochs = dict(self._epochs)
+                gone = [h for h, e in self._index.items() if e.namespace == namespace]
+                for h in gone:
+                    self._used -= self._unlink_entry(h).size
+            try:
+                self._save_epochs(epochs)
+            except OSError as exc:
+                self._epochs_unsaved = True
+                self._error("saving the epoch of flushed namespace %s (its records are "
+                            "deleted now, and every record at the next start)", exc, namespace)
+                self._mark_wipe()
+                self._unlink(gone)
+                return
+            if self._epochs_unsaved:  # an earlier flush's epoch is in this file too
+                self._clear_wipe()
         with self._queue_lock:
             self._pending += 1
-        self._queue.put(_Task(lambda: self._finish_flush(namespace, gone)))
+        self._queue.put(_Task(lambda: self._finish_flush(gone)))
 
-    def _finish_flush(self, namespace: str, gone: list[bytes]) -> None:
+    def _mark_wipe(self) -> None:
+        """(under ``_epochs_lock``) Leave ``WIPE``: the next start deletes every record."""
         try:
-            with self._lock:
-                self._save_epochs()
+            fd = os.open(self.root / WIPE, os.O_WRONLY | os.O_CREAT | _NOFOLLOW | _CLOEXEC,
+                         0o600)
+            os.close(fd)
+            self._fsync_root()
         except OSError as exc:
-            self._error("saving the epoch of a flushed namespace (until it is saved, a "
-                        "restart could read records of %s written before the flush)",
-                        exc, namespace)
+            self._error("marking the directory to be emptied at the next start", exc)
+
+    def _clear_wipe(self) -> None:
+        """(under ``_epochs_lock``) Every epoch is saved: ``WIPE`` is no longer needed."""
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.root / WIPE)
+            self._fsync_root()
+        except OSError as exc:
+            self._error("removing the wipe marker", exc)  # the next start empties it: safe
+            return
+        self._epochs_unsaved = False
+
+    def _finish_flush(self, gone: list[bytes]) -> None:
         with self._lock:  # not those written again since, under the new epoch
             gone = [h for h in gone if h not in self._index]
         self._unlink(gone)
@@ -451,9 +661,8 @@ class DiskTier:
             self.counters.add(dropped=1)
             return
         with self._lock:
-            old = self._index.pop(record.block_hash, None)
-            if old is not None:
-                self._used -= old.size
+            if record.block_hash in self._index:
+                self._used -= self._unlink_entry(record.block_hash).size
             victims = self._evict_for(size)
             self._used += size  # reserved while it is written
         self._unlink(victims)
@@ -480,8 +689,11 @@ class DiskTier:
                 stale = True
             else:
                 ttl_s = _ttl(record.ttl_s)
-                self._index[record.block_hash] = _Entry(size, now + ttl_s, ttl_s,
-                                                        record.namespace, item.epoch)
+                if record.block_hash in self._index:  # written twice at once
+                    self._used -= self._unlink_entry(record.block_hash).size
+                self._link(record.block_hash, _Entry(size, now + ttl_s, ttl_s,
+                                                     record.namespace, item.epoch,
+                                                     record.parent_hash))
                 stale = False
         if stale:
             self._unlink([record.block_hash])
@@ -491,7 +703,7 @@ class DiskTier:
         self.counters.add(writes=1, write_bytes=self.layout.page_bytes)
 
     def _write_file(self, tmp: Path, data: bytes) -> None:
-        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | _NOFOLLOW | _CLOEXEC | os.O_NONBLOCK
         try:
             fd = os.open(tmp, flags, 0o600)
         except FileNotFoundError:
@@ -515,14 +727,60 @@ class DiskTier:
                                     str(self.root))
         path.mkdir(mode=0o700, parents=False, exist_ok=True)
 
+    # -- the index (under ``_lock``) -------------------------------------------------------------
+    def _link(self, block_hash: bytes, entry: _Entry) -> None:
+        """Index a record (written or read now: the most recently used). Its bytes are
+        the caller's to count in ``_used``."""
+        self._index[block_hash] = entry
+        if entry.parent != block_hash:  # (a crafted record may name itself)
+            self._children[entry.parent] = self._children.get(entry.parent, 0) + 1
+        self._use(block_hash, entry)
+
+    def _unlink_entry(self, block_hash: bytes) -> _Entry:
+        """Take a record out of the index; → it (its bytes are the caller's to uncount)."""
+        entry = self._index.pop(block_hash)
+        if entry.parent != block_hash:
+            left = self._children.get(entry.parent, 0) - 1
+            if left > 0:
+                self._children[entry.parent] = left
+            else:
+                self._children.pop(entry.parent, None)
+                parent = self._index.get(entry.parent)
+                if parent is not None:  # a leaf now, as recently used as it last was
+                    self._push_leaf(entry.parent, parent)
+        return entry
+
+    def _use(self, block_hash: bytes, entry: _Entry) -> None:
+        """The record was written or read now."""
+        self._clock += 1
+        entry.stamp = self._clock
+        if block_hash not in self._children:
+            self._push_leaf(block_hash, entry)
+
+    def _push_leaf(self, block_hash: bytes, entry: _Entry) -> None:
+        heapq.heappush(self._leaves, (entry.stamp, block_hash))
+        if len(self._leaves) > 2 * len(self._index) + 1024:  # drop the stale ones
+            self._leaves = [(e.stamp, h) for h, e in self._index.items()
+                            if h not in self._children]
+            heapq.heapify(self._leaves)
+
     def _evict_for(self, size: int) -> list[bytes]:
-        """(under ``_lock``) Take least recently used records out of the index until
-        ``size`` more bytes fit; → their hashes, to be unlinked outside the lock."""
+        """Take least recently used leaves out of the index until ``size`` more bytes
+        fit; → their hashes, to be unlinked outside the lock."""
         victims: list[bytes] = []
         while self._index and self._used + size > self.config.capacity_bytes:
-            block_hash, entry = self._index.popitem(last=False)
-            self._used -= entry.size
-            victims.append(block_hash)
+            victim = None
+            while self._leaves:
+                stamp, block_hash = heapq.heappop(self._leaves)
+                entry = self._index.get(block_hash)
+                if entry is not None and entry.stamp == stamp and \
+                        block_hash not in self._children:
+                    victim = block_hash
+                    break
+            if victim is None:  # no leaf: records that name each other as parents
+                victim = next(iter(self._index))
+            self._used -= self._unlink_entry(victim).size
+            victims.append(victim)
         if victims:
             self.counters.add(evicted=len(victims))
         return victims
@@ -538,11 +796,28 @@ class DiskTier:
 
     def _forget(self, block_hash: bytes, entry: _Entry) -> None:
         """Take a record that cannot be read out of the index and off the disk."""
+        if self._drop(block_hash, entry):
+            self._unlink([block_hash])
+
+    def _drop(self, block_hash: bytes, entry: _Entry) -> bool:
+        """Take a record out of the index (its file is left); → whether it was there."""
         with self._lock:
-            if self._index.get(block_hash) is entry:
-                del self._index[block_hash]
+            if self._index.get(block_hash) is not entry:
+                return False
+            self._used -= self._unlink_entry(block_hash).size
+            return True
+
+    def _check_dir(self) -> None:
+        """A record was missing: if ``kv/`` itself is gone (the directory deleted under the
+        tier), so is every record: the index is emptied (``files``, ``used_bytes``)."""
+        if os.path.isdir(self.root / "kv"):
+            return
+        with self._lock:
+            for entry in self._index.values():
                 self._used -= entry.size
-        self._unlink([block_hash])
+            self._index.clear()
+            self._children.clear()
+            self._leaves.clear()
 
     def _error(self, what: str, exc: OSError, *args: object) -> None:
         self.counters.add(errors=1)
@@ -568,7 +843,7 @@ class DiskTier:
                 break
             if isinstance(item, _Task):
                 with contextlib.suppress(Exception):
-                    item.run()  # a flush's epoch is saved even at shutdown
+                    item.run()  # a flush's files are deleted even at shutdown
             elif isinstance(item, _Put):
                 self.counters.add(dropped=1)
             if item is not None:
@@ -579,6 +854,13 @@ class DiskTier:
             self._queue.put(None)
         for t in self._writers:
             t.join(timeout=5)
+        with self._epochs_lock:
+            if self._epochs_unsaved:  # a flush's epoch could not be saved: try once more
+                with self._lock:
+                    epochs = dict(self._epochs)
+                with contextlib.suppress(OSError):
+                    self._save_epochs(epochs)
+                    self._clear_wipe()
         if self._lock_fd >= 0:
             with contextlib.suppress(OSError):
                 os.close(self._lock_fd)
@@ -603,10 +885,11 @@ class DiskTier:
         try:
             self._read_chain(namespace, parent_hash, hashes[:n], tokens, epoch, deadline, out)
         finally:
-            with self._lock:  # children less recently used than their parents
-                for fb in reversed(out):
-                    if fb.block_hash in self._index:
-                        self._index.move_to_end(fb.block_hash)
+            with self._lock:
+                for fb in out:
+                    entry = self._index.get(fb.block_hash)
+                    if entry is not None:
+                        self._use(fb.block_hash, entry)
         if not out:
             return None
         self.counters.add(hits=len(out), hit_bytes=len(out) * self.layout.page_bytes)
@@ -646,14 +929,22 @@ class DiskTier:
             if ours:  # deleted under the tier (not by its own eviction)
                 self._forget(block_hash, entry)
                 self._error("reading a block", exc)
+                self._check_dir()
             self.counters.add(misses=1)
             return None
         except OSError as exc:
-            self._forget(block_hash, entry)
+            if exc.errno == errno.ELOOP:  # a link put there: not ours to delete
+                self._drop(block_hash, entry)
+            else:
+                self._forget(block_hash, entry)
             self._error("reading a block", exc)
             self.counters.add(misses=1)
             return None
         try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):  # a FIFO or a device put there
+                self._drop(block_hash, entry)
+                self.counters.add(rejected=1)
+                return None
             try:
                 data = self._read_all(fd, entry.size + 1)
             except OSError as exc:
@@ -679,14 +970,15 @@ class DiskTier:
     @staticmethod
     def _open_record(path: Path) -> int:
         """Open for reading and, where allowed, for refreshing the expiry in place (the same
-        file that was read, even if a writer replaces it meanwhile)."""
-        nofollow = getattr(os, "O_NOFOLLOW", 0)
+        file that was read, even if a writer replaces it meanwhile); never through a link,
+        never waiting on a FIFO (the caller checks it is a regular file)."""
+        flags = _NOFOLLOW | _CLOEXEC | os.O_NONBLOCK
         try:
-            return os.open(path, os.O_RDWR | nofollow)
+            return os.open(path, os.O_RDWR | flags)
         except OSError as exc:
             if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
                 raise
-            return os.open(path, os.O_RDONLY | nofollow)
+            return os.open(path, os.O_RDONLY | flags)
 
     @staticmethod
     def _read_all(fd: int, limit: int) -> bytes:

@@ -9,6 +9,7 @@ import errno
 import os
 import shutil
 import stat
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -122,7 +123,8 @@ def test_blocks_written_through_are_read_back_by_a_restarted_replica(replica: Re
     s = fresh_tier.stats()
     assert s.hits == 3 and s.hit_bytes == 3 * fresh.layout.page_bytes and s.errors == 0
     assert serve(fresh, "t", PROMPT) == (3, ["device"] * 3)  # now a device hit
-    assert fresh.stats().disk is not None and fresh.stats().as_dict()["disk"]["hits"] == 3
+    disk = fresh.stats().as_dict()["disk"]
+    assert isinstance(disk, dict) and disk["hits"] == 3
 
 
 def test_quantized_pages_round_trip_as_bytes(replica: Replica) -> None:
@@ -276,12 +278,14 @@ def test_a_damaged_record_found_at_start_is_deleted(replica: Replica) -> None:
     tier.close()
     victim = files(tier)[0]
     victim.write_bytes(victim.read_bytes()[:10])
-    (tier.root / "tmp" / "leftover").write_bytes(b"half a write")
+    (tier.root / "tmp" / f"{'ab' * 16}.12345").write_bytes(b"half a write")
+    (tier.root / "tmp" / "epochs").write_bytes(b"{")
+    (tier.root / "tmp" / "leftover").write_text("not ours")  # not a name we give
     (tier.root / "kv" / "zz").mkdir()
-    (tier.root / "kv" / "zz" / "README").write_text("not ours")  # not a name we give
+    (tier.root / "kv" / "zz" / "README").write_text("not ours")
     _, fresh = replica()
     assert fresh.stats().files == 2 and not victim.exists()
-    assert list((fresh.root / "tmp").iterdir()) == []
+    assert [p.name for p in (fresh.root / "tmp").iterdir()] == ["leftover"]
     assert (fresh.root / "kv" / "zz" / "README").exists()
 
 
@@ -374,7 +378,8 @@ def test_the_directory_vanishing_is_a_miss_and_a_count(replica: Replica) -> None
     shutil.rmtree(tier.root)
     assert store.fetch_shared("t", PROMPT) is None
     s = tier.stats()
-    assert s.errors == 1 and s.misses == 1 and s.files == 2 and not s.available
+    assert s.errors == 1 and s.misses == 1 and not s.available
+    assert s.files == 0 and s.used_bytes == 0  # kv/ is gone: so is every record it held
     other = list(range(300, 313))
     assert serve(store, "t2", other)[0] == 0  # writes fail: dropped and counted
     assert tier.drain()
@@ -453,3 +458,254 @@ def test_record_size_is_what_a_block_takes(replica: Replica, layout: KVLayout) -
     written(store, tier)
     assert all(f.stat().st_size == record_size(layout, "t", 4 * BLOCK) for f in files(tier))
     assert tier.stats().used_bytes == 3 * record_size(layout, "t", 4 * BLOCK)
+
+
+def crash(tier: DiskTier) -> None:
+    """The process dies here: the writer threads stop where they are (what they had not
+    started is never done) and the directory's lock is released, nothing else."""
+    for _ in tier._writers:
+        tier._queue.put(None)
+    for t in tier._writers:
+        t.join()
+    os.close(tier._lock_fd)
+    tier._lock_fd = -1
+
+
+def test_a_flush_holds_after_a_crash_right_after_it(replica: Replica) -> None:
+    store, tier = replica()
+    written(store, tier, "a")
+    assert serve(store, "b", PROMPT)[0] == 0
+    assert tier.drain()
+    for _ in tier._writers:  # the writers are busy: nothing queued after the flush runs
+        tier._queue.put(None)
+    for t in tier._writers:
+        t.join()
+    store.flush("a")
+    assert len(files(tier)) == 6  # its files are still there (deleted behind the queue)
+    crash(tier)
+    fresh, fresh_tier = replica()
+    assert fresh.fetch_shared("a", PROMPT) is None  # the epoch was saved before returning
+    assert fresh_tier.stats().files == 3
+    fetched = fresh.fetch_shared("b", PROMPT)
+    assert fetched is not None and len(fetched.blocks) == 3
+
+
+def test_a_flush_whose_epoch_cannot_be_saved_still_holds(
+        replica: Replica, monkeypatch: pytest.MonkeyPatch) -> None:
+    store, tier = replica()
+    written(store, tier, "a")
+    assert serve(store, "b", PROMPT)[0] == 0
+    assert tier.drain()
+
+    def full(epochs: dict[str, int]) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(tier, "_save_epochs", full)
+    store.flush("a")
+    assert store.fetch_shared("a", PROMPT) is None
+    assert len(files(tier)) == 3  # a's deleted at once, not behind the queue
+    assert (tier.root / "wipe").exists() and tier.stats().errors >= 1
+    hashes = chain_hashes(store.root_of("a"), token_bytes(PROMPT), BLOCK, store.hash_fn)
+    saved = tier.root / "kv" / hashes[0].hex()[:2] / hashes[0].hex()
+    crash(tier)
+    saved.parent.mkdir(exist_ok=True)  # even one a failed deletion would have left
+    saved.write_bytes(b"x" * 10)
+    fresh, fresh_tier = replica()
+    assert fresh_tier.stats().files == 0 and files(fresh_tier) == []  # everything went
+    assert not (fresh_tier.root / "wipe").exists()
+    assert fresh.fetch_shared("a", PROMPT) is None and fresh.fetch_shared("b", PROMPT) is None
+
+
+def test_the_wipe_mark_goes_once_a_later_flush_is_saved(
+        replica: Replica, monkeypatch: pytest.MonkeyPatch) -> None:
+    store, tier = replica()
+    written(store, tier, "a")
+    written(store, tier, "b")
+    with monkeypatch.context() as m:
+        m.setattr(tier, "_save_epochs", lambda epochs: (_ for _ in ()).throw(OSError(errno.EIO,
+                                                                                      "EIO")))
+        store.flush("a")
+    assert (tier.root / "wipe").exists()
+    store.flush("c")  # saved: a's epoch with it
+    assert not (tier.root / "wipe").exists()
+    assert tier.drain()
+    crash(tier)
+    fresh, _ = replica()
+    assert fresh.fetch_shared("a", PROMPT) is None
+    fetched = fresh.fetch_shared("b", PROMPT)
+    assert fetched is not None and len(fetched.blocks) == 3
+
+
+def test_a_non_empty_directory_it_did_not_make_is_refused(tmp_path: Path,
+                                                           layout: KVLayout) -> None:
+    home = tmp_path / "home"
+    (home / "tmp").mkdir(parents=True)
+    (home / "tmp" / f"{'ab' * 16}.1").write_text("precious")  # even a name it would give
+    (home / "lock").write_text("precious")
+    os.chmod(home, 0o755)
+    with pytest.raises(DiskTierUnavailable, match="is not empty and holds no kvgate-disk-tier"):
+        DiskTier(DiskTierConfig(path=str(home), capacity_bytes=1 << 20), layout, "demo")
+    assert (home / "tmp" / f"{'ab' * 16}.1").read_text() == "precious"
+    assert (home / "lock").read_text() == "precious"
+    assert stat.S_IMODE(home.stat().st_mode) == 0o755
+    assert sorted(p.name for p in home.iterdir()) == ["lock", "tmp"]
+
+
+def test_an_empty_directory_is_marked_and_made_private(tmp_path: Path,
+                                                        layout: KVLayout) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "lost+found").mkdir()  # a volume's root: still empty
+    os.chmod(empty, 0o777)  # (a Kubernetes emptyDir)
+    tier = DiskTier(DiskTierConfig(path=str(empty), capacity_bytes=1 << 20), layout, "demo")
+    tier.close()
+    assert stat.S_IMODE(empty.stat().st_mode) == 0o700  # given to it empty: now its own
+    marker = empty / "kvgate-disk-tier"
+    assert marker.read_bytes() == b"kvgate disk tier 1\n"
+    assert stat.S_IMODE(marker.stat().st_mode) == 0o600
+    os.chmod(empty, 0o750)  # the operator's choice, once it is marked
+    DiskTier(DiskTierConfig(path=str(empty), capacity_bytes=1 << 20), layout, "demo").close()
+    assert stat.S_IMODE(empty.stat().st_mode) == 0o750
+    marker.write_bytes(b"kvgate disk tier 9\n")  # another format
+    with pytest.raises(DiskTierUnavailable, match="not this version's"):
+        DiskTier(DiskTierConfig(path=str(empty), capacity_bytes=1 << 20), layout, "demo")
+
+
+@pytest.mark.parametrize("name", ["lock", "epochs", "kvgate-disk-tier", "kv", "tmp"])
+def test_a_link_in_its_directory_is_never_followed(replica: Replica, tmp_path: Path,
+                                                   name: str) -> None:
+    store, tier = replica()
+    written(store, tier)
+    tier.close()
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "ab").mkdir()
+    (victim / "ab" / "notes").write_text("important")
+    target = victim / "ab" / "notes" if name in ("lock", "epochs", "kvgate-disk-tier") \
+        else victim
+    link = tier.root / name
+    if link.is_dir():
+        shutil.rmtree(link)
+    elif link.exists():
+        link.unlink()
+    os.symlink(target, link)
+    with pytest.raises(DiskTierUnavailable):
+        replica()
+    assert (victim / "ab" / "notes").read_text() == "important"
+    assert sorted(p.name for p in victim.rglob("*")) == ["ab", "notes"]
+
+
+def test_wiping_deletes_only_records_and_follows_no_link(replica: Replica,
+                                                         tmp_path: Path) -> None:
+    store, tier = replica()
+    written(store, tier)
+    tier.close()
+    record = files(tier)[0]
+    sub = record.parent
+    (sub / "README").write_text("not ours")
+    (sub / record.name.upper()).write_text("not a name it gives")
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / ("cd" * 16)).write_text("not ours either")
+    if (tier.root / "kv" / "cd").exists():
+        shutil.rmtree(tier.root / "kv" / "cd")
+    os.symlink(other, tier.root / "kv" / "cd")
+    (tier.root / "epochs").write_text("{not json")  # every record goes
+    _, fresh = replica()
+    assert fresh.stats().files == 0
+    assert set(files(fresh)) == {sub / "README", sub / record.name.upper()}
+    assert (other / ("cd" * 16)).read_text() == "not ours either"
+    assert not (fresh.root / "kv" / "cd").exists()  # the link itself was removed
+
+
+def test_a_fifo_named_as_a_record_is_skipped_not_waited_on(replica: Replica) -> None:
+    store, tier = replica()
+    written(store, tier)
+    tier.close()
+    fifo = tier.root / "kv" / "ab" / ("ab" * 16)
+    fifo.parent.mkdir(exist_ok=True)
+    os.mkfifo(fifo)
+    made: list[tuple[CacheStore, DiskTier]] = []
+    start = threading.Thread(target=lambda: made.append(replica()), daemon=True)
+    start.start()
+    start.join(60)  # a bound for a hang, not a timing: the start reads no FIFO
+    assert made, "the start waited on a FIFO"
+    fresh, fresh_tier = made[0]
+    assert fresh_tier.stats().files == 3 and stat.S_ISFIFO(fifo.lstat().st_mode)
+    # one put in place of an indexed record under the running replica: a miss, not a wait
+    hashes = chain_hashes(fresh.root_of("t"), token_bytes(PROMPT), BLOCK, fresh.hash_fn)
+    record = fresh_tier.root / "kv" / hashes[1].hex()[:2] / hashes[1].hex()
+    record.unlink()
+    os.mkfifo(record)
+    got: list[Any] = []
+    fetch = threading.Thread(target=lambda: got.append(fresh.fetch_shared("t", PROMPT)),
+                             daemon=True)
+    fetch.start()
+    fetch.join(60)
+    assert got and got[0] is not None and len(got[0].blocks) == 1
+    assert fresh_tier.stats().files == 2 and stat.S_ISFIFO(record.lstat().st_mode)
+
+
+def test_a_write_cut_short_leaves_a_prefix_a_restart_can_use(replica: Replica) -> None:
+    store, tier = replica(writers=1)
+    waiting = threading.Event()
+    take = tier._bucket.take
+    calls = 0
+
+    def slow_disk(n: int) -> None:  # the third block waits for the disk until the stop
+        nonlocal calls
+        calls += 1
+        if calls == 3:
+            waiting.set()
+            tier._stop.wait()
+        take(n)
+
+    tier._bucket.take = slow_disk  # type: ignore[method-assign]
+    assert serve(store, "t", PROMPT)[0] == 0
+    assert waiting.wait(60)
+    tier.close(drain_s=0)  # a stop before the queue is drained: the rest is dropped
+    assert tier.stats().writes == 2 and tier.stats().dropped == 1
+    fresh, fresh_tier = replica()
+    found, where = serve(fresh, "t", PROMPT)
+    assert found == 2 and where == ["disk"] * 2  # the first two blocks: parents first
+    assert fresh_tier.stats().hits == 2
+
+
+def test_a_restart_over_capacity_evicts_chains_from_their_end(replica: Replica) -> None:
+    store, tier = replica()
+    written(store, tier)
+    record_bytes = tier.stats().used_bytes // 3
+    tier.close()
+    hashes = chain_hashes(store.root_of("t"), token_bytes(PROMPT), BLOCK, store.hash_fn)
+    for i, h in enumerate(hashes):  # written (or hit) parents first: the first is oldest
+        os.utime(tier.root / "kv" / h.hex()[:2] / h.hex(), (1_000_000 + i, 1_000_000 + i))
+    fresh, fresh_tier = replica(capacity_bytes=2 * record_bytes)
+    assert fresh_tier.stats().files == 2
+    fetched = fresh.fetch_shared("t", PROMPT)
+    assert fetched is not None and len(fetched.blocks) == 2
+
+
+def test_an_earlier_block_is_kept_over_its_descendants(replica: Replica) -> None:
+    """A fetch that starts after blocks the device still holds does not read their disk
+    copies, which become the least recently used: still, the chain goes from its end
+    (evicting its first block would leave the others unreachable after a restart)."""
+    probe, probe_tier = replica()
+    written(probe, probe_tier, "probe")
+    record_bytes = probe_tier.stats().used_bytes // 3
+    probe_tier.close()
+    shutil.rmtree(probe_tier.root)
+    store, tier = replica(capacity_bytes=4 * record_bytes, writers=1)
+    long = list(range(1, 13))  # 3 blocks
+    serve(store, "t", [*long, 0])
+    assert tier.drain()
+    hashes = chain_hashes(store.root_of("t"), token_bytes(long), BLOCK, store.hash_fn)
+    # the device holds block 0; the disk is asked for blocks 1 and 2
+    fetched = tier.fetch("t", 1, hashes[0], hashes[1:], [token_bytes(long[4:8]),
+                                                        token_bytes(long[8:12])], None)
+    assert fetched is not None and len(fetched.blocks) == 2
+    serve(store, "t", [*range(50, 58), 0])  # 2 more blocks: one of the first goes
+    assert tier.drain()
+    tier.close()
+    fresh, _ = replica(capacity_bytes=4 * record_bytes)
+    kept = fresh.fetch_shared("t", [*long, 0])
+    assert kept is not None and len(kept.blocks) == 2  # block 0 kept, its last block went

@@ -112,6 +112,16 @@ def test_two_replicas_cannot_share_a_directory(tmp_path: Path) -> None:
         other.close()
 
 
+def test_a_directory_kvgate_did_not_make_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "kv-disk").mkdir()
+    (tmp_path / "kv-disk" / "notes.txt").write_text("the operator's")
+    server = ThreadServer(tmp_path / "one", **flags(tmp_path))
+    with pytest.raises(EngineMisconfigured, match="is not empty and holds no kvgate-disk-tier"):
+        server.start()
+    server.close()
+    assert sorted(p.name for p in (tmp_path / "kv-disk").iterdir()) == ["notes.txt"]
+
+
 def test_the_disk_tier_is_off_by_default(tmp_path: Path) -> None:
     with ThreadServer(tmp_path / "one") as server:
         assert server.admin.cache_stats()["disk"] is None
