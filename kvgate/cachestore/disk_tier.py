@@ -200,6 +200,11 @@ class DiskTier:
                  wall_clock: Callable[[], float] = time.time) -> None:
         """``wall_clock``: what expiries are measured against (seconds since 1970, as they
         are stored; replaceable so tests need no sleeping)."""
+        block = record_size(layout, "", 4 * layout.block_size)
+        if config.capacity_bytes < block:
+            raise DiskTierUnavailable(
+                f"--disk-cache-bytes {config.capacity_bytes} holds no block (one takes about "
+                f"{block} bytes on disk)")
         self.config = config
         self.wall = wall_clock
         self.layout = layout

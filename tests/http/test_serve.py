@@ -155,6 +155,18 @@ def test_an_unknown_tool_call_parser_is_one_clear_line(tmp_path: Path) -> None:
     assert "hermes" in proc.stderr and not db.exists()
 
 
+@pytest.mark.parametrize("flag", ["--kv-dtype", "--offload-kv-dtype"])
+def test_an_unknown_kv_dtype_is_one_clear_line(tmp_path: Path, flag: str) -> None:
+    db = tmp_path / "kvgate.db"
+    proc = subprocess.run(
+        [sys.executable, "-m", "kvgate.gateway.cli", "serve", "--port", "0", "--db",
+         f"sqlite:///{db}", "--model", "demo", flag, "fp4"],
+        capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith(f"kvgate: {flag[2:].replace('-', '_')} 'fp4': use auto, fp8")
+    assert not db.exists()
+
+
 def test_a_short_admin_key_is_refused_before_anything_opens(tmp_path: Path) -> None:
     """``KVGATE_ADMIN_KEY=abc`` would be a live admin key anyone can guess (and ``keys list``
     would print all of it as its prefix): refused with one line, nothing created."""

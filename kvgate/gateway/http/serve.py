@@ -30,8 +30,10 @@ _API_FLAGS: dict[str, tuple[Any, str]] = {
     "host_cache_bytes": (parse_bytes, "KV cache in CPU memory behind it (512MiB), e.g. 32GiB"),
     "block_size": (int, "tokens per KV block (16)"),
     "kv_dtype": (str, "auto | fp8 | int8: K/V in the device cache as the model computes them "
-                      "(auto) or quantized with per-block, per-head scales (fp8 e4m3 needs "
-                      "a GPU of compute capability 8.9+ or the CPU; elsewhere fp8 is int8)"),
+                      "(auto) or quantized with per-block, per-head scales: about twice the "
+                      "blocks of 16-bit pages (fp8 e4m3 needs a GPU of compute capability "
+                      "8.9+, elsewhere it is int8; on a CPU every read dequantizes, so "
+                      "quantized pages buy capacity at a cost in time)"),
     "offload_kv_dtype": (str, "auto | fp8 | int8: K/V in the host tier (and the shared tier): "
                               "as the device cache (auto) or quantized on the way out"),
 }
@@ -67,7 +69,17 @@ def register(subparsers: Any) -> None:
 
 
 _TYPES = {"int": int, "float": float, "str": str}
-_HELP = {"write_timeout": "seconds a streamed answer may wait for its client to accept "
+_HELP = {"disk_cache_dir": "a directory of this replica's own (new or empty) for a KV tier of "
+                          "local files below the host tier, kept across restarts (unset: "
+                          "no disk tier)",
+         "disk_cache_bytes": "what the disk tier may hold (16GiB); its least recently used "
+                             "blocks go first",
+         "disk_cache_write_bandwidth_bytes": "bytes per second the disk tier may write "
+                                             "(256MiB); blocks beyond it are not written",
+         "disk_cache_read_bandwidth_bytes": "the disk's read speed the cost model assumes "
+                                            "(2e9): a block is read when that beats "
+                                            "computing it",
+"write_timeout": "seconds a streamed answer may wait for its client to accept "
                           "bytes; then it is cancelled and billed for what was produced "
                           "(30; 0: no limit)",
          "tool_call_parser": "how tool calls are read from the output: hermes (qwen), llama3, "
@@ -129,6 +141,11 @@ async def serve(settings: Settings) -> int:
         parser_for(None, settings.tool_call_parser)
     except ValueError as exc:  # a typo: say so now, not after loading the model
         print(f"kvgate: --tool-call-parser: {exc}", file=sys.stderr, flush=True)
+        return 2
+    try:
+        engine_config(settings)  # a bad --kv-dtype, --dtype, --device...: say so now
+    except (ValueError, EngineMisconfigured) as exc:
+        print(f"kvgate: {exc}", file=sys.stderr, flush=True)
         return 2
     if settings.admin_key and len(settings.admin_key) < MIN_ADMIN_KEY_LEN:
         print(f"kvgate: KVGATE_ADMIN_KEY is {len(settings.admin_key)} characters; an admin key "
