@@ -10,17 +10,28 @@ requests do not overlap, so running sequences take no room from the cache.
 
 A trace block is one store block whose "token" is the block's id: ids are chained (equal
 id, equal prefix up to and including that block), as in the Mooncake traces, so the store
-hashes and verifies them as it would real tokens.
+hashes and verifies them as it would real tokens. A request's ``fresh_blocks`` follow its
+chain and are blocks no request has: they count as prompt blocks that miss, and are never
+stored (nothing could read them), so they cost a counter, not memory.
+
+Trace files are untrusted input: :func:`trace_lines` reads regular files only, a line at
+most ``MAX_LINE_BYTES`` long, and :func:`json_line` turns every way a line can fail to
+parse (not JSON, a number of over 4300 digits, nesting deeper than the parser's stack)
+into a :class:`TraceError` naming the line. A replay stores every block of its trace in
+its largest (unbounded) run, about 2 KB of bookkeeping a block, so readers refuse a trace
+of more than ``max_blocks`` blocks to store (``DEFAULT_MAX_BLOCKS``) before replaying it.
 """
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
+import os
+import stat
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeGuard
+from typing import Any, TypeGuard
 
 import numpy as np
 import torch
@@ -30,6 +41,8 @@ from kvgate.kernels.layout import KVLayout
 
 DEFAULT_TTL_S = 300.0
 MOONCAKE_BLOCK_TOKENS = 512  # one Mooncake hash id stands for 512 prompt tokens
+MAX_LINE_BYTES = 16 * 1024**2  # a receipt of a 1M-token prompt names ~6 MB of block hashes
+DEFAULT_MAX_BLOCKS = 2_000_000  # blocks a trace may have stored: ~4 GB in the largest replay
 
 
 class TraceError(ValueError):
@@ -44,6 +57,12 @@ class Request:
     ttl_s: float
     blocks: list  # one identity per block (chained): what an offline optimum sees
     prompt_tokens: int | None = None  # real prompt tokens, partial last block included
+    fresh_blocks: int = 0  # full blocks after ``blocks`` that no request has: never stored
+
+    @property
+    def num_blocks(self) -> int:
+        """Full prompt blocks: the chain's and the fresh ones."""
+        return len(self.blocks) + self.fresh_blocks
 
 
 @dataclass
@@ -58,7 +77,12 @@ class Trace:
         return self.block_tokens or self.block_size
 
     def prompt_tokens(self, r: Request) -> int:
-        return len(r.blocks) * self.tokens_per_block if r.prompt_tokens is None else r.prompt_tokens
+        return r.num_blocks * self.tokens_per_block if r.prompt_tokens is None else r.prompt_tokens
+
+    @property
+    def stored_blocks(self) -> int:
+        """Blocks the replay stores, all requests together: more room never evicts."""
+        return sum(len(r.blocks) for r in self.requests)
 
 
 @dataclass
@@ -118,10 +142,10 @@ def replay(
         counts = out.by_namespace.setdefault(r.namespace, Counts())
         prompt = trace.prompt_tokens(r)
         counts.prompt_tokens += prompt
-        if not r.blocks:  # shorter than a block: nothing to cache
+        counts.blocks += r.num_blocks  # fresh blocks: counted, never hit, never stored
+        if not r.blocks:  # shorter than a block, or fresh blocks only: nothing to cache
             continue
         now[0] = r.time_s
-        counts.blocks += len(r.blocks)
         seq = store.open(str(i), r.namespace, default_ttl_s=r.ttl_s)
         m = store.match(seq, r.tokens)
         if store.allocate(seq, len(r.tokens)):
@@ -141,25 +165,85 @@ def blocks_for_bytes(layout: KVLayout, nbytes: int, block_tokens: int) -> int:
 def without_ttl(trace: Trace) -> Trace:
     """The same trace with blocks that live until evicted."""
     return Trace(trace.name, trace.block_size,
-                 [Request(r.time_s, r.namespace, r.tokens, math.inf, r.blocks, r.prompt_tokens)
+                 [Request(r.time_s, r.namespace, r.tokens, math.inf, r.blocks, r.prompt_tokens,
+                          r.fresh_blocks)
                   for r in trace.requests], trace.block_tokens)
 
 
+def short(value: object, most: int = 40) -> str:
+    """``value`` for an error message, cut to ``most`` characters: a trace is untrusted, and
+    a number of thousands of digits or a long string is never echoed whole."""
+    try:
+        text = str(value)
+    except ValueError:  # an int over the digit limit
+        return "a number of thousands of digits"
+    return text if len(text) <= most else text[: most - 3] + "..."
+
+
+def trace_lines(path: Path, limit: int | None = None,
+                max_line: int = MAX_LINE_BYTES) -> Iterator[tuple[int, str]]:
+    """The non-blank lines of the trace at ``path`` with their line numbers, the first
+    ``limit`` of them. Only a regular file is read (a device or a pipe never ends), and a
+    line longer than ``max_line`` bytes is refused, not read on."""
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # before opening: a FIFO's open blocks
+            raise TraceError(f"{path}: not a regular file; give a trace file")
+        with path.open("rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):  # replaced since the stat
+                raise TraceError(f"{path}: not a regular file; give a trace file")
+            lineno = found = 0
+            while limit is None or found < limit:
+                raw = f.readline(max_line + 1)
+                if not raw:
+                    return
+                lineno += 1
+                if len(raw.rstrip(b"\r\n")) > max_line:
+                    raise TraceError(f"{path}:{lineno}: a line longer than {max_line} bytes")
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    raise TraceError(f"{path}:{lineno}: not UTF-8 text") from None
+                if line.strip():
+                    found += 1
+                    yield lineno, line
+    except OSError as exc:
+        raise TraceError(f"{path}: cannot read the trace ({exc.strerror or exc})") from None
+
+
+def json_line(where: str, line: str) -> Any:
+    """A trace line's JSON value; any way it fails to parse is a ``TraceError``."""
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise TraceError(f"{where}: not JSON ({exc.msg})") from None
+    except ValueError:  # json.loads refuses ints of more than sys.get_int_max_str_digits()
+        raise TraceError(f"{where}: not usable JSON (a number of too many digits)") from None
+    except RecursionError:
+        raise TraceError(f"{where}: not usable JSON (nested too deep)") from None
+
+
+def too_many_blocks(path: Path, lineno: int, max_blocks: int) -> TraceError:
+    return TraceError(f"{path}:{lineno}: the trace has more than {max_blocks} blocks to "
+                      "replay (about 2 KB of memory each): raise --max-blocks or replay "
+                      "fewer requests (--max-requests)")
+
+
 def mooncake_trace(path: Path, limit: int | None = None, ttl_s: float = DEFAULT_TTL_S,
-                   namespace: str = "tenant:mooncake") -> Trace:
+                   namespace: str = "tenant:mooncake",
+                   max_blocks: int = DEFAULT_MAX_BLOCKS) -> Trace:
     """A Mooncake-format trace (one JSON object a line: ``timestamp`` in ms,
     ``input_length``, ``hash_ids`` of 512-token blocks) as one tenant. A trace block is one
     store block of one "token", its id; a partial last block is not cached but its tokens
-    count in the prompt. ``limit``: the first requests only."""
+    count in the prompt. ``limit``: the first requests only; more than ``max_blocks`` full
+    blocks in all is refused."""
     requests: list[Request] = []
-    try:
-        with path.open() as f:
-            for lineno, line in enumerate(itertools.islice(f, limit), 1):
-                if not line.strip():
-                    continue
-                requests.append(_mooncake_request(path, lineno, line, ttl_s, namespace))
-    except (OSError, UnicodeDecodeError) as exc:
-        raise TraceError(f"{path}: cannot read the trace ({exc})") from None
+    blocks = 0
+    for lineno, line in trace_lines(path, limit):
+        r = _mooncake_request(path, lineno, line, ttl_s, namespace)
+        blocks += len(r.blocks)
+        if blocks > max_blocks:
+            raise too_many_blocks(path, lineno, max_blocks)
+        requests.append(r)
     if not requests:
         raise TraceError(f"{path}: the trace holds no request")
     requests.sort(key=lambda r: r.time_s)  # stable: arrival order kept among equal times
@@ -169,25 +253,33 @@ def mooncake_trace(path: Path, limit: int | None = None, ttl_s: float = DEFAULT_
 def _mooncake_request(path: Path, lineno: int, line: str, ttl_s: float,
                       namespace: str) -> Request:
     where = f"{path}:{lineno}"
-    try:
-        r = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise TraceError(f"{where}: not JSON ({exc.msg})") from None
+    r = json_line(where, line)
     if not isinstance(r, dict):
         raise TraceError(f"{where}: a Mooncake request is a JSON object")
     stamp, length, ids = r.get("timestamp"), r.get("input_length"), r.get("hash_ids")
-    if not _number(stamp) or not math.isfinite(stamp) or stamp < 0:
+    if not finite(stamp) or stamp < 0:
         raise TraceError(f"{where}: timestamp must be a number of milliseconds >= 0")
     if type(length) is not int or length < 0:
         raise TraceError(f"{where}: input_length must be a whole number of tokens >= 0")
     if not isinstance(ids, list) or not all(type(i) is int and 0 <= i < 2**32 for i in ids):
         raise TraceError(f"{where}: hash_ids must be a list of integers in [0, 2**32)")
     if len(ids) < -(-length // MOONCAKE_BLOCK_TOKENS):
-        raise TraceError(f"{where}: {len(ids)} hash_ids cannot cover input_length {length} "
-                         f"({MOONCAKE_BLOCK_TOKENS} tokens a block)")
+        raise TraceError(f"{where}: {len(ids)} hash_ids cannot cover input_length "
+                         f"{short(length)} ({MOONCAKE_BLOCK_TOKENS} tokens a block)")
     full = ids[: length // MOONCAKE_BLOCK_TOKENS]
-    return Request(stamp / 1000.0, namespace, np.asarray(full, dtype=np.int64), ttl_s, full,
-                   length)
+    return Request(float(stamp) / 1000.0, namespace, np.asarray(full, dtype=np.int64), ttl_s,
+                   full, length)
+
+
+def finite(value: object) -> TypeGuard[int | float]:
+    """A JSON number (not a boolean) that is finite as a float: an int too large for one is
+    not."""
+    if not _number(value):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def _number(value: object) -> TypeGuard[int | float]:

@@ -207,6 +207,33 @@ BAD_TRACES = {
                              '{"read": [{"hash": "aa"}], "written": [{"hash": "bb", '
                              '"ttl_s": 300}]}, "started_at": "2026-01-01T00:00:00+00:00"}\n',
                              "names 2 blocks, more than its 20 prompt tokens hold"),
+    # hostile files: parser limits, numbers too big for a float, values never echoed whole
+    "many-digits.jsonl": ('{"timestamp": 1' + "0" * 5000 + ', "input_length": 1, '
+                          '"hash_ids": [1]}\n', "tiny/many-digits.jsonl:1: not usable JSON "
+                          "(a number of too many digits)"),
+    "deep.jsonl": ("[" * 100_000 + "\n", "tiny/deep.jsonl:1: not usable JSON (nested too deep)"),
+    "deep-later.jsonl": ('{"timestamp": 0, "input_length": 512, "hash_ids": [1]}\n'
+                         + '{"a": ' * 50_000 + "\n", "deep-later.jsonl:2: not usable JSON"),
+    "huge-length.jsonl": ('{"timestamp": 0, "input_length": 1' + "0" * 4000 + ', '
+                          '"hash_ids": [1]}\n', "cannot cover input_length 1000000000"),
+    "huge-stamp.jsonl": ('{"timestamp": 1' + "0" * 400 + ', "input_length": 1, '
+                         '"hash_ids": [1]}\n', "timestamp must be a number of milliseconds"),
+    "receipt-ttl.jsonl": ('{"object": "receipt", "tokens": {"prompt": 32}, "blocks": '
+                          '{"written": [{"hash": "aa", "ttl_s": 1' + "0" * 400 + '}]}, '
+                          '"started_at": "2026-01-01T00:00:00+00:00"}\n',
+                          "blocks.written has a ttl_s that is not a positive number"),
+    "receipt-digits.jsonl": ('{"object": "receipt", "tokens": {"prompt": 1' + "0" * 4000
+                             + '}, "blocks": {}, "started_at": "2026-01-01T00:00:00+00:00"}\n',
+                             "a prompt of " + "1" + "0" * 36 + "... tokens is "
+                             "more than 1048576 blocks of 16"),
+    "receipt-hash.jsonl": ('{"object": "receipt", "tokens": {"prompt": 32}, "blocks": '
+                           '{"read": [{"hash": "' + "a" * 10_000 + '"}]}, '
+                           '"started_at": "2026-01-01T00:00:00+00:00"}\n',
+                           "every block in blocks.read needs its hash (at most 128 characters)"),
+    "receipt-tenant.jsonl": ('{"object": "receipt", "tokens": {"prompt": 32}, "blocks": {}, '
+                             '"tenant_id": {"a": [1, 2]}, '
+                             '"started_at": "2026-01-01T00:00:00+00:00"}\n',
+                             "tenant_id must be a tenant id"),
 }
 
 
@@ -220,7 +247,137 @@ def test_a_bad_trace_is_named_with_its_line(name: str, tmp_path: Path,
     rc, out, err = plan(capsys, "--model", "demo", "--trace", str(path), "--tier-sizes", "1MiB")
     assert rc == 2 and out == ""
     assert err.startswith("kvgate plan: ") and message in err, err
-    assert len(err.strip().splitlines()) == 1
+    assert len(err.strip().splitlines()) == 1 and len(err) < 400  # nothing echoed whole
+
+
+def test_a_non_utf8_line_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "binary.jsonl"
+    path.write_bytes(b'{"timestamp": 0, "input_length": 512, "hash_ids": [1]}\n\x80\xff\n')
+    rc, out, err = plan(capsys, "--model", "demo", "--trace", str(path), "--tier-sizes", "1MiB")
+    assert (rc, out, err) == (2, "", f"kvgate plan: {path}:2: not UTF-8 text\n")
+
+
+def receipt(prompt: int, read: list[str] = [], written: list[str] = [],  # noqa: B006
+            at: str = "2026-01-01T00:00:00+00:00") -> dict[str, Any]:
+    return {"object": "receipt", "tenant_id": 1, "tokens": {"prompt": prompt},
+            "started_at": at, "blocks": {"read": [{"hash": h, "tier": "device"} for h in read],
+                                         "written": [{"hash": h, "ttl_s": 300} for h in written]}}
+
+
+def test_blocks_a_receipt_does_not_name_are_counted_not_stored(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # 200 receipts of 2**20 blocks each that name none (a 30 KB file): 200 Mi blocks that
+    # miss, none stored, so it replays at once in no memory instead of exhausting it
+    amplify = tmp_path / "amplify.jsonl"
+    amplify.write_text("".join(json.dumps(receipt(16 * 2**20)) + "\n" for _ in range(200)))
+    data = plan_json(capsys, "--model", "demo", "--trace", str(amplify), "--tier-sizes", "1MiB")
+    t = data["trace"]
+    assert (t["requests"], t["prompt_tokens"], t["block_tokens"]) == (200, 200 * 16 * 2**20, 16)
+    assert {r["device_blocks"] for r in t["rows"]} == {0}  # nothing to store: no room needed
+    assert (t["unbounded_hit_rate"], t["unbounded_read_share"]) == (0.0, 0.0)
+
+    # the one-offs stay in the hit rate's denominator: 2 of 3 + 5 blocks were read
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text(json.dumps(receipt(48, written=["a", "b"])) + "\n"
+                     + json.dumps(receipt(80, read=["a", "b"], at="2026-01-01T00:00:01Z"))
+                     + "\n")
+    t = plan_json(capsys, "--model", "demo", "--trace", str(mixed), "--tier-sizes", "1MiB",
+                  "--host-cache-bytes", "0")["trace"]
+    assert t["unbounded_hit_rate"] == round(2 / 8, 4)
+    assert t["unbounded_read_share"] == round(32 / 128, 4)
+    assert {r["device_blocks"] for r in t["rows"]} == {2 + 2}  # named blocks only
+
+
+def test_a_trace_of_more_blocks_than_max_blocks_is_refused(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    receipts = tmp_path / "receipts.jsonl"
+    receipts.write_text("".join(json.dumps(receipt(64, written=[f"{i}a", f"{i}b"])) + "\n"
+                                for i in range(4)))
+    moon = mooncake(tmp_path / "moon.jsonl", TRACE)  # 2 + 2 + 2 full blocks
+    for path, line in ((receipts, 3), (moon, 3)):
+        rc, out, err = plan(capsys, "--model", "demo", "--trace", str(path), "--max-blocks", "5")
+        assert rc == 2 and out == ""
+        assert err == (f"kvgate plan: {path}:{line}: the trace has more than 5 blocks to replay "
+                       "(about 2 KB of memory each): raise --max-blocks or replay fewer "
+                       "requests (--max-requests)\n")
+        rc, _, err = plan(capsys, "--model", "demo", "--trace", str(path), "--max-blocks", "5",
+                          "--max-requests", "2", "--tier-sizes", "1MiB")
+        assert rc == 0, err
+    data = plan_json(capsys, "--model", "demo", "--trace", str(moon), "--max-blocks", "6",
+                     "--tier-sizes", "1MiB")
+    assert data["trace"]["requests"] == 4
+
+
+def test_a_line_longer_than_the_limit_is_refused_not_read_on(tmp_path: Path) -> None:
+    from kvgate.cachestore.replay import MAX_LINE_BYTES, TraceError, trace_lines
+
+    path = tmp_path / "long.jsonl"
+    path.write_bytes(b"\n" + b"x" * 64 + b"\n\n" + b"y" * 65 + b"\n")
+    lines = trace_lines(path, max_line=64)
+    assert next(lines) == (2, "x" * 64 + "\n")  # blank lines skipped, numbers kept
+    with pytest.raises(TraceError, match=r"long.jsonl:4: a line longer than 64 bytes$"):
+        next(lines)
+    assert list(trace_lines(path, limit=1, max_line=64)) == [(2, "x" * 64 + "\n")]
+
+    big = tmp_path / "big.jsonl"  # one line over the real limit, through the command
+    big.write_bytes(b'{"timestamp": 0, "input_length": 512, "hash_ids": [1]}\n'
+                    + b"[" + b" " * MAX_LINE_BYTES + b"]\n")
+    proc = subprocess.run([sys.executable, "-m", "kvgate.gateway.cli", "plan", "--model", "demo",
+                           "--trace", str(big)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr == (f"kvgate plan: {big}:2: a line longer than {MAX_LINE_BYTES} "
+                           "bytes\n")
+
+
+@pytest.mark.parametrize("kind", ["/dev/zero", "/dev/null", "fifo", "directory"])
+def test_only_a_regular_file_is_read(kind: str, tmp_path: Path,
+                                     capsys: pytest.CaptureFixture[str]) -> None:
+    import os
+
+    path = Path(kind)
+    if kind == "fifo":  # opening one would wait for a writer forever
+        path = tmp_path / "trace.fifo"
+        os.mkfifo(path)
+    elif kind == "directory":
+        path = tmp_path
+    if kind in ("/dev/zero", "fifo"):  # in a child: were it read, it would never end
+        proc = subprocess.run([sys.executable, "-m", "kvgate.gateway.cli", "plan", "--model",
+                               "demo", "--trace", str(path)], cwd=ROOT, capture_output=True,
+                              text=True, timeout=300)
+        rc, out, err = proc.returncode, proc.stdout, proc.stderr
+    else:
+        rc, out, err = plan(capsys, "--model", "demo", "--trace", str(path))
+    assert (rc, out) == (2, "")
+    assert err == f"kvgate plan: {path}: not a regular file; give a trace file\n"
+
+
+def test_running_out_of_memory_is_one_line_and_status_2(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import kvgate.cachestore.replay
+    import kvgate.gateway.plan.sweep
+    import kvgate.gateway.plan.traces
+
+    def exhausted(*args: Any, **kwargs: Any) -> Any:
+        raise MemoryError
+
+    receipts = tmp_path / "receipts.jsonl"
+    receipts.write_text(json.dumps(receipt(64, written=["a"])) + "\n")
+    moon = mooncake(tmp_path / "moon.jsonl", TRACE)
+    with monkeypatch.context() as m:  # while reading either format
+        m.setattr(kvgate.gateway.plan.traces, "_receipt", exhausted)
+        m.setattr(kvgate.cachestore.replay, "_mooncake_request", exhausted)
+        for path in (receipts, moon):
+            rc, out, err = plan(capsys, "--model", "demo", "--trace", str(path))
+            assert (rc, out) == (2, "")
+            assert err == (f"kvgate plan: {path}: out of memory reading the trace; replay "
+                           "fewer requests (--max-requests) or blocks (--max-blocks)\n")
+    monkeypatch.setattr(kvgate.gateway.plan.sweep, "replay", exhausted)  # while replaying
+    rc, out, err = plan(capsys, "--model", "demo", "--trace", str(moon))
+    assert (rc, out) == (2, "")
+    assert err == ("kvgate plan: out of memory replaying the trace; replay fewer requests "
+                   "(--max-requests) or blocks (--max-blocks)\n")
 
 
 BAD_FLAGS = [
@@ -233,6 +390,7 @@ BAD_FLAGS = [
     (["--seq-len", "0"], "--seq-len takes positive numbers"),
     (["--block-size", "0"], "--block-size, --max-running and --workers must be positive"),
     (["--max-running", "-1"], "must be positive"),
+    (["--max-blocks", "0"], "--max-blocks must be positive"),
     (["--ttl", "nan"], "--ttl must be a positive number of seconds"),
     (["--plot", "x.png"], "--plot draws the hit rate of a trace: give --trace too"),
     (["--model", "/no/such/model"], "--model /no/such/model: no such file or directory"),

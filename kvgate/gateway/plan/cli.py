@@ -51,6 +51,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--trace-format", default="auto", help="auto | mooncake | receipts")
     p.add_argument("--max-requests", type=int, default=None, metavar="N",
                    help="replay the trace's first N requests only")
+    p.add_argument("--max-blocks", type=int, default=None, metavar="N",
+                   help="refuse a trace of more than N blocks to replay (2000000; the "
+                        "largest replay holds about 2 KB of memory a block)")
     p.add_argument("--ttl", type=float, default=300.0, metavar="SECONDS",
                    help="cache TTL of a replayed request that names none (300)")
     p.add_argument("--tier-sizes", action="append", default=None, metavar="BYTES[,BYTES]",
@@ -64,6 +67,8 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from concurrent.futures.process import BrokenProcessPool
+
     from kvgate.cachestore.replay import TraceError
     from kvgate.gateway.plan.capacity import PlanError
 
@@ -71,6 +76,10 @@ def run(args: argparse.Namespace) -> int:
         report = build(args)
     except (PlanError, TraceError) as exc:
         print(f"kvgate plan: {exc}", file=sys.stderr)
+        return 2
+    except (MemoryError, BrokenProcessPool):  # the replay outgrew memory (--max-blocks)
+        print("kvgate plan: out of memory replaying the trace; replay fewer requests "
+              "(--max-requests) or blocks (--max-blocks)", file=sys.stderr)
         return 2
     if args.json:
         print(json.dumps(report, indent=2))
@@ -114,6 +123,8 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
         raise PlanError("--ttl must be a positive number of seconds")
     if args.max_requests is not None and args.max_requests <= 0:
         raise PlanError("--max-requests must be positive")
+    if args.max_blocks is not None and args.max_blocks <= 0:
+        raise PlanError("--max-blocks must be positive")
     device = _size("--device-cache-bytes", args.device_cache_bytes, DEFAULT_DEVICE_BYTES, 1)
     host = _size("--host-cache-bytes", args.host_cache_bytes, DEFAULT_HOST_BYTES, 0)
     try:
@@ -141,6 +152,7 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
 
 def _trace(args: argparse.Namespace, layouts: dict[str, Any], device: int,
            host: int) -> dict[str, Any]:
+    from kvgate.cachestore.replay import DEFAULT_MAX_BLOCKS
     from kvgate.gateway.plan.sweep import sweep
     from kvgate.gateway.plan.traces import read_trace
 
@@ -149,7 +161,7 @@ def _trace(args: argparse.Namespace, layouts: dict[str, Any], device: int,
     else:
         sizes = [max(1, device * 2**k // 16) for k in range(7)]
     trace = read_trace(args.trace, args.trace_format, args.block_size, args.ttl,
-                       args.max_requests)
+                       args.max_requests, args.max_blocks or DEFAULT_MAX_BLOCKS)
 
     def progress(done: int, total: int) -> None:  # on a terminal only, never in a log
         print(f"\rreplaying {trace.name}: {done}/{total}", end="" if done < total else "\n",

@@ -61,7 +61,7 @@ def _replay(capacity: tuple[int, int]) -> tuple[tuple[int, int], ReplayResult]:
 def sweep(trace: Trace, layouts: dict[str, KVLayout], sizes: list[int], host_bytes: int,
           workers: int = 1, progress: Callable[[int, int], None] | None = None) -> TraceReport:
     step = trace.tokens_per_block
-    most = sum(len(r.blocks) for r in trace.requests)  # more room than this never evicts
+    most = trace.stored_blocks  # more room than this never evicts
 
     def blocks(layout: KVLayout, nbytes: int) -> int:
         return min(blocks_for_bytes(layout, nbytes, step), most)
