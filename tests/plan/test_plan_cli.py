@@ -161,9 +161,22 @@ def test_plot_without_matplotlib_says_how_to_get_it(
     trace = mooncake(tmp_path / "tiny.jsonl", TRACE)
     rc, out, err = plan(capsys, "--model", "demo", "--trace", str(trace), "--plot",
                         str(tmp_path / "x.png"), "--tier-sizes", "1MiB")
-    assert rc == 2 and "KV_DTYPE" in out  # the table is printed all the same
+    assert rc == 2 and "KV_DTYPE" not in out  # refused before anything is replayed
     assert "--plot needs matplotlib: pip install 'kvgate[plan]'" in err
     assert not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.parametrize(("target", "says"), [
+    ("missing-dir/x.png", "is not a directory this user can write to"),
+    ("x.txt", "the plot is a PNG"),
+])
+def test_a_plot_that_cannot_be_written_is_refused_before_the_replay(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], target: str, says: str) -> None:
+    pytest.importorskip("matplotlib", reason="pip install 'kvgate[plan]'")
+    trace = mooncake(tmp_path / "tiny.jsonl", TRACE)
+    rc, out, err = plan(capsys, "--model", "demo", "--trace", str(trace), "--plot",
+                        str(tmp_path / target), "--tier-sizes", "1MiB")
+    assert rc == 2 and says in err and "KV_DTYPE" not in out
 
 
 def test_the_shape_comes_from_a_config_or_a_gguf_file(

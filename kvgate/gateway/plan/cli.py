@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -117,6 +118,8 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
 
     if args.plot is not None and args.trace is None:
         raise PlanError("--plot draws the hit rate of a trace: give --trace too")
+    if args.plot is not None:  # checked now, not after a replay of minutes
+        _check_plot(args.plot)
     if args.block_size <= 0 or args.max_running <= 0 or args.workers <= 0:
         raise PlanError("--block-size, --max-running and --workers must be positive")
     if not args.ttl > 0:
@@ -214,6 +217,20 @@ def print_report(report: dict[str, Any]) -> None:
                  "read_share": f"{trace['unbounded_read_share']:.4f}"})
     print_table(rows, ["kv_dtype", "device_bytes", "device_blocks", "host_blocks", "hit_rate",
                        "read_share"])
+
+
+def _check_plot(path: Path) -> None:
+    from kvgate.gateway.plan.capacity import PlanError
+
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise PlanError("--plot needs matplotlib: pip install 'kvgate[plan]'") from None
+    if path.suffix.lower() != ".png":
+        raise PlanError(f"--plot {path}: the plot is a PNG; give a path ending in .png")
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir() or not os.access(folder, os.W_OK):
+        raise PlanError(f"--plot {path}: {folder} is not a directory this user can write to")
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
