@@ -44,22 +44,43 @@ def main() -> int:
     kv = {"k_ptr": p, "v_ptr": p, "table_ptr": "*i32", "lens_ptr": "*i32", "scale_log2": "fp32"}
     precision = {"UPCAST": False, "PRECISION": "tf32x3"}
     block_n = ta._block_n(head_dim)
+    plain = {"QUANT": False}
     jobs = [
         (ta._decode_kernel, {**kv, "q_ptr": p, "out_ptr": p, "part_acc_ptr": "*fp32",
                              "part_ml_ptr": "*fp32"},
          dict(GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=16, NUM_SPLITS=8, BLOCK_G=16,
-              BLOCK_N=block_n, BLOCK_D=head_dim, **precision), 4),
+              BLOCK_N=block_n, BLOCK_D=head_dim, **plain, **precision), 4),
         (ta._decode_reduce_kernel, {"part_acc_ptr": "*fp32", "part_ml_ptr": "*fp32", "out_ptr": p},
          dict(NUM_HEADS=32, HEAD_DIM=head_dim, NUM_SPLITS=8, BLOCK_S=8, BLOCK_D=head_dim), 4),
         (ta._prefill_kernel, {**kv, "q_ptr": p, "out_ptr": p, "cu_ptr": "*i32"},
          dict(GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=16, TOKENS=64 // group, BLOCK_M=64,
-              BLOCK_N=block_n, BLOCK_D=head_dim, **precision), 8),
+              BLOCK_N=block_n, BLOCK_D=head_dim, **plain, **precision), 8),
         (ts._store_kv_kernel, {"k_ptr": p, "v_ptr": p, "k_cache_ptr": p, "v_cache_ptr": p,
                                "slot_ptr": "*i64"},
          dict(NUM_HEADS=8, HEAD_DIM=head_dim, BLOCK_SIZE=16, BLOCK_H=8, BLOCK_D=head_dim), 4),
     ]
+    # quantized pages (fp8 e4m3 and int8 values, fp32 scales): the same kernels with QUANT
+    for q, qmax in (("*fp8e4nv", 448.0), ("*i8", 127.0)):
+        scales = {"k_scale_ptr": "*fp32", "v_scale_ptr": "*fp32"}
+        qkv = {**kv, "k_ptr": q, "v_ptr": q, **scales}
+        jobs += [
+            (ta._decode_kernel, {**qkv, "q_ptr": p, "out_ptr": p, "part_acc_ptr": "*fp32",
+                                 "part_ml_ptr": "*fp32"},
+             dict(GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=16, NUM_SPLITS=8, BLOCK_G=16,
+                  BLOCK_N=block_n, BLOCK_D=head_dim, QUANT=True, **precision), 4),
+            (ta._prefill_kernel, {**qkv, "q_ptr": p, "out_ptr": p, "cu_ptr": "*i32"},
+             dict(GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=16, TOKENS=64 // group,
+                  BLOCK_M=64, BLOCK_N=block_n, BLOCK_D=head_dim, QUANT=True, **precision), 8),
+            (ts._store_quantized_kernel, {"k_ptr": p, "v_ptr": p, "k_cache_ptr": q,
+                                          "v_cache_ptr": q, **scales, "slot_ptr": "*i64"},
+             dict(HEAD_DIM=head_dim, BLOCK_SIZE=16, BLOCK_O=16, BLOCK_D=head_dim, CHUNK=128,
+                  QMAX=qmax, IS_FP8=q == "*fp8e4nv"), 4),
+        ]
     for fn, types, consts, warps in jobs:
-        print(f"{fn.__name__} {dtype} d={head_dim}: {compile_kernel(fn, types, consts, warps)}")
+        quant = "" if not consts.get("QUANT", "QMAX" in consts) else \
+            f" {types.get('k_ptr') if 'QUANT' in consts else types['k_cache_ptr']} pages"
+        print(f"{fn.__name__} {dtype}{quant} d={head_dim}: "
+              f"{compile_kernel(fn, types, consts, warps)}")
     return 0
 
 
