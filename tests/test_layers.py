@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("kvgate/gateway", "kvgate/cachestore", "kvgate/kernels")
+PACKAGES = ("kvgate/gateway", "kvgate/cachestore", "kvgate/kernels", "kvgate/migrations")
 
 
 def _modules() -> dict[str, Path]:
@@ -101,7 +101,8 @@ def test_no_import_cycles() -> None:
     assert _cycles() == []
 
 
-# What each layer may import of ours, besides itself (dependencies point down).
+# What each layer may import of ours, besides itself (dependencies point down). Every
+# package of kvgate is a layer here (``test_every_package_has_a_layer``).
 ALLOWED = {
     "kvgate.kernels": set(),
     "kvgate.cachestore": {"kvgate.kernels"},
@@ -109,10 +110,29 @@ ALLOWED = {
     "kvgate.gateway.engine": {"kvgate.cachestore", "kvgate.kernels", "kvgate.gateway.usage"},
     "kvgate.gateway.ledger": {"kvgate.gateway.usage", "kvgate.gateway.config"},  # config: the CLI reads KVGATE_DB
     "kvgate.gateway.config": set(),
+    "kvgate.migrations": {"kvgate.gateway.ledger"},
     # the capacity planner: model shapes (engine), replays (cachestore), the CLI's byte
     # sizes (config) and table printer (ledger); never HTTP
     "kvgate.gateway.plan": {"kvgate.cachestore", "kvgate.kernels", "kvgate.gateway.engine",
                             "kvgate.gateway.config", "kvgate.gateway.ledger"},
+    # what clients send and replicas and routers exchange: the engine's value types
+    # (sampling, structured outputs, tokenizer), principals and billing rules, cache events
+    "kvgate.gateway.protocol": {"kvgate.cachestore", "kvgate.gateway.engine",
+                                "kvgate.gateway.ledger", "kvgate.gateway.usage"},
+    # what every aiohttp front end shares: the protocol's errors, the ledger's keys
+    "kvgate.gateway.edge": {"kvgate.gateway.protocol", "kvgate.gateway.ledger",
+                            "kvgate.gateway.usage"},
+    # the replica and the router stand side by side on the edge; neither imports the other
+    "kvgate.gateway.http": {"kvgate.gateway.edge", "kvgate.gateway.protocol",
+                            "kvgate.gateway.engine", "kvgate.gateway.ledger",
+                            "kvgate.gateway.config", "kvgate.gateway.usage",
+                            "kvgate.cachestore", "kvgate.kernels"},
+    "kvgate.gateway.route": {"kvgate.gateway.edge", "kvgate.gateway.protocol",
+                             "kvgate.gateway.engine", "kvgate.gateway.ledger",
+                             "kvgate.gateway.config", "kvgate.cachestore"},
+    # the command line: the top, it may reach every layer
+    "kvgate.gateway.cli": {"kvgate.gateway", "kvgate.cachestore", "kvgate.kernels"},
+    "kvgate.gateway": set(),  # the package's own __init__
 }
 
 
@@ -130,6 +150,61 @@ def test_dependencies_point_down(layer: str) -> None:
         for t in targets
         if _layer(t) != layer and not any(t == a or t.startswith(a + ".")
                                           for a in ALLOWED[layer]))
+    assert wrong == []
+
+
+def test_every_package_has_a_layer() -> None:
+    """A new package (or a top-level module) is given its place in ``ALLOWED``, not left
+    to the catch-all where nothing checks it."""
+    unplaced = sorted(m for m in MODULES
+                      if _layer(m) not in ALLOWED or (_layer(m) == "kvgate.gateway"
+                                                      and m != "kvgate.gateway"))
+    assert unplaced == []
+
+
+# Third-party imports a layer must not make: the protocol parses and checks, it serves
+# nothing, so a router or a test can use it without a web framework or a Redis client.
+FORBIDDEN_THIRD_PARTY = {"kvgate.gateway.protocol": ("aiohttp", "redis")}
+
+
+def _third_party(module: str) -> Iterator[str]:
+    path = MODULES[module]
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            yield from (a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            yield node.module
+
+
+@pytest.mark.parametrize("layer", sorted(FORBIDDEN_THIRD_PARTY))
+def test_no_forbidden_libraries(layer: str) -> None:
+    wrong = sorted(f"{m} imports {name}" for m in MODULES if _layer(m) == layer
+                   for name in _third_party(m)
+                   if name.split(".")[0] in FORBIDDEN_THIRD_PARTY[layer])
+    assert wrong == []
+
+
+def test_no_private_names_across_packages() -> None:
+    """``from kvgate.a.b import _name`` only within package ``kvgate.a``: a private name is
+    a module's business and its package's, no one else's."""
+    wrong = []
+    for module, path in MODULES.items():
+        package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                target = _resolve(node.module)
+                if target is None:
+                    continue
+                target_pkg = target if MODULES[target].name == "__init__.py" \
+                    else target.rpartition(".")[0]
+                wrong += [f"{module} imports {node.module}.{a.name}" for a in node.names
+                          if a.name.startswith("_") and target_pkg != package]
+    assert wrong == []
+
+
+def test_no_casts_to_any() -> None:
+    """``cast(Any, x)`` hides a type the design should name (a Protocol, a union)."""
+    wrong = [m for m, path in MODULES.items() if "cast(Any" in path.read_text()]
     assert wrong == []
 
 

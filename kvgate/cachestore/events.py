@@ -3,7 +3,7 @@
 The index reports every block it stores, removes or moves between tiers to one optional
 sink (``PrefixIndex.on_event``). The sink is called on the thread that changes the index,
 under the store's lock, so it must only record the event (append to a buffer); sending it
-anywhere is the caller's business (``kvgate.gateway.route.events``). Hashes are the chained,
+anywhere is the caller's business (``kvgate.gateway.protocol.wire``). Hashes are the chained,
 namespace-scoped block hashes (``kvgate.cachestore.hashing``), so a consumer that computes the
 same hashes for a prompt can look its prefix up without ever seeing a token.
 """

@@ -10,7 +10,7 @@ from tokenizers import Tokenizer
 
 from kvgate.gateway.engine import demo
 from kvgate.gateway.engine.tokenizer import TextTokenizer, hermes_tool_turns
-from kvgate.gateway.http.tools import parse_all, parser_for
+from kvgate.gateway.protocol.tool_parsers import parse_all, parser_for
 
 # SmolLM2-135M-Instruct's template (ChatML, a default system turn, no tools).
 SMOLLM2 = (

@@ -15,8 +15,8 @@ import anthropic
 import jsonschema
 import pytest
 
-from kvgate.gateway.http.anthropic_prompt import parse_conversation
-from kvgate.gateway.http.tools import HermesParser
+from kvgate.gateway.protocol.anthropic import parse_conversation
+from kvgate.gateway.protocol.tool_parsers import HermesParser
 from tests.http.conftest import HTTP_FLAGS
 from tests.support import Session, Tenant, ThreadServer, iter_sse, shapes
 from tests.support.scripted import ScriptedModel

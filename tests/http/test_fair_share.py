@@ -400,4 +400,4 @@ def test_write_timeout_flag_and_environment(monkeypatch: pytest.MonkeyPatch,
     monkeypatch.setenv("KVGATE_WRITE_TIMEOUT", "7")
     assert settings_from_args(build_parser().parse_args(["serve"])).write_timeout == 7.0
     router = RouterSettings.from_env()
-    assert router.write_timeout == 7.0 and router.server_settings().write_timeout == 7.0
+    assert router.write_timeout == 7.0

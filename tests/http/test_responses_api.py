@@ -16,7 +16,7 @@ import openai
 import pydantic
 import pytest
 
-from kvgate.gateway.http.tools import HermesParser
+from kvgate.gateway.protocol.tool_parsers import HermesParser
 from tests.support import Session, Tenant, ThreadServer, iter_sse, shapes
 from tests.support.scripted import ScriptedModel
 
@@ -204,7 +204,7 @@ def test_get_delete_and_not_stored(server: ThreadServer, tenant: Tenant, http: S
 
 def test_expired_responses_are_gone(server: ThreadServer, tenant: Tenant,
                                     model_id: str) -> None:
-    from kvgate.gateway.http.responses_api import STORE
+    from kvgate.gateway.http.responses.api import STORE
 
     c = client(server, tenant)
     r = c.responses.create(model=model_id, input="brief", max_output_tokens=2)

@@ -142,7 +142,7 @@ def test_a_taken_port_is_one_clear_line_before_the_model_loads(tmp_path: Path) -
 
 
 def test_an_unknown_tool_call_parser_is_one_clear_line(tmp_path: Path) -> None:
-    from kvgate.gateway.http.tools import HermesParser, parser_for
+    from kvgate.gateway.protocol.tool_parsers import HermesParser, parser_for
 
     assert isinstance(parser_for(None, "qwen"), HermesParser)  # the name people guess
     db = tmp_path / "kvgate.db"

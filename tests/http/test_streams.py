@@ -18,7 +18,7 @@ import anthropic
 import openai
 import pytest
 
-from kvgate.gateway.http.tenancy import tenant_namespace
+from kvgate.gateway.protocol.namespace import tenant_namespace
 from tests.support import Admin, Tenant, ThreadServer, request_body
 
 # Long enough to span many cache blocks, so a cached prompt is cheap to tell apart.

@@ -16,7 +16,7 @@ import openai
 import pytest
 from pydantic import BaseModel
 
-from kvgate.gateway.http.tools import HermesParser
+from kvgate.gateway.protocol.tool_parsers import HermesParser
 from tests.support import Session, Tenant, ThreadServer, shapes
 from tests.support.scripted import ScriptedModel
 from tests.support.sse import iter_sse

@@ -17,7 +17,7 @@ from tokenizers import Tokenizer
 
 from kvgate.gateway.engine import demo
 from kvgate.gateway.engine.tokenizer import IncrementalDecoder, TextTokenizer
-from kvgate.gateway.http.tools import (
+from kvgate.gateway.protocol.tool_parsers import (
     HermesParser,
     Llama3Parser,
     MistralParser,

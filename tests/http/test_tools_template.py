@@ -11,9 +11,9 @@ from tokenizers import Tokenizer
 
 from kvgate.gateway.engine import demo
 from kvgate.gateway.engine.tokenizer import TextTokenizer
-from kvgate.gateway.http.errors import ApiError
-from kvgate.gateway.http.openai_api import chat_messages
-from kvgate.gateway.http.openai_tools import render_prompt
+from kvgate.gateway.protocol.errors import ApiError
+from kvgate.gateway.protocol.openai_chat import chat_messages
+from kvgate.gateway.protocol.openai_tools import render_prompt
 
 # Qwen2.5-Instruct's tool parts (the public template, trimmed to what tools touch).
 QWEN = """{%- if tools %}

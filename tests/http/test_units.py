@@ -6,9 +6,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from kvgate.gateway.http.anthropic_prompt import parse_conversation, ttl_segments
-from kvgate.gateway.http.errors import ApiError
 from kvgate.gateway.http.limits import Limiter
+from kvgate.gateway.protocol.anthropic import parse_conversation, ttl_segments
+from kvgate.gateway.protocol.errors import ApiError
 
 
 def principal(tid: int = 1, rpm: int | None = None, tpm: int | None = None,

@@ -18,8 +18,8 @@ import pytest
 import redis
 import requests
 
-from kvgate.gateway.http.state import STATE
-from kvgate.gateway.route.events import STREAM
+from kvgate.gateway.edge.context import EDGE
+from kvgate.gateway.protocol.wire import STREAM
 from tests.route.conftest import Fleet
 from tests.support import slow_client
 from tests.support.admin import ADMIN_KEY
@@ -174,7 +174,7 @@ def test_a_client_that_stops_reading_is_cut_by_the_router_and_billed_once(
         fleet.wait(lambda: bool(set(_billed(fleet)) - before), "the request's bill",
                    timeout_s=120)
         fleet.wait(lambda: _idle(fleet), "the replicas to stop generating", timeout_s=60)
-        counted = router.app[STATE].metrics.registry.get_sample_value(  # type: ignore[index]
+        counted = router.app[EDGE].metrics.registry.get_sample_value(  # type: ignore[index]
             "kvgate_requests_total", {"endpoint": "/v1/{tail}", "status": "408",
                                       "tenant": str(fleet.tenant.id)})
     finally:

@@ -6,8 +6,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from kvgate.cachestore.events import CacheEvent
+from kvgate.gateway.protocol.wire import EventBatch, decode_event, encode_event
 from kvgate.gateway.route.choose import Candidate, QueueCost, choose, cost, load_bound
-from kvgate.gateway.route.events import EventBatch, decode_event, encode_event
 from kvgate.gateway.route.index import ClusterIndex
 from kvgate.gateway.route.prompt import cache_key_of
 

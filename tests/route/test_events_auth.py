@@ -22,9 +22,8 @@ import redis
 import requests
 
 from kvgate.cachestore.events import CacheEvent
-from kvgate.gateway.http.state import STATE
-from kvgate.gateway.route.app import create_router_app
-from kvgate.gateway.route.events import (
+from kvgate.gateway.edge.context import EDGE
+from kvgate.gateway.protocol.wire import (
     MAX_BATCH,
     STREAM,
     EventBatch,
@@ -34,6 +33,7 @@ from kvgate.gateway.route.events import (
     events_key,
     verify,
 )
+from kvgate.gateway.route.app import create_router_app
 from kvgate.gateway.route.settings import RouterSettings
 from tests.route.conftest import Fleet
 from tests.route.test_fleet import SYSTEM, _prompt_hashes
@@ -76,7 +76,7 @@ def _exact(fleet: Fleet, router: RouterThread | None = None) -> bool:
 
 def _metric(router: RouterThread, name: str, **labels: str) -> float:
     assert router.app is not None
-    value = router.app[STATE].metrics.registry.get_sample_value(name, labels)
+    value = router.app[EDGE].metrics.registry.get_sample_value(name, labels)
     return float(value or 0.0)
 
 

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from kvgate.cachestore import CacheStore
 from kvgate.cachestore.events import CacheEvent
-from kvgate.gateway.route.events import EventBatch
+from kvgate.gateway.protocol.wire import EventBatch
 from kvgate.gateway.route.index import ClusterIndex
 from kvgate.kernels.layout import KVLayout
 

@@ -10,7 +10,7 @@ import openai
 import requests
 
 from kvgate.cachestore.hashing import block_hashes, root_digest
-from kvgate.gateway.http.tenancy import tenant_namespace
+from kvgate.gateway.protocol.namespace import tenant_namespace
 from tests.route.conftest import Fleet, replica_flags, start_fleet
 from tests.support.admin import ADMIN_KEY
 from tests.support.ci import cannot_run

@@ -15,7 +15,7 @@ import pytest
 import requests
 
 from kvgate.cachestore import CacheStore
-from kvgate.gateway.http.tenancy import tenant_namespace
+from kvgate.gateway.protocol.namespace import tenant_namespace
 from tests.shared_tier import test_replicas, test_store_tier
 from tests.shared_tier.conftest import RedisServer
 from tests.shared_tier.test_replicas import ask, cached, drain, shared_stats

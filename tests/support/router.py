@@ -59,7 +59,7 @@ class RouterThread:
             self._loop.close()
 
     async def _serve(self) -> None:
-        from kvgate.gateway.http.transport import GatewayRunner
+        from kvgate.gateway.edge.transport import GatewayRunner
 
         assert self.app is not None
         self._stop = asyncio.Event()

@@ -220,7 +220,7 @@ class ThreadServer(Server):
     async def _serve(self) -> None:
         assert self.app is not None
         self._stop = asyncio.Event()
-        from kvgate.gateway.http.transport import GatewayRunner
+        from kvgate.gateway.edge.transport import GatewayRunner
 
         runner = GatewayRunner(self.app, shutdown_timeout=5)
         try:

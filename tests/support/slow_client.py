@@ -15,7 +15,7 @@ import pytest
 
 
 def small_send_buffers(monkeypatch: pytest.MonkeyPatch) -> None:
-    from kvgate.gateway.http.transport import BoundedResponse
+    from kvgate.gateway.edge.transport import BoundedResponse
 
     real = BoundedResponse.prepare
 

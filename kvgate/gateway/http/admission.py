@@ -14,8 +14,9 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
+from kvgate.gateway.edge.context import principal_of
 from kvgate.gateway.http.limits import Rejected, Ticket
-from kvgate.gateway.http.state import principal_of, state_of
+from kvgate.gateway.http.state import state_of
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 TICKET = web.RequestKey("kvgate_ticket", Ticket)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hmac
 import logging
 from collections.abc import AsyncIterator
 
@@ -11,33 +10,41 @@ from aiohttp import web
 from kvgate.cachestore.disk_tier import DiskTierConfig
 from kvgate.cachestore.shared_tier import SharedTierConfig
 from kvgate.gateway.config import Settings
-from kvgate.gateway.engine import Engine, EngineConfig
+from kvgate.gateway.edge.context import EDGE, Edge
+from kvgate.gateway.edge.middleware import auth_middleware, context_middleware, on_response_prepare
+from kvgate.gateway.edge.scrape import metrics_endpoint, metrics_listener
+from kvgate.gateway.edge.transport import handler_args
+from kvgate.gateway.engine import Engine, EngineConfig, PromptTooLong
 from kvgate.gateway.engine.request import EngineMisconfigured
-from kvgate.gateway.http import (
-    admin,
-    anthropic_api,
-    caches_api,
-    completions_api,
-    console,
-    models_api,
-    openai_api,
-    receipts_api,
-    responses_api,
-    tokenize_api,
-)
-from kvgate.gateway.http.errors import ApiError, error_response
+from kvgate.gateway.http import cluster as replica
+from kvgate.gateway.http import console
+from kvgate.gateway.http import receipts as receipts_api
+from kvgate.gateway.http.admin import api as admin
+from kvgate.gateway.http.anthropic import messages as anthropic_api
+from kvgate.gateway.http.caches import api as caches_api
 from kvgate.gateway.http.limits import Limiter
 from kvgate.gateway.http.metrics import Metrics
-from kvgate.gateway.http.middleware import auth_middleware, context_middleware, on_response_prepare
+from kvgate.gateway.http.openai import (
+    chat as openai_api,
+)
+from kvgate.gateway.http.openai import (
+    completions as completions_api,
+)
+from kvgate.gateway.http.openai import (
+    models as models_api,
+)
+from kvgate.gateway.http.openai import (
+    tokenize as tokenize_api,
+)
 from kvgate.gateway.http.openapi import spec
 from kvgate.gateway.http.reservations import CacheStorageBiller, ReservationBiller
+from kvgate.gateway.http.responses import api as responses_api
 from kvgate.gateway.http.state import STATE, AppState, state_of
-from kvgate.gateway.http.tools import parser_for
-from kvgate.gateway.http.transport import handler_args
 from kvgate.gateway.ledger import Ledger, LedgerUnavailable, migrates_on_start
 from kvgate.gateway.ledger.checkpoints import Checkpoints
 from kvgate.gateway.ledger.spool import default_spool_dir
-from kvgate.gateway.route import replica
+from kvgate.gateway.protocol.errors import ApiError
+from kvgate.gateway.protocol.tool_parsers import parser_for
 
 log = logging.getLogger("kvgate.http")
 
@@ -61,74 +68,18 @@ async def readyz(request: web.Request) -> web.Response:
                                          "spool_events": health.spool_events}})
 
 
-async def metrics(request: web.Request) -> web.Response:
-    """/metrics on the API port: absent when a metrics port is set (served only there)."""
-    state = state_of(request)
-    if state.settings.metrics_port is not None:
-        raise web.HTTPNotFound()
-    return await _metrics(request, state, own_port=False)
-
-
-async def _metrics(request: web.Request, state: AppState, own_port: bool) -> web.Response:
-    """The scrape, for the operator only: it names tenants (by id) and what they spend.
-    With ``metrics_key`` set, that key (or the admin key) is required; without it the
-    metrics port is open (its network reach is the control) and the API port asks for the
-    admin key."""
-    try:
-        allowed = await _may_read_metrics(request, state, own_port)
-    except LedgerUnavailable:  # an admin key not looked up lately, with the database away
-        return error_response(request.path, ApiError(
-            503, "The key cannot be checked now: the ledger database is unavailable; the "
-            "metrics key (KVGATE_METRICS_KEY) works without it.", code="ledger_unavailable",
-            retry_after=5.0))
-    if not allowed:
-        err = ApiError(401, "/metrics needs 'Authorization: Bearer <key>' with the metrics "
-                       "key (KVGATE_METRICS_KEY) or the admin key.", code="metrics_key_required")
-        response = error_response(request.path, err)
-        response.headers["WWW-Authenticate"] = 'Bearer realm="kvgate metrics"'
-        return response
-    return web.Response(body=state.metrics.render(),
-                        headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
-
-
-async def _may_read_metrics(request: web.Request, state: AppState, own_port: bool) -> bool:
-    settings = state.settings
-    auth = request.headers.get("Authorization", "")
-    key = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
-    if not (key.isascii() and key.isprintable()):
-        return False  # no key we issued (undecodable header bytes arrive as surrogates)
-    if settings.metrics_key and key and hmac.compare_digest(key.encode(),
-                                                           settings.metrics_key.encode()):
-        return True
-    if not settings.metrics_key and own_port:
-        return True  # the metrics port with no key: open to whoever can reach it
-    if not key:
-        return False
-    principal = await state.ledger.authenticate(key)
-    return principal is not None and principal.role == "admin"
-
-
-async def _metrics_listener(state: AppState) -> web.AppRunner:
-    """``--metrics-port``: /metrics alone on its own listener, for the scraper."""
-    app = web.Application()
-
-    async def scrape(request: web.Request) -> web.Response:
-        return await _metrics(request, state, own_port=True)
-
-    app.add_routes([web.get("/metrics", scrape, allow_head=False)])
-    runner = web.AppRunner(app, handle_signals=False, access_log=None)
-    await runner.setup()
-    try:
-        await web.TCPSite(runner, state.settings.host, state.settings.metrics_port).start()
-    except BaseException:
-        await runner.cleanup()
-        raise
-    state.metrics.listen_port = runner.addresses[0][1]
-    return runner
-
-
 async def openapi(request: web.Request) -> web.Response:
     return web.json_response(spec())
+
+
+def _engine_errors(request: web.Request, exc: Exception) -> ApiError | None:
+    """The engine's refusals the client must see as its own 400s."""
+    if isinstance(exc, PromptTooLong):  # refused before tokenizing: it cannot fit the context
+        return ApiError(400, f"The prompt is too long for this model's context: {exc}.",
+                        code="context_length_exceeded",
+                        param={"/v1/completions": "prompt", "/v1/responses": "input"}.get(
+                            request.path, "messages"))
+    return None
 
 
 def _routes() -> list[web.RouteDef]:
@@ -136,7 +87,7 @@ def _routes() -> list[web.RouteDef]:
         web.get("/healthz", healthz, allow_head=False),
         web.get("/health", healthz, allow_head=False),  # vLLM's name for it
         web.get("/readyz", readyz, allow_head=False),
-        web.get("/metrics", metrics, allow_head=False),
+        web.get("/metrics", metrics_endpoint, allow_head=False),
         web.get("/openapi.json", openapi, allow_head=False),
         web.get("/v1/models", models_api.list_models, allow_head=False),
         # a model id may hold slashes (org/name), as the OpenAI SDK sends it
@@ -229,13 +180,21 @@ def create_app(settings: Settings, engine: Engine | None = None,
                      limiter=Limiter(settings.max_queue + settings.max_running))
     app = web.Application(middlewares=[context_middleware, auth_middleware],
                           client_max_size=settings.max_body_bytes,
-                          handler_args=handler_args(settings))
+                          handler_args=handler_args(settings.read_timeout_s))
     app[STATE] = state
+    app[EDGE] = Edge(
+        max_body_bytes=settings.max_body_bytes, read_timeout_s=settings.read_timeout_s,
+        write_timeout=settings.write_timeout, metrics=state.metrics,
+        ledger_of=lambda: state.ledger,
+        stream_send_buffer_bytes=settings.stream_send_buffer_bytes,
+        metrics_port=settings.metrics_port, metrics_key=settings.metrics_key,
+        public=console.is_console_request, translate=_engine_errors)
     # an unreadable key file fails here, before the model loads (serve: one line, exit 2)
     state.receipt_key = receipts_api.load_key(settings)
     app.add_routes(_routes())
     responses_api.setup(app)
     app.on_response_prepare.append(on_response_prepare)
+    app.on_response_prepare.append(console.on_response_prepare)
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
         # The model first: a start that cannot serve (a model or KV pool it refuses) must not
@@ -276,7 +235,7 @@ def create_app(settings: Settings, engine: Engine | None = None,
                 state.checkpoints = checkpoints
             state.metrics.watch(state.engine, own_ledger)
             if settings.metrics_port is not None:
-                metrics_runner = await _metrics_listener(state)
+                metrics_runner = await metrics_listener(app[EDGE], settings.host)
             yield
         finally:
             if biller is not None:

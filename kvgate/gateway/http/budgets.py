@@ -16,11 +16,11 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Protocol
 
-from kvgate.gateway.http.cache_params import CacheRequest
-from kvgate.gateway.http.errors import ApiError
 from kvgate.gateway.http.state import AppState
 from kvgate.gateway.ledger import Principal
 from kvgate.gateway.ledger.budgets import NO_HOLD, BudgetExceeded, Hold
+from kvgate.gateway.protocol.cache_request import CacheRequest
+from kvgate.gateway.protocol.errors import ApiError
 from kvgate.gateway.usage import Usage
 
 if TYPE_CHECKING:  # the engine pulls in torch

@@ -22,6 +22,8 @@ from types import TracebackType
 
 from aiohttp import web
 
+from kvgate.gateway.edge.context import ctx_of, principal_of
+from kvgate.gateway.edge.errors import ClientGone
 from kvgate.gateway.engine import (
     EngineOverloaded,
     FinishEvent,
@@ -35,15 +37,15 @@ from kvgate.gateway.engine import (
 )
 from kvgate.gateway.http.admission import charge
 from kvgate.gateway.http.budgets import reserve as reserve_budget
-from kvgate.gateway.http.cache_params import NO_CACHE_REQUEST, CacheRequest, check_retention
 from kvgate.gateway.http.choices import Choices, merged
-from kvgate.gateway.http.errors import ApiError, ClientGone
 from kvgate.gateway.http.limits import Ticket
-from kvgate.gateway.http.scheduling import check_priority, engine_terms
-from kvgate.gateway.http.state import AppState, ctx_of, principal_of, state_of
+from kvgate.gateway.http.state import AppState, state_of
 from kvgate.gateway.ledger import UsageEvent
 from kvgate.gateway.ledger.budgets import NO_HOLD
 from kvgate.gateway.ledger.receipts import new_receipt_id
+from kvgate.gateway.protocol.cache_request import NO_CACHE_REQUEST, CacheRequest, check_retention
+from kvgate.gateway.protocol.errors import ApiError
+from kvgate.gateway.protocol.priority import check_priority, engine_terms
 from kvgate.gateway.usage import CacheDetail, Usage
 
 log = logging.getLogger("kvgate.http")

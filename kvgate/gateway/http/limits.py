@@ -29,7 +29,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from kvgate.gateway.http.errors import ApiError
+from kvgate.gateway.protocol.errors import ApiError
 
 WINDOW_S = 60.0
 OPEN_FACTOR = 8  # open requests allowed per unit of capacity (the hard ceiling)

@@ -12,10 +12,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from kvgate.gateway.edge.metrics import OVERHEAD_BUCKETS, RequestMetrics
 from kvgate.gateway.ledger import Ledger
 from kvgate.gateway.usage import Usage
 
@@ -24,7 +25,6 @@ if TYPE_CHECKING:  # the engine pulls in torch; the ledger-only CLI must not
     from kvgate.gateway.engine.engine import Engine
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
-_OVERHEAD_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
 # Prompt lengths (tokens) where the bands of ``TtftByLength`` start, after the first (0):
 # under 1k, 1k to 4k, 4k to 16k, 16k and more.
 PROMPT_BANDS = (1_000, 4_000, 16_000)
@@ -70,13 +70,12 @@ class TtftByLength:
         return dict(self._tally)
 
 
-class Metrics:
+class Metrics(RequestMetrics):
+    """The replica's metrics: the edge's, billing, latency, admission, budgets, the ledger."""
+
     def __init__(self, tenant_labels: bool = True) -> None:
-        self.registry = CollectorRegistry(auto_describe=True)
-        self.tenant_labels = tenant_labels
+        super().__init__(tenant_labels)
         r = self.registry
-        self.requests = Counter("kvgate_requests", "HTTP requests served.",
-                                ["endpoint", "status", "tenant"], registry=r)
         self.prompt_tokens = Counter("kvgate_prompt_tokens", "Billed prompt tokens by kind.",
                                      ["kind", "tenant"], registry=r)
         self.completion_tokens = Counter("kvgate_completion_tokens", "Billed completion tokens.",
@@ -88,9 +87,6 @@ class Metrics:
         self.ttft_by_length = TtftByLength()
         self.duration = Histogram("kvgate_request_duration_seconds", "End-to-end latency.",
                                   ["endpoint", "cache"], buckets=_LATENCY_BUCKETS, registry=r)
-        self.overhead = Histogram("kvgate_gateway_overhead_seconds",
-                                  "Request time not spent in the engine.", ["endpoint"],
-                                  buckets=_OVERHEAD_BUCKETS, registry=r)
         self.admission_rejected = Counter(
             "kvgate_admission_rejected", "Requests turned away at admission, before any of "
             "their work, by reason (requests_per_minute, tokens_per_minute, concurrency, "
@@ -105,19 +101,9 @@ class Metrics:
         self._by_tenant = (self.requests, self.prompt_tokens, self.completion_tokens,
                            self.cost, self.admission_rejected, self.reserved,
                            self.budget_remaining)
-        self._forgotten: set[str] = set()
-        self.listen_port: int | None = None  # the metrics listener's port, once it listens
         self.ledger_commit = Histogram("kvgate_ledger_commit_seconds",
                                        "Latency of one ledger group commit.",
-                                       buckets=_OVERHEAD_BUCKETS, registry=r)
-
-    def tenant(self, tenant_id: int | None) -> str:
-        """The ``tenant`` label value: the tenant's id (digits, so never one of the reserved
-        values), ``none`` for a request no tenant made, ``all`` with tenant labels off.
-        Names are never exported: /metrics must not list who the customers are."""
-        if not self.tenant_labels:
-            return "all"
-        return "none" if tenant_id is None else str(int(tenant_id))
+                                       buckets=OVERHEAD_BUCKETS, registry=r)
 
     def forget_tenant(self, tenant_id: int) -> None:
         """A deleted tenant: drop its series, and ignore what its last in-flight requests
@@ -132,10 +118,6 @@ class Metrics:
             for values in seen:
                 with contextlib.suppress(KeyError):
                     metric.remove(*values)
-
-    def counts(self, tenant: str) -> bool:
-        """False for a deleted tenant's label: its series are gone and stay gone."""
-        return tenant not in self._forgotten
 
     def watch(self, engine: Engine, ledger: Ledger) -> None:
         """Start exporting snapshot figures (called once engine and ledger are open)."""
@@ -177,9 +159,6 @@ class Metrics:
             return
         self.reserved.labels(tenant).inc(byte_seconds)
         self.cost.labels(tenant).inc(cost_micros)
-
-    def render(self) -> bytes:
-        return generate_latest(self.registry)
 
 
 # The figures read at scrape time: (name, kind, help, labels).

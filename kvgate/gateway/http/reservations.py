@@ -31,10 +31,10 @@ import uuid
 from datetime import UTC, datetime, timedelta
 
 from kvgate.gateway.http.state import AppState
-from kvgate.gateway.http.tenancy import tenant_namespace
 from kvgate.gateway.ledger import LedgerError
 from kvgate.gateway.ledger.billing import UsageEvent
 from kvgate.gateway.ledger.reports import RESERVATION_ENDPOINT, STORAGE_ENDPOINT
+from kvgate.gateway.protocol.namespace import tenant_namespace
 from kvgate.gateway.usage import Usage
 
 log = logging.getLogger("kvgate.reservations")

@@ -124,18 +124,18 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def serve(settings: Settings) -> int:
+    from kvgate.gateway.edge.transport import GatewayRunner
     from kvgate.gateway.engine.demo import SHAPES
     from kvgate.gateway.engine.gguf import GGUFError, is_gguf
     from kvgate.gateway.engine.gguf import resolve as resolve_gguf
     from kvgate.gateway.engine.loader import ModelFilesMissing, check_model_dir
     from kvgate.gateway.engine.request import EngineMisconfigured
     from kvgate.gateway.http.app import create_app, engine_config
-    from kvgate.gateway.http.models_api import served_names
+    from kvgate.gateway.http.openai.models import served_names
     from kvgate.gateway.http.state import STATE
-    from kvgate.gateway.http.tools import parser_for
-    from kvgate.gateway.http.transport import GatewayRunner
     from kvgate.gateway.ledger.receipts import ReceiptKeyError
-    from kvgate.gateway.route.events import EventsMisconfigured
+    from kvgate.gateway.protocol.tool_parsers import parser_for
+    from kvgate.gateway.protocol.wire import EventsMisconfigured
 
     try:
         parser_for(None, settings.tool_call_parser)

@@ -1,7 +1,7 @@
 """``kvgate route``: the stateless routing tier in front of several ``kvgate serve`` replicas.
 
-It authenticates keys against the shared ledger with the replicas' own middleware and key
-cache, computes each prompt's block hashes in the tenant's namespace (``prompt``), picks a
+It authenticates keys against the shared ledger with the same edge middleware and key
+cache as the replicas, computes each prompt's block hashes in the tenant's namespace (``prompt``), picks a
 replica (``choose``) from the exact view of every replica's cache (``index``, kept by the
 cache events the replicas publish, ``events``) and their load (``pool``), and passes the
 request through (``proxy``). It bills nothing: the replica that answers bills.
@@ -20,24 +20,20 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import Counter, Gauge
 
-from kvgate.cachestore.block import DEVICE, HOST, Tier
-from kvgate.gateway.http.app import metrics as metrics_endpoint
-from kvgate.gateway.http.errors import ApiError, ClientGone
-from kvgate.gateway.http.limits import Limiter
-from kvgate.gateway.http.metrics import Metrics
-from kvgate.gateway.http.middleware import auth_middleware, context_middleware, new_request_id
-from kvgate.gateway.http.state import CTX, STATE, AppState, principal_of, state_of
-from kvgate.gateway.http.tenancy import tenant_namespace
-from kvgate.gateway.http.transport import handler_args
-from kvgate.gateway.http.validation import read_body
+from kvgate.cachestore.block import Tier
+from kvgate.gateway.edge.body import read_body
+from kvgate.gateway.edge.context import CTX, EDGE, Edge, principal_of
+from kvgate.gateway.edge.errors import ClientGone
+from kvgate.gateway.edge.metrics import RequestMetrics
+from kvgate.gateway.edge.middleware import auth_middleware, context_middleware, new_request_id
+from kvgate.gateway.edge.scrape import metrics_endpoint
+from kvgate.gateway.edge.transport import handler_args
 from kvgate.gateway.ledger import Ledger
+from kvgate.gateway.protocol.errors import ApiError
+from kvgate.gateway.protocol.namespace import tenant_namespace
+from kvgate.gateway.protocol.wire import EventBatch, Rejected, key_for, parse_snapshot
 from kvgate.gateway.route.choose import Candidate, QueueCost, choose
-from kvgate.gateway.route.events import (
-    EventBatch,
-    EventFollower,
-    Rejected,
-    key_for,
-)
+from kvgate.gateway.route.events import EventFollower
 from kvgate.gateway.route.index import ClusterIndex
 from kvgate.gateway.route.pool import Replica, ReplicaPool
 from kvgate.gateway.route.prompt import PromptRenderer, cache_key_of, tokenizer_for
@@ -76,7 +72,7 @@ class RouterMetrics:
     differences: Counter
 
     @classmethod
-    def on(cls, metrics: Metrics) -> RouterMetrics:
+    def on(cls, metrics: RequestMetrics) -> RouterMetrics:
         r = metrics.registry
         m = cls(
             Counter("kvgate_router_requests", "Requests routed, by replica and by whether "
@@ -114,8 +110,14 @@ class Router:
     queue_cost: QueueCost = field(default_factory=QueueCost)
     _syncing: dict[str, asyncio.Task[None]] = field(default_factory=dict)
     _behind: dict[str, tuple[int, float]] = field(default_factory=dict)  # id -> (target, since)
+    ledger: Ledger | None = None  # keys are checked there (the replicas' ledger)
     compared: int = 0  # views compared with a snapshot (tests read these)
     differences: int = 0  # blocks found different by those comparisons
+
+    def the_ledger(self) -> Ledger:
+        if self.ledger is None:
+            raise RuntimeError("the router's ledger is not open")
+        return self.ledger
 
     async def plan(self, tenant_id: int, path: str, raw: bytes) -> tuple[list[Replica], bool]:
         """Replicas to try, in order, and whether a cached prefix chose the first."""
@@ -246,15 +248,12 @@ class Router:
                         headers={"Authorization": f"Bearer {self.settings.admin_key}"},
                         timeout=aiohttp.ClientTimeout(total=_SNAPSHOT_TIMEOUT_S)) as resp:
                     resp.raise_for_status()
-                    snap = await resp.json()
-                if str(snap["replica_id"]) != replica.replica_id:
+                    snap = parse_snapshot(await resp.json())
+                if snap.replica_id != replica.replica_id:
                     log.warning("replica %s: its snapshot is of %r, not %r; not loaded",
-                                replica.url, snap["replica_id"], replica.replica_id)
+                                replica.url, snap.replica_id, replica.replica_id)
                     return
-                blocks: dict[bytes, Tier] = {
-                    bytes.fromhex(h): DEVICE if t == "d" else HOST
-                    for _ns, h, t in snap["blocks"]}
-                epoch, seq = str(snap["epoch"]), int(snap["seq"])
+                blocks, epoch, seq = snap.blocks, snap.epoch, snap.seq
                 if compare:
                     await self._count_differences(replica, epoch, seq, blocks)
                     compare = False
@@ -395,16 +394,17 @@ def create_router_app(settings: RouterSettings, ledger: Ledger | None = None) ->
     opt-out (``--events-unsigned``)."""
     events_key = key_for(settings.events_url, settings.events_secret, None,
                          settings.events_unsigned, "kvgate route")
-    server = settings.server_settings()
-    state = AppState(settings=server, metrics=Metrics(server.metrics_tenant_labels),
-                     limiter=Limiter(1))
+    metrics = RequestMetrics()
     app = web.Application(middlewares=[context_middleware, auth_middleware],
-                          client_max_size=server.max_body_bytes,
-                          handler_args=handler_args(server))
-    app[STATE] = state
+                          client_max_size=settings.max_body_bytes,
+                          handler_args=handler_args(settings.read_timeout_s))
     router = Router(settings, PromptRenderer(tokenizer_for(settings.model)),
-                    RouterMetrics.on(state.metrics))
+                    RouterMetrics.on(metrics))
     app[ROUTER] = router
+    app[EDGE] = Edge(max_body_bytes=settings.max_body_bytes,
+                     read_timeout_s=settings.read_timeout_s,
+                     write_timeout=settings.write_timeout, metrics=metrics,
+                     ledger_of=router.the_ledger)
     app.add_routes([
         web.get("/healthz", healthz, allow_head=False),
         web.get("/health", healthz, allow_head=False),
@@ -417,8 +417,8 @@ def create_router_app(settings: RouterSettings, ledger: Ledger | None = None) ->
     app.on_response_prepare.append(on_response_prepare)
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
-        own = ledger or await Ledger.open(server.db, migrate=False)
-        state.open_ledger(own)
+        own = ledger or await Ledger.open(settings.db, migrate=False)
+        router.ledger = own
         session = aiohttp.ClientSession(
             auto_decompress=False,
             timeout=aiohttp.ClientTimeout(total=None, connect=2.0, sock_connect=2.0),
@@ -468,4 +468,4 @@ def router_of(request: web.Request) -> Router:
     return request.app[ROUTER]
 
 
-__all__ = ["ROUTER", "Router", "create_router_app", "router_of", "state_of"]
+__all__ = ["ROUTER", "Router", "create_router_app", "router_of"]

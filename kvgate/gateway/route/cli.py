@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     from kvgate.gateway.ledger.cli import require_existing_sqlite
     from kvgate.gateway.ledger.errors import LedgerError
-    from kvgate.gateway.route.events import EventsMisconfigured, key_for
+    from kvgate.gateway.protocol.wire import EventsMisconfigured, key_for
 
     try:  # before the tokenizer loads: a missing secret is said at once
         key_for(settings.events_url, settings.events_secret, None, settings.events_unsigned,
@@ -65,7 +65,7 @@ def _events_mode(settings: RouterSettings) -> str:
 
 
 async def route(settings: RouterSettings) -> int:
-    from kvgate.gateway.http.transport import GatewayRunner
+    from kvgate.gateway.edge.transport import GatewayRunner
     from kvgate.gateway.route.app import create_router_app
 
     app = create_router_app(settings)

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 from kvgate.cachestore.block import Tier
 from kvgate.cachestore.events import CacheEvent
-from kvgate.gateway.route.events import EventBatch
+from kvgate.gateway.protocol.wire import EventBatch
 
 
 @dataclass

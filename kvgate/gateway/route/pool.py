@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 import aiohttp
 
+from kvgate.gateway.protocol.wire import ReplicaLoad
+
 log = logging.getLogger("kvgate.route")
 
 POLL_S = 0.25
@@ -107,26 +109,15 @@ class ReplicaPool:
                 if resp.status != 200:
                     self.mark_down(replica, f"/admin/load answered {resp.status}")
                     return
-                report = await resp.json()
-            if not isinstance(report, dict):
-                raise ValueError("not a JSON object")
-            queue_depth, running = int(report.get("queue_depth", 0)), int(report.get("running", 0))
-            free_pages = int(report.get("free_pages", 0))
-            device_pages = int(report.get("device_pages", 0))
-            block_size = int(report.get("block_size", 0))
+                report = ReplicaLoad.parse(await resp.json())
         except (TimeoutError, aiohttp.ClientError, ValueError, TypeError) as exc:
             self.mark_down(replica, f"/admin/load failed: {exc!r}")
             return
-        replica.queue_depth, replica.running = queue_depth, running
-        replica.free_pages, replica.device_pages = free_pages, device_pages
-        replica.model_id = str(report.get("model_id", ""))
-        replica.block_size = block_size
-        replica_id = str(report.get("replica_id", ""))
-        epoch = str(report.get("epoch", ""))
-        try:
-            event_seq: int | None = int(report["event_seq"])
-        except (KeyError, TypeError, ValueError):
-            event_seq = None  # a replica of an older version
+        replica.queue_depth, replica.running = report.queue_depth, report.running
+        replica.free_pages, replica.device_pages = report.free_pages, report.device_pages
+        replica.model_id = report.model_id
+        replica.block_size = report.block_size
+        replica_id, epoch, event_seq = report.replica_id, report.epoch, report.event_seq
         replica.event_seq = event_seq
         if (view is not None and self._on_view_ahead is not None and event_seq is not None
                 and replica_id == replica.replica_id and view[0] == epoch

@@ -1,5 +1,5 @@
-"""The prompt a replica will run, as the router computes it: the HTTP layer's own parsing
-and rendering (chat messages, tools, Anthropic conversations), the model's tokenizer and
+"""The prompt a replica will run, as the router computes it: the protocol layer's parsing
+and rendering (chat messages, tools, Anthropic conversations), the replicas' own, the model's tokenizer and
 chat template, and the cache's chained block hashes in the tenant's namespace.
 
 The router never refuses a request for its body: whatever it cannot render (a body the
@@ -11,16 +11,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 from kvgate.cachestore.hashing import block_hashes, root_digest
 from kvgate.gateway.engine import demo
 from kvgate.gateway.engine.loader import load_tokenizer
 from kvgate.gateway.engine.tokenizer import TextTokenizer
-from kvgate.gateway.http.anthropic_prompt import parse_conversation
-from kvgate.gateway.http.openai_api import chat_messages
-from kvgate.gateway.http.openai_tools import _tool as checked_tool
-from kvgate.gateway.http.tenancy import tenant_namespace
+from kvgate.gateway.protocol.anthropic import parse_conversation
+from kvgate.gateway.protocol.namespace import tenant_namespace
+from kvgate.gateway.protocol.openai_chat import chat_prompt
+from kvgate.gateway.protocol.openai_tools import checked_tools
 
 MAX_ROUTED_BYTES = 4 * 1024 * 1024  # bodies beyond this are routed without rendering
 
@@ -33,8 +33,8 @@ def tokenizer_for(model: str) -> TextTokenizer:
 
 
 class PromptRenderer:
-    """Renders and tokenizes request bodies the way a replica's engine does (it stands in
-    for the engine where the HTTP layer's renderers ask for one)."""
+    """Renders and tokenizes request bodies the way a replica's engine does (a
+    ``protocol.render.ChatRenderer``, as the engine is)."""
 
     def __init__(self, tokenizer: TextTokenizer) -> None:
         self.tokenizer = tokenizer
@@ -46,12 +46,9 @@ class PromptRenderer:
     def token_ids(self, path: str, body: dict[str, Any]) -> list[int] | None:
         """The prompt's token ids, or None where the router does not render this body."""
         if path == "/v1/chat/completions":
-            tools = body.get("tools") or None
-            checked = ([checked_tool(t, f"tools[{i}]") for i, t in enumerate(tools)]
-                       if isinstance(tools, list) else None)
-            return self.render_chat(chat_messages(body), tools=checked)
+            return chat_prompt(self, body, checked_tools(body))
         if path == "/v1/messages":
-            return parse_conversation(body).render(cast(Any, self))
+            return parse_conversation(body).render(self)
         if path == "/v1/completions":
             prompt = body.get("prompt")
             if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):

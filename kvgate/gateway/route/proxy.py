@@ -27,10 +27,10 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from kvgate.gateway.http.errors import ApiError
-from kvgate.gateway.http.sse import OPEN_STREAM, end_stream_with_error
-from kvgate.gateway.http.state import ctx_of
-from kvgate.gateway.http.transport import BoundedResponse
+from kvgate.gateway.edge.context import ctx_of
+from kvgate.gateway.edge.sse import OPEN_STREAM, end_stream_with_error
+from kvgate.gateway.edge.transport import BoundedResponse
+from kvgate.gateway.protocol.errors import ApiError
 from kvgate.gateway.route.pool import Replica
 
 log = logging.getLogger("kvgate.route")

@@ -7,8 +7,6 @@ import os
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from kvgate.gateway.config import Settings
-
 
 @dataclass
 class RouterSettings:
@@ -33,13 +31,6 @@ class RouterSettings:
     read_timeout_s: int = 30
     upstream_idle_timeout_s: float = 300.0  # a replica's answer silent this long is cut
     write_timeout: float = 30.0  # a client that accepts no bytes this long is cut
-
-    def server_settings(self) -> Settings:
-        """What the HTTP layer's middlewares read (body limit, timeouts, the ledger)."""
-        return Settings(host=self.host, port=self.port, db=self.db, model=self.model,
-                        admin_key=self.admin_key, log_level=self.log_level,
-                        max_body_bytes=self.max_body_bytes, read_timeout_s=self.read_timeout_s,
-                        write_timeout=self.write_timeout)
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides: Any) -> RouterSettings:

@@ -12,13 +12,13 @@ from typing import Any
 
 from aiohttp import web
 
-from kvgate.gateway.http.admin import _id, _ledger_error, _when
+from kvgate.gateway.http.admin.api import ledger_error, path_id, time_range
 from kvgate.gateway.http.console.history import CacheHistory, history_of, now_sample
-from kvgate.gateway.http.errors import bad_request
 from kvgate.gateway.http.state import state_of
-from kvgate.gateway.http.tenancy import tenant_namespace
 from kvgate.gateway.ledger import LedgerError
 from kvgate.gateway.ledger.series import BUCKETS, SPLITS, SeriesQuery, check_model
+from kvgate.gateway.protocol.errors import bad_request
+from kvgate.gateway.protocol.namespace import tenant_namespace
 
 MAX_PREFIXES = 100
 
@@ -47,10 +47,10 @@ async def usage_series(request: web.Request) -> web.Response:
             check_model(model)  # NUL, controls, lone surrogates: a 400 on every database
         except ValueError as exc:
             raise bad_request(f"'model': {exc}.", param="model") from None
-    since, until = _when(q)
+    since, until = time_range(q)
     query = SeriesQuery(bucket=bucket, split=split,
-                        tenant_id=_id(tenant) if tenant else None,
-                        key_id=_id(key, "key") if key else None,
+                        tenant_id=path_id(tenant) if tenant else None,
+                        key_id=path_id(key, "key") if key else None,
                         model=model, since=since, until=until)
     try:
         query = query.checked()
@@ -60,7 +60,7 @@ async def usage_series(request: web.Request) -> web.Response:
     try:
         return _json(await state_of(request).ledger.usage_series(query))
     except LedgerError as exc:
-        raise _ledger_error(exc) from None
+        raise ledger_error(exc) from None
 
 
 async def cache_history(request: web.Request) -> web.Response:
@@ -79,14 +79,14 @@ async def hot_prefixes(request: web.Request) -> web.Response:
     raw = request.query.get("tenant_id")
     if not raw:
         raise bad_request("Query parameter 'tenant_id' is required.", param="tenant_id")
-    tid = _id(raw)
+    tid = path_id(raw)
     raw_limit = request.query.get("limit") or "10"
     if not (raw_limit.isascii() and raw_limit.isdigit()) or not 1 <= int(raw_limit) <= MAX_PREFIXES:
         raise bad_request(f"'limit' must be an integer from 1 to {MAX_PREFIXES}.", param="limit")
     try:
         await state.ledger.get_tenant(tid)
     except LedgerError as exc:
-        raise _ledger_error(exc) from None
+        raise ledger_error(exc) from None
     store = state.engine.store
     hot = await asyncio.to_thread(store.hottest, tenant_namespace(tid), int(raw_limit))
     wall = time.time()

@@ -13,7 +13,7 @@ from importlib import resources
 
 from aiohttp import web
 
-from kvgate.gateway.http.errors import ApiError
+from kvgate.gateway.protocol.errors import ApiError
 
 PAGE = "/admin/ui"
 CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "

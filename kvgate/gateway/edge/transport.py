@@ -1,0 +1,142 @@
+"""The connection layer: read timeouts and header limits, and errors aiohttp answers itself.
+
+- ``handler_args(read_timeout_s)`` (given to ``web.Application``): a connection that is idle, or
+  still sending its request line and headers, ``read_timeout_s`` after it opened or after
+  its last response is closed (aiohttp's keep-alive timer fires whatever arrived of a
+  request whose headers never completed, so a slowloris is cut off). Header limits are
+  aiohttp's (8190-byte lines and fields, 128 headers), named here so they are deliberate.
+  A body that stalls is the handler's business: ``edge.body.read_body`` bounds it with
+  the same timeout (408).
+- ``GatewayRunner``: an ``AppRunner`` whose connections answer what aiohttp's HTTP parser
+  refuses (oversized or too many headers, a bad request line, conflicting Content-Length
+  and Transfer-Encoding, bad chunk framing in the headers) in the API's JSON error shape
+  instead of aiohttp's plain text. These requests never reach the app: no route, no
+  middleware, no request id; the OpenAI shape is used, as no path was read.
+- ``BoundedResponse``: the one kind of response that streams (SSE answers, the router's
+  relay). Each write (and the final one) must be accepted by the client within
+  ``--write-timeout``; a client that stops reading holds the handler (and its engine
+  request) no longer than that. A write that times out, or finds the connection gone,
+  raises ``ClientGone`` and marks the request (``RequestContext.gone``) for the metrics
+  and the log line the middleware writes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import math
+import socket
+from typing import Any
+
+from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_request import BaseRequest
+
+from kvgate.gateway.edge.context import CTX, edge_of
+from kvgate.gateway.edge.errors import ClientGone
+from kvgate.gateway.protocol.errors import ApiError, error_body
+
+MAX_LINE_SIZE = 8190  # request line and each header line, bytes
+MAX_FIELD_SIZE = 8190  # one header's value, bytes
+MAX_HEADERS = 128
+
+
+def handler_args(read_timeout_s: float) -> dict[str, Any]:
+    return {"keepalive_timeout": float(read_timeout_s),
+            "max_line_size": MAX_LINE_SIZE, "max_field_size": MAX_FIELD_SIZE,
+            "max_headers": MAX_HEADERS}
+
+
+class _JsonErrors(RequestHandler):
+    def handle_error(self, request: BaseRequest, status: int = 500,
+                     exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        if status >= 500 or request.writer.output_size > 0:
+            return super().handle_error(request, status, exc, message)
+        self.log_debug("refused a malformed request: %s", message or exc)
+        reason = (getattr(exc, "message", None) or message or "Bad request").strip()
+        err = ApiError(status, f"The HTTP request is malformed: {reason[:200]}.",
+                       code="bad_http_request")
+        resp = web.Response(status=status, text=json.dumps(error_body("/", err)),
+                            content_type="application/json")
+        resp.force_close()
+        return resp
+
+
+class _Server(web.Server):
+    def __call__(self) -> RequestHandler:
+        return _JsonErrors(self, loop=self._loop, **self._kwargs)
+
+
+class GatewayRunner(web.AppRunner):
+    """``web.AppRunner`` with JSON errors from the protocol layer (see the module doc)."""
+
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()
+        server.__class__ = _Server
+        return server
+
+
+def _small_buffers(request: web.BaseRequest, nbytes: int) -> None:
+    """Caps the connection's kernel send buffer and the transport's own at ``nbytes``, so a
+    client that stops reading blocks the writes after that much, not after the megabytes a
+    loopback or fast link's autotuned buffer holds."""
+    transport = request.transport
+    if not nbytes or transport is None:
+        return
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, nbytes)
+    with contextlib.suppress(AttributeError, ValueError):
+        transport.set_write_buffer_limits(high=nbytes)
+
+
+class BoundedResponse(web.StreamResponse):
+    """A streamed response whose writes are bounded by the write timeout (module doc)."""
+
+    def __init__(self, request: web.Request, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._request = request
+        timeout = float(edge_of(request).write_timeout)
+        self.write_timeout: float | None = timeout if math.isfinite(timeout) \
+            and timeout > 0 else None
+
+    async def prepare(self, request: web.BaseRequest) -> Any:
+        if not self.prepared:
+            _small_buffers(request, edge_of(self._request).stream_send_buffer_bytes)
+        return await super().prepare(request)
+
+    async def write(self, data: Any) -> None:
+        try:
+            async with asyncio.timeout(self.write_timeout):
+                await super().write(data)
+        except TimeoutError:
+            raise self._stalled() from None
+        except (ConnectionError, RuntimeError) as exc:  # closed, or closing under us
+            raise self._gone() from exc
+
+    async def write_eof(self, data: bytes = b"") -> None:
+        try:
+            async with asyncio.timeout(self.write_timeout):
+                await super().write_eof(data)
+        except TimeoutError:
+            raise self._stalled() from None
+        except (ConnectionError, RuntimeError) as exc:
+            raise self._gone() from exc
+
+    def _gone(self, why: str = "hangup") -> ClientGone:
+        ctx = self._request.get(CTX)
+        if ctx is not None and ctx.gone is None:
+            ctx.gone = why
+        return ClientGone()
+
+    def _stalled(self) -> ClientGone:
+        """The client accepted nothing for the write timeout: the connection is dropped (its
+        socket holds a half-written answer; nothing more can follow on it)."""
+        self.force_close()
+        transport = self._request.transport
+        if transport is not None:
+            transport.abort()
+        return self._gone("write_timeout")
