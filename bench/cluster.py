@@ -48,7 +48,7 @@ import aiohttp
 import asyncpg
 
 from bench.common import print_table, smoke, write_result
-from kvgate.gateway.config import Settings
+from kvgate.gateway.config import Settings, names
 from tests.support import Admin, ProcessServer
 from tests.support.admin import ADMIN_KEY, EVENTS_SECRET
 from tests.support.redis_server import RedisServer, free_port
@@ -201,7 +201,7 @@ def replica_settings(workdir: Path, name: str, db: str, pages: int, events_url: 
         log_level="warning", default_cache_ttl_seconds=3600)
     if shared_url:
         values["shared_tier_url"] = shared_url
-    return Settings(**values)
+    return Settings.from_env({}, **values)
 
 
 # -- one scenario ----------------------------------------------------------------------------
@@ -394,7 +394,7 @@ class Fleet:
         self.replicas = [ProcessServer(self.workdir / f"{label}-r{i}", settings=replica_settings(
             self.workdir, f"{label}-r{i}", self.db, pages, self.events_url, shared_url))
             for i in range(n)]
-        urls = [f"http://127.0.0.1:{r.settings.port}" for r in self.replicas]
+        urls = [f"http://127.0.0.1:{r.settings.http.port}" for r in self.replicas]
         self.routers = [RouterProcess(self.workdir, self.db, urls, self.events_url)
                         for _ in range(routers)]
         if solo:
@@ -501,7 +501,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                               "requests": len(convs) * args.turns,
                               "working_set_pages": ws, "pages_per_replica": pages,
                               "max_tokens": MAX_TOKENS, "scale": SCALE}
-    shared = "shared_tier_url" in Settings.__dataclass_fields__
+    shared = "shared_tier_url" in names(Settings)
     try:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as session:
             fleet.start("single", 1, pages * REPLICAS)

@@ -149,7 +149,7 @@ async def test_cache_shares_follow_the_serve_setting(make_engine) -> None:
     from kvgate.gateway.http.app import engine_config
 
     assert engine_config(Settings()).cache_shares is False
-    assert engine_config(Settings(cache_shares=True)).cache_shares is True
+    assert engine_config(Settings.from_env({}, cache_shares=True)).cache_shares is True
     assert (await make_engine()).store.shares.fair is False
     assert (await make_engine(cache_shares=True)).store.shares.fair is True
 

@@ -131,8 +131,8 @@ def test_service_monitor_scrapes_the_metrics_port_with_the_metrics_key() -> None
     container = r.one("Deployment")["spec"]["template"]["spec"]["containers"][0]
     container_ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     settings = Settings.from_env(r.one("ConfigMap", FULLNAME)["data"])
-    assert container_ports[service_port["targetPort"]] == settings.metrics_port
-    assert settings.metrics_port != settings.port == container_ports["http"]
+    assert container_ports[service_port["targetPort"]] == settings.metrics.metrics_port
+    assert settings.metrics.metrics_port != settings.http.port == container_ports["http"]
     # The bearer key the scraper sends is the very Secret entry the server reads.
     credentials = endpoint["authorization"]["credentials"]
     server_key = env_of(container)["KVGATE_METRICS_KEY"]["valueFrom"]["secretKeyRef"]

@@ -9,7 +9,7 @@ import kubernetes_validate
 import pytest
 from helm_python import HelmRenderError
 
-from kvgate.gateway.config import Settings, parse_bytes
+from kvgate.gateway.config import Settings, names, parse_bytes
 
 from .chart import (
     FULLNAME,
@@ -101,18 +101,18 @@ def test_config_map_is_exactly_what_kvgate_serve_reads(rendered) -> None:
     """Every KVGATE_* variable names a real setting and parses with the server's own code."""
     name, r = rendered
     data = r.one("ConfigMap", FULLNAME)["data"]
-    fields = {f"KVGATE_{f.upper()}" for f in Settings.__dataclass_fields__}
+    fields = {f"KVGATE_{name.upper()}" for name in names(Settings)}
     assert set(data) <= fields
     settings = Settings.from_env(data)
-    assert settings.host == "0.0.0.0"
-    assert settings.block_size == 16
+    assert settings.http.host == "0.0.0.0"
+    assert settings.cache.block_size == 16
     if name == "gpu":
-        assert settings.device_cache_bytes == 16 * 1024**3  # 16 GiB, not 1.6e+10
-        assert settings.dtype == "bfloat16"
-        assert settings.metrics_tenant_labels is False
+        assert settings.cache.device_cache_bytes == 16 * 1024**3  # 16 GiB, not 1.6e+10
+        assert settings.engine.dtype == "bfloat16"
+        assert settings.metrics.metrics_tenant_labels is False
     else:
-        assert settings.device_cache_bytes == parse_bytes("256MiB")
-        assert settings.metrics_tenant_labels is True
+        assert settings.cache.device_cache_bytes == parse_bytes("256MiB")
+        assert settings.metrics.metrics_tenant_labels is True
 
 
 def test_gpu_is_requested_only_when_enabled(rendered) -> None:
@@ -373,9 +373,9 @@ def test_the_disk_tier_gets_its_own_volume_and_settings() -> None:
     r = render({"diskCache": {"enabled": True, "bytes": "2GiB", "sizeLimit": "3Gi"}})
     data = r.one("ConfigMap", FULLNAME)["data"]
     settings = Settings.from_env(data)
-    assert settings.disk_cache_dir == "/var/lib/kvgate-kv"
-    assert settings.disk_cache_bytes == 2 * 1024**3
-    assert settings.disk_cache_write_bandwidth_bytes == 256 * 1024**2
+    assert settings.disk_tier.disk_cache_dir == "/var/lib/kvgate-kv"
+    assert settings.disk_tier.disk_cache_bytes == 2 * 1024**3
+    assert settings.disk_tier.disk_cache_write_bandwidth_bytes == 256 * 1024**2
     pod = r.one("Deployment")["spec"]["template"]["spec"]
     assert {v["name"]: v for v in pod["volumes"]}["disk-cache"] == {
         "name": "disk-cache", "emptyDir": {"sizeLimit": "3Gi"}}

@@ -4,14 +4,13 @@ NetworkPolicies and KEDA, each rendered, linted and validated against Kubernetes
 from __future__ import annotations
 
 import base64
-from dataclasses import fields
 from typing import Any
 
 import jsonschema
 import pytest
 from helm_python import HelmRenderError
 
-from kvgate.gateway.config import Settings
+from kvgate.gateway.config import Settings, names
 
 from .chart import FULLNAME, NAMESPACE, PG_URL, Rendered, env_of, lint, render, validate_kubernetes
 from .metrics_contract import registry_metrics
@@ -174,7 +173,7 @@ def test_an_existing_secret_supplies_the_valkey_url_and_mac_key() -> None:
 
 def test_shared_tier_settings_are_flags_kvgate_serve_reads() -> None:
     data = render(TOPOLOGIES["scaled-chart-valkey"]).one("ConfigMap", FULLNAME)["data"]
-    known = {"KVGATE_" + f.name.upper() for f in fields(Settings)}
+    known = {"KVGATE_" + name.upper() for name in names(Settings)}
     shared = {k for k in data if k.startswith("KVGATE_SHARED_TIER_")}
     assert shared and shared <= known
     assert {"KVGATE_REPLICA_ID", "KVGATE_EVENTS_URL", "KVGATE_SHARED_TIER_URL",
@@ -293,7 +292,7 @@ def test_router_settings_the_chart_passes_are_ones_kvgate_route_reads() -> None:
     plain = {e["name"]: e["value"] for e in c["env"] if "value" in e}
     assert plain["KVGATE_RECONCILE_INTERVAL_S"] == "60"
     settings = RouterSettings.from_env({**plain, "KVGATE_EVENTS_SECRET": "s"})
-    assert settings.reconcile_interval_s == 60.0 and settings.events_secret == "s"
+    assert settings.routing.reconcile_interval_s == 60.0 and settings.events.events_secret == "s"
 
 
 def test_schema_rejects_a_valkey_url_that_is_not_redis() -> None:

@@ -35,7 +35,7 @@ def two_tenants(server: ThreadServer, admin: Admin, model_id: str) -> dict[str, 
     second_key = admin.new_key(usd.id)
 
     async def euro_plan() -> None:
-        ledger = await Ledger.open(server.settings.db)
+        ledger = await Ledger.open(server.settings.ledger.db)
         try:
             await ledger.create_plan(f"euro-{eur.id}", input=2_000_000, currency="EUR")
             await ledger.update_tenant(eur.id, plan=f"euro-{eur.id}")

@@ -161,6 +161,6 @@ def test_one_request_cannot_take_every_running_slot(
     t = admin.tenant()
     body = {"model": server.state.engine.model_id, "prompt": ["a", "b", "c", "d", "e"],
             "n": 16, "max_tokens": 4}
-    assert server.settings.max_running < 5 * 16
+    assert server.settings.engine.max_running < 5 * 16
     r = http.post("/v1/completions", json=body, headers=t.headers)
     assert r.status_code == 400 and r.json()["error"]["param"] == "n", r.text

@@ -38,7 +38,7 @@ def test_messages_sync_cache_control(server: ThreadServer, tenant: Tenant,
     assert first.type == "message" and first.content[0].type == "text"
     assert first.stop_reason in ("end_turn", "max_tokens")
     u = first.usage
-    block = server.settings.block_size
+    block = server.settings.cache.block_size
     system_tokens = len(SYSTEM.encode())  # byte-level demo tokenizer
     assert u.cache_read_input_tokens == 0
     assert u.cache_creation is not None

@@ -158,7 +158,7 @@ def test_tool_result_round_trip_hits_the_whole_conversation(
     second = client.messages.create(**request(messages=history))
     assert second.stop_reason == "end_turn"
     assert second.content[0].type == "text" and second.content[0].text == "It is sunny in Paris."
-    block = server.settings.block_size
+    block = server.settings.cache.block_size
     # Earlier prompt and the call the model wrote (its last token was never computed).
     earlier = first_prompt + len(script) - 1
     assert second.usage.cache_read_input_tokens is not None
@@ -181,7 +181,7 @@ def test_tools_and_system_hit_the_cache_on_the_second_request(
     shared = next(i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y)
     head = engine.tokenizer.decode(a[:shared], skip_special_tokens=False)
     assert SYSTEM in head and all(json.dumps(t["name"]) in head for t in TOOLS)
-    block = server.settings.block_size
+    block = server.settings.cache.block_size
     assert second.usage.cache_read_input_tokens == shared // block * block
 
 
@@ -198,7 +198,7 @@ def test_a_new_system_still_hits_on_the_tools(server: ThreadServer,
     shared = next(i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y)
     head = engine.tokenizer.decode(a[:shared], skip_special_tokens=False)
     assert all(json.dumps(t["name"]) in head for t in TOOLS) and "terse" not in head
-    block = server.settings.block_size
+    block = server.settings.cache.block_size
     assert shared >= 2 * block
     assert second.usage.cache_read_input_tokens == shared // block * block
 

@@ -129,7 +129,7 @@ def test_a_request_that_names_no_bound_is_cut_to_what_the_budget_leaves(
     assert r.usage is not None and r.usage.completion_tokens >= 1
     assert budget(admin, t.id)["daily"]["spent_micros"] <= whole // 2
     with pytest.raises(openai.BadRequestError):  # a stated bound is refused, never cut
-        chat(server, t.key, max_tokens=server.settings.default_max_tokens)
+        chat(server, t.key, max_tokens=server.settings.engine.default_max_tokens)
 
 
 def test_every_generating_path_is_gated(server: ThreadServer, admin: Admin) -> None:

@@ -50,7 +50,7 @@ def _pinned(server: ThreadServer, tenant: Tenant) -> int:
 
 
 def _block(server: ThreadServer) -> int:
-    return server.state.settings.block_size
+    return server.state.settings.cache.block_size
 
 
 def _until(check: Callable[[], bool], timeout_s: float = 30.0) -> bool:
@@ -279,7 +279,7 @@ def test_hostile_ids_and_huge_bodies(server: ThreadServer) -> None:
             "model": "demo", "max_tokens": 1, "messages": [{"role": "user", "content": "x"}],
             "cached_content": "cache_\u202e../../x"})
         assert r.status_code == 404 and r.json()["error"]["code"] == "cache_not_found", r.text
-        huge = "word " * (server.state.settings.max_body_bytes // 4)
+        huge = "word " * (server.state.settings.http.max_body_bytes // 4)
         r = http.post("/v1/caches", json={"messages": [{"role": "system", "content": huge}]})
         assert r.status_code == 413, r.status_code
         r = http.post("/v1/caches", data=b"{not json")

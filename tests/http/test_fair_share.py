@@ -260,7 +260,7 @@ def _room(server: ThreadServer) -> None:
     """Until the engine's queue has room for one more request."""
     engine = server.state.engine
     for _ in range(1200):
-        if engine.queue_depth() < server.settings.max_queue - 1:
+        if engine.queue_depth() < server.settings.engine.max_queue - 1:
             return
         time.sleep(0.01)
     raise AssertionError(f"the engine's queue stayed at {engine.queue_depth()}")
@@ -297,7 +297,7 @@ def test_a_hang_up_is_one_info_line_and_499_not_an_error(
     """The client stops reading, then hangs up before the write timeout's end (a
     connection lost under a paused write, the path that logged a traceback)."""
     t = slow.admin.tenant("hangs-up")
-    slow.state.settings.write_timeout = 120.0
+    slow.state.settings.http.write_timeout = 120.0
     try:
         with caplog.at_level(logging.INFO, logger="kvgate"):
             sock = _stalled_stream(slow, t, max_tokens=300)
@@ -312,7 +312,7 @@ def test_a_hang_up_is_one_info_line_and_499_not_an_error(
                     break
                 time.sleep(0.05)
     finally:
-        slow.state.settings.write_timeout = 1.0
+        slow.state.settings.http.write_timeout = 1.0
     assert row["n"] == 1 and row["status"] == "cancelled", row
     assert _requests_total(slow, t, 499) == 1 and _requests_total(slow, t, 500) == 0
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
@@ -336,9 +336,9 @@ def _written_out(server: ThreadServer) -> None:
 def test_clients_that_stop_reading_do_not_keep_others_out(slow: ThreadServer) -> None:
     """Twice the gateway's capacity in streams whose clients never read: once the engine
     is done with them they hold no capacity, and another tenant is served, not 503."""
-    slow.state.settings.write_timeout = 120.0
+    slow.state.settings.http.write_timeout = 120.0
     flood, victim = slow.admin.tenant("flood"), slow.admin.tenant("victim")
-    capacity = slow.settings.max_running + slow.settings.max_queue
+    capacity = slow.settings.engine.max_running + slow.settings.engine.max_queue
     socks: list[socket.socket] = []
     try:
         for _ in range(2 * capacity):  # one by one, as the engine has room for them
@@ -351,7 +351,7 @@ def test_clients_that_stop_reading_do_not_keep_others_out(slow: ThreadServer) ->
     finally:
         for s in socks:
             s.close()
-        slow.state.settings.write_timeout = 1.0
+        slow.state.settings.http.write_timeout = 1.0
     rows = _rows(slow, flood, 2 * capacity)
     assert all(r["n"] == 1 and r["status"] == "cancelled" for r in rows.values()), rows
 
@@ -360,10 +360,10 @@ def test_stalled_streams_are_parked_with_the_shipped_buffers(slow: ThreadServer)
     """No test-only socket patch: plain text streams of up to 5,000 tokens whose clients
     never read fill the server's small stream buffers within a few hundred tokens, the
     engine parks them (no slot, no pages), and another tenant is served."""
-    slow.state.settings.write_timeout = 120.0
+    slow.state.settings.http.write_timeout = 120.0
     flood, victim = slow.admin.tenant("parks"), slow.admin.tenant("served")
     engine = slow.state.engine
-    capacity = slow.settings.max_running + 1  # every slot, and one waiting for a slot
+    capacity = slow.settings.engine.max_running + 1  # every slot, and one waiting for a slot
     body = {"model": engine.model_id, "max_tokens": 5000, "stream": True, "ignore_eos": True,
             "messages": [{"role": "user", "content": "write me a book"}]}
     socks: list[socket.socket] = []
@@ -381,7 +381,7 @@ def test_stalled_streams_are_parked_with_the_shipped_buffers(slow: ThreadServer)
     finally:
         for s in socks:
             s.close()
-        slow.state.settings.write_timeout = 1.0
+        slow.state.settings.http.write_timeout = 1.0
     rows = _rows(slow, flood, capacity)
     assert all(r["n"] == 1 and r["status"] == "cancelled" for r in rows.values()), rows
     assert all(r["completion_tokens"] < 2000 for r in rows.values()), rows
@@ -394,7 +394,7 @@ def test_write_timeout_flag_and_environment(monkeypatch: pytest.MonkeyPatch,
     from kvgate.gateway.http.serve import settings_from_args
     from kvgate.gateway.route.settings import RouterSettings
 
-    assert Settings().write_timeout == 30.0
+    assert Settings().http.write_timeout == 30.0
     s = settings_from_args(build_parser().parse_args(["serve", "--write-timeout", "2.5"]))
     assert s.write_timeout == 2.5
     monkeypatch.setenv("KVGATE_WRITE_TIMEOUT", "7")

@@ -147,7 +147,7 @@ def test_sqlite_file_deleted_under_a_running_server(tmp_path: Path,
         path, body = request_body("messages", "hello", 4)
         assert requests.post(srv.url + path, json=body, headers=tenant.headers,
                              timeout=60).status_code == 200
-        db = Path(srv.settings.db.removeprefix("sqlite:///"))
+        db = Path(srv.settings.ledger.db.removeprefix("sqlite:///"))
         for suffix in ("", "-wal", "-shm"):
             Path(f"{db}{suffix}").unlink(missing_ok=True)
         with caplog.at_level(logging.ERROR, logger="kvgate.ledger"):

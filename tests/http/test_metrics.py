@@ -152,7 +152,7 @@ def test_a_metrics_port_serves_metrics_there_only(tmp_path) -> None:  # type: ig
             assert r.status_code == 200 and "kvgate_cache_bytes" in r.text
             assert scraper.get("/metrics", headers=ADMIN).status_code == 200
             assert scraper.get("/v1/models", headers=ADMIN).status_code == 404
-            srv.state.settings.metrics_key = None  # no key: the port alone guards it
+            srv.state.settings.metrics.metrics_key = None  # no key: the port alone guards it
             assert scraper.get("/metrics").status_code == 200
             assert api.get("/metrics", headers=ADMIN).status_code == 404
         finally:

@@ -117,7 +117,7 @@ def test_prefix_cache_hits_within_tenant_only(server: ThreadServer, admin: Admin
     assert first.usage and second.usage and other.usage
     assert first.usage.prompt_tokens_details.cached_tokens == 0  # type: ignore[union-attr]
     cached = second.usage.prompt_tokens_details.cached_tokens  # type: ignore[union-attr]
-    block = server.settings.block_size
+    block = server.settings.cache.block_size
     # everything but the tail under one block (and the last token, always computed)
     assert cached >= (second.usage.prompt_tokens - 1) // block * block - block
     assert cached > 0 and cached % block == 0

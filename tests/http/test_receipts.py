@@ -194,7 +194,7 @@ def test_the_key_survives_a_restart_and_a_bad_key_file_stops_serve(tmp_path: Pat
     settings = server_settings(tmp_path / "two")
     proc = subprocess.run(
         [sys.executable, "-m", "kvgate.gateway.cli", "serve", "--model", "demo",
-         "--port", "0", "--db", settings.db, "--receipt-key-file", str(bad)],
+         "--port", "0", "--db", settings.ledger.db, "--receipt-key-file", str(bad)],
         capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()

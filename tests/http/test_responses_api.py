@@ -147,7 +147,7 @@ def test_previous_response_id_hits_the_cache(server: ThreadServer, tenant: Tenan
     """The second turn's prompt starts with the first turn's prompt and output as the
     engine computed them: all of it but the last partial block comes from the cache."""
     c = client(server, tenant)
-    block = server.settings.block_size
+    block = server.settings.cache.block_size
     first = c.responses.create(model=model_id, input="tell me a story", temperature=1.0,
                                instructions=INSTRUCTIONS, max_output_tokens=24)
     assert first.usage is not None
@@ -387,7 +387,7 @@ def test_function_call_round_trip_hits_the_cache(server: ThreadServer, tenant: T
     scripted.script(tenant, '<tool_call>\n{"name": "get_weather", "arguments": '
                             '{"city":"Paris","metric":true}}\n</tool_call>')
     c = client(server, tenant)
-    block = server.settings.block_size
+    block = server.settings.cache.block_size
     first = c.responses.create(model=model_id, input="What is the weather in Paris?",
                                instructions=INSTRUCTIONS, tools=TOOLS, max_output_tokens=200)
     [call] = [o for o in first.output if o.type == "function_call"]

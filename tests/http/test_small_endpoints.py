@@ -74,7 +74,7 @@ def test_aliases_are_served_and_the_first_reported(aliased: ThreadServer) -> Non
                                        messages=[{"role": "user", "content": "hi"}])
     with Session(aliased.url) as http:
         report = http.get("/admin/usage", params={"tenant_id": tenant.id, "group_by": "model"},
-                          headers={"Authorization": f"Bearer {aliased.settings.admin_key}"})
+                          headers={"Authorization": f"Bearer {aliased.settings.http.admin_key}"})
     assert report.status_code == 200, report.text
     assert {row["model"] for row in report.json()["rows"]} == {"kvgate-demo"}, report.json()
 
@@ -191,4 +191,4 @@ def test_serve_flags() -> None:
     for argv in (["serve", "--served-model-name", "a", "b"],
                  ["serve", "--served-model-name", "a,b"]):
         settings = settings_from_args(parser.parse_args([*argv, "--max-model-len", "64"]))
-        assert settings.served_model_name == "a,b" and settings.max_model_len == 64
+        assert settings.engine.served_model_name == "a,b" and settings.engine.max_model_len == 64

@@ -178,7 +178,7 @@ def test_engine_failure_mid_stream_ends_it_with_an_error_event_and_closes(
     assert row["n"] == 1 and row["status"] == "error", row
     assert f.failed_at is not None and row["completion_tokens"] == f.failed_at >= FAIL_AT, row
     # Billed with the prompt's real cache split: DOCUMENT's blocks were read, not recomputed.
-    block = server.settings.block_size
+    block = server.settings.cache.block_size
     assert row["prompt_tokens"] == warm["prompt_tokens"]
     assert row["cached_tokens"] >= row["prompt_tokens"] - block, row
     assert row["cost_micros"] < warm["cost_micros"], (row, warm)
@@ -230,7 +230,7 @@ def test_client_leaving_a_plain_request_stops_the_engine(
     (row,) = rows.values()
     assert row["status"] == "cancelled", row
     assert 2 <= row["completion_tokens"] < budget, row
-    block = server.settings.block_size
+    block = server.settings.cache.block_size
     assert row["prompt_tokens"] == warm["prompt_tokens"]
     assert row["cached_tokens"] >= row["prompt_tokens"] - block, row
     engine = server.state.engine

@@ -200,7 +200,7 @@ def test_tool_round_trip_hits_the_cache_and_is_billed(server: ThreadServer, tena
     second = c.chat.completions.create(model=model_id, messages=history,  # type: ignore[arg-type]
                                        tools=TOOLS, max_tokens=4)
     assert first.usage is not None and second.usage is not None
-    block = server.settings.block_size
+    block = server.settings.cache.block_size
     cached = second.usage.prompt_tokens_details.cached_tokens  # type: ignore[union-attr]
     assert cached >= first.usage.prompt_tokens - block
     assert second.usage.prompt_tokens > first.usage.prompt_tokens + first.usage.completion_tokens

@@ -55,7 +55,7 @@ class Fleet:
 
     def synced(self) -> bool:
         views = self.router.router.index.views
-        return all(r.settings.replica_id in views and views[r.settings.replica_id].synced
+        return all(r.settings.events.replica_id in views and views[r.settings.events.replica_id].synced
                    for r in self.replicas if r.port)
 
     def chat(self, content: str, max_tokens: int = 4, **extra: Any) -> requests.Response:

@@ -29,7 +29,7 @@ CHAT = "/v1/chat/completions"
 
 
 def _router_to(fleet: Fleet, urls: list[str], **settings: Any) -> RouterThread:
-    return RouterThread(db=fleet.replicas[0].settings.db, admin_key=ADMIN_KEY, replicas=urls,
+    return RouterThread(db=fleet.replicas[0].settings.ledger.db, admin_key=ADMIN_KEY, replicas=urls,
                         events_url=fleet.events_url, **settings).start()
 
 
@@ -64,7 +64,7 @@ def test_a_body_the_router_cannot_render_gets_the_replicas_own_error(
 
 def test_a_body_over_the_limit_is_refused_at_the_router_in_the_api_shape(
         fleet: Fleet) -> None:
-    limit = fleet.router.settings.max_body_bytes
+    limit = fleet.router.settings.http.max_body_bytes
     big = b'{"model": "demo", "messages": [], "x": "' + b"a" * (limit + 10) + b'"}'
     r = requests.post(fleet.router.url + CHAT, data=big, headers=fleet.tenant.headers,
                       timeout=60)
@@ -348,7 +348,7 @@ def test_hop_by_hop_headers_stop_at_the_router(fleet: Fleet,
 
 def test_malformed_cache_events_are_skipped_and_the_router_goes_on(fleet: Fleet) -> None:
     client = redis.Redis.from_url(fleet.events_url)
-    replica_id = fleet.replicas[0].settings.replica_id
+    replica_id = fleet.replicas[0].settings.events.replica_id
     view = fleet.router.router.index.views[replica_id]
     good = {"replica": replica_id, "epoch": view.epoch, "first": str(view.seq + 1)}
     for fields in [
@@ -376,7 +376,7 @@ def test_malformed_cache_events_are_skipped_and_the_router_goes_on(fleet: Fleet)
         CHAT, json.dumps({"messages": [{"role": "user", "content": content}]}).encode(),
         fleet.tenant.id, fleet.replicas[0].state.engine.store.model_id, 16)
     fleet.wait(lambda: any(fleet.router.router.index.cached_blocks(
-        r.settings.replica_id, hashes) == len(hashes) for r in fleet.replicas),
+        r.settings.events.replica_id, hashes) == len(hashes) for r in fleet.replicas),
         "the new prompt's blocks in the router's view")
     assert fleet.chat("and more").status_code == 200
 

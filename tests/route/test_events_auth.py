@@ -8,7 +8,6 @@ gained, and finds nothing when nothing went wrong."""
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import secrets
 import subprocess
@@ -22,6 +21,7 @@ import redis
 import requests
 
 from kvgate.cachestore.events import CacheEvent
+from kvgate.gateway.config import updated
 from kvgate.gateway.edge.context import EDGE
 from kvgate.gateway.protocol.wire import (
     MAX_BATCH,
@@ -67,7 +67,7 @@ def _exact(fleet: Fleet, router: RouterThread | None = None) -> bool:
     """Every replica's view in the router is its index, at its last event."""
     views = _views(router or fleet.router)
     for i, replica in enumerate(fleet.replicas):
-        view = views.get(replica.settings.replica_id)
+        view = views.get(replica.settings.events.replica_id)
         seq, blocks = _truth(fleet, i)
         if view is None or not view[2] or view[1] != seq or view[3] != blocks:
             return False
@@ -96,7 +96,7 @@ def _batch(fleet: Fleet, i: int, events: list[tuple[str, bytes, str]], *,
            first: int | None = None, epoch: str | None = None,
            replica: str | None = None) -> EventBatch:
     """A batch for replica ``i`` at its next event numbers (or ``first``)."""
-    rid = fleet.replicas[i].settings.replica_id
+    rid = fleet.replicas[i].settings.events.replica_id
     view = _views(fleet.router)[rid]
     start = view[1] + 1 if first is None else first
     evs = [CacheEvent(start + k, kind, "forged", h, tier)  # type: ignore[arg-type]
@@ -113,11 +113,11 @@ def _holder(fleet: Fleet, content: str) -> tuple[int, list[bytes]]:
     assert fleet.chat(content).status_code == 200
     hashes = _prompt_hashes(fleet, content)
     index = fleet.router.router.index
-    fleet.wait(lambda: any(index.cached_blocks(r.settings.replica_id, hashes) == len(hashes)
+    fleet.wait(lambda: any(index.cached_blocks(r.settings.events.replica_id, hashes) == len(hashes)
                            for r in fleet.replicas), "the prompt's blocks in the view")
     _settled(fleet)
     i = next(i for i, r in enumerate(fleet.replicas)
-             if index.cached_blocks(r.settings.replica_id, hashes) == len(hashes))
+             if index.cached_blocks(r.settings.events.replica_id, hashes) == len(hashes))
     return i, hashes
 
 
@@ -150,8 +150,8 @@ def test_forged_and_unsigned_batches_move_no_prefix(fleet: Fleet) -> None:
                "the forged batches to be refused")
     _settled(fleet)
     index = fleet.router.router.index
-    assert index.cached_blocks(fleet.replicas[holder].settings.replica_id, hashes) == len(hashes)
-    assert index.cached_blocks(fleet.replicas[other].settings.replica_id, hashes) == 0
+    assert index.cached_blocks(fleet.replicas[holder].settings.events.replica_id, hashes) == len(hashes)
+    assert index.cached_blocks(fleet.replicas[other].settings.events.replica_id, hashes) == 0
     assert _cached_tokens(fleet, content) >= (len(hashes) - 1) * 16  # still to the holder
 
 
@@ -160,7 +160,7 @@ def test_a_batch_signed_for_one_replica_cannot_speak_for_another(fleet: Fleet) -
     before = {r: _rejected(fleet, r) for r in ("bad_signature", "unknown_replica")}
     genuine = _batch(fleet, 0, [("stored", secrets.token_bytes(16), "device")])
     relabelled = genuine.fields(KEY)
-    relabelled["replica"] = fleet.replicas[1].settings.replica_id  # the MAC covers the id
+    relabelled["replica"] = fleet.replicas[1].settings.events.replica_id  # the MAC covers the id
     _xadd(fleet, relabelled)
     stranger = _batch(fleet, 0, [("stored", secrets.token_bytes(16), "device")],
                       replica="r-not-in-the-pool")
@@ -215,7 +215,7 @@ def test_a_batch_of_200000_no_op_events_never_freezes_the_view(fleet: Fleet,
     refused; signed (a leaked secret) it is a range no publisher sends: refused, and the
     view is rebuilt from the replica."""
     holder, _ = _holder(fleet, SYSTEM + "before the flood")
-    rid = fleet.replicas[holder].settings.replica_id
+    rid = fleet.replicas[holder].settings.events.replica_id
     noop = [("removed", secrets.token_bytes(16), "device") for _ in range(200_000)]
     reason = "impossible_range" if signed else "unsigned"
     before, resyncs = _rejected(fleet, reason), fleet.router.router.index.resyncs
@@ -228,7 +228,7 @@ def test_a_batch_of_200000_no_op_events_never_freezes_the_view(fleet: Fleet,
     # real events are applied again: a new prompt's blocks reach the view
     after, hashes = _holder(fleet, SYSTEM + "after the flood")
     assert fleet.router.router.index.cached_blocks(
-        fleet.replicas[after].settings.replica_id, hashes) == len(hashes)
+        fleet.replicas[after].settings.events.replica_id, hashes) == len(hashes)
 
 
 def test_a_miscounted_signed_batch_is_refused_and_resynced(fleet: Fleet) -> None:
@@ -246,7 +246,7 @@ def test_a_miscounted_signed_batch_is_refused_and_resynced(fleet: Fleet) -> None
 
 def test_a_signed_jump_far_ahead_is_a_gap_resynced_from_the_snapshot(fleet: Fleet) -> None:
     holder, _ = _holder(fleet, SYSTEM + "before the jump")
-    view_seq = _views(fleet.router)[fleet.replicas[holder].settings.replica_id][1]
+    view_seq = _views(fleet.router)[fleet.replicas[holder].settings.events.replica_id][1]
     jump = _batch(fleet, holder, [("stored", secrets.token_bytes(16), "device")],
                   first=view_seq + 1_000_000)
     gaps = fleet.router.router.index.gaps
@@ -255,7 +255,7 @@ def test_a_signed_jump_far_ahead_is_a_gap_resynced_from_the_snapshot(fleet: Flee
     _settled(fleet)  # the snapshot replaced the view; the jump's event is not in it
     after, hashes = _holder(fleet, SYSTEM + "after the jump")
     assert fleet.router.router.index.cached_blocks(
-        fleet.replicas[after].settings.replica_id, hashes) == len(hashes)
+        fleet.replicas[after].settings.events.replica_id, hashes) == len(hashes)
 
 
 def test_signed_events_the_replica_never_made_are_found_and_undone(fleet: Fleet) -> None:
@@ -272,8 +272,8 @@ def test_signed_events_the_replica_never_made_are_found_and_undone(fleet: Fleet)
                "both views found ahead of their replicas")
     _settled(fleet)
     index = fleet.router.router.index
-    assert index.cached_blocks(fleet.replicas[holder].settings.replica_id, hashes) == len(hashes)
-    assert index.cached_blocks(fleet.replicas[other].settings.replica_id, hashes) == 0
+    assert index.cached_blocks(fleet.replicas[holder].settings.events.replica_id, hashes) == len(hashes)
+    assert index.cached_blocks(fleet.replicas[other].settings.events.replica_id, hashes) == 0
     assert _metric(fleet.router, "kvgate_router_reconcile_differences_total") >= 2 * len(hashes)
     assert _cached_tokens(fleet, content) >= (len(hashes) - 1) * 16
 
@@ -300,19 +300,19 @@ def test_events_lost_with_no_later_batch_are_found_from_the_replicas_own_number(
         index.on_event = sink
     after, hashes = _holder(fleet, SYSTEM + "after the loss")
     assert fleet.router.router.index.cached_blocks(
-        fleet.replicas[after].settings.replica_id, hashes) == len(hashes)
+        fleet.replicas[after].settings.events.replica_id, hashes) == len(hashes)
 
 
 # -- reconciliation --------------------------------------------------------------------------
 
 def test_reconciliation_finds_and_repairs_what_a_view_lost_or_gained(fleet: Fleet) -> None:
     _holder(fleet, SYSTEM + "reconciled")
-    router = RouterThread(db=fleet.router.settings.db, admin_key=ADMIN_KEY,
+    router = RouterThread(db=fleet.router.settings.routing.db, admin_key=ADMIN_KEY,
                           replicas=[r.url for r in fleet.replicas], events_url=fleet.events_url,
                           reconcile_interval_s=0.2).start()
     try:
         fleet.wait(lambda: _exact(fleet, router), "the second router's views")
-        rid = fleet.replicas[0].settings.replica_id
+        rid = fleet.replicas[0].settings.events.replica_id
 
         async def damage() -> None:  # as a lost event and a forged one would leave it
             view = router.router.index.views[rid]
@@ -406,20 +406,22 @@ def test_events_without_a_secret_refuse_to_start_unless_the_operator_opts_out(
         tmp_path: Path) -> None:
     url = "redis://127.0.0.1:9/0"
     with pytest.raises(EventsMisconfigured, match="KVGATE_EVENTS_SECRET"):
-        create_router_app(RouterSettings(events_url=url, admin_key=ADMIN_KEY,
-                                         replicas=["http://127.0.0.1:9"]))
-    create_router_app(RouterSettings(events_url=url, admin_key=ADMIN_KEY, events_unsigned=True,
-                                     replicas=["http://127.0.0.1:9"]))  # a loud warning
-    assert RouterSettings.from_env({"KVGATE_SHARED_TIER_SECRET": "s"}).events_secret == "s"
-    assert RouterSettings.from_env({"KVGATE_SHARED_TIER_SECRET": "s",
-                                    "KVGATE_EVENTS_SECRET": "e"}).events_secret == "e"
+        create_router_app(RouterSettings.from_env({}, events_url=url, admin_key=ADMIN_KEY,
+                                                  replicas=["http://127.0.0.1:9"]))
+    create_router_app(RouterSettings.from_env({}, events_url=url, admin_key=ADMIN_KEY,
+                                              events_unsigned=True,
+                                              replicas=["http://127.0.0.1:9"]))  # a loud warning
+    shared = RouterSettings.from_env({"KVGATE_SHARED_TIER_SECRET": "s"})
+    assert shared.events.events_secret == "s"
+    assert RouterSettings.from_env({"KVGATE_SHARED_TIER_SECRET": "s", "KVGATE_EVENTS_SECRET":
+                                    "e"}).events.events_secret == "e"
     from kvgate.gateway.http.app import create_app
 
     base = server_settings(tmp_path, events_url=url, events_secret=None)
     with pytest.raises(EventsMisconfigured):
         create_app(base)
     for ok in ({"events_unsigned": True}, {"shared_tier_secret": "shared"}):
-        create_app(dataclasses.replace(base, **ok))
+        create_app(updated(base, **ok))
     env = {k: v for k, v in os.environ.items()
            if k not in ("KVGATE_EVENTS_SECRET", "KVGATE_SHARED_TIER_SECRET")}
     env["KVGATE_ADMIN_KEY"] = ADMIN_KEY

@@ -37,7 +37,7 @@ def test_requests_go_to_the_replica_holding_the_longest_prefix(fleet: Fleet) -> 
     for p in prompts:
         assert fleet.chat(p).status_code == 200
     fleet.wait(lambda: all(
-        any(fleet.router.router.index.cached_blocks(r.settings.replica_id,
+        any(fleet.router.router.index.cached_blocks(r.settings.events.replica_id,
                                                     _prompt_hashes(fleet, p))
             == len(_prompt_hashes(fleet, p)) for r in fleet.replicas) for p in prompts),
         "the router's view to hold every prompt")
@@ -46,7 +46,7 @@ def test_requests_go_to_the_replica_holding_the_longest_prefix(fleet: Fleet) -> 
         hashes = _prompt_hashes(fleet, p)
         # the router's hashes are the engine's: a replica's view holds them all
         holders = [r for r in fleet.replicas
-                   if router.index.cached_blocks(r.settings.replica_id, hashes) == len(hashes)]
+                   if router.index.cached_blocks(r.settings.events.replica_id, hashes) == len(hashes)]
         assert holders
         # and that view is exact: the replica's own cache has the same blocks
         for r in holders:
@@ -120,9 +120,9 @@ def test_a_stopped_replica_leaves_the_pool_and_its_requests_go_elsewhere(fleet: 
     assert fleet.chat(prompt).status_code == 200
     hashes = _prompt_hashes(fleet, prompt)
     fleet.wait(lambda: any(fleet.router.router.index.cached_blocks(
-        r.settings.replica_id, hashes) for r in fleet.replicas), "the prefix in the view")
+        r.settings.events.replica_id, hashes) for r in fleet.replicas), "the prefix in the view")
     holder = next(r for r in fleet.replicas if fleet.router.router.index.cached_blocks(
-        r.settings.replica_id, hashes))
+        r.settings.events.replica_id, hashes))
     url = holder.url
     holder.stop()  # its port now refuses connections; the pool has not noticed yet
     r = fleet.chat(prompt)  # routed to the holder first, refused, retried on the other
@@ -194,11 +194,11 @@ def test_lost_events_are_resynchronised_from_snapshots(tmp_path: Path) -> None:
             fleet.wait(fleet.synced, "views resynchronised")
             for p in [*during, after]:
                 hashes = _prompt_hashes(fleet, p)
-                assert any(fleet.router.router.index.cached_blocks(r.settings.replica_id,
+                assert any(fleet.router.router.index.cached_blocks(r.settings.events.replica_id,
                                                                    hashes) == len(hashes)
                            for r in fleet.replicas), p
             # and a router started now (no events seen at all) loads every snapshot
-            fresh = RouterThread(db=fleet.router.settings.db, admin_key=ADMIN_KEY,
+            fresh = RouterThread(db=fleet.router.settings.routing.db, admin_key=ADMIN_KEY,
                                  replicas=[r.url for r in fleet.replicas],
                                  events_url=restarted.url).start()
             fleet.extra.append(_Stopper(fresh))
@@ -206,7 +206,7 @@ def test_lost_events_are_resynchronised_from_snapshots(tmp_path: Path) -> None:
                        and all(v.synced for v in fresh.router.index.views.values()),
                        "the new router's views")
             hashes = _prompt_hashes(fleet, after)
-            assert any(fresh.router.index.cached_blocks(r.settings.replica_id, hashes)
+            assert any(fresh.router.index.cached_blocks(r.settings.events.replica_id, hashes)
                        == len(hashes) for r in fleet.replicas)
         finally:
             restarted.stop()

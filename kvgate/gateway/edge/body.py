@@ -31,7 +31,7 @@ async def read_body(request: web.Request) -> bytes:
     """The raw body (within the app's size limit), read only after admission: a 408 when it
     does not arrive within the read timeout (the connection is then closed), a 400 when its
     framing is broken (chunked encoding, a short Content-Length)."""
-    timeout = edge_of(request).read_timeout_s
+    timeout = edge_of(request).http.read_timeout_s
     try:
         async with asyncio.timeout(timeout):
             return await request.read()

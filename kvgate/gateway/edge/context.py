@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
+from kvgate.gateway.config import HttpSettings, MetricsSettings
 from kvgate.gateway.edge.metrics import RequestMetrics
 from kvgate.gateway.ledger import Principal
 from kvgate.gateway.protocol.errors import ApiError
@@ -30,14 +31,11 @@ class Edge:
     """A front end as its middlewares, body reader, streams and /metrics see it; the
     replica (``http.app``) and the router (``route.app``) each make one."""
 
-    max_body_bytes: int
-    read_timeout_s: float
-    write_timeout: float
+    http: HttpSettings  # body limit, read and write timeouts, stream buffers (read live)
     metrics: RequestMetrics
     ledger_of: Callable[[], Ledger]  # keys are checked there (once the app has opened it)
-    stream_send_buffer_bytes: int = 0
-    metrics_port: int | None = None  # /metrics only on this port when set
-    metrics_key: str | None = field(default=None, repr=False)
+    # /metrics: on a port of its own, and the key it asks for (read live)
+    metrics_settings: MetricsSettings = field(default_factory=MetricsSettings)
     # Requests that need no key besides the public paths (the console's pages).
     public: Callable[[web.Request], bool] = _never
     # A front end's own exceptions as the API errors the client sees (None: a 500).

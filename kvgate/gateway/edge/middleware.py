@@ -40,7 +40,7 @@ async def context_middleware(request: web.Request, handler: Handler) -> web.Stre
     request[CTX] = ctx
     edge = edge_of(request)
     try:
-        limit = edge.max_body_bytes
+        limit = edge.http.max_body_bytes
         if request.content_length is not None and request.content_length > limit:
             raise ApiError(413, f"Request body is {request.content_length} bytes; the limit is "
                            f"{limit}.", code="request_too_large")
@@ -94,7 +94,7 @@ def _gone(request: web.Request) -> int:
     p = ctx.principal
     tokens = "no" if ctx.completion_tokens is None else str(ctx.completion_tokens)
     if why == "write_timeout":
-        timeout = edge_of(request).write_timeout
+        timeout = edge_of(request).http.write_timeout
         log.info("request %s (tenant %s): the client accepted no bytes for %gs, answer cut "
                  "(%s tokens produced)", ctx.request_id, p.tenant_id if p else None, timeout,
                  tokens)

@@ -16,7 +16,7 @@ from kvgate.gateway.protocol.errors import ApiError
 async def metrics_endpoint(request: web.Request) -> web.Response:
     """/metrics on the API port: absent when a metrics port is set (served only there)."""
     edge = edge_of(request)
-    if edge.metrics_port is not None:
+    if edge.metrics_settings.metrics_port is not None:
         raise web.HTTPNotFound()
     return await _scrape(request, edge, own_port=False)
 
@@ -48,10 +48,10 @@ async def _may_read_metrics(request: web.Request, edge: Edge, own_port: bool) ->
     key = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
     if not (key.isascii() and key.isprintable()):
         return False  # no key we issued (undecodable header bytes arrive as surrogates)
-    if edge.metrics_key and key and hmac.compare_digest(key.encode(),
-                                                       edge.metrics_key.encode()):
+    metrics_key = edge.metrics_settings.metrics_key
+    if metrics_key and key and hmac.compare_digest(key.encode(), metrics_key.encode()):
         return True
-    if not edge.metrics_key and own_port:
+    if not metrics_key and own_port:
         return True  # the metrics port with no key: open to whoever can reach it
     if not key:
         return False
@@ -71,7 +71,7 @@ async def metrics_listener(edge: Edge, host: str) -> web.AppRunner:
     runner = web.AppRunner(app, handle_signals=False, access_log=None)
     await runner.setup()
     try:
-        await web.TCPSite(runner, host, edge.metrics_port).start()
+        await web.TCPSite(runner, host, edge.metrics_settings.metrics_port).start()
     except BaseException:
         await runner.cleanup()
         raise

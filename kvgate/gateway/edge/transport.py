@@ -99,13 +99,13 @@ class BoundedResponse(web.StreamResponse):
     def __init__(self, request: web.Request, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._request = request
-        timeout = float(edge_of(request).write_timeout)
+        timeout = float(edge_of(request).http.write_timeout)
         self.write_timeout: float | None = timeout if math.isfinite(timeout) \
             and timeout > 0 else None
 
     async def prepare(self, request: web.BaseRequest) -> Any:
         if not self.prepared:
-            _small_buffers(request, edge_of(self._request).stream_send_buffer_bytes)
+            _small_buffers(request, edge_of(self._request).http.stream_send_buffer_bytes)
         return await super().prepare(request)
 
     async def write(self, data: Any) -> None:

@@ -109,8 +109,8 @@ def _routes() -> list[web.RouteDef]:
 async def _checkpoints(settings: Settings, ledger: Ledger) -> Checkpoints:
     """The usage journal of running requests; first bills, as ``interrupted``, what the
     journals of stopped processes left unfinished (``ledger/checkpoints.py``)."""
-    checkpoints = Checkpoints(settings.spool_dir or default_spool_dir(settings.db),
-                              settings.checkpoint_interval_s, settings.checkpoint_tokens)
+    checkpoints = Checkpoints(settings.ledger.spool_dir or default_spool_dir(settings.ledger.db),
+                              settings.ledger.checkpoint_interval_s, settings.ledger.checkpoint_tokens)
     recovered = await checkpoints.recover()
     failed = 0
     for event in recovered:
@@ -128,66 +128,63 @@ async def _checkpoints(settings: Settings, ledger: Ledger) -> Checkpoints:
 def engine_config(settings: Settings) -> EngineConfig:
     """The server's settings the engine acts on (the engine never reads ``Settings``)."""
     return EngineConfig(
-        model=settings.model, device=settings.device, dtype=settings.dtype,
-        device_cache_bytes=settings.device_cache_bytes,
-        host_cache_bytes=settings.host_cache_bytes, block_size=settings.block_size,
-        kv_dtype=settings.kv_dtype, offload_kv_dtype=settings.offload_kv_dtype,
-        max_batch_tokens=settings.max_batch_tokens, max_running=settings.max_running,
-        max_queue=settings.max_queue,
-        single_flight_wait_steps=settings.single_flight_wait_steps,
-        fair_scheduling=settings.fair_scheduling, max_unread_tokens=settings.max_unread_tokens,
-        contended_batch_tokens=settings.contended_batch_tokens,
-        default_cache_ttl_seconds=float(settings.default_cache_ttl_seconds),
-        max_model_len=settings.max_model_len, cache_shares=settings.cache_shares,
+        model=settings.engine.model, device=settings.engine.device, dtype=settings.engine.dtype,
+        device_cache_bytes=settings.cache.device_cache_bytes,
+        host_cache_bytes=settings.cache.host_cache_bytes, block_size=settings.cache.block_size,
+        kv_dtype=settings.cache.kv_dtype, offload_kv_dtype=settings.cache.offload_kv_dtype,
+        max_batch_tokens=settings.engine.max_batch_tokens, max_running=settings.engine.max_running,
+        max_queue=settings.engine.max_queue,
+        single_flight_wait_steps=settings.engine.single_flight_wait_steps,
+        fair_scheduling=settings.engine.fair_scheduling, max_unread_tokens=settings.engine.max_unread_tokens,
+        contended_batch_tokens=settings.engine.contended_batch_tokens,
+        default_cache_ttl_seconds=float(settings.cache.default_cache_ttl_seconds),
+        max_model_len=settings.engine.max_model_len, cache_shares=settings.cache.cache_shares,
         shared_tier=shared_tier_config(settings), disk_tier=disk_tier_config(settings))
 
 
 def disk_tier_config(settings: Settings) -> DiskTierConfig | None:
-    if not settings.disk_cache_dir:
+    if not settings.disk_tier.disk_cache_dir:
         return None
     for name in ("disk_cache_bytes", "disk_cache_write_bandwidth_bytes",
                  "disk_cache_read_bandwidth_bytes"):
-        if getattr(settings, name) <= 0:
+        if getattr(settings.disk_tier, name) <= 0:
             raise EngineMisconfigured(f"--{name.replace('_', '-')} must be positive with "
                                       "--disk-cache-dir (leave --disk-cache-dir unset for no "
                                       "disk tier)")
     return DiskTierConfig(
-        path=settings.disk_cache_dir, capacity_bytes=settings.disk_cache_bytes,
-        write_bytes_per_s=settings.disk_cache_write_bandwidth_bytes,
-        read_bytes_per_s=settings.disk_cache_read_bandwidth_bytes)
+        path=settings.disk_tier.disk_cache_dir, capacity_bytes=settings.disk_tier.disk_cache_bytes,
+        write_bytes_per_s=settings.disk_tier.disk_cache_write_bandwidth_bytes,
+        read_bytes_per_s=settings.disk_tier.disk_cache_read_bandwidth_bytes)
 
 
 def shared_tier_config(settings: Settings) -> SharedTierConfig | None:
-    if not settings.shared_tier_url:
+    if not settings.remote_tier.shared_tier_url:
         return None
-    if not settings.shared_tier_secret:
+    if not settings.remote_tier.shared_tier_secret:
         log.warning("the shared tier's entries are not signed: set KVGATE_SHARED_TIER_SECRET "
                     "(the same value on every replica) unless only kvgate can write to it")
     return SharedTierConfig(
-        url=settings.shared_tier_url, timeout_ms=settings.shared_tier_timeout_ms,
-        queue_bytes=settings.shared_tier_queue_bytes,
-        bandwidth_bytes=settings.shared_tier_bandwidth_bytes,
-        compute_flops=float(settings.shared_tier_compute_flops),
-        secret=settings.shared_tier_secret or "")
+        url=settings.remote_tier.shared_tier_url, timeout_ms=settings.remote_tier.shared_tier_timeout_ms,
+        queue_bytes=settings.remote_tier.shared_tier_queue_bytes,
+        bandwidth_bytes=settings.remote_tier.shared_tier_bandwidth_bytes,
+        compute_flops=float(settings.remote_tier.shared_tier_compute_flops),
+        secret=settings.remote_tier.shared_tier_secret or "")
 
 
 def create_app(settings: Settings, engine: Engine | None = None,
                ledger: Ledger | None = None) -> web.Application:
     """Engine and ledger passed in are used as they are and left open at shutdown (the
     caller owns them); those the app creates itself it also closes."""
-    parser_for(None, settings.tool_call_parser)  # an unknown --tool-call-parser fails here
-    state = AppState(settings=settings, metrics=Metrics(settings.metrics_tenant_labels),
-                     limiter=Limiter(settings.max_queue + settings.max_running))
+    parser_for(None, settings.engine.tool_call_parser)  # an unknown --tool-call-parser fails here
+    state = AppState(settings=settings, metrics=Metrics(settings.metrics.metrics_tenant_labels),
+                     limiter=Limiter(settings.engine.max_queue + settings.engine.max_running))
     app = web.Application(middlewares=[context_middleware, auth_middleware],
-                          client_max_size=settings.max_body_bytes,
-                          handler_args=handler_args(settings.read_timeout_s))
+                          client_max_size=settings.http.max_body_bytes,
+                          handler_args=handler_args(settings.http.read_timeout_s))
     app[STATE] = state
     app[EDGE] = Edge(
-        max_body_bytes=settings.max_body_bytes, read_timeout_s=settings.read_timeout_s,
-        write_timeout=settings.write_timeout, metrics=state.metrics,
-        ledger_of=lambda: state.ledger,
-        stream_send_buffer_bytes=settings.stream_send_buffer_bytes,
-        metrics_port=settings.metrics_port, metrics_key=settings.metrics_key,
+        settings.http, state.metrics, lambda: state.ledger,
+        metrics_settings=settings.metrics,
         public=console.is_console_request, translate=_engine_errors)
     # an unreadable key file fails here, before the model loads (serve: one line, exit 2)
     state.receipt_key = receipts_api.load_key(settings)
@@ -205,9 +202,9 @@ def create_app(settings: Settings, engine: Engine | None = None,
             own_engine = the_engine = Engine(engine_config(settings))
         try:
             own_ledger = ledger or await Ledger.open(
-                settings.db, migrate=migrates_on_start(settings.db),
-                spool_dir=settings.spool_dir or default_spool_dir(settings.db),
-                spool_max_events=settings.spool_max_events)
+                settings.ledger.db, migrate=migrates_on_start(settings.ledger.db),
+                spool_dir=settings.ledger.spool_dir or default_spool_dir(settings.ledger.db),
+                spool_max_events=settings.ledger.spool_max_events)
         except BaseException:
             if own_engine is not None:
                 await own_engine.stop()  # not started: closes what it opened (shared tier)
@@ -218,7 +215,7 @@ def create_app(settings: Settings, engine: Engine | None = None,
         storage: CacheStorageBiller | None = None
         try:
             try:
-                state.admin_key_created = await own_ledger.bootstrap_admin(settings.admin_key)
+                state.admin_key_created = await own_ledger.bootstrap_admin(settings.http.admin_key)
             except LedgerUnavailable as exc:  # started during an outage: the keys exist
                 log.error("could not check the admin key (ledger unavailable): %s", exc)
             if own_engine is not None:
@@ -230,12 +227,12 @@ def create_app(settings: Settings, engine: Engine | None = None,
             storage.start()
             own_ledger.on_commit = state.metrics.on_ledger_commit
             own_ledger.receipt_key = state.receipt_key
-            if ledger is None or settings.spool_dir:  # after the receipt key: rows get theirs
+            if ledger is None or settings.ledger.spool_dir:  # after the receipt key: rows get theirs
                 checkpoints = await _checkpoints(settings, own_ledger)
                 state.checkpoints = checkpoints
             state.metrics.watch(state.engine, own_ledger)
-            if settings.metrics_port is not None:
-                metrics_runner = await metrics_listener(app[EDGE], settings.host)
+            if settings.metrics.metrics_port is not None:
+                metrics_runner = await metrics_listener(app[EDGE], settings.http.host)
             yield
         finally:
             if biller is not None:

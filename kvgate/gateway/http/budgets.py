@@ -46,7 +46,7 @@ def worst_cases(gen: Generation) -> list[Usage]:
     prompt = len(gen.prompt_ids) + sum(map(len, gen.more_prompts))
     output = gen.sampling.n * (1 + len(gen.more_prompts)) * gen.sampling.max_tokens
     default_ttl = (gen.cache_request.ttl_s or p.cache_ttl_seconds
-                   or settings.default_cache_ttl_seconds)  # as the engine request has it
+                   or settings.cache.default_cache_ttl_seconds)  # as the engine request has it
     ttls = {max(1, math.ceil(t)) for t in (default_ttl, *(t for _, t in gen.ttl_segments))}
     return [Usage(prompt, completion_tokens=output),
             *(Usage(prompt, cache_writes={ttl: prompt}, completion_tokens=output)

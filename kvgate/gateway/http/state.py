@@ -49,7 +49,7 @@ class AppState:
     def open(self, engine: Engine, ledger: Ledger) -> None:
         self._engine, self._ledger = engine, ledger
         self.tool_parser = parser_for(engine.tokenizer.chat_template,
-                                      self.settings.tool_call_parser)
+                                      self.settings.engine.tool_call_parser)
         self._quotas = QuotaSync(engine.set_quota, engine.set_reservation)
         # the gateway's capacity counts what waits for or runs in the engine (limits.py)
         self.limiter.occupancy = lambda: engine.queue_depth() + engine.num_running()

@@ -35,7 +35,7 @@ def token_budget(state: AppState, prompt_len: int, requested: int | None, param:
         raise bad_request(f"The prompt is {prompt_len} tokens; this model's context is {ctx}.",
                           param=prompt_param, code="context_length_exceeded")
     if requested is None:
-        return min(state.settings.default_max_tokens, ctx - prompt_len)
+        return min(state.settings.engine.default_max_tokens, ctx - prompt_len)
     if prompt_len + requested > ctx:
         raise bad_request(f"'{param}' is {requested} but only {ctx - prompt_len} tokens are left "
                           f"after the {prompt_len}-token prompt (context {ctx}).", param=param,

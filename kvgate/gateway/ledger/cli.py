@@ -164,7 +164,7 @@ def _time_arg(text: str) -> datetime:
 
 
 def _db_url(args: argparse.Namespace) -> str:
-    return args.db or Settings.from_env().db
+    return args.db or Settings.from_env().ledger.db
 
 
 def _db_source(args: argparse.Namespace) -> str:

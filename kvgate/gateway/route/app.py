@@ -245,7 +245,7 @@ class Router:
             try:  # over the replica's admin-authenticated path: the truth, not the stream
                 async with self.session.get(
                         replica.url + "/admin/cache/snapshot",
-                        headers={"Authorization": f"Bearer {self.settings.admin_key}"},
+                        headers={"Authorization": f"Bearer {self.settings.http.admin_key}"},
                         timeout=aiohttp.ClientTimeout(total=_SNAPSHOT_TIMEOUT_S)) as resp:
                     resp.raise_for_status()
                     snap = parse_snapshot(await resp.json())
@@ -334,7 +334,7 @@ async def route(request: web.Request) -> web.StreamResponse:
     router.metrics.routed.labels(replicas[0].url, "prefix" if hit else "affinity").inc()
     return await until_client_gone(request, forward(
         request, router.session, replicas, attempt_of(request, raw), router.pool.mark_down,
-        router.settings.upstream_idle_timeout_s))
+        router.settings.routing.upstream_idle_timeout_s))
 
 
 _CLIENT_POLL_S = 0.05
@@ -392,19 +392,16 @@ async def admin_elsewhere(request: web.Request) -> web.Response:
 def create_router_app(settings: RouterSettings, ledger: Ledger | None = None) -> web.Application:
     """Raises ``EventsMisconfigured`` for cache events with neither a secret nor the
     opt-out (``--events-unsigned``)."""
-    events_key = key_for(settings.events_url, settings.events_secret, None,
-                         settings.events_unsigned, "kvgate route")
+    events_key = key_for(settings.events.events_url, settings.events.events_secret, None,
+                         settings.events.events_unsigned, "kvgate route")
     metrics = RequestMetrics()
     app = web.Application(middlewares=[context_middleware, auth_middleware],
-                          client_max_size=settings.max_body_bytes,
-                          handler_args=handler_args(settings.read_timeout_s))
-    router = Router(settings, PromptRenderer(tokenizer_for(settings.model)),
+                          client_max_size=settings.http.max_body_bytes,
+                          handler_args=handler_args(settings.http.read_timeout_s))
+    router = Router(settings, PromptRenderer(tokenizer_for(settings.routing.model)),
                     RouterMetrics.on(metrics))
     app[ROUTER] = router
-    app[EDGE] = Edge(max_body_bytes=settings.max_body_bytes,
-                     read_timeout_s=settings.read_timeout_s,
-                     write_timeout=settings.write_timeout, metrics=metrics,
-                     ledger_of=router.the_ledger)
+    app[EDGE] = Edge(settings.http, metrics, router.the_ledger)
     app.add_routes([
         web.get("/healthz", healthz, allow_head=False),
         web.get("/health", healthz, allow_head=False),
@@ -417,27 +414,27 @@ def create_router_app(settings: RouterSettings, ledger: Ledger | None = None) ->
     app.on_response_prepare.append(on_response_prepare)
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
-        own = ledger or await Ledger.open(settings.db, migrate=False)
+        own = ledger or await Ledger.open(settings.routing.db, migrate=False)
         router.ledger = own
         session = aiohttp.ClientSession(
             auto_decompress=False,
             timeout=aiohttp.ClientTimeout(total=None, connect=2.0, sock_connect=2.0),
             connector=aiohttp.TCPConnector(limit=0))
         router.session = session
-        pool = router.pool = ReplicaPool(settings.replicas, settings.admin_key or "", session,
-                                         router.on_new_epoch, settings.replicas_dns or None,
+        pool = router.pool = ReplicaPool(settings.routing.replicas, settings.http.admin_key or "", session,
+                                         router.on_new_epoch, settings.routing.replicas_dns or None,
                                          router.view_of, router.on_view_ahead,
                                          router.on_polled)
         tasks: list[asyncio.Task[None]] = []
-        if settings.events_url:
-            router.follower = EventFollower(settings.events_url, router.on_batch, events_key,
+        if settings.events.events_url:
+            router.follower = EventFollower(settings.events.events_url, router.on_batch, events_key,
                                             router.on_reject)
             with contextlib.suppress(Exception):
                 await router.follower.start_position()  # before any snapshot is taken
             tasks.append(asyncio.create_task(router.follower.run(), name="kvgate-events"))
-            if settings.reconcile_interval_s > 0:
+            if settings.routing.reconcile_interval_s > 0:
                 tasks.append(asyncio.create_task(
-                    router.reconcile_every(settings.reconcile_interval_s),
+                    router.reconcile_every(settings.routing.reconcile_interval_s),
                     name="kvgate-reconcile"))
 
         async def gauge() -> None:

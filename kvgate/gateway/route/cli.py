@@ -28,13 +28,13 @@ def register(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     settings = from_args(args)
-    logging.basicConfig(level=settings.log_level.upper(),
+    logging.basicConfig(level=settings.http.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if not settings.admin_key:
+    if not settings.http.admin_key:
         print("kvgate route: set KVGATE_ADMIN_KEY (the replicas' admin key): the router "
               "reads their load and cache snapshots with it", file=sys.stderr, flush=True)
         return 2
-    if not settings.replicas and not settings.replicas_dns:
+    if not settings.routing.replicas and not settings.routing.replicas_dns:
         print("kvgate route: name the replicas (--replica URL, KVGATE_REPLICAS or "
               "--replicas-dns HOST:PORT)", file=sys.stderr, flush=True)
         return 2
@@ -43,14 +43,14 @@ def run(args: argparse.Namespace) -> int:
     from kvgate.gateway.protocol.wire import EventsMisconfigured, key_for
 
     try:  # before the tokenizer loads: a missing secret is said at once
-        key_for(settings.events_url, settings.events_secret, None, settings.events_unsigned,
+        key_for(settings.events.events_url, settings.events.events_secret, None, settings.events.events_unsigned,
                 "kvgate route")
     except EventsMisconfigured as e:
         print(f"kvgate route: {e}", file=sys.stderr, flush=True)
         return 2
 
     try:  # the router checks keys in the replicas' ledger: never create an empty one
-        require_existing_sqlite(settings.db, "--db, KVGATE_DB or the default")
+        require_existing_sqlite(settings.routing.db, "--db, KVGATE_DB or the default")
     except LedgerError as e:
         print(f"kvgate route: {e} The router reads the replicas' ledger (KVGATE_DB).",
               file=sys.stderr, flush=True)
@@ -59,9 +59,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _events_mode(settings: RouterSettings) -> str:
-    if not settings.events_url:
+    if not settings.events.events_url:
         return "off"
-    return "signed" if settings.events_secret else "UNSIGNED"
+    return "signed" if settings.events.events_secret else "UNSIGNED"
 
 
 async def route(settings: RouterSettings) -> int:
@@ -69,13 +69,14 @@ async def route(settings: RouterSettings) -> int:
     from kvgate.gateway.route.app import create_router_app
 
     app = create_router_app(settings)
-    runner = GatewayRunner(app, handle_signals=False, access_log=None, shutdown_timeout=30)
+    runner = GatewayRunner(app, handle_signals=False, access_log=None,
+                           shutdown_timeout=settings.http.shutdown_timeout_s)
     await runner.setup()
     try:
-        await web.TCPSite(runner, settings.host, settings.port).start()
-        port = runner.addresses[0][1] if runner.addresses else settings.port
-        print(f"kvgate: routing on http://{settings.host}:{port} to "
-              f"{settings.replicas_dns or ', '.join(settings.replicas)}"
+        await web.TCPSite(runner, settings.http.host, settings.http.port).start()
+        port = runner.addresses[0][1] if runner.addresses else settings.http.port
+        print(f"kvgate: routing on http://{settings.http.host}:{port} to "
+              f"{settings.routing.replicas_dns or ', '.join(settings.routing.replicas)}"
               f" (cache events: {_events_mode(settings)})", flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

@@ -174,7 +174,7 @@ def parse_create(state: AppState, body: dict[str, Any]) -> tuple[Prefix, float |
         if body.get(key) is not None:
             stored[key] = body[key]
     ids = render_prefix(state, stored)
-    block = state.settings.block_size
+    block = state.settings.cache.block_size
     if len(ids) < block:
         raise bad_request(f"The prefix renders to {len(ids)} tokens; a cache holds whole "
                           f"blocks of {block} tokens, so it needs at least {block}.",
@@ -208,7 +208,7 @@ def parse_ttl(body: dict[str, Any]) -> float | None:
 
 def _ttl_for(state: AppState, p: Principal, asked: float | None) -> float:
     if asked is None:
-        return float(p.cache_ttl_seconds or state.settings.default_cache_ttl_seconds)
+        return float(p.cache_ttl_seconds or state.settings.cache.default_cache_ttl_seconds)
     if asked > p.cache_max_ttl_seconds:
         raise bad_request(f"A TTL of {int(asked)} s is longer than this tenant may keep a "
                           f"cache ({p.cache_max_ttl_seconds} s).", param="ttl",
@@ -226,7 +226,7 @@ def budget_tokens(state: AppState, p: Principal) -> int:
     elif p.cache_quota_bytes is not None:
         nbytes = p.cache_quota_bytes
     else:
-        percent = max(0, min(100, state.settings.explicit_cache_device_percent))
+        percent = max(0, min(100, state.settings.cache.explicit_cache_device_percent))
         nbytes = engine.tier_bytes()["device"] * percent // 100
     return min(nbytes * engine.store.block_size // page_bytes, total_budget_tokens(state))
 
@@ -236,7 +236,7 @@ def total_budget_tokens(state: AppState) -> int:
     those named there): ``explicit_cache_total_percent`` of the device tier, so pinned
     prefixes never take the pages running requests need."""
     engine = state.engine
-    percent = max(0, min(100, state.settings.explicit_cache_total_percent))
+    percent = max(0, min(100, state.settings.cache.explicit_cache_total_percent))
     nbytes = engine.tier_bytes()["device"] * percent // 100
     return nbytes * engine.store.block_size // engine.store.layout.page_bytes
 

@@ -103,9 +103,9 @@ def _prepare(state: AppState, body: dict) -> _Prepared:
                           "which this server does not compute; send one or the other.",
                           param="echo", code="unsupported_parameter")
     sequences = len(prompts) * sampling.n
-    if sequences > state.settings.max_running:  # one request must not take every slot
+    if sequences > state.settings.engine.max_running:  # one request must not take every slot
         raise bad_request(f"{len(prompts)} prompts x n={sampling.n} is {sequences} sequences; "
-                          f"one request may run at most {state.settings.max_running}.",
+                          f"one request may run at most {state.settings.engine.max_running}.",
                           param="n", code="invalid_value")
     sampling.structured = structured_output(state.engine.grammars, body, chat=False)
     return _Prepared(model, stream, include_usage, echo, prompts, sampling,

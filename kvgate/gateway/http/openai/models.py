@@ -17,7 +17,7 @@ from kvgate.gateway.protocol.errors import ApiError
 
 
 def served_names(state: AppState) -> list[str]:
-    names = [n.strip() for n in state.settings.served_model_name.split(",") if n.strip()]
+    names = [n.strip() for n in state.settings.engine.served_model_name.split(",") if n.strip()]
     return names or [state.engine.model_id]
 
 

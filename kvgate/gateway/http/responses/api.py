@@ -89,7 +89,7 @@ def store_of(request: web.Request) -> ResponseStore:
     state = state_of(request)
     holder: dict[str, ResponseStore] = request.app[STORE]
     if "store" not in holder:
-        holder["store"] = ResponseStore(state.ledger, float(state.settings.response_ttl_seconds))
+        holder["store"] = ResponseStore(state.ledger, float(state.settings.ledger.response_ttl_seconds))
     return holder["store"]
 
 
