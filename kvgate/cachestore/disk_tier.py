@@ -1,10 +1,10 @@
 """The local disk tier: KV pages in files below the host tier, kept across restarts.
 
-It plugs into the same path as the shared tier (``shared_link.SharedLink``): blocks are
+It plugs into the same path as the remote tier (``remote_link.RemoteLink``): blocks are
 written through when committed and again when demoted if they were not taken, fetched off
 the engine thread before admission for the blocks after the local prefix (only where
 reading beats recomputing, ``CostModel``), and adopted on the engine thread. Disk comes
-first; the shared tier is asked for what the disk lacks.
+first; the remote tier is asked for what the disk lacks.
 
 Layout of ``--disk-cache-dir`` (made 0700 when kvgate makes it or marks it; files 0600):
 
@@ -15,7 +15,7 @@ Layout of ``--disk-cache-dir`` (made 0700 when kvgate makes it or marks it; file
   as a record is skipped); the configured path itself may be a link.
 - ``lock``: held (``flock``) by the one process that uses the directory; a second replica
   pointed at it refuses to start (``DiskTierUnavailable``).
-- ``kv/<2 hex>/<block hash, 32 hex>``: one record per block. A record is the shared tier's
+- ``kv/<2 hex>/<block hash, 32 hex>``: one record per block. A record is the remote tier's
   (``record.RecordCodec``: layout signature, parent hash, namespace, tokens, the
   namespace's epoch, the page), wrapped: ``KVD1``, the block's TTL, the record's length,
   the record, an xxh3-128 digest of all that, then the expiry (wall-clock seconds) and a
@@ -73,10 +73,10 @@ from kvgate.cachestore.record import (
     HEADER,
     FetchedBlock,
     RecordCodec,
-    SharedFetch,
-    SharedRecord,
+    RemoteFetch,
+    RemoteRecord,
 )
-from kvgate.cachestore.shared_tier import CostModel
+from kvgate.cachestore.remote_tier import CostModel
 from kvgate.cachestore.stats import DiskTierStats
 from kvgate.kernels.layout import KVLayout
 
@@ -145,7 +145,7 @@ _NOT_A_FILE = _Entry(0, 0.0, 0.0, "", -1, b"")  # a name in kv/ that is not a re
 
 @dataclass
 class _Put:
-    record: SharedRecord
+    record: RemoteRecord
     epoch: int
     nbytes: int
 
@@ -538,7 +538,7 @@ class DiskTier:
         return exp + struct.pack("<I", zlib.crc32(digest + exp))
 
     # -- writing ------------------------------------------------------------------------------
-    def file_bytes(self, record: SharedRecord, epoch: int, now: float) -> bytes:
+    def file_bytes(self, record: RemoteRecord, epoch: int, now: float) -> bytes:
         """What ``record`` is stored as (see the module's docstring)."""
         body = self.codec.encode(record, epoch)
         ttl_s = _ttl(record.ttl_s)
@@ -546,7 +546,7 @@ class DiskTier:
         digest = xxh3_128(head)
         return head + digest + self._tail(digest, now + ttl_s)
 
-    def put(self, records: Sequence[SharedRecord]) -> int:
+    def put(self, records: Sequence[RemoteRecord]) -> int:
         """Queue records for writing, in order, while the queue has room (never blocks).
         → how many were taken (a prefix of ``records``)."""
         nbytes = self.layout.page_bytes
@@ -873,7 +873,7 @@ class DiskTier:
 
     # -- fetching ----------------------------------------------------------------------------
     def fetch(self, namespace: str, start: int, parent_hash: bytes, hashes: Sequence[bytes],
-              tokens: Sequence[bytes], cost: CostModel | None) -> SharedFetch | None:
+              tokens: Sequence[bytes], cost: CostModel | None) -> RemoteFetch | None:
         """Blocks ``start, start + 1, ...`` of a prompt, as many consecutive ones as the
         disk holds and verify. File I/O: never call it on the engine thread."""
         n = min(len(hashes), self.config.max_fetch_blocks,
@@ -898,7 +898,7 @@ class DiskTier:
         if not out:
             return None
         self.counters.add(hits=len(out), hit_bytes=len(out) * self.layout.page_bytes)
-        return SharedFetch(start, out, [self.name] * len(out))
+        return RemoteFetch(start, out, [self.name] * len(out))
 
     def _read_chain(self, namespace: str, parent_hash: bytes, hashes: Sequence[bytes],
                     tokens: Sequence[bytes], epoch: int, deadline: float,

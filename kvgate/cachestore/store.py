@@ -19,7 +19,7 @@ Choices the specification leaves open:
   a block that would push it over the quota, even after the namespace gave up its idle
   blocks, is not indexed (its tokens stay uncached; the sequence keeps its page).
 - A block committed while the same block is already indexed (another sequence got there
-  first) is shared, not written: the sequence references the indexed block and keeps its
+  first) is reused, not written: the sequence references the indexed block and keeps its
   own page as a private copy. If the indexed block sits on the host, the sequence's fresh
   device page simply becomes its page (no copy).
 - Guaranteed shares (``shares.py``): ``match`` and ``allocate`` mark the namespace active;
@@ -61,9 +61,9 @@ from kvgate.cachestore.hashing import (
 from kvgate.cachestore.index import PrefixIndex
 from kvgate.cachestore.policy import EvictionPolicy, is_expired
 from kvgate.cachestore.pool import PagePool
-from kvgate.cachestore.record import SharedFetch
-from kvgate.cachestore.shared_link import RemoteTier, SharedLink
-from kvgate.cachestore.shared_tier import CostModel
+from kvgate.cachestore.record import RemoteFetch
+from kvgate.cachestore.remote_link import LinkedTier, RemoteLink
+from kvgate.cachestore.remote_tier import CostModel
 from kvgate.cachestore.shares import Shares
 from kvgate.cachestore.stats import (
     CacheStats,
@@ -139,7 +139,7 @@ class CacheStore:
         self._pin_keys: defaultdict[str, dict[str, set[bytes]]] = defaultdict(dict)
         self._lock = threading.Lock()
         # the tiers below the host, disk then Valkey (``attach_tier``); None: none
-        self.shared: SharedLink | None = None
+        self.remote: RemoteLink | None = None
 
     # -- the engine's interface ---------------------------------------------------------
     def open(
@@ -205,7 +205,7 @@ class CacheStore:
 
         → tokens newly written, keyed by the TTL in seconds of the blocks that hold them
         (``{300.0: 32, 3600.0: 16}``); empty when nothing was written. Blocks another
-        sequence indexed first are shared, not written.
+        sequence indexed first are reused, not written.
         """
         with self._lock:
             data = token_bytes(token_ids)
@@ -234,7 +234,7 @@ class CacheStore:
                     if not self.index.verify(block, parent, seq.namespace, tokens):
                         seq.chain_broken = True  # a collision: this and later blocks stay private
                         break
-                    self._share(block, seq.block_table[i], ttl_s)
+                    self._reuse(block, seq.block_table[i], ttl_s)
                 elif self._enforce_quota(seq.namespace, extra_blocks=1):
                     pinned = (parent is None or parent.pinned) and self.policy.is_pinned(
                         seq.namespace, block_hash)
@@ -248,8 +248,8 @@ class CacheStore:
                     break
                 seq.blocks.append(block)
                 parent = block
-            if self.shared is not None and new_blocks:
-                self.shared.write_through(new_blocks)
+            if self.remote is not None and new_blocks:
+                self.remote.write_through(new_blocks)
             return written
 
     def release(self, seq: CacheSeq) -> None:
@@ -369,28 +369,27 @@ class CacheStore:
             self.policy.hold(held)
             return len(held)
 
-    # -- the tiers below the host (``shared_link``) ----------------------------------------
-    def attach_tier(self, tier: RemoteTier, cost: CostModel | None) -> None:
-        """Write blocks through to ``tier`` from now on, and let ``fetch_shared`` read it,
+    # -- the tiers below the host (``remote_link``) ----------------------------------------
+    def attach_tier(self, tier: LinkedTier, cost: CostModel | None) -> None:
+        """Write blocks through to ``tier`` from now on, and let ``fetch_remote`` read it,
         after the tiers attached before it (attach the disk tier before Valkey)."""
         with self._lock:
-            if self.shared is None:
-                self.shared = SharedLink(self)
-                self.tiers.on_demoted = self.shared.write_through
-            self.shared.add(tier, cost)
+            if self.remote is None:
+                self.remote = RemoteLink(self)
+                self.tiers.on_demoted = self.remote.write_through
+            self.remote.add(tier, cost)
 
-    attach_shared = attach_tier
 
-    def fetch_shared(self, namespace: str, token_ids: TokenIds) -> SharedFetch | None:
+    def fetch_remote(self, namespace: str, token_ids: TokenIds) -> RemoteFetch | None:
         """Blocks of ``token_ids`` after the local prefix, from the tiers below the host.
         File and network I/O: call it off the engine thread, then hand the result to
-        ``adopt_shared``."""
-        return None if self.shared is None else self.shared.fetch(namespace, token_ids)
+        ``adopt_remote``."""
+        return None if self.remote is None else self.remote.fetch(namespace, token_ids)
 
-    def adopt_shared(self, seq: CacheSeq, token_ids: TokenIds, fetched: SharedFetch) -> int:
+    def adopt_remote(self, seq: CacheSeq, token_ids: TokenIds, fetched: RemoteFetch) -> int:
         """Index fetched blocks that extend the local prefix (before ``match``)."""
         with self._lock:
-            return 0 if self.shared is None else self.shared.adopt(seq, token_ids, fetched)
+            return 0 if self.remote is None else self.remote.adopt(seq, token_ids, fetched)
 
     def local_prefix_blocks(self, namespace: str, hashes: list[bytes], data: bytes) -> int:
         """How many leading blocks of a prompt (its ``hashes`` and token bytes) are indexed."""
@@ -415,8 +414,8 @@ class CacheStore:
         """Drop every idle block of the namespace (pinned ones too; its pins are cleared),
         and its entries in the tiers below the host (``flush_namespace``: new epochs)."""
         with self._lock:
-            if self.shared is not None:
-                for tier in self.shared.tiers:
+            if self.remote is not None:
+                for tier in self.remote.tiers:
                     tier.flush_namespace(namespace)
             self.policy.pins.pop(namespace, None)
             self._pin_keys.pop(namespace, None)
@@ -542,7 +541,7 @@ class CacheStore:
             namespaces={ns: NamespaceStats(cached_bytes[ns], p.hit, p.miss, share_stats[ns])
                         for ns, p in prompts.items()},
             shares=share_summary,
-            shared=self._tier_stats("shared"),
+            remote=self._tier_stats("shared"),
             disk=self._tier_stats("disk"),
             single_flight=counters.single_flight,
         )
@@ -556,7 +555,7 @@ class CacheStore:
 
     # -- bookkeeping ----------------------------------------------------------------------
     def _tier_stats(self, name: str) -> Any:
-        tier = self.shared.named(name) if self.shared is not None else None
+        tier = self.remote.named(name) if self.remote is not None else None
         return tier.stats() if tier is not None else None
 
     def _root(self, namespace: str) -> bytes:
@@ -598,7 +597,7 @@ class CacheStore:
             return None
         return block
 
-    def _share(self, block: Block, own_page: int, ttl_s: float) -> None:
+    def _reuse(self, block: Block, own_page: int, ttl_s: float) -> None:
         """Reference a block another sequence indexed first; a host one adopts ``own_page``."""
         self.index.ref(block)
         if block.tier == HOST:  # the sequence's fresh device page holds the same KV: no copy

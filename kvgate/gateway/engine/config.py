@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from kvgate.cachestore.disk_tier import DiskTierConfig
-from kvgate.cachestore.shared_tier import SharedTierConfig
+from kvgate.cachestore.remote_tier import RemoteTierConfig
 from kvgate.kernels.layout import FP8
 
 log = logging.getLogger("kvgate.engine")
@@ -56,7 +56,7 @@ class EngineConfig:
     # A streaming request whose client leaves this many token events unread is parked
     # (no slot, no pages) until it reads half of them; 0: never parked
     max_unread_tokens: int = 256
-    shared_tier: SharedTierConfig | None = None  # the Valkey tier (cachestore/shared_tier.py)
+    remote_tier: RemoteTierConfig | None = None  # the Valkey tier (cachestore/remote_tier.py)
     disk_tier: DiskTierConfig | None = None  # the local disk tier (cachestore/disk_tier.py)
 
     def __post_init__(self) -> None:

@@ -28,6 +28,7 @@ from kvgate.gateway.engine.commands import Add, Call, Cancel, Command, Stop
 from kvgate.gateway.engine.config import EngineConfig
 from kvgate.gateway.engine.grammar import GrammarEngine
 from kvgate.gateway.engine.loader import LoadedModel, head_dim_of, load_model
+from kvgate.gateway.engine.remote import RemoteTierClient
 from kvgate.gateway.engine.request import (
     EngineError,
     EngineEvent,
@@ -46,7 +47,6 @@ from kvgate.gateway.engine.runner import ModelRunner
 from kvgate.gateway.engine.sampler import SampleRow, TokenLogprob
 from kvgate.gateway.engine.scheduler import Chunk, Scheduler
 from kvgate.gateway.engine.sequence import Sequence, append_token
-from kvgate.gateway.engine.shared import SharedTierClient
 from kvgate.gateway.usage import Usage
 from kvgate.kernels.layout import KVLayout, dtype_name
 
@@ -104,11 +104,11 @@ class Engine:
             log.warning("the device KV cache holds %d tokens, fewer than the model's context "
                         "of %d: a sequence that outgrows it ends with finish_reason length",
                         room, self.max_model_len)
-        # the tiers below the host: the local disk, then the shared Valkey tier
-        self.shared: SharedTierClient | None = None
-        if config.shared_tier is not None or config.disk_tier is not None:
+        # the tiers below the host: the local disk, then the remote (Valkey) tier
+        self.remote: RemoteTierClient | None = None
+        if config.remote_tier is not None or config.disk_tier is not None:
             try:
-                self.shared = SharedTierClient(config.shared_tier, self.store, host_layout,
+                self.remote = RemoteTierClient(config.remote_tier, self.store, host_layout,
                                                self.model, self.model_id, device,
                                                disk=config.disk_tier)
             except DiskTierUnavailable as exc:
@@ -160,8 +160,8 @@ class Engine:
         if thread is not None:
             self._inbox.put(Stop())
             await asyncio.get_running_loop().run_in_executor(None, thread.join)
-        if self.shared is not None:
-            self.shared.close()
+        if self.remote is not None:
+            self.remote.close()
 
     # -- the asyncio side -------------------------------------------------------------
 
@@ -201,8 +201,8 @@ class Engine:
         self.check(request)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[EngineEvent] = asyncio.Queue()
-        if self.shared is not None:  # blocks the shared tier holds: adopted before the Add
-            adopt = await self.shared.prefetch(request)
+        if self.remote is not None:  # blocks the remote tier holds: adopted before the Add
+            adopt = await self.remote.prefetch(request)
             if adopt is not None:
                 self._inbox.put(Call(adopt))
         seq = Sequence(request, self.tokenizer)

@@ -1,7 +1,7 @@
 """How the store uses the tiers below the host: what it writes, fetches and adopts.
 
-The link holds an ordered list of such tiers (``RemoteTier``): the local disk
-(``disk_tier.DiskTier``) first, then Valkey (``shared_tier.SharedTier``); either may be
+The link holds an ordered list of such tiers (``LinkedTier``): the local disk
+(``disk_tier.DiskTier``) first, then Valkey (``remote_tier.RemoteTier``); either may be
 absent. Each has its own cost model (reading from it must beat recomputing).
 
 - Write-through: blocks the store indexes (``commit``) are copied off their pages once and
@@ -33,25 +33,25 @@ from kvgate.cachestore.hashing import HashFn, TokenIds, chain_hashes, token_byte
 from kvgate.cachestore.index import PrefixIndex
 from kvgate.cachestore.policy import EvictionPolicy, is_expired
 from kvgate.cachestore.pool import PagePool
-from kvgate.cachestore.record import FetchedBlock, SharedFetch, SharedRecord
-from kvgate.cachestore.shared_tier import CostModel
+from kvgate.cachestore.record import FetchedBlock, RemoteFetch, RemoteRecord
+from kvgate.cachestore.remote_tier import CostModel
 from kvgate.cachestore.tiers import TierMoves
 from kvgate.kernels.layout import convert_pages
 
 log = logging.getLogger("kvgate.cache")
 
 
-class RemoteTier(Protocol):
-    """A tier below the host that ``SharedLink`` writes through to and fetches from."""
+class LinkedTier(Protocol):
+    """A tier below the host that ``RemoteLink`` writes through to and fetches from."""
 
     name: str  # how a block found there is reported: "disk", "shared"
 
     def room(self) -> int: ...
-    def put(self, records: Sequence[SharedRecord]) -> int: ...
+    def put(self, records: Sequence[RemoteRecord]) -> int: ...
     def count_dropped(self, n: int) -> None: ...
     def flush_namespace(self, namespace: str) -> None: ...
     def fetch(self, namespace: str, start: int, parent_hash: bytes, hashes: Sequence[bytes],
-              tokens: Sequence[bytes], cost: CostModel | None) -> SharedFetch | None: ...
+              tokens: Sequence[bytes], cost: CostModel | None) -> RemoteFetch | None: ...
     def stats(self) -> Any: ...
     def drain(self, timeout_s: float = 10.0) -> bool: ...
     def close(self) -> None: ...
@@ -75,21 +75,21 @@ class LinkedStore(Protocol):
     def _enforce_quota(self, namespace: str, extra_blocks: int = 0) -> bool: ...
 
 
-class SharedLink:
-    def __init__(self, store: LinkedStore, tiers: Sequence[tuple[RemoteTier, CostModel | None]]
+class RemoteLink:
+    def __init__(self, store: LinkedStore, tiers: Sequence[tuple[LinkedTier, CostModel | None]]
                  = ()) -> None:
         self.store = store
-        self.tiers: list[RemoteTier] = [t for t, _ in tiers]
+        self.tiers: list[LinkedTier] = [t for t, _ in tiers]
         self.costs: list[CostModel | None] = [c for _, c in tiers]
 
-    def add(self, tier: RemoteTier, cost: CostModel | None) -> None:
+    def add(self, tier: LinkedTier, cost: CostModel | None) -> None:
         """Append a tier: fetched from after those already linked, written like them."""
         if len(self.tiers) >= 8:
             raise ValueError("at most 8 tiers below the host")
         self.tiers.append(tier)
         self.costs.append(cost)
 
-    def named(self, name: str) -> RemoteTier | None:
+    def named(self, name: str) -> LinkedTier | None:
         return next((t for t in self.tiers if t.name == name), None)
 
     @property
@@ -123,7 +123,7 @@ class SharedLink:
             if not todo:
                 continue
             records = [
-                SharedRecord(b.hash, b.parent.hash if b.parent is not None
+                RemoteRecord(b.hash, b.parent.hash if b.parent is not None
                              else store.root_of(b.namespace), b.namespace, b.tokens,
                              pages[id(b)], b.ttl_s)
                 for b in todo]
@@ -149,7 +149,7 @@ class SharedLink:
                 pages.update(zip(map(id, group), copied, strict=True))
         return pages
 
-    def adopt(self, seq: CacheSeq, token_ids: TokenIds, fetched: SharedFetch) -> int:
+    def adopt(self, seq: CacheSeq, token_ids: TokenIds, fetched: RemoteFetch) -> int:
         """Index the fetched blocks that extend the prompt's local prefix; → blocks adopted."""
         store = self.store
         now = store.clock()
@@ -203,7 +203,7 @@ class SharedLink:
         return len(adopted)
 
     # -- any thread but the engine's ---------------------------------------------------------
-    def fetch(self, namespace: str, token_ids: TokenIds) -> SharedFetch | None:
+    def fetch(self, namespace: str, token_ids: TokenIds) -> RemoteFetch | None:
         """The blocks after this replica's local prefix of ``token_ids``: from the first
         tier, then what it lacked from the next, and so on."""
         store = self.store
@@ -232,4 +232,4 @@ class SharedLink:
                 continue
             blocks.extend(got.blocks)
             sources.extend(got.source(i) for i in range(len(got.blocks)))
-        return SharedFetch(start, blocks, sources) if blocks else None
+        return RemoteFetch(start, blocks, sources) if blocks else None

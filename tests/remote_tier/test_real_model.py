@@ -8,7 +8,7 @@ from pathlib import Path
 
 import openai
 
-from tests.shared_tier.conftest import RedisServer
+from tests.remote_tier.conftest import RedisServer
 from tests.support.server import ThreadServer
 
 SYSTEM = ("You are a geography teacher. You answer in one short sentence. " * 6).strip()
@@ -23,7 +23,7 @@ def test_a_shared_tier_hit_answers_like_the_miss(tmp_path: Path, valkey: RedisSe
         tenant = one.admin.tenant("geo")
         for server in (one, None):
             if server is None:
-                shared = one.state.engine.shared
+                shared = one.state.engine.remote
                 assert shared is not None and shared.drain()
                 server = ThreadServer(tmp_path / "two", **flags).start()
             try:

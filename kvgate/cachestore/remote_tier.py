@@ -1,4 +1,4 @@
-"""The shared third tier: KV pages in Valkey/Redis, below the device and host tiers.
+"""The remote tier: KV pages in Valkey/Redis, below the device and host tiers.
 
 Every replica writes the blocks it commits (and the ones it demotes, if the commit's copy
 was not taken) to one Valkey; a replica whose own tiers miss fetches the consecutive
@@ -54,17 +54,17 @@ import torch
 from kvgate.cachestore.record import (
     FetchedBlock,
     RecordCodec,
-    SharedFetch,
-    SharedRecord,
+    RemoteFetch,
+    RemoteRecord,
     layout_signature,
 )
-from kvgate.cachestore.stats import SharedTierStats
+from kvgate.cachestore.stats import RemoteTierStats
 from kvgate.kernels.layout import KVLayout
 
 log = logging.getLogger("kvgate.cache.shared")
 
-__all__ = ["Breaker", "CostModel", "FetchedBlock", "ModelShape", "SharedFetch", "SharedRecord",
-           "SharedTier", "SharedTierConfig", "layout_signature"]
+__all__ = ["Breaker", "CostModel", "FetchedBlock", "ModelShape", "RemoteFetch", "RemoteRecord",
+           "RemoteTier", "RemoteTierConfig", "layout_signature"]
 
 # at most 18 digits: below 1e18, so a new epoch (one more) always fits the header's 63 bits,
 # however high a value someone wrote (without a secret) pushed a replica's memory
@@ -82,7 +82,7 @@ def _ttl_ms(ttl_s: float) -> int:
 
 
 @dataclass(frozen=True)
-class SharedTierConfig:
+class RemoteTierConfig:
     """``kvgate serve --shared-tier-*``; see docs/architecture.md (Shared tier)."""
 
     url: str
@@ -114,7 +114,7 @@ class ModelShape:
 
 
 class CostModel:
-    """Fetch blocks ``[start, start + n)`` from the shared tier only if
+    """Fetch blocks ``[start, start + n)`` from the remote tier only if
     ``rtt + n * page_bytes / bandwidth < prefill_flops(those positions) / compute_flops``.
 
     Example (the thresholds are only these two numbers): Llama-3-8B in bf16 on an H200
@@ -221,12 +221,12 @@ class _Counters:
                 self.values[k] += v
 
 
-class SharedTier:
+class RemoteTier:
     """The Valkey client of one replica: a write-behind queue and verified fetches."""
 
     name = "shared"  # how a block found here is reported (``PrefixMatch.blocks``)
 
-    def __init__(self, config: SharedTierConfig, layout: KVLayout, model_id: str,
+    def __init__(self, config: RemoteTierConfig, layout: KVLayout, model_id: str,
                  client: redis.Redis | None = None) -> None:
         self.config = config
         self.layout = layout
@@ -243,7 +243,7 @@ class SharedTier:
                                       hashlib.sha256).digest() if self._secret else b""
         self._seen: OrderedDict[str, int] = OrderedDict()  # namespace -> highest epoch seen
         self._seen_lock = threading.Lock()
-        self._queue: queue.Queue[SharedRecord | _Flush | None] = queue.Queue()
+        self._queue: queue.Queue[RemoteRecord | _Flush | None] = queue.Queue()
         self._queued_bytes = 0
         self._pending = 0  # items queued or being written (what ``drain`` waits for)
         self._queue_lock = threading.Lock()
@@ -311,7 +311,7 @@ class SharedTier:
                 self._remember(namespace, epoch)
         return epoch
 
-    def encode(self, record: SharedRecord, epoch: int = 0) -> bytes:
+    def encode(self, record: RemoteRecord, epoch: int = 0) -> bytes:
         return self.codec.encode(record, epoch)
 
     def decode(self, value: bytes | None, parent_hash: bytes, namespace: str,
@@ -320,7 +320,7 @@ class SharedTier:
         return self.codec.decode(value, parent_hash, namespace, tokens, epoch)
 
     # -- writing ------------------------------------------------------------------------------
-    def put(self, records: Sequence[SharedRecord]) -> int:
+    def put(self, records: Sequence[RemoteRecord]) -> int:
         """Queue records for writing, in order, while the queue has room (never blocks).
         → how many were taken (a prefix of ``records``)."""
         taken = 0
@@ -358,7 +358,7 @@ class SharedTier:
     def _write_loop(self) -> None:
         while True:
             item = self._queue.get()
-            batch: list[SharedRecord] = []
+            batch: list[RemoteRecord] = []
             while item is not None:
                 if isinstance(item, _Flush):
                     self._write(batch)
@@ -431,7 +431,7 @@ class SharedTier:
             pipe.execute()
         return epochs
 
-    def _write(self, batch: list[SharedRecord]) -> None:
+    def _write(self, batch: list[RemoteRecord]) -> None:
         if not batch:
             return
         try:
@@ -439,7 +439,7 @@ class SharedTier:
         finally:
             self._done(len(batch))
 
-    def _write_batch(self, batch: list[SharedRecord]) -> None:
+    def _write_batch(self, batch: list[RemoteRecord]) -> None:
         with self._queue_lock:
             self._queued_bytes -= len(batch) * self.layout.page_bytes
         if not self.breaker.allow():
@@ -482,7 +482,7 @@ class SharedTier:
 
     # -- fetching ----------------------------------------------------------------------------
     def fetch(self, namespace: str, start: int, parent_hash: bytes, hashes: Sequence[bytes],
-              tokens: Sequence[bytes], cost: CostModel | None) -> SharedFetch | None:
+              tokens: Sequence[bytes], cost: CostModel | None) -> RemoteFetch | None:
         """Blocks ``start, start + 1, ...`` of a prompt (their ``hashes`` and ``tokens``),
         as many consecutive ones as Valkey holds and verify. Network I/O: never call it on
         the engine thread. None when nothing was fetched."""
@@ -512,7 +512,7 @@ class SharedTier:
         if not out:
             return None
         self.counters.add(hits=len(out), hit_bytes=len(out) * self.layout.page_bytes)
-        return SharedFetch(start, out)
+        return RemoteFetch(start, out)
 
     def _read(self, namespace: str, parent_hash: bytes, hashes: Sequence[bytes],
               tokens: Sequence[bytes], out: list[FetchedBlock]) -> None:
@@ -547,9 +547,9 @@ class SharedTier:
                     return
                 out.append(FetchedBlock(hashes[i], tokens[i], page))
 
-    def stats(self) -> SharedTierStats:
+    def stats(self) -> RemoteTierStats:
         with self.counters.lock:
             v = dict(self.counters.values)
         with self._queue_lock:
             queued = self._queued_bytes
-        return SharedTierStats(available=not self.breaker.is_open, queued_bytes=queued, **v)
+        return RemoteTierStats(available=not self.breaker.is_open, queued_bytes=queued, **v)
