@@ -64,10 +64,9 @@ from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Iterator
 
 from kvgate.cachestore.block import DEVICE, HOST, Block, Tier
-from kvgate.cachestore.duel import MODES, STALE_S, Duel
+from kvgate.cachestore.duel import Duel
+from kvgate.cachestore.orders import ORDERS, STALE_S, EvictionOrder, Key, Segments
 from kvgate.cachestore.shares import EvictFilter
-
-_Key = tuple[int, int, int]  # a block's place in the order followed now
 
 
 class EvictionPolicy:
@@ -75,8 +74,8 @@ class EvictionPolicy:
         self, device_pages: int = 0, host_pages: int = 0, protected: float = 0.75,
         mode: str = "adaptive", stale_s: float = STALE_S,
     ) -> None:
-        """``mode``: one of ``MODES`` (a fixed order) or ``adaptive`` (the duel's winner)."""
-        if mode != "adaptive" and mode not in MODES:
+        """``mode``: one of ``ORDERS`` (a fixed order) or ``adaptive`` (the duel's winner)."""
+        if mode != "adaptive" and mode not in ORDERS:
             raise ValueError(f"unknown eviction mode {mode!r}")
         # Segmented LRU: blocks never reused wait in ``_probation`` and go first; reused ones
         # (shared system prompts, conversation prefixes) sit in ``_protected``, capped at a
@@ -289,13 +288,13 @@ class EvictionPolicy:
         """``victims`` with a shares filter, by merging the sub-orders of the namespaces it
         takes blocks from (the same blocks in the same order as the scan; None where the
         order followed now cannot be split, then the scan answers)."""
-        order = self.order
+        order = ORDERS[self.order]
         fresh: int | None = None
-        if order == "newest":
+        if order.by_group:
             if not self._monotone[tier]:
                 return None
             fresh = self._first_fresh(tier, self.now - self.stale_s)
-        heap: list[tuple[_Key, int, Block, Iterator[tuple[_Key, Block]]]] = []
+        heap: list[tuple[Key, int, Block, Iterator[tuple[Key, Block]]]] = []
         left: list[int | None] = []
         for ns in self._ns_lru[tier]:
             budget = allowed.budget(ns)
@@ -336,41 +335,14 @@ class EvictionPolicy:
         return out
 
     def _ns_ordered(
-        self, tier: Tier, ns: str, order: str, fresh: int | None,
-    ) -> Iterator[tuple[_Key, Block]]:
+        self, tier: Tier, ns: str, order: EvictionOrder, fresh: int | None,
+    ) -> Iterator[tuple[Key, Block]]:
         """The namespace's idle blocks of ``tier`` with their place in ``_ordered(tier)``,
         first to go first; ``fresh``: the position of the first non-stale probation block
         (``newest``)."""
-        if order == "lru":
-            for block in self._ns_lru[tier].get(ns, ()):
-                yield (0, self._rstamp[block], 0), block
-            return
-        stamp = self._stamp
-        probation = self._ns_probation[tier].get(ns)
-        if probation and order == "newest" and fresh is not None:
-            for block in probation:  # stale, before the first fresh block: oldest first
-                if stamp[block] >= fresh:
-                    break
-                yield (0, stamp[block], 0), block
-            run: list[Block] = []  # then newest group first (groups run in order)
-            group = -1
-            for block in reversed(probation):
-                if stamp[block] < fresh:
-                    break
-                g = self._group[block]
-                if g != group and run:
-                    for b in reversed(run):
-                        yield (1, -group, stamp[b]), b
-                    run = []
-                group = g
-                run.append(block)
-            for b in reversed(run):
-                yield (1, -group, stamp[b]), b
-        elif probation:
-            for block in probation:
-                yield (0, stamp[block], 0), block
-        for block in self._ns_protected[tier].get(ns, ()):
-            yield (2, stamp[block], 0), block
+        segments = Segments(self._ns_lru[tier].get(ns, ()), self._ns_probation[tier].get(ns, ()),
+                            self._ns_protected[tier].get(ns, ()), self._group, self._since)
+        return order.keyed(segments, self._stamp, self._rstamp, fresh)
 
     def _first_fresh(self, tier: Tier, horizon: float) -> int | None:
         """Position of the first probation block idle since after ``horizon`` (None: all
@@ -392,34 +364,9 @@ class EvictionPolicy:
 
     def _ordered(self, tier: Tier) -> Iterator[Block]:
         """Idle blocks of ``tier``, first to go first, in the order followed now."""
-        order = self.order
-        if order == "lru":
-            yield from self._recency[tier]
-            return
-        if order == "newest":  # stale ones oldest first, then newest group first
-            probation = self._probation[tier]
-            horizon = self.now - self.stale_s
-            fresh_from = None
-            for block in probation:
-                if self._since[block] > horizon:
-                    fresh_from = block
-                    break
-                yield block
-            run: list[Block] = []
-            group = -1
-            for block in reversed(probation) if fresh_from is not None else ():  # within one group deepest first, as released
-                g = self._group[block]
-                if g != group and run:
-                    yield from reversed(run)
-                    run = []
-                group = g
-                run.append(block)
-                if block is fresh_from:
-                    break
-            yield from reversed(run)
-        else:
-            yield from self._probation[tier]
-        yield from self._protected[tier]
+        segments = Segments(self._recency[tier], self._probation[tier], self._protected[tier],
+                            self._group, self._since)
+        return ORDERS[self.order].victims(segments, self.now - self.stale_s)
 
     def namespace_victim(self, namespace: str) -> Block | None:
         """The namespace's own coldest block: host tier first, then device."""
