@@ -73,10 +73,8 @@ from kvgate.cachestore.record import (
     HEADER,
     FetchedBlock,
     RecordCodec,
-    RemoteFetch,
     RemoteRecord,
 )
-from kvgate.cachestore.remote_tier import CostModel
 from kvgate.cachestore.stats import DiskTierStats
 from kvgate.kernels.layout import KVLayout
 
@@ -872,33 +870,24 @@ class DiskTier:
             self._lock_fd = -1
 
     # -- fetching ----------------------------------------------------------------------------
-    def fetch(self, namespace: str, start: int, parent_hash: bytes, hashes: Sequence[bytes],
-              tokens: Sequence[bytes], cost: CostModel | None) -> RemoteFetch | None:
-        """Blocks ``start, start + 1, ...`` of a prompt, as many consecutive ones as the
-        disk holds and verify. File I/O: never call it on the engine thread."""
-        n = min(len(hashes), self.config.max_fetch_blocks,
-                self.config.max_fetch_bytes // self.layout.page_bytes)
-        if n == 0:
-            return None
-        if cost is not None and not cost.worth_fetching(start, n):
-            self.counters.add(skipped=1)
-            return None
+    def fetch(self, namespace: str, parent_hash: bytes, hashes: Sequence[bytes],
+              tokens: Sequence[bytes]) -> list[FetchedBlock]:
+        """A prompt's blocks after ``parent_hash`` (their ``hashes`` and ``tokens``), as many
+        consecutive ones as the disk holds and verify. File I/O: never call it on the engine
+        thread."""
         deadline = time.monotonic() + self.config.timeout_ms / 1000
         with self._lock:
             epoch = self._epochs.get(namespace, 0)
         out: list[FetchedBlock] = []
         try:
-            self._read_chain(namespace, parent_hash, hashes[:n], tokens, epoch, deadline, out)
+            self._read_chain(namespace, parent_hash, hashes, tokens, epoch, deadline, out)
         finally:
             with self._lock:
                 for fb in out:
                     entry = self._index.get(fb.block_hash)
                     if entry is not None:
                         self._use(fb.block_hash, entry)
-        if not out:
-            return None
-        self.counters.add(hits=len(out), hit_bytes=len(out) * self.layout.page_bytes)
-        return RemoteFetch(start, out, [self.name] * len(out))
+        return out
 
     def _read_chain(self, namespace: str, parent_hash: bytes, hashes: Sequence[bytes],
                     tokens: Sequence[bytes], epoch: int, deadline: float,

@@ -31,27 +31,44 @@ import torch
 from kvgate.cachestore.block import DEVICE, HOST, Block, CacheSeq
 from kvgate.cachestore.hashing import HashFn, TokenIds, chain_hashes, token_bytes
 from kvgate.cachestore.index import PrefixIndex
-from kvgate.cachestore.policy import EvictionPolicy, is_expired
+from kvgate.cachestore.policy import is_expired
 from kvgate.cachestore.pool import PagePool
 from kvgate.cachestore.record import FetchedBlock, RemoteFetch, RemoteRecord
 from kvgate.cachestore.remote_tier import CostModel
-from kvgate.cachestore.tiers import TierMoves
-from kvgate.kernels.layout import convert_pages
+from kvgate.kernels.layout import KVLayout, convert_pages
 
 log = logging.getLogger("kvgate.cache")
+
+
+class FetchLimits(Protocol):
+    """What one fetch may read from a tier (its config's fields)."""
+
+    @property
+    def max_fetch_blocks(self) -> int: ...
+    @property
+    def max_fetch_bytes(self) -> int: ...
+
+
+class TierCounters(Protocol):
+    def add(self, **deltas: int) -> None: ...
 
 
 class LinkedTier(Protocol):
     """A tier below the host that ``RemoteLink`` writes through to and fetches from."""
 
     name: str  # how a block found there is reported: "disk", "shared"
+    layout: KVLayout
 
+    @property
+    def config(self) -> FetchLimits: ...
+    @property
+    def counters(self) -> TierCounters: ...  # the link counts hits, hit_bytes and skipped
     def room(self) -> int: ...
     def put(self, records: Sequence[RemoteRecord]) -> int: ...
     def count_dropped(self, n: int) -> None: ...
     def flush_namespace(self, namespace: str) -> None: ...
-    def fetch(self, namespace: str, start: int, parent_hash: bytes, hashes: Sequence[bytes],
-              tokens: Sequence[bytes], cost: CostModel | None) -> RemoteFetch | None: ...
+    def fetch(self, namespace: str, parent_hash: bytes, hashes: Sequence[bytes],
+              tokens: Sequence[bytes]) -> list[FetchedBlock]: ...
     def stats(self) -> Any: ...
     def drain(self, timeout_s: float = 10.0) -> bool: ...
     def close(self) -> None: ...
@@ -63,16 +80,14 @@ class LinkedStore(Protocol):
     device: PagePool
     host: PagePool
     index: PrefixIndex
-    policy: EvictionPolicy
-    tiers: TierMoves
     block_size: int
-    default_ttl_s: float
     hash_fn: HashFn
     clock: Callable[[], float]
 
     def root_of(self, namespace: str) -> bytes: ...
     def local_prefix_blocks(self, namespace: str, hashes: list[bytes], data: bytes) -> int: ...
-    def _enforce_quota(self, namespace: str, extra_blocks: int = 0) -> bool: ...
+    def _insert(self, seq: CacheSeq, pos: int, block_hash: bytes, parent: Block | None,
+                tokens: bytes, page: int | torch.Tensor) -> Block | None: ...
 
 
 class RemoteLink:
@@ -179,24 +194,15 @@ class RemoteLink:
         try:
             parent = local[-1] if local else None
             for pos, fb, source in wanted:
-                if not store._enforce_quota(seq.namespace, extra_blocks=1):
+                new = store._insert(seq, pos, fb.block_hash, parent, fb.tokens, fb.page)
+                if new is None:
                     break
-                if not store.tiers.reserve_device(1, seq.namespace):
-                    break
-                page = store.device.take(seq.namespace)
-                store.device.tensor[page].copy_(
-                    convert_pages(store.host.layout, store.device.layout, fb.page[None])[0])
-                ttl_s = seq.ttl_for_block(pos, store.block_size, store.default_ttl_s)
-                pinned = (parent is None or parent.pinned) and store.policy.is_pinned(
-                    seq.namespace, fb.block_hash)
-                block = store.index.insert(fb.block_hash, parent, seq.namespace, fb.tokens, page,
-                                           ttl_s, pinned)
                 # not written back to where it came from, nor to the tiers after it
                 first = names.index(source) if source in names else 0
-                block.handed = ((1 << len(names)) - 1) & ~((1 << first) - 1)
-                block.fetched = source
-                adopted.append(block)
-                parent = block
+                new.handed = ((1 << len(names)) - 1) & ~((1 << first) - 1)
+                new.fetched = source
+                adopted.append(new)
+                parent = new
         finally:
             store.index.unref(adopted, now=now)
             store.index.unref(local)
@@ -222,14 +228,24 @@ class RemoteLink:
             at = start + len(blocks)
             if at >= len(hashes):
                 break
+            page_bytes = tier.layout.page_bytes
+            n = min(len(hashes) - at, tier.config.max_fetch_blocks,
+                    tier.config.max_fetch_bytes // page_bytes)
+            if n == 0:
+                continue
+            if cost is not None and not cost.worth_fetching(at, n):
+                tier.counters.add(skipped=1)
+                continue
             parent = hashes[at - 1] if at else root
+            first = len(blocks)
             try:
-                got = tier.fetch(namespace, at, parent, hashes[at:], tokens[len(blocks):], cost)
+                got = tier.fetch(namespace, parent, hashes[at:at + n], tokens[first:first + n])
             except Exception:  # a bug in one tier is a miss there; the next is still asked
                 log.exception("fetch from the %s tier failed", tier.name)
                 continue
-            if got is None:
+            if not got:
                 continue
-            blocks.extend(got.blocks)
-            sources.extend(got.source(i) for i in range(len(got.blocks)))
+            tier.counters.add(hits=len(got), hit_bytes=len(got) * page_bytes)
+            blocks.extend(got)
+            sources.extend([tier.name] * len(got))
         return RemoteFetch(start, blocks, sources) if blocks else None

@@ -481,23 +481,16 @@ class RemoteTier:
         self.client.close()
 
     # -- fetching ----------------------------------------------------------------------------
-    def fetch(self, namespace: str, start: int, parent_hash: bytes, hashes: Sequence[bytes],
-              tokens: Sequence[bytes], cost: CostModel | None) -> RemoteFetch | None:
-        """Blocks ``start, start + 1, ...`` of a prompt (their ``hashes`` and ``tokens``),
-        as many consecutive ones as Valkey holds and verify. Network I/O: never call it on
-        the engine thread. None when nothing was fetched."""
-        n = min(len(hashes), self.config.max_fetch_blocks,
-                self.config.max_fetch_bytes // self.layout.page_bytes)
-        if n == 0:
-            return None
-        if cost is not None and not cost.worth_fetching(start, n):
-            self.counters.add(skipped=1)
-            return None
+    def fetch(self, namespace: str, parent_hash: bytes, hashes: Sequence[bytes],
+              tokens: Sequence[bytes]) -> list[FetchedBlock]:
+        """A prompt's blocks after ``parent_hash`` (their ``hashes`` and ``tokens``), as many
+        consecutive ones as Valkey holds and verify. Network I/O: never call it on the
+        engine thread."""
         if not self.breaker.allow():
-            return None
+            return []
         out: list[FetchedBlock] = []
         try:
-            self._read(namespace, parent_hash, hashes[:n], tokens, out)
+            self._read(namespace, parent_hash, hashes, tokens, out)
         except (redis.RedisError, OSError) as exc:
             self.breaker.failure()
             self.counters.add(errors=1)
@@ -509,10 +502,7 @@ class RemoteTier:
             out = []
         else:
             self.breaker.success()
-        if not out:
-            return None
-        self.counters.add(hits=len(out), hit_bytes=len(out) * self.layout.page_bytes)
-        return RemoteFetch(start, out)
+        return out
 
     def _read(self, namespace: str, parent_hash: bytes, hashes: Sequence[bytes],
               tokens: Sequence[bytes], out: list[FetchedBlock]) -> None:

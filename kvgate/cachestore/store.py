@@ -75,7 +75,7 @@ from kvgate.cachestore.stats import (
     hottest_prefixes,
 )
 from kvgate.cachestore.tiers import TierMoves
-from kvgate.kernels.layout import KVLayout, dtype_name
+from kvgate.kernels.layout import KVLayout, convert_pages, dtype_name
 
 
 class CacheStore:
@@ -235,17 +235,14 @@ class CacheStore:
                         seq.chain_broken = True  # a collision: this and later blocks stay private
                         break
                     self._reuse(block, seq.block_table[i], ttl_s)
-                elif self._enforce_quota(seq.namespace, extra_blocks=1):
-                    pinned = (parent is None or parent.pinned) and self.policy.is_pinned(
-                        seq.namespace, block_hash)
-                    block = self.index.insert(block_hash, parent, seq.namespace, tokens,
-                                              seq.block_table[i], ttl_s, pinned)
+                else:
+                    block = self._insert(seq, i, block_hash, parent, tokens, seq.block_table[i])
+                    if block is None:  # over quota: this and later blocks stay private
+                        seq.chain_broken = True
+                        break
                     written[ttl_s] = written.get(ttl_s, 0) + self.block_size
                     seq.written.append((block_hash, ttl_s))
                     new_blocks.append(block)
-                else:
-                    seq.chain_broken = True
-                    break
                 seq.blocks.append(block)
                 parent = block
             if self.remote is not None and new_blocks:
@@ -604,6 +601,26 @@ class CacheStore:
             self.index.move(block, DEVICE, own_page)
         block.hits += 1
         block.ttl_s = max(block.ttl_s, ttl_s)
+
+    def _insert(self, seq: CacheSeq, pos: int, block_hash: bytes, parent: Block | None,
+                tokens: bytes, page: int | torch.Tensor) -> Block | None:
+        """Index block ``pos`` of ``seq``'s prompt, held by ``seq``. ``page``: the device page
+        the sequence computed it in, or its KV as a CPU page of the host's layout (a fetched
+        block), copied into a device page taken for it. None, nothing indexed, when the
+        namespace's quota cannot fit it or no device page can be freed. It is pinned when a
+        pin names its hash and its parent is pinned too."""
+        if not self._enforce_quota(seq.namespace, extra_blocks=1):
+            return None
+        if isinstance(page, torch.Tensor):
+            if not self.tiers.reserve_device(1, seq.namespace):
+                return None
+            kv, page = page, self.device.take(seq.namespace)
+            self.device.tensor[page].copy_(
+                convert_pages(self.host.layout, self.device.layout, kv[None])[0])
+        ttl_s = seq.ttl_for_block(pos, self.block_size, self.default_ttl_s)
+        pinned = (parent is None or parent.pinned) and self.policy.is_pinned(seq.namespace,
+                                                                             block_hash)
+        return self.index.insert(block_hash, parent, seq.namespace, tokens, page, ttl_s, pinned)
 
     def _enforce_quota(self, namespace: str, extra_blocks: int = 0) -> bool:
         """Drop the namespace's own idle blocks until it (plus ``extra_blocks``) fits its quota.

@@ -700,9 +700,9 @@ def test_an_earlier_block_is_kept_over_its_descendants(replica: Replica) -> None
     assert tier.drain()
     hashes = chain_hashes(store.root_of("t"), token_bytes(long), BLOCK, store.hash_fn)
     # the device holds block 0; the disk is asked for blocks 1 and 2
-    fetched = tier.fetch("t", 1, hashes[0], hashes[1:], [token_bytes(long[4:8]),
-                                                        token_bytes(long[8:12])], None)
-    assert fetched is not None and len(fetched.blocks) == 2
+    fetched = tier.fetch("t", hashes[0], hashes[1:], [token_bytes(long[4:8]),
+                                                     token_bytes(long[8:12])])
+    assert len(fetched) == 2
     serve(store, "t", [*range(50, 58), 0])  # 2 more blocks: one of the first goes
     assert tier.drain()
     tier.close()
