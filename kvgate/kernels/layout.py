@@ -31,6 +31,12 @@ QUANTIZED = (FP8, torch.int8)
 # the largest magnitude each quantized dtype holds: x / scale is clamped into ±QMAX
 QMAX = {FP8: 448.0, torch.int8: 127.0}
 SCALE_DTYPE = torch.float32
+# KV dtypes by the names flags give them (``--kv-dtype``, ``--offload-kv-dtype``, ``kvgate
+# plan --kv-dtype``); ``dtype_name`` is the name stats give a dtype
+KV_DTYPES: dict[str, torch.dtype] = {
+    "fp8": FP8, "int8": torch.int8, "bf16": torch.bfloat16, "fp16": torch.float16,
+    "fp32": torch.float32,
+}
 
 
 @dataclass(frozen=True)

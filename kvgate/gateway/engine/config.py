@@ -16,7 +16,7 @@ import torch
 
 from kvgate.cachestore.disk_tier import DiskTierConfig
 from kvgate.cachestore.remote_tier import RemoteTierConfig
-from kvgate.kernels.layout import FP8
+from kvgate.kernels.layout import KV_DTYPES
 
 log = logging.getLogger("kvgate.engine")
 
@@ -105,8 +105,8 @@ class EngineConfig:
             if name == "fp8" and not fp8_supported(self.torch_device):
                 log.warning("--kv-dtype fp8: %s has no fp8; its KV pages are int8",
                             self.torch_device)
-                return torch.int8
-            return FP8 if name == "fp8" else torch.int8
+                return KV_DTYPES["int8"]
+            return KV_DTYPES[name]
         device = resolve(self.kv_dtype, model_dtype)
         return device, resolve(self.offload_kv_dtype, device)
 
