@@ -1,9 +1,12 @@
 """The engine facade: one thread owns the model and the cache; asyncio talks to it.
 
-The model and the ``CacheStore`` are touched only by the engine thread, so neither needs
-locks. The asyncio side submits through a thread-safe queue and receives events through
-``loop.call_soon_threadsafe`` into one ``asyncio.Queue`` per request; it never waits on
-the model.
+Only the engine thread runs the model, and it makes the ``CacheStore``'s changes (the
+scheduler's match, allocate, commit and release; admin calls through ``_call``). Other
+threads call the store too, under its lock (``store._lock``): metrics scrapes
+(``cache_stats``), the console's hottest prefixes, the router's snapshot, and the remote
+tiers' fetch before admission. The asyncio side submits through a thread-safe queue and
+receives events through ``loop.call_soon_threadsafe`` into one ``asyncio.Queue`` per
+request; it never waits on the model.
 """
 
 from __future__ import annotations
