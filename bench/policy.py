@@ -62,7 +62,6 @@ from kvgate.cachestore.replay import (
     Request,
     Trace,
     blocks_for_bytes,
-    without_ttl,
 )
 from kvgate.gateway.plan.capacity import ModelShape, PlanError, model_shape
 from kvgate.kernels.layout import KV_DTYPES
@@ -371,6 +370,14 @@ def replay_ceiling(trace: Trace, nxt: list[float]) -> float:
 
 
 # -- the runs ------------------------------------------------------------------------------
+def without_ttl(trace: Trace) -> Trace:
+    """The same trace with blocks that live until evicted."""
+    return Trace(trace.name, trace.block_size,
+                 [Request(r.time_s, r.namespace, r.tokens, math.inf, r.blocks, r.prompt_tokens,
+                          r.fresh_blocks)
+                  for r in trace.requests], trace.block_tokens)
+
+
 Job = tuple[str, str, bool, int, int, bool]  # trace, what, ttl, device and host blocks, shares
 
 

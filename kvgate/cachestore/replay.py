@@ -162,14 +162,6 @@ def blocks_for_bytes(layout: KVLayout, nbytes: int, block_tokens: int) -> int:
     return layout.pages_for_bytes(nbytes) * layout.block_size // block_tokens
 
 
-def without_ttl(trace: Trace) -> Trace:
-    """The same trace with blocks that live until evicted."""
-    return Trace(trace.name, trace.block_size,
-                 [Request(r.time_s, r.namespace, r.tokens, math.inf, r.blocks, r.prompt_tokens,
-                          r.fresh_blocks)
-                  for r in trace.requests], trace.block_tokens)
-
-
 def short(value: object, most: int = 40) -> str:
     """``value`` for an error message, cut to ``most`` characters: a trace is untrusted, and
     a number of thousands of digits or a long string is never echoed whole."""

@@ -497,11 +497,6 @@ class CacheStore:
         with self._lock:
             return sum(1 for b in self.index.values() if b.namespace == namespace and b.pinned)
 
-    def sweep(self) -> int:
-        """Drop every expired block now (also done lazily on access); → blocks dropped."""
-        with self._lock:
-            return self._expire(self.clock())
-
     def snapshot(self) -> tuple[int, list[CacheEvent]]:
         """Every indexed block, and the last cache event's number (``events``): a router
         that missed events rebuilds its view of this cache from it."""
@@ -635,9 +630,8 @@ class CacheStore:
             self.counters.evictions.quota += len(self.index.drop(victim))
         return True
 
-    def _expire(self, now: float) -> int:
+    def _expire(self, now: float) -> None:
         self.policy.now = now
         due = [b for b in self.policy.pop_expired(now) if b.alive]
         for block in due:
             self.counters.evictions.ttl += len(self.index.drop(block))
-        return len(due)
