@@ -1,48 +1,15 @@
 """The local disk tier: KV pages in files below the host tier, kept across restarts.
 
-It plugs into the same path as the remote tier (``remote_link.RemoteLink``): blocks are
-written through when committed and again when demoted if they were not taken, fetched off
-the engine thread before admission for the blocks after the local prefix (only where
-reading beats recomputing, ``CostModel``), and adopted on the engine thread. Disk comes
-first; the remote tier is asked for what the disk lacks.
-
-Layout of ``--disk-cache-dir`` (made 0700 when kvgate makes it or marks it; files 0600):
-
-- ``kvgate-disk-tier`` (``MARKER``): the format. kvgate uses a directory it made or an
-  empty one, which it marks first; it refuses any other (``DiskTierUnavailable``): what it
-  deletes there is then only ever its own. Nothing in the directory is opened through a
-  link (``O_NOFOLLOW``; ``kv/`` or ``tmp/`` a link: refused), nor waited on (a FIFO named
-  as a record is skipped); the configured path itself may be a link.
-- ``lock``: held (``flock``) by the one process that uses the directory; a second replica
-  pointed at it refuses to start (``DiskTierUnavailable``).
-- ``kv/<2 hex>/<block hash, 32 hex>``: one record per block. A record is the remote tier's
-  (``record.RecordCodec``: layout signature, parent hash, namespace, tokens, the
-  namespace's epoch, the page), wrapped: ``KVD1``, the block's TTL, the record's length,
-  the record, an xxh3-128 digest of all that, then the expiry (wall-clock seconds) and a
-  CRC of it with the digest. The expiry is the one field rewritten in place: a hit moves it
-  to ``now + TTL``, as a hit on a cached block does.
-- ``tmp/``: records being written (renamed into ``kv/`` when complete; deleted on start).
-- ``epochs``: each flushed namespace's epoch (JSON). ``flush_namespace`` raises it, saves
-  it (fsync'd) before returning, and has the namespace's files deleted; a record of another
-  epoch never verifies, so nothing written before a flush (a write in flight, a file whose
-  deletion failed) is read after it, even after a crash.
-- ``wipe``: left by a flush whose epoch could not be saved (its files are then deleted at
-  once): the next start deletes every record.
-
-On start the index is rebuilt by reading each record's head and expiry (two small reads
-per file): expired records, those of a past epoch and unreadable ones are deleted, the
-rest indexed oldest (last written or hit) first. A restarted replica is warm without
-Valkey.
-
-Writes go to a queue bounded in bytes, drained by ``writers`` threads whose bytes per
-second are bounded together (a token bucket); a full queue drops the block (counted), the
-engine never waits. A prompt's blocks are written first block first, so a write cut short
-leaves a prefix a fetch can use. ``capacity_bytes`` is kept by deleting the least recently
-used leaves (records no indexed record names as its parent): a chain is evicted from its
-end, never from its first block (which a fetch starts at). Every file-system error
-(ENOSPC, EIO, a file deleted, truncated or corrupted under it, permission denied, the
-directory gone) is a miss or a dropped write and a count in ``errors``; a record that does
-not verify is a miss (``rejected``) and is deleted.
+``RemoteLink`` writes blocks through to it and fetches from it before Valkey. Its directory
+holds ``kvgate-disk-tier`` (``MARKER``: kvgate uses only a directory it made or an empty
+one it marks), ``lock`` (``flock``: one process), ``kv/<2 hex>/<block hash hex>`` (a record
+per block: ``KVD1``, TTL, length, the ``RecordCodec`` record, an xxh3-128 digest, then the
+expiry and its CRC, the one field rewritten in place), ``tmp/`` (records being written),
+``epochs`` (flushed namespaces' epochs) and ``wipe`` (an epoch could not be saved).
+Nothing there is opened through a link (``O_NOFOLLOW``). Writes are bounded by a byte
+queue and a token bucket; ``capacity_bytes`` is kept by evicting the least recently used
+leaves (a chain goes from its end). Every file-system error is a miss or a dropped write,
+counted in ``errors``. docs/architecture.md (Disk tier) has the reasons.
 """
 
 from __future__ import annotations

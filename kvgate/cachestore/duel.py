@@ -2,27 +2,12 @@
 
 Set dueling (as in DIP, SHiP and ARC's adaptivity): a fixed fraction of block hashes (by
 their low bits, so the same blocks every time) is replayed through one small simulated
-cache per candidate order, each at the real capacity scaled by that fraction. Their hits,
-decayed so that the last few thousand sampled accesses count, say which order wins on the
-traffic of now; the real cache follows the winner.
-
-The candidates (``orders.ORDERS``):
-
-- ``lru``: least recently used first, nothing else.
-- ``slru``: segmented LRU with ghosts: blocks never reused go before reused ones (the reused
-  segment capped at a share of the cache), a block written again while its hash is a
-  recent ghost counts as reused.
-- ``newest``: as ``slru``, but among the never-reused blocks the *newest* go first (the
-  last request's fresh blocks before the one before it). When the cache holds less time
-  than the gap before a follow-up (a user's think time), LRU flushes every fresh block
-  before its follow-up; this keeps an older subset long enough to be asked for again.
-  With a TTL it cannot keep them for ever; without one it would, so it loses on large
-  caches, which is what the duel is for.
-
-The shadows see what ``match`` sees: each prompt's block hashes in order, with their TTLs,
-at the store's clock. They ignore the prefix rule (a sampled block is a hit if it is in
-its shadow, whatever its parent), running requests' pages, shares and quotas: a sample
-judges the orders against each other, it does not predict the real hit rate.
+cache per order (``orders.ORDERS``), each at the real capacity scaled by that fraction.
+Their hits, decayed so that the last few thousand sampled accesses count, say which order
+wins on the traffic of now; the real cache follows the winner. The shadows see what
+``match`` sees (each prompt's block hashes with their TTLs, at the store's clock) and
+nothing else: no prefix rule, running sequences, shares or quotas. They judge the orders
+against each other; they do not predict the real hit rate.
 """
 
 from __future__ import annotations

@@ -1,23 +1,17 @@
 """How the store uses the tiers below the host: what it writes, fetches and adopts.
 
-The link holds an ordered list of such tiers (``LinkedTier``): the local disk
-(``disk_tier.DiskTier``) first, then Valkey (``remote_tier.RemoteTier``); either may be
-absent. Each has its own cost model (reading from it must beat recomputing).
+``RemoteLink`` holds an ordered list of ``LinkedTier``: the local disk (``disk_tier``)
+first, then Valkey (``remote_tier``); either may be absent, each has its own cost model.
 
-- Write-through: blocks the store indexes (``commit``) are copied off their pages once and
-  queued for every tier; blocks demoted to the host that a tier never took (queue full)
-  are queued again from their host pages. Both run on the engine thread under the store's
-  lock and only copy and enqueue; the tiers' own threads do the I/O. ``Block.handed``
-  records which tiers took a block (bit ``i`` for tier ``i``).
-- Fetch (``fetch``): off the engine thread. It hashes the prompt, counts the prefix this
-  replica already holds (under the lock, briefly), and asks the first tier for the blocks
-  after it, then the next tier for the blocks after what the first returned, and so on.
-- Adopt (``adopt``): on the engine thread, just before the request's ``match``: the
-  fetched blocks that still follow the local prefix are copied into device pages and
-  indexed as cached blocks. The ``match`` then finds them like any device hit, so they are
-  billed as cache reads and never as writes, by the same code as every other hit. A block
-  read from a tier is marked handed to that tier and every tier after it (not written
-  back there); a block Valkey gave is written to the disk when it is demoted.
+- ``write_through`` (engine thread, store lock): blocks the store indexes, and demoted
+  blocks a tier never took, are copied off their pages once and queued for every tier that
+  has not taken them (``Block.handed``, a bit per tier); the tiers' threads do the I/O.
+- ``fetch`` (off the engine thread): the blocks after the local prefix from the first tier,
+  then what it lacked from the next; the link decides how many a tier may read and whether
+  reading beats recomputing, and counts the hits.
+- ``adopt`` (engine thread, before the request's ``match``): fetched blocks that still
+  follow the local prefix are indexed as device blocks (``CacheStore._insert``), billed as
+  cache reads like any hit, and never written back to their tier or the tiers after it.
 """
 
 from __future__ import annotations

@@ -1,37 +1,17 @@
-"""The remote tier: KV pages in Valkey/Redis, below the device and host tiers.
+"""The remote tier: KV pages in Valkey/Redis that every replica writes and reads.
 
-Every replica writes the blocks it commits (and the ones it demotes, if the commit's copy
-was not taken) to one Valkey; a replica whose own tiers miss fetches the consecutive
-blocks that follow its local prefix before computing the rest. Valkey's ``maxmemory``
-with an LRU policy bounds it; every key carries the block's TTL (``PX``).
+- Key ``<prefix><block hash hex>``, value a ``RecordCodec`` record (layout signature,
+  parent hash, namespace, tokens, the namespace's epoch, the page; with a secret, an HMAC),
+  ``PX`` the block's TTL. A fetch accepts a value only if every field agrees.
+- Epochs: ``flush_namespace`` raises the namespace's epoch (``<prefix>epoch:<ns>``, signed
+  with a secret); a fetch reads only entries of the current one, and an epoch lower than
+  one this replica has seen is refused (``parse_epoch``).
+- Nothing here fails a request: writes go to a bounded write-behind queue drained by one
+  thread, fetches run off the engine thread with timeouts, and a ``Breaker`` stops both
+  after repeated errors.
+- ``CostModel``: a fetch is made only where moving the pages beats recomputing them.
 
-- Key: ``<prefix><block hash, hex>``. The hash is chained from the namespace's root
-  (``hashing.root_digest``), so one tenant's prompt never names another tenant's key.
-- Value (``encode``/``decode``): a header, the layout's signature, the parent's hash, the
-  namespace, the block's token ids, the page bytes, and with a secret an HMAC of all of
-  it. A fetch accepts a value only if every field agrees with the prompt being served
-  (the same rule as ``PrefixIndex.verify``): a collision, a corrupt or truncated entry,
-  another model's page or another tenant's entry copied under this key is a miss.
-- Flush: ``flush_namespace`` gives the namespace a new epoch (``<prefix>epoch:<ns>``);
-  every entry carries the epoch it was written under and a fetch accepts only the current
-  one, so an operator's flush of a tenant reaches every replica's view of Valkey at once.
-- Epochs (``epoch_value``/``parse_epoch``) are numbers that only grow: a new one is the
-  time in microseconds, or one more than any this replica has seen for the namespace,
-  whichever is larger. With a secret the value carries an HMAC of the namespace and the
-  number. Nothing an attacker (or Valkey's own eviction) can do to the key revives
-  flushed entries: a deleted key is no epoch (every entry a miss, the next write makes a
-  new one), a forged or garbled value does not verify (misses, and the next write
-  replaces it), and an older value played back is refused by every replica that has seen
-  a newer one (it remembers the highest per namespace; its next write replaces it). The
-  one thing not caught: a replica that never saw the newer epoch (started after the
-  flush, before the namespace was used again) shown an older, validly signed value by
-  someone who recorded it from Valkey, i.e. who could already read the entries' pages.
-- Nothing here may fail a request. Writes go to a bounded write-behind queue drained by
-  one thread (full: the block is skipped and counted). Fetches run off the engine thread
-  with socket timeouts and a deadline. A ``Breaker`` stops both after repeated errors and
-  lets one call through per cool-down to find out whether Valkey is back.
-- ``CostModel``: a fetch is made only where moving the pages is faster than recomputing
-  them, from the model's shape (bytes per block against prefill FLOPs per block).
+docs/architecture.md (Remote tier) has the reasons, and what epochs do not catch.
 """
 
 from __future__ import annotations
@@ -83,7 +63,7 @@ def _ttl_ms(ttl_s: float) -> int:
 
 @dataclass(frozen=True)
 class RemoteTierConfig:
-    """``kvgate serve --shared-tier-*``; see docs/architecture.md (Shared tier)."""
+    """``kvgate serve --shared-tier-*``; see docs/architecture.md (Remote tier)."""
 
     url: str
     timeout_ms: int = 50  # each Valkey call, and the deadline of one fetch

@@ -1,39 +1,15 @@
 """The engine-facing prefix cache: match, allocate, commit, release, flush.
 
 ``CacheStore`` is the interface the scheduler sees (vLLM v1's ``KVCacheManager``). The
-work is done by its parts: ``PrefixIndex`` (which blocks exist, their references and
-pages), ``EvictionPolicy`` (who goes next), ``TierMoves`` (demotion and promotion) and
-``CacheCounters`` (what ``stats()`` reports). The store hashes prompts, holds the lock,
-and decides TTLs, quotas and pins.
-
-Life of a page (docs/architecture.md, cachestore): ``free`` → ``active`` (held by a running
-sequence; never evicted or moved) → ``cached`` (refcount 0, in the index, evictable) →
-``offloaded`` (demoted to the host pool) → ``active`` again on a hit (promoted into a
-fresh device page), or dropped.
-
-Choices the specification leaves open:
-- Evictions count blocks that leave the cache (``lru``, ``ttl``, ``quota``); a device
-  eviction that finds room on the host is a demotion, counted there. ``flush`` is an
-  operator action, not an eviction.
-- Quota counts every indexed block of the namespace on both tiers, whatever its state;
-  a block that would push it over the quota, even after the namespace gave up its idle
-  blocks, is not indexed (its tokens stay uncached; the sequence keeps its page).
-- A block committed while the same block is already indexed (another sequence got there
-  first) is reused, not written: the sequence references the indexed block and keeps its
-  own page as a private copy. If the indexed block sits on the host, the sequence's fresh
-  device page simply becomes its page (no copy).
-- Guaranteed shares (``shares.py``): ``match`` and ``allocate`` mark the namespace active;
-  an allocation evicts only its own blocks and those of namespaces over their share, and
-  leaves free what other active namespaces' device shares still lack.
-- ``commit`` reports writes by TTL in seconds; which price a TTL gets is billing's call.
-- Hit and miss tokens are counted once per request by ``record_prompt``, from the figures
-  the request is billed with; ``match`` counts nothing (see ``counters``).
-- Blocks being computed (one prefill per prefix): ``announce`` records, for a sequence
-  just admitted, the hashes of the blocks it is about to compute; ``commit`` and
-  ``release`` take them off again. ``in_flight`` tells a queued prompt whether its first
-  uncached block is one of them, computed by a running sequence of its own namespace (the
-  hashes chain from the namespace's root, and the namespace is compared too, so a prompt
-  never waits on another namespace's work).
+work is done by its parts: ``PrefixIndex`` (blocks, references, pages), ``EvictionPolicy``
+(who goes next), ``TierMoves`` (demotion and promotion), ``Shares`` (reserved capacity),
+``CacheCounters`` (what ``stats()`` reports) and ``RemoteLink`` (the tiers below the host).
+The store hashes prompts, decides TTLs, quotas and pins, and holds the lock its state is
+read and changed under. A page is ``free``, ``active`` (a running sequence holds it),
+``cached`` (idle in the index), ``offloaded`` (demoted to the host), and ``active`` again on
+a hit. docs/architecture.md (cachestore) has the rules it keeps: what counts as an
+eviction, quotas, a block another sequence indexed first, hit counting, blocks being
+computed.
 """
 
 from __future__ import annotations
