@@ -1,4 +1,4 @@
-"""The shared tier against a Valkey that holds garbage or hangs: whatever sits under the
+"""The remote tier against a Valkey that holds garbage or hangs: whatever sits under the
 tier's keys (an epoch that is not one kvgate wrote, a key of another type), a replica's
 fetches are misses, never errors, and its next write replaces the epoch; a hung Valkey
 holds no request and no event loop; writes alone close the breaker once Valkey is back."""

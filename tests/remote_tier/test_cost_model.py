@@ -1,4 +1,4 @@
-"""The shared tier's cost model and circuit breaker: pure logic, no Valkey."""
+"""The remote tier's cost model and circuit breaker: pure logic, no Valkey."""
 
 from __future__ import annotations
 

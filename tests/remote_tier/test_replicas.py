@@ -47,8 +47,8 @@ def cached(response: Any) -> int:
 
 
 def drain(server: ThreadServer) -> None:
-    shared = server.state.engine.remote
-    assert shared is not None and shared.drain()
+    remote = server.state.engine.remote
+    assert remote is not None and remote.drain()
 
 
 def remote_stats(server: ThreadServer) -> dict[str, Any]:
@@ -85,7 +85,7 @@ def test_a_prompt_from_one_replica_is_a_cache_read_on_another(fleet: dict[str, A
     assert f'kvgate_shared_tier_blocks_total{{kind="hit"}} {float(hits)}' in metrics
 
 
-def test_a_restarted_replica_warms_from_the_shared_tier(fleet: dict[str, Any]) -> None:
+def test_a_restarted_replica_warms_from_the_remote_tier(fleet: dict[str, Any]) -> None:
     one = fleet["replica"]("one")
     alice = one.admin.tenant("alice")
     ask(one, alice)
@@ -113,7 +113,7 @@ def test_with_valkey_killed_every_request_is_answered_and_billed_once(
     assert stats["errors"] >= 1 and stats["hits"] == 0
 
 
-def test_an_admin_flush_reaches_the_shared_tier(fleet: dict[str, Any]) -> None:
+def test_an_admin_flush_reaches_the_remote_tier(fleet: dict[str, Any]) -> None:
     one = fleet["replica"]("one")
     alice = one.admin.tenant("alice")
     ask(one, alice)

@@ -1,4 +1,4 @@
-"""The shared tier under the store, against a real redis-server: write-through, fetch on
+"""The remote tier under the store, against a real redis-server: write-through, fetch on
 a miss, verification (collisions, tampering, other tenants), TTL, an outage, the queue."""
 
 from __future__ import annotations
@@ -314,23 +314,23 @@ def test_disk_first_then_valkey_for_what_the_disk_lacks(layout: KVLayout, valkey
         store = CacheStore(layout, 16 * pb, 0)
         disk = DiskTier(DiskTierConfig(path=str(tmp_path / "disk"), capacity_bytes=1 << 20),
                         layout, "demo")
-        shared = RemoteTier(RemoteTierConfig(url=valkey.url, timeout_ms=200), layout, "demo")
-        made.extend((disk, shared))
+        remote = RemoteTier(RemoteTierConfig(url=valkey.url, timeout_ms=200), layout, "demo")
+        made.extend((disk, remote))
         store.attach_tier(disk, None)
-        store.attach_tier(shared, None)
+        store.attach_tier(remote, None)
         return store
 
     try:
         first = make()
         assert serve(first, "t", PROMPT) == 0
-        disk, shared = first.remote.tiers  # type: ignore[union-attr]
-        assert disk.drain() and shared.drain()
+        disk, remote = first.remote.tiers  # type: ignore[union-attr]
+        assert disk.drain() and remote.drain()
         # the disk loses the last block (another replica had written all three to Valkey)
         path = next((tmp_path / "disk" / "kv").rglob(
             first.block_hashes("t", PROMPT)[2].hex()))
         path.unlink()
         disk.close()
-        shared.close()
+        remote.close()
         second = make()
         fetched = second.fetch_remote("t", PROMPT)
         assert fetched is not None and fetched.sources == ["disk", "disk", "shared"]
@@ -339,14 +339,14 @@ def test_disk_first_then_valkey_for_what_the_disk_lacks(layout: KVLayout, valkey
         match = second.match(seq, PROMPT)
         assert [tier for _, tier in match.blocks] == ["disk", "disk", "shared"]
         second.release(seq)
-        disk2, shared2 = second.remote.tiers  # type: ignore[union-attr]
-        assert disk2.stats().hits == 2 and shared2.stats().hits == 1
+        disk2, remote2 = second.remote.tiers  # type: ignore[union-attr]
+        assert disk2.stats().hits == 2 and remote2.stats().hits == 1
         # demoted later, the block Valkey gave goes to the disk, and nothing back to Valkey
-        writes = shared2.stats().writes
+        writes = remote2.stats().writes
         blocks = [second.index.get(h) for h in second.block_hashes("t", PROMPT)]
         second.remote.write_through([b for b in blocks if b is not None])  # type: ignore[union-attr]
-        assert disk2.drain() and shared2.drain()
-        assert disk2.stats().writes == 1 and shared2.stats().writes == writes
+        assert disk2.drain() and remote2.drain()
+        assert disk2.stats().writes == 1 and remote2.stats().writes == writes
         assert path.exists()
     finally:
         for tier in made:
