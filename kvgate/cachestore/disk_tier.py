@@ -535,9 +535,6 @@ class DiskTier:
         with self._queue_lock:
             return max(0, self.config.queue_bytes - self._queued_bytes) // self.layout.page_bytes
 
-    def count_dropped(self, n: int) -> None:
-        self.counters.add(dropped=n)
-
     def flush_namespace(self, namespace: str) -> None:
         """Make every record of ``namespace`` a miss at once (a new epoch, in memory now)
         and after a restart (the epoch is saved before this returns: a write of a few bytes

@@ -56,10 +56,9 @@ class LinkedTier(Protocol):
     @property
     def config(self) -> FetchLimits: ...
     @property
-    def counters(self) -> TierCounters: ...  # the link counts hits, hit_bytes and skipped
+    def counters(self) -> TierCounters: ...  # the link counts hits, skips and drops too
     def room(self) -> int: ...
     def put(self, records: Sequence[RemoteRecord]) -> int: ...
-    def count_dropped(self, n: int) -> None: ...
     def flush_namespace(self, namespace: str) -> None: ...
     def fetch(self, namespace: str, parent_hash: bytes, hashes: Sequence[bytes],
               tokens: Sequence[bytes]) -> list[FetchedBlock]: ...
@@ -120,7 +119,7 @@ class RemoteLink:
             todo = [b for b in blocks if not b.handed >> bit & 1]
             room = tier.room()
             if len(todo) > room:  # not even copied: offered again if demoted
-                tier.count_dropped(len(todo) - room)
+                tier.counters.add(dropped=len(todo) - room)
                 todo = todo[:room]
             wanted.append(todo)
         needed = {id(b): b for todo in wanted for b in todo}

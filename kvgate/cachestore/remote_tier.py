@@ -325,9 +325,6 @@ class RemoteTier:
         with self._queue_lock:
             return max(0, self.config.queue_bytes - self._queued_bytes) // self.layout.page_bytes
 
-    def count_dropped(self, n: int) -> None:
-        self.counters.add(dropped=n)
-
     def flush_namespace(self, namespace: str) -> None:
         """Make every entry of ``namespace`` written so far a miss, on every replica (its
         epoch goes up, after the writes queued before this call). Never blocks."""
