@@ -90,7 +90,7 @@ async def measure_ttft(model: str, reps: int, workdir: Path) -> list[dict[str, A
     for n, group in prefixes.items():
         for i, prefix in enumerate(group):
             await ttft(writer, f"w{n}-{i}", "t", prefix + next(suffix))
-    assert writer.shared is not None and writer.shared.drain(120)
+    assert writer.remote is not None and writer.remote.drain(120)
     await writer.stop()
     reader = Engine(EngineConfig(model=model, device_cache_bytes=big, host_cache_bytes=0,
                                  disk_tier=disk), loaded=loaded)
@@ -156,9 +156,9 @@ class Replica:
         self.n += 1
         seq = store.open(str(self.n), namespace, default_ttl_s=ttl_s)
         if self.disk is not None:
-            fetched = store.fetch_shared(namespace, tokens)
+            fetched = store.fetch_remote(namespace, tokens)
             if fetched is not None:
-                store.adopt_shared(seq, tokens, fetched)
+                store.adopt_remote(seq, tokens, fetched)
         m = store.match(seq, tokens)
         hit = 0
         if store.allocate(seq, len(tokens)):

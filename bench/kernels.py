@@ -35,7 +35,7 @@ from bench.common import SMOKE, print_table, smoke, write_result
 from kvgate import kernels
 from kvgate.kernels import KVLayout
 from kvgate.kernels.dispatch import triton_available
-from kvgate.kernels.layout import FP8, quantize
+from kvgate.kernels.layout import KV_DTYPES, quantize
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"  # "cpu" only in a smoke run
@@ -89,9 +89,6 @@ def device_copy_bandwidth(nbytes: int = smoke(1 << 30, 1 << 20)) -> float:
     dst = torch.empty_like(src)
     ms = time_ms(lambda: dst.copy_(src))
     return 2 * nbytes / (ms / 1e3)
-
-
-KV_DTYPES = {"bf16": DTYPE, "fp8": FP8, "int8": torch.int8}
 
 
 def bench_decode(batch: int, length: int, copy_bw: float, kv_dtype: str = "bf16") -> dict:

@@ -53,12 +53,12 @@ from kvgate.gateway.engine import EngineConfig, GenerateRequest, SamplingParams
 from kvgate.gateway.engine.engine import Engine
 from kvgate.gateway.engine.loader import load_model
 from kvgate.gateway.engine.request import TokenEvent
-from kvgate.kernels.layout import FP8, convert_pages
+from kvgate.kernels.layout import KV_DTYPES, convert_pages, dtype_name
 
 NEW_TOKENS = 32
-# what pages can hold: the quantized dtypes, and 16-bit ones for scale (--method pages)
-DTYPES = {"fp8": FP8, "int8": torch.int8, "bfloat16": torch.bfloat16,
-          "float16": torch.float16}
+# what pages can hold, by the names stats give them (--dtypes): the quantized dtypes, and
+# wider ones for scale (--method pages)
+DTYPES = {dtype_name(d): d for d in KV_DTYPES.values()}
 
 
 def corpus() -> str:

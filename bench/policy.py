@@ -52,7 +52,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from bench.common import print_table, smoke, write_result
 from kvgate.cachestore import replay
@@ -63,10 +62,9 @@ from kvgate.cachestore.replay import (
     Request,
     Trace,
     blocks_for_bytes,
-    without_ttl,
 )
 from kvgate.gateway.plan.capacity import ModelShape, PlanError, model_shape
-from kvgate.kernels.layout import FP8
+from kvgate.kernels.layout import KV_DTYPES
 
 TRACES = Path(__file__).resolve().parent / "traces"  # the Mooncake traces (Apache-2.0)
 TUNE = (1000, 4000)
@@ -372,6 +370,14 @@ def replay_ceiling(trace: Trace, nxt: list[float]) -> float:
 
 
 # -- the runs ------------------------------------------------------------------------------
+def without_ttl(trace: Trace) -> Trace:
+    """The same trace with blocks that live until evicted."""
+    return Trace(trace.name, trace.block_size,
+                 [Request(r.time_s, r.namespace, r.tokens, math.inf, r.blocks, r.prompt_tokens,
+                          r.fresh_blocks)
+                  for r in trace.requests], trace.block_tokens)
+
+
 Job = tuple[str, str, bool, int, int, bool]  # trace, what, ttl, device and host blocks, shares
 
 
@@ -467,7 +473,7 @@ def multi_tenant(got: dict[Job, dict[str, float]], capacities: list[int]) -> lis
 # dtype's KVLayout (FP8 pages carry their scales) turn it into the blocks each dtype holds.
 KV_BUDGETS = smoke((750, 1000, 1500, 2000, 3000, 4000), (1000,))
 KV_GOAL = (1000, 2000)  # the issue's range: >= 1.5x the 16-bit hit rate there
-KV_DTYPES = {"bf16": torch.bfloat16, "fp8": FP8}
+KV_AXIS = {n: KV_DTYPES[n] for n in ("bf16", "fp8")}
 SMOLLM2 = ModelShape("smollm2", 30, 3, 64, 8192)  # what its GGUF metadata says
 
 
@@ -480,7 +486,7 @@ def kv_shape() -> tuple[ModelShape, str]:
 
 def kv_capacities(shape: ModelShape, budgets: tuple[int, ...]) -> list[dict[str, Any]]:
     """Per budget: its device bytes (host: HOST_FACTOR times that) and each dtype's blocks."""
-    layouts = {n: shape.layout(16, d) for n, d in KV_DTYPES.items()}
+    layouts = {n: shape.layout(16, d) for n, d in KV_AXIS.items()}
     block_bytes = layouts["bf16"].page_bytes * MOONCAKE_BLOCK_TOKENS // 16
     out = []
     for n in budgets:
@@ -549,7 +555,7 @@ def kv_dtype_result(names: list[str], caps: list[dict[str, Any]], two_tier: bool
                     shape: tuple[ModelShape, str], got: dict[Job, dict[str, float]]
                     ) -> dict[str, Any]:
     model, source = shape
-    layouts = {n: model.layout(16, d) for n, d in KV_DTYPES.items()}
+    layouts = {n: model.layout(16, d) for n, d in KV_AXIS.items()}
     return {
         "what": "hit rate at equal device (+ host) bytes with FP8 pages vs bf16 pages; a "
                 "budget is so many bf16 Mooncake blocks' worth of bytes (512 tokens = 32 "

@@ -36,7 +36,7 @@ import torch
 
 from bench.common import print_table, smoke, write_result
 from bench.ttft import ttft
-from kvgate.cachestore.shared_tier import SharedTierConfig
+from kvgate.cachestore.remote_tier import RemoteTierConfig
 from kvgate.gateway.engine import EngineConfig
 from kvgate.gateway.engine.engine import Engine
 from kvgate.gateway.engine.loader import load_model
@@ -52,9 +52,9 @@ def tokens(seed: int, n: int) -> list[int]:
 
 async def measure(shape: str, reps: int, server: RedisServer) -> dict[str, float]:
     loaded = load_model(EngineConfig(model=shape))
-    tier = SharedTierConfig(url=server.url, timeout_ms=500, breaker_cooldown_s=3600)
+    tier = RemoteTierConfig(url=server.url, timeout_ms=500, breaker_cooldown_s=3600)
     config = EngineConfig(model=shape, device_cache_bytes=512 << 20, host_cache_bytes=0,
-                          shared_tier=tier)
+                          remote_tier=tier)
     a, b = Engine(config, loaded=loaded), Engine(config, loaded=loaded)
     plain = Engine(EngineConfig(model=shape, device_cache_bytes=512 << 20, host_cache_bytes=0),
                    loaded=loaded)
@@ -70,13 +70,13 @@ async def measure(shape: str, reps: int, server: RedisServer) -> dict[str, float
             prefix = tokens(1000 + i, PREFIX)
             _, cached = await ttft(a, f"a{i}", "t", prefix + next(suffix))
             assert cached == 0
-            assert a.shared is not None and a.shared.tier.drain(60)
+            assert a.remote is not None and a.remote.tier.drain(60)
             t, cached = await ttft(plain, f"miss{i}", "t", prefix + next(suffix))
             assert cached == 0
             times["miss"].append(t)
-            assert b.shared is not None
+            assert b.remote is not None
             start = time.perf_counter()  # the fetch alone (B's own tiers still miss "t")
-            fetched = b.store.fetch_shared("t", prefix)
+            fetched = b.store.fetch_remote("t", prefix)
             times["fetch"].append((time.perf_counter() - start) / max(1, PREFIX // BLOCK))
             assert fetched is not None and len(fetched.blocks) == PREFIX // BLOCK
             t, cached = await ttft(b, f"shared{i}", "t", prefix + next(suffix))
@@ -88,14 +88,14 @@ async def measure(shape: str, reps: int, server: RedisServer) -> dict[str, float
         server.kill()
         for i in range(3):  # the first calls fail and open the breaker
             await ttft(b, f"open{i}", "t-down", tokens(3000 + i, 64))
-        assert not b.shared.tier.stats().available
+        assert not b.remote.tier.stats().available
         for i in range(reps):
             prefix = tokens(4000 + i, PREFIX)
             t, cached = await ttft(b, f"down{i}", "t-down", prefix + next(suffix))
             times["down"].append(t)
             t, cached = await ttft(plain, f"dmiss{i}", "t-down", prefix + next(suffix))
             times["down_miss"].append(t)
-        cost = b.shared.cost
+        cost = b.remote.cost
     finally:
         for e in (a, b, plain):
             await e.stop()

@@ -37,7 +37,7 @@ class Block:
     pinned: bool = False
     alive: bool = True
     handed: int = 0  # bit i: handed to the store's tier i below the host (written, or read
-    # from it or a tier above it; ``shared_link``)
+    # from it or a tier above it; ``remote_link``)
     fetched: str = ""  # the tier it was fetched from ("disk", "shared") while not yet
     # matched: its first hit is reported as a hit there
     children: set[Block] = field(default_factory=set)
@@ -67,7 +67,7 @@ class CacheSeq:
     blocks: list[Block] = field(default_factory=list)
     chain_broken: bool = False  # a block could not be indexed: later ones have no parent
     # Blocks this sequence wrote to the cache (``CacheStore.commit``), in order: (chain
-    # hash, TTL seconds). Blocks shared with another sequence's are not among them.
+    # hash, TTL seconds). Blocks reused from another sequence's are not among them.
     written: list[tuple[bytes, float]] = field(default_factory=list)
     # Hashes of the blocks it computes and has not committed yet, from block
     # ``computing_from`` on (``CacheStore.announce``): what waiting requests may wait for.

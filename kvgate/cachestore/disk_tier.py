@@ -1,48 +1,15 @@
 """The local disk tier: KV pages in files below the host tier, kept across restarts.
 
-It plugs into the same path as the shared tier (``shared_link.SharedLink``): blocks are
-written through when committed and again when demoted if they were not taken, fetched off
-the engine thread before admission for the blocks after the local prefix (only where
-reading beats recomputing, ``CostModel``), and adopted on the engine thread. Disk comes
-first; the shared tier is asked for what the disk lacks.
-
-Layout of ``--disk-cache-dir`` (made 0700 when kvgate makes it or marks it; files 0600):
-
-- ``kvgate-disk-tier`` (``MARKER``): the format. kvgate uses a directory it made or an
-  empty one, which it marks first; it refuses any other (``DiskTierUnavailable``): what it
-  deletes there is then only ever its own. Nothing in the directory is opened through a
-  link (``O_NOFOLLOW``; ``kv/`` or ``tmp/`` a link: refused), nor waited on (a FIFO named
-  as a record is skipped); the configured path itself may be a link.
-- ``lock``: held (``flock``) by the one process that uses the directory; a second replica
-  pointed at it refuses to start (``DiskTierUnavailable``).
-- ``kv/<2 hex>/<block hash, 32 hex>``: one record per block. A record is the shared tier's
-  (``record.RecordCodec``: layout signature, parent hash, namespace, tokens, the
-  namespace's epoch, the page), wrapped: ``KVD1``, the block's TTL, the record's length,
-  the record, an xxh3-128 digest of all that, then the expiry (wall-clock seconds) and a
-  CRC of it with the digest. The expiry is the one field rewritten in place: a hit moves it
-  to ``now + TTL``, as a hit on a cached block does.
-- ``tmp/``: records being written (renamed into ``kv/`` when complete; deleted on start).
-- ``epochs``: each flushed namespace's epoch (JSON). ``flush_namespace`` raises it, saves
-  it (fsync'd) before returning, and has the namespace's files deleted; a record of another
-  epoch never verifies, so nothing written before a flush (a write in flight, a file whose
-  deletion failed) is read after it, even after a crash.
-- ``wipe``: left by a flush whose epoch could not be saved (its files are then deleted at
-  once): the next start deletes every record.
-
-On start the index is rebuilt by reading each record's head and expiry (two small reads
-per file): expired records, those of a past epoch and unreadable ones are deleted, the
-rest indexed oldest (last written or hit) first. A restarted replica is warm without
-Valkey.
-
-Writes go to a queue bounded in bytes, drained by ``writers`` threads whose bytes per
-second are bounded together (a token bucket); a full queue drops the block (counted), the
-engine never waits. A prompt's blocks are written first block first, so a write cut short
-leaves a prefix a fetch can use. ``capacity_bytes`` is kept by deleting the least recently
-used leaves (records no indexed record names as its parent): a chain is evicted from its
-end, never from its first block (which a fetch starts at). Every file-system error
-(ENOSPC, EIO, a file deleted, truncated or corrupted under it, permission denied, the
-directory gone) is a miss or a dropped write and a count in ``errors``; a record that does
-not verify is a miss (``rejected``) and is deleted.
+``RemoteLink`` writes blocks through to it and fetches from it before Valkey. Its directory
+holds ``kvgate-disk-tier`` (``MARKER``: kvgate uses only a directory it made or an empty
+one it marks), ``lock`` (``flock``: one process), ``kv/<2 hex>/<block hash hex>`` (a record
+per block: ``KVD1``, TTL, length, the ``RecordCodec`` record, an xxh3-128 digest, then the
+expiry and its CRC, the one field rewritten in place), ``tmp/`` (records being written),
+``epochs`` (flushed namespaces' epochs) and ``wipe`` (an epoch could not be saved).
+Nothing there is opened through a link (``O_NOFOLLOW``). Writes are bounded by a byte
+queue and a token bucket; ``capacity_bytes`` is kept by evicting the least recently used
+leaves (a chain goes from its end). Every file-system error is a miss or a dropped write,
+counted in ``errors``. docs/architecture.md (Disk tier) has the reasons.
 """
 
 from __future__ import annotations
@@ -73,10 +40,8 @@ from kvgate.cachestore.record import (
     HEADER,
     FetchedBlock,
     RecordCodec,
-    SharedFetch,
-    SharedRecord,
+    RemoteRecord,
 )
-from kvgate.cachestore.shared_tier import CostModel
 from kvgate.cachestore.stats import DiskTierStats
 from kvgate.kernels.layout import KVLayout
 
@@ -145,7 +110,7 @@ _NOT_A_FILE = _Entry(0, 0.0, 0.0, "", -1, b"")  # a name in kv/ that is not a re
 
 @dataclass
 class _Put:
-    record: SharedRecord
+    record: RemoteRecord
     epoch: int
     nbytes: int
 
@@ -538,7 +503,7 @@ class DiskTier:
         return exp + struct.pack("<I", zlib.crc32(digest + exp))
 
     # -- writing ------------------------------------------------------------------------------
-    def file_bytes(self, record: SharedRecord, epoch: int, now: float) -> bytes:
+    def file_bytes(self, record: RemoteRecord, epoch: int, now: float) -> bytes:
         """What ``record`` is stored as (see the module's docstring)."""
         body = self.codec.encode(record, epoch)
         ttl_s = _ttl(record.ttl_s)
@@ -546,7 +511,7 @@ class DiskTier:
         digest = xxh3_128(head)
         return head + digest + self._tail(digest, now + ttl_s)
 
-    def put(self, records: Sequence[SharedRecord]) -> int:
+    def put(self, records: Sequence[RemoteRecord]) -> int:
         """Queue records for writing, in order, while the queue has room (never blocks).
         → how many were taken (a prefix of ``records``)."""
         nbytes = self.layout.page_bytes
@@ -569,9 +534,6 @@ class DiskTier:
         """Blocks ``put`` would take now."""
         with self._queue_lock:
             return max(0, self.config.queue_bytes - self._queued_bytes) // self.layout.page_bytes
-
-    def count_dropped(self, n: int) -> None:
-        self.counters.add(dropped=n)
 
     def flush_namespace(self, namespace: str) -> None:
         """Make every record of ``namespace`` a miss at once (a new epoch, in memory now)
@@ -872,33 +834,24 @@ class DiskTier:
             self._lock_fd = -1
 
     # -- fetching ----------------------------------------------------------------------------
-    def fetch(self, namespace: str, start: int, parent_hash: bytes, hashes: Sequence[bytes],
-              tokens: Sequence[bytes], cost: CostModel | None) -> SharedFetch | None:
-        """Blocks ``start, start + 1, ...`` of a prompt, as many consecutive ones as the
-        disk holds and verify. File I/O: never call it on the engine thread."""
-        n = min(len(hashes), self.config.max_fetch_blocks,
-                self.config.max_fetch_bytes // self.layout.page_bytes)
-        if n == 0:
-            return None
-        if cost is not None and not cost.worth_fetching(start, n):
-            self.counters.add(skipped=1)
-            return None
+    def fetch(self, namespace: str, parent_hash: bytes, hashes: Sequence[bytes],
+              tokens: Sequence[bytes]) -> list[FetchedBlock]:
+        """A prompt's blocks after ``parent_hash`` (their ``hashes`` and ``tokens``), as many
+        consecutive ones as the disk holds and verify. File I/O: never call it on the engine
+        thread."""
         deadline = time.monotonic() + self.config.timeout_ms / 1000
         with self._lock:
             epoch = self._epochs.get(namespace, 0)
         out: list[FetchedBlock] = []
         try:
-            self._read_chain(namespace, parent_hash, hashes[:n], tokens, epoch, deadline, out)
+            self._read_chain(namespace, parent_hash, hashes, tokens, epoch, deadline, out)
         finally:
             with self._lock:
                 for fb in out:
                     entry = self._index.get(fb.block_hash)
                     if entry is not None:
                         self._use(fb.block_hash, entry)
-        if not out:
-            return None
-        self.counters.add(hits=len(out), hit_bytes=len(out) * self.layout.page_bytes)
-        return SharedFetch(start, out, [self.name] * len(out))
+        return out
 
     def _read_chain(self, namespace: str, parent_hash: bytes, hashes: Sequence[bytes],
                     tokens: Sequence[bytes], epoch: int, deadline: float,

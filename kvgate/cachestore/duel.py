@@ -2,27 +2,12 @@
 
 Set dueling (as in DIP, SHiP and ARC's adaptivity): a fixed fraction of block hashes (by
 their low bits, so the same blocks every time) is replayed through one small simulated
-cache per candidate order, each at the real capacity scaled by that fraction. Their hits,
-decayed so that the last few thousand sampled accesses count, say which order wins on the
-traffic of now; the real cache follows the winner.
-
-The candidates (``policy.MODES``):
-
-- ``lru``: least recently used first, nothing else.
-- ``slru``: segmented LRU with ghosts: blocks never reused go before reused ones (the reused
-  segment capped at a share of the cache), a block written again while its hash is a
-  recent ghost counts as reused.
-- ``newest``: as ``slru``, but among the never-reused blocks the *newest* go first (the
-  last request's fresh blocks before the one before it). When the cache holds less time
-  than the gap before a follow-up (a user's think time), LRU flushes every fresh block
-  before its follow-up; this keeps an older subset long enough to be asked for again.
-  With a TTL it cannot keep them for ever; without one it would, so it loses on large
-  caches, which is what the duel is for.
-
-The shadows see what ``match`` sees: each prompt's block hashes in order, with their TTLs,
-at the store's clock. They ignore the prefix rule (a sampled block is a hit if it is in
-its shadow, whatever its parent), running requests' pages, shares and quotas: a sample
-judges the orders against each other, it does not predict the real hit rate.
+cache per order (``orders.ORDERS``), each at the real capacity scaled by that fraction.
+Their hits, decayed so that the last few thousand sampled accesses count, say which order
+wins on the traffic of now; the real cache follows the winner. The shadows see what
+``match`` sees (each prompt's block hashes with their TTLs, at the store's clock) and
+nothing else: no prefix rule, running sequences, shares or quotas. They judge the orders
+against each other; they do not predict the real hit rate.
 """
 
 from __future__ import annotations
@@ -30,10 +15,9 @@ from __future__ import annotations
 import heapq
 import math
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
-MODES = ("lru", "slru", "newest")
-STALE_S = 120.0  # ``newest``: fresh blocks idle longer than this go first, oldest first
+from kvgate.cachestore.orders import ORDERS, STALE_S, Segments
 
 
 def sample_threshold(capacity: int, min_rate: float = 1 / 16, min_blocks: int = 256) -> int:
@@ -55,9 +39,9 @@ class ShadowCache:
     def __init__(
         self, mode: str, capacity: int, protected: float = 0.75, stale_s: float = STALE_S,
     ) -> None:
-        if mode not in MODES:
+        if mode not in ORDERS:
             raise ValueError(f"unknown eviction order {mode!r}")
-        self.mode = mode
+        self.order = ORDERS[mode]
         self.capacity = max(1, capacity)
         self.protected_cap = int(self.capacity * protected)
         self.fresh: OrderedDict[bytes, int] = OrderedDict()  # hash -> group, oldest first
@@ -91,7 +75,7 @@ class ShadowCache:
                 hits += 1
                 self._unlink(key)
                 reused.append(key)
-            elif key in self.ghosts and self.mode != "lru":
+            elif key in self.ghosts and self.order.segmented:
                 del self.ghosts[key]
                 reused.append(key)
             else:
@@ -103,7 +87,7 @@ class ShadowCache:
             self.expires[key] = exp
             self.used[key] = now
             heapq.heappush(self._heap, (exp, key))
-        if self.mode == "lru":
+        if not self.order.segmented:
             for key in reversed(fresh + reused):
                 self.fresh[key] = self._group
         else:
@@ -117,30 +101,14 @@ class ShadowCache:
         self._make_room(self.capacity)
         return hits
 
-    def _victims(self) -> Iterator[bytes]:
-        if self.mode == "newest":
-            horizon = self.now - self.stale_s
-            first = None
-            for key in self.fresh:
-                if self.used[key] > horizon:
-                    first = key
-                    break
-                yield key
-            if first is not None:
-                for key in reversed(self.fresh):
-                    yield key
-                    if key == first:
-                        break
-        else:
-            yield from self.fresh
-        yield from self.reused
-
     def _make_room(self, limit: int) -> None:
         over = len(self.expires) - max(0, limit)
         if over <= 0:
             return
         gone = []
-        for key in self._victims():
+        # ``fresh`` holds every key when the order is not segmented, by last use
+        segments = Segments(self.fresh, self.fresh, self.reused, self.fresh, self.used)
+        for key in self.order.victims(segments, self.now - self.stale_s):
             gone.append(key)
             if len(gone) == over:
                 break
@@ -156,7 +124,7 @@ class ShadowCache:
         if self.expires.pop(key, None) is None:
             return
         del self.used[key]
-        if self.mode != "lru":
+        if self.order.segmented:
             self.ghosts[key] = None
             self.ghosts.move_to_end(key)
             if len(self.ghosts) > self.ghost_cap:
@@ -198,8 +166,8 @@ class Duel:
     ) -> None:
         self.threshold = sample_threshold(capacity)
         scaled = max(1, round(capacity * self.threshold / 65536))
-        self.shadows = {mode: ShadowCache(mode, scaled, protected, stale_s) for mode in MODES}
-        self.scores = dict.fromkeys(MODES, 0.0)
+        self.shadows = {mode: ShadowCache(mode, scaled, protected, stale_s) for mode in ORDERS}
+        self.scores = dict.fromkeys(ORDERS, 0.0)
         self.choice = start
         self.window = window if window is not None else max(1024, 16 * scaled)
         self.margin = margin
@@ -209,7 +177,8 @@ class Duel:
         self.z = z
         # per pair of orders (a, b): decayed sums of (hits of a - hits of b) per prompt and
         # of its square (decayed twice as fast: the variance of the first sum)
-        self._pairs = [(a, b) for i, a in enumerate(MODES) for b in MODES[i + 1:]]
+        names = list(ORDERS)
+        self._pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1:]]
         self._diff = {pair: 0.0 for pair in self._pairs}
         self._diff_sq = {pair: 0.0 for pair in self._pairs}
 
@@ -220,7 +189,7 @@ class Duel:
             return
         decay = (1.0 - 1.0 / self.window) ** len(picked)
         hits = {mode: shadow.access(picked, now) for mode, shadow in self.shadows.items()}
-        for mode in MODES:
+        for mode in ORDERS:
             self.scores[mode] = self.scores[mode] * decay + hits[mode]
         for pair in self._pairs:
             d = hits[pair[0]] - hits[pair[1]]
@@ -229,7 +198,7 @@ class Duel:
         self.seen += len(picked)
         if self.seen < self.warmup:  # too little evidence yet: keep the starting order
             return
-        best = max(MODES, key=lambda m: self.scores[m])
+        best = max(ORDERS, key=lambda m: self.scores[m])
         current = self.scores[self.choice]
         if (best != self.choice and self.scores[best] > current * (1.0 + self.margin) + 0.5
                 and self.lead(best, self.choice) >= self.z):

@@ -1,22 +1,13 @@
 """The prefix index: every cached block, by hash, as chains that start at a namespace's root.
 
-This is the cache's bookkeeping, as nano-vllm's block manager and vLLM v1's
-``block_pool`` keep it: ``hash → block``, each block's token ids for the verify on a hit,
-its page, its reference count. What to evict is the policy's call
-(``policy.EvictionPolicy``); the index tells it which blocks are candidates.
-
-- One rule decides whether an indexed block is the block of a given prefix: ``verify``
-  (same parent object, same namespace, same token bytes). ``walk``, and through it
-  ``match`` and ``pin``, and the store's ``commit`` all go through it, so a hash collision
-  (crafted or accidental) costs a miss, never a wrong block.
-- Reference counts: a referenced block is active and never evicted; when its count drops
-  to zero the policy gets it as a candidate (a chain deepest block first), and when it is
-  referenced again the policy lets it go.
-- A dropped block takes its descendants with it: a match walks from the root, so they
-  could never be reached again. They are idle too, since a sequence holding a block
-  always holds its whole prefix.
-- A block owns its page in its tier's pool: ``drop`` gives the page back, ``move`` puts
-  the block on another page after the caller copied it there.
+The cache's bookkeeping (as vLLM v1's ``block_pool``): ``hash → block``, each block's token
+ids, page and reference count. What to evict is the policy's call; the index tells it which
+blocks are candidates (a block whose count drops to zero; a chain deepest first). ``verify``
+(same parent object, namespace and token bytes) is the one rule that an indexed block is a
+given prefix's: ``walk``, and through it ``match`` and ``pin``, and ``commit`` go through
+it, so a collision costs a miss, never a wrong block. ``drop`` takes a block's descendants
+too (nothing could reach them) and gives pages back; ``move`` puts a block on a page the
+caller copied it to.
 """
 
 from __future__ import annotations

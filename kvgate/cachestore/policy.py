@@ -1,58 +1,16 @@
-"""What to evict: an adaptive order over idle blocks per tier (LRU, segmented LRU with ghosts,
-or newest-first), TTL, quotas, pins, and holds for queued requests.
+"""What to evict: an order over each tier's idle blocks, TTLs, quotas, pins, and holds for
+queued requests.
 
 The policy never touches pages; it orders blocks and answers "who goes next". The index
-tells it when a block turns idle or active again (``PrefixIndex.ref``/``unref``); the
-store and the tier moves ask it for victims and do the moving.
-
-- Release groups: a released chain is added deepest block first (``PrefixIndex.unref``)
-  and as one group, so among blocks last used at the same moment the extension goes
-  before its prefix; a hit on a child always touches its parent too, so a prefix never
-  ages faster than its extensions. Every order below keeps that.
-- ``lru``: least recently used first.
-- ``slru`` (segmented): blocks never reused since they were written (one-off documents,
-  fresh conversation tails) go before blocks that were reused (system prompts,
-  conversation prefixes); the reused segment is capped at three quarters of the tier, its
-  overflow ages back into the first. Ghosts: the hashes of the last dropped blocks (twice
-  as many as both tiers hold pages, as ARC's two ghost lists) are remembered; a block
-  written again while its hash is a ghost was reused after all, only too late for the
-  cache to see it, and enters the reused segment (once its parent did).
-- ``newest``: as ``slru``, but fresh blocks idle for more than ``stale_s`` (120 s) go first,
-  oldest first, and then the *newest* fresh groups, before older ones. Follow-up turns come
-  a user's think time after a first turn, often longer than a small cache holds; LRU then
-  flushes every fresh block before its follow-up, while this keeps a stable subset alive
-  long enough to be asked for again. Without a TTL or on a large cache it keeps stale
-  blocks LRU would have used the room for.
-- ``adaptive`` (the default): the order that wins the duel (``duel.py``): a shadow
-  simulation of each order on a fixed sample of block hashes at proportionally scaled
-  capacity, fed every prompt ``match`` sees (``observe``). It starts as ``slru`` (scan
-  resistant from the first request) and switches only on evidence: a lead that is also
-  significant (two standard errors of the paired per-prompt difference), since each
-  switch throws away what the old order kept.
-- ``bench/policy.py`` measures these orders against the store-model optimum at capacities
-  not used to choose the parameters; the figures and what was tried are in
-  ``bench/results/policy.json``.
-- Holds (``hold``, from ``CacheStore.hold_queued``): the blocks queued requests will match
-  are skipped in every order and offered only after all other candidates, in the same
-  order. They are never refused outright, so a queue cannot wedge the cache, and the
-  shares filter (``allowed``) still applies to them.
-- TTL: a heap of expiry times with lazy invalidation (an entry is stale once the block
-  was dropped, used again or given a new expiry).
-- Quota: bytes a namespace holds in the index, both tiers, any state (pins included). A
-  namespace over quota gives up its own idle blocks, host tier (colder) first.
-- Pins: hashes per namespace; a pinned block is never in an eviction order and does not
-  expire.
-- Guaranteed shares (``shares.py``) filter the victims: an allocation may pass ``allowed``,
-  and blocks it refuses (another namespace's, within its share) are skipped, not reordered.
-  A shares filter (``shares.EvictFilter``) says how many blocks of each namespace it takes
-  (``budget``), so the victims are found by merging per-namespace sub-orders of the order
-  followed now (each block carries its position in it) over the namespaces with a budget
-  left: a namespace within its share costs nothing to skip, whatever it holds. The work
-  of one allocation is linear in the blocks it takes (plus the allocator's own held
-  blocks and the number of namespaces), not in the protected blocks ahead of them.
-  ``inspected`` counts the blocks looked at, for tests. The ``newest`` order takes part
-  while release groups run in order along the fresh segment (always, as blocks are
-  added), else the plain scan answers (same decisions, more work).
+tells it when a block turns idle or active (``PrefixIndex.ref``/``unref``); the store and
+``TierMoves`` ask it for victims and move them. It keeps each tier's idle blocks as the
+orders read them (``orders.Segments``) and follows a fixed order or, ``adaptive``, the
+duel's winner (``duel.py``). A released chain is one group, added deepest block first, so a
+prefix never goes before its extensions. Held blocks (``hold``) go after every other
+candidate. With a shares filter (``shares.EvictFilter``) the victims come from merging
+per-namespace sub-orders (``_victims_by_budget``): an allocation's work grows with the
+blocks it takes, not with the protected blocks ahead of them. docs/architecture.md
+(Eviction order) has the reasons and the measurements.
 """
 
 from __future__ import annotations
@@ -64,10 +22,9 @@ from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Iterator
 
 from kvgate.cachestore.block import DEVICE, HOST, Block, Tier
-from kvgate.cachestore.duel import MODES, STALE_S, Duel
+from kvgate.cachestore.duel import Duel
+from kvgate.cachestore.orders import ORDERS, STALE_S, EvictionOrder, Key, Segments
 from kvgate.cachestore.shares import EvictFilter
-
-_Key = tuple[int, int, int]  # a block's place in the order followed now
 
 
 class EvictionPolicy:
@@ -75,8 +32,8 @@ class EvictionPolicy:
         self, device_pages: int = 0, host_pages: int = 0, protected: float = 0.75,
         mode: str = "adaptive", stale_s: float = STALE_S,
     ) -> None:
-        """``mode``: one of ``MODES`` (a fixed order) or ``adaptive`` (the duel's winner)."""
-        if mode != "adaptive" and mode not in MODES:
+        """``mode``: one of ``ORDERS`` (a fixed order) or ``adaptive`` (the duel's winner)."""
+        if mode != "adaptive" and mode not in ORDERS:
             raise ValueError(f"unknown eviction mode {mode!r}")
         # Segmented LRU: blocks never reused wait in ``_probation`` and go first; reused ones
         # (shared system prompts, conversation prefixes) sit in ``_protected``, capped at a
@@ -289,13 +246,13 @@ class EvictionPolicy:
         """``victims`` with a shares filter, by merging the sub-orders of the namespaces it
         takes blocks from (the same blocks in the same order as the scan; None where the
         order followed now cannot be split, then the scan answers)."""
-        order = self.order
+        order = ORDERS[self.order]
         fresh: int | None = None
-        if order == "newest":
+        if order.by_group:
             if not self._monotone[tier]:
                 return None
             fresh = self._first_fresh(tier, self.now - self.stale_s)
-        heap: list[tuple[_Key, int, Block, Iterator[tuple[_Key, Block]]]] = []
+        heap: list[tuple[Key, int, Block, Iterator[tuple[Key, Block]]]] = []
         left: list[int | None] = []
         for ns in self._ns_lru[tier]:
             budget = allowed.budget(ns)
@@ -336,41 +293,14 @@ class EvictionPolicy:
         return out
 
     def _ns_ordered(
-        self, tier: Tier, ns: str, order: str, fresh: int | None,
-    ) -> Iterator[tuple[_Key, Block]]:
+        self, tier: Tier, ns: str, order: EvictionOrder, fresh: int | None,
+    ) -> Iterator[tuple[Key, Block]]:
         """The namespace's idle blocks of ``tier`` with their place in ``_ordered(tier)``,
         first to go first; ``fresh``: the position of the first non-stale probation block
         (``newest``)."""
-        if order == "lru":
-            for block in self._ns_lru[tier].get(ns, ()):
-                yield (0, self._rstamp[block], 0), block
-            return
-        stamp = self._stamp
-        probation = self._ns_probation[tier].get(ns)
-        if probation and order == "newest" and fresh is not None:
-            for block in probation:  # stale, before the first fresh block: oldest first
-                if stamp[block] >= fresh:
-                    break
-                yield (0, stamp[block], 0), block
-            run: list[Block] = []  # then newest group first (groups run in order)
-            group = -1
-            for block in reversed(probation):
-                if stamp[block] < fresh:
-                    break
-                g = self._group[block]
-                if g != group and run:
-                    for b in reversed(run):
-                        yield (1, -group, stamp[b]), b
-                    run = []
-                group = g
-                run.append(block)
-            for b in reversed(run):
-                yield (1, -group, stamp[b]), b
-        elif probation:
-            for block in probation:
-                yield (0, stamp[block], 0), block
-        for block in self._ns_protected[tier].get(ns, ()):
-            yield (2, stamp[block], 0), block
+        segments = Segments(self._ns_lru[tier].get(ns, ()), self._ns_probation[tier].get(ns, ()),
+                            self._ns_protected[tier].get(ns, ()), self._group, self._since)
+        return order.keyed(segments, self._stamp, self._rstamp, fresh)
 
     def _first_fresh(self, tier: Tier, horizon: float) -> int | None:
         """Position of the first probation block idle since after ``horizon`` (None: all
@@ -392,34 +322,9 @@ class EvictionPolicy:
 
     def _ordered(self, tier: Tier) -> Iterator[Block]:
         """Idle blocks of ``tier``, first to go first, in the order followed now."""
-        order = self.order
-        if order == "lru":
-            yield from self._recency[tier]
-            return
-        if order == "newest":  # stale ones oldest first, then newest group first
-            probation = self._probation[tier]
-            horizon = self.now - self.stale_s
-            fresh_from = None
-            for block in probation:
-                if self._since[block] > horizon:
-                    fresh_from = block
-                    break
-                yield block
-            run: list[Block] = []
-            group = -1
-            for block in reversed(probation) if fresh_from is not None else ():  # within one group deepest first, as released
-                g = self._group[block]
-                if g != group and run:
-                    yield from reversed(run)
-                    run = []
-                group = g
-                run.append(block)
-                if block is fresh_from:
-                    break
-            yield from reversed(run)
-        else:
-            yield from self._probation[tier]
-        yield from self._protected[tier]
+        segments = Segments(self._recency[tier], self._probation[tier], self._protected[tier],
+                            self._group, self._since)
+        return ORDERS[self.order].victims(segments, self.now - self.stale_s)
 
     def namespace_victim(self, namespace: str) -> Block | None:
         """The namespace's own coldest block: host tier first, then device."""

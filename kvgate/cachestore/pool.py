@@ -41,9 +41,6 @@ class PagePool:
     def num_used(self) -> int:
         return self.num_pages - len(self._free)
 
-    def is_free(self, page: int) -> bool:
-        return self._is_free[page]
-
     def take(self, owner: str = "") -> int:
         """A free page, held by namespace ``owner``; the caller made sure one exists."""
         page = self._free.popleft()

@@ -1,5 +1,5 @@
 """One block as the tiers below the host store it: its identity, its page, and how it is
-checked on the way back. The shared tier (Valkey) and the disk tier use the same record.
+checked on the way back. The remote tier (Valkey) and the disk tier use the same record.
 
 A record (``RecordCodec.encode``) is a header (magic, namespace and token lengths, the
 namespace's epoch), the layout signature (model id, page shape and dtype: a page of another
@@ -37,7 +37,7 @@ def layout_signature(layout: KVLayout, model_id: str) -> bytes:
 
 
 @dataclass(frozen=True)
-class SharedRecord:
+class RemoteRecord:
     """One block to write: its identity, its page (a CPU tensor) and its TTL."""
 
     block_hash: bytes
@@ -56,7 +56,7 @@ class FetchedBlock:
 
 
 @dataclass
-class SharedFetch:
+class RemoteFetch:
     """Blocks fetched for one prompt: positions ``start``, ``start + 1``, ... in order.
     ``sources[i]`` names the tier block ``i`` came from (``disk``, ``shared``)."""
 
@@ -83,7 +83,7 @@ class RecordCodec:
         self.signature = layout_signature(layout, model_id)
         self.secret = secret
 
-    def encode(self, record: SharedRecord, epoch: int = 0) -> bytes:
+    def encode(self, record: RemoteRecord, epoch: int = 0) -> bytes:
         ns = record.namespace.encode()
         page = record.page.contiguous().view(torch.uint8).numpy().tobytes()
         body = b"".join((HEADER.pack(MAGIC, len(ns), len(record.tokens), epoch), self.signature,

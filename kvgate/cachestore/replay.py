@@ -1,25 +1,13 @@
 """Replaying a request trace through the real ``CacheStore``: what hit rate a cache of a
 given size would have had, by running the store, not by a formula.
 
-Each request is matched, allocated, committed and released at its arrival time on the
-store's injected clock, so TTLs expire as they would. The store gets a one-number page
-layout (a page costs 4 bytes), so a replay of millions of blocks allocates almost nothing;
-callers turn bytes into block capacities with the real ``KVLayout`` first
-(``kvgate plan``, ``bench.policy``). A request holds its blocks only while it is replayed:
-requests do not overlap, so running sequences take no room from the cache.
-
-A trace block is one store block whose "token" is the block's id: ids are chained (equal
-id, equal prefix up to and including that block), as in the Mooncake traces, so the store
-hashes and verifies them as it would real tokens. A request's ``fresh_blocks`` follow its
-chain and are blocks no request has: they count as prompt blocks that miss, and are never
-stored (nothing could read them), so they cost a counter, not memory.
-
-Trace files are untrusted input: :func:`trace_lines` reads regular files only, a line at
-most ``MAX_LINE_BYTES`` long, and :func:`json_line` turns every way a line can fail to
-parse (not JSON, a number of over 4300 digits, nesting deeper than the parser's stack)
-into a :class:`TraceError` naming the line. A replay stores every block of its trace in
-its largest (unbounded) run, about 2 KB of bookkeeping a block, so readers refuse a trace
-of more than ``max_blocks`` blocks to store (``DEFAULT_MAX_BLOCKS``) before replaying it.
+Requests are matched, allocated, committed and released in turn at their arrival times on
+the store's clock (they never overlap), with a page of 4 bytes, so a replay of millions of
+blocks allocates almost nothing; callers turn bytes into blocks with the real ``KVLayout``
+first. A trace block is one store block whose "token" is the block's id (ids chain as
+prefixes do); a request's ``fresh_blocks`` miss and are never stored. Trace files are
+untrusted: ``trace_lines`` and ``json_line`` turn every bad line into a ``TraceError``
+naming it, and readers refuse a trace of more than ``max_blocks`` blocks to store.
 """
 
 from __future__ import annotations
@@ -160,14 +148,6 @@ def blocks_for_bytes(layout: KVLayout, nbytes: int, block_tokens: int) -> int:
     """How many trace blocks of ``block_tokens`` tokens the pages of ``layout`` that fit in
     ``nbytes`` hold (a Mooncake block of 512 tokens is 32 pages of 16)."""
     return layout.pages_for_bytes(nbytes) * layout.block_size // block_tokens
-
-
-def without_ttl(trace: Trace) -> Trace:
-    """The same trace with blocks that live until evicted."""
-    return Trace(trace.name, trace.block_size,
-                 [Request(r.time_s, r.namespace, r.tokens, math.inf, r.blocks, r.prompt_tokens,
-                          r.fresh_blocks)
-                  for r in trace.requests], trace.block_tokens)
 
 
 def short(value: object, most: int = 40) -> str:

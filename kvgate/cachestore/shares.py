@@ -1,38 +1,15 @@
 """Reserved cache capacity: a namespace with a reservation keeps that part of each tier.
 
-By default nothing is reserved: one eviction order runs over all namespaces (the best hit
-rate), with quotas as the only per-namespace bound. A namespace may hold a *reservation*
-(bytes per tier, sold and billed per byte-hour); in the spirit of cgroups' ``memory.low``,
-plus a reservation of free pages on the device tier, one namespace's traffic then cannot
-evict, or learn from evicting, that namespace's blocks within it. ``fair=True`` (opt-in,
-what was once the default) also gives every *active* namespace without a reservation an
-equal part of what is not reserved.
-
-- Active: a namespace that sent a request (``match`` or ``allocate``) within the last
-  ``window_s`` seconds of the store's clock (by default the store's default TTL).
-- Share of a tier, in pages: the namespace's reservation on that tier (capped at the tier),
-  whether it is active or not (it is paid for); else, with ``fair`` and while active, the
-  tier's pages not reserved, divided by the number of active namespaces without a
-  reservation; else 0.
-- Usage: pages a namespace holds on a tier (``PagePool.held``): its indexed blocks there
-  and, on the device, the pages its running sequences hold.
-- Protection: a block whose namespace holds no more than its share is evicted only for that
-  namespace's own allocations. Another namespace's allocation takes, in policy order, its
-  own blocks and blocks of namespaces over their share. Only when no such block is left
-  does it fall back to plain policy order; each block so taken is counted (``fallbacks``),
-  as is each reserved free page (below) an allocation takes for want of anything to evict.
-- Free pages (device): an allocation leaves free the device pages the other *active*
-  namespaces' shares still lack (share minus usage); it evicts for them instead. Without
-  this a tenant that filled the pool would lose its over-share blocks to the victim's writes
-  and count them: memory.low alone protects the victim's blocks, not the fact that it wrote.
-  An idle reservation protects what it holds but keeps no free pages from others.
-- Host tier: protection only, no free pages kept. A demotion that finds no host block it
-  may evict drops the demoted block instead (as when the host is full of protected blocks).
-- ``evicted_by_others``: per namespace and tier, blocks that left that tier (demoted or
-  dropped) for another namespace's allocation, over share or not.
-
-With no reservation (and ``fair`` off) nothing changes from plain policy order, and the
-filter is never built; usage and ``evicted_by_others`` are kept all the same.
+By default nothing is reserved: one eviction order over all namespaces, quotas the only
+per-namespace bound. A *reservation* (bytes per tier) protects its namespace's blocks, as
+cgroups' ``memory.low`` does; ``fair=True`` also gives every *active* namespace (one that
+sent a request within ``window_s``) without a reservation an equal part of what is not
+reserved. An allocation evicts only its own namespace's blocks and those of namespaces over
+their share (``EvictFilter``), and falls back to plain order only when none is left
+(``fallbacks``); on the device it also leaves free the pages other active namespaces'
+shares still lack. The host tier gets protection only. With no reservation and ``fair``
+off the filter is never built. docs/architecture.md (Reservations and fair shares) defines
+share and usage and says what another tenant can still observe.
 """
 
 from __future__ import annotations

@@ -123,8 +123,8 @@ class NamespaceStats:
 
 
 @dataclass(frozen=True)
-class SharedTierStats:
-    """The shared (Valkey) tier as this replica sees it; blocks unless named bytes.
+class RemoteTierStats:
+    """The remote (Valkey) tier as this replica sees it; blocks unless named bytes.
 
     ``misses``: fetches that stopped at a block Valkey does not hold; ``rejected``: ones
     that stopped at an entry that failed verification; ``skipped``: fetches the cost model
@@ -197,7 +197,7 @@ class CacheStats:
     demotions: PageMoves
     namespaces: dict[str, NamespaceStats] = field(default_factory=dict)
     shares: ShareSummary | None = None
-    shared: SharedTierStats | None = None  # the Valkey tier, when configured
+    remote: RemoteTierStats | None = None  # the Valkey tier, when configured
     disk: DiskTierStats | None = None  # the local disk tier, when configured
     single_flight: SingleFlight = field(default_factory=SingleFlight)
 
@@ -224,7 +224,7 @@ class CacheStats:
             "demotions": self.demotions.as_dict(),
             "namespaces": {ns: s.as_dict() for ns, s in sorted(self.namespaces.items())},
             "shares": self.shares.as_dict() if self.shares is not None else None,
-            "shared": self.shared.as_dict() if self.shared is not None else None,
+            "shared": self.remote.as_dict() if self.remote is not None else None,
             "disk": self.disk.as_dict() if self.disk is not None else None,
             "single_flight": self.single_flight.as_dict(),
         }

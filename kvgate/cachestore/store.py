@@ -1,39 +1,15 @@
 """The engine-facing prefix cache: match, allocate, commit, release, flush.
 
 ``CacheStore`` is the interface the scheduler sees (vLLM v1's ``KVCacheManager``). The
-work is done by its parts: ``PrefixIndex`` (which blocks exist, their references and
-pages), ``EvictionPolicy`` (who goes next), ``TierMoves`` (demotion and promotion) and
-``CacheCounters`` (what ``stats()`` reports). The store hashes prompts, holds the lock,
-and decides TTLs, quotas and pins.
-
-Life of a page (docs/architecture.md, cachestore): ``free`` → ``active`` (held by a running
-sequence; never evicted or moved) → ``cached`` (refcount 0, in the index, evictable) →
-``offloaded`` (demoted to the host pool) → ``active`` again on a hit (promoted into a
-fresh device page), or dropped.
-
-Choices the specification leaves open:
-- Evictions count blocks that leave the cache (``lru``, ``ttl``, ``quota``); a device
-  eviction that finds room on the host is a demotion, counted there. ``flush`` is an
-  operator action, not an eviction.
-- Quota counts every indexed block of the namespace on both tiers, whatever its state;
-  a block that would push it over the quota, even after the namespace gave up its idle
-  blocks, is not indexed (its tokens stay uncached; the sequence keeps its page).
-- A block committed while the same block is already indexed (another sequence got there
-  first) is shared, not written: the sequence references the indexed block and keeps its
-  own page as a private copy. If the indexed block sits on the host, the sequence's fresh
-  device page simply becomes its page (no copy).
-- Guaranteed shares (``shares.py``): ``match`` and ``allocate`` mark the namespace active;
-  an allocation evicts only its own blocks and those of namespaces over their share, and
-  leaves free what other active namespaces' device shares still lack.
-- ``commit`` reports writes by TTL in seconds; which price a TTL gets is billing's call.
-- Hit and miss tokens are counted once per request by ``record_prompt``, from the figures
-  the request is billed with; ``match`` counts nothing (see ``counters``).
-- Blocks being computed (one prefill per prefix): ``announce`` records, for a sequence
-  just admitted, the hashes of the blocks it is about to compute; ``commit`` and
-  ``release`` take them off again. ``in_flight`` tells a queued prompt whether its first
-  uncached block is one of them, computed by a running sequence of its own namespace (the
-  hashes chain from the namespace's root, and the namespace is compared too, so a prompt
-  never waits on another namespace's work).
+work is done by its parts: ``PrefixIndex`` (blocks, references, pages), ``EvictionPolicy``
+(who goes next), ``TierMoves`` (demotion and promotion), ``Shares`` (reserved capacity),
+``CacheCounters`` (what ``stats()`` reports) and ``RemoteLink`` (the tiers below the host).
+The store hashes prompts, decides TTLs, quotas and pins, and holds the lock its state is
+read and changed under. A page is ``free``, ``active`` (a running sequence holds it),
+``cached`` (idle in the index), ``offloaded`` (demoted to the host), and ``active`` again on
+a hit. docs/architecture.md (cachestore) has the rules it keeps: what counts as an
+eviction, quotas, a block another sequence indexed first, hit counting, blocks being
+computed.
 """
 
 from __future__ import annotations
@@ -61,9 +37,9 @@ from kvgate.cachestore.hashing import (
 from kvgate.cachestore.index import PrefixIndex
 from kvgate.cachestore.policy import EvictionPolicy, is_expired
 from kvgate.cachestore.pool import PagePool
-from kvgate.cachestore.record import SharedFetch
-from kvgate.cachestore.shared_link import RemoteTier, SharedLink
-from kvgate.cachestore.shared_tier import CostModel
+from kvgate.cachestore.record import RemoteFetch
+from kvgate.cachestore.remote_link import LinkedTier, RemoteLink
+from kvgate.cachestore.remote_tier import CostModel
 from kvgate.cachestore.shares import Shares
 from kvgate.cachestore.stats import (
     CacheStats,
@@ -75,7 +51,7 @@ from kvgate.cachestore.stats import (
     hottest_prefixes,
 )
 from kvgate.cachestore.tiers import TierMoves
-from kvgate.kernels.layout import KVLayout, dtype_name
+from kvgate.kernels.layout import KVLayout, convert_pages, dtype_name
 
 
 class CacheStore:
@@ -139,7 +115,7 @@ class CacheStore:
         self._pin_keys: defaultdict[str, dict[str, set[bytes]]] = defaultdict(dict)
         self._lock = threading.Lock()
         # the tiers below the host, disk then Valkey (``attach_tier``); None: none
-        self.shared: SharedLink | None = None
+        self.remote: RemoteLink | None = None
 
     # -- the engine's interface ---------------------------------------------------------
     def open(
@@ -205,7 +181,7 @@ class CacheStore:
 
         → tokens newly written, keyed by the TTL in seconds of the blocks that hold them
         (``{300.0: 32, 3600.0: 16}``); empty when nothing was written. Blocks another
-        sequence indexed first are shared, not written.
+        sequence indexed first are reused, not written.
         """
         with self._lock:
             data = token_bytes(token_ids)
@@ -234,22 +210,19 @@ class CacheStore:
                     if not self.index.verify(block, parent, seq.namespace, tokens):
                         seq.chain_broken = True  # a collision: this and later blocks stay private
                         break
-                    self._share(block, seq.block_table[i], ttl_s)
-                elif self._enforce_quota(seq.namespace, extra_blocks=1):
-                    pinned = (parent is None or parent.pinned) and self.policy.is_pinned(
-                        seq.namespace, block_hash)
-                    block = self.index.insert(block_hash, parent, seq.namespace, tokens,
-                                              seq.block_table[i], ttl_s, pinned)
+                    self._reuse(block, seq.block_table[i], ttl_s)
+                else:
+                    block = self._insert(seq, i, block_hash, parent, tokens, seq.block_table[i])
+                    if block is None:  # over quota: this and later blocks stay private
+                        seq.chain_broken = True
+                        break
                     written[ttl_s] = written.get(ttl_s, 0) + self.block_size
                     seq.written.append((block_hash, ttl_s))
                     new_blocks.append(block)
-                else:
-                    seq.chain_broken = True
-                    break
                 seq.blocks.append(block)
                 parent = block
-            if self.shared is not None and new_blocks:
-                self.shared.write_through(new_blocks)
+            if self.remote is not None and new_blocks:
+                self.remote.write_through(new_blocks)
             return written
 
     def release(self, seq: CacheSeq) -> None:
@@ -369,28 +342,27 @@ class CacheStore:
             self.policy.hold(held)
             return len(held)
 
-    # -- the tiers below the host (``shared_link``) ----------------------------------------
-    def attach_tier(self, tier: RemoteTier, cost: CostModel | None) -> None:
-        """Write blocks through to ``tier`` from now on, and let ``fetch_shared`` read it,
+    # -- the tiers below the host (``remote_link``) ----------------------------------------
+    def attach_tier(self, tier: LinkedTier, cost: CostModel | None) -> None:
+        """Write blocks through to ``tier`` from now on, and let ``fetch_remote`` read it,
         after the tiers attached before it (attach the disk tier before Valkey)."""
         with self._lock:
-            if self.shared is None:
-                self.shared = SharedLink(self)
-                self.tiers.on_demoted = self.shared.write_through
-            self.shared.add(tier, cost)
+            if self.remote is None:
+                self.remote = RemoteLink(self)
+                self.tiers.on_demoted = self.remote.write_through
+            self.remote.add(tier, cost)
 
-    attach_shared = attach_tier
 
-    def fetch_shared(self, namespace: str, token_ids: TokenIds) -> SharedFetch | None:
+    def fetch_remote(self, namespace: str, token_ids: TokenIds) -> RemoteFetch | None:
         """Blocks of ``token_ids`` after the local prefix, from the tiers below the host.
         File and network I/O: call it off the engine thread, then hand the result to
-        ``adopt_shared``."""
-        return None if self.shared is None else self.shared.fetch(namespace, token_ids)
+        ``adopt_remote``."""
+        return None if self.remote is None else self.remote.fetch(namespace, token_ids)
 
-    def adopt_shared(self, seq: CacheSeq, token_ids: TokenIds, fetched: SharedFetch) -> int:
+    def adopt_remote(self, seq: CacheSeq, token_ids: TokenIds, fetched: RemoteFetch) -> int:
         """Index fetched blocks that extend the local prefix (before ``match``)."""
         with self._lock:
-            return 0 if self.shared is None else self.shared.adopt(seq, token_ids, fetched)
+            return 0 if self.remote is None else self.remote.adopt(seq, token_ids, fetched)
 
     def local_prefix_blocks(self, namespace: str, hashes: list[bytes], data: bytes) -> int:
         """How many leading blocks of a prompt (its ``hashes`` and token bytes) are indexed."""
@@ -415,8 +387,8 @@ class CacheStore:
         """Drop every idle block of the namespace (pinned ones too; its pins are cleared),
         and its entries in the tiers below the host (``flush_namespace``: new epochs)."""
         with self._lock:
-            if self.shared is not None:
-                for tier in self.shared.tiers:
+            if self.remote is not None:
+                for tier in self.remote.tiers:
                     tier.flush_namespace(namespace)
             self.policy.pins.pop(namespace, None)
             self._pin_keys.pop(namespace, None)
@@ -501,11 +473,6 @@ class CacheStore:
         with self._lock:
             return sum(1 for b in self.index.values() if b.namespace == namespace and b.pinned)
 
-    def sweep(self) -> int:
-        """Drop every expired block now (also done lazily on access); → blocks dropped."""
-        with self._lock:
-            return self._expire(self.clock())
-
     def snapshot(self) -> tuple[int, list[CacheEvent]]:
         """Every indexed block, and the last cache event's number (``events``): a router
         that missed events rebuilds its view of this cache from it."""
@@ -542,7 +509,7 @@ class CacheStore:
             namespaces={ns: NamespaceStats(cached_bytes[ns], p.hit, p.miss, share_stats[ns])
                         for ns, p in prompts.items()},
             shares=share_summary,
-            shared=self._tier_stats("shared"),
+            remote=self._tier_stats("shared"),
             disk=self._tier_stats("disk"),
             single_flight=counters.single_flight,
         )
@@ -556,7 +523,7 @@ class CacheStore:
 
     # -- bookkeeping ----------------------------------------------------------------------
     def _tier_stats(self, name: str) -> Any:
-        tier = self.shared.named(name) if self.shared is not None else None
+        tier = self.remote.named(name) if self.remote is not None else None
         return tier.stats() if tier is not None else None
 
     def _root(self, namespace: str) -> bytes:
@@ -598,13 +565,33 @@ class CacheStore:
             return None
         return block
 
-    def _share(self, block: Block, own_page: int, ttl_s: float) -> None:
+    def _reuse(self, block: Block, own_page: int, ttl_s: float) -> None:
         """Reference a block another sequence indexed first; a host one adopts ``own_page``."""
         self.index.ref(block)
         if block.tier == HOST:  # the sequence's fresh device page holds the same KV: no copy
             self.index.move(block, DEVICE, own_page)
         block.hits += 1
         block.ttl_s = max(block.ttl_s, ttl_s)
+
+    def _insert(self, seq: CacheSeq, pos: int, block_hash: bytes, parent: Block | None,
+                tokens: bytes, page: int | torch.Tensor) -> Block | None:
+        """Index block ``pos`` of ``seq``'s prompt, held by ``seq``. ``page``: the device page
+        the sequence computed it in, or its KV as a CPU page of the host's layout (a fetched
+        block), copied into a device page taken for it. None, nothing indexed, when the
+        namespace's quota cannot fit it or no device page can be freed. It is pinned when a
+        pin names its hash and its parent is pinned too."""
+        if not self._enforce_quota(seq.namespace, extra_blocks=1):
+            return None
+        if isinstance(page, torch.Tensor):
+            if not self.tiers.reserve_device(1, seq.namespace):
+                return None
+            kv, page = page, self.device.take(seq.namespace)
+            self.device.tensor[page].copy_(
+                convert_pages(self.host.layout, self.device.layout, kv[None])[0])
+        ttl_s = seq.ttl_for_block(pos, self.block_size, self.default_ttl_s)
+        pinned = (parent is None or parent.pinned) and self.policy.is_pinned(seq.namespace,
+                                                                             block_hash)
+        return self.index.insert(block_hash, parent, seq.namespace, tokens, page, ttl_s, pinned)
 
     def _enforce_quota(self, namespace: str, extra_blocks: int = 0) -> bool:
         """Drop the namespace's own idle blocks until it (plus ``extra_blocks``) fits its quota.
@@ -619,9 +606,8 @@ class CacheStore:
             self.counters.evictions.quota += len(self.index.drop(victim))
         return True
 
-    def _expire(self, now: float) -> int:
+    def _expire(self, now: float) -> None:
         self.policy.now = now
         due = [b for b in self.policy.pop_expired(now) if b.alive]
         for block in due:
             self.counters.evictions.ttl += len(self.index.drop(block))
-        return len(due)

@@ -29,7 +29,7 @@ class TierMoves:
         self.policy = policy
         self.counters = counters
         self.shares = shares if shares is not None else Shares(device, host, False, 0.0)
-        # the shared tier's write-back of demoted blocks (``shared_link``); None: no tier
+        # the remote tier's write-back of demoted blocks (``remote_link``); None: no tier
         self.on_demoted: Callable[[list[Block]], None] | None = None
 
     def reserve_device(self, need: int, namespace: str | None = None) -> bool:
@@ -63,10 +63,10 @@ class TierMoves:
         """Move victims to the host (making room there by its own LRU), else drop them.
 
         While any namespace is protected (``Shares.protecting``), each victim's host page is
-        allocated for the victim's own namespace, as any allocation is (``_demote_shared``).
+        allocated for the victim's own namespace, as any allocation is (``_demote_by_shares``).
         """
         if namespace is not None and self.shares.protecting():
-            self._demote_shared(victims)
+            self._demote_by_shares(victims)
             return
         for _ in range(max(0, len(victims) - self.host.num_free)):
             host_victim = self.policy.victim(HOST)
@@ -81,7 +81,7 @@ class TierMoves:
             self.counters.evictions.lru += len(self.index.drop(v))
         self._move_to_host([(v, self.host.take(v.namespace)) for v in alive[spill:] if v.alive])
 
-    def _demote_shared(self, victims: list[Block]) -> None:
+    def _demote_by_shares(self, victims: list[Block]) -> None:
         """Victim by victim: room on the host for its namespace, among the host blocks that
         namespace may evict and the free pages no other share lacks; else it is dropped
         (never a protected host block: the host tier has no fallback)."""

@@ -14,7 +14,7 @@ Quantized pages (``dtype`` fp8 e4m3 or int8) carry their scales inside the page:
 scale per layer, K or V and KV head (per block, per head), after the values. Such a pool
 is stored as bytes, ``[num_pages, page_bytes]`` uint8, and read through two views of the
 same memory, ``values`` and ``scales``; a page is still one contiguous row, so every tier
-move, the shared tier and the disk tier copy it as they copy any page.
+move, the remote tier and the disk tier copy it as they copy any page.
 
     quantized page = values [L, 2, block, kv_heads, D] (1 byte each), then
                      scales [L, 2, kv_heads] (fp32); value x = q * scale
@@ -31,6 +31,12 @@ QUANTIZED = (FP8, torch.int8)
 # the largest magnitude each quantized dtype holds: x / scale is clamped into ±QMAX
 QMAX = {FP8: 448.0, torch.int8: 127.0}
 SCALE_DTYPE = torch.float32
+# KV dtypes by the names flags give them (``--kv-dtype``, ``--offload-kv-dtype``, ``kvgate
+# plan --kv-dtype``); ``dtype_name`` is the name stats give a dtype
+KV_DTYPES: dict[str, torch.dtype] = {
+    "fp8": FP8, "int8": torch.int8, "bf16": torch.bfloat16, "fp16": torch.float16,
+    "fp32": torch.float32,
+}
 
 
 @dataclass(frozen=True)
@@ -135,7 +141,7 @@ class KVLayout:
         return scales[:, layer, 0], scales[:, layer, 1]
 
     def page_from_bytes(self, raw: bytes | bytearray | memoryview) -> torch.Tensor:
-        """One page, as the pool stores it, from its bytes (the shared and disk tiers)."""
+        """One page, as the pool stores it, from its bytes (the remote and disk tiers)."""
         page = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
         if not self.quantized:
             page = page.view(self.dtype)

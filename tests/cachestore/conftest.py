@@ -52,6 +52,16 @@ def make_store(layout: KVLayout, clock: FakeClock) -> MakeStore:
     return make
 
 
+def expire(store: CacheStore, namespace: str) -> int:
+    """Let the store drop what has expired, as a request's ``match`` does (expiry is lazy);
+    → blocks dropped for their TTL."""
+    before = store.counters.evictions.ttl
+    seq = store.open("expire", namespace)
+    store.match(seq, [])
+    store.release(seq)
+    return store.counters.evictions.ttl - before
+
+
 def run_request(
     store: CacheStore, seq_id: str, namespace: str, tokens: list[int], **kw: Any
 ) -> tuple[PrefixMatch, dict[float, int]]:

@@ -84,10 +84,10 @@ def kv_of(namespace: str, position: int, tokens: list[int], layout: KVLayout) ->
 def serve(store: CacheStore, namespace: str, tokens: list[int]) -> tuple[int, list[str]]:
     """One request as the engine runs it: fetch (off the engine thread), adopt, match,
     compute what missed, commit, release. → (blocks found, where each was found)."""
-    fetched = store.fetch_shared(namespace, tokens)
+    fetched = store.fetch_remote(namespace, tokens)
     seq = store.open(f"s{time.monotonic_ns()}", namespace)
     if fetched is not None:
-        store.adopt_shared(seq, tokens, fetched)
+        store.adopt_remote(seq, tokens, fetched)
     match = store.match(seq, tokens)
     assert store.allocate(seq, len(tokens))
     for i in range(match.num_blocks, len(tokens) // BLOCK):
@@ -142,7 +142,7 @@ def test_quantized_pages_round_trip_as_bytes(replica: Replica) -> None:
     assert tier.drain()
     tier.close()
     fresh, _ = replica(layout)
-    fetched = fresh.fetch_shared("t", tokens)
+    fetched = fresh.fetch_remote("t", tokens)
     assert fetched is not None and len(fetched.blocks) == 3
     for fb, page in zip(fetched.blocks, pages, strict=True):
         assert fb.page.dtype == torch.uint8 and torch.equal(fb.page, page)
@@ -183,13 +183,13 @@ def test_ttl_is_kept_across_restarts_and_a_hit_extends_it(replica: Replica) -> N
     wall.now += 50  # 100 s after writing, 50 after the hit: still there
     again, again_tier = replica(ttl_s=60.0, wall=wall)
     assert again_tier.stats().files == 3
-    fetched = again.fetch_shared("t", PROMPT)
+    fetched = again.fetch_remote("t", PROMPT)
     assert fetched is not None and len(fetched.blocks) == 3
     again_tier.close()
     wall.now += 61  # past it: deleted at start, a miss
     late, late_tier = replica(ttl_s=60.0, wall=wall)
     assert late_tier.stats().files == 0 and files(late_tier) == []
-    assert late.fetch_shared("t", PROMPT) is None
+    assert late.fetch_remote("t", PROMPT) is None
 
 
 def test_an_expired_record_is_a_miss_and_its_space_is_reclaimed(replica: Replica) -> None:
@@ -200,7 +200,7 @@ def test_an_expired_record_is_a_miss_and_its_space_is_reclaimed(replica: Replica
     tier.close()
     fresh, fresh_tier = replica(ttl_s=10.0, wall=wall)
     wall.now += 11  # expires while the replica runs
-    assert fresh.fetch_shared("t", PROMPT) is None
+    assert fresh.fetch_remote("t", PROMPT) is None
     s = fresh_tier.stats()
     assert s.expired == 1 and s.misses == 1
     assert len(files(fresh_tier)) == 2 and s.used_bytes == 2 * record_bytes
@@ -217,7 +217,7 @@ def test_capacity_evicts_the_least_recently_used(replica: Replica, layout: KVLay
     second = list(range(50, 62))
     serve(store, "t", [*first, 0])
     assert tier.drain()
-    assert store.fetch_shared("other", first) is None  # (another namespace: nothing)
+    assert store.fetch_remote("other", first) is None  # (another namespace: nothing)
     serve(store, "t", [*second, 0])
     assert tier.drain()
     s = tier.stats()
@@ -226,9 +226,9 @@ def test_capacity_evicts_the_least_recently_used(replica: Replica, layout: KVLay
     tier.close()
     fresh, _ = replica(capacity_bytes=4 * record_bytes)
     # the first prompt lost its last two blocks (children go before their parents)
-    kept = fresh.fetch_shared("t", [*first, 0])
+    kept = fresh.fetch_remote("t", [*first, 0])
     assert kept is not None and len(kept.blocks) == 1
-    fetched = fresh.fetch_shared("t", [*second, 0])
+    fetched = fresh.fetch_remote("t", [*second, 0])
     assert fetched is not None and len(fetched.blocks) == 3
 
 
@@ -300,7 +300,7 @@ def test_another_layout_or_model_misses(replica: Replica, change: str) -> None:
         fresh, fresh_tier = replica(make_layout(heads=2))
     else:  # the same token ids under another model id: hashed apart, and signed apart
         fresh, fresh_tier = replica(model_id="other")
-    assert fresh.fetch_shared("t", PROMPT) is None
+    assert fresh.fetch_remote("t", PROMPT) is None
     assert fresh_tier.stats().hits == 0
 
 
@@ -315,9 +315,9 @@ def test_a_record_copied_under_another_tenants_hash_is_rejected(replica: Replica
         dst.parent.mkdir(exist_ok=True)
         shutil.copy(tier.root / "kv" / ha.hex()[:2] / ha.hex(), dst)
     fresh, fresh_tier = replica()
-    assert fresh.fetch_shared("b", PROMPT) is None
+    assert fresh.fetch_remote("b", PROMPT) is None
     assert fresh_tier.stats().rejected == 1
-    fetched = fresh.fetch_shared("a", PROMPT)  # the owner still reads its own
+    fetched = fresh.fetch_remote("a", PROMPT)  # the owner still reads its own
     assert fetched is not None and len(fetched.blocks) == 3
 
 
@@ -328,13 +328,13 @@ def test_flush_makes_a_tenants_blocks_unreadable_now_and_after_restart(
     assert serve(store, "b", PROMPT)[0] == 0
     assert tier.drain()
     store.flush("a")
-    assert store.fetch_shared("a", PROMPT) is None  # at once, before any file is deleted
+    assert store.fetch_remote("a", PROMPT) is None  # at once, before any file is deleted
     assert tier.drain()
     assert tier.stats().files == 3  # b's
     tier.close()
     fresh, fresh_tier = replica()
-    assert fresh.fetch_shared("a", PROMPT) is None
-    fetched = fresh.fetch_shared("b", PROMPT)
+    assert fresh.fetch_remote("a", PROMPT) is None
+    fetched = fresh.fetch_remote("b", PROMPT)
     assert fetched is not None and len(fetched.blocks) == 3
     assert serve(fresh, "a", PROMPT)[0] == 0  # computed again, written under the new epoch
     assert fresh_tier.drain()
@@ -354,7 +354,7 @@ def test_a_flushed_record_put_back_is_not_read(replica: Replica) -> None:
         f.write_bytes(data)
     tier.close()
     fresh, fresh_tier = replica()
-    assert fresh.fetch_shared("a", PROMPT) is None
+    assert fresh.fetch_remote("a", PROMPT) is None
     assert fresh_tier.stats().files == 0  # deleted at start
 
 
@@ -366,7 +366,7 @@ def test_an_unreadable_epochs_file_discards_everything(replica: Replica) -> None
     tier.close()
     (tier.root / "epochs").write_text("{not json")
     fresh, fresh_tier = replica()
-    assert fresh_tier.stats().files == 0 and fresh.fetch_shared("a", PROMPT) is None
+    assert fresh_tier.stats().files == 0 and fresh.fetch_remote("a", PROMPT) is None
 
 
 def test_the_directory_vanishing_is_a_miss_and_a_count(replica: Replica) -> None:
@@ -376,7 +376,7 @@ def test_the_directory_vanishing_is_a_miss_and_a_count(replica: Replica) -> None
     store, tier = replica()
     assert tier.stats().files == 3
     shutil.rmtree(tier.root)
-    assert store.fetch_shared("t", PROMPT) is None
+    assert store.fetch_remote("t", PROMPT) is None
     s = tier.stats()
     assert s.errors == 1 and s.misses == 1 and not s.available
     assert s.files == 0 and s.used_bytes == 0  # kv/ is gone: so is every record it held
@@ -394,7 +394,7 @@ def test_a_file_deleted_under_it_is_a_miss_and_a_count(replica: Replica) -> None
     fresh, fresh_tier = replica()
     for f in files(fresh_tier):
         f.unlink()
-    assert fresh.fetch_shared("t", PROMPT) is None
+    assert fresh.fetch_remote("t", PROMPT) is None
     s = fresh_tier.stats()
     assert s.errors == 1 and s.misses == 1 and s.files == 2
 
@@ -484,9 +484,9 @@ def test_a_flush_holds_after_a_crash_right_after_it(replica: Replica) -> None:
     assert len(files(tier)) == 6  # its files are still there (deleted behind the queue)
     crash(tier)
     fresh, fresh_tier = replica()
-    assert fresh.fetch_shared("a", PROMPT) is None  # the epoch was saved before returning
+    assert fresh.fetch_remote("a", PROMPT) is None  # the epoch was saved before returning
     assert fresh_tier.stats().files == 3
-    fetched = fresh.fetch_shared("b", PROMPT)
+    fetched = fresh.fetch_remote("b", PROMPT)
     assert fetched is not None and len(fetched.blocks) == 3
 
 
@@ -502,7 +502,7 @@ def test_a_flush_whose_epoch_cannot_be_saved_still_holds(
 
     monkeypatch.setattr(tier, "_save_epochs", full)
     store.flush("a")
-    assert store.fetch_shared("a", PROMPT) is None
+    assert store.fetch_remote("a", PROMPT) is None
     assert len(files(tier)) == 3  # a's deleted at once, not behind the queue
     assert (tier.root / "wipe").exists() and tier.stats().errors >= 1
     hashes = chain_hashes(store.root_of("a"), token_bytes(PROMPT), BLOCK, store.hash_fn)
@@ -513,7 +513,7 @@ def test_a_flush_whose_epoch_cannot_be_saved_still_holds(
     fresh, fresh_tier = replica()
     assert fresh_tier.stats().files == 0 and files(fresh_tier) == []  # everything went
     assert not (fresh_tier.root / "wipe").exists()
-    assert fresh.fetch_shared("a", PROMPT) is None and fresh.fetch_shared("b", PROMPT) is None
+    assert fresh.fetch_remote("a", PROMPT) is None and fresh.fetch_remote("b", PROMPT) is None
 
 
 def test_the_wipe_mark_goes_once_a_later_flush_is_saved(
@@ -531,8 +531,8 @@ def test_the_wipe_mark_goes_once_a_later_flush_is_saved(
     assert tier.drain()
     crash(tier)
     fresh, _ = replica()
-    assert fresh.fetch_shared("a", PROMPT) is None
-    fetched = fresh.fetch_shared("b", PROMPT)
+    assert fresh.fetch_remote("a", PROMPT) is None
+    fetched = fresh.fetch_remote("b", PROMPT)
     assert fetched is not None and len(fetched.blocks) == 3
 
 
@@ -638,7 +638,7 @@ def test_a_fifo_named_as_a_record_is_skipped_not_waited_on(replica: Replica) -> 
     record.unlink()
     os.mkfifo(record)
     got: list[Any] = []
-    fetch = threading.Thread(target=lambda: got.append(fresh.fetch_shared("t", PROMPT)),
+    fetch = threading.Thread(target=lambda: got.append(fresh.fetch_remote("t", PROMPT)),
                              daemon=True)
     fetch.start()
     fetch.join(60)
@@ -681,7 +681,7 @@ def test_a_restart_over_capacity_evicts_chains_from_their_end(replica: Replica) 
         os.utime(tier.root / "kv" / h.hex()[:2] / h.hex(), (1_000_000 + i, 1_000_000 + i))
     fresh, fresh_tier = replica(capacity_bytes=2 * record_bytes)
     assert fresh_tier.stats().files == 2
-    fetched = fresh.fetch_shared("t", PROMPT)
+    fetched = fresh.fetch_remote("t", PROMPT)
     assert fetched is not None and len(fetched.blocks) == 2
 
 
@@ -700,12 +700,12 @@ def test_an_earlier_block_is_kept_over_its_descendants(replica: Replica) -> None
     assert tier.drain()
     hashes = chain_hashes(store.root_of("t"), token_bytes(long), BLOCK, store.hash_fn)
     # the device holds block 0; the disk is asked for blocks 1 and 2
-    fetched = tier.fetch("t", 1, hashes[0], hashes[1:], [token_bytes(long[4:8]),
-                                                        token_bytes(long[8:12])], None)
-    assert fetched is not None and len(fetched.blocks) == 2
+    fetched = tier.fetch("t", hashes[0], hashes[1:], [token_bytes(long[4:8]),
+                                                     token_bytes(long[8:12])])
+    assert len(fetched) == 2
     serve(store, "t", [*range(50, 58), 0])  # 2 more blocks: one of the first goes
     assert tier.drain()
     tier.close()
     fresh, _ = replica(capacity_bytes=4 * record_bytes)
-    kept = fresh.fetch_shared("t", [*long, 0])
+    kept = fresh.fetch_remote("t", [*long, 0])
     assert kept is not None and len(kept.blocks) == 2  # block 0 kept, its last block went

@@ -81,7 +81,7 @@ def test_drop_removes_descendants_and_frees_their_pages(
     assert not mid.alive and not leaf.alive and root.children == set()
     assert mid.hash not in index and leaf.hash not in index and len(index) == 2
     assert index.get(root.hash) is root and index.get(other.hash) is other
-    assert device.is_free(mid.page) and device.is_free(leaf.page) and device.num_used == 2
+    assert device._is_free[mid.page] and device._is_free[leaf.page] and device.num_used == 2
     assert index.num_blocks(NS) == 2 and index.num_idle_device == 2
     assert index.policy.num_evictable(DEVICE) == 2
 
@@ -117,7 +117,7 @@ def test_move_relocates_a_block_and_keeps_the_idle_count(
     old = block.page
     index.policy.remove(block)
     index.move(block, HOST, host.take())
-    assert block.tier == HOST and device.is_free(old) and index.num_idle_device == 0
+    assert block.tier == HOST and device._is_free[old] and index.num_idle_device == 0
     assert block.state == "offloaded"
     index.ref(block)
     index.move(block, DEVICE, device.take())  # a promotion: active, not idle

@@ -19,7 +19,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from kvgate.cachestore import CacheSeq, CacheStore
 from kvgate.cachestore.block import DEVICE, HOST, Block
 from kvgate.kernels.layout import KVLayout
-from tests.cachestore.conftest import BLOCK, FakeClock
+from tests.cachestore.conftest import BLOCK, FakeClock, expire
 
 NAMESPACES = ["tenant:1", "tenant:2"]
 SEGMENTS = [list(range(j * 100, j * 100 + n)) for j, n in enumerate([4, 8, 5, 12, 3, 4, 9])]
@@ -106,9 +106,9 @@ class CacheMachine(RuleBasedStateMachine):
     def advance(self, seconds: float) -> None:
         self.clock.advance(seconds)
 
-    @rule()
-    def sweep(self) -> None:
-        self.store.sweep()
+    @rule(ns=st.sampled_from(NAMESPACES))
+    def expire_idle(self, ns: str) -> None:
+        expire(self.store, ns)  # what a request's match drops first
 
     @rule(ns=st.sampled_from(NAMESPACES))
     def flush(self, ns: str) -> None:
@@ -148,7 +148,7 @@ class CacheMachine(RuleBasedStateMachine):
         host_used = [b.page for b in s.index.values() if b.tier == HOST]
         for pool, used in ((s.device, device_used), (s.host, host_used)):
             assert len(used) == len(set(used)), "a page is used twice"
-            assert not any(pool.is_free(p) for p in used), "a used page is on the free list"
+            assert not any(pool._is_free[p] for p in used), "a used page is on the free list"
             assert len(used) == pool.num_used <= pool.num_pages, "a page leaked or capacity exceeded"
 
     @invariant()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from kvgate.cachestore import CacheStore
 from kvgate.cachestore.block import DEVICE
-from tests.cachestore.conftest import BLOCK, FakeClock, MakeStore, run_request
+from tests.cachestore.conftest import BLOCK, FakeClock, MakeStore, expire, run_request
 from tests.cachestore.test_store import NS, tokens
 
 SYSTEM = tokens(2 * BLOCK)
@@ -43,11 +43,11 @@ def test_a_ghost_child_never_outranks_its_prefix(make_store: MakeStore, clock: F
     chain = tokens(3 * BLOCK, start=200)
     run_request(store, "a", NS, chain)
     clock.advance(301)
-    assert store.sweep() == 3  # ghosts, root first: the root is the oldest
+    assert expire(store, NS) == 3  # ghosts, root first: the root is the oldest
     for i in range(2):  # fourteen more ghosts push the chain's root out, not its children
         run_request(store, f"y{i}", NS, tokens(7 * BLOCK, start=600 + 100 * i))
         clock.advance(301)
-        assert store.sweep() == 7
+        assert expire(store, NS) == 7
     run_request(store, "a2", NS, chain)
     blocks = sorted((b for b in store.index.values() if b.namespace == NS), key=lambda b: b.depth)
     assert [b.depth for b in blocks] == [0, 1, 2]

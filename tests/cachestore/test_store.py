@@ -11,7 +11,7 @@ import torch
 
 from kvgate.cachestore import CacheSeq, CacheStore, PageMoves
 from kvgate.kernels.layout import KVLayout
-from tests.cachestore.conftest import BLOCK, FakeClock, MakeStore, run_request
+from tests.cachestore.conftest import BLOCK, FakeClock, MakeStore, expire, run_request
 
 NS = "tenant:1"
 
@@ -139,7 +139,7 @@ def test_host_tier_full_drops_its_own_lru(make_store: MakeStore) -> None:
     assert (m.num_blocks, m.host_hits) == (1, 1)
 
 
-def test_ttl_expiry_on_device_lazily_and_on_host_by_sweep(
+def test_ttl_expiry_on_device_and_on_host_at_the_next_request(
     make_store: MakeStore, clock: FakeClock
 ) -> None:
     store = make_store(device_pages=4, host_pages=4)
@@ -150,7 +150,7 @@ def test_ttl_expiry_on_device_lazily_and_on_host_by_sweep(
     store.release(seq)
     assert store.stats().host.blocks["offloaded"] >= 1
     clock.advance(301)
-    assert store.sweep() == 2
+    assert expire(store, NS) == 2
     assert store.stats().host.blocks["offloaded"] == 0
     assert run_request(store, "d", NS, tokens(BLOCK, start=50))[0].num_blocks == 1
     clock.advance(3599)
@@ -220,7 +220,7 @@ def test_pinned_prefix_is_never_evicted_nor_expired(
     run_request(store, "a", NS, system)
     assert store.pin(NS, system) == 2
     clock.advance(10_000)
-    assert store.sweep() == 0
+    assert expire(store, NS) == 0
     seq = store.open("b", NS)
     assert not store.allocate(seq, 3 * BLOCK)  # only 2 pages not pinned
     assert store.allocate(seq, 2 * BLOCK)
@@ -228,7 +228,7 @@ def test_pinned_prefix_is_never_evicted_nor_expired(
     assert run_request(store, "c", NS, system)[0].num_blocks == 2
     store.unpin(NS)
     clock.advance(301)
-    assert store.sweep() == 2
+    assert expire(store, NS) == 2
 
 
 def test_keyed_pins_come_off_one_at_a_time(make_store: MakeStore, clock: FakeClock) -> None:
@@ -249,10 +249,10 @@ def test_keyed_pins_come_off_one_at_a_time(make_store: MakeStore, clock: FakeClo
     store.unpin("tenant:2", "cache_b")  # another namespace's key: nothing
     assert store.pinned_blocks(NS) == 2
     clock.advance(301)
-    assert store.sweep() == 1  # a's second block, unpinned, expires
+    assert expire(store, NS) == 1  # a's second block, unpinned, expires
     store.unpin(NS, "cache_b")
     assert store.pinned_blocks(NS) == 0
-    assert store.sweep() == 2
+    assert expire(store, NS) == 2
 
 
 def test_flush_drops_idle_blocks_and_keeps_active_ones(make_store: MakeStore) -> None:

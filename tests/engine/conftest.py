@@ -108,7 +108,7 @@ def assert_store_consistent(store: CacheStore) -> None:
     host = [b.page for b in store.index.values() if b.tier == HOST]
     for pool, used in ((store.device, device), (store.host, host)):
         assert len(used) == len(set(used)) == pool.num_used
-        assert not any(pool.is_free(p) for p in used)
+        assert not any(pool._is_free[p] for p in used)
     for h, b in store.index.items():
         assert b.hash == h and b.alive and b.ref_count == 0
         if b.parent is not None:

@@ -8,8 +8,8 @@ from kvgate.cachestore.disk_tier import DiskTierConfig
 from kvgate.gateway.engine.config import EngineConfig
 from kvgate.gateway.engine.engine import Engine
 from kvgate.gateway.engine.loader import load_model
+from kvgate.gateway.engine.remote import weights_fingerprint
 from kvgate.gateway.engine.request import GenerateRequest
-from kvgate.gateway.engine.shared import weights_fingerprint
 from tests.engine.conftest import collect, greedy
 
 
@@ -32,7 +32,7 @@ async def test_a_disk_tier_written_by_other_weights_of_the_same_name_is_a_miss(t
         try:
             _, _, fin = await collect(engine, GenerateRequest(f"r{seed}", "tenant:a", prompt,
                                                               greedy(2)))
-            assert engine.shared is not None and engine.shared.drain()
+            assert engine.remote is not None and engine.remote.drain()
             return fin.usage.cached_tokens
         finally:
             await engine.stop()

@@ -37,7 +37,7 @@ def cached(response: Any) -> int:
 
 
 def drain(server: ThreadServer) -> None:
-    tiers = server.state.engine.shared
+    tiers = server.state.engine.remote
     assert tiers is not None and tiers.drain()
 
 
@@ -125,4 +125,4 @@ def test_a_directory_kvgate_did_not_make_is_refused(tmp_path: Path) -> None:
 def test_the_disk_tier_is_off_by_default(tmp_path: Path) -> None:
     with ThreadServer(tmp_path / "one") as server:
         assert server.admin.cache_stats()["disk"] is None
-        assert server.state.engine.shared is None
+        assert server.state.engine.remote is None

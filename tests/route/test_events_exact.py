@@ -13,6 +13,7 @@ from kvgate.cachestore.events import CacheEvent
 from kvgate.gateway.protocol.wire import EventBatch
 from kvgate.gateway.route.index import ClusterIndex
 from kvgate.kernels.layout import KVLayout
+from tests.cachestore.conftest import expire
 
 BLOCK = 4
 LAYOUT = KVLayout(num_layers=2, num_kv_heads=1, head_dim=2, block_size=BLOCK,
@@ -68,7 +69,7 @@ def test_a_view_from_events_and_snapshots_is_the_index(steps: list[tuple]) -> No
             _run(store, f"s{n}", f"tenant:{ns}", tokens)
         elif step[0] == "wait":
             clock.now += step[1]
-            store.sweep()
+            expire(store, "tenant:0")  # what the next request's match drops first
         elif step[0] == "flush":
             store.flush(f"tenant:{step[1]}")
         else:

@@ -33,7 +33,7 @@ def free_port() -> int:
 
 
 class RedisServer:
-    """``maxmemory``: run it as an operator runs Valkey for the shared tier (that bound,
+    """``maxmemory``: run it as an operator runs Valkey for the remote tier (that bound,
     ``allkeys-lru``). ``kill()`` then ``start()`` restarts it, empty, on the same port."""
 
     def __init__(self, maxmemory: str | None = None) -> None:

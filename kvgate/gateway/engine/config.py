@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import torch
 
 from kvgate.cachestore.disk_tier import DiskTierConfig
-from kvgate.cachestore.shared_tier import SharedTierConfig
-from kvgate.kernels.layout import FP8
+from kvgate.cachestore.remote_tier import RemoteTierConfig
+from kvgate.kernels.layout import KV_DTYPES
 
 log = logging.getLogger("kvgate.engine")
 
@@ -56,7 +56,7 @@ class EngineConfig:
     # A streaming request whose client leaves this many token events unread is parked
     # (no slot, no pages) until it reads half of them; 0: never parked
     max_unread_tokens: int = 256
-    shared_tier: SharedTierConfig | None = None  # the Valkey tier (cachestore/shared_tier.py)
+    remote_tier: RemoteTierConfig | None = None  # the Valkey tier (cachestore/remote_tier.py)
     disk_tier: DiskTierConfig | None = None  # the local disk tier (cachestore/disk_tier.py)
 
     def __post_init__(self) -> None:
@@ -105,8 +105,8 @@ class EngineConfig:
             if name == "fp8" and not fp8_supported(self.torch_device):
                 log.warning("--kv-dtype fp8: %s has no fp8; its KV pages are int8",
                             self.torch_device)
-                return torch.int8
-            return FP8 if name == "fp8" else torch.int8
+                return KV_DTYPES["int8"]
+            return KV_DTYPES[name]
         device = resolve(self.kv_dtype, model_dtype)
         return device, resolve(self.offload_kv_dtype, device)
 

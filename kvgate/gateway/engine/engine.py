@@ -1,9 +1,12 @@
 """The engine facade: one thread owns the model and the cache; asyncio talks to it.
 
-The model and the ``CacheStore`` are touched only by the engine thread, so neither needs
-locks. The asyncio side submits through a thread-safe queue and receives events through
-``loop.call_soon_threadsafe`` into one ``asyncio.Queue`` per request; it never waits on
-the model.
+Only the engine thread runs the model, and it makes the ``CacheStore``'s changes (the
+scheduler's match, allocate, commit and release; admin calls through ``_call``). Other
+threads call the store too, under its lock (``store._lock``): metrics scrapes
+(``cache_stats``), the console's hottest prefixes, the router's snapshot, and the remote
+tiers' fetch before admission. The asyncio side submits through a thread-safe queue and
+receives events through ``loop.call_soon_threadsafe`` into one ``asyncio.Queue`` per
+request; it never waits on the model.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from kvgate.gateway.engine.commands import Add, Call, Cancel, Command, Stop
 from kvgate.gateway.engine.config import EngineConfig
 from kvgate.gateway.engine.grammar import GrammarEngine
 from kvgate.gateway.engine.loader import LoadedModel, head_dim_of, load_model
+from kvgate.gateway.engine.remote import RemoteTierClient
 from kvgate.gateway.engine.request import (
     EngineError,
     EngineEvent,
@@ -46,7 +50,6 @@ from kvgate.gateway.engine.runner import ModelRunner
 from kvgate.gateway.engine.sampler import SampleRow, TokenLogprob
 from kvgate.gateway.engine.scheduler import Chunk, Scheduler
 from kvgate.gateway.engine.sequence import Sequence, append_token
-from kvgate.gateway.engine.shared import SharedTierClient
 from kvgate.gateway.usage import Usage
 from kvgate.kernels.layout import KVLayout, dtype_name
 
@@ -104,11 +107,11 @@ class Engine:
             log.warning("the device KV cache holds %d tokens, fewer than the model's context "
                         "of %d: a sequence that outgrows it ends with finish_reason length",
                         room, self.max_model_len)
-        # the tiers below the host: the local disk, then the shared Valkey tier
-        self.shared: SharedTierClient | None = None
-        if config.shared_tier is not None or config.disk_tier is not None:
+        # the tiers below the host: the local disk, then the remote (Valkey) tier
+        self.remote: RemoteTierClient | None = None
+        if config.remote_tier is not None or config.disk_tier is not None:
             try:
-                self.shared = SharedTierClient(config.shared_tier, self.store, host_layout,
+                self.remote = RemoteTierClient(config.remote_tier, self.store, host_layout,
                                                self.model, self.model_id, device,
                                                disk=config.disk_tier)
             except DiskTierUnavailable as exc:
@@ -160,8 +163,8 @@ class Engine:
         if thread is not None:
             self._inbox.put(Stop())
             await asyncio.get_running_loop().run_in_executor(None, thread.join)
-        if self.shared is not None:
-            self.shared.close()
+        if self.remote is not None:
+            self.remote.close()
 
     # -- the asyncio side -------------------------------------------------------------
 
@@ -201,8 +204,8 @@ class Engine:
         self.check(request)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[EngineEvent] = asyncio.Queue()
-        if self.shared is not None:  # blocks the shared tier holds: adopted before the Add
-            adopt = await self.shared.prefetch(request)
+        if self.remote is not None:  # blocks the remote tier holds: adopted before the Add
+            adopt = await self.remote.prefetch(request)
             if adopt is not None:
                 self._inbox.put(Call(adopt))
         seq = Sequence(request, self.tokenizer)

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from kvgate.cachestore.disk_tier import DiskTierConfig
-from kvgate.cachestore.shared_tier import SharedTierConfig
+from kvgate.cachestore.remote_tier import RemoteTierConfig
 from kvgate.gateway.config import Settings
 from kvgate.gateway.edge.context import EDGE, Edge
 from kvgate.gateway.edge.middleware import auth_middleware, context_middleware, on_response_prepare
@@ -139,7 +139,7 @@ def engine_config(settings: Settings) -> EngineConfig:
         contended_batch_tokens=settings.engine.contended_batch_tokens,
         default_cache_ttl_seconds=float(settings.cache.default_cache_ttl_seconds),
         max_model_len=settings.engine.max_model_len, cache_shares=settings.cache.cache_shares,
-        shared_tier=shared_tier_config(settings), disk_tier=disk_tier_config(settings))
+        remote_tier=remote_tier_config(settings), disk_tier=disk_tier_config(settings))
 
 
 def disk_tier_config(settings: Settings) -> DiskTierConfig | None:
@@ -157,13 +157,13 @@ def disk_tier_config(settings: Settings) -> DiskTierConfig | None:
         read_bytes_per_s=settings.disk_tier.disk_cache_read_bandwidth_bytes)
 
 
-def shared_tier_config(settings: Settings) -> SharedTierConfig | None:
+def remote_tier_config(settings: Settings) -> RemoteTierConfig | None:
     if not settings.remote_tier.shared_tier_url:
         return None
     if not settings.remote_tier.shared_tier_secret:
         log.warning("the shared tier's entries are not signed: set KVGATE_SHARED_TIER_SECRET "
                     "(the same value on every replica) unless only kvgate can write to it")
-    return SharedTierConfig(
+    return RemoteTierConfig(
         url=settings.remote_tier.shared_tier_url, timeout_ms=settings.remote_tier.shared_tier_timeout_ms,
         queue_bytes=settings.remote_tier.shared_tier_queue_bytes,
         bandwidth_bytes=settings.remote_tier.shared_tier_bandwidth_bytes,

@@ -21,7 +21,7 @@ from kvgate.gateway.ledger import Ledger
 from kvgate.gateway.usage import Usage
 
 if TYPE_CHECKING:  # the engine pulls in torch; the ledger-only CLI must not
-    from kvgate.cachestore.stats import DiskTierStats, NamespaceStats, SharedTierStats
+    from kvgate.cachestore.stats import DiskTierStats, NamespaceStats, RemoteTierStats
     from kvgate.gateway.engine.engine import Engine
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -273,7 +273,7 @@ class _SnapshotCollector(Collector):
         f["kvgate_single_flight_requests"].add_metric(["timed_out"], waits.timed_out)
         f["kvgate_single_flight_saved_tokens"].add_metric([], waits.saved_tokens)
         self._collect_shares(stats.namespaces, f)
-        self._collect_shared_tier(stats.shared, f)
+        self._collect_shared_tier(stats.remote, f)
         self._collect_disk_tier(stats.disk, f)
         self._collect_scheduling(f)
         yield from f.values()
@@ -297,7 +297,7 @@ class _SnapshotCollector(Collector):
             f["kvgate_engine_tenant_service"].add_metric([label], value)
 
     @staticmethod
-    def _collect_shared_tier(shared: SharedTierStats | None,
+    def _collect_shared_tier(shared: RemoteTierStats | None,
                              f: dict[str, GaugeMetricFamily | CounterMetricFamily]) -> None:
         if shared is None:  # no --shared-tier-url: the families stay empty
             return

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from kvgate.kernels.layout import FP8, KVLayout
+from kvgate.kernels.layout import KV_DTYPES, KVLayout
 
 
 class PlanError(ValueError):
@@ -36,16 +36,12 @@ class ModelShape:
         return KVLayout(self.num_layers, self.num_kv_heads, self.head_dim, block_size, dtype)
 
 
-# --kv-dtype names → what the pages store; "auto" stores the model's own dtype
-KV_DTYPES: dict[str, torch.dtype] = {
-    "fp8": FP8, "int8": torch.int8, "bf16": torch.bfloat16, "fp16": torch.float16,
-    "fp32": torch.float32,
-}
 # --dtype names (serve's) → the model's dtype; auto is what the engine picks on a GPU
 MODEL_DTYPES: dict[str, torch.dtype] = {
     "auto": torch.bfloat16, "bfloat16": torch.bfloat16, "float16": torch.float16,
     "float32": torch.float32,
 }
+# a dtype's --kv-dtype name (``auto`` stores the model's own dtype and is named after it)
 NAMES = {dtype: name for name, dtype in KV_DTYPES.items()}
 
 

@@ -1,4 +1,4 @@
-"""The shared tier under the store, against a real redis-server: write-through, fetch on
+"""The remote tier under the store, against a real redis-server: write-through, fetch on
 a miss, verification (collisions, tampering, other tenants), TTL, an outage, the queue."""
 
 from __future__ import annotations
@@ -12,15 +12,15 @@ import pytest
 import torch
 
 from kvgate.cachestore import CacheStore
-from kvgate.cachestore.shared_tier import (
+from kvgate.cachestore.remote_tier import (
     CostModel,
     ModelShape,
-    SharedRecord,
-    SharedTier,
-    SharedTierConfig,
+    RemoteRecord,
+    RemoteTier,
+    RemoteTierConfig,
 )
 from kvgate.kernels.layout import KVLayout
-from tests.shared_tier.conftest import RedisServer
+from tests.remote_tier.conftest import RedisServer
 
 BLOCK = 4
 PROMPT = list(range(100, 113))  # 3 full blocks and one token
@@ -38,17 +38,17 @@ Replica = Callable[..., CacheStore]
 @pytest.fixture
 def replica(layout: KVLayout, valkey: RedisServer) -> Iterator[Replica]:
     """A store attached to the test's Valkey (cost model off: every fetch is worth it)."""
-    tiers: list[SharedTier] = []
+    tiers: list[RemoteTier] = []
 
     def make(device_pages: int = 16, host_pages: int = 0, ttl_s: float = 300.0,
              hash_fn: Any = None, **config: Any) -> CacheStore:
         pb = layout.page_bytes
         kw = {} if hash_fn is None else {"hash_fn": hash_fn}
         store = CacheStore(layout, device_pages * pb, host_pages * pb, default_ttl_s=ttl_s, **kw)
-        tier = SharedTier(SharedTierConfig(url=valkey.url, **{"timeout_ms": 200, **config}),
+        tier = RemoteTier(RemoteTierConfig(url=valkey.url, **{"timeout_ms": 200, **config}),
                           layout, "demo")
         tiers.append(tier)
-        store.attach_shared(tier, None)
+        store.attach_tier(tier, None)
         return store
 
     yield make
@@ -65,10 +65,10 @@ def kv_of(namespace: str, position: int, tokens: list[int], layout: KVLayout) ->
 def serve(store: CacheStore, namespace: str, tokens: list[int]) -> int:
     """One request as the engine runs it: fetch (off the engine thread), adopt, match,
     compute what missed, commit, release. → blocks found in the cache."""
-    fetched = store.fetch_shared(namespace, tokens)
+    fetched = store.fetch_remote(namespace, tokens)
     seq = store.open(f"s{time.monotonic_ns()}", namespace)
     if fetched is not None:
-        store.adopt_shared(seq, tokens, fetched)
+        store.adopt_remote(seq, tokens, fetched)
     match = store.match(seq, tokens)
     assert store.allocate(seq, len(tokens))
     for i in range(match.num_blocks, len(tokens) // BLOCK):
@@ -81,10 +81,10 @@ def serve(store: CacheStore, namespace: str, tokens: list[int]) -> int:
     return match.num_blocks
 
 
-def drained(store: CacheStore) -> SharedTier:
-    assert store.shared is not None
-    assert store.shared.tiers[0].drain()
-    return store.shared.tiers[0]
+def drained(store: CacheStore) -> RemoteTier:
+    assert store.remote is not None
+    assert store.remote.tiers[0].drain()
+    return store.remote.tiers[0]
 
 
 def keys(valkey: RedisServer) -> list[bytes]:
@@ -121,7 +121,7 @@ def test_an_empty_replica_fetches_the_prefix_and_bills_it_as_a_hit(replica: Repl
     assert tier.stats().hits == 3
     assert tier.stats().writes == 0  # adopted blocks are not written back
     # the local tier answers from now on
-    assert second.fetch_shared("ns-a", PROMPT) is None
+    assert second.fetch_remote("ns-a", PROMPT) is None
     assert serve(second, "ns-a", PROMPT) == 3
 
 
@@ -130,7 +130,7 @@ def test_the_fetch_starts_after_the_local_prefix(replica: Replica) -> None:
     serve(first, "ns-a", PROMPT)
     drained(first)
     serve(second, "ns-a", PROMPT[:BLOCK + 1])  # block 0 computed locally
-    fetched = second.fetch_shared("ns-a", PROMPT)
+    fetched = second.fetch_remote("ns-a", PROMPT)
     assert fetched is not None and fetched.start == 1 and len(fetched.blocks) == 2
     assert serve(second, "ns-a", PROMPT) == 3
 
@@ -139,7 +139,7 @@ def test_another_tenant_never_gets_the_blocks(replica: Replica, valkey: RedisSer
     first, second = replica(), replica()
     serve(first, "ns-a", PROMPT)
     drained(first)
-    assert second.fetch_shared("ns-b", PROMPT) is None
+    assert second.fetch_remote("ns-b", PROMPT) is None
     # even with A's entries copied under B's keys (someone with Valkey access)
     client = valkey.client()
     a_keys = keys(valkey)
@@ -179,7 +179,7 @@ def test_a_tampered_entry_is_a_miss(replica: Replica, valkey: RedisServer, damag
     block1 = next(k for k, v in values.items() if hash0 in v)
     value = values[block1]
     if damage == "tokens":  # a well-formed entry for the right key, with other token ids
-        record = SharedRecord(bytes.fromhex(block1.decode().removeprefix("kvgate:kv:")), hash0,
+        record = RemoteRecord(bytes.fromhex(block1.decode().removeprefix("kvgate:kv:")), hash0,
                               "ns-a", bytes(16), torch.zeros(first.layout.page_shape), 300)
         value = tier.encode(record)
     elif damage == "truncated":
@@ -202,14 +202,14 @@ def test_blocks_expire_with_their_ttl(replica: Replica, valkey: RedisServer) -> 
     while keys(valkey) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert keys(valkey) == []
-    assert replica().fetch_shared("ns-a", PROMPT) is None
+    assert replica().fetch_remote("ns-a", PROMPT) is None
 
 
 def test_valkey_down_serving_goes_on_and_the_breaker_recovers(replica: Replica,
                                                                valkey: RedisServer) -> None:
     store = replica(breaker_cooldown_s=0.2)
-    assert store.shared is not None
-    tier = store.shared.tiers[0]
+    assert store.remote is not None
+    tier = store.remote.tiers[0]
     valkey.kill()
     for i in range(4):  # commits and fetches never raise; errors open the breaker
         assert serve(store, f"ns-{i}", PROMPT) == 0
@@ -220,7 +220,7 @@ def test_valkey_down_serving_goes_on_and_the_breaker_recovers(replica: Replica,
     valkey.start()  # same port
     deadline = time.monotonic() + 10
     while not tier.stats().available and time.monotonic() < deadline:
-        store.fetch_shared("ns-x", PROMPT)  # the half-open trial call
+        store.fetch_remote("ns-x", PROMPT)  # the half-open trial call
         time.sleep(0.05)
     assert tier.stats().available
     serve(store, "ns-new", PROMPT)
@@ -232,7 +232,7 @@ def test_a_secret_rejects_entries_written_without_it(replica: Replica) -> None:
     writer, reader, other = replica(secret="s1"), replica(secret="s1"), replica(secret="s2")
     serve(writer, "ns-a", PROMPT)
     drained(writer)
-    assert other.fetch_shared("ns-a", PROMPT) is None
+    assert other.fetch_remote("ns-a", PROMPT) is None
     assert drained(other).stats().rejected == 1
     assert serve(reader, "ns-a", PROMPT) == 3
 
@@ -241,11 +241,11 @@ def test_a_full_queue_drops_and_demotion_writes_the_block_later(
         replica: Replica, valkey: RedisServer, layout: KVLayout) -> None:
     store = replica(device_pages=4, host_pages=8, queue_bytes=0)
     serve(store, "ns-a", PROMPT)
-    assert store.shared is not None
-    assert store.shared.tiers[0].stats().dropped == 3 and keys(valkey) == []
-    tier = SharedTier(SharedTierConfig(url=valkey.url), layout, "demo")
+    assert store.remote is not None
+    assert store.remote.tiers[0].stats().dropped == 3 and keys(valkey) == []
+    tier = RemoteTier(RemoteTierConfig(url=valkey.url), layout, "demo")
     try:
-        store.attach_shared(tier, None)
+        store.attach_tier(tier, None)
         serve(store, "ns-b", [7] * 13)  # evicts ns-a's blocks to the host: written then
         assert tier.drain()
         assert tier.stats().writes == 6  # 3 demoted + 3 committed
@@ -261,10 +261,10 @@ def test_a_valkey_that_never_answers_costs_a_timeout_then_nothing(layout: KVLayo
         hung.listen(16)
         url = f"redis://127.0.0.1:{hung.getsockname()[1]}/0"
         store = CacheStore(layout, 16 * layout.page_bytes, 0)
-        tier = SharedTier(SharedTierConfig(url=url, timeout_ms=50, breaker_cooldown_s=60),
+        tier = RemoteTier(RemoteTierConfig(url=url, timeout_ms=50, breaker_cooldown_s=60),
                           layout, "demo")
         try:
-            store.attach_shared(tier, None)
+            store.attach_tier(tier, None)
             for i in range(5):
                 assert serve(store, f"ns-{i}", PROMPT) == 0
             assert tier.drain()
@@ -279,9 +279,9 @@ def test_the_cost_model_can_decline_a_fetch(replica: Replica, layout: KVLayout) 
     first, second = replica(), replica()
     serve(first, "ns-a", PROMPT)
     drained(first)
-    assert second.shared is not None
+    assert second.remote is not None
     trivial = ModelShape(params=1, num_layers=1, num_q_heads=1, head_dim=1)  # nothing to compute
-    second.shared.cost = CostModel(layout, trivial, 1e9, 0.0005, 1e15)
+    second.remote.cost = CostModel(layout, trivial, 1e9, 0.0005, 1e15)
     assert serve(second, "ns-a", PROMPT) == 0
     assert drained(second).stats().skipped == 1
 
@@ -293,7 +293,7 @@ def test_a_flush_on_one_replica_empties_the_namespace_for_every_replica(replica:
     drained(first)
     second.flush("ns-a")
     drained(second)
-    assert third.fetch_shared("ns-a", PROMPT) is None  # written before the flush: a miss
+    assert third.fetch_remote("ns-a", PROMPT) is None  # written before the flush: a miss
     assert drained(third).stats().rejected == 1
     assert serve(third, "ns-b", PROMPT) == 3  # other namespaces keep theirs
     serve(third, "ns-a", PROMPT)  # computed again after the flush: shared again
@@ -314,39 +314,39 @@ def test_disk_first_then_valkey_for_what_the_disk_lacks(layout: KVLayout, valkey
         store = CacheStore(layout, 16 * pb, 0)
         disk = DiskTier(DiskTierConfig(path=str(tmp_path / "disk"), capacity_bytes=1 << 20),
                         layout, "demo")
-        shared = SharedTier(SharedTierConfig(url=valkey.url, timeout_ms=200), layout, "demo")
-        made.extend((disk, shared))
+        remote = RemoteTier(RemoteTierConfig(url=valkey.url, timeout_ms=200), layout, "demo")
+        made.extend((disk, remote))
         store.attach_tier(disk, None)
-        store.attach_tier(shared, None)
+        store.attach_tier(remote, None)
         return store
 
     try:
         first = make()
         assert serve(first, "t", PROMPT) == 0
-        disk, shared = first.shared.tiers  # type: ignore[union-attr]
-        assert disk.drain() and shared.drain()
+        disk, remote = first.remote.tiers  # type: ignore[union-attr]
+        assert disk.drain() and remote.drain()
         # the disk loses the last block (another replica had written all three to Valkey)
         path = next((tmp_path / "disk" / "kv").rglob(
             first.block_hashes("t", PROMPT)[2].hex()))
         path.unlink()
         disk.close()
-        shared.close()
+        remote.close()
         second = make()
-        fetched = second.fetch_shared("t", PROMPT)
+        fetched = second.fetch_remote("t", PROMPT)
         assert fetched is not None and fetched.sources == ["disk", "disk", "shared"]
         seq = second.open("s", "t")
-        assert second.adopt_shared(seq, PROMPT, fetched) == 3
+        assert second.adopt_remote(seq, PROMPT, fetched) == 3
         match = second.match(seq, PROMPT)
         assert [tier for _, tier in match.blocks] == ["disk", "disk", "shared"]
         second.release(seq)
-        disk2, shared2 = second.shared.tiers  # type: ignore[union-attr]
-        assert disk2.stats().hits == 2 and shared2.stats().hits == 1
+        disk2, remote2 = second.remote.tiers  # type: ignore[union-attr]
+        assert disk2.stats().hits == 2 and remote2.stats().hits == 1
         # demoted later, the block Valkey gave goes to the disk, and nothing back to Valkey
-        writes = shared2.stats().writes
+        writes = remote2.stats().writes
         blocks = [second.index.get(h) for h in second.block_hashes("t", PROMPT)]
-        second.shared.write_through([b for b in blocks if b is not None])  # type: ignore[union-attr]
-        assert disk2.drain() and shared2.drain()
-        assert disk2.stats().writes == 1 and shared2.stats().writes == writes
+        second.remote.write_through([b for b in blocks if b is not None])  # type: ignore[union-attr]
+        assert disk2.drain() and remote2.drain()
+        assert disk2.stats().writes == 1 and remote2.stats().writes == writes
         assert path.exists()
     finally:
         for tier in made:

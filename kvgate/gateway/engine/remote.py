@@ -1,11 +1,11 @@
-"""The engine's side of the tiers below the host (the local disk, then the shared Valkey
+"""The engine's side of the tiers below the host (the local disk, then the remote (Valkey) tier
 tier): attach them to the store, fetch before admission.
 
 The fetch runs on the asyncio side when a request arrives (a small thread pool of its own,
 so a slow disk or Valkey never holds the default executor), bounded by the tiers' timeouts
 (the disk's deadline, then twice Valkey's). What it
 brought is handed to the engine thread as a call queued just before the request itself:
-the blocks are indexed as cached device blocks (``CacheStore.adopt_shared``), so the
+the blocks are indexed as cached device blocks (``CacheStore.adopt_remote``), so the
 request's admission matches them like any other hit and bills them as cache reads. The
 fetched pages live only from the fetch to that call, so their memory is bounded by the
 fetch pool's width times ``max_fetch_blocks`` pages. Any error or timeout is a miss: the
@@ -25,7 +25,7 @@ from transformers import PreTrainedModel
 
 from kvgate.cachestore import CacheStore
 from kvgate.cachestore.disk_tier import DiskTier, DiskTierConfig
-from kvgate.cachestore.shared_tier import CostModel, ModelShape, SharedTier, SharedTierConfig
+from kvgate.cachestore.remote_tier import CostModel, ModelShape, RemoteTier, RemoteTierConfig
 from kvgate.gateway.engine.loader import head_dim_of
 from kvgate.gateway.engine.request import GenerateRequest
 from kvgate.kernels.layout import KVLayout
@@ -62,11 +62,11 @@ def weights_fingerprint(model: torch.nn.Module, sample: int = 4096) -> str:
     return digest.hexdigest()
 
 
-class SharedTierClient:
+class RemoteTierClient:
     """One replica's tiers below the host: attached to its store; fetches for its requests.
     ``disk`` (first) and ``tier`` (Valkey) are each None when not configured."""
 
-    def __init__(self, config: SharedTierConfig | None, store: CacheStore, layout: KVLayout,
+    def __init__(self, config: RemoteTierConfig | None, store: CacheStore, layout: KVLayout,
                  model: PreTrainedModel, model_id: str, device: torch.device,
                  disk: DiskTierConfig | None = None, compute_flops: float = 0.0) -> None:
         self.config = config
@@ -75,7 +75,7 @@ class SharedTierClient:
         flops = compute_flops or (config.compute_flops if config is not None else 0.0) or \
             (CUDA_FLOPS if device.type == "cuda" else CPU_FLOPS)
         self.disk: DiskTier | None = None
-        self.tier: SharedTier | None = None
+        self.tier: RemoteTier | None = None
         self.deadline_s = 0.0
         # what the tiers' records are signed with: the name and the weights themselves, so
         # other weights served under the same name (a checkpoint replaced in place, two
@@ -94,7 +94,7 @@ class SharedTierClient:
                      disk_cost.compute_s(0, 1) * 1e3)
         if config is not None:
             try:
-                self.tier = SharedTier(config, layout, model_id)
+                self.tier = RemoteTier(config, layout, model_id)
             except BaseException:
                 if self.disk is not None:
                     self.disk.close()
@@ -114,7 +114,7 @@ class SharedTierClient:
         Never raises; never waits past the tiers' deadlines."""
         prompt = request.prompt_token_ids[:-1]
         loop = asyncio.get_running_loop()
-        future = loop.run_in_executor(self._pool, self.store.fetch_shared, request.namespace,
+        future = loop.run_in_executor(self._pool, self.store.fetch_remote, request.namespace,
                                       prompt)
         try:
             fetched = await asyncio.wait_for(future, self.deadline_s)
@@ -124,9 +124,9 @@ class SharedTierClient:
         if fetched is None:
             return None
         # the request's TTLs: adopted blocks expire as the request's own writes would
-        seq = self.store.open(f"shared:{request.request_id}", request.namespace,
+        seq = self.store.open(f"remote:{request.request_id}", request.namespace,
                               list(request.ttl_segments), request.default_ttl_s)
-        return lambda: self.store.adopt_shared(seq, prompt, fetched)
+        return lambda: self.store.adopt_remote(seq, prompt, fetched)
 
     def drain(self, timeout_s: float = 10.0) -> bool:
         """Wait until every tier's write-behind queue is empty (tests, benchmarks)."""

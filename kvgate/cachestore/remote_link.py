@@ -1,23 +1,17 @@
 """How the store uses the tiers below the host: what it writes, fetches and adopts.
 
-The link holds an ordered list of such tiers (``RemoteTier``): the local disk
-(``disk_tier.DiskTier``) first, then Valkey (``shared_tier.SharedTier``); either may be
-absent. Each has its own cost model (reading from it must beat recomputing).
+``RemoteLink`` holds an ordered list of ``LinkedTier``: the local disk (``disk_tier``)
+first, then Valkey (``remote_tier``); either may be absent, each has its own cost model.
 
-- Write-through: blocks the store indexes (``commit``) are copied off their pages once and
-  queued for every tier; blocks demoted to the host that a tier never took (queue full)
-  are queued again from their host pages. Both run on the engine thread under the store's
-  lock and only copy and enqueue; the tiers' own threads do the I/O. ``Block.handed``
-  records which tiers took a block (bit ``i`` for tier ``i``).
-- Fetch (``fetch``): off the engine thread. It hashes the prompt, counts the prefix this
-  replica already holds (under the lock, briefly), and asks the first tier for the blocks
-  after it, then the next tier for the blocks after what the first returned, and so on.
-- Adopt (``adopt``): on the engine thread, just before the request's ``match``: the
-  fetched blocks that still follow the local prefix are copied into device pages and
-  indexed as cached blocks. The ``match`` then finds them like any device hit, so they are
-  billed as cache reads and never as writes, by the same code as every other hit. A block
-  read from a tier is marked handed to that tier and every tier after it (not written
-  back there); a block Valkey gave is written to the disk when it is demoted.
+- ``write_through`` (engine thread, store lock): blocks the store indexes, and demoted
+  blocks a tier never took, are copied off their pages once and queued for every tier that
+  has not taken them (``Block.handed``, a bit per tier); the tiers' threads do the I/O.
+- ``fetch`` (off the engine thread): the blocks after the local prefix from the first tier,
+  then what it lacked from the next; the link decides how many a tier may read and whether
+  reading beats recomputing, and counts the hits.
+- ``adopt`` (engine thread, before the request's ``match``): fetched blocks that still
+  follow the local prefix are indexed as device blocks (``CacheStore._insert``), billed as
+  cache reads like any hit, and never written back to their tier or the tiers after it.
 """
 
 from __future__ import annotations
@@ -31,27 +25,43 @@ import torch
 from kvgate.cachestore.block import DEVICE, HOST, Block, CacheSeq
 from kvgate.cachestore.hashing import HashFn, TokenIds, chain_hashes, token_bytes
 from kvgate.cachestore.index import PrefixIndex
-from kvgate.cachestore.policy import EvictionPolicy, is_expired
+from kvgate.cachestore.policy import is_expired
 from kvgate.cachestore.pool import PagePool
-from kvgate.cachestore.record import FetchedBlock, SharedFetch, SharedRecord
-from kvgate.cachestore.shared_tier import CostModel
-from kvgate.cachestore.tiers import TierMoves
-from kvgate.kernels.layout import convert_pages
+from kvgate.cachestore.record import FetchedBlock, RemoteFetch, RemoteRecord
+from kvgate.cachestore.remote_tier import CostModel
+from kvgate.kernels.layout import KVLayout, convert_pages
 
 log = logging.getLogger("kvgate.cache")
 
 
-class RemoteTier(Protocol):
-    """A tier below the host that ``SharedLink`` writes through to and fetches from."""
+class FetchLimits(Protocol):
+    """What one fetch may read from a tier (its config's fields)."""
+
+    @property
+    def max_fetch_blocks(self) -> int: ...
+    @property
+    def max_fetch_bytes(self) -> int: ...
+
+
+class TierCounters(Protocol):
+    def add(self, **deltas: int) -> None: ...
+
+
+class LinkedTier(Protocol):
+    """A tier below the host that ``RemoteLink`` writes through to and fetches from."""
 
     name: str  # how a block found there is reported: "disk", "shared"
+    layout: KVLayout
 
+    @property
+    def config(self) -> FetchLimits: ...
+    @property
+    def counters(self) -> TierCounters: ...  # the link counts hits, skips and drops too
     def room(self) -> int: ...
-    def put(self, records: Sequence[SharedRecord]) -> int: ...
-    def count_dropped(self, n: int) -> None: ...
+    def put(self, records: Sequence[RemoteRecord]) -> int: ...
     def flush_namespace(self, namespace: str) -> None: ...
-    def fetch(self, namespace: str, start: int, parent_hash: bytes, hashes: Sequence[bytes],
-              tokens: Sequence[bytes], cost: CostModel | None) -> SharedFetch | None: ...
+    def fetch(self, namespace: str, parent_hash: bytes, hashes: Sequence[bytes],
+              tokens: Sequence[bytes]) -> list[FetchedBlock]: ...
     def stats(self) -> Any: ...
     def drain(self, timeout_s: float = 10.0) -> bool: ...
     def close(self) -> None: ...
@@ -63,33 +73,31 @@ class LinkedStore(Protocol):
     device: PagePool
     host: PagePool
     index: PrefixIndex
-    policy: EvictionPolicy
-    tiers: TierMoves
     block_size: int
-    default_ttl_s: float
     hash_fn: HashFn
     clock: Callable[[], float]
 
     def root_of(self, namespace: str) -> bytes: ...
     def local_prefix_blocks(self, namespace: str, hashes: list[bytes], data: bytes) -> int: ...
-    def _enforce_quota(self, namespace: str, extra_blocks: int = 0) -> bool: ...
+    def _insert(self, seq: CacheSeq, pos: int, block_hash: bytes, parent: Block | None,
+                tokens: bytes, page: int | torch.Tensor) -> Block | None: ...
 
 
-class SharedLink:
-    def __init__(self, store: LinkedStore, tiers: Sequence[tuple[RemoteTier, CostModel | None]]
+class RemoteLink:
+    def __init__(self, store: LinkedStore, tiers: Sequence[tuple[LinkedTier, CostModel | None]]
                  = ()) -> None:
         self.store = store
-        self.tiers: list[RemoteTier] = [t for t, _ in tiers]
+        self.tiers: list[LinkedTier] = [t for t, _ in tiers]
         self.costs: list[CostModel | None] = [c for _, c in tiers]
 
-    def add(self, tier: RemoteTier, cost: CostModel | None) -> None:
+    def add(self, tier: LinkedTier, cost: CostModel | None) -> None:
         """Append a tier: fetched from after those already linked, written like them."""
         if len(self.tiers) >= 8:
             raise ValueError("at most 8 tiers below the host")
         self.tiers.append(tier)
         self.costs.append(cost)
 
-    def named(self, name: str) -> RemoteTier | None:
+    def named(self, name: str) -> LinkedTier | None:
         return next((t for t in self.tiers if t.name == name), None)
 
     @property
@@ -111,7 +119,7 @@ class SharedLink:
             todo = [b for b in blocks if not b.handed >> bit & 1]
             room = tier.room()
             if len(todo) > room:  # not even copied: offered again if demoted
-                tier.count_dropped(len(todo) - room)
+                tier.counters.add(dropped=len(todo) - room)
                 todo = todo[:room]
             wanted.append(todo)
         needed = {id(b): b for todo in wanted for b in todo}
@@ -123,7 +131,7 @@ class SharedLink:
             if not todo:
                 continue
             records = [
-                SharedRecord(b.hash, b.parent.hash if b.parent is not None
+                RemoteRecord(b.hash, b.parent.hash if b.parent is not None
                              else store.root_of(b.namespace), b.namespace, b.tokens,
                              pages[id(b)], b.ttl_s)
                 for b in todo]
@@ -149,7 +157,7 @@ class SharedLink:
                 pages.update(zip(map(id, group), copied, strict=True))
         return pages
 
-    def adopt(self, seq: CacheSeq, token_ids: TokenIds, fetched: SharedFetch) -> int:
+    def adopt(self, seq: CacheSeq, token_ids: TokenIds, fetched: RemoteFetch) -> int:
         """Index the fetched blocks that extend the prompt's local prefix; → blocks adopted."""
         store = self.store
         now = store.clock()
@@ -179,31 +187,22 @@ class SharedLink:
         try:
             parent = local[-1] if local else None
             for pos, fb, source in wanted:
-                if not store._enforce_quota(seq.namespace, extra_blocks=1):
+                new = store._insert(seq, pos, fb.block_hash, parent, fb.tokens, fb.page)
+                if new is None:
                     break
-                if not store.tiers.reserve_device(1, seq.namespace):
-                    break
-                page = store.device.take(seq.namespace)
-                store.device.tensor[page].copy_(
-                    convert_pages(store.host.layout, store.device.layout, fb.page[None])[0])
-                ttl_s = seq.ttl_for_block(pos, store.block_size, store.default_ttl_s)
-                pinned = (parent is None or parent.pinned) and store.policy.is_pinned(
-                    seq.namespace, fb.block_hash)
-                block = store.index.insert(fb.block_hash, parent, seq.namespace, fb.tokens, page,
-                                           ttl_s, pinned)
                 # not written back to where it came from, nor to the tiers after it
                 first = names.index(source) if source in names else 0
-                block.handed = ((1 << len(names)) - 1) & ~((1 << first) - 1)
-                block.fetched = source
-                adopted.append(block)
-                parent = block
+                new.handed = ((1 << len(names)) - 1) & ~((1 << first) - 1)
+                new.fetched = source
+                adopted.append(new)
+                parent = new
         finally:
             store.index.unref(adopted, now=now)
             store.index.unref(local)
         return len(adopted)
 
     # -- any thread but the engine's ---------------------------------------------------------
-    def fetch(self, namespace: str, token_ids: TokenIds) -> SharedFetch | None:
+    def fetch(self, namespace: str, token_ids: TokenIds) -> RemoteFetch | None:
         """The blocks after this replica's local prefix of ``token_ids``: from the first
         tier, then what it lacked from the next, and so on."""
         store = self.store
@@ -222,14 +221,24 @@ class SharedLink:
             at = start + len(blocks)
             if at >= len(hashes):
                 break
+            page_bytes = tier.layout.page_bytes
+            n = min(len(hashes) - at, tier.config.max_fetch_blocks,
+                    tier.config.max_fetch_bytes // page_bytes)
+            if n == 0:
+                continue
+            if cost is not None and not cost.worth_fetching(at, n):
+                tier.counters.add(skipped=1)
+                continue
             parent = hashes[at - 1] if at else root
+            first = len(blocks)
             try:
-                got = tier.fetch(namespace, at, parent, hashes[at:], tokens[len(blocks):], cost)
+                got = tier.fetch(namespace, parent, hashes[at:at + n], tokens[first:first + n])
             except Exception:  # a bug in one tier is a miss there; the next is still asked
                 log.exception("fetch from the %s tier failed", tier.name)
                 continue
-            if got is None:
+            if not got:
                 continue
-            blocks.extend(got.blocks)
-            sources.extend(got.source(i) for i in range(len(got.blocks)))
-        return SharedFetch(start, blocks, sources) if blocks else None
+            tier.counters.add(hits=len(got), hit_bytes=len(got) * page_bytes)
+            blocks.extend(got)
+            sources.extend([tier.name] * len(got))
+        return RemoteFetch(start, blocks, sources) if blocks else None

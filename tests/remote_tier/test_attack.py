@@ -1,4 +1,4 @@
-"""The shared tier against a Valkey that holds garbage or hangs: whatever sits under the
+"""The remote tier against a Valkey that holds garbage or hangs: whatever sits under the
 tier's keys (an epoch that is not one kvgate wrote, a key of another type), a replica's
 fetches are misses, never errors, and its next write replaces the epoch; a hung Valkey
 holds no request and no event loop; writes alone close the breaker once Valkey is back."""
@@ -16,10 +16,10 @@ import requests
 
 from kvgate.cachestore import CacheStore
 from kvgate.gateway.protocol.namespace import tenant_namespace
-from tests.shared_tier import test_replicas, test_store_tier
-from tests.shared_tier.conftest import RedisServer
-from tests.shared_tier.test_replicas import ask, cached, drain, shared_stats
-from tests.shared_tier.test_store_tier import BLOCK, PROMPT, Replica, drained, keys, kv_of, serve
+from tests.remote_tier import test_replicas, test_store_tier
+from tests.remote_tier.conftest import RedisServer
+from tests.remote_tier.test_replicas import ask, cached, drain, remote_stats
+from tests.remote_tier.test_store_tier import BLOCK, PROMPT, Replica, drained, keys, kv_of, serve
 
 # the fixtures of the tests these attack
 layout = test_store_tier.layout
@@ -34,7 +34,7 @@ def test_a_garbage_epoch_is_replaced_and_never_stops_the_writer(
     client = valkey.client()
     client.set("kvgate:kv:epoch:ns-bad", epoch)
     store = replica()
-    assert store.fetch_shared("ns-bad", PROMPT) is None  # nothing under it is trusted
+    assert store.fetch_remote("ns-bad", PROMPT) is None  # nothing under it is trusted
     tier = drained(store)
     assert tier.stats().rejected == 1
     assert serve(store, "ns-bad", PROMPT) == 0  # computed; written under a new epoch
@@ -135,7 +135,7 @@ def test_a_hung_valkey_never_holds_a_request_or_the_event_loop(
             answers = [f.result() for f in asked]
         assert health == [200] * 5
         assert all(a.choices[0].message.content is not None for a in answers)
-        assert not shared_stats(two)["available"]
+        assert not remote_stats(two)["available"]
     finally:
         os.kill(valkey.proc.pid, signal.SIGCONT)
     rows = one.ledger_rows()

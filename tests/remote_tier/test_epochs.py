@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import pytest
 
-from kvgate.cachestore.shared_tier import SharedTier, SharedTierConfig
+from kvgate.cachestore.remote_tier import RemoteTier, RemoteTierConfig
 from kvgate.kernels.layout import KVLayout
-from tests.shared_tier import test_store_tier
-from tests.shared_tier.conftest import RedisServer
-from tests.shared_tier.test_store_tier import PROMPT, Replica, drained, serve
+from tests.remote_tier import test_store_tier
+from tests.remote_tier.conftest import RedisServer
+from tests.remote_tier.test_store_tier import PROMPT, Replica, drained, serve
 
 # the fixtures these tests use
 layout = test_store_tier.layout
@@ -39,17 +39,17 @@ def test_an_epoch_played_back_revives_nothing(replica: Replica, valkey: RedisSer
     user = replica(secret=secret)  # a replica serving the tenant after the flush
     assert serve(user, "ns-a", OTHER) == 0
     drained(user)
-    assert user.fetch_shared("ns-a", PROMPT) is None
+    assert user.fetch_remote("ns-a", PROMPT) is None
     client.set(EPOCH_KEY, recorded)  # rolled back
     for seen in (flusher, user):  # both have seen the newer epoch: a played-back one is refused
         rejected = drained(seen).stats().rejected
-        assert seen.fetch_shared("ns-a", PROMPT) is None
+        assert seen.fetch_remote("ns-a", PROMPT) is None
         assert drained(seen).stats().rejected == rejected + 1
     serve(user, "ns-a", THIRD)  # its next write replaces the epoch with a newer one
     drained(user)
     assert client.get(EPOCH_KEY) != recorded
     late = replica(secret=secret)  # started after all of it: the flushed entries are gone
-    assert late.fetch_shared("ns-a", PROMPT) is None
+    assert late.fetch_remote("ns-a", PROMPT) is None
     assert serve(late, "ns-a", THIRD) == 3  # what was written since is shared
 
 
@@ -65,13 +65,13 @@ def test_a_deleted_epoch_key_revives_nothing(replica: Replica, valkey: RedisServ
     flusher.flush("ns-a")
     drained(flusher)
     client.delete(EPOCH_KEY)
-    assert flusher.fetch_shared("ns-a", PROMPT) is None
-    assert replica(secret=secret).fetch_shared("ns-a", PROMPT) is None  # no epoch: no entry
+    assert flusher.fetch_remote("ns-a", PROMPT) is None
+    assert replica(secret=secret).fetch_remote("ns-a", PROMPT) is None  # no epoch: no entry
     writer = replica(secret=secret)
     serve(writer, "ns-a", OTHER)  # makes a new epoch
     drained(writer)
     assert client.get(EPOCH_KEY) is not None
-    assert replica(secret=secret).fetch_shared("ns-a", PROMPT) is None
+    assert replica(secret=secret).fetch_remote("ns-a", PROMPT) is None
     assert serve(replica(secret=secret), "ns-a", OTHER) == 3
 
 
@@ -95,13 +95,13 @@ def test_an_epoch_forged_without_the_secret_is_refused(replica: Replica,
     for forged in (number, number + b"." + other_mac, number + b"." + b"0" * 64):
         client.set(EPOCH_KEY, forged)
         fresh = replica(secret="mac-key")  # has seen nothing: only the MAC protects it
-        assert fresh.fetch_shared("ns-a", PROMPT) is None, forged
+        assert fresh.fetch_remote("ns-a", PROMPT) is None, forged
         assert drained(fresh).stats().rejected == 1
 
 
 def test_an_epoch_value_is_bound_to_its_namespace_and_secret(layout: KVLayout,
                                                               valkey: RedisServer) -> None:
-    tiers = [SharedTier(SharedTierConfig(url=valkey.url, secret=s), layout, "demo")
+    tiers = [RemoteTier(RemoteTierConfig(url=valkey.url, secret=s), layout, "demo")
              for s in ("k1", "k1", "k2", "")]
     try:
         one, same, other, unsigned = tiers

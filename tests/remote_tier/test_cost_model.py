@@ -1,10 +1,10 @@
-"""The shared tier's cost model and circuit breaker: pure logic, no Valkey."""
+"""The remote tier's cost model and circuit breaker: pure logic, no Valkey."""
 
 from __future__ import annotations
 
 import torch
 
-from kvgate.cachestore.shared_tier import Breaker, CostModel, ModelShape
+from kvgate.cachestore.remote_tier import Breaker, CostModel, ModelShape
 from kvgate.kernels.layout import KVLayout
 
 # Llama-3-8B: 32 layers, 8 KV heads of 128, bf16 -> 2 MiB pages of 16 tokens

@@ -1,37 +1,17 @@
-"""The shared third tier: KV pages in Valkey/Redis, below the device and host tiers.
+"""The remote tier: KV pages in Valkey/Redis that every replica writes and reads.
 
-Every replica writes the blocks it commits (and the ones it demotes, if the commit's copy
-was not taken) to one Valkey; a replica whose own tiers miss fetches the consecutive
-blocks that follow its local prefix before computing the rest. Valkey's ``maxmemory``
-with an LRU policy bounds it; every key carries the block's TTL (``PX``).
+- Key ``<prefix><block hash hex>``, value a ``RecordCodec`` record (layout signature,
+  parent hash, namespace, tokens, the namespace's epoch, the page; with a secret, an HMAC),
+  ``PX`` the block's TTL. A fetch accepts a value only if every field agrees.
+- Epochs: ``flush_namespace`` raises the namespace's epoch (``<prefix>epoch:<ns>``, signed
+  with a secret); a fetch reads only entries of the current one, and an epoch lower than
+  one this replica has seen is refused (``parse_epoch``).
+- Nothing here fails a request: writes go to a bounded write-behind queue drained by one
+  thread, fetches run off the engine thread with timeouts, and a ``Breaker`` stops both
+  after repeated errors.
+- ``CostModel``: a fetch is made only where moving the pages beats recomputing them.
 
-- Key: ``<prefix><block hash, hex>``. The hash is chained from the namespace's root
-  (``hashing.root_digest``), so one tenant's prompt never names another tenant's key.
-- Value (``encode``/``decode``): a header, the layout's signature, the parent's hash, the
-  namespace, the block's token ids, the page bytes, and with a secret an HMAC of all of
-  it. A fetch accepts a value only if every field agrees with the prompt being served
-  (the same rule as ``PrefixIndex.verify``): a collision, a corrupt or truncated entry,
-  another model's page or another tenant's entry copied under this key is a miss.
-- Flush: ``flush_namespace`` gives the namespace a new epoch (``<prefix>epoch:<ns>``);
-  every entry carries the epoch it was written under and a fetch accepts only the current
-  one, so an operator's flush of a tenant reaches every replica's view of Valkey at once.
-- Epochs (``epoch_value``/``parse_epoch``) are numbers that only grow: a new one is the
-  time in microseconds, or one more than any this replica has seen for the namespace,
-  whichever is larger. With a secret the value carries an HMAC of the namespace and the
-  number. Nothing an attacker (or Valkey's own eviction) can do to the key revives
-  flushed entries: a deleted key is no epoch (every entry a miss, the next write makes a
-  new one), a forged or garbled value does not verify (misses, and the next write
-  replaces it), and an older value played back is refused by every replica that has seen
-  a newer one (it remembers the highest per namespace; its next write replaces it). The
-  one thing not caught: a replica that never saw the newer epoch (started after the
-  flush, before the namespace was used again) shown an older, validly signed value by
-  someone who recorded it from Valkey, i.e. who could already read the entries' pages.
-- Nothing here may fail a request. Writes go to a bounded write-behind queue drained by
-  one thread (full: the block is skipped and counted). Fetches run off the engine thread
-  with socket timeouts and a deadline. A ``Breaker`` stops both after repeated errors and
-  lets one call through per cool-down to find out whether Valkey is back.
-- ``CostModel``: a fetch is made only where moving the pages is faster than recomputing
-  them, from the model's shape (bytes per block against prefill FLOPs per block).
+docs/architecture.md (Remote tier) has the reasons, and what epochs do not catch.
 """
 
 from __future__ import annotations
@@ -54,17 +34,17 @@ import torch
 from kvgate.cachestore.record import (
     FetchedBlock,
     RecordCodec,
-    SharedFetch,
-    SharedRecord,
+    RemoteFetch,
+    RemoteRecord,
     layout_signature,
 )
-from kvgate.cachestore.stats import SharedTierStats
+from kvgate.cachestore.stats import RemoteTierStats
 from kvgate.kernels.layout import KVLayout
 
 log = logging.getLogger("kvgate.cache.shared")
 
-__all__ = ["Breaker", "CostModel", "FetchedBlock", "ModelShape", "SharedFetch", "SharedRecord",
-           "SharedTier", "SharedTierConfig", "layout_signature"]
+__all__ = ["Breaker", "CostModel", "FetchedBlock", "ModelShape", "RemoteFetch", "RemoteRecord",
+           "RemoteTier", "RemoteTierConfig", "layout_signature"]
 
 # at most 18 digits: below 1e18, so a new epoch (one more) always fits the header's 63 bits,
 # however high a value someone wrote (without a secret) pushed a replica's memory
@@ -82,8 +62,8 @@ def _ttl_ms(ttl_s: float) -> int:
 
 
 @dataclass(frozen=True)
-class SharedTierConfig:
-    """``kvgate serve --shared-tier-*``; see docs/architecture.md (Shared tier)."""
+class RemoteTierConfig:
+    """``kvgate serve --shared-tier-*``; see docs/architecture.md (Remote tier)."""
 
     url: str
     timeout_ms: int = 50  # each Valkey call, and the deadline of one fetch
@@ -114,7 +94,7 @@ class ModelShape:
 
 
 class CostModel:
-    """Fetch blocks ``[start, start + n)`` from the shared tier only if
+    """Fetch blocks ``[start, start + n)`` from the remote tier only if
     ``rtt + n * page_bytes / bandwidth < prefill_flops(those positions) / compute_flops``.
 
     Example (the thresholds are only these two numbers): Llama-3-8B in bf16 on an H200
@@ -221,12 +201,12 @@ class _Counters:
                 self.values[k] += v
 
 
-class SharedTier:
+class RemoteTier:
     """The Valkey client of one replica: a write-behind queue and verified fetches."""
 
     name = "shared"  # how a block found here is reported (``PrefixMatch.blocks``)
 
-    def __init__(self, config: SharedTierConfig, layout: KVLayout, model_id: str,
+    def __init__(self, config: RemoteTierConfig, layout: KVLayout, model_id: str,
                  client: redis.Redis | None = None) -> None:
         self.config = config
         self.layout = layout
@@ -243,7 +223,7 @@ class SharedTier:
                                       hashlib.sha256).digest() if self._secret else b""
         self._seen: OrderedDict[str, int] = OrderedDict()  # namespace -> highest epoch seen
         self._seen_lock = threading.Lock()
-        self._queue: queue.Queue[SharedRecord | _Flush | None] = queue.Queue()
+        self._queue: queue.Queue[RemoteRecord | _Flush | None] = queue.Queue()
         self._queued_bytes = 0
         self._pending = 0  # items queued or being written (what ``drain`` waits for)
         self._queue_lock = threading.Lock()
@@ -311,7 +291,7 @@ class SharedTier:
                 self._remember(namespace, epoch)
         return epoch
 
-    def encode(self, record: SharedRecord, epoch: int = 0) -> bytes:
+    def encode(self, record: RemoteRecord, epoch: int = 0) -> bytes:
         return self.codec.encode(record, epoch)
 
     def decode(self, value: bytes | None, parent_hash: bytes, namespace: str,
@@ -320,7 +300,7 @@ class SharedTier:
         return self.codec.decode(value, parent_hash, namespace, tokens, epoch)
 
     # -- writing ------------------------------------------------------------------------------
-    def put(self, records: Sequence[SharedRecord]) -> int:
+    def put(self, records: Sequence[RemoteRecord]) -> int:
         """Queue records for writing, in order, while the queue has room (never blocks).
         → how many were taken (a prefix of ``records``)."""
         taken = 0
@@ -345,9 +325,6 @@ class SharedTier:
         with self._queue_lock:
             return max(0, self.config.queue_bytes - self._queued_bytes) // self.layout.page_bytes
 
-    def count_dropped(self, n: int) -> None:
-        self.counters.add(dropped=n)
-
     def flush_namespace(self, namespace: str) -> None:
         """Make every entry of ``namespace`` written so far a miss, on every replica (its
         epoch goes up, after the writes queued before this call). Never blocks."""
@@ -358,7 +335,7 @@ class SharedTier:
     def _write_loop(self) -> None:
         while True:
             item = self._queue.get()
-            batch: list[SharedRecord] = []
+            batch: list[RemoteRecord] = []
             while item is not None:
                 if isinstance(item, _Flush):
                     self._write(batch)
@@ -431,7 +408,7 @@ class SharedTier:
             pipe.execute()
         return epochs
 
-    def _write(self, batch: list[SharedRecord]) -> None:
+    def _write(self, batch: list[RemoteRecord]) -> None:
         if not batch:
             return
         try:
@@ -439,7 +416,7 @@ class SharedTier:
         finally:
             self._done(len(batch))
 
-    def _write_batch(self, batch: list[SharedRecord]) -> None:
+    def _write_batch(self, batch: list[RemoteRecord]) -> None:
         with self._queue_lock:
             self._queued_bytes -= len(batch) * self.layout.page_bytes
         if not self.breaker.allow():
@@ -481,23 +458,16 @@ class SharedTier:
         self.client.close()
 
     # -- fetching ----------------------------------------------------------------------------
-    def fetch(self, namespace: str, start: int, parent_hash: bytes, hashes: Sequence[bytes],
-              tokens: Sequence[bytes], cost: CostModel | None) -> SharedFetch | None:
-        """Blocks ``start, start + 1, ...`` of a prompt (their ``hashes`` and ``tokens``),
-        as many consecutive ones as Valkey holds and verify. Network I/O: never call it on
-        the engine thread. None when nothing was fetched."""
-        n = min(len(hashes), self.config.max_fetch_blocks,
-                self.config.max_fetch_bytes // self.layout.page_bytes)
-        if n == 0:
-            return None
-        if cost is not None and not cost.worth_fetching(start, n):
-            self.counters.add(skipped=1)
-            return None
+    def fetch(self, namespace: str, parent_hash: bytes, hashes: Sequence[bytes],
+              tokens: Sequence[bytes]) -> list[FetchedBlock]:
+        """A prompt's blocks after ``parent_hash`` (their ``hashes`` and ``tokens``), as many
+        consecutive ones as Valkey holds and verify. Network I/O: never call it on the
+        engine thread."""
         if not self.breaker.allow():
-            return None
+            return []
         out: list[FetchedBlock] = []
         try:
-            self._read(namespace, parent_hash, hashes[:n], tokens, out)
+            self._read(namespace, parent_hash, hashes, tokens, out)
         except (redis.RedisError, OSError) as exc:
             self.breaker.failure()
             self.counters.add(errors=1)
@@ -509,10 +479,7 @@ class SharedTier:
             out = []
         else:
             self.breaker.success()
-        if not out:
-            return None
-        self.counters.add(hits=len(out), hit_bytes=len(out) * self.layout.page_bytes)
-        return SharedFetch(start, out)
+        return out
 
     def _read(self, namespace: str, parent_hash: bytes, hashes: Sequence[bytes],
               tokens: Sequence[bytes], out: list[FetchedBlock]) -> None:
@@ -547,9 +514,9 @@ class SharedTier:
                     return
                 out.append(FetchedBlock(hashes[i], tokens[i], page))
 
-    def stats(self) -> SharedTierStats:
+    def stats(self) -> RemoteTierStats:
         with self.counters.lock:
             v = dict(self.counters.values)
         with self._queue_lock:
             queued = self._queued_bytes
-        return SharedTierStats(available=not self.breaker.is_open, queued_bytes=queued, **v)
+        return RemoteTierStats(available=not self.breaker.is_open, queued_bytes=queued, **v)

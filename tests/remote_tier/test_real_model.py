@@ -1,5 +1,5 @@
 """The real model (smollm2) across two replicas sharing one Valkey: the second replica
-reads the prompt's blocks from the shared tier and answers exactly as the first did (the
+reads the prompt's blocks from the remote tier and answers exactly as the first did (the
 first's greedy answer equals transformers' ``generate()``: tests/engine/test_real_model.py)."""
 
 from __future__ import annotations
@@ -8,13 +8,13 @@ from pathlib import Path
 
 import openai
 
-from tests.shared_tier.conftest import RedisServer
+from tests.remote_tier.conftest import RedisServer
 from tests.support.server import ThreadServer
 
 SYSTEM = ("You are a geography teacher. You answer in one short sentence. " * 6).strip()
 
 
-def test_a_shared_tier_hit_answers_like_the_miss(tmp_path: Path, valkey: RedisServer) -> None:
+def test_a_remote_tier_hit_answers_like_the_miss(tmp_path: Path, valkey: RedisServer) -> None:
     flags = {"db": f"sqlite:///{tmp_path / 'ledger.db'}", "shared_tier_url": valkey.url,
              "shared_tier_timeout_ms": 500, "host_cache_bytes": 0, "model": "smollm2",
              "device": "cpu", "device_cache_bytes": 32 << 20}
@@ -23,8 +23,8 @@ def test_a_shared_tier_hit_answers_like_the_miss(tmp_path: Path, valkey: RedisSe
         tenant = one.admin.tenant("geo")
         for server in (one, None):
             if server is None:
-                shared = one.state.engine.shared
-                assert shared is not None and shared.drain()
+                remote = one.state.engine.remote
+                assert remote is not None and remote.drain()
                 server = ThreadServer(tmp_path / "two", **flags).start()
             try:
                 client = openai.OpenAI(base_url=server.url + "/v1", api_key=tenant.key,

@@ -12,7 +12,7 @@ import openai
 import pytest
 import requests
 
-from tests.shared_tier.conftest import RedisServer
+from tests.remote_tier.conftest import RedisServer
 from tests.support.admin import ADMIN_KEY, Tenant
 from tests.support.server import ThreadServer
 
@@ -47,11 +47,11 @@ def cached(response: Any) -> int:
 
 
 def drain(server: ThreadServer) -> None:
-    shared = server.state.engine.shared
-    assert shared is not None and shared.drain()
+    remote = server.state.engine.remote
+    assert remote is not None and remote.drain()
 
 
-def shared_stats(server: ThreadServer) -> dict[str, Any]:
+def remote_stats(server: ThreadServer) -> dict[str, Any]:
     stats = server.admin.cache_stats()["shared"]
     assert isinstance(stats, dict)
     return stats
@@ -67,14 +67,14 @@ def test_a_prompt_from_one_replica_is_a_cache_read_on_another(fleet: dict[str, A
     second = ask(two, alice)
     # every full block of the prompt (less its last token, which is always computed)
     assert cached(second) == (second.usage.prompt_tokens - 1) // 16 * 16 > 0
-    assert shared_stats(one)["writes"] >= cached(second) // 16
+    assert remote_stats(one)["writes"] >= cached(second) // 16
     assert second.choices[0].message.content == first.choices[0].message.content
-    hits = shared_stats(two)["hits"]
+    hits = remote_stats(two)["hits"]
     assert hits * 16 == cached(second)
     # another tenant with the same prompt finds nothing, here or in Valkey
     third = ask(two, bob)
     assert cached(third) == 0
-    assert shared_stats(two)["hits"] == hits
+    assert remote_stats(two)["hits"] == hits
     # billed once each, the cache read as a cache read
     rows = one.ledger_rows()
     assert len(rows) == 3 and all(r["n"] == 1 for r in rows.values())
@@ -85,7 +85,7 @@ def test_a_prompt_from_one_replica_is_a_cache_read_on_another(fleet: dict[str, A
     assert f'kvgate_shared_tier_blocks_total{{kind="hit"}} {float(hits)}' in metrics
 
 
-def test_a_restarted_replica_warms_from_the_shared_tier(fleet: dict[str, Any]) -> None:
+def test_a_restarted_replica_warms_from_the_remote_tier(fleet: dict[str, Any]) -> None:
     one = fleet["replica"]("one")
     alice = one.admin.tenant("alice")
     ask(one, alice)
@@ -109,11 +109,11 @@ def test_with_valkey_killed_every_request_is_answered_and_billed_once(
     assert cached(answers[1]) > 0  # the local tier still serves what replica two computed
     rows = one.ledger_rows(alice.id)
     assert len(rows) == 9 and all(r["n"] == 1 for r in rows.values())
-    stats = shared_stats(two)
+    stats = remote_stats(two)
     assert stats["errors"] >= 1 and stats["hits"] == 0
 
 
-def test_an_admin_flush_reaches_the_shared_tier(fleet: dict[str, Any]) -> None:
+def test_an_admin_flush_reaches_the_remote_tier(fleet: dict[str, Any]) -> None:
     one = fleet["replica"]("one")
     alice = one.admin.tenant("alice")
     ask(one, alice)
@@ -122,4 +122,4 @@ def test_an_admin_flush_reaches_the_shared_tier(fleet: dict[str, Any]) -> None:
     drain(one)
     two = fleet["replica"]("two")
     assert cached(ask(two, alice)) == 0
-    assert shared_stats(two)["hits"] == 0
+    assert remote_stats(two)["hits"] == 0

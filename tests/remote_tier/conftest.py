@@ -1,6 +1,6 @@
 """A real redis-server of the test's own, on a free loopback port (never a shared one).
 
-It is started as an operator would start Valkey for the shared tier: no persistence, a
+It is started as an operator would start Valkey for the remote tier: no persistence, a
 ``maxmemory`` with LRU eviction. Tests that need it skip, saying why, where the binary is
 missing.
 """
