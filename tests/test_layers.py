@@ -119,9 +119,10 @@ ALLOWED = {
     # (sampling, structured outputs, tokenizer), principals and billing rules, cache events
     "kvgate.gateway.protocol": {"kvgate.cachestore", "kvgate.gateway.engine",
                                 "kvgate.gateway.ledger", "kvgate.gateway.usage"},
-    # what every aiohttp front end shares: the protocol's errors, the ledger's keys
+    # what every aiohttp front end shares: the protocol's errors, the ledger's keys, the
+    # http section of the settings
     "kvgate.gateway.edge": {"kvgate.gateway.protocol", "kvgate.gateway.ledger",
-                            "kvgate.gateway.usage"},
+                            "kvgate.gateway.usage", "kvgate.gateway.config"},
     # the replica and the router stand side by side on the edge; neither imports the other
     "kvgate.gateway.http": {"kvgate.gateway.edge", "kvgate.gateway.protocol",
                             "kvgate.gateway.engine", "kvgate.gateway.ledger",
