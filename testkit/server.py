@@ -37,7 +37,7 @@ import requests
 from aiohttp import web
 
 from kvgate.gateway.config import Settings
-from tests.support.admin import ADMIN_KEY, EVENTS_SECRET, Admin
+from testkit.admin import ADMIN_KEY, EVENTS_SECRET, Admin
 
 if TYPE_CHECKING:
     from typing import Self
@@ -47,7 +47,7 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 MiB = 1024 * 1024
 _BANNER = re.compile(r"serving model '[^']*' on http://[^/\s]+:(\d+)")
 

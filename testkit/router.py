@@ -9,7 +9,7 @@ from typing import Any
 from aiohttp import web
 
 from kvgate.gateway.route.settings import RouterSettings
-from tests.support.admin import EVENTS_SECRET
+from testkit.admin import EVENTS_SECRET
 
 
 class RouterThread:
