@@ -17,16 +17,12 @@ returns them by default: they say what the model thought, not how it was steered
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-import torch
+from kvgate.gateway.engine.sampler import TokenLogprob
 
-from kvgate.gateway.engine import sampler
-from kvgate.gateway.engine.sampler import SampleRow, TokenLogprob
-
-__all__ = ["MAX_LOGPROBS", "SamplingParams", "TokenLogprob", "process", "sample", "token_logprob"]
+__all__ = ["MAX_LOGPROBS", "SamplingParams", "TokenLogprob"]
 
 if TYPE_CHECKING:
     from kvgate.gateway.engine.structured import StructuredSpec
@@ -97,22 +93,3 @@ class SamplingParams:
         """Choice ``index`` of ``n`` samples draws from ``seed + index`` (vLLM's rule), so a
         request with n=3 gives the choices three n=1 requests with those seeds give."""
         return None if self.seed is None else self.seed + index
-
-
-def process(logits: torch.Tensor, params: SamplingParams, token_ids: Sequence[int] = (),
-            num_prompt: int = 0) -> torch.Tensor:
-    """``logit_bias`` and the penalties applied to one row (a new tensor when any applies).
-    ``token_ids`` is prompt + output so far, the first ``num_prompt`` of them the prompt."""
-    return sampler.process(logits.unsqueeze(0), [SampleRow(params, token_ids, num_prompt)])[0]
-
-
-def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None,
-           token_ids: Sequence[int] = (), num_prompt: int = 0) -> int:
-    """One row through the batched sampler; its uniform drawn from ``generator``."""
-    u = float(torch.rand((), generator=generator).clamp(min=2.0**-25))
-    return int(sampler.sample(logits.unsqueeze(0), [SampleRow(params, token_ids, num_prompt, u)]))
-
-
-def token_logprob(logits: torch.Tensor, token_id: int, k: int) -> TokenLogprob:
-    """The raw model distribution's log probability of ``token_id`` and its top ``k``."""
-    return sampler.logprobs(logits.unsqueeze(0), [0], torch.tensor([token_id]), [k])[0]
