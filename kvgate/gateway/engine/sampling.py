@@ -1,18 +1,9 @@
-"""Sampling parameters, and the single-row forms of the step's batched sampler.
+"""Sampling parameters: what a request asks of the sampler (``sampler.py`` applies them).
 
-The engine samples a whole step at once (``sampler.py``); ``process``, ``sample`` and
-``token_logprob`` here run one row through the same code, for tests and tools. A seeded
-request draws from a stream keyed by its seed and output position, so its tokens do not
-depend on what else shares the batch.
-
-The row goes through the processors in vLLM's order: ``logit_bias``, then the penalties
-(``repetition_penalty`` over prompt and output, HF/vLLM semantics; ``frequency_penalty``
-and ``presence_penalty`` over the output, OpenAI semantics), then temperature, ``min_p``,
-``top_k`` and ``top_p``. Greedy decoding is the argmax of the biased and penalised row.
-
-Log probabilities (``logprobs``) are those of the model's own distribution — the
-log-softmax of the raw logits, before bias, penalties, temperature and filters — as vLLM
-returns them by default: they say what the model thought, not how it was steered.
+Penalties follow HF/vLLM (``repetition_penalty``, over prompt and output) and OpenAI
+(``frequency_penalty``, ``presence_penalty``, over the output). Log probabilities
+(``logprobs``) are the model's own distribution, before bias, penalties, temperature and
+filters, as vLLM returns them by default.
 """
 
 from __future__ import annotations
