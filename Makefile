@@ -16,7 +16,7 @@ BIN := $(VENV)/bin
 PIP = PIP_CONSTRAINT=$(CURDIR)/$(LOCK) $(BIN)/python -m pip
 ARGS ?=
 PYTEST_ARGS ?=
-LINT_PATHS := kvgate tests bench tools
+LINT_PATHS := kvgate testkit tests bench tools
 
 # Without a GPU, torch's CPU build comes first so pip does not fetch the CUDA build and its
 # CUDA packages (GBs). PyTorch's CPU index is an *extra* index: a torch wheel pip already

@@ -32,7 +32,7 @@ import aiohttp
 import numpy as np
 
 from bench.common import RESULTS, print_table, smoke, write_result
-from tests.support import ProcessServer, request_body
+from testkit import ProcessServer, request_body
 
 FLOOD_RPM = 30
 

@@ -49,9 +49,9 @@ import asyncpg
 
 from bench.common import print_table, smoke, write_result
 from kvgate.gateway.config import Settings, names
-from tests.support import Admin, ProcessServer
-from tests.support.admin import ADMIN_KEY, EVENTS_SECRET
-from tests.support.redis_server import RedisServer, free_port
+from testkit import Admin, ProcessServer
+from testkit.admin import ADMIN_KEY, EVENTS_SECRET
+from testkit.redis_server import RedisServer, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 PG_URL = os.environ.get("KVGATE_BENCH_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")

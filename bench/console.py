@@ -33,7 +33,7 @@ from typing import Any
 import requests
 
 from bench.common import print_table, smoke, write_result
-from tests.support import ADMIN_KEY, MiB, ThreadServer
+from testkit import ADMIN_KEY, MiB, ThreadServer
 
 VIEWS = ("overview", "tenants", "tenant", "actions")
 
@@ -161,9 +161,9 @@ def main() -> None:
 
     from playwright.sync_api import sync_playwright
 
-    from tests.console.conftest import _chromium
+    from testkit.browser import find_chromium
 
-    exe = _chromium()
+    exe = find_chromium()
     if exe is None:
         raise SystemExit("no Chromium found: install Debian's chromium or set "
                          "KVGATE_TEST_CHROMIUM")

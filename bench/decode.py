@@ -112,7 +112,7 @@ async def interleaved(shape: str, batches: list[int], http_batches: list[int], n
     size, so a drift of the machine's speed (a shared host's neighbours) hits all three
     alike; odd repetitions run them in reverse order (ABBA), so going first or last favours
     neither side; ratios are taken within a repetition."""
-    from tests.support import ProcessServer
+    from testkit import ProcessServer
 
     hf = reference_model(shape)
     vocab = int(hf.config.vocab_size)

@@ -39,8 +39,8 @@ import aiohttp
 import numpy as np
 
 from bench.common import print_table, smoke, write_result
-from tests.support import ProcessServer
-from tests.support.slow_client import stalled_request
+from testkit import ProcessServer
+from testkit.slow_client import stalled_request
 
 VICTIM_TEXT = "How are you today?"
 # The flood runs under each: the default; fair order without short contended steps; FCFS

@@ -40,7 +40,7 @@ import numpy as np
 
 from bench.common import print_table, smoke, write_result
 from bench.load_server import experiment_prelude, ledger_commit_ms, print_profile
-from tests.support import Admin, ProcessServer, aiter_sse, billed_usage, final_usage, request_body
+from testkit import Admin, ProcessServer, aiter_sse, billed_usage, final_usage, request_body
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 KINDS = ("chat", "completions", "messages")

@@ -1,6 +1,6 @@
 """What ``bench.load`` adds to the server it starts, and what it reads back from it: the
 what-if prelude, the ledger's commit time from ``/metrics`` and, with ``--profile``, the
-cProfile statistics of its event loop. (The server itself is ``tests.support.ProcessServer``.)"""
+cProfile statistics of its event loop. (The server itself is ``testkit.ProcessServer``.)"""
 
 from __future__ import annotations
 

@@ -40,7 +40,7 @@ from kvgate.cachestore.remote_tier import RemoteTierConfig
 from kvgate.gateway.engine import EngineConfig
 from kvgate.gateway.engine.engine import Engine
 from kvgate.gateway.engine.loader import load_model
-from tests.support.redis_server import RedisServer, missing
+from testkit.redis_server import RedisServer, missing
 
 PREFIX, SUFFIX, BLOCK = smoke(2048, 256), 32, 16
 

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import asyncpg
 import pytest
 
-from tests.support.ci import cannot_run
+from testkit.ci import cannot_run
 
 PG_URL = os.environ.get("KVGATE_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
 _pg_error: list[str] = []  # reachability, probed once per session

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.ci import cannot_run
+from testkit.ci import cannot_run
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "bench"
@@ -39,7 +39,7 @@ def benches() -> list[str]:
 # -- what some benches need besides Python -----------------------------------------------------
 
 def _redis() -> str | None:
-    from tests.support.redis_server import missing
+    from testkit.redis_server import missing
 
     return missing()
 
@@ -65,9 +65,9 @@ def _chromium() -> str | None:
         import playwright.sync_api  # noqa: F401
     except ImportError:
         return "Playwright is not installed (pip install -e '.[test]')"
-    from tests.console.conftest import _chromium as find
+    from testkit.browser import find_chromium
 
-    if find() is None:
+    if find_chromium() is None:
         return ("no Chromium found (Debian: apt-get install chromium; or set "
                 "KVGATE_TEST_CHROMIUM to a Chromium or Chrome binary)")
     return None

@@ -4,7 +4,6 @@ the admin endpoints and the page on a real server, and the page in a real Chromi
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,10 +12,11 @@ from typing import Any
 import openai
 import pytest
 
+from testkit import Admin, MiB, Tenant, ThreadServer
+from testkit.browser import find_chromium
+from testkit.ci import cannot_run
 from tests.ledger.conftest import db_url, ledger, sqlite_url  # noqa: F401  (fixtures)
 from tests.pg import pg_url  # noqa: F401  (a fixture)
-from tests.support import Admin, MiB, Tenant, ThreadServer
-from tests.support.ci import cannot_run
 
 SYSTEM = "You answer questions about the kvgate console. " * 12  # several cached blocks
 XSS_NAME = "<img src=x onerror=alert(1)>"
@@ -75,14 +75,6 @@ def workload(server: ThreadServer, admin: Admin, model_id: str) -> Workload:
 
 # -- the browser ----------------------------------------------------------------------------
 
-def _chromium() -> str | None:
-    for candidate in (os.environ.get("KVGATE_TEST_CHROMIUM"), "chromium", "chromium-browser",
-                      "google-chrome", "google-chrome-stable"):
-        if candidate and (path := shutil.which(candidate)):
-            return path
-    return None
-
-
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
     """The system's Chromium driven by Playwright (no browser download). Outside CI it skips,
@@ -94,7 +86,7 @@ def browser() -> Iterator[Any]:
         from playwright.sync_api import Error, sync_playwright
     except ImportError:
         cannot_run("Playwright is not installed (pip install -e '.[test]')")
-    exe = _chromium()
+    exe = find_chromium()
     if exe is None:
         cannot_run("no Chromium found (Debian: apt-get install chromium; or set "
                     "KVGATE_TEST_CHROMIUM to a Chromium or Chrome binary)")

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import requests
 
-from tests.support import ADMIN_KEY, Admin, ThreadServer
+from testkit import ADMIN_KEY, Admin, ThreadServer
 
 from .conftest import XSS_NAME, Workload, chat
 

@@ -12,7 +12,7 @@ import requests
 
 from kvgate.gateway.http.console.pages import CSP
 from kvgate.gateway.usage import Usage
-from tests.support import Admin, ThreadServer
+from testkit import Admin, ThreadServer
 
 from .conftest import Workload, chat
 

@@ -15,7 +15,7 @@ import requests
 from kvgate.gateway.http.console.pages import CSP, SECURITY_HEADERS, is_console_request
 from kvgate.gateway.ledger import InvalidInput, Ledger, NotFound
 from kvgate.gateway.ledger.series import SeriesQuery
-from tests.support import Admin, ThreadServer
+from testkit import Admin, ThreadServer
 
 from .conftest import Workload
 

@@ -25,6 +25,7 @@ from kvgate.gateway.engine import (
 from kvgate.gateway.engine.demo import build_model
 from kvgate.gateway.engine.engine import Engine
 from kvgate.gateway.engine.loader import LoadedModel, load_model
+from kvgate.gateway.engine.sampler import SampleRow, sample, uniforms
 
 torch.set_num_threads(2)
 
@@ -66,6 +67,19 @@ async def make_engine(demo_loaded: LoadedModel) -> AsyncIterator[Callable[..., E
     yield make
     for engine in engines:
         await engine.stop()
+
+
+def pick(logits: torch.Tensor, params: SamplingParams, token_ids: list[int] | None = None,
+         num_prompt: int = 0) -> int:
+    """The token the step's sampler takes for one row ``logits`` (its default uniform)."""
+    return int(sample(logits[None], [SampleRow(params, token_ids or (), num_prompt)])[0])
+
+
+def picks(logits: torch.Tensor, params: SamplingParams, n: int) -> set[int]:
+    """The tokens of ``n`` copies of the row ``logits`` sampled in one batch, each with its
+    own uniform (draw ``i`` of seed 0)."""
+    rows = [SampleRow(params, (), 0, float(u)) for u in uniforms([0] * n, range(n))]
+    return set(sample(logits.repeat(n, 1), rows).tolist())
 
 
 def greedy(max_tokens: int = 12, **kw: Any) -> SamplingParams:

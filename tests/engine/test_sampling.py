@@ -9,39 +9,35 @@ import torch
 
 from kvgate.gateway.engine import GenerateRequest, SamplingParams
 from kvgate.gateway.engine.demo import build_tokenizer
-from kvgate.gateway.engine.sampling import sample
 from kvgate.gateway.engine.sequence import Sequence, append_token
 from kvgate.gateway.engine.tokenizer import IncrementalDecoder
 
-from .conftest import collect, greedy, prompt_of
+from .conftest import collect, greedy, pick, picks, prompt_of
 
 
 def test_greedy_and_top_k_1_take_the_argmax():
     logits = torch.tensor([0.1, 3.0, 2.9, -1.0])
-    assert sample(logits, SamplingParams(temperature=0), None) == 1
-    assert sample(logits, SamplingParams(temperature=5.0, top_k=1), None) == 1
+    assert pick(logits, SamplingParams(temperature=0)) == 1
+    assert pick(logits, SamplingParams(temperature=5.0, top_k=1)) == 1
 
 
 def test_top_k_and_top_p_never_pick_outside_the_kept_set():
     logits = torch.tensor([5.0, 4.0, 0.0, 0.0, 0.0, 0.0])
-    gen = torch.Generator().manual_seed(0)
-    picks = {sample(logits, SamplingParams(temperature=1.0, top_k=2), gen) for _ in range(200)}
-    assert picks == {0, 1}
+    assert picks(logits, SamplingParams(temperature=1.0, top_k=2), 200) == {0, 1}
     # p(0) ≈ 0.72: top_p=0.5 keeps token 0 alone, top_p=0.9 keeps 0 and 1
-    assert {sample(logits, SamplingParams(top_p=0.5), gen) for _ in range(100)} == {0}
-    assert {sample(logits, SamplingParams(top_p=0.9), gen) for _ in range(300)} == {0, 1}
+    assert picks(logits, SamplingParams(top_p=0.5), 100) == {0}
+    assert picks(logits, SamplingParams(top_p=0.9), 300) == {0, 1}
 
 
 def test_tiny_temperature_and_zero_top_p_are_argmax_not_nan():
     # Found by the schema fuzzer: logits / 6e-5 overflowed and softmax gave NaN.
     logits = torch.tensor([1e4, 3e4, -2e4, 2.9e4])
-    gen = torch.Generator().manual_seed(0)
     for temperature in (6e-5, 1e-6, 1e-30):
-        assert sample(logits, SamplingParams(temperature=temperature), gen) == 1
-    assert sample(logits, SamplingParams(top_p=0), gen) == 1
-    assert sample(logits, SamplingParams(top_p=2.2e-313), gen) == 1  # fuzzer: 0 in fp32
+        assert picks(logits, SamplingParams(temperature=temperature), 5) == {1}
+    assert picks(logits, SamplingParams(top_p=0), 5) == {1}
+    assert picks(logits, SamplingParams(top_p=2.2e-313), 5) == {1}  # fuzzer: 0 in fp32
     # large logits at an ordinary temperature: shifted, so still a valid distribution
-    assert {sample(logits, SamplingParams(temperature=2e3), gen) for _ in range(50)} <= {1, 3}
+    assert picks(logits, SamplingParams(temperature=2e3), 50) <= {1, 3}
 
 
 def test_invalid_params_are_refused():

@@ -12,18 +12,16 @@ import torch
 from kvgate.gateway.engine import FinishEvent, GenerateRequest, SamplingParams, TokenEvent
 from kvgate.gateway.engine.demo import build_model
 from kvgate.gateway.engine.engine import Engine
-from kvgate.gateway.engine.sampling import process, sample, token_logprob
+from kvgate.gateway.engine.sampler import SampleRow, logprobs, process
 
-from .conftest import collect, greedy, prompt_of, wait_idle
+from .conftest import collect, greedy, pick, picks, prompt_of, wait_idle
 
 
 def test_logit_bias_of_100_forces_a_token_and_minus_100_bans_one():
     logits = torch.tensor([5.0, 1.0, 0.0, -3.0])
-    assert sample(logits, SamplingParams(temperature=0, logit_bias={3: 100.0}), None) == 3
-    assert sample(logits, SamplingParams(temperature=0, logit_bias={0: -100.0}), None) == 1
-    gen = torch.Generator().manual_seed(0)
-    forced = SamplingParams(temperature=1.0, logit_bias={2: 100.0})
-    assert {sample(logits, forced, gen) for _ in range(50)} == {2}
+    assert pick(logits, SamplingParams(temperature=0, logit_bias={3: 100.0})) == 3
+    assert pick(logits, SamplingParams(temperature=0, logit_bias={0: -100.0})) == 1
+    assert picks(logits, SamplingParams(temperature=1.0, logit_bias={2: 100.0}), 50) == {2}
 
 
 def test_penalties_match_the_rules_computed_by_hand():
@@ -31,33 +29,29 @@ def test_penalties_match_the_rules_computed_by_hand():
     history = [1, 2, 0, 0, 3]  # prompt [1, 2], output [0, 0, 3]
     p = SamplingParams(frequency_penalty=0.5, presence_penalty=0.25)
     want = logits - torch.tensor([0.5 * 2 + 0.25, 0.0, 0.0, 0.5 + 0.25])
-    assert torch.allclose(process(logits, p, history, num_prompt=2), want)
+    assert torch.allclose(process(logits[None], [SampleRow(p, history, 2)])[0], want)
     # argmax moves from 0 to 1 once the output repeats token 0
-    assert sample(logits, SamplingParams(temperature=0), None, history, 2) == 0
-    assert sample(logits, SamplingParams(temperature=0, frequency_penalty=0.1), None,
-                  history, 2) == 1
+    assert pick(logits, SamplingParams(temperature=0), history, 2) == 0
+    assert pick(logits, SamplingParams(temperature=0, frequency_penalty=0.1), history, 2) == 1
     # repetition: every token seen in prompt or output, positive divided, negative multiplied
     r = SamplingParams(repetition_penalty=2.0)
-    got = process(logits, r, [2, 3], num_prompt=1)
+    got = process(logits[None], [SampleRow(r, [2, 3], 1)])[0]
     assert torch.allclose(got, torch.tensor([2.0, 1.9, -2.0, 0.25]))
-    assert sample(logits, SamplingParams(temperature=0, repetition_penalty=1.2), None,
-                  [0], 1) == 1  # 2.0/1.2 < 1.9
+    assert pick(logits, SamplingParams(temperature=0, repetition_penalty=1.2),
+                [0], 1) == 1  # 2.0/1.2 < 1.9
 
 
 def test_min_p_keeps_only_tokens_near_the_top():
     logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
-    gen = torch.Generator().manual_seed(0)
     # min_p 0.5: kept p >= 0.25 → tokens 0 and 1
-    picks = {sample(logits, SamplingParams(min_p=0.5), gen) for _ in range(300)}
-    assert picks == {0, 1}
-    picks = {sample(logits, SamplingParams(min_p=0.2), gen) for _ in range(500)}
-    assert picks == {0, 1, 2}
+    assert picks(logits, SamplingParams(min_p=0.5), 300) == {0, 1}
+    assert picks(logits, SamplingParams(min_p=0.2), 500) == {0, 1, 2}
 
 
 def test_token_logprob_is_the_raw_log_softmax():
     logits = torch.tensor([1.0, 3.0, 2.0, 0.0])
     lp = torch.log_softmax(logits, -1)
-    got = token_logprob(logits, 2, 2)
+    (got,) = logprobs(logits[None], [0], torch.tensor([2]), [2])
     assert got.token_id == 2 and abs(got.logprob - float(lp[2])) < 1e-6
     assert [t for t, _ in got.top] == [1, 2]
     assert abs(got.top[0][1] - float(lp[1])) < 1e-6

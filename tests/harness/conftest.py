@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import Admin, MiB, ProcessServer
+from testkit import Admin, MiB, ProcessServer
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,7 @@ import requests
 from kvgate.cachestore.hashing import xxh3_128
 from kvgate.gateway.engine import Engine
 from kvgate.gateway.http.app import engine_config
-from tests.support import MiB, Tenant, ThreadServer, request_body, server_settings
+from testkit import MiB, Tenant, ThreadServer, request_body, server_settings
 
 BLOCK = 16
 MAX_TOKENS = 6

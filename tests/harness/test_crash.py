@@ -14,7 +14,7 @@ from pathlib import Path
 import aiohttp
 import requests
 
-from tests.support import MiB, Outcome, ProcessServer, Tenant, request_body, send
+from testkit import MiB, Outcome, ProcessServer, Tenant, request_body, send
 
 KINDS = ("chat", "chat-stream", "completions", "completions-stream", "messages",
          "messages-stream")

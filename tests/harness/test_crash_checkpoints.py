@@ -11,7 +11,7 @@ from pathlib import Path
 import aiohttp
 import requests
 
-from tests.support import MiB, ProcessServer, Tenant
+from testkit import MiB, ProcessServer, Tenant
 
 STREAMS = 200
 RECEIPTS: dict[str, str] = {}  # request id -> the receipt id its client was given

@@ -15,7 +15,7 @@ import time
 import aiohttp
 from scipy.stats import ks_2samp
 
-from tests.support import Admin, ProcessServer, Tenant, aiter_sse, request_body
+from testkit import Admin, ProcessServer, Tenant, aiter_sse, request_body
 
 TRIALS = 14
 PROMPT_CHARS = 700

@@ -13,7 +13,7 @@ import torch
 
 from kvgate.gateway.engine.demo import SHAPES
 from kvgate.kernels.layout import KVLayout
-from tests.support import Admin, Outcome, ProcessServer, request_body, send
+from testkit import Admin, Outcome, ProcessServer, request_body, send
 
 BLOCK = 16
 PROMPT_CHARS = 360  # byte-level tokenizer: about one token per character

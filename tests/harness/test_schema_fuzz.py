@@ -27,8 +27,8 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from kvgate.gateway.http.openapi import spec
-from tests.support import ADMIN_KEY, MiB, ProcessServer, Tenant, request_body
-from tests.support.hostile import dumps, hostile_segment, hostile_value, quote
+from testkit import ADMIN_KEY, MiB, ProcessServer, Tenant, request_body
+from testkit.hostile import dumps, hostile_segment, hostile_value, quote
 
 EXAMPLES = int(os.environ.get("KVGATE_FUZZ_EXAMPLES", "0"))
 GENERATING = ("/v1/chat/completions", "/v1/completions", "/v1/messages",
@@ -138,7 +138,7 @@ def test_admin_operation_refuses_a_tenant_key(
 def test_hostile_schema_cases_never_5xx(
         fuzz_server: ProcessServer, fuzz_schema: schemathesis.BaseSchema, fuzz_tenant: Tenant,
         method: str, path: str) -> None:
-    """The schema's cases with one hostile value (``tests.support.hostile``: lone
+    """The schema's cases with one hostile value (``testkit.hostile``: lone
     surrogates, NULs, Unicode digits, huge integers, deep nesting, containers for strings)
     put in a body field or as the path id: never a 5xx, always the error shape. Path ids
     are never plain ASCII digits, so no real tenant or key is deleted."""

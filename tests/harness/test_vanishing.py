@@ -8,7 +8,7 @@ import time
 
 import aiohttp
 
-from tests.support import Admin, ProcessServer, aiter_sse, request_body
+from testkit import Admin, ProcessServer, aiter_sse, request_body
 
 LONG = 48
 

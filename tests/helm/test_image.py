@@ -16,7 +16,7 @@ from pathlib import Path
 import dockerfile
 import pytest
 
-from tests.support.ci import cannot_run
+from testkit.ci import cannot_run
 
 from .chart import REPO, render
 

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.support import Admin, MiB, Session, Tenant, ThreadServer
+from testkit import Admin, MiB, Session, Tenant, ThreadServer
 
 HTTP_FLAGS = {
     "device": "cpu", "device_cache_bytes": 16 * MiB, "host_cache_bytes": 16 * MiB,

@@ -8,7 +8,7 @@ import time
 import anthropic
 import openai
 
-from tests.support import Admin, Session, Tenant, ThreadServer
+from testkit import Admin, Session, Tenant, ThreadServer
 
 SYSTEM = "Shared instructions long enough to fill a few cache blocks of the prefix cache. " * 2
 

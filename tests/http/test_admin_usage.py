@@ -11,7 +11,7 @@ import pytest
 
 from kvgate.gateway.ledger import Ledger
 from kvgate.gateway.ledger.reports import FIELDS
-from tests.support import Admin, Session, Tenant, ThreadServer
+from testkit import Admin, Session, Tenant, ThreadServer
 
 
 def _chat(http: Session, tenant: Tenant, model_id: str, text: str) -> None:

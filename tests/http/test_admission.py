@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from tests.support import Admin, MiB, Session, Tenant, ThreadServer, request_body
+from testkit import Admin, MiB, Session, Tenant, ThreadServer, request_body
 
 CHAT = "/v1/chat/completions"
 

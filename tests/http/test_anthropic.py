@@ -6,7 +6,7 @@ import json
 
 import anthropic
 
-from tests.support import Session, Tenant, ThreadServer, iter_sse, shapes
+from testkit import Session, Tenant, ThreadServer, iter_sse, shapes
 
 SYSTEM = ("Policy text that every request of this tenant repeats, long enough to span "
           "several cache blocks of sixteen tokens. " * 3).strip()

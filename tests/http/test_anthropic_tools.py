@@ -1,6 +1,6 @@
 """Anthropic tool use and count_tokens, with the official anthropic SDK on a real server.
 
-The demo model's weights are random, so a scripted model (``tests.support.scripted``)
+The demo model's weights are random, so a scripted model (``testkit.scripted``)
 answers where a test needs a tool call: it writes the call the way the model family does
 (the Hermes form of the demo template), and the server must read it as a model's output.
 """
@@ -17,9 +17,9 @@ import pytest
 
 from kvgate.gateway.protocol.anthropic import parse_conversation
 from kvgate.gateway.protocol.tool_parsers import HermesParser
+from testkit import Session, Tenant, ThreadServer, iter_sse, shapes
+from testkit.scripted import ScriptedModel
 from tests.http.conftest import HTTP_FLAGS
-from tests.support import Session, Tenant, ThreadServer, iter_sse, shapes
-from tests.support.scripted import ScriptedModel
 
 WEATHER = {"name": "get_weather", "description": "The weather in a city, now.",
            "input_schema": {"type": "object",

@@ -19,8 +19,8 @@ import openai
 import pytest
 
 from kvgate.gateway.ledger.budgets import MAX_BUDGET
+from testkit import Admin, MiB, Session, Tenant, ThreadServer
 from tests.pg import pg_url  # noqa: F401  (a fixture)
-from tests.support import Admin, MiB, Session, Tenant, ThreadServer
 
 SYSTEM = "You answer questions about the kvgate handbook below. " + "Rule of the house. " * 12
 MESSAGES = [{"role": "user", "content": "Say something."}]

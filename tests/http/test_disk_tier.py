@@ -13,8 +13,8 @@ import pytest
 import requests
 
 from kvgate.gateway.engine.request import EngineMisconfigured
-from tests.support.admin import ADMIN_KEY, Tenant
-from tests.support.server import MiB, ThreadServer
+from testkit.admin import ADMIN_KEY, Tenant
+from testkit.server import MiB, ThreadServer
 
 SYSTEM = ("You are the support assistant of a company that sells garden tools, and you "
           "answer in one short sentence. " * 24).strip()

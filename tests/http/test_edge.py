@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 import requests
 
+from testkit import ADMIN_KEY, MiB, Session, Tenant, ThreadServer, request_body
 from tests.pg import pg_url  # noqa: F401  (a fixture)
-from tests.support import ADMIN_KEY, MiB, Session, Tenant, ThreadServer, request_body
 
 CHAT = "/v1/chat/completions"
 MSGS = "/v1/messages"

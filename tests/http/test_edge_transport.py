@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import MiB, Tenant, ThreadServer
+from testkit import MiB, Tenant, ThreadServer
 
 SAFETY_S = 30.0  # a bound on waiting, never an assertion about time
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from tests.support import ADMIN_KEY, Admin, Session, Tenant, ThreadServer, request_body
+from testkit import ADMIN_KEY, Admin, Session, Tenant, ThreadServer, request_body
 
 CHAT = "/v1/chat/completions"
 MSGS = "/v1/messages"

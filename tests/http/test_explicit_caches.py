@@ -15,7 +15,7 @@ import pytest
 from kvgate.gateway.ledger import cost_micros
 from kvgate.gateway.ledger.billing import DEFAULT_PRICES
 from kvgate.gateway.usage import Usage
-from tests.support import MiB, Session, Tenant, ThreadServer
+from testkit import MiB, Session, Tenant, ThreadServer
 
 SYSTEM = "You answer questions about the kvgate handbook below. " + "Rule of the house. " * 12
 

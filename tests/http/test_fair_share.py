@@ -18,7 +18,7 @@ import openai
 import pytest
 
 from kvgate.gateway.engine import GenerateRequest
-from tests.support import MiB, Session, Tenant, ThreadServer, request_body, slow_client
+from testkit import MiB, Session, Tenant, ThreadServer, request_body, slow_client
 
 CHAT = "/v1/chat/completions"
 

@@ -15,8 +15,8 @@ from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import status_code_conformance
 
 from kvgate.gateway.http.openapi import spec
-from tests.support import ADMIN_KEY, Admin, Session, Tenant, ThreadServer, request_body
-from tests.support.hostile import dumps, hostile_segment, hostile_text, hostile_value, quote
+from testkit import ADMIN_KEY, Admin, Session, Tenant, ThreadServer, request_body
+from testkit.hostile import dumps, hostile_segment, hostile_text, hostile_value, quote
 
 CLIENT_PATHS = ("/v1/models", "/v1/chat/completions", "/v1/completions", "/v1/messages")
 
@@ -108,7 +108,7 @@ def _hostile_body(data: st.DataObject, path: str) -> bytes | None:
 def test_hostile_input_is_never_a_server_error(
         server: ThreadServer, admin: Admin, fuzz_tenant: Tenant, method: str,
         path: str) -> None:
-    """Hostile strings and structures (``tests.support.hostile``) in every body field the
+    """Hostile strings and structures (``testkit.hostile``) in every body field the
     endpoint reads, in keys, nested in messages, in path ids and query values: a status
     below 500 and, for an error, the error shape of the API the path belongs to."""
     target = admin.tenant("fuzz-target")

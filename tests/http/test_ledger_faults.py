@@ -17,9 +17,9 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from kvgate.gateway.ledger import Ledger
+from testkit import ADMIN_KEY, MiB, ThreadServer, iter_sse, request_body
 from tests.ledger.pgserver import OwnPostgres
 from tests.ledger.test_spool import readonly_writer, rows
-from tests.support import ADMIN_KEY, MiB, ThreadServer, iter_sse, request_body
 
 FLAGS = {"device": "cpu", "device_cache_bytes": 16 * MiB, "host_cache_bytes": 16 * MiB,
          "default_max_tokens": 8}

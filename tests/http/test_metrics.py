@@ -9,9 +9,9 @@ import subprocess
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support import ADMIN_KEY, Admin, Session, Tenant, ThreadServer
-from tests.support.ci import cannot_run
-from tests.support.server import server_settings
+from testkit import ADMIN_KEY, Admin, Session, Tenant, ThreadServer
+from testkit.ci import cannot_run
+from testkit.server import server_settings
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 

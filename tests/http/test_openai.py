@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import openai
 
-from tests.support import Admin, Session, Tenant, ThreadServer, iter_sse, request_body, shapes
+from testkit import Admin, Session, Tenant, ThreadServer, iter_sse, request_body, shapes
 
 LONG_SYSTEM = ("You are a terse assistant for the kvgate test suite. " * 6).strip()
 

@@ -13,8 +13,8 @@ import pytest
 import requests
 
 from kvgate.gateway.cli import main
-from tests.support import ThreadServer
-from tests.support.server import MiB
+from testkit import ThreadServer
+from testkit.server import MiB
 
 
 def test_receipts_replayed_at_the_served_size_read_what_was_billed(

@@ -12,8 +12,8 @@ from pathlib import Path
 import openai
 import pytest
 
+from testkit import MiB, ThreadServer
 from tests.pg import pg_url  # noqa: F401  (a fixture)
-from tests.support import MiB, ThreadServer
 
 FLAGS = {"device": "cpu", "device_cache_bytes": 16 * MiB, "host_cache_bytes": 16 * MiB,
          "default_max_tokens": 8}

@@ -15,8 +15,8 @@ import anthropic
 import openai
 import pytest
 
-from tests.support import Tenant, ThreadServer
-from tests.support.shapes import check_openai
+from testkit import Tenant, ThreadServer
+from testkit.shapes import check_openai
 
 MiB = 1 << 20
 WEATHER = {"type": "function", "function": {

@@ -18,8 +18,8 @@ import openai
 import requests
 
 from kvgate.gateway.ledger.receipts import load_public_key, verify
-from tests.support import Admin, Tenant, ThreadServer
-from tests.support.server import ROOT, server_settings
+from testkit import Admin, Tenant, ThreadServer
+from testkit.server import ROOT, server_settings
 
 HEADER = "kvgate-receipt-id"
 SYSTEM = "You are the receipts test. Answer briefly and plainly, always. " * 6

@@ -14,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from kvgate.gateway.ledger import cost_micros
 from kvgate.gateway.ledger.billing import DEFAULT_PRICES
 from kvgate.gateway.usage import Usage
-from tests.support import ADMIN_KEY, MiB, Session, Tenant, ThreadServer
+from testkit import ADMIN_KEY, MiB, Session, Tenant, ThreadServer
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 

@@ -17,8 +17,8 @@ import pydantic
 import pytest
 
 from kvgate.gateway.protocol.tool_parsers import HermesParser
-from tests.support import Session, Tenant, ThreadServer, iter_sse, shapes
-from tests.support.scripted import ScriptedModel
+from testkit import Session, Tenant, ThreadServer, iter_sse, shapes
+from testkit.scripted import ScriptedModel
 
 INSTRUCTIONS = ("You are a terse assistant for the kvgate Responses API tests. " * 4).strip()
 STREAM_EVENTS = ("response.created", "response.in_progress", "response.output_item.added",

@@ -12,7 +12,7 @@ import pytest
 from kvgate.gateway.ledger import cost_micros
 from kvgate.gateway.ledger.billing import DEFAULT_PRICES
 from kvgate.gateway.usage import Usage
-from tests.support import Admin, Tenant, ThreadServer
+from testkit import Admin, Tenant, ThreadServer
 
 LONG = "A system prompt long enough to fill several cache blocks of sixteen tokens. " * 8
 

@@ -10,7 +10,7 @@ import anthropic
 import openai
 import pytest
 
-from tests.support import Session, Tenant, ThreadServer, iter_sse, shapes
+from testkit import Session, Tenant, ThreadServer, iter_sse, shapes
 
 
 def client(server: ThreadServer, tenant: Tenant) -> openai.OpenAI:

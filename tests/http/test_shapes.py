@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from tests.support import shapes
+from testkit import shapes
 
 CHAT = {
     "id": "chatcmpl-7f0993fb24da4ccaa1a13d21b99b029c", "object": "chat.completion",

@@ -12,8 +12,8 @@ import openai
 import pytest
 
 from kvgate.gateway.http.serve import register, settings_from_args
+from testkit import Session, Tenant, ThreadServer, iter_sse, shapes
 from tests.http.conftest import HTTP_FLAGS
-from tests.support import Session, Tenant, ThreadServer, iter_sse, shapes
 
 ALIASES = "kvgate-demo,demo-alias"
 CAP = 96

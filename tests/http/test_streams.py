@@ -19,7 +19,7 @@ import openai
 import pytest
 
 from kvgate.gateway.protocol.namespace import tenant_namespace
-from tests.support import Admin, Tenant, ThreadServer, request_body
+from testkit import Admin, Tenant, ThreadServer, request_body
 
 # Long enough to span many cache blocks, so a cached prompt is cheap to tell apart.
 DOCUMENT = ("A long shared document that the tenant sends again and again; its blocks are "

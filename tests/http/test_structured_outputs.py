@@ -13,7 +13,7 @@ import openai
 import pydantic
 import pytest
 
-from tests.support import Session, Tenant, ThreadServer, shapes
+from testkit import Session, Tenant, ThreadServer, shapes
 
 
 class Pet(pydantic.BaseModel):

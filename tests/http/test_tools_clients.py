@@ -15,8 +15,8 @@ from typing import Any, Literal
 import pytest
 from pydantic import BaseModel
 
-from tests.support import Tenant, ThreadServer
-from tests.support.scripted import ScriptedModel
+from testkit import Tenant, ThreadServer
+from testkit.scripted import ScriptedModel
 
 langchain_openai = pytest.importorskip("langchain_openai")
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from tests.support import Session, Tenant, ThreadServer
+from testkit import Session, Tenant, ThreadServer
 
 ASK = [{"role": "user", "content": "Weather in Oslo?"}]
 WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {

@@ -17,9 +17,9 @@ import pytest
 from pydantic import BaseModel
 
 from kvgate.gateway.protocol.tool_parsers import HermesParser
-from tests.support import Session, Tenant, ThreadServer, shapes
-from tests.support.scripted import ScriptedModel
-from tests.support.sse import iter_sse
+from testkit import Session, Tenant, ThreadServer, shapes
+from testkit.scripted import ScriptedModel
+from testkit.sse import iter_sse
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "The weather in a city.",

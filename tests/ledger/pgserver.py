@@ -14,7 +14,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from tests.support.ci import cannot_run
+from testkit.ci import cannot_run
 
 
 def _bin(name: str) -> str | None:

@@ -281,7 +281,7 @@ async def _outage_run(url: str, spool_dir: Path, disk: FailingDisk,
     async def replay() -> None:
         outage.down = False
         with contextlib.suppress(SpoolTrouble):  # the file could not be cut: retried later
-            await ledger.replay_spool()
+            await committer.replay()
 
     async def space_back() -> None:
         disk.heal()

@@ -81,22 +81,23 @@ def test_hugging_face_kernels_and_ours_import_side_by_side(hf_first: Path, tmp_p
 def test_no_top_level_package_of_ours_but_kvgate() -> None:
     """Only ``kvgate`` is installed as a top-level name; the repository root holds no other
     importable package of ours a bare import could pick up (``tests`` and ``bench`` are
-    the suite's and the benchmarks' own)."""
+    the suite's and the benchmarks' own, ``testkit`` the toolkit both share)."""
     top = sorted(p.name for p in ROOT.iterdir()
                  if p.is_dir() and (p / "__init__.py").is_file())
-    assert top == ["bench", "kvgate", "tests"]
+    assert top == ["bench", "kvgate", "testkit", "tests"]
 
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """kvgate's wheel, built from a copy of the sources (setuptools leaves a build/ folder
-    beside the sources it builds)."""
+    beside the sources it builds). The copy holds ``testkit`` too, which must stay out."""
     out = tmp_path_factory.mktemp("wheel")
     src = tmp_path_factory.mktemp("src")
     for name in ("pyproject.toml", "README.md"):
         shutil.copy2(ROOT / name, src / name)
-    shutil.copytree(ROOT / "kvgate", src / "kvgate",
-                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    for package in ("kvgate", "testkit"):
+        shutil.copytree(ROOT / package, src / package,
+                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     done = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps",
                            "--no-build-isolation", "-q", "-w", str(out), str(src)],
                           capture_output=True, text=True, timeout=300, check=False)

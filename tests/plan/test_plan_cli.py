@@ -16,7 +16,7 @@ import torch
 
 from kvgate.gateway.cli import main
 from kvgate.kernels.layout import FP8, KVLayout
-from tests.support.server import ROOT
+from testkit.server import ROOT
 
 MiB = 1024 * 1024
 

@@ -11,8 +11,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.support.ci import cannot_run
-from tests.support.redis_server import RedisServer, missing
+from testkit.ci import cannot_run
+from testkit.redis_server import RedisServer, missing
 
 __all__ = ["RedisServer", "valkey"]
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import openai
 
+from testkit.server import ThreadServer
 from tests.remote_tier.conftest import RedisServer
-from tests.support.server import ThreadServer
 
 SYSTEM = ("You are a geography teacher. You answer in one short sentence. " * 6).strip()
 

@@ -12,9 +12,9 @@ import openai
 import pytest
 import requests
 
+from testkit.admin import ADMIN_KEY, Tenant
+from testkit.server import ThreadServer
 from tests.remote_tier.conftest import RedisServer
-from tests.support.admin import ADMIN_KEY, Tenant
-from tests.support.server import ThreadServer
 
 SYSTEM = ("You are the support assistant of a company that sells garden tools. " * 8).strip()
 

@@ -12,11 +12,11 @@ from typing import Any
 import pytest
 import requests
 
-from tests.support.admin import ADMIN_KEY, Tenant
-from tests.support.ci import cannot_run
-from tests.support.redis_server import RedisServer, missing
-from tests.support.router import RouterThread
-from tests.support.server import MiB, Server, ThreadServer
+from testkit.admin import ADMIN_KEY, Tenant
+from testkit.ci import cannot_run
+from testkit.redis_server import RedisServer, missing
+from testkit.router import RouterThread
+from testkit.server import MiB, Server, ThreadServer
 
 
 @pytest.fixture(scope="module")

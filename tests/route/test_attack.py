@@ -20,10 +20,10 @@ import requests
 
 from kvgate.gateway.edge.context import EDGE
 from kvgate.gateway.protocol.wire import STREAM
+from testkit import slow_client
+from testkit.admin import ADMIN_KEY
+from testkit.router import RouterThread
 from tests.route.conftest import Fleet
-from tests.support import slow_client
-from tests.support.admin import ADMIN_KEY
-from tests.support.router import RouterThread
 
 CHAT = "/v1/chat/completions"
 

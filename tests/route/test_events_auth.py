@@ -35,11 +35,11 @@ from kvgate.gateway.protocol.wire import (
 )
 from kvgate.gateway.route.app import create_router_app
 from kvgate.gateway.route.settings import RouterSettings
+from testkit.admin import ADMIN_KEY, EVENTS_SECRET
+from testkit.router import RouterThread
+from testkit.server import ROOT, server_settings
 from tests.route.conftest import Fleet
 from tests.route.test_fleet import SYSTEM, _prompt_hashes
-from tests.support.admin import ADMIN_KEY, EVENTS_SECRET
-from tests.support.router import RouterThread
-from tests.support.server import ROOT, server_settings
 
 KEY = events_key(EVENTS_SECRET)
 WRONG = events_key("not-the-deployment-secret")

@@ -11,12 +11,12 @@ import requests
 
 from kvgate.cachestore.hashing import block_hashes, root_digest
 from kvgate.gateway.protocol.namespace import tenant_namespace
+from testkit.admin import ADMIN_KEY
+from testkit.ci import cannot_run
+from testkit.redis_server import RedisServer, missing
+from testkit.router import RouterThread
+from testkit.server import ProcessServer
 from tests.route.conftest import Fleet, replica_flags, start_fleet
-from tests.support.admin import ADMIN_KEY
-from tests.support.ci import cannot_run
-from tests.support.redis_server import RedisServer, missing
-from tests.support.router import RouterThread
-from tests.support.server import ProcessServer
 
 SYSTEM = "You are a careful assistant for the routing tests. " * 6
 

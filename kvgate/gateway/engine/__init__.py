@@ -1,23 +1,7 @@
 """The engine: a transformers model on paged KV, continuous batching, prefix reuse.
 
-One concept per file:
-
-- ``config.py``     EngineConfig (the server maps its settings onto it)
-- ``demo.py``       the built-in demo model (random weights) and byte-level tokenizer
-- ``loader.py``     ``--model demo|bench|PATH``: offline loading, clear missing-file errors
-- ``tokenizer.py``  tokenizer + chat template + incremental detokenizer
-- ``attention.py``  our paged attention, registered with transformers
-- ``sequence.py``   one request's tokens, progress, pages, and stop handling
-- ``sampling.py``   SamplingParams, and one row through the sampler (tests, tools)
-- ``sampler.py``    the step's batched sampling on the device, the seeded draw stream
-- ``structured.py`` StructuredSpec: the JSON schema / regex / grammar an output must match
-- ``grammar.py``    compiles those (llguidance) and masks each step's logits in one op
-- ``scheduler.py``  continuous batching, chunked prefill, admission, preemption
-- ``runner.py``     one step as one packed varlen forward; inputs built with array ops
-- ``graphs.py``     CUDA graphs of the decode step (CUDA with Triton only)
-- ``commands.py``   the typed messages the asyncio side sends the engine thread
-- ``request.py``    what crosses into and out of the engine: requests, events, errors
-- ``engine.py``     the engine thread and the asyncio facade
+What the server and the HTTP layer use, importable without torch (``Engine`` is loaded on
+first use). A map of the package's files: docs/architecture.md, "Engine".
 """
 
 from typing import TYPE_CHECKING

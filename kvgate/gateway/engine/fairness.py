@@ -1,52 +1,16 @@
-"""Who runs next: a virtual token counter per tenant, with priority classes on top.
+"""Who runs next: a virtual token counter per tenant (the VTC rule of Sheng et al., OSDI'24),
+with priority classes on top.
 
-Every request belongs to an account (its tenant; ``GenerateRequest.tenant``, or its cache
-namespace). Each account has a counter of the service it has had, in weighted tokens
-divided by the account's weight (its plan's ``scheduling_weight``):
-
-- a prompt token computed costs ``PREFILL`` (1), an output token ``DECODE`` (2: on an
-  accelerator a decode token occupies the step far longer than a prefill token), a prompt
-  token read from the cache ``CACHED`` (0.1, charged once, at the first admission);
-- tokens are charged when the scheduler puts them in a step, so a decision later in the
-  same step already sees them.
-
-The scheduler always serves the smallest key first: ``(priority, counter, arrival)``.
-Lower ``priority`` values run first (vLLM's convention); within a priority class the
-account that has had least service goes first; within an account, requests run in
-arrival order. An account that was idle (nothing waiting, running or parked) is lifted on
-its return to the smallest counter among the accounts active at that moment, so idle time
-is not banked as credit to be spent in a burst later (the VTC rule). Nor behind work that
-does not run: an account given new work is lifted to at most U (below) behind the least
-served account running at that moment.
-
-The bound (as in "Fairness in Serving Large Language Models", Sheng et al., OSDI'24): take
-two accounts f and g of one priority class, both backlogged (something waiting) over an
-interval. Whenever new work is given to f, f's counter was at most g's (f was the smallest
-key, or g had nothing it could run). After that, f's counter grows by at most what one
-scheduling decision can charge it before the next comparison: one prefill chunk
-(``max_batch_tokens`` x PREFILL), or the decode tokens of the sequences it already runs
-(the slot rule below keeps those within one of each other's share). So over the interval
-the weighted service the two received differs by at most 2 x U / w, with
-``U = max(max_batch_tokens x PREFILL, max_running x DECODE)`` and w the smaller weight:
-a constant, however long the interval. Without a slot rule a flood holding every running
-slot could keep a newcomer waiting for as long as its sequences take to finish.
-
-Slots: when every running slot is taken (or the pages run out) and the best waiting
-request belongs to an account that holds at least two fewer running sequences than the
-worst running one's account (or is of a better priority class), that worst sequence is
-preempted (its full blocks stay cached, so it resumes mostly from the cache). The
-two-sequence margin means a preemption never reverses the one before it: no thrashing.
-Short steps while tenants compete: a request's first token waits for the step in progress
-and then its own. With two or more accounts busy, a step computes at most
-``EngineConfig.contended_batch_tokens`` tokens (decodes first, then at least a quarter of
-that for prompts), so the step in progress is not a long prefill of another tenant's. And
-a newcomer of a light account (nothing running, a counter and priority class no worse
-than any running account's) is admitted in a step of its own, without the others' decodes
-and chunks: its first token costs its own prefill, not the batch's. Never two such steps
-in a row, so running sequences lose at most every other step to newcomers.
-
-``EngineConfig.fair_scheduling = False`` restores first come, first served (the baseline
-``bench.fairness`` compares against); priorities are honoured in both modes.
+Every request belongs to an account (its tenant, or its cache namespace) whose counter
+holds the service it has had: tokens weighted ``PREFILL``, ``DECODE`` or ``CACHED``,
+divided by the account's ``scheduling_weight``, charged when the scheduler puts them in a
+step. The smallest key runs first: ``(priority, counter, arrival)``. An account back from
+idle is lifted to the smallest active counter. With every slot (or page) taken, the worst
+running sequence is preempted for a waiting account that runs at least two fewer (or has a
+better priority). With several accounts busy, steps are capped at
+``contended_batch_tokens`` and a light newcomer gets a step of its own (never two in a
+row). ``fair_scheduling=False``: first come, first served. The bound these rules give, and
+why each is there: docs/architecture.md, "Engine".
 """
 
 from __future__ import annotations

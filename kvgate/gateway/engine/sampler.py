@@ -1,19 +1,12 @@
-"""One step's sampling: every row of a ``[batch, vocab]`` logits tensor, where it lives.
+"""One step's sampling: every row of a ``[batch, vocab]`` logits tensor, where it lives, in a
+few tensor ops, each row with its own parameters (vLLM's order: ``logit_bias``, penalties,
+temperature, ``min_p``, ``top_k``, ``top_p``; greedy rows take the argmax of the biased and
+penalised row). Only the sampled ids and the requested log probabilities leave the device.
 
-The rules are those of ``sampling.py`` (vLLM's order: ``logit_bias``, repetition penalty,
-frequency and presence penalties, then temperature, ``min_p``, ``top_k``, ``top_p``;
-greedy rows take the argmax of the biased and penalised row), applied to the whole batch
-in a few tensor ops, each row with its own parameters. Nothing loops over the vocabulary
-in Python, and only the sampled ids (and the requested log probabilities) leave the device.
-
-Randomness: each draw is inverse-CDF sampling with ONE uniform per row, and that uniform is
-a counter-based hash (splitmix64) of the sequence's seed and its output position, computed
-on the host with the step's other inputs. A seeded request therefore gets the same tokens
-whatever else shares its batch, and no generator state is kept per request or per device.
-
-``top_k``/``top_p`` rows are sampled among their ``CANDIDATES`` best tokens (one ``topk``
-instead of a full sort of the vocabulary); a ``top_p`` row whose nucleus is wider than that
-falls back to the full sort, so the result is exact either way.
+Each draw is inverse-CDF sampling with one uniform per row (``uniforms``: a splitmix64 hash
+of the sequence's seed and output position), so a seeded request's tokens do not depend on
+its batch. ``top_k``/``top_p`` rows are drawn among their ``CANDIDATES`` best tokens, with a
+full sort where a nucleus is wider: exact either way.
 """
 
 from __future__ import annotations

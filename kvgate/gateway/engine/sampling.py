@@ -1,32 +1,19 @@
-"""Sampling parameters, and the single-row forms of the step's batched sampler.
+"""Sampling parameters: what a request asks of the sampler (``sampler.py`` applies them).
 
-The engine samples a whole step at once (``sampler.py``); ``process``, ``sample`` and
-``token_logprob`` here run one row through the same code, for tests and tools. A seeded
-request draws from a stream keyed by its seed and output position, so its tokens do not
-depend on what else shares the batch.
-
-The row goes through the processors in vLLM's order: ``logit_bias``, then the penalties
-(``repetition_penalty`` over prompt and output, HF/vLLM semantics; ``frequency_penalty``
-and ``presence_penalty`` over the output, OpenAI semantics), then temperature, ``min_p``,
-``top_k`` and ``top_p``. Greedy decoding is the argmax of the biased and penalised row.
-
-Log probabilities (``logprobs``) are those of the model's own distribution — the
-log-softmax of the raw logits, before bias, penalties, temperature and filters — as vLLM
-returns them by default: they say what the model thought, not how it was steered.
+Penalties follow HF/vLLM (``repetition_penalty``, over prompt and output) and OpenAI
+(``frequency_penalty``, ``presence_penalty``, over the output). Log probabilities
+(``logprobs``) are the model's own distribution, before bias, penalties, temperature and
+filters, as vLLM returns them by default.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-import torch
+from kvgate.gateway.engine.sampler import TokenLogprob
 
-from kvgate.gateway.engine import sampler
-from kvgate.gateway.engine.sampler import SampleRow, TokenLogprob
-
-__all__ = ["MAX_LOGPROBS", "SamplingParams", "TokenLogprob", "process", "sample", "token_logprob"]
+__all__ = ["MAX_LOGPROBS", "SamplingParams", "TokenLogprob"]
 
 if TYPE_CHECKING:
     from kvgate.gateway.engine.structured import StructuredSpec
@@ -97,22 +84,3 @@ class SamplingParams:
         """Choice ``index`` of ``n`` samples draws from ``seed + index`` (vLLM's rule), so a
         request with n=3 gives the choices three n=1 requests with those seeds give."""
         return None if self.seed is None else self.seed + index
-
-
-def process(logits: torch.Tensor, params: SamplingParams, token_ids: Sequence[int] = (),
-            num_prompt: int = 0) -> torch.Tensor:
-    """``logit_bias`` and the penalties applied to one row (a new tensor when any applies).
-    ``token_ids`` is prompt + output so far, the first ``num_prompt`` of them the prompt."""
-    return sampler.process(logits.unsqueeze(0), [SampleRow(params, token_ids, num_prompt)])[0]
-
-
-def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None,
-           token_ids: Sequence[int] = (), num_prompt: int = 0) -> int:
-    """One row through the batched sampler; its uniform drawn from ``generator``."""
-    u = float(torch.rand((), generator=generator).clamp(min=2.0**-25))
-    return int(sampler.sample(logits.unsqueeze(0), [SampleRow(params, token_ids, num_prompt, u)]))
-
-
-def token_logprob(logits: torch.Tensor, token_id: int, k: int) -> TokenLogprob:
-    """The raw model distribution's log probability of ``token_id`` and its top ``k``."""
-    return sampler.logprobs(logits.unsqueeze(0), [0], torch.tensor([token_id]), [k])[0]

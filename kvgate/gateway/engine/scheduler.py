@@ -1,25 +1,13 @@
 """Continuous batching: which tokens of which sequences the next step computes.
 
-Each step has a token budget. Running sequences go first, oldest first, so decodes (one
-token each) are never starved by a long prompt; a prompt longer than what is left of the
-budget is computed in chunks over several steps (chunked prefill). Waiting requests are
-admitted while budget and pages last: their prompt (all but the last token, so at least
-one token is computed and yields logits) is matched in the cache under their namespace,
-and only the rest is scheduled.
-
-When the device pool cannot hold the running set, the newest running sequence is
-preempted: its pages are released (committed blocks stay cached) and it goes back to the
-front of the queue, to be recomputed later, usually mostly from the cache.
-
-One prefill per prefix: an admitted sequence announces the blocks it is about to compute
-(``CacheStore.announce``). A queued request whose first uncached block is one of them,
-announced by a running sequence of its own namespace, waits (``_waits``): it keeps its
-place while requests behind it that do not wait are admitted, and once the blocks are
-committed it is admitted and reads them from the cache (billed as cached tokens, as any
-later hit). Only running sequences announce, so a request never waits on a waiting one,
-and what it waits for is released as soon as the leader commits, is preempted or ends.
-The wait is bounded (``EngineConfig.single_flight_wait_steps``): past it the request
-computes the rest itself.
+Each step has a token budget. Running decodes go first; a prompt longer than what is left
+is computed in chunks over several steps; waiting requests are admitted in ``fairness``
+key order while budget and pages last, their ``prompt[:-1]`` matched in the cache under
+their namespace. Without pages, the running sequence with the worst key is preempted
+(committed blocks stay cached) and queued again. One prefill per prefix: a running
+sequence announces the blocks it will compute (``CacheStore.announce``), and a queued
+request whose first uncached block is announced in its namespace waits (``_waits``), at
+most ``single_flight_wait_steps`` steps, to read them from the cache.
 """
 
 from __future__ import annotations

@@ -1,32 +1,14 @@
-"""Spend budgets: a tenant's and an API key's, per UTC day and per UTC month.
+"""Spend budgets: a tenant's and an API key's, per UTC day and per UTC month, in integer
+micro-units of the tenant's plan currency (``None``: no budget).
 
-A budget is an amount in integer micro-units of the tenant's plan currency (``None``: no
-budget). Spend is what the ledger billed the tenant (or the key) in the period: every
-usage row whose ``started_at`` falls in it and whose currency is the plan's now (rows
-billed under a plan in another currency are not this budget's money), reservation and
-storage rows included.
-
-``Budgets`` is one replica's view, in memory:
-
-- **spent**: one aggregate query per tenant (``Ledger.budget_spend``: per key, this day
-  and this month) read again once ``refresh_s`` old, plus the cost of every request this
-  replica billed since that query began (``Hold.settle``), so this replica's own spend is
-  exact between reads; other replicas' spend shows up at the next read.
-- **reserved**: the worst-case cost of the requests admitted on this replica and not yet
-  settled.
-
-``reserve`` admits a request when, for every budget that applies (tenant daily, tenant
-monthly, key daily, key monthly), spent + reserved + the request's worst case stays within
-the budget, and reserves that worst case; the check and the reservation happen with no
-await between them, so concurrent requests on one replica can never together pass a
-budget. ``Hold.settle`` swaps the reservation for the billed cost at finish; ``release``
-drops it (nothing billed). Across ``N`` replicas each checks against the spend it read
-last: what the others billed since (at most ``refresh_s`` of their spend) and what they
-hold in flight is not seen, and may take the total past the budget by that much.
-
-With the database away, the last figure read answers for ``stale_s`` after it was read
-(plus this replica's own spend since); after that a budgeted request is refused with
-``LedgerUnavailable`` (HTTP 503). A principal with no budget never reaches any of this.
+``Budgets`` is one replica's view, per tenant: **spent** (one aggregate query,
+``Ledger.budget_spend``, read again once ``refresh_s`` old, plus what this replica billed
+since it began: ``Hold.settle``) and **reserved** (the worst cases of admitted requests not
+yet settled). ``reserve`` checks every budget that applies and reserves, with no await in
+between; ``Hold.settle`` swaps the reservation for the billed cost, ``release`` drops it.
+With the database away the last figure read answers for ``stale_s``, then a budgeted
+request gets ``LedgerUnavailable``. What counts as spend, and how far replicas together
+may overshoot: docs/architecture.md, "Spend budgets".
 """
 
 from __future__ import annotations

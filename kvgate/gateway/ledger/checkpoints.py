@@ -1,25 +1,14 @@
 """Usage checkpoints: what a running request has delivered so far, durable, so a crash
 cannot leave delivered output unbilled.
 
-A request is billed when it finishes or is cancelled. A process killed before that (kill -9,
-an OOM, a power cut) would bill nothing for output its client already received. So every
-running request's usage so far is written to a journal: at least every ``interval_s``
-(1 s) and whenever one request has made ``every_tokens`` (64) output tokens since its last
-checkpoint, all changed requests in one appended, fsync'd write (a line per request and
-flush, not per token). A request that is billed appends a ``done`` line (not fsync'd: if
-it is lost, the restart's row is a duplicate the ledger drops, see below).
-
-The journal is one file per process, ``checkpoints-<host>-<pid>-<n>-<random>.journal`` in the spool
-directory, held with an exclusive ``flock``. On start, the journals of processes that are
-gone (their lock is free) are read: each request with a checkpoint and no ``done`` is
-billed from its last checkpoint with status ``interrupted``, then the file is removed.
-The ledger's insert is idempotent by request id, so a request whose final row made it to
-the database (or the spool) before the crash keeps that row and the interrupted one is
-dropped: a request is billed once, never the sum of two rows. What is lost is bounded:
-the output made after the last checkpoint (under a second, or 64 tokens, per stream).
-
-Lines use the spool's framing (``<crc32> <length> <json>``): a torn last line fails its
-checksum and is ignored.
+One journal per process, ``checkpoints-<host>-<pid>-<n>-<random>.journal`` in the spool
+directory, ``flock``ed, in the spool's framing (``<crc32> <length> <json>``: a torn last
+line fails its checksum). All changed requests go in one fsync'd write at least every
+``interval_s`` and whenever one request has made ``every_tokens`` more output tokens; a
+billed request appends a ``done`` line (not fsync'd). On start, journals whose process is
+gone (their lock is free) are read, each request with no ``done`` is billed from its last
+checkpoint with status ``interrupted``, and the file is removed. Why this bills a request
+once: docs/architecture.md, "Ledger".
 """
 
 from __future__ import annotations

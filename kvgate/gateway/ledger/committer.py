@@ -1,31 +1,14 @@
-"""Group commit: many concurrent ``record`` calls, one transaction, each caller answered
+"""Group commit: concurrent ``record`` calls share one transaction; each caller is answered
 only after COMMIT.
 
-One background task owns the write path. While it commits one batch, new events queue;
-the next batch takes everything queued (up to ``max_batch``). There is no timer: under
-light load a lone event commits at once, under heavy load batches grow by themselves, so
-the wait is never more than one commit's time and the fsync is shared by the batch.
-
-On a SQLite file the whole transaction (price lookup, inserts, COMMIT) runs as one call
-on a writer thread that owns its own ``sqlite3`` connection: one thread hop per batch
-instead of one per statement through the async driver, which under a busy engine thread
-cost a GIL hand-off each. PostgreSQL goes through SQLAlchemy and asyncpg (no threads).
-
-When the database cannot take a batch (unreachable, read-only, its SQLite file replaced),
-the batch goes to the spool (``spool.py``) instead and its callers are answered from it;
-later batches go straight there until a background task has replayed the spool into the
-database. Replay uses the same idempotent insert, so an event is billed exactly once.
-
-When the spool cannot take a batch either (a full or failing disk), its events were
-answered already (the request ran; a stream's tokens were sent): they are held in memory
-(``held``, at most ``max_held``), answered as spooled, and go on into the spool or the
-database, whichever takes them first (both by request id, so never twice). While usage
-is held or the spool fails with the database away, ``Ledger.refusing`` turns new
-requests away. A third task re-tests the spool every ``retest_s`` (and at once when a
-refused request asks, ``kick_retest``): the first probe that succeeds moves what is held
-into the spool, and admission resumes, the database still away or not. What is held is
-lost only if the process dies before the disk or the database is back; each held event
-is logged with its bytes.
+One background task owns the write path; each batch takes everything queued (up to
+``max_batch``). On a SQLite file the transaction runs as one call on a writer thread with
+its own ``sqlite3`` connection; PostgreSQL goes through SQLAlchemy and asyncpg. A batch the
+database cannot take goes to the spool (``spool.py``) and is committed later by ``replay``
+(the same insert, idempotent by request id). A batch the spool cannot take either is
+``held`` in memory (at most ``max_held``) until the spool or the database takes it; the
+spool is re-tested every ``retest_s`` and on ``kick_retest``. Why: docs/architecture.md,
+"Ledger".
 """
 
 from __future__ import annotations

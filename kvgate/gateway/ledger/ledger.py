@@ -233,13 +233,6 @@ class Ledger:
             refusing = detail
         return Health(database, self.spool_depth(), refusing, detail)
 
-    async def replay_spool(self) -> int:
-        """Commit what the spool holds now (the background task does this by itself);
-        returns how many events were new to the database."""
-        if self.spool is None:
-            return 0
-        return await self._committer.replay()
-
     # -- metrics hooks ----------------------------------------------------------------
 
     @property

@@ -1,19 +1,13 @@
-"""Billing receipts: what one request was billed and why, signed so a tenant can check it
-offline.
+"""Billing receipts: what one request was billed and why, signed (Ed25519) so a tenant can
+check it offline.
 
-The ledger builds a receipt from the same event and the same plan it bills the usage row
-with, in the same transaction (``committer``), so the two agree by construction. A receipt
-is a JSON object; its signature (Ed25519) covers every other field, serialised canonically
-(``canonical``: keys sorted, no spaces, UTF-8, integers and strings only). The gateway's
-public key is at ``/.well-known/kvgate-receipt-key``; ``kvgate receipts verify`` checks a
-receipt against it.
-
-The signing key is a PEM file (``--receipt-key-file``); without one, a key is generated
-on the first start into the gateway's data directory (mode 0600) and reused afterwards;
-when that directory cannot be written, the process signs with a key of its own that lives
-as long as it does (said in the log), rather than refusing to serve.
-Replicas behind one address must share a key file, or each signs with its own (each
-receipt names its ``key_id``).
+The committer builds a receipt from the event and the plan it bills the usage row with, in
+the same transaction. The signature covers every other field, serialised by ``canonical``
+(keys sorted, no spaces, UTF-8, integers and strings only); ``kvgate receipts verify``
+checks it against the key at ``/.well-known/kvgate-receipt-key``. The key:
+``--receipt-key-file``, else one generated into the data directory on the first start
+(mode 0600), else, where that directory cannot be written, one that lives as long as the
+process. Each receipt names its ``key_id``.
 """
 
 from __future__ import annotations

@@ -1,20 +1,12 @@
-"""Usage as a time series: the ledger's events summed per hour or per UTC day (or over the
-whole range), optionally split by tenant, key or model, in one SQL GROUP BY that runs the
-same on SQLite and PostgreSQL. What the operator console draws.
+"""Usage as a time series, what the operator console draws: the ledger's events summed per
+hour or per UTC day (or over the whole range), optionally split by tenant, key or model, in
+one SQL GROUP BY that runs the same on SQLite and PostgreSQL.
 
-Tokens come in the kinds the bill prices (``billing.cost_micros``): ``uncached_input_tokens``,
-``cached_tokens`` (cache reads), ``cache_write_5m_tokens``, ``cache_write_1h_tokens`` and
-``cache_write_24h_tokens`` (``cache_write_tokens`` is all three), ``completion_tokens``
-(output); the input kinds add up to ``prompt_tokens``. Reserved cache capacity is billed
-in rows of its own (``reserved_byte_seconds``; they count as no request), and so is explicit
-caches' storage (``stored_token_seconds``).
-
-Each row also says what the cache saved: ``saved_micros`` is what its cached tokens would
-have cost at the input price (uncached), ``net_saved_micros`` that less what they did cost
-at the cache-read price. Usage rows keep no prices, so both are priced by the tenant's plan
-as it is now; a row billed in another currency than that plan's counts no savings (its
-price is unknown). Both are rounded down to whole micro-units per row of the answer, so a
-saving is never overstated. Rows are split by currency, as in ``reports``.
+Tokens come in the kinds ``billing.cost_micros`` prices (the input kinds add up to
+``prompt_tokens``); reservation and storage rows count as no request. ``saved_micros`` and
+``net_saved_micros`` are priced by the tenant's plan as it is now and rounded down per
+answer row; rows are split by currency, as in ``reports``. The fields:
+docs/architecture.md, "Ledger".
 """
 
 from __future__ import annotations

@@ -1,36 +1,16 @@
 """The usage spool: where usage events wait, durable, while the database cannot take them.
 
-One append-only file per process, ``usage-<n>.spool`` in the spool directory, held with an
-exclusive ``flock`` for the process's life (so replicas sharing a directory never share a
-file). Each line is one event, self-delimiting and verifiable::
+One append-only file per process, ``usage-<n>.spool`` in the spool directory, ``flock``ed
+for the process's life. Each line is one event::
 
     <crc32 of payload, 8 hex digits> <payload length> <payload: one JSON object>\\n
 
-Appends are written and fsync'd before ``append`` returns. The spool knows the length of
-its whole records (``_size``): an append that fails (any ``OSError`` from a write or the
-fsync: ``ENOSPC``, ``EIO``) cuts the file back to that length before anything else is
-written, so a later append never lands on a fragment. When even that cut fails, the
-length is remembered: nothing past it is read, and it is cut again before the next append.
-A torn tail a crash left (bytes after the last newline, or a last line that fails its
-length or checksum) is cut when the file is opened and at each replay; a damaged line
-elsewhere is skipped and logged with its bytes, never the lines around it.
-
-Health: ``error`` says why the last disk operation failed (None while the spool works).
-``probe`` re-tests the directory (a small fsync'd file, written and removed), cuts what a
-failed cut left, and retries an adoption that failed; the committer calls it on a timer
-and on demand while the spool is failing, so the spool is in use again as soon as the
-disk takes writes.
-
-Replay reads the file, commits its events (the insert is idempotent by request id, so an
-event committed before a crash that kept it in the spool is not billed twice), then drops
-the replayed prefix: when nothing was appended meanwhile the file is truncated in place
-(no space needed), else the bytes after it are copied to a new file that is renamed over
-the old one. All file work runs on one thread, in submission order, and every write,
-fsync and truncation goes through one ``DiskOps`` object (a failing disk in tests).
-
-Nothing is created until the first event is spooled. On open, files of processes that are
-gone (their lock is free) are adopted: their events are appended to this process's own
-file, then they are removed; an adoption the disk refuses waits for the next ``probe``.
+``append`` returns after the write and its fsync; a failed append is cut back to the last
+whole record (``_size``) before anything else is written. ``read`` cuts a torn tail and
+skips (and logs) a damaged line; ``drop`` removes the replayed prefix. ``error`` says why
+the last disk operation failed, ``probe`` re-tests the disk. All file work runs on one
+thread, through one ``DiskOps`` (a failing disk in tests). Files of processes that are gone
+are adopted on open. Why each rule: docs/architecture.md, "Ledger".
 """
 
 from __future__ import annotations

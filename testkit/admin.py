@@ -27,7 +27,7 @@ class Session(requests.Session):
         self.timeout_s = timeout_s
         self.headers.update(headers or {})
 
-    def request(self, method: str | bytes, url: str | bytes, *args: Any,  # type: ignore[override]
+    def request(self, method: str, url: str | bytes, *args: Any,
                 **kwargs: Any) -> requests.Response:
         kwargs.setdefault("timeout", self.timeout_s)
         path = url.decode() if isinstance(url, bytes) else url

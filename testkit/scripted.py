@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from kvgate.gateway.engine import Engine
-from tests.support.admin import Tenant
+from testkit.admin import Tenant
 
 
 class ScriptedModel:

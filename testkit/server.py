@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import abc
 import asyncio
-import dataclasses
 import os
 import re
 import shutil
@@ -36,8 +35,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import requests
 from aiohttp import web
 
-from kvgate.gateway.config import Settings
-from tests.support.admin import ADMIN_KEY, EVENTS_SECRET, Admin
+from kvgate.gateway.config import Settings, flat_fields, updated
+from testkit.admin import ADMIN_KEY, EVENTS_SECRET, Admin
 
 if TYPE_CHECKING:
     from typing import Self
@@ -47,7 +46,7 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 MiB = 1024 * 1024
 _BANNER = re.compile(r"serving model '[^']*' on http://[^/\s]+:(\d+)")
 
@@ -61,7 +60,7 @@ def server_settings(workdir: Path, **flags: Any) -> Settings:
         "device_cache_bytes": 16 * MiB, "host_cache_bytes": 4 * MiB, "log_level": "warning",
         "events_secret": EVENTS_SECRET,  # signs cache events when a test sets events_url
     }
-    return Settings(**{**values, **flags})
+    return Settings.from_env({}, **{**values, **flags})
 
 
 class Server(abc.ABC):
@@ -73,12 +72,11 @@ class Server(abc.ABC):
         self.workdir = workdir or Path(tempfile.mkdtemp(prefix="kvgate-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
         base = settings or server_settings(self.workdir)
-        self.settings = dataclasses.replace(base, **flags)
-        if not self.settings.spool_dir and not self.settings.db.startswith("sqlite:///"):
+        self.settings = updated(base, **flags)
+        if not self.settings.ledger.spool_dir and not self.settings.ledger.db.startswith("sqlite:///"):
             # the data directory (spool, receipt key) in the working directory, not the
             # repository's
-            self.settings = dataclasses.replace(self.settings,
-                                                spool_dir=str(self.workdir / "spool"))
+            self.settings = updated(self.settings, spool_dir=str(self.workdir / "spool"))
         self.port = 0
         self._admin: Admin | None = None
 
@@ -93,7 +91,7 @@ class Server(abc.ABC):
         """An ``Admin`` on this server (a new one after a restart on another port)."""
         if self._admin is None or self._admin.url != self.url:
             self._close_admin()
-            self._admin = Admin(self.url, self.settings.admin_key or ADMIN_KEY)
+            self._admin = Admin(self.url, self.settings.http.admin_key or ADMIN_KEY)
         return self._admin
 
     @abc.abstractmethod
@@ -119,9 +117,9 @@ class Server(abc.ABC):
     def ledger_rows(self, tenant_id: int | None = None) -> dict[str, dict[str, Any]]:
         """Usage rows read straight from the SQLite ledger: request_id → row, with ``n``
         the number of rows that request has (1 unless it was billed twice)."""
-        if not self.settings.db.startswith("sqlite:///"):
-            raise ValueError(f"ledger_rows reads SQLite ledgers only, not {self.settings.db}")
-        con = sqlite3.connect(self.settings.db.removeprefix("sqlite:///"))
+        if not self.settings.ledger.db.startswith("sqlite:///"):
+            raise ValueError(f"ledger_rows reads SQLite ledgers only, not {self.settings.ledger.db}")
+        con = sqlite3.connect(self.settings.ledger.db.removeprefix("sqlite:///"))
         con.row_factory = sqlite3.Row
         try:
             sql = ("SELECT request_id, COUNT(*) AS n, MIN(status) AS status, "
@@ -227,7 +225,7 @@ class ThreadServer(Server):
             if self.engine is not None:
                 await self.engine.start()
             await runner.setup()
-            site = web.TCPSite(runner, self.settings.host, self.settings.port)
+            site = web.TCPSite(runner, self.settings.http.host, self.settings.http.port)
             await site.start()
             self.port = runner.addresses[0][1]
         except BaseException as exc:
@@ -278,8 +276,8 @@ class ProcessServer(Server):
         else:
             cmd += ["-m", "kvgate.gateway.cli"]
         cmd.append("serve")
-        for field in dataclasses.fields(Settings):
-            value = getattr(self.settings, field.name)
+        for section, field in flat_fields(Settings):
+            value = getattr(getattr(self.settings, section), field.name)
             if field.name in _ENV_ONLY or value is None:
                 continue
             if isinstance(value, bool):
@@ -292,8 +290,9 @@ class ProcessServer(Server):
         exits or is not ready in time."""
         self.starts += 1
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        where = {f.name: section for section, f in flat_fields(Settings)}
         for name in _ENV_ONLY:  # secrets: environment only, as an operator passes them
-            value = getattr(self.settings, name)
+            value = getattr(getattr(self.settings, where[name]), name)
             if value:
                 env["KVGATE_" + name.upper()] = value
         with self.log_path.open("wb") as log:

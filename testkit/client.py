@@ -9,9 +9,9 @@ from typing import Any
 
 import aiohttp
 
-from tests.support.admin import Tenant
-from tests.support.bodies import request_body
-from tests.support.sse import aiter_sse
+from testkit.admin import Tenant
+from testkit.bodies import request_body
+from testkit.sse import aiter_sse
 
 
 def billed_usage(kind: str, usage: Mapping[str, Any]) -> dict[str, int]:

@@ -9,13 +9,14 @@ from typing import Any
 from aiohttp import web
 
 from kvgate.gateway.route.settings import RouterSettings
-from tests.support.admin import EVENTS_SECRET
+from testkit.admin import EVENTS_SECRET
 
 
 class RouterThread:
     def __init__(self, **settings: Any) -> None:
-        self.settings = RouterSettings(**{"port": 0, "log_level": "warning",
-                                          "events_secret": EVENTS_SECRET, **settings})
+        self.settings = RouterSettings.from_env({}, **{"port": 0, "log_level": "warning",
+                                                       "events_secret": EVENTS_SECRET,
+                                                       **settings})
         self.port = 0
         self.app: web.Application | None = None
         self._loop: asyncio.AbstractEventLoop | None = None

@@ -8,7 +8,7 @@ value outside a ``Literal`` fails. The SDK clients themselves build these models
 so a misspelled optional field would reach a user as a silent ``None``: unknown fields fail
 here too, except the few kvgate adds on purpose (``EXTRA_FIELDS``).
 
-Always, too: OpenAI's published OpenAPI document (``tests/support/reference/``, MIT, with
+Always, too: OpenAI's published OpenAPI document (``testkit/reference/``, MIT, with
 its licence), as JSON Schema. The document is 3 MB of YAML, loaded
 once; OpenAPI 3.0's ``nullable: true`` is rewritten as ``anyOf [..., null]`` so a 2020-12
 validator reads it as the document means it.
