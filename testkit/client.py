@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
+import openai
 
 from testkit.admin import Tenant
 from testkit.bodies import request_body
@@ -79,3 +80,16 @@ async def send(session: aiohttp.ClientSession, url: str, tenant: Tenant, kind: s
         except aiohttp.ClientError:
             pass  # the connection died; ``complete`` says whether the end marker came first
         return out
+
+
+def ask(url: str, tenant: Tenant, system: str, question: str, max_tokens: int = 4) -> Any:
+    """One chat completion through the OpenAI SDK: ``system`` then ``question``, greedy."""
+    client = openai.OpenAI(base_url=url + "/v1", api_key=tenant.key, max_retries=0)
+    return client.chat.completions.create(
+        model="demo", max_tokens=max_tokens, temperature=0,
+        messages=[{"role": "system", "content": system}, {"role": "user", "content": question}])
+
+
+def cached_tokens(response: Any) -> int:
+    """The prompt tokens an SDK response says were read from the cache."""
+    return int(response.usage.prompt_tokens_details.cached_tokens or 0)

@@ -164,6 +164,11 @@ class ThreadServer(Server):
         self._ready = threading.Event()
         self._error: BaseException | None = None
 
+    def drain_remote(self) -> None:
+        """Until the engine's remote tiers (disk, Valkey) have written what they queued."""
+        remote = self.state.engine.remote
+        assert remote is not None and remote.drain()
+
     @property
     def state(self) -> AppState:
         from kvgate.gateway.http.state import STATE

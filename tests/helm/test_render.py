@@ -70,7 +70,7 @@ def test_graceful_shutdown_drains_within_the_grace_period(rendered) -> None:
     _, r = rendered
     pod = r.one("Deployment")["spec"]["template"]["spec"]
     sleep = int(pod["containers"][0]["lifecycle"]["preStop"]["exec"]["command"][1])
-    drain = Settings.from_env(r.one("ConfigMap", FULLNAME)["data"]).shutdown_timeout_s
+    drain = Settings.from_env(r.one("ConfigMap", FULLNAME)["data"]).http.shutdown_timeout_s
     assert drain >= 30
     assert sleep + drain < pod["terminationGracePeriodSeconds"]
 

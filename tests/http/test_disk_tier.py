@@ -8,11 +8,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import openai
 import pytest
 import requests
 
 from kvgate.gateway.engine.request import EngineMisconfigured
+from testkit import client
 from testkit.admin import ADMIN_KEY, Tenant
 from testkit.server import MiB, ThreadServer
 
@@ -26,19 +26,7 @@ def flags(tmp_path: Path) -> dict[str, Any]:
 
 
 def ask(server: ThreadServer, tenant: Tenant, question: str = "Which rake?") -> Any:
-    client = openai.OpenAI(base_url=server.url + "/v1", api_key=tenant.key, max_retries=0)
-    return client.chat.completions.create(
-        model="demo", max_tokens=4, temperature=0,
-        messages=[{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}])
-
-
-def cached(response: Any) -> int:
-    return int(response.usage.prompt_tokens_details.cached_tokens or 0)
-
-
-def drain(server: ThreadServer) -> None:
-    tiers = server.state.engine.remote
-    assert tiers is not None and tiers.drain()
+    return client.ask(server.url, tenant, SYSTEM, question)
 
 
 def disk_stats(server: ThreadServer) -> dict[str, Any]:
@@ -52,8 +40,8 @@ def test_a_restarted_replica_reads_a_long_prompt_from_its_disk(tmp_path: Path) -
     try:
         alice = server.admin.tenant("alice")
         first = ask(server, alice)
-        assert cached(first) == 0 and first.usage.prompt_tokens > 256
-        drain(server)
+        assert client.cached_tokens(first) == 0 and first.usage.prompt_tokens > 256
+        server.drain_remote()
         assert disk_stats(server)["writes"] >= first.usage.prompt_tokens // 16
         server.stop()
         server.start()  # same working directory and disk directory; empty device and host
@@ -61,7 +49,7 @@ def test_a_restarted_replica_reads_a_long_prompt_from_its_disk(tmp_path: Path) -
         second = ask(server, alice)
         # every full block of the prompt (less its last token, which is always computed)
         full = (second.usage.prompt_tokens - 1) // 16 * 16
-        assert cached(second) == full > 256
+        assert client.cached_tokens(second) == full > 256
         assert second.choices[0].message.content == first.choices[0].message.content
         stats = disk_stats(server)
         assert stats["hits"] * 16 == full and stats["errors"] == 0
@@ -82,7 +70,7 @@ def test_a_restarted_replica_reads_a_long_prompt_from_its_disk(tmp_path: Path) -
         assert "kvgate_disk_tier_errors_total 0.0" in metrics
         # another tenant with the same prompt reads nothing of alice's
         bob = server.admin.tenant("bob")
-        assert cached(ask(server, bob)) == 0
+        assert client.cached_tokens(ask(server, bob)) == 0
         assert disk_stats(server)["hits"] * 16 == full
     finally:
         server.close()
@@ -93,12 +81,12 @@ def test_a_flush_reaches_the_disk_before_a_restart(tmp_path: Path) -> None:
     try:
         alice = server.admin.tenant("alice")
         ask(server, alice)
-        drain(server)
+        server.drain_remote()
         server.admin.flush(alice.id)
-        drain(server)
+        server.drain_remote()
         server.stop()
         server.start()
-        assert cached(ask(server, alice)) == 0
+        assert client.cached_tokens(ask(server, alice)) == 0
         assert disk_stats(server)["hits"] == 0
     finally:
         server.close()

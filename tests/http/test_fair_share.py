@@ -396,8 +396,8 @@ def test_write_timeout_flag_and_environment(monkeypatch: pytest.MonkeyPatch,
 
     assert Settings().http.write_timeout == 30.0
     s = settings_from_args(build_parser().parse_args(["serve", "--write-timeout", "2.5"]))
-    assert s.write_timeout == 2.5
+    assert s.http.write_timeout == 2.5
     monkeypatch.setenv("KVGATE_WRITE_TIMEOUT", "7")
-    assert settings_from_args(build_parser().parse_args(["serve"])).write_timeout == 7.0
+    assert settings_from_args(build_parser().parse_args(["serve"])).http.write_timeout == 7.0
     router = RouterSettings.from_env()
-    assert router.write_timeout == 7.0
+    assert router.http.write_timeout == 7.0

@@ -32,9 +32,9 @@ def test_flags_and_environment(monkeypatch: pytest.MonkeyPatch,
     args = build_parser().parse_args(["serve", "--block-size", "8", "--device-cache-bytes",
                                       "64MiB", "--db", "sqlite:///x.db"])
     s = settings_from_args(args)
-    assert (s.port, s.block_size, s.device_cache_bytes, s.host_cache_bytes) == (
-        9001, 8, 64 * 1024**2, 1024**3)
-    assert s.db == "sqlite:///x.db" and s.admin_key == "from-env"
+    assert (s.http.port, s.cache.block_size, s.cache.device_cache_bytes,
+            s.cache.host_cache_bytes) == (9001, 8, 64 * 1024**2, 1024**3)
+    assert s.ledger.db == "sqlite:///x.db" and s.http.admin_key == "from-env"
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "--help"])
     help_text = capsys.readouterr().out

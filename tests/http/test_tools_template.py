@@ -91,13 +91,10 @@ def test_a_template_that_refuses_is_a_400() -> None:
         def render_chat(self, messages: list[dict], tools: list | None = None) -> list[int]:
             return tokenizer(LLAMA_RULE).apply_chat_template(messages, tools=tools)
 
-    class _State:
-        engine = _Engine()
-
     two = chat_messages({"messages": [{"role": "user", "content": "x"}, {
         "role": "assistant", "tool_calls": [
             {"id": f"c{i}", "type": "function", "function": {"name": "f", "arguments": "{}"}}
             for i in range(2)]}]})
     with pytest.raises(ApiError) as err:
-        render_prompt(_State(), two, TOOLS)  # type: ignore[arg-type]
+        render_prompt(_Engine(), two, TOOLS)
     assert err.value.status == 400 and "single tool-calls" in str(err.value)

@@ -16,9 +16,10 @@ import requests
 
 from kvgate.cachestore import CacheStore
 from kvgate.gateway.protocol.namespace import tenant_namespace
+from testkit import client
 from tests.remote_tier import test_replicas, test_store_tier
 from tests.remote_tier.conftest import RedisServer
-from tests.remote_tier.test_replicas import ask, cached, drain, remote_stats
+from tests.remote_tier.test_replicas import ask, remote_stats
 from tests.remote_tier.test_store_tier import BLOCK, PROMPT, Replica, drained, keys, kv_of, serve
 
 # the fixtures of the tests these attack
@@ -107,12 +108,12 @@ def test_through_servers_a_spoiled_epoch_is_replaced_and_shared_again(
     one = fleet["replica"]("one")
     alice, bob = one.admin.tenant("alice"), one.admin.tenant("bob")
     valkey.client().set(f"kvgate:kv:epoch:{tenant_namespace(alice.id)}", b"not a number")
-    assert cached(ask(one, alice)) == 0  # answered; written under a new epoch
+    assert client.cached_tokens(ask(one, alice)) == 0  # answered; written under a new epoch
     ask(one, bob)
-    drain(one)  # the writer is alive and wrote both tenants' blocks
+    one.drain_remote()  # the writer is alive and wrote both tenants' blocks
     two = fleet["replica"]("two")
-    assert cached(ask(two, alice)) > 0
-    assert cached(ask(two, bob)) > 0
+    assert client.cached_tokens(ask(two, alice)) > 0
+    assert client.cached_tokens(ask(two, bob)) > 0
     rows = one.ledger_rows()
     assert len(rows) == 4 and all(r["n"] == 1 for r in rows.values())
 
@@ -122,7 +123,7 @@ def test_a_hung_valkey_never_holds_a_request_or_the_event_loop(
     one = fleet["replica"]("one")
     alice, bob = one.admin.tenant("alice"), one.admin.tenant("bob")
     ask(one, alice)
-    drain(one)
+    one.drain_remote()
     two = fleet["replica"]("two")
     assert valkey.proc is not None
     os.kill(valkey.proc.pid, signal.SIGSTOP)  # accepts connections, answers nothing

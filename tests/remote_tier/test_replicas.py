@@ -8,10 +8,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import openai
 import pytest
 import requests
 
+from testkit import client
 from testkit.admin import ADMIN_KEY, Tenant
 from testkit.server import ThreadServer
 from tests.remote_tier.conftest import RedisServer
@@ -36,19 +36,7 @@ def fleet(tmp_path: Path, valkey: RedisServer) -> Iterator[dict[str, Any]]:
 
 
 def ask(server: ThreadServer, tenant: Tenant, question: str = "Which rake?") -> Any:
-    client = openai.OpenAI(base_url=server.url + "/v1", api_key=tenant.key, max_retries=0)
-    return client.chat.completions.create(
-        model="demo", max_tokens=4, temperature=0,
-        messages=[{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}])
-
-
-def cached(response: Any) -> int:
-    return int(response.usage.prompt_tokens_details.cached_tokens or 0)
-
-
-def drain(server: ThreadServer) -> None:
-    remote = server.state.engine.remote
-    assert remote is not None and remote.drain()
+    return client.ask(server.url, tenant, SYSTEM, question)
 
 
 def remote_stats(server: ThreadServer) -> dict[str, Any]:
@@ -61,25 +49,25 @@ def test_a_prompt_from_one_replica_is_a_cache_read_on_another(fleet: dict[str, A
     one = fleet["replica"]("one")
     alice, bob = one.admin.tenant("alice"), one.admin.tenant("bob")
     first = ask(one, alice)
-    assert cached(first) == 0
-    drain(one)
+    assert client.cached_tokens(first) == 0
+    one.drain_remote()
     two = fleet["replica"]("two")
     second = ask(two, alice)
     # every full block of the prompt (less its last token, which is always computed)
-    assert cached(second) == (second.usage.prompt_tokens - 1) // 16 * 16 > 0
-    assert remote_stats(one)["writes"] >= cached(second) // 16
+    assert client.cached_tokens(second) == (second.usage.prompt_tokens - 1) // 16 * 16 > 0
+    assert remote_stats(one)["writes"] >= client.cached_tokens(second) // 16
     assert second.choices[0].message.content == first.choices[0].message.content
     hits = remote_stats(two)["hits"]
-    assert hits * 16 == cached(second)
+    assert hits * 16 == client.cached_tokens(second)
     # another tenant with the same prompt finds nothing, here or in Valkey
     third = ask(two, bob)
-    assert cached(third) == 0
+    assert client.cached_tokens(third) == 0
     assert remote_stats(two)["hits"] == hits
     # billed once each, the cache read as a cache read
     rows = one.ledger_rows()
     assert len(rows) == 3 and all(r["n"] == 1 for r in rows.values())
-    assert sorted(r["cached_tokens"] for r in rows.values()) == [0, 0, cached(second)]
-    assert one.admin.usage(alice.id)["cached_tokens"] == cached(second)
+    assert sorted(r["cached_tokens"] for r in rows.values()) == [0, 0, client.cached_tokens(second)]
+    assert one.admin.usage(alice.id)["cached_tokens"] == client.cached_tokens(second)
     metrics = requests.get(two.url + "/metrics", timeout=10,
                            headers={"Authorization": f"Bearer {ADMIN_KEY}"}).text
     assert f'kvgate_shared_tier_blocks_total{{kind="hit"}} {float(hits)}' in metrics
@@ -89,10 +77,10 @@ def test_a_restarted_replica_warms_from_the_remote_tier(fleet: dict[str, Any]) -
     one = fleet["replica"]("one")
     alice = one.admin.tenant("alice")
     ask(one, alice)
-    drain(one)
+    one.drain_remote()
     one.close()
     again = fleet["replica"]("one")  # same workdir, empty device tier
-    assert cached(ask(again, alice, "Which hoe?")) > 0
+    assert client.cached_tokens(ask(again, alice, "Which hoe?")) > 0
 
 
 def test_with_valkey_killed_every_request_is_answered_and_billed_once(
@@ -100,13 +88,13 @@ def test_with_valkey_killed_every_request_is_answered_and_billed_once(
     one = fleet["replica"]("one")
     alice = one.admin.tenant("alice")
     ask(one, alice)
-    drain(one)
+    one.drain_remote()
     valkey.kill()
     two = fleet["replica"]("two")
     answers = [ask(two, alice, f"Question {i}?") for i in range(5)]
     answers += [ask(one, alice, f"Question {i}?") for i in range(3)]
     assert all(a.choices[0].message.content is not None for a in answers)
-    assert cached(answers[1]) > 0  # the local tier still serves what replica two computed
+    assert client.cached_tokens(answers[1]) > 0  # the local tier still serves what replica two computed
     rows = one.ledger_rows(alice.id)
     assert len(rows) == 9 and all(r["n"] == 1 for r in rows.values())
     stats = remote_stats(two)
@@ -117,9 +105,9 @@ def test_an_admin_flush_reaches_the_remote_tier(fleet: dict[str, Any]) -> None:
     one = fleet["replica"]("one")
     alice = one.admin.tenant("alice")
     ask(one, alice)
-    drain(one)
+    one.drain_remote()
     one.admin.flush(alice.id)
-    drain(one)
+    one.drain_remote()
     two = fleet["replica"]("two")
-    assert cached(ask(two, alice)) == 0
+    assert client.cached_tokens(ask(two, alice)) == 0
     assert remote_stats(two)["hits"] == 0
