@@ -146,3 +146,19 @@ def test_console_paths_on_the_router_carry_the_console_headers(router: RouterThr
         assert r.status_code in (401, 404)
         assert r.headers.get("X-Content-Type-Options") == "nosniff", (r.status_code, r.headers)
         assert "frame-ancestors 'none'" in r.headers.get("Content-Security-Policy", "")
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate", "br"])
+@pytest.mark.parametrize("via", ["replica", "router"])
+def test_a_body_that_does_not_decompress_is_a_400_not_a_500(
+        replica: ThreadServer, router: RouterThread, tenant: Tenant, encoding: str,
+        via: str) -> None:
+    """``Content-Encoding: gzip`` over bytes that are not gzip: aiohttp raises
+    ``RequestPayloadError`` from ``request.read()``, which ``edge.body.read_body`` does not
+    catch (only ``HttpProcessingError``): any tenant gets a 500 internal_error and a
+    traceback in the operator's log per request."""
+    base = replica.url if via == "replica" else router.url
+    r = requests.post(base + "/v1/chat/completions", data=b"\x1f\x8b not compressed",
+                      headers={**tenant.headers, "Content-Encoding": encoding}, timeout=30)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["code"] == "bad_http_request"
