@@ -134,7 +134,7 @@ class RouterProcess:
     def __init__(self, workdir: Path, db: str, replicas: list[str], events_url: str) -> None:
         self.port = free_port()
         self.log_path = workdir / f"router-{self.port}.log"
-        cmd = [sys.executable, "-m", "kvgate.gateway.cli", "route", "--port", str(self.port),
+        cmd = [sys.executable, "-m", "kvgate.gateway.cli", "route", "--port", str(self.port), "--model", "demo",
                "--db", db, "--events-url", events_url, "--log-level", "warning"]
         for r in replicas:
             cmd += ["--replica", r]

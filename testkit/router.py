@@ -15,6 +15,7 @@ from testkit.admin import EVENTS_SECRET
 class RouterThread:
     def __init__(self, **settings: Any) -> None:
         self.settings = RouterSettings.from_env({}, **{"port": 0, "log_level": "warning",
+                                                       "model": "demo",
                                                        "events_secret": EVENTS_SECRET,
                                                        **settings})
         self.port = 0

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, fields
@@ -40,7 +41,8 @@ class HttpSettings:
     host: str = opt("127.0.0.1", "address to listen on (127.0.0.1)", api=True)
     port: int = opt(8000, "port to listen on (8000; 0 picks a free one)", api=True)
     admin_key: str | None = opt(None, hidden=True)
-    log_level: str = opt("info", "debug | info | warning | error")
+    log_level: str = opt("info", "debug | info | warning | error",
+                         choices=("debug", "info", "warning", "error", "critical"))
     max_body_bytes: int = opt(4 * 1024 * 1024, "the largest request body (4MiB); more is a 413")
     # A connection idle, or still sending its headers or body, this long is closed.
     read_timeout_s: int = opt(30, "seconds a connection may be idle or take to send its "
@@ -342,27 +344,61 @@ def args_overrides(cls: type, args: argparse.Namespace,
     return overrides
 
 
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
 def _bool(raw: str) -> bool:
-    return raw.strip().lower() in ("1", "true", "yes", "on")
+    """1/true/yes/on or 0/false/no/off; anything else is refused (a typo must not turn a
+    feature off)."""
+    value = raw.strip().lower()
+    if value not in _TRUE + _FALSE:
+        raise ValueError(f"{raw!r} is not 0 or 1")
+    return value in _TRUE
 
 
 def _list(raw: str) -> list[str]:
     return [item.strip() for item in raw.split(",") if item.strip()]
 
 
+def _count(parse: Any, name: str) -> Any:
+    """``parse``, and the value must be a finite number of at least 0 (a port at most
+    65535): no setting of ours means anything below."""
+    def check(raw: str) -> Any:
+        value = parse(raw)
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"{raw!r} is not a number of at least 0")
+        if name.endswith("port") and value > 65535:
+            raise ValueError(f"{raw!r} is not a port (0 to 65535)")
+        return value
+    check.__name__ = parse.__name__  # argparse names the type in its errors
+    return check
+
+
+def _choice(choices: tuple[str, ...]) -> Any:
+    def check(raw: str) -> str:
+        if raw.strip().lower() not in choices:
+            raise ValueError(f"{raw!r} is not one of {' | '.join(choices)}")
+        return raw.strip().lower()
+    check.__name__ = "choice"
+    return check
+
+
 def _parser_of(f: dataclasses.Field[Any]) -> Any:
     t = str(f.type).removesuffix(" | None")
+    if "choices" in f.metadata:
+        return _choice(f.metadata["choices"])
     if t == "int":
-        return parse_bytes if f.name.endswith("_bytes") else int
-    return {"bool": _bool, "float": float, "list[str]": _list}.get(t, str)
+        return _count(parse_bytes if f.name.endswith("_bytes") else int, f.name)
+    if t == "float":
+        return _count(float, f.name)
+    return {"bool": _bool, "list[str]": _list}.get(t, str)
 
 
 def _coerce(name: str, f: dataclasses.Field[Any], raw: str) -> Any:
     try:
         return _parser_of(f)(raw)
     except ValueError as exc:
-        raise ValueError(f"{ENV_PREFIX}{name.upper()}={raw!r} is not a valid value: "
-                         f"{exc}") from exc
+        raise ValueError(f"{ENV_PREFIX}{name.upper()}: {exc}") from None
 
 
 _UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1000, "kib": 1024, "m": 1024**2, "mb": 1000**2,

@@ -12,7 +12,8 @@ from urllib.parse import urlsplit
 import pytest
 import requests
 
-from kvgate.gateway.http.console.pages import CSP, SECURITY_HEADERS, is_console_request
+from kvgate.gateway.edge.security import CSP, SECURITY_HEADERS
+from kvgate.gateway.http.console.pages import is_console_request
 from kvgate.gateway.ledger import InvalidInput, Ledger, NotFound
 from kvgate.gateway.ledger.series import SeriesQuery
 from testkit import Admin, ThreadServer

@@ -10,6 +10,7 @@ from typing import TypeVar
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 
 from kvgate.gateway.edge.context import edge_of
 from kvgate.gateway.protocol.body import parse_json
@@ -42,6 +43,10 @@ async def read_body(request: web.Request) -> bytes:
     except HttpProcessingError as exc:
         request.protocol.close()
         raise bad_request(f"The request body is malformed: {exc.message}.",
+                          code="bad_http_request") from None
+    except RequestPayloadError as exc:  # e.g. a Content-Encoding its bytes do not decode as
+        request.protocol.close()
+        raise bad_request(f"The request body cannot be read: {exc}.",
                           code="bad_http_request") from None
 
 

@@ -9,6 +9,7 @@ from aiohttp import web
 
 from kvgate.gateway.edge.context import EDGE, Edge, edge_of
 from kvgate.gateway.edge.errors import error_response
+from kvgate.gateway.edge.middleware import context_middleware, on_response_prepare
 from kvgate.gateway.ledger import LedgerUnavailable
 from kvgate.gateway.protocol.errors import ApiError
 
@@ -61,8 +62,9 @@ async def _may_read_metrics(request: web.Request, edge: Edge, own_port: bool) ->
 
 async def metrics_listener(edge: Edge, host: str) -> web.AppRunner:
     """``--metrics-port``: /metrics alone on its own listener, for the scraper."""
-    app = web.Application()
+    app = web.Application(middlewares=[context_middleware])  # its errors in the API shape
     app[EDGE] = edge
+    app.on_response_prepare.append(on_response_prepare)
 
     async def scrape(request: web.Request) -> web.Response:
         return await _scrape(request, edge, own_port=True)

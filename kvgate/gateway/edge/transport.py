@@ -140,3 +140,22 @@ class BoundedResponse(web.StreamResponse):
         if transport is not None:
             transport.abort()
         return self._gone("write_timeout")
+
+
+def cannot_listen(host: str, port: int | None) -> str | None:
+    """Why ``host:port`` cannot be listened on (e.g. another server holds it), or None."""
+    if not port:
+        return None
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+    except OSError as exc:
+        return str(exc)
+    for family, kind, proto, _, addr in infos:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server does
+            try:
+                probe.bind(addr)
+            except OSError as exc:
+                return exc.strerror or str(exc)
+    return None

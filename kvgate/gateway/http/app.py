@@ -13,6 +13,7 @@ from kvgate.gateway.config import Settings
 from kvgate.gateway.edge.context import EDGE, Edge
 from kvgate.gateway.edge.middleware import auth_middleware, context_middleware, on_response_prepare
 from kvgate.gateway.edge.scrape import metrics_endpoint, metrics_listener
+from kvgate.gateway.edge.security import console_headers
 from kvgate.gateway.edge.transport import handler_args
 from kvgate.gateway.engine import Engine, EngineConfig, PromptTooLong
 from kvgate.gateway.engine.request import EngineMisconfigured
@@ -43,7 +44,7 @@ from kvgate.gateway.http.state import STATE, AppState, state_of
 from kvgate.gateway.ledger import Ledger, LedgerUnavailable, migrates_on_start
 from kvgate.gateway.ledger.checkpoints import Checkpoints
 from kvgate.gateway.ledger.spool import default_spool_dir
-from kvgate.gateway.protocol.errors import ApiError
+from kvgate.gateway.protocol.errors import ApiError, prompt_param
 from kvgate.gateway.protocol.tool_parsers import parser_for
 
 log = logging.getLogger("kvgate.http")
@@ -76,9 +77,7 @@ def _engine_errors(request: web.Request, exc: Exception) -> ApiError | None:
     """The engine's refusals the client must see as its own 400s."""
     if isinstance(exc, PromptTooLong):  # refused before tokenizing: it cannot fit the context
         return ApiError(400, f"The prompt is too long for this model's context: {exc}.",
-                        code="context_length_exceeded",
-                        param={"/v1/completions": "prompt", "/v1/responses": "input"}.get(
-                            request.path, "messages"))
+                        code="context_length_exceeded", param=prompt_param(request.path))
     return None
 
 
@@ -191,7 +190,7 @@ def create_app(settings: Settings, engine: Engine | None = None,
     app.add_routes(_routes())
     responses_api.setup(app)
     app.on_response_prepare.append(on_response_prepare)
-    app.on_response_prepare.append(console.on_response_prepare)
+    app.on_response_prepare.append(console_headers)
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
         # The model first: a start that cannot serve (a model or KV pool it refuses) must not

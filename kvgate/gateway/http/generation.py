@@ -44,7 +44,7 @@ from kvgate.gateway.ledger import UsageEvent
 from kvgate.gateway.ledger.budgets import NO_HOLD
 from kvgate.gateway.ledger.receipts import new_receipt_id
 from kvgate.gateway.protocol.cache_request import NO_CACHE_REQUEST, CacheRequest, check_retention
-from kvgate.gateway.protocol.errors import ApiError
+from kvgate.gateway.protocol.errors import ApiError, prompt_param, structured_param
 from kvgate.gateway.protocol.priority import check_priority, engine_terms
 from kvgate.gateway.usage import CacheDetail, Usage
 
@@ -207,11 +207,13 @@ class Generation:
         except PromptTooLong as exc:
             self._agen = None
             raise ApiError(400, f"The prompt is too long for this model's context: {exc}",
-                           code="context_length_exceeded", param="messages") from exc
+                           code="context_length_exceeded",
+                           param=prompt_param(self.request.path)) from exc
         except InvalidGrammar as exc:
             self._agen = None
             raise ApiError(400, f"The structured output spec is not valid: {exc}",
-                           code="invalid_value", param="response_format") from exc
+                           code="invalid_value",
+                           param=structured_param(self.request.path)) from exc
         except InvalidTokens as exc:
             self._agen = None
             raise ApiError(400, f"The prompt holds a token id this model does not have: {exc}",

@@ -6,7 +6,6 @@ import argparse
 import asyncio
 import logging
 import signal
-import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -32,14 +31,18 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 
 def run(args: argparse.Namespace) -> int:
-    settings = settings_from_args(args)
+    try:
+        settings = settings_from_args(args)
+    except ValueError as exc:  # a KVGATE_* value that is no value of its setting
+        print(f"kvgate: {exc}", file=sys.stderr, flush=True)
+        return 2
     logging.basicConfig(level=settings.http.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return asyncio.run(serve(settings))
 
 
 async def serve(settings: Settings) -> int:
-    from kvgate.gateway.edge.transport import GatewayRunner
+    from kvgate.gateway.edge.transport import GatewayRunner, cannot_listen
     from kvgate.gateway.engine.demo import SHAPES
     from kvgate.gateway.engine.gguf import GGUFError, is_gguf
     from kvgate.gateway.engine.gguf import resolve as resolve_gguf
@@ -78,7 +81,7 @@ async def serve(settings: Settings) -> int:
         print(f"kvgate: {exc}", file=sys.stderr, flush=True)
         return 2
     for what, port in (("--port", settings.http.port), ("--metrics-port", settings.metrics.metrics_port)):
-        problem = _cannot_listen(settings.http.host, port)
+        problem = cannot_listen(settings.http.host, port)
         if problem:  # say so now, not after loading the model
             print(f"kvgate: cannot listen on {settings.http.host}:{port} ({what}): {problem}",
                   file=sys.stderr, flush=True)
@@ -121,25 +124,6 @@ async def serve(settings: Settings) -> int:
     finally:
         await runner.cleanup()  # stop accepting, wait for handlers, close engine and ledger
     return 0
-
-
-def _cannot_listen(host: str, port: int | None) -> str | None:
-    """Why ``host:port`` cannot be listened on (e.g. another server holds it), or None."""
-    if not port:
-        return None
-    try:
-        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
-                                   flags=socket.AI_PASSIVE)
-    except OSError as exc:
-        return str(exc)
-    for family, kind, proto, _, addr in infos:
-        with socket.socket(family, kind, proto) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server does
-            try:
-                probe.bind(addr)
-            except OSError as exc:
-                return exc.strerror or str(exc)
-    return None
 
 
 def banner(settings: Settings, port: int, admin_key: str | None, model_id: str) -> str:

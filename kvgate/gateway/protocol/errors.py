@@ -60,6 +60,17 @@ def is_anthropic_path(path: str) -> bool:
     return path.startswith("/v1/messages")
 
 
+def prompt_param(path: str) -> str:
+    """The field that holds the prompt on ``path``, named in errors about it."""
+    return {"/v1/completions": "prompt", "/v1/responses": "input"}.get(path, "messages")
+
+
+def structured_param(path: str) -> str:
+    """The field that asks for a structured output on ``path``."""
+    return {"/v1/responses": "text.format", "/v1/messages": "output_format"}.get(
+        path, "response_format")
+
+
 def error_body(path: str, err: ApiError) -> dict:
     if is_anthropic_path(path):
         fallback = "api_error" if err.status >= 500 else "invalid_request_error"

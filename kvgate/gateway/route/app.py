@@ -26,7 +26,8 @@ from kvgate.gateway.edge.context import CTX, EDGE, Edge, principal_of
 from kvgate.gateway.edge.errors import ClientGone
 from kvgate.gateway.edge.metrics import RequestMetrics
 from kvgate.gateway.edge.middleware import auth_middleware, context_middleware, new_request_id
-from kvgate.gateway.edge.scrape import metrics_endpoint
+from kvgate.gateway.edge.scrape import metrics_endpoint, metrics_listener
+from kvgate.gateway.edge.security import console_headers
 from kvgate.gateway.edge.transport import handler_args
 from kvgate.gateway.ledger import Ledger
 from kvgate.gateway.protocol.errors import ApiError
@@ -36,7 +37,7 @@ from kvgate.gateway.route.choose import Candidate, QueueCost, choose
 from kvgate.gateway.route.events import EventFollower
 from kvgate.gateway.route.index import ClusterIndex
 from kvgate.gateway.route.pool import Replica, ReplicaPool
-from kvgate.gateway.route.prompt import PromptRenderer, cache_key_of, tokenizer_for
+from kvgate.gateway.route.prompt import PromptRenderer, cache_key_of, model_id_of, tokenizer_for
 from kvgate.gateway.route.proxy import attempt_of, forward
 from kvgate.gateway.route.settings import RouterSettings
 
@@ -211,6 +212,11 @@ class Router:
 
     async def on_new_epoch(self, replica: Replica) -> None:
         """A replica seen for the first time or restarted: its view starts from a snapshot."""
+        expected = model_id_of(self.settings.routing.model)
+        if replica.model_id and replica.model_id != expected:
+            log.warning("replica %s serves model %r but this router renders prompts for %r "
+                        "(--model): its cached prefixes will never match; give the router "
+                        "the replicas' --model", replica.url, replica.model_id, expected)
         if self.follower is not None:
             self.start_resync(replica)
 
@@ -394,14 +400,15 @@ def create_router_app(settings: RouterSettings, ledger: Ledger | None = None) ->
     opt-out (``--events-unsigned``)."""
     events_key = key_for(settings.events.events_url, settings.events.events_secret, None,
                          settings.events.events_unsigned, "kvgate route")
-    metrics = RequestMetrics()
+    metrics = RequestMetrics(settings.metrics.metrics_tenant_labels)
     app = web.Application(middlewares=[context_middleware, auth_middleware],
                           client_max_size=settings.http.max_body_bytes,
                           handler_args=handler_args(settings.http.read_timeout_s))
     router = Router(settings, PromptRenderer(tokenizer_for(settings.routing.model)),
                     RouterMetrics.on(metrics))
     app[ROUTER] = router
-    app[EDGE] = Edge(settings.http, metrics, router.the_ledger)
+    app[EDGE] = edge = Edge(settings.http, metrics, router.the_ledger,
+                            metrics_settings=settings.metrics)
     app.add_routes([
         web.get("/healthz", healthz, allow_head=False),
         web.get("/health", healthz, allow_head=False),
@@ -412,6 +419,7 @@ def create_router_app(settings: RouterSettings, ledger: Ledger | None = None) ->
         web.route("*", "/admin/{tail:.*}", admin_elsewhere),
     ])
     app.on_response_prepare.append(on_response_prepare)
+    app.on_response_prepare.append(console_headers)  # the console's paths answer errors here
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
         own = ledger or await Ledger.open(settings.routing.db, migrate=False)
@@ -444,9 +452,13 @@ def create_router_app(settings: RouterSettings, ledger: Ledger | None = None) ->
 
         tasks += [asyncio.create_task(pool.run(), name="kvgate-pool"),
                   asyncio.create_task(gauge(), name="kvgate-pool-gauge")]
+        metrics_runner = (await metrics_listener(edge, settings.http.host)
+                          if settings.metrics.metrics_port is not None else None)
         try:
             yield
         finally:
+            if metrics_runner is not None:
+                await metrics_runner.cleanup()
             for task in tasks:
                 task.cancel()
             await asyncio.wait(tasks, timeout=2.0)  # a Redis call may be slow to give up

@@ -27,12 +27,21 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    settings = from_args(args)
+    try:
+        settings = from_args(args)
+    except ValueError as exc:  # a KVGATE_* value that is no value of its setting
+        print(f"kvgate route: {exc}", file=sys.stderr, flush=True)
+        return 2
     logging.basicConfig(level=settings.http.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not settings.http.admin_key:
         print("kvgate route: set KVGATE_ADMIN_KEY (the replicas' admin key): the router "
               "reads their load and cache snapshots with it", file=sys.stderr, flush=True)
+        return 2
+    bad = [u for u in settings.routing.replicas if not u.startswith(("http://", "https://"))]
+    if bad:
+        print(f"kvgate route: --replica {bad[0]}: give the replica's base URL, e.g. "
+              f"http://{bad[0]}", file=sys.stderr, flush=True)
         return 2
     if not settings.routing.replicas and not settings.routing.replicas_dns:
         print("kvgate route: name the replicas (--replica URL, KVGATE_REPLICAS or "
@@ -53,6 +62,21 @@ def run(args: argparse.Namespace) -> int:
         require_existing_sqlite(settings.routing.db, "--db, KVGATE_DB or the default")
     except LedgerError as e:
         print(f"kvgate route: {e} The router reads the replicas' ledger (KVGATE_DB).",
+              file=sys.stderr, flush=True)
+        return 2
+    from kvgate.gateway.edge.transport import cannot_listen
+    from kvgate.gateway.route.prompt import tokenizer_for
+
+    problem = cannot_listen(settings.http.host, settings.http.port)
+    if problem:
+        print(f"kvgate route: cannot listen on {settings.http.host}:{settings.http.port} "
+              f"(--port): {problem}", file=sys.stderr, flush=True)
+        return 2
+    try:  # loaded once (cached): a model that is not there is said now, in one line
+        tokenizer_for(settings.routing.model)
+    except Exception as exc:  # the tokenizer libraries raise plain Exceptions
+        print(f"kvgate route: --model {settings.routing.model}: cannot load its tokenizer: "
+              f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}",
               file=sys.stderr, flush=True)
         return 2
     return asyncio.run(route(settings))

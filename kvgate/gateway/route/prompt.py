@@ -9,12 +9,13 @@ and the replica answers it, errors included, in the API's own shape.
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Any
 
 from kvgate.cachestore.hashing import block_hashes, root_digest
-from kvgate.gateway.engine import demo
+from kvgate.gateway.engine import EngineConfig, demo, gguf
 from kvgate.gateway.engine.loader import load_tokenizer
 from kvgate.gateway.engine.tokenizer import TextTokenizer
 from kvgate.gateway.protocol.anthropic import parse_conversation
@@ -25,11 +26,25 @@ from kvgate.gateway.protocol.openai_tools import checked_tools
 MAX_ROUTED_BYTES = 4 * 1024 * 1024  # bodies beyond this are routed without rendering
 
 
+@functools.cache
 def tokenizer_for(model: str) -> TextTokenizer:
-    """The tokenizer ``kvgate serve --model`` loads for the same value."""
+    """The tokenizer ``kvgate serve --model`` loads for the same value: a GGUF model
+    (``smollm2``, a ``.gguf`` file) from its converted directory, converted on first use as
+    the replicas do."""
     if model in demo.SHAPES:
         return demo.build_tokenizer()
+    if gguf.is_gguf(model):
+        return load_tokenizer(gguf.resolve(model, EngineConfig(model=model).torch_dtype))
     return load_tokenizer(Path(model).expanduser())
+
+
+def model_id_of(model: str) -> str:
+    """The id replicas serving ``--model`` report (``/admin/load``'s ``model_id``)."""
+    if model in demo.SHAPES:
+        return model
+    if gguf.is_gguf(model):
+        return gguf.served_id(model)
+    return Path(model).expanduser().resolve().name
 
 
 class PromptRenderer:
@@ -87,7 +102,7 @@ def cache_key_of(raw: bytes) -> str | None:
         return None
     try:
         body = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):  # the replica judges such a body itself
         return None
     if not isinstance(body, dict):
         return None

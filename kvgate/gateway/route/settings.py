@@ -10,15 +10,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kvgate.gateway import config
-from kvgate.gateway.config import EventsSettings, HttpSettings, opt
+from kvgate.gateway.config import EventsSettings, HttpSettings, MetricsSettings, opt
 
 
 @dataclass
 class RoutingSettings:
     db: str = opt("sqlite:///./kvgate.db", "the replicas' ledger URL "
                                            "(postgresql+asyncpg://... when several)", api=True)
-    model: str = opt("demo", "the replicas' --model (its tokenizer and chat template are "
-                             "loaded)", api=True)
+    model: str = opt("smollm2", "the replicas' --model (smollm2, as theirs by default): its "
+                                "tokenizer and chat template render prompts as they do",
+                     api=True)
     replicas: list[str] = opt(factory=list, help="a replica's base URL, e.g. "
                               "http://10.0.0.5:8000 (repeatable; also KVGATE_REPLICAS, "
                               "comma-separated)", api=True, flag="replica", action="append",
@@ -45,6 +46,7 @@ _HELPS = {"port": "port to listen on (8080)",
 @dataclass
 class RouterSettings:
     http: HttpSettings = field(default_factory=lambda: HttpSettings(port=8080))
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
     routing: RoutingSettings = field(default_factory=RoutingSettings)
     events: EventsSettings = field(default_factory=EventsSettings)
 

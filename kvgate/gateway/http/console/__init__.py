@@ -6,19 +6,10 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from kvgate.gateway.edge.security import is_console_path
 from kvgate.gateway.http.console import api, pages
 from kvgate.gateway.http.console.history import CacheHistory, sampler
-from kvgate.gateway.http.console.pages import (
-    add_security_headers,
-    is_console_path,
-    is_console_request,
-)
-
-
-async def on_response_prepare(request: web.Request, response: web.StreamResponse) -> None:
-    """The console's answers, errors too: CSP, no framing, nosniff."""
-    if is_console_path(request.path):
-        add_security_headers(response)
+from kvgate.gateway.http.console.pages import is_console_request
 
 
 def routes() -> list[web.RouteDef]:
@@ -31,5 +22,4 @@ def setup(app: web.Application, history: CacheHistory | None = None) -> None:
     app.cleanup_ctx.append(sampler(history or CacheHistory()))
 
 
-__all__ = ["CacheHistory", "is_console_path", "is_console_request", "on_response_prepare",
-           "routes", "setup"]
+__all__ = ["CacheHistory", "is_console_path", "is_console_request", "routes", "setup"]

@@ -13,32 +13,18 @@ from importlib import resources
 
 from aiohttp import web
 
+from kvgate.gateway.edge.security import (
+    CONSOLE_PATH,
+    SECURITY_HEADERS,
+)
 from kvgate.gateway.protocol.errors import ApiError
 
-PAGE = "/admin/ui"
-CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
-       "connect-src 'self'; font-src 'self'; object-src 'none'; base-uri 'none'; "
-       "form-action 'self'; frame-ancestors 'none'")
-SECURITY_HEADERS = {
-    "Content-Security-Policy": CSP,
-    "X-Frame-Options": "DENY",
-    "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
-    "Cross-Origin-Opener-Policy": "same-origin",
-    "Cross-Origin-Resource-Policy": "same-origin",
-    "Permissions-Policy": "camera=(), microphone=(), geolocation=()",
-}
+PAGE = CONSOLE_PATH
 ASSETS = {
     "console.js": "text/javascript",
     "console.css": "text/css",
     "favicon.svg": "image/svg+xml",
 }
-
-
-def is_console_path(path: str) -> bool:
-    """Under the console's prefix: every answer there (404s, 405s, 401s too) carries the
-    security headers."""
-    return path == PAGE or path.startswith(PAGE + "/")
 
 
 def is_console_request(request: web.Request) -> bool:
@@ -78,12 +64,6 @@ async def asset(request: web.Request) -> web.Response:
 
 
 _PUBLIC_ROUTES = frozenset((PAGE, PAGE + "/", PAGE + "/static/{name}"))
-
-
-def add_security_headers(response: web.StreamResponse) -> None:
-    """Set on every console answer before its first byte (errors included)."""
-    for name, value in SECURITY_HEADERS.items():
-        response.headers.setdefault(name, value)
 
 
 def routes() -> list[web.RouteDef]:
