@@ -370,7 +370,8 @@ def _count(parse: Any, name: str) -> Any:
         if name.endswith("port") and value > 65535:
             raise ValueError(f"{raw!r} is not a port (0 to 65535)")
         return value
-    check.__name__ = parse.__name__  # argparse names the type in its errors
+    # argparse names the type in its errors: "invalid byte size (e.g. 512MiB, 2G) value"
+    check.__name__ = "byte size (e.g. 512MiB, 2G)" if parse is parse_bytes else parse.__name__
     return check
 
 
