@@ -5,13 +5,14 @@ from __future__ import annotations
 import hmac
 import logging
 from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
 from kvgate.cachestore.disk_tier import DiskTierConfig
 from kvgate.cachestore.shared_tier import SharedTierConfig
 from kvgate.gateway.config import Settings
-from kvgate.gateway.engine import Engine, EngineConfig
+from kvgate.gateway.engine import EngineConfig
 from kvgate.gateway.engine.request import EngineMisconfigured
 from kvgate.gateway.http import (
     admin,
@@ -38,6 +39,9 @@ from kvgate.gateway.ledger import Ledger, LedgerUnavailable, migrates_on_start
 from kvgate.gateway.ledger.checkpoints import Checkpoints
 from kvgate.gateway.ledger.spool import default_spool_dir
 from kvgate.gateway.route import replica
+
+if TYPE_CHECKING:  # the engine (torch, transformers) is imported when an app builds one
+    from kvgate.gateway.engine import Engine
 
 log = logging.getLogger("kvgate.http")
 
@@ -243,6 +247,8 @@ def create_app(settings: Settings, engine: Engine | None = None,
         the_engine = engine
         own_engine: Engine | None = None
         if the_engine is None:
+            from kvgate.gateway.engine import Engine
+
             own_engine = the_engine = Engine(engine_config(settings))
         try:
             own_ledger = ledger or await Ledger.open(
