@@ -605,7 +605,7 @@ def main() -> None:
         write_result("policy-kv_dtype", result)
         return
     capacities = sorted(REPORT if args.quick else TUNE + REPORT)
-    capacities = smoke(capacities, capacities[:2])
+    capacities = smoke(capacities, capacities[:1])
     if not args.quick:
         names = ["synthetic", *names]
     jobs = plan(names, capacities, two_tier=not args.quick)

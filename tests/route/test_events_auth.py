@@ -33,6 +33,7 @@ from kvgate.gateway.protocol.wire import (
     events_key,
     verify,
 )
+from kvgate.gateway.route import app as route_app
 from kvgate.gateway.route.app import create_router_app
 from kvgate.gateway.route.settings import RouterSettings
 from testkit.admin import ADMIN_KEY, EVENTS_SECRET
@@ -279,10 +280,11 @@ def test_signed_events_the_replica_never_made_are_found_and_undone(fleet: Fleet)
 
 
 def test_events_lost_with_no_later_batch_are_found_from_the_replicas_own_number(
-        fleet: Fleet) -> None:
+        fleet: Fleet, monkeypatch: pytest.MonkeyPatch) -> None:
     """The last batches lost (Redis dropped them, or the stream cannot be written) and the
     replica idle afterwards: no later batch shows a gap, but the replica's load report
     does."""
+    monkeypatch.setattr(route_app, "LAG_S", 1.0)  # behind for a second, not five: lost
     _holder(fleet, SYSTEM + "before the loss")
     index = fleet.replicas[0].state.engine.store.index
     sink = index.on_event

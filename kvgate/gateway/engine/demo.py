@@ -2,18 +2,23 @@
 
 Its text is meaningless. It exists so the whole service runs anywhere with no download,
 and so benchmarks have a model of known shape. Weights come from a fixed seed, so two
-processes (or a test and its oracle) build the very same model.
+processes (or a test and its oracle) build the very same model. transformers is imported
+by the functions that build it: the shapes and the tokenizer (the router's, the planner's)
+do without it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from kvgate.gateway.engine.tokenizer import TextTokenizer
+
+if TYPE_CHECKING:
+    from transformers import LlamaConfig, LlamaForCausalLM
 
 BOS = "<|begin_of_text|>"
 EOT = "<|eot|>"
@@ -111,6 +116,8 @@ def _byte_of(ch: str) -> int:
 
 
 def demo_config(shape: str = "demo", tokenizer: TextTokenizer | None = None) -> LlamaConfig:
+    from transformers import LlamaConfig
+
     if shape not in SHAPES:
         raise ValueError(f"unknown demo shape {shape!r}; known: {', '.join(SHAPES)}")
     tok = tokenizer or build_tokenizer()
@@ -139,6 +146,8 @@ def build_model(
     attn_implementation: str = "sdpa",
 ) -> LlamaForCausalLM:
     """Same (shape, seed) → bit-identical weights, on any machine."""
+    from transformers import LlamaForCausalLM
+
     config = demo_config(shape)
     config._attn_implementation = attn_implementation
     devices = torch.cuda.device_count() if torch.cuda.is_available() else 0

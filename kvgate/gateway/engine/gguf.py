@@ -159,6 +159,12 @@ def _check_counts(path: Path) -> None:
 
 def inspect(path: Path) -> tuple[str, str]:
     """The file's architecture and quantisation, checked before any conversion work."""
+    arch, quant, _ = _inspect(path)
+    return arch, quant
+
+
+def _inspect(path: Path) -> tuple[str, str, dict[str, Any]]:
+    """``inspect``, with the metadata fields gguf-py read (reading them takes seconds)."""
     from gguf import GGUFReader
 
     try:
@@ -182,7 +188,7 @@ def inspect(path: Path) -> tuple[str, str]:
         shown = (str(ftype_value) if type(ftype_value) is int else repr(ftype_value))[:40]
         raise GGUFError(f"--model {path}: GGUF quantisation type {shown} is not supported "
                         f"(supported: {', '.join(sorted(set(FILE_TYPES.values())))})")
-    return arch, FILE_TYPES[ftype]
+    return arch, FILE_TYPES[ftype], reader.fields
 
 
 def _source(model: str) -> Path:
@@ -200,6 +206,12 @@ def check(model: str) -> tuple[Path, str, str]:
     whose one line says why it cannot be served."""
     path = _source(model)
     return (path, *inspect(path))
+
+
+def check_fields(model: str) -> tuple[str, dict[str, Any]]:
+    """``check``'s architecture, and the file's metadata fields (one read of the file)."""
+    arch, _, fields = _inspect(_source(model))
+    return arch, fields
 
 
 def resolve(model: str, dtype: torch.dtype) -> Path:

@@ -3,7 +3,8 @@ a GGUF file, a local model directory, or the built-in random-weight ``demo``/``b
 
 Never touches a model hub: the offline flags are set before transformers reads anything
 and every load passes ``local_files_only=True``, so a missing file is an error that names
-it rather than a download attempt.
+it rather than a download attempt. transformers is imported where a model is loaded:
+reading a tokenizer (the router's) does without it.
 """
 
 from __future__ import annotations
@@ -13,16 +14,18 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tokenizers import Tokenizer
 from tqdm import tqdm
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
-from kvgate.gateway.engine import attention, demo, gguf
+from kvgate.gateway.engine import demo, gguf
 from kvgate.gateway.engine.config import EngineConfig
 from kvgate.gateway.engine.tokenizer import TextTokenizer
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 log = logging.getLogger("kvgate.engine")
 
@@ -46,6 +49,8 @@ class LoadedModel:
 
 
 def load_model(config: EngineConfig) -> LoadedModel:
+    from kvgate.gateway.engine import attention
+
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ["TRANSFORMERS_OFFLINE"] = "1"
     impl = attention.register()
@@ -154,6 +159,8 @@ def check_model_dir(path: Path) -> None:
 
 
 def _load_weights(path: Path, dtype: torch.dtype, impl: str) -> PreTrainedModel:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
     cfg = AutoConfig.from_pretrained(path, local_files_only=True)
     if cfg.model_type not in SUPPORTED_TYPES:
         log.warning("model type %r is not one of %s; trying anyway", cfg.model_type, SUPPORTED_TYPES)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
@@ -15,7 +16,7 @@ from kvgate.gateway.edge.middleware import auth_middleware, context_middleware, 
 from kvgate.gateway.edge.scrape import metrics_endpoint, metrics_listener
 from kvgate.gateway.edge.security import console_headers
 from kvgate.gateway.edge.transport import handler_args
-from kvgate.gateway.engine import Engine, EngineConfig, PromptTooLong
+from kvgate.gateway.engine import EngineConfig, PromptTooLong
 from kvgate.gateway.engine.request import EngineMisconfigured
 from kvgate.gateway.http import cluster as replica
 from kvgate.gateway.http import console
@@ -46,6 +47,9 @@ from kvgate.gateway.ledger.checkpoints import Checkpoints
 from kvgate.gateway.ledger.spool import default_spool_dir
 from kvgate.gateway.protocol.errors import ApiError, prompt_param
 from kvgate.gateway.protocol.tool_parsers import parser_for
+
+if TYPE_CHECKING:  # the engine (torch, transformers) is imported when an app builds one
+    from kvgate.gateway.engine import Engine
 
 log = logging.getLogger("kvgate.http")
 
@@ -198,6 +202,8 @@ def create_app(settings: Settings, engine: Engine | None = None,
         the_engine = engine
         own_engine: Engine | None = None
         if the_engine is None:
+            from kvgate.gateway.engine import Engine
+
             own_engine = the_engine = Engine(engine_config(settings))
         try:
             own_ledger = ledger or await Ledger.open(

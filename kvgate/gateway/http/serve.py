@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import signal
 import sys
@@ -38,7 +39,11 @@ def run(args: argparse.Namespace) -> int:
         return 2
     logging.basicConfig(level=settings.http.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return asyncio.run(serve(settings))
+    gc.disable()  # while starting: millions of objects (torch, transformers, the model), all kept
+    try:
+        return asyncio.run(serve(settings))
+    finally:
+        gc.enable()
 
 
 async def serve(settings: Settings) -> int:
@@ -102,6 +107,8 @@ async def serve(settings: Settings) -> int:
         print(f"kvgate: {exc}", file=sys.stderr, flush=True)
         await runner.cleanup()
         return 2
+    gc.freeze()  # what starting built lives as long as the process: no collection walks it
+    gc.enable()
     try:
         site = web.TCPSite(runner, settings.http.host, settings.http.port)
         await site.start()
@@ -123,6 +130,7 @@ async def serve(settings: Settings) -> int:
               f"(up to {settings.http.shutdown_timeout_s:g}s)", flush=True)
     finally:
         await runner.cleanup()  # stop accepting, wait for handlers, close engine and ledger
+    gc.freeze()  # the process exits next: its final collections need not walk what it built
     return 0
 
 

@@ -100,13 +100,10 @@ def model_shape(model: str) -> ModelShape:
 
 
 def _gguf_shape(model: str) -> ModelShape:
-    from gguf import GGUFReader
-
     from kvgate.gateway.engine import gguf
 
     try:
-        path, arch, _ = gguf.check(model)  # a bad file is refused before the reader runs
-        fields = GGUFReader(str(path)).fields
+        arch, fields = gguf.check_fields(model)  # a bad file is refused as serve refuses it
     except gguf.GGUFError as exc:
         raise PlanError(str(exc)) from None
     except (OSError, ValueError) as exc:
