@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import requests
 
-from kvgate.gateway.http.console.pages import CSP
+from kvgate.gateway.edge.security import CSP
 from kvgate.gateway.usage import Usage
 from testkit import Admin, ThreadServer
 
