@@ -143,7 +143,7 @@ class ReservationBiller(_Periodic):
 
 
 class CacheStorageBiller(_Periodic):
-    """Explicit caches (``caches_api``): storage billed per token-hour, expired ones unpinned.
+    """Explicit caches (``http.caches``): storage billed per token-hour, expired ones unpinned.
 
     Time is cut into intervals of ``reservation_bill_interval_s`` aligned on the epoch, the
     same on every replica. Once an interval has ended, each cache that was live during it

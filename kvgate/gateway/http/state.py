@@ -33,8 +33,8 @@ class AppState:
     limiter: Limiter
     started: float = field(default_factory=time.time)
     admin_key_created: str | None = None
-    receipt_key: ReceiptKey | None = None  # signs billing receipts (receipts_api)
-    # Explicit caches pinned on this replica: cache id -> namespace (caches_api)
+    receipt_key: ReceiptKey | None = None  # signs billing receipts (http/receipts.py)
+    # Explicit caches pinned on this replica: cache id -> namespace (http/caches)
     explicit_caches: dict[str, str] = field(default_factory=dict)
     # Running requests' usage so far, journalled against a crash (ledger/checkpoints.py)
     checkpoints: Checkpoints | None = None

@@ -2,7 +2,7 @@
 
 - Retention. OpenAI's ``prompt_cache_retention``: ``in_memory`` (the tenant's default TTL)
   or ``24h``; ``prompt_cache_options.ttl``: ``30m``. Anthropic's ``cache_control.ttl``
-  (``5m``/``1h``, per breakpoint; ``anthropic_prompt``). Each write is billed by its
+  (``5m``/``1h``, per breakpoint; ``protocol.anthropic``). Each write is billed by its
   retention class (``kvgate.gateway.usage.ttl_class``: 5m, 1h, 24h), priced by the plan.
   A retention longer than the tenant's ``cache_max_ttl_seconds`` is a 400, as is any value
   not listed here: a request never silently gets less than it asked for.

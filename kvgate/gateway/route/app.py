@@ -150,7 +150,7 @@ class Router:
         return [self.pool.replicas[c.name] for c in order], order[0].cached_blocks > 0
 
     async def on_batch(self, batch: EventBatch) -> None:
-        """A checked batch (``events.verify``): applied to its replica's view if it names a
+        """A checked batch (``protocol.wire.verify``): applied to its replica's view if it names a
         replica of the pool in its current epoch; a gap starts a resync."""
         if self.pool is None:
             return

@@ -6,7 +6,7 @@ is prefix-closed (a dropped block takes its descendants with it), so the cached 
 a prompt on a replica is the run of the prompt's block hashes, from the first, that the
 replica holds.
 
-A view is only ever advanced by batches the router has checked (``events.verify``: signed,
+A view is only ever advanced by batches the router has checked (``protocol.wire.verify``: signed,
 a range a publisher could send) and replaced by snapshots it fetched itself over the
 replicas' admin-authenticated HTTP path. ``freeze`` and ``compare`` let the router check
 a view against a fresh snapshot (reconciliation): the view as of the snapshot's event

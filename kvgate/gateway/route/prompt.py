@@ -97,7 +97,7 @@ class PromptRenderer:
 
 def cache_key_of(raw: bytes) -> str | None:
     """The request's ``prompt_cache_key`` (OpenAI) or ``metadata.user_id`` (Anthropic), if
-    it names one the replica would accept (``http.cache_params``); None otherwise."""
+    it names one the replica would accept (``protocol.cache_request``); None otherwise."""
     if len(raw) > MAX_ROUTED_BYTES or (b"prompt_cache_key" not in raw and b"user_id" not in raw):
         return None
     try:

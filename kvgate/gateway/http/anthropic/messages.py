@@ -1,7 +1,7 @@
 """Anthropic-compatible /v1/messages and /v1/messages/count_tokens.
 
 The prompt (tools, system, messages, ``cache_control`` breakpoints as TTL segments) is
-``anthropic_prompt``'s; tool use and the content blocks of the answer are
+``protocol.anthropic``'s; tool use and the content blocks of the answer are
 ``anthropic_tools``'. This module validates the rest and speaks the Messages shapes.
 """
 

@@ -1,4 +1,4 @@
-"""Requests that name an explicit cache: ``cached_content: "cache_…"`` (``caches_api``).
+"""Requests that name an explicit cache: ``cached_content: "cache_…"`` (``caches.api``).
 
 The cache's messages, tools and system prompt go in front of the request's own, in the
 request's API shape (a prefix made in the other API's shape is converted when it holds only
