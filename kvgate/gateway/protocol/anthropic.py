@@ -288,7 +288,7 @@ def check_schema(schema: Any, p: str) -> None:
 # -- breakpoints -----------------------------------------------------------------------------
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
+def common_prefix(a: list[int], b: list[int]) -> int:
     n = 0
     for x, y in zip(a, b, strict=False):
         if x != y:
@@ -310,10 +310,10 @@ def ttl_segments(renderer: ChatRenderer, conv: Conversation, prompt: list[int],
     segments = []
     for k, ttl in tool_points:
         cut = renderer.render_chat(conv.template_messages(), tools=conv.tool_specs(upto=k))
-        segments.append((_common_prefix(list(cut), prompt), ttl))
+        segments.append((common_prefix(list(cut), prompt), ttl))
     for upto, ttl in block_points:
         cut = renderer.render_chat(conv.template_messages(upto), tools=conv.tool_specs())
-        segments.append((_common_prefix(list(cut), prompt), ttl))
+        segments.append((common_prefix(list(cut), prompt), ttl))
     if top_level is not None:
         segments.append((len(prompt), top_level))
     ordered = sorted(((end, float(ttl)) for end, ttl in segments if ttl is not None),

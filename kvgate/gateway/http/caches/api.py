@@ -52,7 +52,7 @@ from kvgate.gateway.http.openai.models import served_names
 from kvgate.gateway.http.state import AppState, state_of
 from kvgate.gateway.http.validation import check_model
 from kvgate.gateway.ledger import CacheBudgetExceeded, LedgerUnavailable, NotFound, Principal
-from kvgate.gateway.protocol.anthropic import parse_conversation
+from kvgate.gateway.protocol.anthropic import common_prefix, parse_conversation
 from kvgate.gateway.protocol.errors import ApiError, bad_request
 from kvgate.gateway.protocol.namespace import tenant_namespace
 from kvgate.gateway.protocol.openai_chat import chat_messages, openai_usage
@@ -120,15 +120,6 @@ def template_of(state: AppState, stored: dict[str, Any]
     return chat_messages(body), tool_request(body, state.tool_parser).tools
 
 
-def _common(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 def render_prefix(state: AppState, stored: dict[str, Any]) -> list[int]:
     """The tokens every request that begins with these messages (and tools) begins with."""
     messages, tools = template_of(state, stored)
@@ -141,7 +132,7 @@ def render_prefix(state: AppState, stored: dict[str, Any]) -> list[int]:
     end = len(full)
     for turn in _STAND_INS:
         try:
-            end = min(end, _common(full, list(engine.render_chat([*messages, turn],
+            end = min(end, common_prefix(full, list(engine.render_chat([*messages, turn],
                                                                  tools=tools))))
         except jinja2.TemplateError:  # a template that wants roles to alternate
             continue
