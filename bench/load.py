@@ -265,7 +265,8 @@ async def main(args: argparse.Namespace) -> int:
     else:
         own = ProcessServer(profile=args.profile, prelude=experiment_prelude(args),
                             device_cache_bytes=args.device_cache_bytes,
-                            host_cache_bytes=args.host_cache_bytes, max_queue=1024)
+                            host_cache_bytes=args.host_cache_bytes, max_queue=1024,
+                            api_servers=args.api_servers)
     try:
         if own is not None:
             await asyncio.to_thread(own.start)
@@ -312,6 +313,8 @@ def report(args: argparse.Namespace, samples: list[Sample], wall: float,
     print(f"  overhead goal (p50 <= 1 ms, p99 <= 5 ms): {'met' if met else 'MISSED'}")
     result["goal"]["met"] = met
     result["notes"] = NOTES
+    result["api_servers"] = args.api_servers
+    args.result = result
     if not args.no_write:
         write_result("load", result)
     if own is not None and own.profile_path is not None:
@@ -342,6 +345,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="experiment: the server it starts runs sys.setswitchinterval(S)")
     p.add_argument("--sqlite-synchronous", choices=("NORMAL", "FULL", "OFF"),
                    help="experiment: the server it starts sets this SQLite synchronous mode")
+    p.add_argument("--api-servers", type=int, default=None,
+                   help="the server it starts: --api-servers (default: its own default; "
+                        "0: engine and HTTP in one process)")
     p.add_argument("--no-write", action="store_true", help="do not write bench/results")
     return p.parse_args(argv)
 

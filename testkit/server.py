@@ -155,6 +155,8 @@ class ThreadServer(Server):
 
     def __init__(self, workdir: Path | None = None, *, settings: Settings | None = None,
                  engine: Engine | None = None, **flags: Any) -> None:
+        if settings is None:  # the engine in this process: tests reach into its objects
+            flags.setdefault("api_servers", 0)
         super().__init__(workdir, settings=settings, **flags)
         self.engine = engine
         self.app: web.Application | None = None

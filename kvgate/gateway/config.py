@@ -56,6 +56,12 @@ class HttpSettings:
     stream_send_buffer_bytes: int = opt(16384, "kernel send buffer of a streamed answer's "
                                                "connection (16384; 0: the kernel's own)")
     shutdown_timeout_s: int = opt(30, "SIGTERM: seconds in-flight requests may drain (30)")
+    # The engine core (model, scheduler, cache) in a process of its own, the HTTP side in
+    # this one: neither steals the other's time under one GIL. None: 1 on a machine with
+    # two or more cores, else 0 (0: the engine runs in this process, as a thread).
+    api_servers: int | None = opt(None, "API server processes in front of the engine core "
+                                        "process (auto: 1 with 2+ cores; 0: one process)",
+                                  api=True)
 
 
 @dataclass

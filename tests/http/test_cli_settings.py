@@ -115,3 +115,10 @@ def test_a_boolean_setting_that_is_no_boolean_is_refused(name: str) -> None:
 
     with pytest.raises(ValueError, match=name):
         Settings.from_env({name: "ture"})
+
+
+def test_serve_more_api_servers_than_one_is_one_line(tmp_path: Path) -> None:
+    proc = _kvgate(["serve", "--model", "demo", "--api-servers", "3", "--port", "0",
+                    "--db", f"sqlite:///{tmp_path / 'ledger.db'}"], tmp_path)
+    _one_line_exit_2(proc, "--api-servers 3")
+    assert not (tmp_path / "ledger.db").exists()

@@ -21,6 +21,9 @@ class RequestMetrics:
         self._forgotten: set[str] = set()
         self.listen_port: int | None = None  # the metrics listener's port, once it listens
 
+    async def refresh(self) -> None:
+        """Before a scrape renders: fetch figures that live in another process (none here)."""
+
     def tenant(self, tenant_id: int | None) -> str:
         """The ``tenant`` label value: the tenant's id (digits, so never one of the reserved
         values), ``none`` for a request no tenant made, ``all`` with tenant labels off.

@@ -40,6 +40,7 @@ async def _scrape(request: web.Request, edge: Edge, own_port: bool) -> web.Respo
         response = error_response(request.path, err)
         response.headers["WWW-Authenticate"] = 'Bearer realm="kvgate metrics"'
         return response
+    await edge.metrics.refresh()
     return web.Response(body=edge.metrics.render(),
                         headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 

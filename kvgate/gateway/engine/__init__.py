@@ -4,12 +4,13 @@ What the server and the HTTP layer use, importable without torch (``Engine`` is 
 first use). A map of the package's files: docs/architecture.md, "Engine".
 """
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeAlias
 
 from kvgate.gateway.engine.config import EngineConfig
 from kvgate.gateway.engine.request import (
     EngineError,
     EngineOverloaded,
+    EngineUnavailable,
     FinishEvent,
     GenerateRequest,
     InvalidGrammar,
@@ -26,6 +27,7 @@ __all__ = [
     "EngineConfig",
     "EngineError",
     "EngineOverloaded",
+    "EngineUnavailable",
     "FinishEvent",
     "GenerateRequest",
     "InvalidGrammar",
@@ -40,7 +42,12 @@ __all__ = [
 
 
 if TYPE_CHECKING:
+    from kvgate.gateway.engine.client import EngineClient
     from kvgate.gateway.engine.engine import Engine
+
+    # What the HTTP layer serves from: the engine in this process, or the engine core
+    # process through its client (both have the same facade).
+    EngineApi: TypeAlias = Engine | EngineClient
 
 
 def __getattr__(name: str) -> object:

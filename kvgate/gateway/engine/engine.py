@@ -25,7 +25,10 @@ from typing import Any, TypeVar
 import torch
 
 from kvgate.cachestore import CacheStats, CacheStore
+from kvgate.cachestore.block import Tier
 from kvgate.cachestore.disk_tier import DiskTierUnavailable
+from kvgate.cachestore.events import CacheEventSink
+from kvgate.cachestore.stats import HotPrefix
 from kvgate.gateway.engine import sampler
 from kvgate.gateway.engine.commands import Add, Call, Cancel, Command, Stop
 from kvgate.gateway.engine.config import EngineConfig
@@ -41,15 +44,15 @@ from kvgate.gateway.engine.request import (
     FinishEvent,
     GenerateRequest,
     InvalidGrammar,
-    InvalidTokens,
     PromptTooLong,
     SequenceFailed,
     TokenEvent,
+    check_token_ids,
 )
 from kvgate.gateway.engine.runner import ModelRunner
 from kvgate.gateway.engine.sampler import SampleRow, TokenLogprob
 from kvgate.gateway.engine.scheduler import Chunk, Scheduler
-from kvgate.gateway.engine.sequence import Sequence, append_token
+from kvgate.gateway.engine.sequence import Flow, Sequence, append_token
 from kvgate.gateway.usage import Usage
 from kvgate.kernels.layout import KVLayout, dtype_name
 
@@ -76,6 +79,7 @@ class Engine:
             block_size=config.block_size,
             dtype=kv_dtype,
         )
+        self.block_size, self.page_bytes = config.block_size, self.layout.page_bytes
         host_layout = dataclasses.replace(self.layout, dtype=offload_dtype)
         self.store = CacheStore(
             self.layout,
@@ -147,6 +151,9 @@ class Engine:
         self._engine_ident: int | None = None  # the engine thread's, once it runs
         self._outbox: dict[asyncio.AbstractEventLoop,
                            list[tuple[asyncio.Queue[EngineEvent], EngineEvent]]] = {}
+        # Called on the engine thread after each step's events are handed over (the core
+        # process sends them to its API servers from here: engine/core.py)
+        self.after_step: Callable[[], None] | None = None
         # submitted - picked up = waiting in the inbox; each counter has one writer thread
         self._submitted = 0
         self._picked_up = 0
@@ -176,7 +183,7 @@ class Engine:
         """Raises ``PromptTooLong`` / ``InvalidTokens`` / ``EngineOverloaded`` before
         anything is queued."""
         self.scheduler.check(len(request.prompt_token_ids))
-        self._check_tokens(request.prompt_token_ids)
+        check_token_ids(request.prompt_token_ids, self.vocab_size)
         if request.sampling.structured is not None:  # InvalidGrammar; cached once compiled
             self.grammars.compile(request.sampling.structured)
         if self.queue_depth() >= self.config.max_queue:
@@ -184,31 +191,31 @@ class Engine:
                 f"{self.queue_depth()} requests are waiting for the engine; retry shortly"
             )
 
-    def _check_tokens(self, ids: list[int]) -> None:
-        """Every id an ``int`` the model can embed; else ``InvalidTokens`` names the first."""
-        vocab = self.vocab_size
-        # C-speed checks first (a long prompt is checked on the event loop), then the search
-        if not ids or (set(map(type, ids)) <= {int} and min(ids) >= 0 and max(ids) < vocab):
-            return
-        for position, token in enumerate(ids):
-            if type(token) is not int or not 0 <= token < vocab:
-                raise InvalidTokens(position, token, vocab)
-
-    async def generate(self, request: GenerateRequest
-                       ) -> AsyncGenerator[TokenEvent | FinishEvent, None]:
-        """Token events, then one ``FinishEvent``. Leaving the loop early cancels the request."""
+    async def submit(self, request: GenerateRequest, emit: Callable[[EngineEvent], None]
+                     ) -> Flow:
+        """Check ``request`` (raising as ``check`` does), adopt what the remote tiers hold
+        of its prefix, and queue it; its events go to ``emit`` (on the engine thread once it
+        runs). → its flow counter, which the reader advances per token read."""
         if self._thread is None:
             raise RuntimeError("Engine.start() has not been awaited")
-        if request.request_id in self._active:
-            raise ValueError(f"request id {request.request_id!r} is already generating")
         self.check(request)
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue[EngineEvent] = asyncio.Queue()
         if self.remote is not None:  # blocks the remote tier holds: adopted before the Add
             adopt = await self.remote.prefetch(request)
             if adopt is not None:
                 self._inbox.put(Call(adopt))
         seq = Sequence(request, self.tokenizer)
+        seq.emit = emit
+        self._submitted += 1
+        self._inbox.put(Add(seq))
+        return seq.flow
+
+    async def generate(self, request: GenerateRequest
+                       ) -> AsyncGenerator[TokenEvent | FinishEvent, None]:
+        """Token events, then one ``FinishEvent``. Leaving the loop early cancels the request."""
+        if request.request_id in self._active:
+            raise ValueError(f"request id {request.request_id!r} is already generating")
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[EngineEvent] = asyncio.Queue()
 
         def emit(ev: EngineEvent) -> None:
             if threading.get_ident() == self._engine_ident:
@@ -218,11 +225,8 @@ class Engine:
             with contextlib.suppress(RuntimeError):  # a closed loop: nobody is listening
                 loop.call_soon_threadsafe(events.put_nowait, ev)
 
-        seq.emit = emit
-        flow = seq.flow
+        flow = await self.submit(request, emit)
         self._active.add(request.request_id)
-        self._submitted += 1
-        self._inbox.put(Add(seq))
         finished = False
         remaining = request.sampling.n  # one FinishEvent per choice
         try:
@@ -248,6 +252,14 @@ class Engine:
 
     def cancel(self, request_id: str) -> None:
         self._inbox.put(Cancel(request_id))
+
+    def nudge(self) -> None:
+        """Wake the engine thread for one turn of its loop (``after_step`` runs)."""
+        self._inbox.put(Call(_nothing))
+
+    def run_soon(self, fn: Callable[[], object]) -> None:
+        """Run ``fn`` on the engine thread, not waiting for it (a failure is logged)."""
+        self._inbox.put(Call(fn))
 
     async def flush(self, namespace: str) -> int:
         return await self._call(lambda: self.store.flush(namespace))
@@ -282,6 +294,38 @@ class Engine:
         fut: concurrent.futures.Future[T] = concurrent.futures.Future()
         self._inbox.put(Call(fn, fut))
         return await asyncio.wrap_future(fut)
+
+    async def snapshot(self) -> tuple[int, list[tuple[str, bytes, Tier]]]:
+        """The last cache event's number and every indexed block as (namespace, block hash,
+        tier): what a router loads when it missed events."""
+        seq, blocks = await asyncio.get_running_loop().run_in_executor(None, self.store.snapshot)
+        return seq, [(b.namespace, b.block_hash, b.tier) for b in blocks]
+
+    async def hottest(self, namespace: str, limit: int) -> list[HotPrefix]:
+        """The namespace's most-hit prefixes (``CacheStore.hottest``), off the event loop."""
+        return await asyncio.to_thread(self.store.hottest, namespace, limit)
+
+    async def load(self) -> dict[str, int]:
+        """What a router weighs: queue, running, free and total device pages, and the last
+        cache event's number (int reads: no lock)."""
+        store = self.store
+        return {"queue_depth": self.queue_depth(), "running": self.num_running(),
+                "free_pages": store.device.num_free, "device_pages": store.device.num_pages,
+                "event_seq": store.index.event_seq}
+
+    def set_event_sink(self, sink: CacheEventSink | None) -> None:
+        """Each cache event (stored, removed, moved) goes to ``sink``, on the thread that
+        changed the index."""
+        self.store.index.on_event = sink
+
+    @property
+    def up(self) -> bool:
+        """Serving (``EngineClient``: False while its core process is restarting)."""
+        return True
+
+    async def refresh(self) -> None:
+        """Nothing to fetch: ``cache_stats`` and ``scheduling`` read this process's figures
+        (``EngineClient.refresh`` fetches them from the core)."""
 
     def tier_bytes(self) -> dict[str, int]:
         """Each tier's capacity in bytes (fixed at start)."""
@@ -322,6 +366,8 @@ class Engine:
         for loop, items in outbox.items():
             with contextlib.suppress(RuntimeError):  # a closed loop: nobody is listening
                 loop.call_soon_threadsafe(_deliver, items)
+        if self.after_step is not None:
+            self.after_step()
 
     def _loop(self) -> None:
         self._engine_ident = threading.get_ident()
@@ -593,6 +639,10 @@ class Engine:
             elif (isinstance(cmd, Call) and cmd.future is not None
                   and cmd.future.set_running_or_notify_cancel()):
                 cmd.future.set_exception(RuntimeError("the engine has stopped"))
+
+
+def _nothing() -> None:
+    pass
 
 
 def _deliver(items: list[tuple[asyncio.Queue[EngineEvent], EngineEvent]]) -> None:

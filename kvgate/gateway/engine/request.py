@@ -41,6 +41,39 @@ class InvalidGrammar(EngineError):
     """A structured-output spec (JSON schema, regex, Lark grammar) that does not compile."""
 
 
+class EngineUnavailable(EngineOverloaded):
+    """The engine core process is down (it stopped, and is being restarted): retry shortly."""
+
+
+def check_prompt(num_prompt_tokens: int, max_model_len: int, block_size: int,
+                 device_pages: int) -> None:
+    """Reject a prompt that can never run, whatever else is going on."""
+    if num_prompt_tokens == 0:
+        raise PromptTooLong("the prompt is empty; send at least one token")
+    if num_prompt_tokens >= max_model_len:
+        raise PromptTooLong(
+            f"the prompt has {num_prompt_tokens} tokens; this model's context is "
+            f"{max_model_len} tokens, including at least one output token. Shorten the prompt."
+        )
+    pages = -(-(num_prompt_tokens + 1) // block_size)
+    if pages > device_pages:
+        raise PromptTooLong(
+            f"the prompt has {num_prompt_tokens} tokens and needs {pages} KV pages; the device "
+            f"cache holds {device_pages} pages in all. Shorten the prompt or raise "
+            "--device-cache-bytes."
+        )
+
+
+def check_token_ids(ids: list[int], vocab: int) -> None:
+    """Every id an ``int`` the model can embed; else ``InvalidTokens`` names the first."""
+    # C-speed checks first (a long prompt is checked on the event loop), then the search
+    if not ids or (set(map(type, ids)) <= {int} and min(ids) >= 0 and max(ids) < vocab):
+        return
+    for position, token in enumerate(ids):
+        if type(token) is not int or not 0 <= token < vocab:
+            raise InvalidTokens(position, token, vocab)
+
+
 class SequenceFailed(Exception):
     """The engine failed this request (its ``__cause__`` says why); ``usage`` is what it did
     until then, the prompt's real cache split included, so the request can be billed."""
@@ -48,6 +81,45 @@ class SequenceFailed(Exception):
     def __init__(self, usage: Usage, error: BaseException) -> None:
         super().__init__(f"the engine failed this request: {error}")
         self.usage = usage
+
+
+@dataclass(frozen=True)
+class WireError:
+    """An exception as it crosses the process boundary: its class's name, message and
+    attributes. ``error()`` rebuilds an ``EngineError`` subclass it names as that class (so
+    the API server answers as it would in one process); any other as ``EngineFailure``."""
+
+    kind: str
+    message: str
+    attrs: dict[str, int | str | float] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, exc: BaseException) -> WireError:
+        attrs = {k: v for k, v in vars(exc).items() if isinstance(v, (int, str, float))}
+        return cls(type(exc).__name__, str(exc), attrs)
+
+    def error(self) -> Exception:
+        known = {c.__name__: c for c in _subclasses(EngineError)}
+        kind = known.get(self.kind, EngineFailure)
+        exc = kind.__new__(kind)
+        Exception.__init__(exc, self.message if kind is not EngineFailure
+                           else f"{self.kind}: {self.message}")
+        exc.__dict__.update(self.attrs)
+        return exc
+
+    def line(self) -> str:
+        return f"{self.kind} {self.message}".replace("\n", " ")
+
+
+class EngineFailure(RuntimeError):
+    """A failure inside the engine core process that is not one of the engine's refusals."""
+
+
+def _subclasses(cls: type[Exception]) -> list[type[Exception]]:
+    out = [cls]
+    for sub in cls.__subclasses__():
+        out.extend(_subclasses(sub))
+    return out
 
 
 @dataclass

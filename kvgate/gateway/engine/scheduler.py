@@ -20,7 +20,7 @@ from kvgate.cachestore import CacheStore
 from kvgate.cachestore.pool import copy_pages
 from kvgate.gateway.engine.config import EngineConfig
 from kvgate.gateway.engine.fairness import DECODE, PREFILL, Fairness
-from kvgate.gateway.engine.request import PromptTooLong
+from kvgate.gateway.engine.request import check_prompt
 from kvgate.gateway.engine.sequence import Sequence, Status
 
 QUEUED_HELD = 8  # waiting requests (from the head) whose cached prefixes are evicted last
@@ -89,20 +89,7 @@ class Scheduler:
 
     def check(self, num_prompt_tokens: int) -> None:
         """Reject a prompt that can never run, whatever else is going on."""
-        if num_prompt_tokens == 0:
-            raise PromptTooLong("the prompt is empty; send at least one token")
-        if num_prompt_tokens >= self.max_model_len:
-            raise PromptTooLong(
-                f"the prompt has {num_prompt_tokens} tokens; this model's context is "
-                f"{self.max_model_len} tokens, including at least one output token. Shorten the prompt."
-            )
-        pages = -(-(num_prompt_tokens + 1) // self.block_size)
-        if pages > self.num_device_pages:
-            raise PromptTooLong(
-                f"the prompt has {num_prompt_tokens} tokens and needs {pages} KV pages; the device "
-                f"cache holds {self.num_device_pages} pages in all. Shorten the prompt or raise "
-                "--device-cache-bytes."
-            )
+        check_prompt(num_prompt_tokens, self.max_model_len, self.block_size, self.num_device_pages)
 
     def add(self, seq: Sequence) -> None:
         self.check(seq.num_prompt_tokens)

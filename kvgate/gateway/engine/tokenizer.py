@@ -35,6 +35,7 @@ class TextTokenizer:
         self.tokenizer = tokenizer
         self.chat_template = chat_template
         self.bos_token = bos_token
+        self._eos_tokens = list(eos_tokens or [])
         known = {t: tokenizer.token_to_id(t) for t in eos_tokens or []}
         eos = [t for t, i in known.items() if i is not None]
         self.eos_token_ids: list[int] = list(dict.fromkeys(
@@ -68,6 +69,12 @@ class TextTokenizer:
             # tools and the conversation's tool turns written in the Hermes form instead.
             self.template_reads_tools = "tools" in names
             self.template_reads_tool_turns = "tool_calls" in chat_template
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickled as what builds it (the engine core sends its tokenizer to the API
+        servers this way), plus the context bound the engine set."""
+        return (TextTokenizer, (self.tokenizer, self.chat_template, self.bos_token,
+                                self._eos_tokens), {"max_tokens": self.max_tokens})
 
     @property
     def vocab_size(self) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
@@ -17,7 +18,7 @@ from kvgate.gateway.edge.scrape import metrics_endpoint, metrics_listener
 from kvgate.gateway.edge.security import console_headers
 from kvgate.gateway.edge.transport import handler_args
 from kvgate.gateway.engine import EngineConfig, PromptTooLong
-from kvgate.gateway.engine.request import EngineMisconfigured
+from kvgate.gateway.engine.request import EngineMisconfigured, EngineUnavailable
 from kvgate.gateway.http import cluster as replica
 from kvgate.gateway.http import console
 from kvgate.gateway.http import receipts as receipts_api
@@ -49,7 +50,7 @@ from kvgate.gateway.protocol.errors import ApiError, prompt_param
 from kvgate.gateway.protocol.tool_parsers import parser_for
 
 if TYPE_CHECKING:  # the engine (torch, transformers) is imported when an app builds one
-    from kvgate.gateway.engine import Engine
+    from kvgate.gateway.engine import EngineApi
 
 log = logging.getLogger("kvgate.http")
 
@@ -63,6 +64,9 @@ async def readyz(request: web.Request) -> web.Response:
     that is away while the usage spool takes its events keeps it ready. Reports the
     database's state and the spool's depth either way."""
     state: AppState = state_of(request)
+    if not state.engine.up:
+        raise ApiError(503, "not admitting requests: the engine core process is restarting",
+                       code="not_ready", retry_after=2.0)
     health = await state.ledger.health()
     if health.refusing is not None:
         raise ApiError(503, f"not admitting requests: {health.refusing} (database "
@@ -82,6 +86,9 @@ def _engine_errors(request: web.Request, exc: Exception) -> ApiError | None:
     if isinstance(exc, PromptTooLong):  # refused before tokenizing: it cannot fit the context
         return ApiError(400, f"The prompt is too long for this model's context: {exc}.",
                         code="context_length_exceeded", param=prompt_param(request.path))
+    if isinstance(exc, EngineUnavailable):  # the engine core process is being restarted
+        return ApiError(503, f"The engine is unavailable: {exc}.", code="engine_unavailable",
+                        retry_after=2.0)
     return None
 
 
@@ -174,7 +181,15 @@ def remote_tier_config(settings: Settings) -> RemoteTierConfig | None:
         secret=settings.remote_tier.shared_tier_secret or "")
 
 
-def create_app(settings: Settings, engine: Engine | None = None,
+def api_servers(settings: Settings) -> int:
+    """``--api-servers``, or what it means unset: the engine core in a process of its own
+    when the machine has a core for each side."""
+    if settings.http.api_servers is not None:
+        return settings.http.api_servers
+    return 1 if (os.cpu_count() or 1) >= 2 else 0
+
+
+def create_app(settings: Settings, engine: EngineApi | None = None,
                ledger: Ledger | None = None) -> web.Application:
     """Engine and ledger passed in are used as they are and left open at shutdown (the
     caller owns them); those the app creates itself it also closes."""
@@ -200,8 +215,13 @@ def create_app(settings: Settings, engine: Engine | None = None,
         # The model first: a start that cannot serve (a model or KV pool it refuses) must not
         # create the ledger, whose first start makes an admin key it prints only once.
         the_engine = engine
-        own_engine: Engine | None = None
-        if the_engine is None:
+        own_engine: EngineApi | None = None
+        if the_engine is None and api_servers(settings) > 0:
+            from kvgate.gateway.engine.client import EngineClient
+
+            own_engine = the_engine = EngineClient(engine_config(settings))
+            await own_engine.start()  # the core process loads the model
+        elif the_engine is None:
             from kvgate.gateway.engine import Engine
 
             own_engine = the_engine = Engine(engine_config(settings))

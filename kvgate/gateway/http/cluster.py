@@ -40,24 +40,21 @@ def replica_id_of(host: str, port: int, configured: str) -> str:
 async def load(request: web.Request) -> web.Response:
     state = state_of(request)
     engine = state.engine
-    store = engine.store
+    figures = await engine.load()
     return web.json_response(ReplicaLoad(
         replica_id=state.settings.events.replica_id, epoch=request.app[EPOCH],
-        model_id=store.model_id, block_size=store.block_size,
-        queue_depth=engine.queue_depth(), running=engine.num_running(),
-        free_pages=store.device.num_free, device_pages=store.device.num_pages,
-        events=bool(state.settings.events.events_url),
-        event_seq=store.index.event_seq,  # an int read: no lock needed
+        model_id=engine.model_id, block_size=engine.block_size,
+        events=bool(state.settings.events.events_url), **figures,
     ).body())
 
 
 async def snapshot(request: web.Request) -> web.Response:
     state = state_of(request)
-    store = state.engine.store
-    seq, blocks = await asyncio.get_running_loop().run_in_executor(None, store.snapshot)
+    engine = state.engine
+    seq, blocks = await engine.snapshot()
     return web.json_response(snapshot_body(
-        state.settings.events.replica_id, request.app[EPOCH], seq, store.model_id, store.block_size,
-        ((b.namespace, b.block_hash, b.tier) for b in blocks)))
+        state.settings.events.replica_id, request.app[EPOCH], seq, engine.model_id,
+        engine.block_size, blocks))
 
 
 def routes() -> list[web.RouteDef]:
@@ -80,13 +77,13 @@ def setup(app: web.Application) -> None:
             yield
             return
         publisher = EventPublisher(settings.events.events_url, settings.events.replica_id, app[EPOCH], key)
-        index = app[STATE].engine.store.index
-        index.on_event = publisher.record
+        engine = app[STATE].engine
+        engine.set_event_sink(publisher.record)
         task = asyncio.create_task(publisher.run(), name="kvgate-cache-events")
         try:
             yield
         finally:
-            index.on_event = None
+            engine.set_event_sink(None)
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task

@@ -26,6 +26,7 @@ from kvgate.gateway.edge.context import ctx_of, principal_of
 from kvgate.gateway.edge.errors import ClientGone
 from kvgate.gateway.engine import (
     EngineOverloaded,
+    EngineUnavailable,
     FinishEvent,
     GenerateRequest,
     InvalidGrammar,
@@ -218,6 +219,10 @@ class Generation:
             self._agen = None
             raise ApiError(400, f"The prompt holds a token id this model does not have: {exc}",
                            code="invalid_value", param="prompt") from exc
+        except EngineUnavailable as exc:  # before any work: its core process restarts
+            self._agen = None
+            raise ApiError(503, f"The engine is unavailable: {exc}.",
+                           code="engine_unavailable", retry_after=2.0) from exc
         except EngineOverloaded as exc:
             self._agen = None
             raise ApiError(503, "The engine is at capacity; retry shortly.", code="overloaded",

@@ -22,7 +22,7 @@ from kvgate.gateway.usage import Usage
 
 if TYPE_CHECKING:  # the engine pulls in torch; the ledger-only CLI must not
     from kvgate.cachestore.stats import DiskTierStats, NamespaceStats, RemoteTierStats
-    from kvgate.gateway.engine.engine import Engine
+    from kvgate.gateway.engine import EngineApi
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 # Prompt lengths (tokens) where the bands of ``TtftByLength`` start, after the first (0):
@@ -119,9 +119,16 @@ class Metrics(RequestMetrics):
                 with contextlib.suppress(KeyError):
                     metric.remove(*values)
 
-    def watch(self, engine: Engine, ledger: Ledger) -> None:
+    def watch(self, engine: EngineApi, ledger: Ledger) -> None:
         """Start exporting snapshot figures (called once engine and ledger are open)."""
+        self._engine = engine
         self.registry.register(_SnapshotCollector(engine, ledger, self))
+
+    async def refresh(self) -> None:
+        """The engine's figures as of now (from the engine core process, when it has one)."""
+        engine = getattr(self, "_engine", None)
+        if engine is not None:
+            await engine.refresh()
 
     def on_ledger_commit(self, seconds: float, n_events: int = 0) -> None:
         self.ledger_commit.observe(seconds)
@@ -239,7 +246,7 @@ class _SnapshotCollector(Collector):
     """Cache and queue figures read at scrape time from the engine's and ledger's own
     snapshots (a figure a step old is fine here; nothing is locked for long)."""
 
-    def __init__(self, engine: Engine, ledger: Ledger, metrics: Metrics | None = None) -> None:
+    def __init__(self, engine: EngineApi, ledger: Ledger, metrics: Metrics | None = None) -> None:
         self._engine = engine
         self._ledger = ledger
         self._metrics = metrics

@@ -48,6 +48,7 @@ def run(args: argparse.Namespace) -> int:
 
 async def serve(settings: Settings) -> int:
     from kvgate.gateway.edge.transport import GatewayRunner, cannot_listen
+    from kvgate.gateway.engine.client import CoreFailedToStart
     from kvgate.gateway.engine.demo import SHAPES
     from kvgate.gateway.engine.gguf import GGUFError, is_gguf
     from kvgate.gateway.engine.gguf import resolve as resolve_gguf
@@ -69,6 +70,12 @@ async def serve(settings: Settings) -> int:
         engine_config(settings)  # a bad --kv-dtype, --dtype, --device...: say so now
     except (ValueError, EngineMisconfigured) as exc:
         print(f"kvgate: {exc}", file=sys.stderr, flush=True)
+        return 2
+    if (settings.http.api_servers or 0) > 1:
+        print(f"kvgate: --api-servers {settings.http.api_servers}: at most 1 API server process "
+              "for now (0: the engine in this process). Tenant rate limits, /metrics and the "
+              "storage billing timers live in the API server; several would each enforce the "
+              "full limits and bill reservations once each", file=sys.stderr, flush=True)
         return 2
     if settings.http.admin_key and len(settings.http.admin_key) < MIN_ADMIN_KEY_LEN:
         print(f"kvgate: KVGATE_ADMIN_KEY is {len(settings.http.admin_key)} characters; an admin key "
@@ -103,7 +110,7 @@ async def serve(settings: Settings) -> int:
                            handle_signals=False, access_log=None)
     try:
         await runner.setup()
-    except (ModelFilesMissing, GGUFError, EngineMisconfigured) as exc:  # one line
+    except (ModelFilesMissing, GGUFError, EngineMisconfigured, CoreFailedToStart) as exc:
         print(f"kvgate: {exc}", file=sys.stderr, flush=True)
         await runner.cleanup()
         return 2

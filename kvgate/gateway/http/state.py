@@ -19,7 +19,7 @@ from kvgate.gateway.ledger.receipts import ReceiptKey
 from kvgate.gateway.protocol.tool_parsers import ToolParser, parser_for
 
 if TYPE_CHECKING:  # the engine pulls in torch; the ledger-only CLI must not
-    from kvgate.gateway.engine.engine import Engine
+    from kvgate.gateway.engine import EngineApi
 
 
 class NotOpen(RuntimeError):
@@ -41,12 +41,12 @@ class AppState:
     # How tool calls are read from the output (--tool-call-parser, else what the chat
     # template implies; None: they are not), known once the engine is open
     tool_parser: ToolParser | None = None
-    _engine: Engine | None = None
+    _engine: EngineApi | None = None
     _ledger: Ledger | None = None
     _quotas: QuotaSync | None = None
     _budgets: Budgets | None = None
 
-    def open(self, engine: Engine, ledger: Ledger) -> None:
+    def open(self, engine: EngineApi, ledger: Ledger) -> None:
         self._engine, self._ledger = engine, ledger
         self.tool_parser = parser_for(engine.tokenizer.chat_template,
                                       self.settings.engine.tool_call_parser)
@@ -55,7 +55,7 @@ class AppState:
         self.limiter.occupancy = lambda: engine.queue_depth() + engine.num_running()
 
     @property
-    def engine(self) -> Engine:
+    def engine(self) -> EngineApi:
         if self._engine is None:
             raise NotOpen("the engine is not open")
         return self._engine

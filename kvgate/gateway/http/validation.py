@@ -9,7 +9,7 @@ from kvgate.gateway.http.state import AppState
 from kvgate.gateway.protocol.errors import ApiError, bad_request
 
 if TYPE_CHECKING:  # the engine pulls in torch; the ledger-only CLI must not
-    from kvgate.gateway.engine.engine import Engine
+    from kvgate.gateway.engine import EngineApi
 
 
 def check_model(state: AppState, model: str, param: str = "model") -> str:
@@ -43,5 +43,5 @@ def token_budget(state: AppState, prompt_len: int, requested: int | None, param:
     return requested
 
 
-def encode(engine: Engine, text: str) -> list[int]:
+def encode(engine: EngineApi, text: str) -> list[int]:
     return engine.tokenizer.encode(text)

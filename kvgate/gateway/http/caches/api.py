@@ -211,7 +211,7 @@ def budget_tokens(state: AppState, p: Principal) -> int:
     """The most tokens the tenant's live caches may hold together: its device
     reservation, else its quota, else a share of the device tier, in tokens."""
     engine = state.engine
-    page_bytes = engine.store.layout.page_bytes
+    page_bytes = engine.page_bytes
     if p.cache_reserved_device_bytes:
         nbytes = p.cache_reserved_device_bytes
     elif p.cache_quota_bytes is not None:
@@ -219,7 +219,7 @@ def budget_tokens(state: AppState, p: Principal) -> int:
     else:
         percent = max(0, min(100, state.settings.cache.explicit_cache_device_percent))
         nbytes = engine.tier_bytes()["device"] * percent // 100
-    return min(nbytes * engine.store.block_size // page_bytes, total_budget_tokens(state))
+    return min(nbytes * engine.block_size // page_bytes, total_budget_tokens(state))
 
 
 def total_budget_tokens(state: AppState) -> int:
@@ -229,7 +229,7 @@ def total_budget_tokens(state: AppState) -> int:
     engine = state.engine
     percent = max(0, min(100, state.settings.cache.explicit_cache_total_percent))
     nbytes = engine.tier_bytes()["device"] * percent // 100
-    return nbytes * engine.store.block_size // engine.store.layout.page_bytes
+    return nbytes * engine.block_size // engine.page_bytes
 
 
 # -- answers -----------------------------------------------------------------------------------

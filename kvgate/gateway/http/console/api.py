@@ -4,7 +4,6 @@ middleware guards every ``/admin`` path but the console's own page and assets)."
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from datetime import UTC, datetime
@@ -87,10 +86,10 @@ async def hot_prefixes(request: web.Request) -> web.Response:
         await state.ledger.get_tenant(tid)
     except LedgerError as exc:
         raise ledger_error(exc) from None
-    store = state.engine.store
-    hot = await asyncio.to_thread(store.hottest, tenant_namespace(tid), int(raw_limit))
+    engine = state.engine
+    hot = await engine.hottest(tenant_namespace(tid), int(raw_limit))
     wall = time.time()
-    return _json({"tenant_id": tid, "block_size": store.block_size, "prefixes": [
+    return _json({"tenant_id": tid, "block_size": engine.block_size, "prefixes": [
         {**p.as_dict(), "last_used": datetime.fromtimestamp(wall - p.idle_s, UTC)
          .isoformat().replace("+00:00", "Z")} for p in hot]})
 
