@@ -1,6 +1,10 @@
 """One real server for the whole tests/http session: real Engine (demo model), real Ledger
 (SQLite in a temp dir), in this process (``ThreadServer``), so tests can reach its engine
-and sync SDK clients, async SDK clients and pytest-asyncio tests can all talk to it."""
+and sync SDK clients, async SDK clients and pytest-asyncio tests can all talk to it.
+
+A module marked ``both_engines`` runs its tests twice: against that server, and against
+one whose engine core runs in a process of its own (``--api-servers 1``, the default of
+``kvgate serve`` on two or more cores): what a client sees must not depend on it."""
 
 from __future__ import annotations
 
@@ -16,9 +20,26 @@ HTTP_FLAGS = {
 }
 
 
+ENGINES = {"in-process": 0, "core-process": 1}  # --api-servers
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "both_engines: run against the engine in this process "
+                                       "and against the engine core process")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "server" in metafunc.fixturenames and metafunc.definition.get_closest_marker(
+            "both_engines"):
+        metafunc.parametrize("server", list(ENGINES), indirect=True, scope="session")
+
+
 @pytest.fixture(scope="session")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ThreadServer]:
-    with ThreadServer(tmp_path_factory.mktemp("ledger"), **HTTP_FLAGS) as srv:
+def server(request: pytest.FixtureRequest,
+           tmp_path_factory: pytest.TempPathFactory) -> Iterator[ThreadServer]:
+    mode = getattr(request, "param", "in-process")
+    with ThreadServer(tmp_path_factory.mktemp("ledger"), api_servers=ENGINES[mode],
+                      **HTTP_FLAGS) as srv:
         yield srv
 
 

@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 
 import anthropic
+import pytest
 
 from testkit import Session, Tenant, ThreadServer, iter_sse, shapes
+
+pytestmark = pytest.mark.both_engines  # against both engine layouts (conftest.py)
 
 SYSTEM = ("Policy text that every request of this tenant repeats, long enough to span "
           "several cache blocks of sixteen tokens. " * 3).strip()

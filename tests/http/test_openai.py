@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import openai
+import pytest
 
 from testkit import Admin, Session, Tenant, ThreadServer, iter_sse, request_body, shapes
+
+pytestmark = pytest.mark.both_engines  # against both engine layouts (conftest.py)
 
 LONG_SYSTEM = ("You are a terse assistant for the kvgate test suite. " * 6).strip()
 

@@ -15,6 +15,8 @@ import pytest
 
 from testkit import Session, Tenant, ThreadServer, shapes
 
+pytestmark = pytest.mark.both_engines  # against both engine layouts (conftest.py)
+
 
 class Pet(pydantic.BaseModel):
     kind: Literal["cat", "dog", "fish"]

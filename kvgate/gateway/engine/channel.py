@@ -13,7 +13,9 @@ Messages, API server → core:
   ``("read", request_id, n)``: the client read ``n`` more token events (flow control),
   ``("call", call_id, name, args)``: one of ``CALLS``; ``call_id`` None: no reply wanted.
 Core → API server:
-  ``("hello", info)`` once, ``("ev", request_id, event)`` (a token or finish event),
+  ``("hello", info)`` once, ``("tok", request_id, text, token_ids, index)`` (a token
+  event with neither usage nor logprobs: most of them), ``("ev", request_id, event)``
+  (any other token event, a finish event),
   ``("err", request_id, WireError, usage)``, ``("ret", call_id, ok, value)``,
   ``("cache", CacheEvent)`` (once asked for), ``("fig", waiting, running, adds_seen)``.
 """

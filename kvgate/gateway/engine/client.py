@@ -57,7 +57,7 @@ from kvgate.gateway.usage import Usage
 
 log = logging.getLogger("kvgate.engine.client")
 
-RESTART_DELAY_S = 1.0  # between a failed start of the core and the next try
+RESTART_DELAY_S = (0.5, 30.0)  # between failed starts of the core: first, doubling to
 
 
 class CoreFailedToStart(RuntimeError):
@@ -150,6 +150,8 @@ class EngineClient:
         await self.refresh()
 
     async def _spawn(self) -> None:
+        if self._dir is not None:  # a core that exited cleanly took its directory along
+            os.makedirs(self._dir, mode=0o700, exist_ok=True)
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "kvgate.gateway.engine.core",
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
@@ -242,14 +244,16 @@ class EngineClient:
         if self.proc is not None:
             code = await self.proc.wait()
             log.error("the engine core exited with %s; starting it again", code)
+        delay = RESTART_DELAY_S[0]
         while not self._closing:
             try:
                 if self._spawning:
                     await self._spawn()
                 await self._connect()
             except (OSError, ChannelClosed, CoreFailedToStart, EngineError) as exc:
-                log.error("the engine core is not back yet: %s", exc)
-                await asyncio.sleep(RESTART_DELAY_S)
+                log.error("the engine core is not back yet (next try in %gs): %s", delay, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RESTART_DELAY_S[1])
                 continue
             self.restarts += 1
             log.warning("the engine core is back (pid %s)", self.info.get("pid"))
@@ -257,7 +261,11 @@ class EngineClient:
 
     def _dispatch(self, msg: Message) -> None:
         kind = msg[0]
-        if kind in ("ev", "err"):
+        if kind == "tok":
+            st = self._streams.get(msg[1])
+            if st is not None:
+                st.events.put_nowait(TokenEvent(msg[2], msg[3], index=msg[4]))
+        elif kind in ("ev", "err"):
             st = self._streams.get(msg[1])
             if st is not None:
                 st.events.put_nowait(msg[2] if kind == "ev"
@@ -425,8 +433,10 @@ class EngineClient:
             self._send(("call", None, "events", (sink is not None,)))
 
     async def refresh(self) -> None:
-        """Fetch the figures ``cache_stats`` and ``scheduling`` return (a scrape asks first)."""
-        self._stats, self._scheduling = await self._call("figures")
+        """Fetch the figures ``cache_stats`` and ``scheduling`` return (a scrape asks first);
+        while the core restarts they stay what they were."""
+        with contextlib.suppress(EngineUnavailable):
+            self._stats, self._scheduling = await self._call("figures")
 
     def tier_bytes(self) -> dict[str, int]:
         tiers: dict[str, int] = self.info["tier_bytes"]

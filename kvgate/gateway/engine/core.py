@@ -39,6 +39,7 @@ from kvgate.gateway.engine.request import (
     ErrorEvent,
     FinishEvent,
     GenerateRequest,
+    TokenEvent,
     WireError,
 )
 from kvgate.gateway.engine.sequence import Flow
@@ -97,7 +98,7 @@ class Core:
             items: list[Message] = []
             while conn.out:
                 msg = conn.out.popleft()
-                if msg[0] in ("ev", "err"):
+                if msg[0] in ("ev", "err"):  # "tok" ends nothing
                     self._account(conn, msg[1], msg[2])
                 items.append(msg)
             items.append(("fig", waiting, running, conn.adds))
@@ -145,9 +146,9 @@ class Core:
             if self._sink is conn:
                 self._sink = None
                 self.engine.set_event_sink(None)
+            conn.dead = True
             for rid in list(conn.left):  # its clients are gone with it
                 self.engine.cancel(rid)
-            conn.dead = True
             writer.close()
             self.engine.run_soon(conn.sock.close)  # on the thread that writes it
 
@@ -183,6 +184,9 @@ class Core:
         def emit(ev: EngineEvent) -> None:
             if isinstance(ev, ErrorEvent):  # an exception pickles only as what rebuilds it
                 conn.out.append(("err", rid, WireError.of(ev.error), ev.usage))
+            elif (isinstance(ev, TokenEvent) and ev.prompt_usage is None
+                  and ev.logprobs is None):  # the usual token: plain values pickle 5x faster
+                conn.out.append(("tok", rid, ev.text, ev.token_ids, ev.index))
             else:
                 conn.out.append(("ev", rid, ev))
 
@@ -194,7 +198,7 @@ class Core:
             return
         if rid in conn.left:
             conn.flows[rid] = flow
-        if rid in conn.cancelled:
+        if rid in conn.cancelled or conn.dead:  # cancelled, or its server went, meanwhile
             self.engine.cancel(rid)
 
     async def _call(self, conn: _Conn, call_id: int | None, name: str,
@@ -265,6 +269,9 @@ async def serve(config: EngineConfig, path: str, key: bytes, parent: int) -> int
             await asyncio.wait_for(stop.wait(), 0.5)
     server.close()
     await engine.stop()
+    with contextlib.suppress(OSError):  # the socket and its private directory
+        os.unlink(path)
+        os.rmdir(os.path.dirname(path))
     return 0
 
 
