@@ -241,6 +241,9 @@ class Generation:
             if isinstance(exc.__cause__, InvalidGrammar):  # the client's grammar gave out
                 raise ApiError(400, f"The structured output spec could not be followed: "
                                f"{exc.__cause__}", code="invalid_value") from exc
+            if isinstance(exc.__cause__, EngineUnavailable):  # its core process died
+                raise ApiError(503, f"The engine is unavailable: {exc.__cause__}.",
+                               code="engine_unavailable", retry_after=2.0) from exc
             raise
         except Exception:
             self._failed = True  # billed as "error" with what was done, by __aexit__
