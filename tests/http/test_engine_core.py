@@ -71,9 +71,9 @@ def test_the_core_is_another_process_and_serves_both_apis(srv: ThreadServer) -> 
     assert first.usage.completion_tokens == 6
     assert cached_tokens(again) >= 64  # the system prompt's blocks, held by the core
     ant = anthropic.Anthropic(base_url=srv.url, api_key=tenant.key, max_retries=0)
-    msg = ant.messages.create(model="demo", max_tokens=5, system=SYSTEM,
+    msg = ant.messages.create(model="demo", max_tokens=5, system=SYSTEM, temperature=0,
                               messages=[{"role": "user", "content": "Open on Sunday?"}])
-    assert msg.usage.output_tokens == 5
+    assert 1 <= msg.usage.output_tokens <= 5
     assert msg.usage.cache_read_input_tokens >= 64
     stream = openai.OpenAI(base_url=srv.url + "/v1", api_key=tenant.key, max_retries=0)
     chunks = list(stream.chat.completions.create(
@@ -151,10 +151,12 @@ def test_a_peer_without_the_key_is_refused(srv: ThreadServer) -> None:
     with socket.socket(socket.AF_UNIX) as sock:
         sock.connect(path)
         sock.recv(32)  # the challenge
-        sock.sendall(b"\0" * 32)  # a wrong answer, then what would be a pickle
-        sock.sendall(b"\0\0\0\x05cos\nsystem\n")
         sock.settimeout(10)
-        with contextlib.suppress(ConnectionResetError):  # closed with our bytes unread
+        # a wrong answer, then what would be a pickle: the core closes the connection (which
+        # may refuse the second write, or drop our unread bytes with a reset)
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            sock.sendall(b"\0" * 32)
+            sock.sendall(b"\0\0\0\x05cos\nsystem\n")
             assert sock.recv(64) == b""  # closed, nothing unpickled
     tenant = srv.admin.tenant("after-peer")
     assert chat(srv, tenant.key, "fine?").usage.completion_tokens == 6

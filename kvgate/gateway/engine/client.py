@@ -26,6 +26,7 @@ import os
 import pickle
 import secrets
 import shutil
+import stat
 import sys
 import tempfile
 from collections.abc import AsyncGenerator
@@ -95,6 +96,7 @@ class EngineClient:
         self.path = path
         self.key = key or secrets.token_bytes(32)
         self.proc: asyncio.subprocess.Process | None = None
+        self._starting: asyncio.subprocess.Process | None = None  # not ready yet
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._task: asyncio.Task[None] | None = None
@@ -142,16 +144,30 @@ class EngineClient:
         if self._task is not None:
             return
         if self._spawning:
-            self._dir = tempfile.mkdtemp(prefix="kvgate-core-")  # mode 0700
-            self.path = str(Path(self._dir) / "core.sock")
             await self._spawn()
         await self._connect()
         self._task = asyncio.create_task(self._read_loop(), name="kvgate-engine-client")
         await self.refresh()
 
+    def _private_dir(self) -> None:
+        """A directory only this user can enter for the socket: made again when it went
+        away (a temp cleaner, an operator), never one someone else made at its name."""
+        if self._dir is not None:
+            try:
+                st = os.lstat(self._dir)
+            except FileNotFoundError:
+                pass
+            else:
+                if (stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid()
+                        and st.st_mode & 0o077 == 0):
+                    return
+                log.error("the engine core's socket directory %s was replaced; using a new "
+                          "one", self._dir)
+        self._dir = tempfile.mkdtemp(prefix="kvgate-core-")  # mode 0700
+        self.path = str(Path(self._dir) / "core.sock")
+
     async def _spawn(self) -> None:
-        if self._dir is not None:  # a core that exited cleanly took its directory along
-            os.makedirs(self._dir, mode=0o700, exist_ok=True)
+        self._private_dir()
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "kvgate.gateway.engine.core",
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
@@ -159,12 +175,21 @@ class EngineClient:
             # requests before it stops the core (the core also exits when its parent does)
             start_new_session=True)
         assert proc.stdin is not None and proc.stdout is not None
+        self._starting = proc  # stopped by stop() if this start is cut short
         order = {"config": self.config, "path": self.path, "key": self.key,
                  "parent": os.getpid(), "log_level": logging.getLogger().getEffectiveLevel()}
-        proc.stdin.write(pickle.dumps(order, protocol=5))
-        await proc.stdin.drain()
-        proc.stdin.close()
-        line = (await proc.stdout.readline()).decode(errors="replace").strip()
+        try:
+            proc.stdin.write(pickle.dumps(order, protocol=5))
+            await proc.stdin.drain()
+            proc.stdin.close()
+            line = (await proc.stdout.readline()).decode(errors="replace").strip()
+        except BaseException:
+            if proc.returncode is None:
+                proc.kill()
+                await asyncio.shield(proc.wait())
+            raise
+        finally:
+            self._starting = None
         if line != "ready":
             await proc.wait()
             kind, _, message = line.removeprefix("error ").partition(" ")
@@ -202,15 +227,19 @@ class EngineClient:
         if self._writer is not None:
             self._writer.close()
         self._lost("the engine has stopped")
-        if self.proc is not None and self.proc.returncode is None:
+        await self._end_core()
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+
+    async def _end_core(self) -> None:
+        """Stop the core process this client started, if it still runs."""
+        if self._spawning and self.proc is not None and self.proc.returncode is None:
             self.proc.terminate()
             try:
                 await asyncio.wait_for(self.proc.wait(), 60)
             except TimeoutError:
                 self.proc.kill()
                 await self.proc.wait()
-        if self._dir is not None:
-            shutil.rmtree(self._dir, ignore_errors=True)
 
     async def _read_loop(self) -> None:
         while not self._closing:
@@ -252,6 +281,7 @@ class EngineClient:
                 await self._connect()
             except (OSError, ChannelClosed, CoreFailedToStart, EngineError) as exc:
                 log.error("the engine core is not back yet (next try in %gs): %s", delay, exc)
+                await self._end_core()  # started but not reached: not left running
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RESTART_DELAY_S[1])
                 continue
@@ -394,8 +424,15 @@ class EngineClient:
                    host_bytes)
 
     async def pin(self, namespace: str, token_ids: list[int], key: str) -> int:
-        self._standing[("pin", namespace, key)] = ("pin", (namespace, token_ids, key))
-        result: int = await self._call("pin", namespace, token_ids, key)
+        standing = ("pin", namespace, key)
+        new = standing not in self._standing
+        self._standing[standing] = ("pin", (namespace, token_ids, key))
+        try:
+            result: int = await self._call("pin", namespace, token_ids, key)
+        except BaseException:
+            if new:  # its caller takes it as not pinned: a new core must not pin it
+                self._standing.pop(standing, None)
+            raise
         return result
 
     async def unpin(self, namespace: str, key: str) -> None:

@@ -59,6 +59,7 @@ class _Conn:
     left: dict[str, int] = field(default_factory=dict)  # request id -> finishes to come
     cancelled: set[str] = field(default_factory=set)  # cancelled while being submitted
     adds: int = 0
+    figures: tuple[int, int, int] = (0, 0, 0)  # the last sent: waiting, running, adds
     dead: bool = False
 
 
@@ -88,13 +89,15 @@ class Core:
     def _after_step(self) -> None:
         """Send each connection what the engine emitted since the last step, and the step's
         figures, as one frame written from this thread: no hand-off to the event loop
-        (which would wait for the GIL while the next step runs)."""
-        waiting = running = -1
+        (which would wait for the GIL while the next step runs). Figures that changed go
+        out on their own too: requests that do not stream emit nothing until they end, and
+        an API server that heard nothing would count them as waiting still (and refuse
+        new requests as overloaded)."""
+        waiting, running = self.engine.queue_depth(), self.engine.num_running()
         for conn in self._conns:
-            if not conn.out or conn.dead:
+            if conn.dead or (not conn.out and conn.figures == (waiting, running, conn.adds)):
                 continue
-            if waiting < 0:
-                waiting, running = self.engine.queue_depth(), self.engine.num_running()
+            conn.figures = (waiting, running, conn.adds)
             items: list[Message] = []
             while conn.out:
                 msg = conn.out.popleft()

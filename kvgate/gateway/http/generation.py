@@ -86,6 +86,8 @@ class Generation:
         self.usage: Usage | None = None  # what was billed
         self.prompt_usage: Usage | None = None  # prompt side, known at the first token
         self.prompt_cache = CacheDetail()  # the blocks behind prompt_usage
+        # each prompt's split and blocks, from its first choice's first token
+        self._prompt_seen: dict[int, tuple[Usage, CacheDetail]] = {}
         # The receipt the ledger signs for this request; named in the response's headers
         self.receipt_id = ctx_of(request).receipt_id = new_receipt_id()
         self.completion_tokens = 0
@@ -187,6 +189,10 @@ class Generation:
                     continue
                 if self._ttft_s is None:
                     self._ttft_s = time.monotonic() - self._t0
+                if ev.prompt_usage is not None and ev.index % self.sampling.n == 0:
+                    self._prompt_seen.setdefault(ev.index // self.sampling.n,
+                                                 (ev.prompt_usage,
+                                                  ev.prompt_cache or CacheDetail()))
                 if ev.prompt_usage is not None and ev.index == 0:
                     self.prompt_usage = ev.prompt_usage
                     self.prompt_cache = ev.prompt_cache or CacheDetail()
@@ -231,10 +237,13 @@ class Generation:
             raise
         except SequenceFailed as exc:
             self._failed = True  # billed as "error" by __aexit__, with the engine's usage
-            self._failed_usage = exc.usage
+            self._failed_usage = self._usage_of_failure(exc.usage)
             if isinstance(exc.__cause__, InvalidGrammar):  # the client's grammar gave out
                 raise ApiError(400, f"The structured output spec could not be followed: "
                                f"{exc.__cause__}", code="invalid_value") from exc
+            if isinstance(exc.__cause__, EngineUnavailable):  # its core process died
+                raise ApiError(503, f"The engine is unavailable: {exc.__cause__}.",
+                               code="engine_unavailable", retry_after=2.0) from exc
             raise
         except Exception:
             self._failed = True  # billed as "error" with what was done, by __aexit__
@@ -243,6 +252,23 @@ class Generation:
             watcher.cancel()
         if not self._billed:
             raise RuntimeError("engine stream ended without a FinishEvent")
+
+    def _usage_of_failure(self, failed: Usage) -> Usage:
+        """What a failed request is billed: the engine's account of the request that failed
+        (``failed``), or, when several prompts ran, every prompt whose split was seen and
+        the tokens of every choice that reached this server (the failure ends the others,
+        and one engine request's account would leave them unbilled)."""
+        if not self.more_prompts:
+            return failed
+        seen = [self._prompt_seen[k][0] for k in sorted(self._prompt_seen)]
+        if not seen:
+            return failed
+        writes: dict[int, int] = {}
+        for u in seen:
+            for ttl, tokens in u.cache_writes.items():
+                writes[ttl] = writes.get(ttl, 0) + tokens
+        return Usage(sum(u.prompt_tokens for u in seen), sum(u.cached_tokens for u in seen),
+                     writes, max(self.completion_tokens, failed.completion_tokens))
 
     async def run(self) -> str:
         """The whole answer, which the engine sends as one event at the end. A client that
@@ -283,6 +309,10 @@ class Generation:
         (the engine's own final usage when it reports one after the cancel)."""
         usage = None
         cache = self.prompt_cache
+        if self._failed and self.more_prompts and self._prompt_seen:
+            cache = CacheDetail()  # every prompt's, as _usage_of_failure bills them
+            for k in sorted(self._prompt_seen):
+                cache += self._prompt_seen[k][1]
         if not self._failed:
             self._cancel_engine()
             try:

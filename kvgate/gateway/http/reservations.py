@@ -30,6 +30,7 @@ import time
 import uuid
 from datetime import UTC, datetime, timedelta
 
+from kvgate.gateway.engine.request import EngineUnavailable
 from kvgate.gateway.http.state import AppState
 from kvgate.gateway.ledger import LedgerError
 from kvgate.gateway.ledger.billing import UsageEvent
@@ -56,8 +57,12 @@ class _Periodic:
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            try:
                 await self._task
+            except asyncio.CancelledError:
+                pass
+            except Exception:  # it ended early; what stops after it must still stop
+                log.exception("%s had stopped", type(self).__name__)
 
 
 class ReservationBiller(_Periodic):
@@ -76,7 +81,7 @@ class ReservationBiller(_Periodic):
 
     async def _loop(self) -> None:
         interval = max(1, int(self.state.settings.cache.reservation_bill_interval_s))
-        with contextlib.suppress(LedgerError):
+        with contextlib.suppress(LedgerError, EngineUnavailable):  # again each interval
             await self.sync()
         while True:
             await asyncio.sleep(interval)
@@ -85,6 +90,8 @@ class ReservationBiller(_Periodic):
                 await self.sync()
             except LedgerError as exc:  # the database is away: the tiers keep what they hold
                 log.warning("cache reservations not read from the ledger: %s", exc)
+            except EngineUnavailable as exc:  # the core restarts: read again next interval
+                log.warning("cache reservations not read from the engine: %s", exc)
             except Exception:
                 log.exception("cache reservation billing failed")
 
@@ -173,6 +180,8 @@ class CacheStorageBiller(_Periodic):
                 await self.sweep()
             except LedgerError as exc:
                 log.warning("explicit caches not billed from the ledger: %s", exc)
+            except EngineUnavailable as exc:  # the core restarts: its pins went with it
+                log.warning("explicit caches not unpinned in the engine: %s", exc)
             except Exception:
                 log.exception("explicit cache storage billing failed")
             now = time.time()
