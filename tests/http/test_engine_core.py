@@ -71,7 +71,7 @@ def test_the_core_is_another_process_and_serves_both_apis(srv: ThreadServer) -> 
     assert first.usage.completion_tokens == 6
     assert cached_tokens(again) >= 64  # the system prompt's blocks, held by the core
     ant = anthropic.Anthropic(base_url=srv.url, api_key=tenant.key, max_retries=0)
-    msg = ant.messages.create(model="demo", max_tokens=5, system=SYSTEM, temperature=0,
+    msg = ant.messages.create(model="demo", max_tokens=5, system=SYSTEM, extra_body={"temperature": 0},
                               messages=[{"role": "user", "content": "Open on Sunday?"}])
     assert 1 <= msg.usage.output_tokens <= 5
     assert msg.usage.cache_read_input_tokens >= 64
