@@ -27,6 +27,7 @@ Another tenant's id answers exactly as an id that never existed (404).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import secrets
@@ -38,7 +39,7 @@ import jinja2
 from aiohttp import web
 
 from kvgate.gateway.edge.body import prepare, read_body
-from kvgate.gateway.engine import SamplingParams
+from kvgate.gateway.engine import EngineUnavailable, SamplingParams
 from kvgate.gateway.http.admission import admitted
 from kvgate.gateway.http.caches.named import (
     ID_PREFIX,
@@ -286,7 +287,10 @@ async def create(request: web.Request) -> web.StreamResponse:
             if isinstance(exc, LedgerUnavailable):
                 raise unavailable() from None
             raise
-    await state.engine.pin(ns, prefix.ids, cache_id)  # and those that were cached before
+    # and those that were cached before; a core restarting now pins it when it is back (the
+    # pin stands in its client), so the cache the ledger holds is answered as created
+    with contextlib.suppress(EngineUnavailable):
+        await state.engine.pin(ns, prefix.ids, cache_id)
     state.explicit_caches[cache_id] = ns
     body = cache_object(row)
     if gen.usage is not None:
