@@ -15,7 +15,6 @@ import signal
 import socket
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import anthropic
@@ -35,6 +34,12 @@ def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ThreadServer]:
     with ThreadServer(tmp_path_factory.mktemp("core"), api_servers=1,
                       device_cache_bytes=16 * MiB) as server:
         yield server
+
+
+def settled(srv: ThreadServer) -> int:
+    """Its core up (a test before may have killed it): → its restarts so far."""
+    wait_until(lambda: client_of(srv).up)
+    return client_of(srv).restarts
 
 
 def client_of(srv: ThreadServer) -> EngineClient:
@@ -163,50 +168,50 @@ def test_a_peer_without_the_key_is_refused(srv: ThreadServer) -> None:
 
 
 def test_a_core_that_dies_fails_in_flight_bills_them_once_and_comes_back(
-        tmp_path: Path) -> None:
-    with ThreadServer(tmp_path, api_servers=1, device_cache_bytes=16 * MiB) as srv:
-        tenant = srv.admin.tenant("crash")
-        engine = client_of(srv)
-        pid = core_pid(srv)
-        client = openai.OpenAI(base_url=srv.url + "/v1", api_key=tenant.key, max_retries=0)
-        stream = client.chat.completions.create(
-            model="demo", max_tokens=4000, stream=True, extra_body={"ignore_eos": True},
-            messages=[{"role": "user", "content": "Talk."}])
-        got = 0
-        with pytest.raises(openai.APIError):
-            for chunk in stream:
-                if chunk.choices and chunk.choices[0].delta.content:
-                    got += 1
-                if got == 8:
-                    os.kill(pid, signal.SIGKILL)
-        # a request while it is down: the API's own 503, nothing billed
-        wait_until(lambda: engine.restarts == 1 or not engine._up)
-        rows = srv.ledger_rows(tenant.id)
-        assert len(rows) == 1
-        row = next(iter(rows.values()))
-        assert row["n"] == 1 and row["status"] == "error"
-        assert got <= row["completion_tokens"] < 4000
-        wait_until(lambda: engine.restarts == 1)
-        assert core_pid(srv) != pid
-        assert chat(srv, tenant.key, "Back?").usage.completion_tokens == 6
+        srv: ThreadServer) -> None:
+    base = settled(srv)
+    tenant = srv.admin.tenant("crash")
+    engine = client_of(srv)
+    pid = core_pid(srv)
+    client = openai.OpenAI(base_url=srv.url + "/v1", api_key=tenant.key, max_retries=0)
+    stream = client.chat.completions.create(
+        model="demo", max_tokens=4000, stream=True, extra_body={"ignore_eos": True},
+        messages=[{"role": "user", "content": "Talk."}])
+    got = 0
+    with pytest.raises(openai.APIError):
+        for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                got += 1
+            if got == 8:
+                os.kill(pid, signal.SIGKILL)
+    # a request while it is down: the API's own 503, nothing billed
+    wait_until(lambda: engine.restarts == base + 1 or not engine._up)
+    rows = srv.ledger_rows(tenant.id)
+    assert len(rows) == 1
+    row = next(iter(rows.values()))
+    assert row["n"] == 1 and row["status"] == "error"
+    assert got <= row["completion_tokens"] < 4000
+    wait_until(lambda: engine.restarts == base + 1)
+    assert core_pid(srv) != pid
+    assert chat(srv, tenant.key, "Back?").usage.completion_tokens == 6
 
 
-def test_down_core_means_503_with_retry_after(tmp_path: Path) -> None:
-    with ThreadServer(tmp_path, api_servers=1, device_cache_bytes=16 * MiB) as srv:
-        tenant = srv.admin.tenant("down")
-        engine = client_of(srv)
-        srv.on_loop(_stop_core(engine))
-        resp = requests.post(srv.url + "/v1/chat/completions", headers=tenant.headers,
-                             json={"model": "demo", "max_tokens": 2,
-                                   "messages": [{"role": "user", "content": "hi"}]}, timeout=30)
-        assert resp.status_code == 503, resp.text
-        assert resp.json()["error"]["code"] == "engine_unavailable"
-        assert resp.headers.get("Retry-After")
-        ready = requests.get(srv.url + "/readyz", timeout=30)
-        assert ready.status_code == 503 and "engine core" in ready.json()["error"]["message"]
-        assert srv.ledger_rows(tenant.id) == {}
-        wait_until(lambda: engine.restarts == 1)
-        assert chat(srv, tenant.key, "up?").usage.completion_tokens == 6
+def test_down_core_means_503_with_retry_after(srv: ThreadServer) -> None:
+    base = settled(srv)
+    tenant = srv.admin.tenant("down")
+    engine = client_of(srv)
+    srv.on_loop(_stop_core(engine))
+    resp = requests.post(srv.url + "/v1/chat/completions", headers=tenant.headers,
+                         json={"model": "demo", "max_tokens": 2,
+                               "messages": [{"role": "user", "content": "hi"}]}, timeout=30)
+    assert resp.status_code == 503, resp.text
+    assert resp.json()["error"]["code"] == "engine_unavailable"
+    assert resp.headers.get("Retry-After")
+    ready = requests.get(srv.url + "/readyz", timeout=30)
+    assert ready.status_code == 503 and "engine core" in ready.json()["error"]["message"]
+    assert srv.ledger_rows(tenant.id) == {}
+    wait_until(lambda: engine.restarts == base + 1)
+    assert chat(srv, tenant.key, "up?").usage.completion_tokens == 6
 
 
 async def _stop_core(engine: EngineClient) -> None:

@@ -49,14 +49,27 @@ def cores() -> set[int]:
             if "kvgate.gateway.engine.core" in line and not line.split()[1].startswith("Z")}
 
 
-@pytest.fixture
-def srv(tmp_path: Path) -> Iterator[ThreadServer]:
-    with ThreadServer(tmp_path, api_servers=1, device_cache_bytes=16 * MiB) as server:
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ThreadServer]:
+    with ThreadServer(tmp_path_factory.mktemp("attack"), api_servers=1,
+                      device_cache_bytes=16 * MiB) as server:
         yield server
+
+
+@pytest.fixture
+def srv(shared: ThreadServer) -> ThreadServer:
+    """The module's server, its core up (a test before may have just killed it)."""
+    wait_until(lambda: client_of(shared).up)
+    return shared
+
+
+def restarts(srv: ThreadServer) -> int:
+    return client_of(srv).restarts
 
 
 def test_several_prompts_cut_by_a_dead_core_are_billed_for_every_prompt(
         srv: ThreadServer) -> None:
+    base = restarts(srv)
     tenant = srv.admin.tenant("prompts")
     engine = client_of(srv)
     client = openai.OpenAI(base_url=srv.url + "/v1", api_key=tenant.key, max_retries=0)
@@ -78,7 +91,7 @@ def test_several_prompts_cut_by_a_dead_core_are_billed_for_every_prompt(
     row = next(iter(srv.ledger_rows(tenant.id).values()))
     assert row["n"] == 1 and row["status"] == "error"
     # every prompt ran and was seen: the bill counts all three, not the one that ended first
-    wait_until(lambda: engine.restarts == 1)
+    wait_until(lambda: engine.restarts == base + 1)
     whole = client.completions.create(model="demo", prompt=prompts, max_tokens=1)
     assert row["prompt_tokens"] == whole.usage.prompt_tokens
     assert row["completion_tokens"] >= got
@@ -127,17 +140,18 @@ def test_requests_that_do_not_stream_are_not_counted_as_waiting(tmp_path: Path) 
 
 
 def test_a_core_killed_while_the_server_stops_is_not_left_running(tmp_path: Path) -> None:
+    others = cores()  # the module's server's
     srv = ThreadServer(tmp_path, api_servers=1, device_cache_bytes=16 * MiB).start()
     try:
         engine = client_of(srv)
         first = int(engine.info["pid"])
-        assert cores() == {first}, _ps()
+        assert cores() - others == {first}, _ps()
         os.kill(first, signal.SIGKILL)
         # the server stops while its new core is still loading
-        wait_until(lambda: bool(cores() - {first}))
+        wait_until(lambda: bool(cores() - others - {first}))
     finally:
         srv.stop()
-    assert not cores(), _ps()  # stopped with the server, not left to find its parent gone
+    assert not cores() - others, _ps()  # stopped with the server, not left to find its parent gone
 
 
 def _ps() -> str:
@@ -146,6 +160,7 @@ def _ps() -> str:
 
 
 def test_a_core_killed_twice_in_a_row_comes_back(srv: ThreadServer) -> None:
+    base = restarts(srv)
     engine = client_of(srv)
     tenant = srv.admin.tenant("twice")
     first = int(engine.info["pid"])
@@ -153,7 +168,7 @@ def test_a_core_killed_twice_in_a_row_comes_back(srv: ThreadServer) -> None:
     wait_until(lambda: bool(cores() - {first}))
     for pid in cores() - {first}:
         os.kill(pid, signal.SIGKILL)  # the new one dies too, while it loads
-    wait_until(lambda: engine.up and engine.restarts == 1)
+    wait_until(lambda: engine.up and engine.restarts == base + 1)
     wait_until(lambda: cores() == {int(engine.info["pid"])}, 30)
     assert requests.get(srv.url + "/readyz", timeout=30).status_code == 200
     client = openai.OpenAI(base_url=srv.url + "/v1", api_key=tenant.key, max_retries=0)
@@ -163,13 +178,14 @@ def test_a_core_killed_twice_in_a_row_comes_back(srv: ThreadServer) -> None:
 
 
 def test_a_removed_socket_directory_does_not_keep_the_core_down(srv: ThreadServer) -> None:
+    base = restarts(srv)
     engine = client_of(srv)
     tenant = srv.admin.tenant("tmpclean")
     assert engine.path is not None
     old_dir = os.path.dirname(engine.path)
     shutil.rmtree(old_dir)  # a temp cleaner, or an operator tidying up
     os.kill(int(engine.info["pid"]), signal.SIGKILL)
-    wait_until(lambda: engine.restarts == 1, 60)
+    wait_until(lambda: engine.restarts == base + 1, 60)
     assert os.path.dirname(engine.path) != old_dir
     assert os.stat(os.path.dirname(engine.path)).st_mode & 0o077 == 0
     wait_until(lambda: cores() == {int(engine.info["pid"])}, 30)
@@ -181,6 +197,7 @@ def test_a_removed_socket_directory_does_not_keep_the_core_down(srv: ThreadServe
 
 def test_a_directory_put_in_place_of_the_socket_directory_is_not_used(
         srv: ThreadServer) -> None:
+    base = restarts(srv)
     engine = client_of(srv)
     assert engine.path is not None
     old_dir = os.path.dirname(engine.path)
@@ -188,13 +205,14 @@ def test_a_directory_put_in_place_of_the_socket_directory_is_not_used(
     os.mkdir(old_dir, 0o755)  # anyone could have made it: its mode lets others in
     try:
         os.kill(int(engine.info["pid"]), signal.SIGKILL)
-        wait_until(lambda: engine.restarts == 1, 60)
+        wait_until(lambda: engine.restarts == base + 1, 60)
         assert os.path.dirname(engine.path) != old_dir
     finally:
         shutil.rmtree(old_dir, ignore_errors=True)
 
 
 def test_a_pin_cut_by_a_dead_core_is_not_pinned_by_the_next(srv: ThreadServer) -> None:
+    base = restarts(srv)
     engine = client_of(srv)
 
     async def pin_while_dying() -> BaseException | None:
@@ -212,7 +230,7 @@ def test_a_pin_cut_by_a_dead_core_is_not_pinned_by_the_next(srv: ThreadServer) -
     if failed is None:  # the core pinned it before it died: then it stands, as it should
         pytest.skip("the pin was answered before the core died")
     assert ("pin", "tenant:999", "cache_x") not in engine._standing
-    wait_until(lambda: engine.restarts == 1)
+    wait_until(lambda: engine.restarts == base + 1)
     assert srv.on_loop(engine.pinned_blocks("tenant:999")) == 0
 
 
@@ -220,6 +238,7 @@ def test_the_reservation_biller_outlives_a_core_that_is_down(srv: ThreadServer) 
     """Its first read of the engine's reservations, made while the core restarts, must
     not end it (no reservation billed for the server's life) nor, at shutdown, raise
     past the cleanup that stops the core and closes the ledger."""
+    base = restarts(srv)
     from kvgate.gateway.http.reservations import ReservationBiller
 
     engine = client_of(srv)
@@ -243,12 +262,13 @@ def test_the_reservation_biller_outlives_a_core_that_is_down(srv: ThreadServer) 
 
     alive, raised = srv.on_loop(start_while_down())
     assert alive and raised is None
-    wait_until(lambda: engine.restarts == 1)
+    wait_until(lambda: engine.restarts == base + 1)
 
 
 def test_streams_cut_by_a_dead_core_say_so_and_are_billed_once(srv: ThreadServer) -> None:
     """n=3 through the OpenAI SDK, a message stream through Anthropic's: each ends with the
     API's engine_unavailable error (not an internal error), one error row each."""
+    base = restarts(srv)
     import anthropic
 
     tenant = srv.admin.tenant("streams")
@@ -264,7 +284,7 @@ def test_streams_cut_by_a_dead_core_say_so_and_are_billed_once(srv: ThreadServer
             if got == 30:
                 os.kill(int(engine.info["pid"]), signal.SIGKILL)
     assert "engine" in str(cut.value) and "Internal server error" not in str(cut.value)
-    wait_until(lambda: engine.restarts == 1)
+    wait_until(lambda: engine.restarts == base + 1)
     ant = anthropic.Anthropic(base_url=srv.url, api_key=tenant.key, max_retries=0)
     events = 0
     with pytest.raises(anthropic.APIError) as cut_ant, ant.messages.stream(
@@ -275,7 +295,7 @@ def test_streams_cut_by_a_dead_core_say_so_and_are_billed_once(srv: ThreadServer
             if events == 20:
                 os.kill(int(engine.info["pid"]), signal.SIGKILL)
     assert "Internal server error" not in str(cut_ant.value)
-    wait_until(lambda: engine.restarts == 2)
+    wait_until(lambda: engine.restarts == base + 2)
     rows = srv.ledger_rows(tenant.id)
     assert len(rows) == 2
     assert all(r["n"] == 1 and r["status"] == "error" and 0 < r["completion_tokens"] < 12000
