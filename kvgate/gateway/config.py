@@ -60,7 +60,8 @@ class HttpSettings:
     # this one: neither steals the other's time under one GIL. None: 1 on a machine with
     # two or more cores, else 0 (0: the engine runs in this process, as a thread).
     api_servers: int | None = opt(None, "API server processes in front of the engine core "
-                                        "process (auto: 1 with 2+ cores; 0: one process)",
+                                        "process (unset: 1 with 2+ usable cores; 0: one "
+                                        "process)",
                                   api=True)
 
 

@@ -24,7 +24,7 @@ DOCUMENTED = {
     "kvgate_ledger_queue_depth", "kvgate_engine_queue_depth",
     "kvgate_engine_running_requests", "kvgate_cost_micros", "kvgate_single_flight_requests",
     "kvgate_single_flight_saved_tokens", "kvgate_engine_parked_sequences",
-    "kvgate_engine_preemptions", "kvgate_engine_tenant_service",
+    "kvgate_engine_preemptions", "kvgate_engine_tenant_service", "kvgate_engine_core_restarts",
 }
 
 

@@ -26,6 +26,7 @@ import os
 import pickle
 import secrets
 import shutil
+import signal
 import stat
 import sys
 import tempfile
@@ -59,6 +60,16 @@ from kvgate.gateway.usage import Usage
 log = logging.getLogger("kvgate.engine.client")
 
 RESTART_DELAY_S = (0.5, 30.0)  # between failed starts of the core: first, doubling to
+
+
+def _exit(code: int) -> str:
+    """How a process ended, in words (a negative code is the signal that killed it)."""
+    if code < 0:
+        try:
+            return f"was killed by signal {-code} ({signal.Signals(-code).name})"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with status {code}"
 
 
 class CoreFailedToStart(RuntimeError):
@@ -194,8 +205,8 @@ class EngineClient:
             await proc.wait()
             kind, _, message = line.removeprefix("error ").partition(" ")
             if not line:
-                raise CoreFailedToStart(f"the engine core exited ({proc.returncode}) before "
-                                        "it was ready; its log says why")
+                raise CoreFailedToStart(f"the engine core {_exit(proc.returncode or 0)} before "
+                                        "it was ready (what it said, if anything, is above in this log)")
             if kind in ("EngineMisconfigured", "ModelFilesMissing", "ValueError"):
                 raise EngineMisconfigured(message)
             raise CoreFailedToStart(f"the engine core did not start: {kind}: {message}")
@@ -272,7 +283,7 @@ class EngineClient:
         """Start the core again (the supervisor) or wait for it (the others), reconnect."""
         if self.proc is not None:
             code = await self.proc.wait()
-            log.error("the engine core exited with %s; starting it again", code)
+            log.error("the engine core %s; starting it again", _exit(code))
         delay = RESTART_DELAY_S[0]
         while not self._closing:
             try:
@@ -286,7 +297,7 @@ class EngineClient:
                 delay = min(delay * 2, RESTART_DELAY_S[1])
                 continue
             self.restarts += 1
-            log.warning("the engine core is back (pid %s)", self.info.get("pid"))
+            log.info("the engine core is back (pid %s)", self.info.get("pid"))
             return
 
     def _dispatch(self, msg: Message) -> None:

@@ -318,6 +318,8 @@ class Engine:
         changed the index."""
         self.store.index.on_event = sink
 
+    restarts = 0  # an engine in this process is never restarted (EngineClient counts its core's)
+
     @property
     def up(self) -> bool:
         """Serving (``EngineClient``: False while its core process is restarting)."""

@@ -229,7 +229,7 @@ def _sample_filtered(sub: torch.Tensor, table: torch.Tensor, filtered: list[int]
     params = _rows(table, filtered)
     width = min(vocab, max(CANDIDATES, max_k))
     if width * 4 >= vocab:  # a sort beats a topk this wide (a small vocabulary)
-        vals = torch.sort(scores, dim=-1, descending=True).values
+        vals = _sorted_best_first(scores)
         width = vocab
     else:
         vals = scores.topk(width, dim=-1).values  # sorted, best first
@@ -265,12 +265,21 @@ def _sample_sorted(sub: torch.Tensor, table: torch.Tensor, rows: list[int],
     """top_p over the whole sorted row: the exact rule for a nucleus of any width."""
     scores = _rows(sub, rows)
     params = _rows(table, rows)
-    vals = torch.sort(scores, dim=-1, descending=True).values
+    vals = _sorted_best_first(scores)
     probs = torch.softmax(vals, dim=-1)
     drop = (probs.cumsum(dim=-1) - probs) >= params[:, 3:4].float()
     drop[:, 0] = False
     vals = vals.masked_fill(drop, float("-inf"))
     picks.index_copy_(0, _put(rows, torch.long, sub.device), _draw_above(scores, vals, params))
+
+
+def _sorted_best_first(scores: torch.Tensor) -> torch.Tensor:
+    """Each row's values, largest first. A CPU fp32 batch is sorted by numpy: torch's CPU
+    sort costs ~10x more on the small rows a step has (32 x 263: 240 vs 21 µs); the values
+    are the same either way."""
+    if scores.device.type == "cpu" and scores.dtype == torch.float32:
+        return torch.from_numpy(-np.sort(-scores.numpy(), axis=-1))
+    return torch.sort(scores, dim=-1, descending=True).values
 
 
 def _draw_above(scores: torch.Tensor, kept: torch.Tensor, params: torch.Tensor) -> torch.Tensor:

@@ -186,7 +186,8 @@ def api_servers(settings: Settings) -> int:
     when the machine has a core for each side."""
     if settings.http.api_servers is not None:
         return settings.http.api_servers
-    return 1 if (os.cpu_count() or 1) >= 2 else 0
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return 1 if (usable or 1) >= 2 else 0
 
 
 def create_app(settings: Settings, engine: EngineApi | None = None,

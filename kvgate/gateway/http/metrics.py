@@ -222,6 +222,8 @@ SNAPSHOT_FAMILIES = (
      "Usage events spooled locally while the ledger database is away.", ()),
     ("kvgate_engine_queue_depth", "gauge", "Requests waiting for the engine.", ()),
     ("kvgate_engine_running_requests", "gauge", "Requests the engine runs.", ()),
+    ("kvgate_engine_core_restarts", "counter",
+     "Times the engine core process was started again after it died.", ()),
     ("kvgate_engine_parked_sequences", "gauge",
      "Sequences parked because their client stopped reading (no slot, no pages).", ()),
     ("kvgate_engine_preemptions", "counter",
@@ -271,7 +273,8 @@ class _SnapshotCollector(Collector):
                             ("kvgate_ledger_queue_depth", self._ledger.queue_depth()),
                             ("kvgate_ledger_spool_events", self._ledger.spool_depth()),
                             ("kvgate_engine_queue_depth", self._engine.queue_depth()),
-                            ("kvgate_engine_running_requests", self._engine.num_running())):
+                            ("kvgate_engine_running_requests", self._engine.num_running()),
+                            ("kvgate_engine_core_restarts", self._engine.restarts)):
             f[name].add_metric([], value)
         if stats.shares is not None:
             f["kvgate_cache_share_fallbacks"].add_metric([], stats.shares.fallbacks)

@@ -121,7 +121,7 @@ async def serve(settings: Settings) -> int:
         await site.start()
         port = runner.addresses[0][1] if runner.addresses else settings.http.port
         print(banner(settings, port, app[STATE].admin_key_created,
-                     served_names(app[STATE])[0]), flush=True)
+                     served_names(app[STATE])[0], app[STATE].engine), flush=True)
         metrics_port = app[STATE].metrics.listen_port
         if metrics_port is not None:
             print(f"kvgate: /metrics on http://{_host_for_url(settings.http.host)}:{metrics_port}"
@@ -141,9 +141,14 @@ async def serve(settings: Settings) -> int:
     return 0
 
 
-def banner(settings: Settings, port: int, admin_key: str | None, model_id: str) -> str:
+def banner(settings: Settings, port: int, admin_key: str | None, model_id: str,
+           engine: object = None) -> str:
     url = f"http://{_host_for_url(settings.http.host)}:{port}"
     lines = [f"kvgate: serving model '{model_id}' on {url} (ledger: {_safe_db(settings.ledger.db)})"]
+    core = getattr(engine, "info", {}).get("pid")
+    if core is not None:  # --api-servers 1: the engine in a child process
+        lines.append(f"kvgate: the engine core runs in process {core} (--api-servers 0: one "
+                     "process)")
     if admin_key:
         lines.append(f"kvgate: created an admin key; it is shown only now:\n\n    {admin_key}\n")
         admin = f"ADMIN={admin_key}"
