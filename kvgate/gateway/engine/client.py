@@ -44,15 +44,13 @@ from kvgate.gateway.engine.request import (
     EngineError,
     EngineEvent,
     EngineMisconfigured,
-    EngineOverloaded,
     EngineUnavailable,
     ErrorEvent,
     FinishEvent,
     GenerateRequest,
     SequenceFailed,
     TokenEvent,
-    check_prompt,
-    check_token_ids,
+    check_request,
 )
 from kvgate.gateway.engine.tokenizer import TextTokenizer
 from kvgate.gateway.usage import Usage
@@ -357,14 +355,10 @@ class EngineClient:
         """The engine's refusals, here: length, ids, grammar, a full queue, a core away."""
         if not self._up:
             raise EngineUnavailable("the engine is restarting; retry shortly")
-        check_prompt(len(request.prompt_token_ids), self.max_model_len, self.block_size,
-                     self.info["device_pages"])
-        check_token_ids(request.prompt_token_ids, self.vocab_size)
-        if request.sampling.structured is not None:
-            self.grammars.compile(request.sampling.structured)
-        if self.queue_depth() >= self.config.max_queue:
-            raise EngineOverloaded(
-                f"{self.queue_depth()} requests are waiting for the engine; retry shortly")
+        check_request(request, max_model_len=self.max_model_len, block_size=self.block_size,
+                      device_pages=self.info["device_pages"], vocab_size=self.vocab_size,
+                      compile_grammar=self.grammars.compile, queue_depth=self.queue_depth(),
+                      max_queue=self.config.max_queue)
 
     async def generate(self, request: GenerateRequest
                        ) -> AsyncGenerator[TokenEvent | FinishEvent, None]:

@@ -39,7 +39,6 @@ from kvgate.gateway.engine.request import (
     EngineError,
     EngineEvent,
     EngineMisconfigured,
-    EngineOverloaded,
     ErrorEvent,
     FinishEvent,
     GenerateRequest,
@@ -47,7 +46,7 @@ from kvgate.gateway.engine.request import (
     PromptTooLong,
     SequenceFailed,
     TokenEvent,
-    check_token_ids,
+    check_request,
 )
 from kvgate.gateway.engine.runner import ModelRunner
 from kvgate.gateway.engine.sampler import SampleRow, TokenLogprob
@@ -180,16 +179,12 @@ class Engine:
         return self.tokenizer.apply_chat_template(messages, tools=tools)
 
     def check(self, request: GenerateRequest) -> None:
-        """Raises ``PromptTooLong`` / ``InvalidTokens`` / ``EngineOverloaded`` before
-        anything is queued."""
-        self.scheduler.check(len(request.prompt_token_ids))
-        check_token_ids(request.prompt_token_ids, self.vocab_size)
-        if request.sampling.structured is not None:  # InvalidGrammar; cached once compiled
-            self.grammars.compile(request.sampling.structured)
-        if self.queue_depth() >= self.config.max_queue:
-            raise EngineOverloaded(
-                f"{self.queue_depth()} requests are waiting for the engine; retry shortly"
-            )
+        """Raises what ``request.check_request`` raises, before anything is queued."""
+        check_request(request, max_model_len=self.max_model_len,
+                      block_size=self.config.block_size,
+                      device_pages=self.scheduler.num_device_pages, vocab_size=self.vocab_size,
+                      compile_grammar=self.grammars.compile, queue_depth=self.queue_depth(),
+                      max_queue=self.config.max_queue)
 
     async def submit(self, request: GenerateRequest, emit: Callable[[EngineEvent], None]
                      ) -> Flow:

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from kvgate.gateway.engine.sampling import SamplingParams, TokenLogprob
 from kvgate.gateway.usage import CacheDetail, Usage
+
+if TYPE_CHECKING:
+    from kvgate.gateway.engine.structured import StructuredSpec
 
 
 class EngineError(Exception):
@@ -72,6 +77,20 @@ def check_token_ids(ids: list[int], vocab: int) -> None:
     for position, token in enumerate(ids):
         if type(token) is not int or not 0 <= token < vocab:
             raise InvalidTokens(position, token, vocab)
+
+
+def check_request(request: GenerateRequest, *, max_model_len: int, block_size: int,
+                  device_pages: int, vocab_size: int,
+                  compile_grammar: Callable[[StructuredSpec], object],
+                  queue_depth: int, max_queue: int) -> None:
+    """The engine's refusals before anything is queued: ``PromptTooLong``,
+    ``InvalidTokens``, ``InvalidGrammar`` (a compiled grammar is cached), ``EngineOverloaded``."""
+    check_prompt(len(request.prompt_token_ids), max_model_len, block_size, device_pages)
+    check_token_ids(request.prompt_token_ids, vocab_size)
+    if request.sampling.structured is not None:
+        compile_grammar(request.sampling.structured)
+    if queue_depth >= max_queue:
+        raise EngineOverloaded(f"{queue_depth} requests are waiting for the engine; retry shortly")
 
 
 class SequenceFailed(Exception):
