@@ -10,6 +10,7 @@ import pytest
 
 from kvgate.gateway.engine import EngineError, GenerateRequest, InvalidTokens, SequenceFailed
 from kvgate.gateway.engine import engine as engine_module
+from kvgate.gateway.engine import request as request_module
 from kvgate.gateway.engine.commands import Call
 
 from .conftest import assert_store_consistent, collect, greedy, wait_idle
@@ -82,7 +83,7 @@ def _requests(bad: int, bad_prompt: list[int]) -> list[GenerateRequest]:
 async def test_a_token_the_forward_cannot_embed_fails_only_its_sequence(make_engine, oracle,
                                                                         monkeypatch):
     engine = await make_engine()
-    monkeypatch.setattr(engine_module, "check_token_ids", lambda ids, vocab: None)  # a gap in check
+    monkeypatch.setattr(request_module, "check_token_ids", lambda ids, vocab: None)  # a gap in check
     bad_prompt = [*PROMPTS[1][:-1], engine.vocab_size]  # fails the batched forward itself
     results, batches = await _run_batched(engine, _requests(1, bad_prompt))
     assert batches[0] == 4  # the four shared the failing step
@@ -94,7 +95,7 @@ async def test_a_token_the_forward_cannot_embed_fails_only_its_sequence(make_eng
 async def test_a_token_the_cache_cannot_hash_fails_only_its_sequence(make_engine, oracle,
                                                                      monkeypatch):
     engine = await make_engine()
-    monkeypatch.setattr(engine_module, "check_token_ids", lambda ids, vocab: None)
+    monkeypatch.setattr(request_module, "check_token_ids", lambda ids, vocab: None)
     bad_prompt = [2**32, *PROMPTS[2]]  # the prefix match raises at admission
     results, _ = await _run_batched(engine, _requests(2, bad_prompt))
     failed = await _assert_others_finish(engine, oracle, results, bad=2)
