@@ -48,9 +48,9 @@ from kvgate.gateway.engine.request import (
     ErrorEvent,
     FinishEvent,
     GenerateRequest,
-    SequenceFailed,
     TokenEvent,
     check_request,
+    read_events,
 )
 from kvgate.gateway.engine.tokenizer import TextTokenizer
 from kvgate.gateway.usage import Usage
@@ -370,30 +370,19 @@ class EngineClient:
         st = self._streams[rid] = _Stream()
         self._adds += 1
         self._send(("add", request))
-        finished = False
-        remaining = request.sampling.n
+
+        def on_token(ev: TokenEvent) -> None:
+            st.seen(ev)
+            self._reads[rid] = self._reads.get(rid, 0) + 1  # flow control, sent batched
+            self._schedule_flush()
+
         try:
-            while True:
-                ev = await st.events.get()
-                if isinstance(ev, TokenEvent):
-                    st.seen(ev)
-                    self._reads[rid] = self._reads.get(rid, 0) + 1
-                    self._schedule_flush()
-                if isinstance(ev, ErrorEvent):
-                    finished = True
-                    if ev.usage is None:
-                        raise ev.error
-                    raise SequenceFailed(ev.usage, ev.error) from ev.error
-                yield ev
-                if isinstance(ev, FinishEvent):
-                    remaining -= 1
-                    if remaining == 0:
-                        finished = True
-                        return
+            async with contextlib.aclosing(read_events(
+                    st.events, request.sampling.n, on_token, lambda: self.cancel(rid))) as it:
+                async for ev in it:
+                    yield ev
         finally:
             self._streams.pop(rid, None)
-            if not finished:
-                self.cancel(rid)
 
     def cancel(self, request_id: str) -> None:
         if self._up:

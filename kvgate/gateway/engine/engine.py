@@ -44,9 +44,9 @@ from kvgate.gateway.engine.request import (
     GenerateRequest,
     InvalidGrammar,
     PromptTooLong,
-    SequenceFailed,
     TokenEvent,
     check_request,
+    read_events,
 )
 from kvgate.gateway.engine.runner import ModelRunner
 from kvgate.gateway.engine.sampler import SampleRow, TokenLogprob
@@ -221,29 +221,19 @@ class Engine:
                 loop.call_soon_threadsafe(events.put_nowait, ev)
 
         flow = await self.submit(request, emit)
-        self._active.add(request.request_id)
-        finished = False
-        remaining = request.sampling.n  # one FinishEvent per choice
+        rid = request.request_id
+        self._active.add(rid)
+
+        def on_token(ev: TokenEvent) -> None:
+            flow.consumed += 1  # read: the engine may resume a parked sequence
+
         try:
-            while True:
-                ev = await events.get()
-                if isinstance(ev, TokenEvent):
-                    flow.consumed += 1  # read: the engine may resume a parked sequence
-                if isinstance(ev, ErrorEvent):
-                    finished = True
-                    if ev.usage is None:
-                        raise ev.error
-                    raise SequenceFailed(ev.usage, ev.error) from ev.error
-                yield ev
-                if isinstance(ev, FinishEvent):
-                    remaining -= 1
-                    if remaining == 0:
-                        finished = True
-                        return
+            async with contextlib.aclosing(read_events(
+                    events, request.sampling.n, on_token, lambda: self.cancel(rid))) as it:
+                async for ev in it:
+                    yield ev
         finally:
-            self._active.discard(request.request_id)
-            if not finished:
-                self.cancel(request.request_id)
+            self._active.discard(rid)
 
     def cancel(self, request_id: str) -> None:
         self._inbox.put(Cancel(request_id))

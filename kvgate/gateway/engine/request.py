@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import asyncio
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -198,3 +199,34 @@ class ErrorEvent:
 
 # What the engine thread sends to one request's listener.
 EngineEvent = TokenEvent | FinishEvent | ErrorEvent
+
+
+async def read_events(events: asyncio.Queue[EngineEvent], n: int,
+                      on_token: Callable[[TokenEvent], None], cancel: Callable[[], None]
+                      ) -> AsyncGenerator[TokenEvent | FinishEvent, None]:
+    """One request's events as ``generate`` yields them: token events (each told to
+    ``on_token`` as it is read), then one ``FinishEvent`` per choice (``n``). An
+    ``ErrorEvent`` is raised: its error as it is, or as ``SequenceFailed`` when it carries
+    the usage so far. A reader that leaves before the end (closed or cancelled) calls
+    ``cancel``; close this generator when done (``contextlib.aclosing``)."""
+    finished = False
+    remaining = n
+    try:
+        while True:
+            ev = await events.get()
+            if isinstance(ev, TokenEvent):
+                on_token(ev)
+            if isinstance(ev, ErrorEvent):
+                finished = True
+                if ev.usage is None:
+                    raise ev.error
+                raise SequenceFailed(ev.usage, ev.error) from ev.error
+            yield ev
+            if isinstance(ev, FinishEvent):
+                remaining -= 1
+                if remaining == 0:
+                    finished = True
+                    return
+    finally:
+        if not finished:
+            cancel()
