@@ -1,8 +1,8 @@
 """The engine core in its own process against one process, side by side on one machine.
 
-Runs ``bench.load`` four times on a server it starts: ``--api-servers 0`` (engine thread
-and HTTP under one GIL) and ``--api-servers 1`` (the engine core process and one API
-server), each with 1 and with 64 clients, in the order 0/1, 1/1, 0/64, 1/64 so both sides
+Starts two servers, ``--api-servers 0`` (engine thread and HTTP under one GIL) and
+``--api-servers 1`` (the engine core process and one API server), and runs ``bench.load``
+against each with 1 and with 64 clients, in the order 0/1, 1/1, 0/64, 1/64 so both sides
 of a pair run back to back. Goals (64 clients, split): overhead p50 ≤ 2× the 1-client
 figure and ≤ 5 ms, p99 ≤ 20 ms, requests/s ≥ 1.3× one process's.
 
@@ -19,6 +19,7 @@ from typing import Any
 
 from bench import load
 from bench.common import print_table, smoke, write_result
+from testkit import ADMIN_KEY, MiB, ProcessServer
 
 NOTES = (
     "Demo model, 2 cores, no GPU. The engine is compute-bound here (TTFT of seconds at 64 "
@@ -35,8 +36,8 @@ FIGURES = ("requests_per_s", "overhead_p50_ms", "overhead_p99_ms", "overhead_in_
            "ttft_hit_p50_ms", "ttft_miss_p50_ms", "latency_p50_ms", "ok", "requests")
 
 
-def run(argv: list[str]) -> dict[str, Any]:
-    args = load.parse_args([*argv, "--no-write"])
+def run(url: str, argv: list[str]) -> dict[str, Any]:
+    args = load.parse_args([*argv, "--url", url, "--admin-key", ADMIN_KEY, "--no-write"])
     asyncio.run(load.main(args))
     result: dict[str, Any] = args.result
     return result
@@ -51,11 +52,21 @@ def main() -> int:
     common = ["--requests", str(args.requests), "--duration", str(args.duration),
               "--probes", "0"]
     runs: dict[str, dict[str, Any]] = {}
-    for clients in (1, args.clients):
-        for servers in (0, 1):
-            name = f"api_servers={servers} clients={clients}"
-            print(f"\n== {name}", flush=True)
-            runs[name] = run([*common, "--clients", str(clients), "--api-servers", str(servers)])
+    # one server per layout, both started first (an idle one costs nothing), as bench.load
+    # starts its own
+    servers = {n: ProcessServer(device_cache_bytes=64 * MiB, host_cache_bytes=64 * MiB,
+                                max_queue=1024, api_servers=n) for n in (0, 1)}
+    try:
+        for srv in servers.values():
+            srv.start()
+        for clients in (1, args.clients):
+            for n, srv in servers.items():
+                name = f"api_servers={n} clients={clients}"
+                print(f"\n== {name}", flush=True)
+                runs[name] = run(srv.url, [*common, "--clients", str(clients)])
+    finally:
+        for srv in servers.values():
+            srv.close()
     rows = [{"run": name, **{k: r.get(k) for k in FIGURES}} for name, r in runs.items()]
     print_table(rows, "one process (api_servers=0) vs engine core process (api_servers=1)")
     one, many = f"api_servers=1 clients={args.clients}", f"api_servers=0 clients={args.clients}"
