@@ -58,6 +58,7 @@ from kvgate.gateway.usage import Usage
 log = logging.getLogger("kvgate.engine.client")
 
 RESTART_DELAY_S = (0.5, 30.0)  # between failed starts of the core: first, doubling to
+CLOSE_GRACE_S = 10.0  # a core that closed the channel has this long to exit by itself
 
 
 def _exit(code: int) -> str:
@@ -203,8 +204,9 @@ class EngineClient:
             await proc.wait()
             kind, _, message = line.removeprefix("error ").partition(" ")
             if not line:
-                raise CoreFailedToStart(f"the engine core {_exit(proc.returncode or 0)} before "
-                                        "it was ready (what it said, if anything, is above in this log)")
+                raise CoreFailedToStart(
+                    f"the engine core {_exit(proc.returncode or 0)} before it was ready (what "
+                    "it said, if anything, is above in this log)")
             if kind in ("EngineMisconfigured", "ModelFilesMissing", "ValueError"):
                 raise EngineMisconfigured(message)
             raise CoreFailedToStart(f"the engine core did not start: {kind}: {message}")
@@ -259,6 +261,12 @@ class EngineClient:
                         self._dispatch(msg)
             except ChannelClosed:
                 pass
+            except Exception:  # a frame that does not decode: the stream is out of step
+                log.exception("the engine core's channel broke; starting the core again")
+                if self._writer is not None:
+                    self._writer.close()
+                if self._spawning and self.proc is not None and self.proc.returncode is None:
+                    self.proc.kill()
             if self._closing:
                 return
             self._lost("the engine core stopped; retry the request")
@@ -280,7 +288,12 @@ class EngineClient:
     async def _recover(self) -> None:
         """Start the core again (the supervisor) or wait for it (the others), reconnect."""
         if self.proc is not None:
-            code = await self.proc.wait()
+            try:  # it closed the channel: it is exiting, or it will not serve it again
+                code = await asyncio.wait_for(self.proc.wait(), CLOSE_GRACE_S)
+            except TimeoutError:
+                log.error("the engine core closed its channel but still runs; stopping it")
+                self.proc.kill()
+                code = await self.proc.wait()
             log.error("the engine core %s; starting it again", _exit(code))
         delay = RESTART_DELAY_S[0]
         while not self._closing:
