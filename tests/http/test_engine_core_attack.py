@@ -301,3 +301,24 @@ def test_streams_cut_by_a_dead_core_say_so_and_are_billed_once(srv: ThreadServer
     assert all(r["n"] == 1 and r["status"] == "error" and 0 < r["completion_tokens"] < 12000
                for r in rows.values())
     assert requests.get(srv.url + "/readyz", timeout=30).status_code == 200
+
+
+def test_a_frame_that_does_not_decode_restarts_the_core(srv: ThreadServer) -> None:
+    """A frame the client cannot read leaves the stream out of step: it must not leave the
+    server waiting forever on a reader that died; the core is started again."""
+    base = restarts(srv)
+    engine = client_of(srv)
+    old = int(engine.info["pid"])
+
+    async def garble() -> None:
+        assert engine._reader is not None
+        engine._reader.feed_data(b"\0\0\0\x03abc")  # a length, then no pickle
+
+    srv.on_loop(garble())
+    wait_until(lambda: engine.up and engine.restarts == base + 1)
+    assert int(engine.info["pid"]) != old
+    tenant = srv.admin.tenant("garbled")
+    client = openai.OpenAI(base_url=srv.url + "/v1", api_key=tenant.key, max_retries=0)
+    assert client.chat.completions.create(
+        model="demo", max_tokens=3, messages=[{"role": "user", "content": "ok?"}]
+    ).usage.completion_tokens == 3
