@@ -13,7 +13,6 @@ import contextlib
 import os
 import signal
 import socket
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -25,6 +24,7 @@ import requests
 from kvgate.gateway.engine.client import EngineClient
 from testkit import ADMIN_KEY, MiB, ThreadServer
 from testkit.client import cached_tokens
+from testkit.core import client_of, wait_until
 
 SYSTEM = "You are the support desk of a bicycle shop. Answer in one short sentence. " * 8
 
@@ -42,22 +42,10 @@ def settled(srv: ThreadServer) -> int:
     return client_of(srv).restarts
 
 
-def client_of(srv: ThreadServer) -> EngineClient:
-    engine = srv.state.engine
-    assert isinstance(engine, EngineClient)
-    return engine
-
 
 def core_pid(srv: ThreadServer) -> int:
     return int(client_of(srv).info["pid"])
 
-
-def wait_until(what: Any, timeout_s: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not what():
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out waiting")
-        time.sleep(0.05)
 
 
 def chat(srv: ThreadServer, key: str, question: str, **kw: Any) -> Any:

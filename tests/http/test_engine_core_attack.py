@@ -14,7 +14,6 @@ import shutil
 import signal
 import subprocess
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,20 +24,7 @@ import requests
 
 from kvgate.gateway.engine.client import EngineClient
 from testkit import MiB, ThreadServer
-
-
-def client_of(srv: ThreadServer) -> EngineClient:
-    engine = srv.state.engine
-    assert isinstance(engine, EngineClient)
-    return engine
-
-
-def wait_until(what: Any, timeout_s: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not what():
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out waiting")
-        time.sleep(0.02)
+from testkit.core import client_of, wait_until
 
 
 def cores() -> set[int]:

@@ -280,8 +280,6 @@ async def serve(config: EngineConfig, path: str, key: bytes, parent: int) -> int
 
 def main() -> int:
     order = pickle.load(sys.stdin.buffer)
-    if os.environ.get("KVGATE_CORE_SWITCH"):
-        sys.setswitchinterval(float(os.environ["KVGATE_CORE_SWITCH"]))
     logging.basicConfig(level=order["log_level"],
                         format="%(asctime)s %(levelname)s %(name)s [core] %(message)s")
     return asyncio.run(serve(order["config"], order["path"], order["key"], order["parent"]))
