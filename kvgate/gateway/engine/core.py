@@ -110,11 +110,6 @@ class Core:
             except OSError:  # it went away; its reader cleans up
                 conn.dead = True
 
-    def _wake(self) -> None:
-        """From the event loop: have the engine thread send what was queued (it does after
-        each command it handles, and it may be idle)."""
-        self.engine.nudge()
-
     @staticmethod
     def _account(conn: _Conn, rid: str, ev: EngineEvent | WireError) -> None:
         if isinstance(ev, FinishEvent):
@@ -137,7 +132,7 @@ class Core:
         conn = _Conn(socket.socket(fileno=os.dup(raw.fileno())))
         conn.out.append(("hello", self.info))
         self._conns = (*self._conns, conn)
-        self._wake()
+        self.engine.nudge()  # the engine thread sends it (it may be idle)
         try:
             while True:
                 for msg in await read_frame(reader):
@@ -197,7 +192,7 @@ class Core:
             flow = await self.engine.submit(request, emit)
         except Exception as exc:  # the checks' refusals: the client raises them
             emit(ErrorEvent(exc))
-            self._wake()
+            self.engine.nudge()  # the engine thread sends it (it may be idle)
             return
         if rid in conn.left:
             conn.flows[rid] = flow
@@ -229,7 +224,7 @@ class Core:
             if call_id is None:
                 return
             conn.out.append(("ret", call_id, True, result))
-        self._wake()
+        self.engine.nudge()  # the engine thread sends it (it may be idle)
 
 
 def _send_all(sock: socket.socket, data: bytes) -> None:

@@ -181,7 +181,7 @@ class Engine:
     def check(self, request: GenerateRequest) -> None:
         """Raises what ``request.check_request`` raises, before anything is queued."""
         check_request(request, max_model_len=self.max_model_len,
-                      block_size=self.config.block_size,
+                      block_size=self.block_size,
                       device_pages=self.scheduler.num_device_pages, vocab_size=self.vocab_size,
                       compile_grammar=self.grammars.compile, queue_depth=self.queue_depth(),
                       max_queue=self.config.max_queue)

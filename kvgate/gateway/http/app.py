@@ -25,6 +25,7 @@ from kvgate.gateway.http import receipts as receipts_api
 from kvgate.gateway.http.admin import api as admin
 from kvgate.gateway.http.anthropic import messages as anthropic_api
 from kvgate.gateway.http.caches import api as caches_api
+from kvgate.gateway.http.generation import engine_unavailable
 from kvgate.gateway.http.limits import Limiter
 from kvgate.gateway.http.metrics import Metrics
 from kvgate.gateway.http.openai import (
@@ -87,8 +88,7 @@ def _engine_errors(request: web.Request, exc: Exception) -> ApiError | None:
         return ApiError(400, f"The prompt is too long for this model's context: {exc}.",
                         code="context_length_exceeded", param=prompt_param(request.path))
     if isinstance(exc, EngineUnavailable):  # the engine core process is being restarted
-        return ApiError(503, f"The engine is unavailable: {exc}.", code="engine_unavailable",
-                        retry_after=2.0)
+        return engine_unavailable(exc)
     return None
 
 

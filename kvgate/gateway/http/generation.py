@@ -55,6 +55,12 @@ _CANCEL_DRAIN_S = 5.0
 _CLIENT_POLL_S = 0.05  # how often a generation looks whether its client is still there
 
 
+def engine_unavailable(exc: EngineUnavailable) -> ApiError:
+    """The engine core process is down (restarting): the API's 503, to retry shortly."""
+    return ApiError(503, f"The engine is unavailable: {exc}.", code="engine_unavailable",
+                    retry_after=2.0)
+
+
 class Generation:
     def __init__(self, request: web.Request, endpoint: str, model: str,
                  prompt_ids: list[int], sampling: SamplingParams,
@@ -227,8 +233,7 @@ class Generation:
                            code="invalid_value", param="prompt") from exc
         except EngineUnavailable as exc:  # before any work: its core process restarts
             self._agen = None
-            raise ApiError(503, f"The engine is unavailable: {exc}.",
-                           code="engine_unavailable", retry_after=2.0) from exc
+            raise engine_unavailable(exc) from exc
         except EngineOverloaded as exc:
             self._agen = None
             raise ApiError(503, "The engine is at capacity; retry shortly.", code="overloaded",
@@ -242,8 +247,7 @@ class Generation:
                 raise ApiError(400, f"The structured output spec could not be followed: "
                                f"{exc.__cause__}", code="invalid_value") from exc
             if isinstance(exc.__cause__, EngineUnavailable):  # its core process died
-                raise ApiError(503, f"The engine is unavailable: {exc.__cause__}.",
-                               code="engine_unavailable", retry_after=2.0) from exc
+                raise engine_unavailable(exc.__cause__) from exc
             raise
         except Exception:
             self._failed = True  # billed as "error" with what was done, by __aexit__
