@@ -49,6 +49,7 @@ import asyncpg
 
 from bench.common import print_table, smoke, write_result
 from kvgate.gateway.config import Settings, names
+from kvgate.gateway.route.choose import HALF_LIFE, LOAD_SLACK
 from testkit import Admin, ProcessServer
 from testkit.admin import ADMIN_KEY, EVENTS_SECRET
 from testkit.redis_server import RedisServer, free_port
@@ -131,11 +132,12 @@ def working_set_pages(convs: list[Conversation]) -> int:
 # -- processes -----------------------------------------------------------------------------
 
 class RouterProcess:
-    def __init__(self, workdir: Path, db: str, replicas: list[str], events_url: str) -> None:
+    def __init__(self, workdir: Path, db: str, replicas: list[str], events_url: str,
+                 log_level: str = "warning") -> None:
         self.port = free_port()
         self.log_path = workdir / f"router-{self.port}.log"
         cmd = [sys.executable, "-m", "kvgate.gateway.cli", "route", "--port", str(self.port), "--model", "demo",
-               "--db", db, "--events-url", events_url, "--log-level", "warning"]
+               "--db", db, "--events-url", events_url, "--log-level", log_level]
         for r in replicas:
             cmd += ["--replica", r]
         env = {**os.environ, "KVGATE_ADMIN_KEY": ADMIN_KEY, "KVGATE_EVENTS_SECRET": EVENTS_SECRET,
@@ -337,7 +339,7 @@ async def router_overhead(session: aiohttp.ClientSession, direct: str, routed: s
     for label, method, path, body in (("models", "GET", "/v1/models", None),
                                       ("chat", "POST", CHAT, chat)):
         times: dict[str, list[float]] = {"direct": [], "routed": []}
-        own: list[float] = []
+        own: dict[str, list[float]] = {}
         for i in range(2 * n + 10):
             which = "direct" if i % 2 else "routed"
             t0 = time.perf_counter()
@@ -347,15 +349,16 @@ async def router_overhead(session: aiohttp.ClientSession, direct: str, routed: s
                 timing = r.headers.get("server-timing", "")
             if i >= 10:  # warm-up left out
                 times[which].append(time.perf_counter() - t0)
-                m = re.search(r"router;dur=([0-9.]+)", timing)
-                if m:
-                    own.append(float(m.group(1)))
+                for m in re.finditer(r"(router(?:-[a-z]+)?);dur=([0-9.]+)", timing):
+                    own.setdefault(m.group(1), []).append(float(m.group(2)))
         p50 = {k: statistics.median(v) * 1000.0 for k, v in times.items()}
         out[label] = {"direct_p50_ms": round(p50["direct"], 3),
                       "routed_p50_ms": round(p50["routed"], 3),
                       "added_p50_ms": round(p50["routed"] - p50["direct"], 3),
                       "router_before_forward_p50_ms":
-                          round(statistics.median(own), 3) if own else None}
+                          round(statistics.median(own["router"]), 3) if own else None,
+                      **{f"{name.replace('-', '_')}_p50_ms": round(statistics.median(v), 3)
+                         for name, v in own.items() if name != "router"}}
     return out
 
 
@@ -383,6 +386,7 @@ class Fleet:
     replicas: list[ProcessServer] = field(default_factory=list)
     routers: list[RouterProcess] = field(default_factory=list)
     solo: RouterProcess | None = None  # a router in front of the first replica alone
+    router_log_level: str = "warning"
 
     def start(self, label: str, n: int, pages: int, shared_url: str = "",
               routers: int = 0, solo: bool = False) -> None:
@@ -395,8 +399,8 @@ class Fleet:
             self.workdir, f"{label}-r{i}", self.db, pages, self.events_url, shared_url))
             for i in range(n)]
         urls = [f"http://127.0.0.1:{r.settings.http.port}" for r in self.replicas]
-        self.routers = [RouterProcess(self.workdir, self.db, urls, self.events_url)
-                        for _ in range(routers)]
+        self.routers = [RouterProcess(self.workdir, self.db, urls, self.events_url,
+                                      self.router_log_level) for _ in range(routers)]
         if solo:
             self.solo = RouterProcess(self.workdir, self.db, urls[:1], self.events_url)
         with ThreadPoolExecutor(n) as pool:
@@ -482,6 +486,112 @@ async def scenario(session: aiohttp.ClientSession, fleet: Fleet, name: str,
                                       headers={"Authorization": f"Bearer {ADMIN_KEY}"}):
                 pass
     return row, [t.id for t in tenant_rows]
+
+
+# Sweep: the routing rule's constants were fixed on seeds 1 and 2 (12 tenants, 0.45); the
+# sweep runs on workloads none of them were tuned on.
+SWEEP_SEEDS = smoke("3,5,7", "3")
+SWEEP_TENANTS = smoke("8,16", "2")
+SWEEP_FRACTIONS = smoke("0.3,0.6", "1.0")
+
+
+async def overhead_async(args: argparse.Namespace) -> dict[str, Any]:
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="kvgate-overhead-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    db_name, db = await fresh_database()
+    subprocess.run([sys.executable, "-m", "kvgate.gateway.cli", "migrate", "--db", db],
+                   cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+    redis_server = RedisServer().start()
+    fleet = Fleet(workdir, db, redis_server.url, 0, router_log_level=args.router_log_level)
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as session:
+            fleet.start("overhead", 1, 64, solo=True)
+            assert fleet.solo is not None
+            await fleet.solo.ready(session, 1)
+            tenant = Admin(fleet.replicas[0].url, ADMIN_KEY).tenant("overhead")
+            return await router_overhead(session, fleet.replicas[0].url, fleet.solo.url,
+                                         tenant.key, args.overhead_n)
+    finally:
+        fleet.stop()
+        redis_server.stop()
+        await drop_database(db_name)
+
+
+def _ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v.strip()]
+
+
+def _floats(text: str) -> list[float]:
+    return [float(v) for v in text.split(",") if v.strip()]
+
+
+async def sweep_async(args: argparse.Namespace) -> dict[str, Any]:
+    """Every configuration of seeds x tenant counts x cache fractions: one replica with
+    three times the pages (the ceiling), three replicas round-robin (the baseline) and
+    routed, each on fresh fleets (the pages follow each workload's working set)."""
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="kvgate-sweep-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    db_name, db = await fresh_database()
+    subprocess.run([sys.executable, "-m", "kvgate.gateway.cli", "migrate", "--db", db],
+                   cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+    redis_server = RedisServer().start()
+    fleet = Fleet(workdir, db, redis_server.url, 0, router_log_level=args.router_log_level)
+    configs: list[dict[str, Any]] = []
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as session:
+            for fraction in _floats(args.sweep_fractions):
+                for seed in _ints(args.sweep_seeds):
+                    for tenants in _ints(args.sweep_tenants):
+                        convs = workload(Path(args.trace), seed, tenants, args.convs,
+                                         args.turns)
+                        ws = working_set_pages(convs)
+                        pages = max(8, int(ws * fraction))
+                        label = f"s{seed}-t{tenants}-f{fraction:g}"
+                        fleet.start(label + "-single", 1, pages * REPLICAS)
+                        admin = Admin(fleet.replicas[0].url, ADMIN_KEY)
+                        single, _ = await scenario(session, fleet, "single-3x", convs,
+                                                   tenants, admin, "direct")
+                        fleet.start(label, REPLICAS, pages, routers=ROUTERS)
+                        for rt in fleet.routers:
+                            await rt.ready(session, REPLICAS)
+                        admin = Admin(fleet.replicas[0].url, ADMIN_KEY)
+                        rr, _ = await scenario(session, fleet, "round-robin", convs, tenants,
+                                               admin, "direct")
+                        routed, _ = await scenario(session, fleet, "routed", convs, tenants,
+                                                   admin, "routed")
+                        ceiling = single["hit_ratio"]
+                        row = {"seed": seed, "tenants": tenants, "cache_fraction": fraction,
+                               "requests": len(convs) * args.turns, "working_set_pages": ws,
+                               "pages_per_replica": pages,
+                               "single_hit_ratio": ceiling,
+                               "round_robin_hit_ratio": rr["hit_ratio"],
+                               "routed_hit_ratio": routed["hit_ratio"],
+                               "routed_vs_single": round(routed["hit_ratio"] / ceiling, 3)
+                               if ceiling and routed["hit_ratio"] is not None else None,
+                               "round_robin_vs_single": round(rr["hit_ratio"] / ceiling, 3)
+                               if ceiling and rr["hit_ratio"] is not None else None,
+                               "routed_max_min_load": routed["max_min_load"],
+                               "routed_requests_per_replica": routed["requests_per_replica"],
+                               "failed": single["failed"] + rr["failed"] + routed["failed"],
+                               "routed_ttft_p50_ms": routed["ttft_p50_ms"],
+                               "single_ttft_p50_ms": single["ttft_p50_ms"]}
+                        configs.append(row)
+                        print(json.dumps(row), flush=True)
+    finally:
+        fleet.stop()
+        redis_server.stop()
+        await drop_database(db_name)
+    ratios = [c["routed_vs_single"] for c in configs if c["routed_vs_single"] is not None]
+    loads = [c["routed_max_min_load"] for c in configs]
+    return {"configurations": configs,
+            "worst": {"routed_vs_single": min(ratios) if ratios else None,
+                      "round_robin_vs_single": min(
+                          (c["round_robin_vs_single"] for c in configs
+                           if c["round_robin_vs_single"] is not None), default=None),
+                      "routed_max_min_load": None if None in loads else max(loads)},
+            "mean_routed_vs_single": round(statistics.mean(ratios), 3) if ratios else None,
+            "constants": {"load_slack": LOAD_SLACK, "half_life_requests": HALF_LIFE},
+            "tuned_on": "seeds 1 and 2, 12 tenants, cache fraction 0.45"}
 
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
@@ -583,7 +693,39 @@ def main() -> None:
     p.add_argument("--kill-at-s", type=float, default=smoke(3.0, 1.0))
     p.add_argument("--workdir", default="")
     p.add_argument("--no-write", action="store_true")
+    p.add_argument("--sweep", action="store_true",
+                   help="seeds x tenant counts x cache fractions (the single, round-robin "
+                        "and routed scenarios each); written under 'sweep' in cluster.json")
+    p.add_argument("--sweep-seeds", default=SWEEP_SEEDS, help=f"({SWEEP_SEEDS})")
+    p.add_argument("--sweep-tenants", default=SWEEP_TENANTS, help=f"({SWEEP_TENANTS})")
+    p.add_argument("--sweep-fractions", default=SWEEP_FRACTIONS, help=f"({SWEEP_FRACTIONS})")
+    p.add_argument("--overhead", action="store_true",
+                   help="only the router's own latency (one replica, direct and through a "
+                        "router of its own); written under 'router_overhead'")
+    p.add_argument("--overhead-n", type=int, default=ROUTER_OVERHEAD_N,
+                   help=f"requests timed each way per endpoint ({ROUTER_OVERHEAD_N})")
+    p.add_argument("--router-log-level", default="warning",
+                   help="the routers' --log-level (debug: every decision, in the workdir)")
     args = p.parse_args()
+    if args.overhead:
+        overhead = asyncio.run(overhead_async(args))
+        print("router overhead:", json.dumps(overhead, indent=1))
+        if not args.no_write:
+            previous = _previous()
+            write_result("cluster", {**previous, "router_overhead": overhead,
+                                     "goals": {**previous.get("goals", {}),
+                                               "router_added_p50_ms_models":
+                                                   overhead["models"]["added_p50_ms"],
+                                               "router_added_p50_ms_chat":
+                                                   overhead["chat"]["added_p50_ms"]}})
+        return
+    if args.sweep:
+        sweep = asyncio.run(sweep_async(args))
+        print_table(sweep["configurations"], "cluster sweep")
+        print("worst:", sweep["worst"])
+        if not args.no_write:
+            write_result("cluster", {**_previous(), "sweep": sweep})
+        return
     result = asyncio.run(main_async(args))
     table = [{k: v for k, v in r.items() if k not in ("note", "billing", "restart")}
              for r in result["scenarios"]]
@@ -597,7 +739,19 @@ def main() -> None:
     print("router overhead:", result["router_overhead"])
     print("goals:", result["goals"])
     if not args.no_write:
-        write_result("cluster", result)
+        previous = _previous()
+        write_result("cluster", {**result, **({"sweep": previous["sweep"]}
+                                              if "sweep" in previous else {})})
+
+
+def _previous() -> dict[str, Any]:
+    """cluster.json as it stands (a sweep and a single run each keep the other's part)."""
+    path = Path(__file__).resolve().parent / "results" / "cluster.json"
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return {k: v for k, v in data.items() if k != "machine"} if isinstance(data, dict) else {}
 
 
 if __name__ == "__main__":

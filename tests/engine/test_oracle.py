@@ -89,3 +89,33 @@ async def test_hit_from_host_tier_matches_oracle(make_engine, oracle):
     assert engine.cache_stats().as_dict()["promotions"]["count"] > 0
     assert fin.usage.cached_tokens > 0
     assert again == first == oracle(prompt, 6)
+
+
+async def test_a_prompt_preempted_before_its_first_token_is_billed_once(make_engine, oracle):
+    """A long prompt computed in chunks is preempted part-way by a request of a better
+    priority, whose prompt then evicts the blocks the first had written; when the first
+    comes back it writes them again. Its prompt is still billed once: each token read,
+    written or neither, never written twice (such a usage is refused by the ledger, which
+    would leave an answered request unbilled)."""
+    page = 4 * 2 * 16 * 2 * 64 * 4
+    engine = await make_engine(device_cache_bytes=12 * page, host_cache_bytes=0,
+                               max_batch_tokens=16)
+    first = prompt_of(engine, (TEXT * 3)[:150])
+    second = prompt_of(engine, ("B " + TEXT[::-1] * 3)[:150])
+    slow = asyncio.create_task(collect(engine, GenerateRequest(
+        "slow", "tenant:a", first, greedy(2), tenant="a", priority=1)))
+    for _ in range(2000):
+        running = [s for s in engine.scheduler.running if s.request.request_id == "slow"]
+        if running and running[0].num_computed >= 48:
+            break
+        await asyncio.sleep(0.001)
+    else:
+        raise AssertionError("the first prompt never got part-way")
+    urgent = await collect(engine, GenerateRequest("urgent", "tenant:b", second, greedy(2),
+                                                   tenant="b", priority=0))
+    ids, _, fin = await slow
+    assert engine.scheduler.num_preemptions > 0
+    assert ids == oracle(first, 2) and urgent[0] == oracle(second, 2)
+    for usage, prompt in ((fin.usage, first), (urgent[2].usage, second)):
+        usage.validate()
+        assert usage.cached_tokens + sum(usage.cache_writes.values()) <= len(prompt)

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from kvgate.cachestore.events import CacheEvent
 from kvgate.gateway.protocol.wire import EventBatch, decode_event, encode_event
-from kvgate.gateway.route.choose import Candidate, QueueCost, choose, cost, load_bound
+from kvgate.gateway.route.choose import (
+    Candidate,
+    QueueCost,
+    RecentShare,
+    choose,
+    cost,
+    load_bound,
+)
 from kvgate.gateway.route.index import ClusterIndex
 from kvgate.gateway.route.prompt import cache_key_of
 
@@ -24,38 +32,82 @@ def test_longest_cached_prefix_wins_at_equal_load() -> None:
     assert sorted(c.name for c in order) == ["http://a", "http://b", "http://c"]
 
 
-@given(st.lists(st.tuples(st.integers(0, 50), st.integers(0, 8)), min_size=1, max_size=8),
+@given(st.lists(st.tuples(st.integers(0, 50), st.integers(0, 8), st.floats(0.0, 30.0)),
+                min_size=1, max_size=8),
        st.integers(0, 60), st.floats(0.5, 40.0))
 def test_choice_costs_least_among_replicas_under_the_bound(
-        rows: list[tuple[int, int]], prompt_blocks: int, queue_cost: float) -> None:
-    cands = [Candidate(f"http://r{i}", float(load), cached)
-             for i, (cached, load) in enumerate(rows)]
+        rows: list[tuple[int, int, float]], prompt_blocks: int, queue_cost: float) -> None:
+    cands = [Candidate(f"http://r{i}", float(waiting), cached, waiting=float(waiting),
+                       recent=recent)
+             for i, (cached, waiting, recent) in enumerate(rows)]
     first = choose(cands, b"key", prompt_blocks, queue_cost)[0]
     bound = load_bound(cands)
-    under = [c for c in cands if c.load <= bound]
-    assert under, "the least loaded replica is always under the bound"
-    assert first.load <= bound
+    under = [c for c in cands if c.recent <= bound]
+    assert under, "the replica furthest behind is always under the bound"
+    assert first.recent <= bound
     blocks = max(prompt_blocks, *(c.cached_blocks for c in cands))
-    assert cost(first, blocks, queue_cost) == min(cost(c, blocks, queue_cost) for c in under)
-    # at equal load, the longest cached prefix wins
-    level = [c for c in under if c.load == first.load]
+    mean = sum(c.recent for c in cands) / len(cands)
+    waiting = sum(c.waiting for c in cands) / len(cands)
+    assert cost(first, blocks, queue_cost, mean, waiting) == pytest.approx(
+        min(cost(c, blocks, queue_cost, mean, waiting) for c in under))
+    # at equal waiting and share, the longest cached prefix wins
+    level = [c for c in under if c.waiting == first.waiting and c.recent == first.recent]
     assert first.cached_blocks == max(c.cached_blocks for c in level)
 
 
-def test_a_long_hit_stays_while_its_replica_is_a_little_busier_and_spills_when_much() -> None:
-    # 40 of 42 blocks cached on a; a request ahead costs about 8 blocks of prefill
-    busy = [Candidate("http://a", 3, 40), Candidate("http://b", 0, 0),
-            Candidate("http://c", 4, 0)]  # (a under the hard bound in both)
-    assert choose(busy, b"k", 42, 8.0)[0].name == "http://a"  # 2 + 24 < 42
-    busier = [Candidate("http://a", 6, 40), Candidate("http://b", 0, 0),
-              Candidate("http://c", 6, 0)]
-    assert choose(busier, b"k", 42, 8.0)[0].name == "http://b"  # 2 + 48 > 42
+def test_a_queue_moves_a_short_hit_but_not_a_long_one() -> None:
+    """Requests queued on a replica delay a newcomer there; recomputing elsewhere costs the
+    blocks, and costs more while the fleet queues (the throughput it takes from the queued
+    requests). A hit of the system prompt alone moves away from a queue of four; a
+    conversation 40 blocks deep stays (the recent-share bound moves it if its replica keeps
+    taking more than its share)."""
+    def fleet(cached: int, waiting: float) -> list[Candidate]:
+        return [Candidate("http://a", waiting, cached, waiting=waiting),
+                Candidate("http://b", 0, 0), Candidate("http://c", 0, 0)]
+
+    # 42 blocks; a request queued costs about 8 blocks of prefill
+    assert choose(fleet(12, 2), b"k", 42, 8.0)[0].name == "http://a"  # 30*1.7 + 16 < 42*1.7
+    assert choose(fleet(12, 6), b"k", 42, 8.0)[0].name != "http://a"  # 30*3 + 48 > 42*3
+    assert choose(fleet(40, 6), b"k", 42, 8.0)[0].name == "http://a"  # 2*3 + 48 < 42*3
+    assert choose(fleet(40, 30), b"k", 42, 8.0)[0].name == "http://a"
 
 
-def test_a_new_prefix_goes_to_the_least_loaded_replica_even_an_empty_restarted_one() -> None:
-    cands = [Candidate("http://a", 2, 0, free_pages=0), Candidate("http://b", 3, 0),
+def test_requests_running_do_not_push_a_hit_away_but_a_share_taken_beyond_the_mean_does(
+        ) -> None:
+    """Running requests do not delay a newcomer (continuous batching): a replica running
+    ten keeps the conversation whose prefix it holds. One that took far more than its
+    share of the recent requests loses a short hit (a new conversation that holds only
+    its system prompt) but keeps a long one."""
+    running = [Candidate("http://a", 10, 30), Candidate("http://b", 0, 0)]
+    assert choose(running, b"k", 32, 8.0)[0].name == "http://a"
+    ahead = [Candidate("http://a", 1, 12, recent=8.0), Candidate("http://b", 1, 0, recent=3.5),
+             Candidate("http://c", 1, 0, recent=3.5)]  # a: 3 requests over the mean of 5
+    assert choose(ahead, b"k", 14, 8.0)[0].name != "http://a"  # 2 + 24 > 14
+    long = [Candidate(c.name, c.load, 58 if c.name == "http://a" else 0, recent=c.recent)
+            for c in ahead]
+    assert choose(long, b"k", 60, 8.0)[0].name == "http://a"  # a 58-block hit: 2 + 24 < 60
+
+
+def test_a_new_prefix_goes_to_the_replica_furthest_behind_even_an_empty_restarted_one(
+        ) -> None:
+    cands = [Candidate("http://a", 2, 0, free_pages=0, recent=6.0),
+             Candidate("http://b", 3, 0, recent=5.0),
              Candidate("http://fresh", 0, 0, free_pages=100)]
     assert choose(cands, b"k", 10, 4.0)[0].name == "http://fresh"
+
+
+def test_the_recent_share_halves_every_half_life_and_stays_finite() -> None:
+    share = RecentShare(half_life=4.0)
+    share.sent("a")
+    for _ in range(4):
+        share.sent("b")
+    assert share.of("a") == pytest.approx(0.5)
+    assert share.of("b") == pytest.approx(sum(0.5 ** (k / 4) for k in range(4)))
+    assert share.of("never") == 0.0
+    for _ in range(5000):  # past the renormalisation: the same figures, no overflow
+        share.sent("b")
+    assert share.of("a") == pytest.approx(0.0, abs=1e-300)
+    assert share.of("b") == pytest.approx(1 / (1 - 2 ** (-1 / 4)))
 
 
 def test_provisional_entries_keep_concurrent_first_requests_together() -> None:
@@ -85,9 +137,9 @@ def test_queue_cost_follows_the_prefill_requests_needed() -> None:
 
 
 def test_a_replica_over_the_load_bound_loses_its_hit() -> None:
-    cands = [Candidate("http://a", 20, 9), Candidate("http://b", 0, 0),
-             Candidate("http://c", 1, 2)]
-    assert choose(cands, b"k")[0].name == "http://c"
+    cands = [Candidate("http://a", 0, 9, recent=20.0), Candidate("http://b", 5, 0, waiting=5),
+             Candidate("http://c", 1, 2, recent=1.0)]
+    assert choose(cands, b"k", 12, 1.0)[0].name == "http://c"
 
 
 def test_no_hit_follows_the_rendezvous_hash_of_the_first_block() -> None:
@@ -110,7 +162,7 @@ def test_a_client_cache_key_places_new_prefixes_before_free_pages_do() -> None:
         key = b"key-%d" % k
         assert choose(cands, key, keyed=True)[0].name == choose(
             list(reversed(cands)), key, keyed=True)[0].name
-    busy = [Candidate("http://a", 9, 0), Candidate("http://b", 0, 0)]
+    busy = [Candidate("http://a", 9, 0, waiting=9), Candidate("http://b", 0, 0)]
     assert all(choose(busy, b"key-%d" % k, keyed=True)[0].name == "http://b"
                for k in range(20))  # the key never outweighs the queue
 

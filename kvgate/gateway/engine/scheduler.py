@@ -396,19 +396,25 @@ class Scheduler:
 
     def commit(self, seq: Sequence) -> None:
         """Index every newly filled block; bill as cache writes only blocks of the prompt
-        filled before any output existed (decode-filled blocks are billed as output)."""
+        filled before any output existed (decode-filled blocks are billed as output), each
+        once: a prompt preempted part-way whose blocks were evicted before it came back
+        writes them again, and the tenant is not billed for that twice, nor for writing a
+        block it was billed as reading."""
         full = seq.num_computed // self.block_size
         if full <= seq.num_committed_blocks or seq.handle is None:
             return
         before = len(seq.handle.written)
-        written = self.store.commit(seq.handle, seq.token_ids[: full * self.block_size])
+        self.store.commit(seq.handle, seq.token_ids[: full * self.block_size])
         seq.num_committed_blocks = full
         if seq.num_output == 0:
-            for ttl_s, tokens in written.items():
+            billed = ({h for h, _ in seq.written_blocks} | {h for h, _ in seq.read_blocks}
+                      if seq.admissions > 1 else set())
+            for h, ttl_s in seq.handle.written[before:]:
+                if h in billed:
+                    continue
                 ttl = round(ttl_s)
-                seq.cache_writes[ttl] = seq.cache_writes.get(ttl, 0) + tokens
-            seq.written_blocks += [(h, round(ttl_s))
-                                   for h, ttl_s in seq.handle.written[before:]]
+                seq.cache_writes[ttl] = seq.cache_writes.get(ttl, 0) + self.block_size
+                seq.written_blocks.append((h, ttl))
 
     def preempt(self, seq: Sequence) -> None:
         self._stop_running(seq)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,7 +34,7 @@ from kvgate.gateway.ledger import Ledger
 from kvgate.gateway.protocol.errors import ApiError
 from kvgate.gateway.protocol.namespace import tenant_namespace
 from kvgate.gateway.protocol.wire import EventBatch, Rejected, key_for, parse_snapshot
-from kvgate.gateway.route.choose import Candidate, QueueCost, choose
+from kvgate.gateway.route.choose import Candidate, QueueCost, RecentShare, choose
 from kvgate.gateway.route.events import EventFollower
 from kvgate.gateway.route.index import ClusterIndex
 from kvgate.gateway.route.pool import Replica, ReplicaPool
@@ -109,6 +110,7 @@ class Router:
     session: aiohttp.ClientSession | None = None
     follower: EventFollower | None = None
     queue_cost: QueueCost = field(default_factory=QueueCost)
+    recent: RecentShare = field(default_factory=RecentShare)
     _syncing: dict[str, asyncio.Task[None]] = field(default_factory=dict)
     _behind: dict[str, tuple[int, float]] = field(default_factory=dict)  # id -> (target, since)
     ledger: Ledger | None = None  # keys are checked there (the replicas' ledger)
@@ -120,23 +122,30 @@ class Router:
             raise RuntimeError("the router's ledger is not open")
         return self.ledger
 
-    async def plan(self, tenant_id: int, path: str, raw: bytes) -> tuple[list[Replica], bool]:
-        """Replicas to try, in order, and whether a cached prefix chose the first."""
+    async def plan(self, tenant_id: int, path: str, raw: bytes, work: bool = True,
+                   parts: list[tuple[str, float]] | None = None) -> tuple[list[Replica], bool]:
+        """Replicas to try, in order, and whether a cached prefix chose the first.
+        ``work``: the request runs the model (a POST), so it counts in the replica's share.
+        ``parts``: gets the seconds spent rendering and hashing, and choosing."""
         assert self.pool is not None
         healthy = self.pool.healthy()
         if not healthy:
             return [], False
         model_id, block_size = healthy[0].model_id, healthy[0].block_size
         hashes: list[bytes] = []
+        t0 = time.perf_counter()
         if self.follower is not None and block_size:
             if len(raw) > _INLINE_RENDER_BYTES:  # a long prompt: off the event loop
                 hashes = await asyncio.to_thread(self.renderer.hashes, path, raw, tenant_id,
                                                  model_id, block_size)
             else:
                 hashes = self.renderer.hashes(path, raw, tenant_id, model_id, block_size)
+        t1 = time.perf_counter()
         candidates = [Candidate(r.url, r.load,
                                 self.index.cached_blocks(r.replica_id, hashes, expected=True),
-                                r.free_pages) for r in healthy]
+                                r.free_pages, r.queue_depth, self.recent.of(r.url),
+                                r.device_pages)
+                      for r in healthy]
         key = hashes[0] if hashes else tenant_namespace(tenant_id).encode()
         client_key = cache_key_of(raw)
         keyed = client_key is not None and not any(c.cached_blocks for c in candidates)
@@ -144,9 +153,19 @@ class Router:
             key = b"key\0" + tenant_namespace(tenant_id).encode() + b"\0" + client_key.encode()
         order = choose(candidates, key, len(hashes), self.queue_cost.value, keyed=keyed)
         first = self.pool.replicas[order[0].name]
+        if work:
+            self.recent.sent(first.url)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("route tenant=%d blocks=%d queue_cost=%.1f -> %s; %s", tenant_id,
+                      len(hashes), self.queue_cost.value, first.url, " ".join(
+                          f"{c.name}:cached={c.cached_blocks},waiting={c.waiting:g},"
+                          f"recent={c.recent:.1f},free={c.free_pages}/{c.device_pages}"
+                          for c in candidates))
         if hashes:
             self.queue_cost.observe(len(hashes) - order[0].cached_blocks)
             self.index.expect(first.replica_id, hashes)
+        if parts is not None:
+            parts += [("render", t1 - t0), ("choose", time.perf_counter() - t1)]
         return [self.pool.replicas[c.name] for c in order], order[0].cached_blocks > 0
 
     async def on_batch(self, batch: EventBatch) -> None:
@@ -332,15 +351,17 @@ async def route(request: web.Request) -> web.StreamResponse:
     principal = principal_of(request)
     replicas: list[Replica] = []
     hit = False
+    parts: list[tuple[str, float]] = []
     if principal.tenant_id is not None:
-        replicas, hit = await router.plan(principal.tenant_id, request.path, raw)
+        replicas, hit = await router.plan(principal.tenant_id, request.path, raw,
+                                          work=request.method == "POST", parts=parts)
     if not replicas:
         raise ApiError(503, "No replica is available now; retry shortly.",
                        code="no_replica_available", retry_after=1.0)
     router.metrics.routed.labels(replicas[0].url, "prefix" if hit else "affinity").inc()
     return await until_client_gone(request, forward(
         request, router.session, replicas, attempt_of(request, raw), router.pool.mark_down,
-        router.settings.routing.upstream_idle_timeout_s))
+        router.settings.routing.upstream_idle_timeout_s, parts))
 
 
 _CLIENT_POLL_S = 0.05

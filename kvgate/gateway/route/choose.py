@@ -2,17 +2,29 @@
 
 Each replica is scored by what the request would cost there, in blocks of prefill work:
 
-    cost = (prompt blocks - blocks it holds) + queue_cost * load
+    cost = uncached * (1 + fleet waiting + pressure) + queue_cost * (waiting + excess)
 
-- The first term is the prefill it would still have to do: the longer the cached prefix
-  (for this tenant: the hashes are namespace-scoped), the less.
-- The second is the wait behind the requests already running and queued there: ``load``
-  of them, each costing about ``queue_cost`` blocks (the router's running mean of the
-  blocks its requests had to prefill, ``QueueCost``). So a long hit keeps a conversation
-  where it is while that replica is only a little busier; when it is much busier the
-  request spills to another replica, which then warms (from the shared tier where there
-  is one) and takes the next turns; a new prefix, or a freshly restarted empty replica,
-  gets the least loaded.
+- ``uncached``: the prompt's blocks it does not hold, the prefill it would still have to
+  do: the longer the cached prefix (for this tenant: the hashes are namespace-scoped), the
+  less. That work is paid more than once on a busy or full fleet: while requests queue
+  (``fleet waiting``, the replicas' mean ``waiting``) every block recomputed is throughput
+  the queued ones lose, and once a replica's pages are full (``pressure``, the share of its
+  device pages in use) every block computed there evicts a cached one someone else may
+  need. So on an idle fleet a spill costs its recomputation and a queue of a few requests
+  outweighs it (the answer starts sooner elsewhere); on a saturated fleet, where moving
+  work only adds to it, conversations stay where their prefixes are.
+- ``waiting``: requests queued there that the engine has not started (its load report).
+  Requests it is running do not delay a newcomer's start (continuous batching), so they
+  are not charged: counting them made every burst push conversations off their prefixes.
+- ``excess``: how many more of this router's recent requests it took than the replicas'
+  mean (``RecentShare``, decayed with a half-life of ``HALF_LIFE`` requests; never
+  negative). Each queued or excess request is charged ``queue_cost`` blocks, the router's
+  running mean of the blocks its requests had to prefill (``QueueCost``): a replica that
+  took one request more than its share did about that much more work. So a conversation
+  stays where its prefix is while that replica is a little ahead; a tenant's next new
+  conversation, which holds only the system prompt anywhere, goes to a replica behind when
+  the excess outweighs the system prompt's blocks; a new prefix goes to the replica
+  furthest behind, a freshly restarted one included.
 - Among equal costs the replica with the most free device pages wins (a new prefix stays
   where it lands), then a rendezvous (highest random weight) hash of the prompt's first
   block (or the tenant): the same order for every router. A request whose prompt no
@@ -22,9 +34,10 @@ Each replica is scored by what the request would cost there, in blocks of prefil
   replica, as OpenAI's routing does with the key. Concurrent first requests of
   one prefix meet on one replica through the router's provisional index entries
   (``index.ClusterIndex.expect``), which count as cached until the events confirm them.
-- A hard bound on top: a replica over ``(1 + LOAD_SLACK) * mean load + 1`` requests is
-  not chosen while another is under it (consistent hashing with bounded loads, Mirrokni
-  et al. 2018).
+- A hard bound on top, on the same decayed counts: a replica that took more than
+  ``(1 + LOAD_SLACK) * mean + 1`` of the recent requests is not chosen while another is
+  under it (consistent hashing with bounded loads, Mirrokni et al. 2018), whatever it
+  holds: no prefix makes one replica take the fleet's traffic.
 - Retries (a replica refused or could not be reached) go to the others, least loaded first.
 """
 
@@ -35,15 +48,19 @@ from dataclasses import dataclass
 
 import xxhash
 
-LOAD_SLACK = 0.25
+LOAD_SLACK = 0.5
+HALF_LIFE = 16.0  # requests routed (by this router) over which a request's weight halves
 
 
 @dataclass(frozen=True)
 class Candidate:
     name: str  # the replica's URL
-    load: float  # requests running and queued on it
+    load: float  # requests running and queued on it (retries go to the least loaded)
     cached_blocks: int  # how many of the prompt's leading blocks it holds
     free_pages: int = 0  # device pages it has free
+    waiting: float = 0.0  # requests queued on it, not yet started
+    recent: float = 0.0  # this router's recent requests sent to it (``RecentShare``)
+    device_pages: int = 0  # its device pages in all (0: unknown)
 
 
 def rendezvous(key: bytes, candidates: Sequence[Candidate]) -> list[Candidate]:
@@ -52,14 +69,17 @@ def rendezvous(key: bytes, candidates: Sequence[Candidate]) -> list[Candidate]:
                   reverse=True)
 
 
+def mean_recent(candidates: Sequence[Candidate]) -> float:
+    return sum(c.recent for c in candidates) / len(candidates)
+
+
 def load_bound(candidates: Sequence[Candidate]) -> float:
-    mean = sum(c.load for c in candidates) / len(candidates)
-    return (1.0 + LOAD_SLACK) * mean + 1.0
+    return (1.0 + LOAD_SLACK) * mean_recent(candidates) + 1.0
 
 
 class QueueCost:
     """The blocks a request had to prefill on the replica it was sent to, as a running
-    mean: what one request ahead in a replica's queue costs the next one."""
+    mean: what one request's work is, in the cost's unit."""
 
     def __init__(self, initial: float = 8.0, weight: float = 0.05) -> None:
         self.value = initial
@@ -69,9 +89,43 @@ class QueueCost:
         self.value += self.weight * (max(1.0, float(uncached_blocks)) - self.value)
 
 
-def cost(c: Candidate, prompt_blocks: int, queue_cost: float) -> float:
-    """Blocks of work the request meets on ``c``: its own prefill left, and the queue's."""
-    return max(0, prompt_blocks - c.cached_blocks) + queue_cost * c.load
+class RecentShare:
+    """Requests this router sent to each replica, each weighing ``2 ** (-n / HALF_LIFE)``
+    after ``n`` more were routed. Kept as one running scale, so a request costs O(1)."""
+
+    def __init__(self, half_life: float = HALF_LIFE) -> None:
+        self._decay = 2.0 ** (-1.0 / half_life)
+        self._scale = 1.0  # the weight a request sent now has, in stored units
+        self._stored: dict[str, float] = {}
+
+    def of(self, name: str) -> float:
+        return self._stored.get(name, 0.0) / self._scale
+
+    def sent(self, name: str) -> None:
+        self._scale /= self._decay
+        self._stored[name] = self._stored.get(name, 0.0) + self._scale
+        if self._scale > 1e100:  # renormalise long before floats overflow
+            self._stored = {k: v / self._scale for k, v in self._stored.items()}
+            self._scale = 1.0
+
+
+def pressure(c: Candidate) -> float:
+    """The share of ``c``'s device pages in use: 1 when every new block evicts one."""
+    if c.device_pages <= 0:
+        return 0.0
+    return min(1.0, max(0.0, 1.0 - c.free_pages / c.device_pages))
+
+
+def cost(c: Candidate, prompt_blocks: int, queue_cost: float, mean: float = 0.0,
+         fleet_waiting: float = 0.0) -> float:
+    """Blocks of work the request means on ``c``: its own prefill left, which also delays
+    the fleet's queued requests (``fleet_waiting``, the replicas' mean) and evicts cached
+    blocks once the pages are full, the requests queued ahead of it, and the work ``c``
+    took beyond its share (``mean``: the replicas' mean recent share)."""
+    excess = max(0.0, c.recent - mean)
+    uncached = max(0, prompt_blocks - c.cached_blocks)
+    return (uncached * (1.0 + fleet_waiting + pressure(c))
+            + queue_cost * (c.waiting + excess))
 
 
 def choose(candidates: Sequence[Candidate], affinity_key: bytes, prompt_blocks: int = 0,
@@ -83,10 +137,14 @@ def choose(candidates: Sequence[Candidate], affinity_key: bytes, prompt_blocks: 
         return []
     order = rendezvous(affinity_key, candidates)
     bound = load_bound(candidates)
-    under = [c for c in order if c.load <= bound] or [min(order, key=lambda c: c.load)]
+    mean = mean_recent(candidates)
+    waiting = sum(c.waiting for c in candidates) / len(candidates)
+    under = [c for c in order if c.recent <= bound] or [min(order, key=lambda c: c.recent)]
     blocks = max(prompt_blocks, max(c.cached_blocks for c in candidates))
     # min() keeps the first of equals: ties go by the rendezvous order
-    first = min(under, key=lambda c: (cost(c, blocks, queue_cost),
+    first = min(under, key=lambda c: (round(cost(c, blocks, queue_cost, mean, waiting), 9),
                                       0 if keyed else -c.free_pages))
     rest = sorted((c for c in order if c is not first), key=lambda c: c.load)
     return [first, *rest]
+
+

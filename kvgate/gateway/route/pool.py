@@ -1,9 +1,12 @@
 """The replicas a router sends to: who they are, whether they answer, how loaded they are.
 
 Every ``POLL_S`` each replica's ``GET /admin/load`` is asked (with ``POLL_TIMEOUT_S``): it
-is the health check and the load report in one. A replica that fails it, or that a request
-could not reach, leaves the pool at once and comes back on its next good answer, so a dead
-replica is out within a second. With ``--replicas-dns`` the set of replicas is the A
+is the health check and the load report in one. A replica that refuses the connection or
+answers with an error, or that a request could not reach, leaves the pool at once and comes
+back on its next good answer, so a dead replica is out within a second. A poll that only
+times out is a busy replica's (a saturated CPU answers late, not never): it leaves after
+``SLOW_POLLS`` such polls in a row, not before, so a loaded fleet does not flap and spill its
+conversations' prefixes onto replicas that hold none of them. With ``--replicas-dns`` the set of replicas is the A
 records of a (headless Service's) name, looked up every ``DNS_EVERY_S``.
 
 The load report also carries the replica's last cache event number. A router's view of a
@@ -30,6 +33,7 @@ log = logging.getLogger("kvgate.route")
 
 POLL_S = 0.25
 POLL_TIMEOUT_S = 0.5
+SLOW_POLLS = 4  # polls in a row that time out before a replica leaves the pool
 DNS_EVERY_S = 5.0
 
 
@@ -48,6 +52,7 @@ class Replica:
     event_seq: int | None = None  # its last cache event's number, as last reported
     inflight: int = 0  # this router's requests on it now
     sent: int = 0  # requests this router sent it (started)
+    slow_polls: int = 0  # polls in a row that timed out
 
     @property
     def load(self) -> float:
@@ -110,9 +115,16 @@ class ReplicaPool:
                     self.mark_down(replica, f"/admin/load answered {resp.status}")
                     return
                 report = ReplicaLoad.parse(await resp.json())
-        except (TimeoutError, aiohttp.ClientError, ValueError, TypeError) as exc:
+        except TimeoutError:
+            replica.slow_polls += 1
+            if replica.slow_polls >= SLOW_POLLS:
+                self.mark_down(replica, f"/admin/load timed out {replica.slow_polls} times "
+                                        f"in a row ({POLL_TIMEOUT_S:g} s each)")
+            return
+        except (aiohttp.ClientError, ValueError, TypeError) as exc:
             self.mark_down(replica, f"/admin/load failed: {exc!r}")
             return
+        replica.slow_polls = 0
         replica.queue_depth, replica.running = report.queue_depth, report.running
         replica.free_pages, replica.device_pages = report.free_pages, report.device_pages
         replica.model_id = report.model_id

@@ -76,13 +76,16 @@ def attempt_of(request: web.Request, body: bytes) -> Attempt:
 async def forward(request: web.Request, session: aiohttp.ClientSession,
                   replicas: list[Replica], attempt: Attempt,
                   on_down: Callable[[Replica, str], None],
-                  idle_timeout_s: float = 300.0) -> web.StreamResponse:
-    """Try ``replicas`` in order; the first that takes the request answers the client."""
+                  idle_timeout_s: float = 300.0,
+                  parts: list[tuple[str, float]] | None = None) -> web.StreamResponse:
+    """Try ``replicas`` in order; the first that takes the request answers the client.
+    ``parts``: the router's own steps so far (name, seconds), for ``server-timing``."""
     refused: tuple[int, bytes, CIMultiDict[str]] | None = None
-    t_router = time.monotonic() - ctx_of(request).t0
+    timing = [("router", time.monotonic() - ctx_of(request).t0), *(parts or [])]
     for i, replica in enumerate(replicas):
         last = i == len(replicas) - 1
         replica.inflight += 1
+        t_sent = time.monotonic()
         try:
             try:
                 upstream = await session.request(
@@ -102,7 +105,8 @@ async def forward(request: web.Request, session: aiohttp.ClientSession,
                     refused = (upstream.status, body, CIMultiDict(upstream.headers))
                     continue
                 replica.sent += 1
-                return await _relay(request, upstream, t_router, idle_timeout_s)
+                timing.append(("upstream", time.monotonic() - t_sent))
+                return await _relay(request, upstream, timing, idle_timeout_s)
             finally:
                 upstream.release()
         finally:
@@ -125,12 +129,16 @@ def _copy_headers(src: CIMultiDict[str] | CIMultiDictProxy[str],
 
 
 async def _relay(request: web.Request, upstream: aiohttp.ClientResponse,
-                 t_router: float, idle_timeout_s: float) -> web.StreamResponse:
+                 timing: list[tuple[str, float]], idle_timeout_s: float) -> web.StreamResponse:
+    """``timing``: ``router`` (its time before the first try), its parts (``render``,
+    ``choose``) and ``upstream`` (from sending to the replica's headers) in ``server-timing``
+    after the replica's own entries, each part as ``router-<name>``."""
     resp = BoundedResponse(request, status=upstream.status, reason=upstream.reason)
     _copy_headers(upstream.headers, resp)
-    timing = upstream.headers.get("server-timing")
-    own = f"router;dur={t_router * 1000.0:.2f}"
-    resp.headers["server-timing"] = f"{timing}, {own}" if timing else own
+    theirs = upstream.headers.get("server-timing")
+    own = ", ".join(f"{name if name == 'router' else 'router-' + name};dur={s * 1000.0:.2f}"
+                    for name, s in timing)
+    resp.headers["server-timing"] = f"{theirs}, {own}" if theirs else own
     chunked = upstream.headers.get("Transfer-Encoding", "").lower() == "chunked"
     if upstream.content_length is not None and not chunked:
         resp.content_length = upstream.content_length
