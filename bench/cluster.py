@@ -491,7 +491,7 @@ async def scenario(session: aiohttp.ClientSession, fleet: Fleet, name: str,
 # Sweep: the routing rule's constants were fixed on seeds 1 and 2 (12 tenants, 0.45); the
 # sweep runs on workloads none of them were tuned on.
 SWEEP_SEEDS = smoke("3,5,7", "3")
-SWEEP_TENANTS = smoke("8,16", "2")
+SWEEP_TENANTS = smoke("12,16", "2")
 SWEEP_FRACTIONS = smoke("0.3,0.6", "1.0")
 
 

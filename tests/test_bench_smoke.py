@@ -37,6 +37,10 @@ PARALLEL = 2  # benches run at once
 NOT_WRITTEN = "figures not written"  # what bench.common.write_result prints under smoke
 
 
+# Modes of a bench that run other code than its default (module and arguments).
+MODES = ["cluster --sweep", "cluster --overhead"]
+
+
 def benches() -> list[str]:
     return sorted(p.stem for p in BENCH.glob("*.py") if p.stem not in NOT_BENCHES)
 
@@ -113,7 +117,8 @@ class Smoke:
 def _run(name: str, procs: list[subprocess.Popen[str]]) -> Run:
     env = {**os.environ, "KVGATE_BENCH_SMOKE": "1", "PYTHONUNBUFFERED": "1"}
     # A session of its own, so a bench that hangs goes with every process it started.
-    proc = subprocess.Popen([sys.executable, "-m", f"bench.{name}"], cwd=ROOT, env=env,
+    module, *args = name.split()
+    proc = subprocess.Popen([sys.executable, "-m", f"bench.{module}", *args], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     procs.append(proc)
@@ -133,7 +138,7 @@ def smoke_runs(request: pytest.FixtureRequest) -> Iterator[Smoke]:
                 if getattr(item, "originalname", "") == "test_bench_runs_at_smoke_size"]
     skipped = {}
     for name in selected:
-        for need in NEEDS.get(name, []):
+        for need in NEEDS.get(name.split()[0], []):
             if reason := need():
                 skipped[name] = reason
                 break
@@ -156,12 +161,13 @@ def test_the_benches_are_found() -> None:
     found = benches()
     assert found, f"no bench modules found in {BENCH}"
     assert {"hashing", "ttft", "policy"} <= set(found), found
-    missing = {name for name in NOT_BENCHES if not (BENCH / f"{name}.py").exists()}
+    missing = {name for name in NOT_BENCHES | {m.split()[0] for m in MODES}
+               if not (BENCH / f"{name}.py").exists()}
     assert not missing, f"NOT_BENCHES names modules that are gone: {sorted(missing)}"
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", benches())
+@pytest.mark.parametrize("name", benches() + MODES)
 def test_bench_runs_at_smoke_size(name: str, smoke_runs: Smoke) -> None:
     if name in smoke_runs.skipped:
         cannot_run(f"bench.{name}: {smoke_runs.skipped[name]}")

@@ -55,6 +55,10 @@ def test_requests_go_to_the_replica_holding_the_longest_prefix(fleet: Fleet) -> 
         assert r.status_code == 200
         usage = r.json()["usage"]
         assert usage["prompt_tokens_details"]["cached_tokens"] >= len(hashes) * 16 - 16
+        # the router's parts follow the replica's own in server-timing
+        timing = [part.split(";")[0].strip() for part in r.headers["server-timing"].split(",")]
+        assert "engine" in timing
+        assert timing[-4:] == ["router", "router-render", "router-choose", "router-upstream"]
 
 
 def test_keys_are_checked_at_the_router_in_each_api_shape(fleet: Fleet) -> None:

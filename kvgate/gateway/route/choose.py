@@ -2,29 +2,31 @@
 
 Each replica is scored by what the request would cost there, in blocks of prefill work:
 
-    cost = uncached * (1 + fleet waiting + pressure) + queue_cost * (waiting + excess)
+    cost = (1 + fleet waiting) * (uncached + queue_cost * excess)
+           + uncached * pressure + queue_cost * waiting
 
 - ``uncached``: the prompt's blocks it does not hold, the prefill it would still have to
   do: the longer the cached prefix (for this tenant: the hashes are namespace-scoped), the
-  less. That work is paid more than once on a busy or full fleet: while requests queue
-  (``fleet waiting``, the replicas' mean ``waiting``) every block recomputed is throughput
-  the queued ones lose, and once a replica's pages are full (``pressure``, the share of its
-  device pages in use) every block computed there evicts a cached one someone else may
-  need. So on an idle fleet a spill costs its recomputation and a queue of a few requests
-  outweighs it (the answer starts sooner elsewhere); on a saturated fleet, where moving
-  work only adds to it, conversations stay where their prefixes are.
+  less.
+- ``excess``: how many more of this router's recent requests it took than the replicas'
+  mean (``RecentShare``: each request weighs ``2 ** (-n / HALF_LIFE)`` after ``n`` more
+  were routed; never negative), each worth ``queue_cost`` blocks, the router's running
+  mean of the blocks its requests had to prefill (``QueueCost``): a replica that took one
+  request more than its share did about that much more work. So a conversation stays where
+  its prefix is while that replica is a little ahead; a tenant's next new conversation,
+  which holds only the system prompt anywhere, goes to a replica behind once the excess
+  outweighs the system prompt's blocks; a new prefix goes to the replica furthest behind,
+  a freshly restarted one included.
+- ``fleet waiting``: the replicas' mean ``waiting``. Both recomputation and imbalance are
+  throughput lost, and throughput is what a queueing fleet lacks: on an idle fleet a spill
+  costs its recomputation alone and a queue of a few requests outweighs it (the answer
+  starts sooner elsewhere); on a saturated one, where moving work only adds to it,
+  conversations stay where their prefixes are, and balance weighs as much as before.
+- ``pressure``: the share of the replica's device pages in use. Once they are full, every
+  block computed there evicts a cached one someone else may need.
 - ``waiting``: requests queued there that the engine has not started (its load report).
   Requests it is running do not delay a newcomer's start (continuous batching), so they
   are not charged: counting them made every burst push conversations off their prefixes.
-- ``excess``: how many more of this router's recent requests it took than the replicas'
-  mean (``RecentShare``, decayed with a half-life of ``HALF_LIFE`` requests; never
-  negative). Each queued or excess request is charged ``queue_cost`` blocks, the router's
-  running mean of the blocks its requests had to prefill (``QueueCost``): a replica that
-  took one request more than its share did about that much more work. So a conversation
-  stays where its prefix is while that replica is a little ahead; a tenant's next new
-  conversation, which holds only the system prompt anywhere, goes to a replica behind when
-  the excess outweighs the system prompt's blocks; a new prefix goes to the replica
-  furthest behind, a freshly restarted one included.
 - Among equal costs the replica with the most free device pages wins (a new prefix stays
   where it lands), then a rendezvous (highest random weight) hash of the prompt's first
   block (or the tenant): the same order for every router. A request whose prompt no
@@ -35,10 +37,14 @@ Each replica is scored by what the request would cost there, in blocks of prefil
   one prefix meet on one replica through the router's provisional index entries
   (``index.ClusterIndex.expect``), which count as cached until the events confirm them.
 - A hard bound on top, on the same decayed counts: a replica that took more than
-  ``(1 + LOAD_SLACK) * mean + 1`` of the recent requests is not chosen while another is
-  under it (consistent hashing with bounded loads, Mirrokni et al. 2018), whatever it
-  holds: no prefix makes one replica take the fleet's traffic.
+  ``(1 + LOAD_SLACK) * mean + LOAD_ROOM`` of the recent requests is not chosen while
+  another is under it (consistent hashing with bounded loads, Mirrokni et al. 2018),
+  whatever it holds: no prefix makes one replica take the fleet's traffic.
 - Retries (a replica refused or could not be reached) go to the others, least loaded first.
+
+The constants (``HALF_LIFE``, ``LOAD_SLACK``, ``LOAD_ROOM``) were set on ``bench.cluster``
+seeds 1 and 2 and are reported on other seeds, tenant counts and cache sizes
+(``python -m bench.cluster --sweep``).
 """
 
 from __future__ import annotations
@@ -48,8 +54,9 @@ from dataclasses import dataclass
 
 import xxhash
 
-LOAD_SLACK = 0.5
-HALF_LIFE = 16.0  # requests routed (by this router) over which a request's weight halves
+LOAD_SLACK = 0.25
+LOAD_ROOM = 1.0  # requests over the bound's share (as in bounded loads: a ceiling of one)
+HALF_LIFE = 64.0  # requests routed (by this router) over which a request's weight halves
 
 
 @dataclass(frozen=True)
@@ -74,7 +81,7 @@ def mean_recent(candidates: Sequence[Candidate]) -> float:
 
 
 def load_bound(candidates: Sequence[Candidate]) -> float:
-    return (1.0 + LOAD_SLACK) * mean_recent(candidates) + 1.0
+    return (1.0 + LOAD_SLACK) * mean_recent(candidates) + LOAD_ROOM
 
 
 class QueueCost:
@@ -118,14 +125,15 @@ def pressure(c: Candidate) -> float:
 
 def cost(c: Candidate, prompt_blocks: int, queue_cost: float, mean: float = 0.0,
          fleet_waiting: float = 0.0) -> float:
-    """Blocks of work the request means on ``c``: its own prefill left, which also delays
-    the fleet's queued requests (``fleet_waiting``, the replicas' mean) and evicts cached
-    blocks once the pages are full, the requests queued ahead of it, and the work ``c``
-    took beyond its share (``mean``: the replicas' mean recent share)."""
+    """Blocks of work the request means on ``c`` (the module's formula): its own prefill
+    left and the work ``c`` took beyond its share (``mean``: the replicas' mean recent
+    share), both dearer while the fleet queues (``fleet_waiting``: the replicas' mean);
+    the cached blocks that prefill evicts once the pages are full; the requests queued
+    ahead of it."""
     excess = max(0.0, c.recent - mean)
     uncached = max(0, prompt_blocks - c.cached_blocks)
-    return (uncached * (1.0 + fleet_waiting + pressure(c))
-            + queue_cost * (c.waiting + excess))
+    return ((1.0 + fleet_waiting) * (uncached + queue_cost * excess)
+            + uncached * pressure(c) + queue_cost * c.waiting)
 
 
 def choose(candidates: Sequence[Candidate], affinity_key: bytes, prompt_blocks: int = 0,
