@@ -80,12 +80,12 @@ def test_requests_running_do_not_push_a_hit_away_but_a_share_taken_beyond_the_me
     its system prompt) but keeps a long one."""
     running = [Candidate("http://a", 10, 30), Candidate("http://b", 0, 0)]
     assert choose(running, b"k", 32, 8.0)[0].name == "http://a"
-    ahead = [Candidate("http://a", 1, 12, recent=8.0), Candidate("http://b", 1, 0, recent=3.5),
-             Candidate("http://c", 1, 0, recent=3.5)]  # a: 3 requests over the mean of 5
-    assert choose(ahead, b"k", 14, 8.0)[0].name != "http://a"  # 2 + 24 > 14
+    ahead = [Candidate("http://a", 1, 12, recent=7.0), Candidate("http://b", 1, 0, recent=4.0),
+             Candidate("http://c", 1, 0, recent=4.0)]  # a: 2 requests over the mean of 5
+    assert choose(ahead, b"k", 14, 8.0)[0].name != "http://a"  # 2 + 16 > 14
     long = [Candidate(c.name, c.load, 58 if c.name == "http://a" else 0, recent=c.recent)
             for c in ahead]
-    assert choose(long, b"k", 60, 8.0)[0].name == "http://a"  # a 58-block hit: 2 + 24 < 60
+    assert choose(long, b"k", 60, 8.0)[0].name == "http://a"  # a 58-block hit: 2 + 16 < 60
 
 
 def test_a_new_prefix_goes_to_the_replica_furthest_behind_even_an_empty_restarted_one(
