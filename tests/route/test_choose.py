@@ -126,6 +126,21 @@ def test_provisional_entries_keep_concurrent_first_requests_together() -> None:
     assert idx.cached_blocks("a", hs, expected=True) == 0
 
 
+def test_the_replicas_events_replace_provisional_entries() -> None:
+    """Stored blocks move from the router's provisional entries to the view; a block the
+    replica evicted is gone at once, not counted as cached until the entry would lapse."""
+    hs = _hashes(4)
+    idx = ClusterIndex()
+    idx.load("a", "e1", 0, [])
+    idx.expect("a", hs)
+    assert idx.apply(_batch("a", "e1", 1, [("stored", h) for h in hs]))
+    assert idx.cached_blocks("a", hs) == 4 and not idx.expected["a"]
+    idx.expect("a", hs)  # the next turn of the same conversation was sent there
+    assert idx.apply(_batch("a", "e1", 5, [("removed", hs[2]), ("removed", hs[3])]))
+    assert idx.cached_blocks("a", hs, expected=True) == 2
+    assert idx.cached_blocks("a", hs) == 2
+
+
 def test_queue_cost_follows_the_prefill_requests_needed() -> None:
     q = QueueCost(initial=8.0, weight=0.5)
     for _ in range(20):

@@ -14,9 +14,9 @@ number is the frozen view plus the batches kept since, so in a healthy deploymen
 comparison finds nothing, and anything it finds was lost or forged.
 
 Beside the exact view, a router's own provisional entries (``expect``): the blocks of a
-prompt it has just sent to a replica, counted as cached there for ``EXPECT_S`` (until the
-replica's events confirm them, or the entries lapse), so the next request of the same
-prefix, sent before those events arrive, follows it.
+prompt it has just sent to a replica, counted as cached there for ``EXPECT_S`` or until
+the replica's events speak of them (stored: the view holds them; evicted: they are gone),
+so the next request of the same prefix, sent before those events arrive, follows it.
 """
 
 from __future__ import annotations
@@ -78,8 +78,20 @@ class ClusterIndex:
             if len(v.pending) < _MAX_PENDING:
                 v.pending.append(batch)
             return False
-        v.apply(e for e in batch.events if e.seq > v.seq)
+        fresh = [e for e in batch.events if e.seq > v.seq]
+        v.apply(fresh)
+        self._settle(batch.replica, fresh)
         return True
+
+    def _settle(self, replica: str, events: Iterable[CacheEvent]) -> None:
+        """The replica has spoken of these blocks: its word replaces this router's
+        provisional entries for them. A block it evicted is gone, however recently the
+        router sent it a prompt that held it (a provisional entry that outlived the
+        eviction had the router send conversations where their prefix no longer was)."""
+        e = self.expected.get(replica)
+        if e:
+            for ev in events:
+                e.pop(ev.block_hash, None)
 
     def load(self, replica: str, epoch: str, seq: int,
              blocks: Iterable[tuple[bytes, Tier]]) -> bool:
@@ -98,7 +110,9 @@ class ClusterIndex:
             if batch.first > v.seq + 1:
                 v.synced = False
                 return False
-            v.apply(e for e in batch.events if e.seq > v.seq)
+            fresh = [e for e in batch.events if e.seq > v.seq]
+            v.apply(fresh)
+            self._settle(replica, fresh)
         return True
 
     def freeze(self, replica: str) -> bool:
