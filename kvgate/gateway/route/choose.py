@@ -2,21 +2,22 @@
 
 Each replica is scored by what the request would cost there, in blocks of prefill work:
 
-    cost = (1 + fleet waiting) * (uncached + queue_cost * excess)
+    cost = (1 + fleet waiting) * (uncached + queue_cost * share)
            + uncached * pressure + queue_cost * waiting
 
 - ``uncached``: the prompt's blocks it does not hold, the prefill it would still have to
   do: the longer the cached prefix (for this tenant: the hashes are namespace-scoped), the
   less.
-- ``excess``: how many more of this router's recent requests it took than the replicas'
-  mean (``RecentShare``: each request weighs ``2 ** (-n / HALF_LIFE)`` after ``n`` more
-  were routed; never negative), each worth ``queue_cost`` blocks, the router's running
-  mean of the blocks its requests had to prefill (``QueueCost``): a replica that took one
-  request more than its share did about that much more work. So a conversation stays where
-  its prefix is while that replica is a little ahead; a tenant's next new conversation,
-  which holds only the system prompt anywhere, goes to a replica behind once the excess
-  outweighs the system prompt's blocks; a new prefix goes to the replica furthest behind,
-  a freshly restarted one included.
+- ``share``: how many more of this router's recent requests it took than the replicas'
+  mean, or fewer (negative: a credit) (``RecentShare``: each request weighs
+  ``2 ** (-n / HALF_LIFE)`` after ``n`` more were routed), each worth ``queue_cost``
+  blocks, the router's running mean of the blocks its requests had to prefill
+  (``QueueCost``): a replica that took one request more than another did about that much
+  more work. So a conversation stays where its prefix is while that replica is a little
+  ahead; a tenant's next new conversation, which holds only the system prompt anywhere,
+  goes to a replica behind once the difference outweighs the system prompt's blocks; a
+  new prefix goes to the replica furthest behind, a freshly restarted one included. (Only
+  the replicas above the mean paying, two below it looked alike and one could starve.)
 - ``fleet waiting``: the replicas' mean ``waiting``. Both recomputation and imbalance are
   throughput lost, and throughput is what a queueing fleet lacks: on an idle fleet a spill
   costs its recomputation alone and a queue of a few requests outweighs it (the answer
@@ -126,13 +127,13 @@ def pressure(c: Candidate) -> float:
 def cost(c: Candidate, prompt_blocks: int, queue_cost: float, mean: float = 0.0,
          fleet_waiting: float = 0.0) -> float:
     """Blocks of work the request means on ``c`` (the module's formula): its own prefill
-    left and the work ``c`` took beyond its share (``mean``: the replicas' mean recent
-    share), both dearer while the fleet queues (``fleet_waiting``: the replicas' mean);
+    left and the work ``c`` took beyond its share or short of it (``mean``: the replicas'
+    mean recent share), both dearer while the fleet queues (``fleet_waiting``: the replicas' mean);
     the cached blocks that prefill evicts once the pages are full; the requests queued
     ahead of it."""
-    excess = max(0.0, c.recent - mean)
+    share = c.recent - mean
     uncached = max(0, prompt_blocks - c.cached_blocks)
-    return ((1.0 + fleet_waiting) * (uncached + queue_cost * excess)
+    return ((1.0 + fleet_waiting) * (uncached + queue_cost * share)
             + uncached * pressure(c) + queue_cost * c.waiting)
 
 
