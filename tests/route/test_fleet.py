@@ -3,6 +3,9 @@ official SDK, failover, event loss and resync, and billing once across the fleet
 
 from __future__ import annotations
 
+import json
+import re
+import socket
 import time
 from pathlib import Path
 
@@ -117,6 +120,48 @@ def test_streams_pass_through_to_the_openai_sdk_and_bill_once(fleet: Fleet) -> N
     answered += 1
     rows = _billed_rows(fleet)
     assert len(rows) == answered and all(row["n"] == 1 for row in rows.values())
+
+
+def test_a_client_that_closes_after_the_last_event_did_not_hang_up(fleet: Fleet) -> None:
+    """A client may close its connection as soon as ``data: [DONE]`` (or Anthropic's
+    ``message_stop``) has reached it, before the replica's end of the body reaches the
+    router: its answer is whole, so the router counts no 499 and logs no hang-up."""
+    def counts() -> dict[str, float]:
+        scrape = requests.get(fleet.router.url + "/metrics", timeout=10,
+                              headers={"Authorization": f"Bearer {ADMIN_KEY}"}).text
+        out: dict[str, float] = {}
+        for status, value in re.findall(
+                r'kvgate_requests_total\{[^}]*endpoint="/v1/\{tail\}"[^}]*status="(\d+)"'
+                r'[^}]*\} ([0-9.e+]+)', scrape):
+            out[status] = out.get(status, 0.0) + float(value)
+        return out
+
+    before = counts()
+    host, port = fleet.router.url.removeprefix("http://").split(":")
+    requests_ = [("/v1/chat/completions", b"data: [DONE]",
+                  {"model": "demo", "max_tokens": 2, "stream": True,
+                   "messages": [{"role": "user", "content": "close early"}]}),
+                 ("/v1/messages", b"event: message_stop",
+                  {"model": "demo", "max_tokens": 2, "stream": True,
+                   "messages": [{"role": "user", "content": "close early"}]})]
+    for i in range(12):
+        path, last, body = requests_[i % 2]
+        raw = json.dumps(body).encode()
+        with socket.create_connection((host, int(port)), timeout=30) as sock:
+            sock.sendall(b"POST %s HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n"
+                         b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                         % (path.encode(), fleet.tenant.key.encode(), len(raw), raw))
+            got = b""
+            while last not in got:
+                data = sock.recv(65536)
+                assert data, got
+                got += data
+    def new() -> dict[str, float]:
+        return {k: v - before.get(k, 0.0) for k, v in counts().items()
+                if v != before.get(k, 0.0)}
+
+    fleet.wait(lambda: sum(new().values()) >= 12, "the router to count every request")
+    assert new() == {"200": 12.0}
 
 
 def test_a_stopped_replica_leaves_the_pool_and_its_requests_go_elsewhere(fleet: Fleet) -> None:

@@ -259,8 +259,11 @@ async def serve(config: EngineConfig, path: str, key: bytes, parent: int) -> int
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    sys.stdout.write("ready\n")
-    sys.stdout.flush()
+    try:
+        sys.stdout.write("ready\n")
+        sys.stdout.flush()
+    except BrokenPipeError:  # the API server died while this core started: nobody to serve
+        stop.set()
     os.dup2(2, 1)  # nobody reads the pipe from now on: later prints go to the log
     while not stop.is_set() and os.getppid() == parent:
         with contextlib.suppress(TimeoutError):

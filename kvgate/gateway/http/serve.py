@@ -147,8 +147,8 @@ def banner(settings: Settings, port: int, admin_key: str | None, model_id: str,
     lines = [f"kvgate: serving model '{model_id}' on {url} (ledger: {_safe_db(settings.ledger.db)})"]
     core = getattr(engine, "info", {}).get("pid")
     if core is not None:  # --api-servers 1: the engine in a child process
-        lines.append(f"kvgate: the engine core runs in process {core} (--api-servers 0: one "
-                     "process)")
+        lines.append(f"kvgate: the engine core runs in its own process, {core} "
+                     "(--api-servers 0 would run it in this one)")
     if admin_key:
         lines.append(f"kvgate: created an admin key; it is shown only now:\n\n    {admin_key}\n")
         admin = f"ADMIN={admin_key}"

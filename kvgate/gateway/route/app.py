@@ -39,7 +39,7 @@ from kvgate.gateway.route.events import EventFollower
 from kvgate.gateway.route.index import ClusterIndex
 from kvgate.gateway.route.pool import Replica, ReplicaPool
 from kvgate.gateway.route.prompt import PromptRenderer, cache_key_of, model_id_of, tokenizer_for
-from kvgate.gateway.route.proxy import attempt_of, forward
+from kvgate.gateway.route.proxy import ANSWER_ENDED, attempt_of, forward
 from kvgate.gateway.route.settings import RouterSettings
 
 log = logging.getLogger("kvgate.route")
@@ -373,7 +373,9 @@ async def until_client_gone(request: web.Request,
     connection to the replica, so the replica stops generating and bills what it did
     once, as it does for a client of its own. (aiohttp does not cancel handlers when a
     client goes, and an answer not yet started writes nothing that would notice.) A timer
-    looks at the client's connection, not a task: it costs next to nothing per request."""
+    looks at the client's connection, not a task: it costs next to nothing per request. A
+    client that closes once a stream's last event has reached it did not hang up: the
+    forwarding reads the replica's end of the answer and the request counts as answered."""
     task = asyncio.current_task()
     assert task is not None
     loop = asyncio.get_running_loop()
@@ -384,6 +386,8 @@ async def until_client_gone(request: web.Request,
         nonlocal handle, gone
         transport = request.transport
         if transport is None or transport.is_closing():
+            if request.get(ANSWER_ENDED):  # the client closed after the last event
+                return
             gone = True
             task.cancel()
             return

@@ -28,6 +28,7 @@ from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from kvgate.gateway.edge.context import ctx_of
+from kvgate.gateway.edge.errors import ClientGone
 from kvgate.gateway.edge.sse import OPEN_STREAM, end_stream_with_error
 from kvgate.gateway.edge.transport import BoundedResponse
 from kvgate.gateway.protocol.errors import ApiError
@@ -41,6 +42,17 @@ _HOP = frozenset(("connection", "keep-alive", "proxy-authenticate", "proxy-autho
                   "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade", "host",
                   "content-length", "x-request-id", "expect"))
 _REFUSED = 503  # a replica's "not now", always before any body
+# The events that end a stream in each API (OpenAI's chat and completions, its Responses
+# API, Anthropic's Messages; an error event ends any): a client may close as soon as one
+# has reached it, before the replica's end of the body does.
+# Each at a line's start: a data line's JSON holds no raw newline, so no text a model
+# writes can spell one.
+_LAST_EVENTS = tuple(b"\n" + e for e in (
+    b"data: [DONE]", b"event: message_stop", b"event: response.completed",
+    b"event: response.incomplete", b"event: response.failed", b"event: error"))
+# Set on the request once the answer's last event was relayed (``until_client_gone`` then
+# leaves a client that closes alone: its answer is whole, it did not hang up).
+ANSWER_ENDED = web.RequestKey("kvgate_answer_ended", bool)
 _RETRY_AFTER_S = 1.0
 
 
@@ -144,6 +156,7 @@ async def _relay(request: web.Request, upstream: aiohttp.ClientResponse,
         resp.content_length = upstream.content_length
     request[OPEN_STREAM] = resp  # a client that hangs up: the middleware closes it
     await resp.prepare(request)
+    events = resp.content_type == "text/event-stream"
     tail = b""
     try:
         while True:  # a replica that stops sending mid-answer: cut after the idle timeout
@@ -151,16 +164,26 @@ async def _relay(request: web.Request, upstream: aiohttp.ClientResponse,
                 chunk = await upstream.content.readany()
             if not chunk:
                 break
+            if events and not request.get(ANSWER_ENDED):  # (before the write: the
+                # client may have it and close while the write is still being awaited)
+                recent = (tail or b"\n") + chunk  # the stream's start is a line's
+                if any(e in recent for e in _LAST_EVENTS):
+                    request[ANSWER_ENDED] = True
+                tail = recent[-64:]
+            else:
+                tail = chunk[-64:]
             await resp.write(chunk)
-            tail = chunk[-2:]
+        await resp.write_eof()
     except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError,
             aiohttp.ClientOSError, TimeoutError) as exc:
         log.warning("request %s: the replica's answer broke off: %r",
                     ctx_of(request).public_id, exc)
         upstream.close()
-        await _broken(request, resp, tail)
-        return resp
-    await resp.write_eof()
+        await _broken(request, resp, tail[-2:])
+    except (ClientGone, ConnectionError):
+        if not request.get(ANSWER_ENDED):
+            raise  # a client that hung up mid-answer (the middleware counts it)
+        ctx_of(request).gone = None  # it had the whole answer and closed first
     return resp
 
 
