@@ -36,7 +36,7 @@ class Replica:
         await self.runner.setup()
         site = web.TCPSite(self.runner, "127.0.0.1", 0)
         await site.start()
-        self.url = "http://127.0.0.1:%d" % self.runner.addresses[0][1]
+        self.url = f"http://127.0.0.1:{self.runner.addresses[0][1]}"
 
     async def stop(self) -> None:
         assert self.runner is not None
