@@ -2,22 +2,22 @@
 
 Each replica is scored by what the request would cost there, in blocks of prefill work:
 
-    cost = (1 + fleet waiting) * (uncached + queue_cost * share)
+    cost = (1 + fleet waiting) * (uncached + queue_cost * excess)
            + uncached * pressure + queue_cost * waiting
 
 - ``uncached``: the prompt's blocks it does not hold, the prefill it would still have to
   do: the longer the cached prefix (for this tenant: the hashes are namespace-scoped), the
   less.
-- ``share``: how many more of this router's recent requests it took than the replicas'
-  mean, or fewer (negative: a credit) (``RecentShare``: each request weighs
-  ``2 ** (-n / HALF_LIFE)`` after ``n`` more were routed), each worth ``queue_cost``
-  blocks, the router's running mean of the blocks its requests had to prefill
-  (``QueueCost``): a replica that took one request more than another did about that much
-  more work. So a conversation stays where its prefix is while that replica is a little
-  ahead; a tenant's next new conversation, which holds only the system prompt anywhere,
-  goes to a replica behind once the difference outweighs the system prompt's blocks; a
-  new prefix goes to the replica furthest behind, a freshly restarted one included. (Only
-  the replicas above the mean paying, two below it looked alike and one could starve.)
+- ``excess``: how many more of this router's recent requests it took than the replicas'
+  mean (``RecentShare``: each request weighs ``2 ** (-n / HALF_LIFE)`` after ``n`` more
+  were routed; never negative: a credit for the replicas behind outweighed whole
+  conversations' prefixes once the fleet queued), each worth ``queue_cost`` blocks, the
+  router's running mean of the blocks its requests had to prefill (``QueueCost``): a
+  replica that took one request more than its share did about that much more work. So a
+  conversation stays where its prefix is while that replica is a little ahead; a tenant's
+  next new conversation, which holds only the system prompt anywhere, goes to a replica
+  behind once the excess outweighs the system prompt's blocks; a new prefix goes to the
+  replica furthest behind, a freshly restarted one included.
 - ``fleet waiting``: the replicas' mean ``waiting``. Both recomputation and imbalance are
   throughput lost, and throughput is what a queueing fleet lacks: on an idle fleet a spill
   costs its recomputation alone and a queue of a few requests outweighs it (the answer
@@ -38,9 +38,11 @@ Each replica is scored by what the request would cost there, in blocks of prefil
   one prefix meet on one replica through the router's provisional index entries
   (``index.ClusterIndex.expect``), which count as cached until the events confirm them.
 - A hard bound on top, on the same decayed counts: a replica that took more than
-  ``(1 + LOAD_SLACK) * mean + LOAD_ROOM`` of the recent requests is not chosen while
-  another is under it (consistent hashing with bounded loads, Mirrokni et al. 2018),
-  whatever it holds: no prefix makes one replica take the fleet's traffic.
+  ``(1 + LOAD_SLACK) * mean + LOAD_ROOM`` of the recent requests and has requests queued
+  is not chosen while another is under it (consistent hashing with bounded loads,
+  Mirrokni et al. 2018), whatever it holds: no prefix makes one replica the fleet's queue.
+  One that keeps up (nothing queued) is not a hot spot, and moving a long conversation off
+  it only recomputes the prefix.
 - Retries (a replica refused or could not be reached) go to the others, least loaded first.
 
 The constants (``HALF_LIFE``, ``LOAD_SLACK``, ``LOAD_ROOM``) were set on ``bench.cluster``
@@ -127,13 +129,13 @@ def pressure(c: Candidate) -> float:
 def cost(c: Candidate, prompt_blocks: int, queue_cost: float, mean: float = 0.0,
          fleet_waiting: float = 0.0) -> float:
     """Blocks of work the request means on ``c`` (the module's formula): its own prefill
-    left and the work ``c`` took beyond its share or short of it (``mean``: the replicas'
-    mean recent share), both dearer while the fleet queues (``fleet_waiting``: the replicas' mean);
+    left and the work ``c`` took beyond its share (``mean``: the replicas' mean recent
+    share), both dearer while the fleet queues (``fleet_waiting``: the replicas' mean);
     the cached blocks that prefill evicts once the pages are full; the requests queued
     ahead of it."""
-    share = c.recent - mean
+    excess = max(0.0, c.recent - mean)
     uncached = max(0, prompt_blocks - c.cached_blocks)
-    return ((1.0 + fleet_waiting) * (uncached + queue_cost * share)
+    return ((1.0 + fleet_waiting) * (uncached + queue_cost * excess)
             + uncached * pressure(c) + queue_cost * c.waiting)
 
 
@@ -148,7 +150,10 @@ def choose(candidates: Sequence[Candidate], affinity_key: bytes, prompt_blocks: 
     bound = load_bound(candidates)
     mean = mean_recent(candidates)
     waiting = sum(c.waiting for c in candidates) / len(candidates)
-    under = [c for c in order if c.recent <= bound] or [min(order, key=lambda c: c.recent)]
+    # over the bound *and* queueing: a replica that keeps up with more than its share is no
+    # hot spot, and moving a long conversation off it would only recompute its prefix
+    under = ([c for c in order if c.recent <= bound or c.waiting <= 0]
+             or [min(order, key=lambda c: c.recent)])
     blocks = max(prompt_blocks, max(c.cached_blocks for c in candidates))
     # min() keeps the first of equals: ties go by the rendezvous order
     first = min(under, key=lambda c: (round(cost(c, blocks, queue_cost, mean, waiting), 9),
