@@ -22,7 +22,7 @@ from aiohttp import web
 from prometheus_client import Counter, Gauge
 
 from kvgate.cachestore.block import Tier
-from kvgate.gateway.edge.body import read_body
+from kvgate.gateway.edge.body import off_loop, read_body
 from kvgate.gateway.edge.context import CTX, EDGE, Edge, principal_of
 from kvgate.gateway.edge.errors import ClientGone
 from kvgate.gateway.edge.metrics import RequestMetrics
@@ -132,14 +132,17 @@ class Router:
         if not healthy:
             return [], False
         model_id, block_size = healthy[0].model_id, healthy[0].block_size
-        hashes: list[bytes] = []
         t0 = time.perf_counter()
-        if self.follower is not None and block_size:
-            if len(raw) > _INLINE_RENDER_BYTES:  # a long prompt: off the event loop
-                hashes = await asyncio.to_thread(self.renderer.hashes, path, raw, tenant_id,
-                                                 model_id, block_size)
-            else:
-                hashes = self.renderer.hashes(path, raw, tenant_id, model_id, block_size)
+
+        def read() -> tuple[list[bytes], str | None]:
+            hashes = (self.renderer.hashes(path, raw, tenant_id, model_id, block_size)
+                      if self.follower is not None and block_size else [])
+            return hashes, cache_key_of(raw)
+
+        # a long body (parsing it alone can take a second) off the event loop, on the
+        # bounded pool the replicas prepare big bodies on
+        hashes, client_key = (await off_loop(read) if len(raw) > _INLINE_RENDER_BYTES
+                              else read())
         t1 = time.perf_counter()
         candidates = [Candidate(r.url, r.load,
                                 self.index.cached_blocks(r.replica_id, hashes, expected=True),
@@ -147,7 +150,6 @@ class Router:
                                 r.device_pages)
                       for r in healthy]
         key = hashes[0] if hashes else tenant_namespace(tenant_id).encode()
-        client_key = cache_key_of(raw)
         keyed = client_key is not None and not any(c.cached_blocks for c in candidates)
         if client_key is not None and keyed:  # the client's key, within its tenant
             key = b"key\0" + tenant_namespace(tenant_id).encode() + b"\0" + client_key.encode()

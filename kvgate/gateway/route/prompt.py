@@ -30,12 +30,31 @@ MAX_ROUTED_BYTES = 4 * 1024 * 1024  # bodies beyond this are routed without rend
 def tokenizer_for(model: str) -> TextTokenizer:
     """The tokenizer ``kvgate serve --model`` loads for the same value: a GGUF model
     (``smollm2``, a ``.gguf`` file) from its converted directory, converted on first use as
-    the replicas do."""
+    the replicas do. Bounded by the model's context as a replica's is
+    (``TextTokenizer.check_length``): a text longer than any replica runs is not tokenized
+    (a 4 MB prompt would cost the router seconds and most of a gigabyte, for a request the
+    replica refuses at once)."""
     if model in demo.SHAPES:
-        return demo.build_tokenizer()
+        tokenizer = demo.build_tokenizer()
+        tokenizer.max_tokens = demo.MAX_POSITIONS
+        return tokenizer
     if gguf.is_gguf(model):
-        return load_tokenizer(gguf.resolve(model, EngineConfig(model=model).torch_dtype))
-    return load_tokenizer(Path(model).expanduser())
+        path = gguf.resolve(model, EngineConfig(model=model).torch_dtype)
+    else:
+        path = Path(model).expanduser()
+    tokenizer = load_tokenizer(path)
+    tokenizer.max_tokens = _context_length(path)
+    return tokenizer
+
+
+def _context_length(path: Path) -> int | None:
+    """The model's own context (``max_position_embeddings``): no replica's is longer."""
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    n = config.get("max_position_embeddings") if isinstance(config, dict) else None
+    return n if type(n) is int and n > 0 else None
 
 
 def model_id_of(model: str) -> str:
@@ -86,7 +105,8 @@ class PromptRenderer:
             ids = self.token_ids(path, body)
         except Exception:  # any body the replica will judge itself
             return []
-        if not ids:
+        limit = self.tokenizer.max_tokens
+        if not ids or (limit is not None and len(ids) > limit):  # no replica runs it
             return []
         root = root_digest(model_id, "", tenant_namespace(tenant_id))
         try:
