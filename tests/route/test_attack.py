@@ -96,16 +96,18 @@ def test_a_refused_request_moves_neither_the_queue_cost_nor_the_share(fleet: Fle
 def test_a_big_body_is_read_off_the_event_loop(fleet: Fleet,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     """Parsing a 4 MB body for its cache key took up to a second on the router's event
-    loop, stalling every other client's request meanwhile."""
+    loop, stalling every other client's request meanwhile; it was parsed twice (prompt,
+    cache key)."""
     from kvgate.gateway.route import app as route_app
+    from kvgate.gateway.route.prompt import parse_body
 
     threads: list[str] = []
 
-    def spy(raw: bytes) -> str | None:
+    def spy(raw: bytes) -> dict[str, Any] | None:
         threads.append(threading.current_thread().name)
-        return None
+        return parse_body(raw)
 
-    monkeypatch.setattr(route_app, "cache_key_of", spy)
+    monkeypatch.setattr(route_app, "parse_body", spy)
     big = {"model": "demo", "max_tokens": 1, "prompt_cache_key": "k",
            "messages": [{"role": "user", "content": "hi"}], "x": [[1, 2]] * 200_000}
     requests.post(fleet.router.url + CHAT, headers=fleet.tenant.headers, timeout=60,

@@ -38,7 +38,14 @@ from kvgate.gateway.route.choose import Candidate, QueueCost, RecentShare, choos
 from kvgate.gateway.route.events import EventFollower
 from kvgate.gateway.route.index import ClusterIndex
 from kvgate.gateway.route.pool import Replica, ReplicaPool
-from kvgate.gateway.route.prompt import PromptRenderer, cache_key_of, model_id_of, tokenizer_for
+from kvgate.gateway.route.prompt import (
+    PromptRenderer,
+    cache_key_in,
+    model_id_of,
+    names_cache_key,
+    parse_body,
+    tokenizer_for,
+)
 from kvgate.gateway.route.proxy import ANSWER_ENDED, attempt_of, forward
 from kvgate.gateway.route.settings import RouterSettings
 
@@ -146,10 +153,14 @@ class Router:
         model_id, block_size = healthy[0].model_id, healthy[0].block_size
         t0 = time.perf_counter()
 
-        def read() -> tuple[list[bytes], str | None]:
-            hashes = (self.renderer.hashes(path, raw, tenant_id, model_id, block_size)
-                      if self.follower is not None and block_size else [])
-            return hashes, cache_key_of(raw)
+        render = self.follower is not None and bool(block_size)
+
+        def read() -> tuple[list[bytes], str | None]:  # the body parsed once, if at all
+            keyed = names_cache_key(raw)
+            body = parse_body(raw) if render or keyed else None
+            hashes = (self.renderer.hashes_of(path, body, tenant_id, model_id, block_size)
+                      if render else [])
+            return hashes, cache_key_in(body) if keyed else None
 
         # a long body (parsing it alone can take a second) off the event loop, on the
         # bounded pool the replicas prepare big bodies on

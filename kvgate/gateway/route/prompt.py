@@ -96,12 +96,14 @@ class PromptRenderer:
     def hashes(self, path: str, raw: bytes, tenant_id: int, model_id: str,
                block_size: int) -> list[bytes]:
         """The block hashes a replica's cache gives this request's prompt (empty: none)."""
-        if len(raw) > MAX_ROUTED_BYTES:
+        return self.hashes_of(path, parse_body(raw), tenant_id, model_id, block_size)
+
+    def hashes_of(self, path: str, body: dict[str, Any] | None, tenant_id: int,
+                  model_id: str, block_size: int) -> list[bytes]:
+        """``hashes`` of a body parsed already (``parse_body``)."""
+        if body is None:
             return []
         try:
-            body = json.loads(raw)
-            if not isinstance(body, dict):
-                return []
             ids = self.token_ids(path, body)
         except Exception:  # any body the replica will judge itself
             return []
@@ -115,16 +117,34 @@ class PromptRenderer:
             return []
 
 
-def cache_key_of(raw: bytes) -> str | None:
-    """The request's ``prompt_cache_key`` (OpenAI) or ``metadata.user_id`` (Anthropic), if
-    it names one the replica would accept (``protocol.cache_request``); None otherwise."""
-    if len(raw) > MAX_ROUTED_BYTES or (b"prompt_cache_key" not in raw and b"user_id" not in raw):
+def parse_body(raw: bytes) -> dict[str, Any] | None:
+    """The body as a JSON object, or None (too big to route by, or not one: the replica
+    judges such a body itself). Parsed once per request, off the event loop when big: a
+    4 MB body of small objects takes up to a second."""
+    if len(raw) > MAX_ROUTED_BYTES:
         return None
     try:
         body = json.loads(raw)
-    except (ValueError, RecursionError):  # the replica judges such a body itself
+    except (ValueError, RecursionError):
         return None
-    if not isinstance(body, dict):
+    return body if isinstance(body, dict) else None
+
+
+def names_cache_key(raw: bytes) -> bool:
+    """Whether the body may name a cache key at all (most do not: no need to parse them
+    for one)."""
+    return b"prompt_cache_key" in raw or b"user_id" in raw
+
+
+def cache_key_of(raw: bytes) -> str | None:
+    """The request's ``prompt_cache_key`` (OpenAI) or ``metadata.user_id`` (Anthropic), if
+    it names one the replica would accept (``protocol.cache_request``); None otherwise."""
+    return cache_key_in(parse_body(raw)) if names_cache_key(raw) else None
+
+
+def cache_key_in(body: dict[str, Any] | None) -> str | None:
+    """``cache_key_of`` a body parsed already (``parse_body``)."""
+    if body is None:
         return None
     key = body.get("prompt_cache_key")
     if key is None and isinstance(body.get("metadata"), dict):
