@@ -62,6 +62,62 @@ def test_a_body_the_router_cannot_render_gets_the_replicas_own_error(
     assert routed.json()["error"]["message"] == direct.json()["error"]["message"]
 
 
+def test_a_refused_request_moves_neither_the_queue_cost_nor_the_share(fleet: Fleet) -> None:
+    """A prompt no replica runs (too long: refused untokenized, billed nothing) costs the
+    router no tokenizing and changes nothing routing weighs: counted, one such request
+    raised the price of imbalance a thousandfold and pushed every tenant's conversations
+    off their cached prefixes. An answered request counts as before."""
+    router = fleet.router.router
+    q0 = router.queue_cost.value
+    shares = {r.url: router.recent.of(r.url) for r in router.pool.healthy()}
+    t0 = time.monotonic()
+    for body in ({"messages": [{"role": "user", "content": "a" * 3_000_000}]},
+                 {"messages": [{"role": "user", "content": "b" * 6000}], "max_tokens": -1},
+                 {"messages": [{"role": "user", "content": "c" * 6000}],
+                  "prompt_cache_key": 7}):
+        r = requests.post(fleet.router.url + CHAT, headers=fleet.tenant.headers, timeout=60,
+                          json={"model": "demo", **body})
+        assert r.status_code == 400, r.text
+    assert time.monotonic() - t0 < 10  # (tokenized, the 3 MB prompt alone took seconds)
+    def hashes(n: int) -> list[bytes]:
+        return router.renderer.hashes(CHAT, json.dumps(
+            {"messages": [{"role": "user", "content": "a" * n}]}).encode(),
+            fleet.tenant.id, "demo", 16)
+
+    assert hashes(9000) == [] and hashes(100_000) == []  # past the context of 8192
+    assert len(hashes(8000)) == 500
+    assert router.queue_cost.value == q0
+    assert all(router.recent.of(u) == pytest.approx(v, abs=1e-9) for u, v in shares.items())
+    assert fleet.chat("d" * 600).status_code == 200
+    assert router.queue_cost.value != q0
+    assert sum(router.recent.of(u) for u in shares) > sum(shares.values())
+
+
+def test_a_big_body_is_read_off_the_event_loop(fleet: Fleet,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Parsing a 4 MB body for its cache key took up to a second on the router's event
+    loop, stalling every other client's request meanwhile; it was parsed twice (prompt,
+    cache key)."""
+    from kvgate.gateway.route import app as route_app
+    from kvgate.gateway.route.prompt import parse_body
+
+    threads: list[str] = []
+
+    def spy(raw: bytes) -> dict[str, Any] | None:
+        threads.append(threading.current_thread().name)
+        return parse_body(raw)
+
+    monkeypatch.setattr(route_app, "parse_body", spy)
+    big = {"model": "demo", "max_tokens": 1, "prompt_cache_key": "k",
+           "messages": [{"role": "user", "content": "hi"}], "x": [[1, 2]] * 200_000}
+    requests.post(fleet.router.url + CHAT, headers=fleet.tenant.headers, timeout=60,
+                  json=big)
+    assert fleet.chat("small").status_code == 200
+    assert len(threads) == 2
+    assert threads[0].startswith("kvgate-prepare")  # the bounded pool's
+    assert threads[1] == "kvgate-test-router"  # a small body: on the loop, no hop
+
+
 def test_a_body_over_the_limit_is_refused_at_the_router_in_the_api_shape(
         fleet: Fleet) -> None:
     limit = fleet.router.settings.http.max_body_bytes

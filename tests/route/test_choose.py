@@ -110,6 +110,30 @@ def test_the_recent_share_halves_every_half_life_and_stays_finite() -> None:
     assert share.of("b") == pytest.approx(1 / (1 - 2 ** (-1 / 4)))
 
 
+def test_a_withdrawn_request_leaves_the_share_as_if_never_sent() -> None:
+    share, twin = RecentShare(half_life=4.0), RecentShare(half_life=4.0)
+    share.sent("a")
+    twin.sent("a")
+    refused = share.sent("b")
+    twin.sent("elsewhere")  # the same decay, the refused request's weight on no one
+    for _ in range(3):
+        share.sent("a")
+        twin.sent("a")
+    share.withdraw("b", refused)
+    assert share.of("b") == pytest.approx(0.0, abs=1e-12)
+    assert share.of("a") == pytest.approx(twin.of("a"))
+    early = share.sent("b")
+    for _ in range(5000):  # across the renormalisation: still its own weight, no more
+        share.sent("a")
+    late = share.sent("b")
+    share.withdraw("b", early)
+    assert share.of("b") == pytest.approx(1.0)
+    share.withdraw("b", late)
+    share.withdraw("b", late)  # twice, or on a replica it never went to: never negative
+    share.withdraw("never", late)
+    assert share.of("b") == 0.0 and share.of("never") == 0.0
+
+
 def test_provisional_entries_keep_concurrent_first_requests_together() -> None:
     hs = _hashes(5)
     idx = ClusterIndex()

@@ -65,6 +65,13 @@ async def prepare(raw: bytes | dict, build: Callable[[dict], T]) -> T:
     return await loop.run_in_executor(_PREPARE, lambda: build(parse_json(raw)))
 
 
+async def off_loop(work: Callable[[], T]) -> T:
+    """``work`` on the same bounded pool as big bodies' preparation (the router renders
+    and hashes big prompts there): however many big bodies arrive at once, a few threads
+    work on them and the rest queue."""
+    return await asyncio.get_running_loop().run_in_executor(_PREPARE, work)
+
+
 async def read_json(request: web.Request) -> dict:
     """Any Content-Type is read as JSON: `curl -d` sends a form type and users forget -H."""
     return await prepare(await read_body(request), lambda body: body)

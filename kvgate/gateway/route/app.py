@@ -22,7 +22,7 @@ from aiohttp import web
 from prometheus_client import Counter, Gauge
 
 from kvgate.cachestore.block import Tier
-from kvgate.gateway.edge.body import read_body
+from kvgate.gateway.edge.body import off_loop, read_body
 from kvgate.gateway.edge.context import CTX, EDGE, Edge, principal_of
 from kvgate.gateway.edge.errors import ClientGone
 from kvgate.gateway.edge.metrics import RequestMetrics
@@ -38,7 +38,14 @@ from kvgate.gateway.route.choose import Candidate, QueueCost, RecentShare, choos
 from kvgate.gateway.route.events import EventFollower
 from kvgate.gateway.route.index import ClusterIndex
 from kvgate.gateway.route.pool import Replica, ReplicaPool
-from kvgate.gateway.route.prompt import PromptRenderer, cache_key_of, model_id_of, tokenizer_for
+from kvgate.gateway.route.prompt import (
+    PromptRenderer,
+    cache_key_in,
+    model_id_of,
+    names_cache_key,
+    parse_body,
+    tokenizer_for,
+)
 from kvgate.gateway.route.proxy import ANSWER_ENDED, attempt_of, forward
 from kvgate.gateway.route.settings import RouterSettings
 
@@ -101,6 +108,17 @@ class RouterMetrics:
 
 
 @dataclass
+class Plan:
+    """Where a request goes (``Router.plan``), and what to settle once it is answered."""
+
+    replicas: list[Replica]  # to try, in order
+    hit: bool  # a cached prefix chose the first
+    uncached: int | None = None  # the prompt's blocks the first lacks (None: not rendered)
+    first: str = ""  # the replica its share was counted on ...
+    number: int | None = None  # ... as this request (``RecentShare.sent``); None: not counted
+
+
+@dataclass
 class Router:
     settings: RouterSettings
     renderer: PromptRenderer
@@ -123,23 +141,31 @@ class Router:
         return self.ledger
 
     async def plan(self, tenant_id: int, path: str, raw: bytes, work: bool = True,
-                   parts: list[tuple[str, float]] | None = None) -> tuple[list[Replica], bool]:
+                   parts: list[tuple[str, float]] | None = None) -> Plan:
         """Replicas to try, in order, and whether a cached prefix chose the first.
-        ``work``: the request runs the model (a POST), so it counts in the replica's share.
+        ``work``: the request runs the model (a POST), so it counts in the replica's share
+        (``settle`` takes it back if the replica refuses it).
         ``parts``: gets the seconds spent rendering and hashing, and choosing."""
         assert self.pool is not None
         healthy = self.pool.healthy()
         if not healthy:
-            return [], False
+            return Plan([], False)
         model_id, block_size = healthy[0].model_id, healthy[0].block_size
-        hashes: list[bytes] = []
         t0 = time.perf_counter()
-        if self.follower is not None and block_size:
-            if len(raw) > _INLINE_RENDER_BYTES:  # a long prompt: off the event loop
-                hashes = await asyncio.to_thread(self.renderer.hashes, path, raw, tenant_id,
-                                                 model_id, block_size)
-            else:
-                hashes = self.renderer.hashes(path, raw, tenant_id, model_id, block_size)
+
+        render = self.follower is not None and bool(block_size)
+
+        def read() -> tuple[list[bytes], str | None]:  # the body parsed once, if at all
+            keyed = names_cache_key(raw)
+            body = parse_body(raw) if render or keyed else None
+            hashes = (self.renderer.hashes_of(path, body, tenant_id, model_id, block_size)
+                      if render else [])
+            return hashes, cache_key_in(body) if keyed else None
+
+        # a long body (parsing it alone can take a second) off the event loop, on the
+        # bounded pool the replicas prepare big bodies on
+        hashes, client_key = (await off_loop(read) if len(raw) > _INLINE_RENDER_BYTES
+                              else read())
         t1 = time.perf_counter()
         candidates = [Candidate(r.url, r.load,
                                 self.index.cached_blocks(r.replica_id, hashes, expected=True),
@@ -147,14 +173,12 @@ class Router:
                                 r.device_pages)
                       for r in healthy]
         key = hashes[0] if hashes else tenant_namespace(tenant_id).encode()
-        client_key = cache_key_of(raw)
         keyed = client_key is not None and not any(c.cached_blocks for c in candidates)
         if client_key is not None and keyed:  # the client's key, within its tenant
             key = b"key\0" + tenant_namespace(tenant_id).encode() + b"\0" + client_key.encode()
         order = choose(candidates, key, len(hashes), self.queue_cost.value, keyed=keyed)
         first = self.pool.replicas[order[0].name]
-        if work:
-            self.recent.sent(first.url)
+        number = self.recent.sent(first.url) if work else None
         if log.isEnabledFor(logging.DEBUG):
             log.debug("route tenant=%d blocks=%d queue_cost=%.1f -> %s; %s", tenant_id,
                       len(hashes), self.queue_cost.value, first.url, " ".join(
@@ -162,11 +186,22 @@ class Router:
                           f"recent={c.recent:.1f},free={c.free_pages}/{c.device_pages}"
                           for c in candidates))
         if hashes:
-            self.queue_cost.observe(len(hashes) - order[0].cached_blocks)
             self.index.expect(first.replica_id, hashes)
         if parts is not None:
             parts += [("render", t1 - t0), ("choose", time.perf_counter() - t1)]
-        return [self.pool.replicas[c.name] for c in order], order[0].cached_blocks > 0
+        return Plan([self.pool.replicas[c.name] for c in order], order[0].cached_blocks > 0,
+                    len(hashes) - order[0].cached_blocks if hashes else None,
+                    first.url, number)
+
+    def settle(self, plan: Plan, status: int) -> None:
+        """The answer's status is known (``status``; 503 when no replica took it): an
+        answered request's prefill feeds the queue cost; one refused (4xx) or taken by no
+        replica ran nothing, and leaves the share of the replica it was counted on."""
+        if 200 <= status < 300:
+            if plan.uncached is not None:
+                self.queue_cost.observe(plan.uncached)
+        elif (400 <= status < 500 or status == 503) and plan.number is not None:
+            self.recent.withdraw(plan.first, plan.number)
 
     async def on_batch(self, batch: EventBatch) -> None:
         """A checked batch (``protocol.wire.verify``): applied to its replica's view if it names a
@@ -349,19 +384,25 @@ async def route(request: web.Request) -> web.StreamResponse:
     assert router.pool is not None and router.session is not None
     raw = await read_body(request)  # the replicas' own limits: size (413) and time (408)
     principal = principal_of(request)
-    replicas: list[Replica] = []
-    hit = False
+    plan = Plan([], False)
     parts: list[tuple[str, float]] = []
     if principal.tenant_id is not None:
-        replicas, hit = await router.plan(principal.tenant_id, request.path, raw,
-                                          work=request.method == "POST", parts=parts)
+        plan = await router.plan(principal.tenant_id, request.path, raw,
+                                 work=request.method == "POST", parts=parts)
+    replicas = plan.replicas
     if not replicas:
         raise ApiError(503, "No replica is available now; retry shortly.",
                        code="no_replica_available", retry_after=1.0)
-    router.metrics.routed.labels(replicas[0].url, "prefix" if hit else "affinity").inc()
-    return await until_client_gone(request, forward(
-        request, router.session, replicas, attempt_of(request, raw), router.pool.mark_down,
-        router.settings.routing.upstream_idle_timeout_s, parts))
+    router.metrics.routed.labels(replicas[0].url, "prefix" if plan.hit else "affinity").inc()
+    try:
+        resp = await until_client_gone(request, forward(
+            request, router.session, replicas, attempt_of(request, raw),
+            router.pool.mark_down, router.settings.routing.upstream_idle_timeout_s, parts))
+    except ApiError as exc:
+        router.settle(plan, exc.status)
+        raise
+    router.settle(plan, resp.status)
+    return resp
 
 
 _CLIENT_POLL_S = 0.05
@@ -502,4 +543,4 @@ def router_of(request: web.Request) -> Router:
     return request.app[ROUTER]
 
 
-__all__ = ["ROUTER", "Router", "create_router_app", "router_of"]
+__all__ = ["ROUTER", "Plan", "Router", "create_router_app", "router_of"]

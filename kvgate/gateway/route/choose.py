@@ -89,7 +89,11 @@ def load_bound(candidates: Sequence[Candidate]) -> float:
 
 class QueueCost:
     """The blocks a request had to prefill on the replica it was sent to, as a running
-    mean: what one request's work is, in the cost's unit."""
+    mean: what one request's work is, in the cost's unit. Only requests a replica answered
+    count (the router observes once the answer's status is known): a request it refused
+    (too long, malformed, over a limit) did no work, and costs its sender nothing, so
+    counting it would let one tenant raise every request's price of imbalance a
+    thousandfold and so push every tenant's conversations off their cached prefixes."""
 
     def __init__(self, initial: float = 8.0, weight: float = 0.05) -> None:
         self.value = initial
@@ -107,16 +111,29 @@ class RecentShare:
         self._decay = 2.0 ** (-1.0 / half_life)
         self._scale = 1.0  # the weight a request sent now has, in stored units
         self._stored: dict[str, float] = {}
+        self._count = 0  # requests counted so far
 
     def of(self, name: str) -> float:
         return self._stored.get(name, 0.0) / self._scale
 
-    def sent(self, name: str) -> None:
+    def sent(self, name: str) -> int:
+        """Count a request sent to ``name``; → its number, for ``withdraw``."""
         self._scale /= self._decay
         self._stored[name] = self._stored.get(name, 0.0) + self._scale
+        self._count += 1
         if self._scale > 1e100:  # renormalise long before floats overflow
             self._stored = {k: v / self._scale for k, v in self._stored.items()}
             self._scale = 1.0
+        return self._count
+
+    def withdraw(self, name: str, number: int) -> None:
+        """Take back request ``number`` (``sent``'s answer): it ran nothing there (the
+        replica refused it), so it is not work that replica did. Its weight now is what
+        ``sent`` added, decayed by the requests counted since."""
+        stored = self._stored.get(name)
+        if stored is not None:
+            weight = self._scale * self._decay ** (self._count - number)
+            self._stored[name] = max(0.0, stored - weight)
 
 
 def pressure(c: Candidate) -> float:

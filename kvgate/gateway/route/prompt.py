@@ -30,12 +30,31 @@ MAX_ROUTED_BYTES = 4 * 1024 * 1024  # bodies beyond this are routed without rend
 def tokenizer_for(model: str) -> TextTokenizer:
     """The tokenizer ``kvgate serve --model`` loads for the same value: a GGUF model
     (``smollm2``, a ``.gguf`` file) from its converted directory, converted on first use as
-    the replicas do."""
+    the replicas do. Bounded by the model's context as a replica's is
+    (``TextTokenizer.check_length``): a text longer than any replica runs is not tokenized
+    (a 4 MB prompt would cost the router seconds and most of a gigabyte, for a request the
+    replica refuses at once)."""
     if model in demo.SHAPES:
-        return demo.build_tokenizer()
+        tokenizer = demo.build_tokenizer()
+        tokenizer.max_tokens = demo.MAX_POSITIONS
+        return tokenizer
     if gguf.is_gguf(model):
-        return load_tokenizer(gguf.resolve(model, EngineConfig(model=model).torch_dtype))
-    return load_tokenizer(Path(model).expanduser())
+        path = gguf.resolve(model, EngineConfig(model=model).torch_dtype)
+    else:
+        path = Path(model).expanduser()
+    tokenizer = load_tokenizer(path)
+    tokenizer.max_tokens = _context_length(path)
+    return tokenizer
+
+
+def _context_length(path: Path) -> int | None:
+    """The model's own context (``max_position_embeddings``): no replica's is longer."""
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    n = config.get("max_position_embeddings") if isinstance(config, dict) else None
+    return n if type(n) is int and n > 0 else None
 
 
 def model_id_of(model: str) -> str:
@@ -77,16 +96,19 @@ class PromptRenderer:
     def hashes(self, path: str, raw: bytes, tenant_id: int, model_id: str,
                block_size: int) -> list[bytes]:
         """The block hashes a replica's cache gives this request's prompt (empty: none)."""
-        if len(raw) > MAX_ROUTED_BYTES:
+        return self.hashes_of(path, parse_body(raw), tenant_id, model_id, block_size)
+
+    def hashes_of(self, path: str, body: dict[str, Any] | None, tenant_id: int,
+                  model_id: str, block_size: int) -> list[bytes]:
+        """``hashes`` of a body parsed already (``parse_body``)."""
+        if body is None:
             return []
         try:
-            body = json.loads(raw)
-            if not isinstance(body, dict):
-                return []
             ids = self.token_ids(path, body)
         except Exception:  # any body the replica will judge itself
             return []
-        if not ids:
+        limit = self.tokenizer.max_tokens
+        if not ids or (limit is not None and len(ids) > limit):  # no replica runs it
             return []
         root = root_digest(model_id, "", tenant_namespace(tenant_id))
         try:
@@ -95,16 +117,34 @@ class PromptRenderer:
             return []
 
 
-def cache_key_of(raw: bytes) -> str | None:
-    """The request's ``prompt_cache_key`` (OpenAI) or ``metadata.user_id`` (Anthropic), if
-    it names one the replica would accept (``protocol.cache_request``); None otherwise."""
-    if len(raw) > MAX_ROUTED_BYTES or (b"prompt_cache_key" not in raw and b"user_id" not in raw):
+def parse_body(raw: bytes) -> dict[str, Any] | None:
+    """The body as a JSON object, or None (too big to route by, or not one: the replica
+    judges such a body itself). Parsed once per request, off the event loop when big: a
+    4 MB body of small objects takes up to a second."""
+    if len(raw) > MAX_ROUTED_BYTES:
         return None
     try:
         body = json.loads(raw)
-    except (ValueError, RecursionError):  # the replica judges such a body itself
+    except (ValueError, RecursionError):
         return None
-    if not isinstance(body, dict):
+    return body if isinstance(body, dict) else None
+
+
+def names_cache_key(raw: bytes) -> bool:
+    """Whether the body may name a cache key at all (most do not: no need to parse them
+    for one)."""
+    return b"prompt_cache_key" in raw or b"user_id" in raw
+
+
+def cache_key_of(raw: bytes) -> str | None:
+    """The request's ``prompt_cache_key`` (OpenAI) or ``metadata.user_id`` (Anthropic), if
+    it names one the replica would accept (``protocol.cache_request``); None otherwise."""
+    return cache_key_in(parse_body(raw)) if names_cache_key(raw) else None
+
+
+def cache_key_in(body: dict[str, Any] | None) -> str | None:
+    """``cache_key_of`` a body parsed already (``parse_body``)."""
+    if body is None:
         return None
     key = body.get("prompt_cache_key")
     if key is None and isinstance(body.get("metadata"), dict):
