@@ -70,7 +70,6 @@ def test_a_refused_request_moves_neither_the_queue_cost_nor_the_share(fleet: Fle
     router = fleet.router.router
     q0 = router.queue_cost.value
     shares = {r.url: router.recent.of(r.url) for r in router.pool.healthy()}
-    t0 = time.monotonic()
     for body in ({"messages": [{"role": "user", "content": "a" * 3_000_000}]},
                  {"messages": [{"role": "user", "content": "b" * 6000}], "max_tokens": -1},
                  {"messages": [{"role": "user", "content": "c" * 6000}],
@@ -78,7 +77,7 @@ def test_a_refused_request_moves_neither_the_queue_cost_nor_the_share(fleet: Fle
         r = requests.post(fleet.router.url + CHAT, headers=fleet.tenant.headers, timeout=60,
                           json={"model": "demo", **body})
         assert r.status_code == 400, r.text
-    assert time.monotonic() - t0 < 10  # (tokenized, the 3 MB prompt alone took seconds)
+
     def hashes(n: int) -> list[bytes]:
         return router.renderer.hashes(CHAT, json.dumps(
             {"messages": [{"role": "user", "content": "a" * n}]}).encode(),
