@@ -23,6 +23,9 @@ bench/results/cluster.json.
 
     .venv/bin/python -m bench.cluster --trace mooncake-conversation.jsonl  # reported (seed 2)
     .venv/bin/python -m bench.cluster --trace ... --seed 1  # the set constants were tuned on
+    .venv/bin/python -m bench.cluster --sweep     # single-3x, round-robin and routed over
+        # seeds x tenant counts x cache fractions none of the constants were set on
+    .venv/bin/python -m bench.cluster --overhead  # the router's hop alone, with its parts
 """
 
 from __future__ import annotations
