@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -42,6 +43,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -498,8 +500,12 @@ SWEEP_TENANTS = smoke("12,16", "2")
 SWEEP_FRACTIONS = smoke("0.3,0.6", "1.0")
 
 
-async def overhead_async(args: argparse.Namespace) -> dict[str, Any]:
-    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="kvgate-overhead-"))
+@contextlib.asynccontextmanager
+async def bench_fleet(args: argparse.Namespace, label: str
+                      ) -> AsyncIterator[tuple[Fleet, aiohttp.ClientSession]]:
+    """A fresh migrated database, a redis-server and an empty fleet (started by the
+    caller), torn down together."""
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix=f"kvgate-{label}-"))
     workdir.mkdir(parents=True, exist_ok=True)
     db_name, db = await fresh_database()
     subprocess.run([sys.executable, "-m", "kvgate.gateway.cli", "migrate", "--db", db],
@@ -508,16 +514,21 @@ async def overhead_async(args: argparse.Namespace) -> dict[str, Any]:
     fleet = Fleet(workdir, db, redis_server.url, 0, router_log_level=args.router_log_level)
     try:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as session:
-            fleet.start("overhead", 1, 64, solo=True)
-            assert fleet.solo is not None
-            await fleet.solo.ready(session, 1)
-            tenant = Admin(fleet.replicas[0].url, ADMIN_KEY).tenant("overhead")
-            return await router_overhead(session, fleet.replicas[0].url, fleet.solo.url,
-                                         tenant.key, args.overhead_n)
+            yield fleet, session
     finally:
         fleet.stop()
         redis_server.stop()
         await drop_database(db_name)
+
+
+async def overhead_async(args: argparse.Namespace) -> dict[str, Any]:
+    async with bench_fleet(args, "overhead") as (fleet, session):
+        fleet.start("overhead", 1, 64, solo=True)
+        assert fleet.solo is not None
+        await fleet.solo.ready(session, 1)
+        tenant = Admin(fleet.replicas[0].url, ADMIN_KEY).tenant("overhead")
+        return await router_overhead(session, fleet.replicas[0].url, fleet.solo.url,
+                                     tenant.key, args.overhead_n)
 
 
 def _ints(text: str) -> list[int]:
@@ -532,58 +543,46 @@ async def sweep_async(args: argparse.Namespace) -> dict[str, Any]:
     """Every configuration of seeds x tenant counts x cache fractions: one replica with
     three times the pages (the ceiling), three replicas round-robin (the baseline) and
     routed, each on fresh fleets (the pages follow each workload's working set)."""
-    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="kvgate-sweep-"))
-    workdir.mkdir(parents=True, exist_ok=True)
-    db_name, db = await fresh_database()
-    subprocess.run([sys.executable, "-m", "kvgate.gateway.cli", "migrate", "--db", db],
-                   cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
-    redis_server = RedisServer().start()
-    fleet = Fleet(workdir, db, redis_server.url, 0, router_log_level=args.router_log_level)
     configs: list[dict[str, Any]] = []
-    try:
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as session:
-            for fraction in _floats(args.sweep_fractions):
-                for seed in _ints(args.sweep_seeds):
-                    for tenants in _ints(args.sweep_tenants):
-                        convs = workload(Path(args.trace), seed, tenants, args.convs,
-                                         args.turns)
-                        ws = working_set_pages(convs)
-                        pages = max(8, int(ws * fraction))
-                        label = f"s{seed}-t{tenants}-f{fraction:g}"
-                        fleet.start(label + "-single", 1, pages * REPLICAS)
-                        admin = Admin(fleet.replicas[0].url, ADMIN_KEY)
-                        single, _ = await scenario(session, fleet, "single-3x", convs,
-                                                   tenants, admin, "direct")
-                        fleet.start(label, REPLICAS, pages, routers=ROUTERS)
-                        for rt in fleet.routers:
-                            await rt.ready(session, REPLICAS)
-                        admin = Admin(fleet.replicas[0].url, ADMIN_KEY)
-                        rr, _ = await scenario(session, fleet, "round-robin", convs, tenants,
-                                               admin, "direct")
-                        routed, _ = await scenario(session, fleet, "routed", convs, tenants,
-                                                   admin, "routed")
-                        ceiling = single["hit_ratio"]
-                        row = {"seed": seed, "tenants": tenants, "cache_fraction": fraction,
-                               "requests": len(convs) * args.turns, "working_set_pages": ws,
-                               "pages_per_replica": pages,
-                               "single_hit_ratio": ceiling,
-                               "round_robin_hit_ratio": rr["hit_ratio"],
-                               "routed_hit_ratio": routed["hit_ratio"],
-                               "routed_vs_single": round(routed["hit_ratio"] / ceiling, 3)
-                               if ceiling and routed["hit_ratio"] is not None else None,
-                               "round_robin_vs_single": round(rr["hit_ratio"] / ceiling, 3)
-                               if ceiling and rr["hit_ratio"] is not None else None,
-                               "routed_max_min_load": routed["max_min_load"],
-                               "routed_requests_per_replica": routed["requests_per_replica"],
-                               "failed": single["failed"] + rr["failed"] + routed["failed"],
-                               "routed_ttft_p50_ms": routed["ttft_p50_ms"],
-                               "single_ttft_p50_ms": single["ttft_p50_ms"]}
-                        configs.append(row)
-                        print(json.dumps(row), flush=True)
-    finally:
-        fleet.stop()
-        redis_server.stop()
-        await drop_database(db_name)
+    async with bench_fleet(args, "sweep") as (fleet, session):
+        for fraction in _floats(args.sweep_fractions):
+            for seed in _ints(args.sweep_seeds):
+                for tenants in _ints(args.sweep_tenants):
+                    convs = workload(Path(args.trace), seed, tenants, args.convs,
+                                     args.turns)
+                    ws = working_set_pages(convs)
+                    pages = max(8, int(ws * fraction))
+                    label = f"s{seed}-t{tenants}-f{fraction:g}"
+                    fleet.start(label + "-single", 1, pages * REPLICAS)
+                    admin = Admin(fleet.replicas[0].url, ADMIN_KEY)
+                    single, _ = await scenario(session, fleet, "single-3x", convs,
+                                               tenants, admin, "direct")
+                    fleet.start(label, REPLICAS, pages, routers=ROUTERS)
+                    for rt in fleet.routers:
+                        await rt.ready(session, REPLICAS)
+                    admin = Admin(fleet.replicas[0].url, ADMIN_KEY)
+                    rr, _ = await scenario(session, fleet, "round-robin", convs, tenants,
+                                           admin, "direct")
+                    routed, _ = await scenario(session, fleet, "routed", convs, tenants,
+                                               admin, "routed")
+                    ceiling = single["hit_ratio"]
+                    row = {"seed": seed, "tenants": tenants, "cache_fraction": fraction,
+                           "requests": len(convs) * args.turns, "working_set_pages": ws,
+                           "pages_per_replica": pages,
+                           "single_hit_ratio": ceiling,
+                           "round_robin_hit_ratio": rr["hit_ratio"],
+                           "routed_hit_ratio": routed["hit_ratio"],
+                           "routed_vs_single": round(routed["hit_ratio"] / ceiling, 3)
+                           if ceiling and routed["hit_ratio"] is not None else None,
+                           "round_robin_vs_single": round(rr["hit_ratio"] / ceiling, 3)
+                           if ceiling and rr["hit_ratio"] is not None else None,
+                           "routed_max_min_load": routed["max_min_load"],
+                           "routed_requests_per_replica": routed["requests_per_replica"],
+                           "failed": single["failed"] + rr["failed"] + routed["failed"],
+                           "routed_ttft_p50_ms": routed["ttft_p50_ms"],
+                           "single_ttft_p50_ms": single["ttft_p50_ms"]}
+                    configs.append(row)
+                    print(json.dumps(row), flush=True)
     ratios = [c["routed_vs_single"] for c in configs if c["routed_vs_single"] is not None]
     loads = [c["routed_max_min_load"] for c in configs]
     return {"configurations": configs,
