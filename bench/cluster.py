@@ -335,13 +335,17 @@ def row_of(name: str, out: Outcome, before: list[dict[str, int]],
 async def router_overhead(session: aiohttp.ClientSession, direct: str, routed: str,
                           key: str, n: int = ROUTER_OVERHEAD_N) -> dict[str, Any]:
     """One request at a time, alternating direct and through a router to the same replica:
-    ``GET /v1/models`` (auth and the proxy alone) and a one-token chat completion (also
-    rendering, tokenizing and hashing the prompt; the engine's step dominates it)."""
+    ``GET /v1/models`` (auth and the proxy alone), ``POST /tokenize`` (a body too, not
+    rendered: the replica answers it at once) and a one-token chat completion (also
+    rendering, tokenizing and hashing the prompt; the engine's step dominates it, and the
+    router's process wakes on a core the replica's model left cold)."""
     chat = {"model": "demo", "max_tokens": 1, "temperature": 0,
             "messages": [{"role": "user", "content": "ping"}]}
     auth = {"Authorization": f"Bearer {key}"}
     out: dict[str, Any] = {}
+    tokenize = {"model": "demo", "prompt": "ping"}
     for label, method, path, body in (("models", "GET", "/v1/models", None),
+                                      ("tokenize", "POST", "/tokenize", tokenize),
                                       ("chat", "POST", CHAT, chat)):
         times: dict[str, list[float]] = {"direct": [], "routed": []}
         own: dict[str, list[float]] = {}

@@ -302,6 +302,8 @@ class BadReplica:
                     writer.write(b"%x\r\n%s\r\n" % (len(event), event))
                     await writer.drain()
                     await asyncio.sleep(3600)
+                elif self.mode == "silent":  # took the request, never answers
+                    await asyncio.sleep(3600)
                 elif self.mode == "stall-body":
                     writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
                                  b"Content-Length: 1000\r\n\r\n{\"id\": ")
@@ -371,6 +373,16 @@ def test_a_plain_answer_whose_replica_stalls_is_cut_not_held_forever(
     with pytest.raises(requests.exceptions.ChunkedEncodingError):
         requests.post(bad_replica.url + CHAT, headers=fleet.tenant.headers, timeout=30,
                       json={"model": "demo", "messages": [{"role": "user", "content": "x"}]})
+
+
+@pytest.mark.parametrize("bad_replica", ["silent"], indirect=True)
+def test_a_replica_that_never_answers_is_a_504_not_a_request_held_forever(
+        fleet: Fleet, bad_replica: RouterThread) -> None:
+    r = requests.post(bad_replica.url + CHAT, headers=fleet.tenant.headers, timeout=30,
+                      json={"model": "demo", "messages": [{"role": "user", "content": "x"}]})
+    assert _error(r)[0] == 504
+    assert r.json()["error"]["code"] == "upstream_timeout"
+    assert r.headers.get("x-request-id")
 
 
 @pytest.mark.parametrize("bad_replica", ["echo"], indirect=True)

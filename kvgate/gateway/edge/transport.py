@@ -103,6 +103,12 @@ class BoundedResponse(web.StreamResponse):
         self.write_timeout: float | None = timeout if math.isfinite(timeout) \
             and timeout > 0 else None
 
+    def headers_with_body(self) -> None:
+        """Send the headers with the first body bytes, in one write, instead of on their
+        own at ``prepare``: for a whole answer (not an event stream), where a separate
+        write of the headers only wakes the client once more for nothing it can use."""
+        self._send_headers_immediately = False  # aiohttp's own switch (``web.Response``'s)
+
     async def prepare(self, request: web.BaseRequest) -> Any:
         if not self.prepared:
             _small_buffers(request, edge_of(self._request).http.stream_send_buffer_bytes)

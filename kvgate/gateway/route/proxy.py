@@ -99,13 +99,19 @@ async def forward(request: web.Request, session: aiohttp.ClientSession,
         replica.inflight += 1
         t_sent = time.monotonic()
         try:
-            try:
-                upstream = await session.request(
-                    attempt.method, replica.url + attempt.path_qs, headers=attempt.headers,
-                    data=attempt.body, allow_redirects=False)
-            except (TimeoutError, aiohttp.ClientConnectorError) as exc:
+            try:  # (a whole answer's headers come when it is done: as long as a pause)
+                async with asyncio.timeout(idle_timeout_s):
+                    upstream = await session.request(
+                        attempt.method, replica.url + attempt.path_qs,
+                        headers=attempt.headers, data=attempt.body, allow_redirects=False)
+            except (aiohttp.ConnectionTimeoutError, aiohttp.ClientConnectorError) as exc:
                 on_down(replica, f"cannot connect: {exc!r}")
                 continue  # never reached it: safe to try the next one
+            except TimeoutError:  # it has the request and said nothing: cut (it stops and
+                # bills what it did), never retried elsewhere (it may have run)
+                raise ApiError(504, f"The replica sent no answer in {idle_timeout_s:g} s; "
+                               "the request may have run. Retry it if it is safe to.",
+                               code="upstream_timeout") from None
             except aiohttp.ClientError as exc:  # it had the request, then went away
                 on_down(replica, f"went away: {exc!r}")
                 raise ApiError(502, "The replica went away before answering; the request "
@@ -155,8 +161,10 @@ async def _relay(request: web.Request, upstream: aiohttp.ClientResponse,
     if upstream.content_length is not None and not chunked:
         resp.content_length = upstream.content_length
     request[OPEN_STREAM] = resp  # a client that hangs up: the middleware closes it
-    await resp.prepare(request)
     events = resp.content_type == "text/event-stream"
+    if not events:  # a whole answer: its headers leave with its body, one write
+        resp.headers_with_body()
+    await resp.prepare(request)
     tail = b""
     try:
         while True:  # a replica that stops sending mid-answer: cut after the idle timeout

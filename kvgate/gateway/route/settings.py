@@ -31,9 +31,10 @@ class RoutingSettings:
     reconcile_interval_s: float = opt(300.0, "seconds between comparisons of each replica's "
                                              "view with a fresh snapshot of its cache (300; "
                                              "0: never)")
-    upstream_idle_timeout_s: float = opt(300.0, "a replica's started answer that sends "
-                                                "nothing for this long is ended with an "
-                                                "error (300)")
+    upstream_idle_timeout_s: float = opt(300.0, "a replica that sends nothing for this "
+                                                "long, before its answer's headers (504) or "
+                                                "within its answer (ended with an error), "
+                                                "is cut (300)")
 
 
 # What the router has no use for: it is no replica (no id of its own) and shares no KV.
