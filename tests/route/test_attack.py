@@ -230,7 +230,7 @@ def test_a_client_that_stops_reading_is_cut_by_the_router_and_billed_once(
                    timeout_s=120)
         fleet.wait(lambda: _idle(fleet), "the replicas to stop generating", timeout_s=60)
         counted = router.app[EDGE].metrics.registry.get_sample_value(  # type: ignore[index]
-            "kvgate_requests_total", {"endpoint": "/v1/{tail}", "status": "408",
+            "kvgate_requests_total", {"endpoint": CHAT, "status": "408",
                                       "tenant": str(fleet.tenant.id)})
     finally:
         if sock is not None:

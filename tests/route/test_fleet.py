@@ -136,7 +136,8 @@ def test_a_client_that_closes_after_the_last_event_did_not_hang_up(fleet: Fleet)
                               headers={"Authorization": f"Bearer {ADMIN_KEY}"}).text
         out: dict[str, float] = {}
         for status, value in re.findall(
-                r'kvgate_requests_total\{[^}]*endpoint="/v1/\{tail\}"[^}]*status="(\d+)"'
+                r'kvgate_requests_total\{[^}]*endpoint="/v1/(?:chat/completions|messages)"'
+                r'[^}]*status="(\d+)"'
                 r'[^}]*\} ([0-9.e+]+)', scrape):
             out[status] = out.get(status, 0.0) + float(value)
         return out

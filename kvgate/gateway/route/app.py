@@ -362,6 +362,8 @@ class Router:
 
 
 ROUTER = web.AppKey("kvgate_router", Router)
+API_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/messages",
+             "/v1/messages/count_tokens", "/v1/responses", "/v1/models")
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -481,6 +483,9 @@ def create_router_app(settings: RouterSettings, ledger: Ledger | None = None) ->
         web.get("/readyz", readyz, allow_head=False),
         web.get("/metrics", metrics_endpoint, allow_head=False),
         web.post("/tokenize", route), web.post("/detokenize", route),
+        # the replicas' API paths by name (each its own ``endpoint`` label in the
+        # metrics), then any other: the replica answers it, errors included
+        *(web.route("*", path, route) for path in API_PATHS),
         web.route("*", "/v1/{tail:.*}", route),
         web.route("*", "/admin/{tail:.*}", admin_elsewhere),
     ])
