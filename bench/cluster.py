@@ -25,6 +25,8 @@ bench/results/cluster.json.
     .venv/bin/python -m bench.cluster --trace ... --seed 1  # the set constants were tuned on
     .venv/bin/python -m bench.cluster --sweep     # single-3x, round-robin and routed over
         # seeds x tenant counts x cache fractions none of the constants were set on
+    .venv/bin/python -m bench.cluster --sweep --sweep-seeds 3 --sweep-tenants 12 \
+        --sweep-fractions 0.3 --sweep-rerun  # one configuration again, kept beside the sweep
     .venv/bin/python -m bench.cluster --overhead  # the router's hop alone, with its parts
 """
 
@@ -705,6 +707,9 @@ def main() -> None:
     p.add_argument("--sweep-seeds", default=SWEEP_SEEDS, help=f"({SWEEP_SEEDS})")
     p.add_argument("--sweep-tenants", default=SWEEP_TENANTS, help=f"({SWEEP_TENANTS})")
     p.add_argument("--sweep-fractions", default=SWEEP_FRACTIONS, help=f"({SWEEP_FRACTIONS})")
+    p.add_argument("--sweep-rerun", action="store_true",
+                   help="with --sweep: append the configurations' results to the sweep's "
+                        "'reruns' (run-to-run variation) instead of replacing the sweep")
     p.add_argument("--overhead", action="store_true",
                    help="only the router's own latency (one replica, direct and through a "
                         "router of its own); written under 'router_overhead'")
@@ -730,7 +735,12 @@ def main() -> None:
         print_table(sweep["configurations"], "cluster sweep")
         print("worst:", sweep["worst"])
         if not args.no_write:
-            write_result("cluster", {**_previous(), "sweep": sweep})
+            previous = _previous()
+            if args.sweep_rerun:  # the same configurations again: how much one run varies
+                kept = previous.get("sweep") or {}
+                kept.setdefault("reruns", []).extend(sweep["configurations"])
+                sweep = kept
+            write_result("cluster", {**previous, "sweep": sweep})
         return
     result = asyncio.run(main_async(args))
     table = [{k: v for k, v in r.items() if k not in ("note", "billing", "restart")}
