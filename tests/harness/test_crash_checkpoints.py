@@ -91,3 +91,28 @@ async def test_sigkill_mid_stream_bills_what_was_delivered_once(workdir: Path) -
         srv.kill()  # a second restart bills nothing again
         srv.start()
         assert srv.ledger_rows(tenant.id) == rows
+
+
+def test_a_stream_killed_in_its_first_tokens_still_bills_its_prompt(workdir: Path) -> None:
+    """Killed after a few tokens, well before the journal's interval or token count: the
+    first checkpoint went with the first token, so the restart bills the prompt (and what
+    was sent) as interrupted, once."""
+    with ProcessServer(workdir, device_cache_bytes=32 * MiB) as srv:
+        tenant = srv.admin.tenant("first-second")
+        body = {"model": "demo", "max_tokens": 2000, "stream": True, "ignore_eos": True,
+                "messages": [{"role": "user", "content": "a prompt worth billing " * 40}]}
+        with requests.post(srv.url + "/v1/chat/completions", json=body, stream=True,
+                           headers=tenant.headers, timeout=60) as r:
+            assert r.status_code == 200
+            rid = r.headers["x-request-id"]
+            chunks = 0
+            for line in r.iter_lines():
+                if line.startswith(b"data: {") and b'"content"' in line:
+                    chunks += 1
+                    if chunks == 12:  # fewer than --checkpoint-tokens
+                        break
+            srv.kill()
+        srv.start()
+        row = srv.ledger_rows(tenant.id)[rid]
+        assert row["n"] == 1 and row["status"] == "interrupted"
+        assert row["prompt_tokens"] > 40

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import os
 from datetime import UTC, datetime
@@ -61,6 +62,25 @@ async def test_a_stopped_process_leaves_its_running_requests_to_the_next_start(t
     await again.close()
 
 
+async def test_a_request_is_journalled_at_its_first_token_not_after_the_interval(tmp_path):
+    """A replica killed in a stream's first second must still bill the prompt: tracking a
+    request wakes the flusher, however long the interval."""
+    cp = Checkpoints(tmp_path, interval_s=3600)
+    await cp.recover()
+    first = Running("first")
+    first.tokens = 1
+    cp.track(first.rid, first)
+    for _ in range(400):  # the flush runs on its own task; nothing here waits an interval
+        if journals(tmp_path) and "first" in read_journal(journals(tmp_path)[0].read_bytes()):
+            break
+        await asyncio.sleep(0.025)
+    (path,) = journals(tmp_path)
+    found = read_journal(path.read_bytes())
+    assert found["first"].usage.prompt_tokens == 10 and found["first"].status == "interrupted"
+    cp.finish("first")
+    await cp.close()
+
+
 async def test_a_live_process_journal_is_not_adopted(tmp_path):
     cp = Checkpoints(tmp_path, interval_s=3600)
     await cp.recover()
@@ -89,8 +109,8 @@ async def test_a_torn_tail_and_damaged_lines_hide_nothing_else(tmp_path):
     os.close(cp._fd)
     cp._fd = None
     data = path.read_bytes()
-    lines = data.split(b"\n")
-    lines[1] = lines[1].replace(b'"completion_tokens":10', b'"completion_tokens":99')
+    lines = [line.replace(b'"completion_tokens":10', b'"completion_tokens":99')
+             if b'"request_id":"r1"' in line else line for line in data.split(b"\n")]
     path.write_bytes(b"\n".join(lines) + b"7a3f 12 {\"done\"")  # a torn append at the end
     found = read_journal(path.read_bytes())
     assert set(found) == {"r0", "r2"}  # the altered line fails its checksum, alone

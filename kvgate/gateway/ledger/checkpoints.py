@@ -4,7 +4,8 @@ cannot leave delivered output unbilled.
 One journal per process, ``checkpoints-<host>-<pid>-<n>-<random>.journal`` in the spool
 directory, ``flock``ed, in the spool's framing (``<crc32> <length> <json>``: a torn last
 line fails its checksum). All changed requests go in one fsync'd write at least every
-``interval_s`` and whenever one request has made ``every_tokens`` more output tokens; a
+``interval_s``, as soon as a request has its first token (its prompt is then billable),
+and whenever one request has made ``every_tokens`` more output tokens; a
 billed request appends a ``done`` line (not fsync'd). On start, journals whose process is
 gone (their lock is free) are read, each request with no ``done`` is billed from its last
 checkpoint with status ``interrupted``, and the file is removed. Why this bills a request
@@ -159,7 +160,11 @@ class Checkpoints:
     # -- the request side (event loop, cheap) ----------------------------------------------
 
     def track(self, request_id: str, snapshot: Snapshot) -> None:
+        """A request whose first token is on its way: its first checkpoint (the prompt,
+        the bulk of most bills) goes with the next flush, due now, not after the interval:
+        a crash in a stream's first second would otherwise leave it unbilled whole."""
         self._tracked[request_id] = snapshot
+        self._wake.set()
 
     def advanced(self, request_id: str, completion_tokens: int) -> None:
         """A request has made ``completion_tokens`` in all: a flush is due once it is
