@@ -19,7 +19,7 @@ from kvgate.gateway.protocol.errors import ApiError
 log = logging.getLogger("kvgate.http")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-_SANE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+SANE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _LEDGER_RETRY_AFTER_S = 5.0  # ledger away or its spool full: what clients are told to wait
 _PUBLIC = ("/healthz", "/health", "/readyz", "/openapi.json")  # /metrics checks its own key
 _TENANT = ("/tokenize", "/detokenize")
@@ -36,7 +36,7 @@ async def context_middleware(request: web.Request, handler: Handler) -> web.Stre
     rid = new_request_id()
     client_id = request.headers.get("x-request-id", "")
     ctx = RequestContext(request_id=rid, t0=time.monotonic(),
-                         public_id=client_id if _SANE_ID.match(client_id) else rid)
+                         public_id=client_id if SANE_ID.match(client_id) else rid)
     request[CTX] = ctx
     edge = edge_of(request)
     try:

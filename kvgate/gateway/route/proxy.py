@@ -10,8 +10,9 @@
   duplicated and a request is billed at most once, by the replica that answered.
 - A client that stops reading is cut after ``--write-timeout`` (``BoundedResponse``),
   which closes the replica connection: the replica stops and bills what it produced.
-- The router bills nothing; ``x-request-id`` is the router's (or the client's sane one),
-  sent on so the replica answers under the same id.
+- The router bills nothing. A client's sane ``x-request-id`` is sent on, so the replica
+  answers under it; without one, the replica's own id (its ledger row's) is the answer's,
+  and the router's logs name it once the replica's headers arrived (before, its own).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from kvgate.gateway.edge.context import ctx_of
 from kvgate.gateway.edge.errors import ClientGone
+from kvgate.gateway.edge.middleware import SANE_ID
 from kvgate.gateway.edge.sse import OPEN_STREAM, end_stream_with_error
 from kvgate.gateway.edge.transport import BoundedResponse
 from kvgate.gateway.protocol.errors import ApiError
@@ -78,7 +80,10 @@ def attempt_of(request: web.Request, body: bytes) -> Attempt:
     headers: CIMultiDict[str] = CIMultiDict(
         (k, v) for k, v in request.headers.items()
         if k.lower() not in hop and k.lower() != "x-forwarded-for")
-    headers["x-request-id"] = ctx_of(request).public_id
+    ctx = ctx_of(request)
+    if ctx.public_id != ctx.request_id:  # the client's own: the replica answers under it
+        headers["x-request-id"] = ctx.public_id
+    # else none: the replica's id is then its ledger row's, and the answer carries it
     peer = request.remote or ""
     prior = ", ".join(request.headers.getall("X-Forwarded-For", []))
     headers["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
@@ -124,6 +129,9 @@ async def forward(request: web.Request, session: aiohttp.ClientSession,
                     continue
                 replica.sent += 1
                 timing.append(("upstream", time.monotonic() - t_sent))
+                theirs = upstream.headers.get("x-request-id")
+                if theirs and SANE_ID.match(theirs):  # logs and errors from here on
+                    ctx_of(request).public_id = theirs
                 return await _relay(request, upstream, timing, idle_timeout_s)
             finally:
                 upstream.release()
