@@ -124,6 +124,29 @@ def test_a_gguf_path_is_served_like_the_builtin_name(tmp_path):
     assert (first / "model.safetensors").stat().st_size > 0
 
 
+def test_the_same_file_installed_twice_is_converted_once(tmp_path):
+    """A second clone's virtualenv holds the same wheel's file at another path, with
+    another time: it loads the first conversion; a file that differs gets its own."""
+    (tmp_path / "one").mkdir()
+    source = _tiny_gguf(tmp_path / "one" / "tiny.gguf", "llama", "Tiny")
+    copy = tmp_path / "two" / "tiny.gguf"
+    copy.parent.mkdir()
+    copy.write_bytes(source.read_bytes())
+    os.utime(copy, ns=(1, 1))
+    changed = tmp_path / "three" / "tiny.gguf"
+    changed.parent.mkdir()
+    changed.write_bytes(source.read_bytes()[:-1] + bytes([source.read_bytes()[-1] ^ 1]))
+    os.environ["KVGATE_MODEL_CACHE"] = str(tmp_path / "cache")
+    try:
+        first = gguf.resolve(str(source), torch.float32)
+        stamp = (first / gguf.CONVERTED).stat().st_mtime_ns
+        assert gguf.resolve(str(copy), torch.float32) == first
+        assert (first / gguf.CONVERTED).stat().st_mtime_ns == stamp  # not converted again
+        assert gguf.resolve(str(changed), torch.float32) != first
+    finally:
+        del os.environ["KVGATE_MODEL_CACHE"]
+
+
 @pytest.mark.parametrize("model, message", [
     ("smollm", "no such directory"),  # a typo of smollm2
     ("README.md", "a file, but neither a .gguf file nor a model directory"),

@@ -216,12 +216,12 @@ def check_fields(model: str) -> tuple[str, dict[str, Any]]:
 
 def resolve(model: str, dtype: torch.dtype) -> Path:
     """The model directory for a GGUF ``--model``, converting it on first use (the file is
-    inspected then; a finished conversion of it is found by its size and time alone)."""
+    inspected then). A finished conversion is found by the file's content (``_fingerprint``),
+    not its path or time: the same wheel installed in another clone's virtualenv loads the
+    conversion already made instead of making a second 500 MB copy."""
     path = _source(model)
     sampling = RECOMMENDED_SAMPLING.get(model, {})
-    stat = path.stat()
-    key = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{dtype}|"
-                         f"{sorted(sampling.items())}".encode())
+    key = hashlib.sha256(f"{_fingerprint(path)}|{dtype}|{sorted(sampling.items())}".encode())
     dtype_name = str(dtype).removeprefix("torch.")
     target = cache_root() / f"{path.stem}-{dtype_name}-{key.hexdigest()[:12]}"
     source = str(path.resolve())
@@ -252,6 +252,24 @@ def resolve(model: str, dtype: torch.dtype) -> Path:
                         f"{target.parent} ({exc.strerror or exc}); set KVGATE_MODEL_CACHE "
                         "to a writable folder") from None
     return target
+
+
+_EDGE_BYTES = 1 << 20
+
+
+def _fingerprint(path: Path) -> str:
+    """The file's size and a digest of its first and last mebibyte: a GGUF's header (its
+    metadata and every tensor's name, shape, type and offset) is at the start, and any
+    other file of the same size differs there or in its last weights. Two megabytes read
+    per start, not the whole file."""
+    size = path.stat().st_size
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        digest.update(f.read(_EDGE_BYTES))
+        if size > 2 * _EDGE_BYTES:
+            f.seek(size - _EDGE_BYTES)
+        digest.update(f.read(_EDGE_BYTES))
+    return f"{size}:{digest.hexdigest()}"
 
 
 def _marker(directory: Path) -> str | None:
