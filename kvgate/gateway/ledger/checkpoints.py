@@ -127,8 +127,9 @@ class Checkpoints:
             out.extend(found.values())  # checkpoints say interrupted; a final line its own
             self._adopted.append(path)
         if out:
-            log.warning("billing %d requests a stopped process left unfinished, as interrupted "
-                        "(from their last usage checkpoints)", len(out))
+            log.warning("billing %d %s a stopped process left unfinished, as interrupted "
+                        "(from the last usage checkpoints)", len(out),
+                        "request" if len(out) == 1 else "requests")
         return out
 
     def forget_recovered(self) -> None:

@@ -67,6 +67,26 @@ ViewAhead = Callable[[Replica, int], None]  # the replica, the view's number fou
 Polled = Callable[[Replica], None]
 
 
+def describe(exc: BaseException) -> str:
+    """A client error in an operator's words (aiohttp's reprs name TLS fields on plain
+    links and parser codes that read like HTTP statuses)."""
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        reason = exc.os_error.strerror or type(exc.os_error).__name__
+        return f"cannot connect to {exc.host}:{exc.port} ({reason})"
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        return "connecting timed out"
+    if isinstance(exc, TimeoutError):
+        return "nothing arrived within the timeout"
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return "the connection closed before an answer"
+    if isinstance(exc, aiohttp.ClientPayloadError):
+        return "the answer's body broke off"
+    if isinstance(exc, aiohttp.ContentTypeError):
+        return "the answer was not JSON"
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
 class ReplicaPool:
     def __init__(self, urls: list[str], admin_key: str, session: aiohttp.ClientSession,
                  on_new_epoch: NewEpoch, dns: str | None = None,
@@ -122,7 +142,7 @@ class ReplicaPool:
                                         f"in a row ({POLL_TIMEOUT_S:g} s each)")
             return
         except (aiohttp.ClientError, ValueError, TypeError) as exc:
-            self.mark_down(replica, f"/admin/load failed: {exc!r}")
+            self.mark_down(replica, f"/admin/load failed: {describe(exc)}")
             return
         replica.slow_polls = 0
         replica.queue_depth, replica.running = report.queue_depth, report.running
