@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
 import socket
 import threading
@@ -383,6 +384,27 @@ def test_a_replica_that_never_answers_is_a_504_not_a_request_held_forever(
     assert _error(r)[0] == 504
     assert r.json()["error"]["code"] == "upstream_timeout"
     assert r.headers.get("x-request-id")
+
+
+@pytest.mark.parametrize("bad_replica", ["garbage"], indirect=True)
+def test_neither_the_admin_key_nor_a_tenant_s_reaches_the_router_s_log(
+        fleet: Fleet, bad_replica: RouterThread, caplog: pytest.LogCaptureFixture) -> None:
+    """aiohttp's response errors carry the request's headers in their repr, which the
+    router logged: a snapshot that failed wrote the admin key to the log, a replica that
+    answered garbage the key of the tenant whose request it was."""
+    def records() -> list[logging.LogRecord]:
+        return caplog.get_records("setup") + caplog.records
+
+    fleet.wait(lambda: any("snapshot failed" in r.getMessage() for r in records()),
+               "a snapshot of the garbage replica to fail")
+    r = requests.post(bad_replica.url + CHAT, headers=fleet.tenant.headers, timeout=30,
+                      json={"model": "demo", "messages": [{"role": "user", "content": "x"}]})
+    assert _error(r)[0] == 502
+    fleet.wait(lambda: any("left the pool" in r.getMessage() for r in records()),
+               "the garbage replica to leave the pool")
+    text = "\n".join(r.getMessage() for r in records())
+    assert ADMIN_KEY not in text
+    assert fleet.tenant.key not in text
 
 
 @pytest.mark.parametrize("bad_replica", ["echo"], indirect=True)

@@ -37,6 +37,13 @@ SLOW_POLLS = 4  # polls in a row that time out before a replica leaves the pool
 DNS_EVERY_S = 5.0
 
 
+def failure(exc: BaseException) -> str:
+    """An error of the router's HTTP client, for a log line: its type and message. Never its
+    ``repr``: aiohttp's response errors carry the request's headers, so the admin key (load
+    polls, snapshots) or a tenant's key (a forwarded request) would be written to the log."""
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
 @dataclass
 class Replica:
     url: str
@@ -122,7 +129,7 @@ class ReplicaPool:
                                         f"in a row ({POLL_TIMEOUT_S:g} s each)")
             return
         except (aiohttp.ClientError, ValueError, TypeError) as exc:
-            self.mark_down(replica, f"/admin/load failed: {exc!r}")
+            self.mark_down(replica, f"/admin/load failed: {failure(exc)}")
             return
         replica.slow_polls = 0
         replica.queue_depth, replica.running = report.queue_depth, report.running

@@ -32,7 +32,7 @@ from kvgate.gateway.edge.errors import ClientGone
 from kvgate.gateway.edge.sse import OPEN_STREAM, end_stream_with_error
 from kvgate.gateway.edge.transport import BoundedResponse
 from kvgate.gateway.protocol.errors import ApiError
-from kvgate.gateway.route.pool import Replica
+from kvgate.gateway.route.pool import Replica, failure
 
 log = logging.getLogger("kvgate.route")
 
@@ -105,7 +105,7 @@ async def forward(request: web.Request, session: aiohttp.ClientSession,
                         attempt.method, replica.url + attempt.path_qs,
                         headers=attempt.headers, data=attempt.body, allow_redirects=False)
             except (aiohttp.ConnectionTimeoutError, aiohttp.ClientConnectorError) as exc:
-                on_down(replica, f"cannot connect: {exc!r}")
+                on_down(replica, f"cannot connect: {failure(exc)}")
                 continue  # never reached it: safe to try the next one
             except TimeoutError:  # it has the request and said nothing: cut (it stops and
                 # bills what it did), never retried elsewhere (it may have run)
@@ -113,7 +113,7 @@ async def forward(request: web.Request, session: aiohttp.ClientSession,
                                "the request may have run. Retry it if it is safe to.",
                                code="upstream_timeout") from None
             except aiohttp.ClientError as exc:  # it had the request, then went away
-                on_down(replica, f"went away: {exc!r}")
+                on_down(replica, f"went away: {failure(exc)}")
                 raise ApiError(502, "The replica went away before answering; the request "
                                "may have run. Retry it if it is safe to.",
                                code="upstream_failed") from None
@@ -184,8 +184,8 @@ async def _relay(request: web.Request, upstream: aiohttp.ClientResponse,
         await resp.write_eof()
     except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError,
             aiohttp.ClientOSError, TimeoutError) as exc:
-        log.warning("request %s: the replica's answer broke off: %r",
-                    ctx_of(request).public_id, exc)
+        log.warning("request %s: the replica's answer broke off: %s",
+                    ctx_of(request).public_id, failure(exc))
         upstream.close()
         await _broken(request, resp, tail[-2:])
     except (ClientGone, ConnectionError):
