@@ -250,7 +250,9 @@ class BadReplica:
     """A replica that answers ``/admin/load`` well and everything else as ``mode`` says:
     ``garbage`` (bytes that are not HTTP), ``stall-sse`` (a stream's headers and one event,
     then nothing), ``stall-body`` (headers announcing a body that never comes), ``echo``
-    (the request's headers as JSON, with hop-by-hop headers of its own)."""
+    (the request's headers as JSON, with hop-by-hop headers of its own), ``silent`` (no
+    answer at all), ``shapes`` (a whole answer shaped as the path's last part says,
+    ``_shape``)."""
 
     def __init__(self, mode: str) -> None:
         self.mode = mode
@@ -305,6 +307,9 @@ class BadReplica:
                     await asyncio.sleep(3600)
                 elif self.mode == "silent":  # took the request, never answers
                     await asyncio.sleep(3600)
+                elif self.mode == "shapes":  # a whole answer shaped by the path's last part
+                    if await self._shape(lines[0].split()[1].rsplit("/", 1)[-1], writer):
+                        return
                 elif self.mode == "stall-body":
                     writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
                                  b"Content-Length: 1000\r\n\r\n{\"id\": ")
@@ -322,6 +327,36 @@ class BadReplica:
             pass
         finally:
             writer.close()
+
+    async def _shape(self, shape: str, writer: asyncio.StreamWriter) -> bool:
+        """Write the answer ``shape`` names; True once the connection is to close."""
+        json_head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+        if shape == "empty":
+            writer.write(json_head + b"Content-Length: 0\r\n\r\n")
+        elif shape == "no-content":
+            writer.write(b"HTTP/1.1 204 No Content\r\nX-Kept: yes\r\n\r\n")
+        elif shape == "chunked":  # a JSON body in several chunks, not an event stream
+            writer.write(json_head + b"Transfer-Encoding: chunked\r\n\r\n")
+            for part in (b'{"a": ', b'1, "b": ', b"2}"):
+                writer.write(b"%x\r\n%s\r\n" % (len(part), part))
+                await writer.drain()
+                await asyncio.sleep(0.05)
+            writer.write(b"0\r\n\r\n")
+        elif shape == "close-after-headers":  # headers announce a body; then it is gone
+            writer.write(json_head + b"Content-Length: 100\r\n\r\n")
+            await writer.drain()
+            return True
+        elif shape == "chunked-close":
+            writer.write(json_head + b"Transfer-Encoding: chunked\r\n\r\n")
+            await writer.drain()
+            return True
+        elif shape == "silent-after-headers":
+            writer.write(json_head + b"Content-Length: 100\r\n\r\n")
+            await writer.drain()
+            await asyncio.sleep(3600)
+        else:
+            writer.write(json_head + b"Content-Length: 2\r\n\r\n{}")
+        return False
 
     def close(self) -> None:
         async def cancel_all() -> None:
@@ -384,6 +419,33 @@ def test_a_replica_that_never_answers_is_a_504_not_a_request_held_forever(
     assert _error(r)[0] == 504
     assert r.json()["error"]["code"] == "upstream_timeout"
     assert r.headers.get("x-request-id")
+
+
+@pytest.mark.parametrize("bad_replica", ["shapes"], indirect=True)
+def test_whole_answers_of_any_shape_and_replicas_that_fail_before_their_first_byte(
+        fleet: Fleet, bad_replica: RouterThread) -> None:
+    """A whole answer's headers leave with its first body bytes. An empty body, a 204 and a
+    chunked JSON body pass through as the replica sent them. A replica that sent its
+    headers and then went away or fell silent before any body byte had sent the client
+    nothing: it gets the router's 502 or 504 in the API's shape (it got an empty reply, no
+    status line at all)."""
+    def post(shape: str) -> requests.Response:
+        return requests.post(bad_replica.url + "/v1/shapes/" + shape, json={}, timeout=30,
+                             headers=fleet.tenant.headers)
+
+    r = post("empty")
+    assert (r.status_code, r.content, r.headers["Content-Length"]) == (200, b"", "0")
+    r = post("no-content")
+    assert (r.status_code, r.content, r.headers["X-Kept"]) == (204, b"", "yes")
+    r = post("chunked")
+    assert r.status_code == 200 and r.json() == {"a": 1, "b": 2}
+    for shape in ("close-after-headers", "chunked-close"):
+        r = post(shape)
+        assert _error(r) == (502, "server_error", "upstream_failed"), shape
+        assert r.headers.get("x-request-id")
+    r = post("silent-after-headers")
+    assert _error(r) == (504, "server_error", "upstream_timeout")
+    assert post("ok").json() == {}  # and the router goes on
 
 
 @pytest.mark.parametrize("bad_replica", ["garbage"], indirect=True)
