@@ -251,11 +251,12 @@ class BadReplica:
     ``garbage`` (bytes that are not HTTP), ``stall-sse`` (a stream's headers and one event,
     then nothing), ``stall-body`` (headers announcing a body that never comes), ``echo``
     (the request's headers as JSON, with hop-by-hop headers of its own), ``silent`` (no
-    answer at all), ``shapes`` (a whole answer shaped as the path's last part says,
-    ``_shape``)."""
+    answer at all), ``refuse-stalled`` (a 503 whose body never comes), ``shapes`` (a whole
+    answer shaped as the path's last part says, ``_shape``)."""
 
     def __init__(self, mode: str) -> None:
         self.mode = mode
+        self.requests = 0  # (counted where a test needs it)
         self.loop = asyncio.new_event_loop()
         self.port = 0
         ready = threading.Event()
@@ -306,6 +307,12 @@ class BadReplica:
                     await writer.drain()
                     await asyncio.sleep(3600)
                 elif self.mode == "silent":  # took the request, never answers
+                    await asyncio.sleep(3600)
+                elif self.mode == "refuse-stalled":  # a 503's headers, then its body stalls
+                    self.requests += 1
+                    writer.write(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: "
+                                 b"application/json\r\nContent-Length: 100\r\n\r\n{")
+                    await writer.drain()
                     await asyncio.sleep(3600)
                 elif self.mode == "shapes":  # a whole answer shaped by the path's last part
                     if await self._shape(lines[0].split()[1].rsplit("/", 1)[-1], writer):
@@ -467,6 +474,26 @@ def test_neither_the_admin_key_nor_a_tenant_s_reaches_the_router_s_log(
     text = "\n".join(r.getMessage() for r in records())
     assert ADMIN_KEY not in text
     assert fleet.tenant.key not in text
+
+
+def test_a_503_whose_body_never_comes_is_a_refusal_not_a_request_held_forever(
+        fleet: Fleet) -> None:
+    """A replica that answers 503 before any work is a refusal and the next replica is
+    tried; one whose 503 body then stalled held the request forever (its body was read
+    with no timeout)."""
+    bad = BadReplica("refuse-stalled")
+    router = _router_to(fleet, [bad.url, fleet.replicas[0].url], upstream_idle_timeout_s=1.0)
+    try:
+        _wait_healthy(router, 2)
+        for i in range(6):
+            r = requests.post(router.url + CHAT, headers=fleet.tenant.headers, timeout=60,
+                              json={"model": "demo", "max_tokens": 1,
+                                    "messages": [{"role": "user", "content": f"try {i}"}]})
+            assert r.status_code == 200, r.text
+    finally:
+        router.stop()
+        bad.close()
+    assert bad.requests >= 1  # it was tried first, at least once
 
 
 @pytest.mark.parametrize("bad_replica", ["echo"], indirect=True)

@@ -117,7 +117,13 @@ async def forward(request: web.Request, session: aiohttp.ClientSession,
                 raise _went_away() from None
             try:
                 if upstream.status == _REFUSED and not last:
-                    body = await upstream.read()
+                    try:  # (bounded as any other wait on a replica)
+                        async with asyncio.timeout(idle_timeout_s):
+                            body = await upstream.read()
+                    except (TimeoutError, aiohttp.ClientError) as exc:
+                        log.warning("replica %s: its 503 broke off: %s", replica.url, failure(exc))
+                        upstream.close()
+                        continue  # a refusal all the same: it ran nothing
                     refused = (upstream.status, body, CIMultiDict(upstream.headers))
                     continue
                 replica.sent += 1
