@@ -559,6 +559,29 @@ def test_malformed_cache_events_are_skipped_and_the_router_goes_on(fleet: Fleet)
     assert fleet.chat("and more").status_code == 200
 
 
+def test_a_stream_replaced_after_a_forged_last_id_is_followed_again(fleet: Fleet) -> None:
+    """An entry forged with the largest id a stream can hold moves every router's read
+    position there; once the stream is deleted (an operator cleaning up), every new entry
+    sorts before it, and a running router never read the stream again (each view then
+    rebuilt from a snapshot every few seconds, for good). It follows the stream anew."""
+    client = redis.Redis.from_url(fleet.events_url)
+    follower = fleet.router.router.follower
+    try:
+        client.xadd(STREAM, {"junk": "1"}, id="18446744073709551615-18446744073709551615")
+        fleet.wait(lambda: follower.last_id.startswith("18446744073709551615-"),
+                   "the router to read past the forged entry")
+        client.delete(STREAM)
+        assert fleet.chat("once the stream is replaced " * 8).status_code == 200
+
+        def following() -> bool:
+            top = client.xrevrange(STREAM, count=1)
+            return bool(top) and follower.last_id == top[0][0].decode()
+
+        fleet.wait(following, "the router to read the new stream")
+    finally:
+        client.close()
+
+
 async def _tasks() -> list[str]:
     return [t.get_name() for t in asyncio.all_tasks() if not t.done()]
 
