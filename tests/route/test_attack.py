@@ -214,6 +214,63 @@ def test_a_client_that_hangs_up_stops_the_replica_and_is_billed_once(
     fleet.wait(lambda: _idle(fleet), "the replicas to stop generating")
 
 
+def test_a_replica_cut_for_its_silence_stops_and_bills_once(
+        fleet: Fleet, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A whole answer that takes longer than --upstream-idle-timeout-s: the client gets the
+    router's 504, the connection to the replica closes, and the replica stops and bills
+    what it produced once, as cancelled; the router goes on serving from the same pool."""
+    for replica in fleet.replicas:  # slow steps, no end-of-sequence: only the cut stops it
+        engine = replica.state.engine
+        real = engine.runner.run
+
+        def run(chunks: list[Any], real: Any = real) -> Any:
+            time.sleep(0.01)
+            return real(chunks)
+
+        monkeypatch.setattr(engine.runner, "run", run)
+        monkeypatch.setattr(engine.tokenizer, "eos_token_ids", [])
+    router = _router_to(fleet, [r.url for r in fleet.replicas], upstream_idle_timeout_s=1.0)
+    before = set(_billed(fleet))
+    try:
+        _wait_healthy(router, len(fleet.replicas))
+        r = requests.post(router.url + CHAT, headers=fleet.tenant.headers, timeout=60,
+                          json={"model": "demo", "max_tokens": 1500, "temperature": 0,
+                                "messages": [{"role": "user", "content": "take your time"}]})
+        assert _error(r) == (504, "server_error", "upstream_timeout")
+        fleet.wait(lambda: bool(set(_billed(fleet)) - before), "the request's bill")
+        fleet.wait(lambda: _idle(fleet), "the replicas to stop generating")
+        time.sleep(0.5)  # a second bill, were there one, would be written by now
+        (row,) = [r for i, r in _billed(fleet).items() if i not in before]
+        assert row["n"] == 1 and row["status"] == "cancelled", row
+        assert row["completion_tokens"] < 1500
+        assert len(router.router.pool.healthy()) == len(fleet.replicas)
+        monkeypatch.undo()
+        ok = requests.post(router.url + CHAT, headers=fleet.tenant.headers, timeout=60,
+                           json={"model": "demo", "max_tokens": 2,
+                                 "messages": [{"role": "user", "content": "and now"}]})
+        assert ok.status_code == 200
+    finally:
+        router.stop()
+
+
+def test_head_and_other_methods_get_the_replica_s_answer_on_a_kept_connection(
+        fleet: Fleet) -> None:
+    """HEAD and the methods an API path does not take get the replica's own answer through
+    the router (its error in the API's shape, no body to a HEAD), and the connection they
+    came on serves the next request."""
+    with requests.Session() as session:
+        session.headers.update(fleet.tenant.headers)
+        for method, path in (("HEAD", "/v1/models"), ("HEAD", CHAT), ("GET", CHAT),
+                             ("DELETE", CHAT), ("OPTIONS", "/v1/messages")):
+            routed = session.request(method, fleet.router.url + path, timeout=30)
+            direct = requests.request(method, fleet.replicas[0].url + path, timeout=30,
+                                      headers=fleet.tenant.headers)
+            assert routed.status_code == direct.status_code, (method, path)
+            assert routed.content == direct.content, (method, path)
+            models = session.get(fleet.router.url + "/v1/models", timeout=30)
+            assert models.json()["data"][0]["id"] == "demo"
+
+
 def test_a_client_that_stops_reading_is_cut_by_the_router_and_billed_once(
         fleet: Fleet, monkeypatch: pytest.MonkeyPatch) -> None:
     """The router's own write timeout: the answer is cut, the replica connection closed, so
