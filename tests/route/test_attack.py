@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
 import socket
 import threading
@@ -213,6 +214,63 @@ def test_a_client_that_hangs_up_stops_the_replica_and_is_billed_once(
     fleet.wait(lambda: _idle(fleet), "the replicas to stop generating")
 
 
+def test_a_replica_cut_for_its_silence_stops_and_bills_once(
+        fleet: Fleet, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A whole answer that takes longer than --upstream-idle-timeout-s: the client gets the
+    router's 504, the connection to the replica closes, and the replica stops and bills
+    what it produced once, as cancelled; the router goes on serving from the same pool."""
+    for replica in fleet.replicas:  # slow steps, no end-of-sequence: only the cut stops it
+        engine = replica.state.engine
+        real = engine.runner.run
+
+        def run(chunks: list[Any], real: Any = real) -> Any:
+            time.sleep(0.01)
+            return real(chunks)
+
+        monkeypatch.setattr(engine.runner, "run", run)
+        monkeypatch.setattr(engine.tokenizer, "eos_token_ids", [])
+    router = _router_to(fleet, [r.url for r in fleet.replicas], upstream_idle_timeout_s=1.0)
+    before = set(_billed(fleet))
+    try:
+        _wait_healthy(router, len(fleet.replicas))
+        r = requests.post(router.url + CHAT, headers=fleet.tenant.headers, timeout=60,
+                          json={"model": "demo", "max_tokens": 1500, "temperature": 0,
+                                "messages": [{"role": "user", "content": "take your time"}]})
+        assert _error(r) == (504, "server_error", "upstream_timeout")
+        fleet.wait(lambda: bool(set(_billed(fleet)) - before), "the request's bill")
+        fleet.wait(lambda: _idle(fleet), "the replicas to stop generating")
+        time.sleep(0.5)  # a second bill, were there one, would be written by now
+        (row,) = [r for i, r in _billed(fleet).items() if i not in before]
+        assert row["n"] == 1 and row["status"] == "cancelled", row
+        assert row["completion_tokens"] < 1500
+        assert len(router.router.pool.healthy()) == len(fleet.replicas)
+        monkeypatch.undo()
+        ok = requests.post(router.url + CHAT, headers=fleet.tenant.headers, timeout=60,
+                           json={"model": "demo", "max_tokens": 2,
+                                 "messages": [{"role": "user", "content": "and now"}]})
+        assert ok.status_code == 200
+    finally:
+        router.stop()
+
+
+def test_head_and_other_methods_get_the_replica_s_answer_on_a_kept_connection(
+        fleet: Fleet) -> None:
+    """HEAD and the methods an API path does not take get the replica's own answer through
+    the router (its error in the API's shape, no body to a HEAD), and the connection they
+    came on serves the next request."""
+    with requests.Session() as session:
+        session.headers.update(fleet.tenant.headers)
+        for method, path in (("HEAD", "/v1/models"), ("HEAD", CHAT), ("GET", CHAT),
+                             ("DELETE", CHAT), ("OPTIONS", "/v1/messages")):
+            routed = session.request(method, fleet.router.url + path, timeout=30)
+            direct = requests.request(method, fleet.replicas[0].url + path, timeout=30,
+                                      headers=fleet.tenant.headers)
+            assert routed.status_code == direct.status_code, (method, path)
+            assert routed.content == direct.content, (method, path)
+            models = session.get(fleet.router.url + "/v1/models", timeout=30)
+            assert models.json()["data"][0]["id"] == "demo"
+
+
 def test_a_client_that_stops_reading_is_cut_by_the_router_and_billed_once(
         fleet: Fleet, monkeypatch: pytest.MonkeyPatch) -> None:
     """The router's own write timeout: the answer is cut, the replica connection closed, so
@@ -249,10 +307,13 @@ class BadReplica:
     """A replica that answers ``/admin/load`` well and everything else as ``mode`` says:
     ``garbage`` (bytes that are not HTTP), ``stall-sse`` (a stream's headers and one event,
     then nothing), ``stall-body`` (headers announcing a body that never comes), ``echo``
-    (the request's headers as JSON, with hop-by-hop headers of its own)."""
+    (the request's headers as JSON, with hop-by-hop headers of its own), ``silent`` (no
+    answer at all), ``refuse-stalled`` (a 503 whose body never comes), ``shapes`` (a whole
+    answer shaped as the path's last part says, ``_shape``)."""
 
     def __init__(self, mode: str) -> None:
         self.mode = mode
+        self.requests = 0  # (counted where a test needs it)
         self.loop = asyncio.new_event_loop()
         self.port = 0
         ready = threading.Event()
@@ -304,6 +365,15 @@ class BadReplica:
                     await asyncio.sleep(3600)
                 elif self.mode == "silent":  # took the request, never answers
                     await asyncio.sleep(3600)
+                elif self.mode == "refuse-stalled":  # a 503's headers, then its body stalls
+                    self.requests += 1
+                    writer.write(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: "
+                                 b"application/json\r\nContent-Length: 100\r\n\r\n{")
+                    await writer.drain()
+                    await asyncio.sleep(3600)
+                elif self.mode == "shapes":  # a whole answer shaped by the path's last part
+                    if await self._shape(lines[0].split()[1].rsplit("/", 1)[-1], writer):
+                        return
                 elif self.mode == "stall-body":
                     writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
                                  b"Content-Length: 1000\r\n\r\n{\"id\": ")
@@ -321,6 +391,36 @@ class BadReplica:
             pass
         finally:
             writer.close()
+
+    async def _shape(self, shape: str, writer: asyncio.StreamWriter) -> bool:
+        """Write the answer ``shape`` names; True once the connection is to close."""
+        json_head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+        if shape == "empty":
+            writer.write(json_head + b"Content-Length: 0\r\n\r\n")
+        elif shape == "no-content":
+            writer.write(b"HTTP/1.1 204 No Content\r\nX-Kept: yes\r\n\r\n")
+        elif shape == "chunked":  # a JSON body in several chunks, not an event stream
+            writer.write(json_head + b"Transfer-Encoding: chunked\r\n\r\n")
+            for part in (b'{"a": ', b'1, "b": ', b"2}"):
+                writer.write(b"%x\r\n%s\r\n" % (len(part), part))
+                await writer.drain()
+                await asyncio.sleep(0.05)
+            writer.write(b"0\r\n\r\n")
+        elif shape == "close-after-headers":  # headers announce a body; then it is gone
+            writer.write(json_head + b"Content-Length: 100\r\n\r\n")
+            await writer.drain()
+            return True
+        elif shape == "chunked-close":
+            writer.write(json_head + b"Transfer-Encoding: chunked\r\n\r\n")
+            await writer.drain()
+            return True
+        elif shape == "silent-after-headers":
+            writer.write(json_head + b"Content-Length: 100\r\n\r\n")
+            await writer.drain()
+            await asyncio.sleep(3600)
+        else:
+            writer.write(json_head + b"Content-Length: 2\r\n\r\n{}")
+        return False
 
     def close(self) -> None:
         async def cancel_all() -> None:
@@ -385,6 +485,74 @@ def test_a_replica_that_never_answers_is_a_504_not_a_request_held_forever(
     assert r.headers.get("x-request-id")
 
 
+@pytest.mark.parametrize("bad_replica", ["shapes"], indirect=True)
+def test_whole_answers_of_any_shape_and_replicas_that_fail_before_their_first_byte(
+        fleet: Fleet, bad_replica: RouterThread) -> None:
+    """A whole answer's headers leave with its first body bytes. An empty body, a 204 and a
+    chunked JSON body pass through as the replica sent them. A replica that sent its
+    headers and then went away or fell silent before any body byte had sent the client
+    nothing: it gets the router's 502 or 504 in the API's shape (it got an empty reply, no
+    status line at all)."""
+    def post(shape: str) -> requests.Response:
+        return requests.post(bad_replica.url + "/v1/shapes/" + shape, json={}, timeout=30,
+                             headers=fleet.tenant.headers)
+
+    r = post("empty")
+    assert (r.status_code, r.content, r.headers["Content-Length"]) == (200, b"", "0")
+    r = post("no-content")
+    assert (r.status_code, r.content, r.headers["X-Kept"]) == (204, b"", "yes")
+    r = post("chunked")
+    assert r.status_code == 200 and r.json() == {"a": 1, "b": 2}
+    for shape in ("close-after-headers", "chunked-close"):
+        r = post(shape)
+        assert _error(r) == (502, "server_error", "upstream_failed"), shape
+        assert r.headers.get("x-request-id")
+    r = post("silent-after-headers")
+    assert _error(r) == (504, "server_error", "upstream_timeout")
+    assert post("ok").json() == {}  # and the router goes on
+
+
+@pytest.mark.parametrize("bad_replica", ["garbage"], indirect=True)
+def test_neither_the_admin_key_nor_a_tenant_s_reaches_the_router_s_log(
+        fleet: Fleet, bad_replica: RouterThread, caplog: pytest.LogCaptureFixture) -> None:
+    """aiohttp's response errors carry the request's headers in their repr, which the
+    router logged: a snapshot that failed wrote the admin key to the log, a replica that
+    answered garbage the key of the tenant whose request it was."""
+    def records() -> list[logging.LogRecord]:
+        return caplog.get_records("setup") + caplog.records
+
+    fleet.wait(lambda: any("snapshot failed" in r.getMessage() for r in records()),
+               "a snapshot of the garbage replica to fail")
+    r = requests.post(bad_replica.url + CHAT, headers=fleet.tenant.headers, timeout=30,
+                      json={"model": "demo", "messages": [{"role": "user", "content": "x"}]})
+    assert _error(r)[0] == 502
+    fleet.wait(lambda: any("left the pool" in r.getMessage() for r in records()),
+               "the garbage replica to leave the pool")
+    text = "\n".join(r.getMessage() for r in records())
+    assert ADMIN_KEY not in text
+    assert fleet.tenant.key not in text
+
+
+def test_a_503_whose_body_never_comes_is_a_refusal_not_a_request_held_forever(
+        fleet: Fleet) -> None:
+    """A replica that answers 503 before any work is a refusal and the next replica is
+    tried; one whose 503 body then stalled held the request forever (its body was read
+    with no timeout)."""
+    bad = BadReplica("refuse-stalled")
+    router = _router_to(fleet, [bad.url, fleet.replicas[0].url], upstream_idle_timeout_s=1.0)
+    try:
+        _wait_healthy(router, 2)
+        for i in range(6):
+            r = requests.post(router.url + CHAT, headers=fleet.tenant.headers, timeout=60,
+                              json={"model": "demo", "max_tokens": 1,
+                                    "messages": [{"role": "user", "content": f"try {i}"}]})
+            assert r.status_code == 200, r.text
+    finally:
+        router.stop()
+        bad.close()
+    assert bad.requests >= 1  # it was tried first, at least once
+
+
 @pytest.mark.parametrize("bad_replica", ["echo"], indirect=True)
 def test_hop_by_hop_headers_stop_at_the_router(fleet: Fleet,
                                                bad_replica: RouterThread) -> None:
@@ -446,6 +614,29 @@ def test_malformed_cache_events_are_skipped_and_the_router_goes_on(fleet: Fleet)
         r.settings.events.replica_id, hashes) == len(hashes) for r in fleet.replicas),
         "the new prompt's blocks in the router's view")
     assert fleet.chat("and more").status_code == 200
+
+
+def test_a_stream_replaced_after_a_forged_last_id_is_followed_again(fleet: Fleet) -> None:
+    """An entry forged with the largest id a stream can hold moves every router's read
+    position there; once the stream is deleted (an operator cleaning up), every new entry
+    sorts before it, and a running router never read the stream again (each view then
+    rebuilt from a snapshot every few seconds, for good). It follows the stream anew."""
+    client = redis.Redis.from_url(fleet.events_url)
+    follower = fleet.router.router.follower
+    try:
+        client.xadd(STREAM, {"junk": "1"}, id="18446744073709551615-18446744073709551615")
+        fleet.wait(lambda: follower.last_id.startswith("18446744073709551615-"),
+                   "the router to read past the forged entry")
+        client.delete(STREAM)
+        assert fleet.chat("once the stream is replaced " * 8).status_code == 200
+
+        def following() -> bool:
+            top = client.xrevrange(STREAM, count=1)
+            return bool(top) and follower.last_id == top[0][0].decode()
+
+        fleet.wait(following, "the router to read the new stream")
+    finally:
+        client.close()
 
 
 async def _tasks() -> list[str]:

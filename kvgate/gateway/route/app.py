@@ -37,7 +37,7 @@ from kvgate.gateway.protocol.wire import EventBatch, Rejected, key_for, parse_sn
 from kvgate.gateway.route.choose import Candidate, QueueCost, RecentShare, choose
 from kvgate.gateway.route.events import EventFollower
 from kvgate.gateway.route.index import ClusterIndex
-from kvgate.gateway.route.pool import Replica, ReplicaPool
+from kvgate.gateway.route.pool import Replica, ReplicaPool, describe
 from kvgate.gateway.route.prompt import (
     PromptRenderer,
     cache_key_in,
@@ -324,7 +324,7 @@ class Router:
                 if done:
                     return
             except (TimeoutError, aiohttp.ClientError, KeyError, ValueError, TypeError) as exc:
-                log.warning("replica %s: snapshot failed: %r", replica.url, exc)
+                log.warning("replica %s: snapshot failed: %s", replica.url, describe(exc))
                 await asyncio.sleep(0.5)
 
     async def _count_differences(self, replica: Replica, epoch: str, seq: int,

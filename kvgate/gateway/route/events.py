@@ -22,6 +22,12 @@ BatchHandler = Callable[[EventBatch], Awaitable[None]]
 RejectHandler = Callable[[Rejected], None]
 
 
+def _entry_id(entry_id: str) -> tuple[int, int]:
+    """A stream entry id (``<ms>-<seq>``) as numbers, in the order Redis sorts them."""
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
 class EventFollower:
     """A router's side: reads the stream from where it started, checks each entry
     (``verify``) and hands on each batch, or each refusal."""
@@ -49,6 +55,8 @@ class EventFollower:
                     await self.start_position()
                 reply: Any = await self._redis.xread({STREAM: self.last_id}, block=1000, count=100)
                 self.connected = True
+                if not reply:  # a second with no entry: is the stream still ahead of us?
+                    await self._check_position()
             except (RedisError, OSError) as exc:
                 if self.connected:
                     log.warning("cache events unreadable (%s); retrying", exc)
@@ -68,6 +76,23 @@ class EventFollower:
                     except Exception:
                         log.exception("cache event entry %s could not be applied",
                                       self.last_id)
+
+    async def _check_position(self) -> None:
+        """A stream whose newest entry is older than the last one read was deleted or
+        recreated (an operator cleaning up, a failover to a Redis that lagged): its new
+        entries all sort before where this router reads from, and it would never read
+        another (one forged entry with the largest id, then the stream's deletion, blinded
+        every running router for good). It is followed again from its end; the batches
+        missed meanwhile show as a gap, and each view is rebuilt from its snapshot."""
+        if self.last_id == "$":
+            return
+        entries: Any = await self._redis.xrevrange(STREAM, count=1)
+        top = entries[0][0].decode() if entries else "0-0"
+        if _entry_id(top) < _entry_id(self.last_id):
+            log.warning("the cache events stream ends at entry %s, before entry %s this "
+                        "router read last: it was deleted or replaced; following it from "
+                        "its end", top, self.last_id)
+            self.last_id = top
 
     async def close(self) -> None:
         await self._redis.aclose()

@@ -68,8 +68,11 @@ Polled = Callable[[Replica], None]
 
 
 def describe(exc: BaseException) -> str:
-    """A client error in an operator's words (aiohttp's reprs name TLS fields on plain
-    links and parser codes that read like HTTP statuses)."""
+    """An error of the router's HTTP client in an operator's words, for a log line. Never
+    its ``repr``: aiohttp's response errors carry the request's headers, so the admin key
+    (load polls, snapshots) or a tenant's key (a forwarded request) would be written to
+    the log; and its reprs name TLS fields on plain links and parser codes that read like
+    HTTP statuses."""
     if isinstance(exc, aiohttp.ClientConnectorError):
         reason = exc.os_error.strerror or type(exc.os_error).__name__
         return f"cannot connect to {exc.host}:{exc.port} ({reason})"

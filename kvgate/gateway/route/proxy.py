@@ -4,9 +4,11 @@
   request: a connection that could not be made, or a 503 (overloaded, not ready, ledger
   away) answered before any body — the request never started there, so nothing was billed.
 - Anything else is the answer: status, headers and body pass through as they arrive (SSE
-  events unbuffered). A replica that goes away after the request reached it is never
-  retried (it may have run and billed the request): the client gets a 502, or, when the
-  answer had started, the connection closes as the replica's did. So a stream is never
+  events unbuffered; a whole answer's headers with its first body bytes, in one write). A
+  replica that goes away after the request reached it is never retried (it may have run
+  and billed the request): the client gets a 502 (a 504 for one silent for
+  ``--upstream-idle-timeout-s``), or, once the answer had started (a stream's headers, a
+  whole answer's first bytes), the connection closes as the replica's did. So a stream is never
   duplicated and a request is billed at most once, by the replica that answered.
 - A client that stops reading is cut after ``--write-timeout`` (``BoundedResponse``),
   which closes the replica connection: the replica stops and bills what it produced.
@@ -114,17 +116,19 @@ async def forward(request: web.Request, session: aiohttp.ClientSession,
                 continue  # never reached it: safe to try the next one
             except TimeoutError:  # it has the request and said nothing: cut (it stops and
                 # bills what it did), never retried elsewhere (it may have run)
-                raise ApiError(504, f"The replica sent no answer in {idle_timeout_s:g} s; "
-                               "the request may have run. Retry it if it is safe to.",
-                               code="upstream_timeout") from None
+                raise _no_answer(idle_timeout_s) from None
             except aiohttp.ClientError as exc:  # it had the request, then went away
                 on_down(replica, f"went away: {describe(exc)}")
-                raise ApiError(502, "The replica went away before answering; the request "
-                               "may have run. Retry it if it is safe to.",
-                               code="upstream_failed") from None
+                raise _went_away() from None
             try:
                 if upstream.status == _REFUSED and not last:
-                    body = await upstream.read()
+                    try:  # (bounded as any other wait on a replica)
+                        async with asyncio.timeout(idle_timeout_s):
+                            body = await upstream.read()
+                    except (TimeoutError, aiohttp.ClientError) as exc:
+                        log.warning("replica %s: its 503 broke off: %s", replica.url, describe(exc))
+                        upstream.close()
+                        continue  # a refusal all the same: it ran nothing
                     refused = (upstream.status, body, CIMultiDict(upstream.headers))
                     continue
                 replica.sent += 1
@@ -144,6 +148,16 @@ async def forward(request: web.Request, session: aiohttp.ClientSession,
         return resp
     raise ApiError(503, "No replica can take the request now; retry shortly.",
                    code="no_replica_available", retry_after=_RETRY_AFTER_S)
+
+
+def _no_answer(idle_timeout_s: float) -> ApiError:
+    return ApiError(504, f"The replica sent no answer in {idle_timeout_s:g} s; the request "
+                    "may have run. Retry it if it is safe to.", code="upstream_timeout")
+
+
+def _went_away() -> ApiError:
+    return ApiError(502, "The replica went away before answering; the request may have "
+                    "run. Retry it if it is safe to.", code="upstream_failed")
 
 
 def _copy_headers(src: CIMultiDict[str] | CIMultiDictProxy[str],
@@ -168,16 +182,22 @@ async def _relay(request: web.Request, upstream: aiohttp.ClientResponse,
     chunked = upstream.headers.get("Transfer-Encoding", "").lower() == "chunked"
     if upstream.content_length is not None and not chunked:
         resp.content_length = upstream.content_length
-    request[OPEN_STREAM] = resp  # a client that hangs up: the middleware closes it
     events = resp.content_type == "text/event-stream"
-    if not events:  # a whole answer: its headers leave with its body, one write
+    chunk: bytes | None = None  # the next bytes to relay; None: read them
+    if not events:  # a whole answer: its headers leave with its first bytes, one write
+        # Those are read first: until they come the client has been sent nothing, so a
+        # replica that goes away or falls silent now is a 502 or 504 in the API's shape
+        # (headers held for bytes that never came were an empty reply, no status at all).
+        chunk = await _first_bytes(request, upstream, idle_timeout_s)
         resp.headers_with_body()
+    request[OPEN_STREAM] = resp  # a client that hangs up: the middleware closes it
     await resp.prepare(request)
     tail = b""
     try:
         while True:  # a replica that stops sending mid-answer: cut after the idle timeout
-            async with asyncio.timeout(idle_timeout_s):
-                chunk = await upstream.content.readany()
+            if chunk is None:
+                async with asyncio.timeout(idle_timeout_s):
+                    chunk = await upstream.content.readany()
             if not chunk:
                 break
             if events and not request.get(ANSWER_ENDED):  # (before the write: the
@@ -189,6 +209,7 @@ async def _relay(request: web.Request, upstream: aiohttp.ClientResponse,
             else:
                 tail = chunk[-64:]
             await resp.write(chunk)
+            chunk = None
         await resp.write_eof()
     except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError,
             aiohttp.ClientOSError, TimeoutError) as exc:
@@ -201,6 +222,24 @@ async def _relay(request: web.Request, upstream: aiohttp.ClientResponse,
             raise  # a client that hung up mid-answer (the middleware counts it)
         ctx_of(request).gone = None  # it had the whole answer and closed first
     return resp
+
+
+async def _first_bytes(request: web.Request, upstream: aiohttp.ClientResponse,
+                       idle_timeout_s: float) -> bytes:
+    """A whole answer's first bytes (b"": its body is empty), before anything is sent to
+    the client: a replica that goes away or falls silent first is the router's own 502 or
+    504, as before its headers came."""
+    try:
+        async with asyncio.timeout(idle_timeout_s):
+            return await upstream.content.readany()
+    except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError,
+            aiohttp.ClientOSError, TimeoutError) as exc:
+        log.warning("request %s: the replica's answer broke off before its first byte: %s",
+                    ctx_of(request).public_id, describe(exc))
+        upstream.close()
+        if isinstance(exc, TimeoutError):
+            raise _no_answer(idle_timeout_s) from None
+        raise _went_away() from None
 
 
 async def _broken(request: web.Request, resp: web.StreamResponse, tail: bytes) -> None:
