@@ -102,8 +102,8 @@ class GroupCommitter:
     def start(self, unavailable: BaseException | None = None) -> None:
         """``unavailable``: the database could not be reached at start; usage is spooled
         and the replayer probes it until it answers."""
-        if unavailable is not None:
-            self._mark_unavailable(unavailable)
+        if unavailable is not None:  # (``Ledger.open`` has said so)
+            self.unavailable = str(unavailable) or type(unavailable).__name__
         loop = asyncio.get_running_loop()
         self._task = loop.create_task(self._run(), name="ledger-commit")
         if self.spool is not None:

@@ -99,7 +99,8 @@ class Ledger:
     @classmethod
     async def open(cls, url: str, *, migrate: bool = True,
                    on_commit: OnCommit | None = None, spool_dir: str | Path | None = None,
-                   spool_max_events: int = DEFAULT_MAX_EVENTS) -> Ledger:
+                   spool_max_events: int = DEFAULT_MAX_EVENTS,
+                   unreachable_ok: bool = False) -> Ledger:
         """Connect; with ``migrate`` upgrade the schema to head, else refuse an old one.
 
         ``serve`` on SQLite migrates on start; on PostgreSQL (shared by replicas) it opens
@@ -109,6 +110,10 @@ class Ledger:
         an earlier run left there is replayed in the background from now on. Without it,
         ``record`` fails while the database is away. New requests are refused (see
         ``health``) once the spool holds ``spool_max_events``.
+
+        ``unreachable_ok`` (``kvgate route``: it checks keys, bills nothing): a database
+        that cannot be reached at start is not an error either, without a spool; keys are
+        refused with 503 until it answers.
         """
         engine = create_engine(url)
         unreachable: BaseException | None = None
@@ -121,15 +126,19 @@ class Ledger:
             await engine.dispose()
             raise
         except _DB_DOWN as exc:
-            if migrate or spool_dir is None:
+            if migrate or (spool_dir is None and not unreachable_ok):
                 await engine.dispose()
                 raise LedgerError(f"cannot open ledger database: {exc}") from exc
             # A replica restarting during an outage serves (keys are refused with 503
             # until the database answers) and spools usage; its schema was checked by
             # the replicas that started before the outage.
             unreachable = exc
-            log.error("ledger database unreachable at start; serving, usage spooled in %s "
-                      "until it is back: %s", spool_dir, exc)
+            if spool_dir is not None:
+                log.error("ledger database unreachable at start; serving, usage spooled in "
+                          "%s until it is back: %s", spool_dir, exc)
+            else:
+                log.error("ledger database unreachable at start; serving, keys refused "
+                          "(503) until it answers: %s", exc)
         except Exception as exc:
             await engine.dispose()
             raise LedgerError(f"cannot open ledger database: {exc}") from exc

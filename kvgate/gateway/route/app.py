@@ -493,7 +493,10 @@ def create_router_app(settings: RouterSettings, ledger: Ledger | None = None) ->
     app.on_response_prepare.append(console_headers)  # the console's paths answer errors here
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
-        own = ledger or await Ledger.open(settings.routing.db, migrate=False)
+        # a database away at start is an outage like any other: the router serves, keys it
+        # has not cached are refused with 503 until it answers (a crash loop helps nobody)
+        own = ledger or await Ledger.open(settings.routing.db, migrate=False,
+                                          unreachable_ok=True)
         router.ledger = own
         session = aiohttp.ClientSession(
             auto_decompress=False,

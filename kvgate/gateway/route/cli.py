@@ -91,12 +91,18 @@ def _events_mode(settings: RouterSettings) -> str:
 
 async def route(settings: RouterSettings) -> int:
     from kvgate.gateway.edge.transport import GatewayRunner
+    from kvgate.gateway.ledger.errors import LedgerError
     from kvgate.gateway.route.app import create_router_app
 
     app = create_router_app(settings)
     runner = GatewayRunner(app, handle_signals=False, access_log=None,
                            shutdown_timeout=settings.http.shutdown_timeout_s)
-    await runner.setup()
+    try:
+        await runner.setup()
+    except LedgerError as exc:  # a schema older than this release's (``kvgate migrate``)
+        print(f"kvgate route: {exc}", file=sys.stderr, flush=True)
+        await runner.cleanup()
+        return 2
     try:
         await web.TCPSite(runner, settings.http.host, settings.http.port).start()
         port = runner.addresses[0][1] if runner.addresses else settings.http.port
