@@ -396,14 +396,23 @@ async def route(request: web.Request) -> web.StreamResponse:
         raise ApiError(503, "No replica is available now; retry shortly.",
                        code="no_replica_available", retry_after=1.0)
     router.metrics.routed.labels(replicas[0].url, "prefix" if plan.hit else "affinity").inc()
+    settled = False
+
+    def settle(status: int) -> None:  # once, before the answer's first byte leaves
+        nonlocal settled
+        if not settled:
+            settled = True
+            router.settle(plan, status)
+
     try:
         resp = await until_client_gone(request, forward(
             request, router.session, replicas, attempt_of(request, raw),
-            router.pool.mark_down, router.settings.routing.upstream_idle_timeout_s, parts))
+            router.pool.mark_down, router.settings.routing.upstream_idle_timeout_s, parts,
+            settle))
     except ApiError as exc:
-        router.settle(plan, exc.status)
+        settle(exc.status)
         raise
-    router.settle(plan, resp.status)
+    settle(resp.status)
     return resp
 
 

@@ -96,9 +96,12 @@ async def forward(request: web.Request, session: aiohttp.ClientSession,
                   replicas: list[Replica], attempt: Attempt,
                   on_down: Callable[[Replica, str], None],
                   idle_timeout_s: float = 300.0,
-                  parts: list[tuple[str, float]] | None = None) -> web.StreamResponse:
+                  parts: list[tuple[str, float]] | None = None,
+                  on_status: Callable[[int], None] | None = None) -> web.StreamResponse:
     """Try ``replicas`` in order; the first that takes the request answers the client.
-    ``parts``: the router's own steps so far (name, seconds), for ``server-timing``."""
+    ``parts``: the router's own steps so far (name, seconds), for ``server-timing``.
+    ``on_status``: called with the answer's status before its first byte leaves (what the
+    router learns from it is learnt before the client can send its next request)."""
     refused: tuple[int, bytes, CIMultiDict[str]] | None = None
     timing = [("router", time.monotonic() - ctx_of(request).t0), *(parts or [])]
     for i, replica in enumerate(replicas):
@@ -133,10 +136,11 @@ async def forward(request: web.Request, session: aiohttp.ClientSession,
                     continue
                 replica.sent += 1
                 timing.append(("upstream", time.monotonic() - t_sent))
+                ctx_of(request).engine_s += timing[-1][1]  # the replica's time, not ours
                 theirs = upstream.headers.get("x-request-id")
                 if theirs and SANE_ID.match(theirs):  # logs and errors from here on
                     ctx_of(request).public_id = theirs
-                return await _relay(request, upstream, timing, idle_timeout_s)
+                return await _relay(request, upstream, timing, idle_timeout_s, on_status)
             finally:
                 upstream.release()
         finally:
@@ -169,7 +173,8 @@ def _copy_headers(src: CIMultiDict[str] | CIMultiDictProxy[str],
 
 
 async def _relay(request: web.Request, upstream: aiohttp.ClientResponse,
-                 timing: list[tuple[str, float]], idle_timeout_s: float) -> web.StreamResponse:
+                 timing: list[tuple[str, float]], idle_timeout_s: float,
+                 on_status: Callable[[int], None] | None = None) -> web.StreamResponse:
     """``timing``: ``router`` (its time before the first try), its parts (``render``,
     ``choose``) and ``upstream`` (from sending to the replica's headers) in ``server-timing``
     after the replica's own entries, each part as ``router-<name>``."""
@@ -191,13 +196,14 @@ async def _relay(request: web.Request, upstream: aiohttp.ClientResponse,
         chunk = await _first_bytes(request, upstream, idle_timeout_s)
         resp.headers_with_body()
     request[OPEN_STREAM] = resp  # a client that hangs up: the middleware closes it
+    if on_status is not None:
+        on_status(upstream.status)
     await resp.prepare(request)
     tail = b""
     try:
         while True:  # a replica that stops sending mid-answer: cut after the idle timeout
             if chunk is None:
-                async with asyncio.timeout(idle_timeout_s):
-                    chunk = await upstream.content.readany()
+                chunk = await _read(request, upstream, idle_timeout_s)
             if not chunk:
                 break
             if events and not request.get(ANSWER_ENDED):  # (before the write: the
@@ -224,14 +230,25 @@ async def _relay(request: web.Request, upstream: aiohttp.ClientResponse,
     return resp
 
 
+async def _read(request: web.Request, upstream: aiohttp.ClientResponse,
+                idle_timeout_s: float) -> bytes:
+    """The replica's next bytes, within the idle timeout. The wait counts as the replica's
+    time (``engine_s``): the router's ``kvgate_gateway_overhead_seconds`` is its own."""
+    t0 = time.monotonic()
+    try:
+        async with asyncio.timeout(idle_timeout_s):
+            return await upstream.content.readany()
+    finally:
+        ctx_of(request).engine_s += time.monotonic() - t0
+
+
 async def _first_bytes(request: web.Request, upstream: aiohttp.ClientResponse,
                        idle_timeout_s: float) -> bytes:
     """A whole answer's first bytes (b"": its body is empty), before anything is sent to
     the client: a replica that goes away or falls silent first is the router's own 502 or
     504, as before its headers came."""
     try:
-        async with asyncio.timeout(idle_timeout_s):
-            return await upstream.content.readany()
+        return await _read(request, upstream, idle_timeout_s)
     except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError,
             aiohttp.ClientOSError, TimeoutError) as exc:
         log.warning("request %s: the replica's answer broke off before its first byte: %s",
