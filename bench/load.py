@@ -18,13 +18,15 @@ Goal: overhead p50 ≤ 1 ms and p99 ≤ 5 ms at 64 concurrent clients.
 Run: ``python -m bench.load`` (starts its own server on a temporary SQLite ledger), or
 ``python -m bench.load --url http://127.0.0.1:8000`` with ``KVGATE_ADMIN_KEY`` set.
 ``--profile`` runs the server it starts under cProfile and prints the event loop's top
-functions. Writes ``bench/results/load.json``.
+functions. Writes ``bench/results/load.json`` (``--model smollm2``, the real model:
+``load-smollm2.json``).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import random
 import re
@@ -38,7 +40,7 @@ from urllib.parse import urlparse
 import aiohttp
 import numpy as np
 
-from bench.common import print_table, smoke, write_result
+from bench.common import RESULTS, print_table, smoke, write_result
 from bench.load_server import experiment_prelude, ledger_commit_ms, print_profile
 from testkit import Admin, ProcessServer, aiter_sse, billed_usage, final_usage, request_body
 
@@ -136,7 +138,8 @@ async def client(i: int, session: aiohttp.ClientSession, url: str, tenants: list
                 turns = []
             history, question = turns, f"client {i}: " + words(rng, 8)
         path, body = request_body(f"{kind}-stream" if stream else kind, question,
-                                  args.max_tokens, system=system, history=history)
+                                  args.max_tokens, system=system, history=history,
+                                  model=args.model)
         try:
             sample, reply = await one(session, url, tenant["key"], path, body, kind, scenario)
         except (TimeoutError, aiohttp.ClientError) as exc:
@@ -169,7 +172,7 @@ async def probe_unloaded(session: aiohttp.ClientSession, url: str, tenant: dict,
         text = f"{rng.random():.12f} " + words(rng, 120)
         for label in ("miss", "hit"):
             path, body = request_body("chat-stream" if stream else "chat", "probe",
-                                      args.max_tokens, system=text)
+                                      args.max_tokens, system=text, model=args.model)
             sample, _ = await one(session, url, tenant["key"], path, body, "chat", "probe")
             if sample.status != 200:
                 continue
@@ -266,7 +269,7 @@ async def main(args: argparse.Namespace) -> int:
         own = ProcessServer(profile=args.profile, prelude=experiment_prelude(args),
                             device_cache_bytes=args.device_cache_bytes,
                             host_cache_bytes=args.host_cache_bytes, max_queue=1024,
-                            api_servers=args.api_servers)
+                            api_servers=args.api_servers, model=args.model)
     try:
         if own is not None:
             await asyncio.to_thread(own.start)
@@ -314,9 +317,21 @@ def report(args: argparse.Namespace, samples: list[Sample], wall: float,
     result["goal"]["met"] = met
     result["notes"] = NOTES
     result["api_servers"] = args.api_servers
+    result["model"] = args.model
     args.result = result
-    if not args.no_write:
+    if args.no_write:
+        pass
+    elif args.model == "demo":
         write_result("load", result)
+    else:  # another model's runs beside the demo's figures, one per client count
+        name = f"load-{args.model}"
+        path = RESULTS / f"{name}.json"
+        try:
+            runs = json.loads(path.read_text()).get("runs", {})
+        except (OSError, ValueError):
+            runs = {}
+        runs[f"clients={args.clients}"] = result
+        write_result(name, {"model": args.model, "runs": runs})
     if own is not None and own.profile_path is not None:
         print_profile(own.profile_path, args.profile_top)
         if args.profile_out and own.profile_path.exists():
@@ -348,6 +363,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--api-servers", type=int, default=None,
                    help="the server it starts: --api-servers (default: its own default; "
                         "0: engine and HTTP in one process)")
+    p.add_argument("--model", default="demo",
+                   help="the server it starts: --model (demo; smollm2: the real model, "
+                        "written to bench/results/load-smollm2.json); with --url, the "
+                        "model the requests name")
     p.add_argument("--no-write", action="store_true", help="do not write bench/results")
     return p.parse_args(argv)
 
