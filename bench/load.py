@@ -319,11 +319,9 @@ def report(args: argparse.Namespace, samples: list[Sample], wall: float,
     result["api_servers"] = args.api_servers
     result["model"] = args.model
     args.result = result
-    if args.no_write:
-        pass
-    elif args.model == "demo":
+    if not args.no_write and args.model == "demo":
         write_result("load", result)
-    else:  # another model's runs beside the demo's figures, one per client count
+    elif not args.no_write:  # another model's runs beside the demo's figures, one per client count
         name = f"load-{args.model}"
         path = RESULTS / f"{name}.json"
         try:
