@@ -1,7 +1,7 @@
 # kvgate: `make run` and `make test` work on a fresh clone.
 #
 #   make run [ARGS="--port 9000 --model PATH"]   serve (installs what serving needs)
-#   make test [PYTEST_ARGS=tests/ledger]         test (adds the test extras)
+#   make test [PYTEST_ARGS=tests/ledger]         test (adds the test extras; TEST_WORKERS=2)
 #   make lock                                    re-resolve the locks from pyproject.toml
 #   make test-latest                             the suite on the newest releases (no lock)
 #   make lint | bench | clean
@@ -16,6 +16,7 @@ BIN := $(VENV)/bin
 PIP = PIP_CONSTRAINT=$(CURDIR)/$(LOCK) $(BIN)/python -m pip
 ARGS ?=
 PYTEST_ARGS ?=
+TEST_WORKERS ?= 2
 LINT_PATHS := kvgate testkit tests bench tools
 
 # Without a GPU, torch's CPU build comes first so pip does not fetch the CUDA build and its
@@ -40,8 +41,10 @@ TEST_STAMP := $(VENV)/.kvgate-installed
 run: $(RUN_STAMP)
 	$(BIN)/kvgate serve $(ARGS)
 
+# Two workers (pytest-xdist), each taking whole files: most tests wait on a server or a
+# subprocess, so the pair keeps two cores busy. TEST_WORKERS=0: one process.
 test: $(TEST_STAMP)
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile) $(PYTEST_ARGS)
 
 # ruff over everything; mypy over the packages (its settings are in pyproject.toml).
 lint: $(TEST_STAMP)

@@ -56,6 +56,7 @@ import asyncpg
 
 from bench.common import print_table, smoke, write_result
 from kvgate.gateway.config import Settings, names
+from kvgate.gateway.engine.loop import LOOPS
 from kvgate.gateway.route.choose import HALF_LIFE, LOAD_SLACK
 from testkit import Admin, ProcessServer
 from testkit.admin import ADMIN_KEY, EVENTS_SECRET
@@ -140,11 +141,13 @@ def working_set_pages(convs: list[Conversation]) -> int:
 
 class RouterProcess:
     def __init__(self, workdir: Path, db: str, replicas: list[str], events_url: str,
-                 log_level: str = "warning") -> None:
+                 log_level: str = "warning", event_loop: str = "uvloop") -> None:
         self.port = free_port()
+        self.event_loop = event_loop
         self.log_path = workdir / f"router-{self.port}.log"
         cmd = [sys.executable, "-m", "kvgate.gateway.cli", "route", "--port", str(self.port), "--model", "demo",
-               "--db", db, "--events-url", events_url, "--log-level", log_level]
+               "--db", db, "--events-url", events_url, "--log-level", log_level,
+               "--event-loop", event_loop]
         for r in replicas:
             cmd += ["--replica", r]
         env = {**os.environ, "KVGATE_ADMIN_KEY": ADMIN_KEY, "KVGATE_EVENTS_SECRET": EVENTS_SECRET,
@@ -334,13 +337,16 @@ def row_of(name: str, out: Outcome, before: list[dict[str, int]],
             "note": note}
 
 
-async def router_overhead(session: aiohttp.ClientSession, direct: str, routed: str,
-                          key: str, n: int = ROUTER_OVERHEAD_N) -> dict[str, Any]:
-    """One request at a time, alternating direct and through a router to the same replica:
-    ``GET /v1/models`` (auth and the proxy alone), ``POST /tokenize`` (a body too, not
-    rendered: the replica answers it at once) and a one-token chat completion (also
-    rendering, tokenizing and hashing the prompt; the engine's step dominates it, and the
-    router's process wakes on a core the replica's model left cold)."""
+async def router_overhead(session: aiohttp.ClientSession, direct: str,
+                          routers: list[RouterProcess], key: str,
+                          n: int = ROUTER_OVERHEAD_N) -> dict[str, Any]:
+    """One request at a time, in turn direct and through each router (one per event loop,
+    the default's first) to the same replica: ``GET /v1/models`` (auth and the proxy
+    alone), ``POST /tokenize`` (a body too, not rendered: the replica answers it at once)
+    and a one-token chat completion (also rendering, tokenizing and hashing the prompt; the
+    engine's step dominates it, and the router's process wakes on a core the replica's model
+    left cold). The figures without a loop's name are the default's; ``added_<loop>`` are
+    the others', from the same run."""
     chat = {"model": "demo", "max_tokens": 1, "temperature": 0,
             "messages": [{"role": "user", "content": "ping"}]}
     auth = {"Authorization": f"Bearer {key}"}
@@ -349,23 +355,29 @@ async def router_overhead(session: aiohttp.ClientSession, direct: str, routed: s
     for label, method, path, body in (("models", "GET", "/v1/models", None),
                                       ("tokenize", "POST", "/tokenize", tokenize),
                                       ("chat", "POST", CHAT, chat)):
-        times: dict[str, list[float]] = {"direct": [], "routed": []}
+        urls = {"direct": direct, **{rt.event_loop: rt.url for rt in routers}}
+        times: dict[str, list[float]] = {which: [] for which in urls}
         own: dict[str, list[float]] = {}
-        for i in range(2 * n + 10):
-            which = "direct" if i % 2 else "routed"
+        turns = list(urls)
+        for i in range(len(turns) * (n + 5)):
+            which = turns[i % len(turns)]
             t0 = time.perf_counter()
-            async with session.request(method, (direct if which == "direct" else routed)
-                                       + path, json=body, headers=auth) as r:
+            async with session.request(method, urls[which] + path, json=body,
+                                       headers=auth) as r:
                 await r.read()
                 timing = r.headers.get("server-timing", "")
-            if i >= 10:  # warm-up left out
+            if i >= len(turns) * 5:  # warm-up left out
                 times[which].append(time.perf_counter() - t0)
+                if which != turns[1]:
+                    continue
                 for m in re.finditer(r"(router(?:-[a-z]+)?);dur=([0-9.]+)", timing):
                     own.setdefault(m.group(1), []).append(float(m.group(2)))
         p50 = {k: statistics.median(v) * 1000.0 for k, v in times.items()}
         out[label] = {"direct_p50_ms": round(p50["direct"], 3),
-                      "routed_p50_ms": round(p50["routed"], 3),
-                      "added_p50_ms": round(p50["routed"] - p50["direct"], 3),
+                      "routed_p50_ms": round(p50[turns[1]], 3),
+                      "added_p50_ms": round(p50[turns[1]] - p50["direct"], 3),
+                      **{f"added_{name}_p50_ms": round(p50[name] - p50["direct"], 3)
+                         for name in turns[2:]},
                       "router_before_forward_p50_ms":
                           round(statistics.median(own["router"]), 3) if own else None,
                       **{f"{name.replace('-', '_')}_p50_ms": round(statistics.median(v), 3)
@@ -396,7 +408,8 @@ class Fleet:
     pages: int
     replicas: list[ProcessServer] = field(default_factory=list)
     routers: list[RouterProcess] = field(default_factory=list)
-    solo: RouterProcess | None = None  # a router in front of the first replica alone
+    # routers in front of the first replica alone, one per event loop (the default first)
+    solo: list[RouterProcess] = field(default_factory=list)
     router_log_level: str = "warning"
 
     def start(self, label: str, n: int, pages: int, shared_url: str = "",
@@ -413,19 +426,19 @@ class Fleet:
         self.routers = [RouterProcess(self.workdir, self.db, urls, self.events_url,
                                       self.router_log_level) for _ in range(routers)]
         if solo:
-            self.solo = RouterProcess(self.workdir, self.db, urls[:1], self.events_url)
+            self.solo = [RouterProcess(self.workdir, self.db, urls[:1], self.events_url,
+                                       event_loop=name) for name in LOOPS]
         with ThreadPoolExecutor(n) as pool:
             list(pool.map(ProcessServer.start, self.replicas))
 
     def stop(self) -> None:
         """SIGTERM to every process, waited on together."""
         procs: list[RouterProcess | ProcessServer] = [*self.routers, *self.replicas]
-        if self.solo is not None:
-            procs.append(self.solo)
+        procs += self.solo
         if procs:
             with ThreadPoolExecutor(len(procs)) as pool:
                 list(pool.map(lambda p: p.stop(), procs))
-        self.routers, self.replicas, self.solo = [], [], None
+        self.routers, self.replicas, self.solo = [], [], []
 
 
 async def scenario(session: aiohttp.ClientSession, fleet: Fleet, name: str,
@@ -530,11 +543,11 @@ async def bench_fleet(args: argparse.Namespace, label: str
 async def overhead_async(args: argparse.Namespace) -> dict[str, Any]:
     async with bench_fleet(args, "overhead") as (fleet, session):
         fleet.start("overhead", 1, 64, solo=True)
-        assert fleet.solo is not None
-        await fleet.solo.ready(session, 1)
+        for router in fleet.solo:
+            await router.ready(session, 1)
         tenant = Admin(fleet.replicas[0].url, ADMIN_KEY).tenant("overhead")
-        return await router_overhead(session, fleet.replicas[0].url, fleet.solo.url,
-                                     tenant.key, args.overhead_n)
+        return await router_overhead(session, fleet.replicas[0].url, fleet.solo, tenant.key,
+                                     args.overhead_n)
 
 
 def _ints(text: str) -> list[int]:
@@ -629,10 +642,10 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             # and the router's cost alone (measured after the routed scenario): one replica
             # behind a router of its own, the same replica direct
             fleet.start("three", REPLICAS, pages, routers=ROUTERS, solo=True)
-            assert fleet.solo is not None
             for rt in fleet.routers:
                 await rt.ready(session, REPLICAS)
-            await fleet.solo.ready(session, 1)
+            for rt in fleet.solo:
+                await rt.ready(session, 1)
             admin = Admin(fleet.replicas[0].url, ADMIN_KEY)
             rows.append((await scenario(session, fleet, "round-robin", convs, args.tenants,
                                         admin, "direct"))[0])
@@ -640,9 +653,10 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                                         "routed"))[0])
             tenant = admin.tenant("overhead")
             result["router_overhead"] = await router_overhead(
-                session, fleet.replicas[0].url, fleet.solo.url, tenant.key)
-            fleet.solo.stop()
-            fleet.solo = None
+                session, fleet.replicas[0].url, fleet.solo, tenant.key)
+            for rt in fleet.solo:
+                rt.stop()
+            fleet.solo = []
             row, kill_tenants = await scenario(session, fleet, "kill-restart", convs,
                                                args.tenants, admin, "routed",
                                                kill_at_s=args.kill_at_s)

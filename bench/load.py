@@ -42,6 +42,7 @@ import numpy as np
 
 from bench.common import RESULTS, print_table, smoke, write_result
 from bench.load_server import experiment_prelude, ledger_commit_ms, print_profile
+from kvgate.gateway.engine.loop import LOOPS
 from testkit import Admin, ProcessServer, aiter_sse, billed_usage, final_usage, request_body
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
@@ -269,7 +270,8 @@ async def main(args: argparse.Namespace) -> int:
         own = ProcessServer(profile=args.profile, prelude=experiment_prelude(args),
                             device_cache_bytes=args.device_cache_bytes,
                             host_cache_bytes=args.host_cache_bytes, max_queue=1024,
-                            api_servers=args.api_servers, model=args.model)
+                            api_servers=args.api_servers, model=args.model,
+                            event_loop=args.event_loop)
     try:
         if own is not None:
             await asyncio.to_thread(own.start)
@@ -318,6 +320,7 @@ def report(args: argparse.Namespace, samples: list[Sample], wall: float,
     result["notes"] = NOTES
     result["api_servers"] = args.api_servers
     result["model"] = args.model
+    result["event_loop"] = args.event_loop
     args.result = result
     if not args.no_write and args.model == "demo":
         write_result("load", result)
@@ -365,6 +368,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="the server it starts: --model (demo; smollm2: the real model, "
                         "written to bench/results/load-smollm2.json); with --url, the "
                         "model the requests name")
+    p.add_argument("--event-loop", default="uvloop", choices=LOOPS,
+                   help="the server it starts: --event-loop (uvloop)")
     p.add_argument("--no-write", action="store_true", help="do not write bench/results")
     return p.parse_args(argv)
 

@@ -37,6 +37,7 @@ from typing import Any
 from kvgate.cachestore.block import Tier
 from kvgate.cachestore.events import CacheEventSink
 from kvgate.cachestore.stats import CacheStats, HotPrefix
+from kvgate.gateway.engine import loop
 from kvgate.gateway.engine.channel import ChannelClosed, Message, answer, frame, read_frame
 from kvgate.gateway.engine.config import EngineConfig
 from kvgate.gateway.engine.grammar import GrammarEngine
@@ -187,7 +188,9 @@ class EngineClient:
         assert proc.stdin is not None and proc.stdout is not None
         self._starting = proc  # stopped by stop() if this start is cut short
         order = {"config": self.config, "path": self.path, "key": self.key,
-                 "parent": os.getpid(), "log_level": logging.getLogger().getEffectiveLevel()}
+                 "parent": os.getpid(), "log_level": logging.getLogger().getEffectiveLevel(),
+                 # the core runs the loop this process runs (``--event-loop``)
+                 "event_loop": loop.running()}
         try:
             proc.stdin.write(pickle.dumps(order, protocol=5))
             await proc.stdin.drain()

@@ -24,6 +24,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from kvgate.gateway.engine import loop
 from kvgate.gateway.engine.channel import (
     CALLS,
     ChannelClosed,
@@ -280,7 +281,8 @@ def main() -> int:
     order = pickle.load(sys.stdin.buffer)
     logging.basicConfig(level=order["log_level"],
                         format="%(asctime)s %(levelname)s %(name)s [core] %(message)s")
-    return asyncio.run(serve(order["config"], order["path"], order["key"], order["parent"]))
+    return loop.run(serve(order["config"], order["path"], order["key"], order["parent"]),
+                    order.get("event_loop", "asyncio"))
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from typing import Any
 from aiohttp import web
 
 from kvgate.gateway.config import Settings, add_flags, args_overrides
+from kvgate.gateway.engine import loop
 
 MIN_ADMIN_KEY_LEN = 20  # a key an operator chose: long enough not to be guessed
 
@@ -41,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     gc.disable()  # while starting: millions of objects (torch, transformers, the model), all kept
     try:
-        return asyncio.run(serve(settings))
+        return loop.run(serve(settings), settings.http.event_loop)
     finally:
         gc.enable()
 

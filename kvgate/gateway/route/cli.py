@@ -12,6 +12,7 @@ from typing import Any
 
 from aiohttp import web
 
+from kvgate.gateway.engine import loop
 from kvgate.gateway.route.settings import RouterSettings, add_flags, from_args
 
 
@@ -80,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
               f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}",
               file=sys.stderr, flush=True)
         return 2
-    return asyncio.run(route(settings))
+    return loop.run(route(settings), settings.http.event_loop)
 
 
 def _events_mode(settings: RouterSettings) -> str:

@@ -1,0 +1,47 @@
+"""The event loop every kvgate process runs (``kvgate serve``, its engine core, ``kvgate
+route``): uvloop's by default, asyncio's own with ``--event-loop asyncio``.
+
+uvloop runs the same asyncio programs on libuv: its sockets, transports and callback queue
+are C, where asyncio's selector loop is Python. A request crosses the loop several times per
+hop (the router reads it, writes it to a replica, reads the answer, writes it back), so the
+loop's own cost is a large part of what a hop adds. Where uvloop is not installed (a
+platform it has no wheel for), asyncio's loop runs and the process says so once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+LOOPS = ("uvloop", "asyncio")  # the choices of the --event-loop setting (config.py)
+
+log = logging.getLogger("kvgate.loop")
+
+
+def factory(name: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """The loop factory for ``name`` (one of ``LOOPS``); None: asyncio's default loop."""
+    if name == "uvloop":
+        try:
+            import uvloop
+        except ImportError:
+            log.warning("uvloop is not installed: asyncio's event loop runs instead")
+            return None
+        return uvloop.new_event_loop
+    if name != "asyncio":
+        raise ValueError(f"event loop {name!r} is not one of {' | '.join(LOOPS)}")
+    return None
+
+
+def running() -> str:
+    """The name in ``LOOPS`` of the loop running now (a child process runs the same)."""
+    kind = type(asyncio.get_running_loop()).__module__
+    return "uvloop" if kind.split(".")[0] == "uvloop" else "asyncio"
+
+
+def run(main: Coroutine[Any, Any, T], name: str = "uvloop") -> T:
+    """``asyncio.run(main)`` on the loop ``name`` names."""
+    with asyncio.Runner(loop_factory=factory(name)) as runner:
+        return runner.run(main)
