@@ -36,6 +36,7 @@ import requests
 from aiohttp import web
 
 from kvgate.gateway.config import Settings, flat_fields, updated
+from kvgate.gateway.engine import loop
 from testkit.admin import ADMIN_KEY, EVENTS_SECRET, Admin
 
 if TYPE_CHECKING:
@@ -193,7 +194,8 @@ class ThreadServer(Server):
         self.app = create_app(self.settings, engine=self.engine)
         self._ready.clear()
         self._error = None
-        self._loop = asyncio.new_event_loop()
+        # the loop ``kvgate serve`` runs with these settings (uvloop unless they say asyncio)
+        self._loop = (loop.factory(self.settings.http.event_loop) or asyncio.new_event_loop)()
         self._thread = threading.Thread(target=self._main, name="kvgate-test-server",
                                         daemon=True)
         self._thread.start()
