@@ -56,7 +56,7 @@ import asyncpg
 
 from bench.common import print_table, smoke, write_result
 from kvgate.gateway.config import Settings, names
-from kvgate.gateway.engine.loop import LOOPS
+from kvgate.gateway.loop import LOOPS
 from kvgate.gateway.route.choose import HALF_LIFE, LOAD_SLACK
 from testkit import Admin, ProcessServer
 from testkit.admin import ADMIN_KEY, EVENTS_SECRET

@@ -42,7 +42,7 @@ import numpy as np
 
 from bench.common import RESULTS, print_table, smoke, write_result
 from bench.load_server import experiment_prelude, ledger_commit_ms, print_profile
-from kvgate.gateway.engine.loop import LOOPS
+from kvgate.gateway.loop import LOOPS
 from testkit import Admin, ProcessServer, aiter_sse, billed_usage, final_usage, request_body
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}

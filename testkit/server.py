@@ -35,8 +35,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import requests
 from aiohttp import web
 
+from kvgate.gateway import loop
 from kvgate.gateway.config import Settings, flat_fields, updated
-from kvgate.gateway.engine import loop
 from testkit.admin import ADMIN_KEY, EVENTS_SECRET, Admin
 
 if TYPE_CHECKING:

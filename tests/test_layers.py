@@ -107,9 +107,11 @@ ALLOWED = {
     "kvgate.kernels": set(),
     "kvgate.cachestore": {"kvgate.kernels"},
     "kvgate.gateway.usage": set(),
-    "kvgate.gateway.engine": {"kvgate.cachestore", "kvgate.kernels", "kvgate.gateway.usage"},
+    "kvgate.gateway.loop": set(),  # the event loop a process runs (--event-loop)
+    "kvgate.gateway.engine": {"kvgate.cachestore", "kvgate.kernels", "kvgate.gateway.usage",
+                              "kvgate.gateway.loop"},
     "kvgate.gateway.ledger": {"kvgate.gateway.usage", "kvgate.gateway.config"},  # config: the CLI reads KVGATE_DB
-    "kvgate.gateway.config": set(),
+    "kvgate.gateway.config": {"kvgate.gateway.loop"},  # its choices of --event-loop
     "kvgate.migrations": {"kvgate.gateway.ledger"},
     # the capacity planner: model shapes (engine), replays (cachestore), the CLI's byte
     # sizes (config) and table printer (ledger); never HTTP
@@ -127,10 +129,11 @@ ALLOWED = {
     "kvgate.gateway.http": {"kvgate.gateway.edge", "kvgate.gateway.protocol",
                             "kvgate.gateway.engine", "kvgate.gateway.ledger",
                             "kvgate.gateway.config", "kvgate.gateway.usage",
-                            "kvgate.cachestore", "kvgate.kernels"},
+                            "kvgate.gateway.loop", "kvgate.cachestore", "kvgate.kernels"},
     "kvgate.gateway.route": {"kvgate.gateway.edge", "kvgate.gateway.protocol",
                              "kvgate.gateway.engine", "kvgate.gateway.ledger",
-                             "kvgate.gateway.config", "kvgate.cachestore"},
+                             "kvgate.gateway.config", "kvgate.gateway.loop",
+                             "kvgate.cachestore"},
     # the command line: the top, it may reach every layer
     "kvgate.gateway.cli": {"kvgate.gateway", "kvgate.cachestore", "kvgate.kernels"},
     "kvgate.gateway": set(),  # the package's own __init__

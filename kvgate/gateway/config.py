@@ -18,6 +18,8 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, TypeVar
 
+from kvgate.gateway.loop import LOOPS
+
 ENV_PREFIX = "KVGATE_"
 
 S = TypeVar("S")
@@ -56,10 +58,9 @@ class HttpSettings:
     stream_send_buffer_bytes: int = opt(16384, "kernel send buffer of a streamed answer's "
                                                "connection (16384; 0: the kernel's own)")
     shutdown_timeout_s: int = opt(30, "SIGTERM: seconds in-flight requests may drain (30)")
-    # uvloop: libuv's loop, whose sockets and callbacks are C (``engine/loop.py``, whose
-    # LOOPS these are: settings import nothing of the layers they configure).
+    # uvloop: libuv's loop, whose sockets and callbacks are C (``gateway/loop.py``).
     event_loop: str = opt("uvloop", "uvloop | asyncio: the event loop the process (and its "
-                                    "engine core) runs (uvloop)", choices=("uvloop", "asyncio"))
+                                    "engine core) runs (uvloop)", choices=LOOPS)
     # The engine core (model, scheduler, cache) in a process of its own, the HTTP side in
     # this one: neither steals the other's time under one GIL. None: 1 on a machine with
     # two or more cores, else 0 (0: the engine runs in this process, as a thread).

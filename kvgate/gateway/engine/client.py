@@ -37,7 +37,7 @@ from typing import Any
 from kvgate.cachestore.block import Tier
 from kvgate.cachestore.events import CacheEventSink
 from kvgate.cachestore.stats import CacheStats, HotPrefix
-from kvgate.gateway.engine import loop
+from kvgate.gateway import loop
 from kvgate.gateway.engine.channel import ChannelClosed, Message, answer, frame, read_frame
 from kvgate.gateway.engine.config import EngineConfig
 from kvgate.gateway.engine.grammar import GrammarEngine

@@ -24,7 +24,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from kvgate.gateway.engine import loop
+from kvgate.gateway import loop
 from kvgate.gateway.engine.channel import (
     CALLS,
     ChannelClosed,

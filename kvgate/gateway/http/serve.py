@@ -13,8 +13,8 @@ from typing import Any
 
 from aiohttp import web
 
+from kvgate.gateway import loop
 from kvgate.gateway.config import Settings, add_flags, args_overrides
-from kvgate.gateway.engine import loop
 
 MIN_ADMIN_KEY_LEN = 20  # a key an operator chose: long enough not to be guessed
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from aiohttp import web
 
-from kvgate.gateway.engine import loop
+from kvgate.gateway import loop
 from kvgate.gateway.route.settings import RouterSettings, add_flags, from_args
 
 
