@@ -4,6 +4,7 @@ aiohttp's HTTP parser refuses comes back in the API's JSON error shape."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import time
@@ -11,7 +12,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from aiohttp import web
 
+from kvgate.gateway.edge.transport import GatewayRunner
+from kvgate.gateway.engine import loop
 from testkit import MiB, Tenant, ThreadServer
 
 SAFETY_S = 30.0  # a bound on waiting, never an assertion about time
@@ -163,3 +167,41 @@ def test_a_key_that_is_not_utf8_is_refused_not_a_crash(quick: ThreadServer, path
     s.close()
     assert status == 401, body
     assert "error" in body
+
+
+async def _drain_a_stuck_stream() -> BaseException | None:
+    """Stop a runner while its one request is stuck mid-stream; what its request body
+    reported when the handler was cancelled (None: nothing, the body was left alone)."""
+    cancelled: asyncio.Future[BaseException | None] = asyncio.get_running_loop().create_future()
+
+    async def stuck(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        try:
+            await asyncio.Event().wait()  # a write its client never takes
+        except asyncio.CancelledError:
+            cancelled.set_result(request.content.exception())
+            raise
+        return resp
+
+    app = web.Application()
+    app.router.add_post("/stuck", stuck)
+    runner = GatewayRunner(app, shutdown_timeout=0.5, handle_signals=False)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    reader, writer = await asyncio.open_connection("127.0.0.1", runner.addresses[0][1])
+    writer.write(b"POST /stuck HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}")
+    await reader.readuntil(b"\r\n\r\n")  # the stream's headers: the handler is stuck
+    await asyncio.wait_for(runner.cleanup(), SAFETY_S)
+    writer.close()
+    assert cancelled.done(), "the stuck handler was never cancelled"
+    return cancelled.result()
+
+
+@pytest.mark.parametrize("name", loop.LOOPS)
+def test_a_stream_stuck_at_shutdown_is_cancelled_when_the_drain_window_ends(name: str) -> None:
+    """SIGTERM drains for ``--shutdown-timeout-s`` once: a handler still running then (a
+    stream whose client stopped reading) is cancelled. aiohttp's own shutdown instead
+    failed the request's body (which a streaming handler is not reading) and waited the
+    whole timeout again before cancelling it, so the drain lasted twice as long."""
+    assert loop.run(_drain_a_stuck_stream(), name) is None

@@ -11,7 +11,9 @@
   refuses (oversized or too many headers, a bad request line, conflicting Content-Length
   and Transfer-Encoding, bad chunk framing in the headers) in the API's JSON error shape
   instead of aiohttp's plain text. These requests never reach the app: no route, no
-  middleware, no request id; the OpenAI shape is used, as no path was read.
+  middleware, no request id; the OpenAI shape is used, as no path was read. Its
+  connections drain within the runner's ``shutdown_timeout`` (``--shutdown-timeout-s``)
+  once, then cancel what still runs.
 - ``BoundedResponse``: the one kind of response that streams (SSE answers, the router's
   relay). Each write (and the final one) must be accepted by the client within
   ``--write-timeout``; a client that stops reading holds the handler (and its engine
@@ -62,6 +64,21 @@ class _JsonErrors(RequestHandler):
                             content_type="application/json")
         resp.force_close()
         return resp
+
+    async def shutdown(self, timeout: float | None = 15.0) -> None:
+        """One drain window, not two. aiohttp's own waits ``timeout`` for the request in
+        progress, then fails that request's body (which a streaming handler is not
+        reading) and waits ``timeout`` again before it cancels the handler: a stream whose
+        client stopped reading held a SIGTERM's drain for twice ``--shutdown-timeout-s``.
+        Here the handler is cancelled when the window ends, and aiohttp's shutdown then
+        waits only for what the cancelled handler does on its way out (its bill)."""
+        task = self._task_handler
+        if timeout and self._request_in_progress and task is not None and not task.done():
+            self._force_close = True  # the connection ends with this request
+            await asyncio.wait({task}, timeout=timeout)
+            if not task.done():
+                task.cancel()
+        await super().shutdown(timeout)
 
 
 class _Server(web.Server):
