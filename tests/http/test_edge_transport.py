@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
+from kvgate.gateway import loop
 from kvgate.gateway.edge.transport import GatewayRunner
-from kvgate.gateway.engine import loop
 from testkit import MiB, Tenant, ThreadServer
 
 SAFETY_S = 30.0  # a bound on waiting, never an assertion about time
