@@ -302,6 +302,21 @@ async def main(args: argparse.Namespace) -> int:
     return 0
 
 
+def write_load(args: argparse.Namespace, result: dict[str, Any]) -> None:
+    """The demo's figures to ``load.json``; another model's beside them, one run per client
+    count, in ``load-<model>.json``."""
+    if args.model == "demo":
+        write_result("load", result)
+        return
+    name = f"load-{args.model}"
+    try:
+        runs = json.loads((RESULTS / f"{name}.json").read_text()).get("runs", {})
+    except (OSError, ValueError):
+        runs = {}
+    runs[f"clients={args.clients}"] = result
+    write_result(name, {"model": args.model, "runs": runs})
+
+
 def report(args: argparse.Namespace, samples: list[Sample], wall: float,
            ledger_ms: float | None, unloaded: dict[str, Any], own: ProcessServer | None) -> None:
     result = summarize(samples, wall, args)
@@ -322,17 +337,8 @@ def report(args: argparse.Namespace, samples: list[Sample], wall: float,
     result["model"] = args.model
     result["event_loop"] = args.event_loop
     args.result = result
-    if not args.no_write and args.model == "demo":
-        write_result("load", result)
-    elif not args.no_write:  # another model's runs beside the demo's figures, one per client count
-        name = f"load-{args.model}"
-        path = RESULTS / f"{name}.json"
-        try:
-            runs = json.loads(path.read_text()).get("runs", {})
-        except (OSError, ValueError):
-            runs = {}
-        runs[f"clients={args.clients}"] = result
-        write_result(name, {"model": args.model, "runs": runs})
+    if not args.no_write:
+        write_load(args, result)
     if own is not None and own.profile_path is not None:
         print_profile(own.profile_path, args.profile_top)
         if args.profile_out and own.profile_path.exists():
