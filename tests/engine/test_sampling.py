@@ -7,10 +7,10 @@ import asyncio
 import pytest
 import torch
 
-from kvgate.gateway.engine import GenerateRequest, SamplingParams
+from kvgate.gateway.engine import GenerateRequest, SamplingParams, TokenEvent
 from kvgate.gateway.engine.demo import build_tokenizer
 from kvgate.gateway.engine.sequence import Sequence, append_token
-from kvgate.gateway.engine.tokenizer import IncrementalDecoder
+from kvgate.gateway.engine.tokenizer import IncrementalDecoder, TextStream
 
 from .conftest import collect, greedy, pick, picks, prompt_of
 
@@ -96,12 +96,62 @@ def test_eos_stops_unless_ignored():
     tok = build_tokenizer()
     eot = tok.eos_token_ids[0]
     for ignore, expect in ((False, "stop"), (True, None)):
-        seq = Sequence(GenerateRequest("r", "ns", [1, 2], SamplingParams(max_tokens=5, ignore_eos=ignore)), tok)
-        append_token(seq, 65, tok.eos_token_ids, 100)
-        _, reason = append_token(seq, eot, tok.eos_token_ids, 100)
-        assert reason == expect
-        assert seq.decoder.text == "A"  # eos is never text
-        assert seq.usage().completion_tokens == 2
+        for stop in ([], ["zz"]):  # text made where it is read / by the engine
+            params = SamplingParams(max_tokens=5, ignore_eos=ignore, stop=stop)
+            seq = Sequence(GenerateRequest("r", "ns", [1, 2], params), tok)
+            append_token(seq, 65, tok.eos_token_ids, 100)
+            _, reason = append_token(seq, eot, tok.eos_token_ids, 100)
+            assert reason == expect
+            assert seq.usage().completion_tokens == 2
+            if stop:
+                assert seq.decoder.text == "A"  # eos is never text
+        if not ignore:
+            text = TextStream(tok, SamplingParams(max_tokens=5))
+            assert text.text(TokenEvent("", [65, eot], final=True)) == "A"
+
+
+def _events(tok, params: SamplingParams, ids: list[int], split: int) -> tuple[str, str, str | None]:
+    """The text of ``ids`` sent through the engine's ``append_token`` and, as token events
+    of ``split`` ids each, through the reader's ``TextStream``: (engine's, reader's, reason)."""
+    seq = Sequence(GenerateRequest("r", "ns", [1], params), tok)
+    sent, reason, taken = "", None, []
+    for t in ids:
+        delta, reason = append_token(seq, t, tok.eos_token_ids, 10_000)
+        sent += delta
+        taken.append(t)
+        if reason is not None:
+            break
+    stream = TextStream(tok, params)
+    read = "".join(stream.text(TokenEvent("", taken[i : i + split],
+                                          final=reason is not None and i + split >= len(taken)))
+                   for i in range(0, len(taken), split))
+    return sent, read, reason
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_text_made_where_it_is_read_is_the_engines_own(seed):
+    """A request whose end its text does not decide is sent as ids and detokenized by its
+    reader (``TextStream``): the text, split over events any way, is what the engine's own
+    detokenizing makes of the same ids (multi-byte characters cut across tokens, an end
+    token, the token limit with a character left incomplete)."""
+    tok = build_tokenizer()
+    g = torch.Generator().manual_seed(seed)
+    # the demo's ids are bytes (and a few specials): random ones cut characters anywhere
+    raw = torch.randint(0, tok.vocab_size, (40,), generator=g).tolist()
+    eot = tok.eos_token_ids[0]
+    for ids, params in (
+            (raw, SamplingParams(max_tokens=40)),
+            ([*raw[:10], eot, *raw[10:]], SamplingParams(max_tokens=40)),
+            ([*raw[:10], eot, *raw[10:]], SamplingParams(max_tokens=40, ignore_eos=True)),
+            (raw, SamplingParams(max_tokens=7)),
+            (raw, SamplingParams(max_tokens=40, stop_token_ids=[raw[5]]))):
+        for split in (1, 3, 64):
+            # a stop string that never matches: the engine detokenizes (``reads_text``)
+            engine_text, _, engine_reason = _events(
+                tok, SamplingParams(**{**params.__dict__, "stop": ["\x00\x01"]}), ids, split)
+            sent, read, reason = _events(tok, params, ids, split)
+            assert sent == "" and reason == engine_reason
+            assert read == engine_text
 
 
 def test_stop_string_spanning_tokens_is_held_back_and_cut():
@@ -158,8 +208,9 @@ def test_a_call_repeated_word_for_word_ends_the_output_where_it_begins():
     # a tail that may begin a call waits too; without the markers nothing changes
     seq = Sequence(GenerateRequest("r", "ns", [1], params), tok)
     assert _write(seq, "ok <", tok.eos_token_ids) == ("ok ", None)
-    plain = Sequence(GenerateRequest("r", "ns", [1], SamplingParams(max_tokens=500)), tok)
-    assert _write(plain, "<c>a</c><c>a</c>", tok.eos_token_ids) == ("<c>a</c><c>a</c>", None)
+    plain = SamplingParams(max_tokens=500)
+    assert _events(tok, plain, [ord(ch) for ch in "<c>a</c><c>a</c>"], 1)[1:] == (
+        "<c>a</c><c>a</c>", None)
 
 
 def test_a_marker_inside_a_call_is_its_text_not_a_new_call():

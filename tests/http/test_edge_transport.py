@@ -115,6 +115,33 @@ def test_stalled_body_gets_a_408_and_the_connection_closes(quick: ThreadServer,
     assert body["error"]["code"] == "request_timeout"
 
 
+def test_a_body_still_trickling_after_its_408_is_not_read_on(quick: ThreadServer,
+                                                            quick_tenant: Tenant) -> None:
+    """The 408 ends the connection: the server does not go on reading (and discarding) the
+    rest of a stalled body for aiohttp's lingering time (10 s) while its client trickles
+    it, a byte every 0.1 s, for 5 s more."""
+    with _connect(quick) as s:
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                  b"Authorization: Bearer " + quick_tenant.key.encode() + b"\r\n"
+                  b"Content-Type: application/json\r\nContent-Length: 100000\r\n\r\n{")
+        s.settimeout(SAFETY_S)
+        head = s.recv(65536)
+        assert head.startswith(b"HTTP/1.1 408"), head[:100]
+        s.settimeout(0.1)
+        closed = False
+        for _ in range(50):
+            try:
+                s.sendall(b" ")
+                closed = s.recv(65536) == b""
+            except TimeoutError:
+                continue
+            except (BrokenPipeError, ConnectionResetError):
+                closed = True
+            if closed:
+                break
+        assert closed, "the server kept reading a body it had answered 408"
+
+
 MALFORMED = [
     ("header-line-too-long", b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 9000
      + b"\r\n\r\n"),

@@ -42,13 +42,19 @@ class Faults:
         self.failed_at: int | None = None
         self._run: Callable[..., Any] = self.engine.runner.run
 
+    def _sent_text(self, seq: Any) -> bool:
+        """Some of the output's text has gone out: its decode has a character before the
+        incomplete ones the detokenizer holds back (the text is made where the events are
+        read, not in the engine)."""
+        return bool(self.engine.tokenizer.decode(seq.output_ids).rstrip("\ufffd"))
+
     def run(self, chunks: list[Any]) -> Any:
         mine = [c.seq for c in chunks if c.seq.request.namespace == self.namespace]
         if any(seq.num_output >= self.started_at for seq in mine):
             self.started.set()
         for seq in mine:
             if self.fail_at is not None and seq.num_output >= self.fail_at \
-                    and seq.emitted_chars > 0:  # random bytes may take a while to be text
+                    and self._sent_text(seq):  # random bytes may take a while to be text
                 self.failed_at = seq.num_output
                 raise RuntimeError("injected engine failure")
         if mine and self.delay_s:

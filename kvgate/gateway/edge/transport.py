@@ -6,7 +6,7 @@
   request whose headers never completed, so a slowloris is cut off). Header limits are
   aiohttp's (8190-byte lines and fields, 128 headers), named here so they are deliberate.
   A body that stalls is the handler's business: ``edge.body.read_body`` bounds it with
-  the same timeout (408).
+  the same timeout (408), and the connection then closes without reading the rest.
 - ``GatewayRunner``: an ``AppRunner`` whose connections answer what aiohttp's HTTP parser
   refuses (oversized or too many headers, a bad request line, conflicting Content-Length
   and Transfer-Encoding, bad chunk framing in the headers) in the API's JSON error shape
@@ -64,6 +64,14 @@ class _JsonErrors(RequestHandler):
                             content_type="application/json")
         resp.force_close()
         return resp
+
+    def abandon_body(self) -> None:
+        """The rest of the request's body will not be read (it stalled, or its framing is
+        broken): the connection closes once the answer is sent, without aiohttp's
+        "lingering" read of what is left (up to 10 s more of a client that is trickling
+        its body, after its 408)."""
+        self._lingering_time = 0.0
+        self.close()
 
     async def shutdown(self, timeout: float | None = 15.0) -> None:
         """One drain window, not two. aiohttp's own waits ``timeout`` for the request in

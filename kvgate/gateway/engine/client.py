@@ -53,7 +53,7 @@ from kvgate.gateway.engine.request import (
     check_request,
     read_events,
 )
-from kvgate.gateway.engine.tokenizer import TextTokenizer
+from kvgate.gateway.engine.tokenizer import TextStream, TextTokenizer
 from kvgate.gateway.usage import Usage
 
 log = logging.getLogger("kvgate.engine.client")
@@ -319,7 +319,7 @@ class EngineClient:
         if kind == "tok":
             st = self._streams.get(msg[1])
             if st is not None:
-                st.events.put_nowait(TokenEvent(msg[2], msg[3], index=msg[4]))
+                st.events.put_nowait(TokenEvent(msg[2], msg[3], index=msg[4], final=msg[5]))
         elif kind in ("ev", "err"):
             st = self._streams.get(msg[1])
             if st is not None:
@@ -394,7 +394,9 @@ class EngineClient:
 
         try:
             async with contextlib.aclosing(read_events(
-                    st.events, request.sampling.n, on_token, lambda: self.cancel(rid))) as it:
+                    st.events, request.sampling.n, on_token, lambda: self.cancel(rid),
+                    None if request.sampling.reads_text
+                    else TextStream(self.tokenizer, request.sampling))) as it:
                 async for ev in it:
                     yield ev
         finally:

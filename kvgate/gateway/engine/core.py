@@ -185,7 +185,7 @@ class Core:
                 conn.out.append(("err", rid, WireError.of(ev.error), ev.usage))
             elif (isinstance(ev, TokenEvent) and ev.prompt_usage is None
                   and ev.logprobs is None):  # the usual token: plain values pickle 5x faster
-                conn.out.append(("tok", rid, ev.text, ev.token_ids, ev.index))
+                conn.out.append(("tok", rid, ev.text, ev.token_ids, ev.index, ev.final))
             else:
                 conn.out.append(("ev", rid, ev))
 

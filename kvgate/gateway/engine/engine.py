@@ -52,6 +52,7 @@ from kvgate.gateway.engine.runner import ModelRunner
 from kvgate.gateway.engine.sampler import SampleRow, TokenLogprob
 from kvgate.gateway.engine.scheduler import Chunk, Scheduler
 from kvgate.gateway.engine.sequence import Flow, Sequence, append_token
+from kvgate.gateway.engine.tokenizer import TextStream
 from kvgate.gateway.usage import Usage
 from kvgate.kernels.layout import KVLayout, dtype_name
 
@@ -229,7 +230,9 @@ class Engine:
 
         try:
             async with contextlib.aclosing(read_events(
-                    events, request.sampling.n, on_token, lambda: self.cancel(rid))) as it:
+                    events, request.sampling.n, on_token, lambda: self.cancel(rid),
+                    None if request.sampling.reads_text
+                    else TextStream(self.tokenizer, request.sampling))) as it:
                 async for ev in it:
                     yield ev
         finally:
@@ -547,7 +550,7 @@ class Engine:
                                     complete=complete)
         event = TokenEvent(text, [token], prompt_usage,
                            None if prompt_usage is None else seq.cache_detail(), seq.index,
-                           None if logprob is None else [logprob])
+                           None if logprob is None else [logprob], final=reason is not None)
         if seq.request.stream:
             seq.flow.emitted += 1
             seq.emit(event)
@@ -609,7 +612,7 @@ class Engine:
                 logprobs = [lp for e in held for lp in e.logprobs or []]
             seq.emit(TokenEvent("".join(e.text for e in held),
                                 [t for e in held for t in e.token_ids], held[0].prompt_usage,
-                                held[0].prompt_cache, seq.index, logprobs))
+                                held[0].prompt_cache, seq.index, logprobs, held[-1].final))
 
     def _shutdown(self) -> None:
         """Every stream still open ends with a ``cancelled`` finish, none hangs."""

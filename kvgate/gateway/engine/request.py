@@ -1,4 +1,5 @@
-"""What crosses the boundary between the asyncio side and the engine thread."""
+"""What crosses the boundary between the asyncio side and the engine thread, and how the
+asyncio side reads a request's events (``read_events``)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from kvgate.gateway.usage import CacheDetail, Usage
 
 if TYPE_CHECKING:
     from kvgate.gateway.engine.structured import StructuredSpec
+    from kvgate.gateway.engine.tokenizer import TextStream
 
 
 class EngineError(Exception):
@@ -176,6 +178,9 @@ class TokenEvent:
     index: int = 0  # which of the request's ``n`` choices
     # With ``SamplingParams.logprobs``: one entry per token of ``token_ids``
     logprobs: list[TokenLogprob] | None = None
+    # The choice's last token is in ``token_ids`` (its finish follows): the text still
+    # held back (an incomplete character) is flushed with it
+    final: bool = False
 
 
 @dataclass
@@ -202,19 +207,23 @@ EngineEvent = TokenEvent | FinishEvent | ErrorEvent
 
 
 async def read_events(events: asyncio.Queue[EngineEvent], n: int,
-                      on_token: Callable[[TokenEvent], None], cancel: Callable[[], None]
+                      on_token: Callable[[TokenEvent], None], cancel: Callable[[], None],
+                      text: TextStream | None = None
                       ) -> AsyncGenerator[TokenEvent | FinishEvent, None]:
     """One request's events as ``generate`` yields them: token events (each told to
     ``on_token`` as it is read), then one ``FinishEvent`` per choice (``n``). An
     ``ErrorEvent`` is raised: its error as it is, or as ``SequenceFailed`` when it carries
     the usage so far. A reader that leaves before the end (closed or cancelled) calls
-    ``cancel``; close this generator when done (``contextlib.aclosing``)."""
+    ``cancel``; close this generator when done (``contextlib.aclosing``). ``text``: the
+    token events' text is made here, from their ids (the engine sent none)."""
     finished = False
     remaining = n
     try:
         while True:
             ev = await events.get()
             if isinstance(ev, TokenEvent):
+                if text is not None:
+                    ev.text = text.text(ev)
                 on_token(ev)
             if isinstance(ev, ErrorEvent):
                 finished = True

@@ -76,6 +76,14 @@ class SamplingParams:
         return self.temperature < MIN_TEMPERATURE or self.top_k == 1 or self.top_p == 0
 
     @property
+    def reads_text(self) -> bool:
+        """Whether where the output ends depends on its text (stop strings, a repeated tool
+        call): the engine then detokenizes it. Otherwise it ends on ids alone (an end token,
+        the token limit, a complete grammar) and its text is made where it is read
+        (``request.TextStream``), not on the engine's step."""
+        return bool(self.stop) or self.repeat_block is not None
+
+    @property
     def penalised(self) -> bool:
         return bool(self.presence_penalty or self.frequency_penalty
                     or self.repetition_penalty != 1.0)

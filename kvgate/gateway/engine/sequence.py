@@ -109,7 +109,7 @@ class Sequence:
         self.seed: int = random.getrandbits(64) if seed is None else seed
         # The runner's copy of ``handle.block_table`` (appended to, never rebuilt)
         self.pages = PageRow()
-        self.decoder = IncrementalDecoder(tokenizer)
+        self.decoder = IncrementalDecoder(tokenizer)  # used when ``params.reads_text``
         self.emitted_chars = 0  # of decoder.text, already sent to the client
         # The prompt's cache split, fixed at the first admission (a recompute after a
         # preemption is the engine's cost, not the client's).
@@ -162,6 +162,10 @@ def append_token(seq: Sequence, token_id: int, eos_token_ids: list[int], max_len
     """Add a sampled token; returns (text to send now, finish reason or None).
     ``complete``: the sequence's grammar is complete, nothing may follow (``stop``).
 
+    Only an output whose end depends on its text (``params.reads_text``) is detokenized
+    here; any other gets "" and its text is made from the ids where it is read
+    (``request.TextStream``), off the engine's step.
+
     Stop strings are searched in the detokenized text; text that could still become the
     start of a stop string is held back, and text from a stop string on is never sent. The
     stop string that ends the output is kept in ``seq.stop_sequence``. With
@@ -170,10 +174,17 @@ def append_token(seq: Sequence, token_id: int, eos_token_ids: list[int], max_len
     the token limit cuts is dropped (``stop`` if what it wrote repeats an earlier block).
     """
     params = seq.params
-    decoder = seq.decoder
     seq.token_ids.append(token_id)
     reason: str | None = None
-    if (not params.ignore_eos and token_id in eos_token_ids) or token_id in params.stop_token_ids:
+    ends = (not params.ignore_eos and token_id in eos_token_ids) or token_id in params.stop_token_ids
+    if not params.reads_text:  # ids decide the end; the reader detokenizes (``TextStream``)
+        if ends or complete:
+            reason = "stop"
+        elif seq.num_output >= params.max_tokens or len(seq.token_ids) >= max_len:
+            reason = "length"
+        return "", reason
+    decoder = seq.decoder
+    if ends:
         reason = "stop"
         decoder.flush()
     else:

@@ -14,7 +14,7 @@ import json
 import re
 import secrets
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jinja2
 import jinja2.meta
@@ -22,6 +22,10 @@ import jinja2.sandbox
 from tokenizers import Tokenizer
 
 from kvgate.gateway.engine.request import PromptTooLong
+
+if TYPE_CHECKING:
+    from kvgate.gateway.engine.request import TokenEvent
+    from kvgate.gateway.engine.sampling import SamplingParams
 
 
 class TextTokenizer:
@@ -287,6 +291,33 @@ class IncrementalDecoder:
         else:
             self.sent = end - len(prefix_text)
         return delta
+
+
+class TextStream:
+    """The text of a request's choices, made from their token ids where the events are
+    read (the API server), not on the engine's step: for a request whose end does not
+    depend on its text (``SamplingParams.reads_text`` is False) the engine sends ids
+    alone. The same rules as the engine's own detokenizing (``sequence.append_token``):
+    an end token (``eos`` unless ignored, a ``stop_token_ids`` id) is never text, and a
+    choice's last token flushes what was held back."""
+
+    def __init__(self, tokenizer: TextTokenizer, params: SamplingParams) -> None:
+        self.tokenizer = tokenizer
+        self.end_ids = frozenset(params.stop_token_ids) | (
+            frozenset() if params.ignore_eos else frozenset(tokenizer.eos_token_ids))
+        self.decoders: dict[int, IncrementalDecoder] = {}
+
+    def text(self, ev: TokenEvent) -> str:
+        decoder = self.decoders.get(ev.index)
+        if decoder is None:
+            decoder = self.decoders[ev.index] = IncrementalDecoder(self.tokenizer)
+        ids = ev.token_ids
+        if ev.final and ids and ids[-1] in self.end_ids:
+            ids = ids[:-1]
+        parts = [decoder.push(t) for t in ids]
+        if ev.final:
+            parts.append(decoder.flush())
+        return "".join(parts)
 
 
 HERMES_TOOLS = (
