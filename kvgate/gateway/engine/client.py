@@ -396,7 +396,7 @@ class EngineClient:
             async with contextlib.aclosing(read_events(
                     st.events, request.sampling.n, on_token, lambda: self.cancel(rid),
                     None if request.sampling.reads_text
-                    else TextStream(self.tokenizer, request.sampling))) as it:
+                    else TextStream(self.tokenizer, request.sampling).text)) as it:
                 async for ev in it:
                     yield ev
         finally:

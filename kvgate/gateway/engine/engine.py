@@ -232,7 +232,7 @@ class Engine:
             async with contextlib.aclosing(read_events(
                     events, request.sampling.n, on_token, lambda: self.cancel(rid),
                     None if request.sampling.reads_text
-                    else TextStream(self.tokenizer, request.sampling))) as it:
+                    else TextStream(self.tokenizer, request.sampling).text)) as it:
                 async for ev in it:
                     yield ev
         finally:

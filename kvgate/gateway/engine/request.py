@@ -13,7 +13,6 @@ from kvgate.gateway.usage import CacheDetail, Usage
 
 if TYPE_CHECKING:
     from kvgate.gateway.engine.structured import StructuredSpec
-    from kvgate.gateway.engine.tokenizer import TextStream
 
 
 class EngineError(Exception):
@@ -208,14 +207,14 @@ EngineEvent = TokenEvent | FinishEvent | ErrorEvent
 
 async def read_events(events: asyncio.Queue[EngineEvent], n: int,
                       on_token: Callable[[TokenEvent], None], cancel: Callable[[], None],
-                      text: TextStream | None = None
+                      text: Callable[[TokenEvent], str] | None = None
                       ) -> AsyncGenerator[TokenEvent | FinishEvent, None]:
     """One request's events as ``generate`` yields them: token events (each told to
     ``on_token`` as it is read), then one ``FinishEvent`` per choice (``n``). An
     ``ErrorEvent`` is raised: its error as it is, or as ``SequenceFailed`` when it carries
     the usage so far. A reader that leaves before the end (closed or cancelled) calls
-    ``cancel``; close this generator when done (``contextlib.aclosing``). ``text``: the
-    token events' text is made here, from their ids (the engine sent none)."""
+    ``cancel``; close this generator when done (``contextlib.aclosing``). ``text``: makes the
+    token events' text here, from their ids (the engine sent none: ``tokenizer.TextStream``)."""
     finished = False
     remaining = n
     try:
@@ -223,7 +222,7 @@ async def read_events(events: asyncio.Queue[EngineEvent], n: int,
             ev = await events.get()
             if isinstance(ev, TokenEvent):
                 if text is not None:
-                    ev.text = text.text(ev)
+                    ev.text = text(ev)
                 on_token(ev)
             if isinstance(ev, ErrorEvent):
                 finished = True

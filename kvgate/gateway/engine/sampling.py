@@ -80,7 +80,7 @@ class SamplingParams:
         """Whether where the output ends depends on its text (stop strings, a repeated tool
         call): the engine then detokenizes it. Otherwise it ends on ids alone (an end token,
         the token limit, a complete grammar) and its text is made where it is read
-        (``request.TextStream``), not on the engine's step."""
+        (``tokenizer.TextStream``), not on the engine's step."""
         return bool(self.stop) or self.repeat_block is not None
 
     @property

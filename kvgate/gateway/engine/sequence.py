@@ -164,7 +164,7 @@ def append_token(seq: Sequence, token_id: int, eos_token_ids: list[int], max_len
 
     Only an output whose end depends on its text (``params.reads_text``) is detokenized
     here; any other gets "" and its text is made from the ids where it is read
-    (``request.TextStream``), off the engine's step.
+    (``tokenizer.TextStream``), off the engine's step.
 
     Stop strings are searched in the detokenized text; text that could still become the
     start of a stop string is held back, and text from a stop string on is never sent. The
