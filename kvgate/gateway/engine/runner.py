@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel
 
+from kvgate.cachestore import CacheSeq
 from kvgate.gateway.engine.attention import AttentionContext, attention_context
 from kvgate.gateway.engine.graphs import DecodeGraphs, GraphUnavailable
 from kvgate.gateway.engine.scheduler import Chunk
@@ -38,6 +39,12 @@ class StepInputs:
         self.ctx = ctx
         self.sample_rows = sample_rows  # [n] int64: the tokens whose hidden state samples
         self.num_samples = num_samples
+
+
+def _handle(chunk: Chunk) -> CacheSeq:
+    handle = chunk.seq.handle
+    assert handle is not None, "a scheduled sequence holds its pages"
+    return handle
 
 
 class ModelRunner:
@@ -82,9 +89,14 @@ class ModelRunner:
         num_blocks = -(-ends // bs)
         width = int(num_blocks.max())
         tables = np.zeros((batch, width), dtype=np.int64)
-        for row, (c, n) in enumerate(zip(chunks, num_blocks.tolist(), strict=True)):
-            assert c.seq.handle is not None, "a scheduled sequence holds its pages"
-            tables[row, :n] = c.seq.pages.sync(c.seq.handle.block_table)[:n]
+        # each row's pages, synced from its handle (``PageRow``): one copy into the table
+        # when every sequence holds exactly the pages its tokens need (the usual step)
+        pages = [c.seq.pages.sync(_handle(c).block_table) for c in chunks]
+        if (np.fromiter(map(len, pages), np.int64, batch) == num_blocks).all():
+            tables[np.arange(width) < num_blocks[:, None]] = np.concatenate(pages)
+        else:
+            for row, (p, n) in enumerate(zip(pages, num_blocks.tolist(), strict=True)):
+                tables[row, :n] = p[:n]
         slots = tables[token_row, positions // bs] * bs + positions % bs
         rows = (cu[1:] - 1)[samples]
         # one buffer, one copy: ids, positions, slots | cu, seq_lens, rows | tables

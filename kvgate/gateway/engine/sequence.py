@@ -35,19 +35,26 @@ class PageRow:
         self.array = np.zeros(16, dtype=np.int32)
         self.size = 0
         self.source: list[int] | None = None
+        self.last = -1  # the table's last page as synced (a plain int: compared each step)
+        self.view = self.array[:0]  # array[:size], kept: most steps change nothing
 
     def sync(self, table: list[int]) -> np.ndarray:
-        if (table is not self.source or len(table) < self.size
-                or (self.size and table[self.size - 1] != self.array[self.size - 1])):
+        n = len(table)
+        if table is self.source and n == self.size and (not n or table[n - 1] == self.last):
+            return self.view  # the usual decode step: no page added
+        if (table is not self.source or n < self.size
+                or (self.size and table[self.size - 1] != self.last)):
             self.source, self.size = table, 0
-        if len(table) > self.size:
-            if len(table) > len(self.array):
-                grown = np.zeros(max(len(table), 2 * len(self.array)), dtype=np.int32)
+        if n > self.size:
+            if n > len(self.array):
+                grown = np.zeros(max(n, 2 * len(self.array)), dtype=np.int32)
                 grown[: self.size] = self.array[: self.size]
                 self.array = grown
-            self.array[self.size : len(table)] = table[self.size :]
-            self.size = len(table)
-        return self.array[: self.size]
+            self.array[self.size : n] = table[self.size :]
+            self.size = n
+        self.last = table[n - 1] if n else -1
+        self.view = self.array[: self.size]
+        return self.view
 
 
 class Status(enum.Enum):
