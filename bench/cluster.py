@@ -382,6 +382,32 @@ async def router_overhead(session: aiohttp.ClientSession, direct: str,
                           round(statistics.median(own["router"]), 3) if own else None,
                       **{f"{name.replace('-', '_')}_p50_ms": round(statistics.median(v), 3)
                          for name, v in own.items() if name != "router"}}
+    out["chat"]["render_in_process"] = render_after_idle(chat)
+    return out
+
+
+def render_after_idle(body: dict[str, Any], n: int = 200) -> dict[str, float]:
+    """The router's own render + tokenize + hash of ``body`` (``PromptRenderer.hashes``),
+    in this process, µs median: back to back, and after idling 1 ms and 20 ms (about the
+    replica's one-token chat step) before each. The same code, the same body: what the
+    idle gap alone costs. One request at a time, a router sleeps while the replica
+    computes, and on this machine a process that slept wakes to a slower CPU (caches
+    cold, the core clocked down or given to another guest), which ``server-timing``'s
+    ``router-render`` shows as several times this warm figure."""
+    from kvgate.gateway.route.prompt import PromptRenderer, tokenizer_for
+    renderer = PromptRenderer(tokenizer_for(body["model"]))
+    raw = json.dumps(body).encode()
+    out: dict[str, float] = {}
+    for label, gap in (("warm_us", 0.0), ("after_1ms_idle_us", 0.001),
+                       ("after_20ms_idle_us", 0.02)):
+        times = []
+        for _ in range(n):
+            if gap:
+                time.sleep(gap)
+            t0 = time.perf_counter()
+            renderer.hashes(CHAT, raw, 1, body["model"], 16)
+            times.append(time.perf_counter() - t0)
+        out[label] = round(statistics.median(times) * 1e6, 1)
     return out
 
 

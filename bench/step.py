@@ -7,7 +7,8 @@ asyncio), on decode steps only (the prompts are computed first and not timed):
   state and a fixed logits tensor of ``[batch, vocab]`` are handed back, nothing is
   computed), at batch 1, 16, 64 and 256 with a 128k-entry vocabulary, and again with the
   demo's own 262-entry vocabulary. What is left is scheduling, step inputs, sampling and
-  post-processing (detokenizing, stop checks, events). The difference between the two
+  post-processing (stop checks, events; no request of these mixes has stop strings, so
+  none is detokenized in the engine: their text is made where the events are read). The difference between the two
   vocabularies is the work that grows with the vocabulary (sampling over ``[batch, vocab]``):
   on a GPU that runs on the device; on a CPU it is arithmetic like the model's.
 - full: the real forward of the demo and the ~150M "bench" models at batch 64: step time
