@@ -115,7 +115,8 @@ _piece = st.one_of(
 
 
 @settings(max_examples=300, deadline=None)
-@given(pieces=st.lists(_piece, max_size=12), flush_twice=st.booleans())
+@given(pieces=st.lists(_piece, max_size=IncrementalDecoder.MAX_WINDOW // 4),
+       flush_twice=st.booleans())
 def test_incremental_deltas_add_up_to_the_full_decode(pieces, flush_twice):
     ids = [i for piece in pieces for i in piece]
     dec = IncrementalDecoder(_DEMO)
@@ -124,6 +125,25 @@ def test_incremental_deltas_add_up_to_the_full_decode(pieces, flush_twice):
     if flush_twice:
         deltas.append(dec.flush())  # flushing twice sends nothing more
     assert "".join(deltas) == _DEMO.decode(ids) == dec.text
+
+
+def test_an_output_that_is_never_a_whole_character_is_decoded_in_a_bounded_window():
+    """Bytes that never end on a whole character (continuation bytes, which ``logit_bias``
+    can force) once made the decoder decode the whole output at every token: quadratic,
+    seconds of an event loop or the engine's step for one request. The window now moves
+    on after ``MAX_WINDOW`` tokens; what is sent is still the full decode."""
+    ids = [0x80 + i % 64 for i in range(3000)]
+    dec = IncrementalDecoder(_DEMO)
+    deltas = []
+    for i in ids:
+        deltas.append(dec.push(i))
+        assert len(dec.ids) - dec.prefix_offset <= IncrementalDecoder.MAX_WINDOW + 1
+    deltas.append(dec.flush())
+    assert "".join(deltas) == _DEMO.decode(ids) == "\ufffd" * len(ids)
+    # real text after the garbage comes out whole
+    more = list("après 🎉".encode())
+    text = "".join([dec.push(i) for i in more] + [dec.flush()])
+    assert text == "après 🎉"
 
 
 # -- the length bound that refuses a prompt without tokenizing it ----------------------

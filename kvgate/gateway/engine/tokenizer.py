@@ -250,11 +250,18 @@ class IncrementalDecoder:
     to the last (at most ``HELD_REPLACEMENTS``) trailing U+FFFDs, which wait for the next
     token (or the flush). Decoding from ``prefix_offset`` (one token of context) keeps
     tokenizers that strip a leading space from a lone token honest (the vLLM scheme); the
-    window moves on only where the decode ended on a whole character.
+    window moves on only where the decode ended on a whole character, or once it spans
+    ``MAX_WINDOW`` tokens: an output that never ends on a whole character (bytes that
+    are no UTF-8, which a tenant can force with ``logit_bias``) would otherwise be decoded
+    whole at every token, quadratic in its length. Text that wide without one whole
+    character at its end is not text: its held U+FFFDs are sent as they are.
     """
 
     # An incomplete UTF-8 character decodes to one U+FFFD per byte at most (byte fallback).
     HELD_REPLACEMENTS = 3
+    # Tokens the window may span before it moves on regardless (a character is at most 4
+    # bytes, so real text ends on a whole character far more often than this)
+    MAX_WINDOW = 32
 
     def __init__(self, tokenizer: TextTokenizer) -> None:
         self.tokenizer = tokenizer
@@ -266,7 +273,7 @@ class IncrementalDecoder:
 
     def push(self, token_id: int) -> str:
         self.ids.append(token_id)
-        return self._delta(final=False)
+        return self._delta(final=len(self.ids) - self.prefix_offset > self.MAX_WINDOW)
 
     def flush(self) -> str:
         return self._delta(final=True)
