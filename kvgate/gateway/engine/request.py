@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncGenerator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -204,6 +205,13 @@ class ErrorEvent:
 # What the engine thread sends to one request's listener.
 EngineEvent = TokenEvent | FinishEvent | ErrorEvent
 
+# A token event with more ids than this (a request that does not stream gets its whole
+# output as one) has its text made on a worker thread, not on the event loop: a decode
+# that keeps ending in an incomplete character costs the whole output per token. Bounded:
+# a flood of such outputs queues here, not on the default executor (DNS lookups use it).
+INLINE_TEXT_IDS = 64
+_TEXT = ThreadPoolExecutor(max_workers=2, thread_name_prefix="kvgate-text")
+
 
 async def read_events(events: asyncio.Queue[EngineEvent], n: int,
                       on_token: Callable[[TokenEvent], None], cancel: Callable[[], None],
@@ -214,16 +222,19 @@ async def read_events(events: asyncio.Queue[EngineEvent], n: int,
     ``ErrorEvent`` is raised: its error as it is, or as ``SequenceFailed`` when it carries
     the usage so far. A reader that leaves before the end (closed or cancelled) calls
     ``cancel``; close this generator when done (``contextlib.aclosing``). ``text``: makes the
-    token events' text here, from their ids (the engine sent none: ``tokenizer.TextStream``)."""
+    token events' text here, from their ids (the engine sent none: ``tokenizer.TextStream``),
+    off the event loop for a long event (``INLINE_TEXT_IDS``)."""
     finished = False
     remaining = n
     try:
         while True:
             ev = await events.get()
             if isinstance(ev, TokenEvent):
+                on_token(ev)  # first: counted even if the core is lost while its text is made
                 if text is not None:
-                    ev.text = text(ev)
-                on_token(ev)
+                    ev.text = (text(ev) if len(ev.token_ids) <= INLINE_TEXT_IDS
+                               else await asyncio.get_running_loop().run_in_executor(
+                                   _TEXT, text, ev))
             if isinstance(ev, ErrorEvent):
                 finished = True
                 if ev.usage is None:
