@@ -206,9 +206,9 @@ class ErrorEvent:
 EngineEvent = TokenEvent | FinishEvent | ErrorEvent
 
 # A token event with more ids than this (a request that does not stream gets its whole
-# output as one) has its text made on a worker thread, not on the event loop: a decode
-# that keeps ending in an incomplete character costs the whole output per token. Bounded:
-# a flood of such outputs queues here, not on the default executor (DNS lookups use it).
+# output as one) has its text made on a worker thread, not on the event loop: thousands
+# of ids take milliseconds to tens of milliseconds to decode token by token. Bounded: a
+# flood of such outputs queues here, not on the default executor (DNS lookups use it).
 INLINE_TEXT_IDS = 64
 _TEXT = ThreadPoolExecutor(max_workers=2, thread_name_prefix="kvgate-text")
 
