@@ -115,18 +115,21 @@ def test_stalled_body_gets_a_408_and_the_connection_closes(quick: ThreadServer,
     assert body["error"]["code"] == "request_timeout"
 
 
-def test_a_body_still_trickling_after_its_408_is_not_read_on(quick: ThreadServer,
-                                                            quick_tenant: Tenant) -> None:
-    """The 408 ends the connection: the server does not go on reading (and discarding) the
-    rest of a stalled body for aiohttp's lingering time (10 s) while its client trickles
-    it, a byte every 0.1 s, for 5 s more."""
+@pytest.mark.parametrize(("length", "status"), [(100_000, 408), (64 * MiB, 413)])
+def test_a_body_still_trickling_after_its_refusal_is_not_read_on(
+        quick: ThreadServer, quick_tenant: Tenant, length: int, status: int) -> None:
+    """A 408 (the body stalled) or a 413 (its Content-Length is over the limit) ends the
+    connection: the server does not go on reading (and discarding) the rest of the body
+    for aiohttp's lingering time (10 s) while its client trickles it, a byte every 0.1 s,
+    for 5 s more."""
     with _connect(quick) as s:
         s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
                   b"Authorization: Bearer " + quick_tenant.key.encode() + b"\r\n"
-                  b"Content-Type: application/json\r\nContent-Length: 100000\r\n\r\n{")
+                  b"Content-Type: application/json\r\n"
+                  b"Content-Length: " + str(length).encode() + b"\r\n\r\n{")
         s.settimeout(SAFETY_S)
         head = s.recv(65536)
-        assert head.startswith(b"HTTP/1.1 408"), head[:100]
+        assert head.startswith(f"HTTP/1.1 {status}".encode()), head[:100]
         s.settimeout(0.1)
         closed = False
         for _ in range(50):
@@ -139,7 +142,7 @@ def test_a_body_still_trickling_after_its_408_is_not_read_on(quick: ThreadServer
                 closed = True
             if closed:
                 break
-        assert closed, "the server kept reading a body it had answered 408"
+        assert closed, f"the server kept reading a body it had answered {status}"
 
 
 MALFORMED = [

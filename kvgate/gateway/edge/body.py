@@ -13,6 +13,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 
 from kvgate.gateway.edge.context import edge_of
+from kvgate.gateway.edge.transport import abandon_body
 from kvgate.gateway.protocol.body import parse_json
 from kvgate.gateway.protocol.errors import ApiError, bad_request
 
@@ -37,27 +38,17 @@ async def read_body(request: web.Request) -> bytes:
         async with asyncio.timeout(timeout):
             return await request.read()
     except TimeoutError:
-        _abandon(request)  # what is left of the body is never read: not reusable
+        abandon_body(request)  # what is left of the body is never read: not reusable
         raise ApiError(408, f"The request body did not arrive within {timeout}s.",
                        code="request_timeout") from None
     except HttpProcessingError as exc:
-        _abandon(request)
+        abandon_body(request)
         raise bad_request(f"The request body is malformed: {exc.message}.",
                           code="bad_http_request") from None
     except RequestPayloadError as exc:  # e.g. a Content-Encoding its bytes do not decode as
-        _abandon(request)
+        abandon_body(request)
         raise bad_request(f"The request body cannot be read: {exc}.",
                           code="bad_http_request") from None
-
-
-def _abandon(request: web.Request) -> None:
-    """The connection closes after the answer, without reading what is left of the body
-    (``transport._JsonErrors.abandon_body``; a plain aiohttp handler just closes)."""
-    abandon = getattr(request.protocol, "abandon_body", None)
-    if abandon is not None:
-        abandon()
-    else:
-        request.protocol.close()
 
 
 async def prepare(raw: bytes | dict, build: Callable[[dict], T]) -> T:

@@ -89,6 +89,18 @@ class _JsonErrors(RequestHandler):
         await super().shutdown(timeout)
 
 
+def abandon_body(request: web.BaseRequest) -> None:
+    """What is left of the request's body will not be read (it stalled, broke its framing,
+    or is over the size limit): the connection closes once the answer is sent, without
+    reading the rest first (``_JsonErrors.abandon_body``; a plain aiohttp connection just
+    closes after its lingering read)."""
+    protocol = request.protocol
+    if isinstance(protocol, _JsonErrors):
+        protocol.abandon_body()
+    else:
+        protocol.close()
+
+
 class _Server(web.Server):
     def __call__(self) -> RequestHandler:
         return _JsonErrors(self, loop=self._loop, **self._kwargs)
