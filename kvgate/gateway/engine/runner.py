@@ -89,14 +89,10 @@ class ModelRunner:
         num_blocks = -(-ends // bs)
         width = int(num_blocks.max())
         tables = np.zeros((batch, width), dtype=np.int64)
-        # each row's pages, synced from its handle (``PageRow``): one copy into the table
-        # when every sequence holds exactly the pages its tokens need (the usual step)
-        pages = [c.seq.pages.sync(_handle(c).block_table) for c in chunks]
-        if (np.fromiter(map(len, pages), np.int64, batch) == num_blocks).all():
-            tables[np.arange(width) < num_blocks[:, None]] = np.concatenate(pages)
-        else:
-            for row, (p, n) in enumerate(zip(pages, num_blocks.tolist(), strict=True)):
-                tables[row, :n] = p[:n]
+        # each row's first pages, synced from its handle (``PageRow``), in one masked copy
+        pages = [c.seq.pages.sync(_handle(c).block_table)[:n]
+                 for c, n in zip(chunks, num_blocks.tolist(), strict=True)]
+        tables[np.arange(width) < num_blocks[:, None]] = np.concatenate(pages)
         slots = tables[token_row, positions // bs] * bs + positions % bs
         rows = (cu[1:] - 1)[samples]
         # one buffer, one copy: ids, positions, slots | cu, seq_lens, rows | tables

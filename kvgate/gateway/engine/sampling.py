@@ -75,6 +75,12 @@ class SamplingParams:
         # A temperature this small, or a nucleus of zero mass, leaves only the top token.
         return self.temperature < MIN_TEMPERATURE or self.top_k == 1 or self.top_p == 0
 
+    def ends_on(self, token_id: int, eos_token_ids: list[int]) -> bool:
+        """Whether ``token_id`` ends the output (``stop``), never sent as text: the model's
+        end token unless ``ignore_eos``, or one of ``stop_token_ids``."""
+        return ((not self.ignore_eos and token_id in eos_token_ids)
+                or token_id in self.stop_token_ids)
+
     @property
     def reads_text(self) -> bool:
         """Whether where the output ends depends on its text (stop strings, a repeated tool

@@ -183,7 +183,7 @@ def append_token(seq: Sequence, token_id: int, eos_token_ids: list[int], max_len
     params = seq.params
     seq.token_ids.append(token_id)
     reason: str | None = None
-    ends = (not params.ignore_eos and token_id in eos_token_ids) or token_id in params.stop_token_ids
+    ends = params.ends_on(token_id, eos_token_ids)
     if not params.reads_text:  # ids decide the end; the reader detokenizes (``TextStream``)
         if ends or complete:
             reason = "stop"

@@ -305,13 +305,13 @@ class TextStream:
     read (the API server), not on the engine's step: for a request whose end does not
     depend on its text (``SamplingParams.reads_text`` is False) the engine sends ids
     alone. The same rules as the engine's own detokenizing (``sequence.append_token``):
-    an end token (``eos`` unless ignored, a ``stop_token_ids`` id) is never text, and a
-    choice's last token flushes what was held back."""
+    an end token (``SamplingParams.ends_on``) is never text, and a choice's last token
+    flushes what was held back."""
 
     def __init__(self, tokenizer: TextTokenizer, params: SamplingParams) -> None:
         self.tokenizer = tokenizer
-        self.end_ids = frozenset(params.stop_token_ids) | (
-            frozenset() if params.ignore_eos else frozenset(tokenizer.eos_token_ids))
+        self.params = params
+        self.eos_token_ids = tokenizer.eos_token_ids  # as the request started
         self.decoders: dict[int, IncrementalDecoder] = {}
 
     def text(self, ev: TokenEvent) -> str:
@@ -319,7 +319,7 @@ class TextStream:
         if decoder is None:
             decoder = self.decoders[ev.index] = IncrementalDecoder(self.tokenizer)
         ids = ev.token_ids
-        if ev.final and ids and ids[-1] in self.end_ids:
+        if ev.final and ids and self.params.ends_on(ids[-1], self.eos_token_ids):
             ids = ids[:-1]
         parts = [decoder.push(t) for t in ids]
         if ev.final:
