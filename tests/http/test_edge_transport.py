@@ -115,13 +115,14 @@ def test_stalled_body_gets_a_408_and_the_connection_closes(quick: ThreadServer,
     assert body["error"]["code"] == "request_timeout"
 
 
-@pytest.mark.parametrize(("length", "status"), [(100_000, 408), (64 * MiB, 413)])
-def test_a_body_still_trickling_after_its_refusal_is_not_read_on(
-        quick: ThreadServer, quick_tenant: Tenant, length: int, status: int) -> None:
-    """A 408 (the body stalled) or a 413 (its Content-Length is over the limit) ends the
-    connection: the server does not go on reading (and discarding) the rest of the body
-    for aiohttp's lingering time (10 s) while its client trickles it, a byte every 0.1 s,
-    for 5 s more."""
+def test_a_body_still_trickling_after_its_408_is_not_read_on(
+        quick: ThreadServer, quick_tenant: Tenant) -> None:
+    """A 408 (the body stalled) ends the connection: the server does not go on reading
+    (and discarding) the rest of the body for aiohttp's lingering time (10 s) while its
+    client trickles it, a byte every 0.1 s, for 5 s more. (A 413 keeps aiohttp's lingering
+    read: a client sending a big body at full speed must be able to finish and read its
+    413, where a close would reset the connection under it.)"""
+    length, status = 100_000, 408
     with _connect(quick) as s:
         s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
                   b"Authorization: Bearer " + quick_tenant.key.encode() + b"\r\n"

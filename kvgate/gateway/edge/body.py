@@ -46,7 +46,8 @@ async def read_body(request: web.Request) -> bytes:
         raise bad_request(f"The request body is malformed: {exc.message}.",
                           code="bad_http_request") from None
     except RequestPayloadError as exc:  # e.g. a Content-Encoding its bytes do not decode as
-        abandon_body(request)
+        request.protocol.close()  # (after aiohttp's lingering read: the client may still
+        # be sending at full speed, and a close under it would reset the 400 away)
         raise bad_request(f"The request body cannot be read: {exc}.",
                           code="bad_http_request") from None
 

@@ -13,7 +13,6 @@ from aiohttp import web
 from kvgate.gateway.edge.context import CTX, RequestContext, ctx_of, edge_of
 from kvgate.gateway.edge.errors import ClientGone, error_response, from_http_exception
 from kvgate.gateway.edge.sse import OPEN_STREAM, end_stream_with_error
-from kvgate.gateway.edge.transport import abandon_body
 from kvgate.gateway.ledger import LedgerUnavailable
 from kvgate.gateway.protocol.errors import ApiError
 
@@ -43,7 +42,6 @@ async def context_middleware(request: web.Request, handler: Handler) -> web.Stre
     try:
         limit = edge.http.max_body_bytes
         if request.content_length is not None and request.content_length > limit:
-            abandon_body(request)  # never read: no lingering read of a body this big
             raise ApiError(413, f"Request body is {request.content_length} bytes; the limit is "
                            f"{limit}.", code="request_too_large")
         response = await handler(request)
@@ -52,8 +50,6 @@ async def context_middleware(request: web.Request, handler: Handler) -> web.Stre
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        if exc.status == 413:  # a body over the limit, cut while it was read
-            abandon_body(request)
         response, status = await _error_reply(request, from_http_exception(exc))
     except RecursionError:  # JSON inside a string field (tool arguments, a schema) nested
         response, status = await _error_reply(request, ApiError(  # past Python's stack

@@ -90,8 +90,8 @@ class _JsonErrors(RequestHandler):
 
 
 def abandon_body(request: web.BaseRequest) -> None:
-    """What is left of the request's body will not be read (it stalled, broke its framing,
-    or is over the size limit): the connection closes once the answer is sent, without
+    """What is left of the request's body will not be read (it stalled, or broke its
+    framing): the connection closes once the answer is sent, without
     reading the rest first (``_JsonErrors.abandon_body``; a plain aiohttp connection just
     closes after its lingering read)."""
     protocol = request.protocol
