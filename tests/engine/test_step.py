@@ -229,6 +229,35 @@ def test_a_bias_outside_the_vocabulary_is_refused_on_the_host() -> None:
                                     SampleRow(SamplingParams(logit_bias={10: 1.0}))])
 
 
+def test_a_history_outside_the_vocabulary_is_refused_on_the_host() -> None:
+    """Penalties count ids on the host: an id past the vocabulary would land in the next
+    row's counts, a negative one anywhere. A ValueError instead."""
+    penalised = SamplingParams(temperature=1.0, repetition_penalty=1.2)
+    for history in ([1, 2, 10], [-1, 3]):
+        with pytest.raises(ValueError, match="outside"):
+            sample(torch.zeros(2, 10), [SampleRow(SamplingParams()),
+                                        SampleRow(penalised, history, 1)])
+
+
+def test_a_sequences_history_array_follows_its_ids() -> None:
+    """``Sequence.history()`` copies only what was appended since its last call; the
+    sampler reads it as it reads the list: the same penalised draws."""
+    seq = Sequence(GenerateRequest("r", "ns", [5, 6, 7], SamplingParams()), build_tokenizer())
+    rng = np.random.default_rng(0)
+    logits = torch.randn(1, 64, generator=torch.Generator().manual_seed(0))
+    params = SamplingParams(temperature=0.8, repetition_penalty=1.5, presence_penalty=1.0,
+                            frequency_penalty=0.7, seed=1)
+    for step in range(300):
+        seq.token_ids.append(int(rng.integers(0, 64)))
+        if step % 7:
+            continue
+        history = seq.history()
+        assert history.dtype == np.int64 and history.tolist() == seq.token_ids
+        u = float(uniforms([1], [step])[0])
+        from_array = sample(logits, [SampleRow(params, history, 3, u)]).tolist()
+        assert from_array == sample(logits, [SampleRow(params, list(seq.token_ids), 3, u)]).tolist()
+
+
 async def test_a_row_whose_sampling_fails_fails_alone(make_engine):
     """A request whose parameters break the batched pass (a bias past the vocabulary that
     slipped past the HTTP checks) fails; the others sharing its steps finish."""

@@ -496,7 +496,7 @@ class Engine:
         """Samples every taker's next token in one batched pass over the step's logits,
         then appends and sends each. A failure there is the sequence's own."""
         logits = _matrix([row for _, row, _ in takers])
-        rows = [SampleRow(seq.params, seq.token_ids if seq.params.penalised else (),
+        rows = [SampleRow(seq.params, seq.history() if seq.params.penalised else (),
                           seq.num_prompt_tokens) for seq, _, _ in takers]
         for row, u in zip(rows, sampler.uniforms([s.seed for s, _, _ in takers],
                                                  [s.num_output for s, _, _ in takers]),

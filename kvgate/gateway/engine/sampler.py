@@ -11,6 +11,7 @@ full sort where a nucleus is wider: exact either way.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -39,6 +40,10 @@ class RowParams(Protocol):
     def penalised(self) -> bool: ...
 
 CANDIDATES = 1024  # tokens considered per top_k/top_p row before the full-sort fallback
+# A batch with greedy rows takes the argmax of every row (one op, the drawn rows' ids
+# replaced after) while its drawn rows hold at most this many scores; beyond, the greedy
+# rows' own
+ARGMAX_ALL = 1 << 16
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _MIX1 = np.uint64(0xBF58476D1CE4E5B9)
 _MIX2 = np.uint64(0x94D049BB133111EB)
@@ -75,25 +80,35 @@ class TokenLogprob:
 @dataclass
 class SampleRow:
     """What one row of the batch samples with: its parameters, its tokens so far (prompt
-    then output; the penalties read them) and its uniform for this draw."""
+    then output; the penalties read them; an int64 array is read without a copy) and its
+    uniform for this draw."""
 
     params: RowParams
-    token_ids: Sequence[int] = ()
+    token_ids: Sequence[int] | np.ndarray = ()
     num_prompt: int = 0
     uniform: float = 0.5
+
+
+_NUMPY = {torch.float32: np.float32, torch.float64: np.float64, torch.long: np.int64,
+          torch.bool: np.bool_}
 
 
 def _put(data: object, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """Host data on ``device``. On CUDA through pinned memory and without blocking: a copy
     from pageable memory would wait for the forward still running on the stream."""
-    host = data if isinstance(data, torch.Tensor) else torch.tensor(data, dtype=dtype)
+    if isinstance(data, torch.Tensor):
+        host = data
+    elif dtype in _NUMPY:  # through numpy: torch.tensor() of a list costs 2-4x more
+        host = torch.from_numpy(np.array(data, dtype=_NUMPY[dtype]))
+    else:
+        host = torch.tensor(data, dtype=dtype)
     if device.type != "cuda":
         return host.to(device)
     return host.pin_memory().to(device, non_blocking=True)
 
 
 def _processed(rows: Sequence[SampleRow]) -> bool:
-    return any(r.params.logit_bias or (r.params.penalised and r.token_ids) for r in rows)
+    return any(r.params.logit_bias or (r.params.penalised and len(r.token_ids) > 0) for r in rows)
 
 
 def process(logits: torch.Tensor, rows: Sequence[SampleRow]) -> torch.Tensor:
@@ -111,7 +126,7 @@ def _process_(scores: torch.Tensor, rows: Sequence[SampleRow]) -> None:
     vocab = scores.shape[1]
     device = scores.device
     biased = [i for i, r in enumerate(rows) if r.params.logit_bias]
-    rep = [i for i, r in enumerate(rows) if r.params.repetition_penalty != 1.0 and r.token_ids]
+    rep = [i for i, r in enumerate(rows) if r.params.repetition_penalty != 1.0 and len(r.token_ids) > 0]
     freq = [i for i, r in enumerate(rows) if (r.params.presence_penalty or r.params.frequency_penalty)
             and len(r.token_ids) > r.num_prompt]
     if biased:
@@ -123,85 +138,98 @@ def _process_(scores: torch.Tensor, rows: Sequence[SampleRow]) -> None:
             raise ValueError(f"logit_bias names a token outside [0, {vocab})")
         scores.index_put_((_put(r_idx, torch.long, device), _put(t_idx, torch.long, device)),
                           _put(vals, scores.dtype, device), accumulate=True)
+    pen = sorted({*rep, *freq})
+    if not pen:
+        return
+    # every penalised row in one gather and one scatter; a row without one of the two
+    # penalties is left as it is by it (no token seen, or penalties of 0)
+    idx = _put(pen, torch.long, device)
+    sub = _rows(scores, pen, idx)
     if rep:
-        seen = _occurrences(rep, [rows[i].token_ids for i in rep], vocab, device) > 0
-        p = _put([rows[i].params.repetition_penalty for i in rep], scores.dtype, device)[:, None]
-        idx = _put(rep, torch.long, device)
-        sub = _rows(scores, rep, idx)
-        sub = torch.where(seen, torch.where(sub > 0, sub / p, sub * p), sub)
-        scores.index_copy_(0, idx, sub)
+        ids = set(rep)
+        seen = _occurrences([rows[i].token_ids if i in ids else () for i in pen], vocab) > 0
+        p = _put([rows[i].params.repetition_penalty for i in pen], scores.dtype, device)[:, None]
+        seen_t = _put(torch.from_numpy(seen), torch.bool, device)
+        sub = torch.where(seen_t, torch.where(sub > 0, sub / p, sub * p), sub)
     if freq:
-        counts = _occurrences(freq, [rows[i].token_ids[rows[i].num_prompt:] for i in freq],
-                              vocab, device).to(scores.dtype)
+        ids = set(freq)
+        counts = _occurrences([rows[i].token_ids[rows[i].num_prompt:] if i in ids else ()
+                               for i in pen], vocab).astype(np.float32)
         fp = _put([[rows[i].params.frequency_penalty, rows[i].params.presence_penalty]
-                   for i in freq], scores.dtype, device)
-        idx = _put(freq, torch.long, device)
-        sub = _rows(scores, freq, idx)
-        sub = sub - fp[:, :1] * counts - fp[:, 1:] * (counts > 0).to(scores.dtype)
-        scores.index_copy_(0, idx, sub)
+                   for i in pen], scores.dtype, device)
+        c = _put(torch.from_numpy(counts), scores.dtype, device)
+        sub = sub - fp[:, :1] * c - fp[:, 1:] * (c > 0).to(scores.dtype)
+    scores.index_copy_(0, idx, sub)
 
 
-def _occurrences(which: list[int], histories: list[Sequence[int]], vocab: int,
-                 device: torch.device) -> torch.Tensor:
-    """``[len(which), vocab]`` int32: how often each id occurs in each history (one
-    scatter over a padded id matrix; padding lands in a column that is cut off)."""
-    width = max(1, max(len(h) for h in histories))
-    ids = np.full((len(which), width), vocab, dtype=np.int64)
-    for row, h in enumerate(histories):
-        ids[row, : len(h)] = h
-    index = _put(torch.from_numpy(ids), torch.long, device)
-    counts = torch.zeros(len(which), vocab + 1, dtype=torch.int32, device=device)
-    counts.scatter_add_(1, index, torch.ones_like(index, dtype=torch.int32))
-    return counts[:, :vocab]
+def _occurrences(histories: list[Sequence[int] | np.ndarray], vocab: int) -> np.ndarray:
+    """``[len(histories), vocab]`` int64: how often each id occurs in each history (one
+    ``bincount`` over the histories laid end to end, each offset by its row's start)."""
+    arrays = [np.asarray(h, dtype=np.int64) for h in histories]
+    flat = np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.int64)
+    if flat.size and not 0 <= int(flat.min()) <= int(flat.max()) < vocab:
+        raise ValueError(f"a token id outside [0, {vocab}) in a penalised history")
+    flat += np.repeat(np.arange(len(arrays), dtype=np.int64) * vocab, [len(a) for a in arrays])
+    counts: np.ndarray = np.bincount(flat, minlength=len(arrays) * vocab)
+    return counts.reshape(len(arrays), vocab)
 
 
 def sample(logits: torch.Tensor, rows: Sequence[SampleRow]) -> torch.Tensor:
     """The next token of every row, ``[batch]`` int64 on the logits' device.
     ``logits``: ``[batch, vocab]``, any float dtype; it is not modified."""
-    drawn = [i for i, r in enumerate(rows) if not r.params.greedy]
-    greedy = [i for i, r in enumerate(rows) if r.params.greedy]
     device = logits.device
     vocab = logits.shape[1]
-    out = torch.empty(len(rows), dtype=torch.long, device=device)
-    if greedy:
-        picked = [rows[i] for i in greedy]
-        scores = _rows(logits, greedy)
-        if _processed(picked):
-            scores = scores.to(torch.float32, copy=scores.data_ptr() == logits.data_ptr())
-            _process_(scores, picked)
-        ids = scores.argmax(dim=-1)
+    drawn = [i for i, r in enumerate(rows) if not r.params.greedy]
+    # bias and penalties of every row at once (an owned fp32 copy when any row has them)
+    scores = process(logits, rows)
+    if len(drawn) < len(rows):
+        if not drawn or len(drawn) * vocab <= ARGMAX_ALL:  # argmax every row, one op
+            ids = scores.argmax(dim=-1)
+        else:  # a wide vocabulary: only the greedy rows
+            greedy = [i for i, r in enumerate(rows) if r.params.greedy]
+            ids = torch.empty(len(rows), dtype=torch.long, device=device)
+            ids.index_copy_(0, _put(greedy, torch.long, device),
+                            _rows(scores, greedy).argmax(dim=-1))
         if not drawn:
             return ids
-        out.index_copy_(0, _put(greedy, torch.long, device), ids)
-    # per row: temperature, log(min_p), top_k (vocab: off), top_p, uniform; one copy
-    table = _put([[r.params.temperature, r.params.min_p, r.params.top_k
-                   if 0 < r.params.top_k < vocab else vocab, r.params.top_p, r.uniform]
-                  for r in (rows[i] for i in drawn)], torch.float64, device)
+    # per row, one copy: temperature, log(min_p) (-inf: off), top_k (vocab: off), the
+    # top_p limit (2: off, more than any share of the total), uniform
+    table = _put([[r.params.temperature,
+                   math.log(r.params.min_p) if r.params.min_p > 0 else -math.inf,
+                   r.params.top_k if 0 < r.params.top_k < vocab else vocab,
+                   r.params.top_p if r.params.top_p < 1.0 else 2.0, r.uniform]
+                  for r in (rows[i] for i in drawn)], torch.float32, device)
     # the drawn rows, in fp32, owned: everything below works on them in place
-    sub = _rows(logits, drawn)
+    sub = _rows(scores, drawn)
     sub = sub.to(torch.float32, copy=sub.data_ptr() == logits.data_ptr())
-    _process_(sub, [rows[i] for i in drawn])
-    # Shift so the largest score is 0 before scaling: a small temperature cannot overflow.
-    sub.sub_(sub.amax(dim=-1, keepdim=True)).div_(table[:, :1].float())
+    # Shift so the largest score is 0 before scaling: a small temperature cannot overflow,
+    # and every exp() below is at most 1 with a total of at least 1 (no softmax needed).
+    sub.sub_(sub.amax(dim=-1, keepdim=True)).div_(table[:, :1])
     if any(rows[i].params.min_p > 0 for i in drawn):
-        # p < min_p * p_max  ⇔  score < log(min_p) (the top score is 0 after the shift)
-        sub.masked_fill_(sub < torch.log(table[:, 1:2]).float(), float("-inf"))
+        # p < min_p * p_max  <=>  score < log(min_p) (the top score is 0 after the shift)
+        sub.masked_fill_(sub < table[:, 1:2], float("-inf"))
     filtered = [j for j, i in enumerate(drawn)
                 if 0 < rows[i].params.top_k < vocab or rows[i].params.top_p < 1.0]
-    picks = torch.empty(len(drawn), dtype=torch.long, device=device)
-    rest = list(range(len(drawn)))
+    wide: list[int] = []
     if filtered:
         params = [rows[drawn[j]].params for j in filtered]
-        # only a top_p row without top_k can have a nucleus wider than its candidates
-        open_nucleus = any(p.top_p < 1.0 and not 0 < p.top_k < vocab for p in params)
-        done = _sample_filtered(sub, table, filtered, picks, max(p.top_k for p in params),
-                                open_nucleus)
-        rest = [j for j in rest if j not in done]
-    if rest:
-        _sample_full(sub, table, rest, picks)
-    if not greedy:
+        max_k = max(p.top_k if 0 < p.top_k < vocab else 0 for p in params)
+        width = min(vocab, max(CANDIDATES, max_k))
+        if width * 4 >= vocab:  # a sort beats a topk this wide: sort every drawn row, the
+            # unfiltered ones too (their cut keeps all), rather than select and scatter
+            filtered = list(range(len(drawn)))
+            width = vocab
+        open_rows = [n for n, p in enumerate(params)  # top_p without top_k: its nucleus
+                     if p.top_p < 1.0 and not 0 < p.top_k < vocab]  # may pass the candidates
+        cut, wide = _cuts(sub, table, filtered, width, open_rows if width < vocab else [])
+        picks = _inverse_cdf(sub.masked_fill(sub < cut, float("-inf")), table[:, 4])
+    else:
+        picks = _inverse_cdf(sub, table[:, 4])
+    if wide:  # their nucleus is wider than their candidates: the exact rule on the whole row
+        _sample_sorted(sub, table, wide, picks)
+    if len(drawn) == len(rows):
         return picks
-    return out.index_copy_(0, _put(drawn, torch.long, device), picks)
+    return ids.index_copy_(0, _put(drawn, torch.long, device), picks)
 
 
 def _rows(t: torch.Tensor, rows: list[int], index: torch.Tensor | None = None) -> torch.Tensor:
@@ -212,52 +240,51 @@ def _rows(t: torch.Tensor, rows: list[int], index: torch.Tensor | None = None) -
 
 
 def _inverse_cdf(scores: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """Column of each row's draw: the first whose cumulative probability reaches ``u`` of
-    the row's total. ``u`` in (0, 1): a token of probability 0 is never taken."""
-    cdf = torch.softmax(scores, dim=-1).cumsum(dim=-1)
-    target = (u.float() * cdf[:, -1]).unsqueeze(1).contiguous()
-    col = torch.searchsorted(cdf.contiguous(), target, right=False).squeeze(1)
+    """Column of each row's draw: the first whose cumulative weight reaches ``u`` of the
+    row's total. ``scores``: each row's largest is 0 (``exp`` is its weight, no overflow).
+    ``u`` in (0, 1): a token of probability 0 is never taken."""
+    cdf = scores.exp().cumsum(dim=-1)
+    target = (u * cdf[:, -1]).unsqueeze(1)
+    col = torch.searchsorted(cdf, target, right=False).squeeze(1)
     return col.clamp_(max=scores.shape[1] - 1)
 
 
-def _sample_filtered(sub: torch.Tensor, table: torch.Tensor, filtered: list[int],
-                     picks: torch.Tensor, max_k: int, open_nucleus: bool) -> set[int]:
-    """top_k/top_p rows drawn among their best ``CANDIDATES`` tokens (or ``max_k``); the
-    rows whose nucleus is wider are drawn by a full sort. Returns the rows it drew."""
+def _cuts(sub: torch.Tensor, table: torch.Tensor, which: list[int], width: int,
+          open_rows: list[int]) -> tuple[torch.Tensor, list[int]]:
+    """Each row's smallest kept score after top_k and top_p (``[rows, 1]``; -inf for a row
+    of ``sub`` not in ``which``), found on its ``width`` best scores, and the rows of
+    ``which`` listed in ``open_rows`` whose nucleus lies beyond those candidates.
+
+    The cut is a value, not a position: a draw of every token scoring at least it, in
+    token-id order, does not depend on how ties were ordered by a ``sort`` or ``topk`` of a
+    width the rest of the batch chose, and ties with the last kept token stay, as a plain
+    ``top_k`` keeps them: a seeded request gets the same tokens whatever shares its batch,
+    bf16 logits' many ties included. Sums are ``cumsum``'s, which adds in order: a
+    candidate row's total does not depend on how many zeros follow it either."""
     vocab = sub.shape[1]
-    scores = _rows(sub, filtered)
-    params = _rows(table, filtered)
-    width = min(vocab, max(CANDIDATES, max_k))
-    if width * 4 >= vocab:  # a sort beats a topk this wide (a small vocabulary)
-        vals = _sorted_best_first(scores)
-        width = vocab
-    else:
-        vals = scores.topk(width, dim=-1).values  # sorted, best first
-    k = params[:, 2].long()
-    has_k = k < vocab
-    k = k.clamp(max=width)
-    kth = vals.gather(1, (k - 1).clamp(min=0).unsqueeze(1))
-    # every token as good as the k-th stays (ties included), as a plain top_k would keep
-    vals = vals.masked_fill(has_k.unsqueeze(1) & (vals < kth), float("-inf"))
-    top_p = params[:, 3].float()
-    total = torch.where(has_k, torch.logsumexp(vals, dim=-1), torch.logsumexp(scores, dim=-1))
-    probs = torch.exp(vals - total.unsqueeze(1))
-    cum = probs.cumsum(dim=-1)
-    nucleus = top_p < 1.0
-    # drop a token once the tokens before it already cover top_p; the top token stays
-    drop = nucleus.unsqueeze(1) & ((cum - probs) >= top_p.unsqueeze(1))
-    drop[:, 0] = False
-    vals = vals.masked_fill(drop, float("-inf"))
-    # a top_p row without top_k whose candidates do not reach top_p: its cut lies beyond
-    wide = nucleus & ~has_k & (cum[:, -1] < top_p) & (width < vocab)
-    picks.index_copy_(0, _put(filtered, torch.long, sub.device), _draw_above(scores, vals, params))
-    if not open_nucleus:
-        return set(filtered)
-    # one sync (the rows' ids must come back to the host right after anyway)
-    wide_rows = [filtered[j] for j in torch.nonzero(wide).flatten().tolist()]
-    if wide_rows:
-        _sample_sorted(sub, table, wide_rows, picks)
-    return set(filtered)
+    scores = _rows(sub, which)
+    params = _rows(table, which)
+    vals = _sorted_best_first(scores) if width == vocab else scores.topk(width, dim=-1).values
+    # every token as good as the k-th stays (a row without top_k: its last, all of them)
+    kth = vals.gather(1, params[:, 2:3].clamp(max=width).long() - 1)
+    weights = vals.exp().mul_(vals >= kth)
+    cum = weights.cumsum(dim=-1)
+    total = cum[:, -1:]
+    if width < vocab:  # a row without top_k shares out its whole row, not its candidates
+        no_k = params[:, 2:3] >= vocab
+        total = torch.where(no_k, scores.exp().sum(dim=-1, keepdim=True), total)
+    # drop a token once the tokens before it already cover top_p; the top one never is
+    # (a top_p that is 0 in fp32 keeps it too)
+    kept = ((vals >= kth) & ((cum - weights) < params[:, 3:4] * total)).sum(dim=-1, keepdim=True)
+    cut = vals.gather(1, kept.clamp_(min=1) - 1)
+    wide: list[int] = []
+    if open_rows:  # one sync (the rows' ids come back to the host right after anyway)
+        short = (cum[:, -1:] < params[:, 3:4] * total).flatten().tolist()
+        wide = [which[n] for n in open_rows if short[n]]
+    if len(which) == sub.shape[0]:
+        return cut, wide
+    every = torch.full((sub.shape[0], 1), float("-inf"), device=sub.device)
+    return every.index_copy_(0, _put(which, torch.long, sub.device), cut), wide
 
 
 def _sample_sorted(sub: torch.Tensor, table: torch.Tensor, rows: list[int],
@@ -266,11 +293,12 @@ def _sample_sorted(sub: torch.Tensor, table: torch.Tensor, rows: list[int],
     scores = _rows(sub, rows)
     params = _rows(table, rows)
     vals = _sorted_best_first(scores)
-    probs = torch.softmax(vals, dim=-1)
-    drop = (probs.cumsum(dim=-1) - probs) >= params[:, 3:4].float()
-    drop[:, 0] = False
-    vals = vals.masked_fill(drop, float("-inf"))
-    picks.index_copy_(0, _put(rows, torch.long, sub.device), _draw_above(scores, vals, params))
+    weights = vals.exp()
+    cum = weights.cumsum(dim=-1)
+    kept = ((cum - weights) < params[:, 3:4] * cum[:, -1:]).sum(dim=-1, keepdim=True)
+    cut = vals.gather(1, kept.clamp_(min=1) - 1)
+    picks.index_copy_(0, _put(rows, torch.long, sub.device),
+                      _inverse_cdf(scores.masked_fill(scores < cut, float("-inf")), params[:, 4]))
 
 
 def _sorted_best_first(scores: torch.Tensor) -> torch.Tensor:
@@ -280,25 +308,6 @@ def _sorted_best_first(scores: torch.Tensor) -> torch.Tensor:
     if scores.device.type == "cpu" and scores.dtype == torch.float32:
         return torch.from_numpy(-np.sort(-scores.numpy(), axis=-1))
     return torch.sort(scores, dim=-1, descending=True).values
-
-
-def _draw_above(scores: torch.Tensor, kept: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
-    """The draw of each row among its tokens scoring at least its smallest ``kept`` score
-    (``kept``: sorted best first, the filtered-out ones -inf), in vocabulary order. The
-    order among equal scores of a ``sort`` or ``topk`` depends on how wide it was, which
-    depends on the rest of the batch; a cut by value, drawn in token-id order, does not
-    (ties with the last kept token stay, as ``top_k`` keeps them): a seeded request gets
-    the same tokens whatever shares its batch, bf16 logits' many ties included."""
-    cut = kept.masked_fill(kept == float("-inf"), float("inf")).amin(dim=-1, keepdim=True)
-    return _inverse_cdf(scores.masked_fill(scores < cut, float("-inf")), params[:, 4])
-
-
-def _sample_full(sub: torch.Tensor, table: torch.Tensor, rows: list[int],
-                 picks: torch.Tensor) -> None:
-    """Rows without top_k/top_p: one draw over the whole (min_p-filtered) row."""
-    scores = _rows(sub, rows)
-    params = _rows(table, rows)
-    picks.index_copy_(0, _put(rows, torch.long, sub.device), _inverse_cdf(scores, params[:, 4]))
 
 
 def logprobs(logits: torch.Tensor, rows: list[int], token_ids: torch.Tensor,

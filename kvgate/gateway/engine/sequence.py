@@ -93,6 +93,8 @@ class Sequence:
         self.params = request.sampling
         self.token_ids: list[int] = list(request.prompt_token_ids)
         self.num_prompt_tokens = len(self.token_ids)
+        self._history = np.empty(0, dtype=np.int64)  # ``history()``'s buffer
+        self._history_len = 0
         self.num_computed = 0
         self.num_committed_blocks = 0  # full blocks already handed to store.commit
         self.status = Status.WAITING
@@ -154,6 +156,20 @@ class Sequence:
     @property
     def output_ids(self) -> list[int]:
         return self.token_ids[self.num_prompt_tokens :]
+
+    def history(self) -> np.ndarray:
+        """``token_ids`` as an int64 array (what the sampler's penalties count), kept in
+        step with the list by copying only the ids appended since the last call: one
+        token a step, not the whole history."""
+        n, m = self._history_len, len(self.token_ids)
+        if m > len(self._history):
+            grown = np.empty(max(2 * len(self._history), m + 64), dtype=np.int64)
+            grown[:n] = self._history[:n]
+            self._history = grown
+        if m > n:
+            self._history[n:m] = self.token_ids[n:m]
+            self._history_len = m
+        return self._history[:m]
 
     @property
     def num_uncomputed(self) -> int:
