@@ -17,7 +17,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict, defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -160,6 +160,15 @@ class CacheStore:
             n = len(matched)
             return PrefixMatch(n * self.block_size, n, n - host_hits, host_hits,
                                tuple(found[:n]))
+
+    def touch(self, namespaces: Iterable[str]) -> None:
+        """Those namespaces are active now (what ``allocate`` notes of each sequence it
+        grows): for a step's decodes whose pages already hold their next token, once per
+        namespace rather than once per sequence."""
+        with self._lock:
+            now = self.clock()
+            for namespace in namespaces:
+                self.shares.touch(namespace, now)
 
     def allocate(self, seq: CacheSeq, num_tokens: int) -> bool:
         """Grow the block table to hold ``num_tokens``; False (nothing taken) when no room."""

@@ -186,15 +186,23 @@ class Scheduler:
 
     def _decodes(self, out: SchedulerOutput, limit: int) -> None:
         """A token each for the running sequences that decode, best key first."""
+        block = self.block_size
+        roomy: set[str] = set()  # namespaces of decodes whose pages hold their next token
         for seq in sorted((s for s in self.running if s.num_uncomputed <= 1),
                           key=self.fairness.key):
             if out.num_tokens >= limit:
                 break
             if seq.status is not Status.RUNNING:
                 continue  # preempted below by a better sequence of this step
-            if self._grow(seq, seq.num_computed + 1, out):
-                out.add(Chunk(seq, seq.num_computed, 1))
-                self._charge(seq, 1)
+            handle = seq.handle
+            if handle is not None and seq.num_computed < len(handle.block_table) * block:
+                roomy.add(seq.request.namespace)  # no page to take: nothing to allocate
+            elif not self._grow(seq, seq.num_computed + 1, out):
+                continue
+            out.add(Chunk(seq, seq.num_computed, 1))
+            self._charge(seq, 1)
+        if roomy:
+            self.store.touch(roomy)
 
     def _light_newcomers(self) -> list[Sequence]:
         """Waiting requests that get a step of their own: each is new (never admitted), of
