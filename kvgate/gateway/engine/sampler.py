@@ -40,10 +40,9 @@ class RowParams(Protocol):
     def penalised(self) -> bool: ...
 
 CANDIDATES = 1024  # tokens considered per top_k/top_p row before the full-sort fallback
-# A batch with greedy rows takes the argmax of every row (one op, the drawn rows' ids
-# replaced after) while its drawn rows hold at most this many scores; beyond, the greedy
-# rows' own
-ARGMAX_ALL = 1 << 16
+# A batch of at most this many scores is biased, penalised and argmaxed whole (fewer ops);
+# a larger one works on each kind's rows only (no copy or pass over rows that need none)
+WHOLE_BATCH = 1 << 18
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _MIX1 = np.uint64(0xBF58476D1CE4E5B9)
 _MIX2 = np.uint64(0x94D049BB133111EB)
@@ -180,18 +179,33 @@ def sample(logits: torch.Tensor, rows: Sequence[SampleRow]) -> torch.Tensor:
     device = logits.device
     vocab = logits.shape[1]
     drawn = [i for i, r in enumerate(rows) if not r.params.greedy]
-    # bias and penalties of every row at once (an owned fp32 copy when any row has them)
-    scores = process(logits, rows)
-    if len(drawn) < len(rows):
-        if not drawn or len(drawn) * vocab <= ARGMAX_ALL:  # argmax every row, one op
+    ids: torch.Tensor | None = None
+    if len(rows) * vocab <= WHOLE_BATCH:
+        # bias and penalties of every row at once, one argmax for every row (the drawn
+        # rows' ids are written over theirs): fewer ops than selecting each kind's rows
+        scores = process(logits, rows)
+        if len(drawn) < len(rows):
             ids = scores.argmax(dim=-1)
-        else:  # a wide vocabulary: only the greedy rows
-            greedy = [i for i, r in enumerate(rows) if r.params.greedy]
+            if not drawn:
+                return ids
+        sub = _rows(scores, drawn)
+    else:  # a wide vocabulary: each kind works on its own rows only
+        greedy = [i for i, r in enumerate(rows) if r.params.greedy]
+        if greedy:
+            best = _rows(logits, greedy)
+            picked = [rows[i] for i in greedy]
+            if _processed(picked):
+                best = best.to(torch.float32, copy=best.data_ptr() == logits.data_ptr())
+                _process_(best, picked)
+            if not drawn:
+                return best.argmax(dim=-1)
             ids = torch.empty(len(rows), dtype=torch.long, device=device)
-            ids.index_copy_(0, _put(greedy, torch.long, device),
-                            _rows(scores, greedy).argmax(dim=-1))
-        if not drawn:
-            return ids
+            ids.index_copy_(0, _put(greedy, torch.long, device), best.argmax(dim=-1))
+        sub = _rows(logits, drawn)
+        sub = sub.to(torch.float32, copy=sub.data_ptr() == logits.data_ptr())
+        _process_(sub, [rows[i] for i in drawn])
+    # the drawn rows, in fp32, owned: everything below works on them in place
+    sub = sub.to(torch.float32, copy=sub.data_ptr() == logits.data_ptr())
     # per row, one copy: temperature, log(min_p) (-inf: off), top_k (vocab: off), the
     # top_p limit (2: off, more than any share of the total), uniform
     table = _put([[r.params.temperature,
@@ -199,17 +213,15 @@ def sample(logits: torch.Tensor, rows: Sequence[SampleRow]) -> torch.Tensor:
                    r.params.top_k if 0 < r.params.top_k < vocab else vocab,
                    r.params.top_p if r.params.top_p < 1.0 else 2.0, r.uniform]
                   for r in (rows[i] for i in drawn)], torch.float32, device)
-    # the drawn rows, in fp32, owned: everything below works on them in place
-    sub = _rows(scores, drawn)
-    sub = sub.to(torch.float32, copy=sub.data_ptr() == logits.data_ptr())
     # Shift so the largest score is 0 before scaling: a small temperature cannot overflow,
-    # and every exp() below is at most 1 with a total of at least 1 (no softmax needed).
+    # and every weight (exp) below is at most 1, a row's total at least 1.
     sub.sub_(sub.amax(dim=-1, keepdim=True)).div_(table[:, :1])
-    if any(rows[i].params.min_p > 0 for i in drawn):
-        # p < min_p * p_max  <=>  score < log(min_p) (the top score is 0 after the shift)
-        sub.masked_fill_(sub < table[:, 1:2], float("-inf"))
+    min_p = any(rows[i].params.min_p > 0 for i in drawn)
     filtered = [j for j, i in enumerate(drawn)
                 if 0 < rows[i].params.top_k < vocab or rows[i].params.top_p < 1.0]
+    # Every filter is a cut by value: a row keeps the tokens scoring at least its cut.
+    # min_p: p < min_p * p_max  <=>  score < log(min_p) (the top score is 0 after the shift)
+    cut = table[:, 1:2] if min_p else None
     wide: list[int] = []
     if filtered:
         params = [rows[drawn[j]].params for j in filtered]
@@ -221,13 +233,13 @@ def sample(logits: torch.Tensor, rows: Sequence[SampleRow]) -> torch.Tensor:
             width = vocab
         open_rows = [n for n, p in enumerate(params)  # top_p without top_k: its nucleus
                      if p.top_p < 1.0 and not 0 < p.top_k < vocab]  # may pass the candidates
-        cut, wide = _cuts(sub, table, filtered, width, open_rows if width < vocab else [])
-        picks = _inverse_cdf(sub.masked_fill(sub < cut, float("-inf")), table[:, 4])
-    else:
-        picks = _inverse_cdf(sub, table[:, 4])
+        kept, wide = _cuts(sub, table, filtered, width, open_rows if width < vocab else [],
+                           min_p)
+        cut = kept if cut is None else torch.maximum(kept, cut)
+    picks = _inverse_cdf(sub, table[:, 4], cut)
     if wide:  # their nucleus is wider than their candidates: the exact rule on the whole row
         _sample_sorted(sub, table, wide, picks)
-    if len(drawn) == len(rows):
+    if ids is None:
         return picks
     return ids.index_copy_(0, _put(drawn, torch.long, device), picks)
 
@@ -239,21 +251,28 @@ def _rows(t: torch.Tensor, rows: list[int], index: torch.Tensor | None = None) -
     return t.index_select(0, _put(rows, torch.long, t.device) if index is None else index)
 
 
-def _inverse_cdf(scores: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """Column of each row's draw: the first whose cumulative weight reaches ``u`` of the
-    row's total. ``scores``: each row's largest is 0 (``exp`` is its weight, no overflow).
-    ``u`` in (0, 1): a token of probability 0 is never taken."""
-    cdf = scores.exp().cumsum(dim=-1)
+def _inverse_cdf(scores: torch.Tensor, u: torch.Tensor,
+                 cut: torch.Tensor | None = None) -> torch.Tensor:
+    """Column of each row's draw among its tokens scoring at least its ``cut`` (``[rows,
+    1]``; None: all), in token-id order: the first whose cumulative weight reaches ``u``
+    of the kept tokens' total. ``u`` in (0, 1): a token of weight 0 is never taken. The
+    cut is a product with the kept mask, not a masked_fill of the scores: on a CPU that
+    costs a third as much over a wide vocabulary, and softmax's exp is faster than exp's."""
+    weights = torch.softmax(scores, dim=-1)
+    if cut is not None:
+        weights.mul_(scores >= cut)
+    cdf = weights.cumsum(dim=-1)
     target = (u * cdf[:, -1]).unsqueeze(1)
     col = torch.searchsorted(cdf, target, right=False).squeeze(1)
     return col.clamp_(max=scores.shape[1] - 1)
 
 
 def _cuts(sub: torch.Tensor, table: torch.Tensor, which: list[int], width: int,
-          open_rows: list[int]) -> tuple[torch.Tensor, list[int]]:
-    """Each row's smallest kept score after top_k and top_p (``[rows, 1]``; -inf for a row
-    of ``sub`` not in ``which``), found on its ``width`` best scores, and the rows of
-    ``which`` listed in ``open_rows`` whose nucleus lies beyond those candidates.
+          open_rows: list[int], min_p: bool) -> tuple[torch.Tensor, list[int]]:
+    """Each row's smallest kept score after min_p, top_k and top_p (``[rows, 1]``; -inf
+    for a row of ``sub`` not in ``which``), found on its ``width`` best scores, and the
+    rows of ``which`` listed in ``open_rows`` whose nucleus lies beyond those candidates.
+    ``min_p``: whether any row has one (its log is ``table``'s column 1).
 
     The cut is a value, not a position: a draw of every token scoring at least it, in
     token-id order, does not depend on how ties were ordered by a ``sort`` or ``topk`` of a
@@ -265,17 +284,24 @@ def _cuts(sub: torch.Tensor, table: torch.Tensor, which: list[int], width: int,
     scores = _rows(sub, which)
     params = _rows(table, which)
     vals = _sorted_best_first(scores) if width == vocab else scores.topk(width, dim=-1).values
-    # every token as good as the k-th stays (a row without top_k: its last, all of them)
-    kth = vals.gather(1, params[:, 2:3].clamp(max=width).long() - 1)
-    weights = vals.exp().mul_(vals >= kth)
+    # every token as good as the k-th stays (a row without top_k: its last, all of them),
+    # and, under min_p, as good as log(min_p): two cuts by value, the higher one holds
+    floor = vals.gather(1, params[:, 2:3].clamp(max=width).long() - 1)
+    if min_p:
+        floor = torch.maximum(floor, params[:, 1:2])
+    above = vals >= floor
+    weights = vals.exp().mul_(above)
     cum = weights.cumsum(dim=-1)
     total = cum[:, -1:]
-    if width < vocab:  # a row without top_k shares out its whole row, not its candidates
-        no_k = params[:, 2:3] >= vocab
-        total = torch.where(no_k, scores.exp().sum(dim=-1, keepdim=True), total)
+    if open_rows:  # a row without top_k shares out its whole row (min_p's survivors), not
+        # its candidates (``open_rows`` are those rows; only given when width < vocab)
+        whole = scores.exp()
+        if min_p:
+            whole.mul_(scores >= params[:, 1:2])
+        total = torch.where(params[:, 2:3] >= vocab, whole.sum(dim=-1, keepdim=True), total)
     # drop a token once the tokens before it already cover top_p; the top one never is
     # (a top_p that is 0 in fp32 keeps it too)
-    kept = ((vals >= kth) & ((cum - weights) < params[:, 3:4] * total)).sum(dim=-1, keepdim=True)
+    kept = (above & ((cum - weights) < params[:, 3:4] * total)).sum(dim=-1, keepdim=True)
     cut = vals.gather(1, kept.clamp_(min=1) - 1)
     wide: list[int] = []
     if open_rows:  # one sync (the rows' ids come back to the host right after anyway)
@@ -289,16 +315,17 @@ def _cuts(sub: torch.Tensor, table: torch.Tensor, which: list[int], width: int,
 
 def _sample_sorted(sub: torch.Tensor, table: torch.Tensor, rows: list[int],
                    picks: torch.Tensor) -> None:
-    """top_p over the whole sorted row: the exact rule for a nucleus of any width."""
+    """min_p and top_p over the whole sorted row: the exact rule for a nucleus of any
+    width."""
     scores = _rows(sub, rows)
     params = _rows(table, rows)
     vals = _sorted_best_first(scores)
-    weights = vals.exp()
+    above = vals >= params[:, 1:2]  # min_p (-inf: off)
+    weights = vals.exp().mul_(above)
     cum = weights.cumsum(dim=-1)
-    kept = ((cum - weights) < params[:, 3:4] * cum[:, -1:]).sum(dim=-1, keepdim=True)
+    kept = (above & ((cum - weights) < params[:, 3:4] * cum[:, -1:])).sum(dim=-1, keepdim=True)
     cut = vals.gather(1, kept.clamp_(min=1) - 1)
-    picks.index_copy_(0, _put(rows, torch.long, sub.device),
-                      _inverse_cdf(scores.masked_fill(scores < cut, float("-inf")), params[:, 4]))
+    picks.index_copy_(0, _put(rows, torch.long, sub.device), _inverse_cdf(scores, params[:, 4], cut))
 
 
 def _sorted_best_first(scores: torch.Tensor) -> torch.Tensor:
