@@ -188,7 +188,9 @@ def sample(logits: torch.Tensor, rows: Sequence[SampleRow]) -> torch.Tensor:
             ids = scores.argmax(dim=-1)
             if not drawn:
                 return ids
+        # the drawn rows, in fp32, owned: everything below works on them in place
         sub = _rows(scores, drawn)
+        sub = sub.to(torch.float32, copy=sub.data_ptr() == logits.data_ptr())
     else:  # a wide vocabulary: each kind works on its own rows only
         greedy = [i for i, r in enumerate(rows) if r.params.greedy]
         if greedy:
@@ -204,8 +206,6 @@ def sample(logits: torch.Tensor, rows: Sequence[SampleRow]) -> torch.Tensor:
         sub = _rows(logits, drawn)
         sub = sub.to(torch.float32, copy=sub.data_ptr() == logits.data_ptr())
         _process_(sub, [rows[i] for i in drawn])
-    # the drawn rows, in fp32, owned: everything below works on them in place
-    sub = sub.to(torch.float32, copy=sub.data_ptr() == logits.data_ptr())
     # per row, one copy: temperature, log(min_p) (-inf: off), top_k (vocab: off), the
     # top_p limit (2: off, more than any share of the total), uniform
     table = _put([[r.params.temperature,
