@@ -9,6 +9,8 @@ from hypothesis import strategies as st
 from kvgate.cachestore.events import CacheEvent
 from kvgate.gateway.protocol.wire import EventBatch, decode_event, encode_event
 from kvgate.gateway.route.choose import (
+    OPENS,
+    TURN,
     Candidate,
     QueueCost,
     RecentShare,
@@ -17,7 +19,7 @@ from kvgate.gateway.route.choose import (
     load_bound,
 )
 from kvgate.gateway.route.index import ClusterIndex
-from kvgate.gateway.route.prompt import cache_key_of
+from kvgate.gateway.route.prompt import cache_key_of, conversation_turn
 
 
 def _hashes(n: int, tag: str = "a") -> list[bytes]:
@@ -132,6 +134,60 @@ def test_a_withdrawn_request_leaves_the_share_as_if_never_sent() -> None:
     share.withdraw("b", late)  # twice, or on a replica it never went to: never negative
     share.withdraw("never", late)
     assert share.of("b") == 0.0 and share.of("never") == 0.0
+
+
+def test_opened_conversations_count_ahead_as_the_requests_they_will_send() -> None:
+    """Replica "a" served four 4-turn conversations to their end; "b" has just opened four
+    and sent nothing more. By requests "b" is far behind; counted ahead it is as loaded as
+    "a", so a fifth new conversation does not pile onto it (its turns would later push
+    conversations off their prefixes)."""
+    share = RecentShare(half_life=1e9)  # no decay: the arithmetic in plain numbers
+    for _ in range(4):
+        share.sent("a", OPENS)
+        for _ in range(3):
+            share.sent("a", TURN)
+    for _ in range(4):
+        share.sent("b", OPENS)
+    share.sent("c")  # not a conversation's: counted as a request, not in the mean
+    assert share.per_opening() == pytest.approx(20 / 8)
+    assert share.of("b") == pytest.approx(4.0)
+    assert share.load("b") == pytest.approx(4 * 20 / 8)
+    assert share.load("a") == pytest.approx(16.0)  # its requests, more than 4 openings ahead
+    assert share.load("c") == pytest.approx(1.0)
+    cands = [Candidate(n, 0, 0, recent=share.load(n)) for n in ("a", "b")]
+    by_requests = [Candidate(n, 0, 0, recent=share.of(n)) for n in ("a", "b")]
+    assert choose(by_requests, b"k", 10, 4.0)[0].name == "b"
+    fresh = Candidate("fresh", 0, 0, recent=share.load("fresh"))
+    assert choose([*cands, fresh], b"k", 10, 4.0)[0].name == "fresh"
+
+
+def test_a_withdrawn_opening_is_no_conversation_of_its_replica() -> None:
+    share, twin = RecentShare(half_life=8.0), RecentShare(half_life=8.0)
+    for s in (share, twin):
+        s.sent("a", OPENS)
+        s.sent("a", TURN)
+    refused = share.sent("b", OPENS)
+    twin.sent("elsewhere")  # the same decay, no opening anywhere
+    share.withdraw("b", refused)
+    assert share.opened("b") == pytest.approx(0.0, abs=1e-12)
+    assert share.load("b") == pytest.approx(0.0, abs=1e-12)
+    assert share.per_opening() == pytest.approx(twin.per_opening())
+    for _ in range(5000):  # across the renormalisation: the same figures
+        share.sent("a", TURN)
+        twin.sent("a", TURN)
+    assert share.load("a") == pytest.approx(twin.load("a"))
+
+
+def test_a_conversation_opens_on_its_first_chat_request_only() -> None:
+    first = {"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}]}
+    later = {"messages": [*first["messages"], {"role": "assistant", "content": "a"},
+                          {"role": "user", "content": "v"}]}
+    assert conversation_turn("/v1/chat/completions", first) == OPENS
+    assert conversation_turn("/v1/messages", later) == TURN
+    for path, body in (("/v1/completions", first), ("/v1/chat/completions", None),
+                       ("/v1/chat/completions", {"messages": "not a list"}),
+                       ("/v1/chat/completions", {"messages": []})):
+        assert conversation_turn(path, body) == 0
 
 
 def test_provisional_entries_keep_concurrent_first_requests_together() -> None:

@@ -41,6 +41,7 @@ from kvgate.gateway.route.pool import Replica, ReplicaPool, describe
 from kvgate.gateway.route.prompt import (
     PromptRenderer,
     cache_key_in,
+    conversation_turn,
     model_id_of,
     names_cache_key,
     parse_body,
@@ -155,21 +156,22 @@ class Router:
 
         render = self.follower is not None and bool(block_size)
 
-        def read() -> tuple[list[bytes], str | None]:  # the body parsed once, if at all
+        def read() -> tuple[list[bytes], str | None, int]:  # the body parsed once, if at all
             keyed = names_cache_key(raw)
             body = parse_body(raw) if render or keyed else None
             hashes = (self.renderer.hashes_of(path, body, tenant_id, model_id, block_size)
                       if render else [])
-            return hashes, cache_key_in(body) if keyed else None
+            return (hashes, cache_key_in(body) if keyed else None,
+                    conversation_turn(path, body))
 
         # a long body (parsing it alone can take a second) off the event loop, on the
         # bounded pool the replicas prepare big bodies on
-        hashes, client_key = (await off_loop(read) if len(raw) > _INLINE_RENDER_BYTES
-                              else read())
+        hashes, client_key, turn = (await off_loop(read) if len(raw) > _INLINE_RENDER_BYTES
+                                    else read())
         t1 = time.perf_counter()
         candidates = [Candidate(r.url, r.load,
                                 self.index.cached_blocks(r.replica_id, hashes, expected=True),
-                                r.free_pages, r.queue_depth, self.recent.of(r.url),
+                                r.free_pages, r.queue_depth, self.recent.load(r.url),
                                 r.device_pages)
                       for r in healthy]
         key = hashes[0] if hashes else tenant_namespace(tenant_id).encode()
@@ -178,7 +180,7 @@ class Router:
             key = b"key\0" + tenant_namespace(tenant_id).encode() + b"\0" + client_key.encode()
         order = choose(candidates, key, len(hashes), self.queue_cost.value, keyed=keyed)
         first = self.pool.replicas[order[0].name]
-        number = self.recent.sent(first.url) if work else None
+        number = self.recent.sent(first.url, turn) if work else None
         if log.isEnabledFor(logging.DEBUG):
             log.debug("route tenant=%d blocks=%d queue_cost=%.1f -> %s; %s", tenant_id,
                       len(hashes), self.queue_cost.value, first.url, " ".join(

@@ -10,7 +10,8 @@ Each replica is scored by what the request would cost there, in blocks of prefil
   less.
 - ``excess``: how many more of this router's recent requests it took than the replicas'
   mean (``RecentShare``: each request weighs ``2 ** (-n / HALF_LIFE)`` after ``n`` more
-  were routed; never negative: a credit for the replicas behind outweighed whole
+  were routed, and each conversation it opened counts as the requests a conversation
+  sends, before they arrive: ``RecentShare.load``; never negative: a credit for the replicas behind outweighed whole
   conversations' prefixes once the fleet queued), each worth ``queue_cost`` blocks, the
   router's running mean of the blocks its requests had to prefill (``QueueCost``): a
   replica that took one request more than its share did about that much more work. So a
@@ -60,6 +61,8 @@ import xxhash
 LOAD_SLACK = 0.25
 LOAD_ROOM = 1.0  # requests over the bound's share (as in bounded loads: a ceiling of one)
 HALF_LIFE = 64.0  # requests routed (by this router) over which a request's weight halves
+OPENS, TURN = 1, 2  # a chat request with no assistant turn yet; one with an earlier answer
+WITHDRAW_MEMORY = 4096  # recent requests whose kind ``RecentShare.withdraw`` remembers
 
 
 @dataclass(frozen=True)
@@ -105,35 +108,79 @@ class QueueCost:
 
 class RecentShare:
     """Requests this router sent to each replica, each weighing ``2 ** (-n / HALF_LIFE)``
-    after ``n`` more were routed. Kept as one running scale, so a request costs O(1)."""
+    after ``n`` more were routed. Kept as one running scale, so a request costs O(1).
+
+    Conversations are counted ahead: a chat request with no assistant turn yet opens one
+    (``sent(..., turn=OPENS)``), and an opening stands for the requests its conversation
+    will send, the router's recent mean per opening. ``load`` is the larger of a replica's
+    requests and its openings so counted: a replica that has just opened conversations is
+    as loaded as their later turns will make it, so the next new conversation goes
+    elsewhere before, not after, those turns arrive (and are then pushed off their cached
+    prefixes by the load bound)."""
 
     def __init__(self, half_life: float = HALF_LIFE) -> None:
         self._decay = 2.0 ** (-1.0 / half_life)
         self._scale = 1.0  # the weight a request sent now has, in stored units
         self._stored: dict[str, float] = {}
+        self._opened: dict[str, float] = {}  # openings, in the same units
+        self._turns = 0.0  # chat requests (openings and later turns), all replicas
+        self._opens = 0.0  # openings, all replicas
         self._count = 0  # requests counted so far
+        self._kinds: dict[int, int] = {}  # number -> turn, for ``withdraw`` (recent ones)
 
     def of(self, name: str) -> float:
         return self._stored.get(name, 0.0) / self._scale
 
-    def sent(self, name: str) -> int:
-        """Count a request sent to ``name``; → its number, for ``withdraw``."""
+    def opened(self, name: str) -> float:
+        return self._opened.get(name, 0.0) / self._scale
+
+    def per_opening(self) -> float:
+        """Requests a conversation sends, the recent mean (at least one)."""
+        return max(1.0, self._turns / self._opens) if self._opens > 0 else 1.0
+
+    def load(self, name: str) -> float:
+        """``name``'s share with its conversations counted ahead (the class's rule)."""
+        return max(self.of(name), self.opened(name) * self.per_opening())
+
+    def sent(self, name: str, turn: int = 0) -> int:
+        """Count a request sent to ``name`` (``turn``: ``OPENS`` a conversation, a later
+        ``TURN`` of one, or 0: not a conversation's); → its number, for ``withdraw``."""
         self._scale /= self._decay
         self._stored[name] = self._stored.get(name, 0.0) + self._scale
+        if turn:
+            self._turns += self._scale
+            if turn == OPENS:
+                self._opens += self._scale
+                self._opened[name] = self._opened.get(name, 0.0) + self._scale
         self._count += 1
+        if turn:
+            self._kinds[self._count] = turn
+            if len(self._kinds) > WITHDRAW_MEMORY:  # the oldest: long settled
+                del self._kinds[next(iter(self._kinds))]
         if self._scale > 1e100:  # renormalise long before floats overflow
-            self._stored = {k: v / self._scale for k, v in self._stored.items()}
+            k = self._scale
+            self._stored = {n: v / k for n, v in self._stored.items()}
+            self._opened = {n: v / k for n, v in self._opened.items()}
+            self._turns, self._opens = self._turns / k, self._opens / k
             self._scale = 1.0
         return self._count
 
     def withdraw(self, name: str, number: int) -> None:
         """Take back request ``number`` (``sent``'s answer): it ran nothing there (the
-        replica refused it), so it is not work that replica did. Its weight now is what
-        ``sent`` added, decayed by the requests counted since."""
+        replica refused it), so it is not work that replica did, nor a conversation it
+        opened. Its weight now is what ``sent`` added, decayed by the requests counted
+        since."""
+        weight = self._scale * self._decay ** (self._count - number)
+        turn = self._kinds.pop(number, 0)
         stored = self._stored.get(name)
-        if stored is not None:
-            weight = self._scale * self._decay ** (self._count - number)
-            self._stored[name] = max(0.0, stored - weight)
+        if stored is None:
+            return
+        self._stored[name] = max(0.0, stored - weight)
+        if turn:
+            self._turns = max(0.0, self._turns - weight)
+            if turn == OPENS:
+                self._opens = max(0.0, self._opens - weight)
+                self._opened[name] = max(0.0, self._opened.get(name, 0.0) - weight)
 
 
 def pressure(c: Candidate) -> float:

@@ -22,6 +22,7 @@ from kvgate.gateway.protocol.anthropic import parse_conversation
 from kvgate.gateway.protocol.namespace import tenant_namespace
 from kvgate.gateway.protocol.openai_chat import chat_prompt
 from kvgate.gateway.protocol.openai_tools import checked_tools
+from kvgate.gateway.route.choose import OPENS, TURN
 
 MAX_ROUTED_BYTES = 4 * 1024 * 1024  # bodies beyond this are routed without rendering
 
@@ -150,3 +151,16 @@ def cache_key_in(body: dict[str, Any] | None) -> str | None:
     if key is None and isinstance(body.get("metadata"), dict):
         key = body["metadata"].get("user_id")
     return key if isinstance(key, str) and 0 < len(key) <= 256 and key.isprintable() else None
+
+
+def conversation_turn(path: str, body: dict[str, Any] | None) -> int:
+    """``choose.OPENS`` for a chat (or Anthropic Messages) request with no assistant turn
+    yet, the first of a conversation; ``choose.TURN`` for one that carries an earlier
+    answer; 0 for anything else (``RecentShare`` counts conversations ahead by it)."""
+    if body is None or path not in ("/v1/chat/completions", "/v1/messages"):
+        return 0
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        return 0
+    answered = any(isinstance(m, dict) and m.get("role") == "assistant" for m in messages)
+    return TURN if answered else OPENS
