@@ -71,6 +71,7 @@ def test_a_refused_request_moves_neither_the_queue_cost_nor_the_share(fleet: Fle
     router = fleet.router.router
     q0 = router.queue_cost.value
     shares = {r.url: router.recent.of(r.url) for r in router.pool.healthy()}
+    opened = {u: router.recent.opened(u) for u in shares}  # each of them would open one
     for body in ({"messages": [{"role": "user", "content": "a" * 3_000_000}]},
                  {"messages": [{"role": "user", "content": "b" * 6000}], "max_tokens": -1},
                  {"messages": [{"role": "user", "content": "c" * 6000}],
@@ -88,6 +89,7 @@ def test_a_refused_request_moves_neither_the_queue_cost_nor_the_share(fleet: Fle
     assert len(hashes(8000)) == 500
     assert router.queue_cost.value == q0
     assert all(router.recent.of(u) == pytest.approx(v, abs=1e-9) for u, v in shares.items())
+    assert all(router.recent.opened(u) == pytest.approx(v, abs=1e-9) for u, v in opened.items())
     assert fleet.chat("d" * 600).status_code == 200
     assert router.queue_cost.value != q0
     assert sum(router.recent.of(u) for u in shares) > sum(shares.values())

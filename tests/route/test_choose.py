@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from kvgate.cachestore.events import CacheEvent
 from kvgate.gateway.protocol.wire import EventBatch, decode_event, encode_event
 from kvgate.gateway.route.choose import (
+    MAX_PER_OPENING,
     OPENS,
     TURN,
     Candidate,
@@ -176,6 +177,19 @@ def test_a_withdrawn_opening_is_no_conversation_of_its_replica() -> None:
         share.sent("a", TURN)
         twin.sent("a", TURN)
     assert share.load("a") == pytest.approx(twin.load("a"))
+
+
+def test_fake_later_turns_cannot_make_an_opening_weigh_thousands() -> None:
+    """A tenant that opens one conversation and then sends thousands of requests carrying
+    a made-up assistant turn raises the requests-per-opening mean; it is capped, so one
+    opening more on a replica never outweighs whole conversations' prefixes."""
+    share = RecentShare(half_life=1e9)
+    share.sent("a", OPENS)
+    for _ in range(5000):
+        share.sent("a", TURN)
+    share.sent("b", OPENS)
+    assert share.per_opening() == MAX_PER_OPENING
+    assert share.load("b") == pytest.approx(MAX_PER_OPENING)
 
 
 def test_a_conversation_opens_on_its_first_chat_request_only() -> None:

@@ -34,7 +34,7 @@ from kvgate.gateway.ledger import Ledger
 from kvgate.gateway.protocol.errors import ApiError
 from kvgate.gateway.protocol.namespace import tenant_namespace
 from kvgate.gateway.protocol.wire import EventBatch, Rejected, key_for, parse_snapshot
-from kvgate.gateway.route.choose import Candidate, QueueCost, RecentShare, choose
+from kvgate.gateway.route.choose import OPENS, Candidate, QueueCost, RecentShare, choose
 from kvgate.gateway.route.events import EventFollower
 from kvgate.gateway.route.index import ClusterIndex
 from kvgate.gateway.route.pool import Replica, ReplicaPool, describe
@@ -171,8 +171,9 @@ class Router:
         t1 = time.perf_counter()
         candidates = [Candidate(r.url, r.load,
                                 self.index.cached_blocks(r.replica_id, hashes, expected=True),
-                                r.free_pages, r.queue_depth, self.recent.load(r.url),
-                                r.device_pages)
+                                r.free_pages, r.queue_depth,
+                                self.recent.load(r.url) if turn == OPENS
+                                else self.recent.of(r.url), r.device_pages)
                       for r in healthy]
         key = hashes[0] if hashes else tenant_namespace(tenant_id).encode()
         keyed = client_key is not None and not any(c.cached_blocks for c in candidates)

@@ -10,8 +10,9 @@ Each replica is scored by what the request would cost there, in blocks of prefil
   less.
 - ``excess``: how many more of this router's recent requests it took than the replicas'
   mean (``RecentShare``: each request weighs ``2 ** (-n / HALF_LIFE)`` after ``n`` more
-  were routed, and each conversation it opened counts as the requests a conversation
-  sends, before they arrive: ``RecentShare.load``; never negative: a credit for the replicas behind outweighed whole
+  were routed; for a request that opens a conversation, each conversation a replica
+  opened counts as the requests a conversation sends, before they arrive:
+  ``RecentShare.load``; never negative: a credit for the replicas behind outweighed whole
   conversations' prefixes once the fleet queued), each worth ``queue_cost`` blocks, the
   router's running mean of the blocks its requests had to prefill (``QueueCost``): a
   replica that took one request more than its share did about that much more work. So a
@@ -62,6 +63,7 @@ LOAD_SLACK = 0.25
 LOAD_ROOM = 1.0  # requests over the bound's share (as in bounded loads: a ceiling of one)
 HALF_LIFE = 64.0  # requests routed (by this router) over which a request's weight halves
 OPENS, TURN = 1, 2  # a chat request with no assistant turn yet; one with an earlier answer
+MAX_PER_OPENING = 32.0  # the most requests an opened conversation is counted ahead as
 WITHDRAW_MEMORY = 4096  # recent requests whose kind ``RecentShare.withdraw`` remembers
 
 
@@ -116,7 +118,9 @@ class RecentShare:
     requests and its openings so counted: a replica that has just opened conversations is
     as loaded as their later turns will make it, so the next new conversation goes
     elsewhere before, not after, those turns arrive (and are then pushed off their cached
-    prefixes by the load bound)."""
+    prefixes by the load bound). The router weighs a new conversation by ``load`` and
+    every other request by ``of``: a later turn's own coming was already counted when its
+    conversation opened, and is not held against it again."""
 
     def __init__(self, half_life: float = HALF_LIFE) -> None:
         self._decay = 2.0 ** (-1.0 / half_life)
@@ -135,8 +139,12 @@ class RecentShare:
         return self._opened.get(name, 0.0) / self._scale
 
     def per_opening(self) -> float:
-        """Requests a conversation sends, the recent mean (at least one)."""
-        return max(1.0, self._turns / self._opens) if self._opens > 0 else 1.0
+        """Requests a conversation sends, the recent mean: at least one, at most
+        ``MAX_PER_OPENING`` (a tenant that sends one opening and then thousands of
+        "later turns" must not make every opening weigh thousands)."""
+        if self._opens <= 0:
+            return 1.0
+        return min(MAX_PER_OPENING, max(1.0, self._turns / self._opens))
 
     def load(self, name: str) -> float:
         """``name``'s share with its conversations counted ahead (the class's rule)."""
