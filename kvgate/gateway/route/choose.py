@@ -42,9 +42,12 @@ Each replica is scored by what the request would cost there, in blocks of prefil
 - A hard bound on top, on the same decayed counts: a replica that took more than
   ``(1 + LOAD_SLACK) * mean + LOAD_ROOM`` of the recent requests and has requests queued
   is not chosen while another is under it (consistent hashing with bounded loads,
-  Mirrokni et al. 2018), whatever it holds: no prefix makes one replica the fleet's queue.
-  One that keeps up (nothing queued) is not a hot spot, and moving a long conversation off
-  it only recomputes the prefix.
+  Mirrokni et al. 2018): no prefix makes one replica the fleet's queue. One that keeps up
+  (nothing queued) is not a hot spot, and moving a long conversation off it only
+  recomputes the prefix; nor is one whose hit saves more blocks, beyond the best hit
+  under the bound, than the work queued there costs (``queue_cost`` per queued request):
+  a spill is weighed in the same unit as the queue it avoids, so one queued request does
+  not send a 300-block conversation elsewhere to be computed again.
 - Retries (a replica refused or could not be reached) go to the others, least loaded first.
 
 The constants (``HALF_LIFE``, ``LOAD_SLACK``, ``LOAD_ROOM``) were set on ``bench.cluster``
@@ -224,7 +227,13 @@ def choose(candidates: Sequence[Candidate], affinity_key: bytes, prompt_blocks: 
     waiting = sum(c.waiting for c in candidates) / len(candidates)
     # over the bound *and* queueing: a replica that keeps up with more than its share is no
     # hot spot, and moving a long conversation off it would only recompute its prefix
-    under = ([c for c in order if c.recent <= bound or c.waiting <= 0]
+    fits = [c for c in order if c.recent <= bound or c.waiting <= 0]
+    # nor is one whose hit saves more than its queue costs: the blocks it holds beyond the
+    # best of those under the bound outweigh the work queued ahead there (one queued
+    # request did not move a 300-block conversation to recompute it all elsewhere)
+    spare = max((c.cached_blocks for c in fits), default=0)
+    under = ([c for c in order
+              if c in fits or c.cached_blocks - spare > queue_cost * c.waiting]
              or [min(order, key=lambda c: c.recent)])
     blocks = max(prompt_blocks, max(c.cached_blocks for c in candidates))
     # min() keeps the first of equals: ties go by the rendezvous order
