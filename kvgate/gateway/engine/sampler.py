@@ -280,9 +280,22 @@ def _cuts(sub: torch.Tensor, table: torch.Tensor, which: list[int], width: int,
     ``top_k`` keeps them: a seeded request gets the same tokens whatever shares its batch,
     bf16 logits' many ties included. Sums are ``cumsum``'s, which adds in order: a
     candidate row's total does not depend on how many zeros follow it either."""
-    vocab = sub.shape[1]
-    scores = _rows(sub, which)
-    params = _rows(table, which)
+    cut, short = _row_cuts(_rows(sub, which), _rows(table, which), width, bool(open_rows),
+                           min_p)
+    wide = [which[n] for n in open_rows if short[n]]
+    if len(which) == sub.shape[0]:
+        return cut, wide
+    every = torch.full((sub.shape[0], 1), float("-inf"), device=sub.device)
+    return every.index_copy_(0, _put(which, torch.long, sub.device), cut), wide
+
+
+def _row_cuts(scores: torch.Tensor, params: torch.Tensor, width: int, whole_total: bool,
+              min_p: bool) -> tuple[torch.Tensor, list[bool]]:
+    """``_cuts`` of these rows (``params``: their rows of the table). ``whole_total``:
+    some rows have no top_k while ``width`` is under the vocabulary; they share out their
+    whole row, not their candidates, and whether each one's candidates fall short of its
+    top_p comes back (one sync: the ids come back to the host right after anyway)."""
+    vocab = scores.shape[1]
     vals = _sorted_best_first(scores) if width == vocab else scores.topk(width, dim=-1).values
     # every token as good as the k-th stays (a row without top_k: its last, all of them),
     # and, under min_p, as good as log(min_p): two cuts by value, the higher one holds
@@ -293,24 +306,17 @@ def _cuts(sub: torch.Tensor, table: torch.Tensor, which: list[int], width: int,
     weights = vals.exp().mul_(above)
     cum = weights.cumsum(dim=-1)
     total = cum[:, -1:]
-    if open_rows:  # a row without top_k shares out its whole row (min_p's survivors), not
-        # its candidates (``open_rows`` are those rows; only given when width < vocab)
+    short: list[bool] = []
+    if whole_total:  # min_p's survivors of the whole row
         whole = scores.exp()
         if min_p:
             whole.mul_(scores >= params[:, 1:2])
         total = torch.where(params[:, 2:3] >= vocab, whole.sum(dim=-1, keepdim=True), total)
+        short = (cum[:, -1:] < params[:, 3:4] * total).flatten().tolist()
     # drop a token once the tokens before it already cover top_p; the top one never is
     # (a top_p that is 0 in fp32 keeps it too)
     kept = (above & ((cum - weights) < params[:, 3:4] * total)).sum(dim=-1, keepdim=True)
-    cut = vals.gather(1, kept.clamp_(min=1) - 1)
-    wide: list[int] = []
-    if open_rows:  # one sync (the rows' ids come back to the host right after anyway)
-        short = (cum[:, -1:] < params[:, 3:4] * total).flatten().tolist()
-        wide = [which[n] for n in open_rows if short[n]]
-    if len(which) == sub.shape[0]:
-        return cut, wide
-    every = torch.full((sub.shape[0], 1), float("-inf"), device=sub.device)
-    return every.index_copy_(0, _put(which, torch.long, sub.device), cut), wide
+    return vals.gather(1, kept.clamp_(min=1) - 1), short
 
 
 def _sample_sorted(sub: torch.Tensor, table: torch.Tensor, rows: list[int],
@@ -319,12 +325,7 @@ def _sample_sorted(sub: torch.Tensor, table: torch.Tensor, rows: list[int],
     width."""
     scores = _rows(sub, rows)
     params = _rows(table, rows)
-    vals = _sorted_best_first(scores)
-    above = vals >= params[:, 1:2]  # min_p (-inf: off)
-    weights = vals.exp().mul_(above)
-    cum = weights.cumsum(dim=-1)
-    kept = (above & ((cum - weights) < params[:, 3:4] * cum[:, -1:])).sum(dim=-1, keepdim=True)
-    cut = vals.gather(1, kept.clamp_(min=1) - 1)
+    cut, _ = _row_cuts(scores, params, scores.shape[1], False, True)
     picks.index_copy_(0, _put(rows, torch.long, sub.device), _inverse_cdf(scores, params[:, 4], cut))
 
 

@@ -158,13 +158,12 @@ class RecentShare:
         ``TURN`` of one, or 0: not a conversation's); → its number, for ``withdraw``."""
         self._scale /= self._decay
         self._stored[name] = self._stored.get(name, 0.0) + self._scale
+        self._count += 1
         if turn:
             self._turns += self._scale
             if turn == OPENS:
                 self._opens += self._scale
                 self._opened[name] = self._opened.get(name, 0.0) + self._scale
-        self._count += 1
-        if turn:
             self._kinds[self._count] = turn
             if len(self._kinds) > WITHDRAW_MEMORY:  # the oldest: long settled
                 del self._kinds[next(iter(self._kinds))]
